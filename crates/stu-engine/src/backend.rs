@@ -1,0 +1,167 @@
+//! Backends are cargo features at the edge; this module turns a backend name into a burn
+//! `Device` and says how to rebuild when a backend was not compiled in.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::Device;
+
+/// A compute backend, named as in specs and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// burn's pure-Rust CPU backend (im2col + gemm, rayon). The default.
+    Flex,
+    /// burn-ndarray: CPU, deprecated upstream and 10–200× slower on conv3d.
+    Ndarray,
+    /// CubeCL CUDA (needs the `cuda` feature; does not build on machines without the LLVM bundle).
+    Cuda,
+    /// libtorch on the CPU through burn-tch (needs `tch` and `LIBTORCH`).
+    Tch,
+    /// libtorch on CUDA device 0 through burn-tch.
+    TchCuda,
+    /// CubeCL wgpu (Vulkan/Metal/WebGPU).
+    Wgpu,
+}
+
+/// Every backend name, for messages.
+pub const ALL: [Backend; 6] = [
+    Backend::Flex,
+    Backend::Ndarray,
+    Backend::Cuda,
+    Backend::Tch,
+    Backend::TchCuda,
+    Backend::Wgpu,
+];
+
+/// A backend that this binary was built without.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "backend `{name}` is not compiled into this binary; rebuild with `--features {feature}` (compiled in: {compiled})"
+)]
+pub struct BackendNotCompiled {
+    /// The backend asked for.
+    pub name: &'static str,
+    /// The cargo feature that enables it.
+    pub feature: &'static str,
+    /// What this binary has.
+    pub compiled: String,
+}
+
+impl Backend {
+    /// Name as written in specs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Flex => "flex",
+            Self::Ndarray => "ndarray",
+            Self::Cuda => "cuda",
+            Self::Tch => "tch",
+            Self::TchCuda => "tch-cuda",
+            Self::Wgpu => "wgpu",
+        }
+    }
+
+    /// The cargo feature of `stu-harness` that compiles it in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Self::Tch | Self::TchCuda => "tch",
+            other => other.name(),
+        }
+    }
+
+    /// Whether this binary has it.
+    pub fn is_compiled(self) -> bool {
+        match self {
+            Self::Flex => cfg!(feature = "flex"),
+            Self::Ndarray => cfg!(feature = "ndarray"),
+            Self::Cuda => cfg!(feature = "cuda"),
+            Self::Tch | Self::TchCuda => cfg!(feature = "tch"),
+            Self::Wgpu => cfg!(feature = "wgpu"),
+        }
+    }
+
+    /// Backends compiled into this binary.
+    pub fn compiled() -> Vec<Backend> {
+        ALL.into_iter().filter(|b| b.is_compiled()).collect()
+    }
+
+    /// The first compiled backend in order of preference (flex, then the others).
+    pub fn default_compiled() -> Option<Backend> {
+        Self::compiled().into_iter().next()
+    }
+
+    /// The device for this backend, or a rebuild hint.
+    #[allow(deprecated, unreachable_code)]
+    pub fn device(self) -> Result<Device, BackendNotCompiled> {
+        let missing = || BackendNotCompiled {
+            name: self.name(),
+            feature: self.feature(),
+            compiled: Self::compiled()
+                .iter()
+                .map(|b| b.name())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        match self {
+            Self::Flex => {
+                #[cfg(feature = "flex")]
+                return Ok(Device::flex());
+            }
+            Self::Ndarray => {
+                #[cfg(feature = "ndarray")]
+                return Ok(Device::ndarray());
+            }
+            Self::Cuda => {
+                #[cfg(feature = "cuda")]
+                return Ok(Device::cuda(0));
+            }
+            Self::Tch => {
+                #[cfg(feature = "tch")]
+                return Ok(Device::libtorch());
+            }
+            Self::TchCuda => {
+                #[cfg(feature = "tch")]
+                return Ok(Device::libtorch_cuda(0));
+            }
+            Self::Wgpu => {
+                #[cfg(feature = "wgpu")]
+                return Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
+            }
+        }
+        Err(missing())
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ALL.into_iter().find(|b| b.name() == s).ok_or_else(|| {
+            format!(
+                "unknown backend `{s}`; expected one of: {}",
+                ALL.map(Backend::name).join(", ")
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_default_is_flex() {
+        for b in ALL {
+            assert_eq!(b.name().parse::<Backend>().unwrap(), b);
+        }
+        assert!("cudaa".parse::<Backend>().unwrap_err().contains("flex, ndarray"));
+        assert_eq!(Backend::default_compiled(), Some(Backend::Flex));
+        let err = Backend::Cuda.device().unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}

@@ -1,0 +1,537 @@
+//! Reading and writing weights: nnU-Net v1 `.model`, nnU-Net v2 `.pth`, plain PyTorch state
+//! dicts and safetensors.
+//!
+//! PyTorch files are pickles. They are parsed by `pytorch-reader`, a pickle *interpreter* that
+//! builds plain data and never imports or calls Python code, so a hostile checkpoint can at worst
+//! be rejected. Opening a checkpoint reads only its metadata (names, shapes, dtypes); tensor bytes
+//! are read one at a time when a model asks for them.
+//!
+//! Every error names the file, and the key where one is involved.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Which container a checkpoint came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckpointFormat {
+    /// nnU-Net v1 `.model`: `torch.save` of a dict with the weights under `state_dict`.
+    NnUnetV1,
+    /// nnU-Net v2 `.pth`: a dict with the weights under `network_weights`.
+    NnUnetV2,
+    /// A bare PyTorch state dict.
+    TorchStateDict,
+    /// safetensors, keys optionally under a prefix such as `weights.`.
+    Safetensors,
+}
+
+impl fmt::Display for CheckpointFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NnUnetV1 => "nnU-Net v1 .model (state_dict)",
+            Self::NnUnetV2 => "nnU-Net v2 .pth (network_weights)",
+            Self::TorchStateDict => "PyTorch state dict",
+            Self::Safetensors => "safetensors",
+        })
+    }
+}
+
+/// What can go wrong with a checkpoint file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be read at all.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The file is none of the supported containers, or is damaged.
+    #[error("{path}: not a readable checkpoint ({reason})")]
+    NotACheckpoint {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A tensor the model needs is absent.
+    #[error("{path}: missing key `{key}`")]
+    MissingKey {
+        /// The file.
+        path: PathBuf,
+        /// The key (without any container prefix).
+        key: String,
+    },
+    /// A tensor has the wrong shape for the architecture read from the others.
+    #[error("{path}: key `{key}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// Shape in the file.
+        found: Vec<usize>,
+        /// Shape the model needs.
+        expected: Vec<usize>,
+    },
+    /// A tensor exists but its bytes cannot be used.
+    #[error("{path}: key `{key}`: {reason}")]
+    BadTensor {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// The file holds tensors the model does not know: probably another model's checkpoint.
+    #[error("{path}: unexpected key `{key}` for {model} (is this the right checkpoint?)")]
+    UnexpectedKey {
+        /// The file.
+        path: PathBuf,
+        /// The first unknown key.
+        key: String,
+        /// The model that was loading it.
+        model: String,
+    },
+    /// The architecture read from the shapes is inconsistent or unsupported.
+    #[error("{path}: {reason}")]
+    Architecture {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+type ReadFn = Arc<dyn Fn() -> io::Result<Vec<f32>> + Send + Sync>;
+
+/// One tensor of a checkpoint, not yet read.
+#[derive(Clone)]
+pub struct TensorEntry {
+    shape: Vec<usize>,
+    dtype: &'static str,
+    read: ReadFn,
+}
+
+impl TensorEntry {
+    /// Extents, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// Element type in the file.
+    pub fn dtype(&self) -> &'static str {
+        self.dtype
+    }
+}
+
+/// The tensors of a checkpoint by key, with the container's prefix removed.
+pub struct StateDict {
+    path: PathBuf,
+    format: CheckpointFormat,
+    prefix: String,
+    entries: BTreeMap<String, TensorEntry>,
+}
+
+impl fmt::Debug for StateDict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StateDict")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("prefix", &self.prefix)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
+}
+
+impl StateDict {
+    /// Opens a checkpoint of any supported container, reading only its metadata.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {
+        let path = path.as_ref();
+        let io_err = |source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut head = [0u8; 9];
+        let n = {
+            use io::Read;
+            let mut f = std::fs::File::open(path).map_err(io_err)?;
+            let mut n = 0;
+            while n < head.len() {
+                match f.read(&mut head[n..]).map_err(io_err)? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            n
+        };
+        let head = &head[..n];
+        if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
+            Self::open_torch(path)
+        } else if n == 9 && head[8] == b'{' {
+            Self::open_safetensors(path)
+        } else {
+            Err(CheckpointError::NotACheckpoint {
+                path: path.to_path_buf(),
+                reason: if n == 0 {
+                    "the file is empty".into()
+                } else {
+                    "neither a PyTorch file (zip or pickle) nor safetensors".into()
+                },
+            })
+        }
+    }
+
+    fn open_torch(path: &Path) -> Result<Self, CheckpointError> {
+        let reader = pytorch_reader::PytorchReader::new(path).map_err(|e| {
+            CheckpointError::NotACheckpoint {
+                path: path.to_path_buf(),
+                reason: format!("PyTorch container: {e}"),
+            }
+        })?;
+        let tensors = reader.into_tensors();
+        let has = |p: &str| tensors.keys().any(|k| k.starts_with(p));
+        let (format, prefix) = if has("state_dict.") {
+            (CheckpointFormat::NnUnetV1, "state_dict.")
+        } else if has("network_weights.") {
+            (CheckpointFormat::NnUnetV2, "network_weights.")
+        } else {
+            (CheckpointFormat::TorchStateDict, "")
+        };
+        let mut entries = BTreeMap::new();
+        for (name, t) in tensors {
+            let Some(key) = name.strip_prefix(prefix) else {
+                continue; // optimizer state and other objects beside the weights
+            };
+            let dtype = t.dtype();
+            let shape = t.shape().to_vec();
+            let read: ReadFn = Arc::new(move || decode_torch(dtype, &t.read()?));
+            entries.insert(
+                key.to_string(),
+                TensorEntry {
+                    shape,
+                    dtype: torch_dtype_name(dtype),
+                    read,
+                },
+            );
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            format,
+            prefix: prefix.to_string(),
+            entries,
+        })
+    }
+
+    fn open_safetensors(path: &Path) -> Result<Self, CheckpointError> {
+        let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bad = |e: safetensors::SafeTensorError| CheckpointError::NotACheckpoint {
+            path: path.to_path_buf(),
+            reason: format!("safetensors: {e}"),
+        };
+        // `deserialize` validates every offset against the buffer, so a truncated file fails here.
+        safetensors::SafeTensors::deserialize(&bytes).map_err(bad)?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(bad)?;
+        let data_start = 8 + header_len;
+        let bytes = Arc::new(bytes);
+        let mut entries = BTreeMap::new();
+        for (name, info) in meta.tensors() {
+            let (start, end) = info.data_offsets;
+            let dtype = info.dtype;
+            let buf = Arc::clone(&bytes);
+            let read: ReadFn = Arc::new(move || {
+                decode_safetensors(dtype, &buf[data_start + start..data_start + end])
+            });
+            entries.insert(
+                name,
+                TensorEntry {
+                    shape: info.shape.clone(),
+                    dtype: safetensors_dtype_name(dtype),
+                    read,
+                },
+            );
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            format: CheckpointFormat::Safetensors,
+            prefix: String::new(),
+            entries,
+        })
+    }
+
+    /// Narrows the dict to the keys under the prefix that holds `anchor`, a key every checkpoint
+    /// of the model has (e.g. `conv_blocks_context.0.0.conv1.weight`), and strips that prefix.
+    /// Handles `weights.` in safetensors fixtures and a `module.` left by DataParallel.
+    pub fn select_model(mut self, anchor: &str) -> Result<Self, CheckpointError> {
+        let prefixes: Vec<String> = self
+            .entries
+            .keys()
+            .filter_map(|k| k.strip_suffix(anchor))
+            .filter(|p| p.is_empty() || p.ends_with('.'))
+            .map(str::to_string)
+            .collect();
+        let prefix = match prefixes.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(CheckpointError::MissingKey {
+                    path: self.path,
+                    key: anchor.to_string(),
+                });
+            }
+            many => {
+                return Err(CheckpointError::Architecture {
+                    path: self.path,
+                    reason: format!(
+                        "several models in one file (key `{anchor}` under prefixes {many:?})"
+                    ),
+                });
+            }
+        };
+        if !prefix.is_empty() {
+            self.entries = std::mem::take(&mut self.entries)
+                .into_iter()
+                .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v)))
+                .collect();
+            self.prefix.push_str(&prefix);
+        }
+        Ok(self)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The container.
+    pub fn format(&self) -> CheckpointFormat {
+        self.format
+    }
+    /// Prefix that was stripped from every key (`state_dict.`, `weights.`, …).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// Keys in sorted order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    /// True when the dict has no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// A tensor's metadata.
+    pub fn get(&self, key: &str) -> Option<&TensorEntry> {
+        self.entries.get(key)
+    }
+    /// A tensor's shape, or a `MissingKey` error.
+    pub fn shape(&self, key: &str) -> Result<&[usize], CheckpointError> {
+        self.entries
+            .get(key)
+            .map(TensorEntry::shape)
+            .ok_or_else(|| CheckpointError::MissingKey {
+                path: self.path.clone(),
+                key: key.to_string(),
+            })
+    }
+
+    /// Reads a tensor as f32 after checking it has `expected` shape; rejects NaN and infinity.
+    pub fn read(&self, key: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let found = self.shape(key)?;
+        if found != expected {
+            return Err(CheckpointError::Shape {
+                path: self.path.clone(),
+                key: key.to_string(),
+                found: found.to_vec(),
+                expected: expected.to_vec(),
+            });
+        }
+        let data = (self.entries[key].read)().map_err(|e| CheckpointError::BadTensor {
+            path: self.path.clone(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(CheckpointError::BadTensor {
+                path: self.path.clone(),
+                key: key.to_string(),
+                reason: format!("non-finite value {} at element {i}", data[i]),
+            });
+        }
+        Ok(data)
+    }
+
+    /// Error for a key the model does not know, if there is one.
+    pub fn reject_unknown<'a>(
+        &self,
+        known: impl IntoIterator<Item = &'a str>,
+        model: &str,
+    ) -> Result<(), CheckpointError> {
+        let known: std::collections::HashSet<&str> = known.into_iter().collect();
+        match self.keys().find(|k| !known.contains(k)) {
+            Some(key) => Err(CheckpointError::UnexpectedKey {
+                path: self.path.clone(),
+                key: key.to_string(),
+                model: model.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn decode_torch(dtype: pytorch_reader::DType, bytes: &[u8]) -> io::Result<Vec<f32>> {
+    use pytorch_reader::DType as D;
+    Ok(match dtype {
+        D::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        D::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_ne_bytes(c.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        D::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        D::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("dtype {other:?} is not a floating-point weight"),
+            ));
+        }
+    })
+}
+
+fn decode_safetensors(dtype: safetensors::Dtype, bytes: &[u8]) -> io::Result<Vec<f32>> {
+    use safetensors::Dtype as D;
+    Ok(match dtype {
+        D::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        D::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        D::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        D::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("dtype {other:?} is not a floating-point weight"),
+            ));
+        }
+    })
+}
+
+fn torch_dtype_name(d: pytorch_reader::DType) -> &'static str {
+    use pytorch_reader::DType as D;
+    match d {
+        D::F64 => "f64",
+        D::F32 => "f32",
+        D::F16 => "f16",
+        D::BF16 => "bf16",
+        D::I64 => "i64",
+        D::I32 => "i32",
+        D::I16 => "i16",
+        D::I8 => "i8",
+        D::U64 => "u64",
+        D::U32 => "u32",
+        D::U16 => "u16",
+        D::U8 => "u8",
+        D::Bool => "bool",
+    }
+}
+
+fn safetensors_dtype_name(d: safetensors::Dtype) -> &'static str {
+    use safetensors::Dtype as D;
+    match d {
+        D::F64 => "f64",
+        D::F32 => "f32",
+        D::F16 => "f16",
+        D::BF16 => "bf16",
+        D::I64 => "i64",
+        D::I32 => "i32",
+        D::U8 => "u8",
+        D::BOOL => "bool",
+        _ => "other",
+    }
+}
+
+/// A named f32 tensor held in memory, for writing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// State-dict key.
+    pub name: String,
+    /// Extents.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Writes f32 tensors to a safetensors file atomically (temporary file, then rename), in the
+/// given order, with string metadata.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[NamedTensor],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> io::Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.data.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
+                .map(|v| (t.name.as_str(), v))
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{}: {e}", t.name)))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let out = safetensors::serialize(views, metadata)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    write_atomic(path, &out)
+}
+
+/// Writes a file so that readers see either the old content or the whole new content.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

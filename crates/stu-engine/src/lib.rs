@@ -1,0 +1,16 @@
+//! The only crate of the harness that touches burn.
+//!
+//! It owns the model-plugin contract ([`model::ModelEntry`], [`model::SegNet`]), checkpoint
+//! reading and writing ([`checkpoint`]), backend selection ([`backend`]) and the tensor
+//! operations burn lacks ([`ops`]). Models themselves live in the `zoo` crate.
+//!
+//! **Invariants:** models never name a backend; pickle files are parsed, never executed.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod checkpoint;
+pub mod model;
+pub mod ops;
+
+pub use burn;
+pub use burn::tensor::{Device, Tensor, TensorData};

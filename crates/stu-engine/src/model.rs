@@ -1,0 +1,145 @@
+//! The model-plugin contract: what the harness can do with any segmentation network.
+//!
+//! A model registers a [`ModelEntry`] with `inventory::submit!` next to its code in `zoo/`. The
+//! entry erases the model's concrete type behind [`SegNet`] at the job boundary (load, forward,
+//! export); inside, everything is the model's own typed burn module.
+
+use burn::tensor::{Device, Tensor};
+use stu_core::strides::Stride;
+use stu_core::{Registry, RegistryEntry};
+
+use crate::checkpoint::{CheckpointError, NamedTensor, StateDict};
+
+/// What the harness needs from a 3-D segmentation network.
+pub trait SegNet: Send {
+    /// Registry name of the model family.
+    fn family(&self) -> &'static str;
+    /// Input channels it was built for.
+    fn in_channels(&self) -> usize;
+    /// Output classes, background included.
+    fn num_classes(&self) -> usize;
+    /// Per-axis number each spatial input extent must be divisible by.
+    fn input_divisor(&self) -> Stride;
+    /// Deep-supervision forward: logits at every supervised resolution, full resolution first.
+    ///
+    /// # Shapes
+    /// `x`: `[B, in_channels, D, H, W]`; output `i`: `[B, num_classes, D/s_i, H/s_i, W/s_i]`.
+    fn forward_ds(&self, x: Tensor<5>) -> Vec<Tensor<5>>;
+    /// Inference forward: full-resolution logits only, `[B, num_classes, D, H, W]`.
+    fn forward(&self, x: Tensor<5>) -> Tensor<5>;
+    /// Weights under the reference implementation's state-dict keys, in its order.
+    fn state_dict(&self) -> Vec<NamedTensor>;
+    /// Number of parameters.
+    fn num_params(&self) -> usize;
+    /// The architecture as JSON (for `stu inspect` and run records).
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// Options a checkpoint does not carry.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Downsampling strides (from a flag or a plan); the model's default when `None`.
+    pub strides: Option<Vec<Stride>>,
+}
+
+/// One size preset of a model, with its exact counts.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PresetSummary {
+    /// Registry id of the preset (`stunet-b`).
+    pub name: String,
+    /// Model family.
+    pub model: &'static str,
+    /// Preset label as the paper writes it.
+    pub preset: &'static str,
+    /// Blocks per stage.
+    pub blocks: Vec<usize>,
+    /// Widths per stage.
+    pub widths: Vec<usize>,
+    /// Parameters with 1 input channel and 105 classes.
+    pub params: u64,
+    /// Tensors in the state dict.
+    pub state_dict_tensors: usize,
+    /// Multiply-accumulates at 1×1×128³ (1 channel, 105 classes), the model's reference counting
+    /// rule (for STU-Net: isotropic strides, bias included, as the README's "FLOPs").
+    pub macs_128: u64,
+    /// Further counts under other rules, named.
+    pub macs_128_variants: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// A registered model.
+pub struct ModelEntry {
+    /// Registry id.
+    pub name: &'static str,
+    /// One line for `stu zoo`.
+    pub summary: &'static str,
+    /// Where it was registered.
+    pub module_path: &'static str,
+    /// A key every checkpoint of this model has, used to find the weights inside a container.
+    pub anchor_key: &'static str,
+    /// Size presets with their counts.
+    pub presets: fn() -> Vec<PresetSummary>,
+    /// Builds the model from checkpoint tensors, inferring the architecture from their shapes.
+    pub load: fn(&StateDict, &LoadOptions, &Device) -> Result<Box<dyn SegNet>, CheckpointError>,
+}
+
+inventory::collect!(ModelEntry);
+
+impl RegistryEntry for ModelEntry {
+    const KIND: &'static str = "model";
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn module_path(&self) -> &'static str {
+        self.module_path
+    }
+}
+
+/// Every registered model, validated once.
+pub fn registry() -> &'static Registry<ModelEntry> {
+    static REG: std::sync::OnceLock<Registry<ModelEntry>> = std::sync::OnceLock::new();
+    REG.get_or_init(|| {
+        Registry::build(inventory::iter::<ModelEntry>())
+            .unwrap_or_else(|e| panic!("model registry is inconsistent: {e}"))
+    })
+}
+
+/// Opens a checkpoint and builds whichever registered model it holds (or `model`, if given).
+pub fn load_checkpoint(
+    path: &std::path::Path,
+    model: Option<&str>,
+    options: &LoadOptions,
+    device: &Device,
+) -> Result<Box<dyn SegNet>, LoadError> {
+    let dict = StateDict::open(path)?;
+    let entry = match model {
+        Some(name) => registry().get(name)?,
+        None => registry()
+            .iter()
+            .find(|e| dict.keys().any(|k| k.ends_with(e.anchor_key)))
+            .ok_or_else(|| LoadError::UnknownModel {
+                path: path.to_path_buf(),
+                models: registry().names().collect::<Vec<_>>().join(", "),
+            })?,
+    };
+    let dict = dict.select_model(entry.anchor_key)?;
+    Ok((entry.load)(&dict, options, device)?)
+}
+
+/// Errors of [`load_checkpoint`].
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file is unreadable or does not fit the model.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// `--model` names nothing registered.
+    #[error(transparent)]
+    Registry(#[from] stu_core::RegistryError),
+    /// No registered model recognises the keys.
+    #[error("{path}: no registered model recognises its keys (models: {models})")]
+    UnknownModel {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Registered models.
+        models: String,
+    },
+}

@@ -1,0 +1,134 @@
+//! The `stu` command line: argument parsing, logging, exit codes. Commands live in sibling modules.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use stu_engine::backend::Backend;
+use crate::forward::{self, ForwardOptions, ModelSource, StrideSource};
+
+#[derive(Parser)]
+#[command(name = "stu", version, about = "STU-Net research harness: models, checkpoints, training, inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List registered models and presets with blocks, widths, parameters and MACs.
+    Zoo {
+        /// Print JSON (keys: name, params, macs_128, …).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the container and the architecture inferred from a checkpoint.
+    Inspect(ModelArgs),
+    /// Run a checkpoint's network (deep supervision) on a tensor; write output.0 … output.4.
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// safetensors file holding the input tensor (B×C×D×H×W, f32).
+        #[arg(long)]
+        input: PathBuf,
+        /// Name of the input tensor.
+        #[arg(long, default_value = "input")]
+        input_key: String,
+        /// safetensors file to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Save a checkpoint's weights as safetensors with unchanged state-dict keys.
+    Export {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// safetensors file to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Checkpoint: nnU-Net v1 `.model`, v2 `.pth`, PyTorch state dict or safetensors.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Model registry name (default: recognised from the keys).
+    #[arg(long)]
+    model: Option<String>,
+    /// Strides, one per downsampling: `1,2,2:2,2,2:2,2,2:1,2,2:1,1,1` (default 2,2,2 for each).
+    #[arg(long, value_parser = parse_strides, conflicts_with = "plans")]
+    strides: Option<StrideList>,
+    /// nnU-Net v2 plans.json to take the strides from.
+    #[arg(long)]
+    plans: Option<PathBuf>,
+    /// Configuration inside the plans.
+    #[arg(long, default_value = "3d_fullres")]
+    configuration: String,
+    /// Compute backend (compiled in: see `stu --version`).
+    #[arg(long, default_value = "flex")]
+    backend: Backend,
+}
+
+/// A whole stride list as one argument (clap would read `Vec` as repeated values).
+#[derive(Clone)]
+struct StrideList(Vec<[usize; 3]>);
+
+fn parse_strides(s: &str) -> Result<StrideList, String> {
+    stu_core::strides::parse(s).map(StrideList)
+}
+
+impl ModelArgs {
+    fn source(self) -> ModelSource {
+        let strides = match (self.strides, self.plans) {
+            (Some(s), _) => StrideSource::Explicit(s.0),
+            (None, Some(p)) => StrideSource::Plans(p, self.configuration),
+            (None, None) => StrideSource::Default,
+        };
+        ModelSource { checkpoint: self.checkpoint, model: self.model, strides, backend: self.backend }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Zoo { json } => {
+            let rows = crate::zoo_rows();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", crate::zoo_table(&rows));
+            }
+        }
+        Command::Inspect(m) => println!("{}", serde_json::to_string_pretty(&forward::inspect(&m.source())?)?),
+        Command::Forward { model, input, input_key, output } => {
+            let outs = forward::forward(&ForwardOptions { model: model.source(), input, input_key, output: output.clone() })?;
+            for o in &outs {
+                eprintln!("{}: {:?}", o.name, o.shape);
+            }
+            eprintln!("wrote {}", output.display());
+        }
+        Command::Export { model, output } => {
+            let n = forward::export(&model.source(), &output)?;
+            eprintln!("wrote {n} tensors to {}", output.display());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `stu` with the process arguments.
+pub fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STU_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

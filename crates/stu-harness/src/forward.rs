@@ -1,0 +1,150 @@
+//! `stu forward`, `stu export` and `stu inspect`: run or save a checkpoint's network.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use stu_core::strides::{self, Stride};
+use stu_engine::backend::Backend;
+use stu_engine::checkpoint::{NamedTensor, StateDict, write_safetensors};
+use stu_engine::model::{LoadOptions, SegNet, load_checkpoint};
+use stu_engine::{Device, Tensor, TensorData};
+
+/// Where a checkpoint's strides come from.
+#[derive(Debug, Clone, Default)]
+pub enum StrideSource {
+    /// The model's default (five isotropic halvings for STU-Net).
+    #[default]
+    Default,
+    /// Given exactly, one per downsampling.
+    Explicit(Vec<Stride>),
+    /// From an nnU-Net plans file and configuration; cut or padded to the model's stages.
+    Plans(PathBuf, String),
+}
+
+/// What to load.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// Checkpoint file (`.model`, `.pth`, `.safetensors`).
+    pub checkpoint: PathBuf,
+    /// Model registry name; found from the keys when `None`.
+    pub model: Option<String>,
+    /// Strides.
+    pub strides: StrideSource,
+    /// Backend.
+    pub backend: Backend,
+}
+
+/// Loads the network a checkpoint holds.
+pub fn load(src: &ModelSource) -> Result<(Box<dyn SegNet>, Device)> {
+    zoo::link();
+    let device = src.backend.device()?;
+    let strides = match &src.strides {
+        StrideSource::Default => None,
+        StrideSource::Explicit(s) => Some(s.clone()),
+        StrideSource::Plans(path, conf) => {
+            let raw = crate::plans::strides_from_plans(path, conf)?;
+            // STU-Net's rule: keep the first (stages − 1), pad with [1,1,1]. The stage count is
+            // read from the checkpoint's keys.
+            let dict = StateDict::open(&src.checkpoint)?;
+            let n = (0..)
+                .take_while(|s| dict.keys().any(|k| k.ends_with(&format!("conv_blocks_context.{s}.0.conv1.weight"))))
+                .count();
+            Some(strides::fit(&raw, n.saturating_sub(1)))
+        }
+    };
+    let net = load_checkpoint(&src.checkpoint, src.model.as_deref(), &LoadOptions { strides }, &device)?;
+    Ok((net, device))
+}
+
+/// Reads the 5-D f32 tensor `key` from a safetensors file.
+pub fn read_input(path: &Path, key: &str) -> Result<([usize; 5], Vec<f32>)> {
+    let dict = StateDict::open(path)?;
+    let shape = dict.shape(key)?.to_vec();
+    let shape: [usize; 5] = shape
+        .clone()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{}: `{key}` has shape {shape:?}; expected 5-D B×C×D×H×W", path.display()))?;
+    let data = dict.read(key, &shape)?;
+    Ok((shape, data))
+}
+
+/// Options of `stu forward`.
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    /// The network.
+    pub model: ModelSource,
+    /// safetensors file with the input tensor.
+    pub input: PathBuf,
+    /// Name of the input tensor in it.
+    pub input_key: String,
+    /// safetensors file to write `output.0` … `output.N`.
+    pub output: PathBuf,
+}
+
+/// Runs the network in deep-supervision mode and writes every output, full resolution first.
+pub fn forward(opts: &ForwardOptions) -> Result<Vec<NamedTensor>> {
+    let (shape, data) = read_input(&opts.input, &opts.input_key)?;
+    let (net, device) = load(&opts.model)?;
+    check_input(net.as_ref(), &opts.input, shape)?;
+    let x = Tensor::<5>::from_data(TensorData::new(data, shape), &device);
+    let outs: Vec<NamedTensor> = net
+        .forward_ds(x)
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| NamedTensor { name: format!("output.{i}"), shape: t.dims().to_vec(), data: stu_engine::ops::to_vec(t) })
+        .collect();
+    let meta = HashMap::from([
+        ("model".to_string(), net.describe().to_string()),
+        ("checkpoint".to_string(), opts.model.checkpoint.display().to_string()),
+    ]);
+    write_safetensors(&opts.output, &outs, Some(meta))
+        .with_context(|| format!("{}: cannot write output", opts.output.display()))?;
+    Ok(outs)
+}
+
+/// Rejects inputs the network cannot take, naming the file.
+pub fn check_input(net: &dyn SegNet, path: &Path, shape: [usize; 5]) -> Result<()> {
+    ensure!(
+        shape[1] == net.in_channels(),
+        "{}: input has {} channels, the model expects {}",
+        path.display(),
+        shape[1],
+        net.in_channels()
+    );
+    ensure!(shape[0] >= 1, "{}: input batch is empty", path.display());
+    let div = net.input_divisor();
+    if (0..3).any(|a| shape[2 + a] == 0 || shape[2 + a] % div[a] != 0) {
+        bail!(
+            "{}: spatial shape {:?} is not divisible by {:?} (the product of the strides {})",
+            path.display(),
+            &shape[2..],
+            div,
+            net.describe()["strides"]
+        );
+    }
+    Ok(())
+}
+
+/// Writes a loaded network's weights to safetensors under unchanged state-dict keys.
+pub fn export(src: &ModelSource, output: &Path) -> Result<usize> {
+    let (net, _) = load(src)?;
+    let tensors = net.state_dict();
+    let meta = HashMap::from([("model".to_string(), net.describe().to_string())]);
+    write_safetensors(output, &tensors, Some(meta)).with_context(|| format!("{}: cannot write", output.display()))?;
+    Ok(tensors.len())
+}
+
+/// What `stu inspect` prints: container, prefix, inferred architecture.
+pub fn inspect(src: &ModelSource) -> Result<serde_json::Value> {
+    let dict = StateDict::open(&src.checkpoint)?;
+    let (format, tensors) = (dict.format(), dict.len());
+    let (net, _) = load(src)?;
+    let mut v = net.describe();
+    v["checkpoint"] = serde_json::json!({
+        "path": src.checkpoint,
+        "format": format,
+        "tensors_in_file": tensors,
+    });
+    Ok(v)
+}

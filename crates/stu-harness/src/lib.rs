@@ -1,0 +1,61 @@
+//! The runner library behind the `stu` command line.
+//!
+//! Each command is a plain function taking a typed options struct, so `tests/` can call it
+//! without spawning processes; `main.rs` only parses arguments, installs logging and maps errors
+//! to exit codes.
+//!
+//! **Invariant:** this is the only crate that links `zoo`; models are reached by registry name.
+
+pub mod cli;
+pub mod forward;
+pub mod plans;
+
+use stu_engine::model::PresetSummary;
+
+/// Every registered model's presets with their counts, in registry order.
+pub fn zoo_rows() -> Vec<PresetSummary> {
+    zoo::link();
+    stu_engine::model::registry()
+        .iter()
+        .flat_map(|e| (e.presets)())
+        .collect()
+}
+
+/// The model table as text.
+pub fn zoo_table(rows: &[PresetSummary]) -> String {
+    let mut s = format!(
+        "{:<10} {:<7} {:<20} {:<30} {:>15} {:>20}\n",
+        "name", "blocks", "widths", "", "params", "MACs @1×1×128³"
+    );
+    s.clear();
+    s.push_str(&format!(
+        "{:<10} {:<14} {:<28} {:>15} {:>20}\n",
+        "name", "blocks", "widths", "params", "MACs @1×1×128³"
+    ));
+    for r in rows {
+        let join = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        s.push_str(&format!(
+            "{:<10} {:<14} {:<28} {:>15} {:>20}\n",
+            r.name,
+            join(&r.blocks),
+            join(&r.widths),
+            group_digits(r.params),
+            group_digits(r.macs_128)
+        ));
+    }
+    s.push_str("(1 input channel, 105 classes; MACs count every conv incl. bias, isotropic strides)\n");
+    s
+}
+
+/// `1234567` → `1,234,567`.
+pub fn group_digits(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests: one binary (each extra test binary re-links the whole harness).
+
+mod checkpoints;
+mod parity;
+mod zoo_cli;

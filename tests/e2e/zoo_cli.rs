@@ -1,0 +1,27 @@
+//! `stu zoo --json` prints the exact counts of stunet.md §2.1 and §2.3.
+
+use std::process::Command;
+
+use tests::stu_bin;
+
+#[test]
+fn zoo_json_has_the_exact_counts() {
+    let out = Command::new(stu_bin!()).args(["zoo", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<(String, u64, u64)> = rows
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap().to_string(), r["params"].as_u64().unwrap(), r["macs_128"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("stunet-s".to_string(), 14_596_941, 129_941_676_544),
+            ("stunet-b".to_string(), 58_262_669, 507_120_804_352),
+            ("stunet-l".to_string(), 440_302_605, 3_805_729_317_376),
+            ("stunet-h".to_string(), 1_457_326_221, 12_597_678_727_680),
+        ]
+    );
+    let text = Command::new(stu_bin!()).arg("zoo").output().unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).contains("1,457,326,221"));
+}
