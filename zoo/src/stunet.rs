@@ -26,7 +26,7 @@ use stu_engine::burn::nn::conv::{Conv3d, Conv3dConfig};
 use stu_engine::burn::nn::{Initializer, PaddingConfig3d};
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
 use stu_engine::model::{LoadOptions, ModelEntry, PresetSummary, SegNet};
-use stu_engine::ops;
+use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
 /// Registry name of the family.
@@ -233,9 +233,14 @@ pub struct InstanceNorm3d {
 }
 
 impl InstanceNorm3d {
-    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        ops::instance_norm(x, self.weight.val(), self.bias.val())
+    fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
+        ops::instance_norm(x, self.weight.val(), self.bias.val(), l)
     }
+}
+
+fn conv(c: &Conv3d, x: Tensor<5>, l: Layout) -> Tensor<5> {
+    let bias = c.bias.as_ref().expect("STU-Net convs have a bias").val();
+    ops::conv3d(x, c.weight.val(), bias, c.stride, l)
 }
 
 /// `BasicResBlock`: conv–norm–lrelu–conv–norm, plus a shortcut, then lrelu.
@@ -254,11 +259,19 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
-    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
-        let y = ops::leaky_relu(self.norm1.forward(self.conv1.forward(x.clone())));
-        let y = self.norm2.forward(self.conv2.forward(y));
+    /// A freshly initialised block (for benchmarks and tests).
+    pub fn new(cin: usize, c: usize, stride: Stride, project: bool, device: &Device) -> Self {
+        Builder { src: Source::Init, device }
+            .block("block", cin, c, stride, project)
+            .expect("fresh initialisation cannot fail")
+    }
+
+    /// `[B, cin, D, H, W]` → `[B, c, D/s, H/s, W/s]` (or the channels-last equivalent).
+    pub fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
+        let y = ops::leaky_relu(self.norm1.forward(conv(&self.conv1, x.clone(), l), l));
+        let y = self.norm2.forward(conv(&self.conv2, y, l), l);
         let skip = match &self.conv3 {
-            Some(c) => c.forward(x),
+            Some(c) => conv(c, x, l),
             None => x,
         };
         ops::leaky_relu(y + skip)
@@ -275,9 +288,9 @@ pub struct Upsample {
 }
 
 impl Upsample {
-    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
+    fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
         // conv then replicate == replicate then conv for a 1×1 conv; 1/∏scale of the work.
-        ops::upsample_nearest(self.conv.forward(x), self.scale)
+        ops::upsample_nearest(conv(&self.conv, x, l), self.scale, l)
     }
 }
 
@@ -313,7 +326,12 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn tensor<const D: usize>(&self, key: &str, shape: [usize; D], init: Initializer) -> Result<Param<Tensor<D>>, CheckpointError> {
         match &self.src {
-            Source::Init => Ok(init.init(shape, self.device)),
+            Source::Init => {
+                // fan_in = Cin·k³ for conv weights ([Cout, Cin, k, k, k]); unused by Ones/Zeros.
+                let fan_in = shape.iter().skip(1).product::<usize>().max(1);
+                let fan_out = shape[0] * shape.iter().skip(2).product::<usize>();
+                Ok(init.init_with(shape, Some(fan_in), Some(fan_out), self.device))
+            }
             Source::Dict(dict) => {
                 let data = dict.read(key, &shape)?;
                 Ok(Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), self.device)))
@@ -440,24 +458,26 @@ impl StuNet {
         Builder { src: Source::Dict(dict), device }.build(&arch)
     }
 
+    /// Forward on an NCDHW input; outputs NCDHW (views of channels-last results on flex).
     fn run(&self, x: Tensor<5>, deep_supervision: bool) -> Vec<Tensor<5>> {
+        let l = Layout::for_device(&x.device());
         let n = self.arch.stages();
         let mut skips = Vec::with_capacity(n - 1);
-        let mut x = x;
+        let mut x = l.from_ncdhw(x);
         for (s, stage) in self.conv_blocks_context.iter().enumerate() {
-            x = stage.iter().fold(x, |x, b| b.forward(x));
+            x = stage.iter().fold(x, |x, b| b.forward(x, l));
             if s + 1 < n {
                 skips.push(x.clone());
             }
         }
         let mut outs = Vec::new();
         for u in 0..n - 1 {
-            let up = self.upsample_layers[u].forward(x);
+            let up = self.upsample_layers[u].forward(x, l);
             let skip = skips.pop().expect("one skip per decoder level");
-            x = Tensor::cat(vec![up, skip], 1);
-            x = self.conv_blocks_localization[u].iter().fold(x, |x, b| b.forward(x));
+            x = Tensor::cat(vec![up, skip], l.channel_axis());
+            x = self.conv_blocks_localization[u].iter().fold(x, |x, b| b.forward(x, l));
             if deep_supervision || u == n - 2 {
-                outs.push(self.seg_outputs[u].forward(x.clone()));
+                outs.push(l.to_ncdhw(conv(&self.seg_outputs[u], x.clone(), l)));
             }
         }
         outs.reverse();

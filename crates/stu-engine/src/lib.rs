@@ -9,6 +9,8 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod ext;
+pub mod kernels;
 pub mod model;
 pub mod ops;
 

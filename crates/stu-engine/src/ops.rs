@@ -1,6 +1,6 @@
 //! Building blocks that burn 0.22 lacks or implements slowly for 5-D volumes.
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use burn::tensor::activation;
 
 /// LeakyReLU with PyTorch's default slope, which STU-Net uses everywhere.
@@ -14,50 +14,129 @@ pub fn leaky_relu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     activation::leaky_relu(x, LEAKY_SLOPE)
 }
 
-/// Instance normalisation of `[B, C, D, H, W]` with a per-channel affine, as
-/// `torch.nn.InstanceNorm3d(C, affine=True)`: per-sample, per-channel statistics over the spatial
-/// axes, biased variance, eps 1e-5.
+/// Where the channel axis of a 5-D activation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[B, C, D, H, W]`, PyTorch's layout; used on backends without our kernels.
+    Ncdhw,
+    /// `[B, D, H, W, C]`, channels-last; used on flex, where our conv kernels run.
+    Ndhwc,
+}
+
+impl Layout {
+    /// The layout the fast path of a device uses.
+    pub fn for_device(device: &Device) -> Self {
+        if is_flex(device) { Layout::Ndhwc } else { Layout::Ncdhw }
+    }
+
+    /// Index of the channel axis.
+    pub fn channel_axis(self) -> usize {
+        match self {
+            Layout::Ncdhw => 1,
+            Layout::Ndhwc => 4,
+        }
+    }
+
+    /// Index of spatial axis `a` (0, 1, 2).
+    pub fn spatial_axis(self, a: usize) -> usize {
+        match self {
+            Layout::Ncdhw => 2 + a,
+            Layout::Ndhwc => 1 + a,
+        }
+    }
+
+    /// An NCDHW tensor in this layout (a view; no copy).
+    pub fn from_ncdhw(self, x: Tensor<5>) -> Tensor<5> {
+        match self {
+            Layout::Ncdhw => x,
+            Layout::Ndhwc => x.permute([0, 2, 3, 4, 1]),
+        }
+    }
+
+    /// A tensor of this layout as NCDHW (a view; no copy).
+    pub fn to_ncdhw(self, x: Tensor<5>) -> Tensor<5> {
+        match self {
+            Layout::Ncdhw => x,
+            Layout::Ndhwc => x.permute([0, 4, 1, 2, 3]),
+        }
+    }
+}
+
+/// True for the flex device and autodiff over it.
+pub fn is_flex(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        use burn::backend::DispatchDevice;
+        match device.as_dispatch() {
+            DispatchDevice::Flex(_) => true,
+            DispatchDevice::Autodiff(inner) => matches!(&**inner, DispatchDevice::Flex(_)),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// 3-D convolution with a cubic kernel of size 1 or 3, padding `k / 2`, bias, given stride.
+/// `weight` is `[Cout, Cin, k, k, k]` whatever the layout.
+pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout) -> Tensor<5> {
+    match layout {
+        Layout::Ndhwc => {
+            use crate::ext::StuOps;
+            Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::conv3d_cl(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+                stride,
+            ))
+        }
+        Layout::Ncdhw => {
+            let pad = weight.dims()[2] / 2;
+            burn::tensor::module::conv3d(x, weight, Some(bias), burn::tensor::ops::ConvOptions::new(stride, [pad; 3], [1; 3], 1))
+        }
+    }
+}
+
+/// Instance normalisation with a per-channel affine, as `torch.nn.InstanceNorm3d(C,
+/// affine=True)`: per-sample, per-channel statistics over the spatial axes, biased variance,
+/// eps 1e-5.
 ///
 /// The affine and the normalisation are folded into one scale and one shift per (sample,
 /// channel), so the full-size tensor is touched by one multiply-add after the statistics.
-pub fn instance_norm(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>) -> Tensor<5> {
-    let [b, c, d, h, w] = x.dims();
-    let flat = x.reshape([b, c, d * h * w]);
-    let (var, mean) = flat.clone().var_mean_bias(2);
-    let scale = weight.reshape([1, c, 1]) / (var + NORM_EPS).sqrt();
-    let shift = bias.reshape([1, c, 1]) - mean * scale.clone();
-    (flat * scale + shift).reshape([b, c, d, h, w])
+pub fn instance_norm(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, layout: Layout) -> Tensor<5> {
+    let dims = x.dims();
+    let (b, c) = (dims[0], dims[layout.channel_axis()]);
+    let n = dims.iter().product::<usize>() / (b * c);
+    let (flat, axis, cshape) = match layout {
+        Layout::Ncdhw => (x.reshape([b, c, n]), 2, [1, c, 1]),
+        Layout::Ndhwc => (x.reshape([b, n, c]), 1, [1, 1, c]),
+    };
+    let (var, mean) = flat.clone().var_mean_bias(axis);
+    let scale = weight.reshape(cshape) / (var + NORM_EPS).sqrt();
+    let shift = bias.reshape(cshape) - mean * scale.clone();
+    (flat * scale + shift).reshape(dims)
 }
 
-/// Nearest-neighbour upsampling of `[B, C, D, H, W]` by integer factors per axis: voxel
-/// replication, exactly `F.interpolate(x, scale_factor=s, mode="nearest")` for integer `s`.
-/// Differentiable (reshape and expand only); intermediates stay at rank ≤ 5 so every backend
-/// runs it.
-pub fn upsample_nearest(x: Tensor<5>, scale: [usize; 3]) -> Tensor<5> {
-    let [b, c, d, h, w] = x.dims();
+/// Nearest-neighbour upsampling by integer factors per spatial axis: voxel replication, exactly
+/// `F.interpolate(x, scale_factor=s, mode="nearest")` for integer `s`. Differentiable (reshape
+/// and expand only); intermediates stay at rank ≤ 5 so every backend runs it.
+pub fn upsample_nearest(x: Tensor<5>, scale: [usize; 3], layout: Layout) -> Tensor<5> {
     let mut x = x;
-    if scale[0] > 1 {
-        let s = scale[0];
-        x = x
-            .reshape([b * c, d, 1, h * w])
-            .expand([b * c, d, s, h * w])
-            .reshape([b, c, d * s, h, w]);
-    }
-    let d = d * scale[0];
-    if scale[1] > 1 {
-        let s = scale[1];
-        x = x
-            .reshape([b * c * d, h, 1, w])
-            .expand([b * c * d, h, s, w])
-            .reshape([b, c, d, h * s, w]);
-    }
-    let h = h * scale[1];
-    if scale[2] > 1 {
-        let s = scale[2];
-        x = x
-            .reshape([b * c * d * h, w, 1])
-            .expand([b * c * d * h, w, s])
-            .reshape([b, c, d, h, w * s]);
+    for (a, &s) in scale.iter().enumerate() {
+        if s == 1 {
+            continue;
+        }
+        let mut dims = x.dims();
+        let axis = layout.spatial_axis(a);
+        let outer: usize = dims[..axis].iter().product();
+        let inner: usize = dims[axis + 1..].iter().product();
+        let n = dims[axis];
+        dims[axis] = n * s;
+        x = x.reshape([outer, n, 1, inner]).expand([outer, n, s, inner]).reshape(dims);
     }
     x
 }
@@ -88,7 +167,7 @@ mod tests {
             TensorData::new((0..8).map(|v| v as f32).collect::<Vec<_>>(), [1, 1, 2, 2, 2]),
             &dev(),
         );
-        let y = upsample_nearest(x, [1, 2, 3]);
+        let y = upsample_nearest(x, [1, 2, 3], Layout::Ncdhw);
         assert_eq!(y.dims(), [1, 1, 2, 4, 6]);
         let v = to_vec(y);
         // y[0,0,i,j,k] = x[0,0,i,j/2,k/3]
@@ -109,7 +188,7 @@ mod tests {
         let x = Tensor::<5>::from_data(TensorData::new(data.clone(), [2, 3, 4, 4, 4]), &dev());
         let w = Tensor::<1>::from_data(TensorData::new(vec![1.5f32, -0.5, 2.0], [3]), &dev());
         let b = Tensor::<1>::from_data(TensorData::new(vec![0.1f32, 0.2, -0.3], [3]), &dev());
-        let y = to_vec(instance_norm(x, w, b));
+        let y = to_vec(instance_norm(x, w, b, Layout::Ncdhw));
         let (ws, bs) = ([1.5f64, -0.5, 2.0], [0.1f64, 0.2, -0.3]);
         for s in 0..2 {
             for c in 0..3 {

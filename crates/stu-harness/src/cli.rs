@@ -39,6 +39,17 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Time STU-Net forward and forward+backward on this machine (cases of shared/bench/cpu_anchor.py).
+    Bench {
+        /// Only cases whose id contains one of these (e.g. `S_64 block`).
+        cases: Vec<String>,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Compute backend.
+        #[arg(long, default_value = "flex")]
+        backend: Backend,
+    },
     /// Save a checkpoint's weights as safetensors with unchanged state-dict keys.
     Export {
         #[command(flatten)]
@@ -90,6 +101,14 @@ impl ModelArgs {
     }
 }
 
+fn fmt_s(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Zoo { json } => {
@@ -107,6 +126,15 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{}: {:?}", o.name, o.shape);
             }
             eprintln!("wrote {}", output.display());
+        }
+        Command::Bench { cases, json, backend } => {
+            let results = crate::bench::run(backend, &cases, |r| {
+                eprintln!("{:<16} fwd {:>8} s   fwd+bwd {:>8} s", r.case, fmt_s(r.fwd_s), fmt_s(r.fwd_bwd_s));
+            })?;
+            if let Some(path) = json {
+                let doc = serde_json::json!({ "backend": backend.name(), "threads": rayon_threads(), "results": results });
+                stu_engine::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+            }
         }
         Command::Export { model, output } => {
             let n = forward::export(&model.source(), &output)?;

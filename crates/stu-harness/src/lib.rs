@@ -6,6 +6,7 @@
 //!
 //! **Invariant:** this is the only crate that links `zoo`; models are reached by registry name.
 
+pub mod bench;
 pub mod cli;
 pub mod forward;
 pub mod plans;

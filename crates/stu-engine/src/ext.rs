@@ -1,0 +1,134 @@
+//! STU-Net's own tensor operations as a burn backend extension.
+//!
+//! `#[backend_extension]` routes each call to the backend of its input: [`Flex`] runs the
+//! channels-last kernels of [`crate::kernels`], and `Autodiff<B, C>` records the op and supplies
+//! its backward (written here, as burn's own conv backward is written). Any other backend never
+//! reaches this trait: [`crate::ops`] falls back to burn's conv3d there.
+
+use burn::backend::{Backend, TensorMetadata, backend_extension, tensor::FloatTensor};
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::{Autodiff, NodeId};
+
+/// Channels-last convolution with forward and backward kernels of our own.
+#[backend_extension(Flex: cfg(feature = "flex"), Autodiff)]
+pub trait StuOps: Backend {
+    /// `x`: `[B, D, H, W, Cin]`, `weight`: `[Cout, Cin, k, k, k]` (k ∈ {1, 3}, padding k/2),
+    /// `bias`: `[Cout]` → `[B, Do, Ho, Wo, Cout]`.
+    fn conv3d_cl(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self>;
+    /// Gradient of [`conv3d_cl`](StuOps::conv3d_cl) with respect to `x` (which gives the shape).
+    fn conv3d_cl_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self>;
+    /// Gradient with respect to `weight`, in its layout.
+    fn conv3d_cl_w_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self>;
+    /// Gradient with respect to `bias`: the sum of `grad` over every voxel.
+    fn conv3d_cl_b_backward(grad: FloatTensor<Self>) -> FloatTensor<Self>;
+}
+
+/// Shape of a conv call, from the tensors.
+pub(crate) fn geom(x_shape: &[usize], w_shape: &[usize], stride: [usize; 3]) -> crate::kernels::Geom {
+    assert_eq!(x_shape.len(), 5, "conv3d_cl: input must be [B, D, H, W, C]");
+    assert_eq!(w_shape.len(), 5, "conv3d_cl: weight must be [Cout, Cin, k, k, k]");
+    assert_eq!(x_shape[4], w_shape[1], "conv3d_cl: input has {} channels, weight expects {}", x_shape[4], w_shape[1]);
+    let k = w_shape[2];
+    assert!(w_shape[2..] == [k, k, k] && (k == 1 || k == 3), "conv3d_cl: kernel must be 1³ or 3³, got {w_shape:?}");
+    crate::kernels::Geom { b: x_shape[0], inp: [x_shape[1], x_shape[2], x_shape[3]], cin: x_shape[4], cout: w_shape[0], k, stride }
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::{Flex, TensorMetadata, tensor::FloatTensor};
+    use burn::tensor::{DType, TensorData};
+    use burn_flex::FlexTensor;
+
+    use super::{StuOps, geom};
+    use crate::kernels;
+
+    fn values(t: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+        assert_eq!(t.dtype(), DType::F32, "STU-Net's CPU kernels run in f32");
+        match t.as_slice::<f32>() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(t.to_contiguous().as_slice::<f32>().expect("contiguous").to_vec()),
+        }
+    }
+
+    fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+        FlexTensor::from_data(TensorData::new(data, shape))
+    }
+
+    fn dims(t: &FlexTensor) -> Vec<usize> {
+        t.shape().to_vec()
+    }
+
+    impl StuOps for Flex {
+        fn conv3d_cl(x: FloatTensor<Flex>, weight: FloatTensor<Flex>, bias: FloatTensor<Flex>, stride: [usize; 3]) -> FloatTensor<Flex> {
+            let g = geom(&dims(&x), &dims(&weight), stride);
+            let y = kernels::conv_forward(&values(&x), &values(&weight), Some(&values(&bias)), &g);
+            let o = g.out();
+            tensor(y, vec![g.b, o[0], o[1], o[2], g.cout])
+        }
+        fn conv3d_cl_x_backward(x: FloatTensor<Flex>, weight: FloatTensor<Flex>, grad: FloatTensor<Flex>, stride: [usize; 3]) -> FloatTensor<Flex> {
+            let g = geom(&dims(&x), &dims(&weight), stride);
+            tensor(kernels::conv_backward_data(&values(&grad), &values(&weight), &g), dims(&x))
+        }
+        fn conv3d_cl_w_backward(x: FloatTensor<Flex>, weight: FloatTensor<Flex>, grad: FloatTensor<Flex>, stride: [usize; 3]) -> FloatTensor<Flex> {
+            let g = geom(&dims(&x), &dims(&weight), stride);
+            tensor(kernels::conv_backward_weight(&values(&x), &values(&grad), &g), dims(&weight))
+        }
+        fn conv3d_cl_b_backward(grad: FloatTensor<Flex>) -> FloatTensor<Flex> {
+            let c = *dims(&grad).last().expect("rank 5");
+            tensor(kernels::conv_backward_bias(&values(&grad), c), vec![c])
+        }
+    }
+}
+
+impl<B: Backend + StuOps, C: CheckpointStrategy> StuOps for Autodiff<B, C> {
+    fn conv3d_cl(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ConvCl;
+
+        impl<B: Backend + StuOps> Backward<B, 3> for ConvCl {
+            type State = (NodeId, NodeId, [usize; 3]);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_x, node_w, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (x_state, w_state, stride) = ops.state;
+                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+                let w = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(w_state);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::conv3d_cl_x_backward(x.clone(), w.clone(), grad.clone(), stride));
+                }
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, B::conv3d_cl_w_backward(x, w, grad.clone(), stride));
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, B::conv3d_cl_b_backward(grad));
+                }
+            }
+        }
+
+        match ConvCl.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let w_state = prep.checkpoint(&weight);
+                prep.finish((x_state, w_state, stride), B::conv3d_cl(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv3d_cl(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride)),
+        }
+    }
+
+    fn conv3d_cl_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self> {
+        let _ = (x.shape(), weight, grad, stride);
+        unimplemented!("second-order gradients of conv3d_cl are not supported")
+    }
+    fn conv3d_cl_w_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self> {
+        let _ = (x, weight, grad, stride);
+        unimplemented!("second-order gradients of conv3d_cl are not supported")
+    }
+    fn conv3d_cl_b_backward(grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        let _ = grad;
+        unimplemented!("second-order gradients of conv3d_cl are not supported")
+    }
+}

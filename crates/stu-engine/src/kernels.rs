@@ -1,0 +1,508 @@
+//! Channels-last 3-D convolution kernels on the CPU: forward, input gradient, weight gradient.
+//!
+//! Tensors are `[B, D, H, W, C]` row-major (one voxel's channels contiguous), weights arrive in
+//! PyTorch's `[Cout, Cin, k, k, k]` and are rearranged to `[k, k, k, Cin, Cout]` ("Wg") so every
+//! conv is a row-major GEMM with M = voxels, N = Cout: the shape the `gemm` crate runs fastest
+//! (~130 GFLOP/s per core here, against ~60 for the NCDHW orientation M = Cout).
+//!
+//! - **Stride 1, 3³, pad 1** (most of STU-Net): implicit GEMM on the padded grid. With the input
+//!   zero-padded to `[Dp, Hp, Wp]`, output voxel `(z, y, x)` sits at padded flat index
+//!   `q = z·Hp·Wp + y·Wp + x` and reads input rows `q + dz·Hp·Wp + dy·Wp + dx`. For fixed
+//!   `(dz, dy)` the three `dx` taps are three consecutive rows, so one GEMM with K = 3·Cin over a
+//!   view whose rows overlap (row stride Cin) covers them: 9 GEMMs per row tile, no im2col copy.
+//!   Rows that fall on padding are computed and dropped (≈6 % at 64³).
+//! - **Other strides and 1×1**: im2col row tiles (a gather), then one GEMM with K = k³·Cin.
+//! - **Input gradient**: stride 1 is a forward conv of the output gradient with the flipped,
+//!   transposed kernel; other strides use col2im, planes in phases so no two tasks write the same
+//!   voxel.
+//! - **Weight gradient**: the same views transposed (K = voxels), accumulated per task, summed.
+//!
+//! All loops run on rayon's pool; each GEMM call is single-threaded.
+#![allow(unsafe_code)]
+
+use rayon::prelude::*;
+
+/// Shape of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geom {
+    /// Batch.
+    pub b: usize,
+    /// Input spatial extent.
+    pub inp: [usize; 3],
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Cubic kernel size (1 or 3); padding is `k / 2`.
+    pub k: usize,
+    /// Stride per axis.
+    pub stride: [usize; 3],
+}
+
+impl Geom {
+    /// Zero padding on every side.
+    pub fn pad(&self) -> usize {
+        self.k / 2
+    }
+    /// Output spatial extent.
+    pub fn out(&self) -> [usize; 3] {
+        [0, 1, 2].map(|a| (self.inp[a] + 2 * self.pad() - self.k) / self.stride[a] + 1)
+    }
+    fn taps(&self) -> usize {
+        self.k * self.k * self.k
+    }
+    fn is_stride1_k3(&self) -> bool {
+        self.k == 3 && self.stride == [1, 1, 1]
+    }
+}
+
+/// Row-major single-threaded GEMM: `C (m×n, row stride ldc) = [C +] A·B`, with arbitrary
+/// element strides on A and B.
+///
+/// # Safety
+/// Every index the strides reach must lie inside the pointed-to buffers, and `c` must not alias
+/// `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: forwarded from the caller's contract. gemm computes dst = α·dst + β·lhs·rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            accumulate,
+            a,
+            a_cs as isize,
+            a_rs as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only where the tasks' write sets are disjoint (documented at each use).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// `[Cout, Cin, k, k, k]` → `[k, k, k, Cin, Cout]`.
+/// Parallel over `Cin`; each task reads whole `[k³]` runs and
+/// writes `Cout`-contiguous runs.
+fn rearrange_weight(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+    let t = k * k * k;
+    let mut out = vec![0.0f32; w.len()];
+    let outp = SharedMut(out.as_mut_ptr());
+    (0..cin).into_par_iter().for_each(|ci| {
+        let outp = outp;
+        for co in 0..cout {
+            let src = &w[(co * cin + ci) * t..(co * cin + ci + 1) * t];
+            for (tap, v) in src.iter().enumerate() {
+
+                // SAFETY: index (tap·cin + ci)·cout + co is written by the task of `ci` only.
+                unsafe { *outp.0.add((tap * cin + ci) * cout + co) = *v };
+            }
+        }
+    });
+    out
+}
+
+/// `[Cout, Cin, k, k, k]` → `[k, k, k, Cin, Cout]`.
+pub fn weight_to_wg(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+    rearrange_weight(w, cout, cin, k)
+}
+
+/// `[k, k, k, Cin, Cout]` → `[Cout, Cin, k, k, k]`.
+pub fn wg_to_weight(wg: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+    let t = k * k * k;
+    let mut out = vec![0.0f32; wg.len()];
+    out.par_chunks_mut(cin * t).enumerate().for_each(|(co, dst)| {
+        for ci in 0..cin {
+            for tap in 0..t {
+                dst[ci * t + tap] = wg[(tap * cin + ci) * cout + co];
+            }
+        }
+    });
+    out
+}
+
+/// Zero-pads `[B, D, H, W, C]` by `p` on every spatial side.
+fn pad_input(x: &[f32], b: usize, s: [usize; 3], c: usize, p: usize) -> (Vec<f32>, [usize; 3]) {
+    if p == 0 {
+        return (x.to_vec(), s);
+    }
+    let sp = s.map(|v| v + 2 * p);
+    let mut out = vec![0.0f32; b * sp[0] * sp[1] * sp[2] * c];
+    let row = s[2] * c;
+    out.par_chunks_mut(sp[1] * sp[2] * c)
+        .enumerate()
+        .for_each(|(plane, dst)| {
+            let (bi, zp) = (plane / sp[0], plane % sp[0]);
+            if zp < p || zp >= s[0] + p {
+                return;
+            }
+            let z = zp - p;
+            for y in 0..s[1] {
+                let src = ((bi * s[0] + z) * s[1] + y) * row;
+                let d = ((y + p) * sp[2] + p) * c;
+                dst[d..d + row].copy_from_slice(&x[src..src + row]);
+            }
+        });
+    (out, sp)
+}
+
+/// Rows per GEMM tile for a given row width: keeps a tile of C near 256 KiB.
+fn tile_rows(width: usize) -> usize {
+    (65_536 / width.max(1)).clamp(64, 4096)
+}
+
+/// Stride-1 3³ conv on the padded grid, no bias. `xp` is padded `[B, Dp, Hp, Wp, Cin]`;
+/// `wg` is `[3,3,3,Cin,Cout]`. Returns `[B, D, H, W, Cout]`.
+fn conv_s1k3(xp: &[f32], sp: [usize; 3], b: usize, out: [usize; 3], cin: usize, cout: usize, wg: &[f32]) -> Vec<f32> {
+    let (sy, sz) = (sp[2], sp[1] * sp[2]);
+    let plane = sp[0] * sz;
+    // Last valid output voxel's padded index + 1.
+    let rows = (out[0] - 1) * sz + (out[1] - 1) * sy + out[2];
+    let t = tile_rows(cout);
+    let mut yp = vec![0.0f32; b * plane * cout];
+    let ypp = SharedMut(yp.as_mut_ptr());
+    let tiles: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..rows).step_by(t).map(move |q| (bi, q))).collect();
+    tiles.par_iter().for_each(|&(bi, q0)| {
+        let m = t.min(rows - q0);
+        let ypp = ypp;
+        for dz in 0..3 {
+            for dy in 0..3 {
+                let g = dz * 3 + dy;
+                let a_off = (bi * plane + q0 + dz * sz + dy * sy) * cin;
+                // SAFETY: rows q0..q0+m of batch bi are this task's alone in yp; the A view's last
+                // element is (bi·plane + q0 + m − 1 + 2sz + 2sy + 2)·cin + cin − 1, inside xp
+                // because q0 + m ≤ rows; B is the g-th [3·Cin, Cout] block of wg.
+                unsafe {
+                    gemm(
+                        m,
+                        cout,
+                        3 * cin,
+                        ypp.0.add((bi * plane + q0) * cout),
+                        cout,
+                        g > 0,
+                        xp.as_ptr().add(a_off),
+                        cin,
+                        1,
+                        wg.as_ptr().add(g * 3 * cin * cout),
+                        cout,
+                        1,
+                    );
+                }
+            }
+        }
+    });
+    // Keep the valid rows.
+    let mut y = vec![0.0f32; b * out[0] * out[1] * out[2] * cout];
+    let row = out[2] * cout;
+    y.par_chunks_mut(out[1] * row).enumerate().for_each(|(pl, dst)| {
+        let (bi, z) = (pl / out[0], pl % out[0]);
+        for yy in 0..out[1] {
+            let src = (bi * plane + z * sz + yy * sy) * cout;
+            dst[yy * row..(yy + 1) * row].copy_from_slice(&yp[src..src + row]);
+        }
+    });
+    y
+}
+
+/// Gathers im2col rows `[r0, r0 + m)` (output flat index within batch `bi`) into `a`
+/// (`m × k³·Cin`). `xp` is padded input with extent `sp`.
+#[allow(clippy::too_many_arguments)]
+fn im2col(a: &mut [f32], xp: &[f32], sp: [usize; 3], g: &Geom, out: [usize; 3], bi: usize, r0: usize, m: usize) {
+    let (k, cin) = (g.k, g.cin);
+    let width = g.taps() * cin;
+    for r in 0..m {
+        let o = r0 + r;
+        let (z, rem) = (o / (out[1] * out[2]), o % (out[1] * out[2]));
+        let (y, x) = (rem / out[2], rem % out[2]);
+        let base = ((bi * sp[0] + z * g.stride[0]) * sp[1] + y * g.stride[1]) * sp[2] + x * g.stride[2];
+        let dst = &mut a[r * width..(r + 1) * width];
+        for dz in 0..k {
+            for dy in 0..k {
+                let src = (base + dz * sp[1] * sp[2] + dy * sp[2]) * cin;
+                let d = (dz * k + dy) * k * cin;
+                dst[d..d + k * cin].copy_from_slice(&xp[src..src + k * cin]);
+            }
+        }
+    }
+}
+
+/// Forward convolution, channels-last. `x`: `[B, D, H, W, Cin]`, `w`: `[Cout, Cin, k, k, k]`.
+pub fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
+    let wg = weight_to_wg(w, g.cout, g.cin, g.k);
+    let mut y = conv_forward_wg(x, &wg, g);
+    if let Some(bias) = bias {
+        y.par_chunks_mut(g.cout * 256).for_each(|c| {
+            for row in c.chunks_exact_mut(g.cout) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        });
+    }
+    y
+}
+
+fn conv_forward_wg(x: &[f32], wg: &[f32], g: &Geom) -> Vec<f32> {
+    let out = g.out();
+    let (xp, sp) = pad_input(x, g.b, g.inp, g.cin, g.pad());
+    if g.is_stride1_k3() {
+        return conv_s1k3(&xp, sp, g.b, out, g.cin, g.cout, wg);
+    }
+    let n_out = out[0] * out[1] * out[2];
+    let mut y = vec![0.0f32; g.b * n_out * g.cout];
+    if g.k == 1 && g.stride == [1, 1, 1] {
+        let t = tile_rows(g.cout.max(g.cin));
+        y.par_chunks_mut(t * g.cout).enumerate().for_each(|(i, c)| {
+            let m = c.len() / g.cout;
+            // SAFETY: c is this task's chunk; A rows i·t … i·t+m of x exist.
+            unsafe { gemm(m, g.cout, g.cin, c.as_mut_ptr(), g.cout, false, x.as_ptr().add(i * t * g.cin), g.cin, 1, wg.as_ptr(), g.cout, 1) };
+        });
+        return y;
+    }
+    let width = g.taps() * g.cin;
+    let t = tile_rows(width).min(1024);
+    let tiles: Vec<(usize, usize)> = (0..g.b).flat_map(|bi| (0..n_out).step_by(t).map(move |r| (bi, r))).collect();
+    let yp = SharedMut(y.as_mut_ptr());
+    tiles.par_iter().for_each_init(Vec::new, |a, &(bi, r0)| {
+        let yp = yp;
+        let m = t.min(n_out - r0);
+        a.resize(m * width, 0.0);
+        im2col(a, &xp, sp, g, out, bi, r0, m);
+        // SAFETY: output rows (bi, r0 … r0+m) belong to this task only.
+        unsafe { gemm(m, g.cout, width, yp.0.add((bi * n_out + r0) * g.cout), g.cout, false, a.as_ptr(), width, 1, wg.as_ptr(), g.cout, 1) };
+    });
+    y
+}
+
+/// `W'[t'][co][ci] = W[co][ci][26 − t']` laid out `[3,3,3, Cout, Cin]`.
+fn flip_transpose(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let t = 27;
+    let mut out = vec![0.0f32; w.len()];
+    let outp = SharedMut(out.as_mut_ptr());
+    (0..cout).into_par_iter().for_each(|co| {
+        let outp = outp;
+        for ci in 0..cin {
+            let src = &w[(co * cin + ci) * t..(co * cin + ci + 1) * t];
+            for (tap, v) in src.iter().enumerate() {
+                // SAFETY: index ((26 − tap)·cout + co)·cin + ci is written by the task of `co` only.
+                unsafe { *outp.0.add(((t - 1 - tap) * cout + co) * cin + ci) = *v };
+            }
+        }
+    });
+    out
+}
+
+/// Input gradient. `dy`: `[B, Do, Ho, Wo, Cout]` → `[B, D, H, W, Cin]`.
+pub fn conv_backward_data(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
+    let out = g.out();
+    if g.is_stride1_k3() {
+        // dX = conv(dY, W'), W'[t'] = W[2 − t']ᵀ: flipped taps, Cin ↔ Cout.
+        // [3,3,3, Cout, Cin] with reversed taps: the PyTorch weight read as [Cin', Cout'] = [Cout, Cin].
+        let wf = flip_transpose(w, g.cout, g.cin);
+        let gt = Geom { inp: out, cin: g.cout, cout: g.cin, ..*g };
+        return conv_forward_wg(dy, &wf, &gt);
+    }
+    let wg = weight_to_wg(w, g.cout, g.cin, g.k);
+    let n_in = g.inp[0] * g.inp[1] * g.inp[2];
+    if g.k == 1 && g.stride == [1, 1, 1] {
+        let mut dx = vec![0.0f32; g.b * n_in * g.cin];
+        let t = tile_rows(g.cout.max(g.cin));
+        dx.par_chunks_mut(t * g.cin).enumerate().for_each(|(i, c)| {
+            let m = c.len() / g.cin;
+            // SAFETY: c is this task's; B = Wgᵀ read with strides (1, Cout).
+            unsafe { gemm(m, g.cin, g.cout, c.as_mut_ptr(), g.cin, false, dy.as_ptr().add(i * t * g.cout), g.cout, 1, wg.as_ptr(), 1, g.cout) };
+        });
+        return dx;
+    }
+    // col2im into the padded input grid, one output plane at a time.
+    let p = g.pad();
+    let sp = g.inp.map(|v| v + 2 * p);
+    let mut dxp = vec![0.0f32; g.b * sp[0] * sp[1] * sp[2] * g.cin];
+    let (k, cin) = (g.k, g.cin);
+    let width = g.taps() * cin;
+    let plane_rows = out[1] * out[2];
+    let phases = g.k.div_ceil(g.stride[0]);
+    let dxpp = SharedMut(dxp.as_mut_ptr());
+    for phase in 0..phases {
+        let planes: Vec<(usize, usize)> = (0..g.b)
+            .flat_map(|bi| (phase..out[0]).step_by(phases).map(move |z| (bi, z)))
+            .collect();
+        planes.par_iter().for_each_init(Vec::new, |cols: &mut Vec<f32>, &(bi, z)| {
+            let dxpp = dxpp;
+            cols.resize(plane_rows * width, 0.0);
+            // SAFETY: cols is task-local; dy rows of plane (bi, z) exist; B = Wgᵀ.
+            unsafe {
+                gemm(plane_rows, width, g.cout, cols.as_mut_ptr(), width, false,
+                    dy.as_ptr().add((bi * out[0] + z) * plane_rows * g.cout), g.cout, 1, wg.as_ptr(), 1, g.cout)
+            };
+            for r in 0..plane_rows {
+                let (y, x) = (r / out[2], r % out[2]);
+                let base = ((bi * sp[0] + z * g.stride[0]) * sp[1] + y * g.stride[1]) * sp[2] + x * g.stride[2];
+                for dz in 0..k {
+                    for dy_ in 0..k {
+                        for dx in 0..k {
+                            let dst = (base + (dz * sp[1] + dy_) * sp[2] + dx) * cin;
+                            let src = r * width + ((dz * k + dy_) * k + dx) * cin;
+                            // SAFETY: planes of one phase write padded planes
+                            // [z·s, z·s + k) that do not overlap (phases·s ≥ k).
+                            let dst = unsafe { std::slice::from_raw_parts_mut(dxpp.0.add(dst), cin) };
+                            for (d, s) in dst.iter_mut().zip(&cols[src..src + cin]) {
+                                *d += s;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if p == 0 {
+        return dxp;
+    }
+    let mut dx = vec![0.0f32; g.b * n_in * cin];
+    let row = g.inp[2] * cin;
+    dx.par_chunks_mut(g.inp[1] * row).enumerate().for_each(|(pl, dst)| {
+        let (bi, z) = (pl / g.inp[0], pl % g.inp[0]);
+        for y in 0..g.inp[1] {
+            let src = (((bi * sp[0] + z + p) * sp[1] + y + p) * sp[2] + p) * cin;
+            dst[y * row..(y + 1) * row].copy_from_slice(&dxp[src..src + row]);
+        }
+    });
+    dx
+}
+
+/// Weight gradient in PyTorch layout `[Cout, Cin, k, k, k]`.
+pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
+    let out = g.out();
+    let (cin, cout) = (g.cin, g.cout);
+    let width = g.taps() * cin;
+    let sum = |parts: Vec<Vec<f32>>| -> Vec<f32> {
+        parts.into_iter().reduce(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        }).unwrap_or_else(|| vec![0.0; width * cout])
+    };
+    let dwg = if g.is_stride1_k3() {
+        let (xp, sp) = pad_input(x, g.b, g.inp, cin, 1);
+        let (sy, sz) = (sp[2], sp[1] * sp[2]);
+        let plane = sp[0] * sz;
+        let rows = (out[0] - 1) * sz + (out[1] - 1) * sy + out[2];
+        // dY on the padded grid, zero on rows that are padding.
+        let mut dyp = vec![0.0f32; g.b * rows * cout];
+        let row = out[2] * cout;
+        dyp.par_chunks_mut(rows * cout).enumerate().for_each(|(bi, dst)| {
+            for z in 0..out[0] {
+                for y in 0..out[1] {
+                    let d = (z * sz + y * sy) * cout;
+                    let s = ((bi * out[0] + z) * out[1] + y) * row;
+                    dst[d..d + row].copy_from_slice(&dy[s..s + row]);
+                }
+            }
+        });
+        let t = 16_384usize;
+        let chunks: Vec<(usize, usize)> = (0..g.b).flat_map(|bi| (0..rows).step_by(t).map(move |q| (bi, q))).collect();
+        let parts: Vec<Vec<f32>> = chunks
+            .par_iter()
+            .fold(|| vec![0.0f32; width * cout], |mut acc, &(bi, q0)| {
+                let m = t.min(rows - q0);
+                for dz in 0..3 {
+                    for dyy in 0..3 {
+                        let gi = dz * 3 + dyy;
+                        let a_off = (bi * plane + q0 + dz * sz + dyy * sy) * cin;
+                        // SAFETY: Aᵀ view of xp rows (strides 1, Cin) as in the forward; acc is
+                        // this fold's own buffer; dyp rows q0 … q0+m of batch bi exist.
+                        unsafe {
+                            gemm(3 * cin, cout, m, acc.as_mut_ptr().add(gi * 3 * cin * cout), cout, true,
+                                xp.as_ptr().add(a_off), 1, cin, dyp.as_ptr().add((bi * rows + q0) * cout), cout, 1)
+                        };
+                    }
+                }
+                acc
+            })
+            .collect();
+        sum(parts)
+    } else if g.k == 1 && g.stride == [1, 1, 1] {
+        let n = g.b * g.inp[0] * g.inp[1] * g.inp[2];
+        let t = 16_384usize;
+        let parts: Vec<Vec<f32>> = (0..n)
+            .step_by(t)
+            .collect::<Vec<_>>()
+            .par_iter()
+            .fold(|| vec![0.0f32; width * cout], |mut acc, &r0| {
+                let m = t.min(n - r0);
+                // SAFETY: Xᵀ (strides 1, Cin) and dY rows r0 … r0+m exist; acc is local.
+                unsafe { gemm(cin, cout, m, acc.as_mut_ptr(), cout, true, x.as_ptr().add(r0 * cin), 1, cin, dy.as_ptr().add(r0 * cout), cout, 1) };
+                acc
+            })
+            .collect();
+        sum(parts)
+    } else {
+        let (xp, sp) = pad_input(x, g.b, g.inp, cin, g.pad());
+        let n_out = out[0] * out[1] * out[2];
+        let t = tile_rows(width).min(1024);
+        let tiles: Vec<(usize, usize)> = (0..g.b).flat_map(|bi| (0..n_out).step_by(t).map(move |r| (bi, r))).collect();
+        let parts: Vec<Vec<f32>> = tiles
+            .par_iter()
+            .fold(|| (vec![0.0f32; width * cout], Vec::new()), |(mut acc, mut a): (Vec<f32>, Vec<f32>), &(bi, r0)| {
+                let m = t.min(n_out - r0);
+                a.resize(m * width, 0.0);
+                im2col(&mut a, &xp, sp, g, out, bi, r0, m);
+                // SAFETY: Aᵀ of the local im2col tile; dY rows exist; acc is local.
+                unsafe { gemm(width, cout, m, acc.as_mut_ptr(), cout, true, a.as_ptr(), 1, width, dy.as_ptr().add((bi * n_out + r0) * cout), cout, 1) };
+                (acc, a)
+            })
+            .map(|(acc, _)| acc)
+            .collect();
+        sum(parts)
+    };
+    wg_to_weight(&dwg, cout, cin, g.k)
+}
+
+/// Bias gradient: sum of `dy` over every voxel, `[Cout]`.
+pub fn conv_backward_bias(dy: &[f32], cout: usize) -> Vec<f32> {
+    dy.par_chunks(cout * 4096)
+        .fold(|| vec![0.0f32; cout], |mut acc, c| {
+            for row in c.chunks_exact(cout) {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .reduce(|| vec![0.0f32; cout], |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+}
+
+#[cfg(test)]
+mod tests;

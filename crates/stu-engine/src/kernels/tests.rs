@@ -1,0 +1,129 @@
+//! The kernels against a naive f64 convolution, on shapes that exercise every path.
+
+use super::*;
+
+fn rand(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// Naive channels-last conv (f64 accumulation); returns y.
+fn naive(x: &[f32], w: &[f32], g: &Geom) -> Vec<f64> {
+    let out = g.out();
+    let p = g.pad() as isize;
+    let k = g.k;
+    let mut y = vec![0f64; g.b * out[0] * out[1] * out[2] * g.cout];
+    for b in 0..g.b {
+        for z in 0..out[0] {
+            for yy in 0..out[1] {
+                for xx in 0..out[2] {
+                    for co in 0..g.cout {
+                        let mut acc = 0f64;
+                        for dz in 0..k {
+                            for dy in 0..k {
+                                for dx in 0..k {
+                                    let iz = (z * g.stride[0]) as isize + dz as isize - p;
+                                    let iy = (yy * g.stride[1]) as isize + dy as isize - p;
+                                    let ix = (xx * g.stride[2]) as isize + dx as isize - p;
+                                    if iz < 0 || iy < 0 || ix < 0 || iz >= g.inp[0] as isize || iy >= g.inp[1] as isize || ix >= g.inp[2] as isize {
+                                        continue;
+                                    }
+                                    let (iz, iy, ix) = (iz as usize, iy as usize, ix as usize);
+                                    for ci in 0..g.cin {
+                                        let xv = x[(((b * g.inp[0] + iz) * g.inp[1] + iy) * g.inp[2] + ix) * g.cin + ci] as f64;
+                                        let wv = w[(co * g.cin + ci) * k * k * k + (dz * k + dy) * k + dx] as f64;
+                                        acc += xv * wv;
+                                    }
+                                }
+                            }
+                        }
+                        y[(((b * out[0] + z) * out[1] + yy) * out[2] + xx) * g.cout + co] = acc;
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+fn close(a: &[f32], b: &[f64], what: &str, g: &Geom) {
+    assert_eq!(a.len(), b.len(), "{what} length {g:?}");
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(((*x as f64) - y).abs() / scale < 2e-5, "{what} [{i}] {x} vs {y} {g:?}");
+    }
+}
+
+fn geoms() -> Vec<Geom> {
+    vec![
+        Geom { b: 1, inp: [5, 6, 7], cin: 3, cout: 4, k: 3, stride: [1, 1, 1] },
+        Geom { b: 2, inp: [4, 4, 4], cin: 5, cout: 2, k: 3, stride: [1, 1, 1] },
+        Geom { b: 2, inp: [6, 8, 5], cin: 3, cout: 4, k: 3, stride: [2, 2, 2] },
+        Geom { b: 1, inp: [4, 8, 8], cin: 2, cout: 3, k: 3, stride: [1, 2, 2] },
+        Geom { b: 1, inp: [8, 4, 6], cin: 2, cout: 3, k: 3, stride: [2, 1, 2] },
+        Geom { b: 2, inp: [4, 6, 5], cin: 3, cout: 5, k: 1, stride: [1, 1, 1] },
+        Geom { b: 1, inp: [6, 8, 8], cin: 4, cout: 3, k: 1, stride: [2, 2, 1] },
+        Geom { b: 1, inp: [1, 1, 1], cin: 2, cout: 2, k: 3, stride: [1, 1, 1] },
+    ]
+}
+
+#[test]
+fn forward_matches_naive() {
+    for (i, g) in geoms().into_iter().enumerate() {
+        let x = rand(g.b * g.inp.iter().product::<usize>() * g.cin, i as u64 + 1);
+        let w = rand(g.cout * g.cin * g.k.pow(3), i as u64 + 100);
+        let bias = rand(g.cout, i as u64 + 7);
+        let mut want = naive(&x, &w, &g);
+        for (j, v) in want.iter_mut().enumerate() {
+            *v += bias[j % g.cout] as f64;
+        }
+        close(&conv_forward(&x, &w, Some(&bias), &g), &want, "forward", &g);
+    }
+}
+
+/// Gradients by linearity: ⟨dy, conv(x, w)⟩ = ⟨dx(dy), x⟩ = ⟨dw(x, dy), w⟩, checked per
+/// element with unit vectors replaced by a naive adjoint computed from `naive`.
+#[test]
+fn gradients_match_the_adjoint_of_the_forward() {
+    for (i, g) in geoms().into_iter().enumerate() {
+        let n_in = g.b * g.inp.iter().product::<usize>() * g.cin;
+        let n_w = g.cout * g.cin * g.k.pow(3);
+        let out = g.out();
+        let n_out = g.b * out.iter().product::<usize>() * g.cout;
+        let x = rand(n_in, i as u64 + 11);
+        let w = rand(n_w, i as u64 + 12);
+        let dy = rand(n_out, i as u64 + 13);
+        // dx[j] = Σ dy · ∂y/∂x[j] = ⟨dy, conv(e_j, w)⟩
+        let want_dx: Vec<f64> = (0..n_in)
+            .map(|j| {
+                let mut e = vec![0f32; n_in];
+                e[j] = 1.0;
+                naive(&e, &w, &g).iter().zip(&dy).map(|(a, b)| a * *b as f64).sum()
+            })
+            .collect();
+        close(&conv_backward_data(&dy, &w, &g), &want_dx, "dx", &g);
+        let want_dw: Vec<f64> = (0..n_w)
+            .map(|j| {
+                let mut e = vec![0f32; n_w];
+                e[j] = 1.0;
+                naive(&x, &e, &g).iter().zip(&dy).map(|(a, b)| a * *b as f64).sum()
+            })
+            .collect();
+        close(&conv_backward_weight(&x, &dy, &g), &want_dw, "dw", &g);
+        let want_db: Vec<f64> = (0..g.cout).map(|c| dy.iter().skip(c).step_by(g.cout).map(|v| *v as f64).sum()).collect();
+        close(&conv_backward_bias(&dy, g.cout), &want_db, "db", &g);
+    }
+}
+
+#[test]
+fn weight_layout_round_trips() {
+    let w = rand(4 * 3 * 27, 5);
+    assert_eq!(wg_to_weight(&weight_to_wg(&w, 4, 3, 3), 4, 3, 3), w);
+}

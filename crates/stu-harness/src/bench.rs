@@ -1,0 +1,169 @@
+//! `stu bench`: CPU timings of STU-Net forward and forward+backward, the same cases as
+//! `shared/bench/cpu_anchor.py` so the two can run side by side and be compared as ratios.
+//!
+//! Forward runs without autodiff; forward+backward runs on an autodiff device and back-propagates
+//! `mean(output.0)` through the deep-supervision forward, as the anchor script does.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::Serialize;
+use stu_engine::backend::Backend;
+use stu_engine::model::SegNet;
+use stu_engine::{Device, Tensor, TensorData};
+use zoo::stunet::{ISO_STRIDES, ResBlock, StuNet, StuNetArch, TOTALSEG_CLASSES};
+
+/// One measured case.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    /// Case id, as in `cpu_anchor.py`.
+    pub case: String,
+    /// Median forward time (no grad), seconds.
+    pub fwd_s: Option<f64>,
+    /// Median forward+backward time, seconds.
+    pub fwd_bwd_s: Option<f64>,
+    /// Every forward sample.
+    pub fwd_samples: Vec<f64>,
+    /// Every forward+backward sample.
+    pub fwd_bwd_samples: Vec<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+fn time(n: usize, mut f: impl FnMut()) -> Vec<f64> {
+    f(); // warm-up
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn randn(shape: [usize; 5], device: &Device) -> Tensor<5> {
+    // A fixed pseudo-random input; values do not affect speed.
+    let n: usize = shape.iter().product();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+enum Net {
+    Block(ResBlock),
+    StuNet(StuNet),
+}
+
+impl Net {
+    fn build(&self, device: &Device) -> Net {
+        match self {
+            Net::Block(b) => Net::Block(ResBlock::new(
+                b.conv1.weight.dims()[1],
+                b.conv1.weight.dims()[0],
+                b.conv1.stride,
+                b.conv3.is_some(),
+                device,
+            )),
+            Net::StuNet(n) => Net::StuNet(StuNet::new(&n.arch, device).expect("valid")),
+        }
+    }
+    fn forward(&self, x: Tensor<5>, ds: bool) -> Tensor<5> {
+        match self {
+            Net::Block(b) => {
+                let l = stu_engine::ops::Layout::for_device(&x.device());
+                l.to_ncdhw(b.forward(l.from_ncdhw(x), l))
+            }
+            Net::StuNet(n) if ds => n.forward_ds(x).swap_remove(0),
+            Net::StuNet(n) => n.forward(x),
+        }
+    }
+}
+
+/// Cases to run, with the anchor's repetition counts.
+pub struct Case {
+    /// Id.
+    pub id: &'static str,
+    /// Input shape.
+    pub shape: [usize; 5],
+    /// Forward repetitions.
+    pub n_fwd: usize,
+    /// Forward+backward repetitions (0: skip).
+    pub n_bwd: usize,
+}
+
+/// The anchor's cases (`cpu_anchor.py`) plus B at 128³ forward+backward.
+pub fn anchor_cases() -> Vec<Case> {
+    vec![
+        Case { id: "block32_64", shape: [1, 32, 64, 64, 64], n_fwd: 5, n_bwd: 5 },
+        Case { id: "block1to32_128", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 3 },
+        Case { id: "S_64", shape: [1, 1, 64, 64, 64], n_fwd: 5, n_bwd: 3 },
+        Case { id: "B_64", shape: [1, 1, 64, 64, 64], n_fwd: 5, n_bwd: 3 },
+        Case { id: "S_128_fwd", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 0 },
+        Case { id: "B_128_fwd", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 0 },
+        Case { id: "S_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
+        Case { id: "B_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
+    ]
+}
+
+fn net_for(id: &str, device: &Device) -> Net {
+    let preset = |label: &str| {
+        let e = zoo::stunet::presets().into_iter().find(|p| p.label == label).expect("preset");
+        StuNetArch::from_rule(e.rule, 1, TOTALSEG_CLASSES, ISO_STRIDES.to_vec())
+    };
+    match id {
+        "block32_64" => Net::Block(ResBlock::new(32, 32, [1; 3], false, device)),
+        "block1to32_128" => Net::Block(ResBlock::new(1, 32, [1; 3], true, device)),
+        id if id.starts_with("S_") => Net::StuNet(StuNet::new(&preset("S"), device).expect("valid")),
+        _ => Net::StuNet(StuNet::new(&preset("B"), device).expect("valid")),
+    }
+}
+
+/// Runs the cases whose id matches `filter` (all when empty).
+pub fn run(backend: Backend, filter: &[String], mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
+    zoo::link();
+    let device = backend.device()?;
+    let ad = device.clone().autodiff();
+    let mut results = Vec::new();
+    for case in anchor_cases() {
+        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str())) {
+            continue;
+        }
+        let ds = !case.id.ends_with("_fwd");
+        let net = net_for(case.id, &device);
+        let x = randn(case.shape, &device);
+        let fwd = time(case.n_fwd, || {
+            let y = net.forward(x.clone(), ds);
+            let _ = y.into_data();
+        });
+        let mut fwd_bwd = Vec::new();
+        if case.n_bwd > 0 {
+            let net = net.build(&ad);
+            let x = randn(case.shape, &ad);
+            fwd_bwd = time(case.n_bwd, || {
+                let loss = net.forward(x.clone(), ds).mean();
+                let grads = loss.backward();
+                drop(grads);
+            });
+        }
+        let r = CaseResult {
+            case: case.id.to_string(),
+            fwd_s: median(fwd.clone()),
+            fwd_bwd_s: median(fwd_bwd.clone()),
+            fwd_samples: fwd,
+            fwd_bwd_samples: fwd_bwd,
+        };
+        report(&r);
+        results.push(r);
+    }
+    Ok(results)
+}
