@@ -233,8 +233,14 @@ pub struct InstanceNorm3d {
 }
 
 impl InstanceNorm3d {
-    fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
-        ops::instance_norm(x, self.weight.val(), self.bias.val(), l)
+    /// Norm, then LeakyReLU when `act`.
+    fn forward(&self, x: Tensor<5>, act: bool, l: Layout) -> Tensor<5> {
+        ops::norm_act(x, self.weight.val(), self.bias.val(), act, l)
+    }
+
+    /// `leaky_relu(norm(x) + skip)`.
+    fn forward_add_act(&self, x: Tensor<5>, skip: Tensor<5>, l: Layout) -> Tensor<5> {
+        ops::norm_add_act(x, self.weight.val(), self.bias.val(), skip, l)
     }
 }
 
@@ -268,13 +274,13 @@ impl ResBlock {
 
     /// `[B, cin, D, H, W]` → `[B, c, D/s, H/s, W/s]` (or the channels-last equivalent).
     pub fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
-        let y = ops::leaky_relu(self.norm1.forward(conv(&self.conv1, x.clone(), l), l));
-        let y = self.norm2.forward(conv(&self.conv2, y, l), l);
+        let y = self.norm1.forward(conv(&self.conv1, x.clone(), l), true, l);
+        let y = conv(&self.conv2, y, l);
         let skip = match &self.conv3 {
             Some(c) => conv(c, x, l),
             None => x,
         };
-        ops::leaky_relu(y + skip)
+        self.norm2.forward_add_act(y, skip, l)
     }
 }
 
@@ -461,6 +467,16 @@ impl StuNet {
     /// Forward on an NCDHW input; outputs NCDHW (views of channels-last results on flex).
     fn run(&self, x: Tensor<5>, deep_supervision: bool) -> Vec<Tensor<5>> {
         let l = Layout::for_device(&x.device());
+        self.run_in(x, deep_supervision, l)
+    }
+
+    /// [`SegNet::forward_ds`] with the internal activation layout forced (for tests comparing our
+    /// channels-last kernels with burn's own convolution).
+    pub fn forward_ds_in(&self, x: Tensor<5>, layout: Layout) -> Vec<Tensor<5>> {
+        self.run_in(x, true, layout)
+    }
+
+    fn run_in(&self, x: Tensor<5>, deep_supervision: bool, l: Layout) -> Vec<Tensor<5>> {
         let n = self.arch.stages();
         let mut skips = Vec::with_capacity(n - 1);
         let mut x = l.from_ncdhw(x);

@@ -24,6 +24,34 @@ pub trait StuOps: Backend {
     fn conv3d_cl_w_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self>;
     /// Gradient with respect to `bias`: the sum of `grad` over every voxel.
     fn conv3d_cl_b_backward(grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Instance norm of channels-last `x` with affine `gamma`, `beta` (`[C]`), then LeakyReLU(0.01)
+    /// when `act`.
+    fn norm_act_cl(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self>;
+    /// `leaky_relu(instance_norm(x) + skip)`: the end of a residual block.
+    fn norm_add_act_cl(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, skip: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Gradients of [`norm_act_cl`](StuOps::norm_act_cl): (x, gamma, beta).
+    fn norm_act_cl_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        act: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradients of [`norm_add_act_cl`](StuOps::norm_add_act_cl): (x, gamma, beta, skip).
+    fn norm_add_act_cl_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        skip: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// `[B, …, C]` → (B, voxels, C).
+pub(crate) fn bnc(shape: &[usize]) -> (usize, usize, usize) {
+    let c = *shape.last().expect("rank ≥ 2");
+    let b = shape[0];
+    (b, shape.iter().product::<usize>() / (b * c), c)
 }
 
 /// Shape of a conv call, from the tensors.
@@ -80,6 +108,40 @@ mod flex {
             let c = *dims(&grad).last().expect("rank 5");
             tensor(kernels::conv_backward_bias(&values(&grad), c), vec![c])
         }
+        fn norm_act_cl(x: FloatTensor<Flex>, gamma: FloatTensor<Flex>, beta: FloatTensor<Flex>, act: bool) -> FloatTensor<Flex> {
+            let (b, n, c) = super::bnc(&dims(&x));
+            let y = kernels::norm::forward(&values(&x), &values(&gamma), &values(&beta), None, act, b, n, c);
+            tensor(y, dims(&x))
+        }
+        fn norm_add_act_cl(x: FloatTensor<Flex>, gamma: FloatTensor<Flex>, beta: FloatTensor<Flex>, skip: FloatTensor<Flex>) -> FloatTensor<Flex> {
+            let (b, n, c) = super::bnc(&dims(&x));
+            assert_eq!(dims(&x), dims(&skip), "norm_add_act_cl: skip shape");
+            let y = kernels::norm::forward(&values(&x), &values(&gamma), &values(&beta), Some(&values(&skip)), true, b, n, c);
+            tensor(y, dims(&x))
+        }
+        fn norm_act_cl_backward(
+            x: FloatTensor<Flex>,
+            gamma: FloatTensor<Flex>,
+            beta: FloatTensor<Flex>,
+            grad: FloatTensor<Flex>,
+            act: bool,
+        ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
+            let (b, n, c) = super::bnc(&dims(&x));
+            let g = kernels::norm::backward(&values(&x), &values(&gamma), &values(&beta), None, act, &values(&grad), b, n, c);
+            (tensor(g.dx, dims(&x)), tensor(g.dgamma, vec![c]), tensor(g.dbeta, vec![c]))
+        }
+        fn norm_add_act_cl_backward(
+            x: FloatTensor<Flex>,
+            gamma: FloatTensor<Flex>,
+            beta: FloatTensor<Flex>,
+            skip: FloatTensor<Flex>,
+            grad: FloatTensor<Flex>,
+        ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
+            let (b, n, c) = super::bnc(&dims(&x));
+            let g = kernels::norm::backward(&values(&x), &values(&gamma), &values(&beta), Some(&values(&skip)), true, &values(&grad), b, n, c);
+            let dskip = g.dskip.expect("skip given");
+            (tensor(g.dx, dims(&x)), tensor(g.dgamma, vec![c]), tensor(g.dbeta, vec![c]), tensor(dskip, dims(&x)))
+        }
     }
 }
 
@@ -117,6 +179,106 @@ impl<B: Backend + StuOps, C: CheckpointStrategy> StuOps for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::conv3d_cl(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride)),
         }
+    }
+
+    fn norm_act_cl(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct NormAct;
+
+        impl<B: Backend + StuOps> Backward<B, 3> for NormAct {
+            type State = (NodeId, NodeId, NodeId, bool);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_x, node_g, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (xs, gs, bs, act) = ops.state;
+                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(xs);
+                let g = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gs);
+                let b = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(bs);
+                let (dx, dg, db) = B::norm_act_cl_backward(x, g, b, grad, act);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_g {
+                    grads.register::<B>(node.id, dg);
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, db);
+                }
+            }
+        }
+
+        match NormAct.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&gamma), prep.checkpoint(&beta), act);
+                prep.finish(state, B::norm_act_cl(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::norm_act_cl(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act)),
+        }
+    }
+
+    fn norm_add_act_cl(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, skip: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct NormAddAct;
+
+        impl<B: Backend + StuOps> Backward<B, 4> for NormAddAct {
+            type State = (NodeId, NodeId, NodeId, NodeId);
+
+            fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_x, node_g, node_b, node_s] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (xs, gs, bs, ss) = ops.state;
+                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(xs);
+                let g = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gs);
+                let b = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(bs);
+                let s = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ss);
+                let (dx, dg, db, ds) = B::norm_add_act_cl_backward(x, g, b, s, grad);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_g {
+                    grads.register::<B>(node.id, dg);
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, db);
+                }
+                if let Some(node) = node_s {
+                    grads.register::<B>(node.id, ds);
+                }
+            }
+        }
+
+        match NormAddAct.prepare::<C>([x.node(), gamma.node(), beta.node(), skip.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&gamma), prep.checkpoint(&beta), prep.checkpoint(&skip));
+                prep.finish(state, B::norm_add_act_cl(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), skip.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::norm_add_act_cl(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), skip.into_primitive()))
+            }
+        }
+    }
+
+    fn norm_act_cl_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        act: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = (x, gamma, beta, grad, act);
+        unimplemented!("second-order gradients of norm_act_cl are not supported")
+    }
+
+    fn norm_add_act_cl_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        skip: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = (x, gamma, beta, skip, grad);
+        unimplemented!("second-order gradients of norm_add_act_cl are not supported")
     }
 
     fn conv3d_cl_x_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self> {

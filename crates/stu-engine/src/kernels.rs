@@ -504,5 +504,7 @@ pub fn conv_backward_bias(dy: &[f32], cout: usize) -> Vec<f32> {
         })
 }
 
+pub mod norm;
+
 #[cfg(test)]
 mod tests;

@@ -121,6 +121,42 @@ pub fn instance_norm(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, layout: L
     (flat * scale + shift).reshape(dims)
 }
 
+/// `instance_norm` then LeakyReLU(0.01) when `act`; fused on the channels-last path.
+pub fn norm_act(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, act: bool, layout: Layout) -> Tensor<5> {
+    match layout {
+        Layout::Ndhwc => {
+            use crate::ext::StuOps;
+            Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::norm_act_cl(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+                act,
+            ))
+        }
+        Layout::Ncdhw => {
+            let y = instance_norm(x, weight, bias, layout);
+            if act { leaky_relu(y) } else { y }
+        }
+    }
+}
+
+/// `leaky_relu(instance_norm(x) + skip)`, the end of a residual block; fused on the
+/// channels-last path.
+pub fn norm_add_act(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, skip: Tensor<5>, layout: Layout) -> Tensor<5> {
+    match layout {
+        Layout::Ndhwc => {
+            use crate::ext::StuOps;
+            Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::norm_add_act_cl(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+                skip.into_dispatch(),
+            ))
+        }
+        Layout::Ncdhw => leaky_relu(instance_norm(x, weight, bias, layout) + skip),
+    }
+}
+
 /// Nearest-neighbour upsampling by integer factors per spatial axis: voxel replication, exactly
 /// `F.interpolate(x, scale_factor=s, mode="nearest")` for integer `s`. Differentiable (reshape
 /// and expand only); intermediates stay at rank ≤ 5 so every backend runs it.

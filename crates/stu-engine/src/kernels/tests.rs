@@ -127,3 +127,20 @@ fn weight_layout_round_trips() {
     let w = rand(4 * 3 * 27, 5);
     assert_eq!(wg_to_weight(&weight_to_wg(&w, 4, 3, 3), 4, 3, 3), w);
 }
+
+#[test]
+fn larger_volumes_match_naive() {
+    for (i, g) in [
+        Geom { b: 1, inp: [16, 64, 32], cin: 4, cout: 8, k: 3, stride: [1, 1, 1] },
+        Geom { b: 2, inp: [16, 32, 32], cin: 4, cout: 8, k: 3, stride: [1, 2, 2] },
+        Geom { b: 1, inp: [8, 32, 32], cin: 12, cout: 8, k: 1, stride: [1, 1, 1] },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let x = rand(g.b * g.inp.iter().product::<usize>() * g.cin, i as u64 + 21);
+        let w = rand(g.cout * g.cin * g.k.pow(3), i as u64 + 22);
+        let bias = vec![0.0f32; g.cout];
+        close(&conv_forward(&x, &w, Some(&bias), &g), &naive(&x, &w, &g), "forward", &g);
+    }
+}
