@@ -170,3 +170,34 @@ fn a_pickle_that_calls_os_system_is_parsed_not_executed() {
     assert!(msg.contains("evil.pth"), "{msg}");
     assert!(!marker.exists(), "the pickle's code ran");
 }
+
+#[test]
+fn strides_come_from_nnunet_v2_plans_in_both_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    // nnU-Net ≤ 2.3: pool_op_kernel_sizes with the stage-0 entry; 6 entries → 5 strides; the
+    // sixth stage's stride is dropped (STU-Net keeps 5).
+    let old = dir.path().join("plans_old.json");
+    std::fs::write(
+        &old,
+        r#"{"configurations": {"3d_fullres": {"pool_op_kernel_sizes": [[1,1,1],[1,2,2],[2,2,2],[2,2,1],[1,2,2],[1,1,1],[2,2,2]]}}}"#,
+    )
+    .unwrap();
+    // nnU-Net ≥ 2.4: architecture.arch_kwargs.strides; only 3 downsamplings → padded with [1,1,1].
+    let new = dir.path().join("plans_new.json");
+    std::fs::write(
+        &new,
+        r#"{"configurations": {"3d_lowres": {"architecture": {"arch_kwargs": {"strides": [[1,1,1],[2,2,2],[2,2,2],[1,2,2]]}}}}}"#,
+    )
+    .unwrap();
+    let aniso = tests::own_fixtures().join("aniso_deep_b2c2.safetensors");
+    let src = |plans: &Path, conf: &str| ModelSource {
+        strides: StrideSource::Plans(plans.to_path_buf(), conf.to_string()),
+        ..source(&aniso)
+    };
+    let (net, _) = load(&src(&old, "3d_fullres")).unwrap();
+    assert_eq!(net.describe()["strides"], serde_json::json!([[1, 2, 2], [2, 2, 2], [2, 2, 1], [1, 2, 2], [1, 1, 1]]));
+    let (net, _) = load(&src(&new, "3d_lowres")).unwrap();
+    assert_eq!(net.describe()["strides"], serde_json::json!([[2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 1, 1], [1, 1, 1]]));
+    let msg = format!("{:#}", load(&src(&old, "2d")).err().unwrap());
+    assert!(msg.contains("plans_old.json") && msg.contains("configurations.2d"), "{msg}");
+}
