@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary (each extra test binary re-links the whole harness).
 
 mod checkpoints;
+mod dataset;
 mod parity;
 mod zoo_cli;

@@ -88,6 +88,20 @@ fn bench(args: Vec<String>) -> Result<()> {
             Ok(s) if s.success() => {
                 run(Command::new(&python).arg(&anchor).arg(&torch_path))?;
                 theirs = serde_json::from_str(&std::fs::read_to_string(&torch_path)?)?;
+                // Cases the anchor script lacks (B at 128³ forward+backward), timed the same way.
+                let wanted = |id: &str| cases.is_empty() || cases.iter().any(|c| id.contains(c.as_str()));
+                if wanted("B_128") {
+                    let extra_path = out_dir.join("torch-extra.json");
+                    run(Command::new(&python)
+                        .arg(root.join("xtask/bench/torch_extra.py"))
+                        .arg(anchor.parent().expect("bench dir"))
+                        .arg(&extra_path))?;
+                    let extra: Value = serde_json::from_str(&std::fs::read_to_string(&extra_path)?)?;
+                    for (k, v) in extra.as_object().into_iter().flatten() {
+                        theirs[k] = v.clone();
+                    }
+                    let _ = std::fs::remove_file(&extra_path);
+                }
             }
             _ => eprintln!("note: `{python}` has no torch; PyTorch side skipped (use --python or STU_BENCH_PYTHON)"),
         }

@@ -39,6 +39,9 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Datasets in nnU-Net raw layout.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
     /// Time STU-Net forward and forward+backward on this machine (cases of shared/bench/cpu_anchor.py).
     Bench {
         /// Only cases whose id contains one of these (e.g. `S_64 block`).
@@ -57,6 +60,18 @@ enum Command {
         /// safetensors file to write.
         #[arg(long)]
         output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Integrity check (files, geometry, label values, channels, NaN): exits non-zero on problems.
+    Check {
+        /// The dataset folder (with dataset.json, imagesTr, labelsTr).
+        dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -126,6 +141,15 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{}: {:?}", o.name, o.shape);
             }
             eprintln!("wrote {}", output.display());
+        }
+        Command::Dataset(DatasetCommand::Check { dir, json }) => {
+            let report = stu_data::check::check(&dir);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            anyhow::ensure!(report.ok(), "{}: {} problem(s) found", dir.display(), report.problems.len());
         }
         Command::Bench { cases, json, backend } => {
             let results = crate::bench::run(backend, &cases, |r| {

@@ -1,0 +1,223 @@
+//! nnU-Net v2 raw datasets: `dataset.json`, `imagesTr`/`labelsTr`, case discovery
+//! (`shared/docs/nnunet-pipeline.md` §1).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// Problems with a dataset's description or layout; each names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A file or folder is missing or unreadable.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// `dataset.json` is malformed.
+    #[error("{path}: `{key}`: {reason}")]
+    Json {
+        /// The `dataset.json`.
+        path: PathBuf,
+        /// The offending key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One entry of `labels`: a class id, or a region (a list of ids).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LabelValue {
+    /// A plain label.
+    Class(u32),
+    /// A region: the union of these labels.
+    Region(Vec<u32>),
+}
+
+/// A validated `dataset.json`.
+#[derive(Debug, Clone)]
+pub struct DatasetJson {
+    /// Channel index → name (`CT`, `T2`, …), consecutive from 0.
+    pub channel_names: Vec<String>,
+    /// Label name → value, in file order.
+    pub labels: Vec<(String, LabelValue)>,
+    /// Declared number of training cases.
+    pub num_training: usize,
+    /// File ending of every image and label (`.nii.gz`).
+    pub file_ending: String,
+    /// For region-based datasets.
+    pub regions_class_order: Option<Vec<u32>>,
+    /// The ignore label's value, if `"ignore"` is declared.
+    pub ignore_label: Option<u32>,
+}
+
+impl DatasetJson {
+    /// Reads and validates `path`.
+    pub fn read(path: &Path) -> Result<Self, DatasetError> {
+        let text = std::fs::read_to_string(path).map_err(|e| DatasetError::File { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| DatasetError::Json { path: path.to_path_buf(), key: "(file)".into(), reason: format!("not valid JSON: {e}") })?;
+        Self::from_value(path, &json)
+    }
+
+    fn from_value(path: &Path, json: &Value) -> Result<Self, DatasetError> {
+        let err = |key: &str, reason: String| DatasetError::Json { path: path.to_path_buf(), key: key.into(), reason };
+        let obj = json.as_object().ok_or_else(|| err("(file)", "must be a JSON object".into()))?;
+        let (ckey, channels) = match (obj.get("channel_names"), obj.get("modality")) {
+            (Some(c), _) => ("channel_names", c),
+            (None, Some(m)) => ("modality", m),
+            (None, None) => return Err(err("channel_names", "missing (required; e.g. {\"0\": \"CT\"})".into())),
+        };
+        let channels = channels.as_object().ok_or_else(|| err(ckey, "must be an object like {\"0\": \"CT\"}".into()))?;
+        let mut by_index = BTreeMap::new();
+        for (k, v) in channels {
+            let i: usize = k.parse().map_err(|_| err(&format!("{ckey}.{k}"), "keys must be channel indices \"0\", \"1\", …".into()))?;
+            let name = v.as_str().ok_or_else(|| err(&format!("{ckey}.{k}"), "must be a string".into()))?;
+            by_index.insert(i, name.to_string());
+        }
+        if by_index.is_empty() || by_index.keys().copied().ne(0..by_index.len()) {
+            return Err(err(ckey, format!("channel indices must be 0..N without gaps, got {:?}", by_index.keys().collect::<Vec<_>>())));
+        }
+        let labels = obj.get("labels").and_then(Value::as_object).ok_or_else(|| err("labels", "missing or not an object like {\"background\": 0, …}".into()))?;
+        let mut parsed = Vec::new();
+        for (name, v) in labels {
+            let key = format!("labels.{name}");
+            let int = |v: &Value| v.as_u64().filter(|&x| x <= u16::MAX as u64).map(|x| x as u32);
+            let value = match v {
+                Value::Array(items) => {
+                    let ids = items.iter().map(int).collect::<Option<Vec<_>>>().ok_or_else(|| err(&key, "region members must be integers 0…65535".into()))?;
+                    if ids.len() == 1 { LabelValue::Class(ids[0]) } else { LabelValue::Region(ids) }
+                }
+                other => LabelValue::Class(int(other).ok_or_else(|| err(&key, format!("must be an integer 0…65535 or a list of them, got {other}")))?),
+            };
+            parsed.push((name.clone(), value));
+        }
+        match parsed.iter().find(|(n, _)| n == "background") {
+            Some((_, LabelValue::Class(0))) => {}
+            Some(_) => return Err(err("labels.background", "must be the integer 0".into())),
+            None => return Err(err("labels.background", "missing (\"background\": 0 is required)".into())),
+        }
+        let ignore_label = match parsed.iter().find(|(n, _)| n == "ignore") {
+            None => None,
+            Some((_, LabelValue::Class(v))) => Some(*v),
+            Some(_) => return Err(err("labels.ignore", "must be a single integer".into())),
+        };
+        let has_regions = parsed.iter().any(|(_, v)| matches!(v, LabelValue::Region(_)));
+        let mut plain: Vec<u32> = parsed
+            .iter()
+            .filter(|(n, _)| n != "ignore")
+            .flat_map(|(_, v)| match v {
+                LabelValue::Class(c) => vec![*c],
+                LabelValue::Region(r) => r.clone(),
+            })
+            .collect();
+        plain.sort_unstable();
+        plain.dedup();
+        if let Some(ig) = ignore_label {
+            let max = plain.last().copied().unwrap_or(0);
+            if ig != max + 1 {
+                return Err(err("labels.ignore", format!("must be max(other labels) + 1 = {}, got {ig}", max + 1)));
+            }
+        }
+        if !has_regions {
+            let mut all = plain.clone();
+            all.extend(ignore_label);
+            if all.iter().copied().ne(0..all.len() as u32) {
+                return Err(err("labels", format!("label values must be consecutive 0..K, got {all:?}")));
+            }
+        }
+        let regions_class_order = match obj.get("regions_class_order") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(serde_json::from_value::<Vec<u32>>(v.clone()).map_err(|_| err("regions_class_order", "must be a list of integers".into()))?),
+        };
+        if has_regions && regions_class_order.is_none() {
+            return Err(err("regions_class_order", "required when labels contain regions".into()));
+        }
+        let num_training = obj
+            .get("numTraining")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| err("numTraining", "missing or not a non-negative integer".into()))? as usize;
+        let file_ending = obj
+            .get("file_ending")
+            .and_then(Value::as_str)
+            .filter(|s| s.starts_with('.'))
+            .ok_or_else(|| err("file_ending", "missing or not a string like \".nii.gz\"".into()))?
+            .to_string();
+        Ok(Self {
+            channel_names: by_index.into_values().collect(),
+            labels: parsed,
+            num_training,
+            file_ending,
+            regions_class_order,
+            ignore_label,
+        })
+    }
+
+    /// Every value a label map may contain (background, classes, region members, ignore).
+    pub fn allowed_label_values(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .labels
+            .iter()
+            .flat_map(|(_, l)| match l {
+                LabelValue::Class(c) => vec![*c],
+                LabelValue::Region(r) => r.clone(),
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// One training case: its channel files in order and its label file.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// Case id (file name minus `_XXXX` and the ending).
+    pub id: String,
+    /// Channel files found, by channel index (`None` where missing).
+    pub images: Vec<Option<PathBuf>>,
+    /// Channel files whose index is beyond `channel_names`.
+    pub extra_images: Vec<PathBuf>,
+    /// The label file, if present.
+    pub label: Option<PathBuf>,
+}
+
+/// Lists the cases of `imagesTr` (and labels without images) following nnU-Net's naming.
+pub fn discover(root: &Path, json: &DatasetJson) -> Result<(Vec<Case>, Vec<PathBuf>), DatasetError> {
+    let list = |dir: &Path| -> Result<Vec<String>, DatasetError> {
+        let rd = std::fs::read_dir(dir).map_err(|e| DatasetError::File { path: dir.to_path_buf(), reason: format!("cannot list: {e}") })?;
+        let mut names: Vec<String> = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(&json.file_ending) && !n.starts_with('.')).collect();
+        names.sort();
+        Ok(names)
+    };
+    let images_dir = root.join("imagesTr");
+    let labels_dir = root.join("labelsTr");
+    let mut cases: BTreeMap<String, Case> = BTreeMap::new();
+    let c = json.channel_names.len();
+    let mut stray = Vec::new();
+    for name in list(&images_dir)? {
+        let stem = &name[..name.len() - json.file_ending.len()];
+        let parsed = stem.rsplit_once('_').and_then(|(id, ch)| (ch.len() == 4).then(|| ch.parse::<usize>().ok().map(|ch| (id, ch))).flatten());
+        let Some((id, ch)) = parsed else {
+            stray.push(images_dir.join(&name));
+            continue;
+        };
+        let case = cases.entry(id.to_string()).or_insert_with(|| Case { id: id.to_string(), images: vec![None; c], extra_images: vec![], label: None });
+        if ch < c {
+            case.images[ch] = Some(images_dir.join(&name));
+        } else {
+            case.extra_images.push(images_dir.join(&name));
+        }
+    }
+    for name in list(&labels_dir)? {
+        let id = &name[..name.len() - json.file_ending.len()];
+        match cases.get_mut(id) {
+            Some(case) => case.label = Some(labels_dir.join(&name)),
+            None => stray.push(labels_dir.join(&name)),
+        }
+    }
+    Ok((cases.into_values().collect(), stray))
+}

@@ -1,0 +1,9 @@
+//! Volumes on disk → CPU arrays: NIfTI I/O, nnU-Net raw datasets, integrity checks.
+//!
+//! **Invariant:** no burn, no tensors: everything here is plain `Vec`s and file formats, so it
+//! builds fast and is tested without a compute backend.
+#![warn(missing_docs)]
+
+pub mod check;
+pub mod dataset;
+pub mod nifti_io;

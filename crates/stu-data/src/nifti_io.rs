@@ -1,0 +1,271 @@
+//! NIfTI-1 reading and writing on the `nifti` crate, with the workarounds of `shared/docs/data.md`
+//! §5: multi-member gzip (`MultiGzDecoder`), a clear error for NIfTI-2, our own affine (sform,
+//! then qform, then the base affine, as nibabel's `get_best_affine`; no qform panic), scaling
+//! applied only for a finite non-zero slope, images as f32 and labels as integers.
+//!
+//! Arrays are in nnU-Net's order: NIfTI stores x fastest, which is C order for shape
+//! `[z, y, x]`, so the file's buffer is used as is; `spacing` is reversed to match.
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use nifti::{InMemNiftiObject, NiftiHeader, NiftiObject, NiftiType};
+
+/// What can go wrong with a NIfTI file; every variant names it.
+#[derive(Debug, thiserror::Error)]
+pub enum NiftiIoError {
+    /// The file cannot be opened or read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The file is not a usable NIfTI-1 volume.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, NiftiIoError>;
+
+/// Where a volume sits: extent and spacing in array order `[z, y, x]`, the voxel-to-world affine
+/// (NIfTI's, voxel index `(i, j, k)` = `(x, y, z)`), and the header to write outputs with.
+#[derive(Debug, Clone)]
+pub struct Geometry {
+    /// Extent, array order.
+    pub shape: [usize; 3],
+    /// Voxel size in mm, array order.
+    pub spacing: [f64; 3],
+    /// Voxel (i, j, k, 1) → world (x, y, z, 1), row-major.
+    pub affine: [[f64; 4]; 4],
+    /// The source header (copied into files written with this geometry).
+    pub header: NiftiHeader,
+}
+
+impl Geometry {
+    /// Largest difference between two affines' entries, relative to their scale.
+    pub fn affine_mismatch(&self, other: &Geometry) -> f64 {
+        let mut worst = 0f64;
+        for r in 0..3 {
+            for c in 0..4 {
+                let (a, b) = (self.affine[r][c], other.affine[r][c]);
+                worst = worst.max((a - b).abs() / (1.0 + a.abs().max(b.abs())));
+            }
+        }
+        worst
+    }
+
+    /// Number of voxels.
+    pub fn voxels(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A 3-D volume in array order with its geometry.
+#[derive(Debug, Clone)]
+pub struct Volume<T> {
+    /// Values, C order over `geom.shape`.
+    pub data: Vec<T>,
+    /// Where it sits.
+    pub geom: Geometry,
+}
+
+fn invalid(path: &Path, reason: impl Into<String>) -> NiftiIoError {
+    NiftiIoError::Invalid { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// Reads and decompresses a whole `.nii` / `.nii.gz` file, then parses header and volume.
+fn read_object(path: &Path) -> Result<InMemNiftiObject> {
+    let file = std::fs::File::open(path).map_err(|source| NiftiIoError::Io { path: path.to_path_buf(), source })?;
+    let mut bytes = Vec::new();
+    let gz = path.to_string_lossy().ends_with(".gz");
+    let read = if gz {
+        flate2::read::MultiGzDecoder::new(io::BufReader::new(file)).read_to_end(&mut bytes)
+    } else {
+        io::BufReader::new(file).read_to_end(&mut bytes)
+    };
+    read.map_err(|e| invalid(path, if gz { format!("corrupt or truncated gzip stream ({e})") } else { format!("cannot read ({e})") }))?;
+    if bytes.len() < 348 {
+        return Err(invalid(path, format!("truncated: {} bytes, a NIfTI-1 header alone is 348", bytes.len())));
+    }
+    let size = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    if size == 540 || size.swap_bytes() == 540 {
+        return Err(invalid(path, "NIfTI-2 files are not supported; convert to NIfTI-1 (e.g. nibabel's Nifti1Image)"));
+    }
+    if size != 348 && size.swap_bytes() != 348 {
+        return Err(invalid(path, "not a NIfTI-1 file (header size is not 348)"));
+    }
+    InMemNiftiObject::from_reader(io::Cursor::new(bytes)).map_err(|e| invalid(path, format!("bad NIfTI data: {e}")))
+}
+
+fn geometry(path: &Path, h: &NiftiHeader) -> Result<Geometry> {
+    let ndim = h.dim[0] as usize;
+    let extra: usize = (4..=ndim.min(7)).map(|d| h.dim[d] as usize).product();
+    if !(3..=7).contains(&ndim) || extra != 1 {
+        return Err(invalid(path, format!("expected a 3-D volume, got {ndim}-D with dims {:?} (one file per channel)", &h.dim[1..=ndim.min(7)])));
+    }
+    let [nx, ny, nz] = [h.dim[1] as usize, h.dim[2] as usize, h.dim[3] as usize];
+    if nx == 0 || ny == 0 || nz == 0 {
+        return Err(invalid(path, "a dimension is zero"));
+    }
+    let px = [h.pixdim[1] as f64, h.pixdim[2] as f64, h.pixdim[3] as f64].map(f64::abs);
+    Ok(Geometry { shape: [nz, ny, nx], spacing: [px[2], px[1], px[0]], affine: best_affine(h), header: h.clone() })
+}
+
+/// nibabel's `get_best_affine`: sform if its code is set, else qform, else the base affine.
+pub fn best_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
+    let last = [0.0, 0.0, 0.0, 1.0];
+    if h.sform_code > 0 {
+        let row = |r: [f32; 4]| r.map(|v| v as f64);
+        return [row(h.srow_x), row(h.srow_y), row(h.srow_z), last];
+    }
+    let p = [h.pixdim[1] as f64, h.pixdim[2] as f64, h.pixdim[3] as f64];
+    if h.qform_code > 0 {
+        let (b, c, d) = (h.quatern_b as f64, h.quatern_c as f64, h.quatern_d as f64);
+        let a = (1.0 - (b * b + c * c + d * d)).max(0.0).sqrt();
+        let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+        let r = [
+            [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
+            [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
+            [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        ];
+        let s = [p[0], p[1], p[2] * qfac];
+        let o = [h.quatern_x as f64, h.quatern_y as f64, h.quatern_z as f64];
+        let row = |i: usize| [r[i][0] * s[0], r[i][1] * s[1], r[i][2] * s[2], o[i]];
+        return [row(0), row(1), row(2), last];
+    }
+    let n = [h.dim[1] as f64, h.dim[2] as f64, h.dim[3] as f64];
+    [
+        [-p[0], 0.0, 0.0, (n[0] - 1.0) / 2.0 * p[0]],
+        [0.0, p[1], 0.0, -(n[1] - 1.0) / 2.0 * p[1]],
+        [0.0, 0.0, p[2], -(n[2] - 1.0) / 2.0 * p[2]],
+        last,
+    ]
+}
+
+/// The file's values as f64 (unscaled), whatever its integer or float type.
+fn typed_values(path: &Path, obj: InMemNiftiObject) -> Result<Vec<f64>> {
+    let dt = obj.header().data_type().map_err(|e| invalid(path, format!("bad datatype: {e}")))?;
+    let vol = obj.into_volume();
+    let bad = |e: nifti::NiftiError| invalid(path, format!("cannot decode {dt:?} data: {e}"));
+    fn cast<T: Copy + Into<f64>>(v: Vec<T>) -> Vec<f64> {
+        v.into_iter().map(Into::into).collect()
+    }
+    Ok(match dt {
+        NiftiType::Uint8 => cast(vol.into_nifti_typed_data::<u8>().map_err(bad)?),
+        NiftiType::Int8 => cast(vol.into_nifti_typed_data::<i8>().map_err(bad)?),
+        NiftiType::Uint16 => cast(vol.into_nifti_typed_data::<u16>().map_err(bad)?),
+        NiftiType::Int16 => cast(vol.into_nifti_typed_data::<i16>().map_err(bad)?),
+        NiftiType::Uint32 => cast(vol.into_nifti_typed_data::<u32>().map_err(bad)?),
+        NiftiType::Int32 => cast(vol.into_nifti_typed_data::<i32>().map_err(bad)?),
+        NiftiType::Float32 => cast(vol.into_nifti_typed_data::<f32>().map_err(bad)?),
+        NiftiType::Float64 => vol.into_nifti_typed_data::<f64>().map_err(bad)?,
+        NiftiType::Int64 => vol.into_nifti_typed_data::<i64>().map_err(bad)?.into_iter().map(|v| v as f64).collect(),
+        NiftiType::Uint64 => vol.into_nifti_typed_data::<u64>().map_err(bad)?.into_iter().map(|v| v as f64).collect(),
+        other => return Err(invalid(path, format!("unsupported datatype {other:?}"))),
+    })
+}
+
+/// `(slope, intercept)` to apply: only a finite non-zero slope counts (nibabel's rule).
+fn scaling(h: &NiftiHeader) -> Option<(f64, f64)> {
+    let (s, i) = (h.scl_slope as f64, h.scl_inter as f64);
+    (s.is_finite() && s != 0.0 && !(s == 1.0 && i == 0.0)).then_some((s, if i.is_finite() { i } else { 0.0 }))
+}
+
+/// Reads an image channel as f32, scaled.
+pub fn read_image(path: &Path) -> Result<Volume<f32>> {
+    let obj = read_object(path)?;
+    let geom = geometry(path, obj.header())?;
+    let scale = scaling(obj.header());
+    let values = typed_values(path, obj)?;
+    let data = match scale {
+        Some((s, i)) => values.into_iter().map(|v| (v * s + i) as f32).collect(),
+        None => values.into_iter().map(|v| v as f32).collect(),
+    };
+    Ok(Volume { data, geom })
+}
+
+/// Reads only the header and geometry (cheap for uncompressed files; decompresses `.gz`).
+pub fn read_geometry(path: &Path) -> Result<Geometry> {
+    let obj = read_object(path)?;
+    geometry(path, obj.header())
+}
+
+/// Reads a label map: every value must be a non-negative integer below 65536.
+pub fn read_label(path: &Path) -> Result<Volume<u16>> {
+    let obj = read_object(path)?;
+    let geom = geometry(path, obj.header())?;
+    let scale = scaling(obj.header());
+    let values = typed_values(path, obj)?;
+    let mut data = Vec::with_capacity(values.len());
+    for (i, v) in values.into_iter().enumerate() {
+        let v = match scale {
+            Some((s, c)) => v * s + c,
+            None => v,
+        };
+        if !(v >= 0.0 && v < 65536.0 && v.fract() == 0.0) {
+            let [_, ny, nx] = geom.shape;
+            let (z, y, x) = (i / (ny * nx), i / nx % ny, i % nx);
+            return Err(invalid(path, format!("label value {v} at voxel (x={x}, y={y}, z={z}) is not a non-negative integer < 65536")));
+        }
+        data.push(v as u16);
+    }
+    Ok(Volume { data, geom })
+}
+
+/// Writes a label map with `geom`'s header (so shape, sform and qform match the source), as
+/// uint8 when every value fits, else uint16; gzip level 6 for `.nii.gz`. Atomic: a temporary
+/// file in the same folder is renamed into place.
+pub fn write_label(path: &Path, data: &[u16], geom: &Geometry) -> Result<()> {
+    let [nz, ny, nx] = geom.shape;
+    if data.len() != nz * ny * nx {
+        return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{}.tmp-{}{}", name, std::process::id(), if name.ends_with(".gz") { ".nii.gz" } else { ".nii" }));
+    let write = |tmp: &Path| -> std::result::Result<(), nifti::NiftiError> {
+        let opts = nifti::writer::WriterOptions::new(tmp)
+            .reference_header(&geom.header)
+            .compression_level(flate2::Compression::new(6));
+        if data.iter().all(|&v| v <= u8::MAX as u16) {
+            let small: Vec<u8> = data.iter().map(|&v| v as u8).collect();
+            let view = ndarray::ArrayView3::from_shape([nz, ny, nx], &small).expect("length checked");
+            opts.write_nifti(&view.reversed_axes())
+        } else {
+            let view = ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked");
+            opts.write_nifti(&view.reversed_axes())
+        }
+    };
+    write(&tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        invalid(path, format!("cannot write: {e}"))
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| NiftiIoError::Io { path: path.to_path_buf(), source })
+}
+
+/// Writes a float32 image with `geom`'s header (gzip level 1 for `.nii.gz`: images are large and
+/// compress poorly). Atomic, as [`write_label`].
+pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
+    let [nz, ny, nx] = geom.shape;
+    if data.len() != nz * ny * nx {
+        return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{}.tmp-{}{}", name, std::process::id(), if name.ends_with(".gz") { ".nii.gz" } else { ".nii" }));
+    let view = ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked");
+    nifti::writer::WriterOptions::new(&tmp)
+        .reference_header(&geom.header)
+        .compression_level(flate2::Compression::new(1))
+        .write_nifti(&view.reversed_axes())
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            invalid(path, format!("cannot write: {e}"))
+        })?;
+    std::fs::rename(&tmp, path).map_err(|source| NiftiIoError::Io { path: path.to_path_buf(), source })
+}

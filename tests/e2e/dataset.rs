@@ -1,0 +1,166 @@
+//! `stu dataset check` on the shared datasets and on corrupted copies; NIfTI round trips.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use stu_data::nifti_io::{read_image, read_label, write_image, write_label};
+use tests::{shared, stu_bin};
+
+fn datasets() -> Vec<PathBuf> {
+    ["Dataset801_TotalSegExampleCT", "Dataset802_TotalSegExampleMR", "Dataset803_Colin27AAL"].iter().map(|d| shared().join("data").join(d)).collect()
+}
+
+fn check(dir: &Path) -> (bool, String) {
+    let out = Command::new(stu_bin!()).args(["dataset", "check"]).arg(dir).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A writable copy of the MR dataset (1 case, 117×91×20).
+fn copy_mr(tmp: &Path) -> PathBuf {
+    let src = shared().join("data/Dataset802_TotalSegExampleMR");
+    let dst = tmp.join("Dataset802_TotalSegExampleMR");
+    for sub in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(dst.join(sub)).unwrap();
+        for e in std::fs::read_dir(src.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dst.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(src.join("dataset.json"), dst.join("dataset.json")).unwrap();
+    dst
+}
+
+const IMAGE: &str = "imagesTr/ts_mr_sm_0000.nii.gz";
+const LABEL: &str = "labelsTr/ts_mr_sm.nii.gz";
+
+#[test]
+fn the_shared_datasets_pass() {
+    for d in datasets() {
+        let (ok, out) = check(&d);
+        assert!(ok, "{out}");
+        assert!(out.contains("OK: no problems found"), "{out}");
+    }
+}
+
+#[test]
+fn corrupted_copies_fail_naming_the_file_and_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    type Corrupt = fn(&Path);
+    let cases: Vec<(&str, Corrupt, &str, &str)> = vec![
+        ("truncated gzip", |d| {
+            let p = d.join(IMAGE);
+            let b = std::fs::read(&p).unwrap();
+            std::fs::write(&p, &b[..b.len() / 3]).unwrap();
+        }, "ts_mr_sm_0000.nii.gz", "corrupt or truncated gzip"),
+        ("undeclared label value", |d| {
+            let p = d.join(LABEL);
+            let mut l = read_label(&p).unwrap();
+            l.data[1234] = 99;
+            write_label(&p, &l.data, &l.geom).unwrap();
+        }, "ts_mr_sm.nii.gz", "label values [99] are not declared"),
+        ("shape mismatch", |d| {
+            let p = d.join(LABEL);
+            let mut l = read_label(&p).unwrap();
+            let n = l.geom.shape[1] * l.geom.shape[2];
+            l.geom.shape[0] -= 1;
+            l.data.truncate(l.data.len() - n);
+            write_label(&p, &l.data, &l.geom).unwrap();
+        }, "ts_mr_sm_0000.nii.gz", "shape [20, 91, 117] differs"),
+        ("affine mismatch", |d| {
+            let p = d.join(LABEL);
+            let mut l = read_label(&p).unwrap();
+            l.geom.header.srow_x[3] += 4.5;
+            write_label(&p, &l.data, &l.geom).unwrap();
+        }, "ts_mr_sm_0000.nii.gz", "affine differs"),
+        ("missing channel", |d| {
+            let p = d.join("dataset.json");
+            let s = std::fs::read_to_string(&p).unwrap().replace("\"0\": \"MRI\"", "\"0\": \"MRI\", \"1\": \"T2\"");
+            std::fs::write(&p, s).unwrap();
+        }, "ts_mr_sm_0001.nii.gz", "has no channel 1"),
+        ("bad dataset.json", |d| {
+            let p = d.join("dataset.json");
+            let s = std::fs::read_to_string(&p).unwrap().replace("\"background\": 0", "\"background\": 1");
+            std::fs::write(&p, s).unwrap();
+        }, "dataset.json", "`labels.background`: must be the integer 0"),
+        ("NaN in the image", |d| {
+            let p = d.join(IMAGE);
+            let mut v = read_image(&p).unwrap();
+            v.data[10] = f32::NAN;
+            v.data[11] = f32::INFINITY;
+            write_image(&p, &v.data, &v.geom).unwrap();
+        }, "ts_mr_sm_0000.nii.gz", "1 NaN and 1 infinite voxel(s)"),
+        ("label without image", |d| {
+            std::fs::copy(d.join(LABEL), d.join("labelsTr/orphan.nii.gz")).unwrap();
+        }, "orphan.nii.gz", "does not belong to any case"),
+        ("numTraining", |d| {
+            let p = d.join("dataset.json");
+            let s = std::fs::read_to_string(&p).unwrap().replace("\"numTraining\": 1", "\"numTraining\": 2");
+            std::fs::write(&p, s).unwrap();
+        }, "dataset.json", "numTraining is 2 but 1 cases"),
+    ];
+    for (i, (what, corrupt, file, message)) in cases.into_iter().enumerate() {
+        let dir = copy_mr(&tmp.path().join(i.to_string()));
+        corrupt(&dir);
+        let (ok, out) = check(&dir);
+        assert!(!ok, "{what}: the check passed:\n{out}");
+        let line = out.lines().find(|l| l.contains(message)).unwrap_or_else(|| panic!("{what}: no line with `{message}`:\n{out}"));
+        assert!(line.contains(file), "{what}: `{line}` does not name {file}");
+    }
+}
+
+#[test]
+fn labels_and_images_round_trip_with_their_geometry() {
+    let tmp = tempfile::tempdir().unwrap();
+    for d in datasets() {
+        for sub in ["labelsTr", "imagesTr"] {
+            for e in std::fs::read_dir(d.join(sub)).unwrap() {
+                let p = e.unwrap().path();
+                let out = tmp.path().join(p.file_name().unwrap());
+                if sub == "labelsTr" {
+                    let a = read_label(&p).unwrap();
+                    write_label(&out, &a.data, &a.geom).unwrap();
+                    let b = read_label(&out).unwrap();
+                    assert_eq!(a.data, b.data, "{}", p.display());
+                    assert_eq!((a.geom.shape, a.geom.affine), (b.geom.shape, b.geom.affine), "{}", p.display());
+                } else {
+                    let a = read_image(&p).unwrap();
+                    write_image(&out, &a.data, &a.geom).unwrap();
+                    let b = read_image(&out).unwrap();
+                    assert_eq!(a.data, b.data, "{}", p.display());
+                    assert_eq!((a.geom.shape, a.geom.spacing, a.geom.affine), (b.geom.shape, b.geom.spacing, b.geom.affine), "{}", p.display());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn multi_member_gzip_and_nifti2_are_handled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = shared().join("data/Dataset802_TotalSegExampleMR").join(LABEL);
+    // Split the decompressed stream into two gzip members.
+    let raw = {
+        use std::io::Read;
+        let mut v = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&src).unwrap()).read_to_end(&mut v).unwrap();
+        v
+    };
+    let member = |bytes: &[u8]| {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let mut two = member(&raw[..raw.len() / 2]);
+    two.extend(member(&raw[raw.len() / 2..]));
+    let p = tmp.path().join("multi.nii.gz");
+    std::fs::write(&p, two).unwrap();
+    assert_eq!(read_label(&p).unwrap().data, read_label(&src).unwrap().data);
+
+    let mut v2 = raw.clone();
+    v2[..4].copy_from_slice(&540i32.to_le_bytes());
+    let p = tmp.path().join("v2.nii");
+    std::fs::write(&p, v2).unwrap();
+    let msg = read_label(&p).unwrap_err().to_string();
+    assert!(msg.contains("v2.nii") && msg.contains("NIfTI-2"), "{msg}");
+}
