@@ -164,3 +164,41 @@ fn multi_member_gzip_and_nifti2_are_handled() {
     let msg = read_label(&p).unwrap_err().to_string();
     assert!(msg.contains("v2.nii") && msg.contains("NIfTI-2"), "{msg}");
 }
+
+#[test]
+fn plan_writes_nnunet_fields_and_the_stunet_preset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |preset: &str, out: &Path| {
+        let o = Command::new(stu_bin!())
+            .args(["plan"])
+            .arg(shared().join("data/Dataset801_TotalSegExampleCT"))
+            .arg("--out")
+            .arg(out)
+            .args(["--preset", preset])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+        v
+    };
+    let p = run("nnunet", &tmp.path().join("a/plans.json"));
+    let c = &p["configurations"]["3d_fullres"];
+    for key in ["spacing", "patch_size", "batch_size", "median_image_size_in_voxels", "pool_op_kernel_sizes", "conv_kernel_sizes", "normalization_schemes"] {
+        assert!(!c[key].is_null(), "missing {key}");
+    }
+    assert!(!p["transpose_forward"].is_null());
+    assert_eq!(c["normalization_schemes"], serde_json::json!(["CTNormalization"]));
+    assert!(tmp.path().join("a/dataset_fingerprint.json").exists());
+    // What `stu forward --plans` reads back: pool_op_kernel_sizes after the stage-0 entry.
+    let strides = stu_harness::plans::strides_from_plans(&tmp.path().join("a/plans.json"), "3d_fullres").unwrap();
+    assert_eq!(strides.len() + 1, c["pool_op_kernel_sizes"].as_array().unwrap().len());
+
+    let s = run("stunet", &tmp.path().join("b/plans.json"));
+    let c = &s["configurations"]["3d_fullres"];
+    assert_eq!(c["spacing"], serde_json::json!([1.5, 1.5, 1.5]));
+    assert_eq!(c["patch_size"], serde_json::json!([128, 128, 128]));
+    assert_eq!(c["batch_size"], 2);
+    assert_eq!(c["normalization_schemes"], serde_json::json!(["ZScoreNormalization"]));
+    let strides = stu_harness::plans::strides_from_plans(&tmp.path().join("b/plans.json"), "3d_fullres").unwrap();
+    assert_eq!(strides, [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 2]]);
+}

@@ -6,4 +6,6 @@
 
 pub mod check;
 pub mod dataset;
+pub mod fingerprint;
 pub mod nifti_io;
+pub mod plan;

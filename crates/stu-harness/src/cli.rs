@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use stu_engine::backend::Backend;
 use crate::forward::{self, ForwardOptions, ModelSource, StrideSource};
@@ -42,6 +42,20 @@ enum Command {
     /// Datasets in nnU-Net raw layout.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Fingerprint a dataset and write a 3d_fullres plan (nnU-Net's rules, or the STU-Net preset).
+    Plan {
+        /// The dataset folder (nnU-Net raw layout).
+        dir: PathBuf,
+        /// plans.json to write; dataset_fingerprint.json goes beside it.
+        #[arg(long)]
+        out: PathBuf,
+        /// `nnunet` (v2.2 planner) or `stunet` (1.5 mm, 128³, batch 2, z-score, released strides).
+        #[arg(long, default_value = "nnunet", value_parser = ["nnunet", "stunet"])]
+        preset: String,
+        /// GPU memory target of nnU-Net's VRAM rule.
+        #[arg(long, default_value_t = 8.0)]
+        gpu_memory_gb: f64,
+    },
     /// Time STU-Net forward and forward+backward on this machine (cases of shared/bench/cpu_anchor.py).
     Bench {
         /// Only cases whose id contains one of these (e.g. `S_64 block`).
@@ -116,6 +130,12 @@ impl ModelArgs {
     }
 }
 
+/// Pretty JSON. A NaN statistic (a channel without foreground) is `null`: serde_json maps
+/// non-finite floats to null, so the file stays strict JSON.
+fn nan_safe_json(v: &serde_json::Value) -> Result<String> {
+    Ok(serde_json::to_string_pretty(v)? + "\n")
+}
+
 fn fmt_s(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
 }
@@ -150,6 +170,25 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", report.render());
             }
             anyhow::ensure!(report.ok(), "{}: {} problem(s) found", dir.display(), report.problems.len());
+        }
+        Command::Plan { dir, out, preset, gpu_memory_gb } => {
+            use stu_data::plan::{Preset, plans_json};
+            let json = stu_data::dataset::DatasetJson::read(&dir.join("dataset.json"))?;
+            let fp = stu_data::fingerprint::fingerprint(&dir, &json)?;
+            let name = dir.canonicalize().unwrap_or(dir.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let preset = if preset == "stunet" { Preset::Stunet } else { Preset::Nnunet };
+            let plans = plans_json(&name, &json, &fp, preset, gpu_memory_gb);
+            let fp_path = out.with_file_name("dataset_fingerprint.json");
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create folder", parent.display()))?;
+            }
+            for (path, value) in [(&fp_path, serde_json::to_value(&fp)?), (&out, plans.clone())] {
+                stu_engine::checkpoint::write_atomic(path, nan_safe_json(&value)?.as_bytes())
+                    .with_context(|| format!("{}: cannot write", path.display()))?;
+            }
+            let c = &plans["configurations"]["3d_fullres"];
+            eprintln!("spacing {} patch {} batch {} strides {}", c["spacing"], c["patch_size"], c["batch_size"], c["pool_op_kernel_sizes"]);
+            eprintln!("wrote {} and {}", out.display(), fp_path.display());
         }
         Command::Bench { cases, json, backend } => {
             let results = crate::bench::run(backend, &cases, |r| {

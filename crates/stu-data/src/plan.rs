@@ -1,0 +1,383 @@
+//! nnU-Net v2.2 experiment planning for `3d_fullres` (`shared/docs/nnunet-pipeline.md` §3),
+//! and STU-Net's released-model preset (§3.11).
+//!
+//! Everything is in nnU-Net's array axis order; rounding is half-to-even like Python's.
+
+use serde::Serialize;
+
+/// `ANISO_THRESHOLD`.
+pub const ANISO_THRESHOLD: f64 = 3.0;
+/// `UNet_base_num_features`.
+pub const BASE_FEATURES: u64 = 32;
+/// `UNet_max_features_3d`.
+pub const MAX_FEATURES_3D: u64 = 320;
+/// `UNet_reference_val_3d`.
+pub const REFERENCE_VAL_3D: f64 = 560_000_000.0;
+/// `UNet_reference_val_corresp_GB`.
+pub const REFERENCE_GB: f64 = 8.0;
+/// `UNet_reference_val_corresp_bs_3d`.
+pub const REFERENCE_BS_3D: f64 = 2.0;
+/// `UNet_featuremap_min_edge_length`.
+pub const MIN_FMAP: f64 = 4.0;
+/// `UNet_min_batch_size`.
+pub const MIN_BATCH: u64 = 2;
+/// Batch cap as a fraction of the dataset's voxels.
+pub const MAX_DATASET_COVERED: f64 = 0.05;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// numpy's linear percentile.
+pub fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let idx = q / 100.0 * (v.len() - 1) as f64;
+    let (lo, hi) = (idx.floor() as usize, idx.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (idx - lo as f64)
+}
+
+/// `determine_fullres_target_spacing`: per-axis median, with the anisotropy rule.
+pub fn target_spacing(spacings: &[[f64; 3]], shapes: &[[usize; 3]]) -> [f64; 3] {
+    let mut target = [0, 1, 2].map(|a| median(spacings.iter().map(|s| s[a]).collect()));
+    let size = [0, 1, 2].map(|a| median(shapes.iter().map(|s| s[a] as f64).collect()));
+    let w = (0..3).fold(0, |best, a| if target[a] > target[best] { a } else { best });
+    let others: Vec<usize> = (0..3).filter(|&a| a != w).collect();
+    let max_other = others.iter().map(|&a| target[a]).fold(f64::MIN, f64::max);
+    let min_other_size = others.iter().map(|&a| size[a]).fold(f64::MAX, f64::min);
+    if target[w] > ANISO_THRESHOLD * max_other && size[w] * ANISO_THRESHOLD < min_other_size {
+        let mut t = percentile(spacings.iter().map(|s| s[w]).collect(), 10.0);
+        if t < max_other {
+            t = max_other.max(t) + 1e-5;
+        }
+        target[w] = t;
+    }
+    target
+}
+
+/// `determine_transpose`: (forward, backward).
+pub fn transpose(target: [f64; 3]) -> ([usize; 3], [usize; 3]) {
+    let w = (0..3).fold(0, |best, a| if target[a] > target[best] { a } else { best });
+    let rest: Vec<usize> = (0..3).filter(|&a| a != w).collect();
+    let forward = [w, rest[0], rest[1]];
+    let mut backward = [0; 3];
+    for (i, &f) in forward.iter().enumerate() {
+        backward[f] = i;
+    }
+    (forward, backward)
+}
+
+/// `compute_new_shape`: round(old_spacing / new_spacing · old_shape), half to even.
+pub fn compute_new_shape(shape: [usize; 3], spacing: [f64; 3], new_spacing: [f64; 3]) -> [usize; 3] {
+    [0, 1, 2].map(|a| (spacing[a] / new_spacing[a] * shape[a] as f64).round_ties_even() as usize)
+}
+
+/// Network topology for a patch (`get_pool_and_conv_props`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Topology {
+    /// Pools per axis.
+    pub num_pool_per_axis: [u32; 3],
+    /// Strides, stage 0's `[1,1,1]` first.
+    pub pool_op_kernel_sizes: Vec<[usize; 3]>,
+    /// Conv kernels per stage.
+    pub conv_kernel_sizes: Vec<[usize; 3]>,
+    /// The patch, padded up to the divisor.
+    pub patch_size: [usize; 3],
+    /// 2^pools per axis.
+    pub must_be_divisible_by: [usize; 3],
+}
+
+/// `get_pool_and_conv_props(spacing, patch, 4, 999999)`. `patch` may be fractional (a median).
+pub fn topology(spacing: [f64; 3], patch: [f64; 3]) -> Topology {
+    let mut cur_spacing = spacing;
+    let mut cur_size = patch;
+    let mut pools = vec![[1usize; 3]];
+    let mut convs = Vec::new();
+    let mut num_pool = [0u32; 3];
+    let mut kernel = [1usize; 3];
+    loop {
+        let valid: Vec<usize> = (0..3).filter(|&a| cur_size[a] >= 2.0 * MIN_FMAP).collect();
+        if valid.is_empty() {
+            break;
+        }
+        let min_valid = valid.iter().map(|&a| cur_spacing[a]).fold(f64::MAX, f64::min);
+        let valid: Vec<usize> = valid.into_iter().filter(|&a| cur_spacing[a] / min_valid < 2.0).collect();
+        if valid.len() == 1 && cur_size[valid[0]] < 3.0 * MIN_FMAP {
+            break;
+        }
+        if valid.is_empty() {
+            break;
+        }
+        let min_all = cur_spacing.iter().copied().fold(f64::MAX, f64::min);
+        for d in 0..3 {
+            if kernel[d] != 3 && cur_spacing[d] / min_all < 2.0 {
+                kernel[d] = 3;
+            }
+        }
+        let mut pool = [1usize; 3];
+        for &v in &valid {
+            pool[v] = 2;
+            num_pool[v] += 1;
+            cur_spacing[v] *= 2.0;
+            cur_size[v] = (cur_size[v] / 2.0).ceil();
+        }
+        pools.push(pool);
+        convs.push(kernel);
+    }
+    let div = num_pool.map(|n| 1usize << n);
+    let patch_size = [0, 1, 2].map(|a| {
+        let (s, d) = (patch[a], div[a] as f64);
+        let padded = s + d - s % d;
+        (if s % d == 0.0 { padded - d } else { padded }) as usize
+    });
+    convs.push([3, 3, 3]);
+    Topology { num_pool_per_axis: num_pool, pool_op_kernel_sizes: pools, conv_kernel_sizes: convs, patch_size, must_be_divisible_by: div }
+}
+
+/// PlainConvUNet's `compute_conv_feature_map_size` as nnU-Net v2.2 uses it for its VRAM proxy:
+/// features min(32·2^s, 320), 2 convs per stage, `num_label_keys` = every key of `labels`.
+pub fn estimate_vram(patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
+    let mut size = patch.map(|v| v as u64);
+    let mut sizes = Vec::new();
+    for p in pools {
+        size = [0, 1, 2].map(|a| size[a] / p[a] as u64);
+        sizes.push(size.iter().product::<u64>());
+    }
+    let feats = |s: usize| (BASE_FEATURES << s).min(MAX_FEATURES_3D);
+    let encoder: u64 = sizes.iter().enumerate().map(|(s, &n)| 2 * feats(s) * n).sum();
+    let decoder: u64 = (0..pools.len() - 1).map(|s| 3 * feats(s) * sizes[s]).sum();
+    encoder + decoder + num_label_keys as u64 * sizes[0]
+}
+
+/// A planned `3d_fullres` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Configuration {
+    /// Target spacing (transposed order).
+    pub spacing: [f64; 3],
+    /// Patch.
+    pub patch_size: [usize; 3],
+    /// Batch.
+    pub batch_size: u64,
+    /// Median shape after resampling (transposed order).
+    pub median_image_size_in_voxels: [f64; 3],
+    /// Topology.
+    pub topology: Topology,
+    /// The VRAM proxy of the final patch.
+    pub vram_estimate: u64,
+}
+
+/// Inputs of configuration planning.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    /// Target spacing, transposed.
+    pub spacing: [f64; 3],
+    /// Median shape after resampling, transposed.
+    pub median_shape: [f64; 3],
+    /// Keys of `labels` in dataset.json (background and ignore included).
+    pub num_label_keys: usize,
+    /// Training cases.
+    pub num_training: usize,
+    /// `gpu_memory_target_in_gb`.
+    pub gpu_memory_gb: f64,
+}
+
+/// `get_plans_for_configuration` for 3-D.
+pub fn plan_configuration(input: &PlanInput) -> Configuration {
+    let PlanInput { spacing, median_shape, num_label_keys, num_training, gpu_memory_gb } = *input;
+    let tmp = spacing.map(|s| 1.0 / s);
+    let scale = (256f64.powi(3) / tmp.iter().product::<f64>()).cbrt();
+    let initial = [0, 1, 2].map(|a| (tmp[a] * scale).round_ties_even().min(median_shape[a]));
+    let mut topo = topology(spacing, initial);
+    let mut estimate = estimate_vram(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
+    let reference = REFERENCE_VAL_3D * (gpu_memory_gb / REFERENCE_GB);
+    while estimate as f64 > reference {
+        let ratio = [0, 1, 2].map(|a| topo.patch_size[a] as f64 / median_shape[a]);
+        // Stable argsort, last element: the highest axis among the largest ratios.
+        let axis = (0..3).fold(0, |best, a| if ratio[a] >= ratio[best] { a } else { best });
+        let mut trial = topo.patch_size.map(|v| v as f64);
+        trial[axis] -= topo.must_be_divisible_by[axis] as f64;
+        let div = topology(spacing, trial).must_be_divisible_by;
+        let mut patch = topo.patch_size.map(|v| v as f64);
+        patch[axis] -= div[axis] as f64;
+        topo = topology(spacing, patch);
+        estimate = estimate_vram(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
+    }
+    let bs = (reference / estimate as f64 * REFERENCE_BS_3D).round_ties_even() as u64;
+    let voxels = median_shape.iter().product::<f64>() * num_training as f64;
+    let bs5 = (voxels * MAX_DATASET_COVERED / topo.patch_size.iter().map(|&v| v as f64).product::<f64>()).round_ties_even() as u64;
+    Configuration {
+        spacing,
+        patch_size: topo.patch_size,
+        batch_size: bs.min(bs5).max(MIN_BATCH),
+        median_image_size_in_voxels: median_shape,
+        topology: topo,
+        vram_estimate: estimate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planner_test_vectors() {
+        // nnunet-pipeline.md §3.10: (spacing, median, label keys, cases) → (patch, bs, pools, convs, estimate)
+        type Row = ([f64; 3], [f64; 3], usize, usize, [usize; 3], u64, Vec<[usize; 3]>, Vec<[usize; 3]>, u64);
+        let rows: Vec<Row> = vec![
+            ([1.0; 3], [36.0, 50.0, 35.0], 3, 260, [40, 56, 40], 9, [vec![[1, 1, 1]], vec![[2, 2, 2]; 3]].concat(), vec![[3, 3, 3]; 4], 19_174_400),
+            ([1.0; 3], [138.0, 169.0, 138.0], 4, 484, [128, 128, 128], 2, [vec![[1, 1, 1]], vec![[2, 2, 2]; 5]].concat(), vec![[3, 3, 3]; 6], 454_893_568),
+            ([1.5; 3], [228.0, 228.0, 240.0], 105, 1204, [112, 112, 128], 2, [vec![[1, 1, 1]], vec![[2, 2, 2]; 4]].concat(), vec![[3, 3, 3]; 5], 510_039_040),
+            (
+                [3.0, 0.78, 0.78],
+                [100.0, 512.0, 512.0],
+                3,
+                100,
+                [40, 224, 224],
+                2,
+                vec![[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+                [vec![[1, 3, 3]], vec![[3, 3, 3]; 5]].concat(),
+                539_611_520,
+            ),
+        ];
+        for (spacing, median_shape, keys, n, patch, bs, pools, convs, est) in rows {
+            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: keys, num_training: n, gpu_memory_gb: 8.0 });
+            assert_eq!(c.patch_size, patch, "{spacing:?}");
+            assert_eq!(c.batch_size, bs, "{spacing:?}");
+            assert_eq!(c.topology.pool_op_kernel_sizes, pools, "{spacing:?}");
+            assert_eq!(c.topology.conv_kernel_sizes, convs, "{spacing:?}");
+            assert_eq!(c.vram_estimate, est, "{spacing:?}");
+        }
+    }
+
+    #[test]
+    fn target_spacing_transpose_and_new_shape_vectors() {
+        let sp = |z: f64| [z, 0.7, 0.7];
+        let mut spacings = vec![sp(5.0); 6];
+        spacings.extend(vec![sp(2.5); 4]);
+        let shapes = vec![[40, 512, 512]; 10];
+        assert_eq!(target_spacing(&spacings, &shapes), [2.5, 0.7, 0.7]);
+        let mut spacings = vec![sp(5.0); 9];
+        spacings.push(sp(0.5));
+        let t = target_spacing(&spacings, &shapes);
+        assert!((t[0] - 4.55).abs() < 1e-9, "{t:?}");
+        assert_eq!(target_spacing(&vec![sp(5.0); 10], &vec![[200, 512, 512]; 10]), [5.0, 0.7, 0.7]);
+        assert_eq!(transpose([0.7, 0.7, 2.5]), ([2, 0, 1], [1, 2, 0]));
+        assert_eq!(transpose([1.0, 1.0, 1.0]), ([0, 1, 2], [0, 1, 2]));
+        assert_eq!(compute_new_shape([951, 512, 512], [0.8000490, 0.7430, 0.7430], [0.8, 0.6830, 0.6830]), [951, 557, 557]);
+    }
+}
+
+/// Planning presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// nnU-Net v2.2's default planner.
+    Nnunet,
+    /// The released STU-Net models' plan: 1.5 mm isotropic, 128³, batch 2, per-image z-score,
+    /// strides `[2,2,2]×4, [1,1,2]` (stunet.md §1.6, nnunet-pipeline.md §3.11).
+    Stunet,
+}
+
+/// nnU-Net v2.2's channel-name → normalisation rule.
+pub fn normalization_scheme(channel_name: &str) -> &'static str {
+    match channel_name {
+        "CT" => "CTNormalization",
+        "noNorm" => "NoNormalization",
+        "zscore" => "ZScoreNormalization",
+        "rescale_to_0_1" => "RescaleTo01Normalization",
+        "rgb_to_0_1" => "RGBTo01Normalization",
+        _ => "ZScoreNormalization",
+    }
+}
+
+/// Builds `plans.json` (nnU-Net v2.2 field names) from a fingerprint.
+pub fn plans_json(
+    dataset_name: &str,
+    json: &crate::dataset::DatasetJson,
+    fp: &crate::fingerprint::Fingerprint,
+    preset: Preset,
+    gpu_memory_gb: f64,
+) -> serde_json::Value {
+    let target = match preset {
+        Preset::Nnunet => target_spacing(&fp.spacings, &fp.shapes_after_crop),
+        Preset::Stunet => [1.5; 3],
+    };
+    let (forward, backward) = match preset {
+        Preset::Nnunet => transpose(target),
+        Preset::Stunet => ([0, 1, 2], [0, 1, 2]),
+    };
+    let tr = |v: [f64; 3]| forward.map(|a| v[a]);
+    let new_shapes: Vec<[usize; 3]> = fp.spacings.iter().zip(&fp.shapes_after_crop).map(|(s, sh)| compute_new_shape(*sh, *s, target)).collect();
+    let median_shape = tr([0, 1, 2].map(|a| median(new_shapes.iter().map(|s| s[a] as f64).collect())));
+    let median_spacing = tr([0, 1, 2].map(|a| median(fp.spacings.iter().map(|s| s[a]).collect())));
+    let median_orig_shape = tr([0, 1, 2].map(|a| median(fp.shapes_after_crop.iter().map(|s| s[a] as f64).collect())));
+    let spacing = tr(target);
+    let schemes: Vec<&str> = json.channel_names.iter().map(|c| match preset {
+        Preset::Nnunet => normalization_scheme(c),
+        Preset::Stunet => "ZScoreNormalization",
+    }).collect();
+    let use_mask: Vec<bool> = schemes
+        .iter()
+        .map(|s| preset == Preset::Nnunet && *s == "ZScoreNormalization" && fp.median_relative_size_after_cropping < 0.75)
+        .collect();
+    let (patch, batch, pools, convs, num_pool, estimate) = match preset {
+        Preset::Nnunet => {
+            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: json.labels.len(), num_training: json.num_training, gpu_memory_gb });
+            (c.patch_size, c.batch_size, c.topology.pool_op_kernel_sizes, c.topology.conv_kernel_sizes, c.topology.num_pool_per_axis, Some(c.vram_estimate))
+        }
+        Preset::Stunet => {
+            let mut pools = vec![[1, 1, 1]];
+            pools.extend([[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 2]]);
+            ([128; 3], 2, pools, vec![[3; 3]; 6], [4, 4, 5], None)
+        }
+    };
+    // v2.2: batch_dice is on for 3d_fullres iff a 3d_lowres configuration is created, which
+    // happens when the patch covers < 25 % of the median image.
+    let lowres = patch.iter().map(|&v| v as f64).product::<f64>() / median_shape.iter().product::<f64>() < 0.25;
+    let n_stages = pools.len();
+    let plans_name = match preset {
+        Preset::Nnunet => "nnUNetPlans",
+        Preset::Stunet => "STUNetPlans",
+    };
+    let resampling = |is_seg: bool, order: u32| serde_json::json!({"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": null});
+    serde_json::json!({
+        "dataset_name": dataset_name,
+        "plans_name": plans_name,
+        "original_median_spacing_after_transp": median_spacing,
+        "original_median_shape_after_transp": median_orig_shape,
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": forward,
+        "transpose_backward": backward,
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": format!("{plans_name}_3d_fullres"),
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": batch,
+                "patch_size": patch,
+                "median_image_size_in_voxels": median_shape,
+                "spacing": spacing,
+                "normalization_schemes": schemes,
+                "use_mask_for_norm": use_mask,
+                "UNet_class_name": "PlainConvUNet",
+                "UNet_base_num_features": BASE_FEATURES,
+                "n_conv_per_stage_encoder": vec![2; n_stages],
+                "n_conv_per_stage_decoder": vec![2; n_stages - 1],
+                "num_pool_per_axis": num_pool,
+                "pool_op_kernel_sizes": pools,
+                "conv_kernel_sizes": convs,
+                "unet_max_num_features": MAX_FEATURES_3D,
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": resampling(false, 3),
+                "resampling_fn_seg_kwargs": resampling(true, 1),
+                "resampling_fn_probabilities_kwargs": resampling(false, 1),
+                "batch_dice": preset == Preset::Nnunet && lowres,
+                "vram_estimate": estimate,
+            }
+        },
+        "experiment_planner_used": match preset { Preset::Nnunet => "ExperimentPlanner (stu, nnU-Net v2.2 rules)", Preset::Stunet => "STU-Net released-model preset (stu)" },
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": fp.foreground_intensity_properties_per_channel,
+    })
+}
