@@ -202,3 +202,31 @@ fn plan_writes_nnunet_fields_and_the_stunet_preset() {
     let strides = stu_harness::plans::strides_from_plans(&tmp.path().join("b/plans.json"), "3d_fullres").unwrap();
     assert_eq!(strides, [[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 2]]);
 }
+
+#[test]
+fn plans_match_nnunets_own_planner_on_the_shared_datasets() {
+    // nnU-Net 2.8.1 `nnUNetv2_extract_fingerprint` + `nnUNetv2_plan_experiment` on these datasets
+    // (run 2026-11-26): spacing, patch, batch, strides, batch_dice, foreground mean and std.
+    type Row<'a> = (&'a str, [f64; 3], [u64; 3], u64, serde_json::Value, bool, f64, f64);
+    let rows: [Row; 3] = [
+        ("Dataset801_TotalSegExampleCT", [3.0; 3], [32, 112, 128], 2, serde_json::json!([[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]), false, 17.10, 253.45),
+        ("Dataset802_TotalSegExampleMR", [3.0; 3], [20, 96, 128], 2, serde_json::json!([[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]]), false, 72.76, 55.48),
+        ("Dataset803_Colin27AAL", [1.0; 3], [112, 128, 112], 2, serde_json::json!([[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]), false, 85.97, 19.86),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, spacing, patch, batch, strides, batch_dice, mean, std) in rows {
+        let out = tmp.path().join(name).join("plans.json");
+        let o = Command::new(stu_bin!()).arg("plan").arg(shared().join("data").join(name)).arg("--out").arg(&out).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let p: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let c = &p["configurations"]["3d_fullres"];
+        assert_eq!(c["spacing"], serde_json::json!(spacing), "{name}");
+        assert_eq!(c["patch_size"], serde_json::json!(patch), "{name}");
+        assert_eq!(c["batch_size"], batch, "{name}");
+        assert_eq!(c["pool_op_kernel_sizes"], strides, "{name}");
+        assert_eq!(c["batch_dice"], batch_dice, "{name}");
+        let fg = &p["foreground_intensity_properties_per_channel"]["0"];
+        let (m, s) = (fg["mean"].as_f64().unwrap(), fg["std"].as_f64().unwrap());
+        assert!((m - mean).abs() <= 0.005 * std && (s / std - 1.0).abs() < 0.005, "{name}: mean {m} std {s} vs nnU-Net {mean} {std}");
+    }
+}

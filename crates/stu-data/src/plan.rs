@@ -268,6 +268,44 @@ mod tests {
     }
 }
 
+/// Whether nnU-Net (≥ 2.4) creates a `3d_lowres` configuration, which turns `batch_dice` on for
+/// `3d_fullres`: grow the spacing by 1.03 (anisotropic axes first) until the lowres patch covers
+/// ≥ 25 % of the lowres median image, then drop it when the full-resolution median has fewer
+/// than 2× its voxels.
+pub fn lowres_created(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 3], num_label_keys: usize, num_training: usize, gpu_memory_gb: f64) -> bool {
+    const THRESHOLD: f64 = 0.25;
+    const FACTOR: f64 = 1.03;
+    let full_voxels: f64 = median_shape.iter().product();
+    let mut median_voxels = full_voxels;
+    let mut patch_voxels = patch.iter().map(|&v| v as f64).product::<f64>();
+    let mut lowres = spacing;
+    let mut created = false;
+    while patch_voxels / median_voxels < THRESHOLD {
+        let max = lowres.iter().copied().fold(f64::MIN, f64::max);
+        if lowres.iter().any(|&s| max / s > 2.0) {
+            for s in lowres.iter_mut() {
+                if max / *s > 2.0 {
+                    *s *= FACTOR;
+                }
+            }
+        } else {
+            lowres = lowres.map(|s| s * FACTOR);
+        }
+        let shape = [0, 1, 2].map(|a| spacing[a] / lowres[a] * median_shape[a]);
+        median_voxels = shape.iter().product();
+        let cfg = plan_configuration(&PlanInput {
+            spacing: lowres,
+            median_shape: shape.map(f64::round_ties_even),
+            num_label_keys,
+            num_training,
+            gpu_memory_gb,
+        });
+        patch_voxels = cfg.patch_size.iter().map(|&v| v as f64).product();
+        created = true;
+    }
+    created && full_voxels / median_voxels >= 2.0
+}
+
 /// Planning presets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
@@ -331,9 +369,7 @@ pub fn plans_json(
             ([128; 3], 2, pools, vec![[3; 3]; 6], [4, 4, 5], None)
         }
     };
-    // v2.2: batch_dice is on for 3d_fullres iff a 3d_lowres configuration is created, which
-    // happens when the patch covers < 25 % of the median image.
-    let lowres = patch.iter().map(|&v| v as f64).product::<f64>() / median_shape.iter().product::<f64>() < 0.25;
+    let lowres = preset == Preset::Nnunet && lowres_created(spacing, median_shape, patch, json.labels.len(), json.num_training, gpu_memory_gb);
     let n_stages = pools.len();
     let plans_name = match preset {
         Preset::Nnunet => "nnUNetPlans",
@@ -372,7 +408,7 @@ pub fn plans_json(
                 "resampling_fn_data_kwargs": resampling(false, 3),
                 "resampling_fn_seg_kwargs": resampling(true, 1),
                 "resampling_fn_probabilities_kwargs": resampling(false, 1),
-                "batch_dice": preset == Preset::Nnunet && lowres,
+                "batch_dice": lowres,
                 "vram_estimate": estimate,
             }
         },
