@@ -230,3 +230,25 @@ fn plans_match_nnunets_own_planner_on_the_shared_datasets() {
         assert!((m - mean).abs() <= 0.005 * std && (s / std - 1.0).abs() < 0.005, "{name}: mean {m} std {s} vs nnU-Net {mean} {std}");
     }
 }
+
+#[test]
+fn the_phantom_is_a_valid_dataset_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("phantom");
+    let run = || Command::new(stu_bin!()).args(["phantom", "--cases", "3", "--test-cases", "1", "--seed", "5", "--out"]).arg(&dir).status().unwrap();
+    assert!(run().success());
+    let (ok, out) = check(&dir);
+    assert!(ok, "{out}");
+    assert!(out.contains("3 cases") && out.contains("label values present: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]"), "{out}");
+    assert!(dir.join("imagesTs/phantom_003_0000.nii.gz").exists() && dir.join("labelsTs/phantom_003.nii.gz").exists());
+    // Deterministic per seed, and a rerun keeps finished cases (same bytes, nothing rewritten).
+    let first = std::fs::read(dir.join("labelsTr/phantom_001.nii.gz")).unwrap();
+    let modified = std::fs::metadata(dir.join("labelsTr/phantom_001.nii.gz")).unwrap().modified().unwrap();
+    std::fs::remove_file(dir.join("imagesTr/phantom_002_0000.nii.gz")).unwrap();
+    assert!(run().success());
+    assert_eq!(std::fs::read(dir.join("labelsTr/phantom_001.nii.gz")).unwrap(), first);
+    assert_eq!(std::fs::metadata(dir.join("labelsTr/phantom_001.nii.gz")).unwrap().modified().unwrap(), modified);
+    assert!(dir.join("imagesTr/phantom_002_0000.nii.gz").exists(), "the missing case is written again");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(json["expert_groups"]["vertebrae_L2"], "vertebrae");
+}

@@ -8,4 +8,5 @@ pub mod check;
 pub mod dataset;
 pub mod fingerprint;
 pub mod nifti_io;
+pub mod phantom;
 pub mod plan;

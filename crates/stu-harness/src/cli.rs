@@ -42,6 +42,21 @@ enum Command {
     /// Datasets in nnU-Net raw layout.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Write the synthetic CT phantom dataset (nnU-Net raw layout; deterministic per seed).
+    Phantom {
+        /// Dataset folder to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Training cases.
+        #[arg(long, default_value_t = 16)]
+        cases: usize,
+        /// Held-out cases (imagesTs/labelsTs).
+        #[arg(long, default_value_t = 4)]
+        test_cases: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Fingerprint a dataset and write a 3d_fullres plan (nnU-Net's rules, or the STU-Net preset).
     Plan {
         /// The dataset folder (nnU-Net raw layout).
@@ -170,6 +185,11 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", report.render());
             }
             anyhow::ensure!(report.ok(), "{}: {} problem(s) found", dir.display(), report.problems.len());
+        }
+        Command::Phantom { out, cases, test_cases, seed } => {
+            anyhow::ensure!(cases >= 1, "--cases must be at least 1");
+            stu_data::phantom::write_dataset(&stu_data::phantom::PhantomOptions { out: out.clone(), cases, test_cases, seed })?;
+            eprintln!("wrote {} training and {} held-out cases to {}", cases, test_cases, out.display());
         }
         Command::Plan { dir, out, preset, gpu_memory_gb } => {
             use stu_data::plan::{Preset, plans_json};

@@ -1,0 +1,275 @@
+//! A synthetic CT phantom dataset in nnU-Net raw layout: the harness's embedded default.
+//!
+//! Each case is a CT-like volume in Hounsfield units (air −1000, fat −100, soft tissue 30–60,
+//! contrast-filled vessels and heart 150–250, bone 400–900) with Gaussian noise, and a label map
+//! of 15 structures named as STU-Net names them, three from each of TotalSegmentator's five
+//! expert groups (organs, vertebrae, cardiac, muscles, ribs; `shared/docs/stunet.md` §6), so
+//! that a five-experts-vs-one-model study has something to separate.
+//!
+//! The anatomy is defined in world millimetres (x left→right, y posterior→anterior, z
+//! inferior→superior) and jittered per case (size ±12 %, position ±8 mm, rotation about z
+//! ±8°). Voxel grids vary per case in spacing (2.5–4 mm in-plane, 3–5 mm axially), extent and
+//! orientation (x and y axes randomly flipped: RAS, LAS, RPS or LPS affines), as real data do.
+//! Everything is deterministic for a seed.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::nifti_io::{Geometry, write_image, write_label};
+
+/// One structure: STU-Net class name, expert group, mean HU.
+pub const CLASSES: [(&str, &str, f32); 15] = [
+    ("liver", "organs", 60.0),
+    ("spleen", "organs", 50.0),
+    ("kidney_left", "organs", 150.0),
+    ("vertebrae_L1", "vertebrae", 700.0),
+    ("vertebrae_L2", "vertebrae", 680.0),
+    ("vertebrae_L3", "vertebrae", 660.0),
+    ("heart_myocardium", "cardiac", 110.0),
+    ("heart_ventricle_left", "cardiac", 220.0),
+    ("urinary_bladder", "cardiac", 10.0),
+    ("autochthon_left", "muscles", 45.0),
+    ("autochthon_right", "muscles", 45.0),
+    ("iliopsoas_left", "muscles", 55.0),
+    ("rib_left_1", "ribs", 500.0),
+    ("rib_right_1", "ribs", 520.0),
+    ("rib_left_2", "ribs", 480.0),
+];
+
+/// splitmix64: small, fast, deterministic.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(1e-12, 1.0), self.uniform(0.0, 1.0));
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+/// A solid in phantom coordinates (mm).
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Ellipsoid: centre, radii.
+    Ellipsoid([f64; 3], [f64; 3]),
+    /// Ellipsoidal shell: centre, outer radii, thickness.
+    Shell([f64; 3], [f64; 3], f64),
+    /// Elliptic cylinder along z: centre (x, y), radii (x, y), z range.
+    Column([f64; 2], [f64; 2], [f64; 2]),
+    /// Rib: circular arc in the axial plane at height z around (x, y): radius, tube radius,
+    /// angle range (radians, 0 = +x, π/2 = +y).
+    Arc([f64; 2], f64, f64, f64, [f64; 2]),
+}
+
+impl Shape {
+    fn contains(&self, p: [f64; 3]) -> bool {
+        match *self {
+            Shape::Ellipsoid(c, r) => (0..3).map(|a| ((p[a] - c[a]) / r[a]).powi(2)).sum::<f64>() <= 1.0,
+            Shape::Shell(c, r, t) => {
+                let outer = (0..3).map(|a| ((p[a] - c[a]) / r[a]).powi(2)).sum::<f64>() <= 1.0;
+                let inner = (0..3).map(|a| ((p[a] - c[a]) / (r[a] - t).max(1.0)).powi(2)).sum::<f64>() <= 1.0;
+                outer && !inner
+            }
+            Shape::Column(c, r, z) => p[2] >= z[0] && p[2] <= z[1] && ((p[0] - c[0]) / r[0]).powi(2) + ((p[1] - c[1]) / r[1]).powi(2) <= 1.0,
+            Shape::Arc(c, z, radius, tube, ang) => {
+                let (dx, dy) = (p[0] - c[0], p[1] - c[1]);
+                let theta = dy.atan2(dx);
+                if theta < ang[0] || theta > ang[1] {
+                    return false;
+                }
+                let rho = (dx * dx + dy * dy).sqrt();
+                (rho - radius).powi(2) + (p[2] - z).powi(2) <= tube * tube
+            }
+        }
+    }
+}
+
+/// The anatomy of one case: body outline, fat layer, and the 15 labelled structures.
+struct Anatomy {
+    body: Shape,
+    fat: Shape,
+    structures: Vec<(u16, Shape)>,
+    angle: f64,
+    shift: [f64; 3],
+}
+
+fn anatomy(rng: &mut Rng) -> Anatomy {
+    let mut s = || rng.uniform(0.88, 1.12);
+    let scale: [f64; 20] = std::array::from_fn(|_| s());
+    let mut j = |v: f64| v + rng.uniform(-8.0, 8.0);
+    let jit: [f64; 30] = std::array::from_fn(|i| j(0.0) * if i % 3 == 2 { 0.5 } else { 1.0 });
+    let body = Shape::Ellipsoid([0.0, 0.0, 0.0], [140.0 * scale[0], 100.0 * scale[1], 400.0]);
+    let fat = Shape::Ellipsoid([0.0, 0.0, 0.0], [128.0 * scale[0], 88.0 * scale[1], 400.0]);
+    let e = |c: [f64; 3], r: [f64; 3], k: usize| Shape::Ellipsoid([c[0] + jit[k], c[1] + jit[k + 1], c[2] + jit[k + 2]], r.map(|v| v * scale[k % 20]));
+    let vertebra = |z: f64, k: usize| Shape::Column([jit[k] * 0.3, -55.0], [16.0 * scale[k % 20], 14.0 * scale[(k + 1) % 20]], [z - 11.0, z + 11.0]);
+    let structures = vec![
+        (1, e([-55.0, 15.0, 35.0], [55.0, 45.0, 40.0], 0)),                // liver (patient right = −x)
+        (2, e([65.0, -10.0, 45.0], [25.0, 18.0, 28.0], 3)),                // spleen
+        (3, e([55.0, -35.0, -10.0], [16.0, 14.0, 30.0], 6)),               // kidney_left
+        (4, vertebra(30.0, 9)),                                             // vertebrae_L1
+        (5, vertebra(5.0, 10)),                                             // vertebrae_L2
+        (6, vertebra(-20.0, 11)),                                           // vertebrae_L3
+        (7, Shape::Shell([5.0 + jit[12], 30.0 + jit[13], 80.0 + jit[14] * 0.5], [38.0 * scale[12], 34.0 * scale[13], 30.0], 9.0)), // heart_myocardium
+        (8, e([5.0, 30.0, 80.0], [22.0, 19.0, 16.0], 12)),                  // heart_ventricle_left (inside the shell)
+        (9, e([0.0, 35.0, -70.0], [28.0, 22.0, 18.0], 15)),                 // urinary_bladder
+        (10, Shape::Column([22.0 + jit[18] * 0.3, -68.0], [11.0 * scale[18], 13.0], [-60.0, 60.0])), // autochthon_left
+        (11, Shape::Column([-22.0 + jit[19] * 0.3, -68.0], [11.0 * scale[19], 13.0], [-60.0, 60.0])), // autochthon_right
+        (12, Shape::Column([38.0 + jit[21] * 0.3, -30.0], [12.0 * scale[1], 12.0 * scale[2]], [-75.0, -25.0])), // iliopsoas_left
+        (13, Shape::Arc([0.0, -20.0], 60.0 + jit[24] * 0.5, 88.0 * scale[3], 5.0, [-1.5, 1.3])),   // rib_left_1 (+x side)
+        (14, Shape::Arc([0.0, -20.0], 60.0 + jit[25] * 0.5, 88.0 * scale[4], 5.0, [1.85, 3.14])),  // rib_right_1 (−x side, upper half)
+        (15, Shape::Arc([0.0, -20.0], 40.0 + jit[26] * 0.5, 92.0 * scale[5], 5.0, [-1.5, 1.3])),   // rib_left_2
+    ];
+    Anatomy { body, fat, structures, angle: rng.uniform(-8.0, 8.0).to_radians(), shift: [rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0)] }
+}
+
+/// One generated case: image (HU), labels and geometry.
+pub struct PhantomCase {
+    /// HU values, array order `[z, y, x]`.
+    pub image: Vec<f32>,
+    /// Label values, same layout.
+    pub label: Vec<u16>,
+    /// Where it sits.
+    pub geom: Geometry,
+}
+
+/// Generates case `index` of a phantom with `seed`.
+pub fn case(seed: u64, index: usize) -> PhantomCase {
+    let mut rng = Rng(seed ^ (index as u64).wrapping_mul(0xd134_2543_de82_ef95).wrapping_add(0x5851_f42d_4c95_7f2d));
+    let a = anatomy(&mut rng);
+    let spacing_xyz = [rng.uniform(2.5, 4.0), 0.0, rng.uniform(3.0, 5.0)];
+    let sp = [spacing_xyz[0], spacing_xyz[0], spacing_xyz[2]];
+    let fov = [rng.uniform(300.0, 340.0), rng.uniform(230.0, 260.0), rng.uniform(200.0, 260.0)];
+    let n = [0, 1, 2].map(|ax| (fov[ax] / sp[ax]).round() as usize);
+    let flip = [rng.uniform(0.0, 1.0) < 0.5, rng.uniform(0.0, 1.0) < 0.5, false];
+    let noise_sd = rng.uniform(12.0, 25.0);
+    // voxel (i, j, k) → world: x = ±sx·i + ox, centred on the field of view.
+    let dir = flip.map(|f| if f { -1.0 } else { 1.0 });
+    let origin = [0, 1, 2].map(|ax| -dir[ax] * sp[ax] * (n[ax] as f64 - 1.0) / 2.0);
+    let (nz, ny, nx) = (n[2], n[1], n[0]);
+    let (cos, sin) = (a.angle.cos(), a.angle.sin());
+    let mut image = vec![0f32; nx * ny * nz];
+    let mut label = vec![0u16; nx * ny * nz];
+    image.par_chunks_mut(nx * ny).zip(label.par_chunks_mut(nx * ny)).enumerate().for_each(|(k, (img, lab))| {
+        let mut r = Rng(seed ^ 0xa076_1d64_78bd_642f ^ ((index * 4096 + k) as u64).wrapping_mul(0xe703_7ed1_a0b4_28db));
+        for j in 0..ny {
+            for i in 0..nx {
+                let w = [dir[0] * sp[0] * i as f64 + origin[0], dir[1] * sp[1] * j as f64 + origin[1], dir[2] * sp[2] * k as f64 + origin[2]];
+                let (x, y) = (w[0] - a.shift[0], w[1] - a.shift[1]);
+                let p = [cos * x + sin * y, -sin * x + cos * y, w[2] - a.shift[2]];
+                let mut hu = -1000.0f32;
+                let mut l = 0u16;
+                if a.body.contains(p) {
+                    hu = if a.fat.contains(p) { 35.0 } else { -100.0 };
+                    for &(id, shape) in &a.structures {
+                        if shape.contains(p) {
+                            l = id;
+                            hu = CLASSES[id as usize - 1].2;
+                        }
+                    }
+                }
+                let v = j * nx + i;
+                img[v] = hu + (r.normal() * noise_sd) as f32;
+                lab[v] = l;
+            }
+        }
+    });
+    let mut header = nifti::NiftiHeader::default();
+    header.dim = [3, nx as u16, ny as u16, nz as u16, 1, 1, 1, 1];
+    header.pixdim = [1.0, sp[0] as f32, sp[1] as f32, sp[2] as f32, 1.0, 1.0, 1.0, 1.0];
+    header.sform_code = 1;
+    header.qform_code = 0;
+    header.xyzt_units = 2 | 8; // mm, s
+    header.srow_x = [(dir[0] * sp[0]) as f32, 0.0, 0.0, origin[0] as f32];
+    header.srow_y = [0.0, (dir[1] * sp[1]) as f32, 0.0, origin[1] as f32];
+    header.srow_z = [0.0, 0.0, (dir[2] * sp[2]) as f32, origin[2] as f32];
+    let affine = crate::nifti_io::best_affine(&header);
+    let geom = Geometry { shape: [nz, ny, nx], spacing: [sp[2], sp[1], sp[0]], affine, header };
+    PhantomCase { image, label, geom }
+}
+
+/// Options of `stu phantom`.
+#[derive(Debug, Clone)]
+pub struct PhantomOptions {
+    /// Output folder (the dataset root).
+    pub out: PathBuf,
+    /// Training cases (`imagesTr`/`labelsTr`).
+    pub cases: usize,
+    /// Held-out cases (`imagesTs`/`labelsTs`).
+    pub test_cases: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// Writes the phantom dataset; cases already written completely are kept (atomic writes make a
+/// present file a complete one), so an interrupted run resumes.
+pub fn write_dataset(opts: &PhantomOptions) -> Result<(), crate::nifti_io::NiftiIoError> {
+    let io = |path: &Path, source: std::io::Error| crate::nifti_io::NiftiIoError::Io { path: path.to_path_buf(), source };
+    for sub in ["imagesTr", "labelsTr", "imagesTs", "labelsTs"] {
+        let d = opts.out.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| io(&d, e))?;
+    }
+    let labels: serde_json::Map<String, serde_json::Value> = std::iter::once(("background".to_string(), 0.into()))
+        .chain(CLASSES.iter().enumerate().map(|(i, (n, _, _))| (n.to_string(), (i + 1).into())))
+        .collect();
+    let groups: serde_json::Map<String, serde_json::Value> = CLASSES.iter().map(|(n, g, _)| (n.to_string(), (*g).into())).collect();
+    let json = serde_json::json!({
+        "name": "STU-Net synthetic CT phantom",
+        "description": format!("Generated by `stu phantom --seed {}`: CT-like volumes (HU) with 15 structures from TotalSegmentator's five expert groups.", opts.seed),
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": opts.cases,
+        "file_ending": ".nii.gz",
+        "expert_groups": groups,
+        "phantom_seed": opts.seed,
+    });
+    let json_path = opts.out.join("dataset.json");
+    let text = serde_json::to_string_pretty(&json).expect("serialisable") + "\n";
+    std::fs::write(&json_path, text).map_err(|e| io(&json_path, e))?;
+    let jobs: Vec<(usize, &str)> = (0..opts.cases).map(|i| (i, "Tr")).chain((0..opts.test_cases).map(|i| (opts.cases + i, "Ts"))).collect();
+    jobs.par_iter().try_for_each(|&(i, part)| {
+        let id = format!("phantom_{i:03}");
+        let img = opts.out.join(format!("images{part}/{id}_0000.nii.gz"));
+        let lab = opts.out.join(format!("labels{part}/{id}.nii.gz"));
+        if img.exists() && lab.exists() {
+            return Ok(());
+        }
+        let c = case(opts.seed, i);
+        write_label(&lab, &c.label, &c.geom)?;
+        write_image(&img, &c.image, &c.geom)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_are_deterministic_and_every_class_appears() {
+        let a = case(7, 3);
+        let b = case(7, 3);
+        assert_eq!(a.label, b.label);
+        assert_eq!(a.image, b.image);
+        let c = case(8, 3);
+        assert_ne!(a.label, c.label, "another seed gives another case");
+        for i in 0..4 {
+            let p = case(7, i);
+            let mut seen = [0usize; 16];
+            for &l in &p.label {
+                seen[l as usize] += 1;
+            }
+            for (cls, &count) in seen.iter().enumerate() {
+                assert!(count > 10, "case {i}: class {cls} has {count} voxels");
+            }
+        }
+    }
+}
