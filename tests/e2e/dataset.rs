@@ -252,3 +252,64 @@ fn the_phantom_is_a_valid_dataset_and_resumes() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("dataset.json")).unwrap()).unwrap();
     assert_eq!(json["expert_groups"]["vertebrae_L2"], "vertebrae");
 }
+
+#[test]
+fn totalsegmentator_release_converts_to_stunet_order_and_expert_groups() {
+    use stu_core::taxonomy::{CLASSES, ExpertGroup, label_of};
+    let tmp = tempfile::tempdir().unwrap();
+    let release = tmp.path().join("Totalsegmentator_dataset");
+    let src = shared().join("data/Dataset801_TotalSegExampleCT");
+    // The shared labels use TotalSegmentator v2 ids; build a v1-style release by class name:
+    // a mask per STU-Net class, empty for the 7 classes v2 lacks.
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("dataset.json")).unwrap()).unwrap();
+    let v2: std::collections::HashMap<String, u16> = json["labels"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap() as u16)).collect();
+    let cases = ["ts_ct_sm", "ts_ct_full"];
+    for case in cases {
+        let dir = release.join(case).join("segmentations");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src.join(format!("imagesTr/{case}_0000.nii.gz")), release.join(case).join("ct.nii.gz")).unwrap();
+        let lab = read_label(&src.join(format!("labelsTr/{case}.nii.gz"))).unwrap();
+        for (name, _, _) in CLASSES {
+            let id = v2.get(name).copied();
+            let mask: Vec<u16> = lab.data.iter().map(|&v| u16::from(Some(v) == id)).collect();
+            write_label(&stu_data::totalseg::mask_path(&release, case, name), &mask, &lab.geom).unwrap();
+        }
+    }
+    std::fs::write(release.join("meta.csv"), "image_id;age;gender;split\nts_ct_sm;60;m;train\nts_ct_full;55;f;test\n").unwrap();
+
+    let out = tmp.path().join("converted");
+    let st = Command::new(stu_bin!())
+        .args(["dataset", "prepare", "totalsegmentator", "--out"])
+        .arg(&out)
+        .arg("--options")
+        .arg(serde_json::json!({ "path": release }).to_string())
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    // STU-Net id of the v2 label at every voxel, by name.
+    let to_stunet: std::collections::HashMap<u16, u16> = v2.iter().filter_map(|(n, &id)| label_of(n).map(|s| (id, s))).collect();
+    let full = read_label(&out.join("labelsTs/ts_ct_full.nii.gz")).unwrap();
+    let orig = read_label(&src.join("labelsTr/ts_ct_full.nii.gz")).unwrap();
+    let want: Vec<u16> = orig.data.iter().map(|v| to_stunet.get(v).copied().unwrap_or(0)).collect();
+    assert_eq!(full.data, want);
+    assert_eq!(full.geom.affine, orig.geom.affine);
+    assert!(out.join("imagesTr/ts_ct_sm_0000.nii.gz").exists(), "train split goes to imagesTr");
+    let dj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("dataset.json")).unwrap()).unwrap();
+    assert_eq!(dj["labels"]["vertebrae_T9"], 104);
+    assert_eq!(dj["numTraining"], 1);
+    assert!(check(&out).0, "{}", check(&out).1);
+
+    // One expert group: its classes only, renumbered 1..K in STU-Net order.
+    let out = tmp.path().join("vertebrae");
+    stu_data::totalseg::convert(&release, &out, Some(ExpertGroup::Vertebrae)).unwrap();
+    let v = read_label(&out.join("labelsTs/ts_ct_full.nii.gz")).unwrap();
+    let group = ExpertGroup::Vertebrae.labels();
+    let want: Vec<u16> = want.iter().map(|s| group.iter().position(|g| g == s).map(|i| i as u16 + 1).unwrap_or(0)).collect();
+    assert_eq!(v.data, want);
+    assert!(v.data.iter().any(|&x| x > 0), "the case has vertebrae");
+
+    // A missing mask is an error naming the file.
+    std::fs::remove_file(stu_data::totalseg::mask_path(&release, "ts_ct_sm", "liver")).unwrap();
+    let err = stu_data::totalseg::convert(&release, &tmp.path().join("broken"), None).unwrap_err().to_string();
+    assert!(err.contains("ts_ct_sm/segmentations/liver.nii.gz") && err.contains("missing mask"), "{err}");
+}

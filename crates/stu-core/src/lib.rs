@@ -10,6 +10,8 @@
 pub mod registry;
 pub mod scaling;
 pub mod strides;
+mod stunet_classes;
+pub mod taxonomy;
 
 pub use registry::{Registry, RegistryEntry, RegistryError};
 pub use scaling::{ScalingEntry, ScalingRule};

@@ -10,3 +10,5 @@ pub mod fingerprint;
 pub mod nifti_io;
 pub mod phantom;
 pub mod plan;
+pub mod plugins;
+pub mod totalseg;

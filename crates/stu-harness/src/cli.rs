@@ -94,6 +94,19 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DatasetCommand {
+    /// List the registered dataset plugins.
+    List,
+    /// Materialise a dataset plugin in nnU-Net raw layout (e.g. `totalsegmentator`, `phantom`).
+    Prepare {
+        /// Plugin name.
+        plugin: String,
+        /// Output dataset folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// The plugin's options as JSON, e.g. '{"path": "/data/Totalsegmentator_dataset", "group": "ribs"}'.
+        #[arg(long, default_value = "{}")]
+        options: String,
+    },
     /// Integrity check (files, geometry, label values, channels, NaN): exits non-zero on problems.
     Check {
         /// The dataset folder (with dataset.json, imagesTr, labelsTr).
@@ -176,6 +189,17 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{}: {:?}", o.name, o.shape);
             }
             eprintln!("wrote {}", output.display());
+        }
+        Command::Dataset(DatasetCommand::List) => {
+            for e in stu_data::plugins::registry().iter() {
+                println!("{:<18} {}", e.name, e.summary);
+            }
+        }
+        Command::Dataset(DatasetCommand::Prepare { plugin, out, options }) => {
+            let entry = stu_data::plugins::registry().get(&plugin)?;
+            let options: serde_json::Value = serde_json::from_str(&options).context("--options is not valid JSON")?;
+            let root = (entry.prepare)(&options, &out)?;
+            eprintln!("dataset `{plugin}` ready at {}", root.display());
         }
         Command::Dataset(DatasetCommand::Check { dir, json }) => {
             let report = stu_data::check::check(&dir);
