@@ -3,4 +3,5 @@
 mod checkpoints;
 mod dataset;
 mod parity;
+mod preprocess;
 mod zoo_cli;

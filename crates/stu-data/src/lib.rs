@@ -11,4 +11,5 @@ pub mod nifti_io;
 pub mod phantom;
 pub mod plan;
 pub mod plugins;
+pub mod resample;
 pub mod totalseg;

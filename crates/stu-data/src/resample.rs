@@ -1,0 +1,440 @@
+//! nnU-Net's resampling (`shared/docs/nnunet-pipeline.md` §4.3), separable and exact.
+//!
+//! - Data: `skimage.transform.resize(order=3, mode='edge', anti_aliasing=False)`, i.e. scipy's
+//!   `zoom(grid_mode=True, mode='nearest')`: output `i` samples input `(i + 0.5)·n/m − 0.5`; the
+//!   input is edge-padded by 12 and prefiltered into cubic B-spline coefficients; the result is
+//!   clipped to the input's range. The tensor-product spline is separable, so one axis at a time
+//!   gives the same values (in f64).
+//! - Segmentations: order 1 per label in ascending order (−1 included), writing the label where
+//!   its linearly resampled indicator is ≥ 0.5 (batchgenerators' classic `resize_segmentation`,
+//!   which nnU-Net v2.2 and so STU-Net use, as `nnunet-pipeline.md` §4.3 specifies; the
+//!   batchgenerators 0.25.5 installed with nnU-Net 2.8.1 takes the argmax of the indicators
+//!   instead, which differs where several labels meet). A label is resampled only over its
+//!   bounding box plus a margin, which gives identical results.
+//! - Separate z (anisotropic data): in-plane as above, then nearest neighbour along the
+//!   anisotropic axis (`map_coordinates(order=0, mode='nearest')`).
+
+use rayon::prelude::*;
+
+/// scipy's pad for splines with mode 'nearest'.
+const NPAD: usize = 12;
+/// Cubic B-spline pole.
+fn pole() -> f64 {
+    3f64.sqrt() - 2.0
+}
+
+/// In-place cubic B-spline prefilter of one line with mirror boundary (Unser's recursion).
+fn prefilter(c: &mut [f64]) {
+    let n = c.len();
+    if n < 2 {
+        return;
+    }
+    let z = pole();
+    let lambda = (1.0 - z) * (1.0 - 1.0 / z);
+    for v in c.iter_mut() {
+        *v *= lambda;
+    }
+    // Causal init, mirror boundary: Σ z^k c[k] (truncated where z^k is negligible).
+    let horizon = n.min(40);
+    let mut zk = z;
+    let mut sum = c[0];
+    for &v in &c[1..horizon] {
+        sum += zk * v;
+        zk *= z;
+    }
+    c[0] = sum;
+    for k in 1..n {
+        c[k] += z * c[k - 1];
+    }
+    c[n - 1] = z / (z * z - 1.0) * (c[n - 1] + z * c[n - 2]);
+    for k in (0..n - 1).rev() {
+        c[k] = z * (c[k + 1] - c[k]);
+    }
+}
+
+/// Cubic B-spline weights for fractional offset t ∈ [0, 1), for coefficients j−1 … j+2.
+fn cubic_weights(t: f64) -> [f64; 4] {
+    let t2 = t * t;
+    let t3 = t2 * t;
+    [
+        (1.0 - t).powi(3) / 6.0,
+        (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0,
+        (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0,
+        t3 / 6.0,
+    ]
+}
+
+/// Source coordinate of output index `i` (grid mode).
+fn source(i: usize, n_in: usize, n_out: usize) -> f64 {
+    (i as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5
+}
+
+/// Resamples one line: order 1 (linear) or 3 (cubic B-spline), mode 'nearest'.
+fn line(input: &[f64], out: &mut [f64], order: u32, scratch: &mut Vec<f64>) {
+    let (n, m) = (input.len(), out.len());
+    match order {
+        0 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let x = source(i, n, m);
+                let j = ((x + 0.5).floor().max(0.0) as usize).min(n - 1);
+                *o = input[j];
+            }
+        }
+        1 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let x = source(i, n, m).clamp(0.0, (n - 1) as f64);
+                let j = (x.floor() as usize).min(n - 1);
+                let t = x - j as f64;
+                let k = (j + 1).min(n - 1);
+                *o = input[j] * (1.0 - t) + input[k] * t;
+            }
+        }
+        _ => {
+            scratch.clear();
+            scratch.extend(std::iter::repeat_n(input[0], NPAD));
+            scratch.extend_from_slice(input);
+            scratch.extend(std::iter::repeat_n(input[n - 1], NPAD));
+            prefilter(scratch);
+            let np = scratch.len() as isize;
+            for (i, o) in out.iter_mut().enumerate() {
+                let x = source(i, n, m) + NPAD as f64;
+                let j = x.floor();
+                let w = cubic_weights(x - j);
+                let j = j as isize;
+                *o = (0..4).map(|k| w[k] * scratch[(j - 1 + k as isize).clamp(0, np - 1) as usize]).sum();
+            }
+        }
+    }
+}
+
+/// Resamples a `[z, y, x]` volume along one axis to length `m`.
+fn along(v: &[f64], shape: [usize; 3], axis: usize, m: usize, order: u32) -> Vec<f64> {
+    let n = shape[axis];
+    let mut out_shape = shape;
+    out_shape[axis] = m;
+    if n == m {
+        return v.to_vec();
+    }
+    let mut out = vec![0f64; out_shape.iter().product()];
+    let strides_in = [shape[1] * shape[2], shape[2], 1];
+    let strides_out = [out_shape[1] * out_shape[2], out_shape[2], 1];
+    // Lines are indexed by the other two axes; parallel over the outermost of them.
+    let (a, b) = match axis {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    let outp = crate::resample::Shared(out.as_mut_ptr());
+    (0..shape[a]).into_par_iter().for_each_init(
+        || (vec![0f64; n], vec![0f64; m], Vec::new()),
+        |(src, dst, scratch), ia| {
+            let outp = outp;
+            for ib in 0..shape[b] {
+                let base_in = ia * strides_in[a] + ib * strides_in[b];
+                for (k, s) in src.iter_mut().enumerate() {
+                    *s = v[base_in + k * strides_in[axis]];
+                }
+                line(src, dst, order, scratch);
+                let base_out = ia * strides_out[a] + ib * strides_out[b];
+                for (k, d) in dst.iter().enumerate() {
+                    // SAFETY: each (ia, ib) line writes its own output elements.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        *outp.0.add(base_out + k * strides_out[axis]) = *d;
+                    }
+                }
+            }
+        },
+    );
+    out
+}
+
+#[derive(Clone, Copy)]
+struct Shared(*mut f64);
+// SAFETY: used only where tasks write disjoint elements.
+#[allow(unsafe_code)]
+unsafe impl Send for Shared {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Shared {}
+
+/// The separate-z decision (`get_do_separate_z` / `get_lowres_axis`): the axis to treat
+/// separately, if any.
+pub fn separate_axis(current: [f64; 3], new: [f64; 3]) -> Option<usize> {
+    let pick = |s: [f64; 3]| {
+        let (max, min) = (s.iter().copied().fold(f64::MIN, f64::max), s.iter().copied().fold(f64::MAX, f64::min));
+        if max / min > crate::plan::ANISO_THRESHOLD {
+            let axes: Vec<usize> = (0..3).filter(|&a| s[a] == max).collect();
+            Some(axes)
+        } else {
+            None
+        }
+    };
+    match pick(current).or_else(|| pick(new)) {
+        Some(axes) if axes.len() == 1 => Some(axes[0]),
+        _ => None,
+    }
+}
+
+/// Resamples image data to `new_shape` (order 3, separate z when `separate` names an axis);
+/// f64 inside, f32 out. Clipping follows skimage's `resize(clip=True)`: to the whole input's
+/// range, or, with a separate axis, to each 2-D slice's own range (nnU-Net resizes slice by
+/// slice there).
+pub fn resample_data(v: &[f32], shape: [usize; 3], new_shape: [usize; 3], separate: Option<usize>) -> Vec<f32> {
+    if shape == new_shape {
+        return v.to_vec();
+    }
+    let range = |it: &mut dyn Iterator<Item = f32>| it.fold((f32::MAX, f32::MIN), |(l, h), x| (l.min(x), h.max(x)));
+    let mut cur: Vec<f64> = v.par_iter().map(|&x| x as f64).collect();
+    let mut cur_shape = shape;
+    let strides = [shape[1] * shape[2], shape[2], 1];
+    match separate {
+        None => {
+            let (lo, hi) = v.par_iter().fold(|| (f32::MAX, f32::MIN), |(l, h), &x| (l.min(x), h.max(x))).reduce(|| (f32::MAX, f32::MIN), |a, b| (a.0.min(b.0), a.1.max(b.1)));
+            for axis in 0..3 {
+                cur = along(&cur, cur_shape, axis, new_shape[axis], 3);
+                cur_shape[axis] = new_shape[axis];
+            }
+            cur.par_iter().map(|&x| (x.clamp(lo as f64, hi as f64)) as f32).collect()
+        }
+        Some(sa) => {
+            let others: Vec<usize> = (0..3).filter(|&a| a != sa).collect();
+            let ranges: Vec<(f32, f32)> = (0..shape[sa])
+                .map(|k| {
+                    let mut it = (0..shape[others[0]]).flat_map(|i| (0..shape[others[1]]).map(move |j| (i, j))).map(|(i, j)| v[k * strides[sa] + i * strides[others[0]] + j * strides[others[1]]]);
+                    range(&mut it)
+                })
+                .collect();
+            for &axis in &others {
+                cur = along(&cur, cur_shape, axis, new_shape[axis], 3);
+                cur_shape[axis] = new_shape[axis];
+            }
+            let cs = [cur_shape[1] * cur_shape[2], cur_shape[2], 1];
+            for (k, &(lo, hi)) in ranges.iter().enumerate() {
+                for i in 0..cur_shape[others[0]] {
+                    for j in 0..cur_shape[others[1]] {
+                        let idx = k * cs[sa] + i * cs[others[0]] + j * cs[others[1]];
+                        cur[idx] = cur[idx].clamp(lo as f64, hi as f64);
+                    }
+                }
+            }
+            cur = along(&cur, cur_shape, sa, new_shape[sa], 0);
+            cur.into_iter().map(|x| x as f32).collect()
+        }
+    }
+}
+
+/// Resamples a segmentation (values ≥ −1) to `new_shape`: per label, ascending, linear
+/// indicator ≥ 0.5 (nearest along a separate axis).
+pub fn resample_seg(seg: &[i16], shape: [usize; 3], new_shape: [usize; 3], separate: Option<usize>) -> Vec<i16> {
+    if shape == new_shape {
+        return seg.to_vec();
+    }
+    let mut labels: Vec<i16> = {
+        let mut seen = std::collections::BTreeSet::new();
+        for &s in seg {
+            seen.insert(s);
+        }
+        seen.into_iter().collect()
+    };
+    labels.sort_unstable();
+    let mut out = vec![0i16; new_shape.iter().product()];
+    let [_, h, w] = shape;
+    for &label in &labels {
+        // Bounding box of the label, widened by 2 voxels, and where it lands in the output.
+        let mut bb = [[usize::MAX, 0usize]; 3];
+        for (i, &s) in seg.iter().enumerate() {
+            if s == label {
+                let c = [i / (h * w), i / w % h, i % w];
+                for a in 0..3 {
+                    bb[a][0] = bb[a][0].min(c[a]);
+                    bb[a][1] = bb[a][1].max(c[a] + 1);
+                }
+            }
+        }
+        let mut ob = [[0usize; 2]; 3];
+        let mut ib = [[0usize; 2]; 3];
+        for a in 0..3 {
+            let (n, m) = (shape[a], new_shape[a]);
+            // Output indices whose source coordinate may touch the box (linear taps ±1).
+            let lo = bb[a][0].saturating_sub(2) as f64;
+            let hi = (bb[a][1] + 2).min(n) as f64;
+            let o0 = (((lo + 0.5) * m as f64 / n as f64) - 1.0).floor().max(0.0) as usize;
+            let o1 = ((((hi + 0.5) * m as f64 / n as f64) + 1.0).ceil() as usize).min(m);
+            ob[a] = [o0, o1];
+            // Input window that covers every tap of those outputs (clamped coordinates).
+            let s0 = source(o0, n, m).floor().max(0.0) as usize;
+            let s1 = ((source(o1.saturating_sub(1), n, m).ceil() as usize) + 2).min(n);
+            ib[a] = [s0.min(bb[a][0]), s1.max(bb[a][1])];
+        }
+        // Resample the indicator of the input window to the output window. The window's own
+        // coordinate mapping differs from the full volume's, so map each output index exactly:
+        // do it axis by axis with explicit source coordinates.
+        let win = [0, 1, 2].map(|a| ib[a][1] - ib[a][0]);
+        let mut cur: Vec<f64> = Vec::with_capacity(win.iter().product());
+        for z in ib[0][0]..ib[0][1] {
+            for y in ib[1][0]..ib[1][1] {
+                for x in ib[2][0]..ib[2][1] {
+                    cur.push(f64::from(seg[(z * h + y) * w + x] == label));
+                }
+            }
+        }
+        let mut cur_shape = win;
+        for a in 0..3 {
+            let order = if Some(a) == separate { 0 } else { 1 };
+            cur = along_window(&cur, cur_shape, a, ib[a][0], shape[a], ob[a], new_shape[a], order);
+            cur_shape[a] = ob[a][1] - ob[a][0];
+        }
+        let [oh, ow] = [new_shape[1], new_shape[2]];
+        let mut k = 0;
+        for z in ob[0][0]..ob[0][1] {
+            for y in ob[1][0]..ob[1][1] {
+                for x in ob[2][0]..ob[2][1] {
+                    if cur[k] >= 0.5 {
+                        out[(z * oh + y) * ow + x] = label;
+                    }
+                    k += 1;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Like [`along`] for a window: input covers global indices `[in0, in0 + len)` of an axis of
+/// length `n`; output covers global indices `out` of length `m`; linear or nearest, mode
+/// 'nearest' at the true volume borders.
+#[allow(clippy::too_many_arguments)]
+fn along_window(v: &[f64], shape: [usize; 3], axis: usize, in0: usize, n: usize, out: [usize; 2], m: usize, order: u32) -> Vec<f64> {
+    let len_out = out[1] - out[0];
+    let mut out_shape = shape;
+    out_shape[axis] = len_out;
+    let mut res = vec![0f64; out_shape.iter().product()];
+    let si = [shape[1] * shape[2], shape[2], 1];
+    let so = [out_shape[1] * out_shape[2], out_shape[2], 1];
+    let others: Vec<usize> = (0..3).filter(|&a| a != axis).collect();
+    let (a, b) = (others[0], others[1]);
+    let len_in = shape[axis];
+    for ia in 0..shape[a] {
+        for ib in 0..shape[b] {
+            let bi = ia * si[a] + ib * si[b];
+            let bo = ia * so[a] + ib * so[b];
+            let get = |g: usize| -> f64 {
+                // Global index g (clamped to the volume) → window value; outside the window the
+                // indicator is 0 by construction of the window.
+                if g < in0 || g >= in0 + len_in { 0.0 } else { v[bi + (g - in0) * si[axis]] }
+            };
+            for k in 0..len_out {
+                let i = out[0] + k;
+                let x = source(i, n, m);
+                let val = if order == 0 {
+                    get(((x + 0.5).floor().max(0.0) as usize).min(n - 1))
+                } else {
+                    let x = x.clamp(0.0, (n - 1) as f64);
+                    let j = (x.floor() as usize).min(n - 1);
+                    let t = x - j as f64;
+                    get(j) * (1.0 - t) + get((j + 1).min(n - 1)) * t
+                };
+                res[bo + k * so[axis]] = val;
+            }
+        }
+    }
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cubic_resize_1d_vector() {
+        // nnunet-pipeline.md §11: [0,0,0,10,10,10] → 12 samples (order 3, edge, clip).
+        let v = [0f32, 0., 0., 10., 10., 10.];
+        let out = resample_data(&v, [1, 1, 6], [1, 1, 12], None);
+        let want = [0.0, 0.1436, 0.2602, 0.0, 0.0, 2.1569, 7.8431, 10.0, 10.0, 9.7398, 9.8564, 10.0];
+        for (a, b) in out.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-4, "{out:?}");
+        }
+    }
+
+    #[test]
+    fn separate_z_data_and_decision_vectors() {
+        assert_eq!(separate_axis([3.0, 0.78, 0.78], [3.0, 0.78, 0.78]), Some(0));
+        assert_eq!(separate_axis([2.0, 0.78, 0.78], [2.0, 0.78, 0.78]), None);
+        // (1,3,4,4) → (1,6,4,4), spacing (4,1,1) → (2,1,1): z profile at [:,0,0] of an arange.
+        let v: Vec<f32> = (0..48).map(|i| i as f32).collect();
+        let sep = separate_axis([4.0, 1.0, 1.0], [2.0, 1.0, 1.0]);
+        assert_eq!(sep, Some(0));
+        let out = resample_data(&v, [3, 4, 4], [6, 4, 4], sep);
+        let z: Vec<f32> = (0..6).map(|k| out[k * 16]).collect();
+        assert_eq!(z, [0.0, 0.0, 16.0, 16.0, 32.0, 32.0]);
+    }
+
+    #[test]
+    fn seg_resampling_vectors() {
+        // 4³ with a central 2³ block of label 1 and one voxel of label 2 at (3,3,3), ×2 →
+        // {0: 449, 1: 56, 2: 7}: trilinear corners 0.75³ < 0.5 drop out.
+        let mut seg = vec![0i16; 64];
+        for z in 1..3 {
+            for y in 1..3 {
+                for x in 1..3 {
+                    seg[(z * 4 + y) * 4 + x] = 1;
+                }
+            }
+        }
+        seg[63] = 2;
+        let out = resample_seg(&seg, [4, 4, 4], [8, 8, 8], None);
+        let count = |l: i16| out.iter().filter(|&&v| v == l).count();
+        assert_eq!((count(0), count(1), count(2)), (449, 56, 7));
+        // Nearest along z: 8 → 4 picks 1,3,5,7; 9 → 5 picks 0,2,4,6,8.
+        let s: Vec<i16> = (0..8).collect();
+        assert_eq!(resample_seg(&s.iter().map(|&v| v).collect::<Vec<_>>(), [8, 1, 1], [4, 1, 1], Some(0)), [1, 3, 5, 7]);
+        let s: Vec<i16> = (0..9).collect();
+        assert_eq!(resample_seg(&s, [9, 1, 1], [5, 1, 1], Some(0)), [0, 2, 4, 6, 8]);
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    /// Reference: every label over the whole volume, no windows.
+    pub(super) fn resample_seg_full(seg: &[i16], shape: [usize; 3], new_shape: [usize; 3], separate: Option<usize>) -> Vec<i16> {
+        let mut labels: Vec<i16> = seg.to_vec();
+        labels.sort_unstable();
+        labels.dedup();
+        let mut out = vec![0i16; new_shape.iter().product()];
+        for &l in &labels {
+            let mut cur: Vec<f64> = seg.iter().map(|&s| f64::from(s == l)).collect();
+            let mut cs = shape;
+            for a in 0..3 {
+                cur = along(&cur, cs, a, new_shape[a], if Some(a) == separate { 0 } else { 1 });
+                cs[a] = new_shape[a];
+            }
+            for (o, v) in out.iter_mut().zip(&cur) {
+                if *v >= 0.5 {
+                    *o = l;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn windows_change_nothing() {
+        let shape = [5, 16, 14];
+        let mut seg = vec![0i16; 5 * 16 * 14];
+        for (i, s) in seg.iter_mut().enumerate() {
+            let (z, y, x) = (i / 224, i / 14 % 16, i % 14);
+            if (1..4).contains(&z) && (2..14).contains(&y) && (3..11).contains(&x) { *s = 1; }
+            if z >= 2 && y < 8 { *s = 2; }
+            if y == 15 && x == 13 { *s = 3; }
+            if z == 0 && y == 0 && x < 2 { *s = -1; }
+        }
+        for (ns, sep) in [([11, 12, 10], Some(0)), ([11, 12, 10], None), ([3, 30, 7], None)] {
+            let a = resample_seg(&seg, shape, ns, sep);
+            let b = resample_seg_full(&seg, shape, ns, sep);
+            let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            assert_eq!(diff, 0, "{ns:?} {sep:?}");
+        }
+    }
+}
