@@ -11,5 +11,6 @@ pub mod nifti_io;
 pub mod phantom;
 pub mod plan;
 pub mod plugins;
+pub mod preprocess;
 pub mod resample;
 pub mod totalseg;

@@ -71,6 +71,20 @@ enum Command {
         #[arg(long, default_value_t = 8.0)]
         gpu_memory_gb: f64,
     },
+    /// Preprocess a dataset with a plan (crop, normalise, resample); resumes where it stopped.
+    Preprocess {
+        /// The dataset folder (nnU-Net raw layout).
+        dir: PathBuf,
+        /// plans.json (`stu plan` or nnU-Net's nnUNetPlans.json).
+        #[arg(long)]
+        plans: PathBuf,
+        /// Configuration in the plans.
+        #[arg(long, default_value = "3d_fullres")]
+        configuration: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Time STU-Net forward and forward+backward on this machine (cases of shared/bench/cpu_anchor.py).
     Bench {
         /// Only cases whose id contains one of these (e.g. `S_64 block`).
@@ -233,6 +247,20 @@ fn run(cli: Cli) -> Result<()> {
             let c = &plans["configurations"]["3d_fullres"];
             eprintln!("spacing {} patch {} batch {} strides {}", c["spacing"], c["patch_size"], c["batch_size"], c["pool_op_kernel_sizes"]);
             eprintln!("wrote {} and {}", out.display(), fp_path.display());
+        }
+        Command::Preprocess { dir, plans, configuration, out } => {
+            let json = stu_data::dataset::DatasetJson::read(&dir.join("dataset.json"))?;
+            let bar = indicatif::ProgressBar::new(json.num_training as u64).with_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} cases, ETA {eta} {msg}").expect("valid template"),
+            );
+            bar.set_prefix("preprocess");
+            let t = std::time::Instant::now();
+            let (now, before) = stu_data::preprocess::preprocess_dataset(&dir, &plans, &configuration, &out, &|id| {
+                bar.set_message(id.to_string());
+                bar.inc(1);
+            })?;
+            bar.finish_and_clear();
+            eprintln!("preprocessed {now} case(s) in {:.1} s ({before} already done) into {}", t.elapsed().as_secs_f64(), out.display());
         }
         Command::Bench { cases, json, backend } => {
             let results = crate::bench::run(backend, &cases, |r| {
