@@ -5,6 +5,11 @@
 //!   `../shared/bench/cpu_anchor.py` on the same machine right after, and writes both with their
 //!   ratios to `reports/bench/` (JSON and Markdown, with machine, date and git revision).
 //!
+//! - `bench-preprocess [--python PY]`: writes the two-CT benchmark dataset once
+//!   (`stu bench-data`, as `shared/bench/make_synthetic_ct.py`), then plans and preprocesses it
+//!   with `stu` and, when PY has `nnunetv2`, with nnU-Net (`-np 1`) on the same files, measuring
+//!   wall time and peak RSS with `/usr/bin/time`; writes `reports/bench/preprocess.{json,md}`.
+//!
 //! This crate stays thin: it invokes cargo and the built binaries, nothing else.
 
 use std::path::{Path, PathBuf};
@@ -17,7 +22,8 @@ fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         Some("bench") => bench(args.collect()),
-        Some(other) => bail!("unknown xtask `{other}`; available: bench"),
+        Some("bench-preprocess") => bench_preprocess(args.collect()),
+        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess"),
         None => bail!("usage: cargo xtask bench [--python PY] [--no-torch] [--out DIR] [CASES…]"),
     }
 }
@@ -145,5 +151,140 @@ fn bench(args: Vec<String>) -> Result<()> {
     let _ = std::fs::remove_file(&torch_path);
     print!("{md}");
     eprintln!("wrote {}", out_dir.join("cpu.md").display());
+    Ok(())
+}
+
+/// Runs `cmd` under `/usr/bin/time`, returning (wall seconds, peak RSS in GiB).
+fn timed(cmd: &mut Command) -> Result<(f64, Option<f64>)> {
+    let stats = std::env::temp_dir().join(format!("stu-time-{}", std::process::id()));
+    let (prog, args): (String, Vec<String>) = (cmd.get_program().to_string_lossy().into(), cmd.get_args().map(|a| a.to_string_lossy().into()).collect());
+    let have_time = Path::new("/usr/bin/time").exists();
+    let start = std::time::Instant::now();
+    let status = if have_time {
+        let mut t = Command::new("/usr/bin/time");
+        t.args(["-f", "%e %M", "-o"]).arg(&stats).arg(&prog).args(&args);
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => t.env(k, v),
+                None => t.env_remove(k),
+            };
+        }
+        eprintln!("$ {prog} {}", args.join(" "));
+        t.stdout(std::process::Stdio::null()).status()?
+    } else {
+        cmd.stdout(std::process::Stdio::null()).status()?
+    };
+    let wall = start.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("{prog} failed: {status}");
+    }
+    let rss = std::fs::read_to_string(&stats).ok().and_then(|s| s.split_whitespace().nth(1).and_then(|k| k.parse::<f64>().ok())).map(|kb| kb / 1024.0 / 1024.0);
+    let _ = std::fs::remove_file(&stats);
+    Ok((wall, rss))
+}
+
+fn bench_preprocess(args: Vec<String>) -> Result<()> {
+    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--python" => python = it.next().context("--python needs a value")?,
+            other => bail!("unknown option `{other}`"),
+        }
+    }
+    let root = root();
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu"]).current_dir(&root))?;
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let stu = target.join("release/stu");
+    let work = target.join("bench-preprocess");
+    let data_root = work.join("raw");
+    run(Command::new(&stu).arg("bench-data").arg("--out").arg(&data_root))?;
+    let dataset = data_root.join("Dataset990_SyntheticCT");
+    let ours_out = work.join("ours");
+    let _ = std::fs::remove_dir_all(&ours_out);
+    let (plan_s, plan_rss) = timed(Command::new(&stu).arg("plan").arg(&dataset).arg("--out").arg(ours_out.join("plans.json")))?;
+    let (pre_s, pre_rss) = timed(Command::new(&stu).arg("preprocess").arg(&dataset).arg("--plans").arg(ours_out.join("plans.json")).arg("--out").arg(ours_out.join("pre")))?;
+    let plans: Value = serde_json::from_str(&std::fs::read_to_string(ours_out.join("plans.json"))?)?;
+    let conf = &plans["configurations"]["3d_fullres"];
+
+    let mut theirs = Value::Null;
+    let has_nnunet = Command::new(&python).args(["-c", "import nnunetv2"]).status().is_ok_and(|s| s.success());
+    if has_nnunet {
+        let bin = |name: &str| Path::new(&python).parent().map(|p| p.join(name)).filter(|p| p.exists()).unwrap_or_else(|| PathBuf::from(name));
+        let nn = work.join("nnunet");
+        let _ = std::fs::remove_dir_all(&nn);
+        for d in ["raw", "pre", "res"] {
+            std::fs::create_dir_all(nn.join(d))?;
+        }
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(&dataset, nn.join("raw/Dataset990_SyntheticCT"))?;
+        let env = |c: &mut Command| {
+            c.env("nnUNet_raw", nn.join("raw")).env("nnUNet_preprocessed", nn.join("pre")).env("nnUNet_results", nn.join("res"));
+        };
+        let mut fp = Command::new(bin("nnUNetv2_extract_fingerprint"));
+        fp.args(["-d", "990", "-np", "1"]);
+        env(&mut fp);
+        let (fp_s, fp_rss) = timed(&mut fp)?;
+        let mut pl = Command::new(bin("nnUNetv2_plan_experiment"));
+        pl.args(["-d", "990"]);
+        env(&mut pl);
+        let (pl_s, _) = timed(&mut pl)?;
+        let mut pp = Command::new(bin("nnUNetv2_preprocess"));
+        pp.args(["-d", "990", "-c", "3d_fullres", "-np", "1"]);
+        env(&mut pp);
+        let (pp_s, pp_rss) = timed(&mut pp)?;
+        let nplans: Value = serde_json::from_str(&std::fs::read_to_string(nn.join("pre/Dataset990_SyntheticCT/nnUNetPlans.json"))?)?;
+        let nconf = &nplans["configurations"]["3d_fullres"];
+        theirs = json!({
+            "fingerprint_s": fp_s, "fingerprint_rss_gib": fp_rss, "plan_s": pl_s,
+            "preprocess_s": pp_s, "preprocess_rss_gib": pp_rss,
+            "spacing": nconf["spacing"], "patch_size": nconf["patch_size"],
+        });
+    } else {
+        eprintln!("note: `{python}` has no nnunetv2; nnU-Net side skipped (use --python or STU_BENCH_PYTHON)");
+    }
+    let host = host();
+    let ratio = |a: f64, b: &Value| b.as_f64().map(|b| format!("{:.2}×", a / b)).unwrap_or_else(|| "–".into());
+    let gib = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
+    let mut md = format!(
+        "# Preprocessing benchmark: Dataset990_SyntheticCT (512×512×300 @ 0.8×0.8×1.0 mm, 512×512×150 @ 0.7×0.7×2.0 mm)\n\n{} · {} cores · {} GiB · {} · git {}{}\n\nplan: spacing {} patch {} (nnU-Net: {} {})\n\n| step | ours (s) | ours peak RSS (GiB) | nnU-Net (s) | nnU-Net peak RSS (GiB) | time ratio | RSS ratio |\n|---|---|---|---|---|---|---|\n",
+        host["cpu"].as_str().unwrap_or(""),
+        host["cores"],
+        host["mem_gib"],
+        host["date"].as_str().unwrap_or(""),
+        host["git"].as_str().unwrap_or(""),
+        if host["dirty"].as_bool() == Some(true) { " (dirty)" } else { "" },
+        conf["spacing"],
+        conf["patch_size"],
+        theirs["spacing"],
+        theirs["patch_size"],
+    );
+    md.push_str(&format!(
+        "| fingerprint + plan | {plan_s:.2} | {} | {} | {} | {} | {} |\n",
+        gib(plan_rss),
+        theirs["fingerprint_s"].as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
+        gib(theirs["fingerprint_rss_gib"].as_f64()),
+        ratio(plan_s, &theirs["fingerprint_s"]),
+        plan_rss.map(|r| ratio(r, &theirs["fingerprint_rss_gib"])).unwrap_or_else(|| "–".into()),
+    ));
+    md.push_str(&format!(
+        "| preprocess (crop, normalise, resample, class locations, save) | {pre_s:.2} | {} | {} | {} | {} | {} |\n",
+        gib(pre_rss),
+        theirs["preprocess_s"].as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
+        gib(theirs["preprocess_rss_gib"].as_f64()),
+        ratio(pre_s, &theirs["preprocess_s"]),
+        pre_rss.map(|r| ratio(r, &theirs["preprocess_rss_gib"])).unwrap_or_else(|| "–".into()),
+    ));
+    md.push_str("\nOurs: one case at a time (`--jobs 1`), voxel loops on every core; nnU-Net: `-np 1`, as in `shared/docs/anchors.md`. Goal: ≤ 0.25× time and ≤ 0.5× peak RSS.\n");
+    let doc = json!({
+        "host": host,
+        "ours": {"plan_s": plan_s, "plan_rss_gib": plan_rss, "preprocess_s": pre_s, "preprocess_rss_gib": pre_rss, "spacing": conf["spacing"], "patch_size": conf["patch_size"]},
+        "nnunet": theirs,
+    });
+    let out_dir = root.join("reports/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("preprocess.json"), serde_json::to_string_pretty(&doc)? + "\n")?;
+    std::fs::write(out_dir.join("preprocess.md"), &md)?;
+    print!("{md}");
     Ok(())
 }

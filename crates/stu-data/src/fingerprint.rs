@@ -1,6 +1,5 @@
 //! Dataset fingerprint (`shared/docs/nnunet-pipeline.md` §2) and `crop_to_nonzero` (§4.1).
 
-use std::collections::VecDeque;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -21,41 +20,47 @@ pub type BBox = [[usize; 2]; 3];
 /// tight bounding box (the full image when the mask is empty).
 pub fn nonzero_mask(channels: &[&[f32]], shape: [usize; 3]) -> (Vec<bool>, BBox) {
     let n: usize = shape.iter().product();
-    let mut mask: Vec<bool> = (0..n).map(|i| channels.iter().any(|c| c[i] != 0.0)).collect();
-    // Background reachable from the border stays background; everything else is filled.
     let [d, h, w] = shape;
+    // 0: background not (yet) reached from the border, 1: nonzero, 2: background reached.
+    const BG: u8 = 0;
+    const FG: u8 = 1;
+    const OUT: u8 = 2;
+    let mut state: Vec<u8> = (0..n).into_par_iter().map(|i| if channels.iter().any(|c| c[i] != 0.0) { FG } else { BG }).collect();
+    // Breadth-first from every border background voxel; the queue is the visit order itself.
+    let mut queue: Vec<u32> = Vec::new();
     let idx = |z: usize, y: usize, x: usize| (z * h + y) * w + x;
-    let mut outside = vec![false; n];
-    let mut queue = VecDeque::new();
     for z in 0..d {
         for y in 0..h {
             for x in 0..w {
                 let border = z == 0 || y == 0 || x == 0 || z == d - 1 || y == h - 1 || x == w - 1;
-                if border && !mask[idx(z, y, x)] {
-                    outside[idx(z, y, x)] = true;
-                    queue.push_back((z, y, x));
+                let i = idx(z, y, x);
+                if border && state[i] == BG {
+                    state[i] = OUT;
+                    queue.push(i as u32);
                 }
             }
         }
     }
-    while let Some((z, y, x)) = queue.pop_front() {
-        let mut visit = |z: usize, y: usize, x: usize| {
-            let i = idx(z, y, x);
-            if !mask[i] && !outside[i] {
-                outside[i] = true;
-                queue.push_back((z, y, x));
+    let mut head = 0;
+    while head < queue.len() {
+        let i = queue[head] as usize;
+        head += 1;
+        let (z, y, x) = (i / (h * w), i / w % h, i % w);
+        let mut visit = |j: usize| {
+            if state[j] == BG {
+                state[j] = OUT;
+                queue.push(j as u32);
             }
         };
-        if z > 0 { visit(z - 1, y, x) }
-        if z + 1 < d { visit(z + 1, y, x) }
-        if y > 0 { visit(z, y - 1, x) }
-        if y + 1 < h { visit(z, y + 1, x) }
-        if x > 0 { visit(z, y, x - 1) }
-        if x + 1 < w { visit(z, y, x + 1) }
+        if z > 0 { visit(i - h * w) }
+        if z + 1 < d { visit(i + h * w) }
+        if y > 0 { visit(i - w) }
+        if y + 1 < h { visit(i + w) }
+        if x > 0 { visit(i - 1) }
+        if x + 1 < w { visit(i + 1) }
     }
-    for (m, o) in mask.iter_mut().zip(&outside) {
-        *m = !o;
-    }
+    drop(queue);
+    let mask: Vec<bool> = state.into_par_iter().map(|s| s != OUT).collect();
     let mut bb = [[usize::MAX, 0]; 3];
     let mut any = false;
     for z in 0..d {

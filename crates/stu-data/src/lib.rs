@@ -13,4 +13,5 @@ pub mod plan;
 pub mod plugins;
 pub mod preprocess;
 pub mod resample;
+pub mod synthetic_ct;
 pub mod totalseg;

@@ -149,25 +149,27 @@ pub fn best_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
     ]
 }
 
-/// The file's values as f64 (unscaled), whatever its integer or float type.
-fn typed_values(path: &Path, obj: InMemNiftiObject) -> Result<Vec<f64>> {
+/// The file's values converted by `f` (unscaled), whatever its integer or float type, without an
+/// intermediate copy in a wider type.
+fn typed_values<T: Send>(path: &Path, obj: InMemNiftiObject, f: impl Fn(f64) -> T + Sync) -> Result<Vec<T>> {
     let dt = obj.header().data_type().map_err(|e| invalid(path, format!("bad datatype: {e}")))?;
     let vol = obj.into_volume();
     let bad = |e: nifti::NiftiError| invalid(path, format!("cannot decode {dt:?} data: {e}"));
-    fn cast<T: Copy + Into<f64>>(v: Vec<T>) -> Vec<f64> {
-        v.into_iter().map(Into::into).collect()
+    fn conv<S: Copy + Sync + Into<f64>, T: Send>(v: Vec<S>, f: &(impl Fn(f64) -> T + Sync)) -> Vec<T> {
+        use rayon::prelude::*;
+        v.par_iter().map(|&x| f(x.into())).collect()
     }
     Ok(match dt {
-        NiftiType::Uint8 => cast(vol.into_nifti_typed_data::<u8>().map_err(bad)?),
-        NiftiType::Int8 => cast(vol.into_nifti_typed_data::<i8>().map_err(bad)?),
-        NiftiType::Uint16 => cast(vol.into_nifti_typed_data::<u16>().map_err(bad)?),
-        NiftiType::Int16 => cast(vol.into_nifti_typed_data::<i16>().map_err(bad)?),
-        NiftiType::Uint32 => cast(vol.into_nifti_typed_data::<u32>().map_err(bad)?),
-        NiftiType::Int32 => cast(vol.into_nifti_typed_data::<i32>().map_err(bad)?),
-        NiftiType::Float32 => cast(vol.into_nifti_typed_data::<f32>().map_err(bad)?),
-        NiftiType::Float64 => vol.into_nifti_typed_data::<f64>().map_err(bad)?,
-        NiftiType::Int64 => vol.into_nifti_typed_data::<i64>().map_err(bad)?.into_iter().map(|v| v as f64).collect(),
-        NiftiType::Uint64 => vol.into_nifti_typed_data::<u64>().map_err(bad)?.into_iter().map(|v| v as f64).collect(),
+        NiftiType::Uint8 => conv(vol.into_nifti_typed_data::<u8>().map_err(bad)?, &f),
+        NiftiType::Int8 => conv(vol.into_nifti_typed_data::<i8>().map_err(bad)?, &f),
+        NiftiType::Uint16 => conv(vol.into_nifti_typed_data::<u16>().map_err(bad)?, &f),
+        NiftiType::Int16 => conv(vol.into_nifti_typed_data::<i16>().map_err(bad)?, &f),
+        NiftiType::Uint32 => conv(vol.into_nifti_typed_data::<u32>().map_err(bad)?, &f),
+        NiftiType::Int32 => conv(vol.into_nifti_typed_data::<i32>().map_err(bad)?, &f),
+        NiftiType::Float32 => conv(vol.into_nifti_typed_data::<f32>().map_err(bad)?, &f),
+        NiftiType::Float64 => conv(vol.into_nifti_typed_data::<f64>().map_err(bad)?, &f),
+        NiftiType::Int64 => vol.into_nifti_typed_data::<i64>().map_err(bad)?.into_iter().map(|v| f(v as f64)).collect(),
+        NiftiType::Uint64 => vol.into_nifti_typed_data::<u64>().map_err(bad)?.into_iter().map(|v| f(v as f64)).collect(),
         other => return Err(invalid(path, format!("unsupported datatype {other:?}"))),
     })
 }
@@ -182,12 +184,8 @@ fn scaling(h: &NiftiHeader) -> Option<(f64, f64)> {
 pub fn read_image(path: &Path) -> Result<Volume<f32>> {
     let obj = read_object(path)?;
     let geom = geometry(path, obj.header())?;
-    let scale = scaling(obj.header());
-    let values = typed_values(path, obj)?;
-    let data = match scale {
-        Some((s, i)) => values.into_iter().map(|v| (v * s + i) as f32).collect(),
-        None => values.into_iter().map(|v| v as f32).collect(),
-    };
+    let (s, i) = scaling(obj.header()).unwrap_or((1.0, 0.0));
+    let data = typed_values(path, obj, |v| (v * s + i) as f32)?;
     Ok(Volume { data, geom })
 }
 
@@ -201,22 +199,20 @@ pub fn read_geometry(path: &Path) -> Result<Geometry> {
 pub fn read_label(path: &Path) -> Result<Volume<u16>> {
     let obj = read_object(path)?;
     let geom = geometry(path, obj.header())?;
-    let scale = scaling(obj.header());
-    let values = typed_values(path, obj)?;
-    let mut data = Vec::with_capacity(values.len());
-    for (i, v) in values.into_iter().enumerate() {
-        let v = match scale {
-            Some((s, c)) => v * s + c,
-            None => v,
-        };
-        if !(v >= 0.0 && v < 65536.0 && v.fract() == 0.0) {
-            let [_, ny, nx] = geom.shape;
-            let (z, y, x) = (i / (ny * nx), i / nx % ny, i % nx);
-            return Err(invalid(path, format!("label value {v} at voxel (x={x}, y={y}, z={z}) is not a non-negative integer < 65536")));
-        }
-        data.push(v as u16);
+    let (s, c) = scaling(obj.header()).unwrap_or((1.0, 0.0));
+    // Out-of-range values become the sentinel u32::MAX, found afterwards to name the voxel.
+    let raw: Vec<u32> = typed_values(path, obj, |v| {
+        let v = v * s + c;
+        if v >= 0.0 && v < 65536.0 && v.fract() == 0.0 { v as u32 } else { u32::MAX }
+    })?;
+    if let Some(i) = raw.iter().position(|&v| v == u32::MAX) {
+        let obj = read_object(path)?;
+        let v = typed_values(path, obj, |v| v * s + c)?[i];
+        let [_, ny, nx] = geom.shape;
+        let (z, y, x) = (i / (ny * nx), i / nx % ny, i % nx);
+        return Err(invalid(path, format!("label value {v} at voxel (x={x}, y={y}, z={z}) is not a non-negative integer < 65536")));
     }
-    Ok(Volume { data, geom })
+    Ok(Volume { data: raw.into_iter().map(|v| v as u16).collect(), geom })
 }
 
 /// Writes a label map with `geom`'s header (so shape, sform and qform match the source), as
@@ -249,8 +245,9 @@ pub fn write_label(path: &Path, data: &[u16], geom: &Geometry) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|source| NiftiIoError::Io { path: path.to_path_buf(), source })
 }
 
-/// Writes a float32 image with `geom`'s header (gzip level 1 for `.nii.gz`: images are large and
-/// compress poorly). Atomic, as [`write_label`].
+/// Writes an image with `geom`'s header: as int16 when every value is an integer in its range
+/// (CT in HU: lossless and half the bytes), else float32; gzip level 1 for `.nii.gz` (images
+/// are large and compress poorly). Atomic, as [`write_label`].
 pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
     let [nz, ny, nx] = geom.shape;
     if data.len() != nz * ny * nx {
@@ -258,12 +255,15 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
     }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{}.tmp-{}{}", name, std::process::id(), if name.ends_with(".gz") { ".nii.gz" } else { ".nii" }));
-    let view = ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked");
-    nifti::writer::WriterOptions::new(&tmp)
-        .reference_header(&geom.header)
-        .compression_level(flate2::Compression::new(1))
-        .write_nifti(&view.reversed_axes())
-        .map_err(|e| {
+    let opts = nifti::writer::WriterOptions::new(&tmp).reference_header(&geom.header).compression_level(flate2::Compression::new(1));
+    let as_i16 = data.iter().all(|v| v.fract() == 0.0 && (i16::MIN as f32..=i16::MAX as f32).contains(v));
+    let written = if as_i16 {
+        let ints: Vec<i16> = data.iter().map(|&v| v as i16).collect();
+        opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], &ints).expect("length checked").reversed_axes())
+    } else {
+        opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked").reversed_axes())
+    };
+    written.map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             invalid(path, format!("cannot write: {e}"))
         })?;

@@ -120,13 +120,13 @@ pub struct Preprocessed {
     pub locations: Vec<(i16, Vec<[u32; 3]>)>,
 }
 
-fn transpose(v: &[f32], shape: [usize; 3], perm: [usize; 3]) -> (Vec<f32>, [usize; 3]) {
+fn transpose<T: Copy + Default + Send + Sync>(v: Vec<T>, shape: [usize; 3], perm: [usize; 3]) -> (Vec<T>, [usize; 3]) {
     if perm == [0, 1, 2] {
-        return (v.to_vec(), shape);
+        return (v, shape);
     }
     let new = perm.map(|a| shape[a]);
     let st = [shape[1] * shape[2], shape[2], 1];
-    let mut out = vec![0f32; v.len()];
+    let mut out = vec![T::default(); v.len()];
     out.par_chunks_mut(new[1] * new[2]).enumerate().for_each(|(i, plane)| {
         for j in 0..new[1] {
             for k in 0..new[2] {
@@ -142,7 +142,10 @@ fn transpose(v: &[f32], shape: [usize; 3], perm: [usize; 3]) -> (Vec<f32>, [usiz
     (out, new)
 }
 
-fn crop<T: Copy + Send + Sync>(v: &[T], shape: [usize; 3], bb: [[usize; 2]; 3]) -> Vec<T> {
+fn crop<T: Copy + Send + Sync>(v: Vec<T>, shape: [usize; 3], bb: [[usize; 2]; 3]) -> Vec<T> {
+    if bb == [[0, shape[0]], [0, shape[1]], [0, shape[2]]] {
+        return v;
+    }
     let mut out = Vec::with_capacity((bb[0][1] - bb[0][0]) * (bb[1][1] - bb[1][0]) * (bb[2][1] - bb[2][0]));
     for z in bb[0][0]..bb[0][1] {
         for y in bb[1][0]..bb[1][1] {
@@ -232,9 +235,9 @@ pub fn preprocess_case(id: &str, images: &[PathBuf], label: Option<&Path>, plan:
                 return Err(file_err(p, format!("shape {:?} differs from channel 0 {:?}", v.geom.shape, g.shape)));
             }
         }
-        let (t, _) = transpose(&v.data, v.geom.shape, perm);
-        chans.push(t);
+        let shape = v.geom.shape;
         geom.get_or_insert(v.geom);
+        chans.push(transpose(v.data, shape, perm).0);
     }
     let geom = geom.expect("at least one channel");
     let shape_t = perm.map(|a| geom.shape[a]);
@@ -245,17 +248,17 @@ pub fn preprocess_case(id: &str, images: &[PathBuf], label: Option<&Path>, plan:
             if l.geom.shape != geom.shape {
                 return Err(file_err(p, format!("label shape {:?} differs from the image {:?}", l.geom.shape, geom.shape)));
             }
-            let as_f32: Vec<f32> = l.data.iter().map(|&v| v as f32).collect();
-            Some(transpose(&as_f32, geom.shape, perm).0.into_iter().map(|v| v as i16).collect())
+            let as_i16: Vec<i16> = l.data.into_iter().map(|v| v as i16).collect();
+            Some(transpose(as_i16, geom.shape, perm).0)
         }
         None => None,
     };
     let refs: Vec<&[f32]> = chans.iter().map(Vec::as_slice).collect();
     let (mask, bb) = nonzero_mask(&refs, shape_t);
     let cropped_shape = [0, 1, 2].map(|a| bb[a][1] - bb[a][0]);
-    let mask_c = crop(&mask, shape_t, bb);
+    let mask_c = crop(mask, shape_t, bb);
     let mut seg: Vec<i16> = match seg_t {
-        Some(s) => crop(&s, shape_t, bb),
+        Some(s) => crop(s, shape_t, bb),
         None => vec![0; mask_c.len()],
     };
     for (s, &m) in seg.iter_mut().zip(&mask_c) {
@@ -263,16 +266,18 @@ pub fn preprocess_case(id: &str, images: &[PathBuf], label: Option<&Path>, plan:
             *s = -1;
         }
     }
-    let norm_mask: Vec<bool> = seg.iter().map(|&s| s >= 0).collect();
+    drop(mask_c);
+    let needs_mask = plan.use_mask_for_norm.iter().any(|&m| m);
+    let norm_mask: Vec<bool> = if needs_mask { seg.iter().map(|&s| s >= 0).collect() } else { Vec::new() };
     let new_shape = compute_new_shape(cropped_shape, spacing_t, plan.spacing);
     let sep = separate_axis(spacing_t, plan.spacing);
     let mut data = Vec::with_capacity(chans.len() * new_shape.iter().product::<usize>());
     for (c, ch) in chans.into_iter().enumerate() {
-        let mut v = crop(&ch, shape_t, bb);
-        drop(ch);
+        let mut v = crop(ch, shape_t, bb);
         normalize(&mut v, &plan.normalization_schemes[c], plan.use_mask_for_norm[c], &norm_mask, plan.intensity[c]);
         data.extend(resample_data(&v, cropped_shape, new_shape, sep));
     }
+    drop(norm_mask);
     let seg = resample_seg(&seg, cropped_shape, new_shape, sep);
     let seed = id.bytes().fold(1234u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
     let locations = class_locations(&seg, new_shape, seed);
@@ -335,14 +340,17 @@ pub fn load(dir: &Path, id: &str) -> Result<Preprocessed, DatasetError> {
 
 /// Preprocesses every training case of a dataset into `out`, skipping complete ones; calls
 /// `progress` after each case. Returns (processed now, already done).
-pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &Path, progress: &(dyn Fn(&str) + Sync)) -> Result<(usize, usize), DatasetError> {
+///
+/// `jobs` cases run at once (each case's voxel loops are parallel anyway; more jobs trade peak
+/// memory for throughput on many small cases).
+pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &Path, jobs: usize, progress: &(dyn Fn(&str) + Sync)) -> Result<(usize, usize), DatasetError> {
     let json = DatasetJson::read(&root.join("dataset.json"))?;
     let plan = PreprocessPlan::read(plans, configuration)?;
     let (cases, _) = discover(root, &json)?;
     std::fs::create_dir_all(out).map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: format!("cannot create: {e}") })?;
     let todo: Vec<_> = cases.iter().filter(|c| !out.join(format!("{}.json", c.id)).exists()).collect();
     let done = cases.len() - todo.len();
-    todo.par_iter().try_for_each(|case| {
+    let run = |case: &&crate::dataset::Case| {
         let images: Vec<PathBuf> = case
             .images
             .iter()
@@ -353,7 +361,13 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
         save(out, &pre)?;
         progress(&case.id);
         Ok::<_, DatasetError>(())
-    })?;
+    };
+    if jobs <= 1 {
+        todo.iter().try_for_each(run)?;
+    } else {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs).build().map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: e.to_string() })?;
+        pool.install(|| todo.par_iter().try_for_each(run))?;
+    }
     for (name, src) in [("dataset.json", root.join("dataset.json")), ("plans.json", plans.to_path_buf())] {
         std::fs::copy(&src, out.join(name)).map_err(|e| DatasetError::File { path: out.join(name), reason: e.to_string() })?;
     }

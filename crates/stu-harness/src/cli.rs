@@ -84,6 +84,16 @@ enum Command {
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
+        /// Cases processed at once (voxel loops use every core regardless).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+    },
+    /// Write the benchmark CT dataset (Dataset990_SyntheticCT, as shared/bench/make_synthetic_ct.py).
+    #[command(hide = true)]
+    BenchData {
+        /// Parent folder.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Time STU-Net forward and forward+backward on this machine (cases of shared/bench/cpu_anchor.py).
     Bench {
@@ -248,14 +258,18 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("spacing {} patch {} batch {} strides {}", c["spacing"], c["patch_size"], c["batch_size"], c["pool_op_kernel_sizes"]);
             eprintln!("wrote {} and {}", out.display(), fp_path.display());
         }
-        Command::Preprocess { dir, plans, configuration, out } => {
+        Command::BenchData { out } => {
+            let d = stu_data::synthetic_ct::write(&out)?;
+            println!("{}", d.display());
+        }
+        Command::Preprocess { dir, plans, configuration, out, jobs } => {
             let json = stu_data::dataset::DatasetJson::read(&dir.join("dataset.json"))?;
             let bar = indicatif::ProgressBar::new(json.num_training as u64).with_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} cases, ETA {eta} {msg}").expect("valid template"),
             );
             bar.set_prefix("preprocess");
             let t = std::time::Instant::now();
-            let (now, before) = stu_data::preprocess::preprocess_dataset(&dir, &plans, &configuration, &out, &|id| {
+            let (now, before) = stu_data::preprocess::preprocess_dataset(&dir, &plans, &configuration, &out, jobs, &|id| {
                 bar.set_message(id.to_string());
                 bar.inc(1);
             })?;
