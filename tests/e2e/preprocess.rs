@@ -122,3 +122,22 @@ fn preprocessing_resumes_and_never_reads_half_written_cases() {
     std::fs::write(&p, &b[..b.len() - 4]).unwrap();
     assert!(stu_data::preprocess::load(&out, "phantom_000").is_err());
 }
+
+#[test]
+fn quickstart_runs_the_data_pipeline_on_the_phantom() {
+    use std::process::Command;
+    use tests::stu_bin;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("qs");
+    let o = Command::new(stu_bin!()).args(["quickstart", "--cases", "3", "--out"]).arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("stunet-b") && text.contains("spacing"), "{text}");
+    for id in ["phantom_000", "phantom_001", "phantom_002"] {
+        let case = stu_data::preprocess::load(&out.join("preprocessed"), id).unwrap();
+        assert_eq!(case.props.shape[0], 1);
+        assert!(case.seg.iter().any(|&s| s == 15), "{id}: every phantom class survives preprocessing");
+    }
+    let stunet: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("plans/stunet_plans.json")).unwrap()).unwrap();
+    assert_eq!(stunet["configurations"]["3d_fullres"]["patch_size"], serde_json::json!([128, 128, 128]));
+}

@@ -17,6 +17,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job on the embedded default dataset: phantom → check → plan → preprocess.
+    Quickstart {
+        /// Output folder.
+        #[arg(long, default_value = "runs/quickstart")]
+        out: PathBuf,
+        /// Phantom training cases.
+        #[arg(long, default_value_t = 16)]
+        cases: usize,
+        /// Phantom seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// List registered models and presets with blocks, widths, parameters and MACs.
     Zoo {
         /// Print JSON (keys: name, params, macs_128, …).
@@ -198,6 +210,24 @@ fn rayon_threads() -> usize {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Quickstart { out, cases, seed } => {
+            let bar = indicatif::ProgressBar::new(cases as u64).with_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} cases {msg}").expect("valid template"),
+            );
+            bar.set_prefix("preprocess");
+            let s = crate::quickstart::run(&out, cases, seed, &|id| {
+                bar.set_message(id.to_string());
+                bar.inc(1);
+            })?;
+            bar.finish_and_clear();
+            println!("dataset      {} ({} training + 4 held-out phantom cases; `stu dataset check` passes)", s.dataset.display(), s.cases);
+            println!("plan         {} → spacing {} patch {} batch {} strides {}", s.plans.display(), s.plan["spacing"], s.plan["patch_size"], s.plan["batch_size"], s.plan["pool_op_kernel_sizes"]);
+            println!("preprocessed {}", s.preprocessed.display());
+            println!("timings      {}", s.seconds.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect::<Vec<_>>().join(", "));
+            println!();
+            print!("{}", crate::zoo_table(&crate::zoo_rows()));
+            println!("\nNext (not yet implemented): training the scaling study on this data, prediction and evaluation.");
+        }
         Command::Zoo { json } => {
             let rows = crate::zoo_rows();
             if json {

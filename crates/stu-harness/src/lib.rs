@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod forward;
 pub mod plans;
+pub mod quickstart;
 
 use stu_engine::model::PresetSummary;
 
