@@ -124,7 +124,7 @@ impl stu_engine::burn::module::ModuleMapper for ToF64 {
 /// Overwrites every parameter with values from its own xorshift stream (He-scaled for conv
 /// weights, in [0.5, 1.5) for vectors), independent of burn's global RNG, which concurrently
 /// running tests share.
-struct Deterministic(u64);
+struct Deterministic(stu_core::rng::SplitMix64);
 
 impl stu_engine::burn::module::ModuleMapper for Deterministic {
     fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
@@ -133,14 +133,7 @@ impl stu_engine::burn::module::ModuleMapper for Deterministic {
         let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
         let scale = if D == 5 { (6.0 / fan_in as f32).sqrt() } else { 1.0 };
         let offset = if D == 5 { 0.0 } else { 1.0 };
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                self.0 ^= self.0 << 13;
-                self.0 ^= self.0 >> 7;
-                self.0 ^= self.0 << 17;
-                ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale + offset
-            })
-            .collect();
+        let values: Vec<f32> = (0..n).map(|_| self.0.uniform(-0.5, 0.5) as f32 * scale + offset).collect();
         let device = p.val().device();
         Param::from_tensor(Tensor::from_data(TensorData::new(values, dims), &device))
     }
@@ -160,20 +153,12 @@ fn gradients_through_our_kernels_match_an_f64_reference() {
     let ad = device().autodiff();
     let seed: u64 = std::env::var("STU_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
     let arch = tiny(vec![[1, 2, 2], [2, 2, 2], [2, 2, 1], [1, 2, 2], [1, 1, 1]], 2, 2);
-    let net = StuNet::new(&arch, &ad).unwrap().map(&mut Deterministic(0x2545_f491_4f6c_dd1d ^ seed));
+    let net = StuNet::new(&arch, &ad).unwrap().map(&mut Deterministic(stu_core::rng::SplitMix64::new(0x2545_f491_4f6c_dd1d ^ seed)));
     let shape = [1, 2, 16, 64, 32];
     let n: usize = shape.iter().product();
     // Pseudo-random input: structured inputs make near-constant channels, where instance norm
     // amplifies rounding by up to 1/√eps and no two f32 computations agree.
-    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect();
+    let data = stu_core::rng::SplitMix64::new(0x9e37_79b9_7f4a_7c15 ^ seed).fill_f32(n, -1.0, 1.0);
     let grads_of = |net: &StuNet, dtype: DType, layout: Layout| {
         let x = Tensor::<5>::from_data(TensorData::new(data.clone(), shape), &ad).cast(dtype).detach().require_grad();
         let outs = net.forward_ds_in(x.clone(), layout);

@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod registry;
+pub mod rng;
 pub mod scaling;
 pub mod strides;
 mod stunet_classes;

@@ -96,6 +96,12 @@ impl<E: RegistryEntry> Registry<E> {
         Ok(Self { entries })
     }
 
+    /// Builds the registry of `inventory` registrations; an inconsistent set (a duplicate or
+    /// ungrammatical name) is a programming error and panics with both modules named.
+    pub fn from_registrations(items: impl IntoIterator<Item = &'static E>) -> Self {
+        Self::build(items).unwrap_or_else(|e| panic!("{} registry is inconsistent: {e}", E::KIND))
+    }
+
     /// Looks a plugin up by name; the error suggests the closest name.
     pub fn get(&self, name: &str) -> Result<&'static E, RegistryError> {
         self.entries.get(name).copied().ok_or_else(|| {

@@ -65,8 +65,7 @@ impl RegistryEntry for ScalingEntry {
 pub fn registry() -> &'static crate::Registry<ScalingEntry> {
     static REG: std::sync::OnceLock<crate::Registry<ScalingEntry>> = std::sync::OnceLock::new();
     REG.get_or_init(|| {
-        crate::Registry::build(inventory::iter::<ScalingEntry>())
-            .unwrap_or_else(|e| panic!("scaling-preset registry is inconsistent: {e}"))
+        crate::Registry::from_registrations(inventory::iter::<ScalingEntry>())
     })
 }
 

@@ -44,25 +44,7 @@ pub fn group_of(name: &str) -> stu_core::taxonomy::ExpertGroup {
     stu_core::taxonomy::CLASSES[label as usize - 1].2
 }
 
-/// splitmix64: small, fast, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(1e-12, 1.0), self.uniform(0.0, 1.0));
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
+use stu_core::rng::SplitMix64 as Rng;
 
 /// A solid in phantom coordinates (mm).
 #[derive(Clone, Copy)]
@@ -151,7 +133,7 @@ pub struct PhantomCase {
 
 /// Generates case `index` of a phantom with `seed`.
 pub fn case(seed: u64, index: usize) -> PhantomCase {
-    let mut rng = Rng(seed ^ (index as u64).wrapping_mul(0xd134_2543_de82_ef95).wrapping_add(0x5851_f42d_4c95_7f2d));
+    let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0xd134_2543_de82_ef95).wrapping_add(0x5851_f42d_4c95_7f2d));
     let a = anatomy(&mut rng);
     let spacing_xyz = [rng.uniform(2.5, 4.0), 0.0, rng.uniform(3.0, 5.0)];
     let sp = [spacing_xyz[0], spacing_xyz[0], spacing_xyz[2]];
@@ -167,7 +149,7 @@ pub fn case(seed: u64, index: usize) -> PhantomCase {
     let mut image = vec![0f32; nx * ny * nz];
     let mut label = vec![0u16; nx * ny * nz];
     image.par_chunks_mut(nx * ny).zip(label.par_chunks_mut(nx * ny)).enumerate().for_each(|(k, (img, lab))| {
-        let mut r = Rng(seed ^ 0xa076_1d64_78bd_642f ^ ((index * 4096 + k) as u64).wrapping_mul(0xe703_7ed1_a0b4_28db));
+        let mut r = Rng::new(seed ^ 0xa076_1d64_78bd_642f ^ ((index * 4096 + k) as u64).wrapping_mul(0xe703_7ed1_a0b4_28db));
         for j in 0..ny {
             for i in 0..nx {
                 let w = [dir[0] * sp[0] * i as f64 + origin[0], dir[1] * sp[1] * j as f64 + origin[1], dir[2] * sp[2] * k as f64 + origin[2]];

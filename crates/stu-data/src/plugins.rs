@@ -38,7 +38,7 @@ impl RegistryEntry for DatasetEntry {
 /// Every registered dataset plugin.
 pub fn registry() -> &'static Registry<DatasetEntry> {
     static REG: std::sync::OnceLock<Registry<DatasetEntry>> = std::sync::OnceLock::new();
-    REG.get_or_init(|| Registry::build(inventory::iter::<DatasetEntry>()).unwrap_or_else(|e| panic!("dataset registry is inconsistent: {e}")))
+    REG.get_or_init(|| Registry::from_registrations(inventory::iter::<DatasetEntry>()))
 }
 
 /// Deserialises a plugin's table, naming the plugin and the key on error.

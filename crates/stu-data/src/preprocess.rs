@@ -195,21 +195,14 @@ fn class_locations(seg: &[i16], shape: [usize; 3], seed: u64) -> Vec<(i16, Vec<[
             by_label.entry(s).or_default().push(i);
         }
     }
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut rng = stu_core::rng::SplitMix64::new(seed);
     by_label
         .into_iter()
         .map(|(label, mut idx)| {
             let n = idx.len();
             let k = n.min(10_000).max(n.div_ceil(100));
             for i in 0..k {
-                let j = i + (next() % (n - i) as u64) as usize;
+                let j = i + rng.below((n - i) as u64) as usize;
                 idx.swap(i, j);
             }
             let coords = idx[..k].iter().map(|&i| [(i / (shape[1] * shape[2])) as u32, (i / shape[2] % shape[1]) as u32, (i % shape[2]) as u32]).collect();

@@ -98,8 +98,7 @@ impl RegistryEntry for ModelEntry {
 pub fn registry() -> &'static Registry<ModelEntry> {
     static REG: std::sync::OnceLock<Registry<ModelEntry>> = std::sync::OnceLock::new();
     REG.get_or_init(|| {
-        Registry::build(inventory::iter::<ModelEntry>())
-            .unwrap_or_else(|e| panic!("model registry is inconsistent: {e}"))
+        Registry::from_registrations(inventory::iter::<ModelEntry>())
     })
 }
 

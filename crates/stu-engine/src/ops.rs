@@ -105,8 +105,8 @@ pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 
 /// affine=True)`: per-sample, per-channel statistics over the spatial axes, biased variance,
 /// eps 1e-5.
 ///
-/// The affine and the normalisation are folded into one scale and one shift per (sample,
-/// channel), so the full-size tensor is touched by one multiply-add after the statistics.
+/// Computed as `(x − μ)·(γ/σ) + β`: two full-size passes after the statistics, and no
+/// cancellation when |μ| ≫ σ.
 pub fn instance_norm(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, layout: Layout) -> Tensor<5> {
     let dims = x.dims();
     let (b, c) = (dims[0], dims[layout.channel_axis()]);
@@ -117,8 +117,7 @@ pub fn instance_norm(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, layout: L
     };
     let (var, mean) = flat.clone().var_mean_bias(axis);
     let scale = weight.reshape(cshape) / (var + NORM_EPS).sqrt();
-    let shift = bias.reshape(cshape) - mean * scale.clone();
-    (flat * scale + shift).reshape(dims)
+    ((flat - mean) * scale + bias.reshape(cshape)).reshape(dims)
 }
 
 /// `instance_norm` then LeakyReLU(0.01) when `act`; fused on the channels-last path.

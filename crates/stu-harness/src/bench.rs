@@ -46,16 +46,7 @@ fn time(n: usize, mut f: impl FnMut()) -> Vec<f64> {
 
 fn randn(shape: [usize; 5], device: &Device) -> Tensor<5> {
     // A fixed pseudo-random input; values do not affect speed.
-    let n: usize = shape.iter().product();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let data: Vec<f32> = (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
+    let data = stu_core::rng::SplitMix64::new(7).fill_f32(shape.iter().product(), -0.5, 0.5);
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 

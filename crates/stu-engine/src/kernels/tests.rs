@@ -3,15 +3,7 @@
 use super::*;
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
+    stu_core::rng::SplitMix64::new(seed).fill_f32(n, -0.5, 0.5)
 }
 
 /// Naive channels-last conv (f64 accumulation); returns y.
