@@ -493,7 +493,9 @@ impl StuNet {
             x = Tensor::cat(vec![up, skip], l.channel_axis());
             x = self.conv_blocks_localization[u].iter().fold(x, |x, b| b.forward(x, l));
             if deep_supervision || u == n - 2 {
-                outs.push(l.to_ncdhw(conv(&self.seg_outputs[u], x.clone(), l)));
+                let head = &self.seg_outputs[u];
+                let bias = head.bias.as_ref().expect("STU-Net heads have a bias").val();
+                outs.push(ops::head_to_ncdhw(x.clone(), head.weight.val(), bias, l));
             }
         }
         outs.reverse();

@@ -37,6 +37,15 @@ pub trait StuOps: Backend {
         grad: FloatTensor<Self>,
         act: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// 1×1 conv from channels-last `x` `[B, D, H, W, Cin]` to channels-first `[B, Cout, D, H, W]`
+    /// (the segmentation heads); `weight` `[Cout, Cin, 1, 1, 1]`, `bias` `[Cout]`.
+    fn head_cl(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Gradients of [`head_cl`](StuOps::head_cl): (x, weight, bias).
+    fn head_cl_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Gradients of [`norm_add_act_cl`](StuOps::norm_add_act_cl): (x, gamma, beta, skip).
     fn norm_add_act_cl_backward(
         x: FloatTensor<Self>,
@@ -118,6 +127,25 @@ mod flex {
             assert_eq!(dims(&x), dims(&skip), "norm_add_act_cl: skip shape");
             let y = kernels::norm::forward(&values(&x), &values(&gamma), &values(&beta), Some(&values(&skip)), true, b, n, c);
             tensor(y, dims(&x))
+        }
+        fn head_cl(x: FloatTensor<Flex>, weight: FloatTensor<Flex>, bias: FloatTensor<Flex>) -> FloatTensor<Flex> {
+            let xs = dims(&x);
+            let (b, n, cin) = super::bnc(&xs);
+            let cout = dims(&weight)[0];
+            assert_eq!(dims(&weight)[1], cin, "head_cl: channel mismatch");
+            let y = kernels::head_forward(&values(&x), &values(&weight), &values(&bias), b, n, cin, cout);
+            tensor(y, vec![b, cout, xs[1], xs[2], xs[3]])
+        }
+        fn head_cl_backward(x: FloatTensor<Flex>, weight: FloatTensor<Flex>, grad: FloatTensor<Flex>) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
+            let xs = dims(&x);
+            let (b, n, cin) = super::bnc(&xs);
+            let cout = dims(&weight)[0];
+            let (xv, wv, gv) = (values(&x), values(&weight), values(&grad));
+            (
+                tensor(kernels::head_backward_data(&gv, &wv, b, n, cin, cout), xs),
+                tensor(kernels::head_backward_weight(&xv, &gv, b, n, cin, cout), dims(&weight)),
+                tensor(kernels::head_backward_bias(&gv, b, n, cout), vec![cout]),
+            )
         }
         fn norm_act_cl_backward(
             x: FloatTensor<Flex>,
@@ -257,6 +285,46 @@ impl<B: Backend + StuOps, C: CheckpointStrategy> StuOps for Autodiff<B, C> {
                 prep.finish(B::norm_add_act_cl(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), skip.into_primitive()))
             }
         }
+    }
+
+    fn head_cl(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Head;
+
+        impl<B: Backend + StuOps> Backward<B, 3> for Head {
+            type State = (NodeId, NodeId);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_x, node_w, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (xs, ws) = ops.state;
+                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(xs);
+                let w = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ws);
+                let (dx, dw, db) = B::head_cl_backward(x, w, grad);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, dw);
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, db);
+                }
+            }
+        }
+
+        match Head.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight));
+                prep.finish(state, B::head_cl(x.into_primitive(), weight.into_primitive(), bias.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::head_cl(x.into_primitive(), weight.into_primitive(), bias.into_primitive())),
+        }
+    }
+
+    fn head_cl_backward(x: FloatTensor<Self>, weight: FloatTensor<Self>, grad: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = (x, weight, grad);
+        unimplemented!("second-order gradients of head_cl are not supported")
     }
 
     fn norm_act_cl_backward(

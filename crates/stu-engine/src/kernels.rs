@@ -106,6 +106,100 @@ unsafe fn gemm(
     }
 }
 
+/// GEMM with arbitrary strides on every operand (`C[i, j]` at `c + i·c_rs + j·c_cs`).
+///
+/// # Safety
+/// As [`gemm`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    c_cs: usize,
+    accumulate: bool,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: forwarded from the caller's contract.
+    unsafe {
+        gemm::gemm(m, n, k, c, c_cs as isize, c_rs as isize, accumulate, a, a_cs as isize, a_rs as isize, b, b_cs as isize, b_rs as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
+    }
+}
+
+/// A 1×1 conv from channels-last `x` (`[B, N, Cin]`) to channels-first `y` (`[B, Cout, N]`):
+/// STU-Net's segmentation heads, whose outputs (many classes at full resolution) are wanted in
+/// NCDHW. Writing through strides avoids a separate transpose of the largest tensor.
+pub fn head_forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, n: usize, cin: usize, cout: usize) -> Vec<f32> {
+    let mut y = vec![0f32; b * cout * n];
+    let t = 2048;
+    let tiles: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(t).map(move |r| (bi, r))).collect();
+    let yp = SharedMut(y.as_mut_ptr());
+    tiles.par_iter().for_each(|&(bi, r0)| {
+        let yp = yp;
+        let m = t.min(n - r0);
+        // SAFETY: rows r0…r0+m of every class plane of batch bi belong to this task; W is read as
+        // [Cin × Cout] with strides (1, Cin).
+        unsafe {
+            gemm_strided(m, cout, cin, yp.0.add(bi * cout * n + r0), 1, n, false, x.as_ptr().add((bi * n + r0) * cin), cin, 1, w.as_ptr(), 1, cin);
+        }
+    });
+    y.par_chunks_mut(n).enumerate().for_each(|(i, plane)| {
+        let bv = bias[i % cout];
+        plane.iter_mut().for_each(|v| *v += bv);
+    });
+    y
+}
+
+/// Input gradient of [`head_forward`]: `dy` `[B, Cout, N]` → `[B, N, Cin]`.
+pub fn head_backward_data(dy: &[f32], w: &[f32], b: usize, n: usize, cin: usize, cout: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; b * n * cin];
+    let t = 2048;
+    let tiles: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(t).map(move |r| (bi, r))).collect();
+    let dxp = SharedMut(dx.as_mut_ptr());
+    tiles.par_iter().for_each(|&(bi, r0)| {
+        let dxp = dxp;
+        let m = t.min(n - r0);
+        // SAFETY: dx rows r0…r0+m of batch bi are this task's; dy read as [N × Cout] (strides 1, N).
+        unsafe {
+            gemm_strided(m, cin, cout, dxp.0.add((bi * n + r0) * cin), cin, 1, false, dy.as_ptr().add(bi * cout * n + r0), 1, n, w.as_ptr(), cin, 1);
+        }
+    });
+    dx
+}
+
+/// Weight gradient of [`head_forward`], `[Cout, Cin]` (= PyTorch's `[Cout, Cin, 1, 1, 1]`).
+pub fn head_backward_weight(x: &[f32], dy: &[f32], b: usize, n: usize, cin: usize, cout: usize) -> Vec<f32> {
+    let t = 16_384;
+    let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(t).map(move |r| (bi, r))).collect();
+    chunks
+        .par_iter()
+        .fold(|| vec![0f32; cout * cin], |mut acc, &(bi, r0)| {
+            let k = t.min(n - r0);
+            // SAFETY: dy rows (classes) are contiguous along N; x is [N × Cin]; acc is local.
+            unsafe { gemm(cout, cin, k, acc.as_mut_ptr(), cin, true, dy.as_ptr().add(bi * cout * n + r0), n, 1, x.as_ptr().add((bi * n + r0) * cin), cin, 1) };
+            acc
+        })
+        .reduce(|| vec![0f32; cout * cin], |mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+}
+
+/// Bias gradient of [`head_forward`]: per class, the sum over batch and voxels.
+pub fn head_backward_bias(dy: &[f32], b: usize, n: usize, cout: usize) -> Vec<f32> {
+    let sums: Vec<f64> = dy.par_chunks(n).map(|plane| plane.iter().map(|&v| v as f64).sum()).collect();
+    (0..cout).map(|c| (0..b).map(|bi| sums[bi * cout + c]).sum::<f64>() as f32).collect()
+}
+
 /// A raw pointer that rayon tasks may share; each task writes a disjoint region.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);

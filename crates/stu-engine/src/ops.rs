@@ -101,6 +101,19 @@ pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 
     }
 }
 
+/// A 1×1 conv whose output is always NCDHW, whatever the input layout: the segmentation heads.
+/// On the channels-last path the kernel writes channels-first directly (no transpose of the
+/// many-class full-resolution logits, forward or backward).
+pub fn head_to_ncdhw(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, layout: Layout) -> Tensor<5> {
+    match layout {
+        Layout::Ndhwc => {
+            use crate::ext::StuOps;
+            Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::head_cl(x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch()))
+        }
+        Layout::Ncdhw => conv3d(x, weight, bias, [1, 1, 1], layout),
+    }
+}
+
 /// Instance normalisation with a per-channel affine, as `torch.nn.InstanceNorm3d(C,
 /// affine=True)`: per-sample, per-channel statistics over the spatial axes, biased variance,
 /// eps 1e-5.

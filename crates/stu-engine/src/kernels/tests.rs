@@ -136,3 +136,34 @@ fn larger_volumes_match_naive() {
         close(&conv_forward(&x, &w, Some(&bias), &g), &naive(&x, &w, &g), "forward", &g);
     }
 }
+
+#[test]
+fn head_writes_channels_first_and_its_gradients_match() {
+    let (b, n, cin, cout) = (2, 37, 5, 7);
+    let x = rand(b * n * cin, 31);
+    let w = rand(cout * cin, 32);
+    let bias = rand(cout, 33);
+    let y = head_forward(&x, &w, &bias, b, n, cin, cout);
+    let g = Geom { b, inp: [1, 1, n], cin, cout, k: 1, stride: [1, 1, 1] };
+    let cl = conv_forward(&x, &w, Some(&bias), &g); // [B, N, Cout]
+    for bi in 0..b {
+        for p in 0..n {
+            for c in 0..cout {
+                assert!((y[(bi * cout + c) * n + p] - cl[(bi * n + p) * cout + c]).abs() < 1e-5);
+            }
+        }
+    }
+    let dy = rand(b * cout * n, 34); // [B, Cout, N]
+    let mut dy_cl = vec![0f32; dy.len()];
+    for bi in 0..b {
+        for p in 0..n {
+            for c in 0..cout {
+                dy_cl[(bi * n + p) * cout + c] = dy[(bi * cout + c) * n + p];
+            }
+        }
+    }
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+    assert!(close(&head_backward_data(&dy, &w, b, n, cin, cout), &conv_backward_data(&dy_cl, &w, &g)));
+    assert!(close(&head_backward_weight(&x, &dy, b, n, cin, cout), &conv_backward_weight(&x, &dy_cl, &g)));
+    assert!(close(&head_backward_bias(&dy, b, n, cout), &conv_backward_bias(&dy_cl, cout)));
+}
