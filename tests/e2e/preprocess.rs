@@ -141,3 +141,21 @@ fn quickstart_runs_the_data_pipeline_on_the_phantom() {
     let stunet: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("plans/stunet_plans.json")).unwrap()).unwrap();
     assert_eq!(stunet["configurations"]["3d_fullres"]["patch_size"], serde_json::json!([128, 128, 128]));
 }
+
+#[test]
+fn preprocessing_writes_nnunets_default_split() {
+    use std::process::Command;
+    use tests::stu_bin;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("phantom");
+    assert!(Command::new(stu_bin!()).args(["phantom", "--cases", "7", "--test-cases", "0", "--out"]).arg(&data).status().unwrap().success());
+    let plans = tmp.path().join("plans.json");
+    assert!(Command::new(stu_bin!()).arg("plan").arg(&data).arg("--out").arg(&plans).status().unwrap().success());
+    let out = tmp.path().join("pre");
+    assert!(Command::new(stu_bin!()).arg("preprocess").arg(&data).arg("--plans").arg(&plans).arg("--out").arg(&out).status().unwrap().success());
+    let folds: Vec<stu_data::splits::Fold> = serde_json::from_str(&std::fs::read_to_string(out.join("splits_final.json")).unwrap()).unwrap();
+    // 7 cases → validation sets {003,006}, {000,004}, {001}, {005}, {002} (sklearn KFold, seed 12345).
+    let val: Vec<Vec<String>> = folds.iter().map(|f| f.val.clone()).collect();
+    let ids = |v: &[usize]| v.iter().map(|i| format!("phantom_{i:03}")).collect::<Vec<_>>();
+    assert_eq!(val, [ids(&[3, 6]), ids(&[0, 4]), ids(&[1]), ids(&[5]), ids(&[2])]);
+}

@@ -13,5 +13,6 @@ pub mod plan;
 pub mod plugins;
 pub mod preprocess;
 pub mod resample;
+pub mod splits;
 pub mod synthetic_ct;
 pub mod totalseg;

@@ -364,5 +364,16 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
     for (name, src) in [("dataset.json", root.join("dataset.json")), ("plans.json", plans.to_path_buf())] {
         std::fs::copy(&src, out.join(name)).map_err(|e| DatasetError::File { path: out.join(name), reason: e.to_string() })?;
     }
+    // splits_final.json: the raw folder's if it has one (as nnU-Net ≥ 2.4 copies it), else
+    // nnU-Net's default 5-fold split when there are enough cases; an existing one is kept.
+    let splits = out.join("splits_final.json");
+    if !splits.exists() {
+        let raw = root.join("splits_final.json");
+        if raw.exists() {
+            std::fs::copy(&raw, &splits).map_err(|e| DatasetError::File { path: splits.clone(), reason: e.to_string() })?;
+        } else if let Ok(folds) = crate::splits::five_fold(&cases.iter().map(|c| c.id.clone()).collect::<Vec<_>>()) {
+            write_file(&splits, (serde_json::to_string_pretty(&folds).expect("serialisable") + "\n").as_bytes())?;
+        }
+    }
     Ok((todo.len(), done))
 }

@@ -13,6 +13,7 @@ pub mod ext;
 pub mod kernels;
 pub mod model;
 pub mod ops;
+pub mod schedule;
 
 pub use burn;
 pub use burn::tensor::{Device, Tensor, TensorData};
