@@ -89,3 +89,33 @@ fn own_fixtures_match_pytorch() {
     }
     assert!(checked >= 2, "expected the repository's fixtures, found {checked}");
 }
+
+#[test]
+fn deep_supervision_loss_matches_nnunet() {
+    // tests/fixtures/make_loss_fixture.py: nnU-Net 2.8.1's DC_and_CE_loss in DeepSupervisionWrapper.
+    use stu_engine::loss::{DiceConfig, dc_ce, deep_supervision};
+    use stu_engine::{Tensor, TensorData};
+    let file = own_fixtures().join("loss.safetensors");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("loss.json")).unwrap()).unwrap();
+    let device = stu_engine::backend::Backend::Flex.device().unwrap();
+    let mut outputs = Vec::new();
+    let mut targets = Vec::new();
+    for i in 0..3 {
+        let (s, l) = read_tensor(&file, &format!("logits.{i}"));
+        outputs.push(Tensor::<5>::from_data(TensorData::new(l, [s[0], s[1], s[2], s[3], s[4]]), &device));
+        let (s, t) = read_tensor(&file, &format!("target.{i}"));
+        let t: Vec<i64> = t.into_iter().map(|v| v as i64).collect();
+        targets.push(Tensor::<4, stu_engine::burn::tensor::Int>::from_data(TensorData::new(t, [s[0], s[2], s[3], s[4]]), &device));
+    }
+    let weights: Vec<f64> = serde_json::from_value(want["weights"].clone()).unwrap();
+    assert_eq!(weights, stu_engine::schedule::ds_weights(3));
+    for batch_dice in [false, true] {
+        let cfg = DiceConfig { batch_dice, smooth: 1e-5 };
+        let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0] as f64;
+        let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));
+        let l = scalar(deep_supervision(&outputs, &targets, &weights, cfg));
+        let (w0, w) = (want[format!("loss0.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap(), want[format!("loss.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap());
+        assert!((l0 - w0).abs() < 1e-5, "batch_dice {batch_dice}: {l0} vs {w0}");
+        assert!((l - w).abs() < 1e-5, "batch_dice {batch_dice}: {l} vs {w}");
+    }
+}

@@ -11,6 +11,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod ext;
 pub mod kernels;
+pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod schedule;
