@@ -200,3 +200,62 @@ fn gradients_through_our_kernels_match_an_f64_reference() {
         assert!(e_ours < 1e-4, "{what}: ours off the f64 reference by {e_ours:e}");
     }
 }
+
+#[test]
+fn a_tiny_stunet_learns_a_ball_with_nnunets_loss_and_optimiser() {
+    use stu_engine::burn::optim::GradientsParams;
+    use stu_engine::burn::tensor::Int;
+    use stu_engine::loss::{DiceConfig, deep_supervision};
+    use stu_engine::optim::{clip_global_norm, nnunet_sgd};
+    use stu_engine::schedule::{ds_weights, poly_lr};
+
+    let ad = device().autodiff();
+    let arch = StuNetArch { in_channels: 1, num_classes: 2, depth: vec![1; 6], dims: vec![4, 8, 8, 16, 16, 16], strides: ISO_STRIDES.to_vec() };
+    let mut net = StuNet::new(&arch, &ad).unwrap().map(&mut Deterministic(stu_core::rng::SplitMix64::new(3)));
+    let s = 32;
+    let mut rng = stu_core::rng::SplitMix64::new(9);
+    let label: Vec<i64> = (0..s * s * s)
+        .map(|i| {
+            let (z, y, x) = ((i / (s * s)) as f64, (i / s % s) as f64, (i % s) as f64);
+            i64::from((z - 15.5).powi(2) + (y - 13.0).powi(2) + (x - 17.0).powi(2) < 81.0)
+        })
+        .collect();
+    let image: Vec<f32> = label.iter().map(|&l| l as f32 + rng.normal() as f32 * 0.3).collect();
+    let x = Tensor::<5>::from_data(TensorData::new(image, [1, 1, s, s, s]), &ad);
+    // Targets per output: nearest downsampling picks index 2i+1 (resize_segmentation, order 0).
+    let mut targets = vec![label.clone()];
+    let mut n = s;
+    for _ in 1..5 {
+        let prev = targets.last().unwrap().clone();
+        let m = n / 2;
+        targets.push((0..m * m * m).map(|i| prev[((2 * (i / (m * m)) + 1) * n + 2 * (i / m % m) + 1) * n + 2 * (i % m) + 1]).collect());
+        n = m;
+    }
+    let targets: Vec<Tensor<4, Int>> = targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| Tensor::from_data(TensorData::new(t, [1, s >> i, s >> i, s >> i]), &ad))
+        .collect();
+    let weights = ds_weights(5);
+    let mut optim = nnunet_sgd();
+    let mut losses = Vec::new();
+    for step in 0..40 {
+        let outs = net.forward_ds(x.clone());
+        let loss = deep_supervision(&outs, &targets, &weights, DiceConfig::default());
+        losses.push(loss.clone().into_scalar::<f32>());
+        let mut grads = GradientsParams::from_grads(loss.backward(), &net);
+        clip_global_norm(&net, &mut grads, 12.0);
+        net = optim.step(poly_lr(1e-2, step, 40), net, grads);
+    }
+    assert!(losses.iter().all(|l| l.is_finite()));
+    eprintln!("loss: step 0 {:.3}, step 20 {:.3}, step 39 {:.3}", losses[0], losses[20], losses[39]);
+    assert!(losses[39] < 0.5 * losses[0], "loss did not fall: {losses:?}");
+
+    // Clipping: after scaling to a bound far below the norm, the joint norm equals the bound.
+    let loss = deep_supervision(&net.forward_ds(x.clone()), &targets, &weights, DiceConfig::default());
+    let mut grads = GradientsParams::from_grads(loss.backward(), &net);
+    let before = clip_global_norm(&net, &mut grads, 1e-3);
+    assert!(before > 1e-3);
+    let after = clip_global_norm(&net, &mut grads, 1e9);
+    assert!((after - 1e-3).abs() < 1e-6, "{after}");
+}

@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod loss;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod schedule;
 
 pub use burn;
