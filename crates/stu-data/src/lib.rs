@@ -13,6 +13,7 @@ pub mod plan;
 pub mod plugins;
 pub mod preprocess;
 pub mod resample;
+pub mod sampler;
 pub mod splits;
 pub mod synthetic_ct;
 pub mod totalseg;

@@ -1,0 +1,166 @@
+//! nnU-Net's patch sampling (`shared/docs/nnunet-pipeline.md` §5.2): foreground oversampling,
+//! bounds that allow the patch to stick out of the image, crop and pad (data 0, seg −1).
+
+use stu_core::rng::SplitMix64;
+
+use crate::preprocess::Preprocessed;
+
+/// nnU-Net's `oversample_foreground_percent`.
+pub const OVERSAMPLE_FOREGROUND: f64 = 0.33;
+
+/// Whether sample `j` of a batch of `b` is forced to contain foreground:
+/// `j ≥ round(b · (1 − 0.33))`, rounding half to even.
+pub fn forced_foreground(j: usize, b: usize) -> bool {
+    j as f64 >= (b as f64 * (1.0 - OVERSAMPLE_FOREGROUND)).round_ties_even()
+}
+
+/// Per-axis `(lb, ub)` for the patch's lower corner. `patch` is the loaded (enlarged) patch P,
+/// `final_patch` the network's F; `need = P − F`, raised to `P − shape` where the image is
+/// too small.
+pub fn bounds(shape: [usize; 3], patch: [usize; 3], final_patch: [usize; 3]) -> [(i64, i64); 3] {
+    [0, 1, 2].map(|a| {
+        let (s, p, f) = (shape[a] as i64, patch[a] as i64, final_patch[a] as i64);
+        let mut need = p - f;
+        if s + need < p {
+            need = p - s;
+        }
+        let half_up = need / 2 + need % 2;
+        (-half_up, s + half_up - p)
+    })
+}
+
+/// Lower corner of the patch for one sample.
+pub fn choose_corner(rng: &mut SplitMix64, case: &Preprocessed, force: bool, patch: [usize; 3], final_patch: [usize; 3]) -> [i64; 3] {
+    let shape = [case.props.shape[1], case.props.shape[2], case.props.shape[3]];
+    let b = bounds(shape, patch, final_patch);
+    let random = |rng: &mut SplitMix64| b.map(|(lo, hi)| lo + rng.below((hi - lo + 1).max(1) as u64) as i64);
+    if !force {
+        return random(rng);
+    }
+    let eligible: Vec<&Vec<[u32; 3]>> = case.locations.iter().filter(|(_, c)| !c.is_empty()).map(|(_, c)| c).collect();
+    if eligible.is_empty() {
+        return random(rng);
+    }
+    let class = eligible[rng.below(eligible.len() as u64) as usize];
+    let voxel = class[rng.below(class.len() as u64) as usize];
+    [0, 1, 2].map(|a| (voxel[a] as i64 - (patch[a] / 2) as i64).max(b[a].0))
+}
+
+/// Crops `[C, shape]` data and `[shape]` seg at `corner` with size `patch`, padding data with 0
+/// and seg with −1 outside the image.
+pub fn crop_pad(data: &[f32], seg: &[i16], channels: usize, shape: [usize; 3], corner: [i64; 3], patch: [usize; 3]) -> (Vec<f32>, Vec<i16>) {
+    let n: usize = patch.iter().product();
+    let vox: usize = shape.iter().product();
+    let mut d = vec![0f32; channels * n];
+    let mut s = vec![-1i16; n];
+    for z in 0..patch[0] {
+        let iz = corner[0] + z as i64;
+        if iz < 0 || iz >= shape[0] as i64 {
+            continue;
+        }
+        for y in 0..patch[1] {
+            let iy = corner[1] + y as i64;
+            if iy < 0 || iy >= shape[1] as i64 {
+                continue;
+            }
+            // The in-image run along x, copied in one go.
+            let x0 = (-corner[2]).max(0) as usize;
+            let x1 = ((shape[2] as i64 - corner[2]).min(patch[2] as i64)).max(0) as usize;
+            if x0 >= x1 {
+                continue;
+            }
+            let src = ((iz as usize * shape[1] + iy as usize) * shape[2]) as i64 + corner[2] + x0 as i64;
+            let src = src as usize;
+            let dst = (z * patch[1] + y) * patch[2] + x0;
+            s[dst..dst + x1 - x0].copy_from_slice(&seg[src..src + x1 - x0]);
+            for c in 0..channels {
+                d[c * n + dst..c * n + dst + x1 - x0].copy_from_slice(&data[c * vox + src..c * vox + src + x1 - x0]);
+            }
+        }
+    }
+    (d, s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forced_foreground_vector() {
+        // §11: B=2 → sample 1; B=9 → 6–8; B=12 → 8–11.
+        let forced = |b: usize| (0..b).filter(|&j| forced_foreground(j, b)).collect::<Vec<_>>();
+        assert_eq!(forced(2), [1]);
+        assert_eq!(forced(9), [6, 7, 8]);
+        assert_eq!(forced(12), [8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn bounds_follow_nnunet() {
+        // need = 20 − 16 = 4 → lb −2, ub = 40 + 2 − 20 = 22; odd need 5 → −3 and shape + 3 − P.
+        assert_eq!(bounds([40, 40, 40], [20, 20, 21], [16, 16, 16]), [(-2, 22), (-2, 22), (-3, 22)]);
+        // A small image: need raised to P − shape, so the whole image fits with padding.
+        assert_eq!(bounds([10, 40, 40], [20, 20, 20], [16, 16, 16]), [(-5, -5), (-2, 22), (-2, 22)]);
+    }
+
+    fn one_voxel_case(shape: [usize; 3], at: [usize; 3]) -> Preprocessed {
+        let n: usize = shape.iter().product();
+        let mut seg = vec![0i16; n];
+        seg[(at[0] * shape[1] + at[1]) * shape[2] + at[2]] = 1;
+        Preprocessed {
+            data: vec![0.5; n],
+            seg,
+            props: crate::preprocess::CaseProperties {
+                id: "c".into(),
+                shape: [1, shape[0], shape[1], shape[2]],
+                spacing: [1.0; 3],
+                original_spacing: [1.0; 3],
+                shape_before_cropping: shape,
+                bbox_used_for_cropping: [[0, shape[0]], [0, shape[1]], [0, shape[2]]],
+                shape_after_cropping_and_before_resampling: shape,
+                affine: [[0.0; 4]; 4],
+                class_locations: Default::default(),
+            },
+            locations: vec![(1, vec![at.map(|v| v as u32)])],
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn forced_patches_hold_foreground_and_random_corners_stay_in_bounds(
+            shape in proptest::array::uniform3(4usize..24),
+            patch in proptest::array::uniform3(4usize..20),
+            shrink in proptest::array::uniform3(0usize..4),
+            frac in proptest::array::uniform3(0.0f64..1.0),
+            seed in 0u64..1000,
+        ) {
+            let final_patch = [0, 1, 2].map(|a| patch[a].saturating_sub(shrink[a]).max(1));
+            let at = [0, 1, 2].map(|a| ((frac[a] * shape[a] as f64) as usize).min(shape[a] - 1));
+            let case = one_voxel_case(shape, at);
+            let mut rng = SplitMix64::new(seed);
+            let corner = choose_corner(&mut rng, &case, true, patch, final_patch);
+            let (_, s) = crop_pad(&case.data, &case.seg, 1, shape, corner, patch);
+            proptest::prop_assert!(s.contains(&1), "forced patch at {corner:?} misses the voxel {at:?}");
+            let b = bounds(shape, patch, final_patch);
+            let c = choose_corner(&mut rng, &case, false, patch, final_patch);
+            for a in 0..3 {
+                proptest::prop_assert!(c[a] >= b[a].0 && c[a] <= b[a].1.max(b[a].0));
+            }
+        }
+    }
+
+    #[test]
+    fn crop_pad_copies_inside_and_pads_outside() {
+        let shape = [3, 4, 5];
+        let data: Vec<f32> = (0..60).map(|v| v as f32 + 1.0).collect();
+        let seg: Vec<i16> = (0..60).map(|v| (v % 7) as i16).collect();
+        let (d, s) = crop_pad(&data, &seg, 1, shape, [-1, 2, 3], [2, 3, 4]);
+        // z = −1 is outside: padding.
+        assert!(d[..12].iter().all(|&v| v == 0.0) && s[..12].iter().all(|&v| v == -1));
+        // z = 0, y = 2, x = 3,4 inside; x = 5,6 outside.
+        let row = &d[12..16];
+        assert_eq!(row, &[data[(2) * 5 + 3], data[2 * 5 + 4], 0.0, 0.0]);
+        assert_eq!(&s[12..16], &[seg[13], seg[14], -1, -1]);
+        // y = 4 is outside.
+        assert!(d[20..24].iter().all(|&v| v == 0.0));
+    }
+}
