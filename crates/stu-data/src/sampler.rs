@@ -8,6 +8,44 @@ use crate::preprocess::Preprocessed;
 /// nnU-Net's `oversample_foreground_percent`.
 pub const OVERSAMPLE_FOREGROUND: f64 = 0.33;
 
+/// nnU-Net's "dummy 2-D" augmentation for anisotropic patches: `max(patch) / patch[0] > 3`.
+pub fn dummy_2d(patch: [usize; 3]) -> bool {
+    *patch.iter().max().expect("3 axes") as f64 / patch[0] as f64 > crate::plan::ANISO_THRESHOLD
+}
+
+/// The enlarged patch loaded before spatial augmentation (nnU-Net's `get_patch_size` as the v2
+/// trainer calls it): the extent of the final patch rotated by up to 30° about each axis (or up
+/// to 180° about axis 0 only, in dummy-2-D mode, keeping axis 0), divided by the smallest scale
+/// 0.85, truncated.
+pub fn initial_patch_size(patch: [usize; 3]) -> [usize; 3] {
+    let two_d = dummy_2d(patch);
+    let quarter = std::f64::consts::FRAC_PI_2;
+    let (rx, ry, rz) = if two_d { (std::f64::consts::PI.min(quarter), 0.0, 0.0) } else { (30f64.to_radians(), 30f64.to_radians(), 30f64.to_radians()) };
+    let c = patch.map(|v| v as f64);
+    // batchgenerators' rotate_coords_3d: coords · R, with R = Rx·Ry·Rz (each applied alone here).
+    let rot = |m: [[f64; 3]; 3]| [0, 1, 2].map(|j| (0..3).map(|i| c[i] * m[i][j]).sum::<f64>().abs());
+    let (sx, cx) = rx.sin_cos();
+    let (sy, cy) = ry.sin_cos();
+    let (sz, cz) = rz.sin_cos();
+    let mats = [
+        [[1.0, 0.0, 0.0], [0.0, cx, -sx], [0.0, sx, cx]],
+        [[cy, 0.0, sy], [0.0, 1.0, 0.0], [-sy, 0.0, cy]],
+        [[cz, -sz, 0.0], [sz, cz, 0.0], [0.0, 0.0, 1.0]],
+    ];
+    let mut shape = c;
+    for m in mats {
+        let r = rot(m);
+        for a in 0..3 {
+            shape[a] = shape[a].max(r[a]);
+        }
+    }
+    let mut out = shape.map(|v| (v / 0.85) as usize);
+    if two_d {
+        out[0] = patch[0];
+    }
+    out
+}
+
 /// Whether sample `j` of a batch of `b` is forced to contain foreground:
 /// `j ≥ round(b · (1 − 0.33))`, rounding half to even.
 pub fn forced_foreground(j: usize, b: usize) -> bool {
@@ -92,6 +130,16 @@ mod tests {
         assert_eq!(forced(2), [1]);
         assert_eq!(forced(9), [6, 7, 8]);
         assert_eq!(forced(12), [8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn initial_patch_vectors() {
+        // §11: [40,56,40]→[73,80,64]; 128³→[205,205,205]; [112,112,128]→[179,189,196];
+        // dummy 2-D [40,224,224]→[40,263,263].
+        assert_eq!(initial_patch_size([40, 56, 40]), [73, 80, 64]);
+        assert_eq!(initial_patch_size([128, 128, 128]), [205, 205, 205]);
+        assert_eq!(initial_patch_size([112, 112, 128]), [179, 189, 196]);
+        assert_eq!(initial_patch_size([40, 224, 224]), [40, 263, 263]);
     }
 
     #[test]
