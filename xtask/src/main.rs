@@ -259,22 +259,20 @@ fn bench_preprocess(args: Vec<String>) -> Result<()> {
         theirs["spacing"],
         theirs["patch_size"],
     );
-    md.push_str(&format!(
-        "| fingerprint + plan | {plan_s:.2} | {} | {} | {} | {} | {} |\n",
-        gib(plan_rss),
-        theirs["fingerprint_s"].as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
-        gib(theirs["fingerprint_rss_gib"].as_f64()),
-        ratio(plan_s, &theirs["fingerprint_s"]),
-        plan_rss.map(|r| ratio(r, &theirs["fingerprint_rss_gib"])).unwrap_or_else(|| "–".into()),
-    ));
-    md.push_str(&format!(
-        "| preprocess (crop, normalise, resample, class locations, save) | {pre_s:.2} | {} | {} | {} | {} | {} |\n",
-        gib(pre_rss),
-        theirs["preprocess_s"].as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
-        gib(theirs["preprocess_rss_gib"].as_f64()),
-        ratio(pre_s, &theirs["preprocess_s"]),
-        pre_rss.map(|r| ratio(r, &theirs["preprocess_rss_gib"])).unwrap_or_else(|| "–".into()),
-    ));
+    let steps = [
+        ("fingerprint + plan", plan_s, plan_rss, "fingerprint_s", "fingerprint_rss_gib"),
+        ("preprocess (crop, normalise, resample, class locations, save)", pre_s, pre_rss, "preprocess_s", "preprocess_rss_gib"),
+    ];
+    for (step, secs, rss, their_s, their_rss) in steps {
+        md.push_str(&format!(
+            "| {step} | {secs:.2} | {} | {} | {} | {} | {} |\n",
+            gib(rss),
+            theirs[their_s].as_f64().map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into()),
+            gib(theirs[their_rss].as_f64()),
+            ratio(secs, &theirs[their_s]),
+            rss.map(|r| ratio(r, &theirs[their_rss])).unwrap_or_else(|| "–".into()),
+        ));
+    }
     md.push_str("\nOurs: one case at a time (`--jobs 1`), voxel loops on every core; nnU-Net: `-np 1`, as in `shared/docs/anchors.md`. Goal: ≤ 0.25× time and ≤ 0.5× peak RSS.\n");
     let doc = json!({
         "host": host,

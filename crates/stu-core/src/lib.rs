@@ -7,6 +7,7 @@
 //! **Invariant:** no dependency on burn or polars; it builds in seconds.
 #![warn(missing_docs)]
 
+pub mod fs;
 pub mod registry;
 pub mod rng;
 pub mod scaling;

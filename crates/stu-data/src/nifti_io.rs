@@ -223,9 +223,7 @@ pub fn write_label(path: &Path, data: &[u16], geom: &Geometry) -> Result<()> {
     if data.len() != nz * ny * nx {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{}.tmp-{}{}", name, std::process::id(), if name.ends_with(".gz") { ".nii.gz" } else { ".nii" }));
-    let write = |tmp: &Path| -> std::result::Result<(), nifti::NiftiError> {
+    write_nifti_atomic(path, |tmp| {
         let opts = nifti::writer::WriterOptions::new(tmp)
             .reference_header(&geom.header)
             .compression_level(flate2::Compression::new(6));
@@ -237,12 +235,12 @@ pub fn write_label(path: &Path, data: &[u16], geom: &Geometry) -> Result<()> {
             let view = ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked");
             opts.write_nifti(&view.reversed_axes())
         }
-    };
-    write(&tmp).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        invalid(path, format!("cannot write: {e}"))
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| NiftiIoError::Io { path: path.to_path_buf(), source })
+    })
+}
+
+/// Runs a `nifti` writer on a temporary sibling of `path` and renames it into place.
+fn write_nifti_atomic(path: &Path, write: impl FnOnce(&Path) -> std::result::Result<(), nifti::NiftiError>) -> Result<()> {
+    stu_core::fs::atomic_with(path, |tmp| write(tmp).map_err(io::Error::other)).map_err(|e| invalid(path, format!("cannot write: {e}")))
 }
 
 /// Writes an image with `geom`'s header: as int16 when every value is an integer in its range
@@ -253,9 +251,8 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
     if data.len() != nz * ny * nx {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{}.tmp-{}{}", name, std::process::id(), if name.ends_with(".gz") { ".nii.gz" } else { ".nii" }));
-    let opts = nifti::writer::WriterOptions::new(&tmp).reference_header(&geom.header).compression_level(flate2::Compression::new(1));
+    write_nifti_atomic(path, |tmp| {
+    let opts = nifti::writer::WriterOptions::new(tmp).reference_header(&geom.header).compression_level(flate2::Compression::new(1));
     let as_i16 = data.iter().all(|v| v.fract() == 0.0 && (i16::MIN as f32..=i16::MAX as f32).contains(v));
     let written = if as_i16 {
         let ints: Vec<i16> = data.iter().map(|&v| v as i16).collect();
@@ -263,9 +260,6 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
     } else {
         opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked").reversed_axes())
     };
-    written.map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            invalid(path, format!("cannot write: {e}"))
-        })?;
-    std::fs::rename(&tmp, path).map_err(|source| NiftiIoError::Io { path: path.to_path_buf(), source })
+    written
+    })
 }

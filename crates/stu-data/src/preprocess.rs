@@ -298,13 +298,8 @@ pub fn preprocess_case(id: &str, images: &[PathBuf], label: Option<&Path>, plan:
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            DatasetError::File { path: path.to_path_buf(), reason: format!("cannot write: {e}") }
-        })
+    // Atomic without fsync: a half-written case is never read because its JSON goes last.
+    stu_core::fs::atomic_with(path, |tmp| std::fs::write(tmp, bytes)).map_err(|e| DatasetError::File { path: path.to_path_buf(), reason: format!("cannot write: {e}") })
 }
 
 /// Writes a preprocessed case; the JSON goes last.

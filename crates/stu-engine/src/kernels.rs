@@ -77,33 +77,8 @@ unsafe fn gemm(
     b_rs: usize,
     b_cs: usize,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: forwarded from the caller's contract. gemm computes dst = α·dst + β·lhs·rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            ldc as isize,
-            accumulate,
-            a,
-            a_cs as isize,
-            a_rs as isize,
-            b,
-            b_cs as isize,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    // SAFETY: forwarded from the caller's contract; C is row-major with row stride ldc.
+    unsafe { gemm_strided(m, n, k, c, ldc, 1, accumulate, a, a_rs, a_cs, b, b_rs, b_cs) }
 }
 
 /// GEMM with arbitrary strides on every operand (`C[i, j]` at `c + i·c_rs + j·c_cs`).
@@ -129,7 +104,7 @@ unsafe fn gemm_strided(
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: forwarded from the caller's contract.
+    // SAFETY: forwarded from the caller's contract. gemm computes dst = α·dst + β·lhs·rhs.
     unsafe {
         gemm::gemm(m, n, k, c, c_cs as isize, c_rs as isize, accumulate, a, a_cs as isize, a_rs as isize, b, b_cs as isize, b_rs as isize, 1.0, 1.0, false, false, false, gemm::Parallelism::None);
     }

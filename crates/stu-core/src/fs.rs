@@ -1,0 +1,54 @@
+//! Atomic file replacement: readers see the old content or the whole new content, never half.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// The temporary sibling used while `path` is written: hidden, per process, and ending with the
+/// original file name so extension-based writers (`.nii.gz` → gzip) behave the same.
+fn temp_path(path: &Path) -> io::Result<PathBuf> {
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "output path has no file name"))?;
+    Ok(path.with_file_name(format!(".tmp-{}.{}", std::process::id(), name.to_string_lossy())))
+}
+
+/// Lets `write` produce the file at a temporary path, then renames it onto `path`; on failure
+/// the temporary file is removed and `path` is untouched.
+pub fn atomic_with(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
+    let tmp = temp_path(path)?;
+    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes `bytes` atomically and flushes them to disk before the rename (for checkpoints and
+/// records, which must survive a crash).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("stu-core-fs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.nii.gz");
+        write_atomic(&p, b"one").unwrap();
+        let err = atomic_with(&p, |tmp| {
+            assert!(tmp.to_string_lossy().ends_with("a.nii.gz"));
+            std::fs::write(tmp, b"half")?;
+            Err(io::Error::other("fail"))
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"one");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "the temporary file is gone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
