@@ -4,4 +4,5 @@ mod checkpoints;
 mod dataset;
 mod parity;
 mod preprocess;
+mod train;
 mod zoo_cli;

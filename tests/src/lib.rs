@@ -42,3 +42,81 @@ pub fn read_tensor(path: &Path, key: &str) -> (Vec<usize>, Vec<f32>) {
     let data = dict.read(key, &shape).unwrap_or_else(|e| panic!("{e}"));
     (shape, data)
 }
+
+/// Writes a small preprocessed dataset (what `stu preprocess` produces) with `channels` image
+/// channels and `labels` foreground labels: `cases` volumes of `shape`, nested spheres per
+/// label, intensities that depend on the label and the channel, plus noise. Also writes
+/// `dataset.json`, a `plans.json` (patch `patch`, batch 2, `strides` + stage 0) and nnU-Net's
+/// 5-fold `splits_final.json`.
+pub fn synthetic_preprocessed(dir: &Path, cases: usize, channels: usize, labels: usize, shape: [usize; 3], patch: [usize; 3], strides: &[[usize; 3]]) {
+    use stu_data::preprocess::{CaseProperties, Preprocessed, save};
+    std::fs::create_dir_all(dir).unwrap();
+    let n: usize = shape.iter().product();
+    let mut ids = Vec::new();
+    for k in 0..cases {
+        let mut rng = stu_core::rng::SplitMix64::new(100 + k as u64);
+        let c = [shape[0] as f64 / 2.0 + rng.uniform(-2.0, 2.0), shape[1] as f64 / 2.0 + rng.uniform(-2.0, 2.0), shape[2] as f64 / 2.0 + rng.uniform(-2.0, 2.0)];
+        let r0 = shape.iter().min().copied().unwrap() as f64 * 0.4;
+        let seg: Vec<i16> = (0..n)
+            .map(|i| {
+                let p = [(i / (shape[1] * shape[2])) as f64, (i / shape[2] % shape[1]) as f64, (i % shape[2]) as f64];
+                let d = ((p[0] - c[0]).powi(2) + (p[1] - c[1]).powi(2) + (p[2] - c[2]).powi(2)).sqrt();
+                // Label l fills the shell between radii r0·(1 − l/(L+1)) and r0·(1 − (l−1)/(L+1)).
+                let l = ((1.0 - d / r0) * (labels as f64 + 1.0)).ceil();
+                l.clamp(0.0, labels as f64) as i16
+            })
+            .collect();
+        let mut data = Vec::with_capacity(channels * n);
+        for ch in 0..channels {
+            for &l in &seg {
+                data.push(l as f32 * (1.0 + ch as f32 * 0.5) / labels as f32 + rng.normal() as f32 * 0.1);
+            }
+        }
+        let mut locations = Vec::new();
+        let mut class_locations = std::collections::BTreeMap::new();
+        let mut offset = 0;
+        for l in 1..=labels as i16 {
+            let locs: Vec<[u32; 3]> = (0..n).filter(|&i| seg[i] == l).map(|i| [(i / (shape[1] * shape[2])) as u32, (i / shape[2] % shape[1]) as u32, (i % shape[2]) as u32]).collect();
+            class_locations.insert(l.to_string(), [offset, locs.len()]);
+            offset += locs.len();
+            locations.push((l, locs));
+        }
+        let id = format!("syn_{k:03}");
+        let props = CaseProperties {
+            id: id.clone(),
+            shape: [channels, shape[0], shape[1], shape[2]],
+            spacing: [1.0; 3],
+            original_spacing: [1.0; 3],
+            shape_before_cropping: shape,
+            bbox_used_for_cropping: [[0, shape[0]], [0, shape[1]], [0, shape[2]]],
+            shape_after_cropping_and_before_resampling: shape,
+            affine: [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+            class_locations,
+        };
+        save(dir, &Preprocessed { data, seg, props, locations }).unwrap();
+        ids.push(id);
+    }
+    let mut label_map = serde_json::Map::new();
+    label_map.insert("background".into(), 0.into());
+    for l in 1..=labels {
+        label_map.insert(format!("shell_{l}"), l.into());
+    }
+    let channel_names: serde_json::Map<String, serde_json::Value> = (0..channels).map(|c| (c.to_string(), format!("mod{c}").into())).collect();
+    let dataset = serde_json::json!({"channel_names": channel_names, "labels": label_map, "numTraining": cases, "file_ending": ".nii.gz"});
+    std::fs::write(dir.join("dataset.json"), serde_json::to_string_pretty(&dataset).unwrap()).unwrap();
+    let mut pools = vec![[1usize, 1, 1]];
+    pools.extend_from_slice(strides);
+    let plans = serde_json::json!({"configurations": {"3d_fullres": {"patch_size": patch, "batch_size": 2, "batch_dice": false, "pool_op_kernel_sizes": pools, "spacing": [1.0, 1.0, 1.0]}}});
+    std::fs::write(dir.join("plans.json"), serde_json::to_string_pretty(&plans).unwrap()).unwrap();
+    let folds = stu_data::splits::five_fold(&ids).unwrap();
+    std::fs::write(dir.join("splits_final.json"), serde_json::to_string_pretty(&folds).unwrap()).unwrap();
+}
+
+/// The `train_losses` of every epoch in a run's `log.jsonl`.
+pub fn logged_losses(run: &Path) -> Vec<Vec<f64>> {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
+        .collect()
+}

@@ -25,7 +25,7 @@ use stu_engine::burn::module::{Module, Param};
 use stu_engine::burn::nn::conv::{Conv3d, Conv3dConfig};
 use stu_engine::burn::nn::{Initializer, PaddingConfig3d};
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
-use stu_engine::model::{LoadOptions, ModelEntry, PresetSummary, SegNet};
+use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
@@ -574,6 +574,8 @@ impl SegNet for StuNet {
     fn num_params(&self) -> usize {
         Module::num_params(self)
     }
+    stu_engine::segnet_training_hooks!();
+
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({
             "model": NAME,
@@ -583,6 +585,8 @@ impl SegNet for StuNet {
             "dims": self.arch.dims,
             "strides": self.arch.strides,
             "params": Module::num_params(self),
+            // `NetSpec::options` that rebuild this size (used by fine-tuning).
+            "options": {"depth": self.arch.depth, "dims": self.arch.dims},
         })
     }
 }
@@ -635,6 +639,56 @@ pub fn infer_arch(dict: &StateDict, options: &LoadOptions) -> Result<StuNetArch,
     Ok(arch)
 }
 
+/// Size options of a fresh STU-Net (`NetSpec::options`): a preset, a scaling rule, or explicit
+/// per-stage lists; stride lists are cut or padded to the stage count (STU-Net's plan rule).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeOptions {
+    /// A registered preset (`stunet-s`, `stunet-b`, …).
+    pub preset: Option<String>,
+    /// Blocks per stage (scaling rule; with `base_width`).
+    pub blocks: Option<usize>,
+    /// Stage-0 width; widths are base·[1,2,4,8,16,16].
+    pub base_width: Option<usize>,
+    /// Explicit blocks per stage.
+    pub depth: Option<Vec<usize>>,
+    /// Explicit widths per stage.
+    pub dims: Option<Vec<usize>>,
+}
+
+/// The architecture a [`NetSpec`] asks for.
+pub fn arch_of(spec: &NetSpec) -> Result<StuNetArch, String> {
+    let o: SizeOptions = if spec.options.is_null() {
+        SizeOptions::default()
+    } else {
+        serde_json::from_value(spec.options.clone()).map_err(|e| format!("model options: {e} (allowed: preset, blocks, base_width, depth, dims)"))?
+    };
+    let (depth, dims) = match (&o.preset, o.blocks, o.base_width, &o.depth, &o.dims) {
+        (Some(p), None, None, None, None) => {
+            let e = stu_core::scaling::registry().get(p).map_err(|e| format!("model options: preset: {e}"))?;
+            if e.family != NAME {
+                return Err(format!("model options: preset `{p}` belongs to `{}`, not `{NAME}`", e.family));
+            }
+            (e.rule.depth().to_vec(), e.rule.widths().to_vec())
+        }
+        (None, blocks, base, None, None) if blocks.is_some() || base.is_some() => {
+            let rule = ScalingRule { blocks: blocks.unwrap_or(1), base_width: base.unwrap_or(32) };
+            (rule.depth().to_vec(), rule.widths().to_vec())
+        }
+        (None, None, None, Some(d), Some(w)) => (d.clone(), w.clone()),
+        (None, None, None, None, None) => return Err("model options: give `preset`, `blocks`/`base_width`, or `depth` and `dims`".into()),
+        _ => return Err("model options: `preset`, `blocks`/`base_width` and `depth`/`dims` exclude each other".into()),
+    };
+    let n = dims.len();
+    let arch = StuNetArch { in_channels: spec.in_channels, num_classes: spec.num_classes, depth, dims, strides: strides::fit(&spec.strides, n.saturating_sub(1)) };
+    arch.validate()?;
+    Ok(arch)
+}
+
+fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, String> {
+    Ok(Box::new(StuNet::new(&arch_of(spec)?, device)?))
+}
+
 fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {
     Ok(Box::new(StuNet::from_state_dict(dict, options, device)?))
 }
@@ -685,6 +739,7 @@ inventory::submit! {
         anchor_key: "conv_blocks_context.0.0.conv1.weight",
         presets: preset_summaries,
         load: load_boxed,
+        build: build_boxed,
     }
 }
 

@@ -4,9 +4,11 @@
 //! builds fast and is tested without a compute backend.
 #![warn(missing_docs)]
 
+pub mod augment;
 pub mod check;
 pub mod dataset;
 pub mod fingerprint;
+pub mod loader;
 pub mod nifti_io;
 pub mod phantom;
 pub mod plan;

@@ -322,6 +322,9 @@ pub fn load(dir: &Path, id: &str) -> Result<Preprocessed, DatasetError> {
     if data.len() != props.shape.iter().product::<usize>() || seg.len() != props.shape[1..].iter().product::<usize>() {
         return Err(DatasetError::File { path: dir.join(format!("{id}_data.f32")), reason: "size does not match the shape in the properties".into() });
     }
+    if props.class_locations.values().any(|&[o, n]| 3 * (o + n) > raw.len()) {
+        return Err(DatasetError::File { path: dir.join(format!("{id}_locs.u32")), reason: "shorter than the class locations in the properties".into() });
+    }
     let locations = props.class_locations.iter().map(|(l, &[o, n])| (l.parse().unwrap_or(0), raw[3 * o..3 * (o + n)].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())).collect();
     Ok(Preprocessed { data, seg, props, locations })
 }

@@ -135,6 +135,7 @@ pub struct StateDict {
     format: CheckpointFormat,
     prefix: String,
     entries: BTreeMap<String, TensorEntry>,
+    metadata: std::collections::HashMap<String, String>,
 }
 
 impl fmt::Debug for StateDict {
@@ -224,6 +225,7 @@ impl StateDict {
             format,
             prefix: prefix.to_string(),
             entries,
+            metadata: Default::default(),
         })
     }
 
@@ -263,6 +265,7 @@ impl StateDict {
             format: CheckpointFormat::Safetensors,
             prefix: String::new(),
             entries,
+            metadata: meta.metadata().clone().unwrap_or_default(),
         })
     }
 
@@ -302,6 +305,24 @@ impl StateDict {
             self.prefix.push_str(&prefix);
         }
         Ok(self)
+    }
+
+    /// Tensors held in memory under `path` (a label for messages), as a safetensors dict.
+    pub fn from_tensors(path: &Path, tensors: Vec<NamedTensor>) -> Self {
+        let entries = tensors
+            .into_iter()
+            .map(|t| {
+                let data = Arc::new(t.data);
+                let read: ReadFn = Arc::new(move || Ok(data.as_ref().clone()));
+                (t.name, TensorEntry { shape: t.shape, dtype: "f32", read })
+            })
+            .collect();
+        Self { path: path.to_path_buf(), format: CheckpointFormat::Safetensors, prefix: String::new(), entries, metadata: Default::default() }
+    }
+
+    /// The safetensors header's string metadata (empty for other containers).
+    pub fn metadata(&self) -> &std::collections::HashMap<String, String> {
+        &self.metadata
     }
 
     /// The file.

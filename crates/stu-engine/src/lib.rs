@@ -16,6 +16,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod schedule;
+pub mod train;
 
 pub use burn;
 pub use burn::tensor::{Device, Tensor, TensorData};

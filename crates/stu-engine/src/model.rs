@@ -33,6 +33,58 @@ pub trait SegNet: Send {
     fn num_params(&self) -> usize;
     /// The architecture as JSON (for `stu inspect` and run records).
     fn describe(&self) -> serde_json::Value;
+
+    // Training hooks: burn's `Module` methods are generic, so the erased model forwards them.
+    // A model implements all four with [`crate::segnet_training_hooks!`].
+
+    /// Gradients of `loss` for this model's parameters.
+    fn gradients(&self, loss: Tensor<1>) -> burn::optim::GradientsParams;
+    /// Every float parameter: burn module path, id and shape, in visit order.
+    fn params(&self) -> Vec<crate::train::ParamInfo>;
+    /// Replaces each parameter `p` by `f(path, p, grad)` (flattened, without autodiff; the
+    /// gradient removed from `grads`, `None` when it has none); requires-grad is kept.
+    fn update(self: Box<Self>, grads: &mut burn::optim::GradientsParams, f: &mut crate::train::UpdateFn<'_>) -> Box<dyn SegNet>;
+    /// A copy without autodiff for validation and inference.
+    fn valid(&self) -> Box<dyn SegNet>;
+}
+
+/// Implements [`SegNet`]'s training hooks for a type that is a burn `Module`; expand inside
+/// `impl SegNet for T { … }`.
+#[macro_export]
+macro_rules! segnet_training_hooks {
+    () => {
+        fn gradients(&self, loss: $crate::Tensor<1>) -> $crate::burn::optim::GradientsParams {
+            $crate::burn::optim::GradientsParams::from_grads(loss.backward(), self)
+        }
+        fn params(&self) -> Vec<$crate::train::ParamInfo> {
+            $crate::train::param_infos(self)
+        }
+        fn update(
+            self: Box<Self>,
+            grads: &mut $crate::burn::optim::GradientsParams,
+            f: &mut $crate::train::UpdateFn<'_>,
+        ) -> Box<dyn $crate::model::SegNet> {
+            Box::new($crate::train::map_params(*self, grads, f))
+        }
+        fn valid(&self) -> Box<dyn $crate::model::SegNet> {
+            Box::new($crate::burn::module::Module::valid(self))
+        }
+    };
+}
+
+/// What a fresh network is built from: the task (channels, classes, strides from the plan) and
+/// the model's own size options (for STU-Net `{"preset": "stunet-b"}`, `{"blocks": 1,
+/// "base_width": 8}` or explicit `{"depth": [...], "dims": [...]}`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NetSpec {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output classes, background included.
+    pub num_classes: usize,
+    /// Downsampling strides from the plan (without stage 0's `[1,1,1]`).
+    pub strides: Vec<Stride>,
+    /// Model-specific size options.
+    pub options: serde_json::Value,
 }
 
 /// Options a checkpoint does not carry.
@@ -80,6 +132,8 @@ pub struct ModelEntry {
     pub presets: fn() -> Vec<PresetSummary>,
     /// Builds the model from checkpoint tensors, inferring the architecture from their shapes.
     pub load: fn(&StateDict, &LoadOptions, &Device) -> Result<Box<dyn SegNet>, CheckpointError>,
+    /// Builds a freshly initialised model; the error names the offending option.
+    pub build: fn(&NetSpec, &Device) -> Result<Box<dyn SegNet>, String>,
 }
 
 inventory::collect!(ModelEntry);

@@ -118,6 +118,8 @@ enum Command {
         #[arg(long, default_value = "flex")]
         backend: Backend,
     },
+    /// Train a model on a preprocessed dataset and fold with nnU-Net's recipe (resumable).
+    Train(Box<TrainArgs>),
     /// Save a checkpoint's weights as safetensors with unchanged state-dict keys.
     Export {
         #[command(flatten)]
@@ -126,6 +128,156 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Preprocessed folder (`stu preprocess` output: cases, dataset.json, plans.json, splits_final.json).
+    preprocessed: PathBuf,
+    /// Run folder (train.json, log.jsonl, progress.png, checkpoints).
+    #[arg(long)]
+    out: PathBuf,
+    /// Fold of splits_final.json, or `all`.
+    #[arg(long, default_value = "0")]
+    fold: String,
+    /// Plans configuration.
+    #[arg(long, default_value = "3d_fullres")]
+    configuration: String,
+    /// Model registry name.
+    #[arg(long, default_value = "stunet")]
+    model: String,
+    /// Size preset (e.g. stunet-s, stunet-b).
+    #[arg(long, conflicts_with_all = ["blocks", "base_width", "model_options"])]
+    preset: Option<String>,
+    /// Blocks per stage (scaling rule).
+    #[arg(long, conflicts_with = "model_options")]
+    blocks: Option<usize>,
+    /// Stage-0 width (scaling rule: widths base·[1,2,4,8,16,16]).
+    #[arg(long, conflicts_with = "model_options")]
+    base_width: Option<usize>,
+    /// Model size options as JSON (e.g. '{"depth":[1,1,1,1,1,1],"dims":[8,16,32,64,128,128]}').
+    #[arg(long)]
+    model_options: Option<String>,
+    /// Epochs.
+    #[arg(long, default_value_t = 1000)]
+    epochs: usize,
+    /// Training iterations per epoch.
+    #[arg(long, default_value_t = 250)]
+    iterations: usize,
+    /// Validation iterations per epoch.
+    #[arg(long, default_value_t = 50)]
+    val_iterations: usize,
+    /// Write checkpoint_latest every N epochs.
+    #[arg(long, default_value_t = 50)]
+    save_every: usize,
+    /// Batch size (default: the plan's).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Patch size `D,H,W` (default: the plan's).
+    #[arg(long, value_parser = parse_patch)]
+    patch_size: Option<Patch>,
+    /// Initial learning rate (default 1e-2, or 1e-3 with --init-from).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Seed of the initial weights and of every batch.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fine-tune from a checkpoint (nnU-Net v1 .model, v2 .pth, ours): all but the heads transfer.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// Turn augmentation off.
+    #[arg(long)]
+    no_augmentation: bool,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Loader threads (batches stay the same for any number).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Compute backend.
+    #[arg(long, default_value = "flex")]
+    backend: Backend,
+}
+
+#[derive(Clone)]
+struct Patch([usize; 3]);
+
+fn parse_patch(s: &str) -> Result<Patch, String> {
+    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse().map_err(|_| format!("`{x}` is not a positive integer"))).collect::<Result<_, _>>()?;
+    match v.as_slice() {
+        [a, b, c] if *a > 0 && *b > 0 && *c > 0 => Ok(Patch([*a, *b, *c])),
+        _ => Err(format!("patch `{s}` must be three positive integers D,H,W")),
+    }
+}
+
+impl TrainArgs {
+    fn request(self) -> Result<crate::train::TrainRequest> {
+        let model_options = match (self.preset, self.blocks, self.base_width, self.model_options) {
+            (Some(p), ..) => serde_json::json!({ "preset": p }),
+            (None, _, _, Some(j)) => serde_json::from_str(&j).context("--model-options is not valid JSON")?,
+            (None, None, None, None) => serde_json::json!({ "preset": "stunet-b" }),
+            (None, b, w, None) => {
+                let mut m = serde_json::Map::new();
+                if let Some(b) = b {
+                    m.insert("blocks".into(), b.into());
+                }
+                if let Some(w) = w {
+                    m.insert("base_width".into(), w.into());
+                }
+                serde_json::Value::Object(m)
+            }
+        };
+        Ok(crate::train::TrainRequest {
+            preprocessed: self.preprocessed,
+            configuration: self.configuration,
+            fold: self.fold,
+            out: self.out,
+            model: self.model,
+            model_options,
+            epochs: self.epochs,
+            iterations: self.iterations,
+            val_iterations: self.val_iterations,
+            save_every: self.save_every,
+            batch_size: self.batch_size,
+            patch_size: self.patch_size.map(|p| p.0),
+            lr: self.lr,
+            seed: self.seed,
+            init_from: self.init_from,
+            augmentation: !self.no_augmentation,
+            resume: self.resume,
+            workers: self.workers,
+            backend: self.backend,
+        })
+    }
+}
+
+/// Progress bar per epoch: iterations, loss, pseudo Dice, ETA.
+struct TrainBar {
+    bar: indicatif::ProgressBar,
+    losses: std::sync::Mutex<(f64, usize)>,
+}
+
+impl crate::train::Progress for TrainBar {
+    fn epoch_start(&self, epoch: usize, epochs: usize, iterations: usize) {
+        self.bar.reset();
+        self.bar.set_length(iterations as u64);
+        self.bar.set_prefix(format!("epoch {}/{epochs}", epoch + 1));
+        *self.losses.lock().expect("lock") = (0.0, 0);
+    }
+    fn step(&self, loss: f64) {
+        let mut l = self.losses.lock().expect("lock");
+        l.0 += loss;
+        l.1 += 1;
+        self.bar.set_message(format!("loss {:.4}", l.0 / l.1 as f64));
+        self.bar.inc(1);
+    }
+    fn epoch_end(&self, log: &crate::train::EpochLog) {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        self.bar.println(format!(
+            "epoch {:>4}  lr {:.2e}  train {:.4}  val {}  pseudo Dice {}  EMA {}  {:.1} s ({:.2} it/s, waited {:.1} s for data)",
+            log.epoch, log.lr, log.train_loss, f(log.val_loss), f(log.mean_fg_dice), f(log.ema_fg_dice), log.epoch_seconds, log.iterations_per_second, log.data_wait_seconds
+        ));
+    }
 }
 
 #[derive(Subcommand)]
@@ -314,6 +466,18 @@ fn run(cli: Cli) -> Result<()> {
                 let doc = serde_json::json!({ "backend": backend.name(), "threads": rayon_threads(), "results": results });
                 stu_engine::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
             }
+        }
+        Command::Train(args) => {
+            let req = args.request()?;
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} it, ETA {eta} {msg}").expect("valid template"),
+            );
+            let s = crate::train::train(&req, &TrainBar { bar: bar.clone(), losses: std::sync::Mutex::new((0.0, 0)) })?;
+            bar.finish_and_clear();
+            if s.epochs_run == 0 {
+                eprintln!("{}: the run was already complete", s.out.display());
+            }
+            eprintln!("best EMA pseudo Dice {}; checkpoints and log.jsonl in {}", s.best_ema.map_or("-".into(), |v| format!("{v:.4}")), s.out.display());
         }
         Command::Export { model, output } => {
             let n = forward::export(&model.source(), &output)?;

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod forward;
 pub mod plans;
 pub mod quickstart;
+pub mod train;
 
 use stu_engine::model::PresetSummary;
 

@@ -1,0 +1,272 @@
+//! Training and validation batches on worker threads (nnU-Net's `nnUNetDataLoader3D` plus the
+//! augmentation pipeline, `shared/docs/nnunet-pipeline.md` §5.2–5.3).
+//!
+//! Batch `i` of a stream is a pure function of `(seed, stream, i)`: its cases, patch corners
+//! and augmentation draws come from one [`SplitMix64`] seeded from those three numbers. Worker
+//! `w` of `W` builds batches `w, w+W, …` into its own bounded channel and the consumer reads
+//! the channels round-robin, so batches arrive in order, at most `W · prefetch` are held, and
+//! the result does not depend on the number of workers or on timing.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use stu_core::rng::SplitMix64;
+
+use crate::augment::{AugConfig, Sample, augment, center_crop, nearest_resize};
+use crate::dataset::DatasetError;
+use crate::preprocess::{Preprocessed, load};
+use crate::sampler::{choose_corner, crop_pad, forced_foreground};
+
+/// Preprocessed cases of one split, read from disk once and kept in memory while the total
+/// stays under a budget (beyond it, each sample reads its case again: the page cache helps).
+pub struct CaseStore {
+    dir: PathBuf,
+    ids: Vec<String>,
+    cache: Vec<Mutex<Option<Arc<Preprocessed>>>>,
+    keep: bool,
+}
+
+impl CaseStore {
+    /// Cases `ids` in the preprocessed folder `dir`; `budget` bytes may stay in memory.
+    pub fn new(dir: &Path, ids: Vec<String>, budget: u64) -> Result<Self, DatasetError> {
+        let mut total = 0u64;
+        for id in &ids {
+            let f = dir.join(format!("{id}_data.f32"));
+            let meta = std::fs::metadata(&f).map_err(|e| DatasetError::File { path: f.clone(), reason: format!("preprocessed case `{id}` is missing: {e}") })?;
+            total += meta.len();
+        }
+        let cache = ids.iter().map(|_| Mutex::new(None)).collect();
+        Ok(Self { dir: dir.to_path_buf(), ids, cache, keep: total <= budget })
+    }
+
+    /// Case ids.
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// Case `i`.
+    pub fn get(&self, i: usize) -> Result<Arc<Preprocessed>, DatasetError> {
+        let mut slot = self.cache[i].lock().expect("case cache poisoned");
+        if let Some(c) = slot.as_ref() {
+            return Ok(Arc::clone(c));
+        }
+        let c = Arc::new(load(&self.dir, &self.ids[i])?);
+        if self.keep {
+            *slot = Some(Arc::clone(&c));
+        }
+        Ok(c)
+    }
+}
+
+/// How batches are made.
+#[derive(Debug, Clone)]
+pub struct BatchConfig {
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// The network's patch F.
+    pub patch: [usize; 3],
+    /// Augmentation; `None` for validation (final patch loaded directly, no transforms).
+    pub augment: Option<AugConfig>,
+    /// Per output, the factor of the target's extent (full resolution first).
+    pub ds_scales: Vec<[f64; 3]>,
+}
+
+/// One batch on the CPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// `[B, C, D, H, W]` row-major.
+    pub data: Vec<f32>,
+    /// Its shape.
+    pub shape: [usize; 5],
+    /// Targets per supervised output: labels (−1 already mapped to 0) and `[B, d, h, w]`.
+    pub targets: Vec<(Vec<i16>, [usize; 4])>,
+    /// Case ids, one per sample.
+    pub keys: Vec<String>,
+}
+
+fn batch_seed(seed: u64, stream: u64, index: u64) -> u64 {
+    let mut r = SplitMix64::new(seed ^ stream.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let a = r.next_u64();
+    SplitMix64::new(a ^ index.wrapping_mul(0xbf58_476d_1ce4_e5b9)).next_u64()
+}
+
+/// Builds batch `index` of stream `stream` (deterministic).
+pub fn make_batch(store: &CaseStore, cfg: &BatchConfig, seed: u64, stream: u64, index: u64) -> Result<Batch, DatasetError> {
+    let mut rng = SplitMix64::new(batch_seed(seed, stream, index));
+    let b = cfg.batch_size;
+    let f = cfg.patch;
+    let loaded = if cfg.augment.is_some() { crate::sampler::initial_patch_size(f) } else { f };
+    let n: usize = f.iter().product();
+    let mut data = Vec::new();
+    let mut segs: Vec<Vec<i16>> = Vec::with_capacity(b);
+    let mut keys = Vec::with_capacity(b);
+    let mut channels = 0;
+    for j in 0..b {
+        let i = rng.below(store.ids().len() as u64) as usize;
+        let case = store.get(i)?;
+        let [c, z, y, x] = case.props.shape;
+        channels = c;
+        let corner = choose_corner(&mut rng, &case, forced_foreground(j, b), loaded, f);
+        let (d, s) = crop_pad(&case.data, &case.seg, c, [z, y, x], corner, loaded);
+        let sample = Sample { data: d, seg: s, channels: c, shape: loaded };
+        let mut out = match &cfg.augment {
+            Some(aug) => augment(&mut rng, aug, &sample, f),
+            None => center_crop(&sample, f),
+        };
+        out.seg.iter_mut().for_each(|v| *v = (*v).max(0));
+        data.extend_from_slice(&out.data);
+        segs.push(out.seg);
+        keys.push(case.props.id.clone());
+    }
+    debug_assert_eq!(data.len(), b * channels * n);
+    let targets = cfg
+        .ds_scales
+        .iter()
+        .map(|s| {
+            let shape: [usize; 3] = std::array::from_fn(|a| ((f[a] as f64 * s[a]).round() as usize).max(1));
+            let mut t = Vec::with_capacity(b * shape.iter().product::<usize>());
+            for seg in &segs {
+                t.extend(nearest_resize(seg, f, shape));
+            }
+            (t, [b, shape[0], shape[1], shape[2]])
+        })
+        .collect();
+    Ok(Batch { data, shape: [b, channels, f[0], f[1], f[2]], targets, keys })
+}
+
+/// A batch stream on worker threads.
+pub struct Loader {
+    rx: Vec<Receiver<Result<Batch, DatasetError>>>,
+    start: u64,
+    next: u64,
+    end: u64,
+    waited: Duration,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Batches `start..end` of stream `stream`, on `workers` threads with `prefetch` batches
+    /// queued per worker.
+    pub fn spawn(store: Arc<CaseStore>, cfg: BatchConfig, seed: u64, stream: u64, start: u64, end: u64, workers: usize, prefetch: usize) -> Self {
+        let workers = workers.max(1);
+        let mut rx = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for w in 0..workers as u64 {
+            let (tx, r): (SyncSender<_>, _) = sync_channel(prefetch.max(1));
+            rx.push(r);
+            let (store, cfg) = (Arc::clone(&store), cfg.clone());
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("stu-loader-{w}"))
+                    .spawn(move || {
+                        let mut i = start + w;
+                        while i < end {
+                            let b = make_batch(&store, &cfg, seed, stream, i);
+                            let failed = b.is_err();
+                            if tx.send(b).is_err() || failed {
+                                return; // consumer gone, or the error is delivered
+                            }
+                            i += workers as u64;
+                        }
+                    })
+                    .expect("cannot spawn a loader thread"),
+            );
+        }
+        Self { rx, start, next: start, end, waited: Duration::ZERO, workers: handles }
+    }
+
+    /// The next batch in order, or `None` at the end of the range.
+    pub fn next_batch(&mut self) -> Option<Result<Batch, DatasetError>> {
+        if self.next >= self.end {
+            return None;
+        }
+        let t = Instant::now();
+        let worker = ((self.next - self.start) % self.rx.len() as u64) as usize;
+        let b = self.rx[worker].recv();
+        self.waited += t.elapsed();
+        self.next += 1;
+        Some(b.unwrap_or_else(|_| Err(DatasetError::File { path: PathBuf::from("<loader>"), reason: "a loader thread stopped".into() })))
+    }
+
+    /// Total time the consumer spent waiting for batches.
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        self.rx.clear(); // unblocks workers waiting on a full channel
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preprocess::{CaseProperties, save};
+
+    fn store(dir: &Path) -> Arc<CaseStore> {
+        let mut ids = Vec::new();
+        for k in 0..3 {
+            let shape = [1, 12, 14, 16];
+            let n = 12 * 14 * 16;
+            let mut rng = SplitMix64::new(k);
+            let seg: Vec<i16> = (0..n).map(|i| i16::from(i % 16 > 8 && i / 224 > 4) * (1 + (k as i16 % 2))).collect();
+            let mut locations = Vec::new();
+            let mut class_locations = std::collections::BTreeMap::new();
+            let mut offset = 0;
+            for l in 1..3i16 {
+                let locs: Vec<[u32; 3]> = (0..n).filter(|&i| seg[i] == l).map(|i| [(i / 224) as u32, (i / 16 % 14) as u32, (i % 16) as u32]).collect();
+                class_locations.insert(l.to_string(), [offset, locs.len()]);
+                offset += locs.len();
+                locations.push((l, locs));
+            }
+            let id = format!("case_{k}");
+            let props = CaseProperties {
+                id: id.clone(),
+                shape,
+                spacing: [1.0; 3],
+                original_spacing: [1.0; 3],
+                shape_before_cropping: [12, 14, 16],
+                bbox_used_for_cropping: [[0, 12], [0, 14], [0, 16]],
+                shape_after_cropping_and_before_resampling: [12, 14, 16],
+                affine: [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+                class_locations,
+            };
+            save(dir, &Preprocessed { data: rng.fill_f32(n, -1.0, 1.0), seg, props, locations }).unwrap();
+            ids.push(id);
+        }
+        Arc::new(CaseStore::new(dir, ids, 1 << 30).unwrap())
+    }
+
+    #[test]
+    fn batches_do_not_depend_on_workers_and_targets_follow_the_scales() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]] };
+        let collect = |workers| {
+            let mut l = Loader::spawn(Arc::clone(&store), cfg.clone(), 42, 3, 5, 12, workers, 2);
+            let mut v = Vec::new();
+            while let Some(b) = l.next_batch() {
+                v.push(b.unwrap());
+            }
+            v
+        };
+        let one = collect(1);
+        assert_eq!(one.len(), 7);
+        assert_eq!(one, collect(3));
+        let b = &one[0];
+        assert_eq!(b.shape, [2, 1, 8, 8, 8]);
+        assert_eq!(b.targets.iter().map(|t| t.1).collect::<Vec<_>>(), [[2, 8, 8, 8], [2, 4, 4, 4], [2, 2, 2, 2]]);
+        assert!(b.targets.iter().all(|(t, _)| t.iter().all(|&v| (0..3).contains(&v))));
+        assert_eq!(make_batch(&store, &cfg, 42, 3, 5).unwrap(), one[0]);
+        assert_ne!(make_batch(&store, &cfg, 42, 4, 5).unwrap(), one[0], "another stream differs");
+        // Sample 1 of 2 is forced to foreground: every batch has some.
+        assert!(one.iter().all(|b| b.targets[0].0[512..].iter().any(|&v| v > 0)));
+    }
+}

@@ -1,0 +1,328 @@
+//! One training step of the nnU-Net recipe on an erased [`SegNet`]: deep-supervision loss,
+//! backward, global-norm clipping, SGD with PyTorch's Nesterov semantics, plus the pieces a
+//! resumable run needs (optimiser state by parameter path, seeded initialisation) and the
+//! validation counts behind nnU-Net's pseudo Dice.
+//!
+//! The optimiser is ours rather than burn's `ModuleOptimizer`: burn keys its state by
+//! `ParamId`, which a model rebuilt from a checkpoint does not keep, so a resumed run could not
+//! find its momentum. Here the state is keyed by the parameter's module path and saved next to
+//! the weights.
+
+use std::collections::{BTreeMap, HashMap};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{Int, Tensor, TensorData};
+use stu_core::rng::SplitMix64;
+
+use crate::checkpoint::NamedTensor;
+use crate::loss::{DiceConfig, deep_supervision};
+use crate::model::SegNet;
+
+/// A float parameter of a module.
+#[derive(Debug, Clone)]
+pub struct ParamInfo {
+    /// burn module path (`conv_blocks_context.0.0.norm1.gamma`).
+    pub path: String,
+    /// burn id (valid for this module instance only).
+    pub id: ParamId,
+    /// Extents.
+    pub dims: Vec<usize>,
+}
+
+/// `f(path, value, grad) → new value`, on flattened tensors without autodiff.
+pub type UpdateFn<'a> = dyn FnMut(&str, Tensor<1>, Option<Tensor<1>>) -> Tensor<1> + 'a;
+
+struct Infos {
+    path: Vec<String>,
+    out: Vec<ParamInfo>,
+}
+
+impl ModuleVisitor for Infos {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.push(ParamInfo { path: self.path.join("."), id: param.id, dims: param.val().dims().to_vec() });
+    }
+}
+
+/// Every float parameter of `module` with its path, in visit order.
+pub fn param_infos<M: Module>(module: &M) -> Vec<ParamInfo> {
+    let mut v = Infos { path: Vec::new(), out: Vec::new() };
+    module.visit(&mut v);
+    v.out
+}
+
+struct Mapper<'a, 'f> {
+    path: Vec<String>,
+    grads: &'a mut GradientsParams,
+    f: &'a mut UpdateFn<'f>,
+}
+
+impl ModuleMapper for Mapper<'_, '_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let require_grad = tensor.is_require_grad();
+        let dims = tensor.dims();
+        let n: usize = dims.iter().product();
+        let grad = self.grads.remove::<D>(id).map(|g| g.reshape([n]));
+        let new = (self.f)(&self.path.join("."), tensor.inner().reshape([n]), grad).reshape(dims);
+        let mut new = Tensor::from_inner(new);
+        if require_grad {
+            new = new.require_grad();
+        }
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+/// Applies `f` to every float parameter of `module` (see [`UpdateFn`]).
+pub fn map_params<M: Module>(module: M, grads: &mut GradientsParams, f: &mut UpdateFn<'_>) -> M {
+    module.map(&mut Mapper { path: Vec::new(), grads, f })
+}
+
+/// nnU-Net v1's `InitWeights_He(1e-2)` from a seed: weights (rank ≥ 2) ~ N(0, gain²/fan_in) with
+/// gain √(2/(1+0.01²)), fan_in = dims[1]·kernel; norm scales (`gamma`) 1; biases and norm
+/// shifts 0. Deterministic, unlike burn's global RNG, so two runs with one seed start equal.
+pub fn he_init(net: Box<dyn SegNet>, seed: u64, only: Option<&dyn Fn(&str) -> bool>) -> Box<dyn SegNet> {
+    let mut rng = SplitMix64::new(seed ^ 0x6a09_e667_f3bc_c909);
+    let dims: HashMap<String, Vec<usize>> = net.params().into_iter().map(|p| (p.path, p.dims)).collect();
+    let mut none = GradientsParams::new();
+    let gain = (2.0 / (1.0 + 1e-4f64)).sqrt();
+    net.update(&mut none, &mut |path, value, _| {
+        if only.is_some_and(|keep| !keep(path)) {
+            return value;
+        }
+        let d = &dims[path];
+        let n: usize = d.iter().product();
+        let values: Vec<f32> = if d.len() >= 2 {
+            let fan_in: usize = d[1..].iter().product();
+            let sd = gain / (fan_in as f64).sqrt();
+            (0..n).map(|_| (rng.normal() * sd) as f32).collect()
+        } else if path.ends_with("gamma") {
+            vec![1.0; n]
+        } else {
+            vec![0.0; n]
+        };
+        Tensor::from_data(TensorData::new(values, [n]), &value.device())
+    })
+}
+
+/// `torch.optim.SGD(momentum, nesterov=True, dampening=0, weight_decay)` with state by path.
+#[derive(Debug, Clone)]
+pub struct Sgd {
+    /// Momentum (0.99).
+    pub momentum: f64,
+    /// Coupled L2 weight decay (3e-5), applied to every parameter.
+    pub weight_decay: f64,
+    buffers: BTreeMap<String, Tensor<1>>,
+}
+
+impl Sgd {
+    /// nnU-Net's optimiser: momentum 0.99, weight decay 3e-5.
+    pub fn nnunet() -> Self {
+        Self { momentum: 0.99, weight_decay: 3e-5, buffers: BTreeMap::new() }
+    }
+
+    /// One step with learning rate `lr`:
+    /// `g ← g + wd·p; b ← g (first step) or μ·b + g; p ← p − lr·(g + μ·b)`.
+    pub fn step(&mut self, net: Box<dyn SegNet>, grads: &mut GradientsParams, lr: f64) -> Box<dyn SegNet> {
+        let (mu, wd) = (self.momentum, self.weight_decay);
+        let buffers = &mut self.buffers;
+        net.update(grads, &mut |path, p, g| {
+            let Some(g) = g else { return p };
+            let g = g + p.clone() * wd;
+            let b = match buffers.remove(path) {
+                Some(b) => b * mu + g.clone(),
+                None => g.clone(),
+            };
+            let out = p - (g + b.clone() * mu) * lr;
+            buffers.insert(path.to_string(), b);
+            out
+        })
+    }
+
+    /// The momentum buffers as named tensors (`{path}.momentum_buffer`), sorted by path.
+    pub fn state(&self) -> Vec<NamedTensor> {
+        self.buffers
+            .iter()
+            .map(|(path, b)| {
+                let data = b.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+                NamedTensor { name: format!("{path}.momentum_buffer"), shape: vec![data.len()], data }
+            })
+            .collect()
+    }
+
+    /// Restores buffers written by [`Sgd::state`]; every buffer must name a parameter of `net`
+    /// with as many elements.
+    pub fn load_state(&mut self, net: &dyn SegNet, state: Vec<NamedTensor>, device: &burn::tensor::Device) -> Result<(), String> {
+        let sizes: HashMap<String, usize> = net.params().into_iter().map(|p| (p.path, p.dims.iter().product())).collect();
+        self.buffers.clear();
+        for t in state {
+            let path = t.name.strip_suffix(".momentum_buffer").ok_or_else(|| format!("optimizer key `{}` is not a momentum buffer", t.name))?;
+            match sizes.get(path) {
+                Some(&n) if n == t.data.len() => {}
+                Some(&n) => return Err(format!("momentum buffer `{path}` has {} values, the parameter {n}", t.data.len())),
+                None => return Err(format!("momentum buffer `{path}` names no parameter of the model")),
+            }
+            let n = t.data.len();
+            self.buffers.insert(path.to_string(), Tensor::from_data(TensorData::new(t.data, [n]), device));
+        }
+        Ok(())
+    }
+}
+
+/// Scales the gradients so that their joint L2 norm is at most `max_norm`
+/// (`clip_grad_norm_`, coefficient `max/(norm+1e-6)` when below 1); returns the norm before.
+pub fn clip_grad_norm(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    fn sq<const D: usize>(g: &GradientsParams, id: ParamId) -> f64 {
+        g.get::<D>(id).map_or(0.0, |t| t.clone().mul(t).sum().into_scalar::<f32>() as f64)
+    }
+    fn scale<const D: usize>(g: &mut GradientsParams, id: ParamId, f: f64) {
+        if let Some(t) = g.remove::<D>(id) {
+            g.register(id, t * f);
+        }
+    }
+    let params = net.params();
+    let total = params
+        .iter()
+        .map(|p| match p.dims.len() {
+            1 => sq::<1>(grads, p.id),
+            2 => sq::<2>(grads, p.id),
+            3 => sq::<3>(grads, p.id),
+            4 => sq::<4>(grads, p.id),
+            5 => sq::<5>(grads, p.id),
+            r => panic!("parameters of rank {r} are not expected"),
+        })
+        .sum::<f64>()
+        .sqrt();
+    let coef = max_norm / (total + 1e-6);
+    if coef < 1.0 {
+        for p in &params {
+            match p.dims.len() {
+                1 => scale::<1>(grads, p.id, coef),
+                2 => scale::<2>(grads, p.id, coef),
+                3 => scale::<3>(grads, p.id, coef),
+                4 => scale::<4>(grads, p.id, coef),
+                _ => scale::<5>(grads, p.id, coef),
+            }
+        }
+    }
+    total
+}
+
+/// A batch on the device: input `[B, C, D, H, W]` and one target per supervised output.
+pub struct DeviceBatch {
+    /// Input.
+    pub x: Tensor<5>,
+    /// Class indices per output, full resolution first.
+    pub targets: Vec<Tensor<4, Int>>,
+}
+
+impl DeviceBatch {
+    /// Uploads CPU arrays (`x` row-major `[B,C,D,H,W]`, each target `[B,d,h,w]`).
+    pub fn upload(x: Vec<f32>, shape: [usize; 5], targets: &[(Vec<i16>, [usize; 4])], device: &burn::tensor::Device) -> Self {
+        let x = Tensor::from_data(TensorData::new(x, shape), device);
+        let targets = targets
+            .iter()
+            .map(|(t, s)| Tensor::from_data(TensorData::new(t.iter().map(|&v| i64::from(v.max(0))).collect::<Vec<i64>>(), *s), device))
+            .collect();
+        Self { x, targets }
+    }
+}
+
+/// What one training step reports.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    /// Deep-supervision loss.
+    pub loss: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// Forward (deep supervision), loss, backward, clip to `clip`, SGD step with `lr`.
+pub fn train_step(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, weights: &[f64], dice: DiceConfig, lr: f64, clip: f64) -> (Box<dyn SegNet>, StepStats) {
+    let outs = net.forward_ds(batch.x.clone());
+    let n = outs.len().min(batch.targets.len());
+    let loss = deep_supervision(&outs[..n], &batch.targets[..n], &weights[..n], dice);
+    let value = loss.clone().into_scalar::<f32>() as f64;
+    let mut grads = net.gradients(loss);
+    let grad_norm = clip_grad_norm(&*net, &mut grads, clip);
+    let net = sgd.step(net, &mut grads, lr);
+    (net, StepStats { loss: value, grad_norm })
+}
+
+/// Validation of one batch: the loss and per-class (foreground) TP, FP, FN of the argmax of
+/// the full-resolution output (nnU-Net's `validation_step`).
+pub fn validation_step(net: &dyn SegNet, batch: &DeviceBatch, weights: &[f64], dice: DiceConfig) -> (f64, Vec<[u64; 3]>) {
+    let outs = net.forward_ds(batch.x.clone());
+    let n = outs.len().min(batch.targets.len());
+    let loss = deep_supervision(&outs[..n], &batch.targets[..n], &weights[..n], dice).into_scalar::<f32>() as f64;
+    let classes = outs[0].dims()[1];
+    let pred: Vec<i64> = outs[0].clone().argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
+    let truth: Vec<i64> = batch.targets[0].clone().into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
+    (loss, confusion(&pred, &truth, classes))
+}
+
+/// Per foreground class `[TP, FP, FN]` of two label arrays.
+pub fn confusion(pred: &[i64], truth: &[i64], classes: usize) -> Vec<[u64; 3]> {
+    let mut out = vec![[0u64; 3]; classes.saturating_sub(1)];
+    for (&p, &t) in pred.iter().zip(truth) {
+        if p == t {
+            if p > 0 {
+                out[p as usize - 1][0] += 1;
+            }
+        } else {
+            if p > 0 {
+                out[p as usize - 1][1] += 1;
+            }
+            if t > 0 {
+                out[t as usize - 1][2] += 1;
+            }
+        }
+    }
+    out
+}
+
+/// `2TP/(2TP+FP+FN)` per class, NaN for a class absent from both.
+pub fn dice_per_class(counts: &[[u64; 3]]) -> Vec<f64> {
+    counts
+        .iter()
+        .map(|&[tp, fp, fn_]| {
+            let d = 2 * tp + fp + fn_;
+            if d == 0 { f64::NAN } else { 2.0 * tp as f64 / d as f64 }
+        })
+        .collect()
+}
+
+/// Mean of the non-NaN values (NaN when all are).
+pub fn nanmean(v: &[f64]) -> f64 {
+    let ok: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if ok.is_empty() { f64::NAN } else { ok.iter().sum::<f64>() / ok.len() as f64 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confusion_and_dice_follow_nnunet() {
+        let pred = [0, 1, 1, 2, 0, 2];
+        let truth = [0, 1, 2, 2, 1, 0];
+        let c = confusion(&pred, &truth, 4);
+        assert_eq!(c, vec![[1, 1, 1], [1, 1, 1], [0, 0, 0]]);
+        let d = dice_per_class(&c);
+        assert_eq!(d[0], 0.5);
+        assert!(d[2].is_nan());
+        assert_eq!(nanmean(&d), 0.5);
+    }
+}

@@ -1,0 +1,587 @@
+//! `stu train`: nnU-Net's training recipe (`shared/docs/nnunet-pipeline.md` §5) for any
+//! registered model on a preprocessed dataset and fold, resumable, with fine-tuning.
+//!
+//! A run folder holds `train.json` (the resolved configuration), `log.jsonl` (one line per
+//! epoch), `progress.png`, and `checkpoint_{best,latest,final}.safetensors`: weights under
+//! `network_weights.` (so `stu forward`/`stu predict` read them like any checkpoint), momentum
+//! buffers under `optimizer_state.`, and the header metadata `stu_checkpoint` (JSON: next epoch,
+//! EMA and best EMA, seed and the batch-stream positions, model description, configuration).
+//!
+//! Determinism: initial weights come from the seed, batch `i` of epoch `e` from
+//! `(seed, stream, e·iters + i)` (see `stu_data::loader`), and the CPU kernels reduce in a
+//! fixed order, so a resumed run repeats the uninterrupted one's losses exactly.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+use stu_data::augment::AugConfig;
+use stu_data::loader::{BatchConfig, CaseStore, Loader};
+use stu_engine::backend::Backend;
+use stu_engine::checkpoint::{NamedTensor, StateDict, write_safetensors};
+use stu_engine::loss::DiceConfig;
+use stu_engine::model::{LoadOptions, NetSpec, SegNet};
+use stu_engine::schedule::{ds_scales, ds_weights, poly_lr};
+use stu_engine::train::{DeviceBatch, Sgd, dice_per_class, he_init, nanmean, train_step, validation_step};
+
+/// Checkpoint format tag in the safetensors metadata.
+pub const CHECKPOINT_FORMAT: &str = "stu-train-checkpoint/1";
+
+/// Everything that determines a run's results (written to `train.json`; `--resume` checks it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Preprocessed folder (cases, `dataset.json`, `plans.json`, `splits_final.json`).
+    pub preprocessed: PathBuf,
+    /// Plans configuration.
+    pub configuration: String,
+    /// Fold of `splits_final.json`, or `all` (train on every case, no validation).
+    pub fold: String,
+    /// Model registry name.
+    pub model: String,
+    /// Model size options (`NetSpec::options`).
+    pub model_options: serde_json::Value,
+    /// Epochs.
+    pub epochs: usize,
+    /// Training iterations per epoch.
+    pub iterations: usize,
+    /// Validation iterations per epoch.
+    pub val_iterations: usize,
+    /// Write `checkpoint_latest` every this many epochs.
+    pub save_every: usize,
+    /// Batch size (plan's by default).
+    pub batch_size: usize,
+    /// Patch size (plan's by default).
+    pub patch_size: [usize; 3],
+    /// Initial learning rate (1e-2; 1e-3 when fine-tuning).
+    pub initial_lr: f64,
+    /// Seed of weights and batches.
+    pub seed: u64,
+    /// Pre-trained checkpoint to start from.
+    pub init_from: Option<PathBuf>,
+    /// Augmentation on (nnU-Net's pipeline) or off.
+    pub augmentation: bool,
+    /// Compute backend.
+    pub backend: String,
+}
+
+/// What `stu train` is asked to do (CLI level; defaults resolved by [`resolve`]).
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    /// See [`TrainConfig::preprocessed`].
+    pub preprocessed: PathBuf,
+    /// See [`TrainConfig::configuration`].
+    pub configuration: String,
+    /// See [`TrainConfig::fold`].
+    pub fold: String,
+    /// Run folder.
+    pub out: PathBuf,
+    /// See [`TrainConfig::model`].
+    pub model: String,
+    /// See [`TrainConfig::model_options`].
+    pub model_options: serde_json::Value,
+    /// Epochs (1000).
+    pub epochs: usize,
+    /// Iterations per epoch (250).
+    pub iterations: usize,
+    /// Validation iterations (50).
+    pub val_iterations: usize,
+    /// Checkpoint interval (50).
+    pub save_every: usize,
+    /// Override of the plan's batch size.
+    pub batch_size: Option<usize>,
+    /// Override of the plan's patch size.
+    pub patch_size: Option<[usize; 3]>,
+    /// Override of the initial learning rate.
+    pub lr: Option<f64>,
+    /// Seed.
+    pub seed: u64,
+    /// Fine-tuning source.
+    pub init_from: Option<PathBuf>,
+    /// Augmentation.
+    pub augmentation: bool,
+    /// Continue the run in `out`.
+    pub resume: bool,
+    /// Loader threads.
+    pub workers: usize,
+    /// Backend.
+    pub backend: Backend,
+}
+
+/// The plan values training needs.
+struct Plan {
+    patch: [usize; 3],
+    batch: usize,
+    batch_dice: bool,
+    strides: Vec<[usize; 3]>,
+    pools: Vec<[usize; 3]>,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+fn read_plan(dir: &Path, configuration: &str) -> Result<Plan> {
+    let path = dir.join("plans.json");
+    let json = read_json(&path)?;
+    let c = json.pointer(&format!("/configurations/{configuration}")).with_context(|| format!("{}: no configuration `configurations.{configuration}`", path.display()))?;
+    let get = |k: &str| c.get(k).with_context(|| format!("{}: `configurations.{configuration}.{k}` is missing", path.display()));
+    let patch: Vec<usize> = serde_json::from_value(get("patch_size")?.clone()).with_context(|| format!("{}: `patch_size` is not a list of integers", path.display()))?;
+    ensure!(patch.len() == 3, "{}: `patch_size` has {} axes; only 3-D configurations train here", path.display(), patch.len());
+    let pools: Vec<[usize; 3]> = serde_json::from_value(get("pool_op_kernel_sizes")?.clone()).with_context(|| format!("{}: `pool_op_kernel_sizes` is not a list of 3-int strides", path.display()))?;
+    Ok(Plan {
+        patch: [patch[0], patch[1], patch[2]],
+        batch: get("batch_size")?.as_u64().with_context(|| format!("{}: `batch_size` is not an integer", path.display()))? as usize,
+        batch_dice: get("batch_dice")?.as_bool().unwrap_or(false),
+        strides: crate::plans::strides_from_plans(&path, configuration)?,
+        pools,
+    })
+}
+
+/// Resolves defaults (plan values, lr preset) into the configuration of a new run.
+pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
+    let plan = read_plan(&req.preprocessed, &req.configuration)?;
+    let preprocessed = req.preprocessed.canonicalize().with_context(|| format!("{}: cannot open the preprocessed folder", req.preprocessed.display()))?;
+    let init_from = match &req.init_from {
+        Some(p) => Some(p.canonicalize().with_context(|| format!("{}: cannot open the checkpoint", p.display()))?),
+        None => None,
+    };
+    ensure!(req.epochs >= 1, "--epochs must be at least 1");
+    ensure!(req.iterations >= 1, "--iterations must be at least 1");
+    ensure!(req.save_every >= 1, "--save-every must be at least 1");
+    Ok(TrainConfig {
+        preprocessed,
+        configuration: req.configuration.clone(),
+        fold: req.fold.clone(),
+        model: req.model.clone(),
+        model_options: req.model_options.clone(),
+        epochs: req.epochs,
+        iterations: req.iterations,
+        val_iterations: req.val_iterations,
+        save_every: req.save_every,
+        batch_size: req.batch_size.unwrap_or(plan.batch),
+        patch_size: req.patch_size.unwrap_or(plan.patch),
+        initial_lr: req.lr.unwrap_or(if init_from.is_some() { 1e-3 } else { 1e-2 }),
+        seed: req.seed,
+        init_from,
+        augmentation: req.augmentation,
+        backend: req.backend.name().to_string(),
+    })
+}
+
+/// The training and validation case ids of a fold.
+fn fold_cases(dir: &Path, fold: &str) -> Result<(Vec<String>, Vec<String>)> {
+    if fold == "all" {
+        let mut ids: Vec<String> = std::fs::read_dir(dir)
+            .with_context(|| format!("{}: cannot list", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix("_data.f32")).map(str::to_string))
+            .filter(|id| dir.join(format!("{id}.json")).exists())
+            .collect();
+        ids.sort();
+        return Ok((ids, Vec::new()));
+    }
+    let k: usize = fold.parse().with_context(|| format!("--fold `{fold}` is neither a fold number nor `all`"))?;
+    let path = dir.join("splits_final.json");
+    let splits: Vec<stu_data::splits::Fold> = serde_json::from_value(read_json(&path)?).with_context(|| format!("{}: not a list of {{train, val}} folds", path.display()))?;
+    let f = splits.get(k).with_context(|| format!("{}: fold {k} requested, the file has {} folds", path.display(), splits.len()))?;
+    ensure!(!f.train.is_empty(), "{}: fold {k} has no training cases", path.display());
+    Ok((f.train.clone(), f.val.clone()))
+}
+
+/// Labels and channels from the preprocessed `dataset.json`.
+fn task(dir: &Path) -> Result<(usize, usize, Vec<String>)> {
+    let path = dir.join("dataset.json");
+    let json = stu_data::dataset::DatasetJson::read(&path)?;
+    ensure!(json.regions_class_order.is_none(), "{}: region-based labels (sigmoid training) are not supported yet", path.display());
+    ensure!(json.ignore_label.is_none(), "{}: an ignore label (sparse annotation) is not supported by training yet", path.display());
+    let mut labels: Vec<(i64, String)> = json
+        .labels
+        .iter()
+        .filter_map(|(name, v)| match v {
+            stu_data::dataset::LabelValue::Class(c) => Some((i64::from(*c), name.clone())),
+            stu_data::dataset::LabelValue::Region(_) => None,
+        })
+        .collect();
+    labels.sort();
+    let names = labels.iter().filter(|(v, _)| *v > 0).map(|(_, n)| n.clone()).collect();
+    let max = labels.iter().map(|(v, _)| *v).max().unwrap_or(0);
+    Ok((json.channel_names.len(), max as usize + 1, names))
+}
+
+/// One line of `log.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Learning rate of the epoch.
+    pub lr: f64,
+    /// Training loss of every iteration.
+    pub train_losses: Vec<f64>,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Mean validation loss (null without validation cases).
+    pub val_loss: Option<f64>,
+    /// Pseudo Dice per foreground class (null = class absent).
+    pub pseudo_dice: Vec<Option<f64>>,
+    /// Mean over present classes.
+    pub mean_fg_dice: Option<f64>,
+    /// Its EMA (0.9 · previous + 0.1 · current).
+    pub ema_fg_dice: Option<f64>,
+    /// Wall time of the epoch.
+    pub epoch_seconds: f64,
+    /// Training iterations per second.
+    pub iterations_per_second: f64,
+    /// Time the training loop waited for batches.
+    pub data_wait_seconds: f64,
+}
+
+/// State kept in the checkpoint metadata.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointMeta {
+    format: String,
+    /// The next epoch to run.
+    current_epoch: usize,
+    ema: Option<f64>,
+    best_ema: Option<f64>,
+    seed: u64,
+    rng: serde_json::Value,
+    model: serde_json::Value,
+    config: TrainConfig,
+    inference_allowed_mirroring_axes: Vec<usize>,
+}
+
+fn load_options(cfg_strides: &[[usize; 3]]) -> LoadOptions {
+    LoadOptions { strides: Some(cfg_strides.to_vec()) }
+}
+
+/// Builds the starting network: fresh (seeded He init) or transferred from `init_from`.
+fn initial_net(cfg: &TrainConfig, spec: &NetSpec, device: &stu_engine::Device, report: &mut serde_json::Value) -> Result<Box<dyn SegNet>> {
+    let entry = stu_engine::model::registry().get(&cfg.model)?;
+    let Some(src_path) = &cfg.init_from else {
+        let net = (entry.build)(spec, device).map_err(|e| anyhow::anyhow!("model `{}`: {e}", cfg.model))?;
+        return Ok(he_init(net, cfg.seed, None));
+    };
+    // Fine-tuning (STU-Net's run_finetuning_stunet.py): the source's size, the target's task.
+    let src = StateDict::open(src_path)?.select_model(entry.anchor_key)?;
+    let cpu = Backend::default_compiled().and_then(|b| b.device().ok()).unwrap_or_default();
+    let src_net = (entry.load)(&src, &LoadOptions::default(), &cpu).with_context(|| format!("{}: cannot build the pre-trained model", src_path.display()))?;
+    let options = src_net.describe().get("options").cloned().with_context(|| format!("model `{}` does not describe its size options", cfg.model))?;
+    drop(src_net);
+    let spec = NetSpec { options, ..spec.clone() };
+    let fresh = he_init((entry.build)(&spec, device).map_err(|e| anyhow::anyhow!("model `{}`: {e}", cfg.model))?, cfg.seed, None);
+    let mut transferred = Vec::new();
+    let mut tiled = Vec::new();
+    let mut reinit = Vec::new();
+    let mut tensors = Vec::new();
+    for t in fresh.state_dict() {
+        let Some(e) = src.get(&t.name) else {
+            bail!("{}: key `{}` of the target model is missing", src_path.display(), t.name);
+        };
+        let s = e.shape().to_vec();
+        if s == t.shape {
+            tensors.push(NamedTensor { data: src.read(&t.name, &s)?, ..t });
+            transferred.push(tensors.last().expect("pushed").name.clone());
+        } else if s.len() >= 2 && t.shape.len() == s.len() && s[0] == t.shape[0] && s[2..] == t.shape[2..] && t.shape[1] % s[1] == 0 && !t.name.contains("seg_outputs") {
+            // Input-channel axis repeated (no rescale), as upstream does for multi-modal input.
+            let v = src.read(&t.name, &s)?;
+            let inner: usize = s[2..].iter().product();
+            let reps = t.shape[1] / s[1];
+            let mut data = Vec::with_capacity(t.data.len());
+            for o in 0..s[0] {
+                let row = &v[o * s[1] * inner..(o + 1) * s[1] * inner];
+                for _ in 0..reps {
+                    data.extend_from_slice(row);
+                }
+            }
+            tiled.push(t.name.clone());
+            tensors.push(NamedTensor { data, ..t });
+        } else if t.name.contains("seg_outputs") {
+            reinit.push(t.name.clone());
+            tensors.push(t);
+        } else {
+            bail!("{}: key `{}` has shape {s:?}, the target model needs {:?} (only heads may differ, and the stem's input channels)", src_path.display(), t.name, t.shape);
+        }
+    }
+    *report = serde_json::json!({"from": src_path, "format": src.format().to_string(), "transferred": transferred.len(), "tiled": tiled, "reinitialised": reinit});
+    let dict = StateDict::from_tensors(src_path, tensors);
+    Ok((entry.load)(&dict, &load_options(&spec.strides), device)?)
+}
+
+fn checkpoint_path(out: &Path, which: &str) -> PathBuf {
+    out.join(format!("checkpoint_{which}.safetensors"))
+}
+
+fn save_checkpoint(path: &Path, net: &dyn SegNet, sgd: &Sgd, meta: &CheckpointMeta) -> Result<()> {
+    let mut tensors: Vec<NamedTensor> = net.state_dict().into_iter().map(|t| NamedTensor { name: format!("network_weights.{}", t.name), ..t }).collect();
+    tensors.extend(sgd.state().into_iter().map(|t| NamedTensor { name: format!("optimizer_state.{}", t.name), ..t }));
+    let md = std::collections::HashMap::from([("stu_checkpoint".to_string(), serde_json::to_string(meta)?)]);
+    write_safetensors(path, &tensors, Some(md)).with_context(|| format!("{}: cannot write checkpoint", path.display()))
+}
+
+fn load_checkpoint(path: &Path, cfg: &TrainConfig, strides: &[[usize; 3]], device: &stu_engine::Device) -> Result<(Box<dyn SegNet>, Sgd, CheckpointMeta)> {
+    let dict = StateDict::open(path)?;
+    let meta: CheckpointMeta = dict
+        .metadata()
+        .get("stu_checkpoint")
+        .with_context(|| format!("{}: not a `stu train` checkpoint (no `stu_checkpoint` metadata); use --init-from for pre-trained weights", path.display()))
+        .and_then(|s| serde_json::from_str(s).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", path.display())))?;
+    ensure!(meta.format == CHECKPOINT_FORMAT, "{}: checkpoint format `{}`, this build reads `{CHECKPOINT_FORMAT}`", path.display(), meta.format);
+    ensure!(meta.config == *cfg, "{}: the checkpoint belongs to another configuration:\n{}", path.display(), config_diff(&meta.config, cfg));
+    let state: Vec<NamedTensor> = dict
+        .keys()
+        .filter_map(|k| k.strip_prefix("optimizer_state.").map(|s| (k.to_string(), s.to_string())))
+        .map(|(k, name)| {
+            let shape = dict.shape(&k)?.to_vec();
+            Ok(NamedTensor { data: dict.read(&k, &shape)?, shape, name })
+        })
+        .collect::<Result<_, stu_engine::checkpoint::CheckpointError>>()?;
+    let entry = stu_engine::model::registry().get(&cfg.model)?;
+    let net = (entry.load)(&dict.select_model(entry.anchor_key)?, &load_options(strides), device)?;
+    ensure!(net.describe() == meta.model, "{}: the weights do not match the model recorded in the checkpoint", path.display());
+    let mut sgd = Sgd::nnunet();
+    sgd.load_state(&*net, state, device).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((net, sgd, meta))
+}
+
+fn config_diff(a: &TrainConfig, b: &TrainConfig) -> String {
+    let (a, b) = (serde_json::to_value(a).expect("serialisable"), serde_json::to_value(b).expect("serialisable"));
+    let (a, b) = (a.as_object().expect("object"), b.as_object().expect("object"));
+    a.iter().filter(|(k, v)| b.get(*k) != Some(v)).map(|(k, v)| format!("  {k}: recorded {v}, requested {}", b[k])).collect::<Vec<_>>().join("\n")
+}
+
+/// What a finished (or resumed-and-finished) run reports.
+#[derive(Debug, Serialize)]
+pub struct TrainSummary {
+    /// Run folder.
+    pub out: PathBuf,
+    /// Epochs run now (0 when the run was already complete).
+    pub epochs_run: usize,
+    /// Last logged epoch.
+    pub last: Option<EpochLog>,
+    /// Best EMA pseudo Dice.
+    pub best_ema: Option<f64>,
+    /// Fine-tuning transfer report.
+    pub transfer: serde_json::Value,
+}
+
+/// Callbacks for progress display.
+pub trait Progress {
+    /// Start of an epoch with `iterations` steps.
+    fn epoch_start(&self, epoch: usize, epochs: usize, iterations: usize);
+    /// After a step.
+    fn step(&self, loss: f64);
+    /// End of an epoch.
+    fn epoch_end(&self, log: &EpochLog);
+}
+
+/// No display.
+pub struct Quiet;
+impl Progress for Quiet {
+    fn epoch_start(&self, _: usize, _: usize, _: usize) {}
+    fn step(&self, _: f64) {}
+    fn epoch_end(&self, _: &EpochLog) {}
+}
+
+/// Runs (or resumes) training.
+pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary> {
+    zoo::link();
+    let cfg = resolve(req)?;
+    let out = &req.out;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the run folder", out.display()))?;
+    let cfg_path = out.join("train.json");
+    if req.resume {
+        let recorded: TrainConfig = serde_json::from_value(read_json(&cfg_path).with_context(|| format!("{}: nothing to resume", out.display()))?).with_context(|| format!("{}: not a training configuration", cfg_path.display()))?;
+        ensure!(recorded == cfg, "{}: --resume with a different configuration:\n{}", cfg_path.display(), config_diff(&recorded, &cfg));
+    } else {
+        ensure!(!cfg_path.exists(), "{}: a run exists here; pass --resume to continue it or choose another --out", out.display());
+        stu_core::fs::write_atomic(&cfg_path, (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
+    }
+    let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
+    let (in_channels, num_classes, class_names) = task(&cfg.preprocessed)?;
+    let (train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
+    let device = req.backend.device()?;
+    let ad = device.clone().autodiff();
+    let spec = NetSpec { in_channels, num_classes, strides: plan.strides.clone(), options: cfg.model_options.clone() };
+
+    // Start or resume.
+    let mut transfer = serde_json::Value::Null;
+    let (mut net, mut sgd, mut start, mut ema, mut best_ema) = if req.resume {
+        let found = ["final", "latest", "best"].into_iter().map(|w| checkpoint_path(out, w)).find(|p| p.exists());
+        let Some(path) = found else {
+            bail!("{}: --resume found no checkpoint_final/latest/best.safetensors", out.display());
+        };
+        let (net, sgd, meta) = load_checkpoint(&path, &cfg, &plan.strides, &ad)?;
+        (net, sgd, meta.current_epoch, meta.ema, meta.best_ema)
+    } else {
+        (initial_net(&cfg, &spec, &ad, &mut transfer)?, Sgd::nnunet(), 0, None, None)
+    };
+    ensure!(net.in_channels() == in_channels, "model expects {} input channels, the dataset has {in_channels}", net.in_channels());
+    ensure!(net.num_classes() == num_classes, "model has {} classes, the dataset {num_classes}", net.num_classes());
+    let div = net.input_divisor();
+    ensure!((0..3).all(|a| cfg.patch_size[a] % div[a] == 0), "patch {:?} is not divisible by the network's strides product {div:?}", cfg.patch_size);
+
+    // The log keeps the epochs the checkpoint has seen.
+    let log_path = out.join("log.jsonl");
+    let mut logs: Vec<EpochLog> = if log_path.exists() {
+        std::fs::read_to_string(&log_path)?.lines().filter(|l| !l.trim().is_empty()).map(serde_json::from_str).collect::<Result<Vec<EpochLog>, _>>().with_context(|| format!("{}: corrupt log", log_path.display()))?
+    } else {
+        Vec::new()
+    };
+    logs.retain(|l| l.epoch < start);
+    write_log(&log_path, &logs)?;
+
+    let outputs = net.valid().forward_ds(stu_engine::Tensor::zeros([1, in_channels, div[0], div[1], div[2]], &device)).len();
+    let weights = ds_weights(outputs);
+    let scales = ds_scales(&plan.pools, outputs);
+    let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5 };
+    let budget = 4 << 30;
+    let train_store = Arc::new(CaseStore::new(&cfg.preprocessed, train_ids, budget)?);
+    let val_store = if val_ids.is_empty() { None } else { Some(Arc::new(CaseStore::new(&cfg.preprocessed, val_ids, budget)?)) };
+    let train_batches = BatchConfig { batch_size: cfg.batch_size, patch: cfg.patch_size, augment: cfg.augmentation.then(|| AugConfig::nnunet(cfg.patch_size)), ds_scales: scales.clone() };
+    let val_batches = BatchConfig { augment: None, ..train_batches.clone() };
+    let meta_of = |epoch: usize, ema: Option<f64>, best: Option<f64>, net: &dyn SegNet| CheckpointMeta {
+        format: CHECKPOINT_FORMAT.into(),
+        current_epoch: epoch,
+        ema,
+        best_ema: best,
+        seed: cfg.seed,
+        rng: serde_json::json!({"kind": "splitmix64, counter-based: batch i of a stream is seeded by (seed, stream, i)", "train_stream": {"id": 0, "next_batch": epoch * cfg.iterations}, "val_stream": {"id": 1, "next_batch": epoch * cfg.val_iterations}}),
+        model: net.describe(),
+        config: cfg.clone(),
+        inference_allowed_mirroring_axes: vec![0, 1, 2],
+    };
+    let epochs_before = start;
+    while start < cfg.epochs {
+        let epoch = start;
+        let t0 = Instant::now();
+        let lr = poly_lr(cfg.initial_lr, epoch, cfg.epochs);
+        progress.epoch_start(epoch, cfg.epochs, cfg.iterations);
+        let first = (epoch * cfg.iterations) as u64;
+        let mut loader = Loader::spawn(Arc::clone(&train_store), train_batches.clone(), cfg.seed, 0, first, first + cfg.iterations as u64, req.workers, 2);
+        let mut losses = Vec::with_capacity(cfg.iterations);
+        let t_train = Instant::now();
+        while let Some(b) = loader.next_batch() {
+            let b = b?;
+            let batch = DeviceBatch::upload(b.data, b.shape, &b.targets, &ad);
+            let (n, stats) = train_step(net, &mut sgd, &batch, &weights, dice, lr, stu_engine::optim::GRAD_CLIP);
+            net = n;
+            ensure!(stats.loss.is_finite(), "epoch {epoch}: the loss is {} (diverged); the last good state is the latest checkpoint", stats.loss);
+            losses.push(stats.loss);
+            progress.step(stats.loss);
+        }
+        let train_seconds = t_train.elapsed().as_secs_f64();
+        let waited = loader.waited().as_secs_f64();
+        drop(loader);
+        // Validation: the same loss, argmax of the full-resolution output, TP/FP/FN summed.
+        let (val_loss, pseudo) = match &val_store {
+            Some(store) if cfg.val_iterations > 0 => {
+                let valid = net.valid();
+                let first = (epoch * cfg.val_iterations) as u64;
+                let mut vl = Loader::spawn(Arc::clone(store), val_batches.clone(), cfg.seed, 1, first, first + cfg.val_iterations as u64, req.workers, 2);
+                let mut counts = vec![[0u64; 3]; num_classes - 1];
+                let mut total = 0.0;
+                while let Some(b) = vl.next_batch() {
+                    let b = b?;
+                    let batch = DeviceBatch::upload(b.data, b.shape, &b.targets, &device);
+                    let (l, c) = validation_step(&*valid, &batch, &weights, dice);
+                    total += l;
+                    for (acc, v) in counts.iter_mut().zip(c) {
+                        for k in 0..3 {
+                            acc[k] += v[k];
+                        }
+                    }
+                }
+                (Some(total / cfg.val_iterations as f64), dice_per_class(&counts))
+            }
+            _ => (None, Vec::new()),
+        };
+        let mean = nanmean(&pseudo);
+        let mean = (!mean.is_nan()).then_some(mean);
+        ema = match (ema, mean) {
+            (Some(e), Some(m)) => Some(0.9 * e + 0.1 * m),
+            (None, m) => m,
+            (e, None) => e,
+        };
+        let log = EpochLog {
+            epoch,
+            lr,
+            train_loss: losses.iter().sum::<f64>() / losses.len() as f64,
+            train_losses: losses,
+            val_loss,
+            pseudo_dice: pseudo.iter().map(|d| (!d.is_nan()).then_some(*d)).collect(),
+            mean_fg_dice: mean,
+            ema_fg_dice: ema,
+            epoch_seconds: t0.elapsed().as_secs_f64(),
+            iterations_per_second: cfg.iterations as f64 / train_seconds,
+            data_wait_seconds: waited,
+        };
+        progress.epoch_end(&log);
+        logs.push(log);
+        append_log(&log_path, logs.last().expect("pushed"))?;
+        start = epoch + 1;
+        // nnU-Net: best when the EMA improves strictly (the first epoch always writes it).
+        let improved = match (ema, best_ema) {
+            (Some(e), Some(b)) => e > b,
+            (Some(_), None) => true,
+            (None, _) => epoch == 0,
+        };
+        if improved {
+            best_ema = ema.or(best_ema);
+            save_checkpoint(&checkpoint_path(out, "best"), &*net, &sgd, &meta_of(start, ema, best_ema, &*net))?;
+        }
+        if start % cfg.save_every == 0 && start != cfg.epochs {
+            save_checkpoint(&checkpoint_path(out, "latest"), &*net, &sgd, &meta_of(start, ema, best_ema, &*net))?;
+        }
+    }
+    if epochs_before < cfg.epochs || !checkpoint_path(out, "final").exists() {
+        save_checkpoint(&checkpoint_path(out, "final"), &*net, &sgd, &meta_of(cfg.epochs, ema, best_ema, &*net))?;
+        let latest = checkpoint_path(out, "latest");
+        if latest.exists() {
+            std::fs::remove_file(&latest).with_context(|| format!("{}: cannot remove", latest.display()))?;
+        }
+        if !transfer.is_null() {
+            stu_core::fs::write_atomic(&out.join("transfer.json"), (serde_json::to_string_pretty(&transfer)? + "\n").as_bytes())?;
+        }
+        write_curves(out, &logs, &class_names)?;
+    }
+    Ok(TrainSummary { out: out.clone(), epochs_run: cfg.epochs - epochs_before, last: logs.last().cloned(), best_ema, transfer })
+}
+
+fn write_log(path: &Path, logs: &[EpochLog]) -> Result<()> {
+    let mut text = String::new();
+    for l in logs {
+        text.push_str(&serde_json::to_string(l)?);
+        text.push('\n');
+    }
+    stu_core::fs::write_atomic(path, text.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+fn append_log(path: &Path, log: &EpochLog) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(log)?).with_context(|| format!("{}: cannot append", path.display()))?;
+    f.sync_data().ok();
+    Ok(())
+}
+
+/// `progress.png`/`.svg`: losses and pseudo Dice per epoch.
+fn write_curves(out: &Path, logs: &[EpochLog], _classes: &[String]) -> Result<()> {
+    let series = stu_report::curves::TrainingCurves {
+        epochs: logs.iter().map(|l| l.epoch as f64).collect(),
+        train_loss: logs.iter().map(|l| l.train_loss).collect(),
+        val_loss: logs.iter().map(|l| l.val_loss.unwrap_or(f64::NAN)).collect(),
+        pseudo_dice: logs.iter().map(|l| l.mean_fg_dice.unwrap_or(f64::NAN)).collect(),
+        ema_dice: logs.iter().map(|l| l.ema_fg_dice.unwrap_or(f64::NAN)).collect(),
+    };
+    stu_report::curves::draw(&series, &out.join("progress.png")).with_context(|| format!("{}: cannot draw", out.join("progress.png").display()))
+}
+
+/// Per-class pseudo Dice of the last epoch with names (for the CLI summary).
+pub fn named_dice(log: &EpochLog, names: &[String]) -> BTreeMap<String, Option<f64>> {
+    names.iter().cloned().zip(log.pseudo_dice.iter().copied()).collect()
+}

@@ -1,0 +1,166 @@
+//! `stu train`: resume after SIGKILL gives the same losses, bad checkpoints fail loudly, and
+//! fine-tuning from the official containers transfers what it should.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tests::{logged_losses, parity_dir, read_tensor, stu_bin, synthetic_preprocessed};
+
+fn stu(args: &[&str]) -> Output {
+    Command::new(stu_bin!()).args(args).output().expect("runs")
+}
+
+fn ok(out: &Output) {
+    assert!(out.status.success(), "stu failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+const TINY: &str = r#"{"depth":[1,1,1],"dims":[4,8,8]}"#;
+
+fn train_args<'a>(pre: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", pre, "--out", out, "--model-options", TINY, "--epochs", "6", "--iterations", "3", "--val-iterations", "1", "--save-every", "1", "--seed", "5"];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn a_run_killed_with_sigkill_and_resumed_repeats_the_uninterrupted_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = tmp.path().join("pre");
+    synthetic_preprocessed(&pre, 5, 1, 2, [20, 20, 20], [16, 16, 16], &[[2, 2, 2], [2, 2, 2]]);
+    let (pre_s, a, b) = (pre.to_str().unwrap(), tmp.path().join("a"), tmp.path().join("b"));
+    ok(&stu(&train_args(pre_s, a.to_str().unwrap(), &[])));
+    let full = logged_losses(&a);
+    assert_eq!(full.len(), 6);
+    assert!(a.join("checkpoint_final.safetensors").exists() && a.join("checkpoint_best.safetensors").exists());
+    assert!(!a.join("checkpoint_latest.safetensors").exists(), "latest is removed at the end");
+    assert!(a.join("progress.png").exists());
+
+    // Same run, killed once two epochs are logged.
+    let mut child = Command::new(stu_bin!()).args(train_args(pre_s, b.to_str().unwrap(), &[])).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let t = Instant::now();
+    let mut killed_at = None;
+    while t.elapsed() < Duration::from_secs(120) {
+        let lines = std::fs::read_to_string(b.join("log.jsonl")).map(|s| s.lines().count()).unwrap_or(0);
+        if lines >= 2 {
+            child.kill().unwrap(); // SIGKILL
+            killed_at = Some(lines);
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait().unwrap();
+    let killed_at = killed_at.expect("the run was still going after two epochs");
+    assert!(killed_at < 6, "killed before the end");
+    assert!(!b.join("checkpoint_final.safetensors").exists());
+    let resumed = stu(&train_args(pre_s, b.to_str().unwrap(), &["--resume"]));
+    ok(&resumed);
+    assert_eq!(logged_losses(&b), full, "resumed losses differ from the uninterrupted run");
+    let (_, wa) = read_tensor(&a.join("checkpoint_final.safetensors"), "network_weights.seg_outputs.0.weight");
+    let (_, wb) = read_tensor(&b.join("checkpoint_final.safetensors"), "network_weights.seg_outputs.0.weight");
+    assert_eq!(wa, wb, "final weights differ");
+    // A finished run resumes to nothing.
+    let again = stu(&train_args(pre_s, b.to_str().unwrap(), &["--resume"]));
+    ok(&again);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already complete"));
+    assert_eq!(logged_losses(&b), full);
+
+    // Mismatched configuration: refused, naming the key.
+    let bad = stu(&train_args(pre_s, b.to_str().unwrap(), &["--resume", "--lr", "0.5"]));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("initial_lr"), "{}", String::from_utf8_lossy(&bad.stderr));
+    // A fresh run into an existing folder is refused rather than overwriting it.
+    let bad = stu(&train_args(pre_s, b.to_str().unwrap(), &[]));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--resume"));
+    // A truncated checkpoint: a clear error naming the file, never a silent restart.
+    let ck = b.join("checkpoint_final.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    let bad = stu(&train_args(pre_s, b.to_str().unwrap(), &["--resume"]));
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("checkpoint_final.safetensors"), "{err}");
+    assert_eq!(logged_losses(&b), full, "the log is untouched");
+    // A checkpoint without training state (plain weights) is not taken for one.
+    std::fs::copy(parity_dir().join("tiny_iso.safetensors"), &ck).unwrap();
+    let bad = stu(&train_args(pre_s, b.to_str().unwrap(), &["--resume"]));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a `stu train` checkpoint"));
+}
+
+fn fine_tune(pre: &Path, out: &Path, source: &Path, lr: &str, epochs: &str) -> Output {
+    stu(&[
+        "train", pre.to_str().unwrap(), "--out", out.to_str().unwrap(), "--init-from", source.to_str().unwrap(), "--epochs", epochs, "--iterations", "4", "--val-iterations", "1", "--lr", lr, "--no-augmentation",
+    ])
+}
+
+#[test]
+fn fine_tuning_from_the_official_containers_transfers_all_but_the_heads_and_tiles_the_stem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = tmp.path().join("pre");
+    // tiny_iso: 1 channel, 3 classes, six stages of 2,2,2 → a 2-channel, 5-class task.
+    synthetic_preprocessed(&pre, 5, 2, 4, [36, 36, 36], [32, 32, 32], &[[2, 2, 2]; 5]);
+    let src = parity_dir().join("tiny_iso.safetensors");
+    for (i, source) in ["tiny_iso_nnunetv1.model", "tiny_iso_nnunetv2.pth", "tiny_iso.safetensors"].iter().enumerate() {
+        // lr 0: the written weights are exactly the initial ones.
+        let out = tmp.path().join(format!("ft{i}"));
+        ok(&fine_tune(&pre, &out, &parity_dir().join(source), "0", "1"));
+        let ck = out.join("checkpoint_final.safetensors");
+        let dict = stu_engine::checkpoint::StateDict::open(&src).unwrap().select_model("conv_blocks_context.0.0.conv1.weight").unwrap();
+        let mut compared = 0;
+        for key in dict.keys() {
+            let (shape, want) = read_tensor(&src, &format!("weights.{key}"));
+            let (got_shape, got) = read_tensor(&ck, &format!("network_weights.{key}"));
+            if key.starts_with("seg_outputs") {
+                assert_eq!(got_shape[0], 5, "{key}: heads rebuilt for 5 classes");
+            } else if key == "conv_blocks_context.0.0.conv1.weight" || key == "conv_blocks_context.0.0.conv3.weight" {
+                assert_eq!(got_shape[1], 2, "{key}");
+                let inner: usize = shape[2..].iter().product();
+                for o in 0..shape[0] {
+                    for c in 0..2 {
+                        assert_eq!(&got[(o * 2 + c) * inner..(o * 2 + c + 1) * inner], &want[o * inner..(o + 1) * inner], "{key}: stem tiled across channels");
+                    }
+                }
+            } else {
+                assert_eq!(got_shape, shape, "{key}");
+                assert_eq!(got, want, "{key}: transferred exactly");
+                compared += 1;
+            }
+        }
+        assert!(compared > 50);
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("transfer.json")).unwrap()).unwrap();
+        assert_eq!(report["reinitialised"].as_array().unwrap().len(), 10, "5 heads × (weight, bias)");
+    }
+    // With the fine-tuning preset (lr 1e-3 by default), the loss falls.
+    let out = tmp.path().join("ft-learn");
+    let run = stu(&["train", pre.to_str().unwrap(), "--out", out.to_str().unwrap(), "--init-from", src.to_str().unwrap(), "--epochs", "3", "--iterations", "6", "--val-iterations", "1", "--no-augmentation"]);
+    ok(&run);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["initial_lr"], 1e-3);
+    let losses = logged_losses(&out);
+    let first = losses[0][..2].iter().sum::<f64>() / 2.0;
+    let last = losses[2][4..].iter().sum::<f64>() / 2.0;
+    assert!(last < first - 0.05, "loss did not fall: {losses:?}");
+    // A checkpoint whose body does not fit (another width) is refused, naming the key.
+    let other = tmp.path().join("other.safetensors");
+    let mut tensors = Vec::new();
+    for key in dict_keys(&src) {
+        let (mut shape, mut data) = read_tensor(&src, &format!("weights.{key}"));
+        if key == "conv_blocks_context.1.0.conv2.bias" {
+            shape[0] += 1;
+            data.push(0.0);
+        }
+        tensors.push(stu_engine::checkpoint::NamedTensor { name: key, shape, data });
+    }
+    stu_engine::checkpoint::write_safetensors(&other, &tensors, None).unwrap();
+    let bad = fine_tune(&pre, &tmp.path().join("ft-bad"), &other, "0", "1");
+    assert!(!bad.status.success());
+}
+
+fn dict_keys(path: &Path) -> Vec<String> {
+    stu_engine::checkpoint::StateDict::open(path).unwrap().select_model("conv_blocks_context.0.0.conv1.weight").unwrap().keys().map(str::to_string).collect()
+}
