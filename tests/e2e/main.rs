@@ -3,6 +3,7 @@
 mod checkpoints;
 mod dataset;
 mod parity;
+mod predict;
 mod preprocess;
 mod train;
 mod zoo_cli;

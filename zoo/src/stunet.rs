@@ -624,6 +624,7 @@ pub fn infer_arch(dict: &StateDict, options: &LoadOptions) -> Result<StuNetArch,
         .first()
         .ok_or_else(|| arch_err(format!("key `{head}` is a scalar")))?;
     let strides = match &options.strides {
+        Some(s) if options.from_plan => strides::fit(s, n - 1),
         Some(s) if s.len() != n - 1 => {
             return Err(arch_err(format!(
                 "{} strides given, but the checkpoint has {n} stages ({} downsamplings)",

@@ -106,7 +106,7 @@ fn exported_keys_follow_the_reference_order() {
 
 #[test]
 fn load_options_strides_must_match_the_stage_count() {
-    let opts = LoadOptions { strides: Some(vec![[2, 2, 2]; 4]) };
+    let opts = LoadOptions { strides: Some(vec![[2, 2, 2]; 4]), from_plan: false };
     assert_eq!(opts.strides.as_ref().unwrap().len(), 4);
     let arch = StuNetArch { strides: vec![[2, 2, 2]; 4], ..tiny(ISO_STRIDES.to_vec(), 1, 1) };
     assert!(arch.validate().unwrap_err().contains("4 strides given for 6 stages"));

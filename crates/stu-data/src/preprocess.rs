@@ -120,7 +120,8 @@ pub struct Preprocessed {
     pub locations: Vec<(i16, Vec<[u32; 3]>)>,
 }
 
-fn transpose<T: Copy + Default + Send + Sync>(v: Vec<T>, shape: [usize; 3], perm: [usize; 3]) -> (Vec<T>, [usize; 3]) {
+/// Permutes the axes of a volume: output axis `d` is input axis `perm[d]`.
+pub fn transpose<T: Copy + Default + Send + Sync>(v: Vec<T>, shape: [usize; 3], perm: [usize; 3]) -> (Vec<T>, [usize; 3]) {
     if perm == [0, 1, 2] {
         return (v, shape);
     }

@@ -229,6 +229,22 @@ pub fn separate_axis(current: [f64; 3], new: [f64; 3]) -> Option<usize> {
     }
 }
 
+/// Resamples a logit or probability volume to `new_shape` as nnU-Net's export does
+/// (`resampling_fn_probabilities`: order 1, order 0 along a separate axis, no clipping).
+pub fn resample_linear(v: &[f32], shape: [usize; 3], new_shape: [usize; 3], separate: Option<usize>) -> Vec<f32> {
+    if shape == new_shape {
+        return v.to_vec();
+    }
+    let mut cur = v.to_vec();
+    let mut cur_shape = shape;
+    for axis in (0..3).filter(|&a| Some(a) != separate).chain(separate) {
+        let order = if Some(axis) == separate { 0 } else { 1 };
+        cur = along(&cur, cur_shape, axis, new_shape[axis], order);
+        cur_shape[axis] = new_shape[axis];
+    }
+    cur
+}
+
 /// Resamples image data to `new_shape` (order 3, separate z when `separate` names an axis);
 /// f64 inside, f32 out. Clipping follows skimage's `resize(clip=True)`: to the whole input's
 /// range, or, with a separate axis, to each 2-D slice's own range (nnU-Net resizes slice by

@@ -92,6 +92,10 @@ pub struct NetSpec {
 pub struct LoadOptions {
     /// Downsampling strides (from a flag or a plan); the model's default when `None`.
     pub strides: Option<Vec<Stride>>,
+    /// The strides come from a plan: fit them to the model's stage count by the model's rule
+    /// (STU-Net: keep the first stages − 1, pad with `[1,1,1]`) instead of requiring an exact
+    /// count.
+    pub from_plan: bool,
 }
 
 /// One size preset of a model, with its exact counts.

@@ -118,6 +118,60 @@ enum Command {
         #[arg(long, default_value = "flex")]
         backend: Backend,
     },
+    /// Predict NIfTI volumes (sliding window, mirroring TTA) into label maps with the input's geometry.
+    Predict {
+        /// A NIfTI file or a folder of `{case}_{XXXX}.nii.gz` files.
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Checkpoint: ours, nnU-Net v1 `.model`, v2 `.pth`, safetensors.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Model registry name (default: recognised from the keys).
+        #[arg(long)]
+        model: Option<String>,
+        /// plans.json (default: the training run's for our checkpoints, else the released STU-Net plan: 1.5 mm, 128³, z-score).
+        #[arg(long)]
+        plans: Option<PathBuf>,
+        /// Configuration in the plans.
+        #[arg(long, default_value = "3d_fullres")]
+        configuration: String,
+        /// Mirroring test-time augmentation off.
+        #[arg(long)]
+        disable_tta: bool,
+        /// Tile step as a fraction of the patch.
+        #[arg(long, default_value_t = 0.5)]
+        step: f64,
+        /// Keep only the largest 26-connected component of each label.
+        #[arg(long)]
+        keep_largest: bool,
+        /// Compute backend.
+        #[arg(long, default_value = "flex")]
+        backend: Backend,
+    },
+    /// Score predictions against references: per case and label Dice, IoU and counts (nnU-Net's summary.json).
+    Evaluate {
+        /// Reference label maps.
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// Predicted label maps (same file names).
+        #[arg(long)]
+        pred: PathBuf,
+        /// dataset.json giving the labels to score (default: every value found in the references).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Folder for summary.json and summary.csv (default: the prediction folder).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Normalized Surface Dice tolerance in mm: one number for every label, or `label:mm,…` (e.g. `1:5,2:3`).
+        #[arg(long)]
+        nsd_tolerance: Option<String>,
+        /// Also compute HD95 (DeepMind's area-weighted robust Hausdorff distance).
+        #[arg(long)]
+        hd95: bool,
+    },
     /// Train a model on a preprocessed dataset and fold with nnU-Net's recipe (resumable).
     Train(Box<TrainArgs>),
     /// Save a checkpoint's weights as safetensors with unchanged state-dict keys.
@@ -466,6 +520,74 @@ fn run(cli: Cli) -> Result<()> {
                 let doc = serde_json::json!({ "backend": backend.name(), "threads": rayon_threads(), "results": results });
                 stu_engine::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
             }
+        }
+        Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, backend } => {
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, backend };
+            let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
+            let results = crate::predict::predict(&opts, &|id, done, total| {
+                bar.set_prefix(id.to_string());
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            let failed: Vec<&crate::predict::CaseResult> = results.iter().filter(|r| r.output.is_err()).collect();
+            for r in &results {
+                match &r.output {
+                    Ok(p) => eprintln!("{}: {} ({:.1} s)", r.id, p.display(), r.seconds),
+                    Err(e) => eprintln!("{}: FAILED: {e}", r.id),
+                }
+            }
+            anyhow::ensure!(failed.is_empty(), "{} of {} case(s) failed; the others are in {}", failed.len(), results.len(), output.display());
+        }
+        Command::Evaluate { reference, pred, labels, out, nsd_tolerance, hd95 } => {
+            let mut surface = stu_data::metrics::SurfaceOptions { hd95, ..Default::default() };
+            if let Some(t) = nsd_tolerance {
+                if let Ok(v) = t.trim().parse::<f64>() {
+                    surface.nsd_default = Some(v);
+                } else {
+                    for part in t.split(',') {
+                        let (l, mm) = part.split_once(':').with_context(|| format!("--nsd-tolerance `{part}`: expected `label:mm`"))?;
+                        let l: u16 = l.trim().parse().with_context(|| format!("--nsd-tolerance `{part}`: label `{l}` is not an integer"))?;
+                        let mm: f64 = mm.trim().parse().with_context(|| format!("--nsd-tolerance `{part}`: `{mm}` is not a number of mm"))?;
+                        surface.nsd_tolerance.insert(l, mm);
+                    }
+                }
+            }
+            let labels: Vec<u16> = match labels {
+                Some(p) => stu_data::dataset::DatasetJson::read(&p)?
+                    .labels
+                    .iter()
+                    .filter_map(|(_, v)| match v {
+                        stu_data::dataset::LabelValue::Class(c) if *c > 0 => Some(*c as u16),
+                        _ => None,
+                    })
+                    .collect(),
+                None => {
+                    let mut seen = std::collections::BTreeSet::new();
+                    for e in std::fs::read_dir(&reference).with_context(|| format!("{}: cannot list", reference.display()))? {
+                        let p = e?.path();
+                        if p.to_string_lossy().ends_with(".nii.gz") {
+                            seen.extend(stu_data::nifti_io::read_label(&p)?.data.into_iter().filter(|&v| v > 0));
+                        }
+                    }
+                    seen.into_iter().collect()
+                }
+            };
+            let s = stu_data::metrics::evaluate_folder(&reference, &pred, &labels, &surface)?;
+            let dir = out.unwrap_or(pred.clone());
+            std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+            stu_engine::checkpoint::write_atomic(&dir.join("summary.json"), nan_safe_json(&serde_json::to_value(&s)?)?.as_bytes())?;
+            let mut csv = String::from("case,label,metric,value\n");
+            for c in &s.metric_per_case {
+                let id = c.prediction_file.file_name().map(|n| n.to_string_lossy().trim_end_matches(".nii.gz").to_string()).unwrap_or_default();
+                for (l, m) in &c.metrics {
+                    for (k, v) in m {
+                        csv.push_str(&format!("{id},{l},{k},{}\n", if v.is_nan() { String::new() } else { v.to_string() }));
+                    }
+                }
+            }
+            stu_engine::checkpoint::write_atomic(&dir.join("summary.csv"), csv.as_bytes())?;
+            println!("foreground mean Dice {:.4} over {} case(s), {} label(s); wrote {}", s.foreground_mean.get("Dice").copied().unwrap_or(f64::NAN), s.metric_per_case.len(), labels.len(), dir.join("summary.json").display());
         }
         Command::Train(args) => {
             let req = args.request()?;

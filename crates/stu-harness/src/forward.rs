@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use stu_core::strides::{self, Stride};
+use stu_core::strides::Stride;
 use stu_engine::backend::Backend;
 use stu_engine::checkpoint::{NamedTensor, StateDict, write_safetensors};
 use stu_engine::model::{LoadOptions, SegNet, load_checkpoint};
@@ -42,18 +42,11 @@ pub fn load(src: &ModelSource) -> Result<(Box<dyn SegNet>, Device)> {
     let strides = match &src.strides {
         StrideSource::Default => None,
         StrideSource::Explicit(s) => Some(s.clone()),
-        StrideSource::Plans(path, conf) => {
-            let raw = crate::plans::strides_from_plans(path, conf)?;
-            // STU-Net's rule: keep the first (stages − 1), pad with [1,1,1]. The stage count is
-            // read from the checkpoint's keys.
-            let dict = StateDict::open(&src.checkpoint)?;
-            let n = (0..)
-                .take_while(|s| dict.keys().any(|k| k.ends_with(&format!("conv_blocks_context.{s}.0.conv1.weight"))))
-                .count();
-            Some(strides::fit(&raw, n.saturating_sub(1)))
-        }
+        // The model fits plan strides to its stage count by its own rule.
+        StrideSource::Plans(path, conf) => Some(crate::plans::strides_from_plans(path, conf)?),
     };
-    let net = load_checkpoint(&src.checkpoint, src.model.as_deref(), &LoadOptions { strides }, &device)?;
+    let from_plan = matches!(src.strides, StrideSource::Plans(..));
+    let net = load_checkpoint(&src.checkpoint, src.model.as_deref(), &LoadOptions { strides, from_plan }, &device)?;
     Ok((net, device))
 }
 

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cli;
 pub mod forward;
 pub mod plans;
+pub mod predict;
 pub mod quickstart;
 pub mod train;
 

@@ -257,7 +257,7 @@ struct CheckpointMeta {
 }
 
 fn load_options(cfg_strides: &[[usize; 3]]) -> LoadOptions {
-    LoadOptions { strides: Some(cfg_strides.to_vec()) }
+    LoadOptions { strides: Some(cfg_strides.to_vec()), from_plan: true }
 }
 
 /// Builds the starting network: fresh (seeded He init) or transferred from `init_from`.

@@ -1,0 +1,233 @@
+//! Segmentation metrics (`shared/docs/nnunet-pipeline.md` §7) as plugins, and nnU-Net's
+//! folder evaluation (`compute_metrics_on_folder`): per case and foreground label the
+//! confusion counts, Dice and IoU (NaN when reference and prediction are both empty), per-label
+//! `nanmean` over cases, and the plain mean over labels.
+//!
+//! A metric is a [`MetricEntry`] registered with `inventory::submit!`: a name and a function
+//! of the confusion counts. The surface metrics ([`crate::surface`]: Normalized Surface Dice at
+//! per-label tolerances, FLARE conventions; HD95, DeepMind's area-weighted definition, NaN when
+//! a surface is missing) need masks and spacing and are computed on request.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use stu_core::{Registry, RegistryEntry};
+
+use crate::dataset::DatasetError;
+
+/// Voxel counts of one label in one case.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Confusion {
+    /// Reference and prediction.
+    pub tp: u64,
+    /// Prediction only.
+    pub fp: u64,
+    /// Reference only.
+    pub fn_: u64,
+    /// Neither.
+    pub tn: u64,
+}
+
+/// A registered metric of the confusion counts.
+pub struct MetricEntry {
+    /// Registry id.
+    pub name: &'static str,
+    /// Key in `summary.json` (nnU-Net's spelling).
+    pub key: &'static str,
+    /// One line for listings.
+    pub summary: &'static str,
+    /// The value; NaN where undefined.
+    pub compute: fn(&Confusion) -> f64,
+    /// Where it was registered.
+    pub module_path: &'static str,
+}
+
+inventory::collect!(MetricEntry);
+
+impl RegistryEntry for MetricEntry {
+    const KIND: &'static str = "metric";
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn module_path(&self) -> &'static str {
+        self.module_path
+    }
+}
+
+/// Every registered metric.
+pub fn registry() -> &'static Registry<MetricEntry> {
+    static REG: std::sync::OnceLock<Registry<MetricEntry>> = std::sync::OnceLock::new();
+    REG.get_or_init(|| Registry::from_registrations(inventory::iter::<MetricEntry>()))
+}
+
+fn dice(c: &Confusion) -> f64 {
+    let d = 2 * c.tp + c.fp + c.fn_;
+    if d == 0 { f64::NAN } else { 2.0 * c.tp as f64 / d as f64 }
+}
+
+fn iou(c: &Confusion) -> f64 {
+    let d = c.tp + c.fp + c.fn_;
+    if d == 0 { f64::NAN } else { c.tp as f64 / d as f64 }
+}
+
+inventory::submit! { MetricEntry { name: "dice", key: "Dice", summary: "2TP/(2TP+FP+FN); NaN when both masks are empty (nnU-Net)", compute: dice, module_path: module_path!() } }
+inventory::submit! { MetricEntry { name: "iou", key: "IoU", summary: "TP/(TP+FP+FN); NaN when both masks are empty (nnU-Net)", compute: iou, module_path: module_path!() } }
+
+/// Confusion counts of each label in `labels` for one case.
+pub fn confusion(reference: &[u16], prediction: &[u16], labels: &[u16]) -> BTreeMap<u16, Confusion> {
+    let max = labels.iter().copied().max().unwrap_or(0) as usize;
+    // counts[r][p] would be 65536²; count per (label present in ref, label present in pred).
+    let mut tp = vec![0u64; max + 1];
+    let mut nref = vec![0u64; max + 1];
+    let mut npred = vec![0u64; max + 1];
+    for (&r, &p) in reference.iter().zip(prediction) {
+        let (r, p) = (r as usize, p as usize);
+        if r <= max {
+            nref[r] += 1;
+        }
+        if p <= max {
+            npred[p] += 1;
+        }
+        if r == p && r <= max {
+            tp[r] += 1;
+        }
+    }
+    let n = reference.len() as u64;
+    labels
+        .iter()
+        .map(|&l| {
+            let l_ = l as usize;
+            let (tp, fp, fn_) = (tp[l_], npred[l_] - tp[l_], nref[l_] - tp[l_]);
+            (l, Confusion { tp, fp, fn_, tn: n - tp - fp - fn_ })
+        })
+        .collect()
+}
+
+/// One case's metrics by label.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CaseMetrics {
+    /// Reference file.
+    pub reference_file: PathBuf,
+    /// Prediction file.
+    pub prediction_file: PathBuf,
+    /// Label → metric name → value (NaN = undefined).
+    pub metrics: BTreeMap<String, BTreeMap<String, f64>>,
+}
+
+/// `summary.json`'s content.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    /// Label → metric → nanmean over cases.
+    pub mean: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Metric → mean over labels of `mean`.
+    pub foreground_mean: BTreeMap<String, f64>,
+    /// Per case.
+    pub metric_per_case: Vec<CaseMetrics>,
+}
+
+fn case_metrics(c: &Confusion) -> BTreeMap<String, f64> {
+    let mut m: BTreeMap<String, f64> = registry().iter().map(|e| (e.key.to_string(), (e.compute)(c))).collect();
+    m.insert("TP".into(), c.tp as f64);
+    m.insert("FP".into(), c.fp as f64);
+    m.insert("FN".into(), c.fn_ as f64);
+    m.insert("TN".into(), c.tn as f64);
+    m.insert("n_pred".into(), (c.tp + c.fp) as f64);
+    m.insert("n_ref".into(), (c.tp + c.fn_) as f64);
+    m
+}
+
+/// Which surface metrics to add.
+#[derive(Debug, Clone, Default)]
+pub struct SurfaceOptions {
+    /// NSD tolerance in mm per label (labels missing here use `nsd_default`).
+    pub nsd_tolerance: BTreeMap<u16, f64>,
+    /// NSD tolerance for other labels; no NSD when `None` and the label has no entry.
+    pub nsd_default: Option<f64>,
+    /// Add HD95.
+    pub hd95: bool,
+}
+
+/// Evaluates every prediction that has a reference (`{id}.nii.gz` in both folders).
+/// Shapes and affines must agree; `labels` are the foreground labels to score.
+pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surface: &SurfaceOptions) -> Result<Summary, DatasetError> {
+    let file_err = |p: &Path, r: String| DatasetError::File { path: p.to_path_buf(), reason: r };
+    let mut preds: Vec<PathBuf> = std::fs::read_dir(prediction)
+        .map_err(|e| file_err(prediction, format!("cannot list: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".nii.gz"))
+        .collect();
+    preds.sort();
+    let pairs: Vec<(PathBuf, PathBuf)> = preds.into_iter().filter_map(|p| { let r = reference.join(p.file_name()?); r.exists().then_some((r, p)) }).collect();
+    if pairs.is_empty() {
+        return Err(file_err(prediction, format!("no prediction has a reference of the same name in {}", reference.display())));
+    }
+    let mut per_case = Vec::with_capacity(pairs.len());
+    for (r, p) in pairs {
+        let rv = crate::nifti_io::read_label(&r).map_err(|e| file_err(&r, e.to_string()))?;
+        let pv = crate::nifti_io::read_label(&p).map_err(|e| file_err(&p, e.to_string()))?;
+        if rv.geom.shape != pv.geom.shape {
+            return Err(file_err(&p, format!("shape {:?} differs from the reference's {:?}", pv.geom.shape, rv.geom.shape)));
+        }
+        let close = rv.geom.affine.iter().flatten().zip(pv.geom.affine.iter().flatten()).all(|(a, b)| (a - b).abs() <= 1e-3 * (1.0 + a.abs()));
+        if !close {
+            return Err(file_err(&p, "affine differs from the reference's".into()));
+        }
+        let conf = confusion(&rv.data, &pv.data, labels);
+        let mut metrics: BTreeMap<String, BTreeMap<String, f64>> = conf.iter().map(|(l, c)| (l.to_string(), case_metrics(c))).collect();
+        for &l in labels {
+            let tol = surface.nsd_tolerance.get(&l).copied().or(surface.nsd_default);
+            if tol.is_none() && !surface.hd95 {
+                continue;
+            }
+            let g: Vec<bool> = rv.data.iter().map(|&v| v == l).collect();
+            let q: Vec<bool> = pv.data.iter().map(|&v| v == l).collect();
+            let d = crate::surface::surface_distances(&g, &q, rv.geom.shape, rv.geom.spacing);
+            let m = metrics.get_mut(&l.to_string()).expect("every label has counts");
+            if let Some(t) = tol {
+                m.insert("NSD".into(), crate::surface::nsd(&d, t));
+            }
+            if surface.hd95 {
+                let h = crate::surface::robust_hausdorff(&d, 95.0);
+                m.insert("HD95".into(), if h.is_finite() { h } else { f64::NAN });
+            }
+        }
+        per_case.push(CaseMetrics { reference_file: r, prediction_file: p, metrics });
+    }
+    let mut mean = BTreeMap::new();
+    for l in labels {
+        let key = l.to_string();
+        let names: std::collections::BTreeSet<String> = per_case.iter().flat_map(|c| c.metrics[&key].keys().cloned()).collect();
+        let m: BTreeMap<String, f64> = names
+            .into_iter()
+            .map(|name| {
+                let vals: Vec<f64> = per_case.iter().filter_map(|c| c.metrics[&key].get(&name).copied()).filter(|v| !v.is_nan()).collect();
+                let v = if vals.is_empty() { f64::NAN } else { vals.iter().sum::<f64>() / vals.len() as f64 };
+                (name, v)
+            })
+            .collect();
+        mean.insert(key, m);
+    }
+    let names: std::collections::BTreeSet<String> = mean.values().flat_map(|m| m.keys().cloned()).collect();
+    let foreground_mean = names.into_iter().map(|n| { let v = mean.values().map(|m| m.get(&n).copied().unwrap_or(f64::NAN)).sum::<f64>() / mean.len() as f64; (n, v) }).collect();
+    Ok(Summary { mean, foreground_mean, metric_per_case: per_case })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_nnunet_empty_convention() {
+        let r = [0, 1, 1, 2, 2, 0];
+        let p = [0, 1, 2, 2, 0, 0];
+        let c = confusion(&r, &p, &[1, 2, 3]);
+        assert_eq!(c[&1], Confusion { tp: 1, fp: 0, fn_: 1, tn: 4 });
+        assert_eq!(c[&2], Confusion { tp: 1, fp: 1, fn_: 1, tn: 3 });
+        assert!((dice(&c[&2]) - 0.5).abs() < 1e-12);
+        assert!((iou(&c[&2]) - 1.0 / 3.0).abs() < 1e-12);
+        assert!(dice(&c[&3]).is_nan(), "both empty → NaN");
+        assert_eq!(dice(&Confusion { tp: 0, fp: 3, fn_: 0, tn: 1 }), 0.0, "empty reference, non-empty prediction → 0");
+        let names: Vec<_> = registry().names().collect();
+        assert!(names.contains(&"dice") && names.contains(&"iou"));
+    }
+}

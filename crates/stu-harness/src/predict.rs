@@ -1,0 +1,450 @@
+//! `stu predict`: nnU-Net's inference (`shared/docs/nnunet-pipeline.md` §6) for any registered
+//! model: preprocess as in training, Gaussian-weighted sliding window (step 0.5) with mirroring
+//! TTA, logits accumulated in f32 (not the upstream f16), resampled back channel by channel
+//! (order 1, running argmax: no full-resolution map per class is ever held), un-cropped,
+//! transposed back, and written with the input's geometry.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use stu_data::preprocess::{PreprocessPlan, preprocess_case, transpose};
+use stu_data::resample::{resample_linear, separate_axis};
+use stu_engine::backend::Backend;
+use stu_engine::model::{LoadOptions, SegNet};
+use stu_engine::{Device, Tensor, TensorData};
+
+/// The released STU-Net models' plan (1.5 mm isotropic, 128³ patch, z-score), used when no plan
+/// is given.
+pub fn released_plan() -> serde_json::Value {
+    serde_json::json!({
+        "plans_name": "STU-Net released (TotalSegmentator)",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {"3d_fullres": {
+            "spacing": [1.5, 1.5, 1.5], "patch_size": [128, 128, 128], "batch_size": 2, "batch_dice": false,
+            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [false],
+            "pool_op_kernel_sizes": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+        }},
+        "foreground_intensity_properties_per_channel": {}
+    })
+}
+
+/// Options of `stu predict`.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    /// A NIfTI file or a folder of `{case}_{XXXX}.nii.gz` files.
+    pub input: PathBuf,
+    /// Output folder.
+    pub output: PathBuf,
+    /// Checkpoint (ours, nnU-Net v1/v2, safetensors).
+    pub checkpoint: PathBuf,
+    /// Model name (default: recognised from the keys).
+    pub model: Option<String>,
+    /// plans.json (default: the run's, for our checkpoints; else the released STU-Net plan).
+    pub plans: Option<PathBuf>,
+    /// Plans configuration.
+    pub configuration: String,
+    /// Mirroring TTA off.
+    pub disable_tta: bool,
+    /// Tile step as a fraction of the patch.
+    pub step: f64,
+    /// Keep only the largest 26-connected component of each label.
+    pub keep_largest: bool,
+    /// Backend.
+    pub backend: Backend,
+}
+
+/// A loaded predictor.
+pub struct Predictor {
+    net: Box<dyn SegNet>,
+    plan: PreprocessPlan,
+    patch: [usize; 3],
+    mirror_axes: Vec<usize>,
+    step: f64,
+    device: Device,
+}
+
+fn plans_path_for(opts: &PredictOptions) -> Result<Option<PathBuf>> {
+    if let Some(p) = &opts.plans {
+        return Ok(Some(p.clone()));
+    }
+    // Our training checkpoints know their preprocessed folder, which holds plans.json.
+    let dict = stu_engine::checkpoint::StateDict::open(&opts.checkpoint)?;
+    if let Some(meta) = dict.metadata().get("stu_checkpoint") {
+        let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", opts.checkpoint.display()))?;
+        if let Some(dir) = v.pointer("/config/preprocessed").and_then(|d| d.as_str()) {
+            let p = Path::new(dir).join("plans.json");
+            ensure!(p.exists(), "{}: the plans of its training run ({}) are gone; pass --plans", opts.checkpoint.display(), p.display());
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
+}
+
+impl Predictor {
+    /// Loads the network and the plan; fails before any case is read.
+    pub fn new(opts: &PredictOptions) -> Result<Self> {
+        zoo::link();
+        ensure!(opts.step > 0.0 && opts.step <= 1.0, "--step must be in (0, 1], got {}", opts.step);
+        let plans = plans_path_for(opts)?;
+        let (plan_json, plan_path) = match &plans {
+            Some(p) => (serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?).with_context(|| format!("{}: not valid JSON", p.display()))?, p.clone()),
+            None => (released_plan(), PathBuf::from("<released STU-Net plan>")),
+        };
+        // The plan used is written beside the predictions (as nnU-Net does) and read from there.
+        std::fs::create_dir_all(&opts.output).with_context(|| format!("{}: cannot create the output folder", opts.output.display()))?;
+        let used = opts.output.join("plans.json");
+        stu_core::fs::write_atomic(&used, (serde_json::to_string_pretty(&plan_json)? + "\n").as_bytes()).with_context(|| format!("{}: cannot write", used.display()))?;
+        let plan = PreprocessPlan::read(&used, &opts.configuration).map_err(|e| anyhow::anyhow!("{} (from {}): {e}", used.display(), plan_path.display()));
+        let strides = crate::plans::strides_from_plans(&used, &opts.configuration);
+        let (plan, strides) = (plan?, strides.with_context(|| plan_path.display().to_string())?);
+        let patch: Vec<usize> = serde_json::from_value(plan_json[ "configurations"][&opts.configuration]["patch_size"].clone()).with_context(|| format!("{}: `patch_size` missing", plan_path.display()))?;
+        ensure!(patch.len() == 3, "{}: only 3-D configurations predict here", plan_path.display());
+        let device = opts.backend.device()?;
+        let net = stu_engine::model::load_checkpoint(&opts.checkpoint, opts.model.as_deref(), &LoadOptions { strides: Some(strides), from_plan: true }, &device)?;
+        ensure!(net.in_channels() == plan.normalization_schemes.len(), "{}: the model takes {} channel(s), the plan normalises {}", opts.checkpoint.display(), net.in_channels(), plan.normalization_schemes.len());
+        let patch = [patch[0], patch[1], patch[2]];
+        let div = net.input_divisor();
+        ensure!((0..3).all(|a| patch[a] % div[a] == 0), "patch {patch:?} does not fit the network's strides (divisor {div:?})");
+        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device })
+    }
+
+    /// Input channels the model takes.
+    pub fn channels(&self) -> usize {
+        self.net.in_channels()
+    }
+
+    /// Predicts one case (its channel files) and returns the label map in the input's array
+    /// order with its geometry.
+    pub fn predict_case(&self, id: &str, images: &[PathBuf], progress: &dyn Fn(usize, usize)) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
+        ensure!(images.len() == self.channels(), "case `{id}`: {} channel file(s), the model takes {}", images.len(), self.channels());
+        let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
+        let pre = preprocess_case(id, images, None, &self.plan)?;
+        let [c, z, y, x] = pre.props.shape;
+        let logits = self.sliding_window(&pre.data, c, [z, y, x], progress)?;
+        let classes = self.net.num_classes();
+        // Back to the cropped shape, channel by channel, keeping a running argmax.
+        let target = pre.props.shape_after_cropping_and_before_resampling;
+        let perm = self.plan.transpose_forward;
+        let orig_spacing_t = perm.map(|a| pre.props.original_spacing[a]);
+        let sep = separate_axis(self.plan.spacing, orig_spacing_t);
+        let n: usize = z * y * x;
+        let nt: usize = target.iter().product();
+        let mut best = vec![f32::NEG_INFINITY; nt];
+        let mut arg = vec![0u16; nt];
+        for k in 0..classes {
+            let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
+            for ((b, a), v) in best.iter_mut().zip(arg.iter_mut()).zip(r) {
+                if v > *b {
+                    *b = v;
+                    *a = k as u16;
+                }
+            }
+        }
+        drop(logits);
+        // Un-crop into the transposed full shape, then transpose back.
+        let full = pre.props.shape_before_cropping;
+        let bb = pre.props.bbox_used_for_cropping;
+        let mut seg = vec![0u16; full.iter().product()];
+        for zz in 0..target[0] {
+            for yy in 0..target[1] {
+                let src = (zz * target[1] + yy) * target[2];
+                let dst = ((zz + bb[0][0]) * full[1] + yy + bb[1][0]) * full[2] + bb[2][0];
+                seg[dst..dst + target[2]].copy_from_slice(&arg[src..src + target[2]]);
+            }
+        }
+        let mut backward = [0usize; 3];
+        for (i, &p) in perm.iter().enumerate() {
+            backward[p] = i;
+        }
+        let (seg, shape) = transpose(seg, full, backward);
+        ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
+        Ok((seg, geom))
+    }
+
+    /// Sliding-window logits `[classes, Z, Y, X]` of a preprocessed volume `[C, Z, Y, X]`.
+    pub fn sliding_window(&self, data: &[f32], c: usize, shape: [usize; 3], progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
+        let p = self.patch;
+        let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(p[a]));
+        let lo: [usize; 3] = std::array::from_fn(|a| (padded[a] - shape[a]) / 2);
+        let np: usize = padded.iter().product();
+        let mut vol = vec![0f32; c * np];
+        for ch in 0..c {
+            for z in 0..shape[0] {
+                for y in 0..shape[1] {
+                    let src = ch * shape.iter().product::<usize>() + (z * shape[1] + y) * shape[2];
+                    let dst = ch * np + ((z + lo[0]) * padded[1] + y + lo[1]) * padded[2] + lo[2];
+                    vol[dst..dst + shape[2]].copy_from_slice(&data[src..src + shape[2]]);
+                }
+            }
+        }
+        let steps: Vec<Vec<usize>> = (0..3).map(|a| sliding_steps(padded[a], p[a], self.step)).collect();
+        let g = gaussian_importance(p);
+        let classes = self.net.num_classes();
+        let mut acc = vec![0f32; classes * np];
+        let mut weight = vec![0f32; np];
+        let pn: usize = p.iter().product();
+        let total = steps[0].len() * steps[1].len() * steps[2].len();
+        let mut done = 0;
+        let subsets: Vec<Vec<usize>> = (0..1usize << self.mirror_axes.len()).map(|m| self.mirror_axes.iter().enumerate().filter(|(i, _)| m >> i & 1 == 1).map(|(_, &a)| a + 2).collect()).collect();
+        for &sz in &steps[0] {
+            for &sy in &steps[1] {
+                for &sx in &steps[2] {
+                    let mut tile = Vec::with_capacity(c * pn);
+                    for ch in 0..c {
+                        for z in 0..p[0] {
+                            for y in 0..p[1] {
+                                let src = ch * np + ((sz + z) * padded[1] + sy + y) * padded[2] + sx;
+                                tile.extend_from_slice(&vol[src..src + p[2]]);
+                            }
+                        }
+                    }
+                    let x = Tensor::<5>::from_data(TensorData::new(tile, [1, c, p[0], p[1], p[2]]), &self.device);
+                    let mut sum: Option<Tensor<5>> = None;
+                    for axes in &subsets {
+                        let out = if axes.is_empty() {
+                            self.net.forward(x.clone())
+                        } else {
+                            flip(self.net.forward(flip(x.clone(), axes)), axes)
+                        };
+                        sum = Some(match sum {
+                            Some(s) => s + out,
+                            None => out,
+                        });
+                    }
+                    let logits = (sum.expect("at least one pass") / subsets.len() as f64).into_data().convert::<f32>().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                    ensure!(logits.iter().all(|v| v.is_finite()), "the network produced non-finite logits");
+                    for z in 0..p[0] {
+                        for y in 0..p[1] {
+                            let t = (z * p[1] + y) * p[2];
+                            let d = ((sz + z) * padded[1] + sy + y) * padded[2] + sx;
+                            for k in 0..classes {
+                                let (a, l) = (&mut acc[k * np + d..k * np + d + p[2]], &logits[k * pn + t..k * pn + t + p[2]]);
+                                for ((a, l), w) in a.iter_mut().zip(l).zip(&g[t..t + p[2]]) {
+                                    *a += l * w;
+                                }
+                            }
+                            for (w, gv) in weight[d..d + p[2]].iter_mut().zip(&g[t..t + p[2]]) {
+                                *w += gv;
+                            }
+                        }
+                    }
+                    done += 1;
+                    progress(done, total);
+                }
+            }
+        }
+        drop(vol);
+        // Normalise and crop the padding away.
+        let n: usize = shape.iter().product();
+        let mut out = vec![0f32; classes * n];
+        for k in 0..classes {
+            for z in 0..shape[0] {
+                for y in 0..shape[1] {
+                    let s = ((z + lo[0]) * padded[1] + y + lo[1]) * padded[2] + lo[2];
+                    let d = (z * shape[1] + y) * shape[2];
+                    for i in 0..shape[2] {
+                        out[k * n + d + i] = acc[k * np + s + i] / weight[s + i];
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn flip(x: Tensor<5>, axes: &[usize]) -> Tensor<5> {
+    match axes {
+        [a] => x.flip([*a]),
+        [a, b] => x.flip([*a, *b]),
+        [a, b, c] => x.flip([*a, *b, *c]),
+        _ => x,
+    }
+}
+
+/// Tile positions along one axis (`compute_steps_for_sliding_window`).
+pub fn sliding_steps(size: usize, tile: usize, step: f64) -> Vec<usize> {
+    assert!(size >= tile, "pad to the tile first");
+    let n = ((size - tile) as f64 / (tile as f64 * step)).ceil() as usize + 1;
+    if n == 1 {
+        return vec![0];
+    }
+    (0..n).map(|i| (i as f64 * (size - tile) as f64 / (n - 1) as f64).round() as usize).collect()
+}
+
+/// nnU-Net's Gaussian importance map for a tile: σ = tile/8 per axis, centred at tile//2,
+/// truncated at 4σ (zeros beyond, then replaced by the smallest non-zero value), max 1000.
+pub fn gaussian_importance(tile: [usize; 3]) -> Vec<f32> {
+    let g1: Vec<Vec<f64>> = tile
+        .iter()
+        .map(|&t| {
+            let sigma = t as f64 / 8.0;
+            let radius = (4.0 * sigma + 0.5) as i64;
+            let c = (t / 2) as i64;
+            (0..t as i64).map(|i| if (i - c).abs() <= radius { (-0.5 * ((i - c) as f64 / sigma).powi(2)).exp() } else { 0.0 }).collect()
+        })
+        .collect();
+    let mut g: Vec<f64> = Vec::with_capacity(tile.iter().product());
+    for a in &g1[0] {
+        for b in &g1[1] {
+            for c in &g1[2] {
+                g.push(a * b * c);
+            }
+        }
+    }
+    let max = g.iter().copied().fold(0.0, f64::max);
+    let mut g: Vec<f32> = g.iter().map(|v| (v / max * 1000.0) as f32).collect();
+    let min_nz = g.iter().copied().filter(|&v| v > 0.0).fold(f32::MAX, f32::min);
+    g.iter_mut().filter(|v| **v == 0.0).for_each(|v| *v = min_nz);
+    g
+}
+
+/// Keeps the largest 26-connected component of each label (ties keep all of that size).
+pub fn keep_largest_per_label(seg: &mut [u16], shape: [usize; 3]) {
+    let n = seg.len();
+    let mut comp = vec![u32::MAX; n];
+    let mut sizes: Vec<(u16, usize)> = Vec::new();
+    let mut stack = Vec::new();
+    for start in 0..n {
+        if seg[start] == 0 || comp[start] != u32::MAX {
+            continue;
+        }
+        let label = seg[start];
+        let id = sizes.len() as u32;
+        comp[start] = id;
+        stack.push(start);
+        let mut size = 0;
+        while let Some(v) = stack.pop() {
+            size += 1;
+            let (z, y, x) = ((v / (shape[1] * shape[2])) as i64, (v / shape[2] % shape[1]) as i64, (v % shape[2]) as i64);
+            for dz in -1..=1i64 {
+                for dy in -1..=1i64 {
+                    for dx in -1..=1i64 {
+                        let (nz, ny, nx) = (z + dz, y + dy, x + dx);
+                        if nz < 0 || ny < 0 || nx < 0 || nz >= shape[0] as i64 || ny >= shape[1] as i64 || nx >= shape[2] as i64 {
+                            continue;
+                        }
+                        let w = (nz as usize * shape[1] + ny as usize) * shape[2] + nx as usize;
+                        if seg[w] == label && comp[w] == u32::MAX {
+                            comp[w] = id;
+                            stack.push(w);
+                        }
+                    }
+                }
+            }
+        }
+        sizes.push((label, size));
+    }
+    let mut largest = std::collections::HashMap::new();
+    for &(l, s) in &sizes {
+        let e = largest.entry(l).or_insert(0);
+        *e = (*e).max(s);
+    }
+    for (v, c) in seg.iter_mut().zip(&comp) {
+        if *v != 0 && sizes[*c as usize].1 < largest[v] {
+            *v = 0;
+        }
+    }
+}
+
+/// Groups the NIfTI files of a folder (or one file) into cases by nnU-Net naming
+/// (`{case}_{XXXX}.nii.gz`); a file without the suffix is a single-channel case.
+pub fn discover_inputs(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    let files: Vec<PathBuf> = if input.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().ends_with(".nii.gz") || p.to_string_lossy().ends_with(".nii")).collect();
+        v.sort();
+        v
+    } else if input.exists() {
+        vec![input.to_path_buf()]
+    } else {
+        bail!("{}: no such file or folder", input.display());
+    };
+    ensure!(!files.is_empty(), "{}: no .nii.gz files", input.display());
+    let mut cases: std::collections::BTreeMap<String, Vec<(usize, PathBuf)>> = Default::default();
+    for f in files {
+        let name = f.file_name().expect("file").to_string_lossy().to_string();
+        let stem = name.trim_end_matches(".gz").trim_end_matches(".nii").to_string();
+        let (id, ch) = match stem.rsplit_once('_') {
+            Some((id, ch)) if ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) => (id.to_string(), ch.parse().expect("digits")),
+            _ => (stem.clone(), 0),
+        };
+        cases.entry(id).or_default().push((ch, f));
+    }
+    cases
+        .into_iter()
+        .map(|(id, mut chans)| {
+            chans.sort();
+            for (i, (ch, f)) in chans.iter().enumerate() {
+                ensure!(*ch == i, "{}: case `{id}` skips channel {i}", f.display());
+            }
+            Ok((id, chans.into_iter().map(|(_, f)| f).collect()))
+        })
+        .collect()
+}
+
+/// Per-case result.
+#[derive(Debug, serde::Serialize)]
+pub struct CaseResult {
+    /// Case id.
+    pub id: String,
+    /// Output file, or the error.
+    pub output: Result<PathBuf, String>,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+/// Predicts every case; one failing case does not stop the others.
+pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> Result<Vec<CaseResult>> {
+    let cases = discover_inputs(&opts.input)?;
+    std::fs::create_dir_all(&opts.output).with_context(|| format!("{}: cannot create the output folder", opts.output.display()))?;
+    let probe = opts.output.join(format!(".stu-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("{}: output folder is not writable", opts.output.display()))?;
+    std::fs::remove_file(&probe).ok();
+    let predictor = Predictor::new(opts)?;
+    // Channel counts are checked up front: a wrong one is the user's mistake for every case.
+    let wrong: Vec<String> = cases.iter().filter(|(_, f)| f.len() != predictor.channels()).map(|(id, f)| format!("`{id}` ({})", f.len())).collect();
+    ensure!(wrong.len() < cases.len(), "{}: the model takes {} channel(s); the cases have {}", opts.input.display(), predictor.channels(), wrong.join(", "));
+    let mut results = Vec::new();
+    for (id, files) in &cases {
+        let t = std::time::Instant::now();
+        let out_path = opts.output.join(format!("{id}.nii.gz"));
+        let r = predictor.predict_case(id, files, &|d, n| progress(id, d, n)).and_then(|(mut seg, geom)| {
+            if opts.keep_largest {
+                keep_largest_per_label(&mut seg, geom.shape);
+            }
+            stu_data::nifti_io::write_label(&out_path, &seg, &geom).with_context(|| out_path.display().to_string())?;
+            Ok(out_path.clone())
+        });
+        results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64() });
+    }
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_and_gaussian_follow_the_spec_vectors() {
+        assert_eq!(sliding_steps(110, 64, 0.5), [0, 23, 46]);
+        assert_eq!(sliding_steps(150, 128, 0.5), [0, 22]);
+        assert_eq!(sliding_steps(300, 128, 0.5), [0, 57, 115, 172]);
+        assert_eq!(sliding_steps(40, 40, 0.5), [0]);
+        assert_eq!(sliding_steps(512, 224, 0.5), [0, 96, 192, 288]);
+        let g = gaussian_importance([128; 3]);
+        let at = |z: usize, y: usize, x: usize| g[(z * 128 + y) * 128 + x] as f64;
+        let centre = at(64, 64, 64);
+        assert!((at(0, 0, 0) / centre - 3.78e-11).abs() < 0.01e-11);
+        assert!((at(0, 64, 64) / centre - 3.35e-4).abs() < 0.01e-4);
+    }
+
+    #[test]
+    fn keep_largest_removes_smaller_components_per_label() {
+        let shape = [1, 3, 7];
+        let mut seg = vec![1, 1, 0, 0, 0, 1, 0, /**/ 0, 0, 1, 2, 0, 0, 0, /**/ 1, 0, 0, 0, 0, 0, 2];
+        keep_largest_per_label(&mut seg, shape);
+        // Label 1: {0, 1, 9 (diagonal to 1... no: (0,1,2) touches (0,0,1))} size 3, {5} and {14}
+        // size 1 → removed. Label 2: two components of size 1, a tie → both kept.
+        assert_eq!(seg, vec![1, 1, 0, 0, 0, 0, 0, /**/ 0, 0, 1, 2, 0, 0, 0, /**/ 0, 0, 0, 0, 0, 0, 2]);
+    }
+}

@@ -1,0 +1,111 @@
+//! `stu predict` and `stu evaluate` end to end on the shared real data, and the metrics against
+//! DeepMind's surface-distance and nnU-Net's rules on real label maps.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tests::{shared, stu_bin};
+
+fn stu(args: &[&str]) -> Output {
+    Command::new(stu_bin!()).args(args).output().expect("runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "stu failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let raw = shared().join("data/Dataset802_TotalSegExampleMR");
+    let raw_s = raw.to_str().unwrap();
+    ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
+    ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
+    ok(&stu(&[
+        "train", &t("pre"), "--out", &t("run"), "--fold", "all", "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "1", "--iterations", "2", "--val-iterations", "0", "--patch-size", "16,32,32",
+    ]));
+    let ck = t("run/checkpoint_final.safetensors");
+    // The checkpoint finds its plan through the run record; --disable-tta keeps it quick.
+    let images = raw.join("imagesTr");
+    let log = ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred"), "--checkpoint", &ck, "--disable-tta"]));
+    assert!(log.contains("ts_mr_sm"), "{log}");
+    let input = stu_data::nifti_io::read_geometry(&images.join("ts_mr_sm_0000.nii.gz")).unwrap();
+    let out = stu_data::nifti_io::read_label(&tmp.path().join("pred/ts_mr_sm.nii.gz")).unwrap();
+    assert_eq!(out.geom.shape, input.shape);
+    assert_eq!(out.geom.affine, input.affine);
+    let classes = 1 + stu_data::dataset::DatasetJson::read(&raw.join("dataset.json")).unwrap().labels.len() as u16 - 1;
+    assert!(out.data.iter().all(|&v| v < classes));
+    // With TTA too, through a single file input.
+    ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-tta"), "--checkpoint", &ck, "--keep-largest"]));
+    assert!(tmp.path().join("pred-tta/ts_mr_sm.nii.gz").exists());
+    let s = ok(&stu(&["evaluate", "--ref", raw.join("labelsTr").to_str().unwrap(), "--pred", &t("pred"), "--labels", raw.join("dataset.json").to_str().unwrap(), "--nsd-tolerance", "2", "--hd95"]));
+    assert!(s.contains("foreground mean Dice"), "{s}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pred/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["metric_per_case"].as_array().unwrap().len(), 1);
+    assert!(summary["mean"]["1"]["NSD"].is_number());
+
+    // Bad input fails before any work, naming the problem.
+    let bad = stu(&["predict", "-i", &t("nowhere"), "-o", &t("p2"), "--checkpoint", &ck]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no such file"));
+    let two = tmp.path().join("two");
+    std::fs::create_dir_all(&two).unwrap();
+    for c in ["0000", "0001"] {
+        std::fs::copy(images.join("ts_mr_sm_0000.nii.gz"), two.join(format!("ts_mr_sm_{c}.nii.gz"))).unwrap();
+    }
+    let bad = stu(&["predict", "-i", two.to_str().unwrap(), "-o", &t("p3"), "--checkpoint", &ck]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("channel"), "{}", String::from_utf8_lossy(&bad.stderr));
+    // One unreadable case in a folder does not lose the others.
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    std::fs::copy(images.join("ts_mr_sm_0000.nii.gz"), mixed.join("good_0000.nii.gz")).unwrap();
+    std::fs::write(mixed.join("broken_0000.nii.gz"), b"\x1f\x8b not really gzip").unwrap();
+    let r = stu(&["predict", "-i", mixed.to_str().unwrap(), "-o", &t("p4"), "--checkpoint", &ck, "--disable-tta"]);
+    assert!(!r.status.success(), "a failed case gives a non-zero exit");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("broken") && err.contains("1 of 2"), "{err}");
+    assert!(tmp.path().join("p4/good.nii.gz").exists());
+}
+
+#[test]
+fn metrics_match_deepmind_surface_distance_and_nnunet_on_real_label_maps() {
+    let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tests::own_fixtures().join("metrics.json")).unwrap()).unwrap();
+    let tol = fixture["tolerance_mm"].as_f64().unwrap();
+    for (case, want) in fixture["cases"].as_object().unwrap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (r, p) = (tmp.path().join("ref"), tmp.path().join("pred"));
+        std::fs::create_dir_all(&r).unwrap();
+        std::fs::create_dir_all(&p).unwrap();
+        let src = shared().join("data").join(case);
+        let name = Path::new(case).file_name().unwrap();
+        std::fs::copy(&src, r.join(name)).unwrap();
+        // Same perturbation as the generator: shift by one along nibabel's last axis (our axis
+        // 0), drop labels l % 5 == 3.
+        let v = stu_data::nifti_io::read_label(&src).unwrap();
+        let [_, ny, nx] = v.geom.shape;
+        let plane = ny * nx;
+        let mut pred = vec![0u16; v.data.len()];
+        pred[plane..].copy_from_slice(&v.data[..v.data.len() - plane]);
+        pred.iter_mut().filter(|l| **l % 5 == 3).for_each(|l| *l = 0);
+        stu_data::nifti_io::write_label(&p.join(name), &pred, &v.geom).unwrap();
+        ok(&stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), "--nsd-tolerance", &tol.to_string(), "--hd95"]));
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.join("summary.json")).unwrap()).unwrap();
+        let got = &s["metric_per_case"][0]["metrics"];
+        let mut checked = 0;
+        for (label, m) in want.as_object().unwrap() {
+            for key in ["Dice", "IoU", "NSD", "HD95"] {
+                let (w, g) = (&m[key], &got[label][key]);
+                match (w.as_f64(), g.as_f64()) {
+                    (Some(w), Some(g)) => assert!((w - g).abs() <= 1e-6 * (1.0 + w.abs()), "{case} label {label} {key}: want {w}, got {g}"),
+                    (None, None) => {}
+                    _ => panic!("{case} label {label} {key}: want {w}, got {g}"),
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 40, "{case}: {checked}");
+    }
+}
