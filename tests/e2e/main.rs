@@ -5,5 +5,6 @@ mod dataset;
 mod parity;
 mod predict;
 mod preprocess;
+mod specs;
 mod train;
 mod zoo_cli;

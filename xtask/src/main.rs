@@ -10,6 +10,10 @@
 //!   with `stu` and, when PY has `nnunetv2`, with nnU-Net (`-np 1`) on the same files, measuring
 //!   wall time and peak RSS with `/usr/bin/time`; writes `reports/bench/preprocess.{json,md}`.
 //!
+//! - `bench-train [--python PY] [S B]`: one nnU-Net training step (batch 2, 128³, 105 classes,
+//!   deep supervision, SGD) for STU-Net-S and -B with `stu bench train_…`, then the same step in
+//!   PyTorch (`xtask/bench/torch_train.py`) right after; writes `reports/bench/train.{json,md}`.
+//!
 //! This crate stays thin: it invokes cargo and the built binaries, nothing else.
 
 use std::path::{Path, PathBuf};
@@ -23,7 +27,8 @@ fn main() -> Result<()> {
     match args.next().as_deref() {
         Some("bench") => bench(args.collect()),
         Some("bench-preprocess") => bench_preprocess(args.collect()),
-        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess"),
+        Some("bench-train") => bench_train(args.collect()),
+        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train"),
         None => bail!("usage: cargo xtask bench [--python PY] [--no-torch] [--out DIR] [CASES…]"),
     }
 }
@@ -283,6 +288,58 @@ fn bench_preprocess(args: Vec<String>) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     std::fs::write(out_dir.join("preprocess.json"), serde_json::to_string_pretty(&doc)? + "\n")?;
     std::fs::write(out_dir.join("preprocess.md"), &md)?;
+    print!("{md}");
+    Ok(())
+}
+
+fn bench_train(args: Vec<String>) -> Result<()> {
+    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut sizes = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--python" => python = it.next().context("--python needs a value")?,
+            "S" | "B" => sizes.push(a),
+            other => bail!("bench-train: unknown argument `{other}` (sizes: S, B)"),
+        }
+    }
+    if sizes.is_empty() {
+        sizes = vec!["S".into(), "B".into()];
+    }
+    let root = root();
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu"]).current_dir(&root))?;
+    let out_dir = root.join("reports/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let ours_path = out_dir.join("stu-train.json");
+    let cases: Vec<String> = sizes.iter().map(|s| format!("train_{s}_128_b2")).collect();
+    run(Command::new(target.join("release/stu")).arg("bench").arg("--json").arg(&ours_path).args(&cases))?;
+    let ours: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
+    let torch_path = out_dir.join("torch-train.json");
+    run(Command::new(&python).arg(root.join("xtask/bench/torch_train.py")).arg(root.join("../shared/bench")).arg(&torch_path).args(&sizes))?;
+    let theirs: Value = serde_json::from_str(&std::fs::read_to_string(&torch_path)?)?;
+    let host = host();
+    let mut md = format!(
+        "# CPU training step: STU-Net in Rust (burn 0.22.1) vs PyTorch {}\n\n{} · {} cores · {} GiB · {} · git {}{}\n\nOne nnU-Net step: batch 2, 1 channel, 128³, 105 classes, deep supervision, Dice + CE, clip 12, Nesterov SGD. Median of 2 after a warm-up, seconds; ratio = ours / PyTorch.\n\n| case | ours (s) | PyTorch (s) | ratio | ours it/s | PyTorch it/s |\n|---|---|---|---|---|---|\n",
+        theirs["torch"].as_str().unwrap_or("?"),
+        host["cpu"].as_str().unwrap_or(""),
+        host["cores"],
+        host["mem_gib"],
+        host["date"].as_str().unwrap_or(""),
+        host["git"].as_str().unwrap_or(""),
+        if host["dirty"].as_bool() == Some(true) { " (dirty)" } else { "" },
+    );
+    let mut rows = Vec::new();
+    for r in ours["results"].as_array().into_iter().flatten() {
+        let case = r["case"].as_str().unwrap_or("");
+        let (a, b) = (r["train_s"].as_f64().unwrap_or(f64::NAN), theirs[case]["train_s"].as_f64().unwrap_or(f64::NAN));
+        md.push_str(&format!("| {case} | {a:.2} | {b:.2} | {:.2}× | {:.3} | {:.3} |\n", a / b, 1.0 / a, 1.0 / b));
+        rows.push(json!({ "case": case, "ours": r, "torch": theirs[case] }));
+    }
+    std::fs::write(out_dir.join("train.json"), serde_json::to_string_pretty(&json!({ "host": host, "torch": theirs["torch"], "rows": rows }))? + "\n")?;
+    std::fs::write(out_dir.join("train.md"), &md)?;
+    let _ = std::fs::remove_file(&ours_path);
+    let _ = std::fs::remove_file(&torch_path);
     print!("{md}");
     Ok(())
 }

@@ -136,20 +136,22 @@ fn case_metrics(c: &Confusion) -> BTreeMap<String, f64> {
     m
 }
 
-/// Which surface metrics to add.
+/// What to compute beyond the counts, Dice and IoU.
 #[derive(Debug, Clone, Default)]
-pub struct SurfaceOptions {
+pub struct EvalOptions {
     /// NSD tolerance in mm per label (labels missing here use `nsd_default`).
     pub nsd_tolerance: BTreeMap<u16, f64>,
     /// NSD tolerance for other labels; no NSD when `None` and the label has no entry.
     pub nsd_default: Option<f64>,
     /// Add HD95.
     pub hd95: bool,
+    /// Reference value → evaluated label (direct inference); values not listed become 0.
+    pub reference_map: Option<BTreeMap<u16, u16>>,
 }
 
 /// Evaluates every prediction that has a reference (`{id}.nii.gz` in both folders).
 /// Shapes and affines must agree; `labels` are the foreground labels to score.
-pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surface: &SurfaceOptions) -> Result<Summary, DatasetError> {
+pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surface: &EvalOptions) -> Result<Summary, DatasetError> {
     let file_err = |p: &Path, r: String| DatasetError::File { path: p.to_path_buf(), reason: r };
     let mut preds: Vec<PathBuf> = std::fs::read_dir(prediction)
         .map_err(|e| file_err(prediction, format!("cannot list: {e}")))?
@@ -163,7 +165,10 @@ pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surf
     }
     let mut per_case = Vec::with_capacity(pairs.len());
     for (r, p) in pairs {
-        let rv = crate::nifti_io::read_label(&r).map_err(|e| file_err(&r, e.to_string()))?;
+        let mut rv = crate::nifti_io::read_label(&r).map_err(|e| file_err(&r, e.to_string()))?;
+        if let Some(map) = &surface.reference_map {
+            rv.data.iter_mut().for_each(|v| *v = map.get(v).copied().unwrap_or(0));
+        }
         let pv = crate::nifti_io::read_label(&p).map_err(|e| file_err(&p, e.to_string()))?;
         if rv.geom.shape != pv.geom.shape {
             return Err(file_err(&p, format!("shape {:?} differs from the reference's {:?}", pv.geom.shape, rv.geom.shape)));

@@ -219,7 +219,15 @@ pub fn read_label(path: &Path) -> Result<Volume<u16>> {
 /// uint8 when every value fits, else uint16; gzip level 6 for `.nii.gz`. Atomic: a temporary
 /// file in the same folder is renamed into place.
 pub fn write_label(path: &Path, data: &[u16], geom: &Geometry) -> Result<()> {
+    write_label_as(path, data, geom, data.iter().any(|&v| v > u8::MAX as u16))
+}
+
+/// Writes a label map as uint16 when `wide`, else uint8 (values must fit).
+pub fn write_label_as(path: &Path, data: &[u16], geom: &Geometry, wide: bool) -> Result<()> {
     let [nz, ny, nx] = geom.shape;
+    if !wide && data.iter().any(|&v| v > u8::MAX as u16) {
+        return Err(invalid(path, "label values above 255 need uint16"));
+    }
     if data.len() != nz * ny * nx {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
@@ -227,7 +235,7 @@ pub fn write_label(path: &Path, data: &[u16], geom: &Geometry) -> Result<()> {
         let opts = nifti::writer::WriterOptions::new(tmp)
             .reference_header(&geom.header)
             .compression_level(flate2::Compression::new(6));
-        if data.iter().all(|&v| v <= u8::MAX as u16) {
+        if !wide {
             let small: Vec<u8> = data.iter().map(|&v| v as u8).collect();
             let view = ndarray::ArrayView3::from_shape([nz, ny, nx], &small).expect("length checked");
             opts.write_nifti(&view.reversed_axes())

@@ -1,7 +1,8 @@
 //! A synthetic CT phantom dataset in nnU-Net raw layout: the harness's embedded default.
 //!
 //! Each case is a CT-like volume in Hounsfield units (air −1000, fat −100, soft tissue 30–60,
-//! contrast-filled vessels and heart 150–250, bone 400–900) with Gaussian noise, and a label map
+//! contrast-filled vessels and heart 150–250, bone 400–900; 4 mm fat planes around every
+//! structure, as in real anatomy) with Gaussian noise, and a label map
 //! of 15 structures named as STU-Net names them, three from each of TotalSegmentator's five
 //! expert groups (organs, vertebrae, cardiac, muscles, ribs; `shared/docs/stunet.md` §6), so
 //! that a five-experts-vs-one-model study has something to separate.
@@ -61,6 +62,23 @@ enum Shape {
 }
 
 impl Shape {
+    /// The shape grown by `d` mm (radii, tube and extents; approximate for ellipsoids).
+    fn grown(&self, d: f64) -> Shape {
+        match *self {
+            Shape::Ellipsoid(c, r) => Shape::Ellipsoid(c, r.map(|v| v + d)),
+            Shape::Shell(c, r, t) => Shape::Ellipsoid(c, r.map(|v| v + d)).shell_of(t + d),
+            Shape::Column(c, r, z) => Shape::Column(c, r.map(|v| v + d), [z[0] - d, z[1] + d]),
+            Shape::Arc(c, z, radius, tube, ang) => Shape::Arc(c, z, radius, tube + d, ang),
+        }
+    }
+
+    fn shell_of(self, t: f64) -> Shape {
+        match self {
+            Shape::Ellipsoid(c, r) => Shape::Shell(c, r, t),
+            other => other,
+        }
+    }
+
     fn contains(&self, p: [f64; 3]) -> bool {
         match *self {
             Shape::Ellipsoid(c, r) => (0..3).map(|a| ((p[a] - c[a]) / r[a]).powi(2)).sum::<f64>() <= 1.0,
@@ -88,6 +106,8 @@ struct Anatomy {
     body: Shape,
     fat: Shape,
     structures: Vec<(u16, Shape)>,
+    /// The structures grown by the fat-plane width.
+    rims: Vec<Shape>,
     angle: f64,
     shift: [f64; 3],
 }
@@ -118,7 +138,8 @@ fn anatomy(rng: &mut Rng) -> Anatomy {
         (14, Shape::Arc([0.0, -20.0], 60.0 + jit[25] * 0.5, 88.0 * scale[4], 5.0, [1.85, 3.14])),  // rib_right_1 (−x side, upper half)
         (15, Shape::Arc([0.0, -20.0], 40.0 + jit[26] * 0.5, 92.0 * scale[5], 5.0, [-1.5, 1.3])),   // rib_left_2
     ];
-    Anatomy { body, fat, structures, angle: rng.uniform(-8.0, 8.0).to_radians(), shift: [rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0)] }
+    let rims = structures.iter().map(|(_, s)| s.grown(4.0)).collect();
+    Anatomy { body, fat, structures, rims, angle: rng.uniform(-8.0, 8.0).to_radians(), shift: [rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0)] }
 }
 
 /// One generated case: image (HU), labels and geometry.
@@ -158,12 +179,19 @@ pub fn case(seed: u64, index: usize) -> PhantomCase {
                 let mut hu = -1000.0f32;
                 let mut l = 0u16;
                 if a.body.contains(p) {
-                    hu = if a.fat.contains(p) { 35.0 } else { -100.0 };
+                    let inner = a.fat.contains(p);
+                    hu = if inner { 35.0 } else { -100.0 };
                     for &(id, shape) in &a.structures {
                         if shape.contains(p) {
                             l = id;
                             hu = CLASSES[id as usize - 1].1;
                         }
+                    }
+                    // Fat planes: soft tissue within 4 mm of an organ is fat, as around real
+                    // kidneys, bladder, muscles and the heart. Without them organs of 45–60 HU
+                    // in 35 HU tissue differ by less than the noise.
+                    if l == 0 && inner && a.rims.iter().any(|r| r.contains(p)) {
+                        hu = -90.0;
                     }
                 }
                 let v = j * nx + i;
@@ -197,6 +225,9 @@ pub struct PhantomOptions {
     pub test_cases: usize,
     /// Seed.
     pub seed: u64,
+    /// Keep only one expert group's classes, renumbered 1..=3 in phantom order (the
+    /// expert-vs-universal study); the images are the same.
+    pub group: Option<stu_core::taxonomy::ExpertGroup>,
 }
 
 /// Writes the phantom dataset; cases already written completely are kept (atomic writes make a
@@ -207,10 +238,13 @@ pub fn write_dataset(opts: &PhantomOptions) -> Result<(), crate::nifti_io::Nifti
         let d = opts.out.join(sub);
         std::fs::create_dir_all(&d).map_err(|e| io(&d, e))?;
     }
+    // Label remap: phantom class i+1 → its value in this dataset (0 when another group's).
+    let kept: Vec<&str> = CLASSES.iter().map(|(n, _)| *n).filter(|n| opts.group.is_none_or(|g| group_of(n) == g)).collect();
+    let remap: Vec<u16> = std::iter::once(0).chain(CLASSES.iter().map(|(n, _)| kept.iter().position(|k| k == n).map_or(0, |p| p as u16 + 1))).collect();
     let labels: serde_json::Map<String, serde_json::Value> = std::iter::once(("background".to_string(), 0.into()))
-        .chain(CLASSES.iter().enumerate().map(|(i, (n, _))| (n.to_string(), (i + 1).into())))
+        .chain(kept.iter().enumerate().map(|(i, n)| (n.to_string(), (i + 1).into())))
         .collect();
-    let groups: serde_json::Map<String, serde_json::Value> = CLASSES.iter().map(|(n, _)| (n.to_string(), group_of(n).name().into())).collect();
+    let groups: serde_json::Map<String, serde_json::Value> = kept.iter().map(|n| (n.to_string(), group_of(n).name().into())).collect();
     let json = serde_json::json!({
         "name": "STU-Net synthetic CT phantom",
         "description": format!("Generated by `stu phantom --seed {}`: CT-like volumes (HU) with 15 structures from TotalSegmentator's five expert groups.", opts.seed),
@@ -220,6 +254,7 @@ pub fn write_dataset(opts: &PhantomOptions) -> Result<(), crate::nifti_io::Nifti
         "file_ending": ".nii.gz",
         "expert_groups": groups,
         "phantom_seed": opts.seed,
+        "phantom_group": opts.group.map(|g| g.name()),
     });
     let json_path = opts.out.join("dataset.json");
     let text = serde_json::to_string_pretty(&json).expect("serialisable") + "\n";
@@ -233,7 +268,8 @@ pub fn write_dataset(opts: &PhantomOptions) -> Result<(), crate::nifti_io::Nifti
             return Ok(());
         }
         let c = case(opts.seed, i);
-        write_label(&lab, &c.label, &c.geom)?;
+        let label: Vec<u16> = c.label.iter().map(|&l| remap[l as usize]).collect();
+        write_label(&lab, &label, &c.geom)?;
         write_image(&img, &c.image, &c.geom)
     })
 }

@@ -74,6 +74,9 @@ struct PhantomConfig {
     test_cases: usize,
     #[serde(default)]
     seed: u64,
+    /// One expert group's classes only.
+    #[serde(default)]
+    group: Option<String>,
 }
 
 fn default_cases() -> usize {
@@ -85,7 +88,14 @@ fn default_test_cases() -> usize {
 
 fn prepare_phantom(value: &serde_json::Value, out: &Path) -> Result<PathBuf, DatasetError> {
     let c: PhantomConfig = config("phantom", value)?;
-    crate::phantom::write_dataset(&crate::phantom::PhantomOptions { out: out.to_path_buf(), cases: c.cases, test_cases: c.test_cases, seed: c.seed })
+    let group = c
+        .group
+        .as_deref()
+        .filter(|g| *g != "all")
+        .map(stu_core::taxonomy::ExpertGroup::parse)
+        .transpose()
+        .map_err(|reason| DatasetError::Json { path: PathBuf::from("dataset `phantom`"), key: "group".into(), reason })?;
+    crate::phantom::write_dataset(&crate::phantom::PhantomOptions { out: out.to_path_buf(), cases: c.cases, test_cases: c.test_cases, seed: c.seed, group })
         .map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: e.to_string() })?;
     Ok(out.to_path_buf())
 }
@@ -107,6 +117,7 @@ fn prepare_totalseg(value: &serde_json::Value, out: &Path) -> Result<PathBuf, Da
     let group = c
         .group
         .as_deref()
+        .filter(|g| *g != "all")
         .map(stu_core::taxonomy::ExpertGroup::parse)
         .transpose()
         .map_err(|reason| DatasetError::Json { path: PathBuf::from("dataset `totalsegmentator`"), key: "group".into(), reason })?;

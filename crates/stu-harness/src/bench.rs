@@ -26,6 +26,12 @@ pub struct CaseResult {
     pub fwd_samples: Vec<f64>,
     /// Every forward+backward sample.
     pub fwd_bwd_samples: Vec<f64>,
+    /// Median full training step (forward, loss, backward, clip, SGD), seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_s: Option<f64>,
+    /// Every training-step sample.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub train_samples: Vec<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -119,14 +125,57 @@ fn net_for(id: &str, device: &Device) -> Net {
     }
 }
 
+/// Training-step cases: nnU-Net's step (batch 2, 1 channel, 128³, 105 classes, deep
+/// supervision, Dice + CE, clip 12, Nesterov SGD) for a preset, as `xtask/bench/torch_train.py`.
+pub const TRAIN_CASES: [(&str, &str); 2] = [("train_S_128_b2", "stunet-s"), ("train_B_128_b2", "stunet-b")];
+
+fn train_case(id: &str, preset: &str, ad: &Device) -> Result<CaseResult> {
+    use stu_engine::train::{DeviceBatch, Sgd, he_init, train_step};
+    let entry = stu_engine::model::registry().get("stunet")?;
+    let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: ISO_STRIDES.to_vec(), options: serde_json::json!({ "preset": preset }) };
+    let mut net = he_init((entry.build)(&spec, ad).map_err(anyhow::Error::msg)?, 0, None);
+    let b = 2;
+    let mut rng = stu_core::rng::SplitMix64::new(3);
+    let x = rng.fill_f32(b * 128 * 128 * 128, -1.0, 1.0);
+    let full: Vec<i16> = (0..b * 128 * 128 * 128).map(|_| rng.below(TOTALSEG_CLASSES as u64) as i16).collect();
+    let targets: Vec<(Vec<i16>, [usize; 4])> = (0..5)
+        .map(|k| {
+            let n = 128 >> k;
+            let t = (0..b).flat_map(|bi| stu_data::augment::nearest_resize(&full[bi * 128 * 128 * 128..(bi + 1) * 128 * 128 * 128], [128; 3], [n; 3])).collect();
+            (t, [b, n, n, n])
+        })
+        .collect();
+    let batch = DeviceBatch::upload(x, [b, 1, 128, 128, 128], &targets, ad);
+    let weights = stu_engine::schedule::ds_weights(5);
+    let mut sgd = Sgd::nnunet();
+    let mut samples = Vec::new();
+    for i in 0..3 {
+        let t = Instant::now();
+        let (n, _) = train_step(net, &mut sgd, &batch, &weights, Default::default(), 1e-2, stu_engine::optim::GRAD_CLIP);
+        net = n;
+        if i > 0 {
+            samples.push(t.elapsed().as_secs_f64()); // the first step is the warm-up
+        }
+    }
+    Ok(CaseResult { case: id.to_string(), fwd_s: None, fwd_bwd_s: None, fwd_samples: Vec::new(), fwd_bwd_samples: Vec::new(), train_s: median(samples.clone()), train_samples: samples })
+}
+
 /// Runs the cases whose id matches `filter` (all when empty).
 pub fn run(backend: Backend, filter: &[String], mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
     zoo::link();
     let device = backend.device()?;
     let ad = device.clone().autodiff();
     let mut results = Vec::new();
+    for (id, preset) in TRAIN_CASES {
+        // Only on request: these take minutes.
+        if filter.iter().any(|f| id.contains(f.as_str()) && f.starts_with("train")) {
+            let r = train_case(id, preset, &ad)?;
+            report(&r);
+            results.push(r);
+        }
+    }
     for case in anchor_cases() {
-        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str())) {
+        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str()) && !f.starts_with("train")) {
             continue;
         }
         let ds = !case.id.ends_with("_fwd");
@@ -152,6 +201,8 @@ pub fn run(backend: Backend, filter: &[String], mut report: impl FnMut(&CaseResu
             fwd_bwd_s: median(fwd_bwd.clone()),
             fwd_samples: fwd,
             fwd_bwd_samples: fwd_bwd,
+            train_s: None,
+            train_samples: Vec::new(),
         };
         report(&r);
         results.push(r);

@@ -109,7 +109,8 @@ enum Command {
     },
     /// Time STU-Net forward and forward+backward on this machine (cases of shared/bench/cpu_anchor.py).
     Bench {
-        /// Only cases whose id contains one of these (e.g. `S_64 block`).
+        /// Only cases whose id contains one of these (e.g. `S_64 block`); training steps
+        /// (`train_S_128_b2`, `train_B_128_b2`) run only when named (`train`).
         cases: Vec<String>,
         /// Write the results as JSON here.
         #[arg(long)]
@@ -147,6 +148,9 @@ enum Command {
         /// Keep only the largest 26-connected component of each label.
         #[arg(long)]
         keep_largest: bool,
+        /// Direct inference: write a target dataset's labels from STU-Net's 104 classes (built-in map name, e.g. `btcv`, or a TOML file).
+        #[arg(long)]
+        label_map: Option<String>,
         /// Compute backend.
         #[arg(long, default_value = "flex")]
         backend: Backend,
@@ -171,6 +175,26 @@ enum Command {
         /// Also compute HD95 (DeepMind's area-weighted robust Hausdorff distance).
         #[arg(long)]
         hd95: bool,
+        /// Direct inference: remap the references with this label map (built-in name or TOML) and score its labels.
+        #[arg(long, conflicts_with = "labels")]
+        label_map: Option<String>,
+    },
+    /// Experiment specs.
+    #[command(subcommand)]
+    Spec(SpecCommand),
+    /// Run every sweep point of a study spec (data, plan, preprocess, train, predict, evaluate); resumable.
+    Run {
+        /// The spec (TOML).
+        spec: PathBuf,
+        /// Overrides, `key=value` (value parsed as TOML), applied after the file and STU_* variables.
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// Apply the spec's `[paper_scale]` overrides.
+        #[arg(long)]
+        paper_scale: bool,
+        /// Study folder (default: runs/<name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Train a model on a preprocessed dataset and fold with nnU-Net's recipe (resumable).
     Train(Box<TrainArgs>),
@@ -248,6 +272,9 @@ struct TrainArgs {
     /// Loader threads (batches stay the same for any number).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Fraction of the fold's training cases to use (data-fraction study).
+    #[arg(long, default_value_t = 1.0)]
+    fraction: f64,
     /// Compute backend.
     #[arg(long, default_value = "flex")]
     backend: Backend,
@@ -301,6 +328,7 @@ impl TrainArgs {
             resume: self.resume,
             workers: self.workers,
             backend: self.backend,
+            fraction: self.fraction,
         })
     }
 }
@@ -332,6 +360,18 @@ impl crate::train::Progress for TrainBar {
             log.epoch, log.lr, log.train_loss, f(log.val_loss), f(log.mean_fg_dice), f(log.ema_fg_dice), log.epoch_seconds, log.iterations_per_second, log.data_wait_seconds
         ));
     }
+}
+
+#[derive(Subcommand)]
+enum SpecCommand {
+    /// Validate a spec (keys, values, every sweep point) without running it.
+    Check {
+        /// The spec (TOML).
+        spec: PathBuf,
+        /// Overrides, `key=value`.
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -472,7 +512,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Phantom { out, cases, test_cases, seed } => {
             anyhow::ensure!(cases >= 1, "--cases must be at least 1");
-            stu_data::phantom::write_dataset(&stu_data::phantom::PhantomOptions { out: out.clone(), cases, test_cases, seed })?;
+            stu_data::phantom::write_dataset(&stu_data::phantom::PhantomOptions { out: out.clone(), cases, test_cases, seed, group: None })?;
             eprintln!("wrote {} training and {} held-out cases to {}", cases, test_cases, out.display());
         }
         Command::Plan { dir, out, preset, gpu_memory_gb } => {
@@ -514,15 +554,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { cases, json, backend } => {
             let results = crate::bench::run(backend, &cases, |r| {
-                eprintln!("{:<16} fwd {:>8} s   fwd+bwd {:>8} s", r.case, fmt_s(r.fwd_s), fmt_s(r.fwd_bwd_s));
+                if r.train_s.is_some() {
+                    eprintln!("{:<16} train step {:>8} s", r.case, fmt_s(r.train_s));
+                } else {
+                    eprintln!("{:<16} fwd {:>8} s   fwd+bwd {:>8} s", r.case, fmt_s(r.fwd_s), fmt_s(r.fwd_bwd_s));
+                }
             })?;
             if let Some(path) = json {
                 let doc = serde_json::json!({ "backend": backend.name(), "threads": rayon_threads(), "results": results });
                 stu_engine::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
             }
         }
-        Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, backend } => {
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, backend };
+        Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, backend } => {
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, backend };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());
@@ -539,8 +583,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             anyhow::ensure!(failed.is_empty(), "{} of {} case(s) failed; the others are in {}", failed.len(), results.len(), output.display());
         }
-        Command::Evaluate { reference, pred, labels, out, nsd_tolerance, hd95 } => {
-            let mut surface = stu_data::metrics::SurfaceOptions { hd95, ..Default::default() };
+        Command::Evaluate { reference, pred, labels, out, nsd_tolerance, hd95, label_map } => {
+            let mut surface = stu_data::metrics::EvalOptions { hd95, ..Default::default() };
             if let Some(t) = nsd_tolerance {
                 if let Ok(v) = t.trim().parse::<f64>() {
                     surface.nsd_default = Some(v);
@@ -553,8 +597,13 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
             }
-            let labels: Vec<u16> = match labels {
-                Some(p) => stu_data::dataset::DatasetJson::read(&p)?
+            let map = label_map.as_deref().map(crate::labelmap::LabelMap::load).transpose()?;
+            if let Some(m) = &map {
+                surface.reference_map = Some(m.reference_table());
+            }
+            let labels: Vec<u16> = match (labels, &map) {
+                (_, Some(m)) => m.labels.iter().map(|l| l.value).collect(),
+                (Some(p), None) => stu_data::dataset::DatasetJson::read(&p)?
                     .labels
                     .iter()
                     .filter_map(|(_, v)| match v {
@@ -562,7 +611,7 @@ fn run(cli: Cli) -> Result<()> {
                         _ => None,
                     })
                     .collect(),
-                None => {
+                (None, None) => {
                     let mut seen = std::collections::BTreeSet::new();
                     for e in std::fs::read_dir(&reference).with_context(|| format!("{}: cannot list", reference.display()))? {
                         let p = e?.path();
@@ -588,6 +637,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             stu_engine::checkpoint::write_atomic(&dir.join("summary.csv"), csv.as_bytes())?;
             println!("foreground mean Dice {:.4} over {} case(s), {} label(s); wrote {}", s.foreground_mean.get("Dice").copied().unwrap_or(f64::NAN), s.metric_per_case.len(), labels.len(), dir.join("summary.json").display());
+        }
+        Command::Spec(SpecCommand::Check { spec, set }) => print!("{}", crate::spec::check(&spec, &set)?),
+        Command::Run { spec, set, paper_scale, out } => {
+            let mut s = crate::spec::load(&spec, &set)?;
+            if paper_scale {
+                s = crate::spec::paper_scale(&s).with_context(|| spec.display().to_string())?;
+            }
+            let root = out.unwrap_or_else(|| PathBuf::from("runs").join(&s.name));
+            let outcomes = crate::run::run(&s, &root, &|m| eprintln!("{m}"))?;
+            let failed = outcomes.iter().filter(|o| o.status.starts_with("failed")).count();
+            eprintln!("{} point(s): {} done, {} skipped, {failed} failed; records in {}", outcomes.len(), outcomes.iter().filter(|o| o.status == "done").count(), outcomes.iter().filter(|o| o.status == "skipped").count(), root.display());
+            anyhow::ensure!(failed == 0, "{failed} point(s) failed (see error.txt in their folders)");
         }
         Command::Train(args) => {
             let req = args.request()?;

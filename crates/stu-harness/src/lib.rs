@@ -9,9 +9,12 @@
 pub mod bench;
 pub mod cli;
 pub mod forward;
+pub mod labelmap;
 pub mod plans;
 pub mod predict;
 pub mod quickstart;
+pub mod run;
+pub mod spec;
 pub mod train;
 
 use stu_engine::model::PresetSummary;

@@ -50,6 +50,8 @@ pub struct PredictOptions {
     pub step: f64,
     /// Keep only the largest 26-connected component of each label.
     pub keep_largest: bool,
+    /// Direct-inference label map (built-in name or TOML file).
+    pub label_map: Option<String>,
     /// Backend.
     pub backend: Backend,
 }
@@ -400,7 +402,13 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     let probe = opts.output.join(format!(".stu-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("{}: output folder is not writable", opts.output.display()))?;
     std::fs::remove_file(&probe).ok();
+    let map = opts.label_map.as_deref().map(crate::labelmap::LabelMap::load).transpose()?;
     let predictor = Predictor::new(opts)?;
+    if map.is_some() {
+        ensure!(predictor.net.num_classes() == stu_core::taxonomy::CLASSES.len() + 1, "{}: label maps translate STU-Net's 104 TotalSegmentator classes; this model has {} outputs", opts.checkpoint.display(), predictor.net.num_classes());
+    }
+    let table = map.as_ref().map(|m| m.prediction_table());
+    let wide = table.is_none() && predictor.net.num_classes() > 256;
     // Channel counts are checked up front: a wrong one is the user's mistake for every case.
     let wrong: Vec<String> = cases.iter().filter(|(_, f)| f.len() != predictor.channels()).map(|(id, f)| format!("`{id}` ({})", f.len())).collect();
     ensure!(wrong.len() < cases.len(), "{}: the model takes {} channel(s); the cases have {}", opts.input.display(), predictor.channels(), wrong.join(", "));
@@ -409,10 +417,13 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         let t = std::time::Instant::now();
         let out_path = opts.output.join(format!("{id}.nii.gz"));
         let r = predictor.predict_case(id, files, &|d, n| progress(id, d, n)).and_then(|(mut seg, geom)| {
+            if let Some(t) = &table {
+                seg.iter_mut().for_each(|v| *v = t[*v as usize]);
+            }
             if opts.keep_largest {
                 keep_largest_per_label(&mut seg, geom.shape);
             }
-            stu_data::nifti_io::write_label(&out_path, &seg, &geom).with_context(|| out_path.display().to_string())?;
+            stu_data::nifti_io::write_label_as(&out_path, &seg, &geom, wide).with_context(|| out_path.display().to_string())?;
             Ok(out_path.clone())
         });
         results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64() });

@@ -67,6 +67,13 @@ pub struct TrainConfig {
     pub augmentation: bool,
     /// Compute backend.
     pub backend: String,
+    /// Fraction of the fold's training cases used (a fixed subset per fraction).
+    #[serde(default = "one")]
+    pub fraction: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// What `stu train` is asked to do (CLI level; defaults resolved by [`resolve`]).
@@ -110,6 +117,8 @@ pub struct TrainRequest {
     pub workers: usize,
     /// Backend.
     pub backend: Backend,
+    /// Fraction of the training cases (1.0: all).
+    pub fraction: f64,
 }
 
 /// The plan values training needs.
@@ -154,6 +163,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     ensure!(req.epochs >= 1, "--epochs must be at least 1");
     ensure!(req.iterations >= 1, "--iterations must be at least 1");
     ensure!(req.save_every >= 1, "--save-every must be at least 1");
+    ensure!(req.fraction > 0.0 && req.fraction <= 1.0, "--fraction must be in (0, 1], got {}", req.fraction);
     Ok(TrainConfig {
         preprocessed,
         configuration: req.configuration.clone(),
@@ -171,6 +181,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         init_from,
         augmentation: req.augmentation,
         backend: req.backend.name().to_string(),
+        fraction: req.fraction,
     })
 }
 
@@ -404,7 +415,18 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     }
     let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
     let (in_channels, num_classes, class_names) = task(&cfg.preprocessed)?;
-    let (train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
+    let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
+    if cfg.fraction < 1.0 {
+        // A fixed subset per fraction (independent of the run seed, so seeds vary only the
+        // training): shuffle with seed 0, keep the first ⌈f·n⌉; smaller fractions are subsets
+        // of larger ones.
+        let mut rng = stu_core::rng::SplitMix64::new(0x5eed_f4ac);
+        for i in (1..train_ids.len()).rev() {
+            train_ids.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        train_ids.truncate(((train_ids.len() as f64 * cfg.fraction).ceil() as usize).max(1));
+        train_ids.sort();
+    }
     let device = req.backend.device()?;
     let ad = device.clone().autodiff();
     let spec = NetSpec { in_channels, num_classes, strides: plan.strides.clone(), options: cfg.model_options.clone() };

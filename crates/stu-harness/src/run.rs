@@ -1,0 +1,209 @@
+//! `stu run SPEC`: every sweep point of a study: prepare the data (dataset plugin), plan,
+//! preprocess, train, predict the held-out cases, evaluate, and write `record.json`.
+//!
+//! Layout under `runs/<study>/`: `data/<dataset-hash>/` (raw dataset, plans, preprocessed cases;
+//! shared by every point with the same data), and one folder per point, `<label>-<id>/`, with
+//! the resolved `spec.json`, `train/` (the `stu train` run folder), `pred/` (label maps and
+//! `summary.json`) and `record.json` (written last). A point with a `record.json` is done and
+//! skipped; an interrupted point resumes its training; a failed point writes `error.txt` and the
+//! others still run.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use stu_engine::backend::Backend;
+
+use crate::spec::{Point, Spec};
+
+/// What happened to one point.
+#[derive(Debug, serde::Serialize)]
+pub struct PointOutcome {
+    /// Folder.
+    pub dir: PathBuf,
+    /// `done`, `skipped` (already done) or `failed: …`.
+    pub status: String,
+}
+
+fn hash(v: &serde_json::Value) -> String {
+    let t = v.to_string();
+    format!("{:016x}", t.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)))
+}
+
+fn git(args: &[&str]) -> Option<String> {
+    std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn host() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()));
+    json!({
+        "hostname": std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_default(),
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "os": std::env::consts::OS,
+    })
+}
+
+/// Data for a point: raw dataset root, preprocessed folder (cached across points).
+fn data(spec: &Spec, root: &Path, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf)> {
+    let key = json!({"plugin": spec.dataset.plugin, "options": spec.dataset.options, "plan": spec.plan});
+    let dir = root.join("data").join(hash(&key));
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let entry = stu_data::plugins::registry().get(&spec.dataset.plugin)?;
+    log(&format!("data: {} → {}", spec.dataset.plugin, dir.display()));
+    let raw = (entry.prepare)(&spec.dataset.options, &dir.join("raw")).with_context(|| format!("dataset `{}`", spec.dataset.plugin))?;
+    let plans = dir.join("plans.json");
+    if !plans.exists() {
+        let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
+        let fp = stu_data::fingerprint::fingerprint(&raw, &json)?;
+        let preset = if spec.plan.preset == "stunet" { stu_data::plan::Preset::Stunet } else { stu_data::plan::Preset::Nnunet };
+        let name = raw.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let p = stu_data::plan::plans_json(&name, &json, &fp, preset, 8.0);
+        stu_core::fs::write_atomic(&plans, (serde_json::to_string_pretty(&p)? + "\n").as_bytes())?;
+    }
+    let pre = dir.join("preprocessed");
+    stu_data::preprocess::preprocess_dataset(&raw, &plans, &spec.plan.configuration, &pre, 1, &|_| {})?;
+    Ok((raw, pre))
+}
+
+fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&str)) -> Result<serde_json::Value> {
+    let mut timings = serde_json::Map::new();
+    let t = Instant::now();
+    let (raw, pre) = data(&point.spec, root, log)?;
+    timings.insert("data_s".into(), t.elapsed().as_secs_f64().into());
+    let s = &point.spec;
+    let backend: Backend = s.backend.parse().map_err(|e: String| anyhow::anyhow!("`backend`: {e}"))?;
+    let train_dir = dir.join("train");
+    let req = crate::train::TrainRequest {
+        preprocessed: pre.clone(),
+        configuration: s.plan.configuration.clone(),
+        fold: s.train.fold.clone(),
+        out: train_dir.clone(),
+        model: s.model.name.clone(),
+        model_options: s.model.options.clone(),
+        epochs: s.train.epochs,
+        iterations: s.train.iterations,
+        val_iterations: s.train.val_iterations,
+        save_every: s.train.save_every,
+        batch_size: s.train.batch_size,
+        patch_size: s.train.patch_size,
+        lr: s.train.lr,
+        seed: s.seed,
+        init_from: s.train.init_from.clone(),
+        augmentation: s.train.augmentation,
+        resume: train_dir.join("train.json").exists(),
+        workers: s.train.workers,
+        backend,
+        fraction: s.dataset.fraction,
+    };
+    let t = Instant::now();
+    log(&format!("train: {}", train_dir.display()));
+    let summary = crate::train::train(&req, &crate::train::Quiet)?;
+    timings.insert("train_s".into(), t.elapsed().as_secs_f64().into());
+    let images = raw.join("imagesTs");
+    let labels = raw.join("labelsTs");
+    let mut metrics = serde_json::Value::Null;
+    if images.is_dir() && labels.is_dir() {
+        let t = Instant::now();
+        let pred = dir.join("pred");
+        let opts = crate::predict::PredictOptions {
+            input: images,
+            output: pred.clone(),
+            checkpoint: train_dir.join("checkpoint_final.safetensors"),
+            model: Some(s.model.name.clone()),
+            plans: None,
+            configuration: s.plan.configuration.clone(),
+            disable_tta: !s.predict.tta,
+            step: s.predict.step,
+            keep_largest: s.predict.keep_largest,
+            label_map: s.predict.label_map.clone(),
+            backend,
+        };
+        log("predict: held-out cases");
+        let results = crate::predict::predict(&opts, &|_, _, _| {})?;
+        if let Some(bad) = results.iter().find(|r| r.output.is_err()) {
+            anyhow::bail!("prediction of `{}` failed: {}", bad.id, bad.output.as_ref().err().expect("error"));
+        }
+        timings.insert("predict_s".into(), t.elapsed().as_secs_f64().into());
+        let t = Instant::now();
+        let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
+        let mut eval = stu_data::metrics::EvalOptions { nsd_default: s.evaluate.nsd_tolerance, hd95: s.evaluate.hd95, ..Default::default() };
+        let label_values: Vec<u16> = match &s.predict.label_map {
+            Some(m) => {
+                let m = crate::labelmap::LabelMap::load(m)?;
+                eval.reference_map = Some(m.reference_table());
+                m.labels.iter().map(|l| l.value).collect()
+            }
+            None => json.labels.iter().filter_map(|(_, v)| match v {
+                stu_data::dataset::LabelValue::Class(c) if *c > 0 => Some(*c as u16),
+                _ => None,
+            }).collect(),
+        };
+        let summary = stu_data::metrics::evaluate_folder(&labels, &pred, &label_values, &eval)?;
+        let value = serde_json::to_value(&summary)?;
+        stu_core::fs::write_atomic(&pred.join("summary.json"), (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
+        timings.insert("evaluate_s".into(), t.elapsed().as_secs_f64().into());
+        let names: serde_json::Map<String, serde_json::Value> = json.labels.iter().filter_map(|(n, v)| match v {
+            stu_data::dataset::LabelValue::Class(c) if *c > 0 => Some((c.to_string(), n.clone().into())),
+            _ => None,
+        }).collect();
+        metrics = json!({"foreground_mean": value["foreground_mean"], "mean": value["mean"], "per_case": value["metric_per_case"], "label_names": names});
+    }
+    let ckpt = stu_engine::checkpoint::StateDict::open(train_dir.join("checkpoint_final.safetensors"))?;
+    let meta: serde_json::Value = ckpt.metadata().get("stu_checkpoint").and_then(|m| serde_json::from_str(m).ok()).unwrap_or_default();
+    Ok(json!({
+        "format": "stu-record/1",
+        "study": spec.name,
+        "point": point.set,
+        "id": point.id,
+        "spec": point.spec,
+        "git": {"revision": git(&["rev-parse", "HEAD"]), "dirty": git(&["status", "--porcelain"]).map(|s| !s.is_empty())},
+        "host": host(),
+        "seed": s.seed,
+        "backend": s.backend,
+        "model": meta["model"],
+        "training": {"best_ema_pseudo_dice": summary.best_ema, "last_epoch": summary.last},
+        "timings": timings,
+        "metrics": metrics,
+        "finished": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    }))
+}
+
+/// Runs every point of `spec` under `root` (`runs/<name>` by default).
+pub fn run(spec: &Spec, root: &Path, log: &dyn Fn(&str)) -> Result<Vec<PointOutcome>> {
+    zoo::link();
+    let points = crate::spec::points(spec)?;
+    std::fs::create_dir_all(root).with_context(|| format!("{}: cannot create", root.display()))?;
+    let mut out = Vec::new();
+    for (i, p) in points.iter().enumerate() {
+        // Points are keyed by the hash of their resolved spec: a finished folder with the same
+        // hash counts, whatever sweep produced it.
+        let suffix = format!("-{}", &p.id[..8]);
+        let existing = std::fs::read_dir(root)?.filter_map(|e| e.ok().map(|e| e.path())).find(|d| d.file_name().is_some_and(|n| n.to_string_lossy().ends_with(&suffix)) && d.join("record.json").exists());
+        let dir = existing.unwrap_or_else(|| root.join(format!("{}{suffix}", crate::spec::label(&p.set))));
+        let record = dir.join("record.json");
+        if record.exists() {
+            log(&format!("[{}/{}] {} done before, skipped", i + 1, points.len(), dir.display()));
+            out.push(PointOutcome { dir, status: "skipped".into() });
+            continue;
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        stu_core::fs::write_atomic(&dir.join("spec.json"), (serde_json::to_string_pretty(&p.spec)? + "\n").as_bytes())?;
+        log(&format!("[{}/{}] {}", i + 1, points.len(), dir.display()));
+        match run_point(spec, p, root, &dir, log) {
+            Ok(rec) => {
+                let _ = std::fs::remove_file(dir.join("error.txt"));
+                stu_core::fs::write_atomic(&record, (serde_json::to_string_pretty(&rec)? + "\n").as_bytes())?;
+                out.push(PointOutcome { dir, status: "done".into() });
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                stu_core::fs::write_atomic(&dir.join("error.txt"), (msg.clone() + "\n").as_bytes())?;
+                log(&format!("  failed: {msg}"));
+                out.push(PointOutcome { dir, status: format!("failed: {msg}") });
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,398 @@
+//! Experiment specs: a study as a TOML file (loaded with figment: the file, then `STU_SPEC_`
+//! environment variables with `__` as the key separator, then `--set key=value`), validated
+//! with errors that name the key, and expanded into sweep points.
+//!
+//! A point's identity is the hash of its resolved spec, so a rerun finds finished points and
+//! an edited spec only reruns what changed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Study name (the run folder under `runs/`).
+    pub name: String,
+    /// One line on what it shows.
+    #[serde(default)]
+    pub description: String,
+    /// Paper figure or table it reproduces (`Fig. 1`, `Table 4`).
+    #[serde(default)]
+    pub reproduces: Option<String>,
+    /// Compute backend (`flex`, `ndarray`, `wgpu`, `cuda`, `tch`).
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Base seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Data.
+    pub dataset: DatasetSpec,
+    /// Plan.
+    #[serde(default)]
+    pub plan: PlanSpec,
+    /// Model.
+    pub model: ModelSpec,
+    /// Training.
+    #[serde(default)]
+    pub train: TrainSpec,
+    /// Prediction on the held-out cases.
+    #[serde(default)]
+    pub predict: PredictSpec,
+    /// Evaluation.
+    #[serde(default)]
+    pub evaluate: EvaluateSpec,
+    /// Sweep axes: dotted key → values; the points are their Cartesian product.
+    #[serde(default)]
+    pub sweep: BTreeMap<String, Vec<serde_json::Value>>,
+    /// The paper-scale variant: overrides (dotted key → value) and its compute estimate.
+    #[serde(default)]
+    pub paper_scale: Option<PaperScale>,
+}
+
+fn default_backend() -> String {
+    "flex".into()
+}
+
+/// Where the data comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// Dataset plugin (`phantom`, `nnunet-raw`, `totalsegmentator`).
+    pub plugin: String,
+    /// The plugin's options.
+    #[serde(default)]
+    pub options: serde_json::Value,
+    /// Fraction of the training cases used (data-fraction study), in (0, 1].
+    #[serde(default = "one")]
+    pub fraction: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Planning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSpec {
+    /// `nnunet` or `stunet`.
+    #[serde(default = "nnunet")]
+    pub preset: String,
+    /// Configuration.
+    #[serde(default = "fullres")]
+    pub configuration: String,
+}
+
+fn nnunet() -> String {
+    "nnunet".into()
+}
+fn fullres() -> String {
+    "3d_fullres".into()
+}
+
+impl Default for PlanSpec {
+    fn default() -> Self {
+        Self { preset: nnunet(), configuration: fullres() }
+    }
+}
+
+/// The model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Registry name.
+    pub name: String,
+    /// Size options (`preset`, or `blocks` + `base_width`, or `depth` + `dims`).
+    #[serde(default)]
+    pub options: serde_json::Value,
+}
+
+/// Training (nnU-Net's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    /// Epochs.
+    #[serde(default = "epochs")]
+    pub epochs: usize,
+    /// Iterations per epoch.
+    #[serde(default = "iterations")]
+    pub iterations: usize,
+    /// Validation iterations per epoch.
+    #[serde(default = "val_iterations")]
+    pub val_iterations: usize,
+    /// Checkpoint interval.
+    #[serde(default = "save_every")]
+    pub save_every: usize,
+    /// Patch (plan's when absent).
+    #[serde(default)]
+    pub patch_size: Option<[usize; 3]>,
+    /// Batch (plan's when absent).
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// Initial learning rate (1e-2; 1e-3 with `init_from`).
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Fold or `all`.
+    #[serde(default = "fold")]
+    pub fold: String,
+    /// Pre-trained checkpoint.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// Augmentation.
+    #[serde(default = "yes")]
+    pub augmentation: bool,
+    /// Loader threads.
+    #[serde(default = "workers")]
+    pub workers: usize,
+}
+
+fn epochs() -> usize {
+    1000
+}
+fn iterations() -> usize {
+    250
+}
+fn val_iterations() -> usize {
+    50
+}
+fn save_every() -> usize {
+    50
+}
+fn fold() -> String {
+    "0".into()
+}
+fn yes() -> bool {
+    true
+}
+fn workers() -> usize {
+    1
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers() }
+    }
+}
+
+/// Inference on the held-out cases (`imagesTs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictSpec {
+    /// Mirroring TTA.
+    #[serde(default = "yes")]
+    pub tta: bool,
+    /// Tile step.
+    #[serde(default = "half")]
+    pub step: f64,
+    /// Keep the largest component per label.
+    #[serde(default)]
+    pub keep_largest: bool,
+    /// Direct-inference label map (built-in name or file).
+    #[serde(default)]
+    pub label_map: Option<String>,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+impl Default for PredictSpec {
+    fn default() -> Self {
+        Self { tta: true, step: 0.5, keep_largest: false, label_map: None }
+    }
+}
+
+/// Metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateSpec {
+    /// NSD tolerance in mm for every label (none: no NSD).
+    #[serde(default)]
+    pub nsd_tolerance: Option<f64>,
+    /// HD95.
+    #[serde(default)]
+    pub hd95: bool,
+}
+
+/// The paper-scale variant of a study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaperScale {
+    /// Dotted key → value, applied with `--paper-scale`.
+    pub set: BTreeMap<String, serde_json::Value>,
+    /// What it costs (GPU hours, memory), in words.
+    pub compute: String,
+    /// Sweep axes replacing the phantom-scale ones (e.g. the S/B/L/H presets).
+    #[serde(default)]
+    pub sweep: Option<BTreeMap<String, Vec<serde_json::Value>>>,
+}
+
+/// The paper-scale variant of `spec`: its overrides applied, its sweep (if any) in place.
+pub fn paper_scale(spec: &Spec) -> Result<Spec> {
+    let ps = spec.paper_scale.clone().context("no [paper_scale] section")?;
+    let mut paper = apply(spec, &ps.set).context("[paper_scale]")?;
+    paper.sweep = ps.sweep.clone().unwrap_or_else(|| spec.sweep.clone());
+    validate(&paper).context("[paper_scale]")?;
+    Ok(paper)
+}
+
+/// Loads and validates a spec: the file, then `STU_SPEC_*` environment variables
+/// (`STU_SPEC_TRAIN__EPOCHS=5`),
+/// then `overrides` (`key=value`, the value parsed as TOML, else taken as a string).
+pub fn load(path: &Path, overrides: &[String]) -> Result<Spec> {
+    ensure!(path.exists(), "{}: no such spec", path.display());
+    let mut fig = Figment::new().merge(Toml::file(path)).merge(Env::prefixed("STU_SPEC_").split("__"));
+    for o in overrides {
+        let (k, v) = o.split_once('=').with_context(|| format!("--set `{o}`: expected key=value"))?;
+        fig = fig.merge(Serialized::global(k.trim(), parse_value(v.trim())));
+    }
+    let spec: Spec = fig.extract().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(e)))?;
+    validate(&spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(spec)
+}
+
+fn describe(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() { String::new() } else { format!("`{}`: ", e.path.join(".")) };
+            format!("{key}{}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn parse_value(v: &str) -> toml::Value {
+    toml::from_str::<BTreeMap<String, toml::Value>>(&format!("v = {v}")).ok().and_then(|mut m| m.remove("v")).unwrap_or_else(|| toml::Value::String(v.to_string()))
+}
+
+/// Checks values the types cannot.
+pub fn validate(s: &Spec) -> Result<()> {
+    let allowed = |key: &str, v: &str, ok: &[&str]| -> Result<()> {
+        ensure!(ok.contains(&v), "`{key}` = `{v}`: allowed values are {}", ok.join(", "));
+        Ok(())
+    };
+    allowed("backend", &s.backend, &["flex", "ndarray", "wgpu", "cuda", "tch", "tch-cuda"])?;
+    allowed("plan.preset", &s.plan.preset, &["nnunet", "stunet"])?;
+    let datasets: Vec<&str> = stu_data::plugins::registry().names().collect();
+    allowed("dataset.plugin", &s.dataset.plugin, &datasets)?;
+    zoo::link();
+    let models: Vec<&str> = stu_engine::model::registry().names().collect();
+    allowed("model.name", &s.model.name, &models)?;
+    ensure!(s.dataset.fraction > 0.0 && s.dataset.fraction <= 1.0, "`dataset.fraction` = {}: must be in (0, 1]", s.dataset.fraction);
+    ensure!(s.train.epochs >= 1 && s.train.iterations >= 1 && s.train.save_every >= 1, "`train.epochs`, `train.iterations` and `train.save_every` must be at least 1");
+    ensure!(s.predict.step > 0.0 && s.predict.step <= 1.0, "`predict.step` = {}: must be in (0, 1]", s.predict.step);
+    if let Some(m) = &s.predict.label_map {
+        crate::labelmap::LabelMap::load(m).context("`predict.label_map`")?;
+    }
+    for (k, v) in &s.sweep {
+        ensure!(!v.is_empty(), "`sweep.\"{k}\"` has no values");
+    }
+    // Every point must resolve: unknown sweep keys and bad values fail here, naming the key.
+    for p in points(s)? {
+        let _ = p;
+    }
+    Ok(())
+}
+
+/// One sweep point: the values it sets and the resolved spec.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// Sweep key → value of this point.
+    pub set: BTreeMap<String, serde_json::Value>,
+    /// The spec with them applied (and the sweep removed).
+    pub spec: Spec,
+    /// Hash of the resolved spec (the run folder name's suffix).
+    pub id: String,
+}
+
+fn set_dotted(v: &mut serde_json::Value, key: &str, value: serde_json::Value) -> Result<()> {
+    let mut cur = v;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, p) in parts.iter().enumerate() {
+        let obj = cur.as_object_mut().with_context(|| format!("sweep key `{key}`: `{}` is not a table", parts[..i].join(".")))?;
+        if i + 1 == parts.len() {
+            obj.insert(p.to_string(), value);
+            return Ok(());
+        }
+        cur = obj.entry(p.to_string()).or_insert_with(|| serde_json::json!({}));
+    }
+    Ok(())
+}
+
+/// Applies dotted-key overrides to a spec, re-validating the result with the key named.
+pub fn apply(spec: &Spec, set: &BTreeMap<String, serde_json::Value>) -> Result<Spec> {
+    let mut v = serde_json::to_value(spec)?;
+    v["sweep"] = serde_json::json!({});
+    v["paper_scale"] = serde_json::Value::Null;
+    for (k, val) in set {
+        set_dotted(&mut v, k, val.clone())?;
+    }
+    serde_json::from_value(v).map_err(|e| anyhow::anyhow!("sweep {set:?}: {e}"))
+}
+
+/// The Cartesian product of the sweep axes (one point without a sweep).
+pub fn points(spec: &Spec) -> Result<Vec<Point>> {
+    let mut combos: Vec<BTreeMap<String, serde_json::Value>> = vec![BTreeMap::new()];
+    for (k, values) in &spec.sweep {
+        combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| { let mut c = c.clone(); c.insert(k.clone(), v.clone()); c })).collect();
+    }
+    combos
+        .into_iter()
+        .map(|set| {
+            let resolved = apply(spec, &set)?;
+            let text = serde_json::to_string(&resolved)?;
+            let id = format!("{:016x}", fnv1a(text.as_bytes()));
+            Ok(Point { set, spec: resolved, id })
+        })
+        .collect()
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// A short label of a point for folder names (`model.options.base_width=8_seed=1`).
+pub fn label(set: &BTreeMap<String, serde_json::Value>) -> String {
+    if set.is_empty() {
+        return "single".into();
+    }
+    let scalar = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    set.iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::Object(m) => m.iter().map(|(k, v)| format!("{k}={}", scalar(v))).collect::<Vec<_>>().join("_"),
+            v => format!("{}={}", k.rsplit('.').next().unwrap_or(k), scalar(v)),
+        })
+        .collect::<Vec<_>>()
+        .join("_")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "=._-".contains(c) { c } else { '-' })
+        .collect()
+}
+
+/// `stu spec check`: loads, validates and lists the points.
+pub fn check(path: &Path, overrides: &[String]) -> Result<String> {
+    let spec = load(path, overrides)?;
+    let pts = points(&spec)?;
+    let mut out = format!("{}: ok — study `{}`, {} point(s)\n", path.display(), spec.name, pts.len());
+    for p in &pts {
+        out.push_str(&format!("  {}  {}\n", p.id, label(&p.set)));
+    }
+    if let Some(ps) = &spec.paper_scale {
+        // The paper-scale variant must resolve too (its overrides, then every sweep point).
+        paper_scale(&spec)?;
+        out.push_str(&format!("paper scale ({}): {}\n", ps.set.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "), ps.compute));
+    }
+    if spec.sweep.keys().any(|k| k.starts_with("sweep")) {
+        bail!("sweep keys may not name the sweep itself");
+    }
+    Ok(out)
+}
