@@ -177,10 +177,27 @@ pub fn head_backward_bias(dy: &[f32], b: usize, n: usize, cout: usize) -> Vec<f3
 
 /// A raw pointer that rayon tasks may share; each task writes a disjoint region.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+pub(crate) struct SharedMut(*mut f32);
 // SAFETY: used only where the tasks' write sets are disjoint (documented at each use).
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// Shares `v` with tasks that write disjoint elements.
+    pub(crate) fn new(v: &mut [f32]) -> Self {
+        Self(v.as_mut_ptr())
+    }
+
+    /// Writes element `i`.
+    ///
+    /// # Safety
+    /// `i` is in bounds of the slice given to [`SharedMut::new`], which outlives every task, and
+    /// no other task reads or writes element `i`.
+    pub(crate) unsafe fn write(&self, i: usize, v: f32) {
+        // SAFETY: the caller's contract.
+        unsafe { *self.0.add(i) = v };
+    }
+}
 
 /// `[Cout, Cin, k, k, k]` → `[k, k, k, Cin, Cout]`.
 /// Parallel over `Cin`; each task reads whole `[k³]` runs and
@@ -573,6 +590,7 @@ pub fn conv_backward_bias(dy: &[f32], cout: usize) -> Vec<f32> {
         })
 }
 
+pub mod loss;
 pub mod norm;
 
 #[cfg(test)]

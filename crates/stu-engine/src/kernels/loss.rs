@@ -1,0 +1,159 @@
+//! nnU-Net's Dice + CE loss (`crate::loss::dc_ce`) fused into two passes over the logits, with
+//! its gradient written directly, so neither softmax, log-softmax nor a one-hot target is ever
+//! materialised. With 105 classes at 2×128³ each of those is 1.8 GB, and burn's autodiff keeps
+//! several for the backward: the composed loss alone needed over 10 GB.
+//!
+//! Layout: logits `[B, C, N]` (NCDHW flattened), targets `[B, N]` (class indices as f32).
+//! Statistics accumulate in f64.
+
+#![allow(unsafe_code)]
+
+use rayon::prelude::*;
+
+/// Voxels per work item.
+const BLOCK: usize = 512;
+
+/// Per (batch, class) sums over voxels: intersection Σp·y, Σp, Σy, and the batch's Σ −log p_t.
+struct Stats {
+    inter: Vec<f64>,
+    sum_p: Vec<f64>,
+    sum_y: Vec<f64>,
+    ce: f64,
+}
+
+fn softmax_block(logits: &[f32], bi: usize, c: usize, n: usize, v0: usize, len: usize, p: &mut [f32]) {
+    // p: [len, c] row-major per voxel.
+    let base = bi * c * n;
+    for v in 0..len {
+        let mut m = f32::NEG_INFINITY;
+        for k in 0..c {
+            m = m.max(logits[base + k * n + v0 + v]);
+        }
+        let mut s = 0f32;
+        for k in 0..c {
+            let e = (logits[base + k * n + v0 + v] - m).exp();
+            p[v * c + k] = e;
+            s += e;
+        }
+        let inv = 1.0 / s;
+        for k in 0..c {
+            p[v * c + k] *= inv;
+        }
+    }
+}
+
+fn stats(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize) -> Stats {
+    let blocks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(BLOCK).map(move |v0| (bi, v0))).collect();
+    let (inter, sum_p, sum_y, ce) = blocks
+        .par_iter()
+        .fold(
+            || (vec![0f64; b * c], vec![0f64; b * c], vec![0f64; b * c], 0f64, vec![0f32; BLOCK * c]),
+            |(mut inter, mut sum_p, mut sum_y, mut ce, mut p), &(bi, v0)| {
+                let len = BLOCK.min(n - v0);
+                softmax_block(logits, bi, c, n, v0, len, &mut p);
+                let mut sp = vec![0f64; c];
+                for v in 0..len {
+                    let t = target[bi * n + v0 + v] as usize;
+                    let row = &p[v * c..(v + 1) * c];
+                    for (k, &pk) in row.iter().enumerate() {
+                        sp[k] += pk as f64;
+                    }
+                    inter[bi * c + t] += row[t] as f64;
+                    sum_y[bi * c + t] += 1.0;
+                    // −log p_t from the logits (stable): logsumexp − z_t.
+                    let base = bi * c * n + v0 + v;
+                    let m = (0..c).map(|k| logits[base + k * n]).fold(f32::NEG_INFINITY, f32::max);
+                    let lse = (0..c).map(|k| ((logits[base + k * n] - m) as f64).exp()).sum::<f64>().ln() + m as f64;
+                    ce += lse - logits[base + t * n] as f64;
+                }
+                for k in 0..c {
+                    sum_p[bi * c + k] += sp[k];
+                }
+                (inter, sum_p, sum_y, ce, p)
+            },
+        )
+        .map(|(i, p, y, ce, _)| (i, p, y, ce))
+        .reduce(
+            || (vec![0f64; b * c], vec![0f64; b * c], vec![0f64; b * c], 0f64),
+            |mut a, b2| {
+                for k in 0..a.0.len() {
+                    a.0[k] += b2.0[k];
+                    a.1[k] += b2.1[k];
+                    a.2[k] += b2.2[k];
+                }
+                a.3 += b2.3;
+                a
+            },
+        );
+    Stats { inter, sum_p, sum_y, ce }
+}
+
+/// Dice terms (`(2I + s)/(S_y + S_p + s)` per foreground (batch, class), or per class over the
+/// batch) with their sums.
+fn dice_terms(st: &Stats, b: usize, c: usize, batch_dice: bool, smooth: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    // Returns (I, S, dc) per term, indexed [group][k−1]: group = batch index or 0.
+    let groups = if batch_dice { 1 } else { b };
+    let mut i_ = vec![0f64; groups * (c - 1)];
+    let mut s_ = vec![0f64; groups * (c - 1)];
+    for bi in 0..b {
+        let g = if batch_dice { 0 } else { bi };
+        for k in 1..c {
+            i_[g * (c - 1) + k - 1] += st.inter[bi * c + k];
+            s_[g * (c - 1) + k - 1] += st.sum_p[bi * c + k] + st.sum_y[bi * c + k];
+        }
+    }
+    let dc = i_.iter().zip(&s_).map(|(i, s)| (2.0 * i + smooth) / (s + smooth).max(1e-8)).collect();
+    (i_, s_, dc)
+}
+
+/// The loss `CE + (−mean Dice)` (as [`crate::loss::dc_ce`]).
+pub fn forward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64) -> f64 {
+    assert!(c >= 2, "the loss needs background and at least one class");
+    let st = stats(logits, target, b, c, n);
+    let (_, _, dc) = dice_terms(&st, b, c, batch_dice, smooth);
+    st.ce / (b * n) as f64 - dc.iter().sum::<f64>() / dc.len() as f64
+}
+
+/// `∂loss/∂logits · grad`, `[B, C, N]`.
+pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64, grad: f64) -> Vec<f32> {
+    let st = stats(logits, target, b, c, n);
+    let (i_, s_, _) = dice_terms(&st, b, c, batch_dice, smooth);
+    let terms = i_.len() as f64;
+    // ∂(−mean dc)/∂p_kv = −(1/T)·(2·y_kv/(S+s) − (2I+s)/(S+s)²) = a_k·y_kv + c_k.
+    let a: Vec<f64> = s_.iter().map(|s| -2.0 / (terms * (s + smooth))).collect();
+    let cst: Vec<f64> = i_.iter().zip(&s_).map(|(i, s)| (2.0 * i + smooth) / (terms * (s + smooth).powi(2))).collect();
+    let inv_n = 1.0 / (b * n) as f64;
+    let mut out = vec![0f32; b * c * n];
+    // Parallel over (batch, block): each writes its own voxels of every class plane.
+    let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(BLOCK).map(move |v0| (bi, v0))).collect();
+    let outp = super::SharedMut::new(&mut out);
+    chunks.par_iter().for_each_init(
+        || (vec![0f32; BLOCK * c], vec![0f64; c]),
+        |(p, g), &(bi, v0)| {
+            let len = BLOCK.min(n - v0);
+            softmax_block(logits, bi, c, n, v0, len, p);
+            let grp = if batch_dice { 0 } else { bi };
+            for v in 0..len {
+                let t = target[bi * n + v0 + v] as usize;
+                let row = &p[v * c..(v + 1) * c];
+                g[0] = 0.0;
+                let mut pg = 0f64;
+                for k in 1..c {
+                    let j = grp * (c - 1) + k - 1;
+                    g[k] = cst[j] + if k == t { a[j] } else { 0.0 };
+                    pg += row[k] as f64 * g[k];
+                }
+                for k in 0..c {
+                    let pk = row[k] as f64;
+                    let dz = pk * (g[k] - pg) + (pk - f64::from(u8::from(k == t))) * inv_n;
+                    let idx = bi * c * n + k * n + v0 + v;
+                    assert!(idx < b * c * n);
+                    // SAFETY: in bounds (checked); element (bi, k, v0 + v) belongs to this work
+                    // item's (bi, block) only; `out` outlives the parallel loop.
+                    unsafe { outp.write(idx, (dz * grad) as f32) };
+                }
+            }
+        },
+    );
+    out
+}
