@@ -201,3 +201,22 @@ fn strides_come_from_nnunet_v2_plans_in_both_schemas() {
     let msg = format!("{:#}", load(&src(&old, "2d")).err().unwrap());
     assert!(msg.contains("plans_old.json") && msg.contains("configurations.2d"), "{msg}");
 }
+
+#[test]
+fn a_safetensors_header_length_starting_with_the_pickle_marker_is_still_safetensors() {
+    // The 8-byte header length is little-endian; a low byte of 0x80 once sent such files to the
+    // pickle reader.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let t = vec![stu_engine::checkpoint::NamedTensor { name: "a".into(), shape: vec![2], data: vec![1.0, 2.0] }];
+    for pad in 0..300 {
+        let meta = std::collections::HashMap::from([("pad".to_string(), "x".repeat(pad))]);
+        stu_engine::checkpoint::write_safetensors(&path, &t, Some(meta)).unwrap();
+        if std::fs::read(&path).unwrap()[0] == 0x80 {
+            let d = StateDict::open(&path).unwrap();
+            assert_eq!(d.read("a", &[2]).unwrap(), vec![1.0, 2.0]);
+            return;
+        }
+    }
+    panic!("no padding gave a 0x80 first byte");
+}

@@ -129,7 +129,7 @@ fn quickstart_runs_the_data_pipeline_on_the_phantom() {
     use tests::stu_bin;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("qs");
-    let o = Command::new(stu_bin!()).args(["quickstart", "--cases", "3", "--out"]).arg(&out).output().unwrap();
+    let o = Command::new(stu_bin!()).args(["quickstart", "--data-only", "--cases", "3", "--out"]).arg(&out).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("stunet-b") && text.contains("spacing"), "{text}");

@@ -14,6 +14,11 @@
 //!   deep supervision, SGD) for STU-Net-S and -B with `stu bench train_…`, then the same step in
 //!   PyTorch (`xtask/bench/torch_train.py`) right after; writes `reports/bench/train.{json,md}`.
 //!
+//! - `run SPEC [--set k=v]… [--paper-scale]`: builds `stu` in release with the spec's backend
+//!   feature and runs every sweep point (`stu run`).
+//! - `report [--check]`: run records → tables and figures (`stu-report`, with polars);
+//!   `--check` fails when the committed reports are stale.
+//!
 //! This crate stays thin: it invokes cargo and the built binaries, nothing else.
 
 use std::path::{Path, PathBuf};
@@ -28,7 +33,9 @@ fn main() -> Result<()> {
         Some("bench") => bench(args.collect()),
         Some("bench-preprocess") => bench_preprocess(args.collect()),
         Some("bench-train") => bench_train(args.collect()),
-        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train"),
+        Some("run") => run_spec(args.collect()),
+        Some("report") => report(args.collect()),
+        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, run, report"),
         None => bail!("usage: cargo xtask bench [--python PY] [--no-torch] [--out DIR] [CASES…]"),
     }
 }
@@ -342,4 +349,39 @@ fn bench_train(args: Vec<String>) -> Result<()> {
     let _ = std::fs::remove_file(&torch_path);
     print!("{md}");
     Ok(())
+}
+
+/// The `backend = "…"` line of a spec (the cargo feature to build with).
+fn spec_backend(spec: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(spec).with_context(|| format!("{}: cannot read", spec.display()))?;
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(rest) = l.strip_prefix("backend") {
+            if let Some(v) = rest.trim_start().strip_prefix('=') {
+                return Ok(v.trim().trim_matches('"').to_string());
+            }
+        }
+        if l.starts_with('[') {
+            break; // top-level keys come first
+        }
+    }
+    Ok("flex".into())
+}
+
+fn run_spec(args: Vec<String>) -> Result<()> {
+    let spec = args.first().context("usage: cargo xtask run experiments/X.toml [--set key=value]… [--paper-scale]")?;
+    let backend = spec_backend(Path::new(spec))?;
+    let feature = match backend.as_str() {
+        "tch-cuda" => "tch".to_string(),
+        b => b.to_string(),
+    };
+    let root = root();
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu", "--no-default-features", "--features", &feature]).current_dir(&root))?;
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    run(Command::new(target.join("release/stu")).arg("run").args(&args).current_dir(&root))
+}
+
+fn report(args: Vec<String>) -> Result<()> {
+    let root = root();
+    run(Command::new(env!("CARGO")).args(["run", "--release", "-p", "stu-report", "--features", "tables", "--bin", "stu-report", "--"]).args(&args).current_dir(&root))
 }

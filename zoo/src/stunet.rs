@@ -585,6 +585,8 @@ impl SegNet for StuNet {
             "dims": self.arch.dims,
             "strides": self.arch.strides,
             "params": Module::num_params(self),
+            // The reference's counting rule at a 1×C×128³ input with these strides.
+            "macs_128": self.arch.macs([128; 3]).with_bias,
             // `NetSpec::options` that rebuild this size (used by fine-tuning).
             "options": {"depth": self.arch.depth, "dims": self.arch.dims},
         })

@@ -171,10 +171,12 @@ impl StateDict {
             n
         };
         let head = &head[..n];
-        if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
-            Self::open_torch(path)
-        } else if n == 9 && head[8] == b'{' {
+        // safetensors first: its 8-byte little-endian header length can start with 0x80, the
+        // pickle protocol marker, while its 9th byte is always the header's `{`.
+        if n == 9 && head[8] == b'{' {
             Self::open_safetensors(path)
+        } else if head.starts_with(b"PK\x03\x04") || head.first() == Some(&0x80) {
+            Self::open_torch(path)
         } else {
             Err(CheckpointError::NotACheckpoint {
                 path: path.to_path_buf(),

@@ -28,6 +28,9 @@ enum Command {
         /// Phantom seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Only the data pipeline (phantom → check → plan → preprocess), no training.
+        #[arg(long)]
+        data_only: bool,
     },
     /// List registered models and presets with blocks, widths, parameters and MACs.
     Zoo {
@@ -456,7 +459,7 @@ fn rayon_threads() -> usize {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Quickstart { out, cases, seed } => {
+        Command::Quickstart { out, cases, seed, data_only } => {
             let bar = indicatif::ProgressBar::new(cases as u64).with_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} cases {msg}").expect("valid template"),
             );
@@ -472,7 +475,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("timings      {}", s.seconds.iter().map(|(k, v)| format!("{k} {v:.1} s")).collect::<Vec<_>>().join(", "));
             println!();
             print!("{}", crate::zoo_table(&crate::zoo_rows()));
-            println!("\nNext (not yet implemented): training the scaling study on this data, prediction and evaluation.");
+            if !data_only {
+                println!("\nThe scaling study of experiments/quickstart.toml (train, predict, evaluate per width; minutes):");
+                let s = crate::quickstart::study(&out.join("study"), cases, seed)?;
+                print!("{s}");
+            }
         }
         Command::Zoo { json } => {
             let rows = crate::zoo_rows();

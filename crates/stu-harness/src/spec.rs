@@ -247,7 +247,16 @@ pub fn paper_scale(spec: &Spec) -> Result<Spec> {
 /// then `overrides` (`key=value`, the value parsed as TOML, else taken as a string).
 pub fn load(path: &Path, overrides: &[String]) -> Result<Spec> {
     ensure!(path.exists(), "{}: no such spec", path.display());
-    let mut fig = Figment::new().merge(Toml::file(path)).merge(Env::prefixed("STU_SPEC_").split("__"));
+    from_figment(Figment::new().merge(Toml::file(path)), path, overrides)
+}
+
+/// [`load`] for a spec held in memory (`origin` names it in errors).
+pub fn load_str(text: &str, origin: &Path, overrides: &[String]) -> Result<Spec> {
+    from_figment(Figment::new().merge(Toml::string(text)), origin, overrides)
+}
+
+fn from_figment(fig: Figment, path: &Path, overrides: &[String]) -> Result<Spec> {
+    let mut fig = fig.merge(Env::prefixed("STU_SPEC_").split("__"));
     for o in overrides {
         let (k, v) = o.split_once('=').with_context(|| format!("--set `{o}`: expected key=value"))?;
         fig = fig.merge(Serialized::global(k.trim(), parse_value(v.trim())));

@@ -5,6 +5,9 @@
 #![warn(missing_docs)]
 
 pub mod curves;
+pub mod figures;
+#[cfg(feature = "tables")]
+pub mod tables;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 

@@ -1,0 +1,206 @@
+//! `cargo xtask report [--check]`: run records → tables and the paper's figures.
+//!
+//! For each study under `runs/` with finished points, the records are copied to
+//! `reports/<study>/records/` (committed, so reports can be rebuilt anywhere), then
+//! `reports/<study>/table.{csv,md,parquet}` and the study's figure (PNG + SVG) are written from
+//! them, with the paper's numbers (`reports/paper/*.csv`) in the right-hand panel. `--check`
+//! rebuilds everything from the committed records into a scratch folder and fails when a
+//! committed output differs or is missing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use polars::prelude::*;
+use serde_json::Value;
+use stu_report::figures::{Bubble, Series, bars, bubbles, curves};
+use stu_report::tables::{markdown, paper, read_records, records_frame, write_table};
+
+const STUDIES: [&str; 4] = ["quickstart", "scaling", "data_fraction", "expert_vs_universal"];
+const GROUPS: [&str; 5] = ["organs", "vertebrae", "cardiac", "muscles", "ribs"];
+
+fn col_f64(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
+    Ok(df.column(name)?.cast(&DataType::Float64)?.f64()?.into_iter().collect())
+}
+
+fn col_str(df: &DataFrame, name: &str) -> Result<Vec<String>> {
+    Ok(df.column(name)?.cast(&DataType::String)?.str()?.into_iter().map(|s| s.unwrap_or("").to_string()).collect())
+}
+
+fn paper_bubbles(reports: &Path) -> Result<Vec<Bubble>> {
+    let p = paper(&reports.join("paper/fig1_totalsegmentator.csv"))?;
+    let (m, s, macs, dsc) = (col_str(&p, "model")?, col_str(&p, "size")?, col_f64(&p, "macs_t")?, col_f64(&p, "mean_dsc")?);
+    Ok((0..p.height()).filter_map(|i| Some(Bubble { label: format!("{}-{}", m[i], s[i]), x: macs[i]?, y: dsc[i]?, area: macs[i]? })).collect())
+}
+
+fn paper_curves(reports: &Path) -> Result<Vec<Series>> {
+    let p = paper(&reports.join("paper/fig4_data_fraction.csv"))?;
+    let (s, pc, d) = (col_str(&p, "size")?, col_f64(&p, "percent")?, col_f64(&p, "mean_dsc")?);
+    let mut by: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for i in 0..p.height() {
+        if let (Some(x), Some(y)) = (pc[i], d[i]) {
+            by.entry(format!("STU-Net-{}", s[i])).or_default().push((x, y));
+        }
+    }
+    Ok(by.into_iter().map(|(name, points)| Series { name, points }).collect())
+}
+
+fn paper_bars(reports: &Path) -> Result<(Vec<String>, Vec<(String, Vec<f64>)>)> {
+    let p = paper(&reports.join("paper/fig5_expert_vs_universal.csv"))?;
+    let (size, setting, group, d) = (col_str(&p, "size")?, col_str(&p, "setting")?, col_str(&p, "group")?, col_f64(&p, "mean_dsc")?);
+    let groups: Vec<String> = GROUPS.iter().map(|g| g.to_string()).collect();
+    let series = ["experts", "universal"]
+        .iter()
+        .map(|set| {
+            let v = groups.iter().map(|g| (0..p.height()).find(|&i| size[i] == "B" && setting[i] == *set && group[i] == *g).and_then(|i| d[i]).unwrap_or(f64::NAN)).collect();
+            (format!("B, {set}"), v)
+        })
+        .collect();
+    Ok((groups, series))
+}
+
+fn group_of(name: &str) -> Option<&'static str> {
+    stu_core::taxonomy::label_of(name).map(|l| stu_core::taxonomy::CLASSES[l as usize - 1].2.name())
+}
+
+/// Writes one study's table and figure into `out` from `records`.
+fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out)?;
+    let mut df = records_frame(records)?;
+    let mut files = write_table(&mut df, &out.join("table"))?;
+    let fig = out.join("figure.png");
+    match name {
+        "quickstart" | "scaling" => {
+            let ours: Vec<Bubble> = records
+                .iter()
+                .filter_map(|r| {
+                    Some(Bubble {
+                        label: format!("b{} w{}", r.pointer("/model/depth/0")?, r.pointer("/model/dims/0")?),
+                        x: r.pointer("/model/params")?.as_f64()? / 1e6,
+                        y: r.pointer("/metrics/foreground_mean/Dice")?.as_f64()?,
+                        area: r.pointer("/model/macs_128")?.as_f64()?,
+                    })
+                })
+                .collect();
+            bubbles(&fig, &ours, "parameters (M)", &paper_bubbles(reports)?, "MACs at 128³ (T)")?;
+        }
+        "data_fraction" => {
+            let mut by: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+            for r in records {
+                if let (Some(f), Some(d)) = (r.pointer("/spec/dataset/fraction").and_then(Value::as_f64), r.pointer("/metrics/foreground_mean/Dice").and_then(Value::as_f64)) {
+                    let key = format!("b{} w{}", r.pointer("/model/depth/0").cloned().unwrap_or_default(), r.pointer("/model/dims/0").cloned().unwrap_or_default());
+                    by.entry(key).or_default().push((f * 100.0, d));
+                }
+            }
+            let ours: Vec<Series> = by.into_iter().map(|(name, mut points)| { points.sort_by(|a, b| a.0.total_cmp(&b.0)); Series { name, points } }).collect();
+            curves(&fig, &ours, &paper_curves(reports)?, "% of training cases")?;
+        }
+        "expert_vs_universal" => {
+            let groups: Vec<String> = GROUPS.iter().map(|g| g.to_string()).collect();
+            let mut experts = vec![f64::NAN; GROUPS.len()];
+            let mut universal = vec![f64::NAN; GROUPS.len()];
+            for r in records {
+                let g = r.pointer("/spec/dataset/options/group").and_then(Value::as_str).unwrap_or("all");
+                if let Some(i) = GROUPS.iter().position(|x| *x == g) {
+                    experts[i] = r.pointer("/metrics/foreground_mean/Dice").and_then(Value::as_f64).unwrap_or(f64::NAN);
+                } else {
+                    // The universal model's per-class Dice, averaged within each group.
+                    let names = r.pointer("/metrics/label_names").and_then(Value::as_object).cloned().unwrap_or_default();
+                    let mean = r.pointer("/metrics/mean").and_then(Value::as_object).cloned().unwrap_or_default();
+                    for (gi, gname) in GROUPS.iter().enumerate() {
+                        let v: Vec<f64> = mean.iter().filter(|(l, _)| names.get(*l).and_then(Value::as_str).and_then(group_of) == Some(gname)).filter_map(|(_, m)| m["Dice"].as_f64()).collect();
+                        if !v.is_empty() {
+                            universal[gi] = v.iter().sum::<f64>() / v.len() as f64;
+                        }
+                    }
+                }
+            }
+            let (pg, ps) = paper_bars(reports)?;
+            bars(&fig, &groups, &[("experts".into(), experts), ("universal".into(), universal)], &pg, &ps)?;
+        }
+        _ => bail!("unknown study `{name}`"),
+    }
+    files.push(fig.clone());
+    files.push(fig.with_extension("svg"));
+    Ok(files)
+}
+
+/// Paper-only figures (left panels empty): `reports/paper/fig{1,4,5}.png`.
+fn paper_figures(reports: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out)?;
+    let f1 = out.join("fig1.png");
+    bubbles(&f1, &[], "parameters (M)", &paper_bubbles(reports)?, "MACs at 128³ (T)")?;
+    let f4 = out.join("fig4.png");
+    curves(&f4, &[], &paper_curves(reports)?, "% of training cases")?;
+    let f5 = out.join("fig5.png");
+    let (pg, ps) = paper_bars(reports)?;
+    bars(&f5, &[], &[], &pg, &ps)?;
+    Ok([f1, f4, f5].iter().flat_map(|f| [f.clone(), f.with_extension("svg")]).collect())
+}
+
+fn main() -> Result<()> {
+    let mut check = false;
+    let mut runs = PathBuf::from("runs");
+    let mut reports = PathBuf::from("reports");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--check" => check = true,
+            "--runs" => runs = PathBuf::from(args.next().context("--runs needs a folder")?),
+            "--reports" => reports = PathBuf::from(args.next().context("--reports needs a folder")?),
+            other => bail!("unknown argument `{other}` (use --check, --runs DIR, --reports DIR)"),
+        }
+    }
+    if !check {
+        // Commit the inputs: copy finished records next to the reports.
+        for s in STUDIES {
+            let dir = runs.join(s);
+            if !dir.is_dir() {
+                continue;
+            }
+            let dst = reports.join(s).join("records");
+            for e in std::fs::read_dir(&dir)? {
+                let p = e?.path();
+                let rec = p.join("record.json");
+                if rec.exists() {
+                    std::fs::create_dir_all(&dst)?;
+                    let name = format!("{}.record.json", p.file_name().expect("dir").to_string_lossy());
+                    std::fs::copy(&rec, dst.join(name))?;
+                }
+            }
+        }
+    }
+    let scratch = if check { std::env::temp_dir().join(format!("stu-report-check-{}", std::process::id())) } else { reports.clone() };
+    let mut written = Vec::new();
+    for s in STUDIES {
+        let recs_dir = reports.join(s).join("records");
+        if !recs_dir.is_dir() {
+            continue;
+        }
+        let records = read_records(&recs_dir)?;
+        if records.is_empty() {
+            continue;
+        }
+        written.extend(study(&reports, s, &records, &scratch.join(s))?);
+        println!("{s}: {} record(s)\n{}", records.len(), markdown(&records_frame(&records)?));
+    }
+    written.extend(paper_figures(&reports, &scratch.join("paper"))?);
+    if check {
+        let mut stale = Vec::new();
+        for f in &written {
+            let rel = f.strip_prefix(&scratch).expect("under scratch");
+            let committed = reports.join(rel);
+            if std::fs::read(&committed).ok() != std::fs::read(f).ok() {
+                stale.push(committed.display().to_string());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
+        if !stale.is_empty() {
+            bail!("stale or missing reports (run `cargo xtask report`):\n  {}", stale.join("\n  "));
+        }
+        println!("reports are up to date ({} files)", written.len());
+    } else {
+        println!("wrote {} files under {}", written.len(), reports.display());
+    }
+    Ok(())
+}
