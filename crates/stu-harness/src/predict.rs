@@ -237,21 +237,25 @@ impl Predictor {
             }
         }
         drop(vol);
-        // Normalise and crop the padding away.
+        // Normalise and crop the padding away in place: element (k, z, y, x) moves from its
+        // padded index to a smaller or equal cropped one, visited in increasing order, so
+        // nothing is overwritten before it is read. No second copy of the logits is made.
         let n: usize = shape.iter().product();
-        let mut out = vec![0f32; classes * n];
         for k in 0..classes {
             for z in 0..shape[0] {
                 for y in 0..shape[1] {
                     let s = ((z + lo[0]) * padded[1] + y + lo[1]) * padded[2] + lo[2];
-                    let d = (z * shape[1] + y) * shape[2];
-                    for i in 0..shape[2] {
-                        out[k * n + d + i] = acc[k * np + s + i] / weight[s + i];
+                    let d = k * n + (z * shape[1] + y) * shape[2];
+                    acc.copy_within(k * np + s..k * np + s + shape[2], d);
+                    for (a, w) in acc[d..d + shape[2]].iter_mut().zip(&weight[s..s + shape[2]]) {
+                        *a /= w;
                     }
                 }
             }
         }
-        Ok(out)
+        acc.truncate(classes * n);
+        acc.shrink_to_fit();
+        Ok(acc)
     }
 }
 
