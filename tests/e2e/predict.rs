@@ -38,8 +38,30 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     let classes = 1 + stu_data::dataset::DatasetJson::read(&raw.join("dataset.json")).unwrap().labels.len() as u16 - 1;
     assert!(out.data.iter().all(|&v| v < classes));
     // With TTA too, through a single file input.
-    ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-tta"), "--checkpoint", &ck, "--keep-largest"]));
-    assert!(tmp.path().join("pred-tta/ts_mr_sm.nii.gz").exists());
+    ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-tta"), "--checkpoint", &ck, "--save-probabilities"]));
+    // Probabilities: [classes, Z, Y, X] in the input's array order, summing to 1, argmax = labels.
+    let probs = tmp.path().join("pred-tta/ts_mr_sm.probabilities.safetensors");
+    let dict = stu_engine::checkpoint::StateDict::open(&probs).unwrap();
+    let shape = dict.shape("probabilities").unwrap().to_vec();
+    assert_eq!(&shape[1..], &input.shape);
+    let p = dict.read("probabilities", &shape).unwrap();
+    let labels = stu_data::nifti_io::read_label(&tmp.path().join("pred-tta/ts_mr_sm.nii.gz")).unwrap().data;
+    let n = labels.len();
+    let mut disagree = 0;
+    for v in 0..n {
+        let col: Vec<f32> = (0..shape[0]).map(|k| p[k * n + v]).collect();
+        let sum: f32 = col.iter().sum();
+        assert!((sum - 1.0).abs() < 0.02, "voxel {v}: probabilities sum to {sum}");
+        let max = col.iter().copied().fold(f32::MIN, f32::max);
+        // The label's probability is the largest, up to float16 rounding (this barely trained
+        // model's probabilities are near-uniform, so near-ties are common).
+        let p_label = col[labels[v] as usize];
+        assert!(max - p_label <= 1e-3 * max.max(1e-3) + 1e-5, "voxel {v}: label {} has p {p_label}, max {max}", labels[v]);
+        disagree += usize::from(p_label < max);
+    }
+    assert!(disagree * 100 <= n, "{disagree} of {n} voxels tie-break differently");
+    ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-kl"), "--checkpoint", &ck, "--keep-largest", "--disable-tta"]));
+    assert!(tmp.path().join("pred-kl/ts_mr_sm.nii.gz").exists());
     let s = ok(&stu(&["evaluate", "--ref", raw.join("labelsTr").to_str().unwrap(), "--pred", &t("pred"), "--labels", raw.join("dataset.json").to_str().unwrap(), "--nsd-tolerance", "2", "--hd95"]));
     assert!(s.contains("foreground mean Dice"), "{s}");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pred/summary.json")).unwrap()).unwrap();

@@ -154,6 +154,9 @@ enum Command {
         /// Direct inference: write a target dataset's labels from STU-Net's 104 classes (built-in map name, e.g. `btcv`, or a TOML file).
         #[arg(long)]
         label_map: Option<String>,
+        /// Also write `{case}.probabilities.safetensors`: softmax per class, float16, in the input's array order.
+        #[arg(long)]
+        save_probabilities: bool,
         /// Compute backend.
         #[arg(long, default_value = "flex")]
         backend: Backend,
@@ -572,8 +575,8 @@ fn run(cli: Cli) -> Result<()> {
                 stu_engine::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
             }
         }
-        Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, backend } => {
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, backend };
+        Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend } => {
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());

@@ -52,6 +52,8 @@ pub struct PredictOptions {
     pub keep_largest: bool,
     /// Direct-inference label map (built-in name or TOML file).
     pub label_map: Option<String>,
+    /// Also write `{case}.probabilities.safetensors` (softmax, float16, input geometry).
+    pub save_probabilities: bool,
     /// Backend.
     pub backend: Backend,
 }
@@ -119,6 +121,12 @@ impl Predictor {
     /// Predicts one case (its channel files) and returns the label map in the input's array
     /// order with its geometry.
     pub fn predict_case(&self, id: &str, images: &[PathBuf], progress: &dyn Fn(usize, usize)) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
+        self.predict_case_with(id, images, None, progress)
+    }
+
+    /// [`Predictor::predict_case`], also writing the softmax probabilities to `probabilities`
+    /// when given (see [`write_probabilities`]).
+    pub fn predict_case_with(&self, id: &str, images: &[PathBuf], probabilities: Option<&Path>, progress: &dyn Fn(usize, usize)) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
         ensure!(images.len() == self.channels(), "case `{id}`: {} channel file(s), the model takes {}", images.len(), self.channels());
         let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
         let pre = preprocess_case(id, images, None, &self.plan)?;
@@ -134,19 +142,47 @@ impl Predictor {
         let nt: usize = target.iter().product();
         let mut best = vec![f32::NEG_INFINITY; nt];
         let mut arg = vec![0u16; nt];
+        // Running sum of exp(logit − max) for the probabilities (online log-sum-exp).
+        let mut sumexp = probabilities.map(|_| vec![0f32; nt]);
         for k in 0..classes {
             let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
-            for ((b, a), v) in best.iter_mut().zip(arg.iter_mut()).zip(r) {
-                if v > *b {
-                    *b = v;
-                    *a = k as u16;
+            for (i, v) in r.into_iter().enumerate() {
+                if let Some(s) = sumexp.as_mut() {
+                    s[i] = if v > best[i] { s[i] * (best[i] - v).exp() + 1.0 } else { s[i] + (v - best[i]).exp() };
+                }
+                if v > best[i] {
+                    best[i] = v;
+                    arg[i] = k as u16;
                 }
             }
         }
-        drop(logits);
         // Un-crop into the transposed full shape, then transpose back.
         let full = pre.props.shape_before_cropping;
         let bb = pre.props.bbox_used_for_cropping;
+        let mut backward = [0usize; 3];
+        for (i, &p) in perm.iter().enumerate() {
+            backward[p] = i;
+        }
+        if let (Some(path), Some(sumexp)) = (probabilities, sumexp) {
+            // Second pass: softmax of the resampled logits, one class at a time, un-cropped
+            // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
+            write_probabilities(path, classes, geom.shape, |k| {
+                let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
+                let mut ch = vec![if k == 0 { 1f32 } else { 0f32 }; full.iter().product()];
+                for zz in 0..target[0] {
+                    for yy in 0..target[1] {
+                        let src = (zz * target[1] + yy) * target[2];
+                        let dst = ((zz + bb[0][0]) * full[1] + yy + bb[1][0]) * full[2] + bb[2][0];
+                        for i in 0..target[2] {
+                            ch[dst + i] = (r[src + i] - best[src + i]).exp() / sumexp[src + i];
+                        }
+                    }
+                }
+                transpose(ch, full, backward).0
+            })
+            .with_context(|| path.display().to_string())?;
+        }
+        drop(logits);
         let mut seg = vec![0u16; full.iter().product()];
         for zz in 0..target[0] {
             for yy in 0..target[1] {
@@ -154,10 +190,6 @@ impl Predictor {
                 let dst = ((zz + bb[0][0]) * full[1] + yy + bb[1][0]) * full[2] + bb[2][0];
                 seg[dst..dst + target[2]].copy_from_slice(&arg[src..src + target[2]]);
             }
-        }
-        let mut backward = [0usize; 3];
-        for (i, &p) in perm.iter().enumerate() {
-            backward[p] = i;
         }
         let (seg, shape) = transpose(seg, full, backward);
         ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
@@ -266,6 +298,37 @@ fn flip(x: Tensor<5>, axes: &[usize]) -> Tensor<5> {
         [a, b, c] => x.flip([*a, *b, *c]),
         _ => x,
     }
+}
+
+/// Streams `[classes, Z, Y, X]` probabilities (`channel(k)` gives class k in the input's array
+/// order) to a safetensors file, tensor `probabilities`, float16, atomically. One class is in
+/// memory at a time; the file is the size nnU-Net's `.npz` would be uncompressed, halved.
+pub fn write_probabilities(path: &Path, classes: usize, shape: [usize; 3], mut channel: impl FnMut(usize) -> Vec<f32>) -> Result<()> {
+    use std::io::Write;
+    let n: usize = shape.iter().product();
+    let bytes = classes * n * 2;
+    let header = serde_json::json!({
+        "probabilities": {"dtype": "F16", "shape": [classes, shape[0], shape[1], shape[2]], "data_offsets": [0, bytes]},
+        "__metadata__": {"format": "softmax probabilities in the input's array order [class, z, y, x] (nnU-Net --save_probabilities, float16)"},
+    });
+    let mut h = serde_json::to_string(&header)?.into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    stu_core::fs::atomic_with(path, |tmp| {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
+        f.write_all(&(h.len() as u64).to_le_bytes())?;
+        f.write_all(&h)?;
+        for k in 0..classes {
+            let ch = channel(k);
+            assert_eq!(ch.len(), n, "one value per voxel");
+            let buf: Vec<u8> = ch.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+            f.write_all(&buf)?;
+        }
+        f.flush()?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+    })?;
+    Ok(())
 }
 
 /// Tile positions along one axis (`compute_steps_for_sliding_window`).
@@ -420,7 +483,8 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     for (id, files) in &cases {
         let t = std::time::Instant::now();
         let out_path = opts.output.join(format!("{id}.nii.gz"));
-        let r = predictor.predict_case(id, files, &|d, n| progress(id, d, n)).and_then(|(mut seg, geom)| {
+        let prob_path = opts.save_probabilities.then(|| opts.output.join(format!("{id}.probabilities.safetensors")));
+        let r = predictor.predict_case_with(id, files, prob_path.as_deref(), &|d, n| progress(id, d, n)).and_then(|(mut seg, geom)| {
             if let Some(t) = &table {
                 seg.iter_mut().for_each(|v| *v = t[*v as usize]);
             }

@@ -118,6 +118,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             step: s.predict.step,
             keep_largest: s.predict.keep_largest,
             label_map: s.predict.label_map.clone(),
+            save_probabilities: false,
             backend,
         };
         log("predict: held-out cases");
