@@ -228,6 +228,9 @@ pub struct PhantomOptions {
     /// Keep only one expert group's classes, renumbered 1..=3 in phantom order (the
     /// expert-vs-universal study); the images are the same.
     pub group: Option<stu_core::taxonomy::ExpertGroup>,
+    /// Write labels as STU-Net's class ids (1..=104) and declare all 104 classes, so a model
+    /// trained on it has the released models' 105 outputs (direct-inference studies).
+    pub stunet_ids: bool,
 }
 
 /// Writes the phantom dataset; cases already written completely are kept (atomic writes make a
@@ -240,10 +243,18 @@ pub fn write_dataset(opts: &PhantomOptions) -> Result<(), crate::nifti_io::Nifti
     }
     // Label remap: phantom class i+1 → its value in this dataset (0 when another group's).
     let kept: Vec<&str> = CLASSES.iter().map(|(n, _)| *n).filter(|n| opts.group.is_none_or(|g| group_of(n) == g)).collect();
-    let remap: Vec<u16> = std::iter::once(0).chain(CLASSES.iter().map(|(n, _)| kept.iter().position(|k| k == n).map_or(0, |p| p as u16 + 1))).collect();
-    let labels: serde_json::Map<String, serde_json::Value> = std::iter::once(("background".to_string(), 0.into()))
-        .chain(kept.iter().enumerate().map(|(i, n)| (n.to_string(), (i + 1).into())))
+    let remap: Vec<u16> = std::iter::once(0)
+        .chain(CLASSES.iter().map(|(n, _)| match kept.iter().position(|k| k == n) {
+            Some(_) if opts.stunet_ids => stu_core::taxonomy::label_of(n).expect("phantom classes are STU-Net names"),
+            Some(p) => p as u16 + 1,
+            None => 0,
+        }))
         .collect();
+    let labels: serde_json::Map<String, serde_json::Value> = if opts.stunet_ids {
+        std::iter::once(("background".to_string(), 0.into())).chain(stu_core::taxonomy::CLASSES.iter().enumerate().map(|(i, c)| (c.0.to_string(), (i + 1).into()))).collect()
+    } else {
+        std::iter::once(("background".to_string(), 0.into())).chain(kept.iter().enumerate().map(|(i, n)| (n.to_string(), (i + 1).into()))).collect()
+    };
     let groups: serde_json::Map<String, serde_json::Value> = kept.iter().map(|n| (n.to_string(), group_of(n).name().into())).collect();
     let json = serde_json::json!({
         "name": "STU-Net synthetic CT phantom",

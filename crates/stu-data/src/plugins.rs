@@ -77,6 +77,9 @@ struct PhantomConfig {
     /// One expert group's classes only.
     #[serde(default)]
     group: Option<String>,
+    /// Labels as STU-Net's 104-class ids.
+    #[serde(default)]
+    stunet_ids: bool,
 }
 
 fn default_cases() -> usize {
@@ -95,7 +98,7 @@ fn prepare_phantom(value: &serde_json::Value, out: &Path) -> Result<PathBuf, Dat
         .map(stu_core::taxonomy::ExpertGroup::parse)
         .transpose()
         .map_err(|reason| DatasetError::Json { path: PathBuf::from("dataset `phantom`"), key: "group".into(), reason })?;
-    crate::phantom::write_dataset(&crate::phantom::PhantomOptions { out: out.to_path_buf(), cases: c.cases, test_cases: c.test_cases, seed: c.seed, group })
+    crate::phantom::write_dataset(&crate::phantom::PhantomOptions { out: out.to_path_buf(), cases: c.cases, test_cases: c.test_cases, seed: c.seed, group, stunet_ids: c.stunet_ids })
         .map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: e.to_string() })?;
     Ok(out.to_path_buf())
 }

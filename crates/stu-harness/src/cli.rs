@@ -522,7 +522,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Phantom { out, cases, test_cases, seed } => {
             anyhow::ensure!(cases >= 1, "--cases must be at least 1");
-            stu_data::phantom::write_dataset(&stu_data::phantom::PhantomOptions { out: out.clone(), cases, test_cases, seed, group: None })?;
+            stu_data::phantom::write_dataset(&stu_data::phantom::PhantomOptions { out: out.clone(), cases, test_cases, seed, group: None, stunet_ids: false })?;
             eprintln!("wrote {} training and {} held-out cases to {}", cases, test_cases, out.display());
         }
         Command::Plan { dir, out, preset, gpu_memory_gb } => {

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 
 /// Built-in maps (`experiments/label_maps/*.toml`), by name.
-pub const BUILT_IN: [(&str, &str); 14] = [
+pub const BUILT_IN: [(&str, &str); 15] = [
     ("abdomenct_1k", include_str!("../../../experiments/label_maps/abdomenct_1k.toml")),
     ("amos_ct", include_str!("../../../experiments/label_maps/amos_ct.toml")),
     ("btcv", include_str!("../../../experiments/label_maps/btcv.toml")),
@@ -27,6 +27,7 @@ pub const BUILT_IN: [(&str, &str); 14] = [
     ("msd_liver", include_str!("../../../experiments/label_maps/msd_liver.toml")),
     ("msd_pancreas", include_str!("../../../experiments/label_maps/msd_pancreas.toml")),
     ("msd_spleen", include_str!("../../../experiments/label_maps/msd_spleen.toml")),
+    ("phantom_organs", include_str!("../../../experiments/label_maps/phantom_organs.toml")),
     ("segthor", include_str!("../../../experiments/label_maps/segthor.toml")),
     ("verse2020", include_str!("../../../experiments/label_maps/verse2020.toml")),
     ("word", include_str!("../../../experiments/label_maps/word.toml")),

@@ -86,7 +86,7 @@ pub fn run(out: &Path, cases: usize, seed: u64, progress: &(dyn Fn(&str) + Sync)
     let mut seconds = std::collections::BTreeMap::new();
     let dataset = out.join("Dataset900_Phantom");
     let t = std::time::Instant::now();
-    stu_data::phantom::write_dataset(&stu_data::phantom::PhantomOptions { out: dataset.clone(), cases, test_cases: 4, seed, group: None })?;
+    stu_data::phantom::write_dataset(&stu_data::phantom::PhantomOptions { out: dataset.clone(), cases, test_cases: 4, seed, group: None, stunet_ids: false })?;
     seconds.insert("phantom", t.elapsed().as_secs_f64());
     let t = std::time::Instant::now();
     let report = stu_data::check::check(&dataset);

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use stu_engine::backend::Backend;
 
-use crate::spec::{Point, Spec};
+use crate::spec::{DatasetSpec, PlanSpec, Point, Spec};
 
 /// What happened to one point.
 #[derive(Debug, serde::Serialize)]
@@ -46,40 +46,33 @@ fn host() -> serde_json::Value {
 }
 
 /// Data for a point: raw dataset root, preprocessed folder (cached across points).
-fn data(spec: &Spec, root: &Path, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf)> {
-    let key = json!({"plugin": spec.dataset.plugin, "options": spec.dataset.options, "plan": spec.plan});
+fn data(dataset: &DatasetSpec, plan: &PlanSpec, root: &Path, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf)> {
+    let key = json!({"plugin": dataset.plugin, "options": dataset.options, "plan": plan});
     let dir = root.join("data").join(hash(&key));
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let entry = stu_data::plugins::registry().get(&spec.dataset.plugin)?;
-    log(&format!("data: {} → {}", spec.dataset.plugin, dir.display()));
-    let raw = (entry.prepare)(&spec.dataset.options, &dir.join("raw")).with_context(|| format!("dataset `{}`", spec.dataset.plugin))?;
+    let entry = stu_data::plugins::registry().get(&dataset.plugin)?;
+    log(&format!("data: {} → {}", dataset.plugin, dir.display()));
+    let raw = (entry.prepare)(&dataset.options, &dir.join("raw")).with_context(|| format!("dataset `{}`", dataset.plugin))?;
     let plans = dir.join("plans.json");
     if !plans.exists() {
         let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
         let fp = stu_data::fingerprint::fingerprint(&raw, &json)?;
-        let preset = if spec.plan.preset == "stunet" { stu_data::plan::Preset::Stunet } else { stu_data::plan::Preset::Nnunet };
+        let preset = if plan.preset == "stunet" { stu_data::plan::Preset::Stunet } else { stu_data::plan::Preset::Nnunet };
         let name = raw.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let p = stu_data::plan::plans_json(&name, &json, &fp, preset, 8.0);
         stu_core::fs::write_atomic(&plans, (serde_json::to_string_pretty(&p)? + "\n").as_bytes())?;
     }
     let pre = dir.join("preprocessed");
-    stu_data::preprocess::preprocess_dataset(&raw, &plans, &spec.plan.configuration, &pre, 1, &|_| {})?;
+    stu_data::preprocess::preprocess_dataset(&raw, &plans, &plan.configuration, &pre, 1, &|_| {})?;
     Ok((raw, pre))
 }
 
-fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&str)) -> Result<serde_json::Value> {
-    let mut timings = serde_json::Map::new();
-    let t = Instant::now();
-    let (raw, pre) = data(&point.spec, root, log)?;
-    timings.insert("data_s".into(), t.elapsed().as_secs_f64().into());
-    let s = &point.spec;
-    let backend: Backend = s.backend.parse().map_err(|e: String| anyhow::anyhow!("`backend`: {e}"))?;
-    let train_dir = dir.join("train");
-    let req = crate::train::TrainRequest {
-        preprocessed: pre.clone(),
+fn train_request(s: &Spec, pre: &Path, out: &Path, backend: Backend) -> crate::train::TrainRequest {
+    crate::train::TrainRequest {
+        preprocessed: pre.to_path_buf(),
         configuration: s.plan.configuration.clone(),
         fold: s.train.fold.clone(),
-        out: train_dir.clone(),
+        out: out.to_path_buf(),
         model: s.model.name.clone(),
         model_options: s.model.options.clone(),
         epochs: s.train.epochs,
@@ -92,15 +85,54 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         seed: s.seed,
         init_from: s.train.init_from.clone(),
         augmentation: s.train.augmentation,
-        resume: train_dir.join("train.json").exists(),
+        resume: out.join("train.json").exists(),
         workers: s.train.workers,
         backend,
         fraction: s.dataset.fraction,
+    }
+}
+
+fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&str)) -> Result<serde_json::Value> {
+    let mut timings = serde_json::Map::new();
+    let s = &point.spec;
+    let backend: Backend = s.backend.parse().map_err(|e: String| anyhow::anyhow!("`backend`: {e}"))?;
+    let mut training = serde_json::Value::Null;
+    let checkpoint = match &s.model.checkpoint {
+        // Direct inference: an existing checkpoint, no training.
+        Some(c) => c.clone(),
+        None => {
+            let mut start = s.train.init_from.clone();
+            if let Some(p) = s.pretrain.as_ref().filter(|p| p.enabled) {
+                let t = Instant::now();
+                let (_, pre) = data(&p.dataset, &s.plan, root, log)?;
+                let mut req = train_request(s, &pre, &dir.join("pretrain"), backend);
+                req.epochs = p.epochs;
+                req.iterations = p.iterations;
+                req.fraction = p.dataset.fraction;
+                req.init_from = None;
+                req.resume = req.out.join("train.json").exists();
+                log(&format!("pretrain: {}", req.out.display()));
+                crate::train::train(&req, &crate::train::Quiet)?;
+                timings.insert("pretrain_s".into(), t.elapsed().as_secs_f64().into());
+                start = Some(req.out.join("checkpoint_final.safetensors"));
+            }
+            let t = Instant::now();
+            let (_, pre) = data(&s.dataset, &s.plan, root, log)?;
+            timings.insert("data_s".into(), t.elapsed().as_secs_f64().into());
+            let train_dir = dir.join("train");
+            let mut req = train_request(s, &pre, &train_dir, backend);
+            req.init_from = start;
+            let t = Instant::now();
+            log(&format!("train: {}", train_dir.display()));
+            let summary = crate::train::train(&req, &crate::train::Quiet)?;
+            timings.insert("train_s".into(), t.elapsed().as_secs_f64().into());
+            training = json!({"best_ema_pseudo_dice": summary.best_ema, "last_epoch": summary.last, "transfer": summary.transfer});
+            train_dir.join("checkpoint_final.safetensors")
+        }
     };
-    let t = Instant::now();
-    log(&format!("train: {}", train_dir.display()));
-    let summary = crate::train::train(&req, &crate::train::Quiet)?;
-    timings.insert("train_s".into(), t.elapsed().as_secs_f64().into());
+    // Held-out cases of the target data (the training data unless `predict.dataset` names other).
+    let target = s.predict.dataset.clone().unwrap_or_else(|| s.dataset.clone());
+    let (raw, _) = data(&target, &s.plan, root, log)?;
     let images = raw.join("imagesTs");
     let labels = raw.join("labelsTs");
     let mut metrics = serde_json::Value::Null;
@@ -110,9 +142,9 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         let opts = crate::predict::PredictOptions {
             input: images,
             output: pred.clone(),
-            checkpoint: train_dir.join("checkpoint_final.safetensors"),
+            checkpoint: checkpoint.clone(),
             model: Some(s.model.name.clone()),
-            plans: None,
+            plans: s.predict.plans.clone(),
             configuration: s.plan.configuration.clone(),
             disable_tta: !s.predict.tta,
             step: s.predict.step,
@@ -130,29 +162,41 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         let t = Instant::now();
         let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
         let mut eval = stu_data::metrics::EvalOptions { nsd_default: s.evaluate.nsd_tolerance, hd95: s.evaluate.hd95, ..Default::default() };
-        let label_values: Vec<u16> = match &s.predict.label_map {
+        let (label_values, names): (Vec<u16>, serde_json::Map<String, serde_json::Value>) = match &s.predict.label_map {
             Some(m) => {
                 let m = crate::labelmap::LabelMap::load(m)?;
                 eval.reference_map = Some(m.reference_table());
-                m.labels.iter().map(|l| l.value).collect()
+                (m.labels.iter().map(|l| l.value).collect(), m.labels.iter().map(|l| (l.value.to_string(), l.name.clone().into())).collect())
             }
-            None => json.labels.iter().filter_map(|(_, v)| match v {
-                stu_data::dataset::LabelValue::Class(c) if *c > 0 => Some(*c as u16),
-                _ => None,
-            }).collect(),
+            None => json
+                .labels
+                .iter()
+                .filter_map(|(n, v)| match v {
+                    stu_data::dataset::LabelValue::Class(c) if *c > 0 => Some((*c as u16, (c.to_string(), serde_json::Value::from(n.clone())))),
+                    _ => None,
+                })
+                .unzip(),
         };
         let summary = stu_data::metrics::evaluate_folder(&labels, &pred, &label_values, &eval)?;
         let value = serde_json::to_value(&summary)?;
         stu_core::fs::write_atomic(&pred.join("summary.json"), (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
         timings.insert("evaluate_s".into(), t.elapsed().as_secs_f64().into());
-        let names: serde_json::Map<String, serde_json::Value> = json.labels.iter().filter_map(|(n, v)| match v {
-            stu_data::dataset::LabelValue::Class(c) if *c > 0 => Some((c.to_string(), n.clone().into())),
-            _ => None,
-        }).collect();
         metrics = json!({"foreground_mean": value["foreground_mean"], "mean": value["mean"], "per_case": value["metric_per_case"], "label_names": names});
     }
-    let ckpt = stu_engine::checkpoint::StateDict::open(train_dir.join("checkpoint_final.safetensors"))?;
+    let ckpt = stu_engine::checkpoint::StateDict::open(&checkpoint)?;
     let meta: serde_json::Value = ckpt.metadata().get("stu_checkpoint").and_then(|m| serde_json::from_str(m).ok()).unwrap_or_default();
+    let model = if meta["model"].is_null() {
+        crate::forward::inspect(&crate::forward::ModelSource { checkpoint: checkpoint.clone(), model: Some(s.model.name.clone()), strides: crate::forward::StrideSource::Default, backend })
+            .map(|mut v| {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("checkpoint");
+                }
+                v
+            })
+            .unwrap_or_default()
+    } else {
+        meta["model"].clone()
+    };
     Ok(json!({
         "format": "stu-record/1",
         "study": spec.name,
@@ -163,8 +207,9 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         "host": host(),
         "seed": s.seed,
         "backend": s.backend,
-        "model": meta["model"],
-        "training": {"best_ema_pseudo_dice": summary.best_ema, "last_epoch": summary.last},
+        "model": model,
+        "checkpoint": checkpoint,
+        "training": training,
         "timings": timings,
         "metrics": metrics,
         "finished": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),

@@ -38,6 +38,10 @@ pub struct Spec {
     pub plan: PlanSpec,
     /// Model.
     pub model: ModelSpec,
+    /// Optional pre-training stage (fine-tuning studies): the model is first trained on this
+    /// dataset, then `train` starts from that checkpoint.
+    #[serde(default)]
+    pub pretrain: Option<PretrainSpec>,
     /// Training.
     #[serde(default)]
     pub train: TrainSpec,
@@ -111,6 +115,26 @@ pub struct ModelSpec {
     /// Size options (`preset`, or `blocks` + `base_width`, or `depth` + `dims`).
     #[serde(default)]
     pub options: serde_json::Value,
+    /// An existing checkpoint to predict with instead of training (direct inference).
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// A pre-training stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainSpec {
+    /// Off: train from scratch (the sweep's baseline).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Pre-training data.
+    pub dataset: DatasetSpec,
+    /// Epochs.
+    #[serde(default = "epochs")]
+    pub epochs: usize,
+    /// Iterations per epoch.
+    #[serde(default = "iterations")]
+    pub iterations: usize,
 }
 
 /// Training (nnU-Net's defaults).
@@ -196,6 +220,12 @@ pub struct PredictSpec {
     /// Direct-inference label map (built-in name or file).
     #[serde(default)]
     pub label_map: Option<String>,
+    /// Data whose held-out cases are predicted and scored (default: the training data).
+    #[serde(default)]
+    pub dataset: Option<DatasetSpec>,
+    /// Plan for `model.checkpoint` (default: the released STU-Net plan).
+    #[serde(default)]
+    pub plans: Option<PathBuf>,
 }
 
 fn half() -> f64 {
@@ -204,7 +234,7 @@ fn half() -> f64 {
 
 impl Default for PredictSpec {
     fn default() -> Self {
-        Self { tta: true, step: 0.5, keep_largest: false, label_map: None }
+        Self { tta: true, step: 0.5, keep_largest: false, label_map: None, dataset: None, plans: None }
     }
 }
 
@@ -256,12 +286,19 @@ pub fn load_str(text: &str, origin: &Path, overrides: &[String]) -> Result<Spec>
 }
 
 fn from_figment(fig: Figment, path: &Path, overrides: &[String]) -> Result<Spec> {
-    let mut fig = fig.merge(Env::prefixed("STU_SPEC_").split("__"));
-    for o in overrides {
-        let (k, v) = o.split_once('=').with_context(|| format!("--set `{o}`: expected key=value"))?;
-        fig = fig.merge(Serialized::global(k.trim(), parse_value(v.trim())));
+    let fig = fig.merge(Env::prefixed("STU_SPEC_").split("__"));
+    let mut spec: Spec = fig.extract().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(e)))?;
+    // `--set` replaces the value at its key (a table replaces the whole table, unlike a merge).
+    if !overrides.is_empty() {
+        let mut v = serde_json::to_value(&spec)?;
+        for o in overrides {
+            let (k, val) = o.split_once('=').with_context(|| format!("--set `{o}`: expected key=value"))?;
+            let val = serde_json::to_value(parse_value(val.trim()))?;
+            set_dotted(&mut v, k.trim(), val).with_context(|| format!("--set `{o}`"))?;
+        }
+        // Round-trip through figment so the error names the key.
+        spec = Figment::from(Serialized::defaults(v)).extract().map_err(|e| anyhow::anyhow!("{} (with --set {}): {}", path.display(), overrides.join(" "), describe(e)))?;
     }
-    let spec: Spec = fig.extract().map_err(|e| anyhow::anyhow!("{}: {}", path.display(), describe(e)))?;
     validate(&spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(spec)
 }
@@ -290,6 +327,15 @@ pub fn validate(s: &Spec) -> Result<()> {
     allowed("plan.preset", &s.plan.preset, &["nnunet", "stunet"])?;
     let datasets: Vec<&str> = stu_data::plugins::registry().names().collect();
     allowed("dataset.plugin", &s.dataset.plugin, &datasets)?;
+    if let Some(d) = &s.predict.dataset {
+        allowed("predict.dataset.plugin", &d.plugin, &datasets)?;
+    }
+    if let Some(p) = &s.pretrain {
+        allowed("pretrain.dataset.plugin", &p.dataset.plugin, &datasets)?;
+        ensure!(p.epochs >= 1 && p.iterations >= 1, "`pretrain.epochs` and `pretrain.iterations` must be at least 1");
+        ensure!(!(p.enabled && s.train.init_from.is_some()), "`pretrain` and `train.init_from` both give the starting weights; keep one");
+    }
+    ensure!(!(s.model.checkpoint.is_some() && s.pretrain.as_ref().is_some_and(|p| p.enabled)), "`model.checkpoint` skips training; `pretrain` has nothing to feed");
     zoo::link();
     let models: Vec<&str> = stu_engine::model::registry().names().collect();
     allowed("model.name", &s.model.name, &models)?;
