@@ -16,7 +16,7 @@ use serde_json::Value;
 use stu_report::figures::{Bubble, Series, bars, bubbles, curves};
 use stu_report::tables::{markdown, paper, read_records, records_frame, write_table};
 
-const STUDIES: [&str; 4] = ["quickstart", "scaling", "data_fraction", "expert_vs_universal"];
+const STUDIES: [&str; 6] = ["quickstart", "scaling", "data_fraction", "expert_vs_universal", "direct_inference", "finetune"];
 const GROUPS: [&str; 5] = ["organs", "vertebrae", "cardiac", "muscles", "ribs"];
 
 fn col_f64(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
@@ -118,11 +118,43 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
             let (pg, ps) = paper_bars(reports)?;
             bars(&fig, &groups, &[("experts".into(), experts), ("universal".into(), universal)], &pg, &ps)?;
         }
+        // Tables 4 and 5: ours in `table.*`, the paper's beside it.
+        "direct_inference" => {
+            files.push(paper_table(&reports.join("paper/table4_direct_inference.csv"), "dataset", "model", &out.join("paper_table4.md"))?);
+            return Ok(files);
+        }
+        "finetune" => {
+            files.push(paper_table(&reports.join("paper/table5_finetune.csv"), "method", "dataset", &out.join("paper_table5.md"))?);
+            return Ok(files);
+        }
         _ => bail!("unknown study `{name}`"),
     }
     files.push(fig.clone());
     files.push(fig.with_extension("svg"));
     Ok(files)
+}
+
+/// A long-format paper CSV (`row`, `col`, `mean_dsc`) as a Markdown table, rows in file order.
+fn paper_table(csv: &Path, row: &str, col: &str, out: &Path) -> Result<PathBuf> {
+    let p = paper(csv)?;
+    let (r, c, v) = (col_str(&p, row)?, col_str(&p, col)?, col_f64(&p, "mean_dsc")?);
+    let mut rows: Vec<String> = Vec::new();
+    let mut cols: Vec<String> = Vec::new();
+    for i in 0..p.height() {
+        if !rows.contains(&r[i]) {
+            rows.push(r[i].clone());
+        }
+        if !cols.contains(&c[i]) {
+            cols.push(c[i].clone());
+        }
+    }
+    let mut md = format!("Paper's numbers (`{}`), mean DSC %.\n\n| {row} | {} |\n|---|{}|\n", csv.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), cols.join(" | "), cols.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    for rr in &rows {
+        let cells: Vec<String> = cols.iter().map(|cc| (0..p.height()).find(|&i| &r[i] == rr && &c[i] == cc).and_then(|i| v[i]).map_or("–".into(), |x| format!("{x:.2}"))).collect();
+        md.push_str(&format!("| {rr} | {} |\n", cells.join(" | ")));
+    }
+    std::fs::write(out, md)?;
+    Ok(out.to_path_buf())
 }
 
 /// Paper-only figures (left panels empty): `reports/paper/fig{1,4,5}.png`.
