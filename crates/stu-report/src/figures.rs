@@ -30,6 +30,11 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
+/// Axis numbers: whole numbers for percentages, three decimals for Dice in [0, 1].
+fn tick(v: &f64) -> String {
+    if v.abs() >= 10.0 { format!("{v:.0}") } else { format!("{v:.3}") }
+}
+
 fn e<T: std::fmt::Debug>(err: T) -> anyhow::Error {
     anyhow!("{err:?}")
 }
@@ -69,7 +74,7 @@ where
         .y_label_area_size(48)
         .build_cartesian_2d((xmin / 2.0..xmax * 2.0).log_scale(), ymin - pad..ymax + pad)
         .map_err(e)?;
-    ch.configure_mesh().x_labels(6).x_label_formatter(&|v| format!("{v:.3}")).x_desc(xlabel).y_desc(ylabel).draw().map_err(e)?;
+    ch.configure_mesh().x_labels(6).x_label_formatter(&|v| format!("{v:.3}")).y_label_formatter(&tick).x_desc(xlabel).y_desc(ylabel).draw().map_err(e)?;
     for (i, p) in pts.iter().enumerate() {
         let r = (28.0 * (p.area / amax).sqrt()).max(3.0) as i32;
         let c = COLORS[i % COLORS.len()];
@@ -115,7 +120,14 @@ where
         .y_label_area_size(48)
         .build_cartesian_2d((xmin * 0.8..xmax * 1.25).log_scale(), ymin - pad..ymax + pad)
         .map_err(e)?;
-    ch.configure_mesh().x_labels(6).x_label_formatter(&|v| format!("{v}")).x_desc(xlabel).y_desc(ylabel).draw().map_err(e)?;
+    ch.configure_mesh()
+        .x_labels(8)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&tick)
+        .x_desc(xlabel)
+        .y_desc(ylabel)
+        .draw()
+        .map_err(e)?;
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];
         ch.draw_series(LineSeries::new(s.points.clone(), c.stroke_width(2))).map_err(e)?.label(s.name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
@@ -164,6 +176,7 @@ where
     ch.configure_mesh()
         .disable_x_mesh()
         .x_labels(2 * n + 1)
+        .y_label_formatter(&tick)
         .x_label_formatter(&|x| {
             // Ticks at every half unit; the group names sit at the bar-group centres.
             let h = (x * 2.0).round() as i64;
