@@ -156,6 +156,20 @@ impl DatasetJson {
         })
     }
 
+    /// The foreground classes (value > 0, not regions) with their names, by value.
+    pub fn foreground_classes(&self) -> Vec<(u32, &str)> {
+        let mut v: Vec<(u32, &str)> = self
+            .labels
+            .iter()
+            .filter_map(|(name, l)| match l {
+                LabelValue::Class(c) if *c > 0 => Some((*c, name.as_str())),
+                _ => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Every value a label map may contain (background, classes, region members, ignore).
     pub fn allowed_label_values(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self

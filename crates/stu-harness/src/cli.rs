@@ -613,14 +613,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let labels: Vec<u16> = match (labels, &map) {
                 (_, Some(m)) => m.labels.iter().map(|l| l.value).collect(),
-                (Some(p), None) => stu_data::dataset::DatasetJson::read(&p)?
-                    .labels
-                    .iter()
-                    .filter_map(|(_, v)| match v {
-                        stu_data::dataset::LabelValue::Class(c) if *c > 0 => Some(*c as u16),
-                        _ => None,
-                    })
-                    .collect(),
+                (Some(p), None) => stu_data::dataset::DatasetJson::read(&p)?.foreground_classes().iter().map(|c| c.0 as u16).collect(),
                 (None, None) => {
                     let mut seen = std::collections::BTreeSet::new();
                     for e in std::fs::read_dir(&reference).with_context(|| format!("{}: cannot list", reference.display()))? {

@@ -168,14 +168,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
                 eval.reference_map = Some(m.reference_table());
                 (m.labels.iter().map(|l| l.value).collect(), m.labels.iter().map(|l| (l.value.to_string(), l.name.clone().into())).collect())
             }
-            None => json
-                .labels
-                .iter()
-                .filter_map(|(n, v)| match v {
-                    stu_data::dataset::LabelValue::Class(c) if *c > 0 => Some((*c as u16, (c.to_string(), serde_json::Value::from(n.clone())))),
-                    _ => None,
-                })
-                .unzip(),
+            None => json.foreground_classes().into_iter().map(|(c, n)| (c as u16, (c.to_string(), serde_json::Value::from(n)))).unzip(),
         };
         let summary = stu_data::metrics::evaluate_folder(&labels, &pred, &label_values, &eval)?;
         let value = serde_json::to_value(&summary)?;

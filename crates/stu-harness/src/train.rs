@@ -11,7 +11,6 @@
 //! `(seed, stream, e·iters + i)` (see `stu_data::loader`), and the CPU kernels reduce in a
 //! fixed order, so a resumed run repeats the uninterrupted one's losses exactly.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -206,23 +205,13 @@ fn fold_cases(dir: &Path, fold: &str) -> Result<(Vec<String>, Vec<String>)> {
 }
 
 /// Labels and channels from the preprocessed `dataset.json`.
-fn task(dir: &Path) -> Result<(usize, usize, Vec<String>)> {
+fn task(dir: &Path) -> Result<(usize, usize)> {
     let path = dir.join("dataset.json");
     let json = stu_data::dataset::DatasetJson::read(&path)?;
     ensure!(json.regions_class_order.is_none(), "{}: region-based labels (sigmoid training) are not supported yet", path.display());
     ensure!(json.ignore_label.is_none(), "{}: an ignore label (sparse annotation) is not supported by training yet", path.display());
-    let mut labels: Vec<(i64, String)> = json
-        .labels
-        .iter()
-        .filter_map(|(name, v)| match v {
-            stu_data::dataset::LabelValue::Class(c) => Some((i64::from(*c), name.clone())),
-            stu_data::dataset::LabelValue::Region(_) => None,
-        })
-        .collect();
-    labels.sort();
-    let names = labels.iter().filter(|(v, _)| *v > 0).map(|(_, n)| n.clone()).collect();
-    let max = labels.iter().map(|(v, _)| *v).max().unwrap_or(0);
-    Ok((json.channel_names.len(), max as usize + 1, names))
+    let max = json.foreground_classes().last().map_or(0, |c| c.0);
+    Ok((json.channel_names.len(), max as usize + 1))
 }
 
 /// One line of `log.jsonl`.
@@ -414,7 +403,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         stu_core::fs::write_atomic(&cfg_path, (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
     }
     let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
-    let (in_channels, num_classes, class_names) = task(&cfg.preprocessed)?;
+    let (in_channels, num_classes) = task(&cfg.preprocessed)?;
     let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
     if cfg.fraction < 1.0 {
         // A fixed subset per fraction (independent of the run seed, so seeds vary only the
@@ -570,7 +559,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         if !transfer.is_null() {
             stu_core::fs::write_atomic(&out.join("transfer.json"), (serde_json::to_string_pretty(&transfer)? + "\n").as_bytes())?;
         }
-        write_curves(out, &logs, &class_names)?;
+        write_curves(out, &logs)?;
     }
     Ok(TrainSummary { out: out.clone(), epochs_run: cfg.epochs - epochs_before, last: logs.last().cloned(), best_ema, transfer })
 }
@@ -592,7 +581,7 @@ fn append_log(path: &Path, log: &EpochLog) -> Result<()> {
 }
 
 /// `progress.png`/`.svg`: losses and pseudo Dice per epoch.
-fn write_curves(out: &Path, logs: &[EpochLog], _classes: &[String]) -> Result<()> {
+fn write_curves(out: &Path, logs: &[EpochLog]) -> Result<()> {
     let series = stu_report::curves::TrainingCurves {
         epochs: logs.iter().map(|l| l.epoch as f64).collect(),
         train_loss: logs.iter().map(|l| l.train_loss).collect(),
@@ -601,9 +590,4 @@ fn write_curves(out: &Path, logs: &[EpochLog], _classes: &[String]) -> Result<()
         ema_dice: logs.iter().map(|l| l.ema_fg_dice.unwrap_or(f64::NAN)).collect(),
     };
     stu_report::curves::draw(&series, &out.join("progress.png")).with_context(|| format!("{}: cannot draw", out.join("progress.png").display()))
-}
-
-/// Per-class pseudo Dice of the last epoch with names (for the CLI summary).
-pub fn named_dice(log: &EpochLog, names: &[String]) -> BTreeMap<String, Option<f64>> {
-    names.iter().cloned().zip(log.pseudo_dice.iter().copied()).collect()
 }
