@@ -82,6 +82,16 @@ struct PhantomConfig {
     stunet_ids: bool,
 }
 
+/// The `group` option shared by the phantom and TotalSegmentator plugins: an expert group
+/// name, or `all` / absent for every class.
+fn expert_group(plugin: &str, group: Option<&str>) -> Result<Option<stu_core::taxonomy::ExpertGroup>, DatasetError> {
+    group
+        .filter(|g| *g != "all")
+        .map(stu_core::taxonomy::ExpertGroup::parse)
+        .transpose()
+        .map_err(|reason| DatasetError::Json { path: PathBuf::from(format!("dataset `{plugin}`")), key: "group".into(), reason })
+}
+
 fn default_cases() -> usize {
     16
 }
@@ -91,13 +101,7 @@ fn default_test_cases() -> usize {
 
 fn prepare_phantom(value: &serde_json::Value, out: &Path) -> Result<PathBuf, DatasetError> {
     let c: PhantomConfig = config("phantom", value)?;
-    let group = c
-        .group
-        .as_deref()
-        .filter(|g| *g != "all")
-        .map(stu_core::taxonomy::ExpertGroup::parse)
-        .transpose()
-        .map_err(|reason| DatasetError::Json { path: PathBuf::from("dataset `phantom`"), key: "group".into(), reason })?;
+    let group = expert_group("phantom", c.group.as_deref())?;
     crate::phantom::write_dataset(&crate::phantom::PhantomOptions { out: out.to_path_buf(), cases: c.cases, test_cases: c.test_cases, seed: c.seed, group, stunet_ids: c.stunet_ids })
         .map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: e.to_string() })?;
     Ok(out.to_path_buf())
@@ -117,13 +121,7 @@ struct TotalSegConfig {
 
 fn prepare_totalseg(value: &serde_json::Value, out: &Path) -> Result<PathBuf, DatasetError> {
     let c: TotalSegConfig = config("totalsegmentator", value)?;
-    let group = c
-        .group
-        .as_deref()
-        .filter(|g| *g != "all")
-        .map(stu_core::taxonomy::ExpertGroup::parse)
-        .transpose()
-        .map_err(|reason| DatasetError::Json { path: PathBuf::from("dataset `totalsegmentator`"), key: "group".into(), reason })?;
+    let group = expert_group("totalsegmentator", c.group.as_deref())?;
     crate::totalseg::convert(&c.path, out, group)?;
     Ok(out.to_path_buf())
 }

@@ -110,7 +110,6 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
                 req.iterations = p.iterations;
                 req.fraction = p.dataset.fraction;
                 req.init_from = None;
-                req.resume = req.out.join("train.json").exists();
                 log(&format!("pretrain: {}", req.out.display()));
                 crate::train::train(&req, &crate::train::Quiet)?;
                 timings.insert("pretrain_s".into(), t.elapsed().as_secs_f64().into());

@@ -349,9 +349,7 @@ pub fn validate(s: &Spec) -> Result<()> {
         ensure!(!v.is_empty(), "`sweep.\"{k}\"` has no values");
     }
     // Every point must resolve: unknown sweep keys and bad values fail here, naming the key.
-    for p in points(s)? {
-        let _ = p;
-    }
+    points(s)?;
     Ok(())
 }
 
