@@ -21,8 +21,9 @@ struct Stats {
     ce: f64,
 }
 
-fn softmax_block(logits: &[f32], bi: usize, c: usize, n: usize, v0: usize, len: usize, p: &mut [f32]) {
-    // p: [len, c] row-major per voxel.
+/// Softmax of voxels `v0..v0+len` of sample `bi` into `p` (`[len, c]`), and each voxel's
+/// log-sum-exp of the logits into `lse`.
+fn softmax_block(logits: &[f32], bi: usize, c: usize, n: usize, v0: usize, len: usize, p: &mut [f32], lse: &mut [f64]) {
     let base = bi * c * n;
     for v in 0..len {
         let mut m = f32::NEG_INFINITY;
@@ -39,6 +40,7 @@ fn softmax_block(logits: &[f32], bi: usize, c: usize, n: usize, v0: usize, len: 
         for k in 0..c {
             p[v * c + k] *= inv;
         }
+        lse[v] = m as f64 + (s as f64).ln();
     }
 }
 
@@ -47,10 +49,10 @@ fn stats(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize) -> Stats 
     let (inter, sum_p, sum_y, ce) = blocks
         .par_iter()
         .fold(
-            || (vec![0f64; b * c], vec![0f64; b * c], vec![0f64; b * c], 0f64, vec![0f32; BLOCK * c]),
-            |(mut inter, mut sum_p, mut sum_y, mut ce, mut p), &(bi, v0)| {
+            || (vec![0f64; b * c], vec![0f64; b * c], vec![0f64; b * c], 0f64, (vec![0f32; BLOCK * c], vec![0f64; BLOCK])),
+            |(mut inter, mut sum_p, mut sum_y, mut ce, (mut p, mut lse)), &(bi, v0)| {
                 let len = BLOCK.min(n - v0);
-                softmax_block(logits, bi, c, n, v0, len, &mut p);
+                softmax_block(logits, bi, c, n, v0, len, &mut p, &mut lse);
                 let mut sp = vec![0f64; c];
                 for v in 0..len {
                     let t = target[bi * n + v0 + v] as usize;
@@ -60,16 +62,13 @@ fn stats(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize) -> Stats 
                     }
                     inter[bi * c + t] += row[t] as f64;
                     sum_y[bi * c + t] += 1.0;
-                    // −log p_t from the logits (stable): logsumexp − z_t.
-                    let base = bi * c * n + v0 + v;
-                    let m = (0..c).map(|k| logits[base + k * n]).fold(f32::NEG_INFINITY, f32::max);
-                    let lse = (0..c).map(|k| ((logits[base + k * n] - m) as f64).exp()).sum::<f64>().ln() + m as f64;
-                    ce += lse - logits[base + t * n] as f64;
+                    // −log p_t = logsumexp − z_t.
+                    ce += lse[v] - logits[bi * c * n + t * n + v0 + v] as f64;
                 }
                 for k in 0..c {
                     sum_p[bi * c + k] += sp[k];
                 }
-                (inter, sum_p, sum_y, ce, p)
+                (inter, sum_p, sum_y, ce, (p, lse))
             },
         )
         .map(|(i, p, y, ce, _)| (i, p, y, ce))
@@ -128,10 +127,10 @@ pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, ba
     let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(BLOCK).map(move |v0| (bi, v0))).collect();
     let outp = super::SharedMut::new(&mut out);
     chunks.par_iter().for_each_init(
-        || (vec![0f32; BLOCK * c], vec![0f64; c]),
-        |(p, g), &(bi, v0)| {
+        || (vec![0f32; BLOCK * c], vec![0f64; c], vec![0f64; BLOCK]),
+        |(p, g, lse), &(bi, v0)| {
             let len = BLOCK.min(n - v0);
-            softmax_block(logits, bi, c, n, v0, len, p);
+            softmax_block(logits, bi, c, n, v0, len, p, lse);
             let grp = if batch_dice { 0 } else { bi };
             for v in 0..len {
                 let t = target[bi * n + v0 + v] as usize;
