@@ -39,18 +39,26 @@ fn e<T: std::fmt::Debug>(err: T) -> anyhow::Error {
     anyhow!("{err:?}")
 }
 
-fn both(path: &Path, size: (u32, u32), draw: &dyn Fn(&DrawingArea<BitMapBackend, Shift>) -> Result<()>, draw_svg: &dyn Fn(&DrawingArea<SVGBackend, Shift>) -> Result<()>) -> Result<()> {
-    crate::register_font();
-    {
-        let a = BitMapBackend::new(path, size).into_drawing_area();
-        draw(&a)?;
+/// Draws a two-panel figure (ours left, the paper's right) as `path` (PNG) and beside it as
+/// SVG: the body runs once per backend with the panels bound to the two names.
+macro_rules! two_panels {
+    ($path:expr, |$l:ident, $r:ident| $body:block) => {{
+        crate::register_font();
+        {
+            let a = BitMapBackend::new($path, (1100, 480)).into_drawing_area();
+            a.fill(&WHITE).map_err(e)?;
+            let ($l, $r) = a.split_horizontally(550);
+            $body
+            a.present().map_err(e)?;
+        }
+        let svg = $path.with_extension("svg");
+        let a = SVGBackend::new(&svg, (1100, 480)).into_drawing_area();
+        a.fill(&WHITE).map_err(e)?;
+        let ($l, $r) = a.split_horizontally(550);
+        $body
         a.present().map_err(e)?;
-    }
-    let svg = path.with_extension("svg");
-    let a = SVGBackend::new(&svg, size).into_drawing_area();
-    draw_svg(&a)?;
-    a.present().map_err(e)?;
-    Ok(())
+        Ok(())
+    }};
 }
 
 const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
@@ -86,19 +94,10 @@ where
 
 /// Fig. 1: Dice vs size, bubble area ∝ `area`; ours left, the paper's right.
 pub fn bubbles(path: &Path, ours: &[Bubble], ours_x: &str, paper: &[Bubble], paper_x: &str) -> Result<()> {
-    let draw = |a: &DrawingArea<BitMapBackend, Shift>| -> Result<()> {
-        a.fill(&WHITE).map_err(e)?;
-        let (l, r) = a.split_horizontally(550);
+    two_panels!(path, |l, r| {
         bubble_panel(&l, "this harness (area ∝ MACs)", ours_x, "mean Dice", ours)?;
-        bubble_panel(&r, "paper, TotalSegmentator (area ∝ FLOPs)", paper_x, "mean DSC (%)", paper)
-    };
-    let draw_svg = |a: &DrawingArea<SVGBackend, Shift>| -> Result<()> {
-        a.fill(&WHITE).map_err(e)?;
-        let (l, r) = a.split_horizontally(550);
-        bubble_panel(&l, "this harness (area ∝ MACs)", ours_x, "mean Dice", ours)?;
-        bubble_panel(&r, "paper, TotalSegmentator (area ∝ FLOPs)", paper_x, "mean DSC (%)", paper)
-    };
-    both(path, (1100, 480), &draw, &draw_svg)
+        bubble_panel(&r, "paper, TotalSegmentator (area ∝ FLOPs)", paper_x, "mean DSC (%)", paper)?;
+    })
 }
 
 fn curve_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, xlabel: &str, ylabel: &str, series: &[Series]) -> Result<()>
@@ -139,19 +138,10 @@ where
 
 /// Fig. 4: Dice vs training fraction (log x); ours left, the paper's right.
 pub fn curves(path: &Path, ours: &[Series], paper: &[Series], xlabel: &str) -> Result<()> {
-    let draw = |a: &DrawingArea<BitMapBackend, Shift>| -> Result<()> {
-        a.fill(&WHITE).map_err(e)?;
-        let (l, r) = a.split_horizontally(550);
+    two_panels!(path, |l, r| {
         curve_panel(&l, "this harness", xlabel, "mean Dice", ours)?;
-        curve_panel(&r, "paper, TotalSegmentator", xlabel, "mean DSC (%)", paper)
-    };
-    let draw_svg = |a: &DrawingArea<SVGBackend, Shift>| -> Result<()> {
-        a.fill(&WHITE).map_err(e)?;
-        let (l, r) = a.split_horizontally(550);
-        curve_panel(&l, "this harness", xlabel, "mean Dice", ours)?;
-        curve_panel(&r, "paper, TotalSegmentator", xlabel, "mean DSC (%)", paper)
-    };
-    both(path, (1100, 480), &draw, &draw_svg)
+        curve_panel(&r, "paper, TotalSegmentator", xlabel, "mean DSC (%)", paper)?;
+    })
 }
 
 fn bar_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, ylabel: &str, groups: &[String], series: &[(String, Vec<f64>)]) -> Result<()>
@@ -202,17 +192,8 @@ where
 
 /// Fig. 5: per-group bars (experts vs universal); ours left, the paper's right.
 pub fn bars(path: &Path, groups: &[String], ours: &[(String, Vec<f64>)], paper_groups: &[String], paper: &[(String, Vec<f64>)]) -> Result<()> {
-    let draw = |a: &DrawingArea<BitMapBackend, Shift>| -> Result<()> {
-        a.fill(&WHITE).map_err(e)?;
-        let (l, r) = a.split_horizontally(550);
+    two_panels!(path, |l, r| {
         bar_panel(&l, "this harness", "mean Dice", groups, ours)?;
-        bar_panel(&r, "paper, TotalSegmentator (B)", "mean DSC (%)", paper_groups, paper)
-    };
-    let draw_svg = |a: &DrawingArea<SVGBackend, Shift>| -> Result<()> {
-        a.fill(&WHITE).map_err(e)?;
-        let (l, r) = a.split_horizontally(550);
-        bar_panel(&l, "this harness", "mean Dice", groups, ours)?;
-        bar_panel(&r, "paper, TotalSegmentator (B)", "mean DSC (%)", paper_groups, paper)
-    };
-    both(path, (1100, 480), &draw, &draw_svg)
+        bar_panel(&r, "paper, TotalSegmentator (B)", "mean DSC (%)", paper_groups, paper)?;
+    })
 }
