@@ -76,6 +76,19 @@ fn host() -> Value {
     })
 }
 
+/// `AMD EPYC · 2 cores · 23 GiB · <date> · git <rev> (dirty)`: the machine line of each report.
+fn host_line(host: &Value) -> String {
+    format!(
+        "{} · {} cores · {} GiB · {} · git {}{}",
+        host["cpu"].as_str().unwrap_or(""),
+        host["cores"],
+        host["mem_gib"],
+        host["date"].as_str().unwrap_or(""),
+        host["git"].as_str().unwrap_or(""),
+        if host["dirty"].as_bool() == Some(true) { " (dirty)" } else { "" },
+    )
+}
+
 fn bench(args: Vec<String>) -> Result<()> {
     let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut torch = true;
@@ -127,15 +140,10 @@ fn bench(args: Vec<String>) -> Result<()> {
     let host = host();
     let mut rows = Vec::new();
     let mut md = format!(
-        "# CPU benchmark: STU-Net in Rust (burn {}) vs PyTorch {}\n\n{} · {} cores · {} GiB · {} · git {}{}\n\nMedians in seconds; ratio = ours / PyTorch (lower is better; ≤ 1.0 is the goal).\n\n| case | ours fwd | torch fwd | ratio | ours fwd+bwd | torch fwd+bwd | ratio |\n|---|---|---|---|---|---|---|\n",
+        "# CPU benchmark: STU-Net in Rust (burn {}) vs PyTorch {}\n\n{}\n\nMedians in seconds; ratio = ours / PyTorch (lower is better; ≤ 1.0 is the goal).\n\n| case | ours fwd | torch fwd | ratio | ours fwd+bwd | torch fwd+bwd | ratio |\n|---|---|---|---|---|---|---|\n",
         "0.22.1",
         theirs["torch"].as_str().unwrap_or("(not run)"),
-        host["cpu"].as_str().unwrap_or(""),
-        host["cores"],
-        host["mem_gib"],
-        host["date"].as_str().unwrap_or(""),
-        host["git"].as_str().unwrap_or(""),
-        if host["dirty"].as_bool() == Some(true) { " (dirty)" } else { "" },
+        host_line(&host),
     );
     let f = |v: &Value| v.as_f64().map(|v| format!("{v:.3}")).unwrap_or_else(|| "–".into());
     let ratio = |a: &Value, b: &Value| match (a.as_f64(), b.as_f64()) {
@@ -259,13 +267,8 @@ fn bench_preprocess(args: Vec<String>) -> Result<()> {
     let ratio = |a: f64, b: &Value| b.as_f64().map(|b| format!("{:.2}×", a / b)).unwrap_or_else(|| "–".into());
     let gib = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
     let mut md = format!(
-        "# Preprocessing benchmark: Dataset990_SyntheticCT (512×512×300 @ 0.8×0.8×1.0 mm, 512×512×150 @ 0.7×0.7×2.0 mm)\n\n{} · {} cores · {} GiB · {} · git {}{}\n\nplan: spacing {} patch {} (nnU-Net: {} {})\n\n| step | ours (s) | ours peak RSS (GiB) | nnU-Net (s) | nnU-Net peak RSS (GiB) | time ratio | RSS ratio |\n|---|---|---|---|---|---|---|\n",
-        host["cpu"].as_str().unwrap_or(""),
-        host["cores"],
-        host["mem_gib"],
-        host["date"].as_str().unwrap_or(""),
-        host["git"].as_str().unwrap_or(""),
-        if host["dirty"].as_bool() == Some(true) { " (dirty)" } else { "" },
+        "# Preprocessing benchmark: Dataset990_SyntheticCT (512×512×300 @ 0.8×0.8×1.0 mm, 512×512×150 @ 0.7×0.7×2.0 mm)\n\n{}\n\nplan: spacing {} patch {} (nnU-Net: {} {})\n\n| step | ours (s) | ours peak RSS (GiB) | nnU-Net (s) | nnU-Net peak RSS (GiB) | time ratio | RSS ratio |\n|---|---|---|---|---|---|---|\n",
+        host_line(&host),
         conf["spacing"],
         conf["patch_size"],
         theirs["spacing"],
@@ -327,14 +330,9 @@ fn bench_train(args: Vec<String>) -> Result<()> {
     let theirs: Value = serde_json::from_str(&std::fs::read_to_string(&torch_path)?)?;
     let host = host();
     let mut md = format!(
-        "# CPU training step: STU-Net in Rust (burn 0.22.1) vs PyTorch {}\n\n{} · {} cores · {} GiB · {} · git {}{}\n\nOne nnU-Net step: batch 2, 1 channel, 128³, 105 classes, deep supervision, Dice + CE, clip 12, Nesterov SGD. Median of 2 after a warm-up, seconds; ratio = ours / PyTorch.\n\n| case | ours (s) | PyTorch (s) | ratio | ours it/s | PyTorch it/s |\n|---|---|---|---|---|---|\n",
+        "# CPU training step: STU-Net in Rust (burn 0.22.1) vs PyTorch {}\n\n{}\n\nOne nnU-Net step: batch 2, 1 channel, 128³, 105 classes, deep supervision, Dice + CE, clip 12, Nesterov SGD. Median of 2 after a warm-up, seconds; ratio = ours / PyTorch.\n\n| case | ours (s) | PyTorch (s) | ratio | ours it/s | PyTorch it/s |\n|---|---|---|---|---|---|\n",
         theirs["torch"].as_str().unwrap_or("?"),
-        host["cpu"].as_str().unwrap_or(""),
-        host["cores"],
-        host["mem_gib"],
-        host["date"].as_str().unwrap_or(""),
-        host["git"].as_str().unwrap_or(""),
-        if host["dirty"].as_bool() == Some(true) { " (dirty)" } else { "" },
+        host_line(&host),
     );
     let mut rows = Vec::new();
     for r in ours["results"].as_array().into_iter().flatten() {
