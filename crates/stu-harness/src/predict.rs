@@ -168,30 +168,13 @@ impl Predictor {
             // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
             write_probabilities(path, classes, geom.shape, |k| {
                 let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
-                let mut ch = vec![if k == 0 { 1f32 } else { 0f32 }; full.iter().product()];
-                for zz in 0..target[0] {
-                    for yy in 0..target[1] {
-                        let src = (zz * target[1] + yy) * target[2];
-                        let dst = ((zz + bb[0][0]) * full[1] + yy + bb[1][0]) * full[2] + bb[2][0];
-                        for i in 0..target[2] {
-                            ch[dst + i] = (r[src + i] - best[src + i]).exp() / sumexp[src + i];
-                        }
-                    }
-                }
-                transpose(ch, full, backward).0
+                let p: Vec<f32> = r.iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
+                transpose(uncrop(&p, target, full, bb, if k == 0 { 1.0 } else { 0.0 }), full, backward).0
             })
             .with_context(|| path.display().to_string())?;
         }
         drop(logits);
-        let mut seg = vec![0u16; full.iter().product()];
-        for zz in 0..target[0] {
-            for yy in 0..target[1] {
-                let src = (zz * target[1] + yy) * target[2];
-                let dst = ((zz + bb[0][0]) * full[1] + yy + bb[1][0]) * full[2] + bb[2][0];
-                seg[dst..dst + target[2]].copy_from_slice(&arg[src..src + target[2]]);
-            }
-        }
-        let (seg, shape) = transpose(seg, full, backward);
+        let (seg, shape) = transpose(uncrop(&arg, target, full, bb, 0), full, backward);
         ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
         Ok((seg, geom))
     }
@@ -289,6 +272,20 @@ impl Predictor {
         acc.shrink_to_fit();
         Ok(acc)
     }
+}
+
+/// Places a cropped volume of shape `cropped` at `bbox` inside a volume of shape `full` filled
+/// with `fill` (the inverse of preprocessing's crop).
+fn uncrop<T: Copy>(v: &[T], cropped: [usize; 3], full: [usize; 3], bbox: [[usize; 2]; 3], fill: T) -> Vec<T> {
+    let mut out = vec![fill; full.iter().product()];
+    for z in 0..cropped[0] {
+        for y in 0..cropped[1] {
+            let src = (z * cropped[1] + y) * cropped[2];
+            let dst = ((z + bbox[0][0]) * full[1] + y + bbox[1][0]) * full[2] + bbox[2][0];
+            out[dst..dst + cropped[2]].copy_from_slice(&v[src..src + cropped[2]]);
+        }
+    }
+    out
 }
 
 fn flip(x: Tensor<5>, axes: &[usize]) -> Tensor<5> {
