@@ -252,22 +252,27 @@ pub fn center_crop(input: &Sample, out: [usize; 3]) -> Sample {
     Sample { data, seg, channels: input.channels, shape: out }
 }
 
+/// The 1-D lines of a `[Z, Y, X]` volume along `axis`: each line's first index, and the step
+/// between its elements.
+fn lines(shape: [usize; 3], axis: usize) -> (Vec<usize>, usize) {
+    let strides = [shape[1] * shape[2], shape[2], 1];
+    let (o0, o1) = match axis {
+        0 => (1, 2),
+        1 => (0, 2),
+        _ => (0, 1),
+    };
+    ((0..shape[o0]).flat_map(|i| (0..shape[o1]).map(move |j| i * strides[o0] + j * strides[o1])).collect(), strides[axis])
+}
+
 /// Cubic B-spline coefficients (scipy's `spline_filter`, mirror boundary), along every axis.
 pub fn spline_coefficients(v: &[f32], shape: [usize; 3]) -> Vec<f32> {
     let mut c: Vec<f32> = v.to_vec();
-    let strides = [shape[1] * shape[2], shape[2], 1];
     for axis in 0..3 {
         let n = shape[axis];
         if n < 2 {
             continue;
         }
-        let (o0, o1) = match axis {
-            0 => (1, 2),
-            1 => (0, 2),
-            _ => (0, 1),
-        };
-        let starts: Vec<usize> = (0..shape[o0]).flat_map(|i| (0..shape[o1]).map(move |j| i * strides[o0] + j * strides[o1])).collect();
-        let s = strides[axis];
+        let (starts, s) = lines(shape, axis);
         let mut line = vec![0f64; n];
         for &start in &starts {
             for (k, l) in line.iter_mut().enumerate() {
@@ -415,25 +420,20 @@ pub fn gaussian_blur(v: &mut [f32], shape: [usize; 3], sigma: f64) {
     let mut k: Vec<f64> = (-radius..=radius).map(|i| (-0.5 * (i as f64 / sigma).powi(2)).exp()).collect();
     let s: f64 = k.iter().sum();
     k.iter_mut().for_each(|x| *x /= s);
-    let strides = [shape[1] * shape[2], shape[2], 1];
     for axis in 0..3 {
         let n = shape[axis];
-        let others: Vec<usize> = (0..3).filter(|&a| a != axis).collect();
-        let st = strides[axis];
+        let (starts, st) = lines(shape, axis);
         let mut line = vec![0f64; n];
         let mut out = vec![0f64; n];
-        for i in 0..shape[others[0]] {
-            for j in 0..shape[others[1]] {
-                let start = i * strides[others[0]] + j * strides[others[1]];
-                for (q, l) in line.iter_mut().enumerate() {
-                    *l = v[start + q * st] as f64;
-                }
-                for (q, o) in out.iter_mut().enumerate() {
-                    *o = k.iter().enumerate().map(|(t, w)| w * line[reflect(q as i64 + t as i64 - radius, n)]).sum();
-                }
-                for (q, o) in out.iter().enumerate() {
-                    v[start + q * st] = *o as f32;
-                }
+        for start in starts {
+            for (q, l) in line.iter_mut().enumerate() {
+                *l = v[start + q * st] as f64;
+            }
+            for (q, o) in out.iter_mut().enumerate() {
+                *o = k.iter().enumerate().map(|(t, w)| w * line[reflect(q as i64 + t as i64 - radius, n)]).sum();
+            }
+            for (q, o) in out.iter().enumerate() {
+                v[start + q * st] = *o as f32;
             }
         }
     }
@@ -488,15 +488,11 @@ fn gamma(c: &mut [f32], g: f64, invert: bool) {
 
 /// Reverses `axis` of a `[Z, Y, X]` volume in place.
 pub fn flip<T: Copy>(v: &mut [T], shape: [usize; 3], axis: usize) {
-    let strides = [shape[1] * shape[2], shape[2], 1];
     let n = shape[axis];
-    let others: Vec<usize> = (0..3).filter(|&a| a != axis).collect();
-    for i in 0..shape[others[0]] {
-        for j in 0..shape[others[1]] {
-            let start = i * strides[others[0]] + j * strides[others[1]];
-            for q in 0..n / 2 {
-                v.swap(start + q * strides[axis], start + (n - 1 - q) * strides[axis]);
-            }
+    let (starts, st) = lines(shape, axis);
+    for start in starts {
+        for q in 0..n / 2 {
+            v.swap(start + q * st, start + (n - 1 - q) * st);
         }
     }
 }

@@ -26,10 +26,6 @@ pub struct PointOutcome {
     pub status: String,
 }
 
-fn hash(v: &serde_json::Value) -> String {
-    let t = v.to_string();
-    format!("{:016x}", t.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)))
-}
 
 fn git(args: &[&str]) -> Option<String> {
     std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -48,7 +44,7 @@ fn host() -> serde_json::Value {
 /// Data for a point: raw dataset root, preprocessed folder (cached across points).
 fn data(dataset: &DatasetSpec, plan: &PlanSpec, root: &Path, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf)> {
     let key = json!({"plugin": dataset.plugin, "options": dataset.options, "plan": plan});
-    let dir = root.join("data").join(hash(&key));
+    let dir = root.join("data").join(crate::spec::hash_hex(&key.to_string()));
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let entry = stu_data::plugins::registry().get(&dataset.plugin)?;
     log(&format!("data: {} → {}", dataset.plugin, dir.display()));

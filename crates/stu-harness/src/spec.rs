@@ -400,14 +400,15 @@ pub fn points(spec: &Spec) -> Result<Vec<Point>> {
         .map(|set| {
             let resolved = apply(spec, &set)?;
             let text = serde_json::to_string(&resolved)?;
-            let id = format!("{:016x}", fnv1a(text.as_bytes()));
+            let id = hash_hex(&text);
             Ok(Point { set, spec: resolved, id })
         })
         .collect()
 }
 
-fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x0100_0000_01b3))
+/// FNV-1a of `text` as 16 hex digits: the identity of a resolved point or of a data setup.
+pub(crate) fn hash_hex(text: &str) -> String {
+    format!("{:016x}", text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)))
 }
 
 /// A short label of a point for folder names (`model.options.base_width=8_seed=1`).
