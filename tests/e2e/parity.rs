@@ -36,6 +36,7 @@ fn tiny_iso_matches_pytorch_in_all_three_containers() {
             input: reference.clone(),
             input_key: "input".into(),
             output: out.clone(),
+            precision: Default::default(),
         })
         .unwrap_or_else(|e| panic!("{file}: {e:#}"));
         assert_eq!(outs.len(), 5);
@@ -82,6 +83,7 @@ fn own_fixtures_match_pytorch() {
             input: file.clone(),
             input_key: "input".into(),
             output: out.clone(),
+            precision: Default::default(),
         })
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         check_outputs(&out, &file, spec["outputs"].as_array().unwrap().len());

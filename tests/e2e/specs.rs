@@ -115,6 +115,23 @@ compute = "none"
     let err = String::from_utf8_lossy(&fixed.stderr);
     assert!(fixed.status.success(), "{err}");
     assert!(err.contains("2 skipped, 0 failed"), "{err}");
+
+    // Job arrays (`cargo xtask run --emit slurm`): count, prepare the data once, one point per task.
+    let sp = spec.to_str().unwrap();
+    let count = stu(&["run", sp, "--count"]);
+    assert_eq!(String::from_utf8_lossy(&count.stdout).trim(), "2");
+    let bad = stu(&["run", sp, "--point", "2"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--point 2: the study has 2 point(s)"));
+    let array_dir = tmp.path().join("array");
+    let a = array_dir.to_str().unwrap();
+    let data = stu(&["run", sp, "--out", a, "--data-only"]);
+    assert!(data.status.success(), "{}", String::from_utf8_lossy(&data.stderr));
+    assert!(array_dir.join("data").read_dir().unwrap().count() == 1, "one dataset for both seeds");
+    let records = |dir: &std::path::Path| std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().path().join("record.json").exists()).count();
+    assert_eq!(records(&array_dir), 0);
+    let one = stu(&["run", sp, "--out", a, "--point", "1"]);
+    assert!(one.status.success(), "{}", String::from_utf8_lossy(&one.stderr));
+    assert_eq!(records(&array_dir), 1);
 }
 
 fn tiny_overrides() -> Vec<String> {

@@ -14,8 +14,18 @@
 //!   deep supervision, SGD) for STU-Net-S and -B with `stu bench train_…`, then the same step in
 //!   PyTorch (`xtask/bench/torch_train.py`) right after; writes `reports/bench/train.{json,md}`.
 //!
+//! - `bench --backend tch-cuda [--python PY]`: on a CUDA machine, builds `stu` with `tch`
+//!   (README: "GPU backends") and runs `xtask/bench/gpu_suite.py`: parity on the shared fixture,
+//!   sliding-window prediction, and the training step / 128³ inference of S/B/L/H next to
+//!   PyTorch (`xtask/bench/torch_gpu.py`) on the same card; writes `reports/bench/gpu.{json,md}`.
+//!
 //! - `run SPEC [--set k=v]… [--paper-scale]`: builds `stu` in release with the spec's backend
 //!   feature and runs every sweep point (`stu run`).
+//! - `run SPEC [--set k=v]… --emit slurm [--partition P] [--time HH:MM:SS] [--parallel N]`:
+//!   writes a Slurm job array instead (one task per sweep point, after one data job, then the
+//!   report) under `slurm/<spec>/`, and prints how to submit it.
+//! - `libtorch [DIR]`: assembles the libtorch folders the `tch` feature builds against from
+//!   PyPI wheels (`xtask/libtorch.py`; README: "GPU backends").
 //! - `report [--check]`: run records → tables and figures (`stu-report`, with polars);
 //!   `--check` fails when the committed reports are stale.
 //!
@@ -24,7 +34,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 fn main() -> Result<()> {
@@ -35,7 +45,11 @@ fn main() -> Result<()> {
         Some("bench-train") => bench_train(args.collect()),
         Some("run") => run_spec(args.collect()),
         Some("report") => report(args.collect()),
-        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, run, report"),
+        Some("libtorch") => {
+            let python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+            run(Command::new(python).arg(root().join("xtask/libtorch.py")).args(args))
+        }
+        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, run, report, libtorch"),
         None => bail!("usage: cargo xtask bench [--python PY] [--no-torch] [--out DIR] [CASES…]"),
     }
 }
@@ -90,6 +104,15 @@ fn host_line(host: &Value) -> String {
 }
 
 fn bench(args: Vec<String>) -> Result<()> {
+    if let Some(i) = args.iter().position(|a| a == "--backend") {
+        let backend = args.get(i + 1).context("--backend needs a value")?.clone();
+        let rest: Vec<String> = args.iter().enumerate().filter(|(j, _)| *j != i && *j != i + 1).map(|(_, a)| a.clone()).collect();
+        return match backend.as_str() {
+            "flex" => bench(rest),
+            "tch-cuda" => bench_gpu(rest),
+            other => bail!("`cargo xtask bench --backend {other}`: the suites are `flex` (CPU) and `tch-cuda` (GPU)"),
+        };
+    }
     let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut torch = true;
     let mut out_dir = root().join("reports/bench");
@@ -171,6 +194,45 @@ fn bench(args: Vec<String>) -> Result<()> {
     let _ = std::fs::remove_file(&torch_path);
     print!("{md}");
     eprintln!("wrote {}", out_dir.join("cpu.md").display());
+    Ok(())
+}
+
+/// The GPU suite (see the module docs); needs a CUDA GPU, PyTorch with CUDA in PY, and the
+/// `LIBTORCH*` variables of the README for the `tch` build.
+fn bench_gpu(args: Vec<String>) -> Result<()> {
+    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut extra = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--python" => python = it.next().context("--python needs a value")?,
+            _ => extra.push(a),
+        }
+    }
+    let root = root();
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu", "--features", "tch"]).current_dir(&root))?;
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let shared = root.join("../shared");
+    let out = std::env::temp_dir().join(format!("stu-gpu-suite-{}", std::process::id()));
+    run(Command::new(&python)
+        .arg(root.join("xtask/bench/gpu_suite.py"))
+        .arg("--stu")
+        .arg(target.join("release/stu"))
+        .arg("--bench-dir")
+        .arg(shared.join("bench"))
+        .arg("--fixture")
+        .arg(shared.join("fixtures/stunet-parity/tiny_iso.safetensors"))
+        .arg("--mr")
+        .arg(shared.join("data/Dataset802_TotalSegExampleMR/imagesTr"))
+        .arg("--ct")
+        .arg(shared.join("data/Dataset801_TotalSegExampleCT/imagesTr"))
+        .arg("--out")
+        .arg(&out)
+        .args(&extra))?;
+    let dir = root.join("reports/bench");
+    std::fs::copy(out.join("suite.json"), dir.join("gpu.json"))?;
+    std::fs::copy(out.join("suite.md"), dir.join("gpu.md"))?;
+    eprintln!("wrote {}", dir.join("gpu.md").display());
     Ok(())
 }
 
@@ -367,7 +429,13 @@ fn spec_backend(spec: &Path) -> Result<String> {
 }
 
 fn run_spec(args: Vec<String>) -> Result<()> {
-    let spec = args.first().context("usage: cargo xtask run experiments/X.toml [--set key=value]… [--paper-scale]")?;
+    let spec = args.first().context("usage: cargo xtask run experiments/X.toml [--set key=value]… [--paper-scale] [--emit slurm …]")?;
+    if let Some(i) = args.iter().position(|a| a == "--emit") {
+        let what = args.get(i + 1).context("--emit needs a value (slurm)")?;
+        ensure!(what == "slurm", "--emit {what}: only `slurm` is known");
+        let rest: Vec<String> = args.iter().enumerate().filter(|(j, _)| *j != i && *j != i + 1).map(|(_, a)| a.clone()).collect();
+        return emit_slurm(rest);
+    }
     let backend = spec_backend(Path::new(spec))?;
     let feature = match backend.as_str() {
         "tch-cuda" => "tch".to_string(),
@@ -377,6 +445,85 @@ fn run_spec(args: Vec<String>) -> Result<()> {
     run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu", "--no-default-features", "--features", &feature]).current_dir(&root))?;
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
     run(Command::new(target.join("release/stu")).arg("run").args(&args).current_dir(&root))
+}
+
+/// Options of the emitted Slurm scripts.
+struct SlurmOptions {
+    partition: Option<String>,
+    time: String,
+    parallel: Option<usize>,
+}
+
+/// Writes `slurm/<spec stem>/{data,points,report}.sbatch` and `submit.sh` for `stu run` of the
+/// spec's points as a job array (see the module docs); `args` = spec, `stu run` flags
+/// (`--set`, `--paper-scale`, `--out`) and the Slurm options.
+fn emit_slurm(args: Vec<String>) -> Result<()> {
+    let mut opts = SlurmOptions { partition: None, time: "24:00:00".into(), parallel: None };
+    let mut run_args = Vec::new();
+    let mut it = args.into_iter();
+    let spec = PathBuf::from(it.next().context("spec missing")?);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--partition" => opts.partition = Some(it.next().context("--partition needs a value")?),
+            "--time" => opts.time = it.next().context("--time needs a value")?,
+            "--parallel" => opts.parallel = Some(it.next().context("--parallel needs a value")?.parse().context("--parallel: not a number")?),
+            _ => run_args.push(a),
+        }
+    }
+    let backend = spec_backend(&spec)?;
+    let feature = if backend == "tch-cuda" { "tch".to_string() } else { backend.clone() };
+    let root = root();
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu", "--no-default-features", "--features", &feature]).current_dir(&root))?;
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let stu = target.join("release/stu");
+    let count = output(Command::new(&stu).arg("run").arg(&spec).args(&run_args).arg("--count").current_dir(&root))
+        .with_context(|| format!("`stu run {} --count` failed; check the spec with `stu spec check`", spec.display()))?;
+    let n: usize = count.trim().parse().with_context(|| format!("`stu run --count` printed `{count}`"))?;
+    ensure!(n > 0, "{}: the study has no points", spec.display());
+    let stem = spec.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "study".into());
+    let dir = root.join("slurm").join(&stem);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let gpu = matches!(backend.as_str(), "tch-cuda" | "cuda" | "wgpu");
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let stu_args = std::iter::once(spec.display().to_string()).chain(run_args.iter().cloned()).map(|a| quote(&a)).collect::<Vec<_>>().join(" ");
+    let header = |name: &str, extra: &str| {
+        let mut h = format!("#!/bin/bash\n# Written by `cargo xtask run {} --emit slurm`; edit the resources to your cluster.\n#SBATCH --job-name=stu-{stem}-{name}\n#SBATCH --output={}/%x-%A_%a.out\n#SBATCH --time={}\n", spec.display(), dir.display(), opts.time);
+        if let Some(p) = &opts.partition {
+            h.push_str(&format!("#SBATCH --partition={p}\n"));
+        }
+        h.push_str(extra);
+        h.push_str(&format!("set -euo pipefail\ncd {}\n", quote(&root.display().to_string())));
+        if backend == "tch-cuda" {
+            h.push_str("# libtorch and CUDA libraries of the PyTorch the binary was built against (README: GPU backends).\n. xtask/tch-env.sh\n");
+        }
+        h
+    };
+    let point_res = if gpu { "#SBATCH --gres=gpu:1\n#SBATCH --cpus-per-task=8\n#SBATCH --mem=64G\n#SBATCH --requeue\n" } else { "#SBATCH --cpus-per-task=4\n#SBATCH --mem=24G\n#SBATCH --requeue\n" };
+    let stu_q = quote(&stu.display().to_string());
+    let data = header("data", "#SBATCH --cpus-per-task=4\n#SBATCH --mem=24G\n") + &format!("{stu_q} run {stu_args} --data-only\n");
+    let array = match opts.parallel {
+        Some(p) => format!("#SBATCH --array=0-{}%{p}\n", n - 1),
+        None => format!("#SBATCH --array=0-{}\n", n - 1),
+    };
+    // A requeued or resubmitted task skips a finished point (its record.json exists).
+    let points = header("points", &(array + point_res)) + &format!("{stu_q} run {stu_args} --point \"$SLURM_ARRAY_TASK_ID\"\n");
+    let report = header("report", "#SBATCH --cpus-per-task=2\n#SBATCH --mem=8G\n") + "cargo xtask report\n";
+    let submit = format!(
+        "#!/bin/bash\n# Submits the study `{}` ({n} point(s)) as: data → job array → report.\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\ndata=$(sbatch --parsable data.sbatch)\npoints=$(sbatch --parsable --dependency=afterok:$data points.sbatch)\nsbatch --dependency=afterany:$points report.sbatch\necho \"submitted: data $data, points $points (array 0-{})\"\n",
+        spec.display(),
+        n - 1
+    );
+    for (name, text) in [("data.sbatch", data), ("points.sbatch", points), ("report.sbatch", report), ("submit.sh", submit)] {
+        let p = dir.join(name);
+        std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    println!("{n} point(s); submit with: bash {}", dir.join("submit.sh").display());
+    Ok(())
 }
 
 fn report(args: Vec<String>) -> Result<()> {

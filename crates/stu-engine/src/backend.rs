@@ -34,6 +34,48 @@ pub const ALL: [Backend; 6] = [
     Backend::Wgpu,
 ];
 
+/// Device 0 of libtorch's CUDA backend, with cuDNN's autotuner on (as nnU-Net runs).
+///
+/// The binary must be built against a libtorch folder with its CUDA library (`LIBTORCH=…/gpu`
+/// from `cargo xtask libtorch`); at run time libtorch's CUDA dependencies come from the PyTorch
+/// on `LD_LIBRARY_PATH` (`xtask/tch-env.sh`).
+#[cfg(feature = "tch")]
+#[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+fn libtorch_cuda() -> Result<Device, String> {
+    if !cfg!(tch_cuda_linked) {
+        return Err("this binary was built against a libtorch without its CUDA library; rebuild with LIBTORCH=<dir>/gpu (README: GPU backends)".into());
+    }
+    if !tch::Cuda::is_available() {
+        return Err(format!("libtorch {TORCH_VERSION} sees no CUDA device (driver, CUDA_VISIBLE_DEVICES, or the PyTorch on LD_LIBRARY_PATH)"));
+    }
+    tch::Cuda::cudnn_set_benchmark(true);
+    Ok(Device::libtorch_cuda(0))
+}
+
+/// The PyTorch release the `tch` build is made against (README: "GPU backends").
+pub const TORCH_VERSION: &str = "2.11.0";
+
+/// A compiled-in backend that cannot start on this machine.
+#[derive(Debug, thiserror::Error)]
+#[error("backend `{name}` cannot start: {why}")]
+pub struct BackendUnavailable {
+    /// The backend asked for.
+    pub name: &'static str,
+    /// Why.
+    pub why: String,
+}
+
+/// Why a backend gives no device.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Not compiled in.
+    #[error(transparent)]
+    NotCompiled(#[from] BackendNotCompiled),
+    /// Compiled in but unavailable here.
+    #[error(transparent)]
+    Unavailable(#[from] BackendUnavailable),
+}
+
 /// A backend that this binary was built without.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -92,7 +134,7 @@ impl Backend {
 
     /// The device for this backend, or a rebuild hint.
     #[allow(deprecated, unreachable_code)]
-    pub fn device(self) -> Result<Device, BackendNotCompiled> {
+    pub fn device(self) -> Result<Device, BackendError> {
         let missing = || BackendNotCompiled {
             name: self.name(),
             feature: self.feature(),
@@ -121,14 +163,14 @@ impl Backend {
             }
             Self::TchCuda => {
                 #[cfg(feature = "tch")]
-                return Ok(Device::libtorch_cuda(0));
+                return libtorch_cuda().map_err(|e| BackendUnavailable { name: self.name(), why: e }.into());
             }
             Self::Wgpu => {
                 #[cfg(feature = "wgpu")]
                 return Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
             }
         }
-        Err(missing())
+        Err(missing().into())
     }
 }
 

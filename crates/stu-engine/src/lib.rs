@@ -15,7 +15,10 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod precision;
 pub mod schedule;
+#[cfg(feature = "tch")]
+pub mod torch;
 pub mod train;
 
 pub use burn;

@@ -46,6 +46,9 @@ pub trait SegNet: Send {
     fn update(self: Box<Self>, grads: &mut burn::optim::GradientsParams, f: &mut crate::train::UpdateFn<'_>) -> Box<dyn SegNet>;
     /// A copy without autodiff for validation and inference.
     fn valid(&self) -> Box<dyn SegNet>;
+    /// A copy whose float parameters are `dtype` casts of these (differentiable: under
+    /// autodiff the gradients flow back to this network's parameters).
+    fn cast(&self, dtype: burn::tensor::DType) -> Box<dyn SegNet>;
 }
 
 /// Implements [`SegNet`]'s training hooks for a type that is a burn `Module`; expand inside
@@ -68,6 +71,9 @@ macro_rules! segnet_training_hooks {
         }
         fn valid(&self) -> Box<dyn $crate::model::SegNet> {
             Box::new($crate::burn::module::Module::valid(self))
+        }
+        fn cast(&self, dtype: $crate::burn::tensor::DType) -> Box<dyn $crate::model::SegNet> {
+            Box::new($crate::train::cast_params(self.clone(), dtype))
         }
     };
 }

@@ -81,6 +81,48 @@ pub fn is_flex(device: &Device) -> bool {
     }
 }
 
+/// Which operators take the ATen paths of [`crate::torch`] on a libtorch device:
+/// `STU_TCH_NATIVE` = `1` (default: all), `0` (none: burn's generic operators, to measure what
+/// the ATen paths gain), `conv` or `norm` (only that one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TorchPath {
+    /// Convolutions (forward and cuDNN gradients).
+    Conv,
+    /// Instance norm (+ LeakyReLU).
+    Norm,
+}
+
+/// True for a libtorch device (CPU or CUDA), or autodiff over it, when `STU_TCH_NATIVE`
+/// enables `path` there (see [`TorchPath`]).
+pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
+    #[cfg(feature = "tch")]
+    {
+        use burn::backend::DispatchDevice;
+        static NATIVE: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
+        let (conv, norm) = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
+            Ok("0") => (false, false),
+            Ok("conv") => (true, false),
+            Ok("norm") => (false, true),
+            _ => (true, true),
+        });
+        let on = match path {
+            TorchPath::Conv => conv,
+            TorchPath::Norm => norm,
+        };
+        on && match device.as_dispatch() {
+            DispatchDevice::LibTorch(_) => true,
+            DispatchDevice::Autodiff(inner) => matches!(&**inner, DispatchDevice::LibTorch(_)),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = (device, path);
+        false
+    }
+}
+
 /// 3-D convolution with a cubic kernel of size 1 or 3, padding `k / 2`, bias, given stride.
 /// `weight` is `[Cout, Cin, k, k, k]` whatever the layout.
 pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout) -> Tensor<5> {
@@ -88,6 +130,16 @@ pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 
         Layout::Ndhwc => {
             use crate::ext::StuOps;
             Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::conv3d_cl(
+                x.into_dispatch(),
+                weight.into_dispatch(),
+                bias.into_dispatch(),
+                stride,
+            ))
+        }
+        #[cfg(feature = "tch")]
+        Layout::Ncdhw if is_libtorch(&x.device(), TorchPath::Conv) => {
+            use crate::torch::TorchOps;
+            Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::conv3d_nc(
                 x.into_dispatch(),
                 weight.into_dispatch(),
                 bias.into_dispatch(),
@@ -145,6 +197,11 @@ pub fn norm_act(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, act: bool, lay
                 act,
             ))
         }
+        #[cfg(feature = "tch")]
+        Layout::Ncdhw if is_libtorch(&x.device(), TorchPath::Norm) => {
+            use crate::torch::TorchOps;
+            Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::norm_act_nc(x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch(), act))
+        }
         Layout::Ncdhw => {
             let y = instance_norm(x, weight, bias, layout);
             if act { leaky_relu(y) } else { y }
@@ -165,7 +222,7 @@ pub fn norm_add_act(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, skip: Tens
                 skip.into_dispatch(),
             ))
         }
-        Layout::Ncdhw => leaky_relu(instance_norm(x, weight, bias, layout) + skip),
+        Layout::Ncdhw => leaky_relu(norm_act(x, weight, bias, false, layout) + skip),
     }
 }
 

@@ -85,6 +85,21 @@ impl ModuleMapper for Mapper<'_, '_> {
     }
 }
 
+struct Caster(burn::tensor::DType);
+
+impl ModuleMapper for Caster {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        Param::from_mapped_value(id, tensor.cast(self.0), mapper)
+    }
+}
+
+/// `module` with every float parameter cast to `dtype`, keeping the autodiff graph (the casts
+/// are differentiable), for mixed-precision forwards over f32 master weights.
+pub fn cast_params<M: Module>(module: M, dtype: burn::tensor::DType) -> M {
+    module.map(&mut Caster(dtype))
+}
+
 /// Applies `f` to every float parameter of `module` (see [`UpdateFn`]).
 pub fn map_params<M: Module>(module: M, grads: &mut GradientsParams, f: &mut UpdateFn<'_>) -> M {
     module.map(&mut Mapper { path: Vec::new(), grads, f })
@@ -249,9 +264,23 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-/// Forward (deep supervision), loss, backward, clip to `clip`, SGD step with `lr`.
-pub fn train_step(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, weights: &[f64], dice: DiceConfig, lr: f64, clip: f64) -> (Box<dyn SegNet>, StepStats) {
-    let outs = net.forward_ds(batch.x.clone());
+/// Forward (deep supervision, in `precision` over the f32 parameters), loss in f32, backward,
+/// clip to `clip`, SGD step with `lr`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step(
+    net: Box<dyn SegNet>,
+    sgd: &mut Sgd,
+    batch: &DeviceBatch,
+    weights: &[f64],
+    dice: DiceConfig,
+    lr: f64,
+    clip: f64,
+    precision: crate::precision::Precision,
+) -> (Box<dyn SegNet>, StepStats) {
+    assert!(precision.trains(), "training in {precision} is not supported (no loss scaling); use bf16");
+    let half = precision.cast_net(&*net);
+    let outs = precision.forward_ds(&*net, half.as_deref(), batch.x.clone());
+    drop(half);
     let n = outs.len().min(batch.targets.len());
     let loss = deep_supervision(&outs[..n], &batch.targets[..n], &weights[..n], dice);
     let value = loss.clone().into_scalar::<f32>() as f64;

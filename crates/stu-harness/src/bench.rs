@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::Serialize;
 use stu_engine::backend::Backend;
+use stu_engine::precision::Precision;
 use stu_engine::model::SegNet;
 use stu_engine::{Device, Tensor, TensorData};
 use zoo::stunet::{ISO_STRIDES, ResBlock, StuNet, StuNetArch, TOTALSEG_CLASSES};
@@ -39,8 +40,14 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     v.get(v.len() / 2).copied()
 }
 
-fn time(n: usize, mut f: impl FnMut()) -> Vec<f64> {
-    f(); // warm-up
+fn time(n: usize, f: impl FnMut()) -> Vec<f64> {
+    time_warm(1, n, f)
+}
+
+fn time_warm(warm: usize, n: usize, mut f: impl FnMut()) -> Vec<f64> {
+    for _ in 0..warm {
+        f();
+    }
     (0..n)
         .map(|_| {
             let t = Instant::now();
@@ -126,14 +133,47 @@ fn net_for(id: &str, device: &Device) -> Net {
 }
 
 /// Training-step cases: nnU-Net's step (batch 2, 1 channel, 128³, 105 classes, deep
-/// supervision, Dice + CE, clip 12, Nesterov SGD) for a preset, as `xtask/bench/torch_train.py`.
-pub const TRAIN_CASES: [(&str, &str); 2] = [("train_S_128_b2", "stunet-s"), ("train_B_128_b2", "stunet-b")];
+/// supervision, Dice + CE, clip 12, Nesterov SGD) for a preset, as `xtask/bench/torch_train.py`
+/// (CPU) and `xtask/bench/torch_gpu.py` (GPU).
+pub const TRAIN_CASES: [(&str, &str); 4] =
+    [("train_S_128_b2", "stunet-s"), ("train_B_128_b2", "stunet-b"), ("train_L_128_b2", "stunet-l"), ("train_H_128_b2", "stunet-h")];
 
-fn train_case(id: &str, preset: &str, ad: &Device) -> Result<CaseResult> {
-    use stu_engine::train::{DeviceBatch, Sgd, he_init, train_step};
+/// Inference cases: one 128³ patch, batch 1, full-resolution head only, no TTA (the GPU
+/// anchor's inference row).
+pub const INFER_CASES: [(&str, &str); 4] =
+    [("infer_S_128", "stunet-s"), ("infer_B_128", "stunet-b"), ("infer_L_128", "stunet-l"), ("infer_H_128", "stunet-h")];
+
+/// Timed repetitions after warm-up: (warm-up, timed). GPUs get the anchor's counts, CPUs few.
+fn reps(backend: Backend, large: bool) -> (usize, usize) {
+    match backend {
+        Backend::Flex | Backend::Ndarray | Backend::Tch => (1, 2),
+        _ if large => (2, 4),
+        _ => (3, 6),
+    }
+}
+
+fn preset_net(preset: &str, device: &Device) -> Result<Box<dyn SegNet>> {
     let entry = stu_engine::model::registry().get("stunet")?;
     let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: ISO_STRIDES.to_vec(), options: serde_json::json!({ "preset": preset }) };
-    let mut net = he_init((entry.build)(&spec, ad).map_err(anyhow::Error::msg)?, 0, None);
+    Ok(stu_engine::train::he_init((entry.build)(&spec, device).map_err(anyhow::Error::msg)?, 0, None))
+}
+
+fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, device: &Device) -> Result<CaseResult> {
+    let net = preset_net(preset, device)?;
+    let net = precision.cast_net(&*net).unwrap_or(net);
+    let x = precision.input(randn([1, 1, 128, 128, 128], device));
+    let (warm, n) = reps(backend, false);
+    let samples = time_warm(warm, n.max(3), || {
+        let y = precision.output(net.forward(x.clone()));
+        drop(y);
+        device.sync().expect("device sync");
+    });
+    Ok(CaseResult { case: id.to_string(), fwd_s: median(samples.clone()), fwd_bwd_s: None, fwd_samples: samples, fwd_bwd_samples: Vec::new(), train_s: None, train_samples: Vec::new() })
+}
+
+fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad: &Device) -> Result<CaseResult> {
+    use stu_engine::train::{DeviceBatch, Sgd, train_step};
+    let mut net = preset_net(preset, ad)?;
     let b = 2;
     let mut rng = stu_core::rng::SplitMix64::new(3);
     let x = rng.fill_f32(b * 128 * 128 * 128, -1.0, 1.0);
@@ -149,33 +189,44 @@ fn train_case(id: &str, preset: &str, ad: &Device) -> Result<CaseResult> {
     let weights = stu_engine::schedule::ds_weights(5);
     let mut sgd = Sgd::nnunet();
     let mut samples = Vec::new();
-    for i in 0..3 {
+    let (warm, n) = reps(backend, preset.ends_with('l') || preset.ends_with('h'));
+    for i in 0..warm + n {
         let t = Instant::now();
-        let (n, _) = train_step(net, &mut sgd, &batch, &weights, Default::default(), 1e-2, stu_engine::optim::GRAD_CLIP);
-        net = n;
-        if i > 0 {
-            samples.push(t.elapsed().as_secs_f64()); // the first step is the warm-up
+        let (next, _) = train_step(net, &mut sgd, &batch, &weights, Default::default(), 1e-2, stu_engine::optim::GRAD_CLIP, precision);
+        net = next;
+        ad.sync().map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+        if i >= warm {
+            samples.push(t.elapsed().as_secs_f64());
         }
     }
     Ok(CaseResult { case: id.to_string(), fwd_s: None, fwd_bwd_s: None, fwd_samples: Vec::new(), fwd_bwd_samples: Vec::new(), train_s: median(samples.clone()), train_samples: samples })
 }
 
 /// Runs the cases whose id matches `filter` (all when empty).
-pub fn run(backend: Backend, filter: &[String], mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
+pub fn run(backend: Backend, precision: Precision, filter: &[String], mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
     zoo::link();
+    precision.check(backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     let device = backend.device()?;
     let ad = device.clone().autodiff();
     let mut results = Vec::new();
+    // Training steps and GPU patch inference only on request: on a CPU they take minutes.
+    let named = |id: &str, prefix: &str| filter.iter().any(|f| id.contains(f.as_str()) && f.starts_with(prefix));
     for (id, preset) in TRAIN_CASES {
-        // Only on request: these take minutes.
-        if filter.iter().any(|f| id.contains(f.as_str()) && f.starts_with("train")) {
-            let r = train_case(id, preset, &ad)?;
+        if named(id, "train") {
+            let r = train_case(id, preset, backend, precision, &ad)?;
+            report(&r);
+            results.push(r);
+        }
+    }
+    for (id, preset) in INFER_CASES {
+        if named(id, "infer") {
+            let r = infer_case(id, preset, backend, precision, &device)?;
             report(&r);
             results.push(r);
         }
     }
     for case in anchor_cases() {
-        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str()) && !f.starts_with("train")) {
+        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str()) && !f.starts_with("train") && !f.starts_with("infer")) {
             continue;
         }
         let ds = !case.id.ends_with("_fwd");
@@ -185,6 +236,7 @@ pub fn run(backend: Backend, filter: &[String], mut report: impl FnMut(&CaseResu
             let y = net.forward(x.clone(), ds);
             let _ = y.into_data();
         });
+        let _ = precision; // the anchor cases run in f32
         let mut fwd_bwd = Vec::new();
         if case.n_bwd > 0 {
             let net = net.build(&ad);
@@ -193,6 +245,7 @@ pub fn run(backend: Backend, filter: &[String], mut report: impl FnMut(&CaseResu
                 let loss = net.forward(x.clone(), ds).mean();
                 let grads = loss.backward();
                 drop(grads);
+                ad.sync().expect("device sync");
             });
         }
         let r = CaseResult {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use stu_engine::backend::Backend;
+use stu_engine::precision::Precision;
 use crate::forward::{self, ForwardOptions, ModelSource, StrideSource};
 
 #[derive(Parser)]
@@ -53,6 +54,9 @@ enum Command {
         /// safetensors file to write.
         #[arg(long)]
         output: PathBuf,
+        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch-cuda`).
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
     },
     /// Datasets in nnU-Net raw layout.
     #[command(subcommand)]
@@ -121,6 +125,9 @@ enum Command {
         /// Compute backend.
         #[arg(long, default_value = "flex")]
         backend: Backend,
+        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch-cuda`).
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
     },
     /// Predict NIfTI volumes (sliding window, mirroring TTA) into label maps with the input's geometry.
     Predict {
@@ -160,6 +167,9 @@ enum Command {
         /// Compute backend.
         #[arg(long, default_value = "flex")]
         backend: Backend,
+        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch-cuda`).
+        #[arg(long, default_value = "f32")]
+        precision: Precision,
     },
     /// Score predictions against references: per case and label Dice, IoU and counts (nnU-Net's summary.json).
     Evaluate {
@@ -201,6 +211,15 @@ enum Command {
         /// Study folder (default: runs/<name>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only the point with this index (0-based; a Slurm array task's `$SLURM_ARRAY_TASK_ID`).
+        #[arg(long)]
+        point: Option<usize>,
+        /// Only prepare the data every point needs (before a job array), then stop.
+        #[arg(long)]
+        data_only: bool,
+        /// Print the number of points and exit.
+        #[arg(long)]
+        count: bool,
     },
     /// Train a model on a preprocessed dataset and fold with nnU-Net's recipe (resumable).
     Train(Box<TrainArgs>),
@@ -284,6 +303,9 @@ struct TrainArgs {
     /// Compute backend.
     #[arg(long, default_value = "flex")]
     backend: Backend,
+    /// Arithmetic: f32, or bf16 over f32 master weights (needs `--backend tch-cuda`).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
 }
 
 #[derive(Clone)]
@@ -335,6 +357,7 @@ impl TrainArgs {
             workers: self.workers,
             backend: self.backend,
             fraction: self.fraction,
+            precision: self.precision,
         })
     }
 }
@@ -493,8 +516,8 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Inspect(m) => println!("{}", serde_json::to_string_pretty(&forward::inspect(&m.source())?)?),
-        Command::Forward { model, input, input_key, output } => {
-            let outs = forward::forward(&ForwardOptions { model: model.source(), input, input_key, output: output.clone() })?;
+        Command::Forward { model, input, input_key, output, precision } => {
+            let outs = forward::forward(&ForwardOptions { model: model.source(), input, input_key, output: output.clone(), precision })?;
             for o in &outs {
                 eprintln!("{}: {:?}", o.name, o.shape);
             }
@@ -562,21 +585,23 @@ fn run(cli: Cli) -> Result<()> {
             bar.finish_and_clear();
             eprintln!("preprocessed {now} case(s) in {:.1} s ({before} already done) into {}", t.elapsed().as_secs_f64(), out.display());
         }
-        Command::Bench { cases, json, backend } => {
-            let results = crate::bench::run(backend, &cases, |r| {
+        Command::Bench { cases, json, backend, precision } => {
+            let results = crate::bench::run(backend, precision, &cases, |r| {
                 if r.train_s.is_some() {
                     eprintln!("{:<16} train step {:>8} s", r.case, fmt_s(r.train_s));
+                } else if r.fwd_bwd_s.is_none() && r.case.starts_with("infer") {
+                    eprintln!("{:<16} forward {:>8} s", r.case, fmt_s(r.fwd_s));
                 } else {
                     eprintln!("{:<16} fwd {:>8} s   fwd+bwd {:>8} s", r.case, fmt_s(r.fwd_s), fmt_s(r.fwd_bwd_s));
                 }
             })?;
             if let Some(path) = json {
-                let doc = serde_json::json!({ "backend": backend.name(), "threads": rayon_threads(), "results": results });
+                let doc = serde_json::json!({ "backend": backend.name(), "precision": precision.name(), "threads": rayon_threads(), "results": results });
                 stu_engine::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
             }
         }
-        Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend } => {
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend };
+        Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision } => {
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());
@@ -642,13 +667,22 @@ fn run(cli: Cli) -> Result<()> {
             println!("foreground mean Dice {:.4} over {} case(s), {} label(s); wrote {}", s.foreground_mean.get("Dice").copied().unwrap_or(f64::NAN), s.metric_per_case.len(), labels.len(), dir.join("summary.json").display());
         }
         Command::Spec(SpecCommand::Check { spec, set }) => print!("{}", crate::spec::check(&spec, &set)?),
-        Command::Run { spec, set, paper_scale, out } => {
+        Command::Run { spec, set, paper_scale, out, point, data_only, count } => {
             let mut s = crate::spec::load(&spec, &set)?;
             if paper_scale {
                 s = crate::spec::paper_scale(&s).with_context(|| spec.display().to_string())?;
             }
+            if count {
+                println!("{}", crate::spec::points(&s)?.len());
+                return Ok(());
+            }
             let root = out.unwrap_or_else(|| PathBuf::from("runs").join(&s.name));
-            let outcomes = crate::run::run(&s, &root, &|m| eprintln!("{m}"))?;
+            let select = crate::run::Select { point, data_only };
+            let outcomes = crate::run::run_selected(&s, &root, select, &|m| eprintln!("{m}"))?;
+            if data_only {
+                eprintln!("data ready for {} point(s) under {}", outcomes.len(), root.display());
+                return Ok(());
+            }
             let failed = outcomes.iter().filter(|o| o.status.starts_with("failed")).count();
             eprintln!("{} point(s): {} done, {} skipped, {failed} failed; records in {}", outcomes.len(), outcomes.iter().filter(|o| o.status == "done").count(), outcomes.iter().filter(|o| o.status == "skipped").count(), root.display());
             anyhow::ensure!(failed == 0, "{failed} point(s) failed (see error.txt in their folders)");

@@ -73,16 +73,21 @@ pub struct ForwardOptions {
     pub input_key: String,
     /// safetensors file to write `output.0` … `output.N`.
     pub output: PathBuf,
+    /// Arithmetic of the forward (outputs are written as f32).
+    pub precision: stu_engine::precision::Precision,
 }
 
 /// Runs the network in deep-supervision mode and writes every output, full resolution first.
 pub fn forward(opts: &ForwardOptions) -> Result<Vec<NamedTensor>> {
+    opts.precision.check(opts.model.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     let (shape, data) = read_input(&opts.input, &opts.input_key)?;
     let (net, device) = load(&opts.model)?;
     check_input(net.as_ref(), &opts.input, shape)?;
     let x = Tensor::<5>::from_data(TensorData::new(data, shape), &device);
-    let outs: Vec<NamedTensor> = net
-        .forward_ds(x)
+    let half = opts.precision.cast_net(&*net);
+    let outs: Vec<NamedTensor> = opts
+        .precision
+        .forward_ds(&*net, half.as_deref(), x)
         .into_iter()
         .enumerate()
         .map(|(i, t)| NamedTensor { name: format!("output.{i}"), shape: t.dims().to_vec(), data: stu_engine::ops::to_vec(t) })

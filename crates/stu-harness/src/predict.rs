@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail, ensure};
 use stu_data::preprocess::{PreprocessPlan, preprocess_case, transpose};
 use stu_data::resample::{resample_linear, separate_axis};
 use stu_engine::backend::Backend;
+use stu_engine::precision::Precision;
 use stu_engine::model::{LoadOptions, SegNet};
 use stu_engine::{Device, Tensor, TensorData};
 
@@ -56,6 +57,9 @@ pub struct PredictOptions {
     pub save_probabilities: bool,
     /// Backend.
     pub backend: Backend,
+    /// Arithmetic of the network (bf16/f16 on backends with half-precision kernels); logits
+    /// are accumulated in f32 whatever this is.
+    pub precision: Precision,
 }
 
 /// A loaded predictor.
@@ -66,6 +70,7 @@ pub struct Predictor {
     mirror_axes: Vec<usize>,
     step: f64,
     device: Device,
+    precision: Precision,
 }
 
 fn plans_path_for(opts: &PredictOptions) -> Result<Option<PathBuf>> {
@@ -90,6 +95,7 @@ impl Predictor {
     pub fn new(opts: &PredictOptions) -> Result<Self> {
         zoo::link();
         ensure!(opts.step > 0.0 && opts.step <= 1.0, "--step must be in (0, 1], got {}", opts.step);
+        opts.precision.check(opts.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
         let plans = plans_path_for(opts)?;
         let (plan_json, plan_path) = match &plans {
             Some(p) => (serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?).with_context(|| format!("{}: not valid JSON", p.display()))?, p.clone()),
@@ -110,7 +116,8 @@ impl Predictor {
         let patch = [patch[0], patch[1], patch[2]];
         let div = net.input_divisor();
         ensure!((0..3).all(|a| patch[a] % div[a] == 0), "patch {patch:?} does not fit the network's strides (divisor {div:?})");
-        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device })
+        let net = opts.precision.cast_net(&*net).unwrap_or(net);
+        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision })
     }
 
     /// Input channels the model takes.
@@ -216,14 +223,14 @@ impl Predictor {
                             }
                         }
                     }
-                    let x = Tensor::<5>::from_data(TensorData::new(tile, [1, c, p[0], p[1], p[2]]), &self.device);
+                    let x = self.precision.input(Tensor::<5>::from_data(TensorData::new(tile, [1, c, p[0], p[1], p[2]]), &self.device));
                     let mut sum: Option<Tensor<5>> = None;
                     for axes in &subsets {
-                        let out = if axes.is_empty() {
+                        let out = self.precision.output(if axes.is_empty() {
                             self.net.forward(x.clone())
                         } else {
                             flip(self.net.forward(flip(x.clone(), axes)), axes)
-                        };
+                        });
                         sum = Some(match sum {
                             Some(s) => s + out,
                             None => out,

@@ -77,6 +77,7 @@ fn train_request(s: &Spec, pre: &Path, out: &Path, backend: Backend) -> crate::t
         save_every: s.train.save_every,
         batch_size: s.train.batch_size,
         patch_size: s.train.patch_size,
+        precision: s.precision,
         lr: s.train.lr,
         seed: s.seed,
         init_from: s.train.init_from.clone(),
@@ -147,6 +148,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             label_map: s.predict.label_map.clone(),
             save_probabilities: false,
             backend,
+            precision: s.precision,
         };
         log("predict: held-out cases");
         let results = crate::predict::predict(&opts, &|_, _, _| {})?;
@@ -204,13 +206,48 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
     }))
 }
 
+/// Which part of a study to run (job arrays run one point per task).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Select {
+    /// Only the point with this index (0-based, in [`crate::spec::points`] order).
+    pub point: Option<usize>,
+    /// Only prepare the data (raw, plan, preprocessed) every point needs, then stop: run it once
+    /// before the points of a job array so that they never prepare one folder concurrently.
+    pub data_only: bool,
+}
+
 /// Runs every point of `spec` under `root` (`runs/<name>` by default).
 pub fn run(spec: &Spec, root: &Path, log: &dyn Fn(&str)) -> Result<Vec<PointOutcome>> {
+    run_selected(spec, root, Select::default(), log)
+}
+
+/// [`run`] restricted by `select`.
+pub fn run_selected(spec: &Spec, root: &Path, select: Select, log: &dyn Fn(&str)) -> Result<Vec<PointOutcome>> {
     zoo::link();
     let points = crate::spec::points(spec)?;
+    if let Some(k) = select.point {
+        anyhow::ensure!(k < points.len(), "--point {k}: the study has {} point(s) (0…{})", points.len(), points.len().saturating_sub(1));
+    }
     std::fs::create_dir_all(root).with_context(|| format!("{}: cannot create", root.display()))?;
     let mut out = Vec::new();
+    if select.data_only {
+        for (i, p) in points.iter().enumerate().filter(|(i, _)| select.point.is_none_or(|k| k == *i)) {
+            let s = &p.spec;
+            if let Some(pre) = s.pretrain.as_ref().filter(|p| p.enabled) {
+                data(&pre.dataset, &s.plan, root, log)?;
+            }
+            let (_, pre) = data(&s.dataset, &s.plan, root, log)?;
+            if let Some(d) = &s.predict.dataset {
+                data(d, &s.plan, root, log)?;
+            }
+            out.push(PointOutcome { dir: pre, status: format!("data ready for point {i}") });
+        }
+        return Ok(out);
+    }
     for (i, p) in points.iter().enumerate() {
+        if select.point.is_some_and(|k| k != i) {
+            continue;
+        }
         // Points are keyed by the hash of their resolved spec: a finished folder with the same
         // hash counts, whatever sweep produced it.
         let suffix = format!("-{}", &p.id[..8]);

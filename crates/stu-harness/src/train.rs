@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use stu_data::augment::AugConfig;
 use stu_data::loader::{BatchConfig, CaseStore, Loader};
 use stu_engine::backend::Backend;
+use stu_engine::precision::Precision;
 use stu_engine::checkpoint::{NamedTensor, StateDict, write_safetensors};
 use stu_engine::loss::DiceConfig;
 use stu_engine::model::{LoadOptions, NetSpec, SegNet};
@@ -69,6 +70,13 @@ pub struct TrainConfig {
     /// Fraction of the fold's training cases used (a fixed subset per fraction).
     #[serde(default = "one")]
     pub fraction: f64,
+    /// Arithmetic of the forward and backward (bf16 over f32 master weights, or f32).
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+}
+
+pub(crate) fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 fn one() -> f64 {
@@ -118,6 +126,8 @@ pub struct TrainRequest {
     pub backend: Backend,
     /// Fraction of the training cases (1.0: all).
     pub fraction: f64,
+    /// See [`TrainConfig::precision`].
+    pub precision: Precision,
 }
 
 /// The plan values training needs.
@@ -163,6 +173,8 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     ensure!(req.iterations >= 1, "--iterations must be at least 1");
     ensure!(req.save_every >= 1, "--save-every must be at least 1");
     ensure!(req.fraction > 0.0 && req.fraction <= 1.0, "--fraction must be in (0, 1], got {}", req.fraction);
+    ensure!(req.precision.trains(), "--precision {}: training runs in f32 or bf16 (f16 would need loss scaling)", req.precision);
+    req.precision.check(req.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     Ok(TrainConfig {
         preprocessed,
         configuration: req.configuration.clone(),
@@ -181,6 +193,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         augmentation: req.augmentation,
         backend: req.backend.name().to_string(),
         fraction: req.fraction,
+        precision: req.precision,
     })
 }
 
@@ -480,7 +493,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         while let Some(b) = loader.next_batch() {
             let b = b?;
             let batch = DeviceBatch::upload(b.data, b.shape, &b.targets, &ad);
-            let (n, stats) = train_step(net, &mut sgd, &batch, &weights, dice, lr, stu_engine::optim::GRAD_CLIP);
+            let (n, stats) = train_step(net, &mut sgd, &batch, &weights, dice, lr, stu_engine::optim::GRAD_CLIP, cfg.precision);
             net = n;
             ensure!(stats.loss.is_finite(), "epoch {epoch}: the loss is {} (diverged); the last good state is the latest checkpoint", stats.loss);
             losses.push(stats.loss);

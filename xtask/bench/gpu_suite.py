@@ -1,0 +1,264 @@
+"""The GPU check, one call on a CUDA machine: parity of `stu` on the tch-cuda backend against the
+shared PyTorch fixture (f32, bf16, f16), sliding-window prediction on real volumes, and the
+training-step / patch-inference benchmark of STU-Net S/B/L/H next to PyTorch on the same card.
+
+Every benchmark case runs in its own process (ours: `stu bench --backend tch-cuda CASE`; PyTorch:
+`torch_gpu.py`), so the peak device memory NVML reports while it runs (minus the memory in use
+before it started) is that case's alone, CUDA context included, measured the same way for both.
+
+Usage:
+  python3 gpu_suite.py --stu BIN --bench-dir SHARED_BENCH --fixture tiny_iso.safetensors
+                       --mr MR_IMAGES_DIR --ct CT_IMAGES_DIR --out DIR [--sizes SBLH] [--budget S]
+Writes DIR/suite.json (everything), DIR/suite.md (tables), DIR/log.txt, and the predicted label
+maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command)."""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ap = argparse.ArgumentParser()
+ap.add_argument("--stu", required=True)
+ap.add_argument("--bench-dir", required=True)
+ap.add_argument("--fixture", required=True)
+ap.add_argument("--mr", required=True)
+ap.add_argument("--ct", required=True)
+ap.add_argument("--out", required=True)
+ap.add_argument("--sizes", default="BHLS")
+ap.add_argument("--torch-sizes", default=None, help="sizes timed on the PyTorch side (default: --sizes)")
+ap.add_argument("--budget", type=float, default=480.0, help="seconds; later cases are skipped past it")
+ap.add_argument("--python", default=sys.executable)
+ap.add_argument("--train-data", default=None, help="a small preprocessed folder for the training check")
+ap.add_argument("--backend", default="tch-cuda", help="`tch` runs the parity and MR steps on the CPU (a dry run of this script)")
+A = ap.parse_args()
+os.makedirs(A.out, exist_ok=True)
+T0 = time.time()
+LOG = open(os.path.join(A.out, "log.txt"), "a")
+R = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "parity": {}, "predict": {}, "bench": [], "skipped": []}
+
+
+def log(*a):
+    line = " ".join(str(x) for x in a)
+    print(line, flush=True)
+    LOG.write(line + "\n")
+    LOG.flush()
+
+
+def save():
+    R["elapsed_s"] = round(time.time() - T0, 1)
+    with open(os.path.join(A.out, "suite.json"), "w") as f:
+        json.dump(R, f, indent=1)
+
+
+class Peak:
+    """Peak of the GPU's used memory (NVML, else nvidia-smi) while a case runs."""
+
+    def __init__(self):
+        self.h = None
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self.nv = pynvml
+            self.h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception as e:  # noqa: BLE001
+            log("NVML unavailable, polling nvidia-smi:", e)
+
+    def used(self):
+        if self.h is not None:
+            return self.nv.nvmlDeviceGetMemoryInfo(self.h).used
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout
+            return int(out.split()[0]) * 2**20
+        except Exception:  # noqa: BLE001  (no GPU: a dry run)
+            return 0
+
+    def run(self, cmd, timeout, env=None):
+        base = self.used()
+        peak = [base]
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                peak[0] = max(peak[0], self.used())
+                time.sleep(0.01)
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        t = time.time()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+            rc, out = p.returncode, p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out = "timeout", ((e.stdout or b"") + (e.stderr or b"")).decode(errors="replace") if isinstance(e.stdout, bytes) else str(e)
+        stop.set()
+        th.join()
+        return rc, out, round((peak[0] - base) / 2**30, 2), round(time.time() - t, 1)
+
+
+PEAK = Peak()
+
+
+def sh(cmd, timeout=120, env=None):
+    log("$", " ".join(cmd))
+    rc, out, peak, wall = PEAK.run(cmd, timeout, env)
+    tail = out[-1500:]
+    log(f"rc={rc} wall={wall}s peak={peak}GiB\n{tail}")
+    return rc, out, peak, wall
+
+
+# 0. The machine.
+try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+except FileNotFoundError:
+    smi = "(no nvidia-smi)"
+R["gpu"] = smi
+try:
+    import torch
+    R["torch"] = torch.__version__
+    R["cudnn"] = torch.backends.cudnn.version()
+except Exception as e:  # noqa: BLE001
+    R["torch"] = repr(e)
+log("gpu:", smi, "torch:", R.get("torch"), "cudnn:", R.get("cudnn"))
+save()
+
+# 1. Parity against the PyTorch fixture.
+try:
+    from safetensors.numpy import load_file
+    ref = load_file(A.fixture)
+    for prec in ["f32", "bf16", "f16"]:
+        o = os.path.join(A.out, f"parity_{prec}.safetensors")
+        rc, out, _, wall = sh([A.stu, "forward", "--checkpoint", A.fixture, "--input", A.fixture, "--output", o, "--backend", A.backend, "--precision", prec])
+        if rc != 0:
+            R["parity"][prec] = {"error": out[-800:]}
+            continue
+        got = load_file(o)
+        rows = {}
+        for k in sorted(x for x in ref if x.startswith("output.")):
+            a, b = ref[k].astype("float64"), got[k].astype("float64")
+            rows[k] = {"max_abs": float(abs(a - b).max()), "ref_max_abs": float(abs(a).max()), "rel": float(abs(a - b).max() / abs(a).max())}
+        R["parity"][prec] = {"wall_s": wall, "outputs": rows, "worst_rel": max(r["rel"] for r in rows.values())}
+        os.remove(o)
+        log("parity", prec, "worst max|diff|/max|ref| =", R["parity"][prec]["worst_rel"])
+except Exception as e:  # noqa: BLE001
+    R["parity"]["error"] = repr(e)
+save()
+
+# 2. Sliding-window prediction: the tiny fixture model on the MR case (labels come back to be
+#    compared with a CPU run), and STU-Net-B (PyTorch init, 105 classes) on a CT case.
+for prec in ["f32", "bf16"]:
+    o = f"/tmp/stu_pred_mr_{prec}"
+    rc, out, peak, wall = sh([A.stu, "predict", "-i", A.mr, "-o", o, "--checkpoint", A.fixture, "--backend", A.backend, "--precision", prec], timeout=120)
+    R["predict"][f"tiny_mr_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak}
+    for f in os.listdir(o) if os.path.isdir(o) else []:
+        if f.endswith(".nii.gz"):
+            shutil.copy(os.path.join(o, f), os.path.join(A.out, f"mr_{prec}.nii.gz"))
+save()
+try:
+    if A.backend != "tch-cuda":
+        raise RuntimeError("B on CT: GPU only")
+    sys.path.insert(0, A.bench_dir)
+    import torch
+    from safetensors.torch import save_file
+    from torch_ref import build
+    torch.manual_seed(0)
+    b_ckpt = "/tmp/stunet_b_init.safetensors"
+    save_file({k: v.contiguous() for k, v in build("B").state_dict().items()}, b_ckpt)
+    for prec in ["bf16"]:
+        o = f"/tmp/pred_ct_{prec}"
+        rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", prec, "--disable-tta"], timeout=180)
+        R["predict"][f"B_ct_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "tail": out[-300:]}
+        save()
+except Exception as e:  # noqa: BLE001
+    R["predict"]["B_ct_error"] = repr(e)
+save()
+
+
+# 2b. Training on real batches (a 3-case phantom subset, fold 0 = 2 train + 1 validation case):
+#     f32 and bf16 losses side by side, with the validation pass between epochs.
+if A.train_data:
+    for prec in ["f32", "bf16"]:
+        o = f"/tmp/train_{prec}"
+        rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
+                                  "--epochs", "3", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", prec], timeout=150)
+        logs = []
+        if os.path.exists(f"{o}/log.jsonl"):
+            logs = [json.loads(line) for line in open(f"{o}/log.jsonl")]
+        R["train_check"] = R.get("train_check", {})
+        R["train_check"][prec] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second", "epoch_seconds", "data_wait_seconds")} for e in logs], "tail": out[-300:]}
+        save()
+
+# 3. Benchmark: per size, training step then patch inference; PyTorch fp16 (the anchor's
+#    recipe), PyTorch bf16 and ours bf16 (+ ours f16 for inference).
+def ours(case, prec, env_extra=None, timeout=180):
+    j = f"/tmp/ours_{case}_{prec}.json"
+    env = dict(os.environ, **(env_extra or {}))
+    rc, out, peak, wall = sh([A.stu, "bench", "--backend", "tch-cuda", "--precision", prec, case, "--json", j], timeout=timeout, env=env)
+    row = {"side": "stu", "case": case, "dtype": prec, "rc": rc, "peak_gib_nvml": peak, "wall_s": wall}
+    if env_extra:
+        row["env"] = env_extra
+    if rc == 0:
+        r = json.load(open(j))["results"][0]
+        s = r.get("train_s") or r.get("fwd_s")
+        row["ms"] = round(s * 1e3, 2)
+        row["samples_ms"] = [round(x * 1e3, 2) for x in (r.get("train_samples") or r.get("fwd_samples"))]
+    else:
+        row["error"] = out[-600:]
+    return row
+
+
+def theirs(case, dt, timeout=180):
+    j = f"/tmp/torch_{case}_{dt}.json"
+    rc, out, peak, wall = sh([A.python, os.path.join(HERE, "torch_gpu.py"), A.bench_dir, case, dt, j], timeout=timeout)
+    row = {"side": "torch", "case": case, "dtype": dt, "rc": rc, "peak_gib_nvml": peak, "wall_s": wall}
+    if rc == 0:
+        row.update({k: v for k, v in json.load(open(j)).items() if k in ("ms", "samples_ms", "peak_allocated_gib", "peak_reserved_gib")})
+    else:
+        row["error"] = out[-600:]
+    return row
+
+
+plan = []
+for s in A.sizes:  # the sizes the goal is about first
+    t, i = f"train_{s}_128_b2", f"infer_{s}_128"
+    torch_too = A.torch_sizes is None or s in A.torch_sizes
+    plan += [("torch", t, "fp16")] * torch_too + [("stu", t, "bf16")] + [("torch", i, "fp16")] * torch_too + [("stu", i, "bf16")]
+    if s in "BH":  # same-precision comparison and IEEE half inference where it matters most
+        plan += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too + [("stu", i, "f16")]
+# What the ATen paths gain: burn's generic conv/norm on the same backend (B only, last).
+if "B" in A.sizes:
+    plan += [("stu-generic", "infer_B_128", "bf16"), ("stu-generic", "train_B_128_b2", "bf16")]
+for side, case, dt in plan:
+    if time.time() - T0 > A.budget:
+        R["skipped"].append([side, case, dt])
+        continue
+    if side == "torch":
+        row = theirs(case, dt)
+    elif side == "stu":
+        row = ours(case, dt)
+    else:
+        row = ours(case, dt, {"STU_TCH_NATIVE": "0"}, timeout=75)
+        row["side"] = "stu-generic"
+    R["bench"].append(row)
+    log("bench", json.dumps({k: v for k, v in row.items() if k not in ("samples_ms", "error")}))
+    save()
+
+# 4. Tables.
+md = [f"GPU: {R.get('gpu')}; PyTorch {R.get('torch')}, cuDNN {R.get('cudnn')}; {R['started']}", ""]
+md += ["| precision | worst max abs diff / max abs ref over the 5 outputs |", "|---|---|"]
+for p, v in R["parity"].items():
+    md.append(f"| {p} | {v.get('worst_rel', v.get('error', ''))!s:.80} |")
+md += ["", "| case | side | dtype | ms | peak GiB (NVML) | torch peak alloc GiB |", "|---|---|---|---|---|---|"]
+for r in R["bench"]:
+    md.append(f"| {r['case']} | {r['side']} | {r['dtype']} | {r.get('ms', 'rc=' + str(r['rc']))} | {r['peak_gib_nvml']} | {r.get('peak_allocated_gib', '')} |")
+md += ["", "| prediction | rc | wall s | peak GiB |", "|---|---|---|---|"]
+for k, v in R["predict"].items():
+    if isinstance(v, dict):
+        md.append(f"| {k} | {v['rc']} | {v['wall_s']} | {v['peak_gib']} |")
+open(os.path.join(A.out, "suite.md"), "w").write("\n".join(md) + "\n")
+save()
+log("\n".join(md))
+log(f"done in {time.time() - T0:.0f} s; skipped: {R['skipped']}")
