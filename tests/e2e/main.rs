@@ -3,6 +3,7 @@
 mod checkpoints;
 mod dataset;
 mod parity;
+mod plainconv;
 mod predict;
 mod preprocess;
 mod specs;

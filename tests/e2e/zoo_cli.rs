@@ -9,8 +9,11 @@ fn zoo_json_has_the_exact_counts() {
     let out = Command::new(stu_bin!()).args(["zoo", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let plain = rows.iter().find(|r| r["name"] == "nnunet-plainconv").expect("nnU-Net's PlainConvUNet is listed");
+    assert_eq!(plain["params"].as_u64(), Some(31_278_509)); // tests/fixtures/plainconv.json
     let got: Vec<(String, u64, u64)> = rows
         .iter()
+        .filter(|r| r["name"].as_str().unwrap().starts_with("stunet"))
         .map(|r| (r["name"].as_str().unwrap().to_string(), r["params"].as_u64().unwrap(), r["macs_128"].as_u64().unwrap()))
         .collect();
     assert_eq!(

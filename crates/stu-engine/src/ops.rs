@@ -123,10 +123,15 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
     }
 }
 
-/// 3-D convolution with a cubic kernel of size 1 or 3, padding `k / 2`, bias, given stride.
-/// `weight` is `[Cout, Cin, k, k, k]` whatever the layout.
+/// 3-D convolution with odd kernel sizes, padding `k / 2` per axis ("same" at stride 1), bias,
+/// given stride. `weight` is `[Cout, Cin, kd, kh, kw]` whatever the layout. Our channels-last
+/// kernels take cubic 1³ and 3³ kernels; other shapes (nnU-Net's `[1, 3, 3]`) run burn's
+/// convolution on an NCDHW view.
 pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout) -> Tensor<5> {
+    let k = weight.dims();
+    let cubic13 = k[2] == k[3] && k[3] == k[4] && (k[2] == 1 || k[2] == 3);
     match layout {
+        Layout::Ndhwc if !cubic13 => layout.from_ncdhw(conv3d(layout.to_ncdhw(x), weight, bias, stride, Layout::Ncdhw)),
         Layout::Ndhwc => {
             use crate::ext::StuOps;
             Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::conv3d_cl(
@@ -147,10 +152,31 @@ pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 
             ))
         }
         Layout::Ncdhw => {
-            let pad = weight.dims()[2] / 2;
-            burn::tensor::module::conv3d(x, weight, Some(bias), burn::tensor::ops::ConvOptions::new(stride, [pad; 3], [1; 3], 1))
+            let pad = [k[2] / 2, k[3] / 2, k[4] / 2];
+            burn::tensor::module::conv3d(x, weight, Some(bias), burn::tensor::ops::ConvOptions::new(stride, pad, [1; 3], 1))
         }
     }
+}
+
+/// Transposed convolution whose kernel equals its stride (`ConvTranspose3d(k=s, stride=s)`,
+/// nnU-Net's upsampling): every input voxel becomes an `s`-block of outputs, so it is one matrix
+/// product followed by a depth-to-space shuffle. `weight` is PyTorch's `[Cin, Cout, s0, s1, s2]`.
+pub fn conv_transpose_ks(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, layout: Layout) -> Tensor<5> {
+    let [cin, cout, s0, s1, s2] = weight.dims();
+    let xl = match layout {
+        Layout::Ndhwc => x,
+        // PyTorch's layout: the backend's own transposed convolution (cuDNN on libtorch).
+        Layout::Ncdhw => {
+            let opts = burn::tensor::ops::ConvTransposeOptions::new([s0, s1, s2], [0; 3], [0; 3], [1; 3], 1);
+            return burn::tensor::module::conv_transpose3d(x, weight, Some(bias), opts);
+        }
+    };
+    let [b, d, h, w, c] = xl.dims();
+    assert_eq!(c, cin, "conv_transpose_ks: input has {c} channels, weight expects {cin}");
+    let wm = weight.permute([0, 2, 3, 4, 1]).reshape([cin, s0 * s1 * s2 * cout]);
+    let y = xl.reshape([b * d * h * w, cin]).matmul(wm);
+    let y: Tensor<8> = y.reshape([b, d, h, w, s0, s1, s2, cout]).permute([0, 1, 4, 2, 5, 3, 6, 7]);
+    y.reshape([b, d * s0, h * s1, w * s2, cout]) + bias.reshape([1, 1, 1, 1, cout])
 }
 
 /// A 1×1 conv whose output is always NCDHW, whatever the input layout: the segmentation heads.

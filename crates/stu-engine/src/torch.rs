@@ -23,7 +23,7 @@ use burn_autodiff::{Autodiff, NodeId};
 /// ATen-backed operations on NCDHW tensors.
 #[backend_extension(LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait TorchOps: Backend {
-    /// `conv3d(x, weight, bias)` with a cubic kernel (1 or 3), padding k/2, `stride`.
+    /// `conv3d(x, weight, bias)` with padding k/2 per axis (odd kernels), `stride`.
     fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self>;
     /// Gradients of [`conv3d_nc`](TorchOps::conv3d_nc): (x, weight, bias).
     fn conv3d_nc_backward(
@@ -53,8 +53,8 @@ mod libtorch {
     use super::TorchOps;
 
     fn conv(x: &tch::Tensor, w: &tch::Tensor, b: Option<&tch::Tensor>, stride: [usize; 3]) -> tch::Tensor {
-        let pad = w.size()[2] / 2;
-        x.conv3d(w, b, stride.map(|s| s as i64), [pad; 3], [1i64; 3], 1)
+        let k = w.size();
+        x.conv3d(w, b, stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2], [1i64; 3], 1)
     }
 
     fn norm_act(x: &tch::Tensor, g: &tch::Tensor, b: &tch::Tensor, act: bool) -> tch::Tensor {

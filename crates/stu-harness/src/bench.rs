@@ -66,6 +66,8 @@ fn randn(shape: [usize; 5], device: &Device) -> Tensor<5> {
 enum Net {
     Block(ResBlock),
     StuNet(StuNet),
+    /// A registered model at its default size (the baselines).
+    Zoo(&'static str, Box<dyn SegNet>),
 }
 
 impl Net {
@@ -79,6 +81,7 @@ impl Net {
                 device,
             )),
             Net::StuNet(n) => Net::StuNet(StuNet::new(&n.arch, device).expect("valid")),
+            Net::Zoo(name, _) => zoo_net(name, device),
         }
     }
     fn forward(&self, x: Tensor<5>, ds: bool) -> Tensor<5> {
@@ -89,6 +92,8 @@ impl Net {
             }
             Net::StuNet(n) if ds => n.forward_ds(x).swap_remove(0),
             Net::StuNet(n) => n.forward(x),
+            Net::Zoo(_, n) if ds => n.forward_ds(x).swap_remove(0),
+            Net::Zoo(_, n) => n.forward(x),
         }
     }
 }
@@ -116,6 +121,8 @@ pub fn anchor_cases() -> Vec<Case> {
         Case { id: "B_128_fwd", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 0 },
         Case { id: "S_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
         Case { id: "B_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
+        Case { id: "plainconv_128_fwd", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 0 },
+        Case { id: "plainconv_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
     ]
 }
 
@@ -127,9 +134,18 @@ fn net_for(id: &str, device: &Device) -> Net {
     match id {
         "block32_64" => Net::Block(ResBlock::new(32, 32, [1; 3], false, device)),
         "block1to32_128" => Net::Block(ResBlock::new(1, 32, [1; 3], true, device)),
+        id if id.starts_with("plainconv") => zoo_net("nnunet-plainconv", device),
         id if id.starts_with("S_") => Net::StuNet(StuNet::new(&preset("S"), device).expect("valid")),
         _ => Net::StuNet(StuNet::new(&preset("B"), device).expect("valid")),
     }
+}
+
+/// A registered model at its default configuration for 1 channel, 105 classes and five 2³
+/// downsamplings (nnU-Net's 3d_fullres network for a 128³ patch).
+fn zoo_net(name: &'static str, device: &Device) -> Net {
+    let entry = stu_engine::model::registry().get(name).expect("registered");
+    let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: ISO_STRIDES.to_vec(), options: serde_json::Value::Null };
+    Net::Zoo(name, stu_engine::train::he_init((entry.build)(&spec, device).expect("default size"), 0, None))
 }
 
 /// Training-step cases: nnU-Net's step (batch 2, 1 channel, 128³, 105 classes, deep

@@ -324,7 +324,8 @@ impl TrainArgs {
         let model_options = match (self.preset, self.blocks, self.base_width, self.model_options) {
             (Some(p), ..) => serde_json::json!({ "preset": p }),
             (None, _, _, Some(j)) => serde_json::from_str(&j).context("--model-options is not valid JSON")?,
-            (None, None, None, None) => serde_json::json!({ "preset": "stunet-b" }),
+            (None, None, None, None) if self.model == "stunet" => serde_json::json!({ "preset": "stunet-b" }),
+            (None, None, None, None) => serde_json::Value::Null,
             (None, b, w, None) => {
                 let mut m = serde_json::Map::new();
                 if let Some(b) = b {

@@ -1,0 +1,105 @@
+//! nnU-Net's PlainConvUNet against its reference implementation (dynamic_network_architectures
+//! 0.4.4): forward parity through two containers, the state-dict key order, the exact parameter
+//! and FLOP counts of nnU-Net's default 3d_fullres network (`tests/fixtures/make_plainconv_fixture.py`).
+
+use stu_engine::model::{LoadOptions, SegNet};
+use stu_harness::forward::{ForwardOptions, ModelSource, StrideSource, forward};
+use tests::{own_fixtures, read_tensor, rel_max_err};
+
+fn fixture() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("plainconv.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn plainconv_matches_the_reference_in_both_containers() {
+    let doc = fixture();
+    let reference = own_fixtures().join("plainconv_tiny.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["plainconv_tiny.safetensors", "plainconv_tiny_nnunetv2.pth"] {
+        let out = dir.path().join(format!("{file}.out.safetensors"));
+        forward(&ForwardOptions {
+            model: ModelSource { checkpoint: own_fixtures().join(file), model: None, strides: StrideSource::Default, backend: stu_engine::backend::Backend::Flex },
+            input: reference.clone(),
+            input_key: "input".into(),
+            output: out.clone(),
+            precision: Default::default(),
+        })
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        let n = doc["tiny"]["outputs"].as_array().unwrap().len();
+        assert_eq!(n, 3);
+        for i in 0..n {
+            let key = format!("output.{i}");
+            let (s, ours) = read_tensor(&out, &key);
+            let (s_ref, want) = read_tensor(&reference, &key);
+            assert_eq!(s, s_ref, "{file} {key}");
+            let err = rel_max_err(&ours, &want);
+            assert!(err <= 1e-4, "{file} {key}: {err:e}");
+        }
+    }
+}
+
+#[test]
+fn plainconv_keys_and_counts_equal_the_reference() {
+    zoo::link();
+    let doc = fixture();
+    let device = stu_engine::backend::Backend::Flex.device().unwrap();
+    let net = stu_engine::model::load_checkpoint(&own_fixtures().join("plainconv_tiny_nnunetv2.pth"), None, &LoadOptions::default(), &device).unwrap();
+    assert_eq!(net.family(), "nnunet-plainconv");
+    // The export writes the reference's keys in its order, duplicate registrations included.
+    let ours: Vec<String> = net.state_dict().into_iter().map(|t| t.name).collect();
+    let want: Vec<String> = serde_json::from_value(doc["tiny_keys"].clone()).unwrap();
+    assert_eq!(ours, want);
+    // nnU-Net's default network for 1 channel, 105 classes, 128³ (configuration in the JSON).
+    let arch = zoo::plainconv::default_arch();
+    let d = &doc["default"];
+    assert_eq!(arch.features, serde_json::from_value::<Vec<usize>>(d["features_per_stage"].clone()).unwrap());
+    let fresh = zoo::plainconv::PlainConvUNet::new(&arch, &device).unwrap();
+    assert_eq!(SegNet::num_params(&fresh) as u64, d["params"].as_u64().unwrap());
+    assert_eq!(d["params"].as_u64().unwrap(), 31_278_509);
+    assert_eq!(arch.keys().len() as u64, d["state_dict_tensors"].as_u64().unwrap());
+    assert_eq!(2 * arch.macs([128; 3]).weights, d["flops_128_deep_supervision"].as_u64().unwrap());
+    // A wrong shape is refused with the key named.
+    let bad = own_fixtures().join("plainconv_tiny.safetensors");
+    let err = stu_engine::model::load_checkpoint(&bad, Some("stunet"), &LoadOptions::default(), &device).err().unwrap().to_string();
+    assert!(err.contains("conv_blocks_context"), "{err}");
+}
+
+#[test]
+fn plainconv_trains_and_predicts_through_the_same_commands() {
+    use std::process::Command;
+    let run = |args: &[&str]| {
+        let o = Command::new(tests::stu_bin!()).args(args).output().unwrap();
+        assert!(o.status.success(), "stu {args:?}:\n{}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let raw = tests::shared().join("data/Dataset802_TotalSegExampleMR");
+    let raw_s = raw.to_str().unwrap();
+    run(&["plan", raw_s, "--out", &t("plans/plans.json")]);
+    run(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]);
+    run(&[
+        "train", &t("pre"), "--out", &t("run"), "--fold", "all", "--model", "nnunet-plainconv", "--model-options", r#"{"base_width": 4, "max_width": 8}"#,
+        "--epochs", "2", "--iterations", "2", "--val-iterations", "0", "--patch-size", "16,32,32",
+    ]);
+    let losses: Vec<f64> = tests::logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses.iter().all(|l| l.is_finite()));
+    // The checkpoint is recognised as this model, and predicts in the input's geometry.
+    let ck = t("run/checkpoint_final.safetensors");
+    let info = run(&["inspect", "--checkpoint", &ck]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["model"], "nnunet-plainconv");
+    let images = raw.join("imagesTr");
+    run(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred"), "--checkpoint", &ck, "--disable-tta"]);
+    let input = stu_data::nifti_io::read_geometry(&images.join("ts_mr_sm_0000.nii.gz")).unwrap();
+    let out = stu_data::nifti_io::read_label(&tmp.path().join("pred/ts_mr_sm.nii.gz")).unwrap();
+    assert_eq!(out.geom.shape, input.shape);
+    // A misspelt size option names itself.
+    let bad = Command::new(tests::stu_bin!())
+        .args(["train", &t("pre"), "--out", &t("bad"), "--fold", "all", "--model", "nnunet-plainconv", "--model-options", r#"{"widht": 4}"#])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("widht"), "{}", String::from_utf8_lossy(&bad.stderr));
+}

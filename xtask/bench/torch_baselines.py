@@ -1,0 +1,49 @@
+"""The baselines' side of `stu bench plainconv`: nnU-Net's PlainConvUNet (dynamic_network_architectures,
+default 3d_fullres network: 1 channel, 105 classes, 6 stages, 32…320 features) at 1×1×128³, timed
+as `../shared/bench/cpu_anchor.py` times STU-Net (2 threads, float32, median; forward without deep
+supervision; forward+backward back-propagates mean(output.0) of the deep-supervision forward).
+Usage: python torch_baselines.py OUT.json"""
+import json
+import sys
+import time
+
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from torch import nn
+
+torch.set_num_threads(2)
+
+
+def med(fn, n):
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return round(ts[len(ts) // 2], 3)
+
+
+torch.manual_seed(0)
+m = PlainConvUNet(1, 6, [32, 64, 128, 256, 320, 320], nn.Conv3d, 3, [1, 2, 2, 2, 2, 2], 2, 105, 2, conv_bias=True,
+                  norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True}, deep_supervision=True)
+x = torch.randn(1, 1, 128, 128, 128)
+
+
+def fwd():
+    m.decoder.deep_supervision = False
+    with torch.no_grad():
+        m(x)
+
+
+def fb():
+    m.decoder.deep_supervision = True
+    m.zero_grad(set_to_none=True)
+    m(x)[0].mean().backward()
+
+
+R = {"torch": torch.__version__, "plainconv_128_fwd": {"fwd_s": med(fwd, 3)}, "plainconv_128": {"fwd_bwd_s": med(fb, 2)}}
+print(R, flush=True)
+json.dump(R, open(sys.argv[1], "w"), indent=1)
