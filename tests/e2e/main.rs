@@ -8,4 +8,5 @@ mod predict;
 mod preprocess;
 mod specs;
 mod train;
+mod unetr;
 mod zoo_cli;

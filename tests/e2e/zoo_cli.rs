@@ -11,6 +11,9 @@ fn zoo_json_has_the_exact_counts() {
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let plain = rows.iter().find(|r| r["name"] == "nnunet-plainconv").expect("nnU-Net's PlainConvUNet is listed");
     assert_eq!(plain["params"].as_u64(), Some(31_278_509)); // tests/fixtures/plainconv.json
+    let unetr = rows.iter().find(|r| r["name"] == "unetr").expect("UNETR is listed");
+    assert_eq!(unetr["params"].as_u64(), Some(93_031_353)); // tests/fixtures/unetr.json
+    assert_eq!(unetr["macs_128"].as_u64(), Some(358_831_095_808 / 2));
     let got: Vec<(String, u64, u64)> = rows
         .iter()
         .filter(|r| r["name"].as_str().unwrap().starts_with("stunet"))

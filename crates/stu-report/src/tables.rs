@@ -12,12 +12,13 @@ pub fn records_frame(records: &[Value]) -> Result<DataFrame> {
     let s = |r: &Value, p: &str| r.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
     let f = |r: &Value, p: &str| r.pointer(p).and_then(Value::as_f64);
     let point: Vec<String> = records.iter().map(|r| r["point"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")).unwrap_or_default()).collect();
-    let blocks: Vec<Option<f64>> = records.iter().map(|r| r.pointer("/model/depth/0").and_then(Value::as_f64)).collect();
-    let width: Vec<Option<f64>> = records.iter().map(|r| r.pointer("/model/dims/0").and_then(Value::as_f64)).collect();
+    let blocks: Vec<Option<f64>> = records.iter().map(|r| model_blocks(r)).collect();
+    let width: Vec<Option<f64>> = records.iter().map(|r| model_width(r)).collect();
     let df = DataFrame::new(vec![
         Column::new("study".into(), records.iter().map(|r| s(r, "/study")).collect::<Vec<_>>()),
         Column::new("point".into(), point),
         Column::new("id".into(), records.iter().map(|r| s(r, "/id")).collect::<Vec<_>>()),
+        Column::new("model".into(), records.iter().map(|r| s(r, "/model/model")).collect::<Vec<_>>()),
         Column::new("blocks".into(), blocks),
         Column::new("base_width".into(), width),
         Column::new("params".into(), records.iter().map(|r| f(r, "/model/params")).collect::<Vec<_>>()),
@@ -32,6 +33,16 @@ pub fn records_frame(records: &[Value]) -> Result<DataFrame> {
         Column::new("train_s".into(), records.iter().map(|r| f(r, "/timings/train_s")).collect::<Vec<_>>()),
     ])?;
     Ok(df.sort(["study", "point"], Default::default())?)
+}
+
+/// Blocks (STU-Net) or convolutions (PlainConvUNet) per stage at stage 0 of a record's model.
+pub fn model_blocks(r: &Value) -> Option<f64> {
+    r.pointer("/model/depth/0").or_else(|| r.pointer("/model/n_conv/0")).and_then(Value::as_f64)
+}
+
+/// Width of stage 0 of a record's model.
+pub fn model_width(r: &Value) -> Option<f64> {
+    r.pointer("/model/dims/0").or_else(|| r.pointer("/model/features/0")).and_then(Value::as_f64)
 }
 
 /// Reads every `record.json` under `dir` (recursively), sorted by path.

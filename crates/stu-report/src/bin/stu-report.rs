@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use polars::prelude::*;
 use serde_json::Value;
 use stu_report::figures::{Bubble, Series, bars, bubbles, curves};
-use stu_report::tables::{markdown, paper, read_records, records_frame, write_table};
+use stu_report::tables::{markdown, model_blocks, model_width, paper, read_records, records_frame, write_table};
 
 const STUDIES: [&str; 6] = ["quickstart", "scaling", "data_fraction", "expert_vs_universal", "direct_inference", "finetune"];
 const GROUPS: [&str; 5] = ["organs", "vertebrae", "cardiac", "muscles", "ribs"];
@@ -74,8 +74,12 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
             let ours: Vec<Bubble> = records
                 .iter()
                 .filter_map(|r| {
+                    let family = match r.pointer("/model/model").and_then(Value::as_str) {
+                        Some("nnunet-plainconv") => "nnU-Net ",
+                        _ => "",
+                    };
                     Some(Bubble {
-                        label: format!("b{} w{}", r.pointer("/model/depth/0")?, r.pointer("/model/dims/0")?),
+                        label: format!("{family}b{} w{}", model_blocks(r)?, model_width(r)?),
                         x: r.pointer("/model/params")?.as_f64()? / 1e6,
                         y: r.pointer("/metrics/foreground_mean/Dice")?.as_f64()?,
                         area: r.pointer("/model/macs_128")?.as_f64()?,

@@ -1,0 +1,50 @@
+//! UNETR against MONAI 1.6.1 (`tests/fixtures/make_unetr_fixture.py`): forward parity, the
+//! state-dict key order, and the exact parameter and FLOP counts of MONAI's default network.
+
+use stu_engine::model::{LoadOptions, SegNet};
+use stu_harness::forward::{ForwardOptions, ModelSource, StrideSource, forward};
+use tests::{own_fixtures, read_tensor, rel_max_err};
+
+fn fixture() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("unetr.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn unetr_matches_monai() {
+    let file = own_fixtures().join("unetr_tiny.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    forward(&ForwardOptions {
+        model: ModelSource { checkpoint: file.clone(), model: None, strides: StrideSource::Default, backend: stu_engine::backend::Backend::Flex },
+        input: file.clone(),
+        input_key: "input".into(),
+        output: out.clone(),
+        precision: Default::default(),
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let (s, ours) = read_tensor(&out, "output.0");
+    let (s_ref, want) = read_tensor(&file, "output.0");
+    assert_eq!(s, s_ref);
+    let err = rel_max_err(&ours, &want);
+    assert!(err <= 1e-4, "max|out − ref| / max|ref| = {err:e}");
+}
+
+#[test]
+fn unetr_keys_and_counts_equal_monai() {
+    zoo::link();
+    let doc = fixture();
+    let device = stu_engine::backend::Backend::Flex.device().unwrap();
+    let net = stu_engine::model::load_checkpoint(&own_fixtures().join("unetr_tiny.safetensors"), None, &LoadOptions::default(), &device).unwrap();
+    assert_eq!(net.family(), "unetr");
+    let ours: Vec<String> = net.state_dict().into_iter().map(|t| t.name).collect();
+    let want: Vec<String> = serde_json::from_value(doc["tiny_keys"].clone()).unwrap();
+    assert_eq!(ours, want);
+    // MONAI's default UNETR for 1 channel, 105 classes, 128³.
+    let arch = zoo::unetr::default_arch();
+    let d = &doc["default"];
+    let fresh = zoo::unetr::Unetr::new(&arch, &device).unwrap();
+    assert_eq!(SegNet::num_params(&fresh) as u64, d["params"].as_u64().unwrap());
+    assert_eq!(d["params"].as_u64().unwrap(), 93_031_353);
+    assert_eq!(arch.keys().len() as u64, d["state_dict_tensors"].as_u64().unwrap());
+    assert_eq!(2 * arch.macs(), d["flops_128"].as_u64().unwrap());
+}

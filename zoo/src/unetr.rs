@@ -1,0 +1,698 @@
+//! UNETR (Hatamizadeh et al. 2022) as MONAI 1.6 defines it (`monai.networks.nets.UNETR`):
+//! a ViT encoder over 16³ patches (12 blocks, hidden 768, MLP 3072, 12 heads, no qkv bias,
+//! learnable position embeddings), whose hidden states after blocks 3, 6 and 9 and its normed
+//! output feed a convolutional decoder of transposed convolutions and residual blocks
+//! (`UnetResBlock`: InstanceNorm without affine, LeakyReLU 0.01, convolutions without bias), and
+//! a 1×1 head. Defaults are MONAI's; one output (no deep supervision: `forward_ds` returns the
+//! full-resolution logits alone, so training weights it 1).
+//!
+//! MONAI registers a `norm_cross_attn` LayerNorm in every block even without cross-attention;
+//! it is a parameter (counted, loaded, exported) that the forward does not use.
+
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use serde::{Deserialize, Serialize};
+use stu_core::strides::Stride;
+use stu_engine::burn;
+use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
+use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
+use stu_engine::ops::{self, Layout};
+use stu_engine::{Device, Tensor, TensorData};
+
+use crate::stunet::TOTALSEG_CLASSES;
+
+/// Registry name.
+pub const NAME: &str = "unetr";
+
+/// Everything that fixes a UNETR's shape (MONAI's constructor arguments).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnetrArch {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output classes.
+    pub num_classes: usize,
+    /// Input extent (cubic), a multiple of 16.
+    pub img_size: usize,
+    /// Decoder base width (`feature_size`).
+    pub feature_size: usize,
+    /// Transformer width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub mlp_dim: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Transformer blocks (MONAI fixes 12; skips come from blocks 3, 6, 9).
+    pub num_layers: usize,
+}
+
+/// ViT patch size (MONAI's UNETR fixes 16).
+pub const PATCH: usize = 16;
+
+impl UnetrArch {
+    /// MONAI's defaults for a task.
+    pub fn monai_default(in_channels: usize, num_classes: usize, img_size: usize) -> Self {
+        Self { in_channels, num_classes, img_size, feature_size: 16, hidden_size: 768, mlp_dim: 3072, num_heads: 12, num_layers: 12 }
+    }
+
+    fn tokens(&self) -> usize {
+        (self.img_size / PATCH).pow(3)
+    }
+
+    /// Multiply-accumulates of one forward at batch 1 without biases (what torch's
+    /// FlopCounterMode counts, ×2): patch embedding, linears, the two attention products,
+    /// convolutions and transposed convolutions.
+    pub fn macs(&self) -> u64 {
+        let (n, h, f) = (self.tokens() as u64, self.hidden_size as u64, self.feature_size as u64);
+        let g = (self.img_size / PATCH) as u64;
+        let mut m = n * h * (self.in_channels * PATCH.pow(3)) as u64;
+        m += self.num_layers as u64 * (n * h * 3 * h + n * h * h + 2 * n * h * self.mlp_dim as u64 + 2 * n * n * h);
+        let vox = |side: u64| side * side * side;
+        let res = |m: &mut u64, cin: u64, c: u64, side: u64| {
+            *m += vox(side) * c * cin * 27 + vox(side) * c * c * 27;
+            if cin != c {
+                *m += vox(side) * c * cin;
+            }
+        };
+        let s = self.img_size as u64;
+        res(&mut m, self.in_channels as u64, f, s);
+        // encoder2/3/4: transp_conv_init h→out at 2g, then (transposed conv + res block) per layer.
+        for (out, layers) in [(2 * f, 2u32), (4 * f, 1), (8 * f, 0)] {
+            m += vox(2 * g) * out * h;
+            let mut side = 2 * g;
+            for _ in 0..layers {
+                side *= 2;
+                m += vox(side) * out * out;
+                res(&mut m, out, out, side);
+            }
+        }
+        for (cin, out, side) in [(h, 8 * f, 2 * g), (8 * f, 4 * f, 4 * g), (4 * f, 2 * f, 8 * g), (2 * f, f, 16 * g)] {
+            m += vox(side) * out * cin;
+            res(&mut m, 2 * out, out, side);
+        }
+        m + vox(s) * self.num_classes as u64 * f
+    }
+
+    /// Checks the arguments; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.img_size == 0 || self.img_size % PATCH != 0 {
+            return Err(format!("`img_size` must be a positive multiple of {PATCH}, got {}", self.img_size));
+        }
+        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+            return Err(format!("`hidden_size` {} must be divisible by `num_heads` {}", self.hidden_size, self.num_heads));
+        }
+        if self.num_layers != 12 {
+            return Err(format!("`num_layers` must be 12 (UNETR takes skips after blocks 3, 6 and 9), got {}", self.num_layers));
+        }
+        if self.in_channels == 0 || self.num_classes == 0 || self.feature_size == 0 || self.mlp_dim == 0 {
+            return Err("counts must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Every state-dict key with its shape, in MONAI's order.
+    pub fn keys(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, f, c) = (self.hidden_size, self.feature_size, self.in_channels);
+        let mut k: Vec<(String, Vec<usize>)> = vec![
+            ("vit.patch_embedding.position_embeddings".into(), vec![1, self.tokens(), h]),
+            ("vit.patch_embedding.patch_embeddings.weight".into(), vec![h, c, PATCH, PATCH, PATCH]),
+            ("vit.patch_embedding.patch_embeddings.bias".into(), vec![h]),
+        ];
+        for b in 0..self.num_layers {
+            let p = format!("vit.blocks.{b}");
+            k.push((format!("{p}.mlp.linear1.weight"), vec![self.mlp_dim, h]));
+            k.push((format!("{p}.mlp.linear1.bias"), vec![self.mlp_dim]));
+            k.push((format!("{p}.mlp.linear2.weight"), vec![h, self.mlp_dim]));
+            k.push((format!("{p}.mlp.linear2.bias"), vec![h]));
+            k.push((format!("{p}.norm1.weight"), vec![h]));
+            k.push((format!("{p}.norm1.bias"), vec![h]));
+            k.push((format!("{p}.attn.out_proj.weight"), vec![h, h]));
+            k.push((format!("{p}.attn.out_proj.bias"), vec![h]));
+            k.push((format!("{p}.attn.qkv.weight"), vec![3 * h, h]));
+            k.push((format!("{p}.norm2.weight"), vec![h]));
+            k.push((format!("{p}.norm2.bias"), vec![h]));
+            k.push((format!("{p}.norm_cross_attn.weight"), vec![h]));
+            k.push((format!("{p}.norm_cross_attn.bias"), vec![h]));
+        }
+        k.push(("vit.norm.weight".into(), vec![h]));
+        k.push(("vit.norm.bias".into(), vec![h]));
+        res_keys(&mut k, "encoder1.layer", c, f);
+        for (name, out, layers) in [("encoder2", 2 * f, 2), ("encoder3", 4 * f, 1), ("encoder4", 8 * f, 0)] {
+            k.push((format!("{name}.transp_conv_init.conv.weight"), vec![h, out, 2, 2, 2]));
+            for i in 0..layers {
+                k.push((format!("{name}.blocks.{i}.0.conv.weight"), vec![out, out, 2, 2, 2]));
+                res_keys(&mut k, &format!("{name}.blocks.{i}.1"), out, out);
+            }
+        }
+        for (name, cin, out) in [("decoder5", h, 8 * f), ("decoder4", 8 * f, 4 * f), ("decoder3", 4 * f, 2 * f), ("decoder2", 2 * f, f)] {
+            k.push((format!("{name}.transp_conv.conv.weight"), vec![cin, out, 2, 2, 2]));
+            res_keys(&mut k, &format!("{name}.conv_block"), 2 * out, out);
+        }
+        k.push(("out.conv.conv.weight".into(), vec![self.num_classes, f, 1, 1, 1]));
+        k.push(("out.conv.conv.bias".into(), vec![self.num_classes]));
+        k
+    }
+}
+
+fn res_keys(k: &mut Vec<(String, Vec<usize>)>, p: &str, cin: usize, c: usize) {
+    k.push((format!("{p}.conv1.conv.weight"), vec![c, cin, 3, 3, 3]));
+    k.push((format!("{p}.conv2.conv.weight"), vec![c, c, 3, 3, 3]));
+    if cin != c {
+        k.push((format!("{p}.conv3.conv.weight"), vec![c, cin, 1, 1, 1]));
+    }
+}
+
+/// `nn.LayerNorm(C)` (eps 1e-5).
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    /// Scale.
+    pub weight: Param<Tensor<1>>,
+    /// Shift.
+    pub bias: Param<Tensor<1>>,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let c = x.dims()[2];
+        let (var, mean) = x.clone().var_mean_bias(2);
+        (x - mean) / (var + 1e-5).sqrt() * self.weight.val().reshape([1, 1, c]) + self.bias.val().reshape([1, 1, c])
+    }
+}
+
+/// `nn.Linear` (PyTorch's `[out, in]` weight).
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let out = self.weight.dims()[0];
+        let y = x.reshape([b * n, c]).matmul(self.weight.val().transpose());
+        let y = match &self.bias {
+            Some(bias) => y + bias.val().reshape([1, out]),
+            None => y,
+        };
+        y.reshape([b, n, out])
+    }
+}
+
+/// MONAI's `TransformerBlock` (self-attention and MLP, pre-norm).
+#[derive(Module, Debug)]
+pub struct Block {
+    /// Norm before attention.
+    pub norm1: LayerNorm,
+    /// `qkv` (no bias) of `SABlock`.
+    pub qkv: Linear,
+    /// `out_proj` of `SABlock`.
+    pub out_proj: Linear,
+    /// Norm before the MLP.
+    pub norm2: LayerNorm,
+    /// MLP in.
+    pub linear1: Linear,
+    /// MLP out.
+    pub linear2: Linear,
+    /// Registered by MONAI, unused without cross-attention.
+    pub norm_cross_attn: LayerNorm,
+    /// Heads.
+    #[module(skip)]
+    pub heads: usize,
+}
+
+impl Block {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let (h, d) = (self.heads, c / self.heads);
+        // "b n (qkv l d) -> qkv b l n d"
+        let qkv = self.qkv.forward(self.norm1.forward(x.clone())).reshape([b * n, 3, h, d]);
+        let part = |i: usize| qkv.clone().slice([0..b * n, i..i + 1, 0..h, 0..d]).reshape([b, n, h, d]).swap_dims(1, 2);
+        let (q, k, v) = (part(0), part(1), part(2));
+        let att = burn::tensor::activation::softmax(q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5), 3);
+        let y = att.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
+        let x = x + self.out_proj.forward(y);
+        let m = self.linear2.forward(burn::tensor::activation::gelu(self.linear1.forward(self.norm2.forward(x.clone()))));
+        x + m
+    }
+}
+
+/// MONAI's `UnetResBlock` (norm without affine).
+#[derive(Module, Debug)]
+pub struct ResBlock {
+    /// 3³ conv.
+    pub conv1: Param<Tensor<5>>,
+    /// 3³ conv.
+    pub conv2: Param<Tensor<5>>,
+    /// 1×1 projection when the width changes.
+    pub conv3: Option<Param<Tensor<5>>>,
+}
+
+fn conv_nb(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
+    let c = w.dims()[0];
+    let zeros = Tensor::zeros([c], &w.device());
+    ops::conv3d(x, w, zeros, [1; 3], l)
+}
+
+fn norm(x: Tensor<5>, act: bool, l: Layout) -> Tensor<5> {
+    let c = x.dims()[l.channel_axis()];
+    let dev = x.device();
+    ops::norm_act(x, Tensor::ones([c], &dev), Tensor::zeros([c], &dev), act, l)
+}
+
+fn up(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
+    let c = w.dims()[1];
+    let zeros = Tensor::zeros([c], &w.device());
+    ops::conv_transpose_ks(x, w, zeros, l)
+}
+
+impl ResBlock {
+    fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
+        let y = norm(conv_nb(x.clone(), self.conv1.val(), l), true, l);
+        let y = norm(conv_nb(y, self.conv2.val(), l), false, l);
+        let skip = match &self.conv3 {
+            Some(w) => norm(conv_nb(x, w.val(), l), false, l),
+            None => x,
+        };
+        ops::leaky_relu(y + skip)
+    }
+}
+
+/// One further stage of a `UnetrPrUpBlock`.
+#[derive(Module, Debug)]
+pub struct PrUpStage {
+    /// Transposed conv.
+    pub transp: Param<Tensor<5>>,
+    /// Residual block.
+    pub res: ResBlock,
+}
+
+/// `UnetrPrUpBlock`: a transposed conv, then `layers` × (transposed conv, residual block).
+#[derive(Module, Debug)]
+pub struct PrUp {
+    /// First upsampling.
+    pub transp_conv_init: Param<Tensor<5>>,
+    /// The further stages.
+    pub blocks: Vec<PrUpStage>,
+}
+
+/// `UnetrUpBlock`: transposed conv, concatenation with the skip, residual block.
+#[derive(Module, Debug)]
+pub struct UpBlock {
+    /// Upsampling.
+    pub transp_conv: Param<Tensor<5>>,
+    /// After the concatenation.
+    pub conv_block: ResBlock,
+}
+
+/// The network.
+#[derive(Module, Debug)]
+pub struct Unetr {
+    /// `[1, tokens, hidden]`.
+    pub position_embeddings: Param<Tensor<3>>,
+    /// `[hidden, C, 16, 16, 16]`.
+    pub patch_weight: Param<Tensor<5>>,
+    /// `[hidden]`.
+    pub patch_bias: Param<Tensor<1>>,
+    /// Transformer blocks.
+    pub blocks: Vec<Block>,
+    /// Final norm.
+    pub norm: LayerNorm,
+    /// Full-resolution residual block on the input.
+    pub encoder1: ResBlock,
+    /// Skips from the transformer (2×, 4×, 8× upsampled).
+    pub encoder2: PrUp,
+    /// See `encoder2`.
+    pub encoder3: PrUp,
+    /// See `encoder2`.
+    pub encoder4: PrUp,
+    /// Decoder, deepest first.
+    pub decoder: Vec<UpBlock>,
+    /// 1×1 head weight.
+    pub out_weight: Param<Tensor<5>>,
+    /// 1×1 head bias.
+    pub out_bias: Param<Tensor<1>>,
+    /// The architecture.
+    #[module(skip)]
+    pub arch: UnetrArch,
+}
+
+enum Source<'a> {
+    /// PyTorch's default initialisation is not reproduced; trunc-normal-like He/normal for
+    /// weights, zeros for biases, ones for norm scales (MONAI initialises the ViT with
+    /// trunc_normal(0.02), which the position embeddings and linears follow here).
+    Init,
+    Dict(&'a StateDict),
+}
+
+struct Builder<'a> {
+    src: Source<'a>,
+    device: &'a Device,
+}
+
+impl Builder<'_> {
+    fn t<const D: usize>(&self, key: &str, shape: [usize; D], init: Initializer) -> Result<Param<Tensor<D>>, CheckpointError> {
+        match &self.src {
+            Source::Init => {
+                let fan_in = shape.iter().skip(1).product::<usize>().max(1);
+                let fan_out = shape[0] * shape.iter().skip(2).product::<usize>();
+                Ok(init.init_with(shape, Some(fan_in), Some(fan_out), self.device))
+            }
+            Source::Dict(dict) => Ok(Param::from_tensor(Tensor::from_data(TensorData::new(dict.read(key, &shape)?, shape), self.device))),
+        }
+    }
+
+    fn he() -> Initializer {
+        Initializer::KaimingNormal { gain: (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt(), fan_out_only: false }
+    }
+
+    fn vit() -> Initializer {
+        Initializer::Normal { mean: 0.0, std: 0.02 }
+    }
+
+    fn ln(&self, key: &str, c: usize) -> Result<LayerNorm, CheckpointError> {
+        Ok(LayerNorm { weight: self.t(&format!("{key}.weight"), [c], Initializer::Ones)?, bias: self.t(&format!("{key}.bias"), [c], Initializer::Zeros)? })
+    }
+
+    fn linear(&self, key: &str, cin: usize, out: usize, bias: bool) -> Result<Linear, CheckpointError> {
+        Ok(Linear {
+            weight: self.t(&format!("{key}.weight"), [out, cin], Self::vit())?,
+            bias: if bias { Some(self.t(&format!("{key}.bias"), [out], Initializer::Zeros)?) } else { None },
+        })
+    }
+
+    fn res(&self, key: &str, cin: usize, c: usize) -> Result<ResBlock, CheckpointError> {
+        Ok(ResBlock {
+            conv1: self.t(&format!("{key}.conv1.conv.weight"), [c, cin, 3, 3, 3], Self::he())?,
+            conv2: self.t(&format!("{key}.conv2.conv.weight"), [c, c, 3, 3, 3], Self::he())?,
+            conv3: if cin != c { Some(self.t(&format!("{key}.conv3.conv.weight"), [c, cin, 1, 1, 1], Self::he())?) } else { None },
+        })
+    }
+
+    fn build(&self, a: &UnetrArch) -> Result<Unetr, CheckpointError> {
+        let (h, f) = (a.hidden_size, a.feature_size);
+        let blocks = (0..a.num_layers)
+            .map(|b| {
+                let p = format!("vit.blocks.{b}");
+                Ok(Block {
+                    norm1: self.ln(&format!("{p}.norm1"), h)?,
+                    qkv: self.linear(&format!("{p}.attn.qkv"), h, 3 * h, false)?,
+                    out_proj: self.linear(&format!("{p}.attn.out_proj"), h, h, true)?,
+                    norm2: self.ln(&format!("{p}.norm2"), h)?,
+                    linear1: self.linear(&format!("{p}.mlp.linear1"), h, a.mlp_dim, true)?,
+                    linear2: self.linear(&format!("{p}.mlp.linear2"), a.mlp_dim, h, true)?,
+                    norm_cross_attn: self.ln(&format!("{p}.norm_cross_attn"), h)?,
+                    heads: a.num_heads,
+                })
+            })
+            .collect::<Result<_, CheckpointError>>()?;
+        let prup = |name: &str, out: usize, layers: usize| -> Result<PrUp, CheckpointError> {
+            Ok(PrUp {
+                transp_conv_init: self.t(&format!("{name}.transp_conv_init.conv.weight"), [h, out, 2, 2, 2], Self::he())?,
+                blocks: (0..layers)
+                    .map(|i| Ok(PrUpStage { transp: self.t(&format!("{name}.blocks.{i}.0.conv.weight"), [out, out, 2, 2, 2], Self::he())?, res: self.res(&format!("{name}.blocks.{i}.1"), out, out)? }))
+                    .collect::<Result<_, CheckpointError>>()?,
+            })
+        };
+        let decoder = [("decoder5", h, 8 * f), ("decoder4", 8 * f, 4 * f), ("decoder3", 4 * f, 2 * f), ("decoder2", 2 * f, f)]
+            .into_iter()
+            .map(|(name, cin, out)| {
+                Ok(UpBlock {
+                    transp_conv: self.t(&format!("{name}.transp_conv.conv.weight"), [cin, out, 2, 2, 2], Self::he())?,
+                    conv_block: self.res(&format!("{name}.conv_block"), 2 * out, out)?,
+                })
+            })
+            .collect::<Result<_, CheckpointError>>()?;
+        Ok(Unetr {
+            position_embeddings: self.t("vit.patch_embedding.position_embeddings", [1, a.tokens(), h], Self::vit())?,
+            patch_weight: self.t("vit.patch_embedding.patch_embeddings.weight", [h, a.in_channels, PATCH, PATCH, PATCH], Self::he())?,
+            patch_bias: self.t("vit.patch_embedding.patch_embeddings.bias", [h], Initializer::Zeros)?,
+            blocks,
+            norm: self.ln("vit.norm", h)?,
+            encoder1: self.res("encoder1.layer", a.in_channels, f)?,
+            encoder2: prup("encoder2", 2 * f, 2)?,
+            encoder3: prup("encoder3", 4 * f, 1)?,
+            encoder4: prup("encoder4", 8 * f, 0)?,
+            decoder,
+            out_weight: self.t("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::he())?,
+            out_bias: self.t("out.conv.conv.bias", [a.num_classes], Initializer::Zeros)?,
+            arch: a.clone(),
+        })
+    }
+}
+
+impl Unetr {
+    /// A freshly initialised network.
+    pub fn new(arch: &UnetrArch, device: &Device) -> Result<Self, String> {
+        arch.validate()?;
+        Builder { src: Source::Init, device }.build(arch).map_err(|e| e.to_string())
+    }
+
+    /// From MONAI's state dict (any container); the architecture comes from the shapes.
+    pub fn from_state_dict(dict: &StateDict, device: &Device) -> Result<Self, CheckpointError> {
+        let arch = infer_arch(dict)?;
+        dict.reject_unknown(arch.keys().iter().map(|(k, _)| k.as_str()), NAME)?;
+        for (key, shape) in arch.keys() {
+            let found = dict.shape(&key)?;
+            if found != shape.as_slice() {
+                return Err(CheckpointError::Shape { path: dict.path().to_path_buf(), key, found: found.to_vec(), expected: shape });
+            }
+        }
+        Builder { src: Source::Dict(dict), device }.build(&arch)
+    }
+
+    fn run(&self, x: Tensor<5>) -> Tensor<5> {
+        let a = &self.arch;
+        let [b, c, d, hh, w] = x.dims();
+        assert!(
+            [d, hh, w] == [a.img_size; 3],
+            "UNETR was built for {0}³ inputs (its position embeddings), got {d}×{hh}×{w}; predict with a {0}³ patch",
+            a.img_size
+        );
+        let g = a.img_size / PATCH;
+        let hid = a.hidden_size;
+        // Non-overlapping 16³ patches: a matrix product, tokens in (d, h, w) order.
+        let patches: Tensor<8> = x.clone().reshape([b, c, g, PATCH, g, PATCH, g, PATCH]).permute([0, 2, 4, 6, 1, 3, 5, 7]);
+        let pw = self.patch_weight.val().reshape([hid, c * PATCH * PATCH * PATCH]);
+        let tokens = patches.reshape([b * g * g * g, c * PATCH * PATCH * PATCH]).matmul(pw.transpose()) + self.patch_bias.val().reshape([1, hid]);
+        let mut t = tokens.reshape([b, g * g * g, hid]) + self.position_embeddings.val();
+        let mut hidden = Vec::new();
+        for blk in &self.blocks {
+            t = blk.forward(t);
+            hidden.push(t.clone());
+        }
+        let t = self.norm.forward(t);
+        let l = Layout::for_device(&x.device());
+        // Tokens [B, g³, hidden] are channels-last voxels already.
+        let feat = |t: Tensor<3>| l.from_ncdhw(t.reshape([b, g, g, g, hid]).permute([0, 4, 1, 2, 3]));
+        let x = l.from_ncdhw(x);
+        let enc1 = self.encoder1.forward(x, l);
+        let prup = |p: &PrUp, t: Tensor<3>| {
+            let mut y = up(feat(t), p.transp_conv_init.val(), l);
+            for st in &p.blocks {
+                y = st.res.forward(up(y, st.transp.val(), l), l);
+            }
+            y
+        };
+        let enc2 = prup(&self.encoder2, hidden[3].clone());
+        let enc3 = prup(&self.encoder3, hidden[6].clone());
+        let enc4 = prup(&self.encoder4, hidden[9].clone());
+        let mut y = feat(t);
+        for (blk, skip) in self.decoder.iter().zip([enc4, enc3, enc2, enc1]) {
+            let u = up(y, blk.transp_conv.val(), l);
+            y = blk.conv_block.forward(Tensor::cat(vec![u, skip], l.channel_axis()), l);
+        }
+        ops::head_to_ncdhw(y, self.out_weight.val(), self.out_bias.val(), l)
+    }
+}
+
+fn named<const D: usize>(name: String, t: Tensor<D>) -> NamedTensor {
+    let shape = t.dims().to_vec();
+    NamedTensor { name, shape, data: t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float parameter") }
+}
+
+impl SegNet for Unetr {
+    fn family(&self) -> &'static str {
+        NAME
+    }
+    fn in_channels(&self) -> usize {
+        self.arch.in_channels
+    }
+    fn num_classes(&self) -> usize {
+        self.arch.num_classes
+    }
+    fn input_divisor(&self) -> Stride {
+        [PATCH; 3]
+    }
+    fn forward_ds(&self, x: Tensor<5>) -> Vec<Tensor<5>> {
+        vec![self.run(x)]
+    }
+    fn forward(&self, x: Tensor<5>) -> Tensor<5> {
+        self.run(x)
+    }
+    fn state_dict(&self) -> Vec<NamedTensor> {
+        let mut by: std::collections::HashMap<String, NamedTensor> = std::collections::HashMap::new();
+        fn put<const D: usize>(by: &mut std::collections::HashMap<String, NamedTensor>, k: String, t: Tensor<D>) {
+            by.insert(k.clone(), named(k, t));
+        }
+        fn res(by: &mut std::collections::HashMap<String, NamedTensor>, key: &str, r: &ResBlock) {
+            put(by, format!("{key}.conv1.conv.weight"), r.conv1.val());
+            put(by, format!("{key}.conv2.conv.weight"), r.conv2.val());
+            if let Some(w) = &r.conv3 {
+                put(by, format!("{key}.conv3.conv.weight"), w.val());
+            }
+        }
+        put(&mut by, "vit.patch_embedding.position_embeddings".into(), self.position_embeddings.val());
+        put(&mut by, "vit.patch_embedding.patch_embeddings.weight".into(), self.patch_weight.val());
+        put(&mut by, "vit.patch_embedding.patch_embeddings.bias".into(), self.patch_bias.val());
+        for (i, b) in self.blocks.iter().enumerate() {
+            let pre = format!("vit.blocks.{i}");
+            for (name, ln) in [("norm1", &b.norm1), ("norm2", &b.norm2), ("norm_cross_attn", &b.norm_cross_attn)] {
+                put(&mut by, format!("{pre}.{name}.weight"), ln.weight.val());
+                put(&mut by, format!("{pre}.{name}.bias"), ln.bias.val());
+            }
+            for (name, lin) in [("attn.qkv", &b.qkv), ("attn.out_proj", &b.out_proj), ("mlp.linear1", &b.linear1), ("mlp.linear2", &b.linear2)] {
+                put(&mut by, format!("{pre}.{name}.weight"), lin.weight.val());
+                if let Some(bias) = &lin.bias {
+                    put(&mut by, format!("{pre}.{name}.bias"), bias.val());
+                }
+            }
+        }
+        put(&mut by, "vit.norm.weight".into(), self.norm.weight.val());
+        put(&mut by, "vit.norm.bias".into(), self.norm.bias.val());
+        res(&mut by, "encoder1.layer", &self.encoder1);
+        for (name, e) in [("encoder2", &self.encoder2), ("encoder3", &self.encoder3), ("encoder4", &self.encoder4)] {
+            put(&mut by, format!("{name}.transp_conv_init.conv.weight"), e.transp_conv_init.val());
+            for (i, st) in e.blocks.iter().enumerate() {
+                put(&mut by, format!("{name}.blocks.{i}.0.conv.weight"), st.transp.val());
+                res(&mut by, &format!("{name}.blocks.{i}.1"), &st.res);
+            }
+        }
+        for (name, d) in ["decoder5", "decoder4", "decoder3", "decoder2"].into_iter().zip(&self.decoder) {
+            put(&mut by, format!("{name}.transp_conv.conv.weight"), d.transp_conv.val());
+            res(&mut by, &format!("{name}.conv_block"), &d.conv_block);
+        }
+        put(&mut by, "out.conv.conv.weight".into(), self.out_weight.val());
+        put(&mut by, "out.conv.conv.bias".into(), self.out_bias.val());
+        self.arch.keys().into_iter().map(|(k, _)| by.remove(&k).expect("every key is written")).collect()
+    }
+    fn num_params(&self) -> usize {
+        Module::num_params(self)
+    }
+    stu_engine::segnet_training_hooks!();
+
+    fn describe(&self) -> serde_json::Value {
+        let a = &self.arch;
+        serde_json::json!({
+            "model": NAME,
+            "in_channels": a.in_channels,
+            "num_classes": a.num_classes,
+            "img_size": a.img_size,
+            "feature_size": a.feature_size,
+            "hidden_size": a.hidden_size,
+            "mlp_dim": a.mlp_dim,
+            "num_heads": a.num_heads,
+            "params": Module::num_params(self),
+            "macs_128": a.macs(),
+            "options": {"img_size": a.img_size, "feature_size": a.feature_size, "hidden_size": a.hidden_size, "mlp_dim": a.mlp_dim, "num_heads": a.num_heads},
+        })
+    }
+}
+
+/// The architecture from MONAI's tensor shapes.
+pub fn infer_arch(dict: &StateDict) -> Result<UnetrArch, CheckpointError> {
+    let err = |reason: String| CheckpointError::Architecture { path: dict.path().to_path_buf(), reason };
+    let pe = dict.shape("vit.patch_embedding.patch_embeddings.weight")?;
+    let pos = dict.shape("vit.patch_embedding.position_embeddings")?;
+    let e1 = dict.shape("encoder1.layer.conv1.conv.weight")?;
+    let mlp = dict.shape("vit.blocks.0.mlp.linear1.weight")?;
+    let out = dict.shape("out.conv.conv.weight")?;
+    if pe.len() != 5 || pos.len() != 3 || pe[2..] != [PATCH; 3] {
+        return Err(err(format!("patch embedding {pe:?} / position embeddings {pos:?} are not UNETR's 16³ conv patches")));
+    }
+    let g = (pos[1] as f64).cbrt().round() as usize;
+    if g * g * g != pos[1] {
+        return Err(err(format!("{} position embeddings are not a cube of patches", pos[1])));
+    }
+    let mut layers = 0;
+    while dict.keys().any(|k| k.starts_with(&format!("vit.blocks.{layers}."))) {
+        layers += 1;
+    }
+    let heads = 12; // not recorded in the weights: MONAI's default
+    let arch = UnetrArch { in_channels: pe[1], num_classes: out[0], img_size: g * PATCH, feature_size: e1[0], hidden_size: pe[0], mlp_dim: mlp[0], num_heads: heads, num_layers: layers };
+    arch.validate().map_err(err)?;
+    Ok(arch)
+}
+
+/// Size options of `NetSpec::options` (MONAI's argument names); missing ones take MONAI's
+/// defaults, `img_size` the training patch (128).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnetrOptions {
+    /// Input extent (cubic).
+    pub img_size: Option<usize>,
+    /// Decoder base width.
+    pub feature_size: Option<usize>,
+    /// Transformer width.
+    pub hidden_size: Option<usize>,
+    /// MLP width.
+    pub mlp_dim: Option<usize>,
+    /// Heads.
+    pub num_heads: Option<usize>,
+}
+
+fn arch_of(spec: &NetSpec) -> Result<UnetrArch, String> {
+    let o: UnetrOptions = if spec.options.is_null() { UnetrOptions::default() } else { serde_json::from_value(spec.options.clone()).map_err(|e| format!("model options for `{NAME}`: {e}"))? };
+    let mut a = UnetrArch::monai_default(spec.in_channels, spec.num_classes, o.img_size.unwrap_or(128));
+    a.feature_size = o.feature_size.unwrap_or(a.feature_size);
+    a.hidden_size = o.hidden_size.unwrap_or(a.hidden_size);
+    a.mlp_dim = o.mlp_dim.unwrap_or(a.mlp_dim);
+    a.num_heads = o.num_heads.unwrap_or(a.num_heads);
+    a.validate().map_err(|e| format!("model options for `{NAME}`: {e}"))?;
+    Ok(a)
+}
+
+fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, String> {
+    Ok(Box::new(Unetr::new(&arch_of(spec)?, device)?))
+}
+
+fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {
+    let _ = options; // UNETR has no strides to choose
+    Ok(Box::new(Unetr::from_state_dict(dict, device)?))
+}
+
+/// MONAI's default UNETR for 1 channel, 105 classes, 128³.
+pub fn default_arch() -> UnetrArch {
+    UnetrArch::monai_default(1, TOTALSEG_CLASSES, 128)
+}
+
+fn preset_summaries() -> Vec<PresetSummary> {
+    let device = stu_engine::backend::Backend::default_compiled().and_then(|b| b.device().ok()).unwrap_or_default();
+    let arch = default_arch();
+    let net = Unetr::new(&arch, &device).expect("the default is valid");
+    vec![PresetSummary {
+        name: NAME.to_string(),
+        model: NAME,
+        preset: "monai-default",
+        blocks: vec![arch.num_layers],
+        widths: vec![arch.feature_size, arch.hidden_size],
+        params: Module::num_params(&net) as u64,
+        state_dict_tensors: arch.keys().len(),
+        macs_128: arch.macs(),
+        macs_128_variants: Default::default(),
+    }]
+}
+
+inventory::submit! {
+    ModelEntry {
+        name: NAME,
+        summary: "UNETR (MONAI): ViT encoder over 16³ patches, convolutional decoder from its hidden states",
+        module_path: module_path!(),
+        anchor_key: "vit.patch_embedding.patch_embeddings.weight",
+        presets: preset_summaries,
+        load: load_boxed,
+        build: build_boxed,
+    }
+}
