@@ -1,7 +1,8 @@
-"""The baselines' side of `stu bench plainconv`: nnU-Net's PlainConvUNet (dynamic_network_architectures,
+"""The baselines' side of `stu bench plainconv unetr`: nnU-Net's PlainConvUNet (dynamic_network_architectures,
 default 3d_fullres network: 1 channel, 105 classes, 6 stages, 32…320 features) at 1×1×128³, timed
 as `../shared/bench/cpu_anchor.py` times STU-Net (2 threads, float32, median; forward without deep
-supervision; forward+backward back-propagates mean(output.0) of the deep-supervision forward).
+supervision; forward+backward back-propagates mean(output.0) of the deep-supervision forward), then
+MONAI's UNETR at its defaults the same way.
 Usage: python torch_baselines.py OUT.json"""
 import json
 import sys
@@ -45,5 +46,26 @@ def fb():
 
 
 R = {"torch": torch.__version__, "plainconv_128_fwd": {"fwd_s": med(fwd, 3)}, "plainconv_128": {"fwd_bwd_s": med(fb, 2)}}
+print(R, flush=True)
+
+# MONAI's UNETR at its defaults (1 channel, 105 classes, 128^3); one output.
+from monai.networks.nets import UNETR  # noqa: E402
+
+torch.manual_seed(0)
+u = UNETR(in_channels=1, out_channels=105, img_size=(128, 128, 128))
+
+
+def ufwd():
+    with torch.no_grad():
+        u(x)
+
+
+def ufb():
+    u.zero_grad(set_to_none=True)
+    u(x).mean().backward()
+
+
+R["unetr_128_fwd"] = {"fwd_s": med(ufwd, 3)}
+R["unetr_128"] = {"fwd_bwd_s": med(ufb, 2)}
 print(R, flush=True)
 json.dump(R, open(sys.argv[1], "w"), indent=1)

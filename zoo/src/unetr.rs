@@ -524,7 +524,9 @@ impl SegNet for Unetr {
         self.arch.num_classes
     }
     fn input_divisor(&self) -> Stride {
-        [PATCH; 3]
+        // The input must be exactly `img_size` (its position embeddings); of the sizes that are
+        // multiples of this, that is the smallest, which is what callers probe with.
+        [self.arch.img_size; 3]
     }
     fn forward_ds(&self, x: Tensor<5>) -> Vec<Tensor<5>> {
         vec![self.run(x)]

@@ -4,11 +4,13 @@
 //!
 //! burn's generic conv3d weight gradient is itself a convolution whose kernel is the whole
 //! output gradient (128³ at full resolution); cuDNN runs it far off its fast paths, and burn's
-//! instance norm is six elementwise kernels. Here the forward calls ATen directly and the
-//! backward asks libtorch's own autograd for the gradients of a re-run of the op (the op is
-//! recomputed once in backward: one extra convolution per layer, traded for cuDNN's
-//! backward-data and backward-filter kernels). Autodiff stays burn's: these ops are nodes of
-//! its graph like any other.
+//! instance norm is six elementwise kernels. Here the forward calls ATen directly. When burn
+//! records the op for a backward pass, the forward runs under libtorch's autograd on detached
+//! leaves and the libtorch graph is kept in burn's node state; the backward asks libtorch for the
+//! gradients of `sum(y · grad)` through that graph (cuDNN's backward-data and backward-filter,
+//! ATen's instance-norm backward), without re-running the forward. Autodiff stays burn's:
+//! these ops are nodes of its graph like any other. The `*_backward` methods that re-run the
+//! forward (`STU_TCH_GRAPH=0`) remain for comparison.
 //!
 //! Only libtorch devices reach this trait ([`crate::ops`] routes by device); the layout is
 //! NCDHW, as PyTorch's.
@@ -34,6 +36,37 @@ pub trait TorchOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// `InstanceNorm3d(affine)` (eps 1e-5) then LeakyReLU(0.01) when `act`.
     fn norm_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self>;
+    /// [`conv3d_nc`](TorchOps::conv3d_nc) under libtorch's autograd: (output, the output with
+    /// its graph, the x leaf, the weight leaf).
+    fn conv3d_nc_graph(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 3],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradients (x, weight, bias) through a graph from [`conv3d_nc_graph`](TorchOps::conv3d_nc_graph).
+    fn conv3d_nc_graph_backward(
+        y_graph: FloatTensor<Self>,
+        x_leaf: FloatTensor<Self>,
+        w_leaf: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// [`norm_act_nc`](TorchOps::norm_act_nc) under libtorch's autograd: (output, the output
+    /// with its graph, the x, gamma and beta leaves).
+    fn norm_act_nc_graph(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        act: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradients (x, gamma, beta) through a graph from [`norm_act_nc_graph`](TorchOps::norm_act_nc_graph).
+    fn norm_act_nc_graph_backward(
+        y_graph: FloatTensor<Self>,
+        x_leaf: FloatTensor<Self>,
+        g_leaf: FloatTensor<Self>,
+        b_leaf: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Gradients of [`norm_act_nc`](TorchOps::norm_act_nc): (x, gamma, beta).
     fn norm_act_nc_backward(
         x: FloatTensor<Self>,
@@ -73,7 +106,65 @@ mod libtorch {
         })
     }
 
+    fn leaf(t: &tch::Tensor) -> tch::Tensor {
+        t.detach().set_requires_grad(true)
+    }
+
+    /// Gradients of `sum(y_graph · grad)` with respect to `leaves`.
+    fn through(y_graph: &tch::Tensor, leaves: &[&tch::Tensor], grad: &tch::Tensor) -> Vec<tch::Tensor> {
+        tch::with_grad(|| {
+            let s = (y_graph * grad).sum(None::<tch::Kind>);
+            tch::Tensor::run_backward(&[s], leaves, false, false)
+        })
+    }
+
     impl TorchOps for LibTorch {
+        fn conv3d_nc_graph(
+            x: FloatTensor<LibTorch>,
+            weight: FloatTensor<LibTorch>,
+            bias: FloatTensor<LibTorch>,
+            stride: [usize; 3],
+        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let (xl, wl) = (leaf(&x.tensor), leaf(&weight.tensor));
+            let y = tch::with_grad(|| conv(&xl, &wl, Some(&bias.tensor), stride));
+            (TchTensor::new(y.detach()), TchTensor::new(y), TchTensor::new(xl), TchTensor::new(wl))
+        }
+
+        fn conv3d_nc_graph_backward(
+            y_graph: FloatTensor<LibTorch>,
+            x_leaf: FloatTensor<LibTorch>,
+            w_leaf: FloatTensor<LibTorch>,
+            grad: FloatTensor<LibTorch>,
+        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let mut g = through(&y_graph.tensor, &[&x_leaf.tensor, &w_leaf.tensor], &grad.tensor).into_iter();
+            let (dx, dw) = (g.next().expect("dx"), g.next().expect("dw"));
+            let db = tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<tch::Kind>));
+            (TchTensor::new(dx), TchTensor::new(dw), TchTensor::new(db))
+        }
+
+        fn norm_act_nc_graph(
+            x: FloatTensor<LibTorch>,
+            gamma: FloatTensor<LibTorch>,
+            beta: FloatTensor<LibTorch>,
+            act: bool,
+        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let (xl, gl, bl) = (leaf(&x.tensor), leaf(&gamma.tensor), leaf(&beta.tensor));
+            let y = tch::with_grad(|| norm_act(&xl, &gl, &bl, act));
+            (TchTensor::new(y.detach()), TchTensor::new(y), TchTensor::new(xl), TchTensor::new(gl), TchTensor::new(bl))
+        }
+
+        fn norm_act_nc_graph_backward(
+            y_graph: FloatTensor<LibTorch>,
+            x_leaf: FloatTensor<LibTorch>,
+            g_leaf: FloatTensor<LibTorch>,
+            b_leaf: FloatTensor<LibTorch>,
+            grad: FloatTensor<LibTorch>,
+        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let mut g = through(&y_graph.tensor, &[&x_leaf.tensor, &g_leaf.tensor, &b_leaf.tensor], &grad.tensor).into_iter();
+            let mut next = || TchTensor::new(g.next().expect("three gradients"));
+            (next(), next(), next())
+        }
+
         fn conv3d_nc(x: FloatTensor<LibTorch>, weight: FloatTensor<LibTorch>, bias: FloatTensor<LibTorch>, stride: [usize; 3]) -> FloatTensor<LibTorch> {
             TchTensor::new(tch::no_grad(|| conv(&x.tensor, &weight.tensor, Some(&bias.tensor), stride)))
         }
@@ -108,7 +199,51 @@ mod libtorch {
     }
 }
 
+/// Whether the libtorch graph of an op is kept for its backward (`STU_TCH_GRAPH`, default on);
+/// off, the backward re-runs the op.
+fn keep_graph() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("STU_TCH_GRAPH").map_or(true, |v| v != "0"))
+}
+
 impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
+    fn conv3d_nc_graph(
+        _x: FloatTensor<Self>,
+        _weight: FloatTensor<Self>,
+        _bias: FloatTensor<Self>,
+        _stride: [usize; 3],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("conv3d_nc_graph is called on the inner backend only")
+    }
+
+    fn conv3d_nc_graph_backward(
+        _y_graph: FloatTensor<Self>,
+        _x_leaf: FloatTensor<Self>,
+        _w_leaf: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("second-order gradients of conv3d_nc are not supported")
+    }
+
+    fn norm_act_nc_graph(
+        _x: FloatTensor<Self>,
+        _gamma: FloatTensor<Self>,
+        _beta: FloatTensor<Self>,
+        _act: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("norm_act_nc_graph is called on the inner backend only")
+    }
+
+    fn norm_act_nc_graph_backward(
+        _y_graph: FloatTensor<Self>,
+        _x_leaf: FloatTensor<Self>,
+        _g_leaf: FloatTensor<Self>,
+        _b_leaf: FloatTensor<Self>,
+        _grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("second-order gradients of norm_act_nc are not supported")
+    }
+
     fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct ConvNc;
@@ -135,6 +270,41 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
             }
         }
 
+        #[derive(Debug)]
+        struct ConvNcGraph;
+
+        impl<B: Backend + TorchOps> Backward<B, 3> for ConvNcGraph {
+            // The burn-side inputs are held (not only the libtorch leaves) so that burn never
+            // writes them in place while libtorch's graph still reads them.
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_x, node_w, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (_x, _w, y_graph, x_leaf, w_leaf) = ops.state;
+                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, dw);
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, db);
+                }
+            }
+        }
+
+        if keep_graph() {
+            return match ConvNcGraph.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
+                    let (y, y_graph, xl, wl) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride);
+                    prep.finish((xp, wp, y_graph, xl, wl), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride)),
+            };
+        }
         match ConvNc.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = (prep.checkpoint(&x), prep.checkpoint(&weight), stride);
@@ -180,6 +350,39 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
             }
         }
 
+        #[derive(Debug)]
+        struct NormActNcGraph;
+
+        impl<B: Backend + TorchOps> Backward<B, 3> for NormActNcGraph {
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_x, node_g, node_b] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (_x, y_graph, x_leaf, g_leaf, b_leaf) = ops.state;
+                let (dx, dg, db) = B::norm_act_nc_graph_backward(y_graph, x_leaf, g_leaf, b_leaf, grad);
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+                if let Some(node) = node_g {
+                    grads.register::<B>(node.id, dg);
+                }
+                if let Some(node) = node_b {
+                    grads.register::<B>(node.id, db);
+                }
+            }
+        }
+
+        if keep_graph() {
+            return match NormActNcGraph.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => {
+                    let xp = x.primitive().clone();
+                    let (y, y_graph, xl, gl, bl) = B::norm_act_nc_graph(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act);
+                    prep.finish((xp, y_graph, xl, gl, bl), y)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(B::norm_act_nc(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act)),
+            };
+        }
         match NormActNc.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = (prep.checkpoint(&x), prep.checkpoint(&gamma), prep.checkpoint(&beta), act);
