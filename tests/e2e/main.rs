@@ -7,6 +7,7 @@ mod plainconv;
 mod predict;
 mod preprocess;
 mod specs;
+mod swinunetr;
 mod train;
 mod unetr;
 mod zoo_cli;

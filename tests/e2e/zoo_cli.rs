@@ -14,6 +14,9 @@ fn zoo_json_has_the_exact_counts() {
     let unetr = rows.iter().find(|r| r["name"] == "unetr").expect("UNETR is listed");
     assert_eq!(unetr["params"].as_u64(), Some(93_031_353)); // tests/fixtures/unetr.json
     assert_eq!(unetr["macs_128"].as_u64(), Some(358_831_095_808 / 2));
+    let swin = rows.iter().find(|r| r["name"] == "swinunetr").expect("SwinUNETR is listed");
+    assert_eq!(swin["params"].as_u64(), Some(15_705_579)); // tests/fixtures/swinunetr.json
+    assert_eq!(swin["macs_128"].as_u64(), Some(409_381_659_264 / 2));
     let got: Vec<(String, u64, u64)> = rows
         .iter()
         .filter(|r| r["name"].as_str().unwrap().starts_with("stunet"))

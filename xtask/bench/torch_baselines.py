@@ -1,8 +1,8 @@
-"""The baselines' side of `stu bench plainconv unetr`: nnU-Net's PlainConvUNet (dynamic_network_architectures,
+"""The baselines' side of `stu bench plainconv unetr swinunetr`: nnU-Net's PlainConvUNet (dynamic_network_architectures,
 default 3d_fullres network: 1 channel, 105 classes, 6 stages, 32…320 features) at 1×1×128³, timed
 as `../shared/bench/cpu_anchor.py` times STU-Net (2 threads, float32, median; forward without deep
 supervision; forward+backward back-propagates mean(output.0) of the deep-supervision forward), then
-MONAI's UNETR at its defaults the same way.
+MONAI's UNETR and SwinUNETR at their defaults the same way.
 Usage: python torch_baselines.py OUT.json"""
 import json
 import sys
@@ -67,5 +67,26 @@ def ufb():
 
 R["unetr_128_fwd"] = {"fwd_s": med(ufwd, 3)}
 R["unetr_128"] = {"fwd_bwd_s": med(ufb, 2)}
+print(R, flush=True)
+
+# MONAI's SwinUNETR at its defaults; one output.
+from monai.networks.nets import SwinUNETR  # noqa: E402
+
+torch.manual_seed(0)
+sw = SwinUNETR(in_channels=1, out_channels=105)
+
+
+def sfwd():
+    with torch.no_grad():
+        sw(x)
+
+
+def sfb():
+    sw.zero_grad(set_to_none=True)
+    sw(x).mean().backward()
+
+
+R["swinunetr_128_fwd"] = {"fwd_s": med(sfwd, 3)}
+R["swinunetr_128"] = {"fwd_bwd_s": med(sfb, 2)}
 print(R, flush=True)
 json.dump(R, open(sys.argv[1], "w"), indent=1)

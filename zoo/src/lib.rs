@@ -8,6 +8,7 @@
 
 pub mod plainconv;
 pub mod stunet;
+pub mod swinunetr;
 pub mod unetr;
 
 /// Called once by binaries and tests so the linker keeps this crate's registrations.

@@ -172,7 +172,7 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let c = x.dims()[2];
         let (var, mean) = x.clone().var_mean_bias(2);
         (x - mean) / (var + 1e-5).sqrt() * self.weight.val().reshape([1, 1, c]) + self.bias.val().reshape([1, 1, c])
@@ -189,7 +189,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, n, c] = x.dims();
         let out = self.weight.dims()[0];
         let y = x.reshape([b * n, c]).matmul(self.weight.val().transpose());
@@ -250,26 +250,26 @@ pub struct ResBlock {
     pub conv3: Option<Param<Tensor<5>>>,
 }
 
-fn conv_nb(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
+pub(crate) fn conv_nb(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
     let c = w.dims()[0];
     let zeros = Tensor::zeros([c], &w.device());
     ops::conv3d(x, w, zeros, [1; 3], l)
 }
 
-fn norm(x: Tensor<5>, act: bool, l: Layout) -> Tensor<5> {
+pub(crate) fn norm(x: Tensor<5>, act: bool, l: Layout) -> Tensor<5> {
     let c = x.dims()[l.channel_axis()];
     let dev = x.device();
     ops::norm_act(x, Tensor::ones([c], &dev), Tensor::zeros([c], &dev), act, l)
 }
 
-fn up(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
+pub(crate) fn up(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
     let c = w.dims()[1];
     let zeros = Tensor::zeros([c], &w.device());
     ops::conv_transpose_ks(x, w, zeros, l)
 }
 
 impl ResBlock {
-    fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
+    pub(crate) fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
         let y = norm(conv_nb(x.clone(), self.conv1.val(), l), true, l);
         let y = norm(conv_nb(y, self.conv2.val(), l), false, l);
         let skip = match &self.conv3 {

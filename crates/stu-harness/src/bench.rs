@@ -125,6 +125,8 @@ pub fn anchor_cases() -> Vec<Case> {
         Case { id: "plainconv_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
         Case { id: "unetr_128_fwd", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 0 },
         Case { id: "unetr_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
+        Case { id: "swinunetr_128_fwd", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 0 },
+        Case { id: "swinunetr_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
     ]
 }
 
@@ -138,6 +140,7 @@ fn net_for(id: &str, device: &Device) -> Net {
         "block1to32_128" => Net::Block(ResBlock::new(1, 32, [1; 3], true, device)),
         id if id.starts_with("plainconv") => zoo_net("nnunet-plainconv", device),
         id if id.starts_with("unetr") => zoo_net("unetr", device),
+        id if id.starts_with("swinunetr") => zoo_net("swinunetr", device),
         id if id.starts_with("S_") => Net::StuNet(StuNet::new(&preset("S"), device).expect("valid")),
         _ => Net::StuNet(StuNet::new(&preset("B"), device).expect("valid")),
     }

@@ -41,7 +41,8 @@ pub struct PredictOptions {
     pub checkpoint: PathBuf,
     /// Model name (default: recognised from the keys).
     pub model: Option<String>,
-    /// plans.json (default: the run's, for our checkpoints; else the released STU-Net plan).
+    /// plans.json (default: the run's, for our checkpoints; else the released STU-Net plan). A
+    /// checkpoint of ours predicts with the patch it was trained on.
     pub plans: Option<PathBuf>,
     /// Plans configuration.
     pub configuration: String,
@@ -90,6 +91,14 @@ fn plans_path_for(opts: &PredictOptions) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// The patch size our training checkpoints record (`config.patch_size`), if any.
+fn trained_patch(opts: &PredictOptions) -> Result<Option<[usize; 3]>> {
+    let dict = stu_engine::checkpoint::StateDict::open(&opts.checkpoint)?;
+    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(None) };
+    let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", opts.checkpoint.display()))?;
+    Ok(v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()))
+}
+
 impl Predictor {
     /// Loads the network and the plan; fails before any case is read.
     pub fn new(opts: &PredictOptions) -> Result<Self> {
@@ -113,7 +122,8 @@ impl Predictor {
         let device = opts.backend.device()?;
         let net = stu_engine::model::load_checkpoint(&opts.checkpoint, opts.model.as_deref(), &LoadOptions { strides: Some(strides), from_plan: true }, &device)?;
         ensure!(net.in_channels() == plan.normalization_schemes.len(), "{}: the model takes {} channel(s), the plan normalises {}", opts.checkpoint.display(), net.in_channels(), plan.normalization_schemes.len());
-        let patch = [patch[0], patch[1], patch[2]];
+        // A run trained with `--patch-size` predicts with the patch it was trained on.
+        let patch = trained_patch(opts)?.unwrap_or([patch[0], patch[1], patch[2]]);
         let div = net.input_divisor();
         ensure!((0..3).all(|a| patch[a] % div[a] == 0), "patch {patch:?} does not fit the network's strides (divisor {div:?})");
         let net = opts.precision.cast_net(&*net).unwrap_or(net);
