@@ -20,8 +20,9 @@ use stu_engine::burn::nn::Initializer;
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
 use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
-use stu_engine::{Device, Tensor, TensorData};
+use stu_engine::{Device, Tensor};
 
+use crate::parts::{Builder, Source, named};
 use crate::stunet::{InstanceNorm3d, Macs, TOTALSEG_CLASSES};
 
 /// Registry name.
@@ -242,35 +243,14 @@ pub struct PlainConvUNet {
     pub arch: PlainArch,
 }
 
-/// Where weights come from.
-enum Source<'a> {
-    /// nnU-Net's `InitWeights_He(1e-2)`: kaiming normal (a = 0.01) on conv and transposed-conv
-    /// weights, zero biases, norm scale 1 and shift 0.
-    Init,
-    Dict(&'a StateDict),
+/// PlainConvUNet's layers, made by the shared [`Builder`].
+trait PlainBuild {
+    fn conv(&self, key: &str, cin: usize, cout: usize, k: Stride, stride: Stride) -> Result<Conv, CheckpointError>;
+    fn block(&self, key: &str, cin: usize, c: usize, k: Stride, stride: Stride) -> Result<ConvNormAct, CheckpointError>;
+    fn build(&self, a: &PlainArch) -> Result<PlainConvUNet, CheckpointError>;
 }
 
-struct Builder<'a> {
-    src: Source<'a>,
-    device: &'a Device,
-}
-
-impl Builder<'_> {
-    fn tensor<const D: usize>(&self, key: &str, shape: [usize; D], init: Initializer) -> Result<Param<Tensor<D>>, CheckpointError> {
-        match &self.src {
-            Source::Init => {
-                let fan_in = shape.iter().skip(1).product::<usize>().max(1);
-                let fan_out = shape[0] * shape.iter().skip(2).product::<usize>();
-                Ok(init.init_with(shape, Some(fan_in), Some(fan_out), self.device))
-            }
-            Source::Dict(dict) => Ok(Param::from_tensor(Tensor::from_data(TensorData::new(dict.read(key, &shape)?, shape), self.device))),
-        }
-    }
-
-    fn he() -> Initializer {
-        Initializer::KaimingNormal { gain: (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt(), fan_out_only: false }
-    }
-
+impl PlainBuild for Builder<'_> {
     fn conv(&self, key: &str, cin: usize, cout: usize, k: Stride, stride: Stride) -> Result<Conv, CheckpointError> {
         Ok(Conv {
             weight: self.tensor(&format!("{key}.weight"), [cout, cin, k[0], k[1], k[2]], Self::he())?,
@@ -396,10 +376,6 @@ impl PlainConvUNet {
     }
 }
 
-fn named<const D: usize>(name: String, t: Tensor<D>) -> NamedTensor {
-    let shape = t.dims().to_vec();
-    NamedTensor { name, shape, data: t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float parameter") }
-}
 
 fn block_tensors(out: &mut Vec<NamedTensor>, key: &str, b: &ConvNormAct) {
     let (w, bias, g, beta) = (b.conv.weight.val(), b.conv.bias.val(), b.norm.weight.val(), b.norm.bias.val());

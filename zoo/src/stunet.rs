@@ -27,7 +27,9 @@ use stu_engine::burn::nn::{Initializer, PaddingConfig3d};
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
 use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
-use stu_engine::{Device, Tensor, TensorData};
+use stu_engine::{Device, Tensor};
+
+use crate::parts::{Builder, Source, named};
 
 /// Registry name of the family.
 pub const NAME: &str = "stunet";
@@ -316,41 +318,19 @@ pub struct StuNet {
     pub arch: StuNetArch,
 }
 
-/// Where weights come from when building.
-enum Source<'a> {
-    /// Fresh initialisation (nnU-Net v1's He init; lazy, so nothing is allocated until used).
-    Init,
-    /// A checkpoint's tensors.
-    Dict(&'a StateDict),
+/// STU-Net's layers, made by the shared [`Builder`].
+trait StuBuild {
+    fn conv(&self, key: &str, cin: usize, cout: usize, k: usize, stride: Stride) -> Result<Conv3d, CheckpointError>;
+    fn norm(&self, key: &str, c: usize) -> Result<InstanceNorm3d, CheckpointError>;
+    fn block(&self, key: &str, cin: usize, c: usize, stride: Stride, project: bool) -> Result<ResBlock, CheckpointError>;
+    fn stage(&self, key: &str, cin: usize, c: usize, depth: usize, stride: Stride) -> Result<Vec<ResBlock>, CheckpointError>;
+    fn build(&self, arch: &StuNetArch) -> Result<StuNet, CheckpointError>;
 }
 
-struct Builder<'a> {
-    src: Source<'a>,
-    device: &'a Device,
-}
-
-impl Builder<'_> {
-    fn tensor<const D: usize>(&self, key: &str, shape: [usize; D], init: Initializer) -> Result<Param<Tensor<D>>, CheckpointError> {
-        match &self.src {
-            Source::Init => {
-                // fan_in = Cin·k³ for conv weights ([Cout, Cin, k, k, k]); unused by Ones/Zeros.
-                let fan_in = shape.iter().skip(1).product::<usize>().max(1);
-                let fan_out = shape[0] * shape.iter().skip(2).product::<usize>();
-                Ok(init.init_with(shape, Some(fan_in), Some(fan_out), self.device))
-            }
-            Source::Dict(dict) => {
-                let data = dict.read(key, &shape)?;
-                Ok(Param::from_tensor(Tensor::from_data(TensorData::new(data, shape), self.device)))
-            }
-        }
-    }
-
+impl StuBuild for Builder<'_> {
     fn conv(&self, key: &str, cin: usize, cout: usize, k: usize, stride: Stride) -> Result<Conv3d, CheckpointError> {
         // nnU-Net v1 InitWeights_He(1e-2): kaiming_normal_(a=0.01) on weights, zero biases.
-        let he = Initializer::KaimingNormal {
-            gain: (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt(),
-            fan_out_only: false,
-        };
+        let he = Builder::he();
         let pad = k / 2;
         let mut conv = Conv3dConfig::new([cin, cout], [k; 3])
             .with_stride(stride)
@@ -510,15 +490,6 @@ fn conv_tensors(out: &mut Vec<NamedTensor>, key: &str, conv: &Conv3d) {
     }
 }
 
-fn named<const D: usize>(name: String, t: Tensor<D>) -> NamedTensor {
-    let shape = t.dims().to_vec();
-    let data = t
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("float parameter");
-    NamedTensor { name, shape, data }
-}
 
 fn block_tensors(out: &mut Vec<NamedTensor>, key: &str, b: &ResBlock) {
     conv_tensors(out, &format!("{key}.conv1"), &b.conv1);

@@ -21,7 +21,7 @@ use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
 use crate::stunet::TOTALSEG_CLASSES;
-use crate::unetr::{LayerNorm, Linear, ResBlock, UpBlock, conv_nb, norm, up};
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, up};
 
 /// Registry name.
 pub const NAME: &str = "swinunetr";
@@ -389,55 +389,12 @@ impl Merge {
     }
 }
 
-enum Source<'a> {
-    Init,
-    Dict(&'a StateDict),
+/// SwinUNETR's layers, made by the shared [`Builder`].
+trait SwinBuild {
+    fn build(&self, a: &SwinArch) -> Result<SwinUnetr, CheckpointError>;
 }
 
-struct Builder<'a> {
-    src: Source<'a>,
-    device: &'a Device,
-}
-
-impl Builder<'_> {
-    fn t<const D: usize>(&self, key: &str, shape: [usize; D], init: Initializer) -> Result<Param<Tensor<D>>, CheckpointError> {
-        match &self.src {
-            Source::Init => {
-                let fan_in = shape.iter().skip(1).product::<usize>().max(1);
-                let fan_out = shape[0] * shape.iter().skip(2).product::<usize>();
-                Ok(init.init_with(shape, Some(fan_in), Some(fan_out), self.device))
-            }
-            Source::Dict(dict) => Ok(Param::from_tensor(Tensor::from_data(TensorData::new(dict.read(key, &shape)?, shape), self.device))),
-        }
-    }
-
-    fn he() -> Initializer {
-        Initializer::KaimingNormal { gain: (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt(), fan_out_only: false }
-    }
-
-    fn tn() -> Initializer {
-        Initializer::Normal { mean: 0.0, std: 0.02 }
-    }
-
-    fn ln(&self, key: &str, c: usize) -> Result<LayerNorm, CheckpointError> {
-        Ok(LayerNorm { weight: self.t(&format!("{key}.weight"), [c], Initializer::Ones)?, bias: self.t(&format!("{key}.bias"), [c], Initializer::Zeros)? })
-    }
-
-    fn linear(&self, key: &str, cin: usize, out: usize, bias: bool) -> Result<Linear, CheckpointError> {
-        Ok(Linear {
-            weight: self.t(&format!("{key}.weight"), [out, cin], Self::tn())?,
-            bias: if bias { Some(self.t(&format!("{key}.bias"), [out], Initializer::Zeros)?) } else { None },
-        })
-    }
-
-    fn res(&self, key: &str, cin: usize, c: usize) -> Result<ResBlock, CheckpointError> {
-        Ok(ResBlock {
-            conv1: self.t(&format!("{key}.conv1.conv.weight"), [c, cin, 3, 3, 3], Self::he())?,
-            conv2: self.t(&format!("{key}.conv2.conv.weight"), [c, c, 3, 3, 3], Self::he())?,
-            conv3: if cin != c { Some(self.t(&format!("{key}.conv3.conv.weight"), [c, cin, 1, 1, 1], Self::he())?) } else { None },
-        })
-    }
-
+impl SwinBuild for Builder<'_> {
     fn build(&self, a: &SwinArch) -> Result<SwinUnetr, CheckpointError> {
         let f = a.feature_size;
         let stages = (0..4)
@@ -448,7 +405,7 @@ impl Builder<'_> {
                         let p = format!("swinViT.layers{}.0.blocks.{b}", s + 1);
                         Ok(SwinBlock {
                             norm1: self.ln(&format!("{p}.norm1"), dim)?,
-                            bias_table: self.t(&format!("{p}.attn.relative_position_bias_table"), [(2 * WINDOW - 1).pow(3), a.num_heads[s]], Self::tn())?,
+                            bias_table: self.tensor(&format!("{p}.attn.relative_position_bias_table"), [(2 * WINDOW - 1).pow(3), a.num_heads[s]], Self::trunc_normal())?,
                             qkv: self.linear(&format!("{p}.attn.qkv"), dim, 3 * dim, true)?,
                             proj: self.linear(&format!("{p}.attn.proj"), dim, dim, true)?,
                             norm2: self.ln(&format!("{p}.norm2"), dim)?,
@@ -470,17 +427,17 @@ impl Builder<'_> {
         let decoders = [("decoder5", 16 * f, 8 * f), ("decoder4", 8 * f, 4 * f), ("decoder3", 4 * f, 2 * f), ("decoder2", 2 * f, f), ("decoder1", f, f)]
             .into_iter()
             .map(|(name, cin, c)| {
-                Ok(UpBlock { transp_conv: self.t(&format!("{name}.transp_conv.conv.weight"), [cin, c, 2, 2, 2], Self::he())?, conv_block: self.res(&format!("{name}.conv_block"), 2 * c, c)? })
+                Ok(UpBlock { transp_conv: self.tensor(&format!("{name}.transp_conv.conv.weight"), [cin, c, 2, 2, 2], Self::he())?, conv_block: self.res(&format!("{name}.conv_block"), 2 * c, c)? })
             })
             .collect::<Result<_, CheckpointError>>()?;
         Ok(SwinUnetr {
-            patch_weight: self.t("swinViT.patch_embed.proj.weight", [f, a.in_channels, 2, 2, 2], Self::he())?,
-            patch_bias: self.t("swinViT.patch_embed.proj.bias", [f], Initializer::Zeros)?,
+            patch_weight: self.tensor("swinViT.patch_embed.proj.weight", [f, a.in_channels, 2, 2, 2], Self::he())?,
+            patch_bias: self.tensor("swinViT.patch_embed.proj.bias", [f], Initializer::Zeros)?,
             stages,
             encoders,
             decoders,
-            out_weight: self.t("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::he())?,
-            out_bias: self.t("out.conv.conv.bias", [a.num_classes], Initializer::Zeros)?,
+            out_weight: self.tensor("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::he())?,
+            out_bias: self.tensor("out.conv.conv.bias", [a.num_classes], Initializer::Zeros)?,
             arch: a.clone(),
         })
     }
@@ -544,11 +501,6 @@ impl SwinUnetr {
     }
 }
 
-fn named<const D: usize>(name: String, t: Tensor<D>) -> NamedTensor {
-    let shape = t.dims().to_vec();
-    NamedTensor { name, shape, data: t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float parameter") }
-}
-
 impl SegNet for SwinUnetr {
     fn family(&self) -> &'static str {
         NAME
@@ -569,53 +521,42 @@ impl SegNet for SwinUnetr {
         self.run(x)
     }
     fn state_dict(&self) -> Vec<NamedTensor> {
-        use std::collections::HashMap;
-        let mut by: HashMap<String, NamedTensor> = HashMap::new();
-        fn put<const D: usize>(by: &mut HashMap<String, NamedTensor>, k: String, t: Tensor<D>) {
-            by.insert(k.clone(), named(k, t));
-        }
-        fn res(by: &mut HashMap<String, NamedTensor>, key: &str, r: &ResBlock) {
-            put(by, format!("{key}.conv1.conv.weight"), r.conv1.val());
-            put(by, format!("{key}.conv2.conv.weight"), r.conv2.val());
-            if let Some(w) = &r.conv3 {
-                put(by, format!("{key}.conv3.conv.weight"), w.val());
-            }
-        }
+        let mut e = Export::default();
         let n = WINDOW.pow(3);
         let index: Vec<f32> = relative_position_index().into_iter().map(|v| v as f32).collect();
-        put(&mut by, "swinViT.patch_embed.proj.weight".into(), self.patch_weight.val());
-        put(&mut by, "swinViT.patch_embed.proj.bias".into(), self.patch_bias.val());
+        e.put("swinViT.patch_embed.proj.weight".into(), self.patch_weight.val());
+        e.put("swinViT.patch_embed.proj.bias".into(), self.patch_bias.val());
         for (s, st) in self.stages.iter().enumerate() {
             for (i, blk) in st.blocks.iter().enumerate() {
                 let p = format!("swinViT.layers{}.0.blocks.{i}", s + 1);
-                put(&mut by, format!("{p}.norm1.weight"), blk.norm1.weight.val());
-                put(&mut by, format!("{p}.norm1.bias"), blk.norm1.bias.val());
-                put(&mut by, format!("{p}.attn.relative_position_bias_table"), blk.bias_table.val());
-                by.insert(format!("{p}.attn.relative_position_index"), NamedTensor { name: format!("{p}.attn.relative_position_index"), shape: vec![n, n], data: index.clone() });
+                e.put(format!("{p}.norm1.weight"), blk.norm1.weight.val());
+                e.put(format!("{p}.norm1.bias"), blk.norm1.bias.val());
+                e.put(format!("{p}.attn.relative_position_bias_table"), blk.bias_table.val());
+                e.put_host(NamedTensor { name: format!("{p}.attn.relative_position_index"), shape: vec![n, n], data: index.clone() });
                 for (name, lin) in [("attn.qkv", &blk.qkv), ("attn.proj", &blk.proj), ("mlp.linear1", &blk.linear1), ("mlp.linear2", &blk.linear2)] {
-                    put(&mut by, format!("{p}.{name}.weight"), lin.weight.val());
+                    e.put(format!("{p}.{name}.weight"), lin.weight.val());
                     if let Some(bias) = &lin.bias {
-                        put(&mut by, format!("{p}.{name}.bias"), bias.val());
+                        e.put(format!("{p}.{name}.bias"), bias.val());
                     }
                 }
-                put(&mut by, format!("{p}.norm2.weight"), blk.norm2.weight.val());
-                put(&mut by, format!("{p}.norm2.bias"), blk.norm2.bias.val());
+                e.put(format!("{p}.norm2.weight"), blk.norm2.weight.val());
+                e.put(format!("{p}.norm2.bias"), blk.norm2.bias.val());
             }
             let p = format!("swinViT.layers{}.0.downsample", s + 1);
-            put(&mut by, format!("{p}.reduction.weight"), st.downsample.reduction.weight.val());
-            put(&mut by, format!("{p}.norm.weight"), st.downsample.norm.weight.val());
-            put(&mut by, format!("{p}.norm.bias"), st.downsample.norm.bias.val());
+            e.put(format!("{p}.reduction.weight"), st.downsample.reduction.weight.val());
+            e.put(format!("{p}.norm.weight"), st.downsample.norm.weight.val());
+            e.put(format!("{p}.norm.bias"), st.downsample.norm.bias.val());
         }
         for (name, r) in ["encoder1", "encoder2", "encoder3", "encoder4", "encoder10"].into_iter().zip(&self.encoders) {
-            res(&mut by, &format!("{name}.layer"), r);
+            e.res(&format!("{name}.layer"), r);
         }
         for (name, d) in ["decoder5", "decoder4", "decoder3", "decoder2", "decoder1"].into_iter().zip(&self.decoders) {
-            put(&mut by, format!("{name}.transp_conv.conv.weight"), d.transp_conv.val());
-            res(&mut by, &format!("{name}.conv_block"), &d.conv_block);
+            e.put(format!("{name}.transp_conv.conv.weight"), d.transp_conv.val());
+            e.res(&format!("{name}.conv_block"), &d.conv_block);
         }
-        put(&mut by, "out.conv.conv.weight".into(), self.out_weight.val());
-        put(&mut by, "out.conv.conv.bias".into(), self.out_bias.val());
-        self.arch.keys().into_iter().map(|(k, _)| by.remove(&k).expect("every key is written")).collect()
+        e.put("out.conv.conv.weight".into(), self.out_weight.val());
+        e.put("out.conv.conv.bias".into(), self.out_bias.val());
+        e.finish(self.arch.keys().into_iter().map(|(k, _)| k))
     }
     fn num_params(&self) -> usize {
         Module::num_params(self)

@@ -17,8 +17,9 @@ use stu_engine::burn;
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
 use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
-use stu_engine::{Device, Tensor, TensorData};
+use stu_engine::{Device, Tensor};
 
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, up};
 use crate::stunet::TOTALSEG_CLASSES;
 
 /// Registry name.
@@ -162,45 +163,6 @@ fn res_keys(k: &mut Vec<(String, Vec<usize>)>, p: &str, cin: usize, c: usize) {
     }
 }
 
-/// `nn.LayerNorm(C)` (eps 1e-5).
-#[derive(Module, Debug)]
-pub struct LayerNorm {
-    /// Scale.
-    pub weight: Param<Tensor<1>>,
-    /// Shift.
-    pub bias: Param<Tensor<1>>,
-}
-
-impl LayerNorm {
-    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let c = x.dims()[2];
-        let (var, mean) = x.clone().var_mean_bias(2);
-        (x - mean) / (var + 1e-5).sqrt() * self.weight.val().reshape([1, 1, c]) + self.bias.val().reshape([1, 1, c])
-    }
-}
-
-/// `nn.Linear` (PyTorch's `[out, in]` weight).
-#[derive(Module, Debug)]
-pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Param<Tensor<2>>,
-    /// `[out]`.
-    pub bias: Option<Param<Tensor<1>>>,
-}
-
-impl Linear {
-    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, n, c] = x.dims();
-        let out = self.weight.dims()[0];
-        let y = x.reshape([b * n, c]).matmul(self.weight.val().transpose());
-        let y = match &self.bias {
-            Some(bias) => y + bias.val().reshape([1, out]),
-            None => y,
-        };
-        y.reshape([b, n, out])
-    }
-}
-
 /// MONAI's `TransformerBlock` (self-attention and MLP, pre-norm).
 #[derive(Module, Debug)]
 pub struct Block {
@@ -239,47 +201,6 @@ impl Block {
     }
 }
 
-/// MONAI's `UnetResBlock` (norm without affine).
-#[derive(Module, Debug)]
-pub struct ResBlock {
-    /// 3³ conv.
-    pub conv1: Param<Tensor<5>>,
-    /// 3³ conv.
-    pub conv2: Param<Tensor<5>>,
-    /// 1×1 projection when the width changes.
-    pub conv3: Option<Param<Tensor<5>>>,
-}
-
-pub(crate) fn conv_nb(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
-    let c = w.dims()[0];
-    let zeros = Tensor::zeros([c], &w.device());
-    ops::conv3d(x, w, zeros, [1; 3], l)
-}
-
-pub(crate) fn norm(x: Tensor<5>, act: bool, l: Layout) -> Tensor<5> {
-    let c = x.dims()[l.channel_axis()];
-    let dev = x.device();
-    ops::norm_act(x, Tensor::ones([c], &dev), Tensor::zeros([c], &dev), act, l)
-}
-
-pub(crate) fn up(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
-    let c = w.dims()[1];
-    let zeros = Tensor::zeros([c], &w.device());
-    ops::conv_transpose_ks(x, w, zeros, l)
-}
-
-impl ResBlock {
-    pub(crate) fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
-        let y = norm(conv_nb(x.clone(), self.conv1.val(), l), true, l);
-        let y = norm(conv_nb(y, self.conv2.val(), l), false, l);
-        let skip = match &self.conv3 {
-            Some(w) => norm(conv_nb(x, w.val(), l), false, l),
-            None => x,
-        };
-        ops::leaky_relu(y + skip)
-    }
-}
-
 /// One further stage of a `UnetrPrUpBlock`.
 #[derive(Module, Debug)]
 pub struct PrUpStage {
@@ -296,15 +217,6 @@ pub struct PrUp {
     pub transp_conv_init: Param<Tensor<5>>,
     /// The further stages.
     pub blocks: Vec<PrUpStage>,
-}
-
-/// `UnetrUpBlock`: transposed conv, concatenation with the skip, residual block.
-#[derive(Module, Debug)]
-pub struct UpBlock {
-    /// Upsampling.
-    pub transp_conv: Param<Tensor<5>>,
-    /// After the concatenation.
-    pub conv_block: ResBlock,
 }
 
 /// The network.
@@ -339,58 +251,12 @@ pub struct Unetr {
     pub arch: UnetrArch,
 }
 
-enum Source<'a> {
-    /// PyTorch's default initialisation is not reproduced; trunc-normal-like He/normal for
-    /// weights, zeros for biases, ones for norm scales (MONAI initialises the ViT with
-    /// trunc_normal(0.02), which the position embeddings and linears follow here).
-    Init,
-    Dict(&'a StateDict),
+/// UNETR's layers, made by the shared [`Builder`].
+trait UnetrBuild {
+    fn build(&self, a: &UnetrArch) -> Result<Unetr, CheckpointError>;
 }
 
-struct Builder<'a> {
-    src: Source<'a>,
-    device: &'a Device,
-}
-
-impl Builder<'_> {
-    fn t<const D: usize>(&self, key: &str, shape: [usize; D], init: Initializer) -> Result<Param<Tensor<D>>, CheckpointError> {
-        match &self.src {
-            Source::Init => {
-                let fan_in = shape.iter().skip(1).product::<usize>().max(1);
-                let fan_out = shape[0] * shape.iter().skip(2).product::<usize>();
-                Ok(init.init_with(shape, Some(fan_in), Some(fan_out), self.device))
-            }
-            Source::Dict(dict) => Ok(Param::from_tensor(Tensor::from_data(TensorData::new(dict.read(key, &shape)?, shape), self.device))),
-        }
-    }
-
-    fn he() -> Initializer {
-        Initializer::KaimingNormal { gain: (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt(), fan_out_only: false }
-    }
-
-    fn vit() -> Initializer {
-        Initializer::Normal { mean: 0.0, std: 0.02 }
-    }
-
-    fn ln(&self, key: &str, c: usize) -> Result<LayerNorm, CheckpointError> {
-        Ok(LayerNorm { weight: self.t(&format!("{key}.weight"), [c], Initializer::Ones)?, bias: self.t(&format!("{key}.bias"), [c], Initializer::Zeros)? })
-    }
-
-    fn linear(&self, key: &str, cin: usize, out: usize, bias: bool) -> Result<Linear, CheckpointError> {
-        Ok(Linear {
-            weight: self.t(&format!("{key}.weight"), [out, cin], Self::vit())?,
-            bias: if bias { Some(self.t(&format!("{key}.bias"), [out], Initializer::Zeros)?) } else { None },
-        })
-    }
-
-    fn res(&self, key: &str, cin: usize, c: usize) -> Result<ResBlock, CheckpointError> {
-        Ok(ResBlock {
-            conv1: self.t(&format!("{key}.conv1.conv.weight"), [c, cin, 3, 3, 3], Self::he())?,
-            conv2: self.t(&format!("{key}.conv2.conv.weight"), [c, c, 3, 3, 3], Self::he())?,
-            conv3: if cin != c { Some(self.t(&format!("{key}.conv3.conv.weight"), [c, cin, 1, 1, 1], Self::he())?) } else { None },
-        })
-    }
-
+impl UnetrBuild for Builder<'_> {
     fn build(&self, a: &UnetrArch) -> Result<Unetr, CheckpointError> {
         let (h, f) = (a.hidden_size, a.feature_size);
         let blocks = (0..a.num_layers)
@@ -410,9 +276,9 @@ impl Builder<'_> {
             .collect::<Result<_, CheckpointError>>()?;
         let prup = |name: &str, out: usize, layers: usize| -> Result<PrUp, CheckpointError> {
             Ok(PrUp {
-                transp_conv_init: self.t(&format!("{name}.transp_conv_init.conv.weight"), [h, out, 2, 2, 2], Self::he())?,
+                transp_conv_init: self.tensor(&format!("{name}.transp_conv_init.conv.weight"), [h, out, 2, 2, 2], Self::he())?,
                 blocks: (0..layers)
-                    .map(|i| Ok(PrUpStage { transp: self.t(&format!("{name}.blocks.{i}.0.conv.weight"), [out, out, 2, 2, 2], Self::he())?, res: self.res(&format!("{name}.blocks.{i}.1"), out, out)? }))
+                    .map(|i| Ok(PrUpStage { transp: self.tensor(&format!("{name}.blocks.{i}.0.conv.weight"), [out, out, 2, 2, 2], Self::he())?, res: self.res(&format!("{name}.blocks.{i}.1"), out, out)? }))
                     .collect::<Result<_, CheckpointError>>()?,
             })
         };
@@ -420,15 +286,15 @@ impl Builder<'_> {
             .into_iter()
             .map(|(name, cin, out)| {
                 Ok(UpBlock {
-                    transp_conv: self.t(&format!("{name}.transp_conv.conv.weight"), [cin, out, 2, 2, 2], Self::he())?,
+                    transp_conv: self.tensor(&format!("{name}.transp_conv.conv.weight"), [cin, out, 2, 2, 2], Self::he())?,
                     conv_block: self.res(&format!("{name}.conv_block"), 2 * out, out)?,
                 })
             })
             .collect::<Result<_, CheckpointError>>()?;
         Ok(Unetr {
-            position_embeddings: self.t("vit.patch_embedding.position_embeddings", [1, a.tokens(), h], Self::vit())?,
-            patch_weight: self.t("vit.patch_embedding.patch_embeddings.weight", [h, a.in_channels, PATCH, PATCH, PATCH], Self::he())?,
-            patch_bias: self.t("vit.patch_embedding.patch_embeddings.bias", [h], Initializer::Zeros)?,
+            position_embeddings: self.tensor("vit.patch_embedding.position_embeddings", [1, a.tokens(), h], Self::trunc_normal())?,
+            patch_weight: self.tensor("vit.patch_embedding.patch_embeddings.weight", [h, a.in_channels, PATCH, PATCH, PATCH], Self::he())?,
+            patch_bias: self.tensor("vit.patch_embedding.patch_embeddings.bias", [h], Initializer::Zeros)?,
             blocks,
             norm: self.ln("vit.norm", h)?,
             encoder1: self.res("encoder1.layer", a.in_channels, f)?,
@@ -436,8 +302,8 @@ impl Builder<'_> {
             encoder3: prup("encoder3", 4 * f, 1)?,
             encoder4: prup("encoder4", 8 * f, 0)?,
             decoder,
-            out_weight: self.t("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::he())?,
-            out_bias: self.t("out.conv.conv.bias", [a.num_classes], Initializer::Zeros)?,
+            out_weight: self.tensor("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::he())?,
+            out_bias: self.tensor("out.conv.conv.bias", [a.num_classes], Initializer::Zeros)?,
             arch: a.clone(),
         })
     }
@@ -508,11 +374,6 @@ impl Unetr {
     }
 }
 
-fn named<const D: usize>(name: String, t: Tensor<D>) -> NamedTensor {
-    let shape = t.dims().to_vec();
-    NamedTensor { name, shape, data: t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float parameter") }
-}
-
 impl SegNet for Unetr {
     fn family(&self) -> &'static str {
         NAME
@@ -535,50 +396,40 @@ impl SegNet for Unetr {
         self.run(x)
     }
     fn state_dict(&self) -> Vec<NamedTensor> {
-        let mut by: std::collections::HashMap<String, NamedTensor> = std::collections::HashMap::new();
-        fn put<const D: usize>(by: &mut std::collections::HashMap<String, NamedTensor>, k: String, t: Tensor<D>) {
-            by.insert(k.clone(), named(k, t));
-        }
-        fn res(by: &mut std::collections::HashMap<String, NamedTensor>, key: &str, r: &ResBlock) {
-            put(by, format!("{key}.conv1.conv.weight"), r.conv1.val());
-            put(by, format!("{key}.conv2.conv.weight"), r.conv2.val());
-            if let Some(w) = &r.conv3 {
-                put(by, format!("{key}.conv3.conv.weight"), w.val());
-            }
-        }
-        put(&mut by, "vit.patch_embedding.position_embeddings".into(), self.position_embeddings.val());
-        put(&mut by, "vit.patch_embedding.patch_embeddings.weight".into(), self.patch_weight.val());
-        put(&mut by, "vit.patch_embedding.patch_embeddings.bias".into(), self.patch_bias.val());
+        let mut e = Export::default();
+        e.put("vit.patch_embedding.position_embeddings".into(), self.position_embeddings.val());
+        e.put("vit.patch_embedding.patch_embeddings.weight".into(), self.patch_weight.val());
+        e.put("vit.patch_embedding.patch_embeddings.bias".into(), self.patch_bias.val());
         for (i, b) in self.blocks.iter().enumerate() {
             let pre = format!("vit.blocks.{i}");
             for (name, ln) in [("norm1", &b.norm1), ("norm2", &b.norm2), ("norm_cross_attn", &b.norm_cross_attn)] {
-                put(&mut by, format!("{pre}.{name}.weight"), ln.weight.val());
-                put(&mut by, format!("{pre}.{name}.bias"), ln.bias.val());
+                e.put(format!("{pre}.{name}.weight"), ln.weight.val());
+                e.put(format!("{pre}.{name}.bias"), ln.bias.val());
             }
             for (name, lin) in [("attn.qkv", &b.qkv), ("attn.out_proj", &b.out_proj), ("mlp.linear1", &b.linear1), ("mlp.linear2", &b.linear2)] {
-                put(&mut by, format!("{pre}.{name}.weight"), lin.weight.val());
+                e.put(format!("{pre}.{name}.weight"), lin.weight.val());
                 if let Some(bias) = &lin.bias {
-                    put(&mut by, format!("{pre}.{name}.bias"), bias.val());
+                    e.put(format!("{pre}.{name}.bias"), bias.val());
                 }
             }
         }
-        put(&mut by, "vit.norm.weight".into(), self.norm.weight.val());
-        put(&mut by, "vit.norm.bias".into(), self.norm.bias.val());
-        res(&mut by, "encoder1.layer", &self.encoder1);
-        for (name, e) in [("encoder2", &self.encoder2), ("encoder3", &self.encoder3), ("encoder4", &self.encoder4)] {
-            put(&mut by, format!("{name}.transp_conv_init.conv.weight"), e.transp_conv_init.val());
-            for (i, st) in e.blocks.iter().enumerate() {
-                put(&mut by, format!("{name}.blocks.{i}.0.conv.weight"), st.transp.val());
-                res(&mut by, &format!("{name}.blocks.{i}.1"), &st.res);
+        e.put("vit.norm.weight".into(), self.norm.weight.val());
+        e.put("vit.norm.bias".into(), self.norm.bias.val());
+        e.res("encoder1.layer", &self.encoder1);
+        for (name, p) in [("encoder2", &self.encoder2), ("encoder3", &self.encoder3), ("encoder4", &self.encoder4)] {
+            e.put(format!("{name}.transp_conv_init.conv.weight"), p.transp_conv_init.val());
+            for (i, st) in p.blocks.iter().enumerate() {
+                e.put(format!("{name}.blocks.{i}.0.conv.weight"), st.transp.val());
+                e.res(&format!("{name}.blocks.{i}.1"), &st.res);
             }
         }
         for (name, d) in ["decoder5", "decoder4", "decoder3", "decoder2"].into_iter().zip(&self.decoder) {
-            put(&mut by, format!("{name}.transp_conv.conv.weight"), d.transp_conv.val());
-            res(&mut by, &format!("{name}.conv_block"), &d.conv_block);
+            e.put(format!("{name}.transp_conv.conv.weight"), d.transp_conv.val());
+            e.res(&format!("{name}.conv_block"), &d.conv_block);
         }
-        put(&mut by, "out.conv.conv.weight".into(), self.out_weight.val());
-        put(&mut by, "out.conv.conv.bias".into(), self.out_bias.val());
-        self.arch.keys().into_iter().map(|(k, _)| by.remove(&k).expect("every key is written")).collect()
+        e.put("out.conv.conv.weight".into(), self.out_weight.val());
+        e.put("out.conv.conv.bias".into(), self.out_bias.val());
+        e.finish(self.arch.keys().into_iter().map(|(k, _)| k))
     }
     fn num_params(&self) -> usize {
         Module::num_params(self)

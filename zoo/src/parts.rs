@@ -1,0 +1,200 @@
+//! What the zoo's models share: where parameters come from (fresh or a checkpoint), the
+//! initialisers, state-dict export, and MONAI's building blocks (UNETR and SwinUNETR use them).
+
+use std::collections::HashMap;
+
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use stu_engine::burn;
+use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
+use stu_engine::ops::{self, Layout};
+use stu_engine::{Device, Tensor, TensorData};
+
+/// Where a model's parameters come from when it is built.
+pub enum Source<'a> {
+    /// Fresh initialisation (lazy: nothing is allocated until a forward pass or a read).
+    Init,
+    /// A checkpoint's tensors.
+    Dict(&'a StateDict),
+}
+
+/// Makes parameters from a [`Source`]; models add their own layers on top.
+pub struct Builder<'a> {
+    /// Where the values come from.
+    pub src: Source<'a>,
+    /// Where they live.
+    pub device: &'a Device,
+}
+
+impl Builder<'_> {
+    /// The parameter `key` of `shape`: read from the checkpoint, or initialised by `init` with
+    /// PyTorch's fans (fan_in = shape[1]·kernel, fan_out = shape[0]·kernel).
+    pub fn tensor<const D: usize>(&self, key: &str, shape: [usize; D], init: Initializer) -> Result<Param<Tensor<D>>, CheckpointError> {
+        match &self.src {
+            Source::Init => {
+                let fan_in = shape.iter().skip(1).product::<usize>().max(1);
+                let fan_out = shape[0] * shape.iter().skip(2).product::<usize>();
+                Ok(init.init_with(shape, Some(fan_in), Some(fan_out), self.device))
+            }
+            Source::Dict(dict) => Ok(Param::from_tensor(Tensor::from_data(TensorData::new(dict.read(key, &shape)?, shape), self.device))),
+        }
+    }
+
+    /// nnU-Net's `InitWeights_He(1e-2)`: kaiming normal with the LeakyReLU slope.
+    pub fn he() -> Initializer {
+        Initializer::KaimingNormal { gain: (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt(), fan_out_only: false }
+    }
+
+    /// The transformers' `trunc_normal_(std=0.02)` (untruncated here).
+    pub fn trunc_normal() -> Initializer {
+        Initializer::Normal { mean: 0.0, std: 0.02 }
+    }
+
+    /// `nn.LayerNorm(c)` under `key`.
+    pub fn ln(&self, key: &str, c: usize) -> Result<LayerNorm, CheckpointError> {
+        Ok(LayerNorm { weight: self.tensor(&format!("{key}.weight"), [c], Initializer::Ones)?, bias: self.tensor(&format!("{key}.bias"), [c], Initializer::Zeros)? })
+    }
+
+    /// `nn.Linear(cin, out, bias)` under `key`.
+    pub fn linear(&self, key: &str, cin: usize, out: usize, bias: bool) -> Result<Linear, CheckpointError> {
+        Ok(Linear {
+            weight: self.tensor(&format!("{key}.weight"), [out, cin], Self::trunc_normal())?,
+            bias: if bias { Some(self.tensor(&format!("{key}.bias"), [out], Initializer::Zeros)?) } else { None },
+        })
+    }
+
+    /// MONAI's `UnetResBlock(cin → c)` under `key`.
+    pub fn res(&self, key: &str, cin: usize, c: usize) -> Result<ResBlock, CheckpointError> {
+        Ok(ResBlock {
+            conv1: self.tensor(&format!("{key}.conv1.conv.weight"), [c, cin, 3, 3, 3], Self::he())?,
+            conv2: self.tensor(&format!("{key}.conv2.conv.weight"), [c, c, 3, 3, 3], Self::he())?,
+            conv3: if cin != c { Some(self.tensor(&format!("{key}.conv3.conv.weight"), [c, cin, 1, 1, 1], Self::he())?) } else { None },
+        })
+    }
+}
+
+/// A parameter as a named f32 tensor (state-dict export).
+pub fn named<const D: usize>(name: String, t: Tensor<D>) -> NamedTensor {
+    let shape = t.dims().to_vec();
+    NamedTensor { name, shape, data: t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float parameter") }
+}
+
+/// State-dict export by key, then in the order of the model's key table.
+#[derive(Default)]
+pub struct Export(HashMap<String, NamedTensor>);
+
+impl Export {
+    /// Adds `t` under `key`.
+    pub fn put<const D: usize>(&mut self, key: String, t: Tensor<D>) {
+        self.0.insert(key.clone(), named(key, t));
+    }
+
+    /// Adds a tensor already on the host.
+    pub fn put_host(&mut self, t: NamedTensor) {
+        self.0.insert(t.name.clone(), t);
+    }
+
+    /// Adds a MONAI `UnetResBlock` under `key`.
+    pub fn res(&mut self, key: &str, r: &ResBlock) {
+        self.put(format!("{key}.conv1.conv.weight"), r.conv1.val());
+        self.put(format!("{key}.conv2.conv.weight"), r.conv2.val());
+        if let Some(w) = &r.conv3 {
+            self.put(format!("{key}.conv3.conv.weight"), w.val());
+        }
+    }
+
+    /// The tensors in the order of `keys`; every key must have been written.
+    pub fn finish(mut self, keys: impl IntoIterator<Item = String>) -> Vec<NamedTensor> {
+        keys.into_iter().map(|k| self.0.remove(&k).unwrap_or_else(|| panic!("state-dict key `{k}` was not written"))).collect()
+    }
+}
+
+/// `nn.LayerNorm(C)` (eps 1e-5).
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    /// Scale.
+    pub weight: Param<Tensor<1>>,
+    /// Shift.
+    pub bias: Param<Tensor<1>>,
+}
+
+impl LayerNorm {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let c = x.dims()[2];
+        let (var, mean) = x.clone().var_mean_bias(2);
+        (x - mean) / (var + 1e-5).sqrt() * self.weight.val().reshape([1, 1, c]) + self.bias.val().reshape([1, 1, c])
+    }
+}
+
+/// `nn.Linear` (PyTorch's `[out, in]` weight).
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, c] = x.dims();
+        let out = self.weight.dims()[0];
+        let y = x.reshape([b * n, c]).matmul(self.weight.val().transpose());
+        let y = match &self.bias {
+            Some(bias) => y + bias.val().reshape([1, out]),
+            None => y,
+        };
+        y.reshape([b, n, out])
+    }
+}
+
+/// MONAI's `UnetResBlock` (norm without affine).
+#[derive(Module, Debug)]
+pub struct ResBlock {
+    /// 3³ conv.
+    pub conv1: Param<Tensor<5>>,
+    /// 3³ conv.
+    pub conv2: Param<Tensor<5>>,
+    /// 1×1 projection when the width changes.
+    pub conv3: Option<Param<Tensor<5>>>,
+}
+
+pub(crate) fn conv_nb(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
+    let c = w.dims()[0];
+    let zeros = Tensor::zeros([c], &w.device());
+    ops::conv3d(x, w, zeros, [1; 3], l)
+}
+
+pub(crate) fn norm(x: Tensor<5>, act: bool, l: Layout) -> Tensor<5> {
+    let c = x.dims()[l.channel_axis()];
+    let dev = x.device();
+    ops::norm_act(x, Tensor::ones([c], &dev), Tensor::zeros([c], &dev), act, l)
+}
+
+pub(crate) fn up(x: Tensor<5>, w: Tensor<5>, l: Layout) -> Tensor<5> {
+    let c = w.dims()[1];
+    let zeros = Tensor::zeros([c], &w.device());
+    ops::conv_transpose_ks(x, w, zeros, l)
+}
+
+impl ResBlock {
+    pub(crate) fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
+        let y = norm(conv_nb(x.clone(), self.conv1.val(), l), true, l);
+        let y = norm(conv_nb(y, self.conv2.val(), l), false, l);
+        let skip = match &self.conv3 {
+            Some(w) => norm(conv_nb(x, w.val(), l), false, l),
+            None => x,
+        };
+        ops::leaky_relu(y + skip)
+    }
+}
+
+/// `UnetrUpBlock`: transposed conv, concatenation with the skip, residual block.
+#[derive(Module, Debug)]
+pub struct UpBlock {
+    /// Upsampling.
+    pub transp_conv: Param<Tensor<5>>,
+    /// After the concatenation.
+    pub conv_block: ResBlock,
+}
+
