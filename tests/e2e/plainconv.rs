@@ -66,38 +66,11 @@ fn plainconv_keys_and_counts_equal_the_reference() {
 
 #[test]
 fn plainconv_trains_and_predicts_through_the_same_commands() {
-    use std::process::Command;
-    let run = |args: &[&str]| {
-        let o = Command::new(tests::stu_bin!()).args(args).output().unwrap();
-        assert!(o.status.success(), "stu {args:?}:\n{}", String::from_utf8_lossy(&o.stderr));
-        o
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
-    let raw = tests::shared().join("data/Dataset802_TotalSegExampleMR");
-    let raw_s = raw.to_str().unwrap();
-    run(&["plan", raw_s, "--out", &t("plans/plans.json")]);
-    run(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]);
-    run(&[
-        "train", &t("pre"), "--out", &t("run"), "--fold", "all", "--model", "nnunet-plainconv", "--model-options", r#"{"base_width": 4, "max_width": 8}"#,
-        "--epochs", "2", "--iterations", "2", "--val-iterations", "0", "--patch-size", "16,32,32",
-    ]);
-    let losses: Vec<f64> = tests::logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
-    assert_eq!(losses.len(), 4);
-    assert!(losses.iter().all(|l| l.is_finite()));
-    // The checkpoint is recognised as this model, and predicts in the input's geometry.
-    let ck = t("run/checkpoint_final.safetensors");
-    let info = run(&["inspect", "--checkpoint", &ck]);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(v["model"], "nnunet-plainconv");
-    let images = raw.join("imagesTr");
-    run(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred"), "--checkpoint", &ck, "--disable-tta"]);
-    let input = stu_data::nifti_io::read_geometry(&images.join("ts_mr_sm_0000.nii.gz")).unwrap();
-    let out = stu_data::nifti_io::read_label(&tmp.path().join("pred/ts_mr_sm.nii.gz")).unwrap();
-    assert_eq!(out.geom.shape, input.shape);
+    let (tmp, info) = tests::train_on_shared_mr(tests::stu_bin!(), "nnunet-plainconv", r#"{"base_width": 4, "max_width": 8}"#, "16,32,32", true);
+    assert_eq!(info["features"][0], 4);
     // A misspelt size option names itself.
-    let bad = Command::new(tests::stu_bin!())
-        .args(["train", &t("pre"), "--out", &t("bad"), "--fold", "all", "--model", "nnunet-plainconv", "--model-options", r#"{"widht": 4}"#])
+    let bad = std::process::Command::new(tests::stu_bin!())
+        .args(["train", tmp.path().join("pre").to_str().unwrap(), "--out", tmp.path().join("bad").to_str().unwrap(), "--fold", "all", "--model", "nnunet-plainconv", "--model-options", r#"{"widht": 4}"#])
         .output()
         .unwrap();
     assert!(!bad.status.success());

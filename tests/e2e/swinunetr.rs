@@ -68,34 +68,7 @@ fn swinunetr_counts_equal_monai() {
 }
 
 #[test]
-fn swinunetr_trains_through_stu_train() {
-    use std::process::Command;
-    let run = |args: &[&str]| {
-        let o = Command::new(tests::stu_bin!()).args(args).output().unwrap();
-        assert!(o.status.success(), "stu {args:?}:\n{}", String::from_utf8_lossy(&o.stderr));
-        o
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
-    let raw = tests::shared().join("data/Dataset802_TotalSegExampleMR");
-    let raw_s = raw.to_str().unwrap();
-    run(&["plan", raw_s, "--out", &t("plans/plans.json")]);
-    run(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]);
-    run(&[
-        "train", &t("pre"), "--out", &t("run"), "--fold", "all", "--model", "swinunetr",
-        "--model-options", r#"{"feature_size": 12, "depths": [2, 2, 1, 1]}"#,
-        "--epochs", "2", "--iterations", "2", "--val-iterations", "0", "--patch-size", "32,32,32",
-    ]);
-    let losses: Vec<f64> = tests::logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
-    assert_eq!(losses.len(), 4);
-    assert!(losses.iter().all(|l| l.is_finite()));
-    let info = run(&["inspect", "--checkpoint", &t("run/checkpoint_final.safetensors")]);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(v["model"], "swinunetr");
-    // Predicts in the input's geometry with the run's plan.
-    let images = raw.join("imagesTr");
-    run(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred"), "--checkpoint", &t("run/checkpoint_final.safetensors"), "--disable-tta"]);
-    let input = stu_data::nifti_io::read_geometry(&images.join("ts_mr_sm_0000.nii.gz")).unwrap();
-    let out = stu_data::nifti_io::read_label(&tmp.path().join("pred/ts_mr_sm.nii.gz")).unwrap();
-    assert_eq!(out.geom.shape, input.shape);
+fn swinunetr_trains_and_predicts_through_the_same_commands() {
+    let (_tmp, info) = tests::train_on_shared_mr(tests::stu_bin!(), "swinunetr", r#"{"feature_size": 12, "depths": [2, 2, 1, 1]}"#, "32,32,32", true);
+    assert_eq!(info["feature_size"], 12);
 }

@@ -50,29 +50,8 @@ fn unetr_keys_and_counts_equal_monai() {
 }
 
 #[test]
-fn unetr_trains_through_stu_train() {
-    use std::process::Command;
-    let run = |args: &[&str]| {
-        let o = Command::new(tests::stu_bin!()).args(args).output().unwrap();
-        assert!(o.status.success(), "stu {args:?}:\n{}", String::from_utf8_lossy(&o.stderr));
-        o
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
-    let raw = tests::shared().join("data/Dataset802_TotalSegExampleMR");
-    let raw_s = raw.to_str().unwrap();
-    run(&["plan", raw_s, "--out", &t("plans/plans.json")]);
-    run(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]);
+fn unetr_trains_and_predicts_through_the_same_commands() {
     // A small UNETR (MONAI's 12 heads) whose input size is the training patch.
-    run(&[
-        "train", &t("pre"), "--out", &t("run"), "--fold", "all", "--model", "unetr",
-        "--model-options", r#"{"img_size": 32, "feature_size": 4, "hidden_size": 24, "mlp_dim": 32}"#,
-        "--epochs", "2", "--iterations", "2", "--val-iterations", "0", "--patch-size", "32,32,32",
-    ]);
-    let losses: Vec<f64> = tests::logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
-    assert_eq!(losses.len(), 4);
-    assert!(losses.iter().all(|l| l.is_finite()));
-    let info = run(&["inspect", "--checkpoint", &t("run/checkpoint_final.safetensors")]);
-    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!((v["model"].as_str(), v["img_size"].as_u64()), (Some("unetr"), Some(32)));
+    let (_tmp, info) = tests::train_on_shared_mr(tests::stu_bin!(), "unetr", r#"{"img_size": 32, "feature_size": 4, "hidden_size": 24, "mlp_dim": 32}"#, "32,32,32", true);
+    assert_eq!(info["img_size"], 32);
 }

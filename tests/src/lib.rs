@@ -120,3 +120,40 @@ pub fn logged_losses(run: &Path) -> Vec<Vec<f64>> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["train_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect())
         .collect()
 }
+
+/// With the `stu` binary `stu` (`stu_bin!()`), plans and preprocesses the shared MR case, trains `model` with `options` on it for 2×2
+/// iterations at `patch`, checks the losses are finite, and (when `predict`) predicts the case
+/// and checks the output's shape. Returns the run's folder (kept alive by the `TempDir`) and
+/// `stu inspect` of the final checkpoint.
+pub fn train_on_shared_mr(stu: &str, model: &str, options: &str, patch: &str, predict: bool) -> (tempfile::TempDir, serde_json::Value) {
+    use std::process::Command;
+    let run = |args: &[&str]| {
+        let o = Command::new(stu).args(args).output().unwrap();
+        assert!(o.status.success(), "stu {args:?}:\n{}", String::from_utf8_lossy(&o.stderr));
+        o
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let raw = shared().join("data/Dataset802_TotalSegExampleMR");
+    let raw_s = raw.to_str().unwrap();
+    run(&["plan", raw_s, "--out", &t("plans/plans.json")]);
+    run(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]);
+    run(&[
+        "train", &t("pre"), "--out", &t("run"), "--fold", "all", "--model", model, "--model-options", options,
+        "--epochs", "2", "--iterations", "2", "--val-iterations", "0", "--patch-size", patch,
+    ]);
+    let losses: Vec<f64> = logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    let ck = t("run/checkpoint_final.safetensors");
+    let info: serde_json::Value = serde_json::from_slice(&run(&["inspect", "--checkpoint", &ck]).stdout).unwrap();
+    assert_eq!(info["model"], model);
+    if predict {
+        let images = raw.join("imagesTr");
+        run(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred"), "--checkpoint", &ck, "--disable-tta"]);
+        let input = stu_data::nifti_io::read_geometry(&images.join("ts_mr_sm_0000.nii.gz")).unwrap();
+        let out = stu_data::nifti_io::read_label(&tmp.path().join("pred/ts_mr_sm.nii.gz")).unwrap();
+        assert_eq!(out.geom.shape, input.shape);
+    }
+    (tmp, info)
+}

@@ -30,27 +30,17 @@ pub fn zoo_rows() -> Vec<PresetSummary> {
 
 /// The model table as text.
 pub fn zoo_table(rows: &[PresetSummary]) -> String {
-    let mut s = format!(
-        "{:<10} {:<7} {:<20} {:<30} {:>15} {:>20}\n",
-        "name", "blocks", "widths", "", "params", "MACs @1×1×128³"
-    );
-    s.clear();
-    s.push_str(&format!(
-        "{:<10} {:<14} {:<28} {:>15} {:>20}\n",
-        "name", "blocks", "widths", "params", "MACs @1×1×128³"
-    ));
+    let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
+    let mut s = format!("{:<w$} {:<14} {:<28} {:>15} {:>20}\n", "name", "blocks", "widths", "params", "MACs @1×1×128³");
     for r in rows {
         let join = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
-        s.push_str(&format!(
-            "{:<10} {:<14} {:<28} {:>15} {:>20}\n",
-            r.name,
-            join(&r.blocks),
-            join(&r.widths),
-            group_digits(r.params),
-            group_digits(r.macs_128)
-        ));
+        s.push_str(&format!("{:<w$} {:<14} {:<28} {:>15} {:>20}\n", r.name, join(&r.blocks), join(&r.widths), group_digits(r.params), group_digits(r.macs_128)));
     }
-    s.push_str("(1 input channel, 105 classes; MACs count every conv incl. bias, isotropic strides)\n");
+    s.push_str(
+        "(1 input channel, 105 classes, isotropic strides. MACs: every conv incl. bias for STU-Net and nnU-Net;\n \
+         torch's FlopCounterMode ÷ 2 for UNETR and SwinUNETR (weights and attention products, no bias).\n \
+         blocks per stage: residual blocks (STU-Net), convs (nnU-Net), transformer blocks (UNETR, SwinUNETR))\n",
+    );
     s
 }
 

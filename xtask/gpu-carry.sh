@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Prepares `.gpu/` (git-ignored) for a run of the GPU suite on a lent machine that has PyTorch
+# 2.11 (CUDA 13.0) but no Rust toolchain or network: the `stu` binary built here against the GPU
+# libtorch, the PyTorch reference model, the parity fixture, two real volumes and a 3-case
+# preprocessed phantom subset for the training check (≈ 40 MB in all).
+#
+#   xtask/gpu-carry.sh [LIBTORCH_ROOT]        # default ~/.cache/stu-net/libtorch (cargo xtask libtorch)
+#
+# Then, through the device tool, with `.gpu` carried:
+#   SP=$(python3 -c 'import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))');
+#   export LD_LIBRARY_PATH=$SP/torch/lib:$(find $SP/nvidia -maxdepth 3 -name lib -type d | tr '\n' ':');
+#   python3 xtask/bench/gpu_suite.py --stu .gpu/stu --bench-dir .gpu/bench --fixture .gpu/tiny_iso.safetensors \
+#     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 400
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+lt="${1:-$HOME/.cache/stu-net/libtorch}"
+shared="$root/../shared"
+target="${CARGO_TARGET_DIR:-$HOME/.cache/stu-net/target-tch-gpu}"
+test -d "$lt/gpu/lib" || { echo "no $lt/gpu: run \`cargo xtask libtorch $lt\` first" >&2; exit 1; }
+(cd "$root" && CARGO_TARGET_DIR="$target" LIBTORCH="$lt/gpu" LIBTORCH_BYPASS_VERSION_CHECK=1 \
+  cargo build --release -p stu-harness --features tch)
+rm -rf "$root/.gpu" && mkdir -p "$root/.gpu"/{bench,mr,ct,train}
+strip -o "$root/.gpu/stu" "$target/release/stu"
+cp "$shared/bench/torch_ref.py" "$root/.gpu/bench/"
+cp "$shared/fixtures/stunet-parity/tiny_iso.safetensors" "$root/.gpu/"
+cp "$shared/data/Dataset802_TotalSegExampleMR/imagesTr/ts_mr_sm_0000.nii.gz" "$root/.gpu/mr/"
+cp "$shared/data/Dataset801_TotalSegExampleCT/imagesTr/ts_ct_full_0000.nii.gz" "$root/.gpu/ct/"
+# A 3-case phantom subset, preprocessed here by the default (CPU) build (fold 0: 2 training
+# cases, 1 validation case).
+(cd "$root" && cargo build --release -p stu-harness --bin stu)
+cpu_stu="${STU_CPU_TARGET:-$HOME/.cache/stu-net/target}/release/stu"
+tmp="$(mktemp -d)"
+"$cpu_stu" quickstart --data-only --out "$tmp" >/dev/null
+pre="$tmp/preprocessed"
+cp "$pre/dataset.json" "$pre/plans.json" "$root/.gpu/train/"
+for c in phantom_000 phantom_001 phantom_002; do cp "$pre/$c"* "$root/.gpu/train/"; done
+echo '[{"train": ["phantom_001", "phantom_002"], "val": ["phantom_000"]}]' > "$root/.gpu/train/splits_final.json"
+du -sh "$root/.gpu"
