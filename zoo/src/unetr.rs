@@ -64,8 +64,14 @@ impl UnetrArch {
     /// FlopCounterMode counts, ×2): patch embedding, linears, the two attention products,
     /// convolutions and transposed convolutions.
     pub fn macs(&self) -> u64 {
-        let (n, h, f) = (self.tokens() as u64, self.hidden_size as u64, self.feature_size as u64);
-        let g = (self.img_size / PATCH) as u64;
+        self.macs_at(self.img_size)
+    }
+
+    /// [`macs`](Self::macs) of the same layers on a `side`³ input (as many tokens as that has
+    /// patches), so that models built for different input sizes compare at 128³.
+    pub fn macs_at(&self, side: usize) -> u64 {
+        let g = (side / PATCH) as u64;
+        let (n, h, f) = (g * g * g, self.hidden_size as u64, self.feature_size as u64);
         let mut m = n * h * (self.in_channels * PATCH.pow(3)) as u64;
         m += self.num_layers as u64 * (n * h * 3 * h + n * h * h + 2 * n * h * self.mlp_dim as u64 + 2 * n * n * h);
         let vox = |side: u64| side * side * side;
@@ -75,7 +81,7 @@ impl UnetrArch {
                 *m += vox(side) * c * cin;
             }
         };
-        let s = self.img_size as u64;
+        let s = side as u64;
         res(&mut m, self.in_channels as u64, f, s);
         // encoder2/3/4: transp_conv_init h→out at 2g, then (transposed conv + res block) per layer.
         for (out, layers) in [(2 * f, 2u32), (4 * f, 1), (8 * f, 0)] {
@@ -447,8 +453,9 @@ impl SegNet for Unetr {
             "hidden_size": a.hidden_size,
             "mlp_dim": a.mlp_dim,
             "num_heads": a.num_heads,
+            "num_layers": a.num_layers,
             "params": Module::num_params(self),
-            "macs_128": a.macs(),
+            "macs_128": a.macs_at(128),
             "options": {"img_size": a.img_size, "feature_size": a.feature_size, "hidden_size": a.hidden_size, "mlp_dim": a.mlp_dim, "num_heads": a.num_heads},
         })
     }

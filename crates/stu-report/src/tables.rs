@@ -35,14 +35,15 @@ pub fn records_frame(records: &[Value]) -> Result<DataFrame> {
     Ok(df.sort(["study", "point"], Default::default())?)
 }
 
-/// Blocks (STU-Net) or convolutions (PlainConvUNet) per stage at stage 0 of a record's model.
+/// Blocks (STU-Net, SwinUNETR), convolutions (PlainConvUNet) per stage at stage 0, or
+/// transformer layers (UNETR) of a record's model.
 pub fn model_blocks(r: &Value) -> Option<f64> {
-    r.pointer("/model/depth/0").or_else(|| r.pointer("/model/n_conv/0")).and_then(Value::as_f64)
+    ["/model/depth/0", "/model/n_conv/0", "/model/depths/0", "/model/num_layers"].iter().find_map(|p| r.pointer(p)).and_then(Value::as_f64)
 }
 
 /// Width of stage 0 of a record's model.
 pub fn model_width(r: &Value) -> Option<f64> {
-    r.pointer("/model/dims/0").or_else(|| r.pointer("/model/features/0")).and_then(Value::as_f64)
+    ["/model/dims/0", "/model/features/0", "/model/feature_size"].iter().find_map(|p| r.pointer(p)).and_then(Value::as_f64)
 }
 
 /// Reads every `record.json` under `dir` (recursively), sorted by path.

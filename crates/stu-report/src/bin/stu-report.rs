@@ -76,10 +76,15 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
                 .filter_map(|r| {
                     let family = match r.pointer("/model/model").and_then(Value::as_str) {
                         Some("nnunet-plainconv") => "nnU-Net ",
+                        Some("unetr") => "UNETR ",
+                        Some("swinunetr") => "SwinUNETR ",
                         _ => "",
                     };
                     Some(Bubble {
-                        label: format!("{family}b{} w{}", model_blocks(r)?, model_width(r)?),
+                        label: match model_blocks(r) {
+                            Some(b) => format!("{family}b{b} w{}", model_width(r)?),
+                            None => format!("{family}w{}", model_width(r)?),
+                        },
                         x: r.pointer("/model/params")?.as_f64()? / 1e6,
                         y: r.pointer("/metrics/foreground_mean/Dice")?.as_f64()?,
                         area: r.pointer("/model/macs_128")?.as_f64()?,
