@@ -73,6 +73,30 @@ impl Builder<'_> {
     }
 }
 
+/// Checks a checkpoint against a model's key table: no key outside it, every key present with
+/// its shape; keys for which `optional` holds may be absent (buffers, duplicate registrations).
+pub fn check_keys(dict: &StateDict, keys: &[(String, Vec<usize>)], model: &str, optional: impl Fn(&str) -> bool) -> Result<(), CheckpointError> {
+    dict.reject_unknown(keys.iter().map(|(k, _)| k.as_str()), model)?;
+    for (key, shape) in keys {
+        if optional(key) && !dict.keys().any(|k| k == key) {
+            continue;
+        }
+        let found = dict.shape(key)?;
+        if found != shape.as_slice() {
+            return Err(CheckpointError::Shape { path: dict.path().to_path_buf(), key: key.clone(), found: found.to_vec(), expected: shape.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// A model's size options from `NetSpec::options` (`null`: all defaults); the error names the model.
+pub fn options<T: Default + serde::de::DeserializeOwned>(spec: &stu_engine::model::NetSpec, model: &str) -> Result<T, String> {
+    if spec.options.is_null() {
+        return Ok(T::default());
+    }
+    serde_json::from_value(spec.options.clone()).map_err(|e| format!("model options for `{model}`: {e}"))
+}
+
 /// A parameter as a named f32 tensor (state-dict export).
 pub fn named<const D: usize>(name: String, t: Tensor<D>) -> NamedTensor {
     let shape = t.dims().to_vec();

@@ -22,7 +22,7 @@ use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet}
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
-use crate::parts::{Builder, Source, named};
+use crate::parts::{Builder, Source, check_keys, named, options};
 use crate::stunet::{InstanceNorm3d, Macs, TOTALSEG_CLASSES};
 
 /// Registry name.
@@ -329,18 +329,9 @@ impl PlainConvUNet {
                 });
             }
         }
-        dict.reject_unknown(arch.keys().iter().map(|(k, _)| k.as_str()), NAME)?;
-        for (key, shape) in arch.keys() {
-            // The duplicate registrations are optional on load (files written without them
-            // load too); the canonical ones are required.
-            if (key.contains(".all_modules.") || key.starts_with("decoder.encoder.")) && !dict.keys().any(|k| k == key) {
-                continue;
-            }
-            let found = dict.shape(&key)?;
-            if found != shape.as_slice() {
-                return Err(CheckpointError::Shape { path: dict.path().to_path_buf(), key, found: found.to_vec(), expected: shape });
-            }
-        }
+        // The duplicate registrations are optional on load (files written without them load
+        // too); the canonical ones are required.
+        check_keys(dict, &arch.keys(), NAME, |k| k.contains(".all_modules.") || k.starts_with("decoder.encoder."))?;
         Builder { src: Source::Dict(dict), device }.build(&arch)
     }
 
@@ -520,11 +511,7 @@ pub struct PlainOptions {
 
 /// The architecture a `NetSpec` asks for.
 pub fn arch_of(spec: &NetSpec) -> Result<PlainArch, String> {
-    let o: PlainOptions = if spec.options.is_null() {
-        PlainOptions::default()
-    } else {
-        serde_json::from_value(spec.options.clone()).map_err(|e| format!("model options for `{NAME}`: {e}"))?
-    };
+    let o: PlainOptions = options(spec, NAME)?;
     let mut a = PlainArch::nnunet_default(spec.in_channels, spec.num_classes, &spec.strides);
     let n = a.features.len();
     if o.base_width.is_some() || o.max_width.is_some() {

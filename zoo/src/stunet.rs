@@ -29,7 +29,7 @@ use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet}
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
-use crate::parts::{Builder, Source, named};
+use crate::parts::{Builder, Source, check_keys, named};
 
 /// Registry name of the family.
 pub const NAME: &str = "stunet";
@@ -429,18 +429,7 @@ impl StuNet {
     /// Every tensor is checked against the inferred shapes, and unknown keys are rejected.
     pub fn from_state_dict(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Self, CheckpointError> {
         let arch = infer_arch(dict, options)?;
-        dict.reject_unknown(arch.keys().iter().map(|(k, _)| k.as_str()), NAME)?;
-        for (key, shape) in arch.keys() {
-            let found = dict.shape(&key)?;
-            if found != shape.as_slice() {
-                return Err(CheckpointError::Shape {
-                    path: dict.path().to_path_buf(),
-                    key,
-                    found: found.to_vec(),
-                    expected: shape,
-                });
-            }
-        }
+        check_keys(dict, &arch.keys(), NAME, |_| false)?;
         Builder { src: Source::Dict(dict), device }.build(&arch)
     }
 

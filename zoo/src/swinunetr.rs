@@ -21,7 +21,7 @@ use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
 use crate::stunet::TOTALSEG_CLASSES;
-use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, up};
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, up};
 
 /// Registry name.
 pub const NAME: &str = "swinunetr";
@@ -453,16 +453,8 @@ impl SwinUnetr {
     /// From MONAI's state dict (any container); the architecture comes from the shapes.
     pub fn from_state_dict(dict: &StateDict, device: &Device) -> Result<Self, CheckpointError> {
         let arch = infer_arch(dict)?;
-        dict.reject_unknown(arch.keys().iter().map(|(k, _)| k.as_str()), NAME)?;
-        for (key, shape) in arch.keys() {
-            if key.ends_with("relative_position_index") && !dict.keys().any(|k| k == key) {
-                continue; // a buffer, recomputed
-            }
-            let found = dict.shape(&key)?;
-            if found != shape.as_slice() {
-                return Err(CheckpointError::Shape { path: dict.path().to_path_buf(), key, found: found.to_vec(), expected: shape });
-            }
-        }
+        // The relative-position buffers are recomputed, so they may be absent.
+        check_keys(dict, &arch.keys(), NAME, |k| k.ends_with("relative_position_index"))?;
         Builder { src: Source::Dict(dict), device }.build(&arch)
     }
 
@@ -612,7 +604,7 @@ pub struct SwinOptions {
 }
 
 fn arch_of(spec: &NetSpec) -> Result<SwinArch, String> {
-    let o: SwinOptions = if spec.options.is_null() { SwinOptions::default() } else { serde_json::from_value(spec.options.clone()).map_err(|e| format!("model options for `{NAME}`: {e}"))? };
+    let o: SwinOptions = options(spec, NAME)?;
     let mut a = SwinArch::monai_default(spec.in_channels, spec.num_classes);
     a.feature_size = o.feature_size.unwrap_or(a.feature_size);
     a.depths = o.depths.unwrap_or(a.depths);

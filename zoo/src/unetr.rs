@@ -19,7 +19,7 @@ use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet}
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
-use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, up};
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, up};
 use crate::stunet::TOTALSEG_CLASSES;
 
 /// Registry name.
@@ -325,13 +325,7 @@ impl Unetr {
     /// From MONAI's state dict (any container); the architecture comes from the shapes.
     pub fn from_state_dict(dict: &StateDict, device: &Device) -> Result<Self, CheckpointError> {
         let arch = infer_arch(dict)?;
-        dict.reject_unknown(arch.keys().iter().map(|(k, _)| k.as_str()), NAME)?;
-        for (key, shape) in arch.keys() {
-            let found = dict.shape(&key)?;
-            if found != shape.as_slice() {
-                return Err(CheckpointError::Shape { path: dict.path().to_path_buf(), key, found: found.to_vec(), expected: shape });
-            }
-        }
+        check_keys(dict, &arch.keys(), NAME, |_| false)?;
         Builder { src: Source::Dict(dict), device }.build(&arch)
     }
 
@@ -504,7 +498,7 @@ pub struct UnetrOptions {
 }
 
 fn arch_of(spec: &NetSpec) -> Result<UnetrArch, String> {
-    let o: UnetrOptions = if spec.options.is_null() { UnetrOptions::default() } else { serde_json::from_value(spec.options.clone()).map_err(|e| format!("model options for `{NAME}`: {e}"))? };
+    let o: UnetrOptions = options(spec, NAME)?;
     let mut a = UnetrArch::monai_default(spec.in_channels, spec.num_classes, o.img_size.unwrap_or(128));
     a.feature_size = o.feature_size.unwrap_or(a.feature_size);
     a.hidden_size = o.hidden_size.unwrap_or(a.hidden_size);
