@@ -2,6 +2,7 @@
 
 mod checkpoints;
 mod dataset;
+mod nnformer;
 mod parity;
 mod plainconv;
 mod predict;

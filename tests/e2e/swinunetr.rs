@@ -2,18 +2,12 @@
 //! through shifted, padded and shrunk windows, the state-dict key order, and the exact parameter
 //! count of MONAI's default network.
 
-use stu_engine::checkpoint::{NamedTensor, StateDict};
 use stu_engine::model::SegNet;
 use stu_engine::{Tensor, TensorData};
-use tests::{own_fixtures, read_tensor, rel_max_err};
+use tests::{fixture_weights, own_fixtures, pattern, read_tensor, rel_max_err};
 
 fn fixture() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("swinunetr.json")).unwrap()).unwrap()
-}
-
-/// `scale · sin(freq · i)` over the flat index, in f64, stored as f32 (as the fixture script).
-fn pattern(n: usize, scale: f64, freq: f64) -> Vec<f32> {
-    (0..n).map(|i| (scale * (freq * i as f64).sin()) as f32).collect()
 }
 
 #[test]
@@ -21,7 +15,6 @@ fn swinunetr_matches_monai() {
     zoo::link();
     let doc = fixture();
     let file = own_fixtures().join("swinunetr_tiny.safetensors");
-    let stored = StateDict::open(&file).unwrap();
     let arch = zoo::swinunetr::SwinArch {
         in_channels: 1,
         num_classes: 1,
@@ -29,18 +22,8 @@ fn swinunetr_matches_monai() {
         depths: vec![2, 2, 1, 1],
         num_heads: vec![3, 6, 12, 24],
     };
-    let shapes: std::collections::HashMap<String, Vec<usize>> = arch.keys().into_iter().collect();
     let generated: Vec<String> = serde_json::from_value(doc["generated"].clone()).unwrap();
-    let mut tensors = Vec::new();
-    for key in stored.keys().filter_map(|k| k.strip_prefix("weights.")) {
-        let shape = stored.shape(&format!("weights.{key}")).unwrap().to_vec();
-        tensors.push(NamedTensor { name: key.to_string(), data: stored.read(&format!("weights.{key}"), &shape).unwrap(), shape });
-    }
-    for key in &generated {
-        let shape = shapes[key].clone();
-        tensors.push(NamedTensor { name: key.clone(), data: pattern(shape.iter().product(), 0.02, 0.7), shape });
-    }
-    let dict = StateDict::from_tensors(&file, tensors);
+    let dict = fixture_weights(&file, &arch.keys().into_iter().collect(), &generated);
     let device = stu_engine::backend::Backend::Flex.device().unwrap();
     let net = zoo::swinunetr::SwinUnetr::from_state_dict(&dict, &device).unwrap();
     let x = Tensor::<5>::from_data(TensorData::new(pattern(64 * 64 * 64, 0.5, 0.37), [1, 1, 64, 64, 64]), &device);

@@ -17,6 +17,9 @@ fn zoo_json_has_the_exact_counts() {
     let swin = rows.iter().find(|r| r["name"] == "swinunetr").expect("SwinUNETR is listed");
     assert_eq!(swin["params"].as_u64(), Some(15_705_579)); // tests/fixtures/swinunetr.json
     assert_eq!(swin["macs_128"].as_u64(), Some(409_381_659_264 / 2));
+    let nnformer = rows.iter().find(|r| r["name"] == "nnformer").expect("nnFormer is listed");
+    assert_eq!(nnformer["params"].as_u64(), Some(153_968_211)); // tests/fixtures/nnformer.json
+    assert_eq!(nnformer["macs_128"].as_u64(), Some(947_040_288_768 / 2));
     let got: Vec<(String, u64, u64)> = rows
         .iter()
         .filter(|r| r["name"].as_str().unwrap().starts_with("stunet"))

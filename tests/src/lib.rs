@@ -43,6 +43,28 @@ pub fn read_tensor(path: &Path, key: &str) -> (Vec<usize>, Vec<f32>) {
     (shape, data)
 }
 
+/// `scale · sin(freq · i)` over the flat index, in f64, stored as f32: how the fixture scripts
+/// generate their input and their large tensors instead of storing them.
+pub fn pattern(n: usize, scale: f64, freq: f64) -> Vec<f32> {
+    (0..n).map(|i| (scale * (freq * i as f64).sin()) as f32).collect()
+}
+
+/// A reference network's state dict from a fixture file: its stored `weights.<key>` tensors plus
+/// the `generated` ones (`0.02·sin(0.7·i)`, shaped by `shapes`).
+pub fn fixture_weights(file: &Path, shapes: &std::collections::HashMap<String, Vec<usize>>, generated: &[String]) -> StateDict {
+    let stored = StateDict::open(file).unwrap();
+    let mut tensors = Vec::new();
+    for key in stored.keys().filter_map(|k| k.strip_prefix("weights.")) {
+        let shape = stored.shape(&format!("weights.{key}")).unwrap().to_vec();
+        tensors.push(stu_engine::checkpoint::NamedTensor { name: key.to_string(), data: stored.read(&format!("weights.{key}"), &shape).unwrap(), shape });
+    }
+    for key in generated {
+        let shape = shapes[key].clone();
+        tensors.push(stu_engine::checkpoint::NamedTensor { name: key.clone(), data: pattern(shape.iter().product(), 0.02, 0.7), shape });
+    }
+    StateDict::from_tensors(file, tensors)
+}
+
 /// Writes a small preprocessed dataset (what `stu preprocess` produces) with `channels` image
 /// channels and `labels` foreground labels: `cases` volumes of `shape`, nested spheres per
 /// label, intensities that depend on the label and the channel, plus noise. Also writes

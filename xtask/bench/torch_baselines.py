@@ -1,18 +1,22 @@
-"""The baselines' side of `stu bench plainconv unetr swinunetr`: nnU-Net's PlainConvUNet (dynamic_network_architectures,
-default 3d_fullres network: 1 channel, 105 classes, 6 stages, 32…320 features) at 1×1×128³, timed
-as `../shared/bench/cpu_anchor.py` times STU-Net (2 threads, float32, median; forward without deep
-supervision; forward+backward back-propagates mean(output.0) of the deep-supervision forward), then
-MONAI's UNETR and SwinUNETR at their defaults the same way.
-Usage: python torch_baselines.py OUT.json"""
+"""The baselines' side of `stu bench plainconv unetr swinunetr nnformer`: nnU-Net's PlainConvUNet
+(dynamic_network_architectures, default 3d_fullres network: 1 channel, 105 classes, 6 stages,
+32…320 features) at 1×1×128³, timed as `../shared/bench/cpu_anchor.py` times STU-Net (2 threads,
+float32, median; forward without deep supervision; forward+backward back-propagates mean(output.0)
+of the deep-supervision forward), then MONAI's UNETR and SwinUNETR at their defaults the same way,
+and nnFormer (the authors' Synapse network built for a 128³ crop) when NNFORMER_REF names the
+authors' nnFormer_synapse.py (it is not on PyPI; see tests/fixtures/make_nnformer_fixture.py).
+Usage: [NNFORMER_REF=PATH] python torch_baselines.py OUT.json [FAMILY…]   (default: all)"""
 import json
+import os
 import sys
 import time
 
 import torch
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
 torch.set_num_threads(2)
+WANTED = sys.argv[2:]
+x = torch.randn(1, 1, 128, 128, 128)
 
 
 def med(fn, n):
@@ -26,67 +30,55 @@ def med(fn, n):
     return round(ts[len(ts) // 2], 3)
 
 
-torch.manual_seed(0)
-m = PlainConvUNet(1, 6, [32, 64, 128, 256, 320, 320], nn.Conv3d, 3, [1, 2, 2, 2, 2, 2], 2, 105, 2, conv_bias=True,
-                  norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-                  nonlin_kwargs={"inplace": True}, deep_supervision=True)
-x = torch.randn(1, 1, 128, 128, 128)
+def time_model(name, net, set_ds=None, first=lambda y: y):
+    """Forward without deep supervision (when the model has it) and forward+backward of
+    mean(first output) with it."""
+    def fwd():
+        if set_ds:
+            set_ds(False)
+        with torch.no_grad():
+            net(x)
+
+    def fb():
+        if set_ds:
+            set_ds(True)
+        net.zero_grad(set_to_none=True)
+        first(net(x)).mean().backward()
+
+    R[f"{name}_128_fwd"] = {"fwd_s": med(fwd, 3)}
+    R[f"{name}_128"] = {"fwd_bwd_s": med(fb, 2)}
+    print(R, flush=True)
 
 
-def fwd():
-    m.decoder.deep_supervision = False
-    with torch.no_grad():
-        m(x)
+def want(name):
+    return not WANTED or name in WANTED
 
 
-def fb():
-    m.decoder.deep_supervision = True
-    m.zero_grad(set_to_none=True)
-    m(x)[0].mean().backward()
+R = {"torch": torch.__version__}
+if want("plainconv"):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
+    torch.manual_seed(0)
+    m = PlainConvUNet(1, 6, [32, 64, 128, 256, 320, 320], nn.Conv3d, 3, [1, 2, 2, 2, 2, 2], 2, 105, 2, conv_bias=True,
+                      norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                      nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    time_model("plainconv", m, lambda on: setattr(m.decoder, "deep_supervision", on), lambda y: y[0])
+    del m
+if want("unetr"):
+    from monai.networks.nets import UNETR
 
-R = {"torch": torch.__version__, "plainconv_128_fwd": {"fwd_s": med(fwd, 3)}, "plainconv_128": {"fwd_bwd_s": med(fb, 2)}}
-print(R, flush=True)
+    torch.manual_seed(0)
+    time_model("unetr", UNETR(in_channels=1, out_channels=105, img_size=(128, 128, 128)))
+if want("swinunetr"):
+    from monai.networks.nets import SwinUNETR
 
-# MONAI's UNETR at its defaults (1 channel, 105 classes, 128^3); one output.
-from monai.networks.nets import UNETR  # noqa: E402
+    torch.manual_seed(0)
+    time_model("swinunetr", SwinUNETR(in_channels=1, out_channels=105))
+if want("nnformer") and os.environ.get("NNFORMER_REF"):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/fixtures"))
+    from make_nnformer_fixture import SYNAPSE, load_reference
 
-torch.manual_seed(0)
-u = UNETR(in_channels=1, out_channels=105, img_size=(128, 128, 128))
-
-
-def ufwd():
-    with torch.no_grad():
-        u(x)
-
-
-def ufb():
-    u.zero_grad(set_to_none=True)
-    u(x).mean().backward()
-
-
-R["unetr_128_fwd"] = {"fwd_s": med(ufwd, 3)}
-R["unetr_128"] = {"fwd_bwd_s": med(ufb, 2)}
-print(R, flush=True)
-
-# MONAI's SwinUNETR at its defaults; one output.
-from monai.networks.nets import SwinUNETR  # noqa: E402
-
-torch.manual_seed(0)
-sw = SwinUNETR(in_channels=1, out_channels=105)
-
-
-def sfwd():
-    with torch.no_grad():
-        sw(x)
-
-
-def sfb():
-    sw.zero_grad(set_to_none=True)
-    sw(x).mean().backward()
-
-
-R["swinunetr_128_fwd"] = {"fwd_s": med(sfwd, 3)}
-R["swinunetr_128"] = {"fwd_bwd_s": med(sfb, 2)}
-print(R, flush=True)
+    torch.manual_seed(0)
+    nf = load_reference(os.environ["NNFORMER_REF"])(crop_size=[128, 128, 128], input_channels=1, num_classes=105, **SYNAPSE)
+    time_model("nnformer", nf, lambda on: setattr(nf, "do_ds", on), lambda y: y[0])
 json.dump(R, open(sys.argv[1], "w"), indent=1)

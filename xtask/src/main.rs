@@ -157,11 +157,12 @@ fn bench(args: Vec<String>) -> Result<()> {
                     let _ = std::fs::remove_file(&extra_path);
                 }
                 // The baselines (nnU-Net's PlainConvUNet), when its reference is installed.
-                if (wanted("plainconv_128") || wanted("unetr_128") || wanted("swinunetr_128")) && Command::new(&python).args(["-c", "import dynamic_network_architectures"]).status().is_ok_and(|s| s.success()) {
+                if (wanted("plainconv_128") || wanted("unetr_128") || wanted("swinunetr_128") || wanted("nnformer_128")) && Command::new(&python).args(["-c", "import dynamic_network_architectures"]).status().is_ok_and(|s| s.success()) {
                     let base_path = out_dir.join("torch-baselines.json");
-                    run(Command::new(&python).arg(root.join("xtask/bench/torch_baselines.py")).arg(&base_path))?;
+                    let families = ["plainconv", "unetr", "swinunetr", "nnformer"].into_iter().filter(|f| wanted(&format!("{f}_128")));
+                    run(Command::new(&python).arg(root.join("xtask/bench/torch_baselines.py")).arg(&base_path).args(families))?;
                     let base: Value = serde_json::from_str(&std::fs::read_to_string(&base_path)?)?;
-                    for (k, v) in base.as_object().into_iter().flatten().filter(|(k, _)| k.starts_with("plainconv") || k.starts_with("unetr") || k.starts_with("swinunetr")) {
+                    for (k, v) in base.as_object().into_iter().flatten().filter(|(k, _)| k.starts_with("plainconv") || k.starts_with("unetr") || k.starts_with("swinunetr") || k.starts_with("nnformer")) {
                         for (kk, vv) in v.as_object().into_iter().flatten() {
                             theirs[k][kk] = vv.clone();
                         }

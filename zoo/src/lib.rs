@@ -6,6 +6,7 @@
 //! Linking: `inventory` entries live in this crate's object files, so a binary must reference the
 //! crate (the harness calls [`link`]) for the linker to keep them.
 
+pub mod nnformer;
 pub mod parts;
 pub mod plainconv;
 pub mod stunet;

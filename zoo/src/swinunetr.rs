@@ -21,7 +21,7 @@ use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
 use crate::stunet::TOTALSEG_CLASSES;
-use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, up};
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, pad_end, partition, reverse, roll, shift_mask, up};
 
 /// Registry name.
 pub const NAME: &str = "swinunetr";
@@ -237,51 +237,6 @@ pub struct SwinUnetr {
     pub arch: SwinArch,
 }
 
-/// Channels-last `[B, D, H, W, C]` helpers.
-fn roll(x: Tensor<5>, shift: [usize; 3], back: bool) -> Tensor<5> {
-    let mut x = x;
-    for a in 0..3 {
-        let s = shift[a];
-        if s == 0 {
-            continue;
-        }
-        let n = x.dims()[1 + a];
-        // torch.roll(x, -s): out[i] = x[(i + s) mod n]; torch.roll(x, s): out[i] = x[(i − s) mod n].
-        let cut = if back { n - s } else { s };
-        let lo = x.clone().narrow(1 + a, 0, cut);
-        let hi = x.narrow(1 + a, cut, n - cut);
-        x = Tensor::cat(vec![hi, lo], 1 + a);
-    }
-    x
-}
-
-fn pad_end(x: Tensor<5>, to: [usize; 3]) -> Tensor<5> {
-    let mut x = x;
-    for a in 0..3 {
-        let mut dims = x.dims();
-        let n = dims[1 + a];
-        if to[a] > n {
-            dims[1 + a] = to[a] - n;
-            let z = Tensor::zeros(dims, &x.device());
-            x = Tensor::cat(vec![x, z], 1 + a);
-        }
-    }
-    x
-}
-
-fn partition(x: Tensor<5>, w: [usize; 3]) -> Tensor<3> {
-    let [b, d, h, ww, c] = x.dims();
-    let t: Tensor<8> = x.reshape([b, d / w[0], w[0], h / w[1], w[1], ww / w[2], w[2], c]).permute([0, 1, 3, 5, 2, 4, 6, 7]);
-    t.reshape([b * (d / w[0]) * (h / w[1]) * (ww / w[2]), w[0] * w[1] * w[2], c])
-}
-
-fn reverse(x: Tensor<3>, w: [usize; 3], dims: [usize; 4]) -> Tensor<5> {
-    let [b, d, h, ww] = dims;
-    let c = x.dims()[2];
-    let t: Tensor<8> = x.reshape([b, d / w[0], h / w[1], ww / w[2], w[0], w[1], w[2], c]).permute([0, 1, 4, 2, 5, 3, 6, 7]);
-    t.reshape([b, d, h, ww, c])
-}
-
 /// MONAI's `get_window_size`: windows shrink to small maps, which then do not shift.
 fn window_for(dims: [usize; 3], shift: usize) -> ([usize; 3], [usize; 3]) {
     let mut w = [WINDOW; 3];
@@ -293,37 +248,6 @@ fn window_for(dims: [usize; 3], shift: usize) -> ([usize; 3], [usize; 3]) {
         }
     }
     (w, s)
-}
-
-/// MONAI's `compute_mask`: `[nW, n, n]`, −100 between tokens of different shifted regions.
-fn shift_mask(dims: [usize; 3], w: [usize; 3], s: [usize; 3]) -> Vec<f32> {
-    let region = |a: usize, i: usize| -> usize {
-        let n = dims[a];
-        if i < n - w[a] {
-            0
-        } else if i < n - s[a] {
-            1
-        } else {
-            2
-        }
-    };
-    let id = |z: usize, y: usize, x: usize| region(0, z) * 9 + region(1, y) * 3 + region(2, x);
-    let nw = [dims[0] / w[0], dims[1] / w[1], dims[2] / w[2]];
-    let n = w[0] * w[1] * w[2];
-    let mut out = Vec::with_capacity(nw[0] * nw[1] * nw[2] * n * n);
-    for wz in 0..nw[0] {
-        for wy in 0..nw[1] {
-            for wx in 0..nw[2] {
-                let ids: Vec<usize> = (0..w[0]).flat_map(|z| (0..w[1]).flat_map(move |y| (0..w[2]).map(move |x| (z, y, x)))).map(|(z, y, x)| id(wz * w[0] + z, wy * w[1] + y, wx * w[2] + x)).collect();
-                for a in &ids {
-                    for b in &ids {
-                        out.push(if a == b { 0.0 } else { -100.0 });
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 fn layer_norm_plain(x: Tensor<5>) -> Tensor<5> {

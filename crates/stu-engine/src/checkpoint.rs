@@ -322,6 +322,12 @@ impl StateDict {
         Self { path: path.to_path_buf(), format: CheckpointFormat::Safetensors, prefix: String::new(), entries, metadata: Default::default() }
     }
 
+    /// The same tensors with one metadata entry set (what a safetensors header would carry).
+    pub fn with_metadata(mut self, key: &str, value: String) -> Self {
+        self.metadata.insert(key.to_string(), value);
+        self
+    }
+
     /// The safetensors header's string metadata (empty for other containers).
     pub fn metadata(&self) -> &std::collections::HashMap<String, String> {
         &self.metadata

@@ -127,6 +127,8 @@ pub fn anchor_cases() -> Vec<Case> {
         Case { id: "unetr_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
         Case { id: "swinunetr_128_fwd", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 0 },
         Case { id: "swinunetr_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
+        Case { id: "nnformer_128_fwd", shape: [1, 1, 128, 128, 128], n_fwd: 3, n_bwd: 0 },
+        Case { id: "nnformer_128", shape: [1, 1, 128, 128, 128], n_fwd: 1, n_bwd: 2 },
     ]
 }
 
@@ -141,6 +143,7 @@ fn net_for(id: &str, device: &Device) -> Net {
         id if id.starts_with("plainconv") => zoo_net("nnunet-plainconv", device),
         id if id.starts_with("unetr") => zoo_net("unetr", device),
         id if id.starts_with("swinunetr") => zoo_net("swinunetr", device),
+        id if id.starts_with("nnformer") => zoo_net("nnformer", device),
         id if id.starts_with("S_") => Net::StuNet(StuNet::new(&preset("S"), device).expect("valid")),
         _ => Net::StuNet(StuNet::new(&preset("B"), device).expect("valid")),
     }
@@ -150,7 +153,9 @@ fn net_for(id: &str, device: &Device) -> Net {
 /// downsamplings (nnU-Net's 3d_fullres network for a 128³ patch).
 fn zoo_net(name: &'static str, device: &Device) -> Net {
     let entry = stu_engine::model::registry().get(name).expect("registered");
-    let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: ISO_STRIDES.to_vec(), options: serde_json::Value::Null };
+    // Models built for one input size (nnFormer's crop) are built for the 128³ patch.
+    let options = if name == "nnformer" { serde_json::json!({"crop_size": [128, 128, 128]}) } else { serde_json::Value::Null };
+    let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: ISO_STRIDES.to_vec(), options };
     Net::Zoo(name, stu_engine::train::he_init((entry.build)(&spec, device).expect("default size"), 0, None))
 }
 

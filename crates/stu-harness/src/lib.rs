@@ -38,8 +38,8 @@ pub fn zoo_table(rows: &[PresetSummary]) -> String {
     }
     s.push_str(
         "(1 input channel, 105 classes, isotropic strides. MACs: every conv incl. bias for STU-Net and nnU-Net;\n \
-         torch's FlopCounterMode ÷ 2 for UNETR and SwinUNETR (weights and attention products, no bias).\n \
-         blocks per stage: residual blocks (STU-Net), convs (nnU-Net), transformer blocks (UNETR, SwinUNETR))\n",
+         torch's FlopCounterMode ÷ 2 for UNETR, SwinUNETR and nnFormer (weights and attention products, no bias).\n \
+         blocks per stage: residual blocks (STU-Net), convs (nnU-Net), transformer blocks (UNETR, SwinUNETR, nnFormer))\n",
     );
     s
 }

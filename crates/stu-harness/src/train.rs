@@ -25,7 +25,7 @@ use stu_engine::precision::Precision;
 use stu_engine::checkpoint::{NamedTensor, StateDict, write_safetensors};
 use stu_engine::loss::DiceConfig;
 use stu_engine::model::{LoadOptions, NetSpec, SegNet};
-use stu_engine::schedule::{ds_scales, ds_weights, poly_lr};
+use stu_engine::schedule::{ds_weights, poly_lr};
 use stu_engine::train::{DeviceBatch, Sgd, dice_per_class, he_init, nanmean, train_step, validation_step};
 
 /// Checkpoint format tag in the safetensors metadata.
@@ -136,7 +136,6 @@ struct Plan {
     batch: usize,
     batch_dice: bool,
     strides: Vec<[usize; 3]>,
-    pools: Vec<[usize; 3]>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -151,13 +150,11 @@ fn read_plan(dir: &Path, configuration: &str) -> Result<Plan> {
     let get = |k: &str| c.get(k).with_context(|| format!("{}: `configurations.{configuration}.{k}` is missing", path.display()));
     let patch: Vec<usize> = serde_json::from_value(get("patch_size")?.clone()).with_context(|| format!("{}: `patch_size` is not a list of integers", path.display()))?;
     ensure!(patch.len() == 3, "{}: `patch_size` has {} axes; only 3-D configurations train here", path.display(), patch.len());
-    let pools: Vec<[usize; 3]> = serde_json::from_value(get("pool_op_kernel_sizes")?.clone()).with_context(|| format!("{}: `pool_op_kernel_sizes` is not a list of 3-int strides", path.display()))?;
     Ok(Plan {
         patch: [patch[0], patch[1], patch[2]],
         batch: get("batch_size")?.as_u64().with_context(|| format!("{}: `batch_size` is not an integer", path.display()))? as usize,
         batch_dice: get("batch_dice")?.as_bool().unwrap_or(false),
         strides: crate::plans::strides_from_plans(&path, configuration)?,
-        pools,
     })
 }
 
@@ -460,9 +457,13 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     logs.retain(|l| l.epoch < start);
     write_log(&log_path, &logs)?;
 
-    let outputs = net.valid().forward_ds(stu_engine::Tensor::zeros([1, in_channels, div[0], div[1], div[2]], &device)).len();
-    let weights = ds_weights(outputs);
-    let scales = ds_scales(&plan.pools, outputs);
+    // Each output's scale comes from the network itself (a probe at the input divisor): for
+    // nnU-Net-style networks it equals the plan's pooling products, for others (nnFormer's ½
+    // and ¼ heads) it is whatever the network produces.
+    let probe = net.valid().forward_ds(stu_engine::Tensor::zeros([1, in_channels, div[0], div[1], div[2]], &device));
+    let weights = ds_weights(probe.len());
+    let scales: Vec<[f64; 3]> = probe.iter().map(|o| [0, 1, 2].map(|a| o.dims()[2 + a] as f64 / div[a] as f64)).collect();
+    drop(probe);
     let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5 };
     let budget = 4 << 30;
     let train_store = Arc::new(CaseStore::new(&cfg.preprocessed, train_ids, budget)?);

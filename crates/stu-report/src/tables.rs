@@ -35,7 +35,7 @@ pub fn records_frame(records: &[Value]) -> Result<DataFrame> {
     Ok(df.sort(["study", "point"], Default::default())?)
 }
 
-/// Blocks (STU-Net, SwinUNETR), convolutions (PlainConvUNet) per stage at stage 0, or
+/// Blocks (STU-Net, SwinUNETR, nnFormer), convolutions (PlainConvUNet) per stage at stage 0, or
 /// transformer layers (UNETR) of a record's model.
 pub fn model_blocks(r: &Value) -> Option<f64> {
     ["/model/depth/0", "/model/n_conv/0", "/model/depths/0", "/model/num_layers"].iter().find_map(|p| r.pointer(p)).and_then(Value::as_f64)
@@ -43,7 +43,7 @@ pub fn model_blocks(r: &Value) -> Option<f64> {
 
 /// Width of stage 0 of a record's model.
 pub fn model_width(r: &Value) -> Option<f64> {
-    ["/model/dims/0", "/model/features/0", "/model/feature_size"].iter().find_map(|p| r.pointer(p)).and_then(Value::as_f64)
+    ["/model/dims/0", "/model/features/0", "/model/feature_size", "/model/embedding_dim"].iter().find_map(|p| r.pointer(p)).and_then(Value::as_f64)
 }
 
 /// Reads every `record.json` under `dir` (recursively), sorted by path.

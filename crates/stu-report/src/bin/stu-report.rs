@@ -78,6 +78,7 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
                         Some("nnunet-plainconv") => "nnU-Net ",
                         Some("unetr") => "UNETR ",
                         Some("swinunetr") => "SwinUNETR ",
+                        Some("nnformer") => "nnFormer ",
                         _ => "",
                     };
                     Some(Bubble {
