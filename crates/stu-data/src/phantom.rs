@@ -1,11 +1,20 @@
 //! A synthetic CT phantom dataset in nnU-Net raw layout: the harness's embedded default.
 //!
-//! Each case is a CT-like volume in Hounsfield units (air −1000, fat −100, soft tissue 30–60,
-//! contrast-filled vessels and heart 150–250, bone 400–900; 4 mm fat planes around every
-//! structure, as in real anatomy) with Gaussian noise, and a label map
-//! of 15 structures named as STU-Net names them, three from each of TotalSegmentator's five
-//! expert groups (organs, vertebrae, cardiac, muscles, ribs; `shared/docs/stunet.md` §6), so
-//! that a five-experts-vs-one-model study has something to separate.
+//! Each case is a CT-like volume in Hounsfield units (air −1000, fat −100, unlabelled soft
+//! tissue 30; the structures from −30 (urine) over 90–105 (muscle) and 100–500 (enhanced
+//! organs and blood) to 460–1100 (bone); 4 mm fat planes around every structure, as in real
+//! anatomy) with Gaussian noise, and a label map of 15 structures named as STU-Net names them,
+//! three from each of TotalSegmentator's five expert groups (organs, vertebrae, cardiac,
+//! muscles, ribs; `shared/docs/stunet.md` §6), so that a five-experts-vs-one-model study has
+//! something to separate.
+//!
+//! Version 3 (this one) is made to be learnable on a laptop: every structure stands out from
+//! what touches it by at least 60 HU (noise 6–12 HU), is at least 30 mm across (ribs 22 mm
+//! tubes, the myocardium a 16 mm shell), and there are no left/right pairs, so nnU-Net's default
+//! mirroring augmentation (STU-Net keeps it) does not make classes ambiguous; similar
+//! structures differ in intensity as well as position (vertebrae L1–L3, ribs 1–3). Version 2
+//! (organs 45–60 HU in 35 HU tissue, left/right pairs, 10 mm ribs) was a harder problem than a
+//! CPU learns in minutes; its runs are in `reports/train/README.md`.
 //!
 //! The anatomy is defined in world millimetres (x left→right, y posterior→anterior, z
 //! inferior→superior) and jittered per case (size ±12 %, position ±8 mm, rotation about z
@@ -22,22 +31,28 @@ use crate::nifti_io::{Geometry, write_image, write_label};
 /// One structure: STU-Net class name and mean HU; its expert group comes from
 /// [`stu_core::taxonomy`].
 pub const CLASSES: [(&str, f32); 15] = [
-    ("liver", 60.0),
-    ("spleen", 50.0),
-    ("kidney_left", 150.0),
-    ("vertebrae_L1", 700.0),
-    ("vertebrae_L2", 680.0),
-    ("vertebrae_L3", 660.0),
-    ("heart_myocardium", 110.0),
-    ("heart_ventricle_left", 220.0),
-    ("urinary_bladder", 10.0),
-    ("autochthon_left", 45.0),
-    ("autochthon_right", 45.0),
-    ("iliopsoas_left", 55.0),
-    ("rib_left_1", 500.0),
-    ("rib_right_1", 520.0),
-    ("rib_left_2", 480.0),
+    ("liver", 100.0),
+    ("spleen", 180.0),
+    ("kidney_left", 260.0),
+    ("vertebrae_L1", 1100.0),
+    ("vertebrae_L2", 900.0),
+    ("vertebrae_L3", 700.0),
+    ("heart_myocardium", 340.0),
+    ("heart_ventricle_left", 500.0),
+    ("urinary_bladder", -30.0),
+    ("autochthon_left", 90.0),
+    ("gluteus_maximus_left", 95.0),
+    ("iliopsoas_left", 105.0),
+    ("rib_left_1", 780.0),
+    ("rib_left_2", 620.0),
+    ("rib_left_3", 460.0),
 ];
+
+/// The phantom's version, written into `dataset.json` (`phantom_version`).
+pub const VERSION: u32 = 3;
+
+/// Unlabelled soft tissue inside the fat layer (HU).
+const TISSUE_HU: f32 = 30.0;
 
 /// The expert group of a phantom class (all are STU-Net class names).
 pub fn group_of(name: &str) -> stu_core::taxonomy::ExpertGroup {
@@ -120,23 +135,23 @@ fn anatomy(rng: &mut Rng) -> Anatomy {
     let body = Shape::Ellipsoid([0.0, 0.0, 0.0], [140.0 * scale[0], 100.0 * scale[1], 400.0]);
     let fat = Shape::Ellipsoid([0.0, 0.0, 0.0], [128.0 * scale[0], 88.0 * scale[1], 400.0]);
     let e = |c: [f64; 3], r: [f64; 3], k: usize| Shape::Ellipsoid([c[0] + jit[k], c[1] + jit[k + 1], c[2] + jit[k + 2]], r.map(|v| v * scale[k % 20]));
-    let vertebra = |z: f64, k: usize| Shape::Column([jit[k] * 0.3, -55.0], [16.0 * scale[k % 20], 14.0 * scale[(k + 1) % 20]], [z - 11.0, z + 11.0]);
+    let vertebra = |z: f64, k: usize| Shape::Column([jit[k] * 0.3, -55.0], [20.0 * scale[k % 20], 18.0 * scale[(k + 1) % 20]], [z - 13.0, z + 13.0]);
     let structures = vec![
         (1, e([-55.0, 15.0, 35.0], [55.0, 45.0, 40.0], 0)),                // liver (patient right = −x)
-        (2, e([65.0, -10.0, 45.0], [25.0, 18.0, 28.0], 3)),                // spleen
-        (3, e([55.0, -35.0, -10.0], [16.0, 14.0, 30.0], 6)),               // kidney_left
-        (4, vertebra(30.0, 9)),                                             // vertebrae_L1
-        (5, vertebra(5.0, 10)),                                             // vertebrae_L2
+        (2, e([65.0, -10.0, 45.0], [28.0, 22.0, 30.0], 3)),                // spleen
+        (3, e([55.0, -35.0, -10.0], [20.0, 18.0, 32.0], 6)),               // kidney_left
+        (4, vertebra(40.0, 9)),                                             // vertebrae_L1
+        (5, vertebra(10.0, 10)),                                            // vertebrae_L2
         (6, vertebra(-20.0, 11)),                                           // vertebrae_L3
-        (7, Shape::Shell([5.0 + jit[12], 30.0 + jit[13], 80.0 + jit[14] * 0.5], [38.0 * scale[12], 34.0 * scale[13], 30.0], 9.0)), // heart_myocardium
-        (8, e([5.0, 30.0, 80.0], [22.0, 19.0, 16.0], 12)),                  // heart_ventricle_left (inside the shell)
-        (9, e([0.0, 35.0, -70.0], [28.0, 22.0, 18.0], 15)),                 // urinary_bladder
-        (10, Shape::Column([22.0 + jit[18] * 0.3, -68.0], [11.0 * scale[18], 13.0], [-60.0, 60.0])), // autochthon_left
-        (11, Shape::Column([-22.0 + jit[19] * 0.3, -68.0], [11.0 * scale[19], 13.0], [-60.0, 60.0])), // autochthon_right
-        (12, Shape::Column([38.0 + jit[21] * 0.3, -30.0], [12.0 * scale[1], 12.0 * scale[2]], [-75.0, -25.0])), // iliopsoas_left
-        (13, Shape::Arc([0.0, -20.0], 60.0 + jit[24] * 0.5, 88.0 * scale[3], 5.0, [-1.5, 1.3])),   // rib_left_1 (+x side)
-        (14, Shape::Arc([0.0, -20.0], 60.0 + jit[25] * 0.5, 88.0 * scale[4], 5.0, [1.85, 3.14])),  // rib_right_1 (−x side, upper half)
-        (15, Shape::Arc([0.0, -20.0], 40.0 + jit[26] * 0.5, 92.0 * scale[5], 5.0, [-1.5, 1.3])),   // rib_left_2
+        (7, Shape::Shell([5.0 + jit[12], 30.0 + jit[13], 80.0 + jit[14] * 0.5], [44.0 * scale[12], 40.0 * scale[13], 36.0], 16.0)), // heart_myocardium
+        (8, e([5.0, 30.0, 80.0], [24.0, 21.0, 18.0], 12)),                  // heart_ventricle_left (inside the shell)
+        (9, e([0.0, 35.0, -70.0], [30.0, 24.0, 20.0], 15)),                 // urinary_bladder
+        (10, Shape::Column([36.0 + jit[18] * 0.3, -68.0], [15.0 * scale[18], 16.0], [-60.0, 60.0])), // autochthon_left
+        (11, e([72.0, -58.0, -70.0], [24.0, 20.0, 22.0], 19)),              // gluteus_maximus_left
+        (12, Shape::Column([30.0 + jit[21] * 0.3, -30.0], [16.0 * scale[1], 16.0 * scale[2]], [-90.0, -45.0])), // iliopsoas_left
+        (13, Shape::Arc([0.0, -20.0], 80.0 + jit[24] * 0.5, 90.0 * scale[3], 11.0, [-1.5, 1.3])),  // rib_left_1 (+x side)
+        (14, Shape::Arc([0.0, -20.0], 50.0 + jit[25] * 0.5, 94.0 * scale[4], 11.0, [-1.5, 1.3])),  // rib_left_2
+        (15, Shape::Arc([0.0, -20.0], 20.0 + jit[26] * 0.5, 98.0 * scale[5], 11.0, [-1.5, 1.0])),  // rib_left_3
     ];
     let rims = structures.iter().map(|(_, s)| s.grown(4.0)).collect();
     Anatomy { body, fat, structures, rims, angle: rng.uniform(-8.0, 8.0).to_radians(), shift: [rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0)] }
@@ -161,7 +176,7 @@ pub fn case(seed: u64, index: usize) -> PhantomCase {
     let fov = [rng.uniform(300.0, 340.0), rng.uniform(230.0, 260.0), rng.uniform(200.0, 260.0)];
     let n = [0, 1, 2].map(|ax| (fov[ax] / sp[ax]).round() as usize);
     let flip = [rng.uniform(0.0, 1.0) < 0.5, rng.uniform(0.0, 1.0) < 0.5, false];
-    let noise_sd = rng.uniform(12.0, 25.0);
+    let noise_sd = rng.uniform(6.0, 12.0);
     // voxel (i, j, k) → world: x = ±sx·i + ox, centred on the field of view.
     let dir = flip.map(|f| if f { -1.0 } else { 1.0 });
     let origin = [0, 1, 2].map(|ax| -dir[ax] * sp[ax] * (n[ax] as f64 - 1.0) / 2.0);
@@ -180,7 +195,7 @@ pub fn case(seed: u64, index: usize) -> PhantomCase {
                 let mut l = 0u16;
                 if a.body.contains(p) {
                     let inner = a.fat.contains(p);
-                    hu = if inner { 35.0 } else { -100.0 };
+                    hu = if inner { TISSUE_HU } else { -100.0 };
                     for &(id, shape) in &a.structures {
                         if shape.contains(p) {
                             l = id;
@@ -188,8 +203,7 @@ pub fn case(seed: u64, index: usize) -> PhantomCase {
                         }
                     }
                     // Fat planes: soft tissue within 4 mm of an organ is fat, as around real
-                    // kidneys, bladder, muscles and the heart. Without them organs of 45–60 HU
-                    // in 35 HU tissue differ by less than the noise.
+                    // kidneys, bladder, muscles and the heart.
                     if l == 0 && inner && a.rims.iter().any(|r| r.contains(p)) {
                         hu = -90.0;
                     }
@@ -265,9 +279,28 @@ pub fn write_dataset(opts: &PhantomOptions) -> Result<(), crate::nifti_io::Nifti
         "file_ending": ".nii.gz",
         "expert_groups": groups,
         "phantom_seed": opts.seed,
+        "phantom_version": VERSION,
         "phantom_group": opts.group.map(|g| g.name()),
     });
     let json_path = opts.out.join("dataset.json");
+    // Resuming into a folder that holds another phantom (version, seed, group, label set) would
+    // mix its cases with ours: refuse, naming what is there.
+    if let Ok(old) = std::fs::read_to_string(&json_path) {
+        let old: serde_json::Value = serde_json::from_str(&old).unwrap_or_default();
+        let same = |k: &str| old.get(k) == json.get(k);
+        if !(same("phantom_seed") && same("phantom_version") && same("phantom_group") && same("labels")) {
+            let version = old.get("phantom_version").map_or_else(|| if old.get("phantom_seed").is_some() { "2".to_string() } else { "none".to_string() }, |v| v.to_string());
+            return Err(crate::nifti_io::NiftiIoError::Invalid {
+                path: json_path,
+                reason: format!(
+                    "the folder holds another dataset (phantom version {version}, seed {}, group {}); writing phantom version {VERSION} with seed {} here would mix their cases: use another folder or remove this one",
+                    old.get("phantom_seed").unwrap_or(&serde_json::Value::Null),
+                    old.get("phantom_group").unwrap_or(&serde_json::Value::Null),
+                    opts.seed
+                ),
+            });
+        }
+    }
     let text = serde_json::to_string_pretty(&json).expect("serialisable") + "\n";
     std::fs::write(&json_path, text).map_err(|e| io(&json_path, e))?;
     let jobs: Vec<(usize, &str)> = (0..opts.cases).map(|i| (i, "Tr")).chain((0..opts.test_cases).map(|i| (opts.cases + i, "Ts"))).collect();
@@ -294,6 +327,23 @@ mod tests {
         for g in stu_core::taxonomy::ExpertGroup::ALL {
             assert_eq!(CLASSES.iter().filter(|(n, _)| group_of(n) == g).count(), 3, "{g:?}");
         }
+    }
+
+    #[test]
+    fn another_phantom_in_the_folder_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = |seed| PhantomOptions { out: dir.path().to_path_buf(), cases: 1, test_cases: 0, seed, group: None, stunet_ids: false };
+        write_dataset(&opts(1)).unwrap();
+        write_dataset(&opts(1)).unwrap(); // resuming the same phantom is fine
+        let err = write_dataset(&opts(2)).unwrap_err().to_string();
+        assert!(err.contains("dataset.json") && err.contains("seed 1"), "{err}");
+        // A folder written by version 2 (no `phantom_version`) is named as such.
+        let path = dir.path().join("dataset.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("phantom_version");
+        std::fs::write(&path, v.to_string()).unwrap();
+        let err = write_dataset(&opts(1)).unwrap_err().to_string();
+        assert!(err.contains("phantom version 2"), "{err}");
     }
 
     #[test]

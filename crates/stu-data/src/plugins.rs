@@ -18,6 +18,10 @@ pub struct DatasetEntry {
     pub summary: &'static str,
     /// Where it was registered.
     pub module_path: &'static str,
+    /// Revision of what the plugin generates (the phantom's version; 0 for datasets read as
+    /// they are): part of the cache keys of study data and points, so a changed generator is
+    /// never mistaken for finished work.
+    pub revision: u32,
     /// Materialises the dataset under `out` (or checks it in place) from the plugin's own
     /// configuration table, and returns the dataset root.
     pub prepare: fn(&serde_json::Value, &Path) -> Result<PathBuf, DatasetError>,
@@ -62,7 +66,7 @@ fn prepare_raw(value: &serde_json::Value, _out: &Path) -> Result<PathBuf, Datase
 }
 
 inventory::submit! {
-    DatasetEntry { name: "nnunet-raw", summary: "an existing dataset in nnU-Net v2 raw layout (checked before use)", module_path: module_path!(), prepare: prepare_raw }
+    DatasetEntry { name: "nnunet-raw", summary: "an existing dataset in nnU-Net v2 raw layout (checked before use)", module_path: module_path!(), revision: 0, prepare: prepare_raw }
 }
 
 #[derive(Deserialize)]
@@ -108,7 +112,7 @@ fn prepare_phantom(value: &serde_json::Value, out: &Path) -> Result<PathBuf, Dat
 }
 
 inventory::submit! {
-    DatasetEntry { name: "phantom", summary: "synthetic CT phantom, 15 STU-Net classes in the five expert groups (no download)", module_path: module_path!(), prepare: prepare_phantom }
+    DatasetEntry { name: "phantom", summary: "synthetic CT phantom, 15 STU-Net classes in the five expert groups (no download)", module_path: module_path!(), revision: crate::phantom::VERSION, prepare: prepare_phantom }
 }
 
 #[derive(Deserialize)]
@@ -127,7 +131,7 @@ fn prepare_totalseg(value: &serde_json::Value, out: &Path) -> Result<PathBuf, Da
 }
 
 inventory::submit! {
-    DatasetEntry { name: "totalsegmentator", summary: "TotalSegmentator v1 release → STU-Net's 104-class order, optionally one expert group", module_path: module_path!(), prepare: prepare_totalseg }
+    DatasetEntry { name: "totalsegmentator", summary: "TotalSegmentator v1 release → STU-Net's 104-class order, optionally one expert group", module_path: module_path!(), revision: 0, prepare: prepare_totalseg }
 }
 
 #[cfg(test)]

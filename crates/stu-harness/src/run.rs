@@ -43,10 +43,13 @@ fn host() -> serde_json::Value {
 
 /// Data for a point: raw dataset root, preprocessed folder (cached across points).
 fn data(dataset: &DatasetSpec, plan: &PlanSpec, root: &Path, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf)> {
-    let key = json!({"plugin": dataset.plugin, "options": dataset.options, "plan": plan});
+    let entry = stu_data::plugins::registry().get(&dataset.plugin)?;
+    let mut key = json!({"plugin": dataset.plugin, "options": dataset.options, "plan": plan});
+    if entry.revision != 0 {
+        key["revision"] = entry.revision.into();
+    }
     let dir = root.join("data").join(crate::spec::hash_hex(&key.to_string()));
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let entry = stu_data::plugins::registry().get(&dataset.plugin)?;
     log(&format!("data: {} → {}", dataset.plugin, dir.display()));
     let raw = (entry.prepare)(&dataset.options, &dir.join("raw")).with_context(|| format!("dataset `{}`", dataset.plugin))?;
     let plans = dir.join("plans.json");

@@ -408,7 +408,16 @@ pub fn points(spec: &Spec) -> Result<Vec<Point>> {
         .into_iter()
         .map(|set| {
             let resolved = apply(spec, &set)?;
-            let text = serde_json::to_string(&resolved)?;
+            let mut text = serde_json::to_string(&resolved)?;
+            // Generated data (the phantom) carry their generator's revision: a point made with
+            // another revision is another point.
+            let datasets = std::iter::once(&resolved.dataset).chain(resolved.pretrain.as_ref().map(|p| &p.dataset)).chain(resolved.predict.dataset.as_ref());
+            for d in datasets {
+                let revision = stu_data::plugins::registry().get(&d.plugin).map(|e| e.revision).unwrap_or(0);
+                if revision != 0 {
+                    text.push_str(&format!("#{}-revision-{revision}", d.plugin));
+                }
+            }
             let id = hash_hex(&text);
             Ok(Point { set, spec: resolved, id })
         })
