@@ -84,6 +84,15 @@ fn nnformer_rejects_what_the_reference_cannot_build() {
 #[test]
 fn nnformer_trains_and_predicts_through_the_same_commands() {
     let options = r#"{"crop_size": [32, 32, 32], "embedding_dim": 12, "num_heads": [1, 2, 4, 8]}"#;
-    let (_tmp, info) = tests::train_on_shared_mr(tests::stu_bin!(), "nnformer", options, "32,32,32", true);
+    let (tmp, info) = tests::train_on_shared_mr(tests::stu_bin!(), "nnformer", options, "32,32,32", true);
     assert_eq!(info["embedding_dim"], 12);
+    assert_eq!(info["crop_size"], serde_json::json!([32, 32, 32]));
+    // Exported under the reference's keys, the network still knows its crop (file metadata).
+    let (ck, out) = (tmp.path().join("run/checkpoint_final.safetensors"), tmp.path().join("export.safetensors"));
+    let run = |args: &[&std::ffi::OsStr]| std::process::Command::new(tests::stu_bin!()).args(args).output().unwrap();
+    assert!(run(&["export".as_ref(), "--checkpoint".as_ref(), ck.as_os_str(), "--output".as_ref(), out.as_os_str()]).status.success());
+    let o = run(&["inspect".as_ref(), "--checkpoint".as_ref(), out.as_os_str()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let exported: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(exported["crop_size"], serde_json::json!([32, 32, 32]));
 }

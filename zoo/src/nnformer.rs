@@ -717,9 +717,9 @@ impl NnFormerArch {
 }
 
 /// The architecture from the reference's tensor shapes. The crop size is not in the weights:
-/// it comes from the `stu_checkpoint` metadata of our checkpoints (the options the network was
-/// trained with), else it is the Synapse crop 64×128×128; the window of each stage is read from
-/// its bias tables and must agree with that crop.
+/// it comes from the metadata our files carry (`stu_checkpoint` of training checkpoints, `model`
+/// of `stu export`), else it is the Synapse crop 64×128×128; the window of each stage is read
+/// from its bias tables and must agree with that crop.
 pub fn infer_arch(dict: &StateDict) -> Result<NnFormerArch, CheckpointError> {
     let err = |reason: String| CheckpointError::Architecture { path: dict.path().to_path_buf(), reason };
     let c1 = dict.shape("model_down.patch_embed.proj1.conv1.weight")?;
@@ -741,8 +741,9 @@ pub fn infer_arch(dict: &StateDict) -> Result<NnFormerArch, CheckpointError> {
         }
         windows.push(side.div_ceil(2));
     }
-    let meta: Option<serde_json::Value> = dict.metadata().get("stu_checkpoint").and_then(|m| serde_json::from_str(m).ok());
-    let opts = meta.as_ref().map(|m| &m["model"]["options"]);
+    let parse = |key: &str| dict.metadata().get(key).and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok());
+    let model = parse("stu_checkpoint").map(|m| m["model"].clone()).or_else(|| parse("model"));
+    let opts = model.as_ref().map(|m| &m["options"]);
     let crop: [usize; 3] = opts.and_then(|o| serde_json::from_value(o["crop_size"].clone()).ok()).unwrap_or([64, 128, 128]);
     let stored_windows: Option<Vec<usize>> = opts.and_then(|o| serde_json::from_value(o["window_size"].clone()).ok());
     let arch = NnFormerArch {
