@@ -311,15 +311,22 @@ pub struct Block {
     pub shift: usize,
 }
 
-/// An encoder stage: blocks, then (but for the last) GELU, LayerNorm and a stride-2 conv.
+/// Patch merging (`PatchMerging`): GELU, LayerNorm, stride-2 conv C → 2C.
+#[derive(Module, Debug)]
+pub struct Merging {
+    /// Norm over C.
+    pub norm: LayerNorm,
+    /// `[2C, C, 3, 3, 3]` conv.
+    pub reduction: Conv,
+}
+
+/// An encoder stage: blocks, then (but for the last) patch merging.
 #[derive(Module, Debug)]
 pub struct Stage {
     /// Blocks.
     pub blocks: Vec<Block>,
-    /// Merging norm.
-    pub down_norm: Option<LayerNorm>,
-    /// Merging conv (C → 2C).
-    pub down: Option<Conv>,
+    /// Downsampling (none in the last stage).
+    pub downsample: Option<Merging>,
 }
 
 /// A decoder stage: LayerNorm and 2³ transposed conv (2C → C), skip attention, blocks.
@@ -518,8 +525,7 @@ impl NnFormerBuild for Builder<'_> {
                 let last = s + 1 == STAGES;
                 Ok(Stage {
                     blocks,
-                    down_norm: if last { None } else { Some(self.ln(&format!("{p}.norm"), a.dim(s))?) },
-                    down: if last { None } else { Some(self.conv(&format!("{p}.reduction"), a.dim(s), 2 * a.dim(s))?) },
+                    downsample: if last { None } else { Some(Merging { norm: self.ln(&format!("{p}.norm"), a.dim(s))?, reduction: self.conv(&format!("{p}.reduction"), a.dim(s), 2 * a.dim(s))? }) },
                 })
             })
             .collect::<Result<_, CheckpointError>>()?;
@@ -572,8 +578,8 @@ impl NnFormer {
                 t = blk.forward(t);
             }
             skips.push(ln5(&self.out_norms[s], t.clone()));
-            if let (Some(norm), Some(down)) = (&st.down_norm, &st.down) {
-                t = conv(ln5(norm, gelu(t)), down, [2; 3], l);
+            if let Some(m) = &st.downsample {
+                t = conv(ln5(&m.norm, gelu(t)), &m.reduction, [2; 3], l);
             }
         }
         let mut x = skips[STAGES - 1].clone();
@@ -656,9 +662,9 @@ impl SegNet for NnFormer {
             for (i, b) in st.blocks.iter().enumerate() {
                 block(&mut e, &format!("model_down.layers.{s}.blocks.{i}"), b, false);
             }
-            if let (Some(norm), Some(down)) = (&st.down_norm, &st.down) {
-                conv(&mut e, &format!("model_down.layers.{s}.downsample.reduction"), down);
-                ln(&mut e, &format!("model_down.layers.{s}.downsample.norm"), norm);
+            if let Some(m) = &st.downsample {
+                conv(&mut e, &format!("model_down.layers.{s}.downsample.reduction"), &m.reduction);
+                ln(&mut e, &format!("model_down.layers.{s}.downsample.norm"), &m.norm);
             }
         }
         for (s, n) in self.out_norms.iter().enumerate() {
