@@ -175,7 +175,7 @@ fn direct_inference_and_finetune_studies_run_at_tiny_scale() {
     assert_eq!(r["model"]["num_classes"], 105);
     assert_eq!(r["metrics"]["per_case"].as_array().unwrap().len(), 4);
     let names: Vec<&str> = r["metrics"]["label_names"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
-    assert_eq!(names, ["liver", "spleen", "kidney_left"]);
+    assert_eq!(names, ["liver", "spleen", "lung_lower_lobe_left"]);
     // Fine-tuning vs scratch: the pre-trained point transfers all but the heads.
     let recs = run_tiny("finetune.toml", &["pretrain.epochs=1", "pretrain.iterations=2"], &tmp.path().join("ft"));
     assert_eq!(recs.len(), 2);

@@ -1,20 +1,28 @@
 //! A synthetic CT phantom dataset in nnU-Net raw layout: the harness's embedded default.
 //!
-//! Each case is a CT-like volume in Hounsfield units (air −1000, fat −100, unlabelled soft
-//! tissue 30; the structures from −30 (urine) over 90–105 (muscle) and 100–500 (enhanced
-//! organs and blood) to 460–1100 (bone); 4 mm fat planes around every structure, as in real
-//! anatomy) with Gaussian noise, and a label map of 15 structures named as STU-Net names them,
-//! three from each of TotalSegmentator's five expert groups (organs, vertebrae, cardiac,
-//! muscles, ribs; `shared/docs/stunet.md` §6), so that a five-experts-vs-one-model study has
-//! something to separate.
+//! Each case is a CT-like volume in Hounsfield units (fat −100, unlabelled soft tissue 30; 4 mm
+//! fat planes around every structure) with Gaussian noise, and a label map of 15 structures
+//! named as STU-Net names them, three from each of TotalSegmentator's five expert groups (organs,
+//! vertebrae, cardiac, muscles, ribs; `shared/docs/stunet.md` §6), so that a
+//! five-experts-vs-one-model study has something to separate.
 //!
-//! Version 3 (this one) is made to be learnable on a laptop: every structure stands out from
-//! what touches it by at least 60 HU (noise 6–12 HU), is at least 30 mm across (ribs 22 mm
-//! tubes, the myocardium a 16 mm shell), and there are no left/right pairs, so nnU-Net's default
-//! mirroring augmentation (STU-Net keeps it) does not make classes ambiguous; similar
-//! structures differ in intensity as well as position (vertebrae L1–L3, ribs 1–3). Version 2
-//! (organs 45–60 HU in 35 HU tissue, left/right pairs, 10 mm ribs) was a harder problem than a
-//! CPU learns in minutes; its runs are in `reports/train/README.md`.
+//! Version 4 (this one) is a test object for the pipeline, not a model of anatomy's
+//! intensities: each class is coded by its intensity, so that a small network learns it in
+//! minutes on a laptop *after* nnU-Net's CT normalisation (a clip to the 0.5–99.5 percentiles
+//! of labelled voxels, then a z-score) and the network's instance norms (which rescale every
+//! patch by its own spread, so what survives is a class's contrast to the tissue around it
+//! *relative* to the other contrasts in the patch). The contrasts to the tissue form a ratio
+//! scale: ten classes brighter (60 to 2250 HU above it, each 1.5× the last), four darker than
+//! the fat (−200 to −630), and a lung lobe at −850 HU that holds the lower percentile far below
+//! everything else, as lungs do in real CT; the field of view lies inside the body, so no air
+//! shares the lung's clipped value. Noise is 4–8 HU. Every structure is at least 26 mm across
+//! (ribs 26 mm tubes, the myocardium a 20 mm shell, vertebral bodies 32 mm tall with 8 mm
+//! discs), and there are no left/right pairs, so nnU-Net's default mirroring augmentation
+//! (STU-Net keeps it) does not make classes ambiguous. A test checks the separation after the
+//! clip. Version 3 had realistic soft-tissue values (muscles 90–105 HU next to a 100 HU liver,
+//! a −30 HU bladder that the lower clip merged with the fat around it) and version 2 left/right
+//! pairs and 10 mm ribs; a base-8 STU-Net did not learn either in 15 minutes
+//! (`reports/train/README.md`).
 //!
 //! The anatomy is defined in world millimetres (x left→right, y posterior→anterior, z
 //! inferior→superior) and jittered per case (size ±12 %, position ±8 mm, rotation about z
@@ -31,25 +39,25 @@ use crate::nifti_io::{Geometry, write_image, write_label};
 /// One structure: STU-Net class name and mean HU; its expert group comes from
 /// [`stu_core::taxonomy`].
 pub const CLASSES: [(&str, f32); 15] = [
-    ("liver", 100.0),
-    ("spleen", 180.0),
-    ("kidney_left", 260.0),
-    ("vertebrae_L1", 1100.0),
-    ("vertebrae_L2", 900.0),
-    ("vertebrae_L3", 700.0),
-    ("heart_myocardium", 340.0),
-    ("heart_ventricle_left", 500.0),
-    ("urinary_bladder", -30.0),
+    ("liver", 230.0),
+    ("spleen", 120.0),
+    ("lung_lower_lobe_left", -850.0),
+    ("vertebrae_L1", 2280.0),
+    ("vertebrae_L2", 705.0),
+    ("vertebrae_L3", 330.0),
+    ("heart_myocardium", 165.0),
+    ("heart_ventricle_left", -420.0),
+    ("urinary_bladder", -170.0),
     ("autochthon_left", 90.0),
-    ("gluteus_maximus_left", 95.0),
-    ("iliopsoas_left", 105.0),
-    ("rib_left_1", 780.0),
-    ("rib_left_2", 620.0),
-    ("rib_left_3", 460.0),
+    ("gluteus_maximus_left", -600.0),
+    ("iliopsoas_left", -270.0),
+    ("rib_left_1", 1530.0),
+    ("rib_left_2", 480.0),
+    ("rib_left_3", 1030.0),
 ];
 
 /// The phantom's version, written into `dataset.json` (`phantom_version`).
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Unlabelled soft tissue inside the fat layer (HU).
 const TISSUE_HU: f32 = 30.0;
@@ -132,26 +140,28 @@ fn anatomy(rng: &mut Rng) -> Anatomy {
     let scale: [f64; 20] = std::array::from_fn(|_| s());
     let mut j = |v: f64| v + rng.uniform(-8.0, 8.0);
     let jit: [f64; 30] = std::array::from_fn(|i| j(0.0) * if i % 3 == 2 { 0.5 } else { 1.0 });
-    let body = Shape::Ellipsoid([0.0, 0.0, 0.0], [140.0 * scale[0], 100.0 * scale[1], 400.0]);
-    let fat = Shape::Ellipsoid([0.0, 0.0, 0.0], [128.0 * scale[0], 88.0 * scale[1], 400.0]);
+    // The body is wider than every field of view (below): no air in the image.
+    let body = Shape::Ellipsoid([0.0, 0.0, 0.0], [260.0 * scale[0].max(1.0), 200.0 * scale[1].max(1.0), 400.0]);
+    let fat = Shape::Ellipsoid([0.0, 0.0, 0.0], [248.0 * scale[0].max(1.0), 188.0 * scale[1].max(1.0), 400.0]);
     let e = |c: [f64; 3], r: [f64; 3], k: usize| Shape::Ellipsoid([c[0] + jit[k], c[1] + jit[k + 1], c[2] + jit[k + 2]], r.map(|v| v * scale[k % 20]));
-    let vertebra = |z: f64, k: usize| Shape::Column([jit[k] * 0.3, -55.0], [20.0 * scale[k % 20], 18.0 * scale[(k + 1) % 20]], [z - 13.0, z + 13.0]);
+    // 32 mm bodies with 8 mm discs between them.
+    let vertebra = |z: f64, k: usize| Shape::Column([jit[k] * 0.3, -55.0], [20.0 * scale[k % 20], 18.0 * scale[(k + 1) % 20]], [z - 16.0, z + 16.0]);
     let structures = vec![
         (1, e([-55.0, 15.0, 35.0], [55.0, 45.0, 40.0], 0)),                // liver (patient right = −x)
         (2, e([65.0, -10.0, 45.0], [28.0, 22.0, 30.0], 3)),                // spleen
-        (3, e([55.0, -35.0, -10.0], [20.0, 18.0, 32.0], 6)),               // kidney_left
-        (4, vertebra(40.0, 9)),                                             // vertebrae_L1
+        (3, e([50.0, -45.0, 90.0], [22.0, 20.0, 24.0], 6)),                // lung_lower_lobe_left (above the spleen)
+        (4, vertebra(50.0, 9)),                                             // vertebrae_L1
         (5, vertebra(10.0, 10)),                                            // vertebrae_L2
-        (6, vertebra(-20.0, 11)),                                           // vertebrae_L3
-        (7, Shape::Shell([5.0 + jit[12], 30.0 + jit[13], 80.0 + jit[14] * 0.5], [44.0 * scale[12], 40.0 * scale[13], 36.0], 16.0)), // heart_myocardium
+        (6, vertebra(-30.0, 11)),                                           // vertebrae_L3
+        (7, Shape::Shell([5.0 + jit[12], 30.0 + jit[13], 80.0 + jit[14] * 0.5], [48.0 * scale[12], 44.0 * scale[13], 40.0], 20.0)), // heart_myocardium
         (8, e([5.0, 30.0, 80.0], [24.0, 21.0, 18.0], 12)),                  // heart_ventricle_left (inside the shell)
         (9, e([0.0, 35.0, -70.0], [30.0, 24.0, 20.0], 15)),                 // urinary_bladder
         (10, Shape::Column([36.0 + jit[18] * 0.3, -68.0], [15.0 * scale[18], 16.0], [-60.0, 60.0])), // autochthon_left
         (11, e([72.0, -58.0, -70.0], [24.0, 20.0, 22.0], 19)),              // gluteus_maximus_left
         (12, Shape::Column([30.0 + jit[21] * 0.3, -30.0], [16.0 * scale[1], 16.0 * scale[2]], [-90.0, -45.0])), // iliopsoas_left
-        (13, Shape::Arc([0.0, -20.0], 80.0 + jit[24] * 0.5, 90.0 * scale[3], 11.0, [-1.5, 1.3])),  // rib_left_1 (+x side)
-        (14, Shape::Arc([0.0, -20.0], 50.0 + jit[25] * 0.5, 94.0 * scale[4], 11.0, [-1.5, 1.3])),  // rib_left_2
-        (15, Shape::Arc([0.0, -20.0], 20.0 + jit[26] * 0.5, 98.0 * scale[5], 11.0, [-1.5, 1.0])),  // rib_left_3
+        (13, Shape::Arc([0.0, -20.0], 80.0 + jit[24] * 0.5, 90.0 * scale[3], 13.0, [-1.5, 1.3])),  // rib_left_1 (+x side)
+        (14, Shape::Arc([0.0, -20.0], 50.0 + jit[25] * 0.5, 94.0 * scale[4], 13.0, [-1.5, 1.3])),  // rib_left_2
+        (15, Shape::Arc([0.0, -20.0], 20.0 + jit[26] * 0.5, 98.0 * scale[5], 13.0, [-1.5, 1.0])),  // rib_left_3
     ];
     let rims = structures.iter().map(|(_, s)| s.grown(4.0)).collect();
     Anatomy { body, fat, structures, rims, angle: rng.uniform(-8.0, 8.0).to_radians(), shift: [rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0), rng.uniform(-10.0, 10.0)] }
@@ -176,7 +186,7 @@ pub fn case(seed: u64, index: usize) -> PhantomCase {
     let fov = [rng.uniform(300.0, 340.0), rng.uniform(230.0, 260.0), rng.uniform(200.0, 260.0)];
     let n = [0, 1, 2].map(|ax| (fov[ax] / sp[ax]).round() as usize);
     let flip = [rng.uniform(0.0, 1.0) < 0.5, rng.uniform(0.0, 1.0) < 0.5, false];
-    let noise_sd = rng.uniform(6.0, 12.0);
+    let noise_sd = rng.uniform(4.0, 8.0);
     // voxel (i, j, k) → world: x = ±sx·i + ox, centred on the field of view.
     let dir = flip.map(|f| if f { -1.0 } else { 1.0 });
     let origin = [0, 1, 2].map(|ax| -dir[ax] * sp[ax] * (n[ax] as f64 - 1.0) / 2.0);
@@ -344,6 +354,41 @@ mod tests {
         std::fs::write(&path, v.to_string()).unwrap();
         let err = write_dataset(&opts(1)).unwrap_err().to_string();
         assert!(err.contains("phantom version 2"), "{err}");
+    }
+
+    /// nnU-Net's CT normalisation clips to the 0.5 and 99.5 percentiles of labelled voxels, and
+    /// the network's instance norms rescale each patch by its own spread. After the clip every
+    /// class must stand out from every other class and from the unlabelled fat (−90) and tissue
+    /// (30) by ≥ 25 HU (3 noise SDs), and classes on the same side of the tissue must differ in
+    /// contrast to it by a factor ≥ 1.35. Version 3 failed this: its bladder fell on the lower
+    /// clip next to clipped fat, and muscles and liver were 5–10 HU apart.
+    #[test]
+    fn classes_stay_apart_after_nnunet_ct_clipping() {
+        let c = case(0, 0);
+        let fg: Vec<f64> = c.image.iter().zip(&c.label).filter(|(_, l)| **l > 0).map(|(v, _)| *v as f64).collect();
+        let (lo, hi) = (crate::plan::percentile(fg.clone(), 0.5), crate::plan::percentile(fg, 99.5));
+        let clip = |v: f64| v.clamp(lo, hi);
+        let mut means: Vec<(String, f64)> = CLASSES
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let v: Vec<f64> = c.image.iter().zip(&c.label).filter(|(_, l)| **l as usize == i + 1).map(|(v, _)| clip(*v as f64)).collect();
+                (name.to_string(), v.iter().sum::<f64>() / v.len() as f64)
+            })
+            .collect();
+        means.push(("fat".into(), clip(-90.0)));
+        let tissue = clip(TISSUE_HU as f64);
+        means.push(("tissue".into(), tissue));
+        for (i, a) in means.iter().enumerate() {
+            for b in &means[i + 1..] {
+                let what = format!("{} ({:.0}) and {} ({:.0}) after clipping to [{lo:.0}, {hi:.0}]", a.0, a.1, b.0, b.1);
+                assert!((a.1 - b.1).abs() >= 25.0, "{what}");
+                let (ca, cb) = (a.1 - tissue, b.1 - tissue);
+                if ca * cb > 0.0 {
+                    assert!(ca.abs().max(cb.abs()) / ca.abs().min(cb.abs()) >= 1.35, "contrast ratio of {what}");
+                }
+            }
+        }
     }
 
     #[test]
