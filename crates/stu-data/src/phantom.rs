@@ -13,16 +13,16 @@
 //! patch by its own spread, so what survives is a class's contrast to the tissue around it
 //! *relative* to the other contrasts in the patch). The contrasts to the tissue form a ratio
 //! scale: ten classes brighter (60 to 2250 HU above it, each 1.5× the last), four darker than
-//! the fat (−200 to −630), and a lung lobe at −850 HU that holds the lower percentile far below
-//! everything else, as lungs do in real CT; the field of view lies inside the body, so no air
-//! shares the lung's clipped value. Noise is 4–8 HU. Every structure is at least 26 mm across
-//! (ribs 26 mm tubes, the myocardium a 20 mm shell, vertebral bodies 32 mm tall with 8 mm
-//! discs), and there are no left/right pairs, so nnU-Net's default mirroring augmentation
-//! (STU-Net keeps it) does not make classes ambiguous. A test checks the separation after the
-//! clip. Version 3 had realistic soft-tissue values (muscles 90–105 HU next to a 100 HU liver,
-//! a −30 HU bladder that the lower clip merged with the fat around it) and version 2 left/right
-//! pairs and 10 mm ribs; a base-8 STU-Net did not learn either in 15 minutes
-//! (`reports/train/README.md`).
+//! the fat (200 to 630 HU below the tissue), and a lung lobe at −850 HU that holds the lower
+//! percentile far below everything else, as lungs do in real CT; the field of view lies inside
+//! the body, so no air shares the lung's clipped value. Noise is 4–8 HU. Every structure but
+//! the myocardium (a 20 mm shell) is at least 26 mm across (ribs 26 mm tubes, vertebral bodies
+//! 32 mm tall with 8 mm discs), and there are no left/right pairs, so nnU-Net's default
+//! mirroring augmentation (STU-Net keeps it) does not make classes ambiguous. A test checks the
+//! separation after the clip. Version 3 had realistic soft-tissue values (muscles 90–105 HU
+//! next to a 100 HU liver, a −30 HU bladder that the lower clip merged with the fat around it)
+//! and version 2 left/right pairs and 10 mm ribs; a base-8 STU-Net did not learn either in 15
+//! minutes (`reports/train/README.md`).
 //!
 //! The anatomy is defined in world millimetres (x left→right, y posterior→anterior, z
 //! inferior→superior) and jittered per case (size ±12 %, position ±8 mm, rotation about z
