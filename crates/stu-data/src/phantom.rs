@@ -14,8 +14,9 @@
 //! *relative* to the other contrasts in the patch). The contrasts to the tissue form a ratio
 //! scale: ten classes brighter (60 to 2250 HU above it, each 1.5× the last), four darker than
 //! the fat (200 to 630 HU below the tissue), and a lung lobe at −850 HU that holds the lower
-//! percentile far below everything else, as lungs do in real CT; the field of view lies inside
-//! the body, so no air shares the lung's clipped value. Noise is 4–8 HU. Every structure but
+//! percentile far below everything else, as lungs do in real CT; the body is wider than the
+//! field of view, so almost no air shares the lung's clipped value (a corner of a rotated,
+//! shifted case can still hold a few air voxels). Noise is 4–8 HU. Every structure but
 //! the myocardium (a 20 mm shell) is at least 26 mm across (ribs 26 mm tubes, vertebral bodies
 //! 32 mm tall with 8 mm discs), and there are no left/right pairs, so nnU-Net's default
 //! mirroring augmentation (STU-Net keeps it) does not make classes ambiguous. A test checks the
@@ -140,7 +141,8 @@ fn anatomy(rng: &mut Rng) -> Anatomy {
     let scale: [f64; 20] = std::array::from_fn(|_| s());
     let mut j = |v: f64| v + rng.uniform(-8.0, 8.0);
     let jit: [f64; 30] = std::array::from_fn(|i| j(0.0) * if i % 3 == 2 { 0.5 } else { 1.0 });
-    // The body is wider than every field of view (below): no air in the image.
+    // The body is wider than the fields of view (below): air only in a rare corner of a rotated,
+    // shifted case.
     let body = Shape::Ellipsoid([0.0, 0.0, 0.0], [260.0 * scale[0].max(1.0), 200.0 * scale[1].max(1.0), 400.0]);
     let fat = Shape::Ellipsoid([0.0, 0.0, 0.0], [248.0 * scale[0].max(1.0), 188.0 * scale[1].max(1.0), 400.0]);
     let e = |c: [f64; 3], r: [f64; 3], k: usize| Shape::Ellipsoid([c[0] + jit[k], c[1] + jit[k + 1], c[2] + jit[k + 2]], r.map(|v| v * scale[k % 20]));
