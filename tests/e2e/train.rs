@@ -164,3 +164,147 @@ fn fine_tuning_from_the_official_containers_transfers_all_but_the_heads_and_tile
 fn dict_keys(path: &Path) -> Vec<String> {
     stu_engine::checkpoint::StateDict::open(path).unwrap().select_model("conv_blocks_context.0.0.conv1.weight").unwrap().keys().map(str::to_string).collect()
 }
+
+/// Steps of `net` on `batch` (rank `rank` of `world` joined through `port`, or alone when
+/// `world` is 1); returns the reported losses and the final weights.
+fn dp_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], batch_dice: bool) -> (Vec<f64>, Vec<stu_engine::checkpoint::NamedTensor>) {
+    use stu_engine::dist::{Group, Launch};
+    use stu_engine::model::NetSpec;
+    use stu_engine::train::{DeviceBatch, Sgd, he_init, train_step_in};
+    zoo::link();
+    let ad = stu_engine::backend::Backend::Flex.device().unwrap().autodiff();
+    let spec = NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::from_str(TINY).unwrap() };
+    let entry = stu_engine::model::registry().get("stunet").unwrap();
+    let mut net = he_init((entry.build)(&spec, &ad).unwrap(), 3, None);
+    let mut group = if world == 1 {
+        Group::single()
+    } else {
+        Group::join(&Launch { rank, world, local_rank: rank, master: format!("127.0.0.1:{port}"), timeout: Duration::from_secs(60) }, 7).unwrap()
+    };
+    // This rank's share of the global batch of 2.
+    let (b, first) = (2 / world, rank * (2 / world));
+    let n = x.len() / 2;
+    let xs = stu_engine::Tensor::<5>::from_data(stu_engine::TensorData::new(x[first * n..(first + b) * n].to_vec(), [b, 1, 16, 16, 16]), &ad);
+    let ts = targets
+        .iter()
+        .map(|(t, s)| {
+            let m = t.len() / 2;
+            stu_engine::Tensor::<4, stu_engine::burn::tensor::Int>::from_data(stu_engine::TensorData::new(t[first * m..(first + b) * m].to_vec(), [b, s[1], s[2], s[3]]), &ad)
+        })
+        .collect();
+    let batch = DeviceBatch { x: xs, targets: ts };
+    let weights = stu_engine::schedule::ds_weights(targets.len());
+    let dice = stu_engine::loss::DiceConfig { batch_dice, smooth: 1e-5 };
+    let mut sgd = Sgd::nnunet();
+    let mut losses = Vec::new();
+    for _ in 0..3 {
+        let (next, stats) = train_step_in(net, &mut sgd, &batch, &weights, dice, 1e-2, 12.0, Default::default(), &mut group).unwrap();
+        net = next;
+        losses.push(stats.loss);
+    }
+    (losses, net.state_dict())
+}
+
+#[test]
+fn data_parallel_steps_equal_one_process_on_the_whole_batch() {
+    // A global batch of 2 (16³, 3 classes, three supervised outputs) trained for three steps by
+    // one process, and by two ranks holding one sample each.
+    let mut rng = stu_core::rng::SplitMix64::new(21);
+    let x = rng.fill_f32(2 * 16 * 16 * 16, -1.0, 1.0);
+    let full: Vec<i64> = (0..2 * 16 * 16 * 16).map(|i| { let (z, v) = (i / 256 % 16, x[i]); if v > 0.3 { 1 + i64::from(z > 8) } else { 0 } }).collect();
+    let targets: Vec<(Vec<i64>, [usize; 4])> = [1usize, 2, 4]
+        .iter()
+        .map(|&f| {
+            let s = 16 / f;
+            let t = (0..2 * s * s * s).map(|i| { let (b, r) = (i / (s * s * s), i % (s * s * s)); full[b * 4096 + (r / (s * s)) * f * 256 + (r / s % s) * f * 16 + (r % s) * f] }).collect();
+            (t, [2, s, s, s])
+        })
+        .collect();
+    for batch_dice in [false, true] {
+        let (losses, single) = dp_steps(0, 1, 0, &x, &targets, batch_dice);
+        let port = stu_engine::dist::free_port().unwrap();
+        let ranks: Vec<_> = std::thread::scope(|s| {
+            let h: Vec<_> = (0..2).map(|r| { let (x, t) = (&x, &targets); s.spawn(move || dp_steps(r, 2, port, x, t, batch_dice)) }).collect();
+            h.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (k, (a, b)) in losses.iter().zip(&ranks[0].0).enumerate() {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "batch_dice {batch_dice}, step {k}: loss {a} alone, {b} over two ranks");
+        }
+        assert_eq!(ranks[0].0, ranks[1].0, "both ranks report the global loss");
+        let mut moved = 0.0f64;
+        for ((t, r0), r1) in single.iter().zip(&ranks[0].1).zip(&ranks[1].1) {
+            assert_eq!(r0.data, r1.data, "{}: the replicas are not bit-identical", t.name);
+            let err = tests::rel_max_err(&r0.data, &t.data);
+            assert!(err <= 1e-4, "batch_dice {batch_dice}, {}: relative error {err} between two ranks and one process", t.name);
+            moved = moved.max(t.data.iter().map(|v| v.abs() as f64).fold(0.0, f64::max));
+        }
+        assert!(moved > 0.0);
+    }
+}
+
+fn dp_args<'a>(pre: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["train", pre, "--out", out, "--model-options", TINY, "--epochs", "8", "--iterations", "20", "--val-iterations", "3", "--save-every", "1", "--seed", "5"];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn two_data_parallel_processes_train_resume_after_sigkill_and_refuse_mismatches() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = tmp.path().join("pre");
+    synthetic_preprocessed(&pre, 5, 1, 2, [20, 20, 20], [16, 16, 16], &[[2, 2, 2], [2, 2, 2]]);
+    let (pre_s, a, b) = (pre.to_str().unwrap(), tmp.path().join("a"), tmp.path().join("b"));
+    ok(&stu(&dp_args(pre_s, a.to_str().unwrap(), &["--nproc", "2"])));
+    let full = logged_losses(&a);
+    assert_eq!(full.len(), 8);
+    assert!(full.iter().flatten().all(|l| l.is_finite()));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["world_size"], 2);
+    assert!(a.join("checkpoint_final.safetensors").exists() && a.join("progress.png").exists());
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(a.join("log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(log.iter().all(|l| l["val_loss"].as_f64().is_some_and(f64::is_finite) && l["pseudo_dice"].as_array().unwrap().len() == 2), "validation is gathered from both ranks");
+
+    // The same run with every process killed after its first epoch, then resumed: the same
+    // losses (batches and reductions are deterministic) and weights.
+    let mut child = Command::new(stu_bin!()).args(dp_args(pre_s, b.to_str().unwrap(), &["--nproc", "2"])).stderr(std::process::Stdio::null()).process_group(0).spawn().unwrap();
+    let t = Instant::now();
+    let mut killed = false;
+    while t.elapsed() < Duration::from_secs(120) {
+        if std::fs::read_to_string(b.join("log.jsonl")).map(|s| s.lines().count()).unwrap_or(0) >= 1 {
+            let st = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", child.id())]).status().unwrap();
+            assert!(st.success(), "kill failed");
+            killed = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait().unwrap();
+    assert!(killed, "the run was still going after one epoch");
+    assert!(!b.join("checkpoint_final.safetensors").exists());
+    ok(&stu(&dp_args(pre_s, b.to_str().unwrap(), &["--nproc", "2", "--resume"])));
+    assert_eq!(logged_losses(&b), full, "resumed losses differ from the uninterrupted run");
+    let (_, wa) = read_tensor(&a.join("checkpoint_final.safetensors"), "network_weights.seg_outputs.0.weight");
+    let (_, wb) = read_tensor(&b.join("checkpoint_final.safetensors"), "network_weights.seg_outputs.0.weight");
+    assert_eq!(wa, wb, "final weights differ");
+    let again = stu(&dp_args(pre_s, a.to_str().unwrap(), &["--nproc", "2", "--resume"]));
+    ok(&again);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already complete"));
+
+    // Another number of processes changes the batches: refused, naming the key.
+    let bad = stu(&dp_args(pre_s, a.to_str().unwrap(), &["--resume"]));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("world_size"), "{}", String::from_utf8_lossy(&bad.stderr));
+    // A global batch that does not split evenly.
+    let bad = stu(&dp_args(pre_s, tmp.path().join("c").to_str().unwrap(), &["--nproc", "2", "--batch-size", "3"]));
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("does not split evenly") && err.contains("rank 0 of 2 failed"), "{err}");
+    // A rank that fails stops the launch (here rank 0: the run folder exists).
+    let bad = stu(&dp_args(pre_s, a.to_str().unwrap(), &["--nproc", "2"]));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("a run exists here"));
+}

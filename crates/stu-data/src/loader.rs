@@ -71,6 +71,11 @@ pub struct BatchConfig {
     pub augment: Option<AugConfig>,
     /// Per output, the factor of the target's extent (full resolution first).
     pub ds_scales: Vec<[f64; 3]>,
+    /// This batch's place in a global batch split over data-parallel ranks:
+    /// `(index of its first sample, global batch size)`; `None` when it is the whole batch.
+    /// Foreground oversampling follows the global index, so the last third of the *global*
+    /// batch is forced to foreground however it is split (nnU-Net's DDP rule).
+    pub shard: Option<(usize, usize)>,
 }
 
 /// One batch on the CPU.
@@ -108,7 +113,8 @@ pub fn make_batch(store: &CaseStore, cfg: &BatchConfig, seed: u64, stream: u64, 
         let case = store.get(i)?;
         let [c, z, y, x] = case.props.shape;
         channels = c;
-        let corner = choose_corner(&mut rng, &case, forced_foreground(j, b), loaded, f);
+        let (first, global) = cfg.shard.unwrap_or((0, b));
+        let corner = choose_corner(&mut rng, &case, forced_foreground(first + j, global), loaded, f);
         let (d, s) = crop_pad(&case.data, &case.seg, c, [z, y, x], corner, loaded);
         let sample = Sample { data: d, seg: s, channels: c, shape: loaded };
         let mut out = match &cfg.augment {
@@ -248,7 +254,7 @@ mod tests {
     fn batches_do_not_depend_on_workers_and_targets_follow_the_scales() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]] };
+        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]], shard: None };
         let collect = |workers| {
             let mut l = Loader::spawn(Arc::clone(&store), cfg.clone(), 42, 3, 5, 12, workers, 2);
             let mut v = Vec::new();

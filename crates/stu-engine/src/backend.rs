@@ -34,14 +34,14 @@ pub const ALL: [Backend; 6] = [
     Backend::Wgpu,
 ];
 
-/// Device 0 of libtorch's CUDA backend, with cuDNN's autotuner on (as nnU-Net runs).
+/// Device `index` of libtorch's CUDA backend, with cuDNN's autotuner on (as nnU-Net runs).
 ///
 /// The binary must be built against a libtorch folder with its CUDA library (`LIBTORCH=…/gpu`
 /// from `cargo xtask libtorch`); at run time libtorch's CUDA dependencies come from the PyTorch
 /// on `LD_LIBRARY_PATH` (`xtask/tch-env.sh`).
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
-fn libtorch_cuda() -> Result<Device, String> {
+fn libtorch_cuda(index: usize) -> Result<Device, String> {
     if !cfg!(tch_cuda_linked) {
         return Err("this binary was built against a libtorch without its CUDA library; rebuild with LIBTORCH=<dir>/gpu (README: GPU backends)".into());
     }
@@ -49,7 +49,7 @@ fn libtorch_cuda() -> Result<Device, String> {
         return Err(format!("libtorch {TORCH_VERSION} sees no CUDA device (driver, CUDA_VISIBLE_DEVICES, or the PyTorch on LD_LIBRARY_PATH)"));
     }
     tch::Cuda::cudnn_set_benchmark(true);
-    Ok(Device::libtorch_cuda(0))
+    Ok(Device::libtorch_cuda(index % tch::Cuda::device_count().max(1) as usize))
 }
 
 /// The PyTorch release the `tch` build is made against (README: "GPU backends").
@@ -133,8 +133,15 @@ impl Backend {
     }
 
     /// The device for this backend, or a rebuild hint.
-    #[allow(deprecated, unreachable_code)]
     pub fn device(self) -> Result<Device, BackendError> {
+        self.device_at(0)
+    }
+
+    /// Like [`Backend::device`], on GPU `index` (modulo the GPUs visible) for the GPU backends,
+    /// so that data-parallel rank `LOCAL_RANK` takes its own card whether it sees all of them
+    /// or, under Slurm's `--gpus-per-task=1`, only one. CPU backends ignore `index`.
+    #[allow(deprecated, unreachable_code, unused_variables)]
+    pub fn device_at(self, index: usize) -> Result<Device, BackendError> {
         let missing = || BackendNotCompiled {
             name: self.name(),
             feature: self.feature(),
@@ -155,7 +162,7 @@ impl Backend {
             }
             Self::Cuda => {
                 #[cfg(feature = "cuda")]
-                return Ok(Device::cuda(0));
+                return Ok(Device::cuda(index));
             }
             Self::Tch => {
                 #[cfg(feature = "tch")]
@@ -163,7 +170,7 @@ impl Backend {
             }
             Self::TchCuda => {
                 #[cfg(feature = "tch")]
-                return libtorch_cuda().map_err(|e| BackendUnavailable { name: self.name(), why: e }.into());
+                return libtorch_cuda(index).map_err(|e| BackendUnavailable { name: self.name(), why: e }.into());
             }
             Self::Wgpu => {
                 #[cfg(feature = "wgpu")]

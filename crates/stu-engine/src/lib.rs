@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod dist;
 pub mod ext;
 pub mod kernels;
 pub mod loss;

@@ -4,7 +4,7 @@
 //! `1/2^i`, the lowest output 0, normalised.
 
 use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 
 /// Soft-Dice settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,8 +21,9 @@ impl Default for DiceConfig {
     }
 }
 
-/// `CE + soft Dice` of NCDHW logits `[B, C, D, H, W]` against class indices `[B, D, H, W]`.
-pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
+/// Cross-entropy (mean over voxels) and the soft-Dice sums of the foreground classes per
+/// sample, `[B, C−1]` each: intersection `Σ p·y`, prediction `Σ p`, ground truth `Σ y`.
+fn ce_and_dice_sums(logits: Tensor<5>, target: Tensor<4, Int>) -> (Tensor<1>, [Tensor<2>; 3]) {
     let [b, c, d, h, w] = logits.dims();
     let onehot: Tensor<5> = target.one_hot_fill::<5>(c, 1.0, 0.0, 1).float();
     let logp = log_softmax(logits.clone(), 1);
@@ -32,16 +33,23 @@ pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tens
     let n = d * h * w;
     let fg = |t: Tensor<5>| t.reshape([b, c, n]).narrow(1, 1, c - 1);
     let (p, y) = (fg(probs), fg(onehot));
-    let mut intersect = (p.clone() * y.clone()).sum_dim(2);
-    let mut sum_pred = p.sum_dim(2);
-    let mut sum_gt = y.sum_dim(2);
+    let sums = [(p.clone() * y.clone()).sum_dim(2), p.sum_dim(2), y.sum_dim(2)].map(|t| t.reshape([b, c - 1]));
+    (ce, sums)
+}
+
+fn soft_dice(i: Tensor<2>, p: Tensor<2>, g: Tensor<2>, smooth: f64) -> Tensor<2> {
+    (i * 2.0 + smooth) / (g + p + smooth).clamp_min(1e-8)
+}
+
+/// `CE + soft Dice` of NCDHW logits `[B, C, D, H, W]` against class indices `[B, D, H, W]`.
+pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
+    let (ce, [mut i, mut p, mut g]) = ce_and_dice_sums(logits, target);
     if cfg.batch_dice {
-        intersect = intersect.sum_dim(0);
-        sum_pred = sum_pred.sum_dim(0);
-        sum_gt = sum_gt.sum_dim(0);
+        i = i.sum_dim(0);
+        p = p.sum_dim(0);
+        g = g.sum_dim(0);
     }
-    let dc = (intersect * 2.0 + cfg.smooth) / (sum_gt + sum_pred + cfg.smooth).clamp_min(1e-8);
-    ce + dc.mean().neg()
+    ce + soft_dice(i, p, g, cfg.smooth).mean().neg()
 }
 
 /// [`dc_ce`] as one fused operation with a hand-written gradient (`crate::kernels::loss`), on
@@ -71,6 +79,65 @@ pub fn deep_supervision(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], weigh
         });
     }
     total.expect("at least one output with a non-zero weight")
+}
+
+/// [`deep_supervision`] on one replica of a data-parallel group whose ranks hold equal shares
+/// of the global batch. Returns the loss to differentiate here and this rank's share of the
+/// reported loss (the global loss is the mean of the shares over ranks).
+///
+/// Per-sample Dice and the voxel-mean cross-entropy are means over samples, so the global loss
+/// is the mean of the ranks' losses and averaging gradients is exact. Batch Dice is not: its
+/// sums run over the global batch. As nnU-Net does under DDP (`AllGatherGrad`), the sums are
+/// exchanged before the Dice is formed: each rank uses `local + (global − local)` with the
+/// second term constant, so its gradient is the global Dice's through its own samples; the Dice
+/// term is weighted by the world size to survive the gradient averaging.
+pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], weights: &[f64], cfg: DiceConfig, group: &mut crate::dist::Group) -> Result<(Tensor<1>, f64), crate::dist::DistError> {
+    if group.world() == 1 || !cfg.batch_dice {
+        let loss = deep_supervision(outputs, targets, weights, cfg);
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        return Ok((loss, value));
+    }
+    let terms: Vec<(f64, Tensor<1>, [Tensor<2>; 3])> = outputs
+        .iter()
+        .zip(targets)
+        .zip(weights)
+        .filter(|(_, w)| **w != 0.0)
+        .map(|((o, t), &w)| {
+            let (ce, sums) = ce_and_dice_sums(o.clone(), t.clone());
+            (w, ce, sums.map(|s| s.sum_dim(0)))
+        })
+        .collect();
+    assert!(!terms.is_empty(), "at least one output with a non-zero weight");
+    let host = |t: &Tensor<2>| t.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    let local: Vec<Vec<f32>> = terms.iter().flat_map(|(_, _, s)| s.iter().map(host)).collect();
+    let mut global: Vec<f32> = local.concat();
+    group.all_reduce_sum(&mut global)?;
+    let world = group.world() as f64;
+    let (mut loss, mut share, mut at, mut k) = (None::<Tensor<1>>, 0.0, 0, 0);
+    for (w, ce, sums) in terms {
+        let c1 = sums[0].dims()[1];
+        let mut used = Vec::with_capacity(3);
+        let mut g64 = Vec::with_capacity(3);
+        for s in sums {
+            let g = &global[at..at + c1];
+            let delta: Vec<f32> = g.iter().zip(&local[k]).map(|(g, l)| g - l).collect();
+            g64.push(g.iter().map(|&v| v as f64).collect::<Vec<f64>>());
+            let device = s.device();
+            used.push(s + Tensor::<2>::from_data(TensorData::new(delta, [1, c1]), &device));
+            at += c1;
+            k += 1;
+        }
+        let [i, p, g]: [Tensor<2>; 3] = used.try_into().expect("three sums");
+        let dc = soft_dice(i, p, g, cfg.smooth).mean();
+        let dc_global = (0..c1).map(|j| (2.0 * g64[0][j] + cfg.smooth) / (g64[2][j] + g64[1][j] + cfg.smooth).max(1e-8)).sum::<f64>() / c1 as f64;
+        share += w * (ce.clone().into_scalar::<f32>() as f64 - dc_global);
+        let term = (ce - dc * world) * w;
+        loss = Some(match loss {
+            Some(acc) => acc + term,
+            None => term,
+        });
+    }
+    Ok((loss.expect("non-empty"), share))
 }
 
 #[cfg(all(test, feature = "flex"))]

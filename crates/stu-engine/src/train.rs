@@ -16,7 +16,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use stu_core::rng::SplitMix64;
 
 use crate::checkpoint::NamedTensor;
-use crate::loss::{DiceConfig, deep_supervision};
+use crate::dist::{DistError, Group};
+use crate::loss::{DiceConfig, deep_supervision, deep_supervision_in};
 use crate::model::SegNet;
 
 /// A float parameter of a module.
@@ -277,17 +278,96 @@ pub fn train_step(
     clip: f64,
     precision: crate::precision::Precision,
 ) -> (Box<dyn SegNet>, StepStats) {
+    train_step_in(net, sgd, batch, weights, dice, lr, clip, precision, &mut Group::single()).expect("a single process has no peers to lose")
+}
+
+/// [`train_step`] as one replica of a data-parallel group, `batch` being this rank's share of
+/// the global batch: the gradients are averaged over the ranks (one ring all-reduce, with the
+/// loss riding along) before clipping and SGD, which then run identically everywhere. The
+/// reported loss is the global batch's.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_in(
+    net: Box<dyn SegNet>,
+    sgd: &mut Sgd,
+    batch: &DeviceBatch,
+    weights: &[f64],
+    dice: DiceConfig,
+    lr: f64,
+    clip: f64,
+    precision: crate::precision::Precision,
+    group: &mut Group,
+) -> Result<(Box<dyn SegNet>, StepStats), DistError> {
     assert!(precision.trains(), "training in {precision} is not supported (no loss scaling); use bf16");
     let half = precision.cast_net(&*net);
     let outs = precision.forward_ds(&*net, half.as_deref(), batch.x.clone());
     drop(half);
     let n = outs.len().min(batch.targets.len());
-    let loss = deep_supervision(&outs[..n], &batch.targets[..n], &weights[..n], dice);
-    let value = loss.clone().into_scalar::<f32>() as f64;
+    let (loss, share) = deep_supervision_in(&outs[..n], &batch.targets[..n], &weights[..n], dice, group)?;
+    drop(outs);
     let mut grads = net.gradients(loss);
+    let mut value = [share as f32];
+    average_gradients(&*net, &mut grads, group, &mut value)?;
+    let value = if group.world() == 1 { share } else { value[0] as f64 };
     let grad_norm = clip_grad_norm(&*net, &mut grads, clip);
     let net = sgd.step(net, &mut grads, lr);
-    (net, StepStats { loss: value, grad_norm })
+    Ok((net, StepStats { loss: value, grad_norm }))
+}
+
+/// Replaces every gradient of `net` by its mean over the ranks of `group`, and `extra` (small
+/// values that travel with them) by its mean too. Nothing moves in a group of one.
+pub fn average_gradients(net: &dyn SegNet, grads: &mut GradientsParams, group: &mut Group, extra: &mut [f32]) -> Result<(), DistError> {
+    if group.world() == 1 {
+        return Ok(());
+    }
+    fn take<const D: usize>(g: &mut GradientsParams, id: ParamId) -> Option<(Vec<f32>, burn::tensor::DType, burn::tensor::Device)> {
+        g.remove::<D>(id).map(|t| (t.dtype(), t.device(), t)).map(|(dt, dev, t)| (t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data"), dt, dev))
+    }
+    fn put<const D: usize>(g: &mut GradientsParams, id: ParamId, v: Vec<f32>, dims: &[usize], dtype: burn::tensor::DType, device: &burn::tensor::Device) {
+        let shape: [usize; D] = dims.try_into().expect("rank");
+        g.register(id, Tensor::<D>::from_data(TensorData::new(v, shape), device).cast(dtype));
+    }
+    let params = net.params();
+    let mut flat: Vec<f32> = Vec::new();
+    let mut held = Vec::new();
+    for p in &params {
+        let got = match p.dims.len() {
+            1 => take::<1>(grads, p.id),
+            2 => take::<2>(grads, p.id),
+            3 => take::<3>(grads, p.id),
+            4 => take::<4>(grads, p.id),
+            5 => take::<5>(grads, p.id),
+            r => panic!("parameters of rank {r} are not expected"),
+        };
+        // A parameter without a gradient has none on any rank (the graphs are the same).
+        if let Some((v, dtype, device)) = got {
+            held.push((p, flat.len(), v.len(), dtype, device));
+            flat.extend(v);
+        }
+    }
+    let n = flat.len();
+    flat.extend_from_slice(extra);
+    group.all_reduce_sum(&mut flat)?;
+    let inv = 1.0 / group.world() as f32;
+    flat.iter_mut().for_each(|v| *v *= inv);
+    extra.copy_from_slice(&flat[n..]);
+    for (p, at, len, dtype, device) in held {
+        let v = flat[at..at + len].to_vec();
+        match p.dims.len() {
+            1 => put::<1>(grads, p.id, v, &p.dims, dtype, &device),
+            2 => put::<2>(grads, p.id, v, &p.dims, dtype, &device),
+            3 => put::<3>(grads, p.id, v, &p.dims, dtype, &device),
+            4 => put::<4>(grads, p.id, v, &p.dims, dtype, &device),
+            _ => put::<5>(grads, p.id, v, &p.dims, dtype, &device),
+        }
+    }
+    Ok(())
+}
+
+/// `Σ` of every parameter value of `net` in f64: equal on replicas that stayed in step.
+pub fn weights_checksum(net: &dyn SegNet) -> f64 {
+    let mut total = 0.0;
+    net.state_dict().iter().for_each(|t| total += t.data.iter().map(|&v| v as f64).sum::<f64>());
+    total
 }
 
 /// Validation of one batch: the loss and per-class (foreground) TP, FP, FN of the argmax of

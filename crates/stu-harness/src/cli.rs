@@ -306,6 +306,11 @@ struct TrainArgs {
     /// Arithmetic: f32, or bf16 over f32 master weights (needs `--backend tch-cuda`).
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    /// Data-parallel processes on this machine, each with its share of every batch (and its
+    /// own GPU with a GPU backend). Under torchrun or srun leave it out: their environment
+    /// (RANK, WORLD_SIZE, MASTER_ADDR, …) starts each rank.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
 }
 
 #[derive(Clone)]
@@ -688,6 +693,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{} point(s): {} done, {} skipped, {failed} failed; records in {}", outcomes.len(), outcomes.iter().filter(|o| o.status == "done").count(), outcomes.iter().filter(|o| o.status == "skipped").count(), root.display());
             anyhow::ensure!(failed == 0, "{failed} point(s) failed (see error.txt in their folders)");
         }
+        Command::Train(args) if args.nproc > 1 => crate::train::launch_local(args.nproc)?,
         Command::Train(args) => {
             let req = args.request()?;
             let bar = indicatif::ProgressBar::new(0).with_style(

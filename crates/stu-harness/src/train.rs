@@ -26,7 +26,8 @@ use stu_engine::checkpoint::{NamedTensor, StateDict, write_safetensors};
 use stu_engine::loss::DiceConfig;
 use stu_engine::model::{LoadOptions, NetSpec, SegNet};
 use stu_engine::schedule::{ds_weights, poly_lr};
-use stu_engine::train::{DeviceBatch, Sgd, dice_per_class, he_init, nanmean, train_step, validation_step};
+use stu_engine::dist::{Group, Launch};
+use stu_engine::train::{DeviceBatch, Sgd, dice_per_class, he_init, nanmean, train_step_in, validation_step, weights_checksum};
 
 /// Checkpoint format tag in the safetensors metadata.
 pub const CHECKPOINT_FORMAT: &str = "stu-train-checkpoint/1";
@@ -73,6 +74,18 @@ pub struct TrainConfig {
     /// Arithmetic of the forward and backward (bf16 over f32 master weights, or f32).
     #[serde(default, skip_serializing_if = "is_f32")]
     pub precision: Precision,
+    /// Data-parallel processes sharing each batch (1: a single process). Batches depend on it,
+    /// so a run resumes only with the same number.
+    #[serde(default = "one_process", skip_serializing_if = "is_one_process")]
+    pub world_size: usize,
+}
+
+fn one_process() -> usize {
+    1
+}
+
+fn is_one_process(w: &usize) -> bool {
+    *w == 1
 }
 
 pub(crate) fn is_f32(p: &Precision) -> bool {
@@ -191,6 +204,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         backend: req.backend.name().to_string(),
         fraction: req.fraction,
         precision: req.precision,
+        world_size: 1,
     })
 }
 
@@ -362,7 +376,10 @@ fn load_checkpoint(path: &Path, cfg: &TrainConfig, strides: &[[usize; 3]], devic
 fn config_diff(a: &TrainConfig, b: &TrainConfig) -> String {
     let (a, b) = (serde_json::to_value(a).expect("serialisable"), serde_json::to_value(b).expect("serialisable"));
     let (a, b) = (a.as_object().expect("object"), b.as_object().expect("object"));
-    a.iter().filter(|(k, v)| b.get(*k) != Some(v)).map(|(k, v)| format!("  {k}: recorded {v}, requested {}", b[k])).collect::<Vec<_>>().join("\n")
+    // Keys left out at their defaults (`precision`, `world_size`) may be on one side only.
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let show = |v: Option<&serde_json::Value>| v.map_or("(default)".to_string(), |v| v.to_string());
+    keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(|k| format!("  {k}: recorded {}, requested {}", show(a.get(k)), show(b.get(k)))).collect::<Vec<_>>().join("\n")
 }
 
 /// What a finished (or resumed-and-finished) run reports.
@@ -401,14 +418,26 @@ impl Progress for Quiet {
 /// Runs (or resumes) training.
 pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary> {
     zoo::link();
-    let cfg = resolve(req)?;
+    let mut cfg = resolve(req)?;
+    // Data parallelism: one process per rank (`stu train --nproc N`, torchrun or srun); rank 0
+    // writes the run folder, every rank trains on its share of each batch.
+    let launch = Launch::from_env()?;
+    let (rank, world) = launch.as_ref().map_or((0, 1), |l| (l.rank, l.world));
+    cfg.world_size = world;
+    ensure!(cfg.batch_size % world == 0, "batch size {} (the global batch) does not split evenly over {world} data-parallel processes", cfg.batch_size);
+    let mut group = match &launch {
+        Some(l) => Group::join(l, job_hash(&cfg, req.resume))?,
+        None => Group::single(),
+    };
+    let lead = rank == 0;
+    let progress: &dyn Progress = if lead { progress } else { &Quiet };
     let out = &req.out;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the run folder", out.display()))?;
     let cfg_path = out.join("train.json");
     if req.resume {
         let recorded: TrainConfig = serde_json::from_value(read_json(&cfg_path).with_context(|| format!("{}: nothing to resume", out.display()))?).with_context(|| format!("{}: not a training configuration", cfg_path.display()))?;
         ensure!(recorded == cfg, "{}: --resume with a different configuration:\n{}", cfg_path.display(), config_diff(&recorded, &cfg));
-    } else {
+    } else if lead {
         ensure!(!cfg_path.exists(), "{}: a run exists here; pass --resume to continue it or choose another --out", out.display());
         stu_core::fs::write_atomic(&cfg_path, (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
     }
@@ -426,7 +455,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         train_ids.truncate(((train_ids.len() as f64 * cfg.fraction).ceil() as usize).max(1));
         train_ids.sort();
     }
-    let device = req.backend.device()?;
+    let device = req.backend.device_at(launch.as_ref().map_or(0, |l| l.local_rank))?;
     let ad = device.clone().autodiff();
     let spec = NetSpec { in_channels, num_classes, strides: plan.strides.clone(), options: cfg.model_options.clone() };
 
@@ -444,6 +473,9 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     };
     ensure!(net.in_channels() == in_channels, "model expects {} input channels, the dataset has {in_channels}", net.in_channels());
     ensure!(net.num_classes() == num_classes, "model has {} classes, the dataset {num_classes}", net.num_classes());
+    if world > 1 {
+        group.check_equal("the initial weights", weights_checksum(&*net))?;
+    }
     let div = net.input_divisor();
     ensure!((0..3).all(|a| cfg.patch_size[a] % div[a] == 0), "patch {:?} is not divisible by the network's strides product {div:?}", cfg.patch_size);
 
@@ -455,7 +487,9 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         Vec::new()
     };
     logs.retain(|l| l.epoch < start);
-    write_log(&log_path, &logs)?;
+    if lead {
+        write_log(&log_path, &logs)?;
+    }
 
     // Each output's scale comes from the network itself (a probe at the input divisor): for
     // nnU-Net-style networks it equals the plan's pooling products, for others (nnFormer's ½
@@ -468,8 +502,19 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let budget = 4 << 30;
     let train_store = Arc::new(CaseStore::new(&cfg.preprocessed, train_ids, budget)?);
     let val_store = if val_ids.is_empty() { None } else { Some(Arc::new(CaseStore::new(&cfg.preprocessed, val_ids, budget)?)) };
-    let train_batches = BatchConfig { batch_size: cfg.batch_size, patch: cfg.patch_size, augment: cfg.augmentation.then(|| AugConfig::nnunet(cfg.patch_size)), ds_scales: scales.clone() };
-    let val_batches = BatchConfig { augment: None, ..train_batches.clone() };
+    // Rank r draws its share of each training batch from its own stream (2r; a single process
+    // is rank 0 of 1), oversampling by the sample's place in the global batch. Validation
+    // batches are whole and split between the ranks by index, so all ranks together see
+    // exactly the single-process validation.
+    let share = cfg.batch_size / world;
+    let train_batches = BatchConfig {
+        batch_size: share,
+        patch: cfg.patch_size,
+        augment: cfg.augmentation.then(|| AugConfig::nnunet(cfg.patch_size)),
+        ds_scales: scales.clone(),
+        shard: (world > 1).then_some((rank * share, cfg.batch_size)),
+    };
+    let val_batches = BatchConfig { augment: None, batch_size: cfg.batch_size, shard: None, ..train_batches.clone() };
     let meta_of = |epoch: usize, ema: Option<f64>, best: Option<f64>, net: &dyn SegNet| CheckpointMeta {
         format: CHECKPOINT_FORMAT.into(),
         current_epoch: epoch,
@@ -488,13 +533,13 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         let lr = poly_lr(cfg.initial_lr, epoch, cfg.epochs);
         progress.epoch_start(epoch, cfg.epochs, cfg.iterations);
         let first = (epoch * cfg.iterations) as u64;
-        let mut loader = Loader::spawn(Arc::clone(&train_store), train_batches.clone(), cfg.seed, 0, first, first + cfg.iterations as u64, req.workers, 2);
+        let mut loader = Loader::spawn(Arc::clone(&train_store), train_batches.clone(), cfg.seed, 2 * rank as u64, first, first + cfg.iterations as u64, req.workers, 2);
         let mut losses = Vec::with_capacity(cfg.iterations);
         let t_train = Instant::now();
         while let Some(b) = loader.next_batch() {
             let b = b?;
             let batch = DeviceBatch::upload(b.data, b.shape, &b.targets, &ad);
-            let (n, stats) = train_step(net, &mut sgd, &batch, &weights, dice, lr, stu_engine::optim::GRAD_CLIP, cfg.precision);
+            let (n, stats) = train_step_in(net, &mut sgd, &batch, &weights, dice, lr, stu_engine::optim::GRAD_CLIP, cfg.precision, &mut group)?;
             net = n;
             ensure!(stats.loss.is_finite(), "epoch {epoch}: the loss is {} (diverged); the last good state is the latest checkpoint", stats.loss);
             losses.push(stats.loss);
@@ -508,7 +553,8 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
             Some(store) if cfg.val_iterations > 0 => {
                 let valid = net.valid();
                 let first = (epoch * cfg.val_iterations) as u64;
-                let mut vl = Loader::spawn(Arc::clone(store), val_batches.clone(), cfg.seed, 1, first, first + cfg.val_iterations as u64, req.workers, 2);
+                let part = |r: usize| first + (r * cfg.val_iterations / world) as u64;
+                let mut vl = Loader::spawn(Arc::clone(store), val_batches.clone(), cfg.seed, 1, part(rank), part(rank + 1), req.workers, 2);
                 let mut counts = vec![[0u64; 3]; num_classes - 1];
                 let mut total = 0.0;
                 while let Some(b) = vl.next_batch() {
@@ -521,6 +567,13 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
                             acc[k] += v[k];
                         }
                     }
+                }
+                if world > 1 {
+                    // Counts stay exact in f64 up to 2⁵³ voxels.
+                    let mut all: Vec<f64> = std::iter::once(total).chain(counts.iter().flat_map(|c| c.map(|v| v as f64))).collect();
+                    group.all_reduce_sum(&mut all)?;
+                    total = all[0];
+                    counts.iter_mut().zip(all[1..].chunks_exact(3)).for_each(|(c, v)| *c = [v[0] as u64, v[1] as u64, v[2] as u64]);
                 }
                 (Some(total / cfg.val_iterations as f64), dice_per_class(&counts))
             }
@@ -548,7 +601,12 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         };
         progress.epoch_end(&log);
         logs.push(log);
-        append_log(&log_path, logs.last().expect("pushed"))?;
+        if world > 1 {
+            group.check_equal(&format!("the weights after epoch {epoch} (the replicas drifted apart)"), weights_checksum(&*net))?;
+        }
+        if lead {
+            append_log(&log_path, logs.last().expect("pushed"))?;
+        }
         start = epoch + 1;
         // nnU-Net: best when the EMA improves strictly (the first epoch always writes it).
         let improved = match (ema, best_ema) {
@@ -558,13 +616,15 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         };
         if improved {
             best_ema = ema.or(best_ema);
+        }
+        if improved && lead {
             save_checkpoint(&checkpoint_path(out, "best"), &*net, &sgd, &meta_of(start, ema, best_ema, &*net))?;
         }
-        if start % cfg.save_every == 0 && start != cfg.epochs {
+        if start % cfg.save_every == 0 && start != cfg.epochs && lead {
             save_checkpoint(&checkpoint_path(out, "latest"), &*net, &sgd, &meta_of(start, ema, best_ema, &*net))?;
         }
     }
-    if epochs_before < cfg.epochs || !checkpoint_path(out, "final").exists() {
+    if lead && (epochs_before < cfg.epochs || !checkpoint_path(out, "final").exists()) {
         save_checkpoint(&checkpoint_path(out, "final"), &*net, &sgd, &meta_of(cfg.epochs, ema, best_ema, &*net))?;
         let latest = checkpoint_path(out, "latest");
         if latest.exists() {
@@ -575,7 +635,95 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         }
         write_curves(out, &logs)?;
     }
+    // Nobody leaves before rank 0 has written the final checkpoint (a failure there fails all).
+    group.barrier()?;
     Ok(TrainSummary { out: out.clone(), epochs_run: cfg.epochs - epochs_before, last: logs.last().cloned(), best_ema, transfer })
+}
+
+/// `stu train --nproc N`: runs this command line again as `N` data-parallel ranks on this
+/// machine (torchrun's variables, rendezvous on a free local port), rank 0's output as is and
+/// the others' errors prefixed with their rank. When one rank fails the others are stopped, and
+/// the error names it.
+pub fn launch_local(nproc: usize) -> Result<()> {
+    use std::process::{Command, Stdio};
+    ensure!(std::env::var_os("WORLD_SIZE").is_none(), "--nproc inside a launch that already sets WORLD_SIZE (torchrun or a parent `stu train --nproc`)");
+    let exe = std::env::current_exe().context("cannot find this program to start the ranks")?;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    let mut skip = false;
+    for a in std::env::args_os().skip(1) {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        match a.to_str() {
+            Some("--nproc") => skip = true,
+            Some(s) if s.starts_with("--nproc=") => {}
+            _ => args.push(a),
+        }
+    }
+    let port = stu_engine::dist::free_port().context("no free local port for the rendezvous")?;
+    let mut children = Vec::with_capacity(nproc);
+    let mut relays = Vec::new();
+    for rank in 0..nproc {
+        let mut cmd = Command::new(&exe);
+        cmd.args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string());
+        if rank > 0 {
+            cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        }
+        let mut child = cmd.spawn().with_context(|| format!("cannot start rank {rank}"))?;
+        if let Some(err) = child.stderr.take() {
+            relays.push(std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                    eprintln!("[rank {rank}] {line}");
+                }
+            }));
+        }
+        children.push(child);
+    }
+    let mut failed: Option<(usize, std::process::ExitStatus)> = None;
+    let mut running: Vec<usize> = (0..nproc).collect();
+    while !running.is_empty() {
+        let mut still = Vec::new();
+        for &r in &running {
+            match children[r].try_wait().with_context(|| format!("cannot wait for rank {r}"))? {
+                Some(st) if !st.success() => {
+                    failed.get_or_insert((r, st));
+                }
+                Some(_) => {}
+                None => still.push(r),
+            }
+        }
+        running = still;
+        if failed.is_some() && !running.is_empty() {
+            // The others notice a lost peer by themselves; give them a moment, then stop them.
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            for &r in &running {
+                let _ = children[r].kill();
+                let _ = children[r].wait();
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for h in relays {
+        let _ = h.join();
+    }
+    match failed {
+        Some((r, st)) => bail!("data-parallel rank {r} of {nproc} failed ({st}); the others were stopped"),
+        None => Ok(()),
+    }
+}
+
+/// What every rank of a data-parallel run must agree on: the resolved configuration and
+/// whether it resumes (FNV-1a of its JSON, stable across builds and machines).
+fn job_hash(cfg: &TrainConfig, resume: bool) -> u64 {
+    let text = serde_json::to_string(cfg).expect("serialisable") + if resume { "+resume" } else { "" };
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 fn write_log(path: &Path, logs: &[EpochLog]) -> Result<()> {
