@@ -313,27 +313,47 @@ impl Group {
         let n = data.len();
         let seg = |k: usize| (k * n / w)..((k + 1) * n / w);
         let (succ, pred) = ((r + 1) % w, (r + w - 1) % w);
-        let mut recv = Vec::new();
+        // Received values arrive in chunks and are added while the next chunk is in flight.
+        const CHUNK: usize = 1 << 20;
+        let mut recv: Vec<T> = vec![T::zero(); CHUNK.min(n.div_ceil(w).max(1))];
         for phase in 0..2 {
             for s in 0..w - 1 {
                 // Reduce-scatter: pass segment r−s on, add segment r−s−1 in. After W−1 steps rank
                 // r holds the full sum of segment r+1. All-gather: pass r+1−s on, store r−s.
                 let (out_k, in_k) = if phase == 0 { ((r + w - s) % w, (r + 2 * w - s - 1) % w) } else { ((r + 1 + w - s) % w, (r + w - s) % w) };
-                let send: Vec<u8> = data[seg(out_k)].iter().flat_map(|v| v.bytes()).collect();
-                let in_range = seg(in_k);
-                recv.resize(in_range.len() * T::SIZE, 0);
                 let during = if phase == 0 { "reducing gradients" } else { "gathering gradients" };
+                let (out_range, in_range) = (seg(out_k), seg(in_k));
+                // The two segments are disjoint: split the buffer so the sender reads one while
+                // this thread writes the other.
+                let (send, dst): (&[T], &mut [T]) = if out_range.end <= in_range.start {
+                    let (a, b) = data.split_at_mut(in_range.start);
+                    (&a[out_range.clone()], &mut b[..in_range.len()])
+                } else {
+                    let (a, b) = data.split_at_mut(out_range.start);
+                    (&b[..out_range.len()], &mut a[in_range.clone()])
+                };
+                let next = &mut *next;
+                let prev = &mut *prev;
+                let recv = &mut recv;
                 std::thread::scope(|sc| {
-                    let sender = sc.spawn(|| next.write_all(&send));
-                    let got = prev.read_exact(&mut recv);
+                    let sender = sc.spawn(move || next.write_all(bytemuck::cast_slice(send)));
+                    let mut got = Ok(());
+                    for part in dst.chunks_mut(CHUNK) {
+                        let buf = &mut recv[..part.len()];
+                        if let Err(e) = prev.read_exact(bytemuck::cast_slice_mut(buf)) {
+                            got = Err(e);
+                            break;
+                        }
+                        if phase == 0 {
+                            part.iter_mut().zip(buf.iter()).for_each(|(d, v)| *d = d.add(*v));
+                        } else {
+                            part.copy_from_slice(buf);
+                        }
+                    }
                     let sent = sender.join().expect("the ring sender panicked");
                     sent.map_err(|source| DistError::Peer { rank: r, peer: succ, during, source })?;
                     got.map_err(|source| DistError::Peer { rank: r, peer: pred, during, source })
                 })?;
-                for (dst, b) in data[in_range].iter_mut().zip(recv.chunks_exact(T::SIZE)) {
-                    let v = T::from_bytes(b);
-                    *dst = if phase == 0 { dst.add(v) } else { v };
-                }
             }
         }
         Ok(())
@@ -366,25 +386,20 @@ impl Drop for Group {
     }
 }
 
-/// A number the ring can carry (little-endian on the wire).
-pub trait Elem: Copy + Send + Sync {
-    /// Bytes per value.
-    const SIZE: usize;
-    /// Its bytes.
-    fn bytes(self) -> impl Iterator<Item = u8>;
-    /// From `SIZE` bytes.
-    fn from_bytes(b: &[u8]) -> Self;
+#[cfg(not(target_endian = "little"))]
+compile_error!("the ring sends values in native byte order, which must be little-endian on every rank");
+
+/// A number the ring can carry (sent as its native little-endian bytes).
+pub trait Elem: bytemuck::Pod + Send + Sync {
+    /// Zero.
+    fn zero() -> Self;
     /// `self + other`.
     fn add(self, other: Self) -> Self;
 }
 
 impl Elem for f32 {
-    const SIZE: usize = 4;
-    fn bytes(self) -> impl Iterator<Item = u8> {
-        self.to_le_bytes().into_iter()
-    }
-    fn from_bytes(b: &[u8]) -> Self {
-        f32::from_le_bytes(b.try_into().expect("4 bytes"))
+    fn zero() -> Self {
+        0.0
     }
     fn add(self, other: Self) -> Self {
         self + other
@@ -392,12 +407,8 @@ impl Elem for f32 {
 }
 
 impl Elem for f64 {
-    const SIZE: usize = 8;
-    fn bytes(self) -> impl Iterator<Item = u8> {
-        self.to_le_bytes().into_iter()
-    }
-    fn from_bytes(b: &[u8]) -> Self {
-        f64::from_le_bytes(b.try_into().expect("8 bytes"))
+    fn zero() -> Self {
+        0.0
     }
     fn add(self, other: Self) -> Self {
         self + other

@@ -229,6 +229,32 @@ fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad
     Ok(CaseResult { case: id.to_string(), fwd_s: None, fwd_bwd_s: None, fwd_samples: Vec::new(), fwd_bwd_samples: Vec::new(), train_s: median(samples.clone()), train_samples: samples })
 }
 
+/// Data-parallel communication cases: one gradient all-reduce of the preset's parameter count
+/// between two ranks on this machine (threads joined over loopback TCP, the path `stu train
+/// --nproc 2` takes), only when named (`allreduce`).
+pub const ALLREDUCE_CASES: [(&str, &str); 3] = [("allreduce_S_w2", "stunet-s"), ("allreduce_B_w2", "stunet-b"), ("allreduce_L_w2", "stunet-l")];
+
+fn allreduce_case(id: &str, preset: &str, device: &Device) -> Result<CaseResult> {
+    use stu_engine::dist::{Group, Launch};
+    let n = preset_net(preset, device)?.num_params();
+    let port = stu_engine::dist::free_port()?;
+    let samples = std::thread::scope(|s| {
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                s.spawn(move || -> Result<Vec<f64>> {
+                    let launch = Launch { rank, world: 2, local_rank: rank, master: format!("127.0.0.1:{port}"), timeout: std::time::Duration::from_secs(120) };
+                    let mut g = Group::join(&launch, 0)?;
+                    let mut grads = vec![1e-3f32 * (rank as f32 + 1.0); n];
+                    Ok(time_warm(1, 5, || g.all_reduce_sum(&mut grads).expect("all-reduce")))
+                })
+            })
+            .collect();
+        ranks.into_iter().map(|h| h.join().expect("rank thread")).collect::<Result<Vec<_>>>()
+    })?;
+    let samples = samples.into_iter().next().expect("rank 0");
+    Ok(CaseResult { case: format!("{id} ({n} values)"), fwd_s: None, fwd_bwd_s: None, fwd_samples: Vec::new(), fwd_bwd_samples: Vec::new(), train_s: median(samples.clone()), train_samples: samples })
+}
+
 /// Runs the cases whose id matches `filter` (all when empty).
 pub fn run(backend: Backend, precision: Precision, filter: &[String], mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
     zoo::link();
@@ -245,6 +271,13 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], mut report
             results.push(r);
         }
     }
+    for (id, preset) in ALLREDUCE_CASES {
+        if named(id, "allreduce") {
+            let r = allreduce_case(id, preset, &device)?;
+            report(&r);
+            results.push(r);
+        }
+    }
     for (id, preset) in INFER_CASES {
         if named(id, "infer") {
             let r = infer_case(id, preset, backend, precision, &device)?;
@@ -253,7 +286,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], mut report
         }
     }
     for case in anchor_cases() {
-        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str()) && !f.starts_with("train") && !f.starts_with("infer")) {
+        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str()) && !f.starts_with("train") && !f.starts_with("infer") && !f.starts_with("allreduce")) {
             continue;
         }
         let ds = !case.id.ends_with("_fwd");

@@ -117,7 +117,8 @@ enum Command {
     /// Time STU-Net forward and forward+backward on this machine (cases of shared/bench/cpu_anchor.py).
     Bench {
         /// Only cases whose id contains one of these (e.g. `S_64 block`); training steps
-        /// (`train_S_128_b2`, `train_B_128_b2`) run only when named (`train`).
+        /// (`train_S_128_b2`, …), patch inference (`infer_B_128`, …) and data-parallel
+        /// all-reduces (`allreduce_B_w2`, …) run only when named (`train`, `infer`, `allreduce`).
         cases: Vec<String>,
         /// Write the results as JSON here.
         #[arg(long)]
@@ -593,7 +594,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench { cases, json, backend, precision } => {
             let results = crate::bench::run(backend, precision, &cases, |r| {
-                if r.train_s.is_some() {
+                if r.case.starts_with("allreduce") {
+                    eprintln!("{:<16} all-reduce {:>8} s", r.case, fmt_s(r.train_s));
+                } else if r.train_s.is_some() {
                     eprintln!("{:<16} train step {:>8} s", r.case, fmt_s(r.train_s));
                 } else if r.fwd_bwd_s.is_none() && r.case.starts_with("infer") {
                     eprintln!("{:<16} forward {:>8} s", r.case, fmt_s(r.fwd_s));
