@@ -60,6 +60,21 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
         disagree += usize::from(p_label < max);
     }
     assert!(disagree * 100 <= n, "{disagree} of {n} voxels tie-break differently");
+    // Tiles summed on the device (the GPU path) give what the host sums give.
+    let dev = Command::new(stu_bin!())
+        .env("STU_ACCUMULATE", "device")
+        .args(["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-dev"), "--checkpoint", &ck, "--save-probabilities"])
+        .output()
+        .unwrap();
+    ok(&dev);
+    let pd = stu_engine::checkpoint::StateDict::open(&tmp.path().join("pred-dev/ts_mr_sm.probabilities.safetensors")).unwrap().read("probabilities", &shape).unwrap();
+    let worst = p.iter().zip(&pd).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(worst <= 1e-3, "host and device accumulation differ by {worst} in probability");
+    let ld = stu_data::nifti_io::read_label(&tmp.path().join("pred-dev/ts_mr_sm.nii.gz")).unwrap().data;
+    let differ = labels.iter().zip(&ld).filter(|(a, b)| a != b).count();
+    assert!(differ * 1000 <= n, "{differ} of {n} labels differ between host and device accumulation");
+    let bad = Command::new(stu_bin!()).env("STU_ACCUMULATE", "gpu").args(["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-bad"), "--checkpoint", &ck]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("STU_ACCUMULATE"));
     ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-kl"), "--checkpoint", &ck, "--keep-largest", "--disable-tta"]));
     assert!(tmp.path().join("pred-kl/ts_mr_sm.nii.gz").exists());
     let s = ok(&stu(&["evaluate", "--ref", raw.join("labelsTr").to_str().unwrap(), "--pred", &t("pred"), "--labels", raw.join("dataset.json").to_str().unwrap(), "--nsd-tolerance", "2", "--hd95"]));

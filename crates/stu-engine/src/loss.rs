@@ -52,9 +52,17 @@ pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tens
     ce + soft_dice(i, p, g, cfg.smooth).mean().neg()
 }
 
-/// [`dc_ce`] as one fused operation with a hand-written gradient (`crate::kernels::loss`), on
-/// backends that run this project's kernels (flex); the composed form elsewhere. Same values.
+/// [`dc_ce`] as one fused operation: with a hand-written gradient (`crate::kernels::loss`) on
+/// backends that run this project's kernels (flex), as PyTorch runs it (ATen's
+/// `cross_entropy`, autograd kept from the forward) on libtorch devices, composed of burn
+/// operators elsewhere. Same values.
 pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
+    #[cfg(feature = "tch")]
+    if crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) {
+        use crate::torch::TorchOps;
+        let target = target.float();
+        return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::dc_ce_nc(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.smooth));
+    }
     if crate::ops::Layout::for_device(&logits.device()) != crate::ops::Layout::Ndhwc {
         return dc_ce(logits, target, cfg);
     }
@@ -169,6 +177,43 @@ mod tests {
             let scale = g0.iter().fold(0f32, |m, v| m.max(v.abs()));
             let err = g0.iter().zip(&g1).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err <= 1e-5 * scale.max(1e-3) + 1e-7, "batch_dice {batch_dice}: gradient error {err} (scale {scale})");
+        }
+    }
+}
+
+#[cfg(all(test, feature = "tch"))]
+mod torch_tests {
+    use super::*;
+    use burn::tensor::{Device, TensorData};
+
+    #[test]
+    fn the_aten_loss_and_its_gradient_equal_the_composed_ones() {
+        let ad = Device::libtorch().autodiff();
+        let (b, c, d, h, w) = (2, 6, 5, 4, 7);
+        let mut rng = stu_core::rng::SplitMix64::new(12);
+        let logits = rng.fill_f32(b * c * d * h * w, -3.0, 3.0);
+        let target: Vec<i64> = (0..b * d * h * w).map(|i| { let v = rng.below(5) as i64; if v == 4 && i < d * h * w { 3 } else { v } }).collect();
+        for batch_dice in [false, true] {
+            let cfg = DiceConfig { batch_dice, smooth: 1e-5 };
+            let run = |fused: bool| {
+                let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), &ad).require_grad();
+                let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), &ad);
+                let loss = if fused { dc_ce_fused(x.clone(), t, cfg) } else { dc_ce(x.clone(), t, cfg) } * 0.7;
+                let value = loss.clone().into_scalar::<f32>();
+                let g = x.grad(&loss.backward()).unwrap().into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+                (value, g)
+            };
+            let (v0, g0) = run(false);
+            let (v1, g1) = run(true);
+            assert!((v0 - v1).abs() < 1e-5, "batch_dice {batch_dice}: loss {v0} vs {v1}");
+            let scale = g0.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = g0.iter().zip(&g1).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-5 * scale.max(1e-3) + 1e-7, "batch_dice {batch_dice}: gradient error {err} (scale {scale})");
+            // Without autodiff the value is the same.
+            let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), &Device::libtorch());
+            let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), &Device::libtorch());
+            let v2 = dc_ce_fused(x, t, cfg).into_scalar::<f32>() * 0.7;
+            assert!((v0 - v2).abs() < 1e-5, "batch_dice {batch_dice}: untracked loss {v2} vs {v0}");
         }
     }
 }

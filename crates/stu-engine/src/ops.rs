@@ -83,13 +83,15 @@ pub fn is_flex(device: &Device) -> bool {
 
 /// Which operators take the ATen paths of [`crate::torch`] on a libtorch device:
 /// `STU_TCH_NATIVE` = `1` (default: all), `0` (none: burn's generic operators, to measure what
-/// the ATen paths gain), `conv` or `norm` (only that one).
+/// the ATen paths gain), `conv`, `norm` or `loss` (only that one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TorchPath {
     /// Convolutions (forward and cuDNN gradients).
     Conv,
     /// Instance norm (+ LeakyReLU).
     Norm,
+    /// The training loss (Dice + CE).
+    Loss,
 }
 
 /// True for a libtorch device (CPU or CUDA), or autodiff over it, when `STU_TCH_NATIVE`
@@ -98,16 +100,18 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
     #[cfg(feature = "tch")]
     {
         use burn::backend::DispatchDevice;
-        static NATIVE: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
-        let (conv, norm) = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
-            Ok("0") => (false, false),
-            Ok("conv") => (true, false),
-            Ok("norm") => (false, true),
-            _ => (true, true),
+        static NATIVE: std::sync::OnceLock<(bool, bool, bool)> = std::sync::OnceLock::new();
+        let (conv, norm, loss) = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
+            Ok("0") => (false, false, false),
+            Ok("conv") => (true, false, false),
+            Ok("norm") => (false, true, false),
+            Ok("loss") => (false, false, true),
+            _ => (true, true, true),
         });
         let on = match path {
             TorchPath::Conv => conv,
             TorchPath::Norm => norm,
+            TorchPath::Loss => loss,
         };
         on && match device.as_dispatch() {
             DispatchDevice::LibTorch(_) => true,

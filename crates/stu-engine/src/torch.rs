@@ -75,6 +75,16 @@ pub trait TorchOps: Backend {
         grad: FloatTensor<Self>,
         act: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// nnU-Net's Dice + CE (`crate::loss::dc_ce`) of NCDHW `logits` against class indices
+    /// `target` `[B, D, H, W]` stored as floats, as PyTorch computes it (`cross_entropy`, one
+    /// softmax, the one-hot by `scatter`); a 1-element tensor.
+    fn dc_ce_nc(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> FloatTensor<Self>;
+    /// [`dc_ce_nc`](TorchOps::dc_ce_nc) under libtorch's autograd: (loss, the loss with its
+    /// graph, the logits leaf).
+    fn dc_ce_nc_graph(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradient of the logits through a graph from [`dc_ce_nc_graph`](TorchOps::dc_ce_nc_graph),
+    /// scaled by the 1-element `grad`.
+    fn dc_ce_nc_graph_backward(loss_graph: FloatTensor<Self>, logits_leaf: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 #[cfg(feature = "tch")]
@@ -104,6 +114,22 @@ mod libtorch {
             let s = (y * grad).sum(None::<tch::Kind>);
             tch::Tensor::run_backward(&[s], &leaves, false, false)
         })
+    }
+
+    /// nnU-Net's `DC_and_CE_loss` (`RobustCrossEntropyLoss` + `MemoryEfficientSoftDiceLoss`,
+    /// background excluded) in ATen, as its PyTorch code runs it.
+    fn dc_ce(logits: &tch::Tensor, target: &tch::Tensor, batch_dice: bool, smooth: f64) -> tch::Tensor {
+        let c = logits.size()[1];
+        let t = target.to_kind(tch::Kind::Int64);
+        let ce = logits.cross_entropy_loss::<tch::Tensor>(&t, None, tch::Reduction::Mean, -100, 0.0);
+        let p = logits.softmax(1, tch::Kind::Float).narrow(1, 1, c - 1);
+        let y = tch::no_grad(|| logits.zeros_like().scatter_value(1, &t.unsqueeze(1), 1.0).narrow(1, 1, c - 1));
+        let axes: &[i64] = if batch_dice { &[0, 2, 3, 4] } else { &[2, 3, 4] };
+        let intersect = (&p * &y).sum_dim_intlist(axes, false, tch::Kind::Float);
+        let sum_pred = p.sum_dim_intlist(axes, false, tch::Kind::Float);
+        let sum_gt = y.sum_dim_intlist(axes, false, tch::Kind::Float);
+        let dc = (intersect * 2.0 + smooth) / (sum_gt + sum_pred + smooth).clamp_min(1e-8);
+        (ce - dc.mean(tch::Kind::Float)).reshape([1])
     }
 
     fn leaf(t: &tch::Tensor) -> tch::Tensor {
@@ -195,6 +221,20 @@ mod libtorch {
             let mut g = vjp(&[&x.tensor, &gamma.tensor, &beta.tensor], &grad.tensor, |l| norm_act(&l[0], &l[1], &l[2], act)).into_iter();
             let mut next = || TchTensor::new(g.next().expect("three gradients"));
             (next(), next(), next())
+        }
+
+        fn dc_ce_nc(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> FloatTensor<LibTorch> {
+            TchTensor::new(tch::no_grad(|| dc_ce(&logits.tensor, &target.tensor, batch_dice, smooth)))
+        }
+
+        fn dc_ce_nc_graph(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let l = leaf(&logits.tensor);
+            let y = tch::with_grad(|| dc_ce(&l, &target.tensor, batch_dice, smooth));
+            (TchTensor::new(y.detach()), TchTensor::new(y), TchTensor::new(l))
+        }
+
+        fn dc_ce_nc_graph_backward(loss_graph: FloatTensor<LibTorch>, logits_leaf: FloatTensor<LibTorch>, grad: FloatTensor<LibTorch>) -> FloatTensor<LibTorch> {
+            TchTensor::new(through(&loss_graph.tensor, &[&logits_leaf.tensor], &grad.tensor).pop().expect("one gradient"))
         }
     }
 }
@@ -400,5 +440,47 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _act: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("second-order gradients of norm_act_nc are not supported")
+    }
+
+    fn dc_ce_nc(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct DcCeNcGraph;
+
+        impl<B: Backend + TorchOps> Backward<B, 2> for DcCeNcGraph {
+            // The burn-side logits are held so burn never writes them in place while the
+            // libtorch graph still reads them.
+            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_l, _target] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (_l, loss_graph, leaf) = ops.state;
+                if let Some(node) = node_l {
+                    grads.register::<B>(node.id, B::dc_ce_nc_graph_backward(loss_graph, leaf, grad));
+                }
+            }
+        }
+
+        match DcCeNcGraph.prepare::<C>([logits.node(), target.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let lp = logits.primitive().clone();
+                let (y, graph, leaf) = B::dc_ce_nc_graph(logits.into_primitive(), target.into_primitive(), batch_dice, smooth);
+                prep.finish((lp, graph, leaf), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::dc_ce_nc(logits.into_primitive(), target.into_primitive(), batch_dice, smooth)),
+        }
+    }
+
+    fn dc_ce_nc_graph(
+        _logits: FloatTensor<Self>,
+        _target: FloatTensor<Self>,
+        _batch_dice: bool,
+        _smooth: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("dc_ce_nc_graph is called on the inner backend only")
+    }
+
+    fn dc_ce_nc_graph_backward(_loss_graph: FloatTensor<Self>, _logits_leaf: FloatTensor<Self>, _grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        unreachable!("second-order gradients of dc_ce_nc are not supported")
     }
 }

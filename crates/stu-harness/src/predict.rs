@@ -72,6 +72,19 @@ pub struct Predictor {
     step: f64,
     device: Device,
     precision: Precision,
+    on_device: bool,
+}
+
+/// Where the sliding window sums its tiles: in host memory on the CPU backends (flex), on the
+/// device elsewhere (a GPU's tiles never leave it; only the final logits are copied back).
+/// `STU_ACCUMULATE=host|device` overrides the choice.
+fn accumulate_on_device(device: &Device) -> Result<bool> {
+    match std::env::var("STU_ACCUMULATE").as_deref() {
+        Ok("host") => Ok(false),
+        Ok("device") => Ok(true),
+        Ok(other) => bail!("STU_ACCUMULATE=`{other}`: expected `host` or `device`"),
+        Err(_) => Ok(stu_engine::ops::Layout::for_device(device) != stu_engine::ops::Layout::Ndhwc),
+    }
 }
 
 fn plans_path_for(opts: &PredictOptions) -> Result<Option<PathBuf>> {
@@ -127,7 +140,8 @@ impl Predictor {
         let div = net.input_divisor();
         ensure!((0..3).all(|a| patch[a] % div[a] == 0), "patch {patch:?} does not fit the network's strides (divisor {div:?})");
         let net = opts.precision.cast_net(&*net).unwrap_or(net);
-        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision })
+        let on_device = accumulate_on_device(&device)?;
+        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device })
     }
 
     /// Input channels the model takes.
@@ -215,7 +229,9 @@ impl Predictor {
         let steps: Vec<Vec<usize>> = (0..3).map(|a| sliding_steps(padded[a], p[a], self.step)).collect();
         let g = gaussian_importance(p);
         let classes = self.net.num_classes();
-        let mut acc = vec![0f32; classes * np];
+        let mut acc = if self.on_device { Vec::new() } else { vec![0f32; classes * np] };
+        let mut acc_dev = self.on_device.then(|| Tensor::<4>::zeros([classes, padded[0], padded[1], padded[2]], &self.device));
+        let g_dev = self.on_device.then(|| Tensor::<4>::from_data(TensorData::new(g.clone(), [1, p[0], p[1], p[2]]), &self.device));
         let mut weight = vec![0f32; np];
         let pn: usize = p.iter().product();
         let total = steps[0].len() * steps[1].len() * steps[2].len();
@@ -246,18 +262,32 @@ impl Predictor {
                             None => out,
                         });
                     }
-                    let logits = (sum.expect("at least one pass") / subsets.len() as f64).into_data().convert::<f32>().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                    ensure!(logits.iter().all(|v| v.is_finite()), "the network produced non-finite logits");
+                    let mean = sum.expect("at least one pass") / subsets.len() as f64;
+                    if let (Some(a), Some(gd)) = (acc_dev.take(), &g_dev) {
+                        // In place: `a` is the only handle on its storage once the slice is summed.
+                        let ranges = [0..classes, sz..sz + p[0], sy..sy + p[1], sx..sx + p[2]];
+                        let tile = a.clone().slice(ranges.clone()) + mean.reshape([classes, p[0], p[1], p[2]]) * gd.clone();
+                        acc_dev = Some(a.slice_assign(ranges, tile));
+                    } else {
+                        let logits = mean.into_data().convert::<f32>().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                        ensure!(logits.iter().all(|v| v.is_finite()), "the network produced non-finite logits");
+                        for z in 0..p[0] {
+                            for y in 0..p[1] {
+                                let t = (z * p[1] + y) * p[2];
+                                let d = ((sz + z) * padded[1] + sy + y) * padded[2] + sx;
+                                for k in 0..classes {
+                                    let (a, l) = (&mut acc[k * np + d..k * np + d + p[2]], &logits[k * pn + t..k * pn + t + p[2]]);
+                                    for ((a, l), w) in a.iter_mut().zip(l).zip(&g[t..t + p[2]]) {
+                                        *a += l * w;
+                                    }
+                                }
+                            }
+                        }
+                    }
                     for z in 0..p[0] {
                         for y in 0..p[1] {
                             let t = (z * p[1] + y) * p[2];
                             let d = ((sz + z) * padded[1] + sy + y) * padded[2] + sx;
-                            for k in 0..classes {
-                                let (a, l) = (&mut acc[k * np + d..k * np + d + p[2]], &logits[k * pn + t..k * pn + t + p[2]]);
-                                for ((a, l), w) in a.iter_mut().zip(l).zip(&g[t..t + p[2]]) {
-                                    *a += l * w;
-                                }
-                            }
                             for (w, gv) in weight[d..d + p[2]].iter_mut().zip(&g[t..t + p[2]]) {
                                 *w += gv;
                             }
@@ -269,10 +299,21 @@ impl Predictor {
             }
         }
         drop(vol);
+        let n: usize = shape.iter().product();
+        if let Some(a) = acc_dev {
+            // Normalise and crop on the device; one copy of the logits comes back.
+            let w = Tensor::<4>::from_data(TensorData::new(weight, [1, padded[0], padded[1], padded[2]]), &self.device);
+            let ranges = [0..classes, lo[0]..lo[0] + shape[0], lo[1]..lo[1] + shape[1], lo[2]..lo[2] + shape[2]];
+            let w = w.slice([0..1, ranges[1].clone(), ranges[2].clone(), ranges[3].clone()]);
+            let out = a.slice(ranges) / w;
+            let v = out.into_data().convert::<f32>().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            ensure!(v.iter().all(|x| x.is_finite()), "the network produced non-finite logits");
+            debug_assert_eq!(v.len(), classes * n);
+            return Ok(v);
+        }
         // Normalise and crop the padding away in place: element (k, z, y, x) moves from its
         // padded index to a smaller or equal cropped one, visited in increasing order, so
         // nothing is overwritten before it is read. No second copy of the logits is made.
-        let n: usize = shape.iter().product();
         for k in 0..classes {
             for z in 0..shape[0] {
                 for y in 0..shape[1] {
