@@ -191,6 +191,17 @@ if A.train_data:
         R["train_check"][prec] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second", "epoch_seconds", "data_wait_seconds")} for e in logs], "tail": out[-300:]}
         save()
 
+# 2c. Data-parallel training: two ranks (`stu train --nproc 2`, both on GPU 0 of a one-GPU
+#     machine), the ring all-reduce through host memory; losses must be finite and equal on resume.
+if A.train_data:
+    o = "/tmp/train_dp"
+    rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
+                              "--epochs", "2", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", "bf16", "--nproc", "2"], timeout=150)
+    logs = [json.loads(line) for line in open(f"{o}/log.jsonl")] if os.path.exists(f"{o}/log.jsonl") else []
+    R["train_dp"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second")} for e in logs], "tail": out[-400:]}
+    log("train_dp", rc, wall)
+    save()
+
 # 3. Benchmark: per size, training step then patch inference; PyTorch fp16 (the anchor's
 #    recipe), PyTorch bf16 and ours bf16 (+ ours f16 for inference).
 def ours(case, prec, env_extra=None, timeout=180):
@@ -228,9 +239,10 @@ for s in A.sizes:  # the sizes the goal is about first
     plan += [("torch", t, "fp16")] * torch_too + [("stu", t, "bf16")] + [("torch", i, "fp16")] * torch_too + [("stu", i, "bf16")]
     if s in "BH":  # same-precision comparison and IEEE half inference where it matters most
         plan += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too + [("stu", i, "f16")]
-# What the ATen paths gain: burn's generic conv/norm on the same backend (B only, last).
+# What the ATen paths gain: the ATen loss (B training without it), then burn's generic
+# conv/norm/loss on the same backend (B only, last).
 if "B" in A.sizes:
-    plan += [("stu-generic", "infer_B_128", "bf16"), ("stu-generic", "train_B_128_b2", "bf16")]
+    plan += [("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16"), ("stu-generic", "train_B_128_b2", "bf16")]
 for side, case, dt in plan:
     if time.time() - T0 > A.budget:
         R["skipped"].append([side, case, dt])
@@ -239,6 +251,9 @@ for side, case, dt in plan:
         row = theirs(case, dt)
     elif side == "stu":
         row = ours(case, dt)
+    elif side == "stu-noloss":
+        row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm"}, timeout=75)
+        row["side"] = "stu-noloss"
     else:
         row = ours(case, dt, {"STU_TCH_NATIVE": "0"}, timeout=75)
         row["side"] = "stu-generic"

@@ -14,6 +14,11 @@
 //!   deep supervision, SGD) for STU-Net-S and -B with `stu bench train_…`, then the same step in
 //!   PyTorch (`xtask/bench/torch_train.py`) right after; writes `reports/bench/train.{json,md}`.
 //!
+//! - `bench-allreduce [--python PY]`: the data-parallel gradient exchange, one all-reduce of
+//!   STU-Net-S/B/L's parameter count between two local ranks (`stu bench allreduce`), then
+//!   PyTorch's Gloo on the same buffers right after (`xtask/bench/torch_allreduce.py`); writes
+//!   `reports/bench/allreduce.{json,md}`.
+//!
 //! - `bench --backend tch-cuda [--python PY]`: on a CUDA machine, builds `stu` with `tch`
 //!   (README: "GPU backends") and runs `xtask/bench/gpu_suite.py`: parity on the shared fixture,
 //!   sliding-window prediction, and the training step / 128³ inference of S/B/L/H next to
@@ -43,13 +48,14 @@ fn main() -> Result<()> {
         Some("bench") => bench(args.collect()),
         Some("bench-preprocess") => bench_preprocess(args.collect()),
         Some("bench-train") => bench_train(args.collect()),
+        Some("bench-allreduce") => bench_allreduce(args.collect()),
         Some("run") => run_spec(args.collect()),
         Some("report") => report(args.collect()),
         Some("libtorch") => {
             let python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
             run(Command::new(python).arg(root().join("xtask/libtorch.py")).args(args))
         }
-        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, run, report, libtorch"),
+        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, bench-allreduce, run, report, libtorch"),
         None => bail!("usage: cargo xtask bench [--python PY] [--no-torch] [--out DIR] [CASES…]"),
     }
 }
@@ -420,6 +426,49 @@ fn bench_train(args: Vec<String>) -> Result<()> {
     std::fs::write(out_dir.join("train.md"), &md)?;
     let _ = std::fs::remove_file(&ours_path);
     let _ = std::fs::remove_file(&torch_path);
+    print!("{md}");
+    Ok(())
+}
+
+fn bench_allreduce(args: Vec<String>) -> Result<()> {
+    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--python" => python = it.next().context("--python needs a value")?,
+            other => bail!("bench-allreduce: unknown argument `{other}`"),
+        }
+    }
+    let root = root();
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu"]).current_dir(&root))?;
+    let out_dir = root.join("reports/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let ours_path = out_dir.join("stu-allreduce.json");
+    run(Command::new(target.join("release/stu")).args(["bench", "allreduce", "--json"]).arg(&ours_path))?;
+    let ours: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
+    let out = Command::new(&python).arg(root.join("xtask/bench/torch_allreduce.py")).output().with_context(|| format!("cannot run `{python}`"))?;
+    ensure!(out.status.success(), "torch_allreduce.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let theirs: Value = serde_json::from_slice(&out.stdout).context("torch_allreduce.py printed no JSON")?;
+    let host = host();
+    let mut md = format!(
+        "# Data-parallel gradient all-reduce: ours (TCP ring, `stu_engine::dist`) vs PyTorch {} Gloo\n\n{}\n\nOne sum all-reduce of a float32 buffer of the model's parameter count between two ranks on this machine over loopback TCP; median of 5 after a warm-up, seconds; ratio = ours / Gloo.\n\n| case | values | ours (s) | Gloo (s) | ratio | ours GB/s sent per rank |\n|---|---|---|---|---|---|\n",
+        theirs["torch"].as_str().unwrap_or("?"),
+        host_line(&host),
+    );
+    let mut rows = Vec::new();
+    for r in ours["results"].as_array().into_iter().flatten() {
+        let label = r["case"].as_str().unwrap_or("");
+        let (case, values) = label.split_once(" (").unwrap_or((label, ""));
+        let n: f64 = values.trim_end_matches(" values)").parse().unwrap_or(f64::NAN);
+        let (a, b) = (r["train_s"].as_f64().unwrap_or(f64::NAN), theirs["results"][case].as_f64().unwrap_or(f64::NAN));
+        // A ring of two sends half the buffer in each of its two phases: n values per rank.
+        md.push_str(&format!("| {case} | {n} | {a:.3} | {b:.3} | {:.2}× | {:.2} |\n", a / b, n * 4.0 / a / 1e9));
+        rows.push(json!({ "case": case, "values": n, "ours": r, "gloo_s": b }));
+    }
+    std::fs::write(out_dir.join("allreduce.json"), serde_json::to_string_pretty(&json!({ "host": host, "torch": theirs["torch"], "rows": rows }))? + "\n")?;
+    std::fs::write(out_dir.join("allreduce.md"), &md)?;
+    let _ = std::fs::remove_file(&ours_path);
     print!("{md}");
     Ok(())
 }

@@ -182,6 +182,7 @@ mod tests {
 }
 
 #[cfg(all(test, feature = "tch"))]
+#[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
 mod torch_tests {
     use super::*;
     use burn::tensor::{Device, TensorData};

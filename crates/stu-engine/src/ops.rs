@@ -83,7 +83,7 @@ pub fn is_flex(device: &Device) -> bool {
 
 /// Which operators take the ATen paths of [`crate::torch`] on a libtorch device:
 /// `STU_TCH_NATIVE` = `1` (default: all), `0` (none: burn's generic operators, to measure what
-/// the ATen paths gain), `conv`, `norm` or `loss` (only that one).
+/// the ATen paths gain), or a comma-separated list of `conv`, `norm`, `loss` (only those).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TorchPath {
     /// Convolutions (forward and cuDNN gradients).
@@ -103,10 +103,11 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
         static NATIVE: std::sync::OnceLock<(bool, bool, bool)> = std::sync::OnceLock::new();
         let (conv, norm, loss) = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
             Ok("0") => (false, false, false),
-            Ok("conv") => (true, false, false),
-            Ok("norm") => (false, true, false),
-            Ok("loss") => (false, false, true),
-            _ => (true, true, true),
+            Ok("1") | Err(_) => (true, true, true),
+            Ok(list) => {
+                let has = |k: &str| list.split(',').any(|t| t.trim() == k);
+                (has("conv"), has("norm"), has("loss"))
+            }
         });
         let on = match path {
             TorchPath::Conv => conv,
