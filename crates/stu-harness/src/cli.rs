@@ -704,6 +704,9 @@ fn run(cli: Cli) -> Result<()> {
             );
             let s = crate::train::train(&req, &TrainBar { bar: bar.clone(), losses: std::sync::Mutex::new((0.0, 0)) })?;
             bar.finish_and_clear();
+            if std::env::var("RANK").is_ok_and(|r| r != "0") {
+                return Ok(()); // rank 0 reports for the group
+            }
             if s.epochs_run == 0 {
                 eprintln!("{}: the run was already complete", s.out.display());
             }

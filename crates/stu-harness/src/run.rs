@@ -227,6 +227,11 @@ pub fn run(spec: &Spec, root: &Path, log: &dyn Fn(&str)) -> Result<Vec<PointOutc
 /// [`run`] restricted by `select`.
 pub fn run_selected(spec: &Spec, root: &Path, select: Select, log: &dyn Fn(&str)) -> Result<Vec<PointOutcome>> {
     zoo::link();
+    // Every rank would write the same records: a study's points are separate jobs, not ranks.
+    anyhow::ensure!(
+        stu_engine::dist::Launch::from_env()?.is_none(),
+        "`stu run` under a data-parallel launch (WORLD_SIZE > 1): run a study's points as separate jobs (`--point K`, `--emit slurm`), or train one model over ranks with `stu train`"
+    );
     let points = crate::spec::points(spec)?;
     if let Some(k) = select.point {
         anyhow::ensure!(k < points.len(), "--point {k}: the study has {} point(s) (0…{})", points.len(), points.len().saturating_sub(1));
