@@ -641,8 +641,9 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
 }
 
 /// `stu train --nproc N`: runs this command line again as `N` data-parallel ranks on this
-/// machine (torchrun's variables, rendezvous on a free local port), rank 0's output as is and
-/// the others' errors prefixed with their rank. When one rank fails the others are stopped, and
+/// machine (torchrun's variables, rendezvous on a free local port; `OMP_NUM_THREADS` and
+/// `RAYON_NUM_THREADS`, unless set, share the cores), rank 0's output as is and the others'
+/// errors prefixed with their rank. When one rank fails the others are stopped, and
 /// the error names it.
 pub fn launch_local(nproc: usize) -> Result<()> {
     use std::process::{Command, Stdio};
@@ -661,6 +662,11 @@ pub fn launch_local(nproc: usize) -> Result<()> {
         }
     }
     let port = stu_engine::dist::free_port().context("no free local port for the rendezvous")?;
+    // As torchrun does: share the cores between the ranks unless told otherwise. OpenMP's
+    // spinning threads (libtorch on the CPU) slow two oversubscribed ranks tenfold.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / nproc).max(1).to_string();
+    let unset: Vec<&str> = ["OMP_NUM_THREADS", "RAYON_NUM_THREADS"].into_iter().filter(|v| std::env::var_os(v).is_none()).collect();
     let mut children = Vec::with_capacity(nproc);
     let mut relays = Vec::new();
     for rank in 0..nproc {
@@ -671,6 +677,9 @@ pub fn launch_local(nproc: usize) -> Result<()> {
             .env("WORLD_SIZE", nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string());
+        for v in &unset {
+            cmd.env(v, &threads);
+        }
         if rank > 0 {
             cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         }
