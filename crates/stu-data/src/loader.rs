@@ -217,12 +217,17 @@ mod tests {
     use crate::preprocess::{CaseProperties, save};
 
     fn store(dir: &Path) -> Arc<CaseStore> {
+        store_with(dir, |z, _, x, k| i16::from(x > 8 && z > 4) * (1 + (k as i16 % 2)))
+    }
+
+    /// Three 12×14×16 cases labelled by `label(z, y, x, case)`.
+    fn store_with(dir: &Path, label: impl Fn(usize, usize, usize, u64) -> i16) -> Arc<CaseStore> {
         let mut ids = Vec::new();
         for k in 0..3 {
             let shape = [1, 12, 14, 16];
             let n = 12 * 14 * 16;
             let mut rng = SplitMix64::new(k);
-            let seg: Vec<i16> = (0..n).map(|i| i16::from(i % 16 > 8 && i / 224 > 4) * (1 + (k as i16 % 2))).collect();
+            let seg: Vec<i16> = (0..n).map(|i| label(i / 224, i / 16 % 14, i % 16, k)).collect();
             let mut locations = Vec::new();
             let mut class_locations = std::collections::BTreeMap::new();
             let mut offset = 0;
@@ -274,5 +279,17 @@ mod tests {
         assert_ne!(make_batch(&store, &cfg, 42, 4, 5).unwrap(), one[0], "another stream differs");
         // Sample 1 of 2 is forced to foreground: every batch has some.
         assert!(one.iter().all(|b| b.targets[0].0[512..].iter().any(|&v| v > 0)));
+    }
+
+    #[test]
+    fn a_shard_oversamples_by_its_place_in_the_global_batch() {
+        // Foreground: two 2³ blobs in opposite corners, rarely inside a random 4³ patch.
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), |z, y, x, _| if z >= 10 && y >= 12 && x >= 14 { 1 } else if z < 2 && y < 2 && x < 2 { 2 } else { 0 });
+        let cfg = |shard| BatchConfig { batch_size: 1, patch: [4, 4, 4], augment: None, ds_scales: vec![[1.0; 3]], shard };
+        let with_fg = |shard| (0..40).filter(|&i| make_batch(&store, &cfg(shard), 7, 0, i).unwrap().targets[0].0.iter().any(|&v| v > 0)).count();
+        assert_eq!(with_fg(Some((1, 2))), 40, "the second sample of a global batch of 2 is forced to foreground");
+        assert!(with_fg(Some((0, 2))) < 20, "the first is not");
+        assert!(with_fg(None) < 20, "nor is a batch of one");
     }
 }
