@@ -314,21 +314,27 @@ pub fn train_step_in(
 }
 
 /// Replaces every gradient of `net` by its mean over the ranks of `group`, and `extra` (small
-/// values that travel with them) by its mean too. Nothing moves in a group of one.
+/// values that travel with them) by its mean too. The gradients are packed into one flat
+/// tensor on their device, so a GPU copies them to the host and back once per step, not once
+/// per parameter. Nothing moves in a group of one.
 pub fn average_gradients(net: &dyn SegNet, grads: &mut GradientsParams, group: &mut Group, extra: &mut [f32]) -> Result<(), DistError> {
     if group.world() == 1 {
         return Ok(());
     }
-    fn take<const D: usize>(g: &mut GradientsParams, id: ParamId) -> Option<(Vec<f32>, burn::tensor::DType, burn::tensor::Device)> {
-        g.remove::<D>(id).map(|t| (t.dtype(), t.device(), t)).map(|(dt, dev, t)| (t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data"), dt, dev))
+    fn take<const D: usize>(g: &mut GradientsParams, id: ParamId) -> Option<Tensor<1>> {
+        g.remove::<D>(id).map(|t| {
+            let n: usize = t.dims().iter().product();
+            t.reshape([n])
+        })
     }
-    fn put<const D: usize>(g: &mut GradientsParams, id: ParamId, v: Vec<f32>, dims: &[usize], dtype: burn::tensor::DType, device: &burn::tensor::Device) {
+    fn put<const D: usize>(g: &mut GradientsParams, id: ParamId, flat: Tensor<1>, dims: &[usize], dtype: burn::tensor::DType) {
         let shape: [usize; D] = dims.try_into().expect("rank");
-        g.register(id, Tensor::<D>::from_data(TensorData::new(v, shape), device).cast(dtype));
+        g.register(id, flat.reshape(shape).cast(dtype));
     }
     let params = net.params();
-    let mut flat: Vec<f32> = Vec::new();
+    let mut parts = Vec::new();
     let mut held = Vec::new();
+    let mut n = 0;
     for p in &params {
         let got = match p.dims.len() {
             1 => take::<1>(grads, p.id),
@@ -339,25 +345,34 @@ pub fn average_gradients(net: &dyn SegNet, grads: &mut GradientsParams, group: &
             r => panic!("parameters of rank {r} are not expected"),
         };
         // A parameter without a gradient has none on any rank (the graphs are the same).
-        if let Some((v, dtype, device)) = got {
-            held.push((p, flat.len(), v.len(), dtype, device));
-            flat.extend(v);
+        if let Some(g) = got {
+            let len = g.dims()[0];
+            held.push((p, n, len, g.dtype()));
+            parts.push(g.cast(burn::tensor::DType::F32));
+            n += len;
         }
     }
-    let n = flat.len();
+    let inv = 1.0 / group.world() as f32;
+    let Some(device) = parts.first().map(|t| t.device()) else {
+        group.all_reduce_sum(extra)?;
+        extra.iter_mut().for_each(|v| *v *= inv);
+        return Ok(());
+    };
+    let mut flat = Tensor::cat(parts, 0).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
     flat.extend_from_slice(extra);
     group.all_reduce_sum(&mut flat)?;
-    let inv = 1.0 / group.world() as f32;
     flat.iter_mut().for_each(|v| *v *= inv);
     extra.copy_from_slice(&flat[n..]);
-    for (p, at, len, dtype, device) in held {
-        let v = flat[at..at + len].to_vec();
+    flat.truncate(n);
+    let flat = Tensor::<1>::from_data(TensorData::new(flat, [n]), &device);
+    for (p, at, len, dtype) in held {
+        let g = flat.clone().slice(at..at + len);
         match p.dims.len() {
-            1 => put::<1>(grads, p.id, v, &p.dims, dtype, &device),
-            2 => put::<2>(grads, p.id, v, &p.dims, dtype, &device),
-            3 => put::<3>(grads, p.id, v, &p.dims, dtype, &device),
-            4 => put::<4>(grads, p.id, v, &p.dims, dtype, &device),
-            _ => put::<5>(grads, p.id, v, &p.dims, dtype, &device),
+            1 => put::<1>(grads, p.id, g, &p.dims, dtype),
+            2 => put::<2>(grads, p.id, g, &p.dims, dtype),
+            3 => put::<3>(grads, p.id, g, &p.dims, dtype),
+            4 => put::<4>(grads, p.id, g, &p.dims, dtype),
+            _ => put::<5>(grads, p.id, g, &p.dims, dtype),
         }
     }
     Ok(())
