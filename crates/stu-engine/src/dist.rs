@@ -39,7 +39,7 @@ pub enum DistError {
         why: String,
     },
     /// A neighbour stopped answering or closed its connection.
-    #[error("rank {rank}: lost connection to rank {peer} while {during}: {source} (that process stopped or failed; see its output)")]
+    #[error("rank {rank}: lost connection to rank {peer} while {during}: {io} (that process stopped or failed; see its output)")]
     Peer {
         /// This rank.
         rank: usize,
@@ -47,8 +47,8 @@ pub enum DistError {
         peer: usize,
         /// The operation.
         during: &'static str,
-        /// I/O error.
-        source: std::io::Error,
+        /// I/O error (shown in the message, not chained: it would print twice).
+        io: std::io::Error,
     },
     /// Ranks disagree on something that must be equal on all of them.
     #[error("ranks disagree on {what}: {detail}")]
@@ -351,8 +351,8 @@ impl Group {
                         }
                     }
                     let sent = sender.join().expect("the ring sender panicked");
-                    sent.map_err(|source| DistError::Peer { rank: r, peer: succ, during, source })?;
-                    got.map_err(|source| DistError::Peer { rank: r, peer: pred, during, source })
+                    sent.map_err(|io| DistError::Peer { rank: r, peer: succ, during, io })?;
+                    got.map_err(|io| DistError::Peer { rank: r, peer: pred, during, io })
                 })?;
             }
         }
