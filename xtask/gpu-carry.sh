@@ -27,8 +27,9 @@ cp "$shared/data/Dataset802_TotalSegExampleMR/imagesTr/ts_mr_sm_0000.nii.gz" "$r
 cp "$shared/data/Dataset801_TotalSegExampleCT/imagesTr/ts_ct_full_0000.nii.gz" "$root/.gpu/ct/"
 # A 3-case phantom subset, preprocessed here by the default (CPU) build (fold 0: 2 training
 # cases, 1 validation case).
-(cd "$root" && cargo build --release -p stu-harness --bin stu)
-cpu_stu="${STU_CPU_TARGET:-$HOME/.cache/stu-net/target}/release/stu"
+cpu_target="${STU_CPU_TARGET:-$HOME/.cache/stu-net/target}"
+(cd "$root" && CARGO_TARGET_DIR="$cpu_target" cargo build --release -p stu-harness --bin stu)
+cpu_stu="$cpu_target/release/stu"
 tmp="$(mktemp -d)"
 "$cpu_stu" quickstart --data-only --out "$tmp" >/dev/null
 pre="$tmp/preprocessed"
