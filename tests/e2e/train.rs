@@ -170,7 +170,7 @@ fn dict_keys(path: &Path) -> Vec<String> {
 fn dp_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], batch_dice: bool) -> (Vec<f64>, Vec<stu_engine::checkpoint::NamedTensor>) {
     use stu_engine::dist::{Group, Launch};
     use stu_engine::model::NetSpec;
-    use stu_engine::train::{DeviceBatch, Sgd, he_init, train_step_in};
+    use stu_engine::train::{DeviceBatch, Sgd, StepConfig, he_init, train_step_in};
     zoo::link();
     let ad = stu_engine::backend::Backend::Flex.device().unwrap().autodiff();
     let spec = NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::from_str(TINY).unwrap() };
@@ -198,7 +198,8 @@ fn dp_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64
     let mut sgd = Sgd::nnunet();
     let mut losses = Vec::new();
     for _ in 0..3 {
-        let (next, stats) = train_step_in(net, &mut sgd, &batch, &weights, dice, 1e-2, 12.0, Default::default(), &mut group).unwrap();
+        let step = StepConfig { weights: &weights, dice, lr: 1e-2, clip: 12.0, precision: Default::default() };
+        let (next, stats) = train_step_in(net, &mut sgd, &batch, &step, &mut group).unwrap();
         net = next;
         losses.push(stats.loss);
     }

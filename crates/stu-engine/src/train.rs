@@ -265,38 +265,33 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
+/// The settings of one step of nnU-Net's recipe.
+#[derive(Debug, Clone, Copy)]
+pub struct StepConfig<'a> {
+    /// Deep-supervision weights, one per output.
+    pub weights: &'a [f64],
+    /// Soft-Dice settings.
+    pub dice: DiceConfig,
+    /// Learning rate of this step.
+    pub lr: f64,
+    /// Global gradient-norm bound.
+    pub clip: f64,
+    /// Arithmetic of the forward and backward.
+    pub precision: crate::precision::Precision,
+}
+
 /// Forward (deep supervision, in `precision` over the f32 parameters), loss in f32, backward,
 /// clip to `clip`, SGD step with `lr`.
-#[allow(clippy::too_many_arguments)]
-pub fn train_step(
-    net: Box<dyn SegNet>,
-    sgd: &mut Sgd,
-    batch: &DeviceBatch,
-    weights: &[f64],
-    dice: DiceConfig,
-    lr: f64,
-    clip: f64,
-    precision: crate::precision::Precision,
-) -> (Box<dyn SegNet>, StepStats) {
-    train_step_in(net, sgd, batch, weights, dice, lr, clip, precision, &mut Group::single()).expect("a single process has no peers to lose")
+pub fn train_step(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, step: &StepConfig<'_>) -> (Box<dyn SegNet>, StepStats) {
+    train_step_in(net, sgd, batch, step, &mut Group::single()).expect("a single process has no peers to lose")
 }
 
 /// [`train_step`] as one replica of a data-parallel group, `batch` being this rank's share of
 /// the global batch: the gradients are averaged over the ranks (one ring all-reduce, with the
 /// loss riding along) before clipping and SGD, which then run identically everywhere. The
 /// reported loss is the global batch's.
-#[allow(clippy::too_many_arguments)]
-pub fn train_step_in(
-    net: Box<dyn SegNet>,
-    sgd: &mut Sgd,
-    batch: &DeviceBatch,
-    weights: &[f64],
-    dice: DiceConfig,
-    lr: f64,
-    clip: f64,
-    precision: crate::precision::Precision,
-    group: &mut Group,
-) -> Result<(Box<dyn SegNet>, StepStats), DistError> {
+pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, step: &StepConfig<'_>, group: &mut Group) -> Result<(Box<dyn SegNet>, StepStats), DistError> {
+    let StepConfig { weights, dice, lr, clip, precision } = *step;
     assert!(precision.trains(), "training in {precision} is not supported (no loss scaling); use bf16");
     let half = precision.cast_net(&*net);
     let outs = precision.forward_ds(&*net, half.as_deref(), batch.x.clone());

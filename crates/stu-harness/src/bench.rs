@@ -199,7 +199,7 @@ fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, de
 }
 
 fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad: &Device) -> Result<CaseResult> {
-    use stu_engine::train::{DeviceBatch, Sgd, train_step};
+    use stu_engine::train::{DeviceBatch, Sgd, StepConfig, train_step};
     let mut net = preset_net(preset, ad)?;
     let b = 2;
     let mut rng = stu_core::rng::SplitMix64::new(3);
@@ -219,7 +219,8 @@ fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad
     let (warm, n) = reps(backend, preset.ends_with('l') || preset.ends_with('h'));
     for i in 0..warm + n {
         let t = Instant::now();
-        let (next, _) = train_step(net, &mut sgd, &batch, &weights, Default::default(), 1e-2, stu_engine::optim::GRAD_CLIP, precision);
+        let step = StepConfig { weights: &weights, dice: Default::default(), lr: 1e-2, clip: stu_engine::optim::GRAD_CLIP, precision };
+        let (next, _) = train_step(net, &mut sgd, &batch, &step);
         net = next;
         ad.sync().map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
         if i >= warm {

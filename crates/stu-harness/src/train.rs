@@ -27,7 +27,7 @@ use stu_engine::loss::DiceConfig;
 use stu_engine::model::{LoadOptions, NetSpec, SegNet};
 use stu_engine::schedule::{ds_weights, poly_lr};
 use stu_engine::dist::{Group, Launch};
-use stu_engine::train::{DeviceBatch, Sgd, dice_per_class, he_init, nanmean, train_step_in, validation_step, weights_checksum};
+use stu_engine::train::{DeviceBatch, Sgd, StepConfig, dice_per_class, he_init, nanmean, train_step_in, validation_step, weights_checksum};
 
 /// Checkpoint format tag in the safetensors metadata.
 pub const CHECKPOINT_FORMAT: &str = "stu-train-checkpoint/1";
@@ -535,11 +535,12 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         let first = (epoch * cfg.iterations) as u64;
         let mut loader = Loader::spawn(Arc::clone(&train_store), train_batches.clone(), cfg.seed, 2 * rank as u64, first, first + cfg.iterations as u64, req.workers, 2);
         let mut losses = Vec::with_capacity(cfg.iterations);
+        let step = StepConfig { weights: &weights, dice, lr, clip: stu_engine::optim::GRAD_CLIP, precision: cfg.precision };
         let t_train = Instant::now();
         while let Some(b) = loader.next_batch() {
             let b = b?;
             let batch = DeviceBatch::upload(b.data, b.shape, &b.targets, &ad);
-            let (n, stats) = train_step_in(net, &mut sgd, &batch, &weights, dice, lr, stu_engine::optim::GRAD_CLIP, cfg.precision, &mut group)?;
+            let (n, stats) = train_step_in(net, &mut sgd, &batch, &step, &mut group)?;
             net = n;
             ensure!(stats.loss.is_finite(), "epoch {epoch}: the loss is {} (diverged); the last good state is the latest checkpoint", stats.loss);
             losses.push(stats.loss);
