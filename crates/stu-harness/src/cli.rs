@@ -310,8 +310,15 @@ struct TrainArgs {
     /// Data-parallel processes on this machine, each with its share of every batch (and its
     /// own GPU with a GPU backend). Under torchrun or srun leave it out: their environment
     /// (RANK, WORLD_SIZE, MASTER_ADDR, …) starts each rank.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_nproc)]
     nproc: usize,
+}
+
+fn parse_nproc(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a number of processes (1 or more)")),
+    }
 }
 
 #[derive(Clone)]
