@@ -64,6 +64,18 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
+/// The cargo target folder: `CARGO_TARGET_DIR`, else the workspace's `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"))
+}
+
+/// Builds `stu` in release (with `features_args`, e.g. `["--features", "tch"]`) and returns the
+/// binary's path.
+fn build_stu(root: &Path, features_args: &[&str]) -> Result<PathBuf> {
+    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu"]).args(features_args).current_dir(root))?;
+    Ok(target_dir(root).join("release/stu"))
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("$ {cmd:?}");
     let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
@@ -133,11 +145,10 @@ fn bench(args: Vec<String>) -> Result<()> {
         }
     }
     let root = root();
-    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu"]).current_dir(&root))?;
+    let stu = build_stu(&root, &[])?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let ours_path = out_dir.join("stu-cpu.json");
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    run(Command::new(target.join("release/stu")).arg("bench").arg("--json").arg(&ours_path).args(&cases))?;
+    run(Command::new(stu).arg("bench").arg("--json").arg(&ours_path).args(&cases))?;
     let ours: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
 
     let anchor = root.join("../shared/bench/cpu_anchor.py");
@@ -229,14 +240,13 @@ fn bench_gpu(args: Vec<String>) -> Result<()> {
         }
     }
     let root = root();
-    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu", "--features", "tch"]).current_dir(&root))?;
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let stu = build_stu(&root, &["--features", "tch"])?;
     let shared = root.join("../shared");
     let out = std::env::temp_dir().join(format!("stu-gpu-suite-{}", std::process::id()));
     run(Command::new(&python)
         .arg(root.join("xtask/bench/gpu_suite.py"))
         .arg("--stu")
-        .arg(target.join("release/stu"))
+        .arg(stu)
         .arg("--bench-dir")
         .arg(shared.join("bench"))
         .arg("--fixture")
@@ -294,10 +304,8 @@ fn bench_preprocess(args: Vec<String>) -> Result<()> {
         }
     }
     let root = root();
-    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu"]).current_dir(&root))?;
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let stu = target.join("release/stu");
-    let work = target.join("bench-preprocess");
+    let stu = build_stu(&root, &[])?;
+    let work = target_dir(&root).join("bench-preprocess");
     let data_root = work.join("raw");
     run(Command::new(&stu).arg("bench-data").arg("--out").arg(&data_root))?;
     let dataset = data_root.join("Dataset990_SyntheticCT");
@@ -398,13 +406,12 @@ fn bench_train(args: Vec<String>) -> Result<()> {
         sizes = vec!["S".into(), "B".into()];
     }
     let root = root();
-    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu"]).current_dir(&root))?;
+    let stu = build_stu(&root, &[])?;
     let out_dir = root.join("reports/bench");
     std::fs::create_dir_all(&out_dir)?;
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
     let ours_path = out_dir.join("stu-train.json");
     let cases: Vec<String> = sizes.iter().map(|s| format!("train_{s}_128_b2")).collect();
-    run(Command::new(target.join("release/stu")).arg("bench").arg("--json").arg(&ours_path).args(&cases))?;
+    run(Command::new(stu).arg("bench").arg("--json").arg(&ours_path).args(&cases))?;
     let ours: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
     let torch_path = out_dir.join("torch-train.json");
     run(Command::new(&python).arg(root.join("xtask/bench/torch_train.py")).arg(root.join("../shared/bench")).arg(&torch_path).args(&sizes))?;
@@ -440,12 +447,11 @@ fn bench_allreduce(args: Vec<String>) -> Result<()> {
         }
     }
     let root = root();
-    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu"]).current_dir(&root))?;
+    let stu = build_stu(&root, &[])?;
     let out_dir = root.join("reports/bench");
     std::fs::create_dir_all(&out_dir)?;
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
     let ours_path = out_dir.join("stu-allreduce.json");
-    run(Command::new(target.join("release/stu")).args(["bench", "allreduce", "--json"]).arg(&ours_path))?;
+    run(Command::new(stu).args(["bench", "allreduce", "--json"]).arg(&ours_path))?;
     let ours: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
     let out = Command::new(&python).arg(root.join("xtask/bench/torch_allreduce.py")).output().with_context(|| format!("cannot run `{python}`"))?;
     ensure!(out.status.success(), "torch_allreduce.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -504,9 +510,8 @@ fn run_spec(args: Vec<String>) -> Result<()> {
         b => b.to_string(),
     };
     let root = root();
-    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu", "--no-default-features", "--features", &feature]).current_dir(&root))?;
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    run(Command::new(target.join("release/stu")).arg("run").args(&args).current_dir(&root))
+    let stu = build_stu(&root, &["--no-default-features", "--features", &feature])?;
+    run(Command::new(stu).arg("run").args(&args).current_dir(&root))
 }
 
 /// Options of the emitted Slurm scripts.
@@ -535,9 +540,7 @@ fn emit_slurm(args: Vec<String>) -> Result<()> {
     let backend = spec_backend(&spec)?;
     let feature = if backend == "tch-cuda" { "tch".to_string() } else { backend.clone() };
     let root = root();
-    run(Command::new(env!("CARGO")).args(["build", "--release", "-p", "stu-harness", "--bin", "stu", "--no-default-features", "--features", &feature]).current_dir(&root))?;
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
-    let stu = target.join("release/stu");
+    let stu = build_stu(&root, &["--no-default-features", "--features", &feature])?;
     let count = output(Command::new(&stu).arg("run").arg(&spec).args(&run_args).arg("--count").current_dir(&root))
         .with_context(|| format!("`stu run {} --count` failed; check the spec with `stu spec check`", spec.display()))?;
     let n: usize = count.trim().parse().with_context(|| format!("`stu run --count` printed `{count}`"))?;
