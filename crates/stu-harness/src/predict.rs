@@ -263,18 +263,23 @@ impl Predictor {
                         });
                     }
                     let mean = sum.expect("at least one pass") / subsets.len() as f64;
-                    if let (Some(a), Some(gd)) = (acc_dev.take(), &g_dev) {
+                    // On the device the tile is summed there; on the host its logits come back.
+                    let logits = if let (Some(a), Some(gd)) = (acc_dev.take(), &g_dev) {
                         // In place: `a` is the only handle on its storage once the slice is summed.
                         let ranges = [0..classes, sz..sz + p[0], sy..sy + p[1], sx..sx + p[2]];
                         let tile = a.clone().slice(ranges.clone()) + mean.reshape([classes, p[0], p[1], p[2]]) * gd.clone();
                         acc_dev = Some(a.slice_assign(ranges, tile));
+                        None
                     } else {
                         let logits = mean.into_data().convert::<f32>().try_to_vec::<f32>().map_err(|e| anyhow::anyhow!("{e:?}"))?;
                         ensure!(logits.iter().all(|v| v.is_finite()), "the network produced non-finite logits");
-                        for z in 0..p[0] {
-                            for y in 0..p[1] {
-                                let t = (z * p[1] + y) * p[2];
-                                let d = ((sz + z) * padded[1] + sy + y) * padded[2] + sx;
+                        Some(logits)
+                    };
+                    for z in 0..p[0] {
+                        for y in 0..p[1] {
+                            let t = (z * p[1] + y) * p[2];
+                            let d = ((sz + z) * padded[1] + sy + y) * padded[2] + sx;
+                            if let Some(logits) = &logits {
                                 for k in 0..classes {
                                     let (a, l) = (&mut acc[k * np + d..k * np + d + p[2]], &logits[k * pn + t..k * pn + t + p[2]]);
                                     for ((a, l), w) in a.iter_mut().zip(l).zip(&g[t..t + p[2]]) {
@@ -282,12 +287,6 @@ impl Predictor {
                                     }
                                 }
                             }
-                        }
-                    }
-                    for z in 0..p[0] {
-                        for y in 0..p[1] {
-                            let t = (z * p[1] + y) * p[2];
-                            let d = ((sz + z) * padded[1] + sy + y) * padded[2] + sx;
                             for (w, gv) in weight[d..d + p[2]].iter_mut().zip(&g[t..t + p[2]]) {
                                 *w += gv;
                             }
