@@ -124,21 +124,16 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
     let (mut loss, mut share, mut at, mut k) = (None::<Tensor<1>>, 0.0, 0, 0);
     for (w, ce, sums) in terms {
         let c1 = sums[0].dims()[1];
-        let mut used = Vec::with_capacity(3);
-        let mut g64 = Vec::with_capacity(3);
-        for s in sums {
-            let g = &global[at..at + c1];
-            let delta: Vec<f32> = g.iter().zip(&local[k]).map(|(g, l)| g - l).collect();
-            g64.push(g.iter().map(|&v| v as f64).collect::<Vec<f64>>());
+        let [i, p, g] = sums.map(|s| {
+            let delta: Vec<f32> = global[at..at + c1].iter().zip(&local[k]).map(|(g, l)| g - l).collect();
             let device = s.device();
-            used.push(s + Tensor::<2>::from_data(TensorData::new(delta, [1, c1]), &device));
             at += c1;
             k += 1;
-        }
-        let [i, p, g]: [Tensor<2>; 3] = used.try_into().expect("three sums");
+            s + Tensor::<2>::from_data(TensorData::new(delta, [1, c1]), &device)
+        });
+        // Its value is the global batch's Dice, the same on every rank.
         let dc = soft_dice(i, p, g, cfg.smooth).mean();
-        let dc_global = (0..c1).map(|j| (2.0 * g64[0][j] + cfg.smooth) / (g64[2][j] + g64[1][j] + cfg.smooth).max(1e-8)).sum::<f64>() / c1 as f64;
-        share += w * (ce.clone().into_scalar::<f32>() as f64 - dc_global);
+        share += w * (ce.clone() - dc.clone()).into_scalar::<f32>() as f64;
         let term = (ce - dc * world) * w;
         loss = Some(match loss {
             Some(acc) => acc + term,
