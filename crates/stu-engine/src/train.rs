@@ -197,9 +197,30 @@ impl Sgd {
     }
 }
 
+/// Calls `f::<D>(args…)` with `D` the rank of a parameter (1 to 5), as burn's gradient store
+/// is typed by rank.
+macro_rules! by_rank {
+    ($rank:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $rank {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            r => panic!("parameters of rank {r} are not expected"),
+        }
+    };
+}
+
 /// Scales the gradients so that their joint L2 norm is at most `max_norm`
 /// (`clip_grad_norm_`, coefficient `max/(norm+1e-6)` when below 1); returns the norm before.
 pub fn clip_grad_norm(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let ids: Vec<(ParamId, usize)> = net.params().into_iter().map(|p| (p.id, p.dims.len())).collect();
+    clip_by_ids(&ids, grads, max_norm)
+}
+
+/// [`clip_grad_norm`] over parameters given as `(id, rank)`.
+pub(crate) fn clip_by_ids(ids: &[(ParamId, usize)], grads: &mut GradientsParams, max_norm: f64) -> f64 {
     fn sq<const D: usize>(g: &GradientsParams, id: ParamId) -> f64 {
         g.get::<D>(id).map_or(0.0, |t| t.clone().mul(t).sum().into_scalar::<f32>() as f64)
     }
@@ -208,29 +229,11 @@ pub fn clip_grad_norm(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f
             g.register(id, t * f);
         }
     }
-    let params = net.params();
-    let total = params
-        .iter()
-        .map(|p| match p.dims.len() {
-            1 => sq::<1>(grads, p.id),
-            2 => sq::<2>(grads, p.id),
-            3 => sq::<3>(grads, p.id),
-            4 => sq::<4>(grads, p.id),
-            5 => sq::<5>(grads, p.id),
-            r => panic!("parameters of rank {r} are not expected"),
-        })
-        .sum::<f64>()
-        .sqrt();
+    let total = ids.iter().map(|&(id, d)| by_rank!(d, sq(grads, id))).sum::<f64>().sqrt();
     let coef = max_norm / (total + 1e-6);
     if coef < 1.0 {
-        for p in &params {
-            match p.dims.len() {
-                1 => scale::<1>(grads, p.id, coef),
-                2 => scale::<2>(grads, p.id, coef),
-                3 => scale::<3>(grads, p.id, coef),
-                4 => scale::<4>(grads, p.id, coef),
-                _ => scale::<5>(grads, p.id, coef),
-            }
+        for &(id, d) in ids {
+            by_rank!(d, scale(grads, id, coef));
         }
     }
     total
@@ -331,14 +334,7 @@ pub fn average_gradients(net: &dyn SegNet, grads: &mut GradientsParams, group: &
     let mut held = Vec::new();
     let mut n = 0;
     for p in &params {
-        let got = match p.dims.len() {
-            1 => take::<1>(grads, p.id),
-            2 => take::<2>(grads, p.id),
-            3 => take::<3>(grads, p.id),
-            4 => take::<4>(grads, p.id),
-            5 => take::<5>(grads, p.id),
-            r => panic!("parameters of rank {r} are not expected"),
-        };
+        let got = by_rank!(p.dims.len(), take(grads, p.id));
         // A parameter without a gradient has none on any rank (the graphs are the same).
         if let Some(g) = got {
             let len = g.dims()[0];
@@ -362,13 +358,7 @@ pub fn average_gradients(net: &dyn SegNet, grads: &mut GradientsParams, group: &
     let flat = Tensor::<1>::from_data(TensorData::new(flat, [n]), &device);
     for (p, at, len, dtype) in held {
         let g = flat.clone().slice(at..at + len);
-        match p.dims.len() {
-            1 => put::<1>(grads, p.id, g, &p.dims, dtype),
-            2 => put::<2>(grads, p.id, g, &p.dims, dtype),
-            3 => put::<3>(grads, p.id, g, &p.dims, dtype),
-            4 => put::<4>(grads, p.id, g, &p.dims, dtype),
-            _ => put::<5>(grads, p.id, g, &p.dims, dtype),
-        }
+        by_rank!(p.dims.len(), put(grads, p.id, g, &p.dims, dtype));
     }
     Ok(())
 }
