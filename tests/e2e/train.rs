@@ -266,13 +266,14 @@ fn two_data_parallel_processes_train_resume_after_sigkill_and_refuse_mismatches(
     let log: Vec<serde_json::Value> = std::fs::read_to_string(a.join("log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(log.iter().all(|l| l["val_loss"].as_f64().is_some_and(f64::is_finite) && l["pseudo_dice"].as_array().unwrap().len() == 2), "validation is gathered from both ranks");
 
-    // The same run with every process killed after its first epoch, then resumed: the same
-    // losses (batches and reductions are deterministic) and weights.
+    // The same run with every process killed once two epochs are logged (the first epoch's
+    // checkpoint is written after its log line), then resumed: the same losses (batches and
+    // reductions are deterministic) and weights.
     let mut child = Command::new(stu_bin!()).args(dp_args(pre_s, b.to_str().unwrap(), &["--nproc", "2"])).stderr(std::process::Stdio::null()).process_group(0).spawn().unwrap();
     let t = Instant::now();
     let mut killed = false;
     while t.elapsed() < Duration::from_secs(120) {
-        if std::fs::read_to_string(b.join("log.jsonl")).map(|s| s.lines().count()).unwrap_or(0) >= 1 {
+        if std::fs::read_to_string(b.join("log.jsonl")).map(|s| s.lines().count()).unwrap_or(0) >= 2 {
             let st = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", child.id())]).status().unwrap();
             assert!(st.success(), "kill failed");
             killed = true;
@@ -284,7 +285,7 @@ fn two_data_parallel_processes_train_resume_after_sigkill_and_refuse_mismatches(
         std::thread::sleep(Duration::from_millis(5));
     }
     child.wait().unwrap();
-    assert!(killed, "the run was still going after one epoch");
+    assert!(killed, "the run was still going after two epochs");
     assert!(!b.join("checkpoint_final.safetensors").exists());
     ok(&stu(&dp_args(pre_s, b.to_str().unwrap(), &["--nproc", "2", "--resume"])));
     assert_eq!(logged_losses(&b), full, "resumed losses differ from the uninterrupted run");
