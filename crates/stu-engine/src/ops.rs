@@ -253,6 +253,11 @@ pub fn norm_add_act(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, skip: Tens
                 skip.into_dispatch(),
             ))
         }
+        #[cfg(feature = "tch")]
+        Layout::Ncdhw if is_libtorch(&x.device(), TorchPath::Norm) => {
+            use crate::torch::TorchOps;
+            Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::norm_add_act_nc(x.into_dispatch(), weight.into_dispatch(), bias.into_dispatch(), skip.into_dispatch()))
+        }
         Layout::Ncdhw => leaky_relu(norm_act(x, weight, bias, false, layout) + skip),
     }
 }

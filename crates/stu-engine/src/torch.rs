@@ -1,16 +1,26 @@
 #![allow(deprecated)] // burn-tch is marked deprecated upstream; it is the libtorch (cuDNN) path here.
-//! libtorch fast paths (feature `tch`): cuDNN convolution gradients and ATen's fused instance
-//! norm, as a burn backend extension over [`LibTorch`](burn::backend::LibTorch).
+//! libtorch fast paths (feature `tch`): cuDNN convolution gradients, instance norm fused with
+//! its LeakyReLU (and the residual add at a block's end), and nnU-Net's loss, as a burn backend
+//! extension over [`LibTorch`](burn::backend::LibTorch).
 //!
 //! burn's generic conv3d weight gradient is itself a convolution whose kernel is the whole
 //! output gradient (128³ at full resolution); cuDNN runs it far off its fast paths, and burn's
 //! instance norm is six elementwise kernels. Here the forward calls ATen directly. When burn
 //! records the op for a backward pass, the forward runs under libtorch's autograd on detached
-//! leaves and the libtorch graph is kept in burn's node state; the backward asks libtorch for the
-//! gradients of `sum(y · grad)` through that graph (cuDNN's backward-data and backward-filter,
-//! ATen's instance-norm backward), without re-running the forward. Autodiff stays burn's:
-//! these ops are nodes of its graph like any other. The `*_backward` methods that re-run the
-//! forward (`STU_TCH_GRAPH=0`) remain for comparison.
+//! leaves and the libtorch graph is kept in burn's node state; the backward hands burn's output
+//! gradient to that graph (`csrc/grad.cpp`: `torch::autograd::grad` with the gradient given,
+//! which tch does not expose) and gets cuDNN's backward-data and backward-filter and ATen's
+//! batch-norm backward, without re-running the forward. Autodiff stays burn's: these ops are
+//! nodes of its graph like any other.
+//!
+//! Memory: instance norm runs as ATen's batch norm on the `[1, B·C, …]` view (what
+//! `instance_norm` does inside), so the residual add and the LeakyReLU can work in place on its
+//! output (batch norm's backward reads its input and statistics, not its output, and the
+//! LeakyReLU's backward reads its result). Each norm then keeps two activations alive for the
+//! backward (its input and its output) where PyTorch's eager STU-Net keeps three or four (the
+//! norm's output before the activation, and the sum before the last one). In half precision the
+//! affine parameters enter the norm in f32, as under PyTorch's autocast (cuDNN's batch norm
+//! takes f16 data only with f32 parameters).
 //!
 //! Only libtorch devices reach this trait ([`crate::ops`] routes by device); the layout is
 //! NCDHW, as PyTorch's.
@@ -20,24 +30,16 @@ use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
-use burn_autodiff::{Autodiff, NodeId};
+use burn_autodiff::Autodiff;
 
-/// ATen-backed operations on NCDHW tensors.
+/// ATen-backed operations on NCDHW tensors. The `*_graph` methods run an op under libtorch's
+/// autograd and return (output, the output with its graph, the leaves); `*_graph_backward`
+/// returns the leaves' gradients for the output gradient `grad`.
 #[backend_extension(LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait TorchOps: Backend {
     /// `conv3d(x, weight, bias)` with padding k/2 per axis (odd kernels), `stride`.
     fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self>;
-    /// Gradients of [`conv3d_nc`](TorchOps::conv3d_nc): (x, weight, bias).
-    fn conv3d_nc_backward(
-        x: FloatTensor<Self>,
-        weight: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-        stride: [usize; 3],
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
-    /// `InstanceNorm3d(affine)` (eps 1e-5) then LeakyReLU(0.01) when `act`.
-    fn norm_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self>;
-    /// [`conv3d_nc`](TorchOps::conv3d_nc) under libtorch's autograd: (output, the output with
-    /// its graph, the x leaf, the weight leaf).
+    /// [`conv3d_nc`](TorchOps::conv3d_nc) with its graph: (y, y_graph, x leaf, weight leaf).
     fn conv3d_nc_graph(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -51,8 +53,11 @@ pub trait TorchOps: Backend {
         w_leaf: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
-    /// [`norm_act_nc`](TorchOps::norm_act_nc) under libtorch's autograd: (output, the output
-    /// with its graph, the x, gamma and beta leaves).
+    /// `InstanceNorm3d(affine)` (eps 1e-5) then LeakyReLU(0.01) when `act`.
+    fn norm_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self>;
+    /// `leaky_relu(InstanceNorm3d(x) + skip)`, the end of a residual block.
+    fn norm_add_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, skip: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// [`norm_act_nc`](TorchOps::norm_act_nc) with its graph: (y, y_graph, x, gamma and beta leaves).
     fn norm_act_nc_graph(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -67,20 +72,28 @@ pub trait TorchOps: Backend {
         b_leaf: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
-    /// Gradients of [`norm_act_nc`](TorchOps::norm_act_nc): (x, gamma, beta).
-    fn norm_act_nc_backward(
+    /// [`norm_add_act_nc`](TorchOps::norm_add_act_nc) with its graph: (y, y_graph, x, gamma,
+    /// beta and skip leaves).
+    fn norm_add_act_nc_graph(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
+        skip: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Gradients (x, gamma, beta, skip) through a graph from [`norm_add_act_nc_graph`](TorchOps::norm_add_act_nc_graph).
+    fn norm_add_act_nc_graph_backward(
+        y_graph: FloatTensor<Self>,
+        x_leaf: FloatTensor<Self>,
+        g_leaf: FloatTensor<Self>,
+        b_leaf: FloatTensor<Self>,
+        s_leaf: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-        act: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// nnU-Net's Dice + CE (`crate::loss::dc_ce`) of NCDHW `logits` against class indices
     /// `target` `[B, D, H, W]` stored as floats, as PyTorch computes it (`cross_entropy`, one
     /// softmax, the one-hot by `scatter`); a 1-element tensor.
     fn dc_ce_nc(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> FloatTensor<Self>;
-    /// [`dc_ce_nc`](TorchOps::dc_ce_nc) under libtorch's autograd: (loss, the loss with its
-    /// graph, the logits leaf).
+    /// [`dc_ce_nc`](TorchOps::dc_ce_nc) with its graph: (loss, loss_graph, logits leaf).
     fn dc_ce_nc_graph(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Gradient of the logits through a graph from [`dc_ce_nc_graph`](TorchOps::dc_ce_nc_graph),
     /// scaled by the 1-element `grad`.
@@ -92,59 +105,111 @@ mod libtorch {
     use burn::backend::LibTorch;
     use burn::backend::libtorch::TchTensor;
     use burn::backend::tensor::FloatTensor;
+    use tch::{Kind, Tensor};
 
     use super::TorchOps;
 
-    fn conv(x: &tch::Tensor, w: &tch::Tensor, b: Option<&tch::Tensor>, stride: [usize; 3]) -> tch::Tensor {
+    #[allow(unsafe_code)]
+    unsafe extern "C" {
+        // csrc/grad.cpp; the pointers are tch's `C_tensor` (an `at::Tensor*`).
+        fn stu_vjp(y: *const std::ffi::c_void, grad: *const std::ffi::c_void, inputs: *const *const std::ffi::c_void, n_inputs: std::ffi::c_int, outputs: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
+    }
+
+    /// Gradients of `sum(y · grad)` with respect to `leaves`, through `y`'s libtorch graph
+    /// (which is released).
+    #[allow(unsafe_code)]
+    fn vjp(y: &Tensor, grad: &Tensor, leaves: &[&Tensor]) -> Vec<Tensor> {
+        let inputs: Vec<*const std::ffi::c_void> = leaves.iter().map(|t| t.as_ptr().cast()).collect();
+        let mut outputs = vec![std::ptr::null_mut(); leaves.len()];
+        let grad = if grad.kind() == y.kind() { grad.shallow_clone() } else { grad.to_kind(y.kind()) };
+        // SAFETY: every pointer is a live `at::Tensor*` owned by a tch `Tensor` borrowed for the
+        // call; the function writes `leaves.len()` new `at::Tensor*`, each owned by one tch
+        // `Tensor` below, or returns a malloc'd message that is freed here.
+        unsafe {
+            let err = stu_vjp(y.as_ptr().cast(), grad.as_ptr().cast(), inputs.as_ptr(), leaves.len() as std::ffi::c_int, outputs.as_mut_ptr());
+            if !err.is_null() {
+                let msg = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
+                libc_free(err.cast());
+                panic!("libtorch backward failed: {msg}");
+            }
+            outputs.into_iter().map(|p| Tensor::from_ptr(p.cast())).collect()
+        }
+    }
+
+    #[allow(unsafe_code)]
+    unsafe extern "C" {
+        #[link_name = "free"]
+        fn libc_free(p: *mut std::ffi::c_void);
+    }
+
+    fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [usize; 3]) -> Tensor {
         let k = w.size();
         x.conv3d(w, b, stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2], [1i64; 3], 1)
     }
 
-    fn norm_act(x: &tch::Tensor, g: &tch::Tensor, b: &tch::Tensor, act: bool) -> tch::Tensor {
-        let y = x.instance_norm(Some(g), Some(b), None::<&tch::Tensor>, None::<&tch::Tensor>, true, 0.0, crate::ops::NORM_EPS, true);
-        if act { y.leaky_relu() } else { y }
-    }
-
-    /// Gradients of `sum(f(inputs) · grad)` with respect to `inputs`, by libtorch's autograd on a
-    /// fresh graph over detached copies.
-    fn vjp(inputs: &[&tch::Tensor], grad: &tch::Tensor, f: impl FnOnce(&[tch::Tensor]) -> tch::Tensor) -> Vec<tch::Tensor> {
-        tch::with_grad(|| {
-            let leaves: Vec<tch::Tensor> = inputs.iter().map(|t| t.detach().set_requires_grad(true)).collect();
-            let y = f(&leaves);
-            let s = (y * grad).sum(None::<tch::Kind>);
-            tch::Tensor::run_backward(&[s], &leaves, false, false)
-        })
+    /// Instance norm (+ skip) (+ LeakyReLU) as ATen's batch norm over the `[1, B·C, …]` view,
+    /// the add and the activation in place on its output (see the module notes). In half
+    /// precision the affine parameters are taken in f32.
+    fn norm_act(x: &Tensor, g: &Tensor, b: &Tensor, skip: Option<&Tensor>, act: bool) -> Tensor {
+        let dims = x.size();
+        let (n, c) = (dims[0], dims[1]);
+        let mut flat = dims.clone();
+        flat[0] = 1;
+        flat[1] = n * c;
+        let half = matches!(x.kind(), Kind::Half | Kind::BFloat16);
+        let affine = |p: &Tensor| {
+            let p = if half { p.to_kind(Kind::Float) } else { p.shallow_clone() };
+            if n > 1 { p.repeat([n]) } else { p }
+        };
+        let mut y = x.reshape(&flat).batch_norm(Some(&affine(g)), Some(&affine(b)), None::<&Tensor>, None::<&Tensor>, true, 0.0, crate::ops::NORM_EPS, true);
+        if let Some(s) = skip {
+            let _ = y.g_add_(&s.reshape(&flat));
+        }
+        if act {
+            let _ = y.leaky_relu_();
+        }
+        y.view(dims.as_slice())
     }
 
     /// nnU-Net's `DC_and_CE_loss` (`RobustCrossEntropyLoss` + `MemoryEfficientSoftDiceLoss`,
     /// background excluded) in ATen, as its PyTorch code runs it.
-    fn dc_ce(logits: &tch::Tensor, target: &tch::Tensor, batch_dice: bool, smooth: f64) -> tch::Tensor {
+    fn dc_ce(logits: &Tensor, target: &Tensor, batch_dice: bool, smooth: f64) -> Tensor {
         let c = logits.size()[1];
-        let t = target.to_kind(tch::Kind::Int64);
-        let ce = logits.cross_entropy_loss::<tch::Tensor>(&t, None, tch::Reduction::Mean, -100, 0.0);
-        let p = logits.softmax(1, tch::Kind::Float).narrow(1, 1, c - 1);
+        let t = target.to_kind(Kind::Int64);
+        let ce = logits.cross_entropy_loss::<Tensor>(&t, None, tch::Reduction::Mean, -100, 0.0);
+        let p = logits.softmax(1, Kind::Float).narrow(1, 1, c - 1);
         let y = tch::no_grad(|| logits.zeros_like().scatter_value(1, &t.unsqueeze(1), 1.0).narrow(1, 1, c - 1));
         let axes: &[i64] = if batch_dice { &[0, 2, 3, 4] } else { &[2, 3, 4] };
-        let intersect = (&p * &y).sum_dim_intlist(axes, false, tch::Kind::Float);
-        let sum_pred = p.sum_dim_intlist(axes, false, tch::Kind::Float);
-        let sum_gt = y.sum_dim_intlist(axes, false, tch::Kind::Float);
+        let intersect = (&p * &y).sum_dim_intlist(axes, false, Kind::Float);
+        let sum_pred = p.sum_dim_intlist(axes, false, Kind::Float);
+        let sum_gt = y.sum_dim_intlist(axes, false, Kind::Float);
         let dc = (intersect * 2.0 + smooth) / (sum_gt + sum_pred + smooth).clamp_min(1e-8);
-        (ce - dc.mean(tch::Kind::Float)).reshape([1])
+        (ce - dc.mean(Kind::Float)).reshape([1])
     }
 
-    fn leaf(t: &tch::Tensor) -> tch::Tensor {
+    fn leaf(t: &Tensor) -> Tensor {
         t.detach().set_requires_grad(true)
     }
 
-    /// Gradients of `sum(y_graph · grad)` with respect to `leaves`.
-    fn through(y_graph: &tch::Tensor, leaves: &[&tch::Tensor], grad: &tch::Tensor) -> Vec<tch::Tensor> {
-        tch::with_grad(|| {
-            let s = (y_graph * grad).sum(None::<tch::Kind>);
-            tch::Tensor::run_backward(&[s], leaves, false, false)
-        })
+    /// An op's output for burn and the same tensor with its libtorch graph, for the node state.
+    /// They share burn-tch's storage count, so that burn never writes the output in place while
+    /// the graph may still read it (the in-place LeakyReLU saves its result).
+    fn output(y: Tensor) -> (TchTensor, TchTensor) {
+        let out = TchTensor::new(y.detach());
+        let graph = TchTensor { tensor: y, storage: out.storage.clone() };
+        (out, graph)
+    }
+
+    fn wrap<const N: usize>(ts: Vec<Tensor>) -> [TchTensor; N] {
+        let n = ts.len();
+        ts.into_iter().map(TchTensor::new).collect::<Vec<_>>().try_into().unwrap_or_else(|_| panic!("{N} gradients expected, got {n}"))
     }
 
     impl TorchOps for LibTorch {
+        fn conv3d_nc(x: FloatTensor<LibTorch>, weight: FloatTensor<LibTorch>, bias: FloatTensor<LibTorch>, stride: [usize; 3]) -> FloatTensor<LibTorch> {
+            TchTensor::new(tch::no_grad(|| conv(&x.tensor, &weight.tensor, Some(&bias.tensor), stride)))
+        }
+
         fn conv3d_nc_graph(
             x: FloatTensor<LibTorch>,
             weight: FloatTensor<LibTorch>,
@@ -153,7 +218,8 @@ mod libtorch {
         ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
             let (xl, wl) = (leaf(&x.tensor), leaf(&weight.tensor));
             let y = tch::with_grad(|| conv(&xl, &wl, Some(&bias.tensor), stride));
-            (TchTensor::new(y.detach()), TchTensor::new(y), TchTensor::new(xl), TchTensor::new(wl))
+            let (y, y_graph) = output(y);
+            (y, y_graph, TchTensor::new(xl), TchTensor::new(wl))
         }
 
         fn conv3d_nc_graph_backward(
@@ -162,10 +228,17 @@ mod libtorch {
             w_leaf: FloatTensor<LibTorch>,
             grad: FloatTensor<LibTorch>,
         ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
-            let mut g = through(&y_graph.tensor, &[&x_leaf.tensor, &w_leaf.tensor], &grad.tensor).into_iter();
-            let (dx, dw) = (g.next().expect("dx"), g.next().expect("dw"));
-            let db = tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<tch::Kind>));
-            (TchTensor::new(dx), TchTensor::new(dw), TchTensor::new(db))
+            let [dx, dw] = wrap(vjp(&y_graph.tensor, &grad.tensor, &[&x_leaf.tensor, &w_leaf.tensor]));
+            let db = tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<Kind>));
+            (dx, dw, TchTensor::new(db))
+        }
+
+        fn norm_act_nc(x: FloatTensor<LibTorch>, gamma: FloatTensor<LibTorch>, beta: FloatTensor<LibTorch>, act: bool) -> FloatTensor<LibTorch> {
+            TchTensor::new(tch::no_grad(|| norm_act(&x.tensor, &gamma.tensor, &beta.tensor, None, act)))
+        }
+
+        fn norm_add_act_nc(x: FloatTensor<LibTorch>, gamma: FloatTensor<LibTorch>, beta: FloatTensor<LibTorch>, skip: FloatTensor<LibTorch>) -> FloatTensor<LibTorch> {
+            TchTensor::new(tch::no_grad(|| norm_act(&x.tensor, &gamma.tensor, &beta.tensor, Some(&skip.tensor), true)))
         }
 
         fn norm_act_nc_graph(
@@ -175,8 +248,9 @@ mod libtorch {
             act: bool,
         ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
             let (xl, gl, bl) = (leaf(&x.tensor), leaf(&gamma.tensor), leaf(&beta.tensor));
-            let y = tch::with_grad(|| norm_act(&xl, &gl, &bl, act));
-            (TchTensor::new(y.detach()), TchTensor::new(y), TchTensor::new(xl), TchTensor::new(gl), TchTensor::new(bl))
+            let y = tch::with_grad(|| norm_act(&xl, &gl, &bl, None, act));
+            let (y, y_graph) = output(y);
+            (y, y_graph, TchTensor::new(xl), TchTensor::new(gl), TchTensor::new(bl))
         }
 
         fn norm_act_nc_graph_backward(
@@ -186,41 +260,32 @@ mod libtorch {
             b_leaf: FloatTensor<LibTorch>,
             grad: FloatTensor<LibTorch>,
         ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
-            let mut g = through(&y_graph.tensor, &[&x_leaf.tensor, &g_leaf.tensor, &b_leaf.tensor], &grad.tensor).into_iter();
-            let mut next = || TchTensor::new(g.next().expect("three gradients"));
-            (next(), next(), next())
+            let [dx, dg, db] = wrap(vjp(&y_graph.tensor, &grad.tensor, &[&x_leaf.tensor, &g_leaf.tensor, &b_leaf.tensor]));
+            (dx, dg, db)
         }
 
-        fn conv3d_nc(x: FloatTensor<LibTorch>, weight: FloatTensor<LibTorch>, bias: FloatTensor<LibTorch>, stride: [usize; 3]) -> FloatTensor<LibTorch> {
-            TchTensor::new(tch::no_grad(|| conv(&x.tensor, &weight.tensor, Some(&bias.tensor), stride)))
-        }
-
-        fn conv3d_nc_backward(
-            x: FloatTensor<LibTorch>,
-            weight: FloatTensor<LibTorch>,
-            grad: FloatTensor<LibTorch>,
-            stride: [usize; 3],
-        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
-            let mut g = vjp(&[&x.tensor, &weight.tensor], &grad.tensor, |l| conv(&l[0], &l[1], None, stride)).into_iter();
-            let (dx, dw) = (g.next().expect("dx"), g.next().expect("dw"));
-            let db = tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<tch::Kind>));
-            (TchTensor::new(dx), TchTensor::new(dw), TchTensor::new(db))
-        }
-
-        fn norm_act_nc(x: FloatTensor<LibTorch>, gamma: FloatTensor<LibTorch>, beta: FloatTensor<LibTorch>, act: bool) -> FloatTensor<LibTorch> {
-            TchTensor::new(tch::no_grad(|| norm_act(&x.tensor, &gamma.tensor, &beta.tensor, act)))
-        }
-
-        fn norm_act_nc_backward(
+        fn norm_add_act_nc_graph(
             x: FloatTensor<LibTorch>,
             gamma: FloatTensor<LibTorch>,
             beta: FloatTensor<LibTorch>,
+            skip: FloatTensor<LibTorch>,
+        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let (xl, gl, bl, sl) = (leaf(&x.tensor), leaf(&gamma.tensor), leaf(&beta.tensor), leaf(&skip.tensor));
+            let y = tch::with_grad(|| norm_act(&xl, &gl, &bl, Some(&sl), true));
+            let (y, y_graph) = output(y);
+            (y, y_graph, TchTensor::new(xl), TchTensor::new(gl), TchTensor::new(bl), TchTensor::new(sl))
+        }
+
+        fn norm_add_act_nc_graph_backward(
+            y_graph: FloatTensor<LibTorch>,
+            x_leaf: FloatTensor<LibTorch>,
+            g_leaf: FloatTensor<LibTorch>,
+            b_leaf: FloatTensor<LibTorch>,
+            s_leaf: FloatTensor<LibTorch>,
             grad: FloatTensor<LibTorch>,
-            act: bool,
-        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
-            let mut g = vjp(&[&x.tensor, &gamma.tensor, &beta.tensor], &grad.tensor, |l| norm_act(&l[0], &l[1], &l[2], act)).into_iter();
-            let mut next = || TchTensor::new(g.next().expect("three gradients"));
-            (next(), next(), next())
+        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let [dx, dg, db, ds] = wrap(vjp(&y_graph.tensor, &grad.tensor, &[&x_leaf.tensor, &g_leaf.tensor, &b_leaf.tensor, &s_leaf.tensor]));
+            (dx, dg, db, ds)
         }
 
         fn dc_ce_nc(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> FloatTensor<LibTorch> {
@@ -230,23 +295,57 @@ mod libtorch {
         fn dc_ce_nc_graph(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
             let l = leaf(&logits.tensor);
             let y = tch::with_grad(|| dc_ce(&l, &target.tensor, batch_dice, smooth));
-            (TchTensor::new(y.detach()), TchTensor::new(y), TchTensor::new(l))
+            let (y, y_graph) = output(y);
+            (y, y_graph, TchTensor::new(l))
         }
 
         fn dc_ce_nc_graph_backward(loss_graph: FloatTensor<LibTorch>, logits_leaf: FloatTensor<LibTorch>, grad: FloatTensor<LibTorch>) -> FloatTensor<LibTorch> {
-            TchTensor::new(through(&loss_graph.tensor, &[&logits_leaf.tensor], &grad.tensor).pop().expect("one gradient"))
+            let [dl] = wrap(vjp(&loss_graph.tensor, &grad.tensor, &[&logits_leaf.tensor]));
+            dl
         }
     }
 }
 
-/// Whether the libtorch graph of an op is kept for its backward (`STU_TCH_GRAPH`, default on);
-/// off, the backward re-runs the op.
-fn keep_graph() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("STU_TCH_GRAPH").map_or(true, |v| v != "0"))
+/// Hands each gradient to its parent node, if that parent is tracked.
+macro_rules! register {
+    ($grads:expr, $parents:expr, $values:expr) => {
+        for (parent, value) in $parents.into_iter().zip($values) {
+            if let Some(node) = parent {
+                $grads.register::<B>(node.id, value);
+            }
+        }
+    };
 }
 
+// Every node state below also holds the burn-side inputs (not only the libtorch leaves, which
+// share their storage), so that burn never writes them in place while libtorch's graph still
+// reads them.
 impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
+    fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ConvNc;
+
+        impl<B: Backend + TorchOps> Backward<B, 3> for ConvNc {
+            type State = [B::FloatTensorPrimitive; 5];
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [_x, _w, y_graph, x_leaf, w_leaf] = ops.state;
+                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad);
+                register!(grads, ops.parents, [dx, dw, db]);
+            }
+        }
+
+        match ConvNc.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
+                let (y, y_graph, xl, wl) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride);
+                prep.finish([xp, wp, y_graph, xl, wl], y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride)),
+        }
+    }
+
     fn conv3d_nc_graph(
         _x: FloatTensor<Self>,
         _weight: FloatTensor<Self>,
@@ -263,6 +362,56 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("second-order gradients of conv3d_nc are not supported")
+    }
+
+    fn norm_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct NormActNc;
+
+        impl<B: Backend + TorchOps> Backward<B, 3> for NormActNc {
+            type State = [B::FloatTensorPrimitive; 5];
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [_x, y_graph, x_leaf, g_leaf, b_leaf] = ops.state;
+                let (dx, dg, db) = B::norm_act_nc_graph_backward(y_graph, x_leaf, g_leaf, b_leaf, grad);
+                register!(grads, ops.parents, [dx, dg, db]);
+            }
+        }
+
+        match NormActNc.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let xp = x.primitive().clone();
+                let (y, y_graph, xl, gl, bl) = B::norm_act_nc_graph(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act);
+                prep.finish([xp, y_graph, xl, gl, bl], y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::norm_act_nc(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act)),
+        }
+    }
+
+    fn norm_add_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, skip: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct NormAddActNc;
+
+        impl<B: Backend + TorchOps> Backward<B, 4> for NormAddActNc {
+            type State = [B::FloatTensorPrimitive; 7];
+
+            fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                let [_x, _s, y_graph, x_leaf, g_leaf, b_leaf, s_leaf] = ops.state;
+                let (dx, dg, db, ds) = B::norm_add_act_nc_graph_backward(y_graph, x_leaf, g_leaf, b_leaf, s_leaf, grad);
+                register!(grads, ops.parents, [dx, dg, db, ds]);
+            }
+        }
+
+        match NormAddActNc.prepare::<C>([x.node(), gamma.node(), beta.node(), skip.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (xp, sp) = (x.primitive().clone(), skip.primitive().clone());
+                let (y, y_graph, xl, gl, bl, sl) = B::norm_add_act_nc_graph(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), skip.into_primitive());
+                prep.finish([xp, sp, y_graph, xl, gl, bl, sl], y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::norm_add_act_nc(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), skip.into_primitive())),
+        }
     }
 
     fn norm_act_nc_graph(
@@ -284,188 +433,48 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         unreachable!("second-order gradients of norm_act_nc are not supported")
     }
 
-    fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct ConvNc;
-
-        impl<B: Backend + TorchOps> Backward<B, 3> for ConvNc {
-            type State = (NodeId, NodeId, [usize; 3]);
-
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-                let [node_x, node_w, node_b] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (xs, ws, stride) = ops.state;
-                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(xs);
-                let w = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ws);
-                let (dx, dw, db) = B::conv3d_nc_backward(x, w, grad, stride);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_w {
-                    grads.register::<B>(node.id, dw);
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, db);
-                }
-            }
-        }
-
-        #[derive(Debug)]
-        struct ConvNcGraph;
-
-        impl<B: Backend + TorchOps> Backward<B, 3> for ConvNcGraph {
-            // The burn-side inputs are held (not only the libtorch leaves) so that burn never
-            // writes them in place while libtorch's graph still reads them.
-            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive);
-
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-                let [node_x, node_w, node_b] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (_x, _w, y_graph, x_leaf, w_leaf) = ops.state;
-                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_w {
-                    grads.register::<B>(node.id, dw);
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, db);
-                }
-            }
-        }
-
-        if keep_graph() {
-            return match ConvNcGraph.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => {
-                    let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
-                    let (y, y_graph, xl, wl) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride);
-                    prep.finish((xp, wp, y_graph, xl, wl), y)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride)),
-            };
-        }
-        match ConvNc.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), stride);
-                prep.finish(state, B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride)),
-        }
-    }
-
-    fn conv3d_nc_backward(
-        _x: FloatTensor<Self>,
-        _weight: FloatTensor<Self>,
-        _grad: FloatTensor<Self>,
-        _stride: [usize; 3],
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        unreachable!("second-order gradients of conv3d_nc are not supported")
-    }
-
-    fn norm_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct NormActNc;
-
-        impl<B: Backend + TorchOps> Backward<B, 3> for NormActNc {
-            type State = (NodeId, NodeId, NodeId, bool);
-
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-                let [node_x, node_g, node_b] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (xs, gs, bs, act) = ops.state;
-                let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(xs);
-                let g = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gs);
-                let b = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(bs);
-                let (dx, dg, db) = B::norm_act_nc_backward(x, g, b, grad, act);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_g {
-                    grads.register::<B>(node.id, dg);
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, db);
-                }
-            }
-        }
-
-        #[derive(Debug)]
-        struct NormActNcGraph;
-
-        impl<B: Backend + TorchOps> Backward<B, 3> for NormActNcGraph {
-            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive);
-
-            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-                let [node_x, node_g, node_b] = ops.parents;
-                let grad = grads.consume::<B>(&ops.node);
-                let (_x, y_graph, x_leaf, g_leaf, b_leaf) = ops.state;
-                let (dx, dg, db) = B::norm_act_nc_graph_backward(y_graph, x_leaf, g_leaf, b_leaf, grad);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_g {
-                    grads.register::<B>(node.id, dg);
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, db);
-                }
-            }
-        }
-
-        if keep_graph() {
-            return match NormActNcGraph.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => {
-                    let xp = x.primitive().clone();
-                    let (y, y_graph, xl, gl, bl) = B::norm_act_nc_graph(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act);
-                    prep.finish((xp, y_graph, xl, gl, bl), y)
-                }
-                OpsKind::UnTracked(prep) => prep.finish(B::norm_act_nc(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act)),
-            };
-        }
-        match NormActNc.prepare::<C>([x.node(), gamma.node(), beta.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&gamma), prep.checkpoint(&beta), act);
-                prep.finish(state, B::norm_act_nc(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::norm_act_nc(x.into_primitive(), gamma.into_primitive(), beta.into_primitive(), act)),
-        }
-    }
-
-    fn norm_act_nc_backward(
+    fn norm_add_act_nc_graph(
         _x: FloatTensor<Self>,
         _gamma: FloatTensor<Self>,
         _beta: FloatTensor<Self>,
+        _skip: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("norm_add_act_nc_graph is called on the inner backend only")
+    }
+
+    fn norm_add_act_nc_graph_backward(
+        _y_graph: FloatTensor<Self>,
+        _x_leaf: FloatTensor<Self>,
+        _g_leaf: FloatTensor<Self>,
+        _b_leaf: FloatTensor<Self>,
+        _s_leaf: FloatTensor<Self>,
         _grad: FloatTensor<Self>,
-        _act: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        unreachable!("second-order gradients of norm_act_nc are not supported")
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("second-order gradients of norm_add_act_nc are not supported")
     }
 
     fn dc_ce_nc(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> FloatTensor<Self> {
         #[derive(Debug)]
-        struct DcCeNcGraph;
+        struct DcCeNc;
 
-        impl<B: Backend + TorchOps> Backward<B, 2> for DcCeNcGraph {
-            // The burn-side logits are held so burn never writes them in place while the
-            // libtorch graph still reads them.
-            type State = (B::FloatTensorPrimitive, B::FloatTensorPrimitive, B::FloatTensorPrimitive);
+        impl<B: Backend + TorchOps> Backward<B, 2> for DcCeNc {
+            type State = [B::FloatTensorPrimitive; 3];
 
             fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let [node_l, _target] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (_l, loss_graph, leaf) = ops.state;
+                let [_l, loss_graph, leaf] = ops.state;
                 if let Some(node) = node_l {
                     grads.register::<B>(node.id, B::dc_ce_nc_graph_backward(loss_graph, leaf, grad));
                 }
             }
         }
 
-        match DcCeNcGraph.prepare::<C>([logits.node(), target.node()]).compute_bound().stateful() {
+        match DcCeNc.prepare::<C>([logits.node(), target.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let lp = logits.primitive().clone();
                 let (y, graph, leaf) = B::dc_ce_nc_graph(logits.into_primitive(), target.into_primitive(), batch_dice, smooth);
-                prep.finish((lp, graph, leaf), y)
+                prep.finish([lp, graph, leaf], y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::dc_ce_nc(logits.into_primitive(), target.into_primitive(), batch_dice, smooth)),
         }
@@ -482,5 +491,75 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
 
     fn dc_ce_nc_graph_backward(_loss_graph: FloatTensor<Self>, _logits_leaf: FloatTensor<Self>, _grad: FloatTensor<Self>) -> FloatTensor<Self> {
         unreachable!("second-order gradients of dc_ce_nc are not supported")
+    }
+}
+
+#[cfg(all(test, feature = "tch"))]
+mod tests {
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    use crate::ops::{self, Layout};
+
+    /// Max |a − b| ≤ 2e-5 · max(max |b|, `floor`).
+    fn close(what: &str, a: Tensor<5>, b: Tensor<5>, floor: f32) {
+        let (a, b) = (ops::to_vec(a), ops::to_vec(b));
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 2e-5 * scale.max(floor), "{what}: max |diff| {err} (scale {scale})");
+    }
+
+    /// A residual block through the ATen paths (conv, norm + LeakyReLU, norm + skip + LeakyReLU,
+    /// each keeping its libtorch graph, the in-place activations, the gradient handed over by
+    /// `csrc/grad.cpp`) equals burn's composed operators on the same libtorch device, in value
+    /// and in every gradient, batch 2 (the affine parameters repeated per sample), tracked and not.
+    #[test]
+    #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+    fn the_aten_block_and_its_gradients_equal_burns_composed_operators() {
+        let ad = Device::libtorch().autodiff();
+        let (b, c, d, h, w) = (2, 3, 5, 6, 4);
+        let mut rng = stu_core::rng::SplitMix64::new(7);
+        let t5 = |n: [usize; 5], lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<5>::from_data(TensorData::new(rng.fill_f32(n.iter().product(), lo, hi), n), &ad).require_grad();
+        let t1 = |n: usize, lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<1>::from_data(TensorData::new(rng.fill_f32(n, lo, hi), [n]), &ad).require_grad();
+        let x = t5([b, c, d, h, w], -2.0, 3.0, &mut rng);
+        let (w1, w2) = (t5([c, c, 3, 3, 3], -0.3, 0.3, &mut rng), t5([c, c, 3, 3, 3], -0.3, 0.3, &mut rng));
+        let (b1, b2) = (t1(c, -0.5, 0.5, &mut rng), t1(c, -0.5, 0.5, &mut rng));
+        let (g1, g2) = (t1(c, 0.5, 1.5, &mut rng), t1(c, 0.5, 1.5, &mut rng));
+        let (e1, e2) = (t1(c, -0.5, 0.5, &mut rng), t1(c, -0.5, 0.5, &mut rng));
+        let lay = Layout::Ncdhw;
+        let block = |aten: bool| {
+            let conv = |x: Tensor<5>, w: &Tensor<5>, b: &Tensor<1>| {
+                if aten {
+                    ops::conv3d(x, w.clone(), b.clone(), [1; 3], lay)
+                } else {
+                    burn::tensor::module::conv3d(x, w.clone(), Some(b.clone()), burn::tensor::ops::ConvOptions::new([1; 3], [1; 3], [1; 3], 1))
+                }
+            };
+            let y = conv(x.clone(), &w1, &b1);
+            let y = if aten { ops::norm_act(y, g1.clone(), e1.clone(), true, lay) } else { ops::leaky_relu(ops::instance_norm(y, g1.clone(), e1.clone(), lay)) };
+            let y = conv(y, &w2, &b2);
+            if aten { ops::norm_add_act(y, g2.clone(), e2.clone(), x.clone(), lay) } else { ops::leaky_relu(ops::instance_norm(y, g2.clone(), e2.clone(), lay) + x.clone()) }
+        };
+        let (ya, yc) = (block(true), block(false));
+        close("forward", ya.clone(), yc.clone(), 1e-3);
+        // A loss that weights every output differently.
+        let weights = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(b * c * d * h * w, -1.0, 1.0), [b, c, d, h, w]), &ad);
+        let (ga, gc) = ((ya * weights.clone()).sum().backward(), (yc * weights).sum().backward());
+        close("dx", x.grad(&ga).unwrap().unsqueeze(), x.grad(&gc).unwrap().unsqueeze(), 1e-3);
+        for (name, p) in [("w1", &w1), ("w2", &w2)] {
+            close(name, p.grad(&ga).unwrap().unsqueeze(), p.grad(&gc).unwrap().unsqueeze(), 1e-3);
+        }
+        for (name, p) in [("g1", &g1), ("g2", &g2), ("e1", &e1), ("e2", &e2)] {
+            close(name, p.grad(&ga).unwrap().unsqueeze::<5>(), p.grad(&gc).unwrap().unsqueeze(), 1e-3);
+        }
+        // A bias before an instance norm has a zero gradient (the norm removes it): compare at
+        // the scale of the other gradients.
+        for (name, p) in [("b1", &b1), ("b2", &b2)] {
+            close(name, p.grad(&ga).unwrap().unsqueeze::<5>(), p.grad(&gc).unwrap().unsqueeze(), 1.0);
+        }
+        // Untracked (inference) forward.
+        let inner = x.clone().inner();
+        let y = ops::norm_add_act(ops::norm_act(inner.clone(), g1.clone().inner(), e1.clone().inner(), true, lay), g2.clone().inner(), e2.clone().inner(), inner.clone(), lay);
+        let want = ops::leaky_relu(ops::instance_norm(ops::leaky_relu(ops::instance_norm(inner.clone(), g1.inner(), e1.inner(), lay)), g2.inner(), e2.inner(), lay) + inner);
+        close("untracked", y, want, 1e-3);
     }
 }
