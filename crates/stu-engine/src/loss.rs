@@ -91,7 +91,9 @@ pub fn deep_supervision(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], weigh
 
 /// [`deep_supervision`] on one replica of a data-parallel group whose ranks hold equal shares
 /// of the global batch. Returns the loss to differentiate here and this rank's share of the
-/// reported loss (the global loss is the mean of the shares over ranks).
+/// reported loss (the global loss is the mean of the shares over ranks); `None` when the share
+/// is the loss's own value (one rank, or per-sample Dice), left on the device to be read when
+/// convenient.
 ///
 /// Per-sample Dice and the voxel-mean cross-entropy are means over samples, so the global loss
 /// is the mean of the ranks' losses and averaging gradients is exact. Batch Dice is not: its
@@ -99,11 +101,9 @@ pub fn deep_supervision(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], weigh
 /// exchanged before the Dice is formed: each rank uses `local + (global − local)` with the
 /// second term constant, so its gradient is the global Dice's through its own samples; the Dice
 /// term is weighted by the world size to survive the gradient averaging.
-pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], weights: &[f64], cfg: DiceConfig, group: &mut crate::dist::Group) -> Result<(Tensor<1>, f64), crate::dist::DistError> {
+pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], weights: &[f64], cfg: DiceConfig, group: &mut crate::dist::Group) -> Result<(Tensor<1>, Option<f64>), crate::dist::DistError> {
     if group.world() == 1 || !cfg.batch_dice {
-        let loss = deep_supervision(outputs, targets, weights, cfg);
-        let value = loss.clone().into_scalar::<f32>() as f64;
-        return Ok((loss, value));
+        return Ok((deep_supervision(outputs, targets, weights, cfg), None));
     }
     let terms: Vec<(f64, Tensor<1>, [Tensor<2>; 3])> = outputs
         .iter()
@@ -140,7 +140,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
             None => term,
         });
     }
-    Ok((loss.expect("non-empty"), share))
+    Ok((loss.expect("non-empty"), Some(share)))
 }
 
 #[cfg(test)]

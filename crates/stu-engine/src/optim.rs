@@ -33,5 +33,5 @@ impl ModuleVisitor for Ids {
 pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
     let mut ids = Ids(Vec::new());
     module.visit(&mut ids);
-    crate::train::clip_by_ids(&ids.0, grads, max_norm)
+    crate::train::clip_by_ids(&ids.0, grads, max_norm).map_or(0.0, |t| t.into_scalar::<f32>() as f64)
 }

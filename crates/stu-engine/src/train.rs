@@ -215,28 +215,43 @@ macro_rules! by_rank {
 /// Scales the gradients so that their joint L2 norm is at most `max_norm`
 /// (`clip_grad_norm_`, coefficient `max/(norm+1e-6)` when below 1); returns the norm before.
 pub fn clip_grad_norm(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    clip_grad_norm_on_device(net, grads, max_norm).map_or(0.0, |t| t.into_scalar::<f32>() as f64)
+}
+
+/// [`clip_grad_norm`] without a host round trip: the norm stays on the device (`None` when no
+/// parameter has a gradient).
+fn clip_grad_norm_on_device(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f64) -> Option<Tensor<1>> {
     let ids: Vec<(ParamId, usize)> = net.params().into_iter().map(|p| (p.id, p.dims.len())).collect();
     clip_by_ids(&ids, grads, max_norm)
 }
 
-/// [`clip_grad_norm`] over parameters given as `(id, rank)`.
-pub(crate) fn clip_by_ids(ids: &[(ParamId, usize)], grads: &mut GradientsParams, max_norm: f64) -> f64 {
-    fn sq<const D: usize>(g: &GradientsParams, id: ParamId) -> f64 {
-        g.get::<D>(id).map_or(0.0, |t| t.clone().mul(t).sum().into_scalar::<f32>() as f64)
+/// [`clip_grad_norm`] over parameters given as `(id, rank)`, as PyTorch computes it: on the
+/// device, the coefficient clamped to 1 and applied to every gradient (a product with 1 is
+/// exact), so that nothing waits for the GPU (reading one norm per parameter to the host cost a
+/// synchronisation each).
+pub(crate) fn clip_by_ids(ids: &[(ParamId, usize)], grads: &mut GradientsParams, max_norm: f64) -> Option<Tensor<1>> {
+    fn sq<const D: usize>(g: &GradientsParams, id: ParamId) -> Option<Tensor<1>> {
+        g.get::<D>(id).map(|t| {
+            let t = t.cast(burn::tensor::DType::F32);
+            t.clone().mul(t).sum()
+        })
     }
-    fn scale<const D: usize>(g: &mut GradientsParams, id: ParamId, f: f64) {
+    fn scale<const D: usize>(g: &mut GradientsParams, id: ParamId, coef: &Tensor<1>) {
         if let Some(t) = g.remove::<D>(id) {
-            g.register(id, t * f);
+            let dtype = t.dtype();
+            g.register(id, t * coef.clone().cast(dtype).reshape([1; D]));
         }
     }
-    let total = ids.iter().map(|&(id, d)| by_rank!(d, sq(grads, id))).sum::<f64>().sqrt();
-    let coef = max_norm / (total + 1e-6);
-    if coef < 1.0 {
-        for &(id, d) in ids {
-            by_rank!(d, scale(grads, id, coef));
-        }
+    let parts: Vec<Tensor<1>> = ids.iter().filter_map(|&(id, d)| by_rank!(d, sq(grads, id))).collect();
+    if parts.is_empty() {
+        return None;
     }
-    total
+    let total = Tensor::cat(parts, 0).sum().sqrt();
+    let coef = ((total.clone() + 1e-6).recip() * max_norm).clamp_max(1.0);
+    for &(id, d) in ids {
+        by_rank!(d, scale(grads, id, &coef));
+    }
+    Some(total)
 }
 
 /// A batch on the device: input `[B, C, D, H, W]` and one target per supervised output.
@@ -302,13 +317,23 @@ pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, s
     let n = outs.len().min(batch.targets.len());
     let (loss, share) = deep_supervision_in(&outs[..n], &batch.targets[..n], &weights[..n], dice, group)?;
     drop(outs);
+    // The loss value is read once the whole step is queued (on a GPU, reading it here would
+    // stall the device before the backward).
+    let kept = loss.clone().detach();
     let mut grads = net.gradients(loss);
-    let mut value = [share as f32];
-    average_gradients(&*net, &mut grads, group, &mut value)?;
-    let value = if group.world() == 1 { share } else { value[0] as f64 };
-    let grad_norm = clip_grad_norm(&*net, &mut grads, clip);
+    let value = match group.world() {
+        1 => None,
+        _ => {
+            let mut value = [share.unwrap_or_else(|| kept.clone().into_scalar::<f32>() as f64) as f32];
+            average_gradients(&*net, &mut grads, group, &mut value)?;
+            Some(value[0] as f64)
+        }
+    };
+    let norm = clip_grad_norm_on_device(&*net, &mut grads, clip);
     let net = sgd.step(net, &mut grads, lr);
-    Ok((net, StepStats { loss: value, grad_norm }))
+    let loss = value.or(share).unwrap_or_else(|| kept.into_scalar::<f32>() as f64);
+    let grad_norm = norm.map_or(0.0, |t| t.into_scalar::<f32>() as f64);
+    Ok((net, StepStats { loss, grad_norm }))
 }
 
 /// Replaces every gradient of `net` by its mean over the ranks of `group`, and `extra` (small
