@@ -46,13 +46,16 @@ pub trait TorchOps: Backend {
         bias: FloatTensor<Self>,
         stride: [usize; 3],
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
-    /// Gradients (x, weight, bias) through a graph from [`conv3d_nc_graph`](TorchOps::conv3d_nc_graph).
+    /// Gradients (x, weight, bias) through a graph from [`conv3d_nc_graph`](TorchOps::conv3d_nc_graph);
+    /// without `need_x` (x is the network's input) cuDNN's backward-data is skipped and the x
+    /// gradient is `None`.
     fn conv3d_nc_graph_backward(
         y_graph: FloatTensor<Self>,
         x_leaf: FloatTensor<Self>,
         w_leaf: FloatTensor<Self>,
         grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+        need_x: bool,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
     /// `InstanceNorm3d(affine)` (eps 1e-5) then LeakyReLU(0.01) when `act`.
     fn norm_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self>;
     /// `leaky_relu(InstanceNorm3d(x) + skip)`, the end of a residual block.
@@ -232,10 +235,16 @@ mod libtorch {
             x_leaf: FloatTensor<LibTorch>,
             w_leaf: FloatTensor<LibTorch>,
             grad: FloatTensor<LibTorch>,
-        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
-            let [dx, dw] = wrap(vjp(&y_graph.tensor, &grad.tensor, &[&x_leaf.tensor, &w_leaf.tensor]));
-            let db = tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<Kind>));
-            (dx, dw, TchTensor::new(db))
+            need_x: bool,
+        ) -> (Option<FloatTensor<LibTorch>>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let db = TchTensor::new(tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<Kind>)));
+            if need_x {
+                let [dx, dw] = wrap(vjp(&y_graph.tensor, &grad.tensor, &[&x_leaf.tensor, &w_leaf.tensor]));
+                (Some(dx), dw, db)
+            } else {
+                let [dw] = wrap(vjp(&y_graph.tensor, &grad.tensor, &[&w_leaf.tensor]));
+                (None, dw, db)
+            }
         }
 
         fn norm_act_nc(x: FloatTensor<LibTorch>, gamma: FloatTensor<LibTorch>, beta: FloatTensor<LibTorch>, act: bool) -> FloatTensor<LibTorch> {
@@ -336,8 +345,12 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let grad = grads.consume::<B>(&ops.node);
                 let [_x, _w, y_graph, x_leaf, w_leaf] = ops.state;
-                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad);
-                register!(grads, ops.parents, [dx, dw, db]);
+                let [node_x, node_w, node_b] = ops.parents;
+                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some());
+                register!(grads, [node_w, node_b], [dw, db]);
+                if let (Some(node), Some(dx)) = (node_x, dx) {
+                    grads.register::<B>(node.id, dx);
+                }
             }
         }
 
@@ -365,7 +378,8 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _x_leaf: FloatTensor<Self>,
         _w_leaf: FloatTensor<Self>,
         _grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        _need_x: bool,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("second-order gradients of conv3d_nc are not supported")
     }
 
@@ -548,7 +562,7 @@ mod tests {
         close("forward", ya.clone(), yc.clone(), 1e-3);
         // A loss that weights every output differently.
         let weights = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(b * c * d * h * w, -1.0, 1.0), [b, c, d, h, w]), &ad);
-        let (ga, gc) = ((ya * weights.clone()).sum().backward(), (yc * weights).sum().backward());
+        let (ga, gc) = ((ya * weights.clone()).sum().backward(), (yc * weights.clone()).sum().backward());
         close("dx", x.grad(&ga).unwrap().unsqueeze(), x.grad(&gc).unwrap().unsqueeze(), 1e-3);
         for (name, p) in [("w1", &w1), ("w2", &w2)] {
             close(name, p.grad(&ga).unwrap().unsqueeze(), p.grad(&gc).unwrap().unsqueeze(), 1e-3);
@@ -561,6 +575,15 @@ mod tests {
         for (name, p) in [("b1", &b1), ("b2", &b2)] {
             close(name, p.grad(&ga).unwrap().unsqueeze::<5>(), p.grad(&gc).unwrap().unsqueeze(), 1.0);
         }
+        // An input without a gradient (the network's input): only the weight and bias gradients.
+        let x0 = x.clone().detach();
+        let conv0 = |aten: bool| {
+            let y = if aten { ops::conv3d(x0.clone(), w1.clone(), b1.clone(), [1; 3], lay) } else { burn::tensor::module::conv3d(x0.clone(), w1.clone(), Some(b1.clone()), burn::tensor::ops::ConvOptions::new([1; 3], [1; 3], [1; 3], 1)) };
+            (y * weights.clone()).sum().backward()
+        };
+        let (ga, gc) = (conv0(true), conv0(false));
+        close("w1 (input without gradient)", w1.grad(&ga).unwrap(), w1.grad(&gc).unwrap(), 1e-3);
+        close("b1 (input without gradient)", b1.grad(&ga).unwrap().unsqueeze(), b1.grad(&gc).unwrap().unsqueeze(), 1e-3);
         // Untracked (inference) forward.
         let inner = x.clone().inner();
         let y = ops::norm_add_act(ops::norm_act(inner.clone(), g1.clone().inner(), e1.clone().inner(), true, lay), g2.clone().inner(), e2.clone().inner(), inner.clone(), lay);
