@@ -151,6 +151,7 @@ save()
 #    compared with a CPU run), and STU-Net-B (PyTorch init, 105 classes) on a CT case.
 for prec in ["f32", "bf16"]:
     o = f"/tmp/stu_pred_mr_{prec}"
+    shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
     rc, out, peak, wall = sh([A.stu, "predict", "-i", A.mr, "-o", o, "--checkpoint", A.fixture, "--backend", A.backend, "--precision", prec], timeout=120)
     R["predict"][f"tiny_mr_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak}
     for f in os.listdir(o) if os.path.isdir(o) else []:
@@ -169,6 +170,7 @@ try:
     save_file({k: v.contiguous() for k, v in build("B").state_dict().items()}, b_ckpt)
     for prec in ["bf16"]:
         o = f"/tmp/pred_ct_{prec}"
+        shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
         rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", prec, "--disable-tta"], timeout=180)
         R["predict"][f"B_ct_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "tail": out[-300:]}
         save()
@@ -182,6 +184,7 @@ save()
 if A.train_data:
     for prec in ["f32", "bf16"]:
         o = f"/tmp/train_{prec}"
+        shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
         rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
                                   "--epochs", "3", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", prec], timeout=150)
         logs = []
@@ -195,6 +198,7 @@ if A.train_data:
 #     machine), the ring all-reduce through host memory; losses must be finite and equal on resume.
 if A.train_data:
     o = "/tmp/train_dp"
+    shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
     rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
                               "--epochs", "2", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", "bf16", "--nproc", "2"], timeout=150)
     logs = [json.loads(line) for line in open(f"{o}/log.jsonl")] if os.path.exists(f"{o}/log.jsonl") else []
