@@ -113,7 +113,7 @@ fn deep_supervision_loss_matches_nnunet() {
     assert_eq!(weights, stu_engine::schedule::ds_weights(3));
     for batch_dice in [false, true] {
         let cfg = DiceConfig { batch_dice, smooth: 1e-5 };
-        let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().to_vec::<f32>().unwrap()[0] as f64;
+        let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0] as f64;
         let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));
         let l = scalar(deep_supervision(&outputs, &targets, &weights, cfg));
         let (w0, w) = (want[format!("loss0.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap(), want[format!("loss.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap());

@@ -173,8 +173,8 @@ fn gradients_through_our_kernels_match_an_f64_reference() {
             .reduce(|a, b| a + b)
             .unwrap();
         let grads = loss.backward();
-        let v = |t: Option<Tensor<5>>| t.unwrap().into_data().convert::<f64>().to_vec::<f64>().unwrap();
-        let v1 = |t: Option<Tensor<1>>| t.unwrap().into_data().convert::<f64>().to_vec::<f64>().unwrap();
+        let v = |t: Option<Tensor<5>>| t.unwrap().into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+        let v1 = |t: Option<Tensor<1>>| t.unwrap().into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
         [
             v(x.grad(&grads)),
             v(net.conv_blocks_context[1][0].conv1.weight.grad(&grads)),
@@ -252,7 +252,7 @@ fn a_tiny_stunet_learns_a_ball_with_nnunets_loss_and_optimiser() {
     // The loss is CE − soft Dice ∈ (−1, ∞): below −0.8 means soft Dice well above 0.8.
     assert!(losses[39] < -0.8, "loss did not fall far enough: {losses:?}");
     // And the hard prediction: Dice of argmax against the ball.
-    let pred: Vec<i64> = net.forward(x.clone()).argmax(1).into_data().convert::<i64>().to_vec::<i64>().unwrap();
+    let pred: Vec<i64> = net.forward(x.clone()).argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().unwrap();
     let inter = pred.iter().zip(&label).filter(|(p, l)| **p == 1 && **l == 1).count() as f64;
     let dice = 2.0 * inter / (pred.iter().filter(|&&p| p == 1).count() + label.iter().filter(|&&l| l == 1).count()) as f64;
     eprintln!("hard Dice {dice:.3}");
