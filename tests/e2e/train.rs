@@ -168,14 +168,18 @@ fn dict_keys(path: &Path) -> Vec<String> {
 /// Steps of `net` on `batch` (rank `rank` of `world` joined through `port`, or alone when
 /// `world` is 1); returns the reported losses and the final weights.
 fn dp_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], batch_dice: bool) -> (Vec<f64>, Vec<stu_engine::checkpoint::NamedTensor>) {
+    let (stats, weights, _) = scaled_steps(rank, world, port, x, targets, batch_dice, 12.0, None);
+    (stats.iter().map(|s| s.loss).collect(), weights)
+}
+
+/// [`dp_steps`] with gradient clip `clip` and the loss scaler set to `scaler`; returns every
+/// step's report, the final weights and the optimiser.
+#[allow(clippy::too_many_arguments)]
+fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], batch_dice: bool, clip: f64, scaler: Option<stu_engine::train::GradScaler>) -> (Vec<stu_engine::train::StepStats>, Vec<stu_engine::checkpoint::NamedTensor>, stu_engine::train::Sgd) {
     use stu_engine::dist::{Group, Launch};
-    use stu_engine::model::NetSpec;
-    use stu_engine::train::{DeviceBatch, Sgd, StepConfig, he_init, train_step_in};
-    zoo::link();
+    use stu_engine::train::{DeviceBatch, Sgd, StepConfig, train_step_in};
+    let mut net = tiny_net();
     let ad = stu_engine::backend::Backend::Flex.device().unwrap().autodiff();
-    let spec = NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::from_str(TINY).unwrap() };
-    let entry = stu_engine::model::registry().get("stunet").unwrap();
-    let mut net = he_init((entry.build)(&spec, &ad).unwrap(), 3, None);
     let mut group = if world == 1 {
         Group::single()
     } else {
@@ -196,20 +200,20 @@ fn dp_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64
     let weights = stu_engine::schedule::ds_weights(targets.len());
     let dice = stu_engine::loss::DiceConfig { batch_dice, smooth: 1e-5 };
     let mut sgd = Sgd::nnunet();
-    let mut losses = Vec::new();
+    sgd.scaler = scaler;
+    let mut all = Vec::new();
     for _ in 0..3 {
-        let step = StepConfig { weights: &weights, dice, lr: 1e-2, clip: 12.0, precision: Default::default() };
+        let step = StepConfig { weights: &weights, dice, lr: 1e-2, clip, precision: Default::default() };
         let (next, stats) = train_step_in(net, &mut sgd, &batch, &step, &mut group).unwrap();
         net = next;
-        losses.push(stats.loss);
+        all.push(stats);
     }
-    (losses, net.state_dict())
+    (all, net.state_dict(), sgd)
 }
 
-#[test]
-fn data_parallel_steps_equal_one_process_on_the_whole_batch() {
-    // A global batch of 2 (16³, 3 classes, three supervised outputs) trained for three steps by
-    // one process, and by two ranks holding one sample each.
+/// The batch of [`data_parallel_steps_equal_one_process_on_the_whole_batch`]: 2 × 16³ inputs
+/// and targets at three scales.
+fn tiny_batch() -> (Vec<f32>, Vec<(Vec<i64>, [usize; 4])>) {
     let mut rng = stu_core::rng::SplitMix64::new(21);
     let x = rng.fill_f32(2 * 16 * 16 * 16, -1.0, 1.0);
     let full: Vec<i64> = (0..2 * 16 * 16 * 16).map(|i| { let (z, v) = (i / 256 % 16, x[i]); if v > 0.3 { 1 + i64::from(z > 8) } else { 0 } }).collect();
@@ -221,6 +225,59 @@ fn data_parallel_steps_equal_one_process_on_the_whole_batch() {
             (t, [2, s, s, s])
         })
         .collect();
+    (x, targets)
+}
+
+#[test]
+fn loss_scaled_steps_equal_plain_ones_and_an_overflow_skips_the_step() {
+    use stu_engine::train::GradScaler;
+    let (x, targets) = tiny_batch();
+    let (plain, w_plain, _) = scaled_steps(0, 1, 0, &x, &targets, false, 0.2, None);
+    // f16 training's scaler (2¹⁶, a power of two: exact in f32) changes nothing but its state.
+    let (scaled, w_scaled, sgd) = scaled_steps(0, 1, 0, &x, &targets, false, 0.2, Some(GradScaler::default()));
+    for (k, (a, b)) in plain.iter().zip(&scaled).enumerate() {
+        assert!(!b.skipped, "step {k} skipped");
+        assert!((a.loss - b.loss).abs() <= 1e-6 * a.loss.abs(), "step {k}: loss {} vs {} scaled", a.loss, b.loss);
+        assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * a.grad_norm, "step {k}: grad norm {} vs {} scaled", a.grad_norm, b.grad_norm);
+    }
+    assert!(plain.iter().all(|s| s.grad_norm > 0.2), "the clip is exercised (norms {plain:?})");
+    let scale = |w: &[stu_engine::checkpoint::NamedTensor]| w.iter().flat_map(|t| t.data.iter()).fold(0f32, |m, v| m.max(v.abs()));
+    let diff = w_plain.iter().zip(&w_scaled).flat_map(|(a, b)| a.data.iter().zip(&b.data)).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-6 * scale(&w_plain), "weights differ by {diff}");
+    assert_eq!(sgd.scaler, Some(GradScaler { scale: 65536.0, growth_tracker: 3 }));
+    // Its state travels with the momentum buffers (checkpoints) and comes back.
+    let state = sgd.state();
+    assert!(state.iter().any(|t| t.name == "grad_scaler.scale" && t.data == [65536.0]));
+    let net = tiny_net();
+    let mut back = stu_engine::train::Sgd::nnunet();
+    let dev = stu_engine::backend::Backend::Flex.device().unwrap();
+    back.load_state(&*net, state.clone(), &dev).unwrap();
+    assert_eq!(back.scaler, sgd.scaler);
+    let mut bad = state;
+    bad.iter_mut().find(|t| t.name == "grad_scaler.scale").unwrap().data = vec![f32::NAN];
+    assert!(back.load_state(&*net, bad, &dev).unwrap_err().contains("grad_scaler.scale"));
+    // A scale that overflows f32 gradients: every step is skipped (weights as initialised), the
+    // scale halves each time, and the reported loss is still the forward's.
+    let (over, w_over, sgd) = scaled_steps(0, 1, 0, &x, &targets, false, 0.2, Some(GradScaler { scale: 2f64.powi(126), growth_tracker: 5 }));
+    assert!(over.iter().all(|s| s.skipped && !s.grad_norm.is_finite()));
+    assert_eq!(over[0].loss, plain[0].loss);
+    assert_eq!(sgd.scaler, Some(GradScaler { scale: 2f64.powi(123), growth_tracker: 0 }));
+    assert_eq!(w_over, tiny_net().state_dict(), "a skipped step leaves the weights as they were");
+}
+
+/// The width-4 STU-Net of these tests on flex with autodiff, initialised from seed 3.
+fn tiny_net() -> Box<dyn stu_engine::model::SegNet> {
+    zoo::link();
+    let ad = stu_engine::backend::Backend::Flex.device().unwrap().autodiff();
+    let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::from_str(TINY).unwrap() };
+    stu_engine::train::he_init((stu_engine::model::registry().get("stunet").unwrap().build)(&spec, &ad).unwrap(), 3, None)
+}
+
+#[test]
+fn data_parallel_steps_equal_one_process_on_the_whole_batch() {
+    // A global batch of 2 (16³, 3 classes, three supervised outputs) trained for three steps by
+    // one process, and by two ranks holding one sample each.
+    let (x, targets) = tiny_batch();
     for batch_dice in [false, true] {
         let (losses, single) = dp_steps(0, 1, 0, &x, &targets, batch_dice);
         let port = stu_engine::dist::free_port().unwrap();

@@ -19,7 +19,8 @@ pub enum Precision {
     /// Weights and activations cast to bfloat16 for the forward (and so the backward);
     /// parameters, optimiser state and the loss stay f32.
     Bf16,
-    /// As `Bf16` with IEEE half; inference only (training would need loss scaling).
+    /// As `Bf16` with IEEE half; training scales the loss dynamically (`train::GradScaler`), as
+    /// PyTorch's autocast + `GradScaler` (nnU-Net's default) does.
     F16,
 }
 
@@ -42,10 +43,6 @@ impl Precision {
         }
     }
 
-    /// Whether training supports it (f16 would need dynamic loss scaling).
-    pub fn trains(self) -> bool {
-        self != Self::F16
-    }
 
     /// Whether `backend` runs this precision: half precision needs half kernels, which flex's
     /// own (f32) kernels and ndarray lack.
@@ -112,7 +109,6 @@ mod tests {
             assert_eq!(p.name().parse::<Precision>().unwrap(), p);
         }
         assert!("f8".parse::<Precision>().unwrap_err().contains("bf16"));
-        assert!(!Precision::F16.trains());
         let err = Precision::Bf16.check(crate::backend::Backend::Flex).unwrap_err();
         assert!(err.contains("`flex` computes in f32"), "{err}");
         assert!(Precision::F32.check(crate::backend::Backend::Flex).is_ok());

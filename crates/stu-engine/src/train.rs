@@ -140,13 +140,53 @@ pub struct Sgd {
     pub momentum: f64,
     /// Coupled L2 weight decay (3e-5), applied to every parameter.
     pub weight_decay: f64,
+    /// Dynamic loss scaling, on for f16 training (see [`GradScaler`]); saved with the buffers.
+    pub scaler: Option<GradScaler>,
     buffers: BTreeMap<String, Tensor<1>>,
+}
+
+/// PyTorch's `torch.amp.GradScaler` with its defaults, as nnU-Net trains in f16: the loss is
+/// multiplied by `scale` before the backward so that small f16 gradients do not flush to zero;
+/// the gradients are divided by it before clipping; a step whose gradients are not finite is
+/// skipped and halves the scale, and 2000 finite steps in a row double it. The scale is a power
+/// of two, so scaling and unscaling are exact.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GradScaler {
+    /// The current loss scale (initially 2¹⁶).
+    pub scale: f64,
+    /// Finite steps since the scale last changed.
+    pub growth_tracker: u32,
+}
+
+impl Default for GradScaler {
+    fn default() -> Self {
+        Self { scale: 65536.0, growth_tracker: 0 }
+    }
+}
+
+impl GradScaler {
+    /// Finite steps after which the scale doubles.
+    pub const GROWTH_INTERVAL: u32 = 2000;
+
+    /// The scale after a step whose gradients were finite (`true`) or not.
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.growth_tracker += 1;
+            if self.growth_tracker == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.growth_tracker = 0;
+            }
+        } else {
+            self.scale *= 0.5;
+            self.growth_tracker = 0;
+        }
+    }
 }
 
 impl Sgd {
     /// nnU-Net's optimiser: momentum 0.99, weight decay 3e-5.
     pub fn nnunet() -> Self {
-        Self { momentum: 0.99, weight_decay: 3e-5, buffers: BTreeMap::new() }
+        Self { momentum: 0.99, weight_decay: 3e-5, scaler: None, buffers: BTreeMap::new() }
     }
 
     /// One step with learning rate `lr`:
@@ -167,15 +207,23 @@ impl Sgd {
         })
     }
 
-    /// The momentum buffers as named tensors (`{path}.momentum_buffer`), sorted by path.
+    /// The momentum buffers as named tensors (`{path}.momentum_buffer`), sorted by path, and
+    /// the loss scaler's state when it is on (`grad_scaler.scale`, `grad_scaler.growth_tracker`;
+    /// both exact in f32).
     pub fn state(&self) -> Vec<NamedTensor> {
-        self.buffers
+        let mut out: Vec<NamedTensor> = self
+            .buffers
             .iter()
             .map(|(path, b)| {
                 let data = b.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
                 NamedTensor { name: format!("{path}.momentum_buffer"), shape: vec![data.len()], data }
             })
-            .collect()
+            .collect();
+        if let Some(s) = self.scaler {
+            out.push(NamedTensor { name: "grad_scaler.scale".into(), shape: vec![1], data: vec![s.scale as f32] });
+            out.push(NamedTensor { name: "grad_scaler.growth_tracker".into(), shape: vec![1], data: vec![s.growth_tracker as f32] });
+        }
+        out
     }
 
     /// Restores buffers written by [`Sgd::state`]; every buffer must name a parameter of `net`
@@ -183,7 +231,21 @@ impl Sgd {
     pub fn load_state(&mut self, net: &dyn SegNet, state: Vec<NamedTensor>, device: &burn::tensor::Device) -> Result<(), String> {
         let sizes: HashMap<String, usize> = net.params().into_iter().map(|p| (p.path, p.dims.iter().product())).collect();
         self.buffers.clear();
+        self.scaler = None;
         for t in state {
+            if let Some(field) = t.name.strip_prefix("grad_scaler.") {
+                let v = match t.data.as_slice() {
+                    [v] if v.is_finite() && *v >= 0.0 => *v as f64,
+                    _ => return Err(format!("optimizer key `{}` must hold one finite, non-negative value", t.name)),
+                };
+                let s = self.scaler.get_or_insert_with(GradScaler::default);
+                match field {
+                    "scale" if v > 0.0 => s.scale = v,
+                    "growth_tracker" => s.growth_tracker = v as u32,
+                    _ => return Err(format!("optimizer key `{}` is not a loss-scaler field (`scale` > 0, `growth_tracker`)", t.name)),
+                }
+                continue;
+            }
             let path = t.name.strip_suffix(".momentum_buffer").ok_or_else(|| format!("optimizer key `{}` is not a momentum buffer", t.name))?;
             match sizes.get(path) {
                 Some(&n) if n == t.data.len() => {}
@@ -221,8 +283,26 @@ pub fn clip_grad_norm(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f
 /// [`clip_grad_norm`] without a host round trip: the norm stays on the device (`None` when no
 /// parameter has a gradient).
 fn clip_grad_norm_on_device(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f64) -> Option<Tensor<1>> {
-    let ids: Vec<(ParamId, usize)> = net.params().into_iter().map(|p| (p.id, p.dims.len())).collect();
-    clip_by_ids(&ids, grads, max_norm)
+    clip_by_ids(&param_ids(net), grads, max_norm)
+}
+
+fn param_ids(net: &dyn SegNet) -> Vec<(ParamId, usize)> {
+    net.params().into_iter().map(|p| (p.id, p.dims.len())).collect()
+}
+
+/// Unscales gradients computed from a loss times `scale` and clips them to `max_norm`, as
+/// `GradScaler.unscale_` then `clip_grad_norm_` do. Returns the unscaled norm, read to the host
+/// (the skip decision needs it); non-finite when a gradient overflowed, and then the gradients
+/// are left as they are.
+fn unscale_and_clip(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f64, scale: f64) -> f64 {
+    let ids = param_ids(net);
+    let Some(total) = norm_by_ids(&ids, grads) else { return 0.0 };
+    let norm = total.clone().into_scalar::<f32>() as f64 / scale;
+    if norm.is_finite() {
+        let coef = (max_norm / (norm + 1e-6)).min(1.0) / scale;
+        scale_by_ids(&ids, grads, &Tensor::<1>::from_data(TensorData::new(vec![coef as f32], [1]), &total.device()));
+    }
+    norm
 }
 
 /// [`clip_grad_norm`] over parameters given as `(id, rank)`, as PyTorch computes it: on the
@@ -230,28 +310,35 @@ fn clip_grad_norm_on_device(net: &dyn SegNet, grads: &mut GradientsParams, max_n
 /// exact), so that nothing waits for the GPU (reading one norm per parameter to the host cost a
 /// synchronisation each).
 pub(crate) fn clip_by_ids(ids: &[(ParamId, usize)], grads: &mut GradientsParams, max_norm: f64) -> Option<Tensor<1>> {
+    let total = norm_by_ids(ids, grads)?;
+    let coef = ((total.clone() + 1e-6).recip() * max_norm).clamp_max(1.0);
+    scale_by_ids(ids, grads, &coef);
+    Some(total)
+}
+
+/// The joint L2 norm of the gradients, on the device (`None` when there are none).
+fn norm_by_ids(ids: &[(ParamId, usize)], grads: &GradientsParams) -> Option<Tensor<1>> {
     fn sq<const D: usize>(g: &GradientsParams, id: ParamId) -> Option<Tensor<1>> {
         g.get::<D>(id).map(|t| {
             let t = t.cast(burn::tensor::DType::F32);
             t.clone().mul(t).sum()
         })
     }
+    let parts: Vec<Tensor<1>> = ids.iter().filter_map(|&(id, d)| by_rank!(d, sq(grads, id))).collect();
+    (!parts.is_empty()).then(|| Tensor::cat(parts, 0).sum().sqrt())
+}
+
+/// Every gradient times the 1-element `coef`.
+fn scale_by_ids(ids: &[(ParamId, usize)], grads: &mut GradientsParams, coef: &Tensor<1>) {
     fn scale<const D: usize>(g: &mut GradientsParams, id: ParamId, coef: &Tensor<1>) {
         if let Some(t) = g.remove::<D>(id) {
             let dtype = t.dtype();
             g.register(id, t * coef.clone().cast(dtype).reshape([1; D]));
         }
     }
-    let parts: Vec<Tensor<1>> = ids.iter().filter_map(|&(id, d)| by_rank!(d, sq(grads, id))).collect();
-    if parts.is_empty() {
-        return None;
-    }
-    let total = Tensor::cat(parts, 0).sum().sqrt();
-    let coef = ((total.clone() + 1e-6).recip() * max_norm).clamp_max(1.0);
     for &(id, d) in ids {
-        by_rank!(d, scale(grads, id, &coef));
+        by_rank!(d, scale(grads, id, coef));
     }
-    Some(total)
 }
 
 /// A batch on the device: input `[B, C, D, H, W]` and one target per supervised output.
@@ -281,6 +368,9 @@ pub struct StepStats {
     pub loss: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
+    /// With loss scaling: the gradients overflowed, so the step was skipped (the weights and
+    /// the momentum are unchanged) and the scale halved.
+    pub skipped: bool,
 }
 
 /// The settings of one step of nnU-Net's recipe.
@@ -310,7 +400,9 @@ pub fn train_step(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, step
 /// reported loss is the global batch's.
 pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, step: &StepConfig<'_>, group: &mut Group) -> Result<(Box<dyn SegNet>, StepStats), DistError> {
     let StepConfig { weights, dice, lr, clip, precision } = *step;
-    assert!(precision.trains(), "training in {precision} is not supported (no loss scaling); use bf16");
+    if precision == crate::precision::Precision::F16 {
+        sgd.scaler.get_or_insert_with(GradScaler::default);
+    }
     let half = precision.cast_net(&*net);
     let outs = precision.forward_ds(&*net, half.as_deref(), batch.x.clone());
     drop(half);
@@ -320,7 +412,11 @@ pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, s
     // The loss value is read once the whole step is queued (on a GPU, reading it here would
     // stall the device before the backward).
     let kept = loss.clone().detach();
-    let mut grads = net.gradients(loss);
+    let scale = sgd.scaler.map(|s| s.scale);
+    let mut grads = net.gradients(match scale {
+        Some(s) => loss * s,
+        None => loss,
+    });
     let value = match group.world() {
         1 => None,
         _ => {
@@ -329,11 +425,23 @@ pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, s
             Some(value[0] as f64)
         }
     };
-    let norm = clip_grad_norm_on_device(&*net, &mut grads, clip);
-    let net = sgd.step(net, &mut grads, lr);
+    let (net, grad_norm, skipped) = match scale {
+        None => {
+            let norm = clip_grad_norm_on_device(&*net, &mut grads, clip);
+            let net = sgd.step(net, &mut grads, lr);
+            (net, norm.map_or(0.0, |t| t.into_scalar::<f32>() as f64), false)
+        }
+        Some(s) => {
+            // The gradients are equal on every rank, so every rank takes the same decision.
+            let norm = unscale_and_clip(&*net, &mut grads, clip, s);
+            let finite = norm.is_finite();
+            sgd.scaler.as_mut().expect("scaler on").update(finite);
+            let net = if finite { sgd.step(net, &mut grads, lr) } else { net };
+            (net, norm, !finite)
+        }
+    };
     let loss = value.or(share).unwrap_or_else(|| kept.into_scalar::<f32>() as f64);
-    let grad_norm = norm.map_or(0.0, |t| t.into_scalar::<f32>() as f64);
-    Ok((net, StepStats { loss, grad_norm }))
+    Ok((net, StepStats { loss, grad_norm, skipped }))
 }
 
 /// Replaces every gradient of `net` by its mean over the ranks of `group`, and `extra` (small

@@ -54,7 +54,7 @@ enum Command {
         /// safetensors file to write.
         #[arg(long)]
         output: PathBuf,
-        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch-cuda`).
+        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch` or `tch-cuda`; f16 training scales the loss dynamically).
         #[arg(long, default_value = "f32")]
         precision: Precision,
     },
@@ -126,7 +126,7 @@ enum Command {
         /// Compute backend.
         #[arg(long, default_value = "flex")]
         backend: Backend,
-        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch-cuda`).
+        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch` or `tch-cuda`; f16 training scales the loss dynamically).
         #[arg(long, default_value = "f32")]
         precision: Precision,
     },
@@ -168,7 +168,7 @@ enum Command {
         /// Compute backend.
         #[arg(long, default_value = "flex")]
         backend: Backend,
-        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch-cuda`).
+        /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch` or `tch-cuda`; f16 training scales the loss dynamically).
         #[arg(long, default_value = "f32")]
         precision: Precision,
     },

@@ -29,8 +29,8 @@ pub struct Spec {
     #[serde(default = "default_backend")]
     pub backend: String,
     /// Arithmetic of training and prediction: `f32` (default), `bf16` (over f32 master
-    /// weights), or `f16` (prediction only); half precision needs a backend with half kernels
-    /// (`tch-cuda`).
+    /// weights), or `f16` (training with dynamic loss scaling, as nnU-Net's autocast +
+    /// `GradScaler`); half precision needs a backend with half kernels (`tch`, `tch-cuda`).
     #[serde(default, skip_serializing_if = "crate::train::is_f32")]
     pub precision: stu_engine::precision::Precision,
     /// Base seed.
@@ -332,7 +332,6 @@ pub fn validate(s: &Spec) -> Result<()> {
     if let Ok(b) = s.backend.parse::<stu_engine::backend::Backend>() {
         s.precision.check(b).map_err(|e| anyhow::anyhow!("`precision`: {e}"))?;
     }
-    ensure!(s.precision.trains() || s.model.checkpoint.is_some(), "`precision` = `f16`: training runs in f32 or bf16 (f16 is for prediction only)");
     allowed("plan.preset", &s.plan.preset, &["nnunet", "stunet"])?;
     let datasets: Vec<&str> = stu_data::plugins::registry().names().collect();
     allowed("dataset.plugin", &s.dataset.plugin, &datasets)?;

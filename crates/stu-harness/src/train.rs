@@ -183,7 +183,6 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     ensure!(req.iterations >= 1, "--iterations must be at least 1");
     ensure!(req.save_every >= 1, "--save-every must be at least 1");
     ensure!(req.fraction > 0.0 && req.fraction <= 1.0, "--fraction must be in (0, 1], got {}", req.fraction);
-    ensure!(req.precision.trains(), "--precision {}: training runs in f32 or bf16 (f16 would need loss scaling)", req.precision);
     req.precision.check(req.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     Ok(TrainConfig {
         preprocessed,
@@ -263,6 +262,14 @@ pub struct EpochLog {
     pub iterations_per_second: f64,
     /// Time the training loop waited for batches.
     pub data_wait_seconds: f64,
+    /// f16 steps skipped because a gradient overflowed (the loss scale was halved); their
+    /// losses are in `train_losses` when finite.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_steps: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// State kept in the checkpoint metadata.
@@ -535,6 +542,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         let first = (epoch * cfg.iterations) as u64;
         let mut loader = Loader::spawn(Arc::clone(&train_store), train_batches.clone(), cfg.seed, 2 * rank as u64, first, first + cfg.iterations as u64, req.workers, 2);
         let mut losses = Vec::with_capacity(cfg.iterations);
+        let mut skipped = 0;
         let step = StepConfig { weights: &weights, dice, lr, clip: stu_engine::optim::GRAD_CLIP, precision: cfg.precision };
         let t_train = Instant::now();
         while let Some(b) = loader.next_batch() {
@@ -542,10 +550,17 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
             let batch = DeviceBatch::upload(b.data, b.shape, &b.targets, &ad);
             let (n, stats) = train_step_in(net, &mut sgd, &batch, &step, &mut group)?;
             net = n;
+            skipped += usize::from(stats.skipped);
+            // With loss scaling, an overflow in f16 is expected now and then: the step was
+            // skipped and the scale halved. Otherwise a non-finite loss means divergence.
+            if stats.skipped && !stats.loss.is_finite() {
+                continue;
+            }
             ensure!(stats.loss.is_finite(), "epoch {epoch}: the loss is {} (diverged); the last good state is the latest checkpoint", stats.loss);
             losses.push(stats.loss);
             progress.step(stats.loss);
         }
+        ensure!(!losses.is_empty(), "epoch {epoch}: every step overflowed in f16 (the loss itself was not finite); train in bf16 or f32");
         let train_seconds = t_train.elapsed().as_secs_f64();
         let waited = loader.waited().as_secs_f64();
         drop(loader);
@@ -599,6 +614,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
             epoch_seconds: t0.elapsed().as_secs_f64(),
             iterations_per_second: cfg.iterations as f64 / train_seconds,
             data_wait_seconds: waited,
+            skipped_steps: skipped,
         };
         progress.epoch_end(&log);
         logs.push(log);
