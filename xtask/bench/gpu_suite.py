@@ -180,9 +180,9 @@ save()
 
 
 # 2b. Training on real batches (a 3-case phantom subset, fold 0 = 2 train + 1 validation case):
-#     f32 and bf16 losses side by side, with the validation pass between epochs.
+#     f32, bf16 and f16 (loss-scaled) losses side by side, with the validation pass between epochs.
 if A.train_data:
-    for prec in ["f32", "bf16"]:
+    for prec in ["f32", "bf16", "f16"]:
         o = f"/tmp/train_{prec}"
         shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
         rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
@@ -207,7 +207,7 @@ if A.train_data:
     save()
 
 # 3. Benchmark: per size, training step then patch inference; PyTorch fp16 (the anchor's
-#    recipe), PyTorch bf16 and ours bf16 (+ ours f16 for inference).
+#    recipe), PyTorch bf16 and ours bf16 (+ ours f16, loss-scaled for training, for B and H).
 def ours(case, prec, env_extra=None, timeout=180):
     j = f"/tmp/ours_{case}_{prec}.json"
     env = dict(os.environ, **(env_extra or {}))
@@ -242,7 +242,7 @@ for s in A.sizes:  # the sizes the goal is about first
     torch_too = A.torch_sizes is None or s in A.torch_sizes
     plan += [("torch", t, "fp16")] * torch_too + [("stu", t, "bf16")] + [("torch", i, "fp16")] * torch_too + [("stu", i, "bf16")]
     if s in "BH":  # same-precision comparison and IEEE half inference where it matters most
-        plan += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too + [("stu", i, "f16")]
+        plan += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too + [("stu", i, "f16"), ("stu", t, "f16")]
 # What the ATen paths gain: the ATen loss (B training without it), then burn's generic
 # conv/norm/loss on the same backend (B only, last).
 if "B" in A.sizes:
