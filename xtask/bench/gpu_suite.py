@@ -147,67 +147,10 @@ except Exception as e:  # noqa: BLE001
     R["parity"]["error"] = repr(e)
 save()
 
-# 2. Sliding-window prediction: the tiny fixture model on the MR case (labels come back to be
-#    compared with a CPU run), and STU-Net-B (PyTorch init, 105 classes) on a CT case.
-for prec in ["f32", "bf16"]:
-    o = f"/tmp/stu_pred_mr_{prec}"
-    shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
-    rc, out, peak, wall = sh([A.stu, "predict", "-i", A.mr, "-o", o, "--checkpoint", A.fixture, "--backend", A.backend, "--precision", prec], timeout=120)
-    R["predict"][f"tiny_mr_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak}
-    for f in os.listdir(o) if os.path.isdir(o) else []:
-        if f.endswith(".nii.gz"):
-            shutil.copy(os.path.join(o, f), os.path.join(A.out, f"mr_{prec}.nii.gz"))
-save()
-try:
-    if A.backend != "tch-cuda":
-        raise RuntimeError("B on CT: GPU only")
-    sys.path.insert(0, A.bench_dir)
-    import torch
-    from safetensors.torch import save_file
-    from torch_ref import build
-    torch.manual_seed(0)
-    b_ckpt = "/tmp/stunet_b_init.safetensors"
-    save_file({k: v.contiguous() for k, v in build("B").state_dict().items()}, b_ckpt)
-    for prec in ["bf16"]:
-        o = f"/tmp/pred_ct_{prec}"
-        shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
-        rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", prec, "--disable-tta"], timeout=180)
-        R["predict"][f"B_ct_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "tail": out[-300:]}
-        save()
-except Exception as e:  # noqa: BLE001
-    R["predict"]["B_ct_error"] = repr(e)
-save()
-
-
-# 2b. Training on real batches (a 3-case phantom subset, fold 0 = 2 train + 1 validation case):
-#     f32, bf16 and f16 (loss-scaled) losses side by side, with the validation pass between epochs.
-if A.train_data:
-    for prec in ["f32", "bf16", "f16"]:
-        o = f"/tmp/train_{prec}"
-        shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
-        rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
-                                  "--epochs", "3", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", prec], timeout=150)
-        logs = []
-        if os.path.exists(f"{o}/log.jsonl"):
-            logs = [json.loads(line) for line in open(f"{o}/log.jsonl")]
-        R["train_check"] = R.get("train_check", {})
-        R["train_check"][prec] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second", "epoch_seconds", "data_wait_seconds")} for e in logs], "tail": out[-300:]}
-        save()
-
-# 2c. Data-parallel training: two ranks (`stu train --nproc 2`, both on GPU 0 of a one-GPU
-#     machine), the ring all-reduce through host memory; losses must be finite and equal on resume.
-if A.train_data:
-    o = "/tmp/train_dp"
-    shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
-    rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
-                              "--epochs", "2", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", "bf16", "--nproc", "2"], timeout=150)
-    logs = [json.loads(line) for line in open(f"{o}/log.jsonl")] if os.path.exists(f"{o}/log.jsonl") else []
-    R["train_dp"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second")} for e in logs], "tail": out[-400:]}
-    log("train_dp", rc, wall)
-    save()
-
 # 3. Benchmark: per size, training step then patch inference; PyTorch fp16 (the anchor's
-#    recipe), PyTorch bf16 and ours bf16 (+ ours f16, loss-scaled for training, for B and H).
+#    recipe) and ours bf16 and f16 (loss-scaled for training). What the goal is about runs
+#    first (B, H, L), right after parity; the checks of section 2 and the extras (PyTorch bf16,
+#    S, burn's generic operators) follow while the budget lasts.
 def ours(case, prec, env_extra=None, timeout=180):
     j = f"/tmp/ours_{case}_{prec}.json"
     env = dict(os.environ, **(env_extra or {}))
@@ -236,34 +179,121 @@ def theirs(case, dt, timeout=180):
     return row
 
 
-plan = []
-for s in A.sizes:  # the sizes the goal is about first
+
+def run_plan(plan):
+    for side, case, dt in plan:
+        if time.time() - T0 > A.budget:
+            R["skipped"].append([side, case, dt])
+            continue
+        if side == "torch":
+            row = theirs(case, dt)
+        elif side == "stu":
+            row = ours(case, dt)
+        elif side == "stu-noloss":
+            row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm"}, timeout=75)
+            row["side"] = "stu-noloss"
+        else:
+            row = ours(case, dt, {"STU_TCH_NATIVE": "0"}, timeout=75)
+            row["side"] = "stu-generic"
+        R["bench"].append(row)
+        log("bench", json.dumps({k: v for k, v in row.items() if k not in ("samples_ms", "error")}))
+        save()
+
+
+core, extra = [], []
+for s in A.sizes:
     t, i = f"train_{s}_128_b2", f"infer_{s}_128"
     torch_too = A.torch_sizes is None or s in A.torch_sizes
-    plan += [("torch", t, "fp16")] * torch_too + [("stu", t, "bf16")] + [("torch", i, "fp16")] * torch_too + [("stu", i, "bf16")]
-    if s in "BH":  # same-precision comparison and IEEE half inference where it matters most
-        plan += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too + [("stu", i, "f16"), ("stu", t, "f16")]
+    rows = [("torch", t, "fp16")] * torch_too + [("stu", t, "bf16")]
+    if s in "BH":
+        rows += [("stu", t, "f16")]
+    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "bf16")]
+    if s in "BH":
+        rows += [("stu", i, "f16")]
+        extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
+    (core if s in "BHL" else extra).extend(rows)
 # What the ATen paths gain: the ATen loss (B training without it), then burn's generic
 # conv/norm/loss on the same backend (B only, last).
 if "B" in A.sizes:
-    plan += [("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16"), ("stu-generic", "train_B_128_b2", "bf16")]
-for side, case, dt in plan:
+    extra += [("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16"), ("stu-generic", "train_B_128_b2", "bf16")]
+if A.backend == "tch-cuda":
+    run_plan(core)
+
+
+def over_budget(what):
     if time.time() - T0 > A.budget:
-        R["skipped"].append([side, case, dt])
+        R["skipped"].append(what)
+        return True
+    return False
+
+
+# 2. Sliding-window prediction: the tiny fixture model on the MR case (labels come back to be
+#    compared with a CPU run), and STU-Net-B (PyTorch init, 105 classes) on a CT case.
+for prec in ["f32", "bf16"]:
+    if over_budget(["predict", "tiny_mr", prec]):
         continue
-    if side == "torch":
-        row = theirs(case, dt)
-    elif side == "stu":
-        row = ours(case, dt)
-    elif side == "stu-noloss":
-        row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm"}, timeout=75)
-        row["side"] = "stu-noloss"
-    else:
-        row = ours(case, dt, {"STU_TCH_NATIVE": "0"}, timeout=75)
-        row["side"] = "stu-generic"
-    R["bench"].append(row)
-    log("bench", json.dumps({k: v for k, v in row.items() if k not in ("samples_ms", "error")}))
+    o = f"/tmp/stu_pred_mr_{prec}"
+    shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
+    rc, out, peak, wall = sh([A.stu, "predict", "-i", A.mr, "-o", o, "--checkpoint", A.fixture, "--backend", A.backend, "--precision", prec], timeout=120)
+    R["predict"][f"tiny_mr_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak}
+    for f in os.listdir(o) if os.path.isdir(o) else []:
+        if f.endswith(".nii.gz"):
+            shutil.copy(os.path.join(o, f), os.path.join(A.out, f"mr_{prec}.nii.gz"))
+save()
+try:
+    if A.backend != "tch-cuda":
+        raise RuntimeError("B on CT: GPU only")
+    if over_budget(["predict", "B_ct", "bf16"]):
+        raise RuntimeError("B on CT: over budget")
+    sys.path.insert(0, A.bench_dir)
+    import torch
+    from safetensors.torch import save_file
+    from torch_ref import build
+    torch.manual_seed(0)
+    b_ckpt = "/tmp/stunet_b_init.safetensors"
+    save_file({k: v.contiguous() for k, v in build("B").state_dict().items()}, b_ckpt)
+    for prec in ["bf16"]:
+        o = f"/tmp/pred_ct_{prec}"
+        shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
+        rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", prec, "--disable-tta"], timeout=180)
+        R["predict"][f"B_ct_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "tail": out[-300:]}
+        save()
+except Exception as e:  # noqa: BLE001
+    R["predict"]["B_ct_error"] = repr(e)
+save()
+
+
+# 2b. Training on real batches (a 3-case phantom subset, fold 0 = 2 train + 1 validation case):
+#     f32, bf16 and f16 (loss-scaled) losses side by side, with the validation pass between epochs.
+if A.train_data:
+    for prec in ["f32", "bf16", "f16"]:
+        if over_budget(["train_check", prec]):
+            continue
+        o = f"/tmp/train_{prec}"
+        shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
+        rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
+                                  "--epochs", "3", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", prec], timeout=150)
+        logs = []
+        if os.path.exists(f"{o}/log.jsonl"):
+            logs = [json.loads(line) for line in open(f"{o}/log.jsonl")]
+        R["train_check"] = R.get("train_check", {})
+        R["train_check"][prec] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second", "epoch_seconds", "data_wait_seconds")} for e in logs], "tail": out[-300:]}
+        save()
+
+# 2c. Data-parallel training: two ranks (`stu train --nproc 2`, both on GPU 0 of a one-GPU
+#     machine), the ring all-reduce through host memory; losses must be finite and equal on resume.
+if A.train_data and not over_budget(["train_dp"]):
+    o = "/tmp/train_dp"
+    shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
+    rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
+                              "--epochs", "2", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", "bf16", "--nproc", "2"], timeout=150)
+    logs = [json.loads(line) for line in open(f"{o}/log.jsonl")] if os.path.exists(f"{o}/log.jsonl") else []
+    R["train_dp"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second")} for e in logs], "tail": out[-400:]}
+    log("train_dp", rc, wall)
     save()
+
+if A.backend == "tch-cuda":
+    run_plan(extra)
 
 # 4. Tables.
 md = [f"GPU: {R.get('gpu')}; PyTorch {R.get('torch')}, cuDNN {R.get('cudnn')}; {R['started']}", ""]
