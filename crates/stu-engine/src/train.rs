@@ -557,6 +557,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_loss_scale_follows_pytorchs_grad_scaler() {
+        let mut s = GradScaler::default();
+        assert_eq!(s.scale, 65536.0);
+        for _ in 0..GradScaler::GROWTH_INTERVAL - 1 {
+            s.update(true);
+        }
+        assert_eq!(s, GradScaler { scale: 65536.0, growth_tracker: 1999 });
+        s.update(true);
+        assert_eq!(s, GradScaler { scale: 131072.0, growth_tracker: 0 });
+        s.update(true);
+        s.update(false);
+        assert_eq!(s, GradScaler { scale: 65536.0, growth_tracker: 0 }, "an overflow halves and restarts the count");
+    }
+
+    #[test]
     fn confusion_and_dice_follow_nnunet() {
         let pred = [0, 1, 1, 2, 0, 2];
         let truth = [0, 1, 2, 2, 1, 0];
