@@ -12,6 +12,21 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_autodiff::{Autodiff, NodeId};
 
+/// In a `Backward::<B, N>::backward`: hands each of the `N` gradients to its parent node, if
+/// that parent is tracked (`parents` is `ops.parents`). Serves this file's and
+/// [`crate::torch`]'s backward steps.
+macro_rules! register_grads {
+    ($b:ty, $grads:expr, $parents:expr, $values:expr) => {
+        for (parent, value) in $parents.into_iter().zip($values) {
+            if let Some(node) = parent {
+                $grads.register::<$b>(node.id, value);
+            }
+        }
+    };
+}
+#[cfg_attr(not(feature = "tch"), allow(unused_imports))] // used by crate::torch
+pub(crate) use register_grads;
+
 /// Channels-last convolution with forward and backward kernels of our own.
 #[backend_extension(Flex: cfg(feature = "flex"), Autodiff)]
 pub trait StuOps: Backend {
@@ -246,15 +261,7 @@ impl<B: Backend + StuOps, C: CheckpointStrategy> StuOps for Autodiff<B, C> {
                 let g = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gs);
                 let b = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(bs);
                 let (dx, dg, db) = B::norm_act_cl_backward(x, g, b, grad, act);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_g {
-                    grads.register::<B>(node.id, dg);
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, db);
-                }
+                register_grads!(B, grads, [node_x, node_g, node_b], [dx, dg, db]);
             }
         }
 
@@ -283,18 +290,7 @@ impl<B: Backend + StuOps, C: CheckpointStrategy> StuOps for Autodiff<B, C> {
                 let b = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(bs);
                 let s = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ss);
                 let (dx, dg, db, ds) = B::norm_add_act_cl_backward(x, g, b, s, grad);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_g {
-                    grads.register::<B>(node.id, dg);
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, db);
-                }
-                if let Some(node) = node_s {
-                    grads.register::<B>(node.id, ds);
-                }
+                register_grads!(B, grads, [node_x, node_g, node_b, node_s], [dx, dg, db, ds]);
             }
         }
 
@@ -323,15 +319,7 @@ impl<B: Backend + StuOps, C: CheckpointStrategy> StuOps for Autodiff<B, C> {
                 let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(xs);
                 let w = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ws);
                 let (dx, dw, db) = B::head_cl_backward(x, w, grad);
-                if let Some(node) = node_x {
-                    grads.register::<B>(node.id, dx);
-                }
-                if let Some(node) = node_w {
-                    grads.register::<B>(node.id, dw);
-                }
-                if let Some(node) = node_b {
-                    grads.register::<B>(node.id, db);
-                }
+                register_grads!(B, grads, [node_x, node_w, node_b], [dx, dw, db]);
             }
         }
 

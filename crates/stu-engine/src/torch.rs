@@ -32,6 +32,8 @@ use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_autodiff::Autodiff;
 
+use crate::ext::register_grads;
+
 /// ATen-backed operations on NCDHW tensors. The `*_graph` methods run an op under libtorch's
 /// autograd and return (output, the output with its graph, the leaves); `*_graph_backward`
 /// returns the leaves' gradients for the output gradient `grad`.
@@ -320,17 +322,6 @@ mod libtorch {
     }
 }
 
-/// Hands each gradient to its parent node, if that parent is tracked.
-macro_rules! register {
-    ($grads:expr, $parents:expr, $values:expr) => {
-        for (parent, value) in $parents.into_iter().zip($values) {
-            if let Some(node) = parent {
-                $grads.register::<B>(node.id, value);
-            }
-        }
-    };
-}
-
 // Every node state below also holds the burn-side inputs (not only the libtorch leaves, which
 // share their storage), so that burn never writes them in place while libtorch's graph still
 // reads them.
@@ -347,7 +338,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
                 let [_x, _w, y_graph, x_leaf, w_leaf] = ops.state;
                 let [node_x, node_w, node_b] = ops.parents;
                 let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some());
-                register!(grads, [node_w, node_b], [dw, db]);
+                register_grads!(B, grads, [node_w, node_b], [dw, db]);
                 if let (Some(node), Some(dx)) = (node_x, dx) {
                     grads.register::<B>(node.id, dx);
                 }
@@ -394,7 +385,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
                 let grad = grads.consume::<B>(&ops.node);
                 let [_x, y_graph, x_leaf, g_leaf, b_leaf] = ops.state;
                 let (dx, dg, db) = B::norm_act_nc_graph_backward(y_graph, x_leaf, g_leaf, b_leaf, grad);
-                register!(grads, ops.parents, [dx, dg, db]);
+                register_grads!(B, grads, ops.parents, [dx, dg, db]);
             }
         }
 
@@ -419,7 +410,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
                 let grad = grads.consume::<B>(&ops.node);
                 let [_x, _s, y_graph, x_leaf, g_leaf, b_leaf, s_leaf] = ops.state;
                 let (dx, dg, db, ds) = B::norm_add_act_nc_graph_backward(y_graph, x_leaf, g_leaf, b_leaf, s_leaf, grad);
-                register!(grads, ops.parents, [dx, dg, db, ds]);
+                register_grads!(B, grads, ops.parents, [dx, dg, db, ds]);
             }
         }
 
