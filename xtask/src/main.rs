@@ -60,6 +60,20 @@ fn main() -> Result<()> {
     }
 }
 
+/// The Python for the reference side: `--python PY` taken out of `args` (the last one wins),
+/// else `STU_BENCH_PYTHON`, else `python3`.
+fn take_python(args: &mut Vec<String>) -> Result<String> {
+    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    while let Some(i) = args.iter().position(|a| a == "--python") {
+        if i + 1 == args.len() {
+            bail!("--python needs a value");
+        }
+        python = args.remove(i + 1);
+        args.remove(i);
+    }
+    Ok(python)
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
@@ -121,7 +135,7 @@ fn host_line(host: &Value) -> String {
     )
 }
 
-fn bench(args: Vec<String>) -> Result<()> {
+fn bench(mut args: Vec<String>) -> Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--backend") {
         let backend = args.get(i + 1).context("--backend needs a value")?.clone();
         let rest: Vec<String> = args.iter().enumerate().filter(|(j, _)| *j != i && *j != i + 1).map(|(_, a)| a.clone()).collect();
@@ -131,14 +145,13 @@ fn bench(args: Vec<String>) -> Result<()> {
             other => bail!("`cargo xtask bench --backend {other}`: the suites are `flex` (CPU) and `tch-cuda` (GPU)"),
         };
     }
-    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = take_python(&mut args)?;
     let mut torch = true;
     let mut out_dir = root().join("reports/bench");
     let mut cases = Vec::new();
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--python" => python = it.next().context("--python needs a value")?,
             "--no-torch" => torch = false,
             "--out" => out_dir = PathBuf::from(it.next().context("--out needs a value")?),
             _ => cases.push(a),
@@ -229,16 +242,9 @@ fn bench(args: Vec<String>) -> Result<()> {
 
 /// The GPU suite (see the module docs); needs a CUDA GPU, PyTorch with CUDA in PY, and the
 /// `LIBTORCH*` variables of the README for the `tch` build.
-fn bench_gpu(args: Vec<String>) -> Result<()> {
-    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut extra = Vec::new();
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--python" => python = it.next().context("--python needs a value")?,
-            _ => extra.push(a),
-        }
-    }
+fn bench_gpu(mut args: Vec<String>) -> Result<()> {
+    let python = take_python(&mut args)?;
+    let extra = args;
     let root = root();
     let stu = build_stu(&root, &["--features", "tch"])?;
     let shared = root.join("../shared");
@@ -294,14 +300,10 @@ fn timed(cmd: &mut Command) -> Result<(f64, Option<f64>)> {
     Ok((wall, rss))
 }
 
-fn bench_preprocess(args: Vec<String>) -> Result<()> {
-    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--python" => python = it.next().context("--python needs a value")?,
-            other => bail!("unknown option `{other}`"),
-        }
+fn bench_preprocess(mut args: Vec<String>) -> Result<()> {
+    let python = take_python(&mut args)?;
+    if let Some(other) = args.first() {
+        bail!("unknown option `{other}`");
     }
     let root = root();
     let stu = build_stu(&root, &[])?;
@@ -391,13 +393,11 @@ fn bench_preprocess(args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn bench_train(args: Vec<String>) -> Result<()> {
-    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
+fn bench_train(mut args: Vec<String>) -> Result<()> {
+    let python = take_python(&mut args)?;
     let mut sizes = Vec::new();
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
+    for a in args {
         match a.as_str() {
-            "--python" => python = it.next().context("--python needs a value")?,
             "S" | "B" => sizes.push(a),
             other => bail!("bench-train: unknown argument `{other}` (sizes: S, B)"),
         }
@@ -437,14 +437,10 @@ fn bench_train(args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn bench_allreduce(args: Vec<String>) -> Result<()> {
-    let mut python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--python" => python = it.next().context("--python needs a value")?,
-            other => bail!("bench-allreduce: unknown argument `{other}`"),
-        }
+fn bench_allreduce(mut args: Vec<String>) -> Result<()> {
+    let python = take_python(&mut args)?;
+    if let Some(other) = args.first() {
+        bail!("bench-allreduce: unknown argument `{other}`");
     }
     let root = root();
     let stu = build_stu(&root, &[])?;
