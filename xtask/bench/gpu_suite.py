@@ -9,8 +9,10 @@ before it started) is that case's alone, CUDA context included, measured the sam
 Usage:
   python3 gpu_suite.py --stu BIN --bench-dir SHARED_BENCH --fixture tiny_iso.safetensors
                        --mr MR_IMAGES_DIR --ct CT_IMAGES_DIR --out DIR [--sizes SBLH] [--budget S]
-Writes DIR/suite.json (everything), DIR/suite.md (tables), DIR/log.txt, and the predicted label
-maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command)."""
+Writes DIR/suite.json (everything), DIR/suite.md (tables), DIR/log.txt, the predicted label
+maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command), and for B's
+training step and patch inference a per-op table of both sides' profiler traces
+(DIR/profile_*.md, `profile_table.py`) with the traces (DIR/trace_*.json.gz)."""
 import argparse
 import json
 import os
@@ -180,10 +182,46 @@ def theirs(case, dt, timeout=180):
 
 
 
+def profile_pair(case, dt):
+    """One more step of `case` under each side's profiler (ours `dt`, PyTorch the matching
+    autocast dtype), and the per-op table of the two traces (`profile_table.py`)."""
+    td = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}[dt]
+    ours_dir, theirs = f"/tmp/prof_ours_{dt}", f"/tmp/prof_torch_{case}_{td}.json"
+    shutil.rmtree(ours_dir, ignore_errors=True)
+    row = {"side": "profile", "case": case, "dtype": dt}
+    dev = "cuda" if A.backend == "tch-cuda" else "cpu"  # (a dry run on the CPU: `--backend tch`)
+    rc1, out1, _, _ = sh([A.stu, "bench", "--backend", A.backend, "--precision", dt, case, "--profile", ours_dir], timeout=180)
+    rc2, out2, _, _ = sh([A.python, os.path.join(HERE, "torch_gpu.py"), A.bench_dir, case, td, f"/tmp/torch_prof_{case}.json", "--profile", theirs, "--device", dev], timeout=180)
+    ours_trace = os.path.join(ours_dir, f"{case}.json")
+    if rc1 != 0 or rc2 != 0 or not os.path.exists(ours_trace) or not os.path.exists(theirs):
+        row["error"] = (out1[-300:] if rc1 != 0 else "") + (out2[-300:] if rc2 != 0 else "")
+        return row
+    md, js = os.path.join(A.out, f"profile_{case}_{dt}.md"), os.path.join(A.out, f"profile_{case}_{dt}.json")
+    rc, out, _, _ = sh([A.python, os.path.join(HERE, "profile_table.py"), ours_trace, theirs, "--out", md, "--json", js], timeout=120)
+    row["rc"] = rc
+    if rc == 0:
+        row["table"] = os.path.basename(md)
+        summary = json.load(open(js))
+        row["ours_total_ms"] = round(summary["ours"]["total_ms"], 2)
+        row["torch_total_ms"] = round(summary["torch"]["total_ms"], 2)
+    # The raw traces, compressed, for Perfetto or a later look.
+    import gzip
+    for src, name in ((ours_trace, "ours"), (theirs, "torch")):
+        with open(src, "rb") as f, gzip.open(os.path.join(A.out, f"trace_{case}_{dt}_{name}.json.gz"), "wb") as g:
+            shutil.copyfileobj(f, g)
+    return row
+
+
 def run_plan(plan):
     for side, case, dt in plan:
         if time.time() - T0 > A.budget:
             R["skipped"].append([side, case, dt])
+            continue
+        if side == "profile":
+            row = profile_pair(case, dt)
+            R.setdefault("profiles", []).append(row)
+            log("profile", json.dumps(row))
+            save()
             continue
         if side == "torch":
             row = theirs(case, dt)
@@ -200,18 +238,24 @@ def run_plan(plan):
         save()
 
 
-core, extra = [], []
+core, extra, late = [], [], []
 for s in A.sizes:
     t, i = f"train_{s}_128_b2", f"infer_{s}_128"
     torch_too = A.torch_sizes is None or s in A.torch_sizes
     rows = [("torch", t, "fp16")] * torch_too + [("stu", t, "bf16")]
-    if s in "BH":
+    if s == "B":
         rows += [("stu", t, "f16")]
+    elif s == "H":
+        late += [("stu", t, "f16")]  # after L's rows: 80 s that only add the f16 variant
     rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "bf16")]
     if s in "BH":
         rows += [("stu", i, "f16")]
         extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
+    if s == "B" and torch_too:
+        # Item 4's "by how much per op": one step of each under both profilers, f16 vs fp16.
+        rows += [("profile", t, "f16"), ("profile", i, "f16")]
     (core if s in "BHL" else extra).extend(rows)
+core += late
 # What the ATen paths gain: the ATen loss (B training without it), then burn's generic
 # conv/norm/loss on the same backend (B only, last).
 if "B" in A.sizes:
@@ -303,6 +347,8 @@ for p, v in R["parity"].items():
 md += ["", "| case | side | dtype | ms | peak GiB (NVML) | torch peak alloc GiB |", "|---|---|---|---|---|---|"]
 for r in R["bench"]:
     md.append(f"| {r['case']} | {r['side']} | {r['dtype']} | {r.get('ms', 'rc=' + str(r['rc']))} | {r['peak_gib_nvml']} | {r.get('peak_allocated_gib', '')} |")
+for r in R.get("profiles", []):
+    md += ["", f"Per-op profile, {r['case']} ({r['dtype']}): " + (r.get("table") or r.get("error", "")[:300])]
 md += ["", "| prediction | rc | wall s | peak GiB |", "|---|---|---|---|"]
 for k, v in R["predict"].items():
     if isinstance(v, dict):

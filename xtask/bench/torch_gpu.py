@@ -7,20 +7,33 @@ fp16, contiguous NCDHW).
            (lr 1e-2, momentum 0.99, Nesterov, wd 3e-5).
   infer_X: one 128^3 patch, batch 1, full-resolution head only, no grad.
 
-Usage: python torch_gpu.py SHARED_BENCH_DIR CASE DTYPE OUT.json   (DTYPE: fp16, bf16 or fp32)
-Prints and writes {case, dtype, ms, samples_ms, peak_allocated_gib, peak_reserved_gib}."""
+Usage: python torch_gpu.py SHARED_BENCH_DIR CASE DTYPE OUT.json [--profile TRACE.json] [--device cpu]
+  (DTYPE: fp16, bf16 or fp32). Prints and writes {case, dtype, ms, samples_ms, peak_allocated_gib,
+  peak_reserved_gib}. --profile runs one more step under torch.profiler and writes its Chrome
+  trace (compare with `stu bench --profile` through profile_table.py); --device cpu is a dry run."""
+import argparse
 import json
 import sys
+import time
 
-sys.path.insert(0, sys.argv[1])
+ap = argparse.ArgumentParser()
+ap.add_argument("bench_dir")
+ap.add_argument("case")
+ap.add_argument("dtype", choices=["fp16", "bf16", "fp32"])
+ap.add_argument("out")
+ap.add_argument("--profile")
+ap.add_argument("--device", default="cuda")
+A = ap.parse_args()
+sys.path.insert(0, A.bench_dir)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch_ref import build  # noqa: E402
 
-case, dtype_name, out = sys.argv[2], sys.argv[3], sys.argv[4]
+case, dtype_name, out = A.case, A.dtype, A.out
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
 torch.backends.cudnn.benchmark = True
-dev = "cuda"
+dev = A.device
+CUDA = dev == "cuda"
 CLASSES = 105
 
 
@@ -45,18 +58,28 @@ def dc_ce(outs, target):
     return loss
 
 
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
 def timed(fn, warm, n):
     for _ in range(warm):
         fn()
-    torch.cuda.synchronize()
+    sync()
     ts = []
     for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
+        if CUDA:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
     return ts
 
 
@@ -67,13 +90,13 @@ large = size in "LH"
 auto = DT != torch.float32
 if kind == "train":
     opt = torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    scaler = torch.amp.GradScaler(enabled=DT == torch.float16)
+    scaler = torch.amp.GradScaler(dev, enabled=DT == torch.float16)
     x = torch.randn(2, 1, 128, 128, 128, device=dev)
     y = torch.randint(0, CLASSES, (2, 128, 128, 128), device=dev)
 
     def fn():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=DT, enabled=auto):
+        with torch.autocast(dev, dtype=DT, enabled=auto):
             outs = m(x)
         loss = dc_ce(outs, y)
         scaler.scale(loss).backward()
@@ -87,15 +110,25 @@ else:
     x = torch.randn(1, 1, 128, 128, 128, device=dev)
 
     def fn():
-        with torch.no_grad(), torch.autocast("cuda", dtype=DT, enabled=auto):
+        with torch.no_grad(), torch.autocast(dev, dtype=DT, enabled=auto):
             m(x).float()
 
-torch.cuda.reset_peak_memory_stats()
-ts = timed(fn, 2 if large else 3, 4 if large else 6)  # as `stu bench` on a GPU
+if CUDA:
+    torch.cuda.reset_peak_memory_stats()
+ts = timed(fn, 2 if large else 3, 4 if large else 6) if CUDA else timed(fn, 1, 2)  # as `stu bench`
 srt = sorted(ts)
 r = {"case": case, "dtype": dtype_name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-     "gpu": torch.cuda.get_device_name(0), "ms": round(srt[len(srt) // 2], 2), "samples_ms": [round(t, 2) for t in ts],
-     "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-     "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+     "gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "ms": round(srt[len(srt) // 2], 2), "samples_ms": [round(t, 2) for t in ts]}
+if CUDA:
+    r["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    r["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+if A.profile:
+    # One more step, after the timed ones (which it does not change), under the profiler.
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * CUDA
+    with profile(activities=acts, record_shapes=True) as prof:
+        fn()
+        sync()
+    prof.export_chrome_trace(A.profile)
 print(json.dumps(r), flush=True)
 json.dump(r, open(out, "w"))

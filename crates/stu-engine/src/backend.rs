@@ -214,3 +214,31 @@ mod tests {
         assert!(err.contains("--features cuda"), "{err}");
     }
 }
+
+/// Starts libtorch's profiler (Kineto, as `torch.profiler` in Python) on this thread: every ATen
+/// op from here on, with input shapes, and with `cuda` every CUDA kernel and memory copy, until
+/// [`profile_stop`]. Only the libtorch backends' work is seen (the others do not go through ATen).
+pub fn profile_start(cuda: bool) -> Result<(), String> {
+    #[cfg(feature = "tch")]
+    {
+        crate::torch::profile_start(cuda)
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = cuda;
+        Err("profiling needs the libtorch backends: rebuild with `--features tch`".into())
+    }
+}
+
+/// Stops the profiler started by [`profile_start`] and writes its Chrome trace (the format of
+/// `torch.profiler`'s `export_chrome_trace`, readable by Perfetto) to `path`.
+pub fn profile_stop(path: &std::path::Path) -> Result<(), String> {
+    #[cfg(feature = "tch")]
+    {
+        crate::torch::profile_stop(path)
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        Err(format!("{}: profiling needs the libtorch backends: rebuild with `--features tch`", path.display()))
+    }
+}

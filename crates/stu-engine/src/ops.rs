@@ -83,7 +83,8 @@ pub fn is_flex(device: &Device) -> bool {
 
 /// Which operators take the ATen paths of [`crate::torch`] on a libtorch device:
 /// `STU_TCH_NATIVE` = `1` (default: all), `0` (none: burn's generic operators, to measure what
-/// the ATen paths gain), or a comma-separated list of `conv`, `norm`, `loss` (only those).
+/// the ATen paths gain), or a comma-separated list of `conv`, `norm`, `loss`, `upsample` (only
+/// those).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TorchPath {
     /// Convolutions (forward and cuDNN gradients).
@@ -92,6 +93,8 @@ pub enum TorchPath {
     Norm,
     /// The training loss (Dice + CE).
     Loss,
+    /// Nearest-neighbour upsampling (one ATen kernel instead of a copy per axis).
+    Upsample,
 }
 
 /// True for a libtorch device (CPU or CUDA), or autodiff over it, when `STU_TCH_NATIVE`
@@ -100,19 +103,20 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
     #[cfg(feature = "tch")]
     {
         use burn::backend::DispatchDevice;
-        static NATIVE: std::sync::OnceLock<(bool, bool, bool)> = std::sync::OnceLock::new();
-        let (conv, norm, loss) = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
-            Ok("0") => (false, false, false),
-            Ok("1") | Err(_) => (true, true, true),
+        static NATIVE: std::sync::OnceLock<[bool; 4]> = std::sync::OnceLock::new();
+        let [conv, norm, loss, upsample] = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
+            Ok("0") => [false; 4],
+            Ok("1") | Err(_) => [true; 4],
             Ok(list) => {
                 let has = |k: &str| list.split(',').any(|t| t.trim() == k);
-                (has("conv"), has("norm"), has("loss"))
+                [has("conv"), has("norm"), has("loss"), has("upsample")]
             }
         });
         let on = match path {
             TorchPath::Conv => conv,
             TorchPath::Norm => norm,
             TorchPath::Loss => loss,
+            TorchPath::Upsample => upsample,
         };
         on && match device.as_dispatch() {
             DispatchDevice::LibTorch(_) => true,
@@ -266,6 +270,16 @@ pub fn norm_add_act(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, skip: Tens
 /// `F.interpolate(x, scale_factor=s, mode="nearest")` for integer `s`. Differentiable (reshape
 /// and expand only); intermediates stay at rank ≤ 5 so every backend runs it.
 pub fn upsample_nearest(x: Tensor<5>, scale: [usize; 3], layout: Layout) -> Tensor<5> {
+    #[cfg(feature = "tch")]
+    if layout == Layout::Ncdhw && is_libtorch(&x.device(), TorchPath::Upsample) {
+        use crate::torch::TorchOps;
+        return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::upsample_nc(x.into_dispatch(), scale));
+    }
+    upsample_composed(x, scale, layout)
+}
+
+/// [`upsample_nearest`] from reshape and expand, on every backend.
+pub(crate) fn upsample_composed(x: Tensor<5>, scale: [usize; 3], layout: Layout) -> Tensor<5> {
     let mut x = x;
     for (a, &s) in scale.iter().enumerate() {
         if s == 1 {

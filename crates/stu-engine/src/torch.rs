@@ -25,7 +25,7 @@
 //! Only libtorch devices reach this trait ([`crate::ops`] routes by device); the layout is
 //! NCDHW, as PyTorch's.
 
-use burn::backend::{Backend, backend_extension, tensor::FloatTensor};
+use burn::backend::{Backend, DType, FloatDType, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn_autodiff::grads::Gradients;
@@ -94,15 +94,21 @@ pub trait TorchOps: Backend {
         s_leaf: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// Nearest-neighbour upsampling by integer factors (`F.interpolate(mode="nearest")`): one
+    /// ATen kernel, where burn's reshape + expand copies once per axis.
+    fn upsample_nc(x: FloatTensor<Self>, scale: [usize; 3]) -> FloatTensor<Self>;
+    /// The gradient of [`upsample_nc`](TorchOps::upsample_nc): each input voxel's sum over the
+    /// block it was copied to, one reduction.
+    fn upsample_nc_backward(grad: FloatTensor<Self>, scale: [usize; 3]) -> FloatTensor<Self>;
     /// nnU-Net's Dice + CE (`crate::loss::dc_ce`) of NCDHW `logits` against class indices
-    /// `target` `[B, D, H, W]` stored as floats, as PyTorch computes it (`cross_entropy`, one
-    /// softmax, the one-hot by `scatter`); a 1-element tensor.
+    /// `target` `[B, D, H, W]` stored as floats; a 1-element tensor.
     fn dc_ce_nc(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> FloatTensor<Self>;
-    /// [`dc_ce_nc`](TorchOps::dc_ce_nc) with its graph: (loss, loss_graph, logits leaf).
-    fn dc_ce_nc_graph(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
-    /// Gradient of the logits through a graph from [`dc_ce_nc_graph`](TorchOps::dc_ce_nc_graph),
-    /// scaled by the 1-element `grad`.
-    fn dc_ce_nc_graph_backward(loss_graph: FloatTensor<Self>, logits_leaf: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// [`dc_ce_nc`](TorchOps::dc_ce_nc) and what its hand-written backward needs: (loss, the
+    /// softmax probabilities in f32 with the logits' shape, the Dice coefficients `[2, B, C]`).
+    fn dc_ce_nc_fwd(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    /// The logits' gradient (f32) from [`dc_ce_nc_fwd`](TorchOps::dc_ce_nc_fwd)'s probabilities
+    /// and coefficients, times the 1-element `grad`.
+    fn dc_ce_nc_bwd(probs: FloatTensor<Self>, target: FloatTensor<Self>, coeffs: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 #[cfg(feature = "tch")]
@@ -128,23 +134,35 @@ mod libtorch {
         let mut outputs = vec![std::ptr::null_mut(); leaves.len()];
         let grad = if grad.kind() == y.kind() { grad.shallow_clone() } else { grad.to_kind(y.kind()) };
         // SAFETY: every pointer is a live `at::Tensor*` owned by a tch `Tensor` borrowed for the
-        // call; the function writes `leaves.len()` new `at::Tensor*`, each owned by one tch
-        // `Tensor` below, or returns a malloc'd message that is freed here.
-        unsafe {
-            let err = stu_vjp(y.as_ptr().cast(), grad.as_ptr().cast(), inputs.as_ptr(), leaves.len() as std::ffi::c_int, outputs.as_mut_ptr());
-            if !err.is_null() {
-                let msg = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
-                libc_free(err.cast());
-                panic!("libtorch backward failed: {msg}");
-            }
-            outputs.into_iter().map(|p| Tensor::from_ptr(p.cast())).collect()
+        // call; on success the function has written `leaves.len()` new `at::Tensor*`, each owned
+        // by one tch `Tensor` below.
+        let done = c_result(|| unsafe { stu_vjp(y.as_ptr().cast(), grad.as_ptr().cast(), inputs.as_ptr(), leaves.len() as std::ffi::c_int, outputs.as_mut_ptr()) });
+        if let Err(msg) = done {
+            panic!("libtorch backward failed: {msg}");
         }
+        // SAFETY: each pointer was written by `stu_vjp` and is owned by exactly one `Tensor`.
+        unsafe { outputs.into_iter().map(|p| Tensor::from_ptr(p.cast())).collect() }
     }
 
     #[allow(unsafe_code)]
     unsafe extern "C" {
         #[link_name = "free"]
         fn libc_free(p: *mut std::ffi::c_void);
+    }
+
+    /// Runs a `csrc/grad.cpp` call that returns null or a malloc'd message.
+    #[allow(unsafe_code)]
+    pub(super) fn c_result(call: impl FnOnce() -> *mut std::ffi::c_char) -> Result<(), String> {
+        let err = call();
+        if err.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-null result is a NUL-terminated string from `strdup`, freed once here.
+        unsafe {
+            let msg = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
+            libc_free(err.cast());
+            Err(msg)
+        }
     }
 
     fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [usize; 3]) -> Tensor {
@@ -177,24 +195,69 @@ mod libtorch {
     }
 
     /// nnU-Net's `DC_and_CE_loss` (`RobustCrossEntropyLoss` + `MemoryEfficientSoftDiceLoss`,
-    /// background excluded) in ATen. The same terms as its PyTorch code, with less kept for the
-    /// backward: the cross-entropy as `logsumexp − logit[target]` (ATen's `cross_entropy` keeps
-    /// its f32 log-softmax, C values per voxel) and the one-hot as bytes, not floats (the
-    /// product with the softmax keeps it). Per voxel, 4 + 1 bytes per class stay alive until
-    /// the backward instead of 12.
-    fn dc_ce(logits: &Tensor, target: &Tensor, batch_dice: bool, smooth: f64) -> Tensor {
-        let c = logits.size()[1];
-        let logits = if matches!(logits.kind(), Kind::Half | Kind::BFloat16) { logits.to_kind(Kind::Float) } else { logits.shallow_clone() };
-        let t = target.to_kind(Kind::Int64).unsqueeze(1);
-        let ce = (logits.logsumexp([1i64].as_slice(), true) - logits.gather(1, &t, false)).mean(Kind::Float);
-        let p = logits.softmax(1, Kind::Float).narrow(1, 1, c - 1);
-        let y = tch::no_grad(|| Tensor::zeros(logits.size(), (Kind::Uint8, logits.device())).scatter_value(1, &t, 1).narrow(1, 1, c - 1));
-        let axes: &[i64] = if batch_dice { &[0, 2, 3, 4] } else { &[2, 3, 4] };
-        let intersect = (&p * &y).sum_dim_intlist(axes, false, Kind::Float);
-        let sum_pred = p.sum_dim_intlist(axes, false, Kind::Float);
-        let sum_gt = y.sum_dim_intlist(axes, false, Kind::Float);
-        let dc = (intersect * 2.0 + smooth) / (sum_gt + sum_pred + smooth).clamp_min(1e-8);
-        (ce - dc.mean(Kind::Float)).reshape([1])
+    /// background excluded) in ATen, with the gradient written by hand ([`dc_ce_grad`]) as
+    /// `kernels/loss.rs` does on flex, so that autograd keeps nothing of it: the backward needs
+    /// only the softmax probabilities, the target and `[2, B, C]` coefficients. The one-hot
+    /// target is never formed: the Dice intersection `Σ p·y` is the target class's probability
+    /// summed per (sample, class) by `scatter_add`, and `Σ y` the class counts. Returns (loss
+    /// `[1]`, probabilities (f32, the logits' shape), coefficients `a`, `c` of
+    /// `∂(−mean Dice)/∂p_kv = a_k·y_kv + c_k`, zero for the background).
+    fn dc_ce_parts(logits: &Tensor, target: &Tensor, batch_dice: bool, smooth: f64) -> (Tensor, Tensor, Tensor) {
+        let dims = logits.size();
+        let (b, c) = (dims[0], dims[1]);
+        let n: i64 = dims[2..].iter().product();
+        let z = if logits.kind() == Kind::Float { logits.shallow_clone() } else { logits.to_kind(Kind::Float) };
+        let t = target.reshape([b, n]).to_kind(Kind::Int64);
+        let z3 = z.view([b, c, n]);
+        let lse = z3.logsumexp([1i64].as_slice(), true);
+        let nll = &lse - z3.gather(1, &t.unsqueeze(1), false);
+        let ce = nll.mean(Kind::Float);
+        let p = z.softmax(1, Kind::Float);
+        drop((z, z3, lse));
+        let p_target = nll.neg().exp().view([b, n]);
+        let per_class = |src: &Tensor| Tensor::zeros([b, c], (Kind::Float, p.device())).scatter_add(1, &t, src);
+        let inter = per_class(&p_target);
+        let count = per_class(&p_target.ones_like());
+        let sum_p = p.view([b, c, n]).sum_dim_intlist([2i64].as_slice(), false, Kind::Float);
+        let fg = |x: &Tensor| {
+            let x = x.narrow(1, 1, c - 1);
+            if batch_dice { x.sum_dim_intlist([0i64].as_slice(), true, Kind::Float) } else { x }
+        };
+        let (i, den) = (fg(&inter), fg(&count) + fg(&sum_p) + smooth);
+        let num = &i * 2.0 + smooth;
+        let dc = &num / den.clamp_min(1e-8);
+        let terms = dc.numel() as f64;
+        let loss = (ce - dc.mean(Kind::Float)).reshape([1]);
+        let a = den.reciprocal() * (-2.0 / terms);
+        let cst = num / (&den * &den) / terms;
+        // Background column, then the per-batch rows when the Dice runs over the batch.
+        let full = |x: Tensor| x.constant_pad_nd([1i64, 0]).expand([b, c], false);
+        let coeffs = Tensor::stack(&[full(a), full(cst)], 0).contiguous();
+        (loss, p, coeffs)
+    }
+
+    /// `∂loss/∂logits · grad` for [`dc_ce_parts`] (f32, the logits' shape): with `g_k = a_k·y_k
+    /// + c_k` the Dice's gradient in the probabilities, through the softmax,
+    /// `∂/∂z_k = p_k·(g_k − Σ_j p_j g_j) + (p_k − y_k)/N`, i.e.
+    /// `p_k·(c_k + 1/N − Σ_j p_j c_j − a_t p_t) + [k = t]·(a_t p_t − 1/N)`: two passes over `p`
+    /// (a batched matrix product for `Σ_j p_j c_j`, then a multiply and an `addcmul`) and a
+    /// scatter at the target class.
+    fn dc_ce_grad(p: &Tensor, target: &Tensor, coeffs: &Tensor, grad: &Tensor) -> Tensor {
+        let dims = p.size();
+        let (b, c) = (dims[0], dims[1]);
+        let n: i64 = dims[2..].iter().product();
+        let inv_n = 1.0 / (b * n) as f64;
+        let g = grad.to_kind(Kind::Float).reshape([1, 1, 1]);
+        let t = target.reshape([b, 1, n]).to_kind(Kind::Int64);
+        let p3 = p.view([b, c, n]);
+        let (a, cst) = (coeffs.get(0), coeffs.get(1));
+        let a_t = a.gather(1, &t.view([b, n]), false).view([b, 1, n]);
+        let at_pt = a_t * p3.gather(1, &t, false);
+        let pg = cst.unsqueeze(1).bmm(&p3) + &at_pt;
+        let mut dz = &p3 * ((cst + inv_n).unsqueeze(2) * &g);
+        let _ = dz.addcmul_(&p3, &(pg * -&g));
+        let _ = dz.scatter_add_(1, &t, &((at_pt - inv_n) * &g));
+        dz.view(dims.as_slice())
     }
 
     fn leaf(t: &Tensor) -> Tensor {
@@ -304,20 +367,30 @@ mod libtorch {
             (dx, dg, db, ds)
         }
 
+        fn upsample_nc(x: FloatTensor<LibTorch>, scale: [usize; 3]) -> FloatTensor<LibTorch> {
+            let d = x.tensor.size();
+            let out = [d[2] * scale[0] as i64, d[3] * scale[1] as i64, d[4] * scale[2] as i64];
+            TchTensor::new(tch::no_grad(|| x.tensor.upsample_nearest3d(out, None, None, None)))
+        }
+
+        fn upsample_nc_backward(grad: FloatTensor<LibTorch>, scale: [usize; 3]) -> FloatTensor<LibTorch> {
+            let d = grad.tensor.size();
+            let s = scale.map(|s| s as i64);
+            let blocks = [d[0], d[1], d[2] / s[0], s[0], d[3] / s[1], s[1], d[4] / s[2], s[2]];
+            TchTensor::new(tch::no_grad(|| grad.tensor.reshape(blocks).sum_dim_intlist([3i64, 5, 7].as_slice(), false, None::<Kind>)))
+        }
+
         fn dc_ce_nc(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> FloatTensor<LibTorch> {
-            TchTensor::new(tch::no_grad(|| dc_ce(&logits.tensor, &target.tensor, batch_dice, smooth)))
+            TchTensor::new(tch::no_grad(|| dc_ce_parts(&logits.tensor, &target.tensor, batch_dice, smooth).0))
         }
 
-        fn dc_ce_nc_graph(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
-            let l = leaf(&logits.tensor);
-            let y = tch::with_grad(|| dc_ce(&l, &target.tensor, batch_dice, smooth));
-            let (y, y_graph) = output(y);
-            (y, y_graph, TchTensor::new(l))
+        fn dc_ce_nc_fwd(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
+            let (loss, p, coeffs) = tch::no_grad(|| dc_ce_parts(&logits.tensor, &target.tensor, batch_dice, smooth));
+            (TchTensor::new(loss), TchTensor::new(p), TchTensor::new(coeffs))
         }
 
-        fn dc_ce_nc_graph_backward(loss_graph: FloatTensor<LibTorch>, logits_leaf: FloatTensor<LibTorch>, grad: FloatTensor<LibTorch>) -> FloatTensor<LibTorch> {
-            let [dl] = wrap(vjp(&loss_graph.tensor, &grad.tensor, &[&logits_leaf.tensor]));
-            dl
+        fn dc_ce_nc_bwd(probs: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, coeffs: FloatTensor<LibTorch>, grad: FloatTensor<LibTorch>) -> FloatTensor<LibTorch> {
+            TchTensor::new(tch::no_grad(|| dc_ce_grad(&probs.tensor, &target.tensor, &coeffs.tensor, &grad.tensor)))
         }
     }
 }
@@ -424,6 +497,29 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         }
     }
 
+    fn upsample_nc(x: FloatTensor<Self>, scale: [usize; 3]) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct UpsampleNc;
+
+        impl<B: Backend + TorchOps> Backward<B, 1> for UpsampleNc {
+            type State = [usize; 3];
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                register_grads!(B, grads, ops.parents, [B::upsample_nc_backward(grad, ops.state)]);
+            }
+        }
+
+        match UpsampleNc.prepare::<C>([x.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(scale, B::upsample_nc(x.into_primitive(), scale)),
+            OpsKind::UnTracked(prep) => prep.finish(B::upsample_nc(x.into_primitive(), scale)),
+        }
+    }
+
+    fn upsample_nc_backward(_grad: FloatTensor<Self>, _scale: [usize; 3]) -> FloatTensor<Self> {
+        unreachable!("second-order gradients of upsample_nc are not supported")
+    }
+
     fn norm_act_nc_graph(
         _x: FloatTensor<Self>,
         _gamma: FloatTensor<Self>,
@@ -468,39 +564,71 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         struct DcCeNc;
 
         impl<B: Backend + TorchOps> Backward<B, 2> for DcCeNc {
-            type State = [B::FloatTensorPrimitive; 3];
+            // Probabilities, target, coefficients, and the logits' dtype for their gradient.
+            type State = ([B::FloatTensorPrimitive; 3], DType);
 
             fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let [node_l, _target] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let [_l, loss_graph, leaf] = ops.state;
+                let ([p, t, coeffs], dtype) = ops.state;
                 if let Some(node) = node_l {
-                    grads.register::<B>(node.id, B::dc_ce_nc_graph_backward(loss_graph, leaf, grad));
+                    let dz = B::dc_ce_nc_bwd(p, t, coeffs, grad);
+                    let dz = if dtype == DType::F32 { dz } else { B::float_cast(dz, FloatDType::from(dtype)) };
+                    grads.register::<B>(node.id, dz);
                 }
             }
         }
 
         match DcCeNc.prepare::<C>([logits.node(), target.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let lp = logits.primitive().clone();
-                let (y, graph, leaf) = B::dc_ce_nc_graph(logits.into_primitive(), target.into_primitive(), batch_dice, smooth);
-                prep.finish([lp, graph, leaf], y)
+                let dtype = logits.primitive().dtype();
+                let tp = target.primitive().clone();
+                let (y, p, coeffs) = B::dc_ce_nc_fwd(logits.into_primitive(), target.into_primitive(), batch_dice, smooth);
+                prep.finish(([p, tp, coeffs], dtype), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::dc_ce_nc(logits.into_primitive(), target.into_primitive(), batch_dice, smooth)),
         }
     }
 
-    fn dc_ce_nc_graph(
+    fn dc_ce_nc_fwd(
         _logits: FloatTensor<Self>,
         _target: FloatTensor<Self>,
         _batch_dice: bool,
         _smooth: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        unreachable!("dc_ce_nc_graph is called on the inner backend only")
+        unreachable!("dc_ce_nc_fwd is called on the inner backend only")
     }
 
-    fn dc_ce_nc_graph_backward(_loss_graph: FloatTensor<Self>, _logits_leaf: FloatTensor<Self>, _grad: FloatTensor<Self>) -> FloatTensor<Self> {
+    fn dc_ce_nc_bwd(_probs: FloatTensor<Self>, _target: FloatTensor<Self>, _coeffs: FloatTensor<Self>, _grad: FloatTensor<Self>) -> FloatTensor<Self> {
         unreachable!("second-order gradients of dc_ce_nc are not supported")
+    }
+}
+
+/// [`crate::backend::profile_start`].
+pub(crate) fn profile_start(cuda: bool) -> Result<(), String> {
+    libtorch::c_result(|| unsafe_ffi::start(cuda))
+}
+
+/// [`crate::backend::profile_stop`].
+pub(crate) fn profile_stop(path: &std::path::Path) -> Result<(), String> {
+    let c = std::ffi::CString::new(path.to_string_lossy().as_bytes()).map_err(|_| format!("{}: a NUL byte in the path", path.display()))?;
+    libtorch::c_result(|| unsafe_ffi::stop(&c)).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[allow(unsafe_code)]
+mod unsafe_ffi {
+    unsafe extern "C" {
+        // csrc/grad.cpp; each returns null or a malloc'd message.
+        fn stu_profile_start(cuda: std::ffi::c_int) -> *mut std::ffi::c_char;
+        fn stu_profile_stop(path: *const std::ffi::c_char) -> *mut std::ffi::c_char;
+    }
+    pub(super) fn start(cuda: bool) -> *mut std::ffi::c_char {
+        // SAFETY: no arguments beyond an int; the result is null or a malloc'd C string.
+        unsafe { stu_profile_start(cuda.into()) }
+    }
+    pub(super) fn stop(path: &std::ffi::CStr) -> *mut std::ffi::c_char {
+        // SAFETY: `path` is a live NUL-terminated string for the call.
+        unsafe { stu_profile_stop(path.as_ptr()) }
     }
 }
 
@@ -580,5 +708,25 @@ mod tests {
         let y = ops::norm_add_act(ops::norm_act(inner.clone(), g1.clone().inner(), e1.clone().inner(), true, lay), g2.clone().inner(), e2.clone().inner(), inner.clone(), lay);
         let want = ops::leaky_relu(ops::instance_norm(ops::leaky_relu(ops::instance_norm(inner.clone(), g1.inner(), e1.inner(), lay)), g2.inner(), e2.inner(), lay) + inner);
         close("untracked", y, want, 1e-3);
+    }
+
+    /// ATen's nearest upsampling and its gradient equal the reshape + expand composition, for
+    /// unequal factors per axis (STU-Net's anisotropic strides), tracked and untracked.
+    #[test]
+    #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+    fn the_aten_upsampling_and_its_gradient_equal_the_composed_one() {
+        let ad = Device::libtorch().autodiff();
+        let mut rng = stu_core::rng::SplitMix64::new(9);
+        let dims = [2, 3, 2, 3, 4];
+        let x = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(dims.iter().product(), -1.0, 1.0), dims), &ad).require_grad();
+        let scale = [1, 2, 3];
+        let (ya, yc) = (ops::upsample_nearest(x.clone(), scale, Layout::Ncdhw), ops::upsample_composed(x.clone(), scale, Layout::Ncdhw));
+        assert_eq!(ya.dims(), [2, 3, 2, 6, 12]);
+        close("forward", ya.clone(), yc.clone(), 1.0);
+        let weights = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(2 * 3 * 2 * 6 * 12, -1.0, 1.0), [2, 3, 2, 6, 12]), &ad);
+        let (ga, gc) = ((ya * weights.clone()).sum().backward(), (yc * weights).sum().backward());
+        close("dx", x.grad(&ga).unwrap().unsqueeze(), x.grad(&gc).unwrap().unsqueeze(), 1.0);
+        let inner = x.inner();
+        close("untracked", ops::upsample_nearest(inner.clone(), scale, Layout::Ncdhw), ops::upsample_composed(inner, scale, Layout::Ncdhw), 1.0);
     }
 }

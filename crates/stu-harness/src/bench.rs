@@ -4,9 +4,10 @@
 //! Forward runs without autodiff; forward+backward runs on an autodiff device and back-propagates
 //! `mean(output.0)` through the deep-supervision forward, as the anchor script does.
 
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use stu_engine::backend::Backend;
 use stu_engine::precision::Precision;
@@ -185,20 +186,38 @@ fn preset_net(preset: &str, device: &Device) -> Result<Box<dyn SegNet>> {
     Ok(stu_engine::train::he_init((entry.build)(&spec, device).map_err(anyhow::Error::msg)?, 0, None))
 }
 
-fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, device: &Device) -> Result<CaseResult> {
+/// Runs `step` once more under libtorch's profiler and writes the trace to `dir/{id}.json`.
+fn profiled(dir: Option<&Path>, id: &str, backend: Backend, step: impl FnOnce() -> Result<()>) -> Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    std::fs::create_dir_all(dir).with_context(|| format!("--profile {}", dir.display()))?;
+    let path = dir.join(format!("{id}.json"));
+    stu_engine::backend::profile_start(backend == Backend::TchCuda).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
+    let ran = step();
+    stu_engine::backend::profile_stop(&path).map_err(|e| anyhow::anyhow!("--profile: {e}"))?;
+    ran?;
+    eprintln!("{id}: profile of one more step written to {}", path.display());
+    Ok(())
+}
+
+fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, device: &Device, profile: Option<&Path>) -> Result<CaseResult> {
     let net = preset_net(preset, device)?;
     let net = precision.cast_net(&*net).unwrap_or(net);
     let x = precision.input(randn([1, 1, 128, 128, 128], device));
     let (warm, n) = reps(backend, false);
-    let samples = time_warm(warm, n.max(3), || {
+    let step = || {
         let y = precision.output(net.forward(x.clone()));
         drop(y);
         device.sync().expect("device sync");
-    });
+    };
+    let samples = time_warm(warm, n.max(3), &step);
+    profiled(profile, id, backend, || {
+        step();
+        Ok(())
+    })?;
     Ok(CaseResult { case: id.to_string(), fwd_s: median(samples.clone()), fwd_bwd_s: None, fwd_samples: samples, fwd_bwd_samples: Vec::new(), train_s: None, train_samples: Vec::new() })
 }
 
-fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad: &Device) -> Result<CaseResult> {
+fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad: &Device, profile: Option<&Path>) -> Result<CaseResult> {
     use stu_engine::train::{DeviceBatch, Sgd, StepConfig, train_step};
     let mut net = preset_net(preset, ad)?;
     let b = 2;
@@ -217,16 +236,20 @@ fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad
     let mut sgd = Sgd::nnunet();
     let mut samples = Vec::new();
     let (warm, n) = reps(backend, preset.ends_with('l') || preset.ends_with('h'));
+    let step = StepConfig { weights: &weights, dice: Default::default(), lr: 1e-2, clip: stu_engine::optim::GRAD_CLIP, precision };
+    let mut one_step = |net: Box<dyn SegNet>| -> Result<Box<dyn SegNet>> {
+        let (next, _) = train_step(net, &mut sgd, &batch, &step);
+        ad.sync().map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+        Ok(next)
+    };
     for i in 0..warm + n {
         let t = Instant::now();
-        let step = StepConfig { weights: &weights, dice: Default::default(), lr: 1e-2, clip: stu_engine::optim::GRAD_CLIP, precision };
-        let (next, _) = train_step(net, &mut sgd, &batch, &step);
-        net = next;
-        ad.sync().map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
+        net = one_step(net)?;
         if i >= warm {
             samples.push(t.elapsed().as_secs_f64());
         }
     }
+    profiled(profile, id, backend, || one_step(net).map(drop))?;
     Ok(CaseResult { case: id.to_string(), fwd_s: None, fwd_bwd_s: None, fwd_samples: Vec::new(), fwd_bwd_samples: Vec::new(), train_s: median(samples.clone()), train_samples: samples })
 }
 
@@ -257,9 +280,14 @@ fn allreduce_case(id: &str, preset: &str, device: &Device) -> Result<CaseResult>
 }
 
 /// Runs the cases whose id matches `filter` (all when empty).
-pub fn run(backend: Backend, precision: Precision, filter: &[String], mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
+/// With `profile`, each training-step and patch-inference case runs one more step under
+/// libtorch's profiler (libtorch backends only) and writes its trace to `profile/{case}.json`.
+pub fn run(backend: Backend, precision: Precision, filter: &[String], profile: Option<&Path>, mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
     zoo::link();
     precision.check(backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
+    if profile.is_some() && !matches!(backend, Backend::Tch | Backend::TchCuda) {
+        anyhow::bail!("--profile records libtorch's profiler: it needs `--backend tch` or `tch-cuda` (got `{}`)", backend.name());
+    }
     let device = backend.device()?;
     let ad = device.clone().autodiff();
     let mut results = Vec::new();
@@ -267,7 +295,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], mut report
     let named = |id: &str, prefix: &str| filter.iter().any(|f| id.contains(f.as_str()) && f.starts_with(prefix));
     for (id, preset) in TRAIN_CASES {
         if named(id, "train") {
-            let r = train_case(id, preset, backend, precision, &ad)?;
+            let r = train_case(id, preset, backend, precision, &ad, profile)?;
             report(&r);
             results.push(r);
         }
@@ -281,7 +309,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], mut report
     }
     for (id, preset) in INFER_CASES {
         if named(id, "infer") {
-            let r = infer_case(id, preset, backend, precision, &device)?;
+            let r = infer_case(id, preset, backend, precision, &device, profile)?;
             report(&r);
             results.push(r);
         }

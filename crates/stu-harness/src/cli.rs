@@ -129,6 +129,11 @@ enum Command {
         /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch` or `tch-cuda`; f16 training scales the loss dynamically).
         #[arg(long, default_value = "f32")]
         precision: Precision,
+        /// Run each training-step / inference case once more under libtorch's profiler and write
+        /// its Chrome trace to DIR/{case}.json (`--backend tch` or `tch-cuda`; summarise with
+        /// `xtask/bench/profile_table.py`).
+        #[arg(long, value_name = "DIR")]
+        profile: Option<PathBuf>,
     },
     /// Predict NIfTI volumes (sliding window, mirroring TTA) into label maps with the input's geometry.
     Predict {
@@ -599,8 +604,8 @@ fn run(cli: Cli) -> Result<()> {
             bar.finish_and_clear();
             eprintln!("preprocessed {now} case(s) in {:.1} s ({before} already done) into {}", t.elapsed().as_secs_f64(), out.display());
         }
-        Command::Bench { cases, json, backend, precision } => {
-            let results = crate::bench::run(backend, precision, &cases, |r| {
+        Command::Bench { cases, json, backend, precision, profile } => {
+            let results = crate::bench::run(backend, precision, &cases, profile.as_deref(), |r| {
                 if r.case.starts_with("allreduce") {
                     eprintln!("{:<16} all-reduce {:>8} s", r.case, fmt_s(r.train_s));
                 } else if r.train_s.is_some() {
