@@ -228,7 +228,7 @@ def run_plan(plan):
         elif side == "stu":
             row = ours(case, dt)
         elif side == "stu-noloss":
-            row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm"}, timeout=75)
+            row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm,upsample"}, timeout=75)
             row["side"] = "stu-noloss"
         else:
             row = ours(case, dt, {"STU_TCH_NATIVE": "0"}, timeout=75)

@@ -1,7 +1,8 @@
 #![allow(deprecated)] // burn-tch is marked deprecated upstream; it is the libtorch (cuDNN) path here.
 //! libtorch fast paths (feature `tch`): cuDNN convolution gradients, instance norm fused with
-//! its LeakyReLU (and the residual add at a block's end), and nnU-Net's loss, as a burn backend
-//! extension over [`LibTorch`](burn::backend::LibTorch).
+//! its LeakyReLU (and the residual add at a block's end), nearest upsampling and nnU-Net's loss,
+//! as a burn backend extension over [`LibTorch`](burn::backend::LibTorch); and libtorch's
+//! profiler for `stu bench --profile`.
 //!
 //! burn's generic conv3d weight gradient is itself a convolution whose kernel is the whole
 //! output gradient (128³ at full resolution); cuDNN runs it far off its fast paths, and burn's
@@ -21,6 +22,11 @@
 //! norm's output before the activation, and the sum before the last one). In half precision the
 //! affine parameters enter the norm in f32, as under PyTorch's autocast (cuDNN's batch norm
 //! takes f16 data only with f32 parameters).
+//!
+//! The loss (Dice + CE) and nearest upsampling do not keep a libtorch graph: the loss's gradient
+//! is written by hand in ATen ops, as `kernels/loss.rs` does on flex (the backward keeps only
+//! the softmax probabilities; no one-hot target is ever formed), and upsampling's is ATen's
+//! `upsample_nearest3d_backward`.
 //!
 //! Only libtorch devices reach this trait ([`crate::ops`] routes by device); the layout is
 //! NCDHW, as PyTorch's.
@@ -98,7 +104,7 @@ pub trait TorchOps: Backend {
     /// ATen kernel, where burn's reshape + expand copies once per axis.
     fn upsample_nc(x: FloatTensor<Self>, scale: [usize; 3]) -> FloatTensor<Self>;
     /// The gradient of [`upsample_nc`](TorchOps::upsample_nc): each input voxel's sum over the
-    /// block it was copied to, one reduction.
+    /// block it was copied to (ATen's `upsample_nearest3d_backward`).
     fn upsample_nc_backward(grad: FloatTensor<Self>, scale: [usize; 3]) -> FloatTensor<Self>;
     /// nnU-Net's Dice + CE (`crate::loss::dc_ce`) of NCDHW `logits` against class indices
     /// `target` `[B, D, H, W]` stored as floats; a 1-element tensor.
@@ -206,14 +212,12 @@ mod libtorch {
         let dims = logits.size();
         let (b, c) = (dims[0], dims[1]);
         let n: i64 = dims[2..].iter().product();
-        let z = if logits.kind() == Kind::Float { logits.shallow_clone() } else { logits.to_kind(Kind::Float) };
         let t = target.reshape([b, n]).to_kind(Kind::Int64);
-        let z3 = z.view([b, c, n]);
-        let lse = z3.logsumexp([1i64].as_slice(), true);
-        let nll = &lse - z3.gather(1, &t.unsqueeze(1), false);
+        // log p in f32 (from half logits too), then p in place: one tensor of the logits' size.
+        let mut p = logits.log_softmax(1, Kind::Float);
+        let nll = p.view([b, c, n]).gather(1, &t.unsqueeze(1), false).neg();
+        let _ = p.exp_();
         let ce = nll.mean(Kind::Float);
-        let p = z.softmax(1, Kind::Float);
-        drop((z, z3, lse));
         let p_target = nll.neg().exp().view([b, n]);
         let per_class = |src: &Tensor| Tensor::zeros([b, c], (Kind::Float, p.device())).scatter_add(1, &t, src);
         let inter = per_class(&p_target);
@@ -375,9 +379,8 @@ mod libtorch {
 
         fn upsample_nc_backward(grad: FloatTensor<LibTorch>, scale: [usize; 3]) -> FloatTensor<LibTorch> {
             let d = grad.tensor.size();
-            let s = scale.map(|s| s as i64);
-            let blocks = [d[0], d[1], d[2] / s[0], s[0], d[3] / s[1], s[1], d[4] / s[2], s[2]];
-            TchTensor::new(tch::no_grad(|| grad.tensor.reshape(blocks).sum_dim_intlist([3i64, 5, 7].as_slice(), false, None::<Kind>)))
+            let input = [d[0], d[1], d[2] / scale[0] as i64, d[3] / scale[1] as i64, d[4] / scale[2] as i64];
+            TchTensor::new(tch::no_grad(|| Tensor::upsample_nearest3d_backward(&grad.tensor, &d[2..], input, None, None, None)))
         }
 
         fn dc_ce_nc(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> FloatTensor<LibTorch> {
