@@ -262,6 +262,11 @@ if "B" in A.sizes:
     extra += [("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16"), ("stu-generic", "train_B_128_b2", "bf16")]
 if A.backend == "tch-cuda":
     run_plan(core)
+elif "S" in A.sizes:
+    # A dry run on the CPU checks the profiling path with S's patch inference (seconds there).
+    R["profiles"] = [profile_pair("infer_S_128", "f32")]
+    log("profile", json.dumps(R["profiles"][0]))
+    save()
 
 
 def over_budget(what):

@@ -100,6 +100,7 @@ def summarise(path):
         s["mode"] = "CPU self time"
         # Self time: an op's duration minus that of the ops directly inside it (same thread).
         per_tid = collections.defaultdict(list)
+        self_times = []
         for e in ops:
             per_tid[(e.get("pid"), e.get("tid"))].append(e)
         for evs in per_tid.values():
@@ -115,6 +116,7 @@ def summarise(path):
                 stack.append(e)
             for e in evs:
                 t = max(selfs[id(e)], 0.0)
+                self_times.append((e, t))
                 by_cat[category(e["name"])][0] += t
                 by_cat[category(e["name"])][1] += 1
                 by_op[e["name"]][0] += t
@@ -122,6 +124,28 @@ def summarise(path):
         t0 = min(e["ts"] for e in ops)
         t1 = max(e["ts"] + e["dur"] for e in ops)
         s["span_ms"] = (t1 - t0) / 1e3
+    # Phases by time: the forward until the first op named "*backward*" (the loss's own
+    # gradient falls into it on our side, whose loss backward has no such op), the backward until
+    # the last convolution backward ends, then clipping and the optimizer (training steps only).
+    bwd = [e for e in ops if "backward" in e["name"].lower()]
+    if bwd:
+        b0 = min(e["ts"] for e in bwd)
+        b1 = max(e["ts"] + e["dur"] for e in ops if "convolution_backward" in e["name"])
+        phase = collections.defaultdict(float)
+        if kernels:
+            start = {}
+            for e in ops:
+                i = e.get("args", {}).get("External id")
+                if i is not None:
+                    start[i] = e["ts"]
+            for e in kernels:
+                t = start.get(e.get("args", {}).get("External id"), e["ts"])
+                phase["forward" if t < b0 else "backward" if t < b1 else "clip + optimizer"] += e["dur"] / 1e3
+        else:
+            for e, t in self_times:
+                phase["forward" if e["ts"] < b0 else "backward" if e["ts"] < b1 else "clip + optimizer"] += t / 1e3
+        s["phases"] = dict(phase)
+        s["optimizer_ops"] = sum(1 for e in ops if e["ts"] >= b1)
     s["ops"] = len(ops)
     s["kernels"] = len(kernels)
     s["by_category"] = {k: {"ms": v[0] / 1e3, "n": v[1]} for k, v in by_cat.items()}
@@ -145,6 +169,12 @@ def table(a, b, top):
     if "busy_ms" in a and "busy_ms" in b:
         line += f"; GPU busy {a['busy_ms']:.1f} ({100 * a['busy_ms'] / a['span_ms']:.0f} %) vs {b['busy_ms']:.1f} ms ({100 * b['busy_ms'] / b['span_ms']:.0f} %)"
     md += [line + f"; ATen ops recorded: {a['ops']} vs {b['ops']}.", ""]
+    if "phases" in a and "phases" in b:
+        md += ["| phase | ours | PyTorch | ratio |", "|---|---|---|---|"]
+        for ph in ("forward", "backward", "clip + optimizer"):
+            x, y = a["phases"].get(ph, 0.0), b["phases"].get(ph, 0.0)
+            md.append(f"| {ph} | {x:.2f} | {y:.2f} | {x / y:.2f}× |" if y > 0 else f"| {ph} | {x:.2f} | {y:.2f} | – |")
+        md += ["", f"ATen ops after the backward (clip + optimizer): ours {a['optimizer_ops']}, PyTorch {b['optimizer_ops']}.", ""]
     for name, s in (("ours", a), ("PyTorch", b)):
         md += [f"Top {top} ops, {name}:", "", "| op | ms | count |", "|---|---|---|"]
         for k, v in sorted(s["by_op"].items(), key=lambda kv: -kv[1]["ms"])[:top]:
