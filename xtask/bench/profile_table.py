@@ -23,12 +23,19 @@ CATEGORIES = [
     ("instance/batch norm", lambda n: "norm" in n and "linalg" not in n and "norm_by" not in n and n not in ("aten::norm",)),
     ("LeakyReLU", lambda n: "leaky_relu" in n or n.startswith("aten::relu") or "threshold" in n),
     ("loss (softmax, logsumexp, gather, one-hot)", lambda n: any(k in n for k in ("softmax", "logsumexp", "gather", "one_hot", "nll", "scatter", "cross_entropy"))),
+    ("upsampling", lambda n: "upsample" in n),
     ("optimizer (foreach / fused)", lambda n: "_foreach" in n or "fused_sgd" in n or "_amp_" in n),
     ("copy / cast / layout", lambda n: any(k in n for k in ("copy", "_to_copy", "clone", "contiguous", "cat", "stack", "pad", "repeat", "expand", "permute", "transpose"))),
     ("fill / zero", lambda n: any(k in n for k in ("fill", "zero", "ones", "full"))),
     ("reductions (sum, mean, norm, max)", lambda n: any(k in n for k in ("sum", "mean", "norm", "max", "min", "any", "all", "isfinite", "isinf", "isnan"))),
-    ("elementwise arithmetic", lambda n: any(k in n for k in ("add", "mul", "sub", "div", "neg", "sqrt", "pow", "exp", "log", "where", "clamp", "lerp", "addcmul", "addcdiv", "eq", "ne", "lt", "gt", "le", "ge", "abs", "sign", "reciprocal", "rsqrt"))),
+    ("elementwise arithmetic", lambda n: base(n) in ELEMENTWISE or base(n).startswith(("add", "mul", "sub", "div", "clamp", "pow", "exp", "log"))),
 ]
+ELEMENTWISE = {"neg", "sqrt", "rsqrt", "where", "lerp", "eq", "ne", "lt", "gt", "le", "ge", "abs", "sign", "reciprocal", "maximum", "minimum"}
+
+
+def base(n):
+    """`aten::add_` → `add`."""
+    return n.split("::")[-1].rstrip("_")
 
 
 def category(op, kernel=None):
