@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary (each extra test binary re-links the whole harness).
 
+mod bench_cli;
 mod checkpoints;
 mod dataset;
 mod nnformer;

@@ -7,7 +7,7 @@ fp16, contiguous NCDHW).
            (lr 1e-2, momentum 0.99, Nesterov, wd 3e-5).
   infer_X: one 128^3 patch, batch 1, full-resolution head only, no grad.
 
-Usage: python torch_gpu.py SHARED_BENCH_DIR CASE DTYPE OUT.json [--profile TRACE.json] [--device cpu]
+Usage: python torch_gpu.py SHARED_BENCH_DIR CASE DTYPE OUT.json [--profile TRACE.json] [--device cpu] [--patch N]
   (DTYPE: fp16, bf16 or fp32). Prints and writes {case, dtype, ms, samples_ms, peak_allocated_gib,
   peak_reserved_gib}. --profile runs one more step under torch.profiler and writes its Chrome
   trace (compare with `stu bench --profile` through profile_table.py); --device cpu is a dry run."""
@@ -23,6 +23,7 @@ ap.add_argument("dtype", choices=["fp16", "bf16", "fp32"])
 ap.add_argument("out")
 ap.add_argument("--profile")
 ap.add_argument("--device", default="cuda")
+ap.add_argument("--patch", type=int, default=128, help="cubic patch edge (as `stu bench --patch`)")
 A = ap.parse_args()
 sys.path.insert(0, A.bench_dir)
 import torch  # noqa: E402
@@ -91,8 +92,9 @@ auto = DT != torch.float32
 if kind == "train":
     opt = torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     scaler = torch.amp.GradScaler(dev, enabled=DT == torch.float16)
-    x = torch.randn(2, 1, 128, 128, 128, device=dev)
-    y = torch.randint(0, CLASSES, (2, 128, 128, 128), device=dev)
+    P = A.patch
+    x = torch.randn(2, 1, P, P, P, device=dev)
+    y = torch.randint(0, CLASSES, (2, P, P, P), device=dev)
 
     def fn():
         opt.zero_grad(set_to_none=True)
@@ -107,7 +109,7 @@ if kind == "train":
 else:
     m.deep_supervision = False
     m.eval()
-    x = torch.randn(1, 1, 128, 128, 128, device=dev)
+    x = torch.randn(1, 1, A.patch, A.patch, A.patch, device=dev)
 
     def fn():
         with torch.no_grad(), torch.autocast(dev, dtype=DT, enabled=auto):

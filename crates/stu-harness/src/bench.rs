@@ -199,10 +199,10 @@ fn profiled(dir: Option<&Path>, id: &str, backend: Backend, step: impl FnOnce() 
     Ok(())
 }
 
-fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, device: &Device, profile: Option<&Path>) -> Result<CaseResult> {
+fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, device: &Device, patch: usize, profile: Option<&Path>) -> Result<CaseResult> {
     let net = preset_net(preset, device)?;
     let net = precision.cast_net(&*net).unwrap_or(net);
-    let x = precision.input(randn([1, 1, 128, 128, 128], device));
+    let x = precision.input(randn([1, 1, patch, patch, patch], device));
     let (warm, n) = reps(backend, false);
     let step = || {
         let y = precision.output(net.forward(x.clone()));
@@ -217,21 +217,21 @@ fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, de
     Ok(CaseResult { case: id.to_string(), fwd_s: median(samples.clone()), fwd_bwd_s: None, fwd_samples: samples, fwd_bwd_samples: Vec::new(), train_s: None, train_samples: Vec::new() })
 }
 
-fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad: &Device, profile: Option<&Path>) -> Result<CaseResult> {
+fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad: &Device, patch: usize, profile: Option<&Path>) -> Result<CaseResult> {
     use stu_engine::train::{DeviceBatch, Sgd, StepConfig, train_step};
     let mut net = preset_net(preset, ad)?;
-    let b = 2;
+    let (b, p) = (2, patch);
     let mut rng = stu_core::rng::SplitMix64::new(3);
-    let x = rng.fill_f32(b * 128 * 128 * 128, -1.0, 1.0);
-    let full: Vec<i16> = (0..b * 128 * 128 * 128).map(|_| rng.below(TOTALSEG_CLASSES as u64) as i16).collect();
+    let x = rng.fill_f32(b * p * p * p, -1.0, 1.0);
+    let full: Vec<i16> = (0..b * p * p * p).map(|_| rng.below(TOTALSEG_CLASSES as u64) as i16).collect();
     let targets: Vec<(Vec<i16>, [usize; 4])> = (0..5)
         .map(|k| {
-            let n = 128 >> k;
-            let t = (0..b).flat_map(|bi| stu_data::augment::nearest_resize(&full[bi * 128 * 128 * 128..(bi + 1) * 128 * 128 * 128], [128; 3], [n; 3])).collect();
+            let n = p >> k;
+            let t = (0..b).flat_map(|bi| stu_data::augment::nearest_resize(&full[bi * p * p * p..(bi + 1) * p * p * p], [p; 3], [n; 3])).collect();
             (t, [b, n, n, n])
         })
         .collect();
-    let batch = DeviceBatch::upload(x, [b, 1, 128, 128, 128], &targets, ad);
+    let batch = DeviceBatch::upload(x, [b, 1, p, p, p], &targets, ad);
     let weights = stu_engine::schedule::ds_weights(5);
     let mut sgd = Sgd::nnunet();
     let mut samples = Vec::new();
@@ -279,12 +279,27 @@ fn allreduce_case(id: &str, preset: &str, device: &Device) -> Result<CaseResult>
     Ok(CaseResult { case: format!("{id} ({n} values)"), fwd_s: None, fwd_bwd_s: None, fwd_samples: Vec::new(), fwd_bwd_samples: Vec::new(), train_s: median(samples.clone()), train_samples: samples })
 }
 
+/// What [`run`] measures beyond the case filter.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Cubic patch edge of the training-step and patch-inference cases (default 128, the
+    /// paper's; a multiple of 32). The case ids then name it (`train_S_32_b2`).
+    pub patch: Option<usize>,
+    /// Run each training-step and patch-inference case once more under libtorch's profiler
+    /// (libtorch backends only) and write its trace to `{profile}/{case}.json`.
+    pub profile: Option<std::path::PathBuf>,
+}
+
 /// Runs the cases whose id matches `filter` (all when empty).
-/// With `profile`, each training-step and patch-inference case runs one more step under
-/// libtorch's profiler (libtorch backends only) and writes its trace to `profile/{case}.json`.
-pub fn run(backend: Backend, precision: Precision, filter: &[String], profile: Option<&Path>, mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
+pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Options, mut report: impl FnMut(&CaseResult)) -> Result<Vec<CaseResult>> {
     zoo::link();
     precision.check(backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
+    let profile = opts.profile.as_deref();
+    let patch = opts.patch.unwrap_or(128);
+    if patch == 0 || patch % 32 != 0 {
+        anyhow::bail!("--patch {patch}: the patch edge must be a positive multiple of 32 (five 2× downsamplings)");
+    }
+    let named_id = |id: &str| if patch == 128 { id.to_string() } else { id.replace("_128", &format!("_{patch}")) };
     if profile.is_some() && !matches!(backend, Backend::Tch | Backend::TchCuda) {
         anyhow::bail!("--profile records libtorch's profiler: it needs `--backend tch` or `tch-cuda` (got `{}`)", backend.name());
     }
@@ -295,7 +310,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], profile: O
     let named = |id: &str, prefix: &str| filter.iter().any(|f| id.contains(f.as_str()) && f.starts_with(prefix));
     for (id, preset) in TRAIN_CASES {
         if named(id, "train") {
-            let r = train_case(id, preset, backend, precision, &ad, profile)?;
+            let r = train_case(&named_id(id), preset, backend, precision, &ad, patch, profile)?;
             report(&r);
             results.push(r);
         }
@@ -309,7 +324,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], profile: O
     }
     for (id, preset) in INFER_CASES {
         if named(id, "infer") {
-            let r = infer_case(id, preset, backend, precision, &device, profile)?;
+            let r = infer_case(&named_id(id), preset, backend, precision, &device, patch, profile)?;
             report(&r);
             results.push(r);
         }

@@ -134,6 +134,10 @@ enum Command {
         /// `xtask/bench/profile_table.py`).
         #[arg(long, value_name = "DIR")]
         profile: Option<PathBuf>,
+        /// Cubic patch edge for the training-step and inference cases (default 128; a multiple
+        /// of 32). Small patches show the per-step overhead around the kernels.
+        #[arg(long, value_name = "N")]
+        patch: Option<usize>,
     },
     /// Predict NIfTI volumes (sliding window, mirroring TTA) into label maps with the input's geometry.
     Predict {
@@ -604,8 +608,8 @@ fn run(cli: Cli) -> Result<()> {
             bar.finish_and_clear();
             eprintln!("preprocessed {now} case(s) in {:.1} s ({before} already done) into {}", t.elapsed().as_secs_f64(), out.display());
         }
-        Command::Bench { cases, json, backend, precision, profile } => {
-            let results = crate::bench::run(backend, precision, &cases, profile.as_deref(), |r| {
+        Command::Bench { cases, json, backend, precision, profile, patch } => {
+            let results = crate::bench::run(backend, precision, &cases, &crate::bench::Options { patch, profile }, |r| {
                 if r.case.starts_with("allreduce") {
                     eprintln!("{:<16} all-reduce {:>8} s", r.case, fmt_s(r.train_s));
                 } else if r.train_s.is_some() {

@@ -1,0 +1,31 @@
+//! `stu bench`: the training-step and patch-inference cases at another patch size, and the
+//! errors for options this build or backend cannot honour.
+
+use std::process::Command;
+
+use tests::stu_bin;
+
+#[test]
+fn bench_runs_the_step_cases_at_a_smaller_patch_and_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(stu_bin!()).args(["bench", "--patch", "32", "train_S", "infer_S", "--json"]).arg(&json).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results = doc["results"].as_array().unwrap();
+    let ids: Vec<&str> = results.iter().map(|r| r["case"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["train_S_32_b2", "infer_S_32"]);
+    assert!(results[0]["train_s"].as_f64().unwrap() > 0.0 && results[1]["fwd_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_refuses_a_patch_it_cannot_downsample_and_a_profile_off_libtorch() {
+    let out = Command::new(stu_bin!()).args(["bench", "--patch", "48", "infer_S"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--patch 48") && err.contains("multiple of 32"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(stu_bin!()).args(["bench", "infer_S", "--profile"]).arg(dir.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--profile") && err.contains("tch"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
+}
