@@ -171,9 +171,32 @@ mod libtorch {
         }
     }
 
+    /// Whether convolutions run channels-last (`STU_TCH_CHANNELS_LAST=1`, see
+    /// [`super::set_channels_last`]): activations keep NCDHW shapes with NDHWC strides, which
+    /// cuDNN takes without the layout transforms it otherwise runs around its tensor-core kernels.
+    fn channels_last() -> bool {
+        super::set_channels_last(None)
+    }
+
+    /// NDHWC strides: channels are adjacent in memory.
+    fn is_channels_last(t: &Tensor) -> bool {
+        let (size, stride) = (t.size(), t.stride());
+        size.len() == 5 && size[1] > 1 && stride[1] == 1 && stride[4] == size[1]
+    }
+
+    /// `t` with NDHWC strides (a copy unless it already has them).
+    fn to_channels_last(t: &Tensor) -> Tensor {
+        if is_channels_last(t) { t.shallow_clone() } else { t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]) }
+    }
+
     fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [usize; 3]) -> Tensor {
         let k = w.size();
-        x.conv3d(w, b, stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2], [1i64; 3], 1)
+        let (stride, pad) = (stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2]);
+        if channels_last() {
+            // ATen keeps the input's memory format for the output.
+            return to_channels_last(x).conv3d(&to_channels_last(w), b, stride, pad, [1i64; 3], 1);
+        }
+        x.conv3d(w, b, stride, pad, [1i64; 3], 1)
     }
 
     /// Instance norm (+ skip) (+ LeakyReLU) as ATen's batch norm over the `[1, B·C, …]` view,
@@ -186,6 +209,20 @@ mod libtorch {
         flat[0] = 1;
         flat[1] = n * c;
         let half = matches!(x.kind(), Kind::Half | Kind::BFloat16);
+        if is_channels_last(x) {
+            // The `[1, B·C, …]` view needs NCDHW strides: channels-last activations are
+            // normalised one sample at a time (batch norm over a 1-sample batch is instance norm).
+            let (g, b) = if half { (g.to_kind(Kind::Float), b.to_kind(Kind::Float)) } else { (g.shallow_clone(), b.shallow_clone()) };
+            let bn = |t: &Tensor| t.batch_norm(Some(&g), Some(&b), None::<&Tensor>, None::<&Tensor>, true, 0.0, crate::ops::NORM_EPS, true);
+            let mut y = if n > 1 { Tensor::cat(&x.split(1, 0).iter().map(bn).collect::<Vec<_>>(), 0) } else { bn(x) };
+            if let Some(s) = skip {
+                let _ = y.g_add_(s);
+            }
+            if act {
+                let _ = y.leaky_relu_();
+            }
+            return y;
+        }
         let affine = |p: &Tensor| {
             let p = if half { p.to_kind(Kind::Float) } else { p.shallow_clone() };
             if n > 1 { p.repeat([n]) } else { p }
@@ -209,6 +246,7 @@ mod libtorch {
     /// `[1]`, probabilities (f32, the logits' shape), coefficients `a`, `c` of
     /// `∂(−mean Dice)/∂p_kv = a_k·y_kv + c_k`, zero for the background).
     fn dc_ce_parts(logits: &Tensor, target: &Tensor, batch_dice: bool, smooth: f64) -> (Tensor, Tensor, Tensor) {
+        let logits = logits.contiguous(); // channels-last logits (`STU_TCH_CHANNELS_LAST`) become NCDHW once
         let dims = logits.size();
         let (b, c) = (dims[0], dims[1]);
         let n: i64 = dims[2..].iter().product();
@@ -607,6 +645,24 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
     }
 }
 
+/// 0: not read yet, 1: channels-last convolutions, 2: NCDHW (see [`set_channels_last`]).
+static CHANNELS_LAST: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether the libtorch convolutions run channels-last (NDHWC strides under NCDHW shapes, as
+/// PyTorch's `channels_last_3d`): read once from `STU_TCH_CHANNELS_LAST` (`1`: on; default off),
+/// or set here (tests). Values and gradients are the same either way; only the memory layout
+/// cuDNN sees changes.
+pub fn set_channels_last(on: Option<bool>) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let v = match on {
+        Some(on) => 2 - u8::from(on),
+        None if CHANNELS_LAST.load(Relaxed) == 0 => 2 - u8::from(std::env::var("STU_TCH_CHANNELS_LAST").as_deref() == Ok("1")),
+        None => CHANNELS_LAST.load(Relaxed),
+    };
+    CHANNELS_LAST.store(v, Relaxed);
+    v == 1
+}
+
 /// [`crate::backend::profile_start`].
 pub(crate) fn profile_start(cuda: bool) -> Result<(), String> {
     libtorch::c_result(|| unsafe_ffi::start(cuda))
@@ -656,6 +712,15 @@ mod tests {
     #[test]
     #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
     fn the_aten_block_and_its_gradients_equal_burns_composed_operators() {
+        // NCDHW, then channels-last convolutions (per-sample norms): the same values either way.
+        for channels_last in [false, true] {
+            super::set_channels_last(Some(channels_last));
+            aten_block_equals_composed();
+        }
+        super::set_channels_last(Some(false));
+    }
+
+    fn aten_block_equals_composed() {
         let ad = Device::libtorch().autodiff();
         let (b, c, d, h, w) = (2, 3, 5, 6, 4);
         let mut rng = stu_core::rng::SplitMix64::new(7);
