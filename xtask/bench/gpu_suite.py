@@ -244,6 +244,10 @@ def run_plan(plan):
             row = theirs(case, dt)
         elif side == "stu":
             row = ours(case, dt)
+        elif side == "stu-ncdhw":
+            # Channels-last convolutions are the default; this is the NCDHW layout they replaced.
+            row = ours(case, dt, {"STU_TCH_CHANNELS_LAST": "0"}, timeout=120)
+            row["side"] = "stu-ncdhw"
         elif side == "stu-noloss":
             row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm,upsample"}, timeout=75)
             row["side"] = "stu-noloss"
@@ -271,7 +275,7 @@ for s in A.sizes:
     if s == "B" and torch_too:
         # Item 4's "by how much per op": one step of each under both profilers, f16 vs fp16,
         # once the goal's timings are in.
-        late = [("profile", t, "f16"), ("profile", i, "f16")] + late
+        late = [("profile", t, "f16"), ("profile", i, "f16"), ("stu-ncdhw", t, "f16"), ("stu-ncdhw", i, "f16")] + late
     (core if s in "BHL" else extra).extend(rows)
 # f16 training on real batches (loss scaling) has not run on a GPU yet: right after the goal's rows.
 core += [("train_check", "", "f16")] + late

@@ -28,8 +28,12 @@
 //! the softmax probabilities; no one-hot target is ever formed), and upsampling's is ATen's
 //! `upsample_nearest3d_backward`.
 //!
-//! Only libtorch devices reach this trait ([`crate::ops`] routes by device); the layout is
-//! NCDHW, as PyTorch's.
+//! Layout: convolutions run channels-last (NDHWC strides under NCDHW shapes, PyTorch's
+//! `channels_last_3d`) unless `STU_TCH_CHANNELS_LAST=0`; instance norm then goes one sample at a
+//! time (the `[1, B·C, …]` view needs NCDHW strides) and the loss takes its logits as NCDHW.
+//!
+//! Only libtorch devices reach this trait ([`crate::ops`] routes by device); shapes are NCDHW,
+//! as PyTorch's.
 
 use burn::backend::{Backend, DType, FloatDType, TensorMetadata, backend_extension, tensor::FloatTensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -171,9 +175,10 @@ mod libtorch {
         }
     }
 
-    /// Whether convolutions run channels-last (`STU_TCH_CHANNELS_LAST=1`, see
-    /// [`super::set_channels_last`]): activations keep NCDHW shapes with NDHWC strides, which
-    /// cuDNN takes without the layout transforms it otherwise runs around its tensor-core kernels.
+    /// Whether convolutions run channels-last (default; `STU_TCH_CHANNELS_LAST=0` turns it off,
+    /// see [`super::set_channels_last`]): activations keep NCDHW shapes with NDHWC strides, the
+    /// layout oneDNN and cuDNN's tensor-core kernels work in, without a transform around each
+    /// convolution.
     fn channels_last() -> bool {
         super::set_channels_last(None)
     }
@@ -246,7 +251,7 @@ mod libtorch {
     /// `[1]`, probabilities (f32, the logits' shape), coefficients `a`, `c` of
     /// `∂(−mean Dice)/∂p_kv = a_k·y_kv + c_k`, zero for the background).
     fn dc_ce_parts(logits: &Tensor, target: &Tensor, batch_dice: bool, smooth: f64) -> (Tensor, Tensor, Tensor) {
-        let logits = logits.contiguous(); // channels-last logits (`STU_TCH_CHANNELS_LAST`) become NCDHW once
+        let logits = logits.contiguous(); // channels-last logits become NCDHW once
         let dims = logits.size();
         let (b, c) = (dims[0], dims[1]);
         let n: i64 = dims[2..].iter().product();
@@ -649,14 +654,15 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
 static CHANNELS_LAST: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 /// Whether the libtorch convolutions run channels-last (NDHWC strides under NCDHW shapes, as
-/// PyTorch's `channels_last_3d`): read once from `STU_TCH_CHANNELS_LAST` (`1`: on; default off),
+/// PyTorch's `channels_last_3d`): read once from `STU_TCH_CHANNELS_LAST` (default on; `0`: off),
 /// or set here (tests). Values and gradients are the same either way; only the memory layout
-/// cuDNN sees changes.
+/// oneDNN / cuDNN see changes (on the CPU: 0.88× the S training step, 0.59× the S patch
+/// inference; `reports/bench/gpu.md`).
 pub fn set_channels_last(on: Option<bool>) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     let v = match on {
         Some(on) => 2 - u8::from(on),
-        None if CHANNELS_LAST.load(Relaxed) == 0 => 2 - u8::from(std::env::var("STU_TCH_CHANNELS_LAST").as_deref() == Ok("1")),
+        None if CHANNELS_LAST.load(Relaxed) == 0 => 2 - u8::from(std::env::var("STU_TCH_CHANNELS_LAST").as_deref() != Ok("0")),
         None => CHANNELS_LAST.load(Relaxed),
     };
     CHANNELS_LAST.store(v, Relaxed);
