@@ -199,21 +199,27 @@ impl SharedMut {
     }
 }
 
+/// Output channels per block of the weight transposes below: one 64-byte cache line of f32,
+/// so every write (or read) across the channel axis touches whole lines, not one float per line.
+const TRANSPOSE_BLOCK: usize = 16;
+
 /// `[Cout, Cin, k, k, k]` → `[k, k, k, Cin, Cout]`.
-/// Parallel over `Cin`; each task reads whole `[k³]` runs and
-/// writes `Cout`-contiguous runs.
+/// Parallel over `Cin`; per block of 16 output channels each task reads 16 whole `[k³]` runs
+/// and writes `k³` runs of 16 contiguous values.
 fn rearrange_weight(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
     let t = k * k * k;
     let mut out = vec![0.0f32; w.len()];
     let outp = SharedMut(out.as_mut_ptr());
     (0..cin).into_par_iter().for_each(|ci| {
         let outp = outp;
-        for co in 0..cout {
-            let src = &w[(co * cin + ci) * t..(co * cin + ci + 1) * t];
-            for (tap, v) in src.iter().enumerate() {
-
-                // SAFETY: index (tap·cin + ci)·cout + co is written by the task of `ci` only.
-                unsafe { *outp.0.add((tap * cin + ci) * cout + co) = *v };
+        for c0 in (0..cout).step_by(TRANSPOSE_BLOCK) {
+            let c1 = (c0 + TRANSPOSE_BLOCK).min(cout);
+            for tap in 0..t {
+                for co in c0..c1 {
+                    // SAFETY: index (tap·cin + ci)·cout + co < w.len() is written by the task of
+                    // `ci` only.
+                    unsafe { *outp.0.add((tap * cin + ci) * cout + co) = w[(co * cin + ci) * t + tap] };
+                }
             }
         }
     });
@@ -229,10 +235,16 @@ pub fn weight_to_wg(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
 pub fn wg_to_weight(wg: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
     let t = k * k * k;
     let mut out = vec![0.0f32; wg.len()];
-    out.par_chunks_mut(cin * t).enumerate().for_each(|(co, dst)| {
+    // Blocks of 16 output channels: each `wg` read covers 16 contiguous values.
+    out.par_chunks_mut(TRANSPOSE_BLOCK * cin * t).enumerate().for_each(|(blk, dst)| {
+        let c0 = blk * TRANSPOSE_BLOCK;
+        let n = dst.len() / (cin * t);
         for ci in 0..cin {
             for tap in 0..t {
-                dst[ci * t + tap] = wg[(tap * cin + ci) * cout + co];
+                let src = &wg[(tap * cin + ci) * cout + c0..][..n];
+                for (j, v) in src.iter().enumerate() {
+                    dst[j * cin * t + ci * t + tap] = *v;
+                }
             }
         }
     });
@@ -397,13 +409,18 @@ fn flip_transpose(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let t = 27;
     let mut out = vec![0.0f32; w.len()];
     let outp = SharedMut(out.as_mut_ptr());
+    // Per output channel, blocks of 16 input channels: 16 whole `[27]` runs read, 27 runs of 16
+    // contiguous values written.
     (0..cout).into_par_iter().for_each(|co| {
         let outp = outp;
-        for ci in 0..cin {
-            let src = &w[(co * cin + ci) * t..(co * cin + ci + 1) * t];
-            for (tap, v) in src.iter().enumerate() {
-                // SAFETY: index ((26 − tap)·cout + co)·cin + ci is written by the task of `co` only.
-                unsafe { *outp.0.add(((t - 1 - tap) * cout + co) * cin + ci) = *v };
+        for c0 in (0..cin).step_by(TRANSPOSE_BLOCK) {
+            let c1 = (c0 + TRANSPOSE_BLOCK).min(cin);
+            for tap in 0..t {
+                for ci in c0..c1 {
+                    // SAFETY: index ((26 − tap)·cout + co)·cin + ci < w.len() is written by the
+                    // task of `co` only.
+                    unsafe { *outp.0.add(((t - 1 - tap) * cout + co) * cin + ci) = w[(co * cin + ci) * t + tap] };
+                }
             }
         }
     });

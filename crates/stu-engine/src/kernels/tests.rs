@@ -120,6 +120,35 @@ fn weight_layout_round_trips() {
     assert_eq!(wg_to_weight(&weight_to_wg(&w, 4, 3, 3), 4, 3, 3), w);
 }
 
+/// The blocked weight transposes equal their definitions, with channel counts that fill one
+/// 16-channel block, several, and leave a partial one.
+#[test]
+fn weight_transposes_match_their_definitions() {
+    for (cout, cin, k) in [(37, 21, 3), (16, 5, 3), (17, 33, 1), (3, 40, 3)] {
+        let t = k * k * k;
+        let w = rand(cout * cin * t, (cout * 100 + cin) as u64);
+        let wg = weight_to_wg(&w, cout, cin, k);
+        for co in 0..cout {
+            for ci in 0..cin {
+                for tap in 0..t {
+                    assert_eq!(wg[(tap * cin + ci) * cout + co], w[(co * cin + ci) * t + tap], "[k, k, k, Cin, Cout] ({cout}, {cin}, {k})");
+                }
+            }
+        }
+        assert_eq!(wg_to_weight(&wg, cout, cin, k), w, "round trip ({cout}, {cin}, {k})");
+        if k == 3 {
+            let f = flip_transpose(&w, cout, cin);
+            for co in 0..cout {
+                for ci in 0..cin {
+                    for tap in 0..27 {
+                        assert_eq!(f[((26 - tap) * cout + co) * cin + ci], w[(co * cin + ci) * 27 + tap], "flipped ({cout}, {cin})");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn larger_volumes_match_naive() {
     for (i, g) in [
