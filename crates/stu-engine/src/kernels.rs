@@ -20,6 +20,8 @@
 //! All loops run on rayon's pool; each GEMM call is single-threaded.
 #![allow(unsafe_code)]
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Shape of one convolution.
@@ -110,14 +112,30 @@ unsafe fn gemm_strided(
     }
 }
 
+/// `n` floats for a kernel that writes every one before anything reads it: no zero-fill, which
+/// for `vec![0.0; n]` is a whole extra pass over buffers of up to hundreds of MB (allocator
+/// memory reused from an earlier layer is not known to be zero, so `calloc` must clear it).
+fn uninit(n: usize) -> Box<[MaybeUninit<f32>]> {
+    Box::new_uninit_slice(n)
+}
+
+/// [`uninit`]'s buffer once written.
+///
+/// # Safety
+/// Every element has been written.
+unsafe fn assume_init(v: Box<[MaybeUninit<f32>]>) -> Vec<f32> {
+    // SAFETY: the caller's contract.
+    unsafe { v.assume_init() }.into_vec()
+}
+
 /// A 1×1 conv from channels-last `x` (`[B, N, Cin]`) to channels-first `y` (`[B, Cout, N]`):
 /// STU-Net's segmentation heads, whose outputs (many classes at full resolution) are wanted in
 /// NCDHW. Writing through strides avoids a separate transpose of the largest tensor.
 pub fn head_forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, n: usize, cin: usize, cout: usize) -> Vec<f32> {
-    let mut y = vec![0f32; b * cout * n];
+    let mut y = uninit(b * cout * n);
     let t = 2048;
     let tiles: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(t).map(move |r| (bi, r))).collect();
-    let yp = SharedMut(y.as_mut_ptr());
+    let yp = SharedMut(y.as_mut_ptr().cast::<f32>());
     tiles.par_iter().for_each(|&(bi, r0)| {
         let yp = yp;
         let m = t.min(n - r0);
@@ -127,6 +145,9 @@ pub fn head_forward(x: &[f32], w: &[f32], bias: &[f32], b: usize, n: usize, cin:
             gemm_strided(m, cout, cin, yp.0.add(bi * cout * n + r0), 1, n, false, x.as_ptr().add((bi * n + r0) * cin), cin, 1, w.as_ptr(), 1, cin);
         }
     });
+    // SAFETY: the tiles cover rows 0…n of every batch, and each GEMM (not accumulating) wrote
+    // all `cout` class planes of its rows.
+    let mut y = unsafe { assume_init(y) };
     y.par_chunks_mut(n).enumerate().for_each(|(i, plane)| {
         let bv = bias[i % cout];
         plane.iter_mut().for_each(|v| *v += bv);
@@ -174,6 +195,14 @@ pub fn head_backward_bias(dy: &[f32], b: usize, n: usize, cout: usize) -> Vec<f3
     let sums: Vec<f64> = dy.par_chunks(n).map(|plane| plane.iter().map(|&v| v as f64).sum()).collect();
     (0..cout).map(|c| (0..b).map(|bi| sums[bi * cout + c]).sum::<f64>() as f32).collect()
 }
+
+/// A read-only raw pointer that rayon tasks may share (into a buffer only partly initialised,
+/// read where it was written).
+#[derive(Clone, Copy)]
+struct SharedConst(*const f32);
+// SAFETY: only read, from buffers that outlive the tasks and are not written meanwhile.
+unsafe impl Send for SharedConst {}
+unsafe impl Sync for SharedConst {}
 
 /// A raw pointer that rayon tasks may share; each task writes a disjoint region.
 #[derive(Clone, Copy)]
@@ -257,23 +286,32 @@ fn pad_input(x: &[f32], b: usize, s: [usize; 3], c: usize, p: usize) -> (Vec<f32
         return (x.to_vec(), s);
     }
     let sp = s.map(|v| v + 2 * p);
-    let mut out = vec![0.0f32; b * sp[0] * sp[1] * sp[2] * c];
+    let mut out = uninit(b * sp[0] * sp[1] * sp[2] * c);
     let row = s[2] * c;
+    // Every element written once: border planes, rows and row ends zeroed, the interior copied.
     out.par_chunks_mut(sp[1] * sp[2] * c)
         .enumerate()
         .for_each(|(plane, dst)| {
             let (bi, zp) = (plane / sp[0], plane % sp[0]);
             if zp < p || zp >= s[0] + p {
+                dst.fill(MaybeUninit::new(0.0));
                 return;
             }
             let z = zp - p;
+            let prow = sp[2] * c;
+            dst[..p * prow].fill(MaybeUninit::new(0.0));
+            dst[(s[1] + p) * prow..].fill(MaybeUninit::new(0.0));
             for y in 0..s[1] {
                 let src = ((bi * s[0] + z) * s[1] + y) * row;
-                let d = ((y + p) * sp[2] + p) * c;
-                dst[d..d + row].copy_from_slice(&x[src..src + row]);
+                let d = (y + p) * prow;
+                dst[d..d + p * c].fill(MaybeUninit::new(0.0));
+                dst[d + p * c..d + p * c + row].write_copy_of_slice(&x[src..src + row]);
+                dst[d + p * c + row..d + prow].fill(MaybeUninit::new(0.0));
             }
         });
-    (out, sp)
+    // SAFETY: every plane was either zero-filled or had its border rows, row ends and interior
+    // written above.
+    (unsafe { assume_init(out) }, sp)
 }
 
 /// Rows per GEMM tile for a given row width: keeps a tile of C near 256 KiB.
@@ -289,8 +327,10 @@ fn conv_s1k3(xp: &[f32], sp: [usize; 3], b: usize, out: [usize; 3], cin: usize, 
     // Last valid output voxel's padded index + 1.
     let rows = (out[0] - 1) * sz + (out[1] - 1) * sy + out[2];
     let t = tile_rows(cout);
-    let mut yp = vec![0.0f32; b * plane * cout];
-    let ypp = SharedMut(yp.as_mut_ptr());
+    // Rows 0…rows of each batch's padded plane are written by the first (not accumulating) GEMM
+    // of their tile; the rows after them are never read.
+    let mut yp = uninit(b * plane * cout);
+    let ypp = SharedMut(yp.as_mut_ptr().cast::<f32>());
     let tiles: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..rows).step_by(t).map(move |q| (bi, q))).collect();
     tiles.par_iter().for_each(|&(bi, q0)| {
         let m = t.min(rows - q0);
@@ -322,16 +362,23 @@ fn conv_s1k3(xp: &[f32], sp: [usize; 3], b: usize, out: [usize; 3], cin: usize, 
         }
     });
     // Keep the valid rows.
-    let mut y = vec![0.0f32; b * out[0] * out[1] * out[2] * cout];
+    let mut y = uninit(b * out[0] * out[1] * out[2] * cout);
     let row = out[2] * cout;
+    let ypr = SharedConst(yp.as_ptr().cast::<f32>());
     y.par_chunks_mut(out[1] * row).enumerate().for_each(|(pl, dst)| {
+        let ypr = ypr;
         let (bi, z) = (pl / out[0], pl % out[0]);
         for yy in 0..out[1] {
             let src = (bi * plane + z * sz + yy * sy) * cout;
-            dst[yy * row..(yy + 1) * row].copy_from_slice(&yp[src..src + row]);
+            // SAFETY: padded row index z·sz + yy·sy + out[2] ≤ rows, so these `row` values of
+            // `yp` were written by the GEMMs above; `yp` outlives the loop.
+            let valid = unsafe { std::slice::from_raw_parts(ypr.0.add(src), row) };
+            dst[yy * row..(yy + 1) * row].write_copy_of_slice(valid);
         }
     });
-    y
+    drop(yp);
+    // SAFETY: every plane's `out[1]` rows were copied above.
+    unsafe { assume_init(y) }
 }
 
 /// Gathers im2col rows `[r0, r0 + m)` (output flat index within batch `bi`) into `a`
