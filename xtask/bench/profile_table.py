@@ -74,15 +74,20 @@ def summarise(path):
     by_cat = collections.defaultdict(lambda: [0.0, 0])
     by_op = collections.defaultdict(lambda: [0.0, 0])
     s = {"path": path}
+    # The ATen op that launched each kernel: Kineto gives both the same "External id".
+    launcher = {}
+    for e in ops:
+        i = e.get("args", {}).get("External id")
+        if i is not None:
+            launcher[i] = e
+
+    def launched_by(kernel):
+        return launcher.get(kernel.get("args", {}).get("External id"))
+
     if kernels:
         s["mode"] = "GPU kernel time"
-        ext = {}
-        for e in ops:
-            i = e.get("args", {}).get("External id")
-            if i is not None:
-                ext[i] = e["name"]
         for e in kernels:
-            op = ext.get(e.get("args", {}).get("External id"), "")
+            op = (launched_by(e) or {}).get("name", "")
             if e["cat"] == "gpu_memcpy":
                 c = "memcpy (host/device)" if "HtoD" in e["name"] or "DtoH" in e["name"] else "copy / cast / layout"
             elif e["cat"] == "gpu_memset":
@@ -140,13 +145,8 @@ def summarise(path):
         b1 = max(e["ts"] + e["dur"] for e in ops if "convolution_backward" in e["name"])
         phase = collections.defaultdict(float)
         if kernels:
-            start = {}
-            for e in ops:
-                i = e.get("args", {}).get("External id")
-                if i is not None:
-                    start[i] = e["ts"]
             for e in kernels:
-                t = start.get(e.get("args", {}).get("External id"), e["ts"])
+                t = (launched_by(e) or e)["ts"]
                 phase["forward" if t < b0 else "backward" if t < b1 else "clip + optimizer"] += e["dur"] / 1e3
         else:
             for e, t in self_times:

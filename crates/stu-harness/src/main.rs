@@ -6,7 +6,8 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in mimalloc 2.x's `mi_option_t` (not exported by libmimalloc-sys).
+/// `mi_option_purge_delay` in `mi_option_t` (index 15 in both mimalloc 2.x and the 3.x that
+/// libmimalloc-sys 0.1.49 builds by default; not exported by libmimalloc-sys).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 #[allow(unsafe_code)]
