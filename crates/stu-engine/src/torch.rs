@@ -283,8 +283,8 @@ mod libtorch {
         (loss, p, coeffs)
     }
 
-    /// `∂loss/∂logits · grad` for [`dc_ce_parts`] (f32, the logits' shape): with `g_k = a_k·y_k
-    /// + c_k` the Dice's gradient in the probabilities, through the softmax,
+    /// `∂loss/∂logits · grad` for [`dc_ce_parts`] (f32, the logits' shape): with
+    /// `g_k = a_k·y_k + c_k` the Dice's gradient in the probabilities, through the softmax,
     /// `∂/∂z_k = p_k·(g_k − Σ_j p_j g_j) + (p_k − y_k)/N`, i.e.
     /// `p_k·(c_k + 1/N − Σ_j p_j c_j − a_t p_t) + [k = t]·(a_t p_t − 1/N)`: two passes over `p`
     /// (a batched matrix product for `Σ_j p_j c_j`, then a multiply and an `addcmul`) and a
