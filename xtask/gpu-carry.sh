@@ -10,9 +10,9 @@
 #   SP=$(python3 -c 'import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))');
 #   export LD_LIBRARY_PATH=$SP/torch/lib:$(find $SP/nvidia -maxdepth 3 -name lib -type d | tr '\n' ':');
 #   python3 xtask/bench/gpu_suite.py --stu .gpu/stu --bench-dir .gpu/bench --fixture .gpu/tiny_iso.safetensors \
-#     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 450
-# (device tool: timeout_s 590; the goal rows run first, then the f16 training check and the
-# per-op profiles of B; see the suite's section 3)
+#     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 480
+# (device tool: timeout_s 590; the goal rows run first (B in NCDHW beside B), then the f16
+# training check and the per-op profiles of B; see the suite's section 3)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 lt="${1:-$HOME/.cache/stu-net/libtorch}"

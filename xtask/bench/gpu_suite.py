@@ -275,7 +275,11 @@ for s in A.sizes:
     if s == "B" and torch_too:
         # Item 4's "by how much per op": one step of each under both profilers, f16 vs fp16,
         # once the goal's timings are in.
-        late = [("profile", t, "f16"), ("profile", i, "f16"), ("stu-ncdhw", t, "f16"), ("stu-ncdhw", i, "f16")] + late
+        late = [("profile", t, "f16"), ("profile", i, "f16")] + late
+    if s == "B":
+        # Channels-last convolutions are the default since they won on the CPU; B in NCDHW right
+        # beside B's own rows says whether they win on cuDNN too.
+        rows += [("stu-ncdhw", t, "f16"), ("stu-ncdhw", i, "f16")]
     (core if s in "BHL" else extra).extend(rows)
 # f16 training on real batches (loss scaling) has not run on a GPU yet: right after the goal's rows.
 core += [("train_check", "", "f16")] + late
