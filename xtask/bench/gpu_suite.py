@@ -14,6 +14,7 @@ maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command), a
 training step and patch inference a per-op table of both sides' profiler traces
 (DIR/profile_*.md, `profile_table.py`) with the traces (DIR/trace_*.json.gz)."""
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -205,7 +206,6 @@ def profile_pair(case, dt):
         row["ours_total_ms"] = round(summary["ours"]["total_ms"], 2)
         row["torch_total_ms"] = round(summary["torch"]["total_ms"], 2)
     # The raw traces, compressed, for Perfetto or a later look.
-    import gzip
     for src, name in ((ours_trace, "ours"), (theirs, "torch")):
         with open(src, "rb") as f, gzip.open(os.path.join(A.out, f"trace_{case}_{dt}_{name}.json.gz"), "wb") as g:
             shutil.copyfileobj(f, g)

@@ -139,18 +139,23 @@ def summarise(path):
     # Phases by time: the forward until the first op named "*backward*" (the loss's own
     # gradient falls into it on our side, whose loss backward has no such op), the backward until
     # the last convolution backward ends, then clipping and the optimizer (training steps only).
+    # (Without a convolution backward op, e.g. burn's generic convolutions, the last backward op.)
     bwd = [e for e in ops if "backward" in e["name"].lower()]
     if bwd:
         b0 = min(e["ts"] for e in bwd)
-        b1 = max(e["ts"] + e["dur"] for e in ops if "convolution_backward" in e["name"])
+        conv_bwd = [e for e in bwd if "convolution_backward" in e["name"]] or bwd
+        b1 = max(e["ts"] + e["dur"] for e in conv_bwd)
         phase = collections.defaultdict(float)
+
+        def phase_of(ts):
+            return "forward" if ts < b0 else "backward" if ts < b1 else "clip + optimizer"
+
         if kernels:
             for e in kernels:
-                t = (launched_by(e) or e)["ts"]
-                phase["forward" if t < b0 else "backward" if t < b1 else "clip + optimizer"] += e["dur"] / 1e3
+                phase[phase_of((launched_by(e) or e)["ts"])] += e["dur"] / 1e3
         else:
             for e, t in self_times:
-                phase["forward" if e["ts"] < b0 else "backward" if e["ts"] < b1 else "clip + optimizer"] += t / 1e3
+                phase[phase_of(e["ts"])] += t / 1e3
         s["phases"] = dict(phase)
         s["optimizer_ops"] = sum(1 for e in ops if e["ts"] >= b1)
     s["ops"] = len(ops)

@@ -199,22 +199,6 @@ impl FromStr for Backend {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_round_trip_and_default_is_flex() {
-        for b in ALL {
-            assert_eq!(b.name().parse::<Backend>().unwrap(), b);
-        }
-        assert!("cudaa".parse::<Backend>().unwrap_err().contains("flex, ndarray"));
-        assert_eq!(Backend::default_compiled(), Some(Backend::Flex));
-        let err = Backend::Cuda.device().unwrap_err().to_string();
-        assert!(err.contains("--features cuda"), "{err}");
-    }
-}
-
 /// Starts libtorch's profiler (Kineto, as `torch.profiler` in Python) on this thread: every ATen
 /// op from here on, with input shapes, and with `cuda` every CUDA kernel and memory copy, until
 /// [`profile_stop`]. Only the libtorch backends' work is seen (the others do not go through ATen).
@@ -240,5 +224,21 @@ pub fn profile_stop(path: &std::path::Path) -> Result<(), String> {
     #[cfg(not(feature = "tch"))]
     {
         Err(format!("{}: profiling needs the libtorch backends: rebuild with `--features tch`", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_default_is_flex() {
+        for b in ALL {
+            assert_eq!(b.name().parse::<Backend>().unwrap(), b);
+        }
+        assert!("cudaa".parse::<Backend>().unwrap_err().contains("flex, ndarray"));
+        assert_eq!(Backend::default_compiled(), Some(Backend::Flex));
+        let err = Backend::Cuda.device().unwrap_err().to_string();
+        assert!(err.contains("--features cuda"), "{err}");
     }
 }

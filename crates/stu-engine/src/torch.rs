@@ -204,37 +204,30 @@ mod libtorch {
         x.conv3d(w, b, stride, pad, [1i64; 3], 1)
     }
 
-    /// Instance norm (+ skip) (+ LeakyReLU) as ATen's batch norm over the `[1, B·C, …]` view,
-    /// the add and the activation in place on its output (see the module notes). In half
-    /// precision the affine parameters are taken in f32.
+    /// Instance norm (+ skip) (+ LeakyReLU) as ATen's batch norm over the `[1, B·C, …]` view
+    /// (per sample for channels-last activations), the add and the activation in place on its
+    /// output (see the module notes). In half precision the affine parameters are taken in f32.
     fn norm_act(x: &Tensor, g: &Tensor, b: &Tensor, skip: Option<&Tensor>, act: bool) -> Tensor {
         let dims = x.size();
-        let (n, c) = (dims[0], dims[1]);
-        let mut flat = dims.clone();
-        flat[0] = 1;
-        flat[1] = n * c;
+        let n = dims[0];
         let half = matches!(x.kind(), Kind::Half | Kind::BFloat16);
-        if is_channels_last(x) {
+        let (g, b) = if half { (g.to_kind(Kind::Float), b.to_kind(Kind::Float)) } else { (g.shallow_clone(), b.shallow_clone()) };
+        let bn = |t: &Tensor, g: &Tensor, b: &Tensor| t.batch_norm(Some(g), Some(b), None::<&Tensor>, None::<&Tensor>, true, 0.0, crate::ops::NORM_EPS, true);
+        // The output and the skip in one shape, for the in-place add and activation.
+        let (mut y, skip) = if is_channels_last(x) {
             // The `[1, B·C, …]` view needs NCDHW strides: channels-last activations are
             // normalised one sample at a time (batch norm over a 1-sample batch is instance norm).
-            let (g, b) = if half { (g.to_kind(Kind::Float), b.to_kind(Kind::Float)) } else { (g.shallow_clone(), b.shallow_clone()) };
-            let bn = |t: &Tensor| t.batch_norm(Some(&g), Some(&b), None::<&Tensor>, None::<&Tensor>, true, 0.0, crate::ops::NORM_EPS, true);
-            let mut y = if n > 1 { Tensor::cat(&x.split(1, 0).iter().map(bn).collect::<Vec<_>>(), 0) } else { bn(x) };
-            if let Some(s) = skip {
-                let _ = y.g_add_(s);
-            }
-            if act {
-                let _ = y.leaky_relu_();
-            }
-            return y;
-        }
-        let affine = |p: &Tensor| {
-            let p = if half { p.to_kind(Kind::Float) } else { p.shallow_clone() };
-            if n > 1 { p.repeat([n]) } else { p }
+            let y = if n > 1 { Tensor::cat(&x.split(1, 0).iter().map(|xs| bn(xs, &g, &b)).collect::<Vec<_>>(), 0) } else { bn(x, &g, &b) };
+            (y, skip.map(Tensor::shallow_clone))
+        } else {
+            let mut flat = dims.clone();
+            flat[0] = 1;
+            flat[1] = n * dims[1];
+            let (g, b) = if n > 1 { (g.repeat([n]), b.repeat([n])) } else { (g, b) };
+            (bn(&x.reshape(&flat), &g, &b), skip.map(|s| s.reshape(&flat)))
         };
-        let mut y = x.reshape(&flat).batch_norm(Some(&affine(g)), Some(&affine(b)), None::<&Tensor>, None::<&Tensor>, true, 0.0, crate::ops::NORM_EPS, true);
         if let Some(s) = skip {
-            let _ = y.g_add_(&s.reshape(&flat));
+            let _ = y.g_add_(&s);
         }
         if act {
             let _ = y.leaky_relu_();
@@ -258,10 +251,10 @@ mod libtorch {
         let t = target.reshape([b, n]).to_kind(Kind::Int64);
         // log p in f32 (from half logits too), then p in place: one tensor of the logits' size.
         let mut p = logits.log_softmax(1, Kind::Float);
-        let nll = p.view([b, c, n]).gather(1, &t.unsqueeze(1), false).neg();
+        let logp_target = p.view([b, c, n]).gather(1, &t.unsqueeze(1), false).view([b, n]);
         let _ = p.exp_();
-        let ce = nll.mean(Kind::Float);
-        let p_target = nll.neg().exp().view([b, n]);
+        let ce = -logp_target.mean(Kind::Float);
+        let p_target = logp_target.exp();
         let per_class = |src: &Tensor| Tensor::zeros([b, c], (Kind::Float, p.device())).scatter_add(1, &t, src);
         let inter = per_class(&p_target);
         let count = per_class(&p_target.ones_like());
