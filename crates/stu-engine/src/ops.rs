@@ -83,8 +83,8 @@ pub fn is_flex(device: &Device) -> bool {
 
 /// Which operators take the ATen paths of [`crate::torch`] on a libtorch device:
 /// `STU_TCH_NATIVE` = `1` (default: all), `0` (none: burn's generic operators, to measure what
-/// the ATen paths gain), or a comma-separated list of `conv`, `norm`, `loss`, `upsample` (only
-/// those).
+/// the ATen paths gain), or a comma-separated list of `conv`, `norm`, `loss`, `upsample`, `sgd`
+/// (only those).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TorchPath {
     /// Convolutions (forward and cuDNN gradients).
@@ -95,6 +95,8 @@ pub enum TorchPath {
     Loss,
     /// Nearest-neighbour upsampling (one ATen kernel instead of a copy per axis).
     Upsample,
+    /// Gradient clipping and the SGD step as multi-tensor (`foreach`) kernels.
+    Sgd,
 }
 
 /// True for a libtorch device (CPU or CUDA), or autodiff over it, when `STU_TCH_NATIVE`
@@ -103,13 +105,13 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
     #[cfg(feature = "tch")]
     {
         use burn::backend::DispatchDevice;
-        static NATIVE: std::sync::OnceLock<[bool; 4]> = std::sync::OnceLock::new();
-        let [conv, norm, loss, upsample] = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
-            Ok("0") => [false; 4],
-            Ok("1") | Err(_) => [true; 4],
+        static NATIVE: std::sync::OnceLock<[bool; 5]> = std::sync::OnceLock::new();
+        let [conv, norm, loss, upsample, sgd] = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
+            Ok("0") => [false; 5],
+            Ok("1") | Err(_) => [true; 5],
             Ok(list) => {
                 let has = |k: &str| list.split(',').any(|t| t.trim() == k);
-                [has("conv"), has("norm"), has("loss"), has("upsample")]
+                [has("conv"), has("norm"), has("loss"), has("upsample"), has("sgd")]
             }
         });
         let on = match path {
@@ -117,6 +119,7 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
             TorchPath::Norm => norm,
             TorchPath::Loss => loss,
             TorchPath::Upsample => upsample,
+            TorchPath::Sgd => sgd,
         };
         on && match device.as_dispatch() {
             DispatchDevice::LibTorch(_) => true,

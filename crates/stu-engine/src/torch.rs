@@ -673,6 +673,98 @@ pub(crate) fn profile_stop(path: &std::path::Path) -> Result<(), String> {
     libtorch::c_result(|| unsafe_ffi::stop(&c)).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// nnU-Net's clip + SGD step as PyTorch runs it with `foreach=True`: a handful of multi-tensor
+/// kernels for all parameters together, where burn's per-parameter tensor ops issue about ten
+/// ATen calls (GPU launches) per parameter (`csrc/grad.cpp`). Tensors are flattened parameters,
+/// gradients and momentum buffers on one libtorch device, without autodiff.
+pub(crate) mod foreach {
+    use burn::backend::libtorch::TchTensor;
+    use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
+    use burn::tensor::Tensor;
+    use std::ffi::{c_char, c_int, c_void};
+
+    #[allow(unsafe_code)]
+    unsafe extern "C" {
+        // csrc/grad.cpp; the pointers are tch's `C_tensor` (an `at::Tensor*`).
+        fn stu_foreach_norm(ts: *const *const c_void, n: c_int, out: *mut *mut c_void) -> *mut c_char;
+        fn stu_foreach_sgd(
+            params: *const *const c_void,
+            grads: *const *const c_void,
+            bufs: *const *const c_void,
+            n: c_int,
+            coef: *const c_void,
+            mul: f64,
+            lr: f64,
+            mu: f64,
+            wd: f64,
+            out_params: *mut *mut c_void,
+            out_bufs: *mut *mut c_void,
+        ) -> *mut c_char;
+    }
+
+    /// The libtorch tensor under a burn tensor (shared storage).
+    fn aten(t: &Tensor<1>) -> tch::Tensor {
+        match t.clone().into_dispatch().kind {
+            DispatchTensorKind::LibTorch(BackendTensor::Float(x)) => x.tensor,
+            _ => panic!("the fused SGD needs libtorch float tensors without autodiff"),
+        }
+    }
+
+    fn burn(t: tch::Tensor) -> Tensor<1> {
+        Tensor::from_dispatch(DispatchTensor { kind: DispatchTensorKind::LibTorch(BackendTensor::Float(TchTensor::new(t))), autodiff: DispatchAutodiffContext::Disabled })
+    }
+
+    /// Takes ownership of `at::Tensor*`s written by a `csrc/grad.cpp` call.
+    #[allow(unsafe_code)]
+    fn adopt(ptrs: Vec<*mut c_void>) -> Vec<Tensor<1>> {
+        // SAFETY: each pointer was written by the C++ call as a new `at::Tensor*` and is owned by
+        // exactly one tch `Tensor` here.
+        ptrs.into_iter().map(|p| burn(unsafe { tch::Tensor::from_ptr(p.cast()) })).collect()
+    }
+
+    fn ptrs(ts: &[tch::Tensor]) -> Vec<*const c_void> {
+        ts.iter().map(|t| t.as_ptr().cast()).collect()
+    }
+
+    /// `sqrt(Σ ‖tᵢ‖²)` on the tensors' device, as a 1-element tensor (`clip_grad_norm_`'s
+    /// total norm); `None` for no tensors.
+    #[allow(unsafe_code)]
+    pub(crate) fn norm(ts: &[Tensor<1>]) -> Option<Tensor<1>> {
+        if ts.is_empty() {
+            return None;
+        }
+        let held: Vec<tch::Tensor> = ts.iter().map(aten).collect();
+        let mut out = std::ptr::null_mut();
+        // SAFETY: the pointers are live `at::Tensor*`s held by `held` for the call; on success
+        // `out` is a new `at::Tensor*`.
+        super::libtorch::c_result(|| unsafe { stu_foreach_norm(ptrs(&held).as_ptr(), held.len() as c_int, &mut out) }).unwrap_or_else(|e| panic!("libtorch foreach norm failed: {e}"));
+        adopt(vec![out]).pop()
+    }
+
+    /// One step of SGD (Nesterov momentum `mu`, dampening 0, coupled weight decay `wd`, learning
+    /// rate `lr`) on gradients scaled by `coef` (a 1-element tensor on the device, if any) and
+    /// `mul`. `bufs[i]` is parameter i's momentum buffer (`None` before its first step); existing
+    /// buffers are updated in place. Returns the new parameters and the buffers.
+    #[allow(unsafe_code, clippy::too_many_arguments)]
+    pub(crate) fn sgd(params: &[Tensor<1>], grads: &[Tensor<1>], bufs: &[Option<Tensor<1>>], coef: Option<&Tensor<1>>, mul: f64, lr: f64, mu: f64, wd: f64) -> (Vec<Tensor<1>>, Vec<Tensor<1>>) {
+        let n = params.len();
+        assert!(grads.len() == n && bufs.len() == n, "one gradient and one buffer slot per parameter");
+        let (p, g): (Vec<tch::Tensor>, Vec<tch::Tensor>) = (params.iter().map(aten).collect(), grads.iter().map(aten).collect());
+        let b: Vec<Option<tch::Tensor>> = bufs.iter().map(|b| b.as_ref().map(aten)).collect();
+        let bp: Vec<*const c_void> = b.iter().map(|t| t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr().cast())).collect();
+        let c = coef.map(aten);
+        let cp = c.as_ref().map_or(std::ptr::null(), |t| t.as_ptr().cast());
+        let (mut out_p, mut out_b) = (vec![std::ptr::null_mut(); n], vec![std::ptr::null_mut(); n]);
+        // SAFETY: every input pointer is a live `at::Tensor*` (or null where allowed) held above
+        // for the call; on success the function has written n new `at::Tensor*` into each output.
+        super::libtorch::c_result(|| unsafe {
+            stu_foreach_sgd(ptrs(&p).as_ptr(), ptrs(&g).as_ptr(), bp.as_ptr(), n as c_int, cp, mul, lr, mu, wd, out_p.as_mut_ptr(), out_b.as_mut_ptr())
+        })
+        .unwrap_or_else(|e| panic!("libtorch foreach SGD failed: {e}"));
+        (adopt(out_p), adopt(out_b))
+    }
+}
+
 #[allow(unsafe_code)]
 mod unsafe_ffi {
     unsafe extern "C" {

@@ -207,6 +207,58 @@ impl Sgd {
         })
     }
 
+    /// Clipping to `clip` (after unscaling, with loss scaling) and [`Sgd::step`] as a few
+    /// multi-tensor kernels for all parameters together, as PyTorch's `clip_grad_norm_` and
+    /// `SGD` run with `foreach` (`crate::torch::foreach`), on a libtorch device where
+    /// `STU_TCH_NATIVE` enables `sgd`; elsewhere `Err(net)`, untouched. Returns the network, the
+    /// (unscaled) gradient norm before clipping and whether the step was skipped (loss scaling:
+    /// gradients not finite; the scale is updated here).
+    #[allow(unused_variables, unused_mut)]
+    pub fn clip_step_fused(&mut self, net: Box<dyn SegNet>, grads: &mut GradientsParams, lr: f64, clip: f64, device: &burn::tensor::Device) -> Result<(Box<dyn SegNet>, f64, bool), Box<dyn SegNet>> {
+        #[cfg(feature = "tch")]
+        if crate::ops::is_libtorch(device, crate::ops::TorchPath::Sgd) {
+            use crate::torch::foreach;
+            // The parameters that have a gradient, in visit order; the network comes back as it was.
+            let (mut paths, mut ps, mut gs) = (Vec::new(), Vec::new(), Vec::new());
+            let net = net.update(grads, &mut |path, p, g| {
+                if let Some(g) = g {
+                    paths.push(path.to_string());
+                    ps.push(p.clone());
+                    gs.push(g);
+                }
+                p
+            });
+            let Some(total) = foreach::norm(&gs) else { return Ok((net, 0.0, false)) };
+            let (coef, mul, norm) = match self.scaler.as_mut() {
+                None => (Some(((total.clone() + 1e-6).recip() * clip).clamp_max(1.0)), 1.0, None),
+                Some(s) => {
+                    let scale = s.scale;
+                    let norm = total.clone().into_scalar::<f32>() as f64 / scale;
+                    s.update(norm.is_finite());
+                    if !norm.is_finite() {
+                        return Ok((net, norm, true));
+                    }
+                    (None, (clip / (norm + 1e-6)).min(1.0) / scale, Some(norm))
+                }
+            };
+            let bufs: Vec<Option<Tensor<1>>> = paths.iter().map(|p| self.buffers.remove(p)).collect();
+            let (new_params, new_bufs) = foreach::sgd(&ps, &gs, &bufs, coef.as_ref(), mul, lr, self.momentum, self.weight_decay);
+            drop((ps, gs, bufs));
+            for (path, b) in paths.iter().zip(new_bufs) {
+                self.buffers.insert(path.clone(), b);
+            }
+            let mut updated = paths.into_iter().zip(new_params).peekable();
+            let net = net.update(&mut GradientsParams::new(), &mut |path, p, _| match updated.next_if(|(q, _)| q == path) {
+                Some((_, new)) => new,
+                None => p,
+            });
+            // Read once the step is queued (a GPU keeps working meanwhile).
+            let norm = norm.unwrap_or_else(|| total.into_scalar::<f32>() as f64);
+            return Ok((net, norm, false));
+        }
+        Err(net)
+    }
+
     /// The momentum buffers as named tensors (`{path}.momentum_buffer`), sorted by path, and
     /// the loss scaler's state when it is on (`grad_scaler.scale`, `grad_scaler.growth_tracker`;
     /// both exact in f32).
@@ -425,7 +477,9 @@ pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, s
             Some(value[0] as f64)
         }
     };
-    let (net, grad_norm, skipped) = match scale {
+    let (net, grad_norm, skipped) = match sgd.clip_step_fused(net, &mut grads, lr, clip, &batch.x.device()) {
+        Ok(done) => done,
+        Err(net) => match scale {
         None => {
             let norm = clip_grad_norm_on_device(&*net, &mut grads, clip);
             let net = sgd.step(net, &mut grads, lr);
@@ -439,6 +493,7 @@ pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, s
             let net = if finite { sgd.step(net, &mut grads, lr) } else { net };
             (net, norm, !finite)
         }
+        },
     };
     let loss = value.or(share).unwrap_or_else(|| kept.into_scalar::<f32>() as f64);
     Ok((net, StepStats { loss, grad_norm, skipped }))
@@ -581,5 +636,146 @@ mod tests {
         assert_eq!(d[0], 0.5);
         assert!(d[2].is_nan());
         assert_eq!(nanmean(&d), 0.5);
+    }
+}
+
+/// The fused (`foreach`) clip + SGD of the libtorch backends against the per-parameter path.
+#[cfg(all(test, feature = "tch"))]
+mod fused_tests {
+    use burn::module::{Module, Param};
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    use super::*;
+    use crate::model::SegNet;
+
+    /// Two convolutions' worth of parameters (ranks 5 and 1), enough for the optimizer.
+    #[derive(Module, Debug)]
+    struct Tiny {
+        w: Param<Tensor<5>>,
+        b: Param<Tensor<1>>,
+        g: Param<Tensor<1>>,
+    }
+
+    impl SegNet for Tiny {
+        fn family(&self) -> &'static str {
+            "tiny"
+        }
+        fn in_channels(&self) -> usize {
+            1
+        }
+        fn num_classes(&self) -> usize {
+            2
+        }
+        fn input_divisor(&self) -> stu_core::strides::Stride {
+            [1; 3]
+        }
+        fn forward_ds(&self, x: Tensor<5>) -> Vec<Tensor<5>> {
+            vec![self.forward(x)]
+        }
+        fn forward(&self, x: Tensor<5>) -> Tensor<5> {
+            let y = crate::ops::conv3d(x, self.w.val(), self.b.val(), [1; 3], crate::ops::Layout::Ncdhw);
+            y * self.g.val().reshape([1, 2, 1, 1, 1])
+        }
+        fn state_dict(&self) -> Vec<NamedTensor> {
+            Vec::new()
+        }
+        fn num_params(&self) -> usize {
+            2 * 27 + 4
+        }
+        fn describe(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+        crate::segnet_training_hooks!();
+    }
+
+    fn values(net: Box<dyn SegNet>) -> (Box<dyn SegNet>, Vec<f32>) {
+        let mut out = Vec::new();
+        let net = net.update(&mut GradientsParams::new(), &mut |_, p, _| {
+            out.extend(p.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap());
+            p
+        });
+        (net, out)
+    }
+
+    fn assert_close(what: &str, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-6 * scale, "{what}: max |diff| {err} (scale {scale})");
+    }
+
+    /// Three steps (clipping active, then not), with and without loss scaling, and an overflow:
+    /// parameters, momentum buffers, norms and the scaler equal burn's per-parameter path.
+    #[test]
+    #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+    fn the_fused_clip_and_sgd_equal_the_per_parameter_ones() {
+        let dev = Device::libtorch().autodiff();
+        let mut rng = stu_core::rng::SplitMix64::new(3);
+        let mut param = |dims: Vec<usize>, lo: f32, hi: f32| TensorData::new(rng.fill_f32(dims.iter().product(), lo, hi), dims);
+        let (w, b, g) = (param(vec![2, 1, 3, 3, 3], -0.5, 0.5), param(vec![2], -0.1, 0.1), param(vec![2], 0.5, 1.5));
+        let x = Tensor::<5>::from_data(param(vec![1, 1, 4, 5, 3], -1.0, 1.0), &dev);
+        let target = Tensor::<5>::from_data(param(vec![1, 2, 4, 5, 3], -1.0, 1.0), &dev);
+        for scaled in [false, true] {
+            let make = || -> Box<dyn SegNet> {
+                Box::new(Tiny {
+                    w: Param::from_data(w.clone(), &dev),
+                    b: Param::from_data(b.clone(), &dev),
+                    g: Param::from_data(g.clone(), &dev),
+                })
+            };
+            let (mut fused, mut plain) = (make(), make());
+            let (mut sf, mut sp) = (Sgd::nnunet(), Sgd::nnunet());
+            if scaled {
+                sf.scaler = Some(GradScaler { scale: 1024.0, growth_tracker: 0 });
+                sp.scaler = sf.scaler;
+            }
+            for (step, (lr, clip, overflow)) in [(0.1, 0.5, false), (0.05, 100.0, false), (0.02, 100.0, scaled), (0.01, 0.5, false)].into_iter().enumerate() {
+                let what = format!("scaled {scaled}, step {step}");
+                let loss = |net: &dyn SegNet| {
+                    let d = net.forward(x.clone()) - target.clone();
+                    let l = (d.clone() * d).sum();
+                    let l = match sp.scaler {
+                        Some(s) => l * s.scale,
+                        None => l,
+                    };
+                    if overflow { l * f32::INFINITY } else { l }
+                };
+                let (mut gf, mut gp) = (fused.gradients(loss(&*fused)), plain.gradients(loss(&*plain)));
+                let (net, nf, skipped) = sf.clip_step_fused(fused, &mut gf, lr, clip, &dev).unwrap_or_else(|_| panic!("{what}: the fused path must run on libtorch"));
+                fused = net;
+                let np = match sp.scaler {
+                    None => {
+                        let n = clip_grad_norm(&*plain, &mut gp, clip);
+                        plain = sp.step(plain, &mut gp, lr);
+                        n
+                    }
+                    Some(s) => {
+                        let n = unscale_and_clip(&*plain, &mut gp, clip, s.scale);
+                        sp.scaler.as_mut().unwrap().update(n.is_finite());
+                        if n.is_finite() {
+                            plain = sp.step(plain, &mut gp, lr);
+                        }
+                        n
+                    }
+                };
+                assert_eq!(skipped, overflow, "{what}");
+                assert_eq!(nf.is_finite(), np.is_finite(), "{what}");
+                if np.is_finite() {
+                    assert!((nf - np).abs() <= 1e-5 * np, "{what}: norm {nf} vs {np}");
+                    assert!(step > 0 || np > clip, "{what}: the first step must clip");
+                }
+                assert_eq!(sf.scaler, sp.scaler, "{what}");
+                let (a, va) = values(fused);
+                let (p, vp) = values(plain);
+                (fused, plain) = (a, p);
+                assert_close(&format!("{what}: parameters"), &va, &vp);
+                let (bf, bp) = (sf.state(), sp.state());
+                assert_eq!(bf.len(), bp.len(), "{what}");
+                for (x, y) in bf.iter().zip(&bp) {
+                    assert_eq!(x.name, y.name);
+                    assert_close(&format!("{what}: {}", x.name), &x.data, &y.data);
+                }
+            }
+        }
     }
 }
