@@ -12,14 +12,15 @@ Usage:
 Writes DIR/suite.json (everything), DIR/suite.md (tables), DIR/log.txt, the predicted label
 maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command), and for B's
 training step and patch inference a per-op table of both sides' profiler traces
-(DIR/profile_*.md, `profile_table.py`) with the traces (DIR/trace_*.json.gz)."""
+(DIR/profile_*.md, `profile_table.py`; the summary in suite.json) with both traces
+(DIR/traces_*.tar.gz)."""
 import argparse
-import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -36,6 +37,7 @@ ap.add_argument("--torch-sizes", default=None, help="sizes timed on the PyTorch 
 ap.add_argument("--budget", type=float, default=480.0, help="seconds; later cases are skipped past it")
 ap.add_argument("--python", default=sys.executable)
 ap.add_argument("--train-data", default=None, help="a small preprocessed folder for the training check")
+ap.add_argument("--phase", default="all", choices=["1", "2", "all"], help="1: the goal's rows and profiles; 2: the rest (a second call on the same machine)")
 ap.add_argument("--backend", default="tch-cuda", help="`tch` runs the parity and MR steps on the CPU (a dry run of this script)")
 A = ap.parse_args()
 os.makedirs(A.out, exist_ok=True)
@@ -51,10 +53,20 @@ def log(*a):
     LOG.flush()
 
 
+STATE = "/tmp/gpu_suite_state.json"  # survives between two calls on one warm machine
+if A.phase == "2" and os.path.exists(STATE):
+    # The second call: phase 1's results come along into this call's tables, and the rows it
+    # skipped for time run first.
+    R = json.load(open(STATE))
+    R["phase1_skipped"], R["skipped"] = R.get("skipped", []), []
+    R["phase2_started"] = R.pop("started_phase2", time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
 def save():
     R["elapsed_s"] = round(time.time() - T0, 1)
-    with open(os.path.join(A.out, "suite.json"), "w") as f:
-        json.dump(R, f, indent=1)
+    for path in (os.path.join(A.out, "suite.json"), STATE):
+        with open(path, "w") as f:
+            json.dump(R, f, indent=1)
 
 
 class Peak:
@@ -129,25 +141,26 @@ log("gpu:", smi, "torch:", R.get("torch"), "cudnn:", R.get("cudnn"))
 save()
 
 # 1. Parity against the PyTorch fixture.
-try:
-    from safetensors.numpy import load_file
-    ref = load_file(A.fixture)
-    for prec in ["f32", "bf16", "f16"]:
-        o = os.path.join(A.out, f"parity_{prec}.safetensors")
-        rc, out, _, wall = sh([A.stu, "forward", "--checkpoint", A.fixture, "--input", A.fixture, "--output", o, "--backend", A.backend, "--precision", prec])
-        if rc != 0:
-            R["parity"][prec] = {"error": out[-800:]}
-            continue
-        got = load_file(o)
-        rows = {}
-        for k in sorted(x for x in ref if x.startswith("output.")):
-            a, b = ref[k].astype("float64"), got[k].astype("float64")
-            rows[k] = {"max_abs": float(abs(a - b).max()), "ref_max_abs": float(abs(a).max()), "rel": float(abs(a - b).max() / abs(a).max())}
-        R["parity"][prec] = {"wall_s": wall, "outputs": rows, "worst_rel": max(r["rel"] for r in rows.values())}
-        os.remove(o)
-        log("parity", prec, "worst max|diff|/max|ref| =", R["parity"][prec]["worst_rel"])
-except Exception as e:  # noqa: BLE001
-    R["parity"]["error"] = repr(e)
+if A.phase != "2":
+    try:
+        from safetensors.numpy import load_file
+        ref = load_file(A.fixture)
+        for prec in ["f32", "bf16", "f16"]:
+            o = os.path.join(A.out, f"parity_{prec}.safetensors")
+            rc, out, _, wall = sh([A.stu, "forward", "--checkpoint", A.fixture, "--input", A.fixture, "--output", o, "--backend", A.backend, "--precision", prec])
+            if rc != 0:
+                R["parity"][prec] = {"error": out[-800:]}
+                continue
+            got = load_file(o)
+            rows = {}
+            for k in sorted(x for x in ref if x.startswith("output.")):
+                a, b = ref[k].astype("float64"), got[k].astype("float64")
+                rows[k] = {"max_abs": float(abs(a - b).max()), "ref_max_abs": float(abs(a).max()), "rel": float(abs(a - b).max() / abs(a).max())}
+            R["parity"][prec] = {"wall_s": wall, "outputs": rows, "worst_rel": max(r["rel"] for r in rows.values())}
+            os.remove(o)
+            log("parity", prec, "worst max|diff|/max|ref| =", R["parity"][prec]["worst_rel"])
+    except Exception as e:  # noqa: BLE001
+        R["parity"]["error"] = repr(e)
 save()
 
 # 3. Benchmark: per size, training step then patch inference; PyTorch fp16 (the anchor's
@@ -197,18 +210,20 @@ def profile_pair(case, dt):
     if rc1 != 0 or rc2 != 0 or not os.path.exists(ours_trace) or not os.path.exists(theirs):
         row["error"] = (out1[-300:] if rc1 != 0 else "") + (out2[-300:] if rc2 != 0 else "")
         return row
-    md, js = os.path.join(A.out, f"profile_{case}_{dt}.md"), os.path.join(A.out, f"profile_{case}_{dt}.json")
+    # The device tool brings back at most 8 files: the table, and both traces in one archive.
+    md, js = os.path.join(A.out, f"profile_{case}_{dt}.md"), f"/tmp/profile_{case}_{dt}.json"
     rc, out, _, _ = sh([A.python, os.path.join(HERE, "profile_table.py"), ours_trace, theirs, "--out", md, "--json", js], timeout=120)
     row["rc"] = rc
     if rc == 0:
         row["table"] = os.path.basename(md)
         summary = json.load(open(js))
+        row["summary"] = summary
         row["ours_total_ms"] = round(summary["ours"]["total_ms"], 2)
         row["torch_total_ms"] = round(summary["torch"]["total_ms"], 2)
     # The raw traces, compressed, for Perfetto or a later look.
-    for src, name in ((ours_trace, "ours"), (theirs, "torch")):
-        with open(src, "rb") as f, gzip.open(os.path.join(A.out, f"trace_{case}_{dt}_{name}.json.gz"), "wb") as g:
-            shutil.copyfileobj(f, g)
+    with tarfile.open(os.path.join(A.out, f"traces_{case}_{dt}.tar.gz"), "w:gz") as tar:
+        tar.add(ours_trace, arcname=f"{case}_{dt}_ours.json")
+        tar.add(theirs, arcname=f"{case}_{dt}_torch.json")
     return row
 
 
@@ -228,7 +243,10 @@ def train_check(prec):
 def run_plan(plan):
     for side, case, dt in plan:
         if time.time() - T0 > A.budget:
-            R["skipped"].append([side, case, dt])
+            R["skipped"].append([side, getattr(case, "__name__", case), dt])
+            continue
+        if side == "call":
+            case()
             continue
         if side == "train_check":
             if A.train_data:
@@ -249,51 +267,17 @@ def run_plan(plan):
             row = ours(case, dt, {"STU_TCH_CHANNELS_LAST": "0"}, timeout=120)
             row["side"] = "stu-ncdhw"
         elif side == "stu-noloss":
-            row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm,upsample"}, timeout=75)
+            row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm,upsample,sgd"}, timeout=75)
             row["side"] = "stu-noloss"
+        elif side == "stu-nosgd":
+            row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm,loss,upsample"}, timeout=120)
+            row["side"] = "stu-nosgd"
         else:
             row = ours(case, dt, {"STU_TCH_NATIVE": "0"}, timeout=75)
             row["side"] = "stu-generic"
         R["bench"].append(row)
         log("bench", json.dumps({k: v for k, v in row.items() if k not in ("samples_ms", "error")}))
         save()
-
-
-core, extra, late = [], [], []
-for s in A.sizes:
-    t, i = f"train_{s}_128_b2", f"infer_{s}_128"
-    torch_too = A.torch_sizes is None or s in A.torch_sizes
-    rows = [("torch", t, "fp16")] * torch_too + [("stu", t, "bf16")]
-    if s == "B":
-        rows += [("stu", t, "f16")]
-    elif s == "H":
-        late += [("stu", t, "f16")]  # after L's rows: 80 s that only add the f16 variant
-    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "bf16")]
-    if s in "BH":
-        rows += [("stu", i, "f16")]
-        extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
-    if s == "B" and torch_too:
-        # Item 4's "by how much per op": one step of each under both profilers, f16 vs fp16,
-        # once the goal's timings are in.
-        late = [("profile", t, "f16"), ("profile", i, "f16")] + late
-    if s == "B":
-        # Channels-last convolutions are the default since they won on the CPU; B in NCDHW right
-        # beside B's own rows says whether they win on cuDNN too.
-        rows += [("stu-ncdhw", t, "f16"), ("stu-ncdhw", i, "f16")]
-    (core if s in "BHL" else extra).extend(rows)
-# f16 training on real batches (loss scaling) has not run on a GPU yet: right after the goal's rows.
-core += [("train_check", "", "f16")] + late
-# What the ATen paths gain: the ATen loss (B training without it), then burn's generic
-# conv/norm/loss on the same backend (B only, last).
-if "B" in A.sizes:
-    extra += [("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16"), ("stu-generic", "train_B_128_b2", "bf16")]
-if A.backend == "tch-cuda":
-    run_plan(core)
-elif "S" in A.sizes:
-    # A dry run on the CPU checks the profiling path with S's patch inference (seconds there).
-    R["profiles"] = [profile_pair("infer_S_128", "f32")]
-    log("profile", json.dumps(R["profiles"][0]))
-    save()
 
 
 def over_budget(what):
@@ -305,62 +289,123 @@ def over_budget(what):
 
 # 2. Sliding-window prediction: the tiny fixture model on the MR case (labels come back to be
 #    compared with a CPU run), and STU-Net-B (PyTorch init, 105 classes) on a CT case.
-for prec in ["f32", "bf16"]:
-    if over_budget(["predict", "tiny_mr", prec]):
-        continue
-    o = f"/tmp/stu_pred_mr_{prec}"
-    shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
-    rc, out, peak, wall = sh([A.stu, "predict", "-i", A.mr, "-o", o, "--checkpoint", A.fixture, "--backend", A.backend, "--precision", prec], timeout=120)
-    R["predict"][f"tiny_mr_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak}
-    for f in os.listdir(o) if os.path.isdir(o) else []:
-        if f.endswith(".nii.gz"):
-            shutil.copy(os.path.join(o, f), os.path.join(A.out, f"mr_{prec}.nii.gz"))
-save()
-try:
-    if A.backend != "tch-cuda":
-        raise RuntimeError("B on CT: GPU only")
-    if over_budget(["predict", "B_ct", "bf16"]):
-        raise RuntimeError("B on CT: over budget")
-    sys.path.insert(0, A.bench_dir)
-    import torch
-    from safetensors.torch import save_file
-    from torch_ref import build
-    torch.manual_seed(0)
-    b_ckpt = "/tmp/stunet_b_init.safetensors"
-    save_file({k: v.contiguous() for k, v in build("B").state_dict().items()}, b_ckpt)
-    for prec in ["bf16"]:
-        o = f"/tmp/pred_ct_{prec}"
+def predict_mr():
+    for prec in ["f32", "bf16"]:
+        if over_budget(["predict", "tiny_mr", prec]):
+            continue
+        o = f"/tmp/stu_pred_mr_{prec}"
         shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
-        rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", prec, "--disable-tta"], timeout=180)
-        R["predict"][f"B_ct_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "tail": out[-300:]}
-        save()
-except Exception as e:  # noqa: BLE001
-    R["predict"]["B_ct_error"] = repr(e)
-save()
+        rc, out, peak, wall = sh([A.stu, "predict", "-i", A.mr, "-o", o, "--checkpoint", A.fixture, "--backend", A.backend, "--precision", prec], timeout=120)
+        R["predict"][f"tiny_mr_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak}
+        for f in os.listdir(o) if os.path.isdir(o) else []:
+            if f.endswith(".nii.gz"):
+                shutil.copy(os.path.join(o, f), os.path.join(A.out, f"mr_{prec}.nii.gz"))
+    save()
+
+
+def predict_ct():
+    try:
+        if A.backend != "tch-cuda":
+            raise RuntimeError("B on CT: GPU only")
+        if over_budget(["predict", "B_ct", "bf16"]):
+            raise RuntimeError("B on CT: over budget")
+        sys.path.insert(0, A.bench_dir)
+        import torch
+        from safetensors.torch import save_file
+        from torch_ref import build
+        torch.manual_seed(0)
+        b_ckpt = "/tmp/stunet_b_init.safetensors"
+        save_file({k: v.contiguous() for k, v in build("B").state_dict().items()}, b_ckpt)
+        for prec in ["bf16"]:
+            o = f"/tmp/pred_ct_{prec}"
+            shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
+            rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", prec, "--disable-tta"], timeout=180)
+            R["predict"][f"B_ct_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "tail": out[-300:]}
+            save()
+    except Exception as e:  # noqa: BLE001
+        R["predict"]["B_ct_error"] = repr(e)
+    save()
 
 
 # 2b. Training on real batches (a 3-case phantom subset, fold 0 = 2 train + 1 validation case):
 #     f32, bf16 and f16 (loss-scaled) losses side by side, with the validation pass between epochs.
-if A.train_data:
-    for prec in ["f32", "bf16", "f16"]:
-        if prec in R.get("train_check", {}) or over_budget(["train_check", prec]):
-            continue
-        train_check(prec)
+def train_checks():
+    if A.train_data:
+        # (f16 convolutions on a CPU take minutes: a dry run checks f32 and bf16.)
+        for prec in ["f32", "bf16", "f16"][: 3 if A.backend == "tch-cuda" else 2]:
+            if prec in R.get("train_check", {}) or over_budget(["train_check", prec]):
+                continue
+            train_check(prec)
+
 
 # 2c. Data-parallel training: two ranks (`stu train --nproc 2`, both on GPU 0 of a one-GPU
 #     machine), the ring all-reduce through host memory; losses must be finite and equal on resume.
-if A.train_data and not over_budget(["train_dp"]):
-    o = "/tmp/train_dp"
-    shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
-    rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
-                              "--epochs", "2", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", "bf16", "--nproc", "2"], timeout=150)
-    logs = [json.loads(line) for line in open(f"{o}/log.jsonl")] if os.path.exists(f"{o}/log.jsonl") else []
-    R["train_dp"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second")} for e in logs], "tail": out[-400:]}
-    log("train_dp", rc, wall)
-    save()
+def train_dp():
+    if A.train_data and not over_budget(["train_dp"]):
+        o = "/tmp/train_dp"
+        shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
+        rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
+                                  "--epochs", "2", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", "bf16", "--nproc", "2"], timeout=150)
+        logs = [json.loads(line) for line in open(f"{o}/log.jsonl")] if os.path.exists(f"{o}/log.jsonl") else []
+        R["train_dp"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second")} for e in logs], "tail": out[-400:]}
+        log("train_dp", rc, wall)
+        save()
 
+
+# 3 (the plan). Phase 1 is what item 4's goal and item 3's table need, most important first:
+# B, H, L, S (PyTorch fp16 beside ours bf16; B also f16, in NCDHW and without the fused SGD),
+# then B's per-op profiles and f16 training on real batches. Phase 2 (a second call on the same
+# warm machine, or the rest of one long call) holds H in f16, the end-to-end checks and extras.
+phase1, phase2, extra, per_size = [], [], [], {}
+for s in A.sizes:
+    t, i = f"train_{s}_128_b2", f"infer_{s}_128"
+    torch_too = A.torch_sizes is None or s in A.torch_sizes
+    rows = [("torch", t, "fp16")] * torch_too + [("stu", t, "bf16")]
+    if s == "B":
+        rows += [("stu", t, "f16")]
+    elif s == "H":
+        phase2 += [("stu", t, "f16")]  # 80 s that only add the f16 variant
+    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "bf16")]
+    if s in "BH":
+        rows += [("stu", i, "f16")]
+        extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
+    if s == "B":
+        # Channels-last convolutions are the default since they won on the CPU; B in NCDHW right
+        # beside B's own rows says whether they win on cuDNN too; and the clip + SGD as burn's
+        # per-parameter ops (about ten ATen calls each) instead of the foreach kernels.
+        rows += [("stu-ncdhw", t, "f16"), ("stu-ncdhw", i, "f16"), ("stu-nosgd", t, "f16")]
+    per_size[s] = rows
+profiles = "B" in A.sizes and (A.torch_sizes is None or "B" in A.torch_sizes)
+for s in A.sizes:
+    if s == "S" and profiles:
+        # Item 4's "by how much per op": one step of B's training under both profilers (f16 vs
+        # fp16) before S, which only completes item 3's table.
+        phase1 += [("profile", "train_B_128_b2", "f16")]
+    phase1 += per_size[s]
+if profiles and ("profile", "train_B_128_b2", "f16") not in phase1:
+    phase1 += [("profile", "train_B_128_b2", "f16")]
+phase1 += [("train_check", "", "f16")] + [("profile", "infer_B_128", "f16")] * profiles
+phase2 += [("call", predict_ct, ""), ("call", train_dp, ""), ("call", train_checks, ""), ("call", predict_mr, "")]
+# What the ATen paths gain: the ATen loss (B training without it), then burn's generic
+# conv/norm/loss on the same backend (B only, last).
+if "B" in A.sizes:
+    extra += [("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16"), ("stu-generic", "train_B_128_b2", "bf16")]
+phase2 += extra
 if A.backend == "tch-cuda":
-    run_plan(extra)
+    if A.phase in ("1", "all"):
+        run_plan(phase1)
+    if A.phase in ("2", "all"):
+        left = [tuple(x) for x in R.get("phase1_skipped", [])]
+        run_plan([x for x in phase1 if (x[0], x[1], x[2]) in left] + phase2)
+else:
+    # A dry run on the CPU: the profiling path with S's patch inference (seconds there), the
+    # end-to-end checks (parity above, prediction and training below) on the CPU.
+    if "S" in A.sizes:
+        R["profiles"] = [profile_pair("infer_S_128", "f32")]
+        log("profile", json.dumps(R["profiles"][0]))
+        save()
+    run_plan([x for x in phase2 if x[0] == "call"])
+
 
 # 4. Tables.
 md = [f"GPU: {R.get('gpu')}; PyTorch {R.get('torch')}, cuDNN {R.get('cudnn')}; {R['started']}", ""]

@@ -20,6 +20,30 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// Skips the next `n` draws of [`SplitMix64::next_u64`] in O(1) (the state is a counter), so
+    /// that a long stream can be generated in parallel pieces, bit for bit as one.
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    }
+
+    /// `n` standard normals (each [`SplitMix64::normal`], two draws), generated in parallel
+    /// pieces of the same stream: the same values, in the same order, as `n` calls in a row.
+    pub fn normals_par(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        use rayon::prelude::*;
+        const PIECE: usize = 1 << 16;
+        let start = self.clone();
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(PIECE).enumerate().for_each(|(i, piece)| {
+            let mut r = start.clone();
+            r.skip(2 * (i * PIECE) as u64);
+            for v in piece {
+                *v = (r.normal() * scale) as f32;
+            }
+        });
+        self.skip(2 * n as u64);
+        out
+    }
+
     /// Uniform in `[lo, hi)`.
     pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -45,6 +69,15 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::SplitMix64;
+
+    #[test]
+    fn parallel_normals_are_the_sequential_stream() {
+        let n = (1 << 16) * 2 + 777;
+        let (mut a, mut b) = (SplitMix64::new(5), SplitMix64::new(5));
+        let seq: Vec<f32> = (0..n).map(|_| (a.normal() * 0.3) as f32).collect();
+        assert_eq!(b.normals_par(n, 0.3), seq);
+        assert_eq!(a.next_u64(), b.next_u64(), "the generator ends where the sequential one does");
+    }
 
     #[test]
     fn deterministic_and_in_range() {

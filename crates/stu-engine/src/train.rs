@@ -123,7 +123,7 @@ pub fn he_init(net: Box<dyn SegNet>, seed: u64, only: Option<&dyn Fn(&str) -> bo
         let values: Vec<f32> = if d.len() >= 2 {
             let fan_in: usize = d[1..].iter().product();
             let sd = gain / (fan_in as f64).sqrt();
-            (0..n).map(|_| (rng.normal() * sd) as f32).collect()
+            rng.normals_par(n, sd)
         } else if path.ends_with("gamma") {
             vec![1.0; n]
         } else {
