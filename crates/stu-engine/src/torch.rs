@@ -28,9 +28,11 @@
 //! the softmax probabilities; no one-hot target is ever formed), and upsampling's is ATen's
 //! `upsample_nearest3d_backward`.
 //!
-//! Layout: convolutions run channels-last (NDHWC strides under NCDHW shapes, PyTorch's
-//! `channels_last_3d`) unless `STU_TCH_CHANNELS_LAST=0`; instance norm then goes one sample at a
-//! time (the `[1, B·C, …]` view needs NCDHW strides) and the loss takes its logits as NCDHW.
+//! Layout: on the CPU convolutions run channels-last (NDHWC strides under NCDHW shapes,
+//! PyTorch's `channels_last_3d`), on CUDA NCDHW, which measured faster there
+//! ([`channels_last_on`]; `STU_TCH_CHANNELS_LAST=1`/`0` forces it); channels-last instance norm
+//! goes one sample at a time (the `[1, B·C, …]` view needs NCDHW strides) and the loss takes its
+//! logits as NCDHW.
 //!
 //! Only libtorch devices reach this trait ([`crate::ops`] routes by device); shapes are NCDHW,
 //! as PyTorch's.
@@ -175,14 +177,6 @@ mod libtorch {
         }
     }
 
-    /// Whether convolutions run channels-last (default; `STU_TCH_CHANNELS_LAST=0` turns it off,
-    /// see [`super::set_channels_last`]): activations keep NCDHW shapes with NDHWC strides, the
-    /// layout oneDNN and cuDNN's tensor-core kernels work in, without a transform around each
-    /// convolution.
-    fn channels_last() -> bool {
-        super::set_channels_last(None)
-    }
-
     /// NDHWC strides: channels are adjacent in memory.
     fn is_channels_last(t: &Tensor) -> bool {
         let (size, stride) = (t.size(), t.stride());
@@ -197,7 +191,7 @@ mod libtorch {
     fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [usize; 3]) -> Tensor {
         let k = w.size();
         let (stride, pad) = (stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2]);
-        if channels_last() {
+        if super::channels_last_on(x.device()) {
             // ATen keeps the input's memory format for the output.
             return to_channels_last(x).conv3d(&to_channels_last(w), b, stride, pad, [1i64; 3], 1);
         }
@@ -643,23 +637,43 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
     }
 }
 
-/// 0: not read yet, 1: channels-last convolutions, 2: NCDHW (see [`set_channels_last`]).
+/// 0: not read yet, 1: channels-last convolutions, 2: NCDHW, 3: by device (see
+/// [`channels_last_on`]).
 static CHANNELS_LAST: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Whether the libtorch convolutions run channels-last (NDHWC strides under NCDHW shapes, as
-/// PyTorch's `channels_last_3d`): read once from `STU_TCH_CHANNELS_LAST` (default on; `0`: off),
-/// or set here (tests). Values and gradients are the same either way; only the memory layout
-/// oneDNN / cuDNN see changes (on the CPU: 0.88× the S training step, 0.59× the S patch
-/// inference; `reports/bench/gpu.md`).
-pub fn set_channels_last(on: Option<bool>) -> bool {
+/// Forces the layout of the libtorch convolutions: channels-last (`Some(true)`), NCDHW
+/// (`Some(false)`), or by device (`None`, the default); overrides `STU_TCH_CHANNELS_LAST` (tests).
+pub fn set_channels_last(on: Option<bool>) {
+    CHANNELS_LAST.store(
+        match on {
+            Some(true) => 1,
+            Some(false) => 2,
+            None => 3,
+        },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Whether the libtorch convolutions on `device` run channels-last (NDHWC strides under NCDHW
+/// shapes, as PyTorch's `channels_last_3d`). By default on the CPU only: there oneDNN gains from
+/// it (0.88× the S training step, 0.59× the S patch inference), while on an H200 cuDNN's NCDHW
+/// path was faster and leaner for STU-Net-B's training step (87.9 vs 91.1 ms, 10.4 vs 13.9 GiB,
+/// f16) and equal for its inference (16.5 vs 16.9 ms), since instance norm needs NCDHW strides
+/// and the conversions around it cost more than cuDNN's own (`reports/bench/gpu.md`).
+/// `STU_TCH_CHANNELS_LAST=1` / `0` forces it on / off everywhere (read once). Values and
+/// gradients are the same either way.
+pub fn channels_last_on(device: tch::Device) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
-    let v = match on {
-        Some(on) => 2 - u8::from(on),
-        None if CHANNELS_LAST.load(Relaxed) == 0 => 2 - u8::from(std::env::var("STU_TCH_CHANNELS_LAST").as_deref() != Ok("0")),
-        None => CHANNELS_LAST.load(Relaxed),
-    };
-    CHANNELS_LAST.store(v, Relaxed);
-    v == 1
+    let mut v = CHANNELS_LAST.load(Relaxed);
+    if v == 0 {
+        v = match std::env::var("STU_TCH_CHANNELS_LAST").as_deref() {
+            Ok("1") => 1,
+            Ok("0") => 2,
+            _ => 3,
+        };
+        CHANNELS_LAST.store(v, Relaxed);
+    }
+    v == 1 || (v == 3 && device == tch::Device::Cpu)
 }
 
 /// [`crate::backend::profile_start`].
@@ -808,7 +822,10 @@ mod tests {
             super::set_channels_last(Some(channels_last));
             aten_block_equals_composed();
         }
-        super::set_channels_last(Some(false));
+        // By default: channels-last on the CPU (oneDNN), NCDHW on CUDA (cuDNN), as measured.
+        super::set_channels_last(None);
+        assert!(super::channels_last_on(tch::Device::Cpu));
+        assert!(!super::channels_last_on(tch::Device::Cuda(0)));
     }
 
     fn aten_block_equals_composed() {
