@@ -178,7 +178,7 @@ mod libtorch {
     }
 
     /// NDHWC strides: channels are adjacent in memory.
-    fn is_channels_last(t: &Tensor) -> bool {
+    pub(super) fn is_channels_last(t: &Tensor) -> bool {
         let (size, stride) = (t.size(), t.stride());
         size.len() == 5 && size[1] > 1 && stride[1] == 1 && stride[4] == size[1]
     }
@@ -192,10 +192,29 @@ mod libtorch {
         let k = w.size();
         let (stride, pad) = (stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2]);
         if super::channels_last_on(x.device()) {
+            if k[2..] == [1, 1, 1] {
+                return conv1x1_channels_last(x, w, b, stride);
+            }
             // ATen keeps the input's memory format for the output.
             return to_channels_last(x).conv3d(&to_channels_last(w), b, stride, pad, [1i64; 3], 1);
         }
         x.conv3d(w, b, stride, pad, [1i64; 3], 1)
+    }
+
+    /// A 1×1×1 convolution (padding 0) of channels-last activations as one matrix product over
+    /// their `[voxels, C]` view, channels-last out: ATen sends 1×1×1 kernels to its slow NCDHW
+    /// path on the CPU (a conversion in and out around each). Stride s keeps every s-th voxel.
+    fn conv1x1_channels_last(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [i64; 3]) -> Tensor {
+        let mut x = to_channels_last(x);
+        for (axis, s) in stride.into_iter().enumerate() {
+            if s > 1 {
+                x = x.slice(2 + axis as i64, 0, None, s);
+            }
+        }
+        let k = w.size();
+        // [B, D, H, W, C] (contiguous unless strided) · Wᵀ → [B, D, H, W, C_out], viewed back as
+        // NCDHW shape with NDHWC strides.
+        x.permute([0, 2, 3, 4, 1]).linear(&w.reshape([k[0], k[1]]), b).permute([0, 4, 1, 2, 3])
     }
 
     /// Instance norm (+ skip) (+ LeakyReLU) as ATen's batch norm over the `[1, B·C, …]` view
@@ -207,11 +226,15 @@ mod libtorch {
         let half = matches!(x.kind(), Kind::Half | Kind::BFloat16);
         let (g, b) = if half { (g.to_kind(Kind::Float), b.to_kind(Kind::Float)) } else { (g.shallow_clone(), b.shallow_clone()) };
         let bn = |t: &Tensor, g: &Tensor, b: &Tensor| t.batch_norm(Some(g), Some(b), None::<&Tensor>, None::<&Tensor>, true, 0.0, crate::ops::NORM_EPS, true);
+        // A channels-last sample goes to ATen's own batch norm, whose channels-last kernels read
+        // it as it is (`batch_norm` would pick cuDNN on a GPU, which wants NCDHW strides: a
+        // conversion in and out).
+        let bn_cl = |t: &Tensor, g: &Tensor, b: &Tensor| t.native_batch_norm(Some(g), Some(b), None::<&Tensor>, None::<&Tensor>, true, 0.0, crate::ops::NORM_EPS).0;
         // The output and the skip in one shape, for the in-place add and activation.
         let (mut y, skip) = if is_channels_last(x) {
             // The `[1, B·C, …]` view needs NCDHW strides: channels-last activations are
             // normalised one sample at a time (batch norm over a 1-sample batch is instance norm).
-            let y = if n > 1 { Tensor::cat(&x.split(1, 0).iter().map(|xs| bn(xs, &g, &b)).collect::<Vec<_>>(), 0) } else { bn(x, &g, &b) };
+            let y = if n > 1 { Tensor::cat(&x.split(1, 0).iter().map(|xs| bn_cl(xs, &g, &b)).collect::<Vec<_>>(), 0) } else { bn_cl(x, &g, &b) };
             (y, skip.map(Tensor::shallow_clone))
         } else {
             let mut flat = dims.clone();
@@ -237,22 +260,24 @@ mod libtorch {
     /// summed per (sample, class) by `scatter_add`, and `Σ y` the class counts. Returns (loss
     /// `[1]`, probabilities (f32, the logits' shape), coefficients `a`, `c` of
     /// `∂(−mean Dice)/∂p_kv = a_k·y_kv + c_k`, zero for the background).
-    fn dc_ce_parts(logits: &Tensor, target: &Tensor, batch_dice: bool, smooth: f64) -> (Tensor, Tensor, Tensor) {
-        let logits = logits.contiguous(); // channels-last logits become NCDHW once
+    pub(super) fn dc_ce_parts(logits: &Tensor, target: &Tensor, batch_dice: bool, smooth: f64) -> (Tensor, Tensor, Tensor) {
         let dims = logits.size();
         let (b, c) = (dims[0], dims[1]);
         let n: i64 = dims[2..].iter().product();
         let t = target.reshape([b, n]).to_kind(Kind::Int64);
+        // The logits as [B, C, N] (NCDHW) or, channels-last, as the [B, N, C] they are in memory:
+        // no conversion either way; `ca` is the class axis.
+        let (l3, ca) = as_bcn(logits);
         // log p in f32 (from half logits too), then p in place: one tensor of the logits' size.
-        let mut p = logits.log_softmax(1, Kind::Float);
-        let logp_target = p.view([b, c, n]).gather(1, &t.unsqueeze(1), false).view([b, n]);
+        let mut p = l3.log_softmax(ca, Kind::Float);
+        let logp_target = p.gather(ca, &t.unsqueeze(ca), false).view([b, n]);
         let _ = p.exp_();
         let ce = -logp_target.mean(Kind::Float);
         let p_target = logp_target.exp();
         let per_class = |src: &Tensor| Tensor::zeros([b, c], (Kind::Float, p.device())).scatter_add(1, &t, src);
         let inter = per_class(&p_target);
         let count = per_class(&p_target.ones_like());
-        let sum_p = p.view([b, c, n]).sum_dim_intlist([2i64].as_slice(), false, Kind::Float);
+        let sum_p = p.sum_dim_intlist([3 - ca].as_slice(), false, Kind::Float);
         let fg = |x: &Tensor| {
             let x = x.narrow(1, 1, c - 1);
             if batch_dice { x.sum_dim_intlist([0i64].as_slice(), true, Kind::Float) } else { x }
@@ -267,31 +292,44 @@ mod libtorch {
         // Background column, then the per-batch rows when the Dice runs over the batch.
         let full = |x: Tensor| x.constant_pad_nd([1i64, 0]).expand([b, c], false);
         let coeffs = Tensor::stack(&[full(a), full(cst)], 0).contiguous();
-        (loss, p, coeffs)
+        (loss, from_bcn(p, ca, &dims), coeffs)
     }
 
-    /// `∂loss/∂logits · grad` for [`dc_ce_parts`] (f32, the logits' shape): with
+    /// A `[B, C, D, H, W]` tensor as `[B, C, N]` (class axis 1) when NCDHW, or as the
+    /// `[B, N, C]` it is in memory (class axis 2) when channels-last; a copy only for other strides.
+    fn as_bcn(x: &Tensor) -> (Tensor, i64) {
+        let d = x.size();
+        let n: i64 = d[2..].iter().product();
+        if is_channels_last(x) { (x.permute([0, 2, 3, 4, 1]).view([d[0], n, d[1]]), 2) } else { (x.contiguous().view([d[0], d[1], n]), 1) }
+    }
+
+    /// The inverse of [`as_bcn`]: back to `dims` (NCDHW shape, the strides of the form it is in).
+    fn from_bcn(x: Tensor, ca: i64, dims: &[i64]) -> Tensor {
+        if ca == 2 { x.view([dims[0], dims[2], dims[3], dims[4], dims[1]]).permute([0, 4, 1, 2, 3]) } else { x.view(dims) }
+    }
+
+    /// `∂loss/∂logits · grad` for [`dc_ce_parts`] (f32, the logits' shape and layout): with
     /// `g_k = a_k·y_k + c_k` the Dice's gradient in the probabilities, through the softmax,
     /// `∂/∂z_k = p_k·(g_k − Σ_j p_j g_j) + (p_k − y_k)/N`, i.e.
     /// `p_k·(c_k + 1/N − Σ_j p_j c_j − a_t p_t) + [k = t]·(a_t p_t − 1/N)`: two passes over `p`
     /// (a batched matrix product for `Σ_j p_j c_j`, then a multiply and an `addcmul`) and a
     /// scatter at the target class.
-    fn dc_ce_grad(p: &Tensor, target: &Tensor, coeffs: &Tensor, grad: &Tensor) -> Tensor {
+    pub(super) fn dc_ce_grad(p: &Tensor, target: &Tensor, coeffs: &Tensor, grad: &Tensor) -> Tensor {
         let dims = p.size();
-        let (b, c) = (dims[0], dims[1]);
-        let n: i64 = dims[2..].iter().product();
+        let (b, n) = (dims[0], dims[2..].iter().product::<i64>());
         let inv_n = 1.0 / (b * n) as f64;
         let g = grad.to_kind(Kind::Float).reshape([1, 1, 1]);
-        let t = target.reshape([b, 1, n]).to_kind(Kind::Int64);
-        let p3 = p.view([b, c, n]);
+        let (p3, ca) = as_bcn(p);
+        let t = target.reshape([b, n]).to_kind(Kind::Int64).unsqueeze(ca);
         let (a, cst) = (coeffs.get(0), coeffs.get(1));
-        let a_t = a.gather(1, &t.view([b, n]), false).view([b, 1, n]);
-        let at_pt = a_t * p3.gather(1, &t, false);
-        let pg = cst.unsqueeze(1).bmm(&p3) + &at_pt;
-        let mut dz = &p3 * ((cst + inv_n).unsqueeze(2) * &g);
+        // [B, 1, N] for NCDHW, [B, N, 1] channels-last.
+        let a_t = a.gather(1, &t.view([b, n]), false).unsqueeze(ca);
+        let at_pt = a_t * p3.gather(ca, &t, false);
+        let pg = if ca == 1 { cst.unsqueeze(1).bmm(&p3) } else { p3.bmm(&cst.unsqueeze(2)) } + &at_pt;
+        let mut dz = &p3 * ((cst + inv_n).unsqueeze(3 - ca) * &g);
         let _ = dz.addcmul_(&p3, &(pg * -&g));
-        let _ = dz.scatter_add_(1, &t, &((at_pt - inv_n) * &g));
-        dz.view(dims.as_slice())
+        let _ = dz.scatter_add_(ca, &t, &((at_pt - inv_n) * &g));
+        from_bcn(dz, ca, &dims)
     }
 
     fn leaf(t: &Tensor) -> Tensor {
@@ -884,6 +922,48 @@ mod tests {
         let y = ops::norm_add_act(ops::norm_act(inner.clone(), g1.clone().inner(), e1.clone().inner(), true, lay), g2.clone().inner(), e2.clone().inner(), inner.clone(), lay);
         let want = ops::leaky_relu(ops::instance_norm(ops::leaky_relu(ops::instance_norm(inner.clone(), g1.inner(), e1.inner(), lay)), g2.inner(), e2.inner(), lay) + inner);
         close("untracked", y, want, 1e-3);
+        // 1×1×1 convolutions (STU-Net's upsampling and projection shortcuts), stride 1 and 2 on
+        // odd extents, to another channel count: value and every gradient.
+        let w11 = t5([4, c, 1, 1, 1], -0.5, 0.5, &mut rng);
+        let b11 = t1(4, -0.5, 0.5, &mut rng);
+        for s in [[1, 1, 1], [2, 2, 1]] {
+            let (ya, yc) = (ops::conv3d(x.clone(), w11.clone(), b11.clone(), s, lay), burn::tensor::module::conv3d(x.clone(), w11.clone(), Some(b11.clone()), burn::tensor::ops::ConvOptions::new(s, [0; 3], [1; 3], 1)));
+            close(&format!("1×1 conv, stride {s:?}"), ya.clone(), yc.clone(), 1e-3);
+            let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
+            let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
+            close("1×1 conv dx", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1e-3);
+            close("1×1 conv dw", w11.grad(&ga).unwrap(), w11.grad(&gc).unwrap(), 1e-3);
+            close("1×1 conv db", b11.grad(&ga).unwrap().unsqueeze(), b11.grad(&gc).unwrap().unsqueeze(), 1e-3);
+        }
+    }
+
+    /// The loss reads channels-last logits in place (as `[B, N, C]`) and gives their gradient in
+    /// that layout, with the values of the NCDHW path (itself checked against the composed loss
+    /// in `loss::tests`).
+    #[test]
+    fn the_aten_loss_takes_channels_last_logits_as_they_are() {
+        use tch::{Kind, Tensor};
+        let (b, c, d, h, w) = (2i64, 6, 5, 4, 3);
+        let mut rng = stu_core::rng::SplitMix64::new(13);
+        let logits = Tensor::from_slice(&rng.fill_f32((b * c * d * h * w) as usize, -3.0, 3.0)).view([b, c, d, h, w]);
+        let target = Tensor::from_slice(&(0..b * d * h * w).map(|_| rng.below(5) as f32).collect::<Vec<f32>>()).view([b, d, h, w]);
+        let cl = logits.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
+        assert!(super::libtorch::is_channels_last(&cl) && !super::libtorch::is_channels_last(&logits));
+        let grad = Tensor::from_slice(&[0.7f32]);
+        for batch_dice in [false, true] {
+            let (l0, p0, k0) = super::libtorch::dc_ce_parts(&logits, &target, batch_dice, 1e-5);
+            let (l1, p1, k1) = super::libtorch::dc_ce_parts(&cl, &target, batch_dice, 1e-5);
+            assert!(super::libtorch::is_channels_last(&p1), "the probabilities keep the logits' layout");
+            let g0 = super::libtorch::dc_ce_grad(&p0, &target, &k0, &grad);
+            let g1 = super::libtorch::dc_ce_grad(&p1, &target, &k1, &grad);
+            assert!(super::libtorch::is_channels_last(&g1), "so does the gradient");
+            for (what, x, y) in [("loss", &l0, &l1), ("probabilities", &p0, &p1), ("coefficients", &k0, &k1), ("gradient", &g0, &g1)] {
+                let err = (x - y).abs().max().double_value(&[]);
+                let scale = x.abs().max().double_value(&[]).max(1e-3);
+                assert!(err <= 1e-6 * scale, "batch_dice {batch_dice}, {what}: max |diff| {err}");
+            }
+            assert_eq!(g1.kind(), Kind::Float);
+        }
     }
 
     /// ATen's nearest upsampling and its gradient equal the reshape + expand composition, for
