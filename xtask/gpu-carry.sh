@@ -11,10 +11,11 @@
 #   export LD_LIBRARY_PATH=$SP/torch/lib:$(find $SP/nvidia -maxdepth 3 -name lib -type d | tr '\n' ':');
 #   python3 xtask/bench/gpu_suite.py --stu .gpu/stu --bench-dir .gpu/bench --fixture .gpu/tiny_iso.safetensors \
 #     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 470 --phase 1
-# (device tool: timeout_s 585; B, H, L and S beside PyTorch (B also f16, channels-last and without the
-# foreach SGD), B's per-op profiles and the f16 training check), then at once, while the machine
-# is warm, the same command with `--phase 2 --budget N` (N: the device time left less a minute):
-# what phase 1 skipped for time, H in f16, the end-to-end checks and the extras. One long call
+# (device tool: timeout_s 585; B, H, L and S in f16 beside PyTorch's fp16 (B also bf16,
+# channels-last, without the foreach SGD, burn's generic inference), B's per-op profiles and the
+# f16 training check: 358 s on an H200 on 2026-11-27), then at once, while the machine is warm,
+# the same command with `--phase 2 --budget N` (N: the device time left less a minute): what
+# phase 1 skipped for time, the bf16 rows, the end-to-end checks and the extras. One long call
 # is `--phase all`; see the suite's section 3.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"

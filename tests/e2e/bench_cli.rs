@@ -1,5 +1,6 @@
-//! `stu bench`: the training-step and patch-inference cases at another patch size, and the
-//! errors for options this build or backend cannot honour.
+//! `stu bench`: the training-step and patch-inference cases at another patch size (named by
+//! either id), and the errors for options this build or backend cannot honour or filters that
+//! name no case.
 
 use std::process::Command;
 
@@ -9,7 +10,7 @@ use tests::stu_bin;
 fn bench_runs_the_step_cases_at_a_smaller_patch_and_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
-    let out = Command::new(stu_bin!()).args(["bench", "--patch", "32", "train_S", "infer_S", "--json"]).arg(&json).output().unwrap();
+    let out = Command::new(stu_bin!()).args(["bench", "--patch", "32", "train_S_32_b2", "infer_S", "--json"]).arg(&json).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let results = doc["results"].as_array().unwrap();
@@ -28,4 +29,8 @@ fn bench_refuses_a_patch_it_cannot_downsample_and_a_profile_off_libtorch() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--profile") && err.contains("tch"), "{err}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
+    // A filter that names no case is an error that lists them (at the patch asked for).
+    let out = Command::new(stu_bin!()).args(["bench", "--patch", "64", "train_Q"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no bench case matches train_Q") && err.contains("train_S_64_b2"), "{err}");
 }

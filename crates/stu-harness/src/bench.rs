@@ -307,7 +307,8 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
     let ad = device.clone().autodiff();
     let mut results = Vec::new();
     // Training steps and GPU patch inference only on request: on a CPU they take minutes.
-    let named = |id: &str, prefix: &str| filter.iter().any(|f| id.contains(f.as_str()) && f.starts_with(prefix));
+    // A case is named by its id at 128³ or at `--patch` (`train_S_64_b2`).
+    let named = |id: &str, prefix: &str| filter.iter().any(|f| (id.contains(f.as_str()) || named_id(id).contains(f.as_str())) && f.starts_with(prefix));
     for (id, preset) in TRAIN_CASES {
         if named(id, "train") {
             let r = train_case(&named_id(id), preset, backend, precision, &ad, patch, profile)?;
@@ -363,6 +364,10 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
         };
         report(&r);
         results.push(r);
+    }
+    if !filter.is_empty() && results.is_empty() {
+        let ids: Vec<String> = TRAIN_CASES.iter().chain(&INFER_CASES).map(|(id, _)| named_id(id)).chain(ALLREDUCE_CASES.iter().map(|(id, _)| id.to_string())).chain(anchor_cases().iter().map(|c| c.id.to_string())).collect();
+        anyhow::bail!("no bench case matches {}; the cases: {}", filter.join(" "), ids.join(", "));
     }
     Ok(results)
 }
