@@ -133,6 +133,10 @@ pub fn he_init(net: Box<dyn SegNet>, seed: u64, only: Option<&dyn Fn(&str) -> bo
     })
 }
 
+/// A network after an optimizer step, its gradient norm before clipping, and whether the step
+/// was skipped ([`Sgd::clip_step_fused`]).
+pub type Stepped = (Box<dyn SegNet>, f64, bool);
+
 /// `torch.optim.SGD(momentum, nesterov=True, dampening=0, weight_decay)` with state by path.
 #[derive(Debug, Clone)]
 pub struct Sgd {
@@ -214,7 +218,7 @@ impl Sgd {
     /// (unscaled) gradient norm before clipping and whether the step was skipped (loss scaling:
     /// gradients not finite; the scale is updated here).
     #[allow(unused_variables, unused_mut)]
-    pub fn clip_step_fused(&mut self, net: Box<dyn SegNet>, grads: &mut GradientsParams, lr: f64, clip: f64, device: &burn::tensor::Device) -> Result<(Box<dyn SegNet>, f64, bool), Box<dyn SegNet>> {
+    pub fn clip_step_fused(&mut self, net: Box<dyn SegNet>, grads: &mut GradientsParams, lr: f64, clip: f64, device: &burn::tensor::Device) -> Result<Stepped, Box<dyn SegNet>> {
         #[cfg(feature = "tch")]
         if crate::ops::is_libtorch(device, crate::ops::TorchPath::Sgd) {
             use crate::torch::foreach;
