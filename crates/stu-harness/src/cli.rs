@@ -637,7 +637,10 @@ fn run(cli: Cli) -> Result<()> {
             let failed: Vec<&crate::predict::CaseResult> = results.iter().filter(|r| r.output.is_err()).collect();
             for r in &results {
                 match &r.output {
-                    Ok(p) => eprintln!("{}: {} ({:.1} s)", r.id, p.display(), r.seconds),
+                    Ok(p) => {
+                        let phases: Vec<String> = r.phases.iter().map(|(name, s)| format!("{name} {s:.1}")).collect();
+                        eprintln!("{}: {} ({:.1} s: {})", r.id, p.display(), r.seconds, phases.join(", "))
+                    }
                     Err(e) => eprintln!("{}: FAILED: {e}", r.id),
                 }
             }

@@ -73,6 +73,8 @@ pub struct Predictor {
     device: Device,
     precision: Precision,
     on_device: bool,
+    /// Seconds per phase of the last case (`stu predict` reports them).
+    phases: std::sync::Mutex<Vec<(&'static str, f64)>>,
 }
 
 /// Where the sliding window sums its tiles: in host memory on the CPU backends (flex), on the
@@ -141,7 +143,7 @@ impl Predictor {
         ensure!((0..3).all(|a| patch[a] % div[a] == 0), "patch {patch:?} does not fit the network's strides (divisor {div:?})");
         let net = opts.precision.cast_net(&*net).unwrap_or(net);
         let on_device = accumulate_on_device(&device)?;
-        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device })
+        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, phases: Default::default() })
     }
 
     /// Input channels the model takes.
@@ -159,10 +161,18 @@ impl Predictor {
     /// when given (see [`write_probabilities`]).
     pub fn predict_case_with(&self, id: &str, images: &[PathBuf], probabilities: Option<&Path>, progress: &dyn Fn(usize, usize)) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
         ensure!(images.len() == self.channels(), "case `{id}`: {} channel file(s), the model takes {}", images.len(), self.channels());
+        let lap = |name: &'static str, since: &mut std::time::Instant| {
+            self.phases.lock().expect("phases").push((name, since.elapsed().as_secs_f64()));
+            *since = std::time::Instant::now();
+        };
+        let mut since = std::time::Instant::now();
+        self.phases.lock().expect("phases").clear();
         let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
         let pre = preprocess_case(id, images, None, &self.plan)?;
+        lap("read + preprocess", &mut since);
         let [c, z, y, x] = pre.props.shape;
         let logits = self.sliding_window(&pre.data, c, [z, y, x], progress)?;
+        lap("network", &mut since);
         let classes = self.net.num_classes();
         // Back to the cropped shape, channel by channel, keeping a running argmax.
         let target = pre.props.shape_after_cropping_and_before_resampling;
@@ -207,6 +217,7 @@ impl Predictor {
         drop(logits);
         let (seg, shape) = transpose(uncrop(&arg, target, full, bb, 0), full, backward);
         ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
+        lap("resample + argmax", &mut since);
         Ok((seg, geom))
     }
 
@@ -514,6 +525,9 @@ pub struct CaseResult {
     pub output: Result<PathBuf, String>,
     /// Seconds.
     pub seconds: f64,
+    /// Seconds per phase (reading and preprocessing, the network's sliding window, resampling
+    /// the logits back and the argmax, writing).
+    pub phases: Vec<(&'static str, f64)>,
 }
 
 /// Predicts every case; one failing case does not stop the others.
@@ -545,10 +559,13 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             if opts.keep_largest {
                 keep_largest_per_label(&mut seg, geom.shape);
             }
+            let w = std::time::Instant::now();
             stu_data::nifti_io::write_label_as(&out_path, &seg, &geom, wide).with_context(|| out_path.display().to_string())?;
+            predictor.phases.lock().expect("phases").push(("write", w.elapsed().as_secs_f64()));
             Ok(out_path.clone())
         });
-        results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64() });
+        let phases = std::mem::take(&mut *predictor.phases.lock().expect("phases"));
+        results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases });
     }
     Ok(results)
 }
