@@ -213,7 +213,7 @@ pub struct ConvNormAct {
 
 impl ConvNormAct {
     fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
-        let y = ops::conv3d(x, self.conv.weight.val(), self.conv.bias.val(), self.conv.stride, l);
+        let y = ops::conv3d_normed(x, self.conv.weight.val(), self.conv.bias.val(), self.conv.stride, l);
         ops::norm_act(y, self.norm.weight.val(), self.norm.bias.val(), true, l)
     }
 }

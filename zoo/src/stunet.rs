@@ -251,6 +251,13 @@ fn conv(c: &Conv3d, x: Tensor<5>, l: Layout) -> Tensor<5> {
     ops::conv3d(x, c.weight.val(), bias, c.stride, l)
 }
 
+/// [`conv`] into an instance norm (the bias, which the norm removes, may be skipped:
+/// [`ops::conv3d_normed`]).
+fn conv_normed(c: &Conv3d, x: Tensor<5>, l: Layout) -> Tensor<5> {
+    let bias = c.bias.as_ref().expect("STU-Net convs have a bias").val();
+    ops::conv3d_normed(x, c.weight.val(), bias, c.stride, l)
+}
+
 /// `BasicResBlock`: conv–norm–lrelu–conv–norm, plus a shortcut, then lrelu.
 #[derive(Module, Debug)]
 pub struct ResBlock {
@@ -276,8 +283,8 @@ impl ResBlock {
 
     /// `[B, cin, D, H, W]` → `[B, c, D/s, H/s, W/s]` (or the channels-last equivalent).
     pub fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
-        let y = self.norm1.forward(conv(&self.conv1, x.clone(), l), true, l);
-        let y = conv(&self.conv2, y, l);
+        let y = self.norm1.forward(conv_normed(&self.conv1, x.clone(), l), true, l);
+        let y = conv_normed(&self.conv2, y, l);
         let skip = match &self.conv3 {
             Some(c) => conv(c, x, l),
             None => x,

@@ -140,10 +140,24 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
 /// kernels take cubic 1³ and 3³ kernels; other shapes (nnU-Net's `[1, 3, 3]`) run burn's
 /// convolution on an NCDHW view.
 pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout) -> Tensor<5> {
+    conv3d_with(x, weight, bias, stride, layout, true)
+}
+
+/// [`conv3d`] for an output that goes straight into an instance norm (STU-Net's `conv1 → norm1`,
+/// `conv2 → norm2`): the norm's mean subtraction removes a per-channel bias exactly, so the
+/// libtorch path leaves it out of the forward (one pass over the output less, and one rounding
+/// less in half precision); the bias still gets its gradient (the sum of the output's gradient,
+/// ≈ 0 as PyTorch's), so the optimiser treats it as PyTorch does. Elsewhere the same as
+/// [`conv3d`] (flex adds the bias inside its GEMM, for nothing).
+pub fn conv3d_normed(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout) -> Tensor<5> {
+    conv3d_with(x, weight, bias, stride, layout, false)
+}
+
+fn conv3d_with(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout, add_bias: bool) -> Tensor<5> {
     let k = weight.dims();
     let cubic13 = k[2] == k[3] && k[3] == k[4] && (k[2] == 1 || k[2] == 3);
     match layout {
-        Layout::Ndhwc if !cubic13 => layout.from_ncdhw(conv3d(layout.to_ncdhw(x), weight, bias, stride, Layout::Ncdhw)),
+        Layout::Ndhwc if !cubic13 => layout.from_ncdhw(conv3d_with(layout.to_ncdhw(x), weight, bias, stride, Layout::Ncdhw, add_bias)),
         Layout::Ndhwc => {
             use crate::ext::StuOps;
             Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::conv3d_cl(
@@ -161,6 +175,7 @@ pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 
                 weight.into_dispatch(),
                 bias.into_dispatch(),
                 stride,
+                add_bias,
             ))
         }
         Layout::Ncdhw => {

@@ -51,14 +51,17 @@ use crate::ext::register_grads;
 /// returns the leaves' gradients for the output gradient `grad`.
 #[backend_extension(LibTorch: cfg(feature = "tch"), Autodiff)]
 pub trait TorchOps: Backend {
-    /// `conv3d(x, weight, bias)` with padding k/2 per axis (odd kernels), `stride`.
-    fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self>;
+    /// `conv3d(x, weight, bias)` with padding k/2 per axis (odd kernels), `stride`; without
+    /// `add_bias` the bias is left out of the forward (for an output that goes straight into an
+    /// instance norm, whose mean subtraction removes it exactly) and still gets its gradient.
+    fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3], add_bias: bool) -> FloatTensor<Self>;
     /// [`conv3d_nc`](TorchOps::conv3d_nc) with its graph: (y, y_graph, x leaf, weight leaf).
     fn conv3d_nc_graph(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         stride: [usize; 3],
+        add_bias: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// Gradients (x, weight, bias) through a graph from [`conv3d_nc_graph`](TorchOps::conv3d_nc_graph);
     /// without `need_x` (x is the network's input) cuDNN's backward-data is skipped and the x
@@ -351,8 +354,8 @@ mod libtorch {
     }
 
     impl TorchOps for LibTorch {
-        fn conv3d_nc(x: FloatTensor<LibTorch>, weight: FloatTensor<LibTorch>, bias: FloatTensor<LibTorch>, stride: [usize; 3]) -> FloatTensor<LibTorch> {
-            TchTensor::new(tch::no_grad(|| conv(&x.tensor, &weight.tensor, Some(&bias.tensor), stride)))
+        fn conv3d_nc(x: FloatTensor<LibTorch>, weight: FloatTensor<LibTorch>, bias: FloatTensor<LibTorch>, stride: [usize; 3], add_bias: bool) -> FloatTensor<LibTorch> {
+            TchTensor::new(tch::no_grad(|| conv(&x.tensor, &weight.tensor, add_bias.then_some(&bias.tensor), stride)))
         }
 
         fn conv3d_nc_graph(
@@ -360,9 +363,10 @@ mod libtorch {
             weight: FloatTensor<LibTorch>,
             bias: FloatTensor<LibTorch>,
             stride: [usize; 3],
+            add_bias: bool,
         ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
             let (xl, wl) = (leaf(&x.tensor), leaf(&weight.tensor));
-            let y = tch::with_grad(|| conv(&xl, &wl, Some(&bias.tensor), stride));
+            let y = tch::with_grad(|| conv(&xl, &wl, add_bias.then_some(&bias.tensor), stride));
             let (y, y_graph) = output(y);
             (y, y_graph, TchTensor::new(xl), TchTensor::new(wl))
         }
@@ -470,7 +474,7 @@ mod libtorch {
 // share their storage), so that burn never writes them in place while libtorch's graph still
 // reads them.
 impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
-    fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3]) -> FloatTensor<Self> {
+    fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3], add_bias: bool) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct ConvNc;
 
@@ -492,10 +496,10 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         match ConvNc.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
-                let (y, y_graph, xl, wl) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride);
+                let (y, y_graph, xl, wl) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias);
                 prep.finish([xp, wp, y_graph, xl, wl], y)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride)),
+            OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias)),
         }
     }
 
@@ -504,6 +508,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _weight: FloatTensor<Self>,
         _bias: FloatTensor<Self>,
         _stride: [usize; 3],
+        _add_bias: bool,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("conv3d_nc_graph is called on the inner backend only")
     }
@@ -881,7 +886,8 @@ mod tests {
         let block = |aten: bool| {
             let conv = |x: Tensor<5>, w: &Tensor<5>, b: &Tensor<1>| {
                 if aten {
-                    ops::conv3d(x, w.clone(), b.clone(), [1; 3], lay)
+                    // Both convolutions go into a norm: the ATen path leaves their bias out.
+                    ops::conv3d_normed(x, w.clone(), b.clone(), [1; 3], lay)
                 } else {
                     burn::tensor::module::conv3d(x, w.clone(), Some(b.clone()), burn::tensor::ops::ConvOptions::new([1; 3], [1; 3], [1; 3], 1))
                 }
