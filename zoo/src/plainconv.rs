@@ -427,6 +427,9 @@ impl SegNet for PlainConvUNet {
         Module::num_params(self)
     }
     stu_engine::segnet_training_hooks!();
+    fn vectors_stay_f32(&self) -> bool {
+        true // conv biases and instance-norm affine parameters only
+    }
 
     fn describe(&self) -> serde_json::Value {
         let a = &self.arch;

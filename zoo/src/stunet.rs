@@ -542,6 +542,9 @@ impl SegNet for StuNet {
         Module::num_params(self)
     }
     stu_engine::segnet_training_hooks!();
+    fn vectors_stay_f32(&self) -> bool {
+        true // conv biases and instance-norm affine parameters only
+    }
 
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({

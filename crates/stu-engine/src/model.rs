@@ -49,6 +49,13 @@ pub trait SegNet: Send {
     /// A copy whose float parameters are `dtype` casts of these (differentiable: under
     /// autodiff the gradients flow back to this network's parameters).
     fn cast(&self, dtype: burn::tensor::DType) -> Box<dyn SegNet>;
+    /// Whether, under half precision, the rank-1 parameters may stay f32 (not cast each step):
+    /// true for a model whose rank-1 parameters are only convolution biases and instance-norm
+    /// affine parameters, which the libtorch operators take in f32 (see
+    /// [`crate::train::cast_params_keeping`]).
+    fn vectors_stay_f32(&self) -> bool {
+        false
+    }
 }
 
 /// Implements [`SegNet`]'s training hooks for a type that is a burn `Module`; expand inside
@@ -73,7 +80,7 @@ macro_rules! segnet_training_hooks {
             Box::new($crate::burn::module::Module::valid(self))
         }
         fn cast(&self, dtype: $crate::burn::tensor::DType) -> Box<dyn $crate::model::SegNet> {
-            Box::new($crate::train::cast_params(self.clone(), dtype))
+            Box::new($crate::train::cast_params_keeping(self.clone(), dtype, $crate::model::SegNet::vectors_stay_f32(self)))
         }
     };
 }

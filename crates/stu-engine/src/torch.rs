@@ -192,6 +192,15 @@ mod libtorch {
     }
 
     fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [usize; 3]) -> Tensor {
+        // A bias kept in f32 under half precision (`train::cast_params_keeping`) joins in x's type.
+        let cast;
+        let b = match b {
+            Some(b) if b.kind() != x.kind() => {
+                cast = b.to_kind(x.kind());
+                Some(&cast)
+            }
+            b => b,
+        };
         let k = w.size();
         let (stride, pad) = (stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2]);
         if super::channels_last_on(x.device()) {
@@ -475,8 +484,9 @@ mod libtorch {
 // reads them.
 impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
     fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3], add_bias: bool) -> FloatTensor<Self> {
+        /// Carries the bias's type: a bias kept in f32 under half precision gets an f32 gradient.
         #[derive(Debug)]
-        struct ConvNc;
+        struct ConvNc(DType);
 
         impl<B: Backend + TorchOps> Backward<B, 3> for ConvNc {
             type State = [B::FloatTensorPrimitive; 5];
@@ -486,6 +496,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
                 let [_x, _w, y_graph, x_leaf, w_leaf] = ops.state;
                 let [node_x, node_w, node_b] = ops.parents;
                 let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some());
+                let db = if db.dtype() == self.0 { db } else { B::float_cast(db, FloatDType::from(self.0)) };
                 register_grads!(B, grads, [node_w, node_b], [dw, db]);
                 if let (Some(node), Some(dx)) = (node_x, dx) {
                     grads.register::<B>(node.id, dx);
@@ -493,7 +504,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
             }
         }
 
-        match ConvNc.prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+        match ConvNc(bias.dtype()).prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
                 let (y, y_graph, xl, wl) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias);
@@ -845,6 +856,9 @@ mod tests {
 
     use crate::ops::{self, Layout};
 
+    /// Held by the tests that switch the convolution layout (a process-wide setting).
+    static LAYOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// Max |a − b| ≤ 2e-5 · max(max |b|, `floor`).
     fn close(what: &str, a: Tensor<5>, b: Tensor<5>, floor: f32) {
         let (a, b) = (ops::to_vec(a), ops::to_vec(b));
@@ -860,6 +874,7 @@ mod tests {
     #[test]
     #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
     fn the_aten_block_and_its_gradients_equal_burns_composed_operators() {
+        let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
         // NCDHW, then channels-last convolutions (per-sample norms): the same values either way.
         for channels_last in [false, true] {
             super::set_channels_last(Some(channels_last));
@@ -941,6 +956,44 @@ mod tests {
             close("1×1 conv dw", w11.grad(&ga).unwrap(), w11.grad(&gc).unwrap(), 1e-3);
             close("1×1 conv db", b11.grad(&ga).unwrap().unsqueeze(), b11.grad(&gc).unwrap().unsqueeze(), 1e-3);
         }
+    }
+
+    /// Under half precision a bias may stay f32 (`train::cast_params_keeping`): the convolution
+    /// casts it where it is added and its gradient comes back f32, equal to the f32 path's to
+    /// bf16 rounding, in both layouts.
+    #[test]
+    #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+    fn an_f32_bias_joins_a_half_precision_convolution_and_gets_an_f32_gradient() {
+        use burn::tensor::DType;
+        let ad = Device::libtorch().autodiff();
+        let mut rng = stu_core::rng::SplitMix64::new(17);
+        let x = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(2 * 3 * 4 * 5 * 3, -1.0, 1.0), [2, 3, 4, 5, 3]), &ad);
+        let w = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(4 * 3 * 27, -0.3, 0.3), [4, 3, 3, 3, 3]), &ad).require_grad();
+        let b = Tensor::<1>::from_data(TensorData::new(rng.fill_f32(4, -0.5, 0.5), [4]), &ad).require_grad();
+        let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(2 * 4 * 4 * 5 * 3, -1.0, 1.0), [2, 4, 4, 5, 3]), &ad);
+        let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+        for channels_last in [false, true] {
+            super::set_channels_last(Some(channels_last));
+            for k in [3, 1] {
+                let run = |dtype: DType| {
+                    let wk = if k == 3 { w.clone() } else { w.clone().narrow(2, 1, 1).narrow(3, 1, 1).narrow(4, 1, 1) };
+                    let y = ops::conv3d(x.clone().cast(dtype), wk.cast(dtype), b.clone(), [1; 3], Layout::Ncdhw).cast(DType::F32);
+                    let g = (y.clone() * wts.clone()).sum().backward();
+                    (y, b.grad(&g).unwrap())
+                };
+                let ((y32, db32), (y16, db16)) = (run(DType::F32), run(DType::BF16));
+                assert_eq!(db16.dtype(), DType::F32, "the bias's gradient keeps its type");
+                // Within bf16 rounding (8 bits of mantissa) of the f32 results.
+                let near = |what: &str, a: Vec<f32>, e: Vec<f32>| {
+                    let scale = e.iter().fold(1f32, |m, v| m.max(v.abs()));
+                    let err = a.iter().zip(&e).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                    assert!(err <= 2e-2 * scale, "k {k}, channels-last {channels_last}: {what} differs by {err} (scale {scale})");
+                };
+                near("output", ops::to_vec(y16), ops::to_vec(y32));
+                near("bias gradient", ops::to_vec(db16.unsqueeze::<5>()), ops::to_vec(db32.unsqueeze::<5>()));
+            }
+        }
+        super::set_channels_last(None);
     }
 
     /// The loss reads channels-last logits in place (as `[B, N, C]`) and gives their gradient in
