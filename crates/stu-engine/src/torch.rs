@@ -236,7 +236,7 @@ mod libtorch {
         let dims = x.size();
         let n = dims[0];
         let half = matches!(x.kind(), Kind::Half | Kind::BFloat16);
-        let (g, b) = if half { (g.to_kind(Kind::Float), b.to_kind(Kind::Float)) } else { (g.shallow_clone(), b.shallow_clone()) };
+        let (g, b) = if half && g.kind() != Kind::Float { (g.to_kind(Kind::Float), b.to_kind(Kind::Float)) } else { (g.shallow_clone(), b.shallow_clone()) };
         let bn = |t: &Tensor, g: &Tensor, b: &Tensor| t.batch_norm(Some(g), Some(b), None::<&Tensor>, None::<&Tensor>, true, 0.0, crate::ops::NORM_EPS, true);
         // A channels-last sample goes to ATen's own batch norm, whose channels-last kernels read
         // it as it is (`batch_norm` would pick cuDNN on a GPU, which wants NCDHW strides: a
