@@ -232,17 +232,19 @@ pub fn separate_axis(current: [f64; 3], new: [f64; 3]) -> Option<usize> {
 /// Resamples a logit or probability volume to `new_shape` as nnU-Net's export does
 /// (`resampling_fn_probabilities`: order 1, order 0 along a separate axis, no clipping).
 pub fn resample_linear(v: &[f32], shape: [usize; 3], new_shape: [usize; 3], separate: Option<usize>) -> Vec<f32> {
-    if shape == new_shape {
-        return v.to_vec();
-    }
-    let mut cur = v.to_vec();
+    // The first pass reads `v` itself and axes that keep their extent are skipped: no copy of
+    // the input (predict resamples a whole volume's logits, one class after another).
+    let mut cur: std::borrow::Cow<'_, [f32]> = std::borrow::Cow::Borrowed(v);
     let mut cur_shape = shape;
     for axis in (0..3).filter(|&a| Some(a) != separate).chain(separate) {
+        if cur_shape[axis] == new_shape[axis] {
+            continue;
+        }
         let order = if Some(axis) == separate { 0 } else { 1 };
-        cur = along(&cur, cur_shape, axis, new_shape[axis], order);
+        cur = std::borrow::Cow::Owned(along(&cur, cur_shape, axis, new_shape[axis], order));
         cur_shape[axis] = new_shape[axis];
     }
-    cur
+    cur.into_owned()
 }
 
 /// Resamples image data to `new_shape` (order 3, separate z when `separate` names an axis);
@@ -431,6 +433,23 @@ fn along_window(v: &[f64], shape: [usize; 3], axis: usize, in0: usize, n: usize,
 
 #[cfg(test)]
 mod tests {
+
+    /// `resample_linear` is `along` per axis (in-plane axes first, a separate axis last with
+    /// order 0), axes that keep their extent untouched.
+    #[test]
+    fn linear_resampling_is_the_per_axis_passes() {
+        let shape = [4, 5, 6];
+        let v: Vec<f32> = (0..120).map(|i| ((i * 37) % 17) as f32 - 8.0).collect();
+        for (new_shape, sep) in [([4, 3, 9], None), ([7, 5, 3], Some(0)), ([2, 5, 6], Some(0)), ([4, 5, 6], None), ([4, 8, 6], Some(2))] {
+            let mut want = v.clone();
+            let mut cur = shape;
+            for axis in (0..3).filter(|&a| Some(a) != sep).chain(sep) {
+                want = along(&want, cur, axis, new_shape[axis], if Some(axis) == sep { 0 } else { 1 });
+                cur[axis] = new_shape[axis];
+            }
+            assert_eq!(resample_linear(&v, shape, new_shape, sep), want, "{new_shape:?}, separate {sep:?}");
+        }
+    }
     use super::*;
 
     #[test]
