@@ -186,15 +186,25 @@ impl Predictor {
         // Running sum of exp(logit − max) for the probabilities (online log-sum-exp).
         let mut sumexp = probabilities.map(|_| vec![0f32; nt]);
         for k in 0..classes {
+            use rayon::prelude::*;
             let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
-            for (i, v) in r.into_iter().enumerate() {
-                if let Some(s) = sumexp.as_mut() {
-                    s[i] = if v > best[i] { s[i] * (best[i] - v).exp() + 1.0 } else { s[i] + (v - best[i]).exp() };
+            // Voxels are independent: the running maximum (and sum) on all cores.
+            const CHUNK: usize = 1 << 15;
+            let update = |best: &mut [f32], arg: &mut [u16], r: &[f32], mut s: Option<&mut [f32]>| {
+                for (i, &v) in r.iter().enumerate() {
+                    if let Some(s) = s.as_deref_mut() {
+                        s[i] = if v > best[i] { s[i] * (best[i] - v).exp() + 1.0 } else { s[i] + (v - best[i]).exp() };
+                    }
+                    if v > best[i] {
+                        best[i] = v;
+                        arg[i] = k as u16;
+                    }
                 }
-                if v > best[i] {
-                    best[i] = v;
-                    arg[i] = k as u16;
-                }
+            };
+            let chunks = best.par_chunks_mut(CHUNK).zip(arg.par_chunks_mut(CHUNK)).zip(r.par_chunks(CHUNK));
+            match sumexp.as_mut() {
+                Some(s) => chunks.zip(s.par_chunks_mut(CHUNK)).for_each(|(((b, a), r), s)| update(b, a, r, Some(s))),
+                None => chunks.for_each(|((b, a), r)| update(b, a, r, None)),
             }
         }
         // Un-crop into the transposed full shape, then transpose back.
