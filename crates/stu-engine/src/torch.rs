@@ -30,9 +30,13 @@
 //!
 //! Layout: on the CPU convolutions run channels-last (NDHWC strides under NCDHW shapes,
 //! PyTorch's `channels_last_3d`), on CUDA NCDHW, which measured faster there
-//! ([`channels_last_on`]; `STU_TCH_CHANNELS_LAST=1`/`0` forces it); channels-last instance norm
-//! goes one sample at a time (the `[1, B·C, …]` view needs NCDHW strides) and the loss takes its
-//! logits as NCDHW.
+//! ([`channels_last_on`]; `STU_TCH_CHANNELS_LAST=1`/`0` forces it). Channels-last activations
+//! are never converted: 1×1×1 convolutions are a matrix product over the `[voxels, C]` view,
+//! instance norm goes one sample at a time through ATen's channels-last batch-norm kernels (the
+//! `[1, B·C, …]` view needs NCDHW strides), and the loss reads the logits as `[B, N, C]`.
+//!
+//! Also here: clipping and SGD as multi-tensor kernels (`foreach`), and convolutions whose
+//! output goes straight into a norm leave their bias out (`add_bias`; the norm removes it).
 //!
 //! Only libtorch devices reach this trait ([`crate::ops`] routes by device); shapes are NCDHW,
 //! as PyTorch's.
