@@ -433,6 +433,7 @@ fn along_window(v: &[f64], shape: [usize; 3], axis: usize, in0: usize, n: usize,
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// `resample_linear` is `along` per axis (in-plane axes first, a separate axis last with
     /// order 0), axes that keep their extent untouched.
@@ -450,7 +451,6 @@ mod tests {
             assert_eq!(resample_linear(&v, shape, new_shape, sep), want, "{new_shape:?}, separate {sep:?}");
         }
     }
-    use super::*;
 
     #[test]
     fn cubic_resize_1d_vector() {

@@ -52,7 +52,7 @@ pub trait SegNet: Send {
     /// Whether, under half precision, the rank-1 parameters may stay f32 (not cast each step):
     /// true for a model whose rank-1 parameters are only convolution biases and instance-norm
     /// affine parameters, which the libtorch operators take in f32 (see
-    /// [`crate::train::cast_params_keeping`]).
+    /// [`crate::train::cast_params`]).
     fn vectors_stay_f32(&self) -> bool {
         false
     }
@@ -80,7 +80,7 @@ macro_rules! segnet_training_hooks {
             Box::new($crate::burn::module::Module::valid(self))
         }
         fn cast(&self, dtype: $crate::burn::tensor::DType) -> Box<dyn $crate::model::SegNet> {
-            Box::new($crate::train::cast_params_keeping(self.clone(), dtype, $crate::model::SegNet::vectors_stay_f32(self)))
+            Box::new($crate::train::cast_params(self.clone(), dtype, $crate::model::SegNet::vectors_stay_f32(self)))
         }
     };
 }

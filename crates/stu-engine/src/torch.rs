@@ -196,7 +196,7 @@ mod libtorch {
     }
 
     fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [usize; 3]) -> Tensor {
-        // A bias kept in f32 under half precision (`train::cast_params_keeping`) joins in x's type.
+        // A bias kept in f32 under half precision (`train::cast_params`) joins in x's type.
         let cast;
         let b = match b {
             Some(b) if b.kind() != x.kind() => {
@@ -716,8 +716,9 @@ pub fn set_channels_last(on: Option<bool>) {
 /// shapes, as PyTorch's `channels_last_3d`). By default on the CPU only: there oneDNN gains from
 /// it (0.88× the S training step, 0.59× the S patch inference), while on an H200 cuDNN's NCDHW
 /// path was faster and leaner for STU-Net-B's training step (87.9 vs 91.1 ms, 10.4 vs 13.9 GiB,
-/// f16) and equal for its inference (16.5 vs 16.9 ms), since instance norm needs NCDHW strides
-/// and the conversions around it cost more than cuDNN's own (`reports/bench/gpu.md`).
+/// f16) and equal for its inference (16.5 vs 16.9 ms), measured while the channels-last path
+/// still converted layouts around instance norm, 1×1×1 convolutions and the loss (it no longer
+/// does; not yet measured on a GPU, `reports/bench/gpu.md`).
 /// `STU_TCH_CHANNELS_LAST=1` / `0` forces it on / off everywhere (read once). Values and
 /// gradients are the same either way.
 pub fn channels_last_on(device: tch::Device) -> bool {
@@ -962,7 +963,7 @@ mod tests {
         }
     }
 
-    /// Under half precision a bias may stay f32 (`train::cast_params_keeping`): the convolution
+    /// Under half precision a bias may stay f32 (`train::cast_params`): the convolution
     /// casts it where it is added and its gradient comes back f32, equal to the f32 path's to
     /// bf16 rounding, in both layouts.
     #[test]

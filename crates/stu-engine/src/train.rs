@@ -102,19 +102,15 @@ impl ModuleMapper for Caster {
     }
 }
 
-/// `module` with every float parameter cast to `dtype`, keeping the autodiff graph (the casts
-/// are differentiable), for mixed-precision forwards over f32 master weights.
-pub fn cast_params<M: Module>(module: M, dtype: burn::tensor::DType) -> M {
-    module.map(&mut Caster { dtype, keep_vectors: false })
-}
-
-/// [`cast_params`], except that with `keep_vectors` on a device where libtorch runs both the
-/// convolutions and the norms (`crate::torch`), rank-1 parameters (biases, norm affine) stay
-/// f32: those operators take them so (the norm wants f32 affine parameters under half precision
-/// anyway, as autocast gives them; a bias is cast where it is added). Two small casts per vector
-/// per step less (one forward, one backward), about 270 ATen calls for STU-Net-B, which a GPU
-/// waits for at the start of the forward and the end of the backward.
-pub fn cast_params_keeping<M: Module>(module: M, dtype: burn::tensor::DType, keep_vectors: bool) -> M {
+/// `module` with its float parameters cast to `dtype`, keeping the autodiff graph (the casts
+/// are differentiable), for mixed-precision forwards over f32 master weights. With
+/// `keep_vectors`, on a device where libtorch runs both the convolutions and the norms
+/// (`crate::torch`), rank-1 parameters (biases, norm affine) stay f32: those operators take them
+/// so (the norm wants f32 affine parameters under half precision anyway, as autocast gives them;
+/// a bias is cast where it is added). Two small casts per vector per step less (one forward, one
+/// backward), about 270 ATen calls for STU-Net-B, which a GPU waits for at the start of the
+/// forward and the end of the backward.
+pub fn cast_params<M: Module>(module: M, dtype: burn::tensor::DType, keep_vectors: bool) -> M {
     module.map(&mut Caster { dtype, keep_vectors })
 }
 
@@ -251,7 +247,7 @@ impl Sgd {
             });
             let Some(total) = foreach::norm(&gs) else { return Ok((net, 0.0, false)) };
             let (coef, mul, norm) = match self.scaler.as_mut() {
-                None => (Some(((total.clone() + 1e-6).recip() * clip).clamp_max(1.0)), 1.0, None),
+                None => (Some(clip_coef_on_device(&total, clip)), 1.0, None),
                 Some(s) => {
                     let scale = s.scale;
                     let norm = total.clone().into_scalar::<f32>() as f64 / scale;
@@ -259,7 +255,7 @@ impl Sgd {
                     if !norm.is_finite() {
                         return Ok((net, norm, true));
                     }
-                    (None, (clip / (norm + 1e-6)).min(1.0) / scale, Some(norm))
+                    (None, clip_coef(norm, clip) / scale, Some(norm))
                 }
             };
             let bufs: Vec<Option<Tensor<1>>> = paths.iter().map(|p| self.buffers.remove(p)).collect();
@@ -372,10 +368,20 @@ fn unscale_and_clip(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f64
     let Some(total) = norm_by_ids(&ids, grads) else { return 0.0 };
     let norm = total.clone().into_scalar::<f32>() as f64 / scale;
     if norm.is_finite() {
-        let coef = (max_norm / (norm + 1e-6)).min(1.0) / scale;
+        let coef = clip_coef(norm, max_norm) / scale;
         scale_by_ids(&ids, grads, &Tensor::<1>::from_data(TensorData::new(vec![coef as f32], [1]), &total.device()));
     }
     norm
+}
+
+/// `clip_grad_norm_`'s coefficient `min(max_norm / (norm + 1e-6), 1)` for a norm on the host.
+fn clip_coef(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// [`clip_coef`] for a 1-element norm on the device (no host round trip).
+fn clip_coef_on_device(total: &Tensor<1>, max_norm: f64) -> Tensor<1> {
+    ((total.clone() + 1e-6).recip() * max_norm).clamp_max(1.0)
 }
 
 /// [`clip_grad_norm`] over parameters given as `(id, rank)`, as PyTorch computes it: on the
@@ -384,8 +390,7 @@ fn unscale_and_clip(net: &dyn SegNet, grads: &mut GradientsParams, max_norm: f64
 /// synchronisation each).
 pub(crate) fn clip_by_ids(ids: &[(ParamId, usize)], grads: &mut GradientsParams, max_norm: f64) -> Option<Tensor<1>> {
     let total = norm_by_ids(ids, grads)?;
-    let coef = ((total.clone() + 1e-6).recip() * max_norm).clamp_max(1.0);
-    scale_by_ids(ids, grads, &coef);
+    scale_by_ids(ids, grads, &clip_coef_on_device(&total, max_norm));
     Some(total)
 }
 
@@ -501,19 +506,19 @@ pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, s
     let (net, grad_norm, skipped) = match sgd.clip_step_fused(net, &mut grads, lr, clip, &batch.x.device()) {
         Ok(done) => done,
         Err(net) => match scale {
-        None => {
-            let norm = clip_grad_norm_on_device(&*net, &mut grads, clip);
-            let net = sgd.step(net, &mut grads, lr);
-            (net, norm.map_or(0.0, |t| t.into_scalar::<f32>() as f64), false)
-        }
-        Some(s) => {
-            // The gradients are equal on every rank, so every rank takes the same decision.
-            let norm = unscale_and_clip(&*net, &mut grads, clip, s);
-            let finite = norm.is_finite();
-            sgd.scaler.as_mut().expect("scaler on").update(finite);
-            let net = if finite { sgd.step(net, &mut grads, lr) } else { net };
-            (net, norm, !finite)
-        }
+            None => {
+                let norm = clip_grad_norm_on_device(&*net, &mut grads, clip);
+                let net = sgd.step(net, &mut grads, lr);
+                (net, norm.map_or(0.0, |t| t.into_scalar::<f32>() as f64), false)
+            }
+            Some(s) => {
+                // The gradients are equal on every rank, so every rank takes the same decision.
+                let norm = unscale_and_clip(&*net, &mut grads, clip, s);
+                let finite = norm.is_finite();
+                sgd.scaler.as_mut().expect("scaler on").update(finite);
+                let net = if finite { sgd.step(net, &mut grads, lr) } else { net };
+                (net, norm, !finite)
+            }
         },
     };
     let loss = value.or(share).unwrap_or_else(|| kept.into_scalar::<f32>() as f64);

@@ -73,9 +73,10 @@ pub struct Predictor {
     device: Device,
     precision: Precision,
     on_device: bool,
-    /// Seconds per phase of the last case (`stu predict` reports them).
-    phases: std::sync::Mutex<Vec<(&'static str, f64)>>,
 }
+
+/// Seconds per phase of one case, in order (`stu predict` reports them).
+pub type Phases = Vec<(&'static str, f64)>;
 
 /// Where the sliding window sums its tiles: in host memory on the CPU backends (flex), on the
 /// device elsewhere (a GPU's tiles never leave it; only the final logits are copied back).
@@ -143,7 +144,7 @@ impl Predictor {
         ensure!((0..3).all(|a| patch[a] % div[a] == 0), "patch {patch:?} does not fit the network's strides (divisor {div:?})");
         let net = opts.precision.cast_net(&*net).unwrap_or(net);
         let on_device = accumulate_on_device(&device)?;
-        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, phases: Default::default() })
+        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device })
     }
 
     /// Input channels the model takes.
@@ -154,25 +155,25 @@ impl Predictor {
     /// Predicts one case (its channel files) and returns the label map in the input's array
     /// order with its geometry.
     pub fn predict_case(&self, id: &str, images: &[PathBuf], progress: &dyn Fn(usize, usize)) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
-        self.predict_case_with(id, images, None, progress)
+        self.predict_case_with(id, images, None, progress, &mut Phases::new())
     }
 
     /// [`Predictor::predict_case`], also writing the softmax probabilities to `probabilities`
-    /// when given (see [`write_probabilities`]).
-    pub fn predict_case_with(&self, id: &str, images: &[PathBuf], probabilities: Option<&Path>, progress: &dyn Fn(usize, usize)) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
+    /// when given (see [`write_probabilities`]), and appending the seconds of each phase
+    /// (read + preprocess, network, resample + argmax) to `phases`.
+    pub fn predict_case_with(&self, id: &str, images: &[PathBuf], probabilities: Option<&Path>, progress: &dyn Fn(usize, usize), phases: &mut Phases) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
         ensure!(images.len() == self.channels(), "case `{id}`: {} channel file(s), the model takes {}", images.len(), self.channels());
-        let lap = |name: &'static str, since: &mut std::time::Instant| {
-            self.phases.lock().expect("phases").push((name, since.elapsed().as_secs_f64()));
-            *since = std::time::Instant::now();
-        };
         let mut since = std::time::Instant::now();
-        self.phases.lock().expect("phases").clear();
+        let mut lap = |name: &'static str| {
+            phases.push((name, since.elapsed().as_secs_f64()));
+            since = std::time::Instant::now();
+        };
         let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
         let pre = preprocess_case(id, images, None, &self.plan)?;
-        lap("read + preprocess", &mut since);
+        lap("read + preprocess");
         let [c, z, y, x] = pre.props.shape;
         let logits = self.sliding_window(&pre.data, c, [z, y, x], progress)?;
-        lap("network", &mut since);
+        lap("network");
         let classes = self.net.num_classes();
         // Back to the cropped shape, channel by channel, keeping a running argmax.
         let target = pre.props.shape_after_cropping_and_before_resampling;
@@ -227,7 +228,7 @@ impl Predictor {
         drop(logits);
         let (seg, shape) = transpose(uncrop(&arg, target, full, bb, 0), full, backward);
         ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
-        lap("resample + argmax", &mut since);
+        lap("resample + argmax");
         Ok((seg, geom))
     }
 
@@ -545,7 +546,7 @@ pub struct CaseResult {
     pub seconds: f64,
     /// Seconds per phase (reading and preprocessing, the network's sliding window, resampling
     /// the logits back and the argmax, writing).
-    pub phases: Vec<(&'static str, f64)>,
+    pub phases: Phases,
 }
 
 /// Predicts every case; one failing case does not stop the others.
@@ -570,7 +571,8 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         let t = std::time::Instant::now();
         let out_path = opts.output.join(format!("{id}.nii.gz"));
         let prob_path = opts.save_probabilities.then(|| opts.output.join(format!("{id}.probabilities.safetensors")));
-        let r = predictor.predict_case_with(id, files, prob_path.as_deref(), &|d, n| progress(id, d, n)).and_then(|(mut seg, geom)| {
+        let mut phases = Phases::new();
+        let r = predictor.predict_case_with(id, files, prob_path.as_deref(), &|d, n| progress(id, d, n), &mut phases).and_then(|(mut seg, geom)| {
             if let Some(t) = &table {
                 seg.iter_mut().for_each(|v| *v = t[*v as usize]);
             }
@@ -579,10 +581,9 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             }
             let w = std::time::Instant::now();
             stu_data::nifti_io::write_label_as(&out_path, &seg, &geom, wide).with_context(|| out_path.display().to_string())?;
-            predictor.phases.lock().expect("phases").push(("write", w.elapsed().as_secs_f64()));
+            phases.push(("write", w.elapsed().as_secs_f64()));
             Ok(out_path.clone())
         });
-        let phases = std::mem::take(&mut *predictor.phases.lock().expect("phases"));
         results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases });
     }
     Ok(results)
