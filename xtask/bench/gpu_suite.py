@@ -240,6 +240,16 @@ def train_check(prec):
     save()
 
 
+# Our side with an environment that switches one path off, and the seconds it may take.
+VARIANTS = {
+    # NCDHW is the default on CUDA (measured on an H200, 2026-11-27); channels-last beside it.
+    "stu-cl": ({"STU_TCH_CHANNELS_LAST": "1"}, 120),
+    "stu-noloss": ({"STU_TCH_NATIVE": "conv,norm,upsample,sgd"}, 75),
+    "stu-nosgd": ({"STU_TCH_NATIVE": "conv,norm,loss,upsample"}, 120),
+    "stu-generic": ({"STU_TCH_NATIVE": "0"}, 75),
+}
+
+
 def run_plan(plan):
     for side, case, dt in plan:
         if time.time() - T0 > A.budget:
@@ -262,19 +272,10 @@ def run_plan(plan):
             row = theirs(case, dt)
         elif side == "stu":
             row = ours(case, dt)
-        elif side == "stu-cl":
-            # NCDHW is the default on CUDA (measured on an H200, 2026-11-27); channels-last beside it.
-            row = ours(case, dt, {"STU_TCH_CHANNELS_LAST": "1"}, timeout=120)
-            row["side"] = "stu-cl"
-        elif side == "stu-noloss":
-            row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm,upsample,sgd"}, timeout=75)
-            row["side"] = "stu-noloss"
-        elif side == "stu-nosgd":
-            row = ours(case, dt, {"STU_TCH_NATIVE": "conv,norm,loss,upsample"}, timeout=120)
-            row["side"] = "stu-nosgd"
         else:
-            row = ours(case, dt, {"STU_TCH_NATIVE": "0"}, timeout=75)
-            row["side"] = "stu-generic"
+            env, timeout = VARIANTS[side]
+            row = ours(case, dt, env, timeout=timeout)
+            row["side"] = side
         R["bench"].append(row)
         log("bench", json.dumps({k: v for k, v in row.items() if k not in ("samples_ms", "error")}))
         save()
