@@ -11,9 +11,10 @@
 #   export LD_LIBRARY_PATH=$SP/torch/lib:$(find $SP/nvidia -maxdepth 3 -name lib -type d | tr '\n' ':');
 #   python3 xtask/bench/gpu_suite.py --stu .gpu/stu --bench-dir .gpu/bench --fixture .gpu/tiny_iso.safetensors \
 #     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 470 --phase 1
-# (device tool: timeout_s 585; B, H, L and S in f16 beside PyTorch's fp16 (B also bf16,
-# channels-last, without the foreach SGD, burn's generic inference), B's per-op profiles and the
-# f16 training check: 358 s on an H200 on 2026-11-27), then at once, while the machine is warm,
+# (device tool: timeout_s 585; parity, `stu check-ops`, B, H, L and S in f16 beside PyTorch's
+# fp16, B/H/L also with the split-row instance norm (`STU_TCH_NORM=split`), B also channels-last
+# and burn's generic inference, B's per-op profiles (inference with either norm) and the f16
+# training check; the phase-1 plan of 2026-11-27 took 358 s on an H200), then at once, while the machine is warm,
 # the same command with `--phase 2 --budget N` (N: the device time left less a minute): what
 # phase 1 skipped for time, the bf16 rows, the end-to-end checks and the extras. One long call
 # is `--phase all`; see the suite's section 3.

@@ -1,6 +1,6 @@
 //! `stu bench`: the training-step and patch-inference cases at another patch size (named by
 //! either id), and the errors for options this build or backend cannot honour or filters that
-//! name no case.
+//! name no case; `stu check-ops` off libtorch.
 
 use std::process::Command;
 
@@ -33,4 +33,16 @@ fn bench_refuses_a_patch_it_cannot_downsample_and_a_profile_off_libtorch() {
     let out = Command::new(stu_bin!()).args(["bench", "--patch", "64", "train_Q"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no bench case matches train_Q") && err.contains("train_S_64_b2"), "{err}");
+}
+
+/// `stu check-ops` needs a libtorch backend: on another backend, or in a build without one, it
+/// says so and fails (the comparisons themselves run in `stu-engine`'s tch tests and on a GPU).
+#[test]
+fn check_ops_names_the_backend_it_needs() {
+    let out = Command::new(stu_bin!()).args(["check-ops", "--backend", "flex"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("check-ops") && err.contains("`--backend tch` or `tch-cuda`") && err.contains("flex"), "{err}");
+    let out = Command::new(stu_bin!()).args(["check-ops"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("backend `tch`") && err.contains("--features tch"), "{err}");
 }

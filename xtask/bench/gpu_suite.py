@@ -9,11 +9,13 @@ before it started) is that case's alone, CUDA context included, measured the sam
 Usage:
   python3 gpu_suite.py --stu BIN --bench-dir SHARED_BENCH --fixture tiny_iso.safetensors
                        --mr MR_IMAGES_DIR --ct CT_IMAGES_DIR --out DIR [--sizes SBLH] [--budget S]
+Before the benchmark, `stu check-ops` compares the fused ATen paths with burn's composed
+operators on the device (values and gradients).
 Writes DIR/suite.json (everything), DIR/suite.md (tables), DIR/log.txt, the predicted label
 maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command), and for B's
-training step and patch inference a per-op table of both sides' profiler traces
-(DIR/profile_*.md, `profile_table.py`; the summary in suite.json) with both traces
-(DIR/traces_*.tar.gz)."""
+training step and patch inference per-op tables of both sides' profiler traces
+(DIR/profiles.md, `profile_table.py`; the summaries in suite.json) with the traces in one
+archive (DIR/traces_phase{1,2,all}.tar.gz): the device tool brings back at most 8 files."""
 import argparse
 import json
 import os
@@ -163,6 +165,15 @@ if A.phase != "2":
         R["parity"]["error"] = repr(e)
 save()
 
+# 1b. The fused ATen paths against burn's composed operators on this device (`stu check-ops`):
+#     values and gradients of a residual block in each layout and norm kernel, and the split
+#     norm in f32, bf16 and f16 (its CUDA kernels have no CPU counterpart to test them on).
+if A.phase != "2":
+    rc, out, _, wall = sh([A.stu, "check-ops", "--backend", A.backend], timeout=120)
+    R["check_ops"] = {"rc": rc, "wall_s": wall, "tail": out[-1500:]}
+    log("check-ops", rc, out.strip().splitlines()[-1] if out.strip() else "")
+    save()
+
 # 3. Benchmark: per size, training step then patch inference; PyTorch fp16 (the anchor's
 #    recipe) and ours bf16 and f16 (loss-scaled for training). What the goal is about runs
 #    first (B, H, L), right after parity; the checks of section 2 and the extras (PyTorch bf16,
@@ -196,34 +207,45 @@ def theirs(case, dt, timeout=180):
 
 
 
-def profile_pair(case, dt):
-    """One more step of `case` under each side's profiler (ours `dt`, PyTorch the matching
-    autocast dtype), and the per-op table of the two traces (`profile_table.py`)."""
+TRACES = []  # (path, name in the archive): written as one traces.tar.gz (the tool returns 8 files)
+
+
+def profile_pair(case, dt, variant=None):
+    """One more step of `case` under each side's profiler (ours `dt`, with `variant`'s
+    environment if given; PyTorch the matching autocast dtype, traced once per case and dtype),
+    and the per-op table of the two traces (`profile_table.py`), appended to profiles.md."""
     td = {"f16": "fp16", "bf16": "bf16", "f32": "fp32"}[dt]
-    ours_dir, theirs = f"/tmp/prof_ours_{dt}", f"/tmp/prof_torch_{case}_{td}.json"
+    tag = f"{case}_{dt}" + (f"_{variant}" if variant else "")
+    ours_dir, theirs = f"/tmp/prof_ours_{tag}", f"/tmp/prof_torch_{case}_{td}.json"
     shutil.rmtree(ours_dir, ignore_errors=True)
     row = {"side": "profile", "case": case, "dtype": dt}
+    if variant:
+        row["variant"] = variant
+    env = dict(os.environ, **VARIANTS[variant][0]) if variant else None
     dev = "cuda" if A.backend == "tch-cuda" else "cpu"  # (a dry run on the CPU: `--backend tch`)
-    rc1, out1, _, _ = sh([A.stu, "bench", "--backend", A.backend, "--precision", dt, case, "--profile", ours_dir], timeout=180)
-    rc2, out2, _, _ = sh([A.python, os.path.join(HERE, "torch_gpu.py"), A.bench_dir, case, td, f"/tmp/torch_prof_{case}.json", "--profile", theirs, "--device", dev], timeout=180)
+    rc1, out1, _, _ = sh([A.stu, "bench", "--backend", A.backend, "--precision", dt, case, "--profile", ours_dir], timeout=180, env=env)
+    rc2, out2 = 0, ""
+    if not os.path.exists(theirs):
+        rc2, out2, _, _ = sh([A.python, os.path.join(HERE, "torch_gpu.py"), A.bench_dir, case, td, f"/tmp/torch_prof_{case}.json", "--profile", theirs, "--device", dev], timeout=180)
     ours_trace = os.path.join(ours_dir, f"{case}.json")
     if rc1 != 0 or rc2 != 0 or not os.path.exists(ours_trace) or not os.path.exists(theirs):
         row["error"] = (out1[-300:] if rc1 != 0 else "") + (out2[-300:] if rc2 != 0 else "")
         return row
-    # The device tool brings back at most 8 files: the table, and both traces in one archive.
-    md, js = os.path.join(A.out, f"profile_{case}_{dt}.md"), f"/tmp/profile_{case}_{dt}.json"
+    md, js = f"/tmp/profile_{tag}.md", f"/tmp/profile_{tag}.json"
     rc, out, _, _ = sh([A.python, os.path.join(HERE, "profile_table.py"), ours_trace, theirs, "--out", md, "--json", js], timeout=120)
     row["rc"] = rc
     if rc == 0:
-        row["table"] = os.path.basename(md)
+        row["table"] = f"profiles.md#{tag}"
         summary = json.load(open(js))
         row["summary"] = summary
         row["ours_total_ms"] = round(summary["ours"]["total_ms"], 2)
         row["torch_total_ms"] = round(summary["torch"]["total_ms"], 2)
-    # The raw traces, compressed, for Perfetto or a later look.
-    with tarfile.open(os.path.join(A.out, f"traces_{case}_{dt}.tar.gz"), "w:gz") as tar:
-        tar.add(ours_trace, arcname=f"{case}_{dt}_ours.json")
-        tar.add(theirs, arcname=f"{case}_{dt}_torch.json")
+        with open(os.path.join(A.out, "profiles.md"), "a") as f:
+            f.write(f"\n## {tag}\n\n" + open(md).read())
+    # The raw traces, for Perfetto or a later look.
+    TRACES.append((ours_trace, f"{tag}_ours.json"))
+    if (theirs, f"{case}_{td}_torch.json") not in TRACES:
+        TRACES.append((theirs, f"{case}_{td}_torch.json"))
     return row
 
 
@@ -247,6 +269,10 @@ VARIANTS = {
     "stu-noloss": ({"STU_TCH_NATIVE": "conv,norm,upsample,sgd"}, 75),
     "stu-nosgd": ({"STU_TCH_NATIVE": "conv,norm,loss,upsample"}, 120),
     "stu-generic": ({"STU_TCH_NATIVE": "0"}, 75),
+    # Instance norm with every (sample, channel) row split into chunks of ~8192 voxels
+    # (`csrc/grad.cpp`, `SplitNorm`): ATen's and cuDNN's batch-norm kernels give each row of
+    # the `[1, B·C, …]` view one thread block. Off by default until measured here.
+    "stu-split": ({"STU_TCH_NORM": "split"}, 150),
 }
 
 
@@ -262,8 +288,8 @@ def run_plan(plan):
             if A.train_data:
                 train_check(dt)
             continue
-        if side == "profile":
-            row = profile_pair(case, dt)
+        if side.startswith("profile"):
+            row = profile_pair(case, dt, side.partition(":")[2] or None)
             R.setdefault("profiles", []).append(row)
             log("profile", json.dumps(row))
             save()
@@ -354,29 +380,29 @@ def train_dp():
 
 
 # 3 (the plan). Phase 1 is what item 4's goal and item 3's table need, most important first:
-# B, H, L, S (PyTorch fp16 beside ours f16; B also bf16, channels-last, without the foreach SGD
-# and with burn's generic operators),
-# then B's per-op profiles and f16 training on real batches. Phase 2 (a second call on the same
-# warm machine, or the rest of one long call) holds the bf16 rows of H, L and S, the end-to-end
-# checks and extras.
+# B, H, L, S (PyTorch fp16 beside ours f16, and ours with the split-row instance norm; B also
+# channels-last and burn's generic inference), then B's per-op profiles (training; inference
+# with either norm) and f16 training on real batches. Phase 2 (a second call on the same warm
+# machine, or the rest of one long call) holds the bf16 rows, the end-to-end checks and extras.
 phase1, phase2, extra, per_size = [], [], [], {}
 for s in A.sizes:
     t, i = f"train_{s}_128_b2", f"infer_{s}_128"
     torch_too = A.torch_sizes is None or s in A.torch_sizes
-    # Ours in f16 beside PyTorch's fp16 (like for like: both loss-scaled in training); bf16 is
-    # B's second row here and the other sizes' in phase 2.
-    rows = [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [("stu", t, "bf16")] * (s == "B")
-    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + [("stu", i, "bf16")] * (s == "B")
-    if s != "B":
-        phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")]
+    # Ours in f16 beside PyTorch's fp16 (like for like: both loss-scaled in training), with
+    # either instance-norm kernel (S: the default only); bf16 in phase 2.
+    split = [("stu-split", t, "f16")] * (s != "S"), [("stu-split", i, "f16")] * (s != "S")
+    rows = [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + split[0]
+    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + split[1]
+    phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")]
     if s in "BH":
         extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
     if s == "B":
-        # Convolutions run NCDHW on CUDA (channels-last only on the CPU); B channels-last right
-        # beside B's own rows checks that choice, the clip + SGD as burn's per-parameter ops
-        # (about ten ATen calls each) what the foreach kernels gain, and burn's generic
-        # operators' inference (faster than ours in bf16 on 2026-11-27) where ours stands.
-        rows += [("stu-cl", t, "f16"), ("stu-cl", i, "f16"), ("stu-nosgd", t, "f16"), ("stu-generic", i, "f16")]
+        # Convolutions run NCDHW on CUDA (channels-last only on the CPU); B channels-last
+        # (without layout conversions since 2026-11-27, not yet measured here) right beside
+        # B's own rows checks that choice, and burn's generic operators' inference (faster
+        # than ours in bf16 on 2026-11-27) where ours stands.
+        rows += [("stu-cl", t, "f16"), ("stu-cl", i, "f16"), ("stu-generic", i, "f16")]
+        extra += [("stu-nosgd", t, "f16")]
     per_size[s] = rows
 profiles = "B" in A.sizes and (A.torch_sizes is None or "B" in A.torch_sizes)
 for s in A.sizes:
@@ -387,13 +413,13 @@ for s in A.sizes:
     phase1 += per_size[s]
 if profiles and ("profile", "train_B_128_b2", "f16") not in phase1:
     phase1 += [("profile", "train_B_128_b2", "f16")]
-phase1 += [("train_check", "", "f16")] + [("profile", "infer_B_128", "f16")] * profiles
+phase1 += [("train_check", "", "f16")] + [("profile", "infer_B_128", "f16"), ("profile:stu-split", "infer_B_128", "f16")] * profiles
 phase2 += [("call", predict_ct, ""), ("call", train_dp, ""), ("call", train_checks, ""), ("call", predict_mr, "")]
-# B's bf16 inference under both profilers, then what the ATen paths gain: the ATen loss (B
-# training without it), burn's generic conv/norm on the same backend (B only, last).
+# B's training with the split norm under the profiler, then what the ATen paths gain: the ATen
+# loss (B training without it), burn's generic conv/norm on the same backend (B only, last).
 if "B" in A.sizes:
     # (burn's generic training step is left out: its convolution gradients ran past 75 s.)
-    extra += [("profile", "infer_B_128", "bf16"), ("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16")]
+    extra += [("profile:stu-split", "train_B_128_b2", "f16"), ("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16")]
 phase2 += extra
 if A.backend == "tch-cuda":
     if A.phase in ("1", "all"):
@@ -411,7 +437,12 @@ else:
     run_plan([x for x in phase2 if x[0] == "call"])
 
 
-# 4. Tables.
+# 4. Tables, and the profiles' traces in one archive.
+if TRACES:
+    with tarfile.open(os.path.join(A.out, f"traces_phase{A.phase}.tar.gz"), "w:gz") as tar:
+        for path, name in TRACES:
+            tar.add(path, arcname=name)
+
 md = [f"GPU: {R.get('gpu')}; PyTorch {R.get('torch')}, cuDNN {R.get('cudnn')}; {R['started']}", ""]
 md += ["| precision | worst max abs diff / max abs ref over the 5 outputs |", "|---|---|"]
 for p, v in R["parity"].items():
@@ -420,7 +451,7 @@ md += ["", "| case | side | dtype | ms | peak GiB (NVML) | torch peak alloc GiB 
 for r in R["bench"]:
     md.append(f"| {r['case']} | {r['side']} | {r['dtype']} | {r.get('ms', 'rc=' + str(r['rc']))} | {r['peak_gib_nvml']} | {r.get('peak_allocated_gib', '')} |")
 for r in R.get("profiles", []):
-    md += ["", f"Per-op profile, {r['case']} ({r['dtype']}): " + (r.get("table") or r.get("error", "")[:300])]
+    md += ["", f"Per-op profile, {r['case']} ({r['dtype']}{', ' + r['variant'] if r.get('variant') else ''}): " + (r.get("table") or r.get("error", "")[:300])]
 md += ["", "| prediction | rc | wall s | peak GiB |", "|---|---|---|---|"]
 for k, v in R["predict"].items():
     if isinstance(v, dict):

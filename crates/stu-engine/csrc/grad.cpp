@@ -3,15 +3,112 @@
 // ∂(y·g)/∂x that way costs a multiply, a sum and a second multiply over y per op, and an extra
 // tensor of y's size. Built by `build.rs` with the `tch` feature, against the same libtorch.
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <set>
 #include <vector>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Rows (one per sample and channel) of at least two chunks' worth of voxels are split into
+// chunks of about this many: ATen's batch-norm kernels give each plane one thread block, so a
+// 128³ row of 2 M voxels is read by one block while most of the GPU idles.
+constexpr int64_t kChunk = 8192;
+
+// The number of chunks a row of n voxels is split into: the largest divisor of n not above
+// n / kChunk (1 for short rows).
+int64_t split_count(int64_t n) {
+  int64_t k = n / kChunk;
+  while (k > 1 && n % k != 0) --k;
+  return std::max<int64_t>(k, 1);
+}
+
+// Each row of `rows` ([P, R]) repeated k times in place: [P, R·k], the parameters per chunk.
+at::Tensor per_chunk(const at::Tensor& rows, int64_t k) {
+  if (k == 1) return rows;
+  const auto p = rows.size(0), r = rows.size(1);
+  return rows.unsqueeze(2).expand({p, r, k}).reshape({p, r * k});
+}
+
+// InstanceNorm3d(affine) of an NCDHW tensor with every (sample, channel) row split into
+// chunks (`split_count`) for ATen's batch-norm kernels, which then run with one thread block
+// per chunk instead of per row:
+// - forward: per-chunk mean and variance (`batch_norm_update_stats`, f32 for half input on
+//   CUDA), combined exactly into the row's (mean of the chunk variances plus the variance of
+//   the chunk means, equal counts), then the affine normalisation as an evaluation-mode batch
+//   norm over the chunks with each row's statistics and parameters repeated per chunk;
+// - backward: per-chunk Σdy and Σdy·x̂ (`native_batch_norm_backward`'s weight and bias
+//   gradients over the chunks), summed per row, then the input gradient
+//   (dy − Σdy/N − x̂·Σ(dy·x̂)/N)·w·invstd per element (`batch_norm_backward_elemt` on CUDA; the
+//   same formula in f32 ATen ops elsewhere, which has no kernel for it).
+// Saves the input and three vectors per row, as batch norm does; the output is a fresh
+// tensor (not a view), so the residual add and the activation may run in place on it.
+struct SplitNorm : public torch::autograd::Function<SplitNorm> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps) {
+    const auto xs = x.contiguous();
+    const int64_t bs = xs.size(0), c = xs.size(1), r = bs * c, n = xs.numel() / r, k = split_count(n), m = n / k;
+    const auto xc = xs.view({1, r * k, m});
+    const auto st = at::batch_norm_update_stats(xc, c10::nullopt, c10::nullopt, 0.0);
+    const auto mc = std::get<0>(st).to(at::kFloat).view({r, k});
+    const auto vc = std::get<1>(st).to(at::kFloat).view({r, k});
+    const auto between = at::var_mean(mc, at::IntArrayRef{1}, /*unbiased=*/false, /*keepdim=*/false);
+    const auto mean = std::get<1>(between);
+    const auto var = vc.mean(1).add_(std::get<0>(between));
+    const auto wr = w.to(at::kFloat).repeat({bs}), br = b.to(at::kFloat).repeat({bs});
+    const auto p = per_chunk(at::stack({mean, var, wr, br}), k);
+    auto y = at::empty_like(xs);
+    auto yc = y.view({1, r * k, m});
+    auto f32 = xs.options().dtype(at::kFloat);
+    auto save_mean = at::empty({0}, f32), save_invstd = at::empty({0}, f32);
+    at::native_batch_norm_out(yc, save_mean, save_invstd, xc, p[2], p[3], p[0], p[1], /*training=*/false, 0.0, eps);
+    ctx->save_for_backward({xs, wr, mean, var.add(eps).rsqrt_()});
+    ctx->saved_data["w_type"] = static_cast<int64_t>(w.scalar_type());
+    ctx->saved_data["b_type"] = static_cast<int64_t>(b.scalar_type());
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &wr = saved[1], &mean = saved[2], &invstd = saved[3];
+    auto dy = grads[0].contiguous();
+    if (dy.scalar_type() != x.scalar_type()) dy = dy.to(x.scalar_type());
+    const int64_t bs = x.size(0), c = x.size(1), r = bs * c, n = x.numel() / r, k = split_count(n), m = n / k;
+    const auto xc = x.view({1, r * k, m}), dyc = dy.view({1, r * k, m});
+    const auto p = per_chunk(at::stack({mean, invstd, wr}), k);
+    // Weight gradient per chunk: Σdy·(x − mean)·invstd; bias gradient: Σdy.
+    const auto red = at::native_batch_norm_backward(dyc, xc, p[2], c10::nullopt, c10::nullopt, p[0], p[1], /*train=*/true, 0.0, {false, true, true});
+    const auto dw = std::get<1>(red).to(at::kFloat).view({r, k}).sum(1);
+    const auto db = std::get<2>(red).to(at::kFloat).view({r, k}).sum(1);
+    const auto sum_dy_xmu = dw / invstd;
+    at::Tensor dx;
+    if (x.is_cuda()) {
+      const auto q = per_chunk(at::stack({db, sum_dy_xmu}), k);
+      const auto count = at::full({1}, n, x.options().dtype(at::kInt));
+      dx = at::batch_norm_backward_elemt(dyc, xc, p[0], p[1], p[2], q[0], q[1], count).view(x.sizes());
+    } else {
+      const auto col = [](const at::Tensor& t) { return t.view({1, -1, 1}); };
+      const auto xr = x.view({1, r, n}).to(at::kFloat), dr = dy.view({1, r, n}).to(at::kFloat);
+      const double inv_n = 1.0 / static_cast<double>(n);
+      dx = ((dr - col(db * inv_n)) - (xr - col(mean)) * col(invstd * invstd * sum_dy_xmu * inv_n)) * col(invstd * wr);
+      dx = dx.to(x.scalar_type()).view(x.sizes());
+    }
+    const auto w_type = static_cast<at::ScalarType>(ctx->saved_data["w_type"].toInt());
+    const auto b_type = static_cast<at::ScalarType>(ctx->saved_data["b_type"].toInt());
+    return {dx, dw.view({bs, c}).sum(0).to(w_type), db.view({bs, c}).sum(0).to(b_type), at::Tensor()};
+  }
+};
+
+}  // namespace
 
 extern "C" {
 
@@ -117,6 +214,17 @@ char* stu_foreach_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs
       out_params[i] = new at::Tensor(np[i]);
       out_bufs[i] = new at::Tensor(all_b[i]);
     }
+    return nullptr;
+  } catch (const std::exception& e) {
+    return strdup(e.what());
+  }
+}
+
+// `*out` receives a new tensor: `SplitNorm` of the NCDHW `x` with affine parameters `w`, `b`
+// (`[C]`), recorded for autograd when grad mode is on and an input requires a gradient.
+char* stu_split_norm(at::Tensor* x, at::Tensor* w, at::Tensor* b, double eps, at::Tensor** out) {
+  try {
+    *out = new at::Tensor(SplitNorm::apply(*x, *w, *b, eps));
     return nullptr;
   } catch (const std::exception& e) {
     return strdup(e.what());

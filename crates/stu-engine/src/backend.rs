@@ -199,6 +199,37 @@ impl FromStr for Backend {
     }
 }
 
+/// Checks the libtorch fast paths on `backend`'s device against burn's composed operators
+/// (`torch::check`); `Err` says why no check could run. On CUDA the block comparisons allow
+/// 5e-3 relative (cuDNN's f32 convolutions may use TF32) and the split norm is also checked in
+/// bf16 and f16.
+pub fn check_fused_ops(backend: Backend) -> Result<OpsCheck, String> {
+    if !matches!(backend, Backend::Tch | Backend::TchCuda) {
+        return Err(format!("the fused ops are libtorch's: use `--backend tch` or `tch-cuda` (got `{}`)", backend.name()));
+    }
+    let device = backend.device().map_err(|e| e.to_string())?;
+    #[cfg(feature = "tch")]
+    {
+        let cuda = backend == Backend::TchCuda;
+        Ok(crate::torch::check::fused_ops(&device, if cuda { 5e-3 } else { 2e-5 }, cuda))
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = device;
+        unreachable!("a libtorch backend's device exists only with the `tch` feature")
+    }
+}
+
+/// What [`check_fused_ops`] found: one line per comparison, and the lines of those out of
+/// tolerance.
+#[derive(Debug, Default)]
+pub struct OpsCheck {
+    /// One line per comparison.
+    pub lines: Vec<String>,
+    /// The lines of the comparisons out of tolerance.
+    pub failures: Vec<String>,
+}
+
 /// Starts libtorch's profiler (Kineto, as `torch.profiler` in Python) on this thread: every ATen
 /// op from here on, with input shapes, and with `cuda` every CUDA kernel and memory copy, until
 /// [`profile_stop`]. Only the libtorch backends' work is seen (the others do not go through ATen).

@@ -35,8 +35,10 @@
 //! instance norm goes one sample at a time through ATen's channels-last batch-norm kernels (the
 //! `[1, B·C, …]` view needs NCDHW strides), and the loss reads the logits as `[B, N, C]`.
 //!
-//! Also here: clipping and SGD as multi-tensor kernels (`foreach`), and convolutions whose
-//! output goes straight into a norm leave their bias out (`add_bias`; the norm removes it).
+//! Also here: clipping and SGD as multi-tensor kernels (`foreach`), convolutions whose output
+//! goes straight into a norm leave their bias out (`add_bias`; the norm removes it), the
+//! split-row instance norm ([`norm_split_on`]), and [`check`], which compares all of these
+//! with burn's composed operators on a device.
 //!
 //! Only libtorch devices reach this trait ([`crate::ops`] routes by device); shapes are NCDHW,
 //! as PyTorch's.
@@ -143,6 +145,27 @@ mod libtorch {
     unsafe extern "C" {
         // csrc/grad.cpp; the pointers are tch's `C_tensor` (an `at::Tensor*`).
         fn stu_vjp(y: *const std::ffi::c_void, grad: *const std::ffi::c_void, inputs: *const *const std::ffi::c_void, n_inputs: std::ffi::c_int, outputs: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
+        fn stu_split_norm(x: *const std::ffi::c_void, w: *const std::ffi::c_void, b: *const std::ffi::c_void, eps: f64, out: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
+    }
+
+    /// `kChunk` of `csrc/grad.cpp`: rows of at least two of these are split; shorter ones (the
+    /// deeper stages) keep ATen's batch norm, which has enough rows there to fill the GPU.
+    const SPLIT_CHUNK: i64 = 8192;
+
+    /// Instance norm of the NCDHW `x` with each (sample, channel) row split into chunks for
+    /// ATen's batch-norm kernels (`csrc/grad.cpp`, `SplitNorm`, a libtorch autograd function
+    /// when grad mode is on); see [`super::norm_split_on`].
+    #[allow(unsafe_code)]
+    fn split_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: the three pointers are live `at::Tensor*` owned by tch tensors borrowed for
+        // the call; on success `out` is a new `at::Tensor*`, owned by the `Tensor` below.
+        let done = c_result(|| unsafe { stu_split_norm(x.as_ptr().cast(), g.as_ptr().cast(), b.as_ptr().cast(), crate::ops::NORM_EPS, &mut out) });
+        if let Err(msg) = done {
+            panic!("libtorch split instance norm failed: {msg}");
+        }
+        // SAFETY: written by `stu_split_norm`, owned by exactly this `Tensor`.
+        unsafe { Tensor::from_ptr(out.cast()) }
     }
 
     /// Gradients of `sum(y · grad)` with respect to `leaves`, through `y`'s libtorch graph
@@ -252,6 +275,8 @@ mod libtorch {
             // normalised one sample at a time (batch norm over a 1-sample batch is instance norm).
             let y = if n > 1 { Tensor::cat(&x.split(1, 0).iter().map(|xs| bn_cl(xs, &g, &b)).collect::<Vec<_>>(), 0) } else { bn_cl(x, &g, &b) };
             (y, skip.map(Tensor::shallow_clone))
+        } else if super::norm_split_on(x.device()) && dims[2..].iter().product::<i64>() >= 2 * SPLIT_CHUNK {
+            (split_norm(x, &g, &b), skip.map(Tensor::shallow_clone))
         } else {
             let mut flat = dims.clone();
             flat[0] = 1;
@@ -735,6 +760,229 @@ pub fn channels_last_on(device: tch::Device) -> bool {
     v == 1 || (v == 3 && device == tch::Device::Cpu)
 }
 
+/// 0: not read yet, 1: split instance norm, 2: one row per plane, 3: by device (see
+/// [`norm_split_on`]).
+static NORM_SPLIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Forces the NCDHW instance norm's kernel (`Some(true)`: rows split into chunks; `Some(false)`:
+/// ATen's batch norm over the `[1, B·C, …]` view, cuDNN's on a GPU), or leaves it to the device
+/// (`None`); overrides `STU_TCH_NORM` (tests).
+pub fn set_norm_split(on: Option<bool>) {
+    NORM_SPLIT.store(
+        match on {
+            Some(true) => 1,
+            Some(false) => 2,
+            None => 3,
+        },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// Whether instance norm of NCDHW activations on `device` runs with each (sample, channel) row
+/// split into chunks of about 8192 voxels (`csrc/grad.cpp`, `SplitNorm`): ATen's and, as
+/// measured in PyTorch's profile, cuDNN's batch-norm kernels give each plane of the
+/// `[1, B·C, …]` view one thread block, so at 128³ a few dozen blocks read 2 M voxels each.
+/// The statistics are combined exactly (Welford per chunk in f32, then the chunks' means and
+/// variances), so values match the unsplit norm to rounding. Not yet measured on a GPU: off
+/// by default; `STU_TCH_NORM=split` turns it on, `STU_TCH_NORM=plane` off (read once).
+/// Channels-last activations (the CPU default) keep their per-sample kernels either way.
+pub fn norm_split_on(_device: tch::Device) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut v = NORM_SPLIT.load(Relaxed);
+    if v == 0 {
+        v = match std::env::var("STU_TCH_NORM").as_deref() {
+            Ok("split") => 1,
+            Ok("plane") => 2,
+            _ => 3,
+        };
+        NORM_SPLIT.store(v, Relaxed);
+    }
+    v == 1
+}
+
+/// The libtorch fast paths checked against burn's composed operators on one device: a
+/// residual block (convolutions, instance norm + LeakyReLU, the residual end, 1×1×1 convolutions
+/// at stride 1 and 2), its value and every gradient, tracked and untracked, batch 2, in each
+/// layout and norm kernel (NCDHW with one row per plane, channels-last, NCDHW with split rows);
+/// and the split norm against the unsplit one directly (f32, and in half precision where
+/// `half`). The unit tests run it on the CPU; `stu check-ops --backend tch-cuda` on a GPU, whose
+/// kernels (cuDNN, ATen's CUDA batch norm) the CPU cannot run. It sets the process-wide layout
+/// and norm switches while it runs and leaves both to the device afterwards.
+pub mod check {
+    use burn::tensor::{DType, Device, Tensor, TensorData};
+
+    use crate::ops::{self, Layout};
+
+    struct Report {
+        device: Device,
+        /// Relative tolerance of the block comparisons (TF32 convolutions on a GPU differ from
+        /// f32 ones at ~1e-3).
+        tol: f32,
+        mode: String,
+        lines: Vec<String>,
+        failures: Vec<String>,
+    }
+
+    impl Report {
+        /// Max |a − b| ≤ tol · max(max |b|, `floor`).
+        fn close(&mut self, what: &str, a: Tensor<5>, b: Tensor<5>, floor: f32) {
+            let tol = self.tol;
+            self.close_at(what, a, b, floor, tol);
+        }
+
+        fn close_at(&mut self, what: &str, a: Tensor<5>, b: Tensor<5>, floor: f32, tol: f32) {
+            let (a, b) = (ops::to_vec(a), ops::to_vec(b));
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| if (x - y).is_nan() { f32::INFINITY } else { m.max((x - y).abs()) });
+            let line = format!("{}: {what}: max |diff| {err:.3e} (scale {scale:.3e}, allowed {:.3e})", self.mode, tol * scale.max(floor));
+            if !(err <= tol * scale.max(floor)) {
+                self.failures.push(line.clone());
+            }
+            self.lines.push(line);
+        }
+
+        fn block(&mut self, [b, c, d, h, w]: [usize; 5]) {
+            let ad = self.device.clone().autodiff();
+            let mut rng = stu_core::rng::SplitMix64::new(7);
+            let t5 = |n: [usize; 5], lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<5>::from_data(TensorData::new(rng.fill_f32(n.iter().product(), lo, hi), n), &ad).require_grad();
+            let t1 = |n: usize, lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<1>::from_data(TensorData::new(rng.fill_f32(n, lo, hi), [n]), &ad).require_grad();
+            let x = t5([b, c, d, h, w], -2.0, 3.0, &mut rng);
+            let (w1, w2) = (t5([c, c, 3, 3, 3], -0.3, 0.3, &mut rng), t5([c, c, 3, 3, 3], -0.3, 0.3, &mut rng));
+            let (b1, b2) = (t1(c, -0.5, 0.5, &mut rng), t1(c, -0.5, 0.5, &mut rng));
+            let (g1, g2) = (t1(c, 0.5, 1.5, &mut rng), t1(c, 0.5, 1.5, &mut rng));
+            let (e1, e2) = (t1(c, -0.5, 0.5, &mut rng), t1(c, -0.5, 0.5, &mut rng));
+            let lay = Layout::Ncdhw;
+            let block = |aten: bool| {
+                let conv = |x: Tensor<5>, w: &Tensor<5>, b: &Tensor<1>| {
+                    if aten {
+                        // Both convolutions go into a norm: the ATen path leaves their bias out.
+                        ops::conv3d_normed(x, w.clone(), b.clone(), [1; 3], lay)
+                    } else {
+                        burn::tensor::module::conv3d(x, w.clone(), Some(b.clone()), burn::tensor::ops::ConvOptions::new([1; 3], [1; 3], [1; 3], 1))
+                    }
+                };
+                let y = conv(x.clone(), &w1, &b1);
+                let y = if aten { ops::norm_act(y, g1.clone(), e1.clone(), true, lay) } else { ops::leaky_relu(ops::instance_norm(y, g1.clone(), e1.clone(), lay)) };
+                let y = conv(y, &w2, &b2);
+                if aten { ops::norm_add_act(y, g2.clone(), e2.clone(), x.clone(), lay) } else { ops::leaky_relu(ops::instance_norm(y, g2.clone(), e2.clone(), lay) + x.clone()) }
+            };
+            let (ya, yc) = (block(true), block(false));
+            self.close("forward", ya.clone(), yc.clone(), 1e-3);
+            // A loss that weights every output differently.
+            let weights = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(b * c * d * h * w, -1.0, 1.0), [b, c, d, h, w]), &ad);
+            let (ga, gc) = ((ya * weights.clone()).sum().backward(), (yc * weights.clone()).sum().backward());
+            self.close("dx", x.grad(&ga).unwrap().unsqueeze(), x.grad(&gc).unwrap().unsqueeze(), 1e-3);
+            for (name, p) in [("w1", &w1), ("w2", &w2)] {
+                self.close(name, p.grad(&ga).unwrap().unsqueeze(), p.grad(&gc).unwrap().unsqueeze(), 1e-3);
+            }
+            for (name, p) in [("g1", &g1), ("g2", &g2), ("e1", &e1), ("e2", &e2)] {
+                self.close(name, p.grad(&ga).unwrap().unsqueeze::<5>(), p.grad(&gc).unwrap().unsqueeze(), 1e-3);
+            }
+            // A bias before an instance norm has a zero gradient (the norm removes it): compare at
+            // the scale of the other gradients (the weights', which grow with the voxel count).
+            let w_scale = ops::to_vec(w1.grad(&gc).unwrap()).iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (name, p) in [("b1", &b1), ("b2", &b2)] {
+                self.close(name, p.grad(&ga).unwrap().unsqueeze::<5>(), p.grad(&gc).unwrap().unsqueeze(), w_scale);
+            }
+            // An input without a gradient (the network's input): only the weight and bias gradients.
+            let x0 = x.clone().detach();
+            let conv0 = |aten: bool| {
+                let y = if aten { ops::conv3d(x0.clone(), w1.clone(), b1.clone(), [1; 3], lay) } else { burn::tensor::module::conv3d(x0.clone(), w1.clone(), Some(b1.clone()), burn::tensor::ops::ConvOptions::new([1; 3], [1; 3], [1; 3], 1)) };
+                (y * weights.clone()).sum().backward()
+            };
+            let (ga, gc) = (conv0(true), conv0(false));
+            self.close("w1 (input without gradient)", w1.grad(&ga).unwrap(), w1.grad(&gc).unwrap(), 1e-3);
+            self.close("b1 (input without gradient)", b1.grad(&ga).unwrap().unsqueeze(), b1.grad(&gc).unwrap().unsqueeze(), 1e-3);
+            // Untracked (inference) forward.
+            let inner = x.clone().inner();
+            let y = ops::norm_add_act(ops::norm_act(inner.clone(), g1.clone().inner(), e1.clone().inner(), true, lay), g2.clone().inner(), e2.clone().inner(), inner.clone(), lay);
+            let want = ops::leaky_relu(ops::instance_norm(ops::leaky_relu(ops::instance_norm(inner.clone(), g1.inner(), e1.inner(), lay)), g2.inner(), e2.inner(), lay) + inner);
+            self.close("untracked", y, want, 1e-3);
+            // 1×1×1 convolutions (STU-Net's upsampling and projection shortcuts), stride 1 and 2 on
+            // odd extents, to another channel count: value and every gradient.
+            let w11 = t5([4, c, 1, 1, 1], -0.5, 0.5, &mut rng);
+            let b11 = t1(4, -0.5, 0.5, &mut rng);
+            for s in [[1, 1, 1], [2, 2, 1]] {
+                let (ya, yc) = (ops::conv3d(x.clone(), w11.clone(), b11.clone(), s, lay), burn::tensor::module::conv3d(x.clone(), w11.clone(), Some(b11.clone()), burn::tensor::ops::ConvOptions::new(s, [0; 3], [1; 3], 1)));
+                self.close(&format!("1×1 conv, stride {s:?}"), ya.clone(), yc.clone(), 1e-3);
+                let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
+                let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
+                self.close("1×1 conv dx", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1e-3);
+                self.close("1×1 conv dw", w11.grad(&ga).unwrap(), w11.grad(&gc).unwrap(), 1e-3);
+                self.close("1×1 conv db", b11.grad(&ga).unwrap().unsqueeze(), b11.grad(&gc).unwrap().unsqueeze(), 1e-3);
+            }
+        }
+
+        /// The split norm against the unsplit one on the same inputs, in `dtype`: norm + act,
+        /// norm alone, and the residual end, value and gradients (x, gamma, beta, skip).
+        fn split_norm(&mut self, dims: [usize; 5], dtype: DType, tol: f32) {
+            let ad = self.device.clone().autodiff();
+            let mut rng = stu_core::rng::SplitMix64::new(11);
+            let c = dims[1];
+            let t5 = |lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<5>::from_data(TensorData::new(rng.fill_f32(dims.iter().product(), lo, hi), dims), &ad);
+            let t1 = |lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<1>::from_data(TensorData::new(rng.fill_f32(c, lo, hi), [c]), &ad).require_grad();
+            // An offset mean (3 ± 2): the statistics must not lose it to cancellation.
+            let x = t5(1.0, 5.0, &mut rng).cast(dtype).require_grad();
+            let skip = t5(-1.0, 1.0, &mut rng).cast(dtype).require_grad();
+            let (g, e) = (t1(0.5, 1.5, &mut rng), t1(-0.5, 0.5, &mut rng));
+            let wts = t5(-1.0, 1.0, &mut rng);
+            for case in ["norm + act", "norm", "norm + skip + act"] {
+                let run = |split: bool| {
+                    super::set_norm_split(Some(split));
+                    let y = match case {
+                        "norm + act" => ops::norm_act(x.clone(), g.clone(), e.clone(), true, Layout::Ncdhw),
+                        "norm" => ops::norm_act(x.clone(), g.clone(), e.clone(), false, Layout::Ncdhw),
+                        _ => ops::norm_add_act(x.clone(), g.clone(), e.clone(), skip.clone(), Layout::Ncdhw),
+                    };
+                    let y = y.cast(DType::F32);
+                    let gr = (y.clone() * wts.clone()).sum().backward();
+                    let grad5 = |t: &Tensor<5>| t.grad(&gr).map(|t| t.cast(DType::F32));
+                    let grad1 = |t: &Tensor<1>| t.grad(&gr).map(|t| t.cast(DType::F32).unsqueeze::<5>());
+                    (y, grad5(&x), grad1(&g), grad1(&e), grad5(&skip))
+                };
+                let (s, p) = (run(true), run(false));
+                let what = |w: &str| format!("split norm, {dtype:?}, {case}: {w}");
+                self.close_at(&what("forward"), s.0, p.0, 1.0, tol);
+                for (name, a, b) in [("dx", s.1, p.1), ("dgamma", s.2, p.2), ("dbeta", s.3, p.3), ("dskip", s.4, p.4)] {
+                    match (a, b) {
+                        (Some(a), Some(b)) => self.close_at(&what(name), a, b, 1.0, tol),
+                        (None, None) => {}
+                        _ => self.failures.push(what(&format!("{name}: a gradient on one side only"))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the checks on `device` (a libtorch device) with relative tolerance `tol` for the
+    /// block comparisons.
+    pub fn fused_ops(device: &Device, tol: f32, half: bool) -> crate::backend::OpsCheck {
+        let mut r = Report { device: device.clone(), tol, mode: String::new(), lines: Vec::new(), failures: Vec::new() };
+        // Rows of 36 864 voxels go in 4 chunks of 9 216 when split.
+        for (mode, channels_last, split, dims) in [
+            ("NCDHW", false, false, [2, 3, 5, 6, 4]),
+            ("channels-last", true, false, [2, 3, 5, 6, 4]),
+            ("NCDHW, split norm", false, true, [2, 3, 24, 32, 48]),
+        ] {
+            super::set_channels_last(Some(channels_last));
+            super::set_norm_split(Some(split));
+            r.mode = format!("{mode} {dims:?}");
+            r.block(dims);
+        }
+        super::set_channels_last(Some(false));
+        r.mode = "NCDHW".into();
+        r.split_norm([2, 3, 24, 32, 48], DType::F32, 2e-5);
+        if half {
+            // Both sides round to the half type; bf16 keeps 8 bits of mantissa, f16 11.
+            r.split_norm([2, 3, 24, 32, 48], DType::BF16, 3e-2);
+            r.split_norm([2, 3, 24, 32, 48], DType::F16, 4e-3);
+        }
+        super::set_channels_last(None);
+        super::set_norm_split(None);
+        crate::backend::OpsCheck { lines: r.lines, failures: r.failures }
+    }
+}
+
 /// [`crate::backend::profile_start`].
 pub(crate) fn profile_start(cuda: bool) -> Result<(), String> {
     libtorch::c_result(|| unsafe_ffi::start(cuda))
@@ -880,87 +1128,14 @@ mod tests {
     #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
     fn the_aten_block_and_its_gradients_equal_burns_composed_operators() {
         let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
-        // NCDHW, then channels-last convolutions (per-sample norms): the same values either way.
-        for channels_last in [false, true] {
-            super::set_channels_last(Some(channels_last));
-            aten_block_equals_composed();
-        }
-        // By default: channels-last on the CPU (oneDNN), NCDHW on CUDA (cuDNN), as measured.
-        super::set_channels_last(None);
+        let check = super::check::fused_ops(&Device::libtorch(), 2e-5, false);
+        assert!(check.failures.is_empty(), "{}", check.failures.join("\n"));
+        assert!(check.lines.len() > 40, "{:#?}", check.lines);
+        // By default: channels-last on the CPU (oneDNN), NCDHW on CUDA (cuDNN), as measured;
+        // rows of the NCDHW norm not split.
         assert!(super::channels_last_on(tch::Device::Cpu));
         assert!(!super::channels_last_on(tch::Device::Cuda(0)));
-    }
-
-    fn aten_block_equals_composed() {
-        let ad = Device::libtorch().autodiff();
-        let (b, c, d, h, w) = (2, 3, 5, 6, 4);
-        let mut rng = stu_core::rng::SplitMix64::new(7);
-        let t5 = |n: [usize; 5], lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<5>::from_data(TensorData::new(rng.fill_f32(n.iter().product(), lo, hi), n), &ad).require_grad();
-        let t1 = |n: usize, lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<1>::from_data(TensorData::new(rng.fill_f32(n, lo, hi), [n]), &ad).require_grad();
-        let x = t5([b, c, d, h, w], -2.0, 3.0, &mut rng);
-        let (w1, w2) = (t5([c, c, 3, 3, 3], -0.3, 0.3, &mut rng), t5([c, c, 3, 3, 3], -0.3, 0.3, &mut rng));
-        let (b1, b2) = (t1(c, -0.5, 0.5, &mut rng), t1(c, -0.5, 0.5, &mut rng));
-        let (g1, g2) = (t1(c, 0.5, 1.5, &mut rng), t1(c, 0.5, 1.5, &mut rng));
-        let (e1, e2) = (t1(c, -0.5, 0.5, &mut rng), t1(c, -0.5, 0.5, &mut rng));
-        let lay = Layout::Ncdhw;
-        let block = |aten: bool| {
-            let conv = |x: Tensor<5>, w: &Tensor<5>, b: &Tensor<1>| {
-                if aten {
-                    // Both convolutions go into a norm: the ATen path leaves their bias out.
-                    ops::conv3d_normed(x, w.clone(), b.clone(), [1; 3], lay)
-                } else {
-                    burn::tensor::module::conv3d(x, w.clone(), Some(b.clone()), burn::tensor::ops::ConvOptions::new([1; 3], [1; 3], [1; 3], 1))
-                }
-            };
-            let y = conv(x.clone(), &w1, &b1);
-            let y = if aten { ops::norm_act(y, g1.clone(), e1.clone(), true, lay) } else { ops::leaky_relu(ops::instance_norm(y, g1.clone(), e1.clone(), lay)) };
-            let y = conv(y, &w2, &b2);
-            if aten { ops::norm_add_act(y, g2.clone(), e2.clone(), x.clone(), lay) } else { ops::leaky_relu(ops::instance_norm(y, g2.clone(), e2.clone(), lay) + x.clone()) }
-        };
-        let (ya, yc) = (block(true), block(false));
-        close("forward", ya.clone(), yc.clone(), 1e-3);
-        // A loss that weights every output differently.
-        let weights = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(b * c * d * h * w, -1.0, 1.0), [b, c, d, h, w]), &ad);
-        let (ga, gc) = ((ya * weights.clone()).sum().backward(), (yc * weights.clone()).sum().backward());
-        close("dx", x.grad(&ga).unwrap().unsqueeze(), x.grad(&gc).unwrap().unsqueeze(), 1e-3);
-        for (name, p) in [("w1", &w1), ("w2", &w2)] {
-            close(name, p.grad(&ga).unwrap().unsqueeze(), p.grad(&gc).unwrap().unsqueeze(), 1e-3);
-        }
-        for (name, p) in [("g1", &g1), ("g2", &g2), ("e1", &e1), ("e2", &e2)] {
-            close(name, p.grad(&ga).unwrap().unsqueeze::<5>(), p.grad(&gc).unwrap().unsqueeze(), 1e-3);
-        }
-        // A bias before an instance norm has a zero gradient (the norm removes it): compare at
-        // the scale of the other gradients.
-        for (name, p) in [("b1", &b1), ("b2", &b2)] {
-            close(name, p.grad(&ga).unwrap().unsqueeze::<5>(), p.grad(&gc).unwrap().unsqueeze(), 1.0);
-        }
-        // An input without a gradient (the network's input): only the weight and bias gradients.
-        let x0 = x.clone().detach();
-        let conv0 = |aten: bool| {
-            let y = if aten { ops::conv3d(x0.clone(), w1.clone(), b1.clone(), [1; 3], lay) } else { burn::tensor::module::conv3d(x0.clone(), w1.clone(), Some(b1.clone()), burn::tensor::ops::ConvOptions::new([1; 3], [1; 3], [1; 3], 1)) };
-            (y * weights.clone()).sum().backward()
-        };
-        let (ga, gc) = (conv0(true), conv0(false));
-        close("w1 (input without gradient)", w1.grad(&ga).unwrap(), w1.grad(&gc).unwrap(), 1e-3);
-        close("b1 (input without gradient)", b1.grad(&ga).unwrap().unsqueeze(), b1.grad(&gc).unwrap().unsqueeze(), 1e-3);
-        // Untracked (inference) forward.
-        let inner = x.clone().inner();
-        let y = ops::norm_add_act(ops::norm_act(inner.clone(), g1.clone().inner(), e1.clone().inner(), true, lay), g2.clone().inner(), e2.clone().inner(), inner.clone(), lay);
-        let want = ops::leaky_relu(ops::instance_norm(ops::leaky_relu(ops::instance_norm(inner.clone(), g1.inner(), e1.inner(), lay)), g2.inner(), e2.inner(), lay) + inner);
-        close("untracked", y, want, 1e-3);
-        // 1×1×1 convolutions (STU-Net's upsampling and projection shortcuts), stride 1 and 2 on
-        // odd extents, to another channel count: value and every gradient.
-        let w11 = t5([4, c, 1, 1, 1], -0.5, 0.5, &mut rng);
-        let b11 = t1(4, -0.5, 0.5, &mut rng);
-        for s in [[1, 1, 1], [2, 2, 1]] {
-            let (ya, yc) = (ops::conv3d(x.clone(), w11.clone(), b11.clone(), s, lay), burn::tensor::module::conv3d(x.clone(), w11.clone(), Some(b11.clone()), burn::tensor::ops::ConvOptions::new(s, [0; 3], [1; 3], 1)));
-            close(&format!("1×1 conv, stride {s:?}"), ya.clone(), yc.clone(), 1e-3);
-            let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
-            let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
-            close("1×1 conv dx", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1e-3);
-            close("1×1 conv dw", w11.grad(&ga).unwrap(), w11.grad(&gc).unwrap(), 1e-3);
-            close("1×1 conv db", b11.grad(&ga).unwrap().unsqueeze(), b11.grad(&gc).unwrap().unsqueeze(), 1e-3);
-        }
+        assert!(!super::norm_split_on(tch::Device::Cuda(0)));
     }
 
     /// Under half precision a bias may stay f32 (`train::cast_params`): the convolution

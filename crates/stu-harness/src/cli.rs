@@ -139,6 +139,14 @@ enum Command {
         #[arg(long, value_name = "N")]
         patch: Option<usize>,
     },
+    /// Check the libtorch fast paths (ATen/cuDNN convolutions, fused instance norms, the
+    /// split-row norm) against burn's composed operators on a device: values and gradients of
+    /// a residual block in each layout; exits non-zero on a mismatch.
+    CheckOps {
+        /// `tch` (CPU) or `tch-cuda`.
+        #[arg(long, default_value = "tch")]
+        backend: Backend,
+    },
     /// Predict NIfTI volumes (sliding window, mirroring TTA) into label maps with the input's geometry.
     Predict {
         /// A NIfTI file or a folder of `{case}_{XXXX}.nii.gz` files.
@@ -624,6 +632,19 @@ fn run(cli: Cli) -> Result<()> {
                 let doc = serde_json::json!({ "backend": backend.name(), "precision": precision.name(), "threads": rayon_threads(), "results": results });
                 stu_engine::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
             }
+        }
+        Command::CheckOps { backend } => {
+            let check = stu_engine::backend::check_fused_ops(backend).map_err(|e| anyhow::anyhow!("check-ops: {e}"))?;
+            for l in &check.lines {
+                println!("{l}");
+            }
+            for l in &check.failures {
+                eprintln!("out of tolerance: {l}");
+            }
+            if !check.failures.is_empty() {
+                anyhow::bail!("check-ops: {} of {} comparisons on `{}` out of tolerance (above)", check.failures.len(), check.lines.len(), backend.name());
+            }
+            eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
         Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision } => {
             let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision };
