@@ -751,21 +751,64 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
     }
 }
 
-/// 0: not read yet, 1: channels-last convolutions, 2: NCDHW, 3: by device (see
-/// [`channels_last_on`]).
-static CHANNELS_LAST: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// A process-wide on/off choice of the libtorch paths: forced by [`Switch::set`] (tests), else
+/// by an environment variable (read once; another value is reported and ignored), else the
+/// caller's default.
+struct Switch {
+    /// 0: not read yet, 1: on, 2: off, 3: the default.
+    state: std::sync::atomic::AtomicU8,
+    var: &'static str,
+    on: &'static str,
+    off: &'static str,
+}
+
+impl Switch {
+    const fn new(var: &'static str, on: &'static str, off: &'static str) -> Self {
+        Self { state: std::sync::atomic::AtomicU8::new(0), var, on, off }
+    }
+
+    fn set(&self, on: Option<bool>) {
+        self.state.store(
+            match on {
+                Some(true) => 1,
+                Some(false) => 2,
+                None => 3,
+            },
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// `Some` when forced on or off, `None` for the default.
+    fn get(&self) -> Option<bool> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut v = self.state.load(Relaxed);
+        if v == 0 {
+            v = match std::env::var(self.var) {
+                Ok(x) if x == self.on => 1,
+                Ok(x) if x == self.off => 2,
+                Ok(x) => {
+                    eprintln!("warning: {}={x} is neither `{}` nor `{}`; using the default", self.var, self.on, self.off);
+                    3
+                }
+                Err(_) => 3,
+            };
+            self.state.store(v, Relaxed);
+        }
+        match v {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+}
+
+static CHANNELS_LAST: Switch = Switch::new("STU_TCH_CHANNELS_LAST", "1", "0");
+static NORM_SPLIT: Switch = Switch::new("STU_TCH_NORM", "split", "plane");
 
 /// Forces the layout of the libtorch convolutions: channels-last (`Some(true)`), NCDHW
 /// (`Some(false)`), or by device (`None`, the default); overrides `STU_TCH_CHANNELS_LAST` (tests).
 pub fn set_channels_last(on: Option<bool>) {
-    CHANNELS_LAST.store(
-        match on {
-            Some(true) => 1,
-            Some(false) => 2,
-            None => 3,
-        },
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    CHANNELS_LAST.set(on);
 }
 
 /// Whether the libtorch convolutions on `device` run channels-last (NDHWC strides under NCDHW
@@ -778,35 +821,14 @@ pub fn set_channels_last(on: Option<bool>) {
 /// `STU_TCH_CHANNELS_LAST=1` / `0` forces it on / off everywhere (read once). Values and
 /// gradients are the same either way.
 pub fn channels_last_on(device: tch::Device) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut v = CHANNELS_LAST.load(Relaxed);
-    if v == 0 {
-        v = match std::env::var("STU_TCH_CHANNELS_LAST").as_deref() {
-            Ok("1") => 1,
-            Ok("0") => 2,
-            _ => 3,
-        };
-        CHANNELS_LAST.store(v, Relaxed);
-    }
-    v == 1 || (v == 3 && device == tch::Device::Cpu)
+    CHANNELS_LAST.get().unwrap_or(device == tch::Device::Cpu)
 }
 
-/// 0: not read yet, 1: split instance norm, 2: one row per plane, 3: by device (see
-/// [`norm_split_on`]).
-static NORM_SPLIT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
 /// Forces the NCDHW instance norm's kernel (`Some(true)`: rows split into chunks; `Some(false)`:
-/// ATen's batch norm over the `[1, B·C, …]` view, cuDNN's on a GPU), or leaves it to the device
+/// ATen's batch norm over the `[1, B·C, …]` view, cuDNN's on a GPU), or leaves it to the default
 /// (`None`); overrides `STU_TCH_NORM` (tests).
 pub fn set_norm_split(on: Option<bool>) {
-    NORM_SPLIT.store(
-        match on {
-            Some(true) => 1,
-            Some(false) => 2,
-            None => 3,
-        },
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    NORM_SPLIT.set(on);
 }
 
 /// Whether instance norm of NCDHW activations on `device` runs with each (sample, channel) row
@@ -818,17 +840,7 @@ pub fn set_norm_split(on: Option<bool>) {
 /// by default; `STU_TCH_NORM=split` turns it on, `STU_TCH_NORM=plane` off (read once).
 /// Channels-last activations (the CPU default) keep their per-sample kernels either way.
 pub fn norm_split_on(_device: tch::Device) -> bool {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut v = NORM_SPLIT.load(Relaxed);
-    if v == 0 {
-        v = match std::env::var("STU_TCH_NORM").as_deref() {
-            Ok("split") => 1,
-            Ok("plane") => 2,
-            _ => 3,
-        };
-        NORM_SPLIT.store(v, Relaxed);
-    }
-    v == 1
+    NORM_SPLIT.get().unwrap_or(false)
 }
 
 /// The libtorch fast paths checked against burn's composed operators on one device: a
