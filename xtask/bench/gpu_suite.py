@@ -249,16 +249,18 @@ def profile_pair(case, dt, variant=None):
     return row
 
 
-def train_check(prec):
-    """`stu train` on the phantom subset in `prec` (section 2b)."""
-    o = f"/tmp/train_{prec}"
+def train_check(prec, variant=None):
+    """`stu train` on the phantom subset in `prec` (section 2b), with `variant`'s environment."""
+    key = prec + (f"+{variant}" if variant else "")
+    o = f"/tmp/train_{key}"
     shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
+    env = dict(os.environ, **VARIANTS[variant][0]) if variant else None
     rc, out, peak, wall = sh([A.stu, "train", A.train_data, "--out", o, "--base-width", "8", "--patch-size", "64,64,64", "--batch-size", "2",
-                              "--epochs", "3", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", prec], timeout=150)
+                              "--epochs", "3", "--iterations", "10", "--val-iterations", "2", "--backend", A.backend, "--precision", prec], timeout=150, env=env)
     logs = []
     if os.path.exists(f"{o}/log.jsonl"):
         logs = [json.loads(line) for line in open(f"{o}/log.jsonl")]
-    R.setdefault("train_check", {})[prec] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second", "epoch_seconds", "data_wait_seconds", "skipped_steps")} for e in logs], "tail": out[-300:]}
+    R.setdefault("train_check", {})[key] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "epochs": [{k: e.get(k) for k in ("train_losses", "val_loss", "iterations_per_second", "epoch_seconds", "data_wait_seconds", "skipped_steps")} for e in logs], "tail": out[-300:]}
     save()
 
 
@@ -284,9 +286,9 @@ def run_plan(plan):
         if side == "call":
             case()
             continue
-        if side == "train_check":
+        if side.startswith("train_check"):
             if A.train_data:
-                train_check(dt)
+                train_check(dt, side.partition(":")[2] or None)
             continue
         if side.startswith("profile"):
             row = profile_pair(case, dt, side.partition(":")[2] or None)
@@ -419,7 +421,8 @@ phase2 += [("call", predict_ct, ""), ("call", train_dp, ""), ("call", train_chec
 # loss (B training without it), burn's generic conv/norm on the same backend (B only, last).
 if "B" in A.sizes:
     # (burn's generic training step is left out: its convolution gradients ran past 75 s.)
-    extra += [("profile:stu-split", "train_B_128_b2", "f16"), ("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16")]
+    # (and f16 training on real batches with the split norm: its losses beside the default's)
+    extra += [("train_check:stu-split", "", "f16"), ("profile:stu-split", "train_B_128_b2", "f16"), ("stu-noloss", "train_B_128_b2", "bf16"), ("stu-generic", "infer_B_128", "bf16")]
 phase2 += extra
 if A.backend == "tch-cuda":
     if A.phase in ("1", "all"):
