@@ -832,9 +832,10 @@ pub fn set_norm_split(on: Option<bool>) {
 }
 
 /// Whether instance norm of NCDHW activations on `device` runs with each (sample, channel) row
-/// split into chunks of about 8192 voxels (`csrc/grad.cpp`, `SplitNorm`): ATen's and, as
-/// measured in PyTorch's profile, cuDNN's batch-norm kernels give each plane of the
-/// `[1, B·C, …]` view one thread block, so at 128³ a few dozen blocks read 2 M voxels each.
+/// split into chunks of about 8192 voxels (`csrc/grad.cpp`, `SplitNorm`): ATen's batch-norm
+/// kernels give each plane of the `[1, B·C, …]` view one thread block, so at 128³ a few dozen
+/// blocks read 2 M voxels each (cuDNN's, which the unsplit path uses on a GPU, took 14× their
+/// bandwidth bound in PyTorch's H200 profile of these shapes; why is not known).
 /// The statistics are combined exactly (Welford per chunk in f32, then the chunks' means and
 /// variances), so values match the unsplit norm to rounding. Not yet measured on a GPU: off
 /// by default; `STU_TCH_NORM=split` turns it on, `STU_TCH_NORM=plane` off (read once).
