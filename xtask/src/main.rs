@@ -21,7 +21,8 @@
 //!
 //! - `bench --backend tch-cuda [--python PY]`: on a CUDA machine, builds `stu` with `tch`
 //!   (README: "GPU backends") and runs `xtask/bench/gpu_suite.py`: parity on the shared fixture,
-//!   sliding-window prediction, and the training step / 128³ inference of S/B/L/H next to
+//!   `stu check-ops` (the fused ATen paths against burn's composed operators), sliding-window
+//!   prediction, and the training step / 128³ inference of S/B/L/H next to
 //!   PyTorch (`xtask/bench/torch_gpu.py`) on the same card; writes `reports/bench/gpu.{json,md}`.
 //!
 //! - `run SPEC [--set k=v]… [--paper-scale]`: builds `stu` in release with the spec's backend
