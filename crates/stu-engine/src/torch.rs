@@ -848,8 +848,8 @@ pub fn norm_split_on(_device: tch::Device) -> bool {
 /// residual block (convolutions, instance norm + LeakyReLU, the residual end, 1×1×1 convolutions
 /// at stride 1 and 2), its value and every gradient, tracked and untracked, batch 2, in each
 /// layout and norm kernel (NCDHW with one row per plane, channels-last, NCDHW with split rows);
-/// and the split norm against the unsplit one directly (f32, and in half precision where
-/// `half`). The unit tests run it on the CPU; `stu check-ops --backend tch-cuda` on a GPU, whose
+/// the ATen loss and nearest upsampling with their gradients; and the split norm against the
+/// unsplit one directly (f32, and in half precision where `half`). The unit tests run it on the CPU; `stu check-ops --backend tch-cuda` on a GPU, whose
 /// kernels (cuDNN, ATen's CUDA batch norm) the CPU cannot run. It sets the process-wide layout
 /// and norm switches while it runs and leaves both to the device afterwards.
 pub mod check {
@@ -1018,6 +1018,39 @@ pub mod check {
                 }
             }
         }
+        /// The ATen loss (Dice + CE, its hand-written gradient) against the composed one, value
+        /// and logits gradient, per-sample and batch Dice, with a class absent from the target
+        /// and one present in one sample only; and ATen's nearest upsampling with its gradient
+        /// against reshape + expand, unequal factors per axis.
+        fn loss_and_upsampling(&mut self) {
+            use burn::tensor::Int;
+            let ad = self.device.clone().autodiff();
+            let mut rng = stu_core::rng::SplitMix64::new(12);
+            let (b, c, d, h, w) = (2, 6, 5, 4, 7);
+            let logits = rng.fill_f32(b * c * d * h * w, -3.0, 3.0);
+            let target: Vec<i64> = (0..b * d * h * w).map(|i| { let v = rng.below(5) as i64; if v == 4 && i < d * h * w { 3 } else { v } }).collect();
+            for batch_dice in [false, true] {
+                let cfg = crate::loss::DiceConfig { batch_dice, smooth: 1e-5 };
+                let run = |fused: bool| {
+                    let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), &ad).require_grad();
+                    let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), &ad);
+                    let loss = if fused { crate::loss::dc_ce_fused(x.clone(), t, cfg) } else { crate::loss::dc_ce(x.clone(), t, cfg) } * 0.7;
+                    let g = x.grad(&loss.clone().backward()).unwrap();
+                    (loss.reshape([1, 1, 1, 1, 1]), g)
+                };
+                let ((v1, g1), (v0, g0)) = (run(true), run(false));
+                self.close_at(&format!("loss, batch Dice {batch_dice}: value"), v1, v0, 1.0, 1e-5);
+                self.close_at(&format!("loss, batch Dice {batch_dice}: logits gradient"), g1, g0, 1e-3, 1e-5);
+            }
+            let dims = [2, 3, 2, 3, 4];
+            let x = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(dims.iter().product(), -1.0, 1.0), dims), &ad).require_grad();
+            let scale = [1, 2, 3];
+            let (ya, yc) = (ops::upsample_nearest(x.clone(), scale, Layout::Ncdhw), ops::upsample_composed(x.clone(), scale, Layout::Ncdhw));
+            let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
+            self.close_at("upsampling", ya.clone(), yc.clone(), 1.0, 1e-6);
+            let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
+            self.close_at("upsampling: gradient", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1.0, 1e-6);
+        }
     }
 
     /// Runs the checks on `device` (a libtorch device) with relative tolerance `tol` for the
@@ -1037,6 +1070,7 @@ pub mod check {
         }
         super::set_channels_last(Some(false));
         r.mode = "NCDHW".into();
+        r.loss_and_upsampling();
         r.split_norm([2, 3, 24, 32, 48], DType::F32, 2e-5);
         if half {
             // Both sides round to the half type; bf16 keeps 8 bits of mantissa, f16 11.
