@@ -453,6 +453,18 @@ for p, v in R["parity"].items():
 md += ["", "| case | side | dtype | ms | peak GiB (NVML) | torch peak alloc GiB |", "|---|---|---|---|---|---|"]
 for r in R["bench"]:
     md.append(f"| {r['case']} | {r['side']} | {r['dtype']} | {r.get('ms', 'rc=' + str(r['rc']))} | {r['peak_gib_nvml']} | {r.get('peak_allocated_gib', '')} |")
+# Item 4's ratios: each of our rows (default and variants) over PyTorch's fp16 row of the same
+# case, time and NVML peak, so that the layout and norm defaults can be chosen from one table.
+ref = {r["case"]: r for r in R["bench"] if r["side"] == "torch" and r["dtype"] == "fp16" and "ms" in r}
+ours_rows = [r for r in R["bench"] if r["side"] != "torch" and "ms" in r and r["case"] in ref]
+if ours_rows:
+    md += ["", "| case | ours (side, dtype) | ms | / PyTorch fp16 | peak GiB | / PyTorch peak |", "|---|---|---|---|---|---|"]
+    for r in sorted(ours_rows, key=lambda r: (r["case"], r["side"], r["dtype"])):
+        t = ref[r["case"]]
+        mem = f"{r['peak_gib_nvml'] / t['peak_gib_nvml']:.2f}×" if r.get("peak_gib_nvml") and t.get("peak_gib_nvml") else ""
+        md.append(f"| {r['case']} | {r['side']} {r['dtype']} | {r['ms']} | {r['ms'] / t['ms']:.3f}× | {r.get('peak_gib_nvml')} | {mem} |")
+if "check_ops" in R:
+    md += ["", f"check-ops: rc {R['check_ops']['rc']} ({R['check_ops']['tail'].strip().splitlines()[-1] if R['check_ops']['tail'].strip() else ''})"]
 for r in R.get("profiles", []):
     md += ["", f"Per-op profile, {r['case']} ({r['dtype']}{', ' + r['variant'] if r.get('variant') else ''}): " + (r.get("table") or r.get("error", "")[:300])]
 md += ["", "| prediction | rc | wall s | peak GiB |", "|---|---|---|---|"]
