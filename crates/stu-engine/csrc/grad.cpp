@@ -20,15 +20,12 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Rows (one per sample and channel) of at least two chunks' worth of voxels are split into
-// chunks of about this many: ATen's batch-norm kernels give each plane one thread block, so a
-// 128³ row of 2 M voxels is read by one block while most of the GPU idles.
-constexpr int64_t kChunk = 8192;
-
-// The number of chunks a row of n voxels is split into: the largest divisor of n not above
-// n / kChunk (1 for short rows).
-int64_t split_count(int64_t n) {
-  int64_t k = n / kChunk;
+// The number of chunks a row of n voxels is split into for chunks of about `chunk` voxels
+// (the caller's choice, `torch.rs`): the largest divisor of n not above n / chunk (1 for short
+// rows). ATen's batch-norm kernels give each plane one thread block, so a 128³ row of 2 M
+// voxels would be read by one block while most of the GPU idles.
+int64_t split_count(int64_t n, int64_t chunk) {
+  int64_t k = n / chunk;
   while (k > 1 && n % k != 0) --k;
   return std::max<int64_t>(k, 1);
 }
@@ -41,7 +38,7 @@ at::Tensor per_chunk(const at::Tensor& rows, int64_t k) {
 }
 
 // InstanceNorm3d(affine) of an NCDHW tensor with every (sample, channel) row split into
-// chunks (`split_count`) for ATen's batch-norm kernels, which then run with one thread block
+// chunks of about `chunk` voxels (`split_count`) for ATen's batch-norm kernels, which then run with one thread block
 // per chunk instead of per row:
 // - forward: per-chunk mean and variance (`batch_norm_update_stats`, f32 for half input on
 //   CUDA), combined exactly into the row's (mean of the chunk variances plus the variance of
@@ -54,9 +51,9 @@ at::Tensor per_chunk(const at::Tensor& rows, int64_t k) {
 // Saves the input and three vectors per row, as batch norm does; the output is a fresh
 // tensor (not a view), so the residual add and the activation may run in place on it.
 struct SplitNorm : public torch::autograd::Function<SplitNorm> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps, int64_t chunk) {
     const auto xs = x.contiguous();
-    const int64_t bs = xs.size(0), c = xs.size(1), r = bs * c, n = xs.numel() / r, k = split_count(n), m = n / k;
+    const int64_t bs = xs.size(0), c = xs.size(1), r = bs * c, n = xs.numel() / r, k = split_count(n, chunk), m = n / k;
     const auto xc = xs.view({1, r * k, m});
     const auto st = at::batch_norm_update_stats(xc, c10::nullopt, c10::nullopt, 0.0);
     const auto mc = std::get<0>(st).to(at::kFloat).view({r, k});
@@ -72,6 +69,7 @@ struct SplitNorm : public torch::autograd::Function<SplitNorm> {
     auto save_mean = at::empty({0}, f32), save_invstd = at::empty({0}, f32);
     at::native_batch_norm_out(yc, save_mean, save_invstd, xc, p[2], p[3], p[0], p[1], /*training=*/false, 0.0, eps);
     ctx->save_for_backward({xs, wr, mean, var.add(eps).rsqrt_()});
+    ctx->saved_data["k"] = k;
     ctx->saved_data["w_type"] = static_cast<int64_t>(w.scalar_type());
     ctx->saved_data["b_type"] = static_cast<int64_t>(b.scalar_type());
     return y;
@@ -82,7 +80,7 @@ struct SplitNorm : public torch::autograd::Function<SplitNorm> {
     const auto &x = saved[0], &wr = saved[1], &mean = saved[2], &invstd = saved[3];
     auto dy = grads[0].contiguous();
     if (dy.scalar_type() != x.scalar_type()) dy = dy.to(x.scalar_type());
-    const int64_t bs = x.size(0), c = x.size(1), r = bs * c, n = x.numel() / r, k = split_count(n), m = n / k;
+    const int64_t bs = x.size(0), c = x.size(1), r = bs * c, n = x.numel() / r, k = ctx->saved_data["k"].toInt(), m = n / k;
     const auto xc = x.view({1, r * k, m}), dyc = dy.view({1, r * k, m});
     const auto p = per_chunk(at::stack({mean, invstd, wr}), k);
     // Weight gradient per chunk: Σdy·(x − mean)·invstd; bias gradient: Σdy.
@@ -104,7 +102,7 @@ struct SplitNorm : public torch::autograd::Function<SplitNorm> {
     }
     const auto w_type = static_cast<at::ScalarType>(ctx->saved_data["w_type"].toInt());
     const auto b_type = static_cast<at::ScalarType>(ctx->saved_data["b_type"].toInt());
-    return {dx, dw.view({bs, c}).sum(0).to(w_type), db.view({bs, c}).sum(0).to(b_type), at::Tensor()};
+    return {dx, dw.view({bs, c}).sum(0).to(w_type), db.view({bs, c}).sum(0).to(b_type), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -221,10 +219,11 @@ char* stu_foreach_sgd(at::Tensor** params, at::Tensor** grads, at::Tensor** bufs
 }
 
 // `*out` receives a new tensor: `SplitNorm` of the NCDHW `x` with affine parameters `w`, `b`
-// (`[C]`), recorded for autograd when grad mode is on and an input requires a gradient.
-char* stu_split_norm(at::Tensor* x, at::Tensor* w, at::Tensor* b, double eps, at::Tensor** out) {
+// (`[C]`) and chunks of about `chunk` voxels, recorded for autograd when grad mode is on and
+// an input requires a gradient.
+char* stu_split_norm(at::Tensor* x, at::Tensor* w, at::Tensor* b, double eps, int64_t chunk, at::Tensor** out) {
   try {
-    *out = new at::Tensor(SplitNorm::apply(*x, *w, *b, eps));
+    *out = new at::Tensor(SplitNorm::apply(*x, *w, *b, eps, chunk));
     return nullptr;
   } catch (const std::exception& e) {
     return strdup(e.what());

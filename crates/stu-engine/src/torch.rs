@@ -145,11 +145,11 @@ mod libtorch {
     unsafe extern "C" {
         // csrc/grad.cpp; the pointers are tch's `C_tensor` (an `at::Tensor*`).
         fn stu_vjp(y: *const std::ffi::c_void, grad: *const std::ffi::c_void, inputs: *const *const std::ffi::c_void, n_inputs: std::ffi::c_int, outputs: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
-        fn stu_split_norm(x: *const std::ffi::c_void, w: *const std::ffi::c_void, b: *const std::ffi::c_void, eps: f64, out: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
+        fn stu_split_norm(x: *const std::ffi::c_void, w: *const std::ffi::c_void, b: *const std::ffi::c_void, eps: f64, chunk: i64, out: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
     }
 
-    /// `kChunk` of `csrc/grad.cpp`: rows of at least two of these are split; shorter ones (the
-    /// deeper stages) keep ATen's batch norm, which has enough rows there to fill the GPU.
+    /// Voxels per chunk of the split norm: rows of at least two chunks are split; shorter ones
+    /// (the deeper stages) keep ATen's batch norm, which has enough rows there to fill the GPU.
     const SPLIT_CHUNK: i64 = 8192;
 
     /// Instance norm of the NCDHW `x` with each (sample, channel) row split into chunks for
@@ -160,7 +160,7 @@ mod libtorch {
         let mut out = std::ptr::null_mut();
         // SAFETY: the three pointers are live `at::Tensor*` owned by tch tensors borrowed for
         // the call; on success `out` is a new `at::Tensor*`, owned by the `Tensor` below.
-        let done = c_result(|| unsafe { stu_split_norm(x.as_ptr().cast(), g.as_ptr().cast(), b.as_ptr().cast(), crate::ops::NORM_EPS, &mut out) });
+        let done = c_result(|| unsafe { stu_split_norm(x.as_ptr().cast(), g.as_ptr().cast(), b.as_ptr().cast(), crate::ops::NORM_EPS, SPLIT_CHUNK, &mut out) });
         if let Err(msg) = done {
             panic!("libtorch split instance norm failed: {msg}");
         }
@@ -1018,38 +1018,32 @@ pub mod check {
                 }
             }
         }
-        /// The ATen loss (Dice + CE, its hand-written gradient) against the composed one, value
-        /// and logits gradient, per-sample and batch Dice, with a class absent from the target
-        /// and one present in one sample only; and ATen's nearest upsampling with its gradient
-        /// against reshape + expand, unequal factors per axis.
+        /// The ATen loss (Dice + CE, its hand-written gradient) against the composed one
+        /// ([`crate::loss::fused_against_composed`]); ATen's nearest upsampling with its
+        /// gradient against reshape + expand, unequal factors per axis, tracked and untracked.
         fn loss_and_upsampling(&mut self) {
-            use burn::tensor::Int;
-            let ad = self.device.clone().autodiff();
-            let mut rng = stu_core::rng::SplitMix64::new(12);
-            let (b, c, d, h, w) = (2, 6, 5, 4, 7);
-            let logits = rng.fill_f32(b * c * d * h * w, -3.0, 3.0);
-            let target: Vec<i64> = (0..b * d * h * w).map(|i| { let v = rng.below(5) as i64; if v == 4 && i < d * h * w { 3 } else { v } }).collect();
-            for batch_dice in [false, true] {
-                let cfg = crate::loss::DiceConfig { batch_dice, smooth: 1e-5 };
-                let run = |fused: bool| {
-                    let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), &ad).require_grad();
-                    let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), &ad);
-                    let loss = if fused { crate::loss::dc_ce_fused(x.clone(), t, cfg) } else { crate::loss::dc_ce(x.clone(), t, cfg) } * 0.7;
-                    let g = x.grad(&loss.clone().backward()).unwrap();
-                    (loss.reshape([1, 1, 1, 1, 1]), g)
-                };
-                let ((v1, g1), (v0, g0)) = (run(true), run(false));
-                self.close_at(&format!("loss, batch Dice {batch_dice}: value"), v1, v0, 1.0, 1e-5);
-                self.close_at(&format!("loss, batch Dice {batch_dice}: logits gradient"), g1, g0, 1e-3, 1e-5);
+            for (line, ok) in crate::loss::fused_against_composed(&self.device, 12) {
+                let line = format!("{}: {line}", self.mode);
+                if !ok {
+                    self.failures.push(line.clone());
+                }
+                self.lines.push(line);
             }
+            let ad = self.device.clone().autodiff();
+            let mut rng = stu_core::rng::SplitMix64::new(9);
             let dims = [2, 3, 2, 3, 4];
             let x = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(dims.iter().product(), -1.0, 1.0), dims), &ad).require_grad();
             let scale = [1, 2, 3];
             let (ya, yc) = (ops::upsample_nearest(x.clone(), scale, Layout::Ncdhw), ops::upsample_composed(x.clone(), scale, Layout::Ncdhw));
+            if ya.dims() != [2, 3, 2, 6, 12] {
+                self.failures.push(format!("upsampling: shape {:?}, expected [2, 3, 2, 6, 12]", ya.dims()));
+            }
             let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
             self.close_at("upsampling", ya.clone(), yc.clone(), 1.0, 1e-6);
             let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
             self.close_at("upsampling: gradient", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1.0, 1e-6);
+            let inner = x.inner();
+            self.close_at("upsampling, untracked", ops::upsample_nearest(inner.clone(), scale, Layout::Ncdhw), ops::upsample_composed(inner, scale, Layout::Ncdhw), 1.0, 1e-6);
         }
     }
 
@@ -1212,13 +1206,6 @@ mod tests {
     /// Held by the tests that switch the convolution layout (a process-wide setting).
     static LAYOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    /// Max |a − b| ≤ 2e-5 · max(max |b|, `floor`).
-    fn close(what: &str, a: Tensor<5>, b: Tensor<5>, floor: f32) {
-        let (a, b) = (ops::to_vec(a), ops::to_vec(b));
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err <= 2e-5 * scale.max(floor), "{what}: max |diff| {err} (scale {scale})");
-    }
 
     /// A residual block through the ATen paths (conv, norm + LeakyReLU, norm + skip + LeakyReLU,
     /// each keeping its libtorch graph, the in-place activations, the gradient handed over by
@@ -1303,25 +1290,5 @@ mod tests {
             }
             assert_eq!(g1.kind(), Kind::Float);
         }
-    }
-
-    /// ATen's nearest upsampling and its gradient equal the reshape + expand composition, for
-    /// unequal factors per axis (STU-Net's anisotropic strides), tracked and untracked.
-    #[test]
-    #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
-    fn the_aten_upsampling_and_its_gradient_equal_the_composed_one() {
-        let ad = Device::libtorch().autodiff();
-        let mut rng = stu_core::rng::SplitMix64::new(9);
-        let dims = [2, 3, 2, 3, 4];
-        let x = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(dims.iter().product(), -1.0, 1.0), dims), &ad).require_grad();
-        let scale = [1, 2, 3];
-        let (ya, yc) = (ops::upsample_nearest(x.clone(), scale, Layout::Ncdhw), ops::upsample_composed(x.clone(), scale, Layout::Ncdhw));
-        assert_eq!(ya.dims(), [2, 3, 2, 6, 12]);
-        close("forward", ya.clone(), yc.clone(), 1.0);
-        let weights = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(2 * 3 * 2 * 6 * 12, -1.0, 1.0), [2, 3, 2, 6, 12]), &ad);
-        let (ga, gc) = ((ya * weights.clone()).sum().backward(), (yc * weights).sum().backward());
-        close("dx", x.grad(&ga).unwrap().unsqueeze(), x.grad(&gc).unwrap().unsqueeze(), 1.0);
-        let inner = x.inner();
-        close("untracked", ops::upsample_nearest(inner.clone(), scale, Layout::Ncdhw), ops::upsample_composed(inner, scale, Layout::Ncdhw), 1.0);
     }
 }
