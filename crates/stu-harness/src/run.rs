@@ -44,11 +44,17 @@ fn host() -> serde_json::Value {
 /// Data for a point: raw dataset root, preprocessed folder (cached across points).
 fn data(dataset: &DatasetSpec, plan: &PlanSpec, root: &Path, log: &dyn Fn(&str)) -> Result<(PathBuf, PathBuf)> {
     let entry = stu_data::plugins::registry().get(&dataset.plugin)?;
-    let mut key = json!({"plugin": dataset.plugin, "options": dataset.options, "plan": plan});
-    if entry.revision != 0 {
-        key["revision"] = entry.revision.into();
-    }
-    let dir = root.join("data").join(crate::spec::hash_hex(&key.to_string()));
+    // The folder is keyed by the data's options and the plan without its defaults; a folder
+    // made under the former key (the whole plan) is used where it exists.
+    let key = |plan: serde_json::Value| {
+        let mut key = json!({"plugin": dataset.plugin, "options": dataset.options, "plan": plan});
+        if entry.revision != 0 {
+            key["revision"] = entry.revision.into();
+        }
+        root.join("data").join(crate::spec::hash_hex(&key.to_string()))
+    };
+    let (dir, former) = (key(crate::spec::plan_identity(plan)), key(json!(plan)));
+    let dir = if !dir.exists() && former.exists() { former } else { dir };
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     log(&format!("data: {} → {}", dataset.plugin, dir.display()));
     let raw = (entry.prepare)(&dataset.options, &dir.join("raw")).with_context(|| format!("dataset `{}`", dataset.plugin))?;
@@ -257,10 +263,11 @@ pub fn run_selected(spec: &Spec, root: &Path, select: Select, log: &dyn Fn(&str)
             continue;
         }
         // Points are keyed by the hash of their resolved spec: a finished folder with the same
-        // hash counts, whatever sweep produced it.
-        let suffix = format!("-{}", &p.id[..8]);
-        let existing = std::fs::read_dir(root)?.filter_map(|e| e.ok().map(|e| e.path())).find(|d| d.file_name().is_some_and(|n| n.to_string_lossy().ends_with(&suffix)) && d.join("record.json").exists());
-        let dir = existing.unwrap_or_else(|| root.join(format!("{}{suffix}", crate::spec::label(&p.set))));
+        // hash (or the former rule's) counts, whatever sweep produced it.
+        let suffix = |id: &str| format!("-{}", &id[..8]);
+        let finished = |id: &str| std::fs::read_dir(root).ok()?.filter_map(|e| e.ok().map(|e| e.path())).find(|d| d.file_name().is_some_and(|n| n.to_string_lossy().ends_with(&suffix(id))) && d.join("record.json").exists());
+        let existing = finished(&p.id).or_else(|| finished(&p.former_id));
+        let dir = existing.unwrap_or_else(|| root.join(format!("{}{}", crate::spec::label(&p.set), suffix(&p.id))));
         let record = dir.join("record.json");
         if record.exists() {
             log(&format!("[{}/{}] {} done before, skipped", i + 1, points.len(), dir.display()));
@@ -285,4 +292,29 @@ pub fn run_selected(spec: &Spec, root: &Path, select: Select, log: &dyn Fn(&str)
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folders_named_under_the_former_id_rule_still_count() {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = "name = \"x\"\n[dataset]\nplugin = \"phantom\"\noptions = { cases = 3, test_cases = 0 }\n[model]\nname = \"stunet\"\n";
+        let spec = crate::spec::load_str(text, Path::new("x.toml"), &[]).unwrap();
+        let p = &crate::spec::points(&spec).unwrap()[0];
+        // A finished point under its former id is skipped, not run again under the new one.
+        let old = tmp.path().join(format!("single-{}", &p.former_id[..8]));
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("record.json"), "{}").unwrap();
+        let out = run(&spec, tmp.path(), &|_| {}).unwrap();
+        assert_eq!((out[0].dir.as_path(), out[0].status.as_str()), (old.as_path(), "skipped"));
+        // A data folder under the former key (the whole plan) is used where it exists.
+        let former = tmp.path().join("data").join(crate::spec::hash_hex(&json!({"plugin": "phantom", "options": spec.dataset.options, "plan": spec.plan, "revision": stu_data::plugins::registry().get("phantom").unwrap().revision}).to_string()));
+        std::fs::create_dir_all(&former).unwrap();
+        let (raw, _) = data(&spec.dataset, &spec.plan, tmp.path(), &|_| {}).unwrap();
+        assert!(raw.starts_with(&former), "{}", raw.display());
+        assert_eq!(std::fs::read_dir(tmp.path().join("data")).unwrap().count(), 1);
+    }
 }

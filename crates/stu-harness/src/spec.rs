@@ -2,8 +2,9 @@
 //! environment variables with `__` as the key separator, then `--set key=value`), validated
 //! with errors that name the key, and expanded into sweep points.
 //!
-//! A point's identity is the hash of its resolved spec, so a rerun finds finished points and
-//! an edited spec only reruns what changed.
+//! A point's identity is the hash of its resolved spec with every default left out, so a rerun
+//! finds finished points, an edited spec only reruns what changed, and a field added to the spec
+//! format later (with a default) leaves existing points finished.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -368,8 +369,12 @@ pub struct Point {
     pub set: BTreeMap<String, serde_json::Value>,
     /// The spec with them applied (and the sweep removed).
     pub spec: Spec,
-    /// Hash of the resolved spec (the run folder name's suffix).
+    /// Hash of the resolved spec without its defaults ([`identity`]; the run folder name's
+    /// suffix).
     pub id: String,
+    /// The id under the rule before 2026-11-27 (the whole resolved spec, defaults included):
+    /// finished folders named by it still count.
+    pub former_id: String,
 }
 
 fn set_dotted(v: &mut serde_json::Value, key: &str, value: serde_json::Value) -> Result<()> {
@@ -407,20 +412,83 @@ pub fn points(spec: &Spec) -> Result<Vec<Point>> {
         .into_iter()
         .map(|set| {
             let resolved = apply(spec, &set)?;
-            let mut text = serde_json::to_string(&resolved)?;
             // Generated data (the phantom) carry their generator's revision: a point made with
             // another revision is another point.
             let datasets = std::iter::once(&resolved.dataset).chain(resolved.pretrain.as_ref().map(|p| &p.dataset)).chain(resolved.predict.dataset.as_ref());
-            for d in datasets {
-                let revision = stu_data::plugins::registry().get(&d.plugin).map(|e| e.revision).unwrap_or(0);
-                if revision != 0 {
-                    text.push_str(&format!("#{}-revision-{revision}", d.plugin));
-                }
-            }
-            let id = hash_hex(&text);
-            Ok(Point { set, spec: resolved, id })
+            let revisions: String = datasets
+                .filter_map(|d| {
+                    let revision = stu_data::plugins::registry().get(&d.plugin).map(|e| e.revision).unwrap_or(0);
+                    (revision != 0).then(|| format!("#{}-revision-{revision}", d.plugin))
+                })
+                .collect();
+            let id = hash_hex(&(identity(&resolved)? + &revisions));
+            let former_id = hash_hex(&(serde_json::to_string(&resolved)? + &revisions));
+            Ok(Point { set, spec: resolved, id, former_id })
         })
         .collect()
+}
+
+/// What identifies a resolved spec: its JSON with every value equal to the spec format's
+/// default left out (recursively; a table left empty goes too) and the prose (`description`,
+/// `reproduces`) dropped, written with sorted keys. Two specs that differ only in defaults
+/// written out or left implicit are one point, and so are a spec read before and after a field
+/// with a default joined the format.
+pub fn identity(spec: &Spec) -> Result<String> {
+    let mut v = serde_json::to_value(spec)?;
+    if let Some(m) = v.as_object_mut() {
+        m.remove("description");
+        m.remove("reproduces");
+    }
+    prune_defaults(&mut v, &defaults());
+    Ok(sorted_json(&v))
+}
+
+/// [`prune_defaults`] of a plan (the data folder's key).
+pub(crate) fn plan_identity(plan: &PlanSpec) -> serde_json::Value {
+    let mut v = serde_json::to_value(plan).expect("a plan serialises");
+    prune_defaults(&mut v, &serde_json::to_value(PlanSpec::default()).expect("a plan serialises"));
+    v
+}
+
+/// The spec format's defaults as JSON, with the optional sections (`pretrain`,
+/// `predict.dataset`) filled with theirs so that their fields are pruned too.
+fn defaults() -> serde_json::Value {
+    let dataset = serde_json::json!({"plugin": ""});
+    let spec: Spec = serde_json::from_value(serde_json::json!({"name": "", "dataset": dataset, "model": {"name": ""}})).expect("the minimal spec deserialises");
+    let pretrain: PretrainSpec = serde_json::from_value(serde_json::json!({"dataset": dataset})).expect("the minimal pretrain section deserialises");
+    let mut d = serde_json::to_value(spec).expect("a spec serialises");
+    d["pretrain"] = serde_json::to_value(pretrain).expect("a spec serialises");
+    d["predict"]["dataset"] = d["dataset"].clone();
+    d
+}
+
+/// Removes from `v` every key whose value equals `d`'s at the same path; tables present in both
+/// are pruned in turn and dropped when nothing is left.
+fn prune_defaults(v: &mut serde_json::Value, d: &serde_json::Value) {
+    let (Some(m), Some(dm)) = (v.as_object_mut(), d.as_object()) else { return };
+    m.retain(|k, x| match dm.get(k) {
+        // An absent optional section is null where the defaults hold its table.
+        Some(dx) if x == dx || (x.is_null() && dx.is_object()) => false,
+        Some(dx) if x.is_object() && dx.is_object() => {
+            prune_defaults(x, dx);
+            x.as_object().is_some_and(|o| !o.is_empty())
+        }
+        _ => true,
+    });
+}
+
+/// Compact JSON with every object's keys sorted (whatever serde_json's map type).
+fn sorted_json(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let items: Vec<String> = keys.into_iter().map(|k| format!("{}:{}", serde_json::Value::from(k.as_str()), sorted_json(&m[k]))).collect();
+            format!("{{{}}}", items.join(","))
+        }
+        serde_json::Value::Array(a) => format!("[{}]", a.iter().map(sorted_json).collect::<Vec<_>>().join(",")),
+        other => other.to_string(),
+    }
 }
 
 /// FNV-1a of `text` as 16 hex digits: the identity of a resolved point or of a data setup.
@@ -466,4 +534,46 @@ pub fn check(path: &Path, overrides: &[String]) -> Result<String> {
         bail!("sweep keys may not name the sweep itself");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = "name = \"x\"\ndescription = \"words\"\n[dataset]\nplugin = \"phantom\"\noptions = { cases = 5 }\n[model]\nname = \"stunet\"\n[train]\nlr = 0.02\n";
+
+    fn one_point(text: &str) -> Point {
+        let spec = load_str(text, Path::new("tiny.toml"), &[]).unwrap();
+        let mut pts = points(&spec).unwrap();
+        assert_eq!(pts.len(), 1);
+        pts.remove(0)
+    }
+
+    #[test]
+    fn identity_leaves_out_defaults_and_prose() {
+        let p = one_point(TINY);
+        assert_eq!(identity(&p.spec).unwrap(), r#"{"dataset":{"options":{"cases":5},"plugin":"phantom"},"model":{"name":"stunet"},"name":"x","train":{"lr":0.02}}"#);
+        // Defaults written out, other prose, an empty pretrain-free spec: the same point.
+        let explicit = TINY.replace("[train]\n", "[train]\nepochs = 1000\nfold = \"0\"\n").replace("words", "other words") + "[plan]\npreset = \"nnunet\"\n[predict]\ntta = true\n[evaluate]\nhd95 = false\n";
+        let q = one_point(&explicit);
+        assert_eq!(q.id, p.id);
+        // A value off its default is part of the identity, in any section.
+        for (section, line) in [("[train]\n", "epochs = 999\n"), ("[plan]\n", "preset = \"stunet\"\n"), ("[predict]\n", "step = 0.25\n")] {
+            let t = if TINY.contains(section) { TINY.replace(section, &format!("{section}{line}")) } else { format!("{TINY}{section}{line}") };
+            assert_ne!(one_point(&t).id, p.id, "{line}");
+        }
+        // The optional sections' own defaults are pruned too.
+        let pre = one_point(&format!("{TINY}[pretrain]\nepochs = 1000\n[pretrain.dataset]\nplugin = \"phantom\"\n"));
+        assert!(identity(&pre.spec).unwrap().contains(r#""pretrain":{"dataset":{"plugin":"phantom"}}"#), "{}", identity(&pre.spec).unwrap());
+    }
+
+    #[test]
+    fn point_ids_are_stable() {
+        // The id of this point is pinned: a change of the id rule, or a new spec field whose
+        // default alters the identity, would make every finished point run again.
+        // (The phantom's revision is part of it: a new generator revision changes it rightly.)
+        let p = one_point(TINY);
+        assert_eq!(p.id, "072764d7b4ec4c4a");
+        assert_ne!(p.former_id, p.id);
+    }
 }
