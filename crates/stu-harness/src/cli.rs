@@ -321,7 +321,7 @@ struct TrainArgs {
     /// Compute backend.
     #[arg(long, default_value = "flex")]
     backend: Backend,
-    /// Arithmetic: f32, or bf16 over f32 master weights (needs `--backend tch-cuda`).
+    /// Arithmetic: f32, or bf16/f16 over f32 master weights (needs `--backend tch` or `tch-cuda`; f16 scales the loss dynamically, as PyTorch's `GradScaler`).
     #[arg(long, default_value = "f32")]
     precision: Precision,
     /// Data-parallel processes on this machine, each with its share of every batch (and its
