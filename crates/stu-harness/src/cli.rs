@@ -155,9 +155,11 @@ enum Command {
         /// Output folder.
         #[arg(short, long)]
         output: PathBuf,
-        /// Checkpoint: ours, nnU-Net v1 `.model`, v2 `.pth`, safetensors.
-        #[arg(long)]
-        checkpoint: PathBuf,
+        /// Checkpoint: ours, nnU-Net v1 `.model`, v2 `.pth`, safetensors. Several (`--checkpoint
+        /// fold0.safetensors fold1.safetensors …`, or the option repeated): an ensemble, each
+        /// tile's logits averaged over them (nnU-Net's fold ensemble).
+        #[arg(long = "checkpoint", required = true, num_args = 1..)]
+        checkpoints: Vec<PathBuf>,
         /// Model registry name (default: recognised from the keys).
         #[arg(long)]
         model: Option<String>,
@@ -646,8 +648,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
-        Command::Predict { input, output, checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision } => {
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoint, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision };
+        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision } => {
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());

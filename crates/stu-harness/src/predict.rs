@@ -1,6 +1,7 @@
 //! `stu predict`: nnU-Net's inference (`shared/docs/nnunet-pipeline.md` §6) for any registered
 //! model: preprocess as in training, Gaussian-weighted sliding window (step 0.5) with mirroring
-//! TTA, logits accumulated in f32 (not the upstream f16), resampled back channel by channel
+//! TTA and, given several checkpoints (the folds of a cross-validation), their logits averaged
+//! (nnU-Net's fold ensemble), logits accumulated in f32 (not the upstream f16), resampled back channel by channel
 //! (order 1, running argmax: no full-resolution map per class is ever held), un-cropped,
 //! transposed back, and written with the input's geometry.
 
@@ -37,8 +38,10 @@ pub struct PredictOptions {
     pub input: PathBuf,
     /// Output folder.
     pub output: PathBuf,
-    /// Checkpoint (ours, nnU-Net v1/v2, safetensors).
-    pub checkpoint: PathBuf,
+    /// Checkpoints (ours, nnU-Net v1/v2, safetensors), at least one; with several (the folds of
+    /// one training), every tile's logits are averaged over them, as nnU-Net's fold ensemble.
+    /// They must agree on channels, classes and plan.
+    pub checkpoints: Vec<PathBuf>,
     /// Model name (default: recognised from the keys).
     pub model: Option<String>,
     /// plans.json (default: the run's, for our checkpoints; else the released STU-Net plan). A
@@ -65,7 +68,8 @@ pub struct PredictOptions {
 
 /// A loaded predictor.
 pub struct Predictor {
-    net: Box<dyn SegNet>,
+    /// One network per checkpoint (the ensemble's members).
+    nets: Vec<Box<dyn SegNet>>,
     plan: PreprocessPlan,
     patch: [usize; 3],
     mirror_axes: Vec<usize>,
@@ -90,29 +94,31 @@ fn accumulate_on_device(device: &Device) -> Result<bool> {
     }
 }
 
-fn plans_path_for(opts: &PredictOptions) -> Result<Option<PathBuf>> {
-    if let Some(p) = &opts.plans {
-        return Ok(Some(p.clone()));
-    }
-    // Our training checkpoints know their preprocessed folder, which holds plans.json.
-    let dict = stu_engine::checkpoint::StateDict::open(&opts.checkpoint)?;
-    if let Some(meta) = dict.metadata().get("stu_checkpoint") {
-        let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", opts.checkpoint.display()))?;
-        if let Some(dir) = v.pointer("/config/preprocessed").and_then(|d| d.as_str()) {
-            let p = Path::new(dir).join("plans.json");
-            ensure!(p.exists(), "{}: the plans of its training run ({}) are gone; pass --plans", opts.checkpoint.display(), p.display());
-            return Ok(Some(p));
-        }
-    }
-    Ok(None)
+/// What one of our training checkpoints records of its run (`stu_checkpoint` metadata): the
+/// plans of its preprocessed folder and the patch it was trained on. Foreign checkpoints
+/// (nnU-Net's, safetensors exports) record neither.
+struct TrainedWith {
+    plans: Option<PathBuf>,
+    patch: Option<[usize; 3]>,
 }
 
-/// The patch size our training checkpoints record (`config.patch_size`), if any.
-fn trained_patch(opts: &PredictOptions) -> Result<Option<[usize; 3]>> {
-    let dict = stu_engine::checkpoint::StateDict::open(&opts.checkpoint)?;
-    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(None) };
-    let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", opts.checkpoint.display()))?;
-    Ok(v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()))
+fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
+    let dict = stu_engine::checkpoint::StateDict::open(checkpoint)?;
+    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(TrainedWith { plans: None, patch: None }) };
+    let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", checkpoint.display()))?;
+    let plans = match v.pointer("/config/preprocessed").and_then(|d| d.as_str()) {
+        Some(dir) => {
+            let p = Path::new(dir).join("plans.json");
+            ensure!(p.exists(), "{}: the plans of its training run ({}) are gone; pass --plans", checkpoint.display(), p.display());
+            Some(p)
+        }
+        None => None,
+    };
+    Ok(TrainedWith { plans, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()) })
+}
+
+fn read_plans(p: &Path) -> Result<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?).with_context(|| format!("{}: not valid JSON", p.display()))
 }
 
 impl Predictor {
@@ -121,11 +127,22 @@ impl Predictor {
         zoo::link();
         ensure!(opts.step > 0.0 && opts.step <= 1.0, "--step must be in (0, 1], got {}", opts.step);
         opts.precision.check(opts.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
-        let plans = plans_path_for(opts)?;
+        ensure!(!opts.checkpoints.is_empty(), "no checkpoint given");
+        let trained: Vec<TrainedWith> = opts.checkpoints.iter().map(|c| trained_with(c)).collect::<Result<_>>()?;
+        // The plan: --plans, else the first checkpoint's run's (the others' must be the same
+        // plan: an ensemble's members see the same preprocessed input), else the released one.
+        let plans = opts.plans.clone().or_else(|| trained.iter().find_map(|t| t.plans.clone()));
         let (plan_json, plan_path) = match &plans {
-            Some(p) => (serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?).with_context(|| format!("{}: not valid JSON", p.display()))?, p.clone()),
+            Some(p) => (read_plans(p)?, p.clone()),
             None => (released_plan(), PathBuf::from("<released STU-Net plan>")),
         };
+        if opts.plans.is_none() {
+            for (c, t) in opts.checkpoints.iter().zip(&trained) {
+                if let Some(p) = t.plans.as_ref().filter(|p| Some(*p) != plans.as_ref()) {
+                    ensure!(read_plans(p)? == plan_json, "{}: trained with the plans {}, which differ from {}; an ensemble's checkpoints share one plan (pass --plans to choose)", c.display(), p.display(), plan_path.display());
+                }
+            }
+        }
         // The plan used is written beside the predictions (as nnU-Net does) and read from there.
         std::fs::create_dir_all(&opts.output).with_context(|| format!("{}: cannot create the output folder", opts.output.display()))?;
         let used = opts.output.join("plans.json");
@@ -135,21 +152,38 @@ impl Predictor {
         let (plan, strides) = (plan?, strides.with_context(|| plan_path.display().to_string())?);
         let patch: Vec<usize> = serde_json::from_value(plan_json[ "configurations"][&opts.configuration]["patch_size"].clone()).with_context(|| format!("{}: `patch_size` missing", plan_path.display()))?;
         ensure!(patch.len() == 3, "{}: only 3-D configurations predict here", plan_path.display());
-        let device = opts.backend.device()?;
-        let net = stu_engine::model::load_checkpoint(&opts.checkpoint, opts.model.as_deref(), &LoadOptions { strides: Some(strides), from_plan: true }, &device)?;
-        ensure!(net.in_channels() == plan.normalization_schemes.len(), "{}: the model takes {} channel(s), the plan normalises {}", opts.checkpoint.display(), net.in_channels(), plan.normalization_schemes.len());
         // A run trained with `--patch-size` predicts with the patch it was trained on.
-        let patch = trained_patch(opts)?.unwrap_or([patch[0], patch[1], patch[2]]);
-        let div = net.input_divisor();
-        ensure!((0..3).all(|a| patch[a] % div[a] == 0), "patch {patch:?} does not fit the network's strides (divisor {div:?})");
-        let net = opts.precision.cast_net(&*net).unwrap_or(net);
+        let first = trained.iter().zip(&opts.checkpoints).find_map(|(t, c)| t.patch.map(|p| (p, c)));
+        if let Some((p, c)) = first {
+            for (t, d) in trained.iter().zip(&opts.checkpoints) {
+                ensure!(t.patch.is_none_or(|q| q == p), "{}: trained on {:?} patches, {} on {p:?}; an ensemble's checkpoints share one patch size", d.display(), t.patch.expect("some"), c.display());
+            }
+        }
+        let patch = first.map_or([patch[0], patch[1], patch[2]], |(p, _)| p);
+        let device = opts.backend.device()?;
+        let mut nets = Vec::with_capacity(opts.checkpoints.len());
+        for c in &opts.checkpoints {
+            let net = stu_engine::model::load_checkpoint(c, opts.model.as_deref(), &LoadOptions { strides: Some(strides.clone()), from_plan: true }, &device)?;
+            ensure!(net.in_channels() == plan.normalization_schemes.len(), "{}: the model takes {} channel(s), the plan normalises {}", c.display(), net.in_channels(), plan.normalization_schemes.len());
+            if let Some(n) = nets.first().map(|n: &Box<dyn SegNet>| n.num_classes()) {
+                ensure!(net.num_classes() == n, "{}: {} output classes, {} has {n}; an ensemble's checkpoints predict the same classes", c.display(), net.num_classes(), opts.checkpoints[0].display());
+            }
+            let div = net.input_divisor();
+            ensure!((0..3).all(|a| patch[a] % div[a] == 0), "{}: patch {patch:?} does not fit the network's strides (divisor {div:?})", c.display());
+            nets.push(opts.precision.cast_net(&*net).unwrap_or(net));
+        }
         let on_device = accumulate_on_device(&device)?;
-        Ok(Self { net, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device })
+        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device })
     }
 
     /// Input channels the model takes.
     pub fn channels(&self) -> usize {
-        self.net.in_channels()
+        self.nets[0].in_channels()
+    }
+
+    /// Output classes, background included.
+    pub fn classes(&self) -> usize {
+        self.nets[0].num_classes()
     }
 
     /// Predicts one case (its channel files) and returns the label map in the input's array
@@ -174,7 +208,7 @@ impl Predictor {
         let [c, z, y, x] = pre.props.shape;
         let logits = self.sliding_window(&pre.data, c, [z, y, x], progress)?;
         lap("network");
-        let classes = self.net.num_classes();
+        let classes = self.classes();
         // Back to the cropped shape, channel by channel, keeping a running argmax.
         let target = pre.props.shape_after_cropping_and_before_resampling;
         let perm = self.plan.transpose_forward;
@@ -250,7 +284,7 @@ impl Predictor {
         }
         let steps: Vec<Vec<usize>> = (0..3).map(|a| sliding_steps(padded[a], p[a], self.step)).collect();
         let g = gaussian_importance(p);
-        let classes = self.net.num_classes();
+        let classes = self.classes();
         let mut acc = if self.on_device { Vec::new() } else { vec![0f32; classes * np] };
         let mut acc_dev = self.on_device.then(|| Tensor::<4>::zeros([classes, padded[0], padded[1], padded[2]], &self.device));
         let g_dev = self.on_device.then(|| Tensor::<4>::from_data(TensorData::new(g.clone(), [1, p[0], p[1], p[2]]), &self.device));
@@ -272,19 +306,22 @@ impl Predictor {
                         }
                     }
                     let x = self.precision.input(Tensor::<5>::from_data(TensorData::new(tile, [1, c, p[0], p[1], p[2]]), &self.device));
+                    // The mean over every member of the ensemble and every mirroring.
                     let mut sum: Option<Tensor<5>> = None;
-                    for axes in &subsets {
-                        let out = self.precision.output(if axes.is_empty() {
-                            self.net.forward(x.clone())
-                        } else {
-                            flip(self.net.forward(flip(x.clone(), axes)), axes)
-                        });
-                        sum = Some(match sum {
-                            Some(s) => s + out,
-                            None => out,
-                        });
+                    for net in &self.nets {
+                        for axes in &subsets {
+                            let out = self.precision.output(if axes.is_empty() {
+                                net.forward(x.clone())
+                            } else {
+                                flip(net.forward(flip(x.clone(), axes)), axes)
+                            });
+                            sum = Some(match sum {
+                                Some(s) => s + out,
+                                None => out,
+                            });
+                        }
                     }
-                    let mean = sum.expect("at least one pass") / subsets.len() as f64;
+                    let mean = sum.expect("at least one pass") / (subsets.len() * self.nets.len()) as f64;
                     // On the device the tile is summed there; on the host its logits come back.
                     let logits = if let (Some(a), Some(gd)) = (acc_dev.take(), &g_dev) {
                         // In place: `a` is the only handle on its storage once the slice is summed.
@@ -559,10 +596,10 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     let map = opts.label_map.as_deref().map(crate::labelmap::LabelMap::load).transpose()?;
     let predictor = Predictor::new(opts)?;
     if map.is_some() {
-        ensure!(predictor.net.num_classes() == stu_core::taxonomy::CLASSES.len() + 1, "{}: label maps translate STU-Net's 104 TotalSegmentator classes; this model has {} outputs", opts.checkpoint.display(), predictor.net.num_classes());
+        ensure!(predictor.classes() == stu_core::taxonomy::CLASSES.len() + 1, "{}: label maps translate STU-Net's 104 TotalSegmentator classes; this model has {} outputs", opts.checkpoints[0].display(), predictor.classes());
     }
     let table = map.as_ref().map(|m| m.prediction_table());
-    let wide = table.is_none() && predictor.net.num_classes() > 256;
+    let wide = table.is_none() && predictor.classes() > 256;
     // Channel counts are checked up front: a wrong one is the user's mistake for every case.
     let wrong: Vec<String> = cases.iter().filter(|(_, f)| f.len() != predictor.channels()).map(|(id, f)| format!("`{id}` ({})", f.len())).collect();
     ensure!(wrong.len() < cases.len(), "{}: the model takes {} channel(s); the cases have {}", opts.input.display(), predictor.channels(), wrong.join(", "));
@@ -605,6 +642,36 @@ mod tests {
         let centre = at(64, 64, 64);
         assert!((at(0, 0, 0) / centre - 3.78e-11).abs() < 0.01e-11);
         assert!((at(0, 64, 64) / centre - 3.35e-4).abs() < 0.01e-4);
+    }
+
+    /// A predictor over tiny STU-Nets with the given seeds (no plan needed: only the sliding
+    /// window runs).
+    fn tiny_predictor(seeds: &[u64], mirror: bool) -> Predictor {
+        zoo::link();
+        let device = Backend::Flex.device().unwrap();
+        let entry = stu_engine::model::registry().get("stunet").unwrap();
+        let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
+        let nets = seeds.iter().map(|&s| stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), s, None)).collect();
+        let plan = PreprocessPlan { spacing: [1.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
+        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: false }
+    }
+
+    #[test]
+    fn an_ensemble_averages_its_members_logits() {
+        // A volume larger than the patch along every axis: overlapping, Gaussian-weighted tiles.
+        let shape = [21, 40, 37];
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+        for mirror in [false, true] {
+            let run = |seeds: &[u64]| tiny_predictor(seeds, mirror).sliding_window(&data, 1, shape, &|_, _| {}).unwrap();
+            let (a, b, ab) = (run(&[1]), run(&[2]), run(&[1, 2]));
+            assert_eq!(ab.len(), 3 * n);
+            let scale = a.iter().chain(&b).fold(0f32, |m, v| m.max(v.abs()));
+            let worst = a.iter().zip(&b).zip(&ab).fold(0f32, |m, ((a, b), e)| m.max((e - (a + b) / 2.0).abs()));
+            assert!(worst <= 1e-5 * scale, "mirror {mirror}: ensemble off the members' mean by {worst} (scale {scale})");
+            // The members differ, so the mean is not either of them.
+            assert!(a.iter().zip(&b).any(|(a, b)| (a - b).abs() > 1e-2 * scale));
+        }
     }
 
     #[test]

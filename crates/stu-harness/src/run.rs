@@ -147,7 +147,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         let opts = crate::predict::PredictOptions {
             input: images,
             output: pred.clone(),
-            checkpoint: checkpoint.clone(),
+            checkpoints: vec![checkpoint.clone()],
             model: Some(s.model.name.clone()),
             plans: s.predict.plans.clone(),
             configuration: s.plan.configuration.clone(),
