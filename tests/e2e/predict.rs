@@ -37,6 +37,17 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     assert_eq!(out.geom.affine, input.affine);
     let classes = 1 + stu_data::dataset::DatasetJson::read(&raw.join("dataset.json")).unwrap().labels.len() as u16 - 1;
     assert!(out.data.iter().all(|&v| v < classes));
+    // Two folds' checkpoints (here: a second seed) predict as an ensemble; a member with other
+    // classes is refused, naming it.
+    ok(&stu(&[
+        "train", &t("pre"), "--out", &t("run1"), "--fold", "all", "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "1", "--iterations", "2", "--val-iterations", "0", "--patch-size", "16,32,32", "--seed", "1",
+    ]));
+    ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens"), "--checkpoint", &ck, &t("run1/checkpoint_final.safetensors"), "--disable-tta"]));
+    assert_eq!(stu_data::nifti_io::read_label(&tmp.path().join("pred-ens/ts_mr_sm.nii.gz")).unwrap().geom.shape, input.shape);
+    let other = shared().join("fixtures/stunet-parity/tiny_iso.safetensors");
+    let bad = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens-bad"), "--checkpoint", &ck, other.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("tiny_iso.safetensors") && err.contains("classes"), "{err}");
     // With TTA too, through a single file input.
     ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-tta"), "--checkpoint", &ck, "--save-probabilities"]));
     // Probabilities: [classes, Z, Y, X] in the input's array order, summing to 1, argmax = labels.
