@@ -184,6 +184,9 @@ enum Command {
         /// Also write `{case}.probabilities.safetensors`: softmax per class, float16, in the input's array order.
         #[arg(long)]
         save_probabilities: bool,
+        /// Fast export (nnU-Net v1's `--mode fast`, STU-Net's recommended inference): the argmax on the network's grid, then only the label map resampled to the input's, instead of every class's logits; labels may differ from the full export along boundaries.
+        #[arg(long, conflicts_with = "save_probabilities")]
+        fast_export: bool,
         /// Compute backend.
         #[arg(long, default_value = "flex")]
         backend: Backend,
@@ -648,8 +651,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
-        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision } => {
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, backend, precision };
+        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, fast_export, backend, precision } => {
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, fast_export, backend, precision };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());

@@ -59,6 +59,10 @@ pub struct PredictOptions {
     pub label_map: Option<String>,
     /// Also write `{case}.probabilities.safetensors` (softmax, float16, input geometry).
     pub save_probabilities: bool,
+    /// Fast export (nnU-Net v1's `--mode fast`, STU-Net's recommended inference): the argmax on
+    /// the network's grid, then only the label map resampled to the input's (order 1 per label,
+    /// as preprocessing resamples segmentations), instead of every class's logits.
+    pub fast_export: bool,
     /// Backend.
     pub backend: Backend,
     /// Arithmetic of the network (bf16/f16 on backends with half-precision kernels); logits
@@ -77,6 +81,7 @@ pub struct Predictor {
     device: Device,
     precision: Precision,
     on_device: bool,
+    fast_export: bool,
 }
 
 /// Seconds per phase of one case, in order (`stu predict` reports them).
@@ -173,7 +178,8 @@ impl Predictor {
             nets.push(opts.precision.cast_net(&*net).unwrap_or(net));
         }
         let on_device = accumulate_on_device(&device)?;
-        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device })
+        ensure!(!(opts.fast_export && opts.save_probabilities), "--fast-export resamples only the label map; --save-probabilities needs every class resampled (the full export)");
+        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, fast_export: opts.fast_export })
     }
 
     /// Input channels the model takes.
@@ -216,6 +222,38 @@ impl Predictor {
         let sep = separate_axis(self.plan.spacing, orig_spacing_t);
         let n: usize = z * y * x;
         let nt: usize = target.iter().product();
+        let full = pre.props.shape_before_cropping;
+        let bb = pre.props.bbox_used_for_cropping;
+        let mut backward = [0usize; 3];
+        for (i, &p) in perm.iter().enumerate() {
+            backward[p] = i;
+        }
+        if self.fast_export {
+            // The argmax on the network's grid (first maximum, as numpy's), then the label map
+            // alone resampled.
+            ensure!(classes <= i16::MAX as usize + 1, "--fast-export: {classes} classes do not fit the label resampler");
+            use rayon::prelude::*;
+            const CHUNK: usize = 1 << 15;
+            let mut seg = vec![0i16; n];
+            seg.par_chunks_mut(CHUNK).enumerate().for_each(|(c, seg)| {
+                let (at, len) = (c * CHUNK, seg.len());
+                let mut best = logits[at..at + len].to_vec();
+                for k in 1..classes {
+                    for ((s, b), &v) in seg.iter_mut().zip(best.iter_mut()).zip(&logits[k * n + at..k * n + at + len]) {
+                        if v > *b {
+                            *b = v;
+                            *s = k as i16;
+                        }
+                    }
+                }
+            });
+            drop(logits);
+            let seg: Vec<u16> = stu_data::resample::resample_seg(&seg, [z, y, x], target, sep).into_iter().map(|v| v as u16).collect();
+            let (seg, shape) = transpose(uncrop(&seg, target, full, bb, 0), full, backward);
+            ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
+            lap("argmax + resample");
+            return Ok((seg, geom));
+        }
         let mut best = vec![f32::NEG_INFINITY; nt];
         let mut arg = vec![0u16; nt];
         // Running sum of exp(logit − max) for the probabilities (online log-sum-exp).
@@ -243,12 +281,6 @@ impl Predictor {
             }
         }
         // Un-crop into the transposed full shape, then transpose back.
-        let full = pre.props.shape_before_cropping;
-        let bb = pre.props.bbox_used_for_cropping;
-        let mut backward = [0usize; 3];
-        for (i, &p) in perm.iter().enumerate() {
-            backward[p] = i;
-        }
         if let (Some(path), Some(sumexp)) = (probabilities, sumexp) {
             // Second pass: softmax of the resampled logits, one class at a time, un-cropped
             // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
@@ -645,7 +677,7 @@ mod tests {
         let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
         let nets = seeds.iter().map(|&s| stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), s, None)).collect();
         let plan = PreprocessPlan { spacing: [1.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
-        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: false }
+        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: false, fast_export: false }
     }
 
     #[test]

@@ -156,6 +156,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             keep_largest: s.predict.keep_largest,
             label_map: s.predict.label_map.clone(),
             save_probabilities: false,
+            fast_export: s.predict.fast_export,
             backend,
             precision: s.precision,
         };

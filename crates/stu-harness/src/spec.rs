@@ -223,6 +223,12 @@ pub struct PredictSpec {
     /// Keep the largest component per label.
     #[serde(default)]
     pub keep_largest: bool,
+    /// Fast export: argmax on the network's grid, then the label map resampled (`stu predict
+    /// --fast-export`).
+    // Left out when off so that `Point::former_id` (the whole serialised spec) stays what it was
+    // before the field existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fast_export: bool,
     /// Direct-inference label map (built-in name or file).
     #[serde(default)]
     pub label_map: Option<String>,
@@ -240,7 +246,7 @@ fn half() -> f64 {
 
 impl Default for PredictSpec {
     fn default() -> Self {
-        Self { tta: true, step: 0.5, keep_largest: false, label_map: None, dataset: None, plans: None }
+        Self { tta: true, step: 0.5, keep_largest: false, fast_export: false, label_map: None, dataset: None, plans: None }
     }
 }
 
@@ -373,7 +379,8 @@ pub struct Point {
     /// suffix).
     pub id: String,
     /// The id under the rule before 2026-11-27 (the whole resolved spec, defaults included):
-    /// finished folders named by it still count.
+    /// finished folders named by it still count. Fields added since are serialised only when
+    /// off their default, which keeps it.
     pub former_id: String,
 }
 
