@@ -146,6 +146,59 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
 }
 
 #[test]
+fn training_ends_with_nnunets_final_validation_of_the_fold() {
+    // The real MR case twice (`a` trains, `b` validates), its raw folder copied with a split.
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let src = shared().join("data/Dataset802_TotalSegExampleMR");
+    let raw = tmp.path().join("raw");
+    for d in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(raw.join(d)).unwrap();
+    }
+    for id in ["a", "b"] {
+        std::fs::copy(src.join("imagesTr/ts_mr_sm_0000.nii.gz"), raw.join(format!("imagesTr/{id}_0000.nii.gz"))).unwrap();
+        std::fs::copy(src.join("labelsTr/ts_mr_sm.nii.gz"), raw.join(format!("labelsTr/{id}.nii.gz"))).unwrap();
+    }
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("dataset.json")).unwrap()).unwrap();
+    json["numTraining"] = 2.into();
+    std::fs::write(raw.join("dataset.json"), json.to_string()).unwrap();
+    std::fs::write(raw.join("splits_final.json"), r#"[{"train": ["a"], "val": ["b"]}]"#).unwrap();
+    let raw_s = raw.to_str().unwrap();
+    ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
+    ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", &*t("pre"), "--out", &*t("run"), "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32"].into_iter().map(String::from).collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        ok(&Command::new(stu_bin!()).args(&args).output().unwrap())
+    };
+    let log = train(&[]);
+    assert!(log.contains("final validation: 1 case(s) (1 predicted now)"), "{log}");
+    // The validation case's prediction has its raw label's geometry and is scored against it.
+    let val = tmp.path().join("run/validation");
+    let pred = stu_data::nifti_io::read_label(&val.join("b.nii.gz")).unwrap();
+    let label = stu_data::nifti_io::read_label(&raw.join("labelsTr/b.nii.gz")).unwrap();
+    assert_eq!((pred.geom.shape, pred.geom.affine), (label.geom.shape, label.geom.affine));
+    assert!(!val.join("a.nii.gz").exists(), "only the fold's validation cases");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(val.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["metric_per_case"].as_array().unwrap().len(), 1);
+    // It is the same prediction `stu predict` makes with TTA.
+    ok(&stu(&["predict", "-i", raw.join("imagesTr/b_0000.nii.gz").to_str().unwrap(), "-o", &t("pred"), "--checkpoint", &t("run/checkpoint_final.safetensors")]));
+    assert!(stu_data::nifti_io::read_label(&tmp.path().join("pred/b.nii.gz")).unwrap().data == pred.data);
+    // An interrupted validation is finished by --resume; a finished one is only re-scored.
+    std::fs::remove_file(val.join("b.nii.gz")).unwrap();
+    std::fs::remove_file(val.join("summary.json")).unwrap();
+    let log = train(&["--resume"]);
+    assert!(log.contains("already complete") && log.contains("(1 predicted now)"), "{log}");
+    assert!(val.join("summary.json").exists());
+    let log = train(&["--resume"]);
+    assert!(log.contains("(0 predicted now)"), "{log}");
+    // Preprocessed data that does not record its raw folder skip it, saying why.
+    std::fs::remove_file(tmp.path().join("pre/source.json")).unwrap();
+    let log = train(&["--resume"]);
+    assert!(log.contains("final validation skipped") && log.contains("does not record its raw dataset"), "{log}");
+}
+
+#[test]
 fn metrics_match_deepmind_surface_distance_and_nnunet_on_real_label_maps() {
     let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tests::own_fixtures().join("metrics.json")).unwrap()).unwrap();
     let tol = fixture["tolerance_mm"].as_f64().unwrap();

@@ -374,5 +374,25 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
             write_file(&splits, (serde_json::to_string_pretty(&folds).expect("serialisable") + "\n").as_bytes())?;
         }
     }
+    // Where the raw cases are, for what needs them after training (the final validation
+    // predicts the validation cases from their images and scores them against their labels).
+    let source = root.canonicalize().map_err(|e| DatasetError::File { path: root.to_path_buf(), reason: format!("cannot resolve: {e}") })?;
+    write_file(&out.join(SOURCE), (serde_json::to_string_pretty(&serde_json::json!({"raw": source})).expect("serialisable") + "\n").as_bytes())?;
     Ok((todo.len(), done))
+}
+
+/// The file in a preprocessed folder naming its raw dataset.
+pub const SOURCE: &str = "source.json";
+
+/// The raw dataset a preprocessed folder was made from (`source.json`), if it records one and
+/// the folder is still there.
+pub fn source_of(preprocessed: &Path) -> Result<Option<PathBuf>, DatasetError> {
+    let path = preprocessed.join(SOURCE);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| DatasetError::File { path: path.clone(), reason: format!("not valid JSON: {e}") })?;
+    let raw = v["raw"].as_str().map(PathBuf::from).ok_or_else(|| DatasetError::File { path: path.clone(), reason: "no `raw` path".into() })?;
+    if !raw.join("dataset.json").exists() {
+        return Err(DatasetError::File { path, reason: format!("its raw dataset {} is gone", raw.display()) });
+    }
+    Ok(Some(raw))
 }

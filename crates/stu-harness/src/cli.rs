@@ -334,6 +334,11 @@ struct TrainArgs {
     /// (RANK, WORLD_SIZE, MASTER_ADDR, …) starts each rank.
     #[arg(long, default_value_t = 1, value_parser = parse_nproc)]
     nproc: usize,
+    /// Skip nnU-Net's final validation: predicting the fold's validation cases from their raw
+    /// images with the final checkpoint (mirroring TTA) into `RUN/validation/`, scored into its
+    /// `summary.json`. (`--resume` on a finished run does what is missing of it.)
+    #[arg(long)]
+    no_final_validation: bool,
 }
 
 fn parse_nproc(s: &str) -> Result<usize, String> {
@@ -743,6 +748,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(args) if args.nproc > 1 => crate::train::launch_local(args.nproc)?,
         Command::Train(args) => {
+            let validate = !args.no_final_validation;
             let req = args.request()?;
             let bar = indicatif::ProgressBar::new(0).with_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} it, ETA {eta} {msg}").expect("valid template"),
@@ -756,6 +762,26 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{}: the run was already complete", s.out.display());
             }
             eprintln!("best EMA pseudo Dice {}; checkpoints and log.jsonl in {}", s.best_ema.map_or("-".into(), |v| format!("{v:.4}")), s.out.display());
+            if validate {
+                let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("validation {prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles").expect("valid template"));
+                let outcome = crate::validation::final_validation(&s.out, &|id, done, total| {
+                    bar.set_prefix(id.to_string());
+                    bar.set_length(total as u64);
+                    bar.set_position(done as u64);
+                })
+                .context("final validation (the checkpoints are written; `--resume` retries it)")?;
+                bar.finish_and_clear();
+                match outcome {
+                    crate::validation::Outcome::Done(v) => eprintln!(
+                        "final validation: {} case(s) ({} predicted now), foreground mean Dice {}; {}",
+                        v.cases,
+                        v.predicted,
+                        v.foreground_dice.map_or("-".into(), |d| format!("{d:.4}")),
+                        v.dir.join("summary.json").display()
+                    ),
+                    crate::validation::Outcome::Skipped(why) => eprintln!("final validation skipped: {why}"),
+                }
+            }
         }
         Command::Export { model, output } => {
             let n = forward::export(&model.source(), &output)?;

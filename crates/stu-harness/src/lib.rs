@@ -16,6 +16,7 @@ pub mod quickstart;
 pub mod run;
 pub mod spec;
 pub mod train;
+pub mod validation;
 
 use stu_engine::model::PresetSummary;
 

@@ -208,7 +208,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
 }
 
 /// The training and validation case ids of a fold.
-fn fold_cases(dir: &Path, fold: &str) -> Result<(Vec<String>, Vec<String>)> {
+pub(crate) fn fold_cases(dir: &Path, fold: &str) -> Result<(Vec<String>, Vec<String>)> {
     if fold == "all" {
         let mut ids: Vec<String> = std::fs::read_dir(dir)
             .with_context(|| format!("{}: cannot list", dir.display()))?

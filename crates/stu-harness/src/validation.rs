@@ -1,0 +1,89 @@
+//! nnU-Net's final validation (`perform_actual_validation`): after training, the fold's
+//! validation cases are predicted from their raw images with the final checkpoint (sliding
+//! window, mirroring TTA, the full export) into `RUN/validation/{case}.nii.gz`, and scored
+//! against their raw labels into `RUN/validation/summary.json`, the cross-validation numbers
+//! nnU-Net users report. The raw dataset is found through `source.json`, which `stu preprocess`
+//! writes into the preprocessed folder. Rerunning predicts only the cases not written yet.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::predict::{PredictOptions, Predictor};
+use crate::train::TrainConfig;
+
+/// What the final validation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Validation {
+    /// `RUN/validation`.
+    pub dir: PathBuf,
+    /// Cases predicted now (the others were there already).
+    pub predicted: usize,
+    /// Validation cases in all.
+    pub cases: usize,
+    /// Mean Dice over the foreground labels (nnU-Net's `foreground_mean`).
+    pub foreground_dice: Option<f64>,
+}
+
+/// Why a run has no final validation, or its result.
+#[derive(Debug, Clone, Serialize)]
+pub enum Outcome {
+    /// Done.
+    Done(Validation),
+    /// Nothing to validate, with the reason (`--fold all`, a preprocessed folder without
+    /// `source.json`).
+    Skipped(String),
+}
+
+/// Runs the final validation of the finished run in `run` (its `train.json` and
+/// `checkpoint_final.safetensors`).
+pub fn final_validation(run: &Path, progress: &dyn Fn(&str, usize, usize)) -> Result<Outcome> {
+    let cfg_path = run.join("train.json");
+    let cfg: TrainConfig = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?).with_context(|| format!("{}: not a training configuration", cfg_path.display()))?;
+    let (_, val_ids) = crate::train::fold_cases(&cfg.preprocessed, &cfg.fold)?;
+    if val_ids.is_empty() {
+        return Ok(Outcome::Skipped(format!("fold `{}` has no validation cases", cfg.fold)));
+    }
+    let Some(raw) = stu_data::preprocess::source_of(&cfg.preprocessed)? else {
+        return Ok(Outcome::Skipped(format!("{} does not record its raw dataset (preprocessed by an older `stu preprocess`); predict the validation cases with `stu predict`", cfg.preprocessed.display())));
+    };
+    let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
+    let (cases, _) = stu_data::dataset::discover(&raw, &json)?;
+    let dir = run.join("validation");
+    let opts = PredictOptions {
+        input: raw.join("imagesTr"),
+        output: dir.clone(),
+        checkpoints: vec![run.join("checkpoint_final.safetensors")],
+        model: Some(cfg.model.clone()),
+        plans: None,
+        configuration: cfg.configuration.clone(),
+        disable_tta: false,
+        step: 0.5,
+        keep_largest: false,
+        label_map: None,
+        save_probabilities: false,
+        fast_export: false,
+        backend: cfg.backend.parse().map_err(|e: String| anyhow::anyhow!("{}: `backend`: {e}", cfg_path.display()))?,
+        precision: cfg.precision,
+    };
+    let predictor = Predictor::new(&opts)?;
+    let wide = predictor.classes() > 256;
+    let mut predicted = 0;
+    for id in &val_ids {
+        let out = dir.join(format!("{id}.nii.gz"));
+        if out.exists() {
+            continue;
+        }
+        let case = cases.iter().find(|c| &c.id == id).with_context(|| format!("validation case `{id}` is not in {}", raw.join("imagesTr").display()))?;
+        let images: Vec<PathBuf> = case.images.iter().enumerate().map(|(ch, p)| p.clone().with_context(|| format!("validation case `{id}` has no channel {ch} in {}", raw.display()))).collect::<Result<_>>()?;
+        let (seg, geom) = predictor.predict_case(id, &images, &|d, n| progress(id, d, n))?;
+        stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide).with_context(|| out.display().to_string())?;
+        predicted += 1;
+    }
+    let labels: Vec<u16> = json.foreground_classes().into_iter().map(|(c, _)| c as u16).collect();
+    let summary = stu_data::metrics::evaluate_folder(&raw.join("labelsTr"), &dir, &labels, &Default::default())?;
+    let value = serde_json::to_value(&summary)?;
+    stu_core::fs::write_atomic(&dir.join("summary.json"), (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
+    Ok(Outcome::Done(Validation { dir, predicted, cases: val_ids.len(), foreground_dice: value.pointer("/foreground_mean/Dice").and_then(|d| d.as_f64()) }))
+}
