@@ -199,6 +199,38 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
 }
 
 #[test]
+fn evaluation_leaves_out_the_ignore_label() {
+    // A reference with a slab marked `ignore` (sparse annotation) against the full label map:
+    // with the ignore label declared every Dice is 1; without it, the slab's labels are FP.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = shared().join("data/Dataset802_TotalSegExampleMR");
+    let full = stu_data::nifti_io::read_label(&src.join("labelsTr/ts_mr_sm.nii.gz")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("dataset.json")).unwrap()).unwrap();
+    let ignore = json["labels"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).max().unwrap() + 1;
+    json["labels"]["ignore"] = ignore.into();
+    let (r, p) = (tmp.path().join("ref"), tmp.path().join("pred"));
+    std::fs::create_dir_all(&r).unwrap();
+    std::fs::create_dir_all(&p).unwrap();
+    let [_, ny, nx] = full.geom.shape;
+    let sparse: Vec<u16> = full.data.iter().enumerate().map(|(i, &v)| if i / (ny * nx) < 8 { ignore as u16 } else { v }).collect();
+    stu_data::nifti_io::write_label_as(&r.join("c.nii.gz"), &sparse, &full.geom, false).unwrap();
+    stu_data::nifti_io::write_label_as(&p.join("c.nii.gz"), &full.data, &full.geom, false).unwrap();
+    let with = tmp.path().join("with.json");
+    std::fs::write(&with, json.to_string()).unwrap();
+    let score = |labels: &Path| {
+        ok(&stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), "--labels", labels.to_str().unwrap()]));
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.join("summary.json")).unwrap()).unwrap();
+        let dice: Vec<f64> = s["mean"].as_object().unwrap().values().filter_map(|m| m["Dice"].as_f64()).collect();
+        (dice.iter().copied().fold(1.0, f64::min), s["metric_per_case"][0]["metrics"]["1"]["TN"].as_f64().unwrap())
+    };
+    let (worst, tn) = score(&with);
+    assert_eq!(worst, 1.0, "with the ignore label declared");
+    let (worst_plain, tn_plain) = score(&src.join("dataset.json"));
+    assert!(worst_plain < 1.0, "the slab counts without it");
+    assert!(tn < tn_plain, "ignored voxels are not true negatives either");
+}
+
+#[test]
 fn metrics_match_deepmind_surface_distance_and_nnunet_on_real_label_maps() {
     let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tests::own_fixtures().join("metrics.json")).unwrap()).unwrap();
     let tol = fixture["tolerance_mm"].as_f64().unwrap();

@@ -74,13 +74,20 @@ inventory::submit! { MetricEntry { name: "dice", key: "Dice", summary: "2TP/(2TP
 inventory::submit! { MetricEntry { name: "iou", key: "IoU", summary: "TP/(TP+FP+FN); NaN when both masks are empty (nnU-Net)", compute: iou, module_path: module_path!() } }
 
 /// Confusion counts of each label in `labels` for one case.
-pub fn confusion(reference: &[u16], prediction: &[u16], labels: &[u16]) -> BTreeMap<u16, Confusion> {
+///
+/// Voxels where `ignored` is true (nnU-Net's ignore label in the reference) count nowhere.
+pub fn confusion(reference: &[u16], prediction: &[u16], labels: &[u16], ignored: Option<&[bool]>) -> BTreeMap<u16, Confusion> {
     let max = labels.iter().copied().max().unwrap_or(0) as usize;
     // counts[r][p] would be 65536²; count per (label present in ref, label present in pred).
     let mut tp = vec![0u64; max + 1];
     let mut nref = vec![0u64; max + 1];
     let mut npred = vec![0u64; max + 1];
-    for (&r, &p) in reference.iter().zip(prediction) {
+    let mut n = 0u64;
+    for (i, (&r, &p)) in reference.iter().zip(prediction).enumerate() {
+        if ignored.is_some_and(|m| m[i]) {
+            continue;
+        }
+        n += 1;
         let (r, p) = (r as usize, p as usize);
         if r <= max {
             nref[r] += 1;
@@ -92,7 +99,6 @@ pub fn confusion(reference: &[u16], prediction: &[u16], labels: &[u16]) -> BTree
             tp[r] += 1;
         }
     }
-    let n = reference.len() as u64;
     labels
         .iter()
         .map(|&l| {
@@ -147,6 +153,9 @@ pub struct EvalOptions {
     pub hd95: bool,
     /// Reference value → evaluated label (direct inference); values not listed become 0.
     pub reference_map: Option<BTreeMap<u16, u16>>,
+    /// nnU-Net's ignore label: reference voxels with this value (before `reference_map`) are
+    /// left out of every count, and of the prediction's surfaces.
+    pub ignore_label: Option<u16>,
 }
 
 /// Evaluates every prediction that has a reference (`{id}.nii.gz` in both folders).
@@ -166,6 +175,7 @@ pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surf
     let mut per_case = Vec::with_capacity(pairs.len());
     for (r, p) in pairs {
         let mut rv = crate::nifti_io::read_label(&r).map_err(|e| file_err(&r, e.to_string()))?;
+        let ignored: Option<Vec<bool>> = surface.ignore_label.map(|ig| rv.data.iter().map(|&v| v == ig).collect());
         if let Some(map) = &surface.reference_map {
             rv.data.iter_mut().for_each(|v| *v = map.get(v).copied().unwrap_or(0));
         }
@@ -177,7 +187,7 @@ pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surf
         if !close {
             return Err(file_err(&p, "affine differs from the reference's".into()));
         }
-        let conf = confusion(&rv.data, &pv.data, labels);
+        let conf = confusion(&rv.data, &pv.data, labels, ignored.as_deref());
         let mut metrics: BTreeMap<String, BTreeMap<String, f64>> = conf.iter().map(|(l, c)| (l.to_string(), case_metrics(c))).collect();
         for &l in labels {
             let tol = surface.nsd_tolerance.get(&l).copied().or(surface.nsd_default);
@@ -185,7 +195,7 @@ pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surf
                 continue;
             }
             let g: Vec<bool> = rv.data.iter().map(|&v| v == l).collect();
-            let q: Vec<bool> = pv.data.iter().map(|&v| v == l).collect();
+            let q: Vec<bool> = pv.data.iter().enumerate().map(|(i, &v)| v == l && !ignored.as_ref().is_some_and(|m| m[i])).collect();
             let d = crate::surface::surface_distances(&g, &q, rv.geom.shape, rv.geom.spacing);
             let m = metrics.get_mut(&l.to_string()).expect("every label has counts");
             if let Some(t) = tol {
@@ -225,13 +235,18 @@ mod tests {
     fn counts_and_nnunet_empty_convention() {
         let r = [0, 1, 1, 2, 2, 0];
         let p = [0, 1, 2, 2, 0, 0];
-        let c = confusion(&r, &p, &[1, 2, 3]);
+        let c = confusion(&r, &p, &[1, 2, 3], None);
         assert_eq!(c[&1], Confusion { tp: 1, fp: 0, fn_: 1, tn: 4 });
         assert_eq!(c[&2], Confusion { tp: 1, fp: 1, fn_: 1, tn: 3 });
         assert!((dice(&c[&2]) - 0.5).abs() < 1e-12);
         assert!((iou(&c[&2]) - 1.0 / 3.0).abs() < 1e-12);
         assert!(dice(&c[&3]).is_nan(), "both empty → NaN");
         assert_eq!(dice(&Confusion { tp: 0, fp: 3, fn_: 0, tn: 1 }), 0.0, "empty reference, non-empty prediction → 0");
+        // Voxels under the ignore label count nowhere (nnU-Net's I mask).
+        let ignored = [false, false, true, false, false, true];
+        let c = confusion(&r, &p, &[1, 2], Some(&ignored));
+        assert_eq!(c[&1], Confusion { tp: 1, fp: 0, fn_: 0, tn: 3 });
+        assert_eq!(c[&2], Confusion { tp: 1, fp: 0, fn_: 1, tn: 2 });
         let names: Vec<_> = registry().names().collect();
         assert!(names.contains(&"dice") && names.contains(&"iou"));
     }

@@ -202,7 +202,7 @@ enum Command {
         /// Predicted label maps (same file names).
         #[arg(long)]
         pred: PathBuf,
-        /// dataset.json giving the labels to score (default: every value found in the references).
+        /// dataset.json giving the labels to score (default: every value found in the references) and its ignore label, whose reference voxels count nowhere (nnU-Net).
         #[arg(long)]
         labels: Option<PathBuf>,
         /// Folder for summary.json and summary.csv (default: the prediction folder).
@@ -697,7 +697,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             let labels: Vec<u16> = match (labels, &map) {
                 (_, Some(m)) => m.labels.iter().map(|l| l.value).collect(),
-                (Some(p), None) => stu_data::dataset::DatasetJson::read(&p)?.foreground_classes().iter().map(|c| c.0 as u16).collect(),
+                (Some(p), None) => {
+                    let json = stu_data::dataset::DatasetJson::read(&p)?;
+                    surface.ignore_label = json.ignore_label.map(|v| v as u16);
+                    json.foreground_classes().iter().map(|c| c.0 as u16).collect()
+                }
                 (None, None) => {
                     let mut seen = std::collections::BTreeSet::new();
                     for e in std::fs::read_dir(&reference).with_context(|| format!("{}: cannot list", reference.display()))? {

@@ -82,7 +82,8 @@ pub fn final_validation(run: &Path, progress: &dyn Fn(&str, usize, usize)) -> Re
         predicted += 1;
     }
     let labels: Vec<u16> = json.foreground_classes().into_iter().map(|(c, _)| c as u16).collect();
-    let summary = stu_data::metrics::evaluate_folder(&raw.join("labelsTr"), &dir, &labels, &Default::default())?;
+    let eval = stu_data::metrics::EvalOptions { ignore_label: json.ignore_label.map(|v| v as u16), ..Default::default() };
+    let summary = stu_data::metrics::evaluate_folder(&raw.join("labelsTr"), &dir, &labels, &eval)?;
     let value = serde_json::to_value(&summary)?;
     stu_core::fs::write_atomic(&dir.join("summary.json"), (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
     Ok(Outcome::Done(Validation { dir, predicted, cases: val_ids.len(), foreground_dice: value.pointer("/foreground_mean/Dice").and_then(|d| d.as_f64()) }))
