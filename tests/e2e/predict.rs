@@ -138,11 +138,19 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     std::fs::create_dir_all(&mixed).unwrap();
     std::fs::copy(images.join("ts_mr_sm_0000.nii.gz"), mixed.join("good_0000.nii.gz")).unwrap();
     std::fs::write(mixed.join("broken_0000.nii.gz"), b"\x1f\x8b not really gzip").unwrap();
-    let r = stu(&["predict", "-i", mixed.to_str().unwrap(), "-o", &t("p4"), "--checkpoint", &ck, "--disable-tta"]);
-    assert!(!r.status.success(), "a failed case gives a non-zero exit");
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("broken") && err.contains("1 of 2"), "{err}");
-    assert!(tmp.path().join("p4/good.nii.gz").exists());
+    std::fs::copy(shared().join("data/Dataset801_TotalSegExampleCT/imagesTr/ts_ct_sm_0000.nii.gz"), mixed.join("other_0000.nii.gz")).unwrap();
+    // One case at a time (the CPU default) and overlapped (read, network and export of three
+    // cases at once, the GPU default): the same files, and the same lone failure.
+    for (dir, overlap) in [("p4", "off"), ("p5", "on")] {
+        let r = stu(&["predict", "-i", mixed.to_str().unwrap(), "-o", &t(dir), "--checkpoint", &ck, "--disable-tta", "--overlap", overlap]);
+        assert!(!r.status.success(), "a failed case gives a non-zero exit");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains("broken") && err.contains("1 of 3"), "{err}");
+        for case in ["good", "other"] {
+            let got = std::fs::read(tmp.path().join(dir).join(format!("{case}.nii.gz"))).unwrap();
+            assert!(got == std::fs::read(tmp.path().join("p4").join(format!("{case}.nii.gz"))).unwrap(), "{dir}/{case}");
+        }
+    }
 }
 
 #[test]

@@ -111,7 +111,12 @@ impl Backend {
         }
     }
 
-    /// Whether this binary has it.
+    /// Whether it computes on a GPU (the host's cores are free meanwhile).
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Self::Cuda | Self::TchCuda | Self::Wgpu)
+    }
+
+    /// Whether this binary has the backend.
     pub fn is_compiled(self) -> bool {
         match self {
             Self::Flex => cfg!(feature = "flex"),

@@ -187,6 +187,9 @@ enum Command {
         /// Fast export (nnU-Net v1's `--mode fast`, STU-Net's recommended inference): the argmax on the network's grid, then only the label map resampled to the input's, instead of every class's logits; labels may differ from the full export along boundaries.
         #[arg(long, conflicts_with = "save_probabilities")]
         fast_export: bool,
+        /// Read the next case and export the previous one while a case runs through the network (`on`: holds two cases' logits), or one case at a time (`off`). Default: on with a GPU backend, off on the CPU, whose cores the network already fills.
+        #[arg(long, value_parser = parse_on_off)]
+        overlap: Option<bool>,
         /// Compute backend.
         #[arg(long, default_value = "flex")]
         backend: Backend,
@@ -339,6 +342,14 @@ struct TrainArgs {
     /// `summary.json`. (`--resume` on a finished run does what is missing of it.)
     #[arg(long)]
     no_final_validation: bool,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("`{s}`: expected `on` or `off`")),
+    }
 }
 
 fn parse_nproc(s: &str) -> Result<usize, String> {
@@ -656,8 +667,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
-        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, fast_export, backend, precision } => {
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, fast_export, backend, precision };
+        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, fast_export, overlap, backend, precision } => {
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, fast_export, overlap, backend, precision };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());

@@ -59,6 +59,11 @@ pub struct PredictOptions {
     pub label_map: Option<String>,
     /// Also write `{case}.probabilities.safetensors` (softmax, float16, input geometry).
     pub save_probabilities: bool,
+    /// Whether the next case is read and the previous one exported while a case runs through
+    /// the network (holding two cases' logits), or one case at a time. `None`: overlapped on a
+    /// GPU, whose host cores are otherwise idle, one at a time on the CPU, whose cores the
+    /// network already fills (3 CTs on 2 cores: the same time, 1.2× the memory overlapped).
+    pub overlap: Option<bool>,
     /// Fast export (nnU-Net v1's `--mode fast`, STU-Net's recommended inference): the argmax on
     /// the network's grid, then only the label map resampled to the input's (order 1 per label,
     /// as preprocessing resamples segmentations), instead of every class's logits.
@@ -124,6 +129,136 @@ fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
 
 fn read_plans(p: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?).with_context(|| format!("{}: not valid JSON", p.display()))
+}
+
+/// A case read from its NIfTI files and preprocessed for the network.
+pub struct Case {
+    /// Case id.
+    pub id: String,
+    geom: stu_data::nifti_io::Geometry,
+    pre: stu_data::preprocess::Preprocessed,
+}
+
+/// Reads and preprocesses cases as the predictor's plan says ([`Predictor::reader`]).
+#[derive(Clone)]
+pub struct Reader {
+    plan: PreprocessPlan,
+    channels: usize,
+}
+
+impl Reader {
+    /// Reads a case's channel files (the first gives the output's geometry) and preprocesses
+    /// them.
+    pub fn read(&self, id: &str, images: &[PathBuf]) -> Result<Case> {
+        ensure!(images.len() == self.channels, "case `{id}`: {} channel file(s), the model takes {}", images.len(), self.channels);
+        let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
+        let pre = preprocess_case(id, images, None, &self.plan)?;
+        Ok(Case { id: id.to_string(), geom, pre })
+    }
+}
+
+/// Turns a case's logits into its label map in the input's geometry ([`Predictor::exporter`]):
+/// every class resampled back with a running argmax (and the softmax written when asked), or,
+/// fast, the argmax first and the label map resampled.
+#[derive(Clone)]
+pub struct Exporter {
+    plan: PreprocessPlan,
+    classes: usize,
+    fast: bool,
+}
+
+impl Exporter {
+    /// The name of its phase in the timings.
+    pub fn phase(&self) -> &'static str {
+        if self.fast { "argmax + resample" } else { "resample + argmax" }
+    }
+
+    /// The label map (input array order) and geometry of `case` from its `logits`; with
+    /// `probabilities`, also writes the softmax there ([`write_probabilities`]).
+    pub fn export(&self, case: Case, logits: Vec<f32>, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
+        let Case { id, geom, pre } = case;
+        let [_, z, y, x] = pre.props.shape;
+        let classes = self.classes;
+        // Back to the cropped shape, channel by channel, keeping a running argmax.
+        let target = pre.props.shape_after_cropping_and_before_resampling;
+        let perm = self.plan.transpose_forward;
+        let orig_spacing_t = perm.map(|a| pre.props.original_spacing[a]);
+        let sep = separate_axis(self.plan.spacing, orig_spacing_t);
+        let n: usize = z * y * x;
+        let nt: usize = target.iter().product();
+        let full = pre.props.shape_before_cropping;
+        let bb = pre.props.bbox_used_for_cropping;
+        let mut backward = [0usize; 3];
+        for (i, &p) in perm.iter().enumerate() {
+            backward[p] = i;
+        }
+        if self.fast {
+            // The argmax on the network's grid (first maximum, as numpy's), then the label map
+            // alone resampled.
+            ensure!(classes <= i16::MAX as usize + 1, "--fast-export: {classes} classes do not fit the label resampler");
+            use rayon::prelude::*;
+            const CHUNK: usize = 1 << 15;
+            let mut seg = vec![0i16; n];
+            seg.par_chunks_mut(CHUNK).enumerate().for_each(|(c, seg)| {
+                let (at, len) = (c * CHUNK, seg.len());
+                let mut best = logits[at..at + len].to_vec();
+                for k in 1..classes {
+                    for ((s, b), &v) in seg.iter_mut().zip(best.iter_mut()).zip(&logits[k * n + at..k * n + at + len]) {
+                        if v > *b {
+                            *b = v;
+                            *s = k as i16;
+                        }
+                    }
+                }
+            });
+            drop(logits);
+            let seg: Vec<u16> = stu_data::resample::resample_seg(&seg, [z, y, x], target, sep).into_iter().map(|v| v as u16).collect();
+            let (seg, shape) = transpose(uncrop(&seg, target, full, bb, 0), full, backward);
+            ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
+            return Ok((seg, geom));
+        }
+        let mut best = vec![f32::NEG_INFINITY; nt];
+        let mut arg = vec![0u16; nt];
+        // Running sum of exp(logit − max) for the probabilities (online log-sum-exp).
+        let mut sumexp = probabilities.map(|_| vec![0f32; nt]);
+        for k in 0..classes {
+            use rayon::prelude::*;
+            let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
+            // Voxels are independent: the running maximum (and sum) on all cores.
+            const CHUNK: usize = 1 << 15;
+            let update = |best: &mut [f32], arg: &mut [u16], r: &[f32], mut s: Option<&mut [f32]>| {
+                for (i, &v) in r.iter().enumerate() {
+                    if let Some(s) = s.as_deref_mut() {
+                        s[i] = if v > best[i] { s[i] * (best[i] - v).exp() + 1.0 } else { s[i] + (v - best[i]).exp() };
+                    }
+                    if v > best[i] {
+                        best[i] = v;
+                        arg[i] = k as u16;
+                    }
+                }
+            };
+            let chunks = best.par_chunks_mut(CHUNK).zip(arg.par_chunks_mut(CHUNK)).zip(r.par_chunks(CHUNK));
+            match sumexp.as_mut() {
+                Some(s) => chunks.zip(s.par_chunks_mut(CHUNK)).for_each(|(((b, a), r), s)| update(b, a, r, Some(s))),
+                None => chunks.for_each(|((b, a), r)| update(b, a, r, None)),
+            }
+        }
+        // Un-crop into the transposed full shape, then transpose back.
+        if let (Some(path), Some(sumexp)) = (probabilities, sumexp) {
+            // Second pass: softmax of the resampled logits, one class at a time, un-cropped
+            // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
+            write_probabilities(path, classes, geom.shape, |k| {
+                let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
+                let p: Vec<f32> = r.iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
+                transpose(uncrop(&p, target, full, bb, if k == 0 { 1.0 } else { 0.0 }), full, backward).0
+            })
+            .with_context(|| path.display().to_string())?;
+        }
+        drop(logits);
+        let (seg, shape) = transpose(uncrop(&arg, target, full, bb, 0), full, backward);
+        ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
+        Ok((seg, geom))
+    }
 }
 
 impl Predictor {
@@ -202,100 +337,33 @@ impl Predictor {
     /// when given (see [`write_probabilities`]), and appending the seconds of each phase
     /// (read + preprocess, network, resample + argmax) to `phases`.
     pub fn predict_case_with(&self, id: &str, images: &[PathBuf], probabilities: Option<&Path>, progress: &dyn Fn(usize, usize), phases: &mut Phases) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
-        ensure!(images.len() == self.channels(), "case `{id}`: {} channel file(s), the model takes {}", images.len(), self.channels());
-        let mut since = std::time::Instant::now();
-        let mut lap = |name: &'static str| {
-            phases.push((name, since.elapsed().as_secs_f64()));
-            since = std::time::Instant::now();
-        };
-        let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
-        let pre = preprocess_case(id, images, None, &self.plan)?;
-        lap("read + preprocess");
-        let [c, z, y, x] = pre.props.shape;
-        let logits = self.sliding_window(&pre.data, c, [z, y, x], progress)?;
-        lap("network");
-        let classes = self.classes();
-        // Back to the cropped shape, channel by channel, keeping a running argmax.
-        let target = pre.props.shape_after_cropping_and_before_resampling;
-        let perm = self.plan.transpose_forward;
-        let orig_spacing_t = perm.map(|a| pre.props.original_spacing[a]);
-        let sep = separate_axis(self.plan.spacing, orig_spacing_t);
-        let n: usize = z * y * x;
-        let nt: usize = target.iter().product();
-        let full = pre.props.shape_before_cropping;
-        let bb = pre.props.bbox_used_for_cropping;
-        let mut backward = [0usize; 3];
-        for (i, &p) in perm.iter().enumerate() {
-            backward[p] = i;
-        }
-        if self.fast_export {
-            // The argmax on the network's grid (first maximum, as numpy's), then the label map
-            // alone resampled.
-            ensure!(classes <= i16::MAX as usize + 1, "--fast-export: {classes} classes do not fit the label resampler");
-            use rayon::prelude::*;
-            const CHUNK: usize = 1 << 15;
-            let mut seg = vec![0i16; n];
-            seg.par_chunks_mut(CHUNK).enumerate().for_each(|(c, seg)| {
-                let (at, len) = (c * CHUNK, seg.len());
-                let mut best = logits[at..at + len].to_vec();
-                for k in 1..classes {
-                    for ((s, b), &v) in seg.iter_mut().zip(best.iter_mut()).zip(&logits[k * n + at..k * n + at + len]) {
-                        if v > *b {
-                            *b = v;
-                            *s = k as i16;
-                        }
-                    }
-                }
-            });
-            drop(logits);
-            let seg: Vec<u16> = stu_data::resample::resample_seg(&seg, [z, y, x], target, sep).into_iter().map(|v| v as u16).collect();
-            let (seg, shape) = transpose(uncrop(&seg, target, full, bb, 0), full, backward);
-            ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
-            lap("argmax + resample");
-            return Ok((seg, geom));
-        }
-        let mut best = vec![f32::NEG_INFINITY; nt];
-        let mut arg = vec![0u16; nt];
-        // Running sum of exp(logit − max) for the probabilities (online log-sum-exp).
-        let mut sumexp = probabilities.map(|_| vec![0f32; nt]);
-        for k in 0..classes {
-            use rayon::prelude::*;
-            let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
-            // Voxels are independent: the running maximum (and sum) on all cores.
-            const CHUNK: usize = 1 << 15;
-            let update = |best: &mut [f32], arg: &mut [u16], r: &[f32], mut s: Option<&mut [f32]>| {
-                for (i, &v) in r.iter().enumerate() {
-                    if let Some(s) = s.as_deref_mut() {
-                        s[i] = if v > best[i] { s[i] * (best[i] - v).exp() + 1.0 } else { s[i] + (v - best[i]).exp() };
-                    }
-                    if v > best[i] {
-                        best[i] = v;
-                        arg[i] = k as u16;
-                    }
-                }
-            };
-            let chunks = best.par_chunks_mut(CHUNK).zip(arg.par_chunks_mut(CHUNK)).zip(r.par_chunks(CHUNK));
-            match sumexp.as_mut() {
-                Some(s) => chunks.zip(s.par_chunks_mut(CHUNK)).for_each(|(((b, a), r), s)| update(b, a, r, Some(s))),
-                None => chunks.for_each(|((b, a), r)| update(b, a, r, None)),
-            }
-        }
-        // Un-crop into the transposed full shape, then transpose back.
-        if let (Some(path), Some(sumexp)) = (probabilities, sumexp) {
-            // Second pass: softmax of the resampled logits, one class at a time, un-cropped
-            // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
-            write_probabilities(path, classes, geom.shape, |k| {
-                let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
-                let p: Vec<f32> = r.iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
-                transpose(uncrop(&p, target, full, bb, if k == 0 { 1.0 } else { 0.0 }), full, backward).0
-            })
-            .with_context(|| path.display().to_string())?;
-        }
-        drop(logits);
-        let (seg, shape) = transpose(uncrop(&arg, target, full, bb, 0), full, backward);
-        ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
-        lap("resample + argmax");
-        Ok((seg, geom))
+        let t = std::time::Instant::now();
+        let case = self.reader().read(id, images)?;
+        phases.push(("read + preprocess", t.elapsed().as_secs_f64()));
+        let t = std::time::Instant::now();
+        let logits = self.network(&case, progress)?;
+        phases.push(("network", t.elapsed().as_secs_f64()));
+        let t = std::time::Instant::now();
+        let exporter = self.exporter();
+        let out = exporter.export(case, logits, probabilities)?;
+        phases.push((exporter.phase(), t.elapsed().as_secs_f64()));
+        Ok(out)
+    }
+
+    /// What reading and preprocessing a case needs (owned, for a reader thread).
+    pub fn reader(&self) -> Reader {
+        Reader { plan: self.plan.clone(), channels: self.channels() }
+    }
+
+    /// What exporting a case's logits needs (owned, for a writer thread).
+    pub fn exporter(&self) -> Exporter {
+        Exporter { plan: self.plan.clone(), classes: self.classes(), fast: self.fast_export }
+    }
+
+    /// The sliding-window logits of a read case, `[classes, Z, Y, X]` on its preprocessed grid.
+    pub fn network(&self, case: &Case, progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
+        let [c, z, y, x] = case.pre.props.shape;
+        self.sliding_window(&case.pre.data, c, [z, y, x], progress)
     }
 
     /// Sliding-window logits `[classes, Z, Y, X]` of a preprocessed volume `[C, Z, Y, X]`.
@@ -627,26 +695,78 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     // Channel counts are checked up front: a wrong one is the user's mistake for every case.
     let wrong: Vec<String> = cases.iter().filter(|(_, f)| f.len() != predictor.channels()).map(|(id, f)| format!("`{id}` ({})", f.len())).collect();
     ensure!(wrong.len() < cases.len(), "{}: the model takes {} channel(s); the cases have {}", opts.input.display(), predictor.channels(), wrong.join(", "));
-    let mut results = Vec::new();
-    for (id, files) in &cases {
-        let t = std::time::Instant::now();
+    // The label map as the options want it, written; the phase's seconds appended.
+    let finish = |id: &str, mut seg: Vec<u16>, geom: &stu_data::nifti_io::Geometry, phases: &mut Phases| -> Result<PathBuf> {
         let out_path = opts.output.join(format!("{id}.nii.gz"));
-        let prob_path = opts.save_probabilities.then(|| opts.output.join(format!("{id}.probabilities.safetensors")));
-        let mut phases = Phases::new();
-        let r = predictor.predict_case_with(id, files, prob_path.as_deref(), &|d, n| progress(id, d, n), &mut phases).and_then(|(mut seg, geom)| {
-            if let Some(t) = &table {
-                seg.iter_mut().for_each(|v| *v = t[*v as usize]);
-            }
-            if opts.keep_largest {
-                keep_largest_per_label(&mut seg, geom.shape);
-            }
-            let w = std::time::Instant::now();
-            stu_data::nifti_io::write_label_as(&out_path, &seg, &geom, wide).with_context(|| out_path.display().to_string())?;
-            phases.push(("write", w.elapsed().as_secs_f64()));
-            Ok(out_path.clone())
-        });
-        results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases });
+        if let Some(t) = &table {
+            seg.iter_mut().for_each(|v| *v = t[*v as usize]);
+        }
+        if opts.keep_largest {
+            keep_largest_per_label(&mut seg, geom.shape);
+        }
+        let w = std::time::Instant::now();
+        stu_data::nifti_io::write_label_as(&out_path, &seg, geom, wide).with_context(|| out_path.display().to_string())?;
+        phases.push(("write", w.elapsed().as_secs_f64()));
+        Ok(out_path)
+    };
+    let probabilities = |id: &str| opts.save_probabilities.then(|| opts.output.join(format!("{id}.probabilities.safetensors")));
+    if !opts.overlap.unwrap_or(opts.backend.is_gpu()) {
+        let mut results = Vec::new();
+        for (id, files) in &cases {
+            let t = std::time::Instant::now();
+            let mut phases = Phases::new();
+            let r = predictor.predict_case_with(id, files, probabilities(id).as_deref(), &|d, n| progress(id, d, n), &mut phases).and_then(|(seg, geom)| finish(id, seg, &geom, &mut phases));
+            results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases });
+        }
+        return Ok(results);
     }
+    // Three stages on their own threads, as nnU-Net's background pre- and export processes:
+    // case i+1 is read and preprocessed while case i runs through the network and case i−1 is
+    // exported and written. One case waits between stages at most, so at most two cases' logits
+    // are held (the one being exported and the one being summed).
+    let (reader, exporter) = (predictor.reader(), predictor.exporter());
+    type Read = (usize, std::time::Instant, Result<Case>, Phases);
+    type Computed = (usize, std::time::Instant, Result<(Case, Vec<f32>)>, Phases);
+    let (to_network, from_reader) = std::sync::mpsc::sync_channel::<Read>(0);
+    let (to_writer, from_network) = std::sync::mpsc::sync_channel::<Computed>(0);
+    let results: Vec<CaseResult> = std::thread::scope(|scope| {
+        let cases = &cases;
+        scope.spawn(move || {
+            for (i, (id, files)) in cases.iter().enumerate() {
+                let t = std::time::Instant::now();
+                let case = reader.read(id, files);
+                if to_network.send((i, t, case, vec![("read + preprocess", t.elapsed().as_secs_f64())])).is_err() {
+                    return; // the network stage stopped
+                }
+            }
+        });
+        let writer = scope.spawn(move || {
+            let mut results = Vec::with_capacity(cases.len());
+            for (i, t, computed, mut phases) in from_network {
+                let id = &cases[i].0;
+                let written = computed.and_then(|(case, logits)| {
+                    let e = std::time::Instant::now();
+                    let (seg, geom) = exporter.export(case, logits, probabilities(id).as_deref())?;
+                    phases.push((exporter.phase(), e.elapsed().as_secs_f64()));
+                    finish(id, seg, &geom, &mut phases)
+                });
+                results.push(CaseResult { id: id.clone(), output: written.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases });
+            }
+            results
+        });
+        for (i, t, case, mut phases) in from_reader {
+            let id = &cases[i].0;
+            let computed = case.and_then(|case| {
+                let n = std::time::Instant::now();
+                let logits = predictor.network(&case, &|d, k| progress(id, d, k))?;
+                phases.push(("network", n.elapsed().as_secs_f64()));
+                Ok((case, logits))
+            });
+            to_writer.send((i, t, computed, phases)).expect("the writer stage runs until the network stage ends");
+        }
+        drop(to_writer);
+        writer.join().expect("the writer stage does not panic")
+    });
     Ok(results)
 }
 

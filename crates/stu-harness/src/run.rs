@@ -157,6 +157,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             label_map: s.predict.label_map.clone(),
             save_probabilities: false,
             fast_export: s.predict.fast_export,
+            overlap: None,
             backend,
             precision: s.precision,
         };

@@ -64,6 +64,7 @@ pub fn final_validation(run: &Path, progress: &dyn Fn(&str, usize, usize)) -> Re
         label_map: None,
         save_probabilities: false,
         fast_export: false,
+        overlap: None,
         backend: cfg.backend.parse().map_err(|e: String| anyhow::anyhow!("{}: `backend`: {e}", cfg_path.display()))?,
         precision: cfg.precision,
     };
