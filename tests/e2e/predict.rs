@@ -236,6 +236,23 @@ fn evaluation_leaves_out_the_ignore_label() {
     let (worst_plain, tn_plain) = score(&src.join("dataset.json"));
     assert!(worst_plain < 1.0, "the slab counts without it");
     assert!(tn < tn_plain, "ignored voxels are not true negatives either");
+
+    // Several prediction folders (a cross-validation's folds) are scored as one set of cases.
+    let p2 = tmp.path().join("pred2");
+    std::fs::create_dir_all(&p2).unwrap();
+    std::fs::copy(r.join("c.nii.gz"), r.join("d.nii.gz")).unwrap();
+    stu_data::nifti_io::write_label_as(&p2.join("d.nii.gz"), &sparse, &full.geom, false).unwrap();
+    let both = tmp.path().join("both");
+    ok(&stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), p2.to_str().unwrap(), "--labels", with.to_str().unwrap(), "--out", both.to_str().unwrap()]));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(both.join("summary.json")).unwrap()).unwrap();
+    let cases: Vec<&str> = s["metric_per_case"].as_array().unwrap().iter().map(|c| c["prediction_file"].as_str().unwrap()).collect();
+    assert!(cases.len() == 2 && cases[0].ends_with("pred/c.nii.gz") && cases[1].ends_with("pred2/d.nii.gz"), "{cases:?}");
+    let no_out = stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), p2.to_str().unwrap()]);
+    assert!(!no_out.status.success() && String::from_utf8_lossy(&no_out.stderr).contains("--out"));
+    std::fs::copy(p.join("c.nii.gz"), p2.join("c.nii.gz")).unwrap();
+    let twice = stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), p2.to_str().unwrap(), "--out", both.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&twice.stderr);
+    assert!(!twice.status.success() && err.contains("c.nii.gz") && err.contains("scored once"), "{err}");
 }
 
 #[test]

@@ -161,16 +161,33 @@ pub struct EvalOptions {
 /// Evaluates every prediction that has a reference (`{id}.nii.gz` in both folders).
 /// Shapes and affines must agree; `labels` are the foreground labels to score.
 pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surface: &EvalOptions) -> Result<Summary, DatasetError> {
+    evaluate_folders(reference, &[prediction.to_path_buf()], labels, surface)
+}
+
+/// [`evaluate_folder`] over the predictions of several folders together (the five folds'
+/// `validation/` folders of a cross-validation: nnU-Net's `crossval_results` summary). A case
+/// predicted in two of them is an error.
+pub fn evaluate_folders(reference: &Path, predictions: &[PathBuf], labels: &[u16], surface: &EvalOptions) -> Result<Summary, DatasetError> {
     let file_err = |p: &Path, r: String| DatasetError::File { path: p.to_path_buf(), reason: r };
-    let mut preds: Vec<PathBuf> = std::fs::read_dir(prediction)
-        .map_err(|e| file_err(prediction, format!("cannot list: {e}")))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().ends_with(".nii.gz"))
-        .collect();
-    preds.sort();
+    let mut preds: Vec<PathBuf> = Vec::new();
+    for prediction in predictions {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(prediction)
+            .map_err(|e| file_err(prediction, format!("cannot list: {e}")))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().ends_with(".nii.gz"))
+            .collect();
+        found.sort();
+        for p in found {
+            if let Some(other) = preds.iter().find(|q| q.file_name() == p.file_name()) {
+                return Err(file_err(&p, format!("predicted in {} too; each case is scored once", other.display())));
+            }
+            preds.push(p);
+        }
+    }
     let pairs: Vec<(PathBuf, PathBuf)> = preds.into_iter().filter_map(|p| { let r = reference.join(p.file_name()?); r.exists().then_some((r, p)) }).collect();
     if pairs.is_empty() {
-        return Err(file_err(prediction, format!("no prediction has a reference of the same name in {}", reference.display())));
+        let shown = predictions.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        return Err(file_err(&predictions[0], format!("no prediction (in {shown}) has a reference of the same name in {}", reference.display())));
     }
     let mut per_case = Vec::with_capacity(pairs.len());
     for (r, p) in pairs {

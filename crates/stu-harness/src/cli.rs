@@ -202,13 +202,13 @@ enum Command {
         /// Reference label maps.
         #[arg(long = "ref")]
         reference: PathBuf,
-        /// Predicted label maps (same file names).
-        #[arg(long)]
-        pred: PathBuf,
+        /// Predicted label maps (same file names). Several folders (e.g. the five folds' `RUN/validation`) are scored together as one set of cases: the cross-validation summary.
+        #[arg(long, required = true, num_args = 1..)]
+        pred: Vec<PathBuf>,
         /// dataset.json giving the labels to score (default: every value found in the references) and its ignore label, whose reference voxels count nowhere (nnU-Net).
         #[arg(long)]
         labels: Option<PathBuf>,
-        /// Folder for summary.json and summary.csv (default: the prediction folder).
+        /// Folder for summary.json and summary.csv (default: the prediction folder; needed with several).
         #[arg(long)]
         out: Option<PathBuf>,
         /// Normalized Surface Dice tolerance in mm: one number for every label, or `label:mm,…` (e.g. `1:5,2:3`).
@@ -724,8 +724,12 @@ fn run(cli: Cli) -> Result<()> {
                     seen.into_iter().collect()
                 }
             };
-            let s = stu_data::metrics::evaluate_folder(&reference, &pred, &labels, &surface)?;
-            let dir = out.unwrap_or(pred.clone());
+            let s = stu_data::metrics::evaluate_folders(&reference, &pred, &labels, &surface)?;
+            let dir = match (out, pred.as_slice()) {
+                (Some(d), _) => d,
+                (None, [one]) => one.clone(),
+                (None, _) => anyhow::bail!("--out: where to write the summary of {} prediction folders", pred.len()),
+            };
             std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
             stu_engine::checkpoint::write_atomic(&dir.join("summary.json"), nan_safe_json(&serde_json::to_value(&s)?)?.as_bytes())?;
             let mut csv = String::from("case,label,metric,value\n");
