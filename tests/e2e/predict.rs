@@ -42,7 +42,10 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     ok(&stu(&[
         "train", &t("pre"), "--out", &t("run1"), "--fold", "all", "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "1", "--iterations", "2", "--val-iterations", "0", "--patch-size", "16,32,32", "--seed", "1",
     ]));
-    ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens"), "--checkpoint", &ck, &t("run1/checkpoint_final.safetensors"), "--disable-tta"]));
+    // (A run folder stands for its final checkpoint.)
+    ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens"), "--checkpoint", &ck, &t("run1"), "--disable-tta"]));
+    let unfinished = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens-x"), "--checkpoint", &t("pre")]);
+    assert!(!unfinished.status.success() && String::from_utf8_lossy(&unfinished.stderr).contains("without checkpoint_final"));
     assert_eq!(stu_data::nifti_io::read_label(&tmp.path().join("pred-ens/ts_mr_sm.nii.gz")).unwrap().geom.shape, input.shape);
     let other = shared().join("fixtures/stunet-parity/tiny_iso.safetensors");
     let bad = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens-bad"), "--checkpoint", &ck, other.to_str().unwrap()]);

@@ -155,9 +155,10 @@ enum Command {
         /// Output folder.
         #[arg(short, long)]
         output: PathBuf,
-        /// Checkpoint: ours, nnU-Net v1 `.model`, v2 `.pth`, safetensors. Several (`--checkpoint
-        /// fold0.safetensors fold1.safetensors …`, or the option repeated): an ensemble, each
-        /// tile's logits averaged over them (nnU-Net's fold ensemble).
+        /// Checkpoint: ours, nnU-Net v1 `.model`, v2 `.pth`, safetensors, or a `stu train` run
+        /// folder (its final checkpoint). Several (`--checkpoint runs/fold0 runs/fold1 …`, or the
+        /// option repeated): an ensemble, each tile's logits averaged over them (nnU-Net's fold
+        /// ensemble).
         #[arg(long = "checkpoint", required = true, num_args = 1..)]
         checkpoints: Vec<PathBuf>,
         /// Model registry name (default: recognised from the keys).

@@ -268,6 +268,20 @@ impl Predictor {
         ensure!(opts.step > 0.0 && opts.step <= 1.0, "--step must be in (0, 1], got {}", opts.step);
         opts.precision.check(opts.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
         ensure!(!opts.checkpoints.is_empty(), "no checkpoint given");
+        // A `stu train` run folder stands for its final checkpoint.
+        let checkpoints: Vec<PathBuf> = opts
+            .checkpoints
+            .iter()
+            .map(|c| {
+                if !c.is_dir() {
+                    return Ok(c.clone());
+                }
+                let f = c.join("checkpoint_final.safetensors");
+                ensure!(f.exists(), "{}: a folder without checkpoint_final.safetensors (is its training finished?)", c.display());
+                Ok(f)
+            })
+            .collect::<Result<_>>()?;
+        let opts = &PredictOptions { checkpoints, ..opts.clone() };
         let trained: Vec<TrainedWith> = opts.checkpoints.iter().map(|c| trained_with(c)).collect::<Result<_>>()?;
         // The plan: --plans, else the first checkpoint's run's (the others' must be the same
         // plan: an ensemble's members see the same preprocessed input), else the released one.
