@@ -93,6 +93,42 @@ fn own_fixtures_match_pytorch() {
 }
 
 #[test]
+fn the_loss_with_an_ignore_label_matches_nnunet() {
+    // tests/fixtures/make_loss_ignore_fixture.py: nnU-Net 2.8.1's DC_and_CE_loss(ignore_label=4)
+    // in DeepSupervisionWrapper; a quarter of the voxels ignored, and sample 0 wholly ignored.
+    use stu_engine::loss::{DiceConfig, dc_ce, deep_supervision};
+    use stu_engine::{Tensor, TensorData};
+    let file = own_fixtures().join("loss_ignore.safetensors");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("loss_ignore.json")).unwrap()).unwrap();
+    let device = stu_engine::backend::Backend::Flex.device().unwrap();
+    let outputs: Vec<Tensor<5>> = (0..3)
+        .map(|i| {
+            let (s, l) = read_tensor(&file, &format!("logits.{i}"));
+            Tensor::<5>::from_data(TensorData::new(l, [s[0], s[1], s[2], s[3], s[4]]), &device)
+        })
+        .collect();
+    let weights: Vec<f64> = serde_json::from_value(want["weights"].clone()).unwrap();
+    let ignore = want["ignore_label"].as_i64().unwrap();
+    for case in ["mixed", "sample0_ignored"] {
+        let targets: Vec<Tensor<4, stu_engine::burn::tensor::Int>> = (0..3)
+            .map(|i| {
+                let (s, t) = read_tensor(&file, &format!("{case}.target.{i}"));
+                Tensor::from_data(TensorData::new(t.into_iter().map(|v| v as i64).collect::<Vec<_>>(), [s[0], s[2], s[3], s[4]]), &device)
+            })
+            .collect();
+        for batch_dice in [false, true] {
+            let cfg = DiceConfig { batch_dice, smooth: 1e-5, ignore_label: Some(ignore) };
+            let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0] as f64;
+            let key = |k: &str| want[format!("{case}.{k}.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap();
+            let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));
+            let l = scalar(deep_supervision(&outputs, &targets, &weights, cfg));
+            assert!((l0 - key("loss0")).abs() < 1e-5, "{case}, batch_dice {batch_dice}: {l0} vs {}", key("loss0"));
+            assert!((l - key("loss")).abs() < 1e-5, "{case}, batch_dice {batch_dice}: {l} vs {}", key("loss"));
+        }
+    }
+}
+
+#[test]
 fn deep_supervision_loss_matches_nnunet() {
     // tests/fixtures/make_loss_fixture.py: nnU-Net 2.8.1's DC_and_CE_loss in DeepSupervisionWrapper.
     use stu_engine::loss::{DiceConfig, dc_ce, deep_supervision};
@@ -112,7 +148,7 @@ fn deep_supervision_loss_matches_nnunet() {
     let weights: Vec<f64> = serde_json::from_value(want["weights"].clone()).unwrap();
     assert_eq!(weights, stu_engine::schedule::ds_weights(3));
     for batch_dice in [false, true] {
-        let cfg = DiceConfig { batch_dice, smooth: 1e-5 };
+        let cfg = DiceConfig { batch_dice, ..Default::default() };
         let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0] as f64;
         let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));
         let l = scalar(deep_supervision(&outputs, &targets, &weights, cfg));

@@ -210,6 +210,62 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
 }
 
 #[test]
+fn a_dataset_with_an_ignore_label_preprocesses_trains_and_validates() {
+    // The real MR case twice, its labels' first 6 slices marked `ignore` (sparse annotation).
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let src = shared().join("data/Dataset802_TotalSegExampleMR");
+    let raw = tmp.path().join("raw");
+    for d in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(raw.join(d)).unwrap();
+    }
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("dataset.json")).unwrap()).unwrap();
+    let ignore = json["labels"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).max().unwrap() + 1;
+    json["labels"]["ignore"] = ignore.into();
+    json["numTraining"] = 2.into();
+    std::fs::write(raw.join("dataset.json"), json.to_string()).unwrap();
+    let full = stu_data::nifti_io::read_label(&src.join("labelsTr/ts_mr_sm.nii.gz")).unwrap();
+    let [_, ny, nx] = full.geom.shape;
+    let sparse: Vec<u16> = full.data.iter().enumerate().map(|(i, &v)| if i / (ny * nx) < 6 { ignore as u16 } else { v }).collect();
+    for id in ["a", "b"] {
+        std::fs::copy(src.join("imagesTr/ts_mr_sm_0000.nii.gz"), raw.join(format!("imagesTr/{id}_0000.nii.gz"))).unwrap();
+        stu_data::nifti_io::write_label_as(&raw.join(format!("labelsTr/{id}.nii.gz")), &sparse, &full.geom, false).unwrap();
+    }
+    std::fs::write(raw.join("splits_final.json"), r#"[{"train": ["a"], "val": ["b"]}]"#).unwrap();
+    let raw_s = raw.to_str().unwrap();
+    ok(&stu(&["dataset", "check", raw_s]));
+    ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
+    ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
+    // The ignored voxels are no class; the annotated ones have locations of their own.
+    let props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pre/a.json")).unwrap()).unwrap();
+    let locs = props["class_locations"].as_object().unwrap();
+    assert!(locs.contains_key("annotated") && !locs.contains_key(&ignore.to_string()), "{:?}", locs.keys().collect::<Vec<_>>());
+    let train = |out: &str| {
+        Command::new(stu_bin!())
+            .args(["train", &t("pre"), "--out", &t(out), "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32"])
+            .output()
+            .unwrap()
+    };
+    let log = ok(&train("run"));
+    let losses: Vec<f64> = tests::logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
+    assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    // The final validation scores b without its ignored slices.
+    assert!(log.contains("final validation: 1 case(s)"), "{log}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/validation/summary.json")).unwrap()).unwrap();
+    let m = &summary["metric_per_case"][0]["metrics"]["1"];
+    let counted = ["TP", "FP", "FN", "TN"].iter().map(|k| m[*k].as_f64().unwrap()).sum::<f64>() as usize;
+    assert_eq!(counted, full.data.len() - 6 * ny * nx);
+    // Data preprocessed without the annotated locations is refused, naming the case.
+    let path = tmp.path().join("pre/a.json");
+    let mut props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    props["class_locations"].as_object_mut().unwrap().remove("annotated");
+    std::fs::write(&path, props.to_string()).unwrap();
+    let old = train("run-old");
+    let err = String::from_utf8_lossy(&old.stderr);
+    assert!(!old.status.success() && err.contains("a.json") && err.contains("preprocess the dataset again"), "{err}");
+}
+
+#[test]
 fn evaluation_leaves_out_the_ignore_label() {
     // A reference with a slab marked `ignore` (sparse annotation) against the full label map:
     // with the ignore label declared every Dice is 1; without it, the slab's labels are FP.

@@ -198,7 +198,7 @@ fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec
         .collect();
     let batch = DeviceBatch { x: xs, targets: ts };
     let weights = stu_engine::schedule::ds_weights(targets.len());
-    let dice = stu_engine::loss::DiceConfig { batch_dice, smooth: 1e-5 };
+    let dice = stu_engine::loss::DiceConfig { batch_dice, ..Default::default() };
     let mut sgd = Sgd::nnunet();
     sgd.scaler = scaler;
     let mut all = Vec::new();

@@ -187,13 +187,27 @@ pub fn normalize(v: &mut [f32], scheme: &str, use_mask: bool, mask: &[bool], ct:
     }
 }
 
+/// The key of the annotated voxels' locations in a dataset with an ignore label (nnU-Net's
+/// `annotated_classes_key`: every voxel not under the ignore label), stored as `"annotated"`.
+pub const ANNOTATED: i16 = i16::MIN;
+
 /// Samples class locations: per foreground label, k = max(min(10000, n), ceil(0.01·n)) voxels
-/// without replacement (deterministic per `seed`).
-fn class_locations(seg: &[i16], shape: [usize; 3], seed: u64) -> Vec<(i16, Vec<[u32; 3]>)> {
+/// without replacement (deterministic per `seed`). With an ignore label, its voxels are no
+/// class, and the annotated voxels get locations of their own ([`ANNOTATED`]), as nnU-Net's.
+fn class_locations(seg: &[i16], shape: [usize; 3], seed: u64, ignore: Option<i16>) -> Vec<(i16, Vec<[u32; 3]>)> {
     let mut by_label: std::collections::BTreeMap<i16, Vec<usize>> = Default::default();
+    if ignore.is_some() {
+        by_label.insert(ANNOTATED, Vec::new());
+    }
     for (i, &s) in seg.iter().enumerate() {
+        if Some(s) == ignore {
+            continue;
+        }
         if s > 0 {
             by_label.entry(s).or_default().push(i);
+        }
+        if ignore.is_some() {
+            by_label.get_mut(&ANNOTATED).expect("inserted").push(i);
         }
     }
     let mut rng = stu_core::rng::SplitMix64::new(seed);
@@ -214,6 +228,12 @@ fn class_locations(seg: &[i16], shape: [usize; 3], seed: u64) -> Vec<(i16, Vec<[
 
 /// Preprocesses one case from its channel files and optional label file.
 pub fn preprocess_case(id: &str, images: &[PathBuf], label: Option<&Path>, plan: &PreprocessPlan) -> Result<Preprocessed, DatasetError> {
+    preprocess_case_with(id, images, label, plan, None)
+}
+
+/// [`preprocess_case`] for a dataset whose labels have an ignore label (sparse annotation):
+/// its voxels get no class locations, the annotated ones do ([`ANNOTATED`]).
+pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, plan: &PreprocessPlan, ignore: Option<i16>) -> Result<Preprocessed, DatasetError> {
     let file_err = |p: &Path, e: String| DatasetError::File { path: p.to_path_buf(), reason: e };
     if images.len() != plan.normalization_schemes.len() {
         return Err(file_err(images.first().map(PathBuf::as_path).unwrap_or(Path::new(id)), format!("case `{id}` has {} channel(s), the plan expects {}", images.len(), plan.normalization_schemes.len())));
@@ -274,12 +294,12 @@ pub fn preprocess_case(id: &str, images: &[PathBuf], label: Option<&Path>, plan:
     drop(norm_mask);
     let seg = resample_seg(&seg, cropped_shape, new_shape, sep);
     let seed = id.bytes().fold(1234u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-    let locations = class_locations(&seg, new_shape, seed);
+    let locations = class_locations(&seg, new_shape, seed, ignore);
     let mut offset = 0;
     let class_locations = locations
         .iter()
         .map(|(l, c)| {
-            let e = (l.to_string(), [offset, c.len()]);
+            let e = (if *l == ANNOTATED { "annotated".to_string() } else { l.to_string() }, [offset, c.len()]);
             offset += c.len();
             e
         })
@@ -326,7 +346,7 @@ pub fn load(dir: &Path, id: &str) -> Result<Preprocessed, DatasetError> {
     if props.class_locations.values().any(|&[o, n]| 3 * (o + n) > raw.len()) {
         return Err(DatasetError::File { path: dir.join(format!("{id}_locs.u32")), reason: "shorter than the class locations in the properties".into() });
     }
-    let locations = props.class_locations.iter().map(|(l, &[o, n])| (l.parse().unwrap_or(0), raw[3 * o..3 * (o + n)].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())).collect();
+    let locations = props.class_locations.iter().map(|(l, &[o, n])| (if l == "annotated" { ANNOTATED } else { l.parse().unwrap_or(0) }, raw[3 * o..3 * (o + n)].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())).collect();
     Ok(Preprocessed { data, seg, props, locations })
 }
 
@@ -339,6 +359,7 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
     let json = DatasetJson::read(&root.join("dataset.json"))?;
     let plan = PreprocessPlan::read(plans, configuration)?;
     let (cases, _) = discover(root, &json)?;
+    let ignore = json.ignore_label.map(|v| v as i16);
     std::fs::create_dir_all(out).map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: format!("cannot create: {e}") })?;
     let todo: Vec<_> = cases.iter().filter(|c| !out.join(format!("{}.json", c.id)).exists()).collect();
     let done = cases.len() - todo.len();
@@ -349,7 +370,7 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
             .enumerate()
             .map(|(ch, p)| p.clone().ok_or_else(|| DatasetError::File { path: root.join("imagesTr"), reason: format!("case `{}` has no channel {ch}", case.id) }))
             .collect::<Result<_, _>>()?;
-        let pre = preprocess_case(&case.id, &images, case.label.as_deref(), &plan)?;
+        let pre = preprocess_case_with(&case.id, &images, case.label.as_deref(), &plan, ignore)?;
         save(out, &pre)?;
         progress(&case.id);
         Ok::<_, DatasetError>(())

@@ -72,14 +72,25 @@ pub fn choose_corner(rng: &mut SplitMix64, case: &Preprocessed, force: bool, pat
     let shape = [case.props.shape[1], case.props.shape[2], case.props.shape[3]];
     let b = bounds(shape, patch, final_patch);
     let random = |rng: &mut SplitMix64| b.map(|(lo, hi)| lo + rng.below((hi - lo + 1).max(1) as u64) as i64);
-    if !force {
-        return random(rng);
-    }
-    let eligible: Vec<&Vec<[u32; 3]>> = case.locations.iter().filter(|(_, c)| !c.is_empty()).map(|(_, c)| c).collect();
-    if eligible.is_empty() {
-        return random(rng);
-    }
-    let class = eligible[rng.below(eligible.len() as u64) as usize];
+    // With an ignore label the annotated voxels have locations of their own: a sample that is
+    // not forced is centred on one of them, and a forced one only falls back to them when no
+    // class has any voxel (nnU-Net's `get_bbox`).
+    let annotated = case.locations.iter().find(|(l, _)| *l == crate::preprocess::ANNOTATED).map(|(_, c)| c);
+    let class = if !force {
+        match annotated {
+            Some(c) if !c.is_empty() => c,
+            _ => return random(rng),
+        }
+    } else {
+        let mut eligible: Vec<&(i16, Vec<[u32; 3]>)> = case.locations.iter().filter(|(_, c)| !c.is_empty()).collect();
+        if eligible.len() > 1 {
+            eligible.retain(|(l, _)| *l != crate::preprocess::ANNOTATED);
+        }
+        if eligible.is_empty() {
+            return random(rng);
+        }
+        &eligible[rng.below(eligible.len() as u64) as usize].1
+    };
     let voxel = class[rng.below(class.len() as u64) as usize];
     [0, 1, 2].map(|a| (voxel[a] as i64 - (patch[a] / 2) as i64).max(b[a].0))
 }
@@ -194,6 +205,29 @@ mod tests {
                 proptest::prop_assert!(c[a] >= b[a].0 && c[a] <= b[a].1.max(b[a].0));
             }
         }
+    }
+
+    #[test]
+    fn with_an_ignore_label_samples_centre_on_annotated_voxels() {
+        // Annotated voxels only in one corner: a sample that is not forced is centred on one of
+        // them; a forced one takes the class when there is one, else the annotated voxels.
+        let (shape, patch) = ([24, 24, 24], [8, 8, 8]);
+        let mut case = one_voxel_case(shape, [20, 20, 20]);
+        let annotated: Vec<[u32; 3]> = (0..3).flat_map(|z| (0..3).map(move |y| [z, y, 1])).collect();
+        case.locations.push((crate::preprocess::ANNOTATED, annotated));
+        // Bounds (0, 16) per axis; a patch centred on a voxel ≤ 2 starts at 0, a random one
+        // anywhere in 0..=16, the class voxel's at 20 − 4.
+        assert_eq!(bounds(shape, patch, patch), [(0, 16); 3]);
+        let mut rng = SplitMix64::new(3);
+        for _ in 0..50 {
+            assert_eq!(choose_corner(&mut rng, &case, false, patch, patch), [0, 0, 0], "not forced: an annotated voxel");
+            assert_eq!(choose_corner(&mut rng, &case, true, patch, patch), [16, 16, 16], "forced: the class voxel");
+        }
+        case.locations.retain(|(l, _)| *l == crate::preprocess::ANNOTATED);
+        assert_eq!(choose_corner(&mut rng, &case, true, patch, patch), [0, 0, 0], "forced without a class: an annotated voxel");
+        // Without an ignore label nothing changes: not forced is uniform over the bounds.
+        let plain = one_voxel_case(shape, [20, 20, 20]);
+        assert!((0..50).any(|_| choose_corner(&mut rng, &plain, false, patch, patch) != [0, 0, 0]));
     }
 
     #[test]

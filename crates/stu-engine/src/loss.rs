@@ -13,23 +13,48 @@ pub struct DiceConfig {
     pub batch_dice: bool,
     /// Added to numerator and denominator.
     pub smooth: f64,
+    /// nnU-Net's ignore label (sparse annotation): target voxels with this value count in
+    /// neither term: the cross-entropy is the mean over the other voxels (0 when there are
+    /// none), the Dice sums are masked.
+    pub ignore_label: Option<i64>,
 }
 
 impl Default for DiceConfig {
     fn default() -> Self {
-        Self { batch_dice: false, smooth: 1e-5 }
+        Self { batch_dice: false, smooth: 1e-5, ignore_label: None }
     }
 }
 
 /// Cross-entropy (mean over voxels) and the soft-Dice sums of the foreground classes per
-/// sample, `[B, C−1]` each: intersection `Σ p·y`, prediction `Σ p`, ground truth `Σ y`.
-fn ce_and_dice_sums(logits: Tensor<5>, target: Tensor<4, Int>) -> (Tensor<1>, [Tensor<2>; 3]) {
+/// sample, `[B, C−1]` each: intersection `Σ p·y`, prediction `Σ p`, ground truth `Σ y`. With an
+/// ignore label, its voxels are left out of all of them (nnU-Net's `ignore_index` and
+/// `loss_mask`).
+fn ce_and_dice_sums(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>) -> (Tensor<1>, [Tensor<2>; 3]) {
     let [b, c, d, h, w] = logits.dims();
+    let (target, mask) = match ignore {
+        Some(ig) => {
+            let ignored = target.clone().equal_elem(ig);
+            let mask: Tensor<5> = ignored.clone().bool_not().float().unsqueeze_dim(1);
+            (target.mask_fill(ignored, 0), Some(mask))
+        }
+        None => (target, None),
+    };
     let onehot: Tensor<5> = target.one_hot_fill::<5>(c, 1.0, 0.0, 1).float();
     let logp = log_softmax(logits.clone(), 1);
-    let voxels = (b * d * h * w) as f64;
-    let ce = (logp * onehot.clone()).sum().neg() / voxels;
-    let probs = softmax(logits, 1);
+    let mut probs = softmax(logits, 1);
+    let (onehot, ce) = match mask {
+        Some(m) => {
+            let onehot = onehot * m.clone();
+            // The mean over annotated voxels; none: 0 (the sum is 0 and the count held at 1).
+            let ce = (logp * onehot.clone()).sum().neg() / m.clone().sum().clamp_min(1.0);
+            probs = probs * m;
+            (onehot, ce)
+        }
+        None => {
+            let ce = (logp * onehot.clone()).sum().neg() / (b * d * h * w) as f64;
+            (onehot, ce)
+        }
+    };
     let n = d * h * w;
     let fg = |t: Tensor<5>| t.reshape([b, c, n]).narrow(1, 1, c - 1);
     let (p, y) = (fg(probs), fg(onehot));
@@ -43,7 +68,7 @@ fn soft_dice(i: Tensor<2>, p: Tensor<2>, g: Tensor<2>, smooth: f64) -> Tensor<2>
 
 /// `CE + soft Dice` of NCDHW logits `[B, C, D, H, W]` against class indices `[B, D, H, W]`.
 pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
-    let (ce, [mut i, mut p, mut g]) = ce_and_dice_sums(logits, target);
+    let (ce, [mut i, mut p, mut g]) = ce_and_dice_sums(logits, target, cfg.ignore_label);
     if cfg.batch_dice {
         i = i.sum_dim(0);
         p = p.sum_dim(0);
@@ -55,8 +80,11 @@ pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tens
 /// [`dc_ce`] as one fused operation: with a hand-written gradient (`crate::kernels::loss`) on
 /// backends that run this project's kernels (flex), as PyTorch runs it (ATen's
 /// `cross_entropy`, autograd kept from the forward) on libtorch devices, composed of burn
-/// operators elsewhere. Same values.
+/// operators elsewhere and with an ignore label. Same values.
 pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
+    if cfg.ignore_label.is_some() {
+        return dc_ce(logits, target, cfg);
+    }
     #[cfg(feature = "tch")]
     if crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) {
         use crate::torch::TorchOps;
@@ -111,7 +139,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
         .zip(weights)
         .filter(|(_, w)| **w != 0.0)
         .map(|((o, t), &w)| {
-            let (ce, sums) = ce_and_dice_sums(o.clone(), t.clone());
+            let (ce, sums) = ce_and_dice_sums(o.clone(), t.clone(), cfg.ignore_label);
             (w, ce, sums.map(|s| s.sum_dim(0)))
         })
         .collect();
@@ -156,7 +184,7 @@ pub fn fused_against_composed(device: &burn::tensor::Device, seed: u64) -> Vec<(
     let target: Vec<i64> = (0..b * d * h * w).map(|i| { let v = rng.below(5) as i64; if v == 4 && i < d * h * w { 3 } else { v } }).collect();
     let mut out = Vec::new();
     for batch_dice in [false, true] {
-        let cfg = DiceConfig { batch_dice, smooth: 1e-5 };
+        let cfg = DiceConfig { batch_dice, ..Default::default() };
         let run = |fused: bool| {
             let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), &ad).require_grad();
             let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), &ad);

@@ -593,13 +593,17 @@ pub fn validation_step(net: &dyn SegNet, batch: &DeviceBatch, weights: &[f64], d
     let classes = outs[0].dims()[1];
     let pred: Vec<i64> = outs[0].clone().argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
     let truth: Vec<i64> = batch.targets[0].clone().into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
-    (loss, confusion(&pred, &truth, classes))
+    (loss, confusion(&pred, &truth, classes, dice.ignore_label))
 }
 
-/// Per foreground class `[TP, FP, FN]` of two label arrays.
-pub fn confusion(pred: &[i64], truth: &[i64], classes: usize) -> Vec<[u64; 3]> {
+/// Per foreground class `[TP, FP, FN]` of two label arrays; voxels whose truth is `ignore`
+/// count nowhere.
+pub fn confusion(pred: &[i64], truth: &[i64], classes: usize, ignore: Option<i64>) -> Vec<[u64; 3]> {
     let mut out = vec![[0u64; 3]; classes.saturating_sub(1)];
     for (&p, &t) in pred.iter().zip(truth) {
+        if Some(t) == ignore {
+            continue;
+        }
         if p == t {
             if p > 0 {
                 out[p as usize - 1][0] += 1;
@@ -656,7 +660,7 @@ mod tests {
     fn confusion_and_dice_follow_nnunet() {
         let pred = [0, 1, 1, 2, 0, 2];
         let truth = [0, 1, 2, 2, 1, 0];
-        let c = confusion(&pred, &truth, 4);
+        let c = confusion(&pred, &truth, 4, None);
         assert_eq!(c, vec![[1, 1, 1], [1, 1, 1], [0, 0, 0]]);
         let d = dice_per_class(&c);
         assert_eq!(d[0], 0.5);

@@ -228,13 +228,13 @@ pub(crate) fn fold_cases(dir: &Path, fold: &str) -> Result<(Vec<String>, Vec<Str
 }
 
 /// Labels and channels from the preprocessed `dataset.json`.
-fn task(dir: &Path) -> Result<(usize, usize)> {
+/// Input channels, output classes and the ignore label of a preprocessed dataset.
+fn task(dir: &Path) -> Result<(usize, usize, Option<u32>)> {
     let path = dir.join("dataset.json");
     let json = stu_data::dataset::DatasetJson::read(&path)?;
     ensure!(json.regions_class_order.is_none(), "{}: region-based labels (sigmoid training) are not supported yet", path.display());
-    ensure!(json.ignore_label.is_none(), "{}: an ignore label (sparse annotation) is not supported by training yet", path.display());
     let max = json.foreground_classes().last().map_or(0, |c| c.0);
-    Ok((json.channel_names.len(), max as usize + 1))
+    Ok((json.channel_names.len(), max as usize + 1, json.ignore_label))
 }
 
 /// One line of `log.jsonl`.
@@ -449,8 +449,17 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         stu_core::fs::write_atomic(&cfg_path, (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
     }
     let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
-    let (in_channels, num_classes) = task(&cfg.preprocessed)?;
+    let (in_channels, num_classes, ignore) = task(&cfg.preprocessed)?;
     let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
+    if ignore.is_some() {
+        // Sampling needs the annotated voxels' locations, which preprocessing records for a
+        // dataset with an ignore label since 2026-11-27.
+        for id in &train_ids {
+            let path = cfg.preprocessed.join(format!("{id}.json"));
+            let props = read_json(&path)?;
+            ensure!(props.pointer("/class_locations/annotated").is_some(), "{}: preprocessed without the annotated voxels' locations that training with an ignore label samples from; preprocess the dataset again into a new folder", path.display());
+        }
+    }
     if cfg.fraction < 1.0 {
         // A fixed subset per fraction (independent of the run seed, so seeds vary only the
         // training): shuffle with seed 0, keep the first ⌈f·n⌉; smaller fractions are subsets
@@ -505,7 +514,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let weights = ds_weights(probe.len());
     let scales: Vec<[f64; 3]> = probe.iter().map(|o| [0, 1, 2].map(|a| o.dims()[2 + a] as f64 / div[a] as f64)).collect();
     drop(probe);
-    let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5 };
+    let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5, ignore_label: ignore.map(i64::from) };
     let budget = 4 << 30;
     let train_store = Arc::new(CaseStore::new(&cfg.preprocessed, train_ids, budget)?);
     let val_store = if val_ids.is_empty() { None } else { Some(Arc::new(CaseStore::new(&cfg.preprocessed, val_ids, budget)?)) };
