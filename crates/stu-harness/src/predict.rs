@@ -1,9 +1,11 @@
 //! `stu predict`: nnU-Net's inference (`shared/docs/nnunet-pipeline.md` §6) for any registered
 //! model: preprocess as in training, Gaussian-weighted sliding window (step 0.5) with mirroring
 //! TTA and, given several checkpoints (the folds of a cross-validation), their logits averaged
-//! (nnU-Net's fold ensemble), logits accumulated in f32 (not the upstream f16), resampled back channel by channel
-//! (order 1, running argmax: no full-resolution map per class is ever held), un-cropped,
-//! transposed back, and written with the input's geometry.
+//! (nnU-Net's fold ensemble), logits accumulated in f32 (not the upstream f16), resampled back
+//! channel by channel (order 1, running argmax: no full-resolution map per class is ever held;
+//! or, fast, the argmax first and the label map resampled), un-cropped, transposed back, and
+//! written with the input's geometry. A folder's cases pass through three stages (read,
+//! network, export) that overlap on a GPU.
 
 use std::path::{Path, PathBuf};
 
@@ -268,6 +270,7 @@ impl Predictor {
         ensure!(opts.step > 0.0 && opts.step <= 1.0, "--step must be in (0, 1], got {}", opts.step);
         opts.precision.check(opts.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
         ensure!(!opts.checkpoints.is_empty(), "no checkpoint given");
+        ensure!(!(opts.fast_export && opts.save_probabilities), "--fast-export resamples only the label map; --save-probabilities needs every class resampled (the full export)");
         // A `stu train` run folder stands for its final checkpoint.
         let checkpoints: Vec<PathBuf> = opts
             .checkpoints
@@ -327,7 +330,6 @@ impl Predictor {
             nets.push(opts.precision.cast_net(&*net).unwrap_or(net));
         }
         let on_device = accumulate_on_device(&device)?;
-        ensure!(!(opts.fast_export && opts.save_probabilities), "--fast-export resamples only the label map; --save-probabilities needs every class resampled (the full export)");
         Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, fast_export: opts.fast_export })
     }
 

@@ -45,8 +45,11 @@ pub fn final_validation(run: &Path, progress: &dyn Fn(&str, usize, usize)) -> Re
     if val_ids.is_empty() {
         return Ok(Outcome::Skipped(format!("fold `{}` has no validation cases", cfg.fold)));
     }
-    let Some(raw) = stu_data::preprocess::source_of(&cfg.preprocessed)? else {
-        return Ok(Outcome::Skipped(format!("{} does not record its raw dataset (preprocessed by an older `stu preprocess`); predict the validation cases with `stu predict`", cfg.preprocessed.display())));
+    let raw = match stu_data::preprocess::source_of(&cfg.preprocessed) {
+        Ok(Some(raw)) => raw,
+        Ok(None) => return Ok(Outcome::Skipped(format!("{} does not record its raw dataset (preprocessed by an older `stu preprocess`); predict the validation cases with `stu predict`", cfg.preprocessed.display()))),
+        // A raw folder moved away since is no failure of the training.
+        Err(e) => return Ok(Outcome::Skipped(format!("{e}; predict the validation cases with `stu predict`"))),
     };
     let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
     let (cases, _) = stu_data::dataset::discover(&raw, &json)?;
