@@ -266,6 +266,52 @@ fn a_dataset_with_an_ignore_label_preprocesses_trains_and_validates() {
 }
 
 #[test]
+fn postprocessing_is_determined_on_cross_validation_and_replayed() {
+    // Two cases: label 1 and label 2 as separate blocks, the prediction adding a stray speck of
+    // label 1 far away. Keeping the largest foreground component would drop label 2 (rejected:
+    // its Dice falls); keeping label 1's largest removes the speck (accepted); label 2 has one
+    // component (nothing gained, not accepted).
+    let tmp = tempfile::tempdir().unwrap();
+    let geom = stu_data::nifti_io::read_label(&shared().join("data/Dataset802_TotalSegExampleMR/labelsTr/ts_mr_sm.nii.gz")).unwrap().geom;
+    let [nz, ny, nx] = geom.shape;
+    let block = |z: std::ops::Range<usize>, y: std::ops::Range<usize>, x: std::ops::Range<usize>, l: u16, v: &mut Vec<u16>| {
+        for k in z {
+            for j in y.clone() {
+                for i in x.clone() {
+                    v[(k * ny + j) * nx + i] = l;
+                }
+            }
+        }
+    };
+    let mut reference = vec![0u16; nz * ny * nx];
+    block(2..8, 10..30, 10..30, 1, &mut reference);
+    block(10..16, 50..60, 60..70, 2, &mut reference);
+    let mut pred = reference.clone();
+    block(15..17, 5..7, 100..102, 1, &mut pred);
+    let (r, p, out) = (tmp.path().join("ref"), tmp.path().join("pred"), tmp.path().join("pp"));
+    for d in [&r, &p] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for case in ["c1", "c2"] {
+        stu_data::nifti_io::write_label_as(&r.join(format!("{case}.nii.gz")), &reference, &geom, false).unwrap();
+        stu_data::nifti_io::write_label_as(&p.join(format!("{case}.nii.gz")), &pred, &geom, false).unwrap();
+    }
+    let json = tmp.path().join("dataset.json");
+    std::fs::write(&json, r#"{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2, "file_ending": ".nii.gz"}"#).unwrap();
+    let log = ok(&stu(&["postprocess", "determine", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), "--labels", json.to_str().unwrap(), "--out", out.to_str().unwrap()]));
+    assert!(log.contains("keep the largest foreground component: no; per label: 1;"), "{log}");
+    let pp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("postprocessing.json")).unwrap()).unwrap();
+    assert_eq!(pp["largest_per_label"], serde_json::json!([1]));
+    assert!(pp["dice_after"].as_f64().unwrap() == 1.0 && pp["dice_before"].as_f64().unwrap() < 1.0, "{pp}");
+    let fixed = stu_data::nifti_io::read_label(&out.join("postprocessed/c1.nii.gz")).unwrap();
+    assert!(fixed.data == reference && fixed.geom.affine == geom.affine);
+    // Replayed on the predictions, it gives the same maps.
+    let again = tmp.path().join("again");
+    ok(&stu(&["postprocess", "apply", "--pp", out.join("postprocessing.json").to_str().unwrap(), "-i", p.to_str().unwrap(), "-o", again.to_str().unwrap()]));
+    assert!(stu_data::nifti_io::read_label(&again.join("c2.nii.gz")).unwrap().data == reference);
+}
+
+#[test]
 fn evaluation_leaves_out_the_ignore_label() {
     // A reference with a slab marked `ignore` (sparse annotation) against the full label map:
     // with the ignore label declared every Dice is 1; without it, the slab's labels are FP.

@@ -222,6 +222,9 @@ enum Command {
         #[arg(long, conflicts_with = "labels")]
         label_map: Option<String>,
     },
+    /// nnU-Net's post-processing: decide on cross-validation predictions whether keeping the largest component (of the foreground, then of each label) raises Dice, and apply the decision.
+    #[command(subcommand)]
+    Postprocess(PostprocessCommand),
     /// Experiment specs.
     #[command(subcommand)]
     Spec(SpecCommand),
@@ -442,6 +445,37 @@ impl crate::train::Progress for TrainBar {
             log.epoch, log.lr, log.train_loss, f(log.val_loss), f(log.mean_fg_dice), f(log.ema_fg_dice), log.epoch_seconds, log.iterations_per_second, log.data_wait_seconds
         ));
     }
+}
+
+#[derive(Subcommand)]
+enum PostprocessCommand {
+    /// Determine it (nnU-Net's `determine_postprocessing`): writes OUT/postprocessing.json and the post-processed maps with their summary.json in OUT/postprocessed/.
+    Determine {
+        /// Reference label maps.
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// Predicted label maps: one folder or several (the folds' `RUN/validation`).
+        #[arg(long, required = true, num_args = 1..)]
+        pred: Vec<PathBuf>,
+        /// dataset.json: the labels (in its order) and its ignore label.
+        #[arg(long)]
+        labels: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Apply a postprocessing.json to a folder of label maps.
+    Apply {
+        /// postprocessing.json (`stu postprocess determine`).
+        #[arg(long)]
+        pp: PathBuf,
+        /// Label maps to post-process.
+        #[arg(short, long)]
+        input: PathBuf,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -744,6 +778,23 @@ fn run(cli: Cli) -> Result<()> {
             }
             stu_engine::checkpoint::write_atomic(&dir.join("summary.csv"), csv.as_bytes())?;
             println!("foreground mean Dice {:.4} over {} case(s), {} label(s); wrote {}", s.foreground_mean.get("Dice").copied().unwrap_or(f64::NAN), s.metric_per_case.len(), labels.len(), dir.join("summary.json").display());
+        }
+        Command::Postprocess(PostprocessCommand::Determine { reference, pred, labels, out }) => {
+            let json = stu_data::dataset::DatasetJson::read(&labels)?;
+            let classes: Vec<u16> = json.foreground_classes().iter().map(|c| c.0 as u16).collect();
+            let pp = crate::postprocess::determine(&reference, &pred, &classes, json.ignore_label.map(|v| v as u16), &out)?;
+            println!(
+                "keep the largest foreground component: {}; per label: {}; foreground mean Dice {:.4} → {:.4}; wrote {}",
+                if pp.largest_foreground { "yes" } else { "no" },
+                if pp.largest_per_label.is_empty() { "none".to_string() } else { pp.largest_per_label.iter().map(u16::to_string).collect::<Vec<_>>().join(", ") },
+                pp.dice_before,
+                pp.dice_after,
+                out.join("postprocessing.json").display()
+            );
+        }
+        Command::Postprocess(PostprocessCommand::Apply { pp, input, output }) => {
+            let n = crate::postprocess::apply_folder(&crate::postprocess::Postprocessing::read(&pp)?, &input, &output)?;
+            eprintln!("post-processed {n} label map(s) into {}", output.display());
         }
         Command::Spec(SpecCommand::Check { spec, set }) => print!("{}", crate::spec::check(&spec, &set)?),
         Command::Run { spec, set, paper_scale, out, point, data_only, count } => {

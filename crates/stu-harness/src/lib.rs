@@ -11,6 +11,7 @@ pub mod cli;
 pub mod forward;
 pub mod labelmap;
 pub mod plans;
+pub mod postprocess;
 pub mod predict;
 pub mod quickstart;
 pub mod run;
