@@ -213,8 +213,8 @@ mod tests {
         keep_largest_of(&mut seg, shape, &|v| v == 1);
         assert_eq!(seg, vec![1, 2, 0, 0, 0, 0, /**/ 1, 0, 0, 0, 0, 0]);
         // Components of the largest size are all kept.
-        let mut seg = vec![1, 0, 0, 1, 0, 1, /**/ 0, 0, 0, 1, 0, 0];
-        keep_largest_of(&mut seg, shape, &|v| v > 0);
-        assert_eq!(seg, vec![0, 0, 0, 1, 0, 1, /**/ 0, 0, 0, 1, 0, 0]);
+        let mut seg = vec![1, 1, 0, 0, 2, 2, 0, 0, /**/ 0, 0, 0, 0, 0, 0, 0, 1];
+        keep_largest_of(&mut seg, [1, 2, 8], &|v| v > 0);
+        assert_eq!(seg, vec![1, 1, 0, 0, 2, 2, 0, 0, /**/ 0, 0, 0, 0, 0, 0, 0, 0]);
     }
 }
