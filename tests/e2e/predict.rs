@@ -118,6 +118,14 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("STU_ACCUMULATE"));
     ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-kl"), "--checkpoint", &ck, "--keep-largest", "--disable-tta"]));
     assert!(tmp.path().join("pred-kl/ts_mr_sm.nii.gz").exists());
+    // A post-processing decision applied while predicting equals applying it afterwards.
+    std::fs::write(t("pp.json"), r#"{"largest_foreground": true, "largest_per_label": [1, 2], "dice_before": 0.5, "dice_after": 0.6}"#).unwrap();
+    ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-pp"), "--checkpoint", &ck, "--disable-tta", "--postprocessing", &t("pp.json")]));
+    ok(&stu(&["postprocess", "apply", "--pp", &t("pp.json"), "-i", &t("pred"), "-o", &t("pred-pp-after")]));
+    assert!(std::fs::read(t("pred-pp/ts_mr_sm.nii.gz")).unwrap() == std::fs::read(t("pred-pp-after/ts_mr_sm.nii.gz")).unwrap());
+    std::fs::write(t("pp-bad.json"), r#"{"largest_foreground": "yes"}"#).unwrap();
+    let bad = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-pp-bad"), "--checkpoint", &ck, "--postprocessing", &t("pp-bad.json")]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("pp-bad.json"));
     let s = ok(&stu(&["evaluate", "--ref", raw.join("labelsTr").to_str().unwrap(), "--pred", &t("pred"), "--labels", raw.join("dataset.json").to_str().unwrap(), "--nsd-tolerance", "2", "--hd95"]));
     assert!(s.contains("foreground mean Dice"), "{s}");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pred/summary.json")).unwrap()).unwrap();

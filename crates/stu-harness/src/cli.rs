@@ -179,6 +179,9 @@ enum Command {
         /// Keep only the largest 26-connected component of each label.
         #[arg(long)]
         keep_largest: bool,
+        /// Apply a `postprocessing.json` (`stu postprocess determine` on the cross-validation) to every label map.
+        #[arg(long)]
+        postprocessing: Option<PathBuf>,
         /// Direct inference: write a target dataset's labels from STU-Net's 104 classes (built-in map name, e.g. `btcv`, or a TOML file).
         #[arg(long)]
         label_map: Option<String>,
@@ -702,8 +705,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
-        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, fast_export, overlap, backend, precision } => {
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, label_map, save_probabilities, fast_export, overlap, backend, precision };
+        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision } => {
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());

@@ -57,6 +57,8 @@ pub struct PredictOptions {
     pub step: f64,
     /// Keep only the largest 26-connected component of each label.
     pub keep_largest: bool,
+    /// A `postprocessing.json` (`stu postprocess determine`) applied to every label map.
+    pub postprocessing: Option<PathBuf>,
     /// Direct-inference label map (built-in name or TOML file).
     pub label_map: Option<String>,
     /// Also write `{case}.probabilities.safetensors` (softmax, float16, input geometry).
@@ -702,6 +704,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     std::fs::write(&probe, b"").with_context(|| format!("{}: output folder is not writable", opts.output.display()))?;
     std::fs::remove_file(&probe).ok();
     let map = opts.label_map.as_deref().map(crate::labelmap::LabelMap::load).transpose()?;
+    let pp = opts.postprocessing.as_deref().map(crate::postprocess::Postprocessing::read).transpose()?;
     let predictor = Predictor::new(opts)?;
     if map.is_some() {
         ensure!(predictor.classes() == stu_core::taxonomy::CLASSES.len() + 1, "{}: label maps translate STU-Net's 104 TotalSegmentator classes; this model has {} outputs", opts.checkpoints[0].display(), predictor.classes());
@@ -719,6 +722,9 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         }
         if opts.keep_largest {
             keep_largest_per_label(&mut seg, geom.shape);
+        }
+        if let Some(pp) = &pp {
+            pp.apply(&mut seg, geom.shape);
         }
         let w = std::time::Instant::now();
         stu_data::nifti_io::write_label_as(&out_path, &seg, geom, wide).with_context(|| out_path.display().to_string())?;

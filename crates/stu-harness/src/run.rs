@@ -154,6 +154,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             disable_tta: !s.predict.tta,
             step: s.predict.step,
             keep_largest: s.predict.keep_largest,
+            postprocessing: None,
             label_map: s.predict.label_map.clone(),
             save_probabilities: false,
             fast_export: s.predict.fast_export,

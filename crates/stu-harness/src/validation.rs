@@ -64,6 +64,7 @@ pub fn final_validation(run: &Path, progress: &dyn Fn(&str, usize, usize)) -> Re
         disable_tta: false,
         step: 0.5,
         keep_largest: false,
+        postprocessing: None,
         label_map: None,
         save_probabilities: false,
         fast_export: false,
