@@ -47,6 +47,31 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     let unfinished = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens-x"), "--checkpoint", &t("pre")]);
     assert!(!unfinished.status.success() && String::from_utf8_lossy(&unfinished.stderr).contains("without checkpoint_final"));
     assert_eq!(stu_data::nifti_io::read_label(&tmp.path().join("pred-ens/ts_mr_sm.nii.gz")).unwrap().geom.shape, input.shape);
+    // The same two models ensembled after the fact from their probabilities (nnUNetv2_ensemble):
+    // the label is the argmax of the members' mean probability.
+    for (dir, run) in [("prob0", ck.clone()), ("prob1", t("run1"))] {
+        ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t(dir), "--checkpoint", &run, "--disable-tta", "--save-probabilities"]));
+    }
+    ok(&stu(&["ensemble", "--pred", &t("prob0"), &t("prob1"), "-o", &t("ens"), "--save-probabilities"]));
+    let probs = |dir: &str| {
+        let d = stu_engine::checkpoint::StateDict::open(&tmp.path().join(dir).join("ts_mr_sm.probabilities.safetensors")).unwrap();
+        let shape = d.shape("probabilities").unwrap().to_vec();
+        (d.read("probabilities", &shape).unwrap(), shape)
+    };
+    let ((p0, shape), (p1, _), (pe, _)) = (probs("prob0"), probs("prob1"), probs("ens"));
+    let (classes, n) = (shape[0], shape[1..].iter().product::<usize>());
+    let ens = stu_data::nifti_io::read_label(&tmp.path().join("ens/ts_mr_sm.nii.gz")).unwrap();
+    assert_eq!(ens.geom.affine, input.affine);
+    for v in 0..n {
+        let mean: Vec<f32> = (0..classes).map(|k| (0.0 + p0[k * n + v] + p1[k * n + v]) / 2.0).collect();
+        let arg = mean.iter().enumerate().fold(0, |a, (k, &m)| if m > mean[a] { k } else { a });
+        assert_eq!(ens.data[v] as usize, arg, "voxel {v}");
+        assert!((0..classes).all(|k| (pe[k * n + v] - mean[k]).abs() <= 1e-3), "voxel {v}: averaged probabilities");
+    }
+    std::fs::remove_file(tmp.path().join("prob1/ts_mr_sm.probabilities.safetensors")).unwrap();
+    let missing = stu(&["ensemble", "--pred", &t("prob0"), &t("prob1"), "-o", &t("ens2")]);
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("prob1") && err.contains("ts_mr_sm"), "{err}");
     let other = shared().join("fixtures/stunet-parity/tiny_iso.safetensors");
     let bad = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens-bad"), "--checkpoint", &ck, other.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&bad.stderr);

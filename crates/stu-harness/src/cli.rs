@@ -201,6 +201,18 @@ enum Command {
         #[arg(long, default_value = "f32")]
         precision: Precision,
     },
+    /// Ensemble prediction folders (nnU-Net's `nnUNetv2_ensemble`): average the probabilities `stu predict --save-probabilities` wrote, per case, and take the argmax.
+    Ensemble {
+        /// Prediction folders (two or more), each with `{case}.probabilities.safetensors` and `{case}.nii.gz` for every case of the first.
+        #[arg(long, required = true, num_args = 2..)]
+        pred: Vec<PathBuf>,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Also write the averaged probabilities.
+        #[arg(long)]
+        save_probabilities: bool,
+    },
     /// Score predictions against references: per case and label Dice, IoU and counts (nnU-Net's summary.json).
     Evaluate {
         /// Reference label maps.
@@ -794,6 +806,10 @@ fn run(cli: Cli) -> Result<()> {
                 pp.dice_after,
                 out.join("postprocessing.json").display()
             );
+        }
+        Command::Ensemble { pred, output, save_probabilities } => {
+            let ids = crate::ensemble::ensemble(&pred, &output, save_probabilities)?;
+            eprintln!("ensembled {} case(s) of {} folders into {}", ids.len(), pred.len(), output.display());
         }
         Command::Postprocess(PostprocessCommand::Apply { pp, input, output }) => {
             let n = crate::postprocess::apply_folder(&crate::postprocess::Postprocessing::read(&pp)?, &input, &output)?;

@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod ensemble;
 pub mod forward;
 pub mod labelmap;
 pub mod plans;

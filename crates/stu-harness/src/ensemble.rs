@@ -1,0 +1,121 @@
+//! `stu ensemble`: nnU-Net's `nnUNetv2_ensemble`: the softmax probabilities that several
+//! `stu predict --save-probabilities` runs wrote (`{case}.probabilities.safetensors`, e.g. of
+//! two model sizes or configurations) averaged per case in f32, then the argmax, written with
+//! the geometry of the first folder's label map. The averaged probabilities are thresholded
+//! directly (nnU-Net v2.2 re-applies the softmax to them: harmless for the argmax, §8). One
+//! class of every member is in memory at a time.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// A `{case}.probabilities.safetensors` file, read one class at a time.
+struct Probabilities {
+    path: PathBuf,
+    file: std::fs::File,
+    /// `[classes, z, y, x]`.
+    shape: [usize; 4],
+    /// Where the float16 data start.
+    start: u64,
+}
+
+impl Probabilities {
+    fn open(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let mut n = [0u8; 8];
+        file.read_exact(&mut n).with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let n = u64::from_le_bytes(n);
+        ensure!(n < 1 << 20, "{}: not a safetensors file (header of {n} bytes)", path.display());
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).with_context(|| format!("{}: truncated header", path.display()))?;
+        let header: serde_json::Value = serde_json::from_slice(&header).with_context(|| format!("{}: corrupt header", path.display()))?;
+        let t = &header["probabilities"];
+        ensure!(t["dtype"] == "F16", "{}: `probabilities` is not float16 (written by `stu predict --save-probabilities`?)", path.display());
+        let shape: [usize; 4] = serde_json::from_value(t["shape"].clone()).with_context(|| format!("{}: `probabilities` is not [classes, z, y, x]", path.display()))?;
+        let [a, b]: [u64; 2] = serde_json::from_value(t["data_offsets"].clone()).with_context(|| format!("{}: no data offsets", path.display()))?;
+        ensure!(b - a == 2 * shape.iter().product::<usize>() as u64, "{}: data size does not match the shape {shape:?}", path.display());
+        let len = file.metadata()?.len();
+        ensure!(8 + n + b <= len, "{}: truncated ({len} bytes, the header promises {})", path.display(), 8 + n + b);
+        Ok(Self { path: path.to_path_buf(), file, shape, start: 8 + n + a })
+    }
+
+    /// Class `k`'s probabilities, added to `sum`.
+    fn add_class(&mut self, k: usize, sum: &mut [f32]) -> Result<()> {
+        let n: usize = self.shape[1..].iter().product();
+        let mut bytes = vec![0u8; 2 * n];
+        self.file.seek(SeekFrom::Start(self.start + (2 * n * k) as u64))?;
+        self.file.read_exact(&mut bytes).with_context(|| format!("{}: cannot read class {k}", self.path.display()))?;
+        for (s, b) in sum.iter_mut().zip(bytes.chunks_exact(2)) {
+            *s += half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        }
+        Ok(())
+    }
+}
+
+/// Ensembles the probabilities of `folders` case by case into label maps (and, with
+/// `save_probabilities`, the averaged probabilities) in `output`. Cases are those of the
+/// first folder; each must be in every folder with the same shape. Returns the case ids.
+pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) -> Result<Vec<String>> {
+    ensure!(folders.len() >= 2, "an ensemble needs two prediction folders or more");
+    const SUFFIX: &str = ".probabilities.safetensors";
+    let mut ids: Vec<String> = std::fs::read_dir(&folders[0])
+        .with_context(|| format!("{}: cannot list", folders[0].display()))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(SUFFIX).map(str::to_string))
+        .collect();
+    ids.sort();
+    ensure!(!ids.is_empty(), "{}: no {{case}}{SUFFIX} files (predict with --save-probabilities)", folders[0].display());
+    std::fs::create_dir_all(output).with_context(|| format!("{}: cannot create", output.display()))?;
+    for id in &ids {
+        let mut members = Vec::with_capacity(folders.len());
+        for f in folders {
+            let path = f.join(format!("{id}{SUFFIX}"));
+            if !path.exists() {
+                bail!("{}: case `{id}` has no probabilities here (every folder of an ensemble predicts every case)", f.display());
+            }
+            members.push(Probabilities::open(&path)?);
+        }
+        let shape = members[0].shape;
+        if let Some(m) = members.iter().find(|m| m.shape != shape) {
+            bail!("{}: shape {:?}, {} has {shape:?}", m.path.display(), m.shape, members[0].path.display());
+        }
+        let label_map = folders[0].join(format!("{id}.nii.gz"));
+        let geom = stu_data::nifti_io::read_geometry(&label_map).with_context(|| format!("{}: the label map giving the ensemble's geometry", label_map.display()))?;
+        ensure!(geom.shape == [shape[1], shape[2], shape[3]], "{}: shape {:?}, its probabilities {shape:?}", label_map.display(), geom.shape);
+        let (classes, n) = (shape[0], shape[1] * shape[2] * shape[3]);
+        let mut best = vec![f32::NEG_INFINITY; n];
+        let mut arg = vec![0u16; n];
+        let count = members.len() as f32;
+        let mut failure = None;
+        let mut mean_of = |k: usize| -> Vec<f32> {
+            let mut sum = vec![0f32; n];
+            for m in members.iter_mut() {
+                if let Err(e) = m.add_class(k, &mut sum) {
+                    failure.get_or_insert(e);
+                }
+            }
+            sum.iter_mut().for_each(|s| *s /= count);
+            for ((b, a), &v) in best.iter_mut().zip(arg.iter_mut()).zip(&sum) {
+                if v > *b {
+                    *b = v;
+                    *a = k as u16;
+                }
+            }
+            sum
+        };
+        let probabilities = output.join(format!("{id}{SUFFIX}"));
+        if save_probabilities {
+            crate::predict::write_probabilities(&probabilities, classes, geom.shape, &mut mean_of)?;
+        } else {
+            (0..classes).for_each(|k| drop(mean_of(k)));
+        }
+        if let Some(e) = failure {
+            // What was written from an unreadable member is not kept.
+            let _ = std::fs::remove_file(&probabilities);
+            return Err(e);
+        }
+        let out = output.join(format!("{id}.nii.gz"));
+        stu_data::nifti_io::write_label_as(&out, &arg, &geom, classes > 256).with_context(|| out.display().to_string())?;
+    }
+    Ok(ids)
+}
