@@ -189,24 +189,35 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     }
 }
 
-#[test]
-fn training_ends_with_nnunets_final_validation_of_the_fold() {
-    // The real MR case twice (`a` trains, `b` validates), its raw folder copied with a split.
-    let tmp = tempfile::tempdir().unwrap();
-    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+/// A raw dataset under `dir/raw` of the real MR case twice, `a` for training and `b` for
+/// validation (its `splits_final.json`), each with the label map `labels` makes of the
+/// original, and the original dataset.json changed by `edit`.
+fn mr_case_twice(dir: &Path, edit: impl FnOnce(&mut serde_json::Value), labels: impl Fn(&stu_data::nifti_io::Volume<u16>) -> Vec<u16>) -> std::path::PathBuf {
     let src = shared().join("data/Dataset802_TotalSegExampleMR");
-    let raw = tmp.path().join("raw");
+    let raw = dir.join("raw");
     for d in ["imagesTr", "labelsTr"] {
         std::fs::create_dir_all(raw.join(d)).unwrap();
     }
-    for id in ["a", "b"] {
-        std::fs::copy(src.join("imagesTr/ts_mr_sm_0000.nii.gz"), raw.join(format!("imagesTr/{id}_0000.nii.gz"))).unwrap();
-        std::fs::copy(src.join("labelsTr/ts_mr_sm.nii.gz"), raw.join(format!("labelsTr/{id}.nii.gz"))).unwrap();
-    }
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("dataset.json")).unwrap()).unwrap();
     json["numTraining"] = 2.into();
+    edit(&mut json);
     std::fs::write(raw.join("dataset.json"), json.to_string()).unwrap();
+    let original = stu_data::nifti_io::read_label(&src.join("labelsTr/ts_mr_sm.nii.gz")).unwrap();
+    let label = labels(&original);
+    for id in ["a", "b"] {
+        std::fs::copy(src.join("imagesTr/ts_mr_sm_0000.nii.gz"), raw.join(format!("imagesTr/{id}_0000.nii.gz"))).unwrap();
+        stu_data::nifti_io::write_label_as(&raw.join(format!("labelsTr/{id}.nii.gz")), &label, &original.geom, false).unwrap();
+    }
     std::fs::write(raw.join("splits_final.json"), r#"[{"train": ["a"], "val": ["b"]}]"#).unwrap();
+    raw
+}
+
+#[test]
+fn training_ends_with_nnunets_final_validation_of_the_fold() {
+    // The real MR case twice (`a` trains, `b` validates).
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let raw = mr_case_twice(tmp.path(), |_| {}, |l| l.data.clone());
     let raw_s = raw.to_str().unwrap();
     ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
     ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
@@ -244,27 +255,15 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
 
 #[test]
 fn a_dataset_with_an_ignore_label_preprocesses_trains_and_validates() {
-    // The real MR case twice, its labels' first 6 slices marked `ignore` (sparse annotation).
+    // Its labels' first 6 slices marked `ignore` (sparse annotation).
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
     let src = shared().join("data/Dataset802_TotalSegExampleMR");
-    let raw = tmp.path().join("raw");
-    for d in ["imagesTr", "labelsTr"] {
-        std::fs::create_dir_all(raw.join(d)).unwrap();
-    }
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("dataset.json")).unwrap()).unwrap();
-    let ignore = json["labels"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).max().unwrap() + 1;
-    json["labels"]["ignore"] = ignore.into();
-    json["numTraining"] = 2.into();
-    std::fs::write(raw.join("dataset.json"), json.to_string()).unwrap();
     let full = stu_data::nifti_io::read_label(&src.join("labelsTr/ts_mr_sm.nii.gz")).unwrap();
     let [_, ny, nx] = full.geom.shape;
-    let sparse: Vec<u16> = full.data.iter().enumerate().map(|(i, &v)| if i / (ny * nx) < 6 { ignore as u16 } else { v }).collect();
-    for id in ["a", "b"] {
-        std::fs::copy(src.join("imagesTr/ts_mr_sm_0000.nii.gz"), raw.join(format!("imagesTr/{id}_0000.nii.gz"))).unwrap();
-        stu_data::nifti_io::write_label_as(&raw.join(format!("labelsTr/{id}.nii.gz")), &sparse, &full.geom, false).unwrap();
-    }
-    std::fs::write(raw.join("splits_final.json"), r#"[{"train": ["a"], "val": ["b"]}]"#).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("dataset.json")).unwrap()).unwrap();
+    let ignore = json["labels"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).max().unwrap() + 1;
+    let raw = mr_case_twice(tmp.path(), |j| j["labels"]["ignore"] = ignore.into(), |l| l.data.iter().enumerate().map(|(i, &v)| if i / (ny * nx) < 6 { ignore as u16 } else { v }).collect());
     let raw_s = raw.to_str().unwrap();
     ok(&stu(&["dataset", "check", raw_s]));
     ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));

@@ -48,12 +48,13 @@ impl Postprocessing {
     }
 }
 
-/// Zeroes every voxel in `member` outside the largest 26-connected component(s) of the
-/// `member` voxels (all components of the largest size are kept).
-pub fn keep_largest_of(seg: &mut [u16], shape: [usize; 3], member: &(dyn Fn(u16) -> bool + Sync)) {
+/// The 26-connected components of the voxels whose value is `member`, neighbours joining when
+/// `joined(a, b)` holds for their values: each voxel's component id (`u32::MAX` outside), and
+/// each component's first value and size.
+pub fn components(seg: &[u16], shape: [usize; 3], member: &(dyn Fn(u16) -> bool + Sync), joined: &dyn Fn(u16, u16) -> bool) -> (Vec<u32>, Vec<(u16, usize)>) {
     let n = seg.len();
     let mut comp = vec![u32::MAX; n];
-    let mut sizes: Vec<usize> = Vec::new();
+    let mut sizes: Vec<(u16, usize)> = Vec::new();
     let mut stack = Vec::new();
     for start in 0..n {
         if !member(seg[start]) || comp[start] != u32::MAX {
@@ -74,7 +75,7 @@ pub fn keep_largest_of(seg: &mut [u16], shape: [usize; 3], member: &(dyn Fn(u16)
                             continue;
                         }
                         let w = (nz as usize * shape[1] + ny as usize) * shape[2] + nx as usize;
-                        if member(seg[w]) && comp[w] == u32::MAX {
+                        if member(seg[w]) && comp[w] == u32::MAX && joined(seg[v], seg[w]) {
                             comp[w] = id;
                             stack.push(w);
                         }
@@ -82,11 +83,18 @@ pub fn keep_largest_of(seg: &mut [u16], shape: [usize; 3], member: &(dyn Fn(u16)
                 }
             }
         }
-        sizes.push(size);
+        sizes.push((seg[start], size));
     }
-    let Some(&largest) = sizes.iter().max() else { return };
+    (comp, sizes)
+}
+
+/// Zeroes every voxel in `member` outside the largest 26-connected component(s) of the
+/// `member` voxels taken as one mask (all components of the largest size are kept).
+pub fn keep_largest_of(seg: &mut [u16], shape: [usize; 3], member: &(dyn Fn(u16) -> bool + Sync)) {
+    let (comp, sizes) = components(seg, shape, member, &|_, _| true);
+    let Some(largest) = sizes.iter().map(|s| s.1).max() else { return };
     for (v, c) in seg.iter_mut().zip(&comp) {
-        if *c != u32::MAX && sizes[*c as usize] < largest {
+        if *c != u32::MAX && sizes[*c as usize].1 < largest {
             *v = 0;
         }
     }

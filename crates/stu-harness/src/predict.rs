@@ -601,40 +601,7 @@ pub fn gaussian_importance(tile: [usize; 3]) -> Vec<f32> {
 
 /// Keeps the largest 26-connected component of each label (ties keep all of that size).
 pub fn keep_largest_per_label(seg: &mut [u16], shape: [usize; 3]) {
-    let n = seg.len();
-    let mut comp = vec![u32::MAX; n];
-    let mut sizes: Vec<(u16, usize)> = Vec::new();
-    let mut stack = Vec::new();
-    for start in 0..n {
-        if seg[start] == 0 || comp[start] != u32::MAX {
-            continue;
-        }
-        let label = seg[start];
-        let id = sizes.len() as u32;
-        comp[start] = id;
-        stack.push(start);
-        let mut size = 0;
-        while let Some(v) = stack.pop() {
-            size += 1;
-            let (z, y, x) = ((v / (shape[1] * shape[2])) as i64, (v / shape[2] % shape[1]) as i64, (v % shape[2]) as i64);
-            for dz in -1..=1i64 {
-                for dy in -1..=1i64 {
-                    for dx in -1..=1i64 {
-                        let (nz, ny, nx) = (z + dz, y + dy, x + dx);
-                        if nz < 0 || ny < 0 || nx < 0 || nz >= shape[0] as i64 || ny >= shape[1] as i64 || nx >= shape[2] as i64 {
-                            continue;
-                        }
-                        let w = (nz as usize * shape[1] + ny as usize) * shape[2] + nx as usize;
-                        if seg[w] == label && comp[w] == u32::MAX {
-                            comp[w] = id;
-                            stack.push(w);
-                        }
-                    }
-                }
-            }
-        }
-        sizes.push((label, size));
-    }
+    let (comp, sizes) = crate::postprocess::components(seg, shape, &|v| v > 0, &|a, b| a == b);
     let mut largest = std::collections::HashMap::new();
     for &(l, s) in &sizes {
         let e = largest.entry(l).or_insert(0);
