@@ -151,6 +151,8 @@ pub struct EvalOptions {
     pub nsd_default: Option<f64>,
     /// Add HD95.
     pub hd95: bool,
+    /// Add ASSD (average symmetric surface distance, area-weighted).
+    pub assd: bool,
     /// Reference value → evaluated label (direct inference); values not listed become 0.
     pub reference_map: Option<BTreeMap<u16, u16>>,
     /// nnU-Net's ignore label: reference voxels with this value (before `reference_map`) are
@@ -208,7 +210,7 @@ pub fn evaluate_folders(reference: &Path, predictions: &[PathBuf], labels: &[u16
         let mut metrics: BTreeMap<String, BTreeMap<String, f64>> = conf.iter().map(|(l, c)| (l.to_string(), case_metrics(c))).collect();
         for &l in labels {
             let tol = surface.nsd_tolerance.get(&l).copied().or(surface.nsd_default);
-            if tol.is_none() && !surface.hd95 {
+            if tol.is_none() && !surface.hd95 && !surface.assd {
                 continue;
             }
             let g: Vec<bool> = rv.data.iter().map(|&v| v == l).collect();
@@ -221,6 +223,10 @@ pub fn evaluate_folders(reference: &Path, predictions: &[PathBuf], labels: &[u16
             if surface.hd95 {
                 let h = crate::surface::robust_hausdorff(&d, 95.0);
                 m.insert("HD95".into(), if h.is_finite() { h } else { f64::NAN });
+            }
+            if surface.assd {
+                let a = crate::surface::assd(&d);
+                m.insert("ASSD".into(), if a.is_finite() { a } else { f64::NAN });
             }
         }
         per_case.push(CaseMetrics { reference_file: r, prediction_file: p, metrics });

@@ -194,6 +194,20 @@ pub fn nsd(d: &SurfaceDistances, tolerance: f64) -> f64 {
     within / total
 }
 
+/// Average symmetric surface distance: every surfel's distance to the other surface, both
+/// directions, weighted by surfel area (DeepMind's two directed averages pooled). Infinite when
+/// one surface is empty, NaN when both are.
+pub fn assd(d: &SurfaceDistances) -> f64 {
+    if d.gt_to_pred.is_empty() && d.pred_to_gt.is_empty() {
+        return f64::NAN;
+    }
+    if d.gt_to_pred.is_empty() || d.pred_to_gt.is_empty() {
+        return f64::INFINITY;
+    }
+    let (sum, area) = d.gt_to_pred.iter().chain(&d.pred_to_gt).fold((0.0, 0.0), |(s, a), p| (s + p.0 * p.1, a + p.1));
+    sum / area
+}
+
 /// DeepMind's robust Hausdorff distance at `percent` (95 for HD95): per direction the distance
 /// where the cumulative surfel area first reaches the percentile, then the larger of the two.
 /// Infinite when one surface is empty, NaN when both are.

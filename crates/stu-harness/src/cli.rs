@@ -233,6 +233,9 @@ enum Command {
         /// Also compute HD95 (DeepMind's area-weighted robust Hausdorff distance).
         #[arg(long)]
         hd95: bool,
+        /// Also compute ASSD (average symmetric surface distance, surfels weighted by area; MONAI's and DeepMind's surface metrics).
+        #[arg(long)]
+        assd: bool,
         /// Direct inference: remap the references with this label map (built-in name or TOML) and score its labels.
         #[arg(long, conflicts_with = "labels")]
         label_map: Option<String>,
@@ -738,8 +741,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             anyhow::ensure!(failed.is_empty(), "{} of {} case(s) failed; the others are in {}", failed.len(), results.len(), output.display());
         }
-        Command::Evaluate { reference, pred, labels, out, nsd_tolerance, hd95, label_map } => {
-            let mut surface = stu_data::metrics::EvalOptions { hd95, ..Default::default() };
+        Command::Evaluate { reference, pred, labels, out, nsd_tolerance, hd95, assd, label_map } => {
+            let mut surface = stu_data::metrics::EvalOptions { hd95, assd, ..Default::default() };
             if let Some(t) = nsd_tolerance {
                 if let Ok(v) = t.trim().parse::<f64>() {
                     surface.nsd_default = Some(v);

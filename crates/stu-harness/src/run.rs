@@ -170,7 +170,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         timings.insert("predict_s".into(), t.elapsed().as_secs_f64().into());
         let t = Instant::now();
         let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
-        let mut eval = stu_data::metrics::EvalOptions { nsd_default: s.evaluate.nsd_tolerance, hd95: s.evaluate.hd95, ignore_label: json.ignore_label.map(|v| v as u16), ..Default::default() };
+        let mut eval = stu_data::metrics::EvalOptions { nsd_default: s.evaluate.nsd_tolerance, hd95: s.evaluate.hd95, assd: s.evaluate.assd, ignore_label: json.ignore_label.map(|v| v as u16), ..Default::default() };
         let (label_values, names): (Vec<u16>, serde_json::Map<String, serde_json::Value>) = match &s.predict.label_map {
             Some(m) => {
                 let m = crate::labelmap::LabelMap::load(m)?;

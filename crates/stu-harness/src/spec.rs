@@ -260,6 +260,10 @@ pub struct EvaluateSpec {
     /// HD95.
     #[serde(default)]
     pub hd95: bool,
+    /// ASSD (average symmetric surface distance). Serialised only when on, so that
+    /// `Point::former_id` stays what it was before the field existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub assd: bool,
 }
 
 /// The paper-scale variant of a study.
