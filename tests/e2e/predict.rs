@@ -68,7 +68,14 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
         assert_eq!(ens.data[v] as usize, arg, "voxel {v}");
         assert!((0..classes).all(|k| (pe[k * n + v] - mean[k]).abs() <= 1e-3), "voxel {v}: averaged probabilities");
     }
-    std::fs::remove_file(tmp.path().join("prob1/ts_mr_sm.probabilities.safetensors")).unwrap();
+    // A truncated member and a missing one are named.
+    let member = tmp.path().join("prob1/ts_mr_sm.probabilities.safetensors");
+    let bytes = std::fs::read(&member).unwrap();
+    std::fs::write(&member, &bytes[..bytes.len() / 2]).unwrap();
+    let cut = stu(&["ensemble", "--pred", &t("prob0"), &t("prob1"), "-o", &t("ens2")]);
+    let err = String::from_utf8_lossy(&cut.stderr);
+    assert!(!cut.status.success() && err.contains("prob1/ts_mr_sm.probabilities.safetensors") && err.contains("truncated"), "{err}");
+    std::fs::remove_file(&member).unwrap();
     let missing = stu(&["ensemble", "--pred", &t("prob0"), &t("prob1"), "-o", &t("ens2")]);
     let err = String::from_utf8_lossy(&missing.stderr);
     assert!(!missing.status.success() && err.contains("prob1") && err.contains("ts_mr_sm"), "{err}");
