@@ -156,7 +156,9 @@ pub fn determine(reference: &Path, predictions: &[PathBuf], labels: &[u16], igno
     let improves = |a: f64, b: f64| a > b || (b.is_nan() && !a.is_nan());
     let all = trial(&current, &|s, shape| keep_largest_of(s, shape, &|v| v > 0));
     let m = mean_dice(&pairs, &all, labels);
-    if improves(foreground_mean(&m), foreground_mean(&best)) && labels.iter().all(|l| !(m[l] < best[l])) {
+    // "No label falls": a label undefined (NaN) before or after does not count as falling.
+    let falls = |a: f64, b: f64| a < b;
+    if improves(foreground_mean(&m), foreground_mean(&best)) && !labels.iter().any(|l| falls(m[l], best[l])) {
         pp.largest_foreground = true;
         (current, best) = (all, m);
     }
