@@ -147,7 +147,7 @@ enum Command {
         #[arg(long, default_value = "tch")]
         backend: Backend,
     },
-    /// Predict NIfTI volumes (sliding window, mirroring TTA) into label maps with the input's geometry.
+    /// Predict NIfTI volumes (sliding window, mirroring TTA, fold ensembles) into label maps with the input's geometry.
     Predict {
         /// A NIfTI file or a folder of `{case}_{XXXX}.nii.gz` files.
         #[arg(short, long)]
@@ -213,7 +213,7 @@ enum Command {
         #[arg(long)]
         save_probabilities: bool,
     },
-    /// Score predictions against references: per case and label Dice, IoU and counts (nnU-Net's summary.json).
+    /// Score predictions against references: per case and label Dice, IoU and counts (nnU-Net's summary.json), NSD, HD95 and ASSD on request.
     Evaluate {
         /// Reference label maps.
         #[arg(long = "ref")]
