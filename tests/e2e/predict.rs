@@ -254,6 +254,13 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
     assert!(val.join("summary.json").exists());
     let log = train(&["--resume"]);
     assert!(log.contains("(0 predicted now)"), "{log}");
+    // Asked for the probabilities too (nnU-Net's --npz), the case is predicted again with them,
+    // the same labels, ready for `stu ensemble` of two trainings' validations.
+    let log = train(&["--resume", "--validation-probabilities"]);
+    assert!(log.contains("(1 predicted now)") && val.join("b.probabilities.safetensors").exists(), "{log}");
+    assert!(stu_data::nifti_io::read_label(&val.join("b.nii.gz")).unwrap().data == pred.data);
+    ok(&stu(&["ensemble", "--pred", val.to_str().unwrap(), val.to_str().unwrap(), "-o", &t("val-ens")]));
+    assert!(stu_data::nifti_io::read_label(&tmp.path().join("val-ens/b.nii.gz")).unwrap().geom.shape == label.geom.shape);
     // Preprocessed data that does not record its raw folder skip it, saying why.
     std::fs::remove_file(tmp.path().join("pre/source.json")).unwrap();
     let log = train(&["--resume"]);

@@ -364,6 +364,9 @@ struct TrainArgs {
     /// `summary.json`. (`--resume` on a finished run does what is missing of it.)
     #[arg(long)]
     no_final_validation: bool,
+    /// Also write the validation cases' softmax probabilities (`{case}.probabilities.safetensors`, nnU-Net's `--npz`), for `stu ensemble` of two trainings' validations.
+    #[arg(long, conflicts_with = "no_final_validation")]
+    validation_probabilities: bool,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -841,7 +844,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(args) if args.nproc > 1 => crate::train::launch_local(args.nproc)?,
         Command::Train(args) => {
-            let validate = !args.no_final_validation;
+            let (validate, probabilities) = (!args.no_final_validation, args.validation_probabilities);
             let req = args.request()?;
             let bar = indicatif::ProgressBar::new(0).with_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} it, ETA {eta} {msg}").expect("valid template"),
@@ -857,7 +860,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("best EMA pseudo Dice {}; checkpoints and log.jsonl in {}", s.best_ema.map_or("-".into(), |v| format!("{v:.4}")), s.out.display());
             if validate {
                 let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("validation {prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles").expect("valid template"));
-                let outcome = crate::validation::final_validation(&s.out, &|id, done, total| {
+                let outcome = crate::validation::final_validation(&s.out, probabilities, &|id, done, total| {
                     bar.set_prefix(id.to_string());
                     bar.set_length(total as u64);
                     bar.set_position(done as u64);

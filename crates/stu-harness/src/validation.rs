@@ -37,8 +37,9 @@ pub enum Outcome {
 }
 
 /// Runs the final validation of the finished run in `run` (its `train.json` and
-/// `checkpoint_final.safetensors`).
-pub fn final_validation(run: &Path, progress: &dyn Fn(&str, usize, usize)) -> Result<Outcome> {
+/// `checkpoint_final.safetensors`); with `probabilities`, each case's softmax is written beside
+/// its label map (nnU-Net's `--npz`), for `stu ensemble` of two trainings' validations.
+pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str, usize, usize)) -> Result<Outcome> {
     let cfg_path = run.join("train.json");
     let cfg: TrainConfig = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?).with_context(|| format!("{}: not a training configuration", cfg_path.display()))?;
     let (_, val_ids) = crate::train::fold_cases(&cfg.preprocessed, &cfg.fold)?;
@@ -77,12 +78,13 @@ pub fn final_validation(run: &Path, progress: &dyn Fn(&str, usize, usize)) -> Re
     let mut predicted = 0;
     for id in &val_ids {
         let out = dir.join(format!("{id}.nii.gz"));
-        if out.exists() {
+        let probs = probabilities.then(|| dir.join(format!("{id}.probabilities.safetensors")));
+        if out.exists() && probs.as_ref().is_none_or(|p| p.exists()) {
             continue;
         }
         let case = cases.iter().find(|c| &c.id == id).with_context(|| format!("validation case `{id}` is not in {}", raw.join("imagesTr").display()))?;
         let images: Vec<PathBuf> = case.images.iter().enumerate().map(|(ch, p)| p.clone().with_context(|| format!("validation case `{id}` has no channel {ch} in {}", raw.display()))).collect::<Result<_>>()?;
-        let (seg, geom) = predictor.predict_case(id, &images, &|d, n| progress(id, d, n))?;
+        let (seg, geom) = predictor.predict_case_with(id, &images, probs.as_deref(), &|d, n| progress(id, d, n), &mut Vec::new())?;
         stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide).with_context(|| out.display().to_string())?;
         predicted += 1;
     }
