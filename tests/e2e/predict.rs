@@ -176,6 +176,16 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     let bad = stu(&["predict", "-i", two.to_str().unwrap(), "-o", &t("p3"), "--checkpoint", &ck]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("channel"), "{}", String::from_utf8_lossy(&bad.stderr));
+    // An image with a NaN is refused by name and place, not run into non-finite logits.
+    let nan = tmp.path().join("nan");
+    std::fs::create_dir_all(&nan).unwrap();
+    let mut v = stu_data::nifti_io::read_image(&images.join("ts_mr_sm_0000.nii.gz")).unwrap();
+    let [_, ny, nx] = v.geom.shape;
+    v.data[(3 * ny + 4) * nx + 5] = f32::NAN;
+    stu_data::nifti_io::write_image(&nan.join("n_0000.nii.gz"), &v.data, &v.geom).unwrap();
+    let bad = stu(&["predict", "-i", nan.to_str().unwrap(), "-o", &t("p-nan"), "--checkpoint", &ck, "--disable-tta"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("n_0000.nii.gz: 1 NaN or infinite voxel(s), the first at [3, 4, 5]"), "{err}");
     // One unreadable case in a folder does not lose the others.
     let mixed = tmp.path().join("mixed");
     std::fs::create_dir_all(&mixed).unwrap();

@@ -243,6 +243,12 @@ pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, 
     let mut geom = None;
     for p in images {
         let v = read_image(p).map_err(|e| file_err(p, e.to_string()))?;
+        // A NaN or infinity would spread through normalisation and resampling into the network.
+        if let Some(i) = v.data.iter().position(|x| !x.is_finite()) {
+            let bad = v.data.iter().filter(|x| !x.is_finite()).count();
+            let [_, ny, nx] = v.geom.shape;
+            return Err(file_err(p, format!("{bad} NaN or infinite voxel(s), the first at [{}, {}, {}] (array order)", i / (ny * nx), i / nx % ny, i % nx)));
+        }
         if let Some(g) = &geom {
             let g: &crate::nifti_io::Geometry = g;
             if g.shape != v.geom.shape {
