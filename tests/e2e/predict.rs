@@ -47,6 +47,10 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     let unfinished = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-ens-x"), "--checkpoint", &t("pre")]);
     assert!(!unfinished.status.success() && String::from_utf8_lossy(&unfinished.stderr).contains("without checkpoint_final"));
     assert_eq!(stu_data::nifti_io::read_label(&tmp.path().join("pred-ens/ts_mr_sm.nii.gz")).unwrap().geom.shape, input.shape);
+    // What was asked is recorded beside the predictions.
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pred-ens/predict.json")).unwrap()).unwrap();
+    assert_eq!(record["options"]["checkpoints"].as_array().unwrap().len(), 2);
+    assert_eq!((&record["options"]["disable_tta"], &record["options"]["backend"]), (&serde_json::json!(true), &serde_json::json!("flex")));
     // The same two models ensembled after the fact from their probabilities (nnUNetv2_ensemble):
     // the label is the argmax of the members' mean probability.
     for (dir, run) in [("prob0", ck.clone()), ("prob1", t("run1"))] {

@@ -33,8 +33,9 @@ pub fn released_plan() -> serde_json::Value {
     })
 }
 
-/// Options of `stu predict`.
-#[derive(Debug, Clone)]
+/// Options of `stu predict` (written to the output folder as `predict.json`, as nnU-Net writes
+/// `predict_from_raw_data_args.json`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PredictOptions {
     /// A NIfTI file or a folder of `{case}_{XXXX}.nii.gz` files.
     pub input: PathBuf,
@@ -673,6 +674,8 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     let map = opts.label_map.as_deref().map(crate::labelmap::LabelMap::load).transpose()?;
     let pp = opts.postprocessing.as_deref().map(crate::postprocess::Postprocessing::read).transpose()?;
     let predictor = Predictor::new(opts)?;
+    let record = serde_json::json!({"stu": env!("CARGO_PKG_VERSION"), "options": opts});
+    stu_core::fs::write_atomic(&opts.output.join("predict.json"), (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
     if map.is_some() {
         ensure!(predictor.classes() == stu_core::taxonomy::CLASSES.len() + 1, "{}: label maps translate STU-Net's 104 TotalSegmentator classes; this model has {} outputs", opts.checkpoints[0].display(), predictor.classes());
     }
