@@ -208,6 +208,12 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
             assert!(got == std::fs::read(tmp.path().join("p4").join(format!("{case}.nii.gz"))).unwrap(), "{dir}/{case}");
         }
     }
+    // The run folder carries its plan: with the preprocessed data moved away, its checkpoint
+    // still predicts the same map.
+    assert!(tmp.path().join("run/plans.json").exists() && tmp.path().join("run/dataset.json").exists());
+    std::fs::rename(tmp.path().join("pre"), tmp.path().join("pre-moved")).unwrap();
+    ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-moved"), "--checkpoint", &ck, "--disable-tta"]));
+    assert!(std::fs::read(t("pred-moved/ts_mr_sm.nii.gz")).unwrap() == std::fs::read(t("pred/ts_mr_sm.nii.gz")).unwrap());
 }
 
 /// A raw dataset under `dir/raw` of the real MR case twice, `a` for training and `b` for

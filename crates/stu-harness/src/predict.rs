@@ -109,9 +109,9 @@ fn accumulate_on_device(device: &Device) -> Result<bool> {
     }
 }
 
-/// What one of our training checkpoints records of its run (`stu_checkpoint` metadata): the
-/// plans of its preprocessed folder and the patch it was trained on. Foreign checkpoints
-/// (nnU-Net's, safetensors exports) record neither.
+/// What one of our training checkpoints records of its run (`stu_checkpoint` metadata): its
+/// plans (the copy in its run folder, else its preprocessed folder's) and the patch it was
+/// trained on. Foreign checkpoints (nnU-Net's, safetensors exports) record neither.
 struct TrainedWith {
     plans: Option<PathBuf>,
     patch: Option<[usize; 3]>,
@@ -121,7 +121,9 @@ fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
     let dict = stu_engine::checkpoint::StateDict::open(checkpoint)?;
     let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(TrainedWith { plans: None, patch: None }) };
     let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", checkpoint.display()))?;
+    let beside = checkpoint.parent().map(|d| d.join("plans.json")).filter(|p| p.exists() && p.parent().is_some_and(|d| d.join("train.json").exists()));
     let plans = match v.pointer("/config/preprocessed").and_then(|d| d.as_str()) {
+        _ if beside.is_some() => beside,
         Some(dir) => {
             let p = Path::new(dir).join("plans.json");
             ensure!(p.exists(), "{}: the plans of its training run ({}) are gone; pass --plans", checkpoint.display(), p.display());

@@ -448,6 +448,17 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         ensure!(!cfg_path.exists(), "{}: a run exists here; pass --resume to continue it or choose another --out", out.display());
         stu_core::fs::write_atomic(&cfg_path, (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
     }
+    if lead {
+        // The run folder carries its plan and labels, as nnU-Net's trained-model folder does, so
+        // its checkpoints predict without the preprocessed data (moved, deleted, another machine).
+        for name in ["plans.json", "dataset.json"] {
+            let to = out.join(name);
+            if !to.exists() {
+                let bytes = std::fs::read(cfg.preprocessed.join(name)).with_context(|| format!("{}: cannot read", cfg.preprocessed.join(name).display()))?;
+                stu_core::fs::write_atomic(&to, &bytes)?;
+            }
+        }
+    }
     let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
     let (in_channels, num_classes, ignore) = task(&cfg.preprocessed)?;
     let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
