@@ -18,7 +18,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The main job on the embedded default dataset: phantom → check → plan → preprocess.
+    /// The main job on the embedded default dataset: phantom → check → plan → preprocess, then the quickstart study (three STU-Net widths trained, predicted and scored; a table and a figure).
     Quickstart {
         /// Output folder.
         #[arg(long, default_value = "runs/quickstart")]
