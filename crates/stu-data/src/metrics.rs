@@ -166,10 +166,10 @@ pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surf
     evaluate_folders(reference, &[prediction.to_path_buf()], labels, surface)
 }
 
-/// [`evaluate_folder`] over the predictions of several folders together (the five folds'
-/// `validation/` folders of a cross-validation: nnU-Net's `crossval_results` summary). A case
-/// predicted in two of them is an error.
-pub fn evaluate_folders(reference: &Path, predictions: &[PathBuf], labels: &[u16], surface: &EvalOptions) -> Result<Summary, DatasetError> {
+/// The `{id}.nii.gz` predictions of `predictions` (folders, in order) that have a reference of
+/// the same name in `reference`, as (reference, prediction) pairs. A case predicted in two of
+/// the folders is an error, and so is finding no pair.
+pub fn pair_predictions(reference: &Path, predictions: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>, DatasetError> {
     let file_err = |p: &Path, r: String| DatasetError::File { path: p.to_path_buf(), reason: r };
     let mut preds: Vec<PathBuf> = Vec::new();
     for prediction in predictions {
@@ -191,21 +191,46 @@ pub fn evaluate_folders(reference: &Path, predictions: &[PathBuf], labels: &[u16
         let shown = predictions.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         return Err(file_err(&predictions[0], format!("no prediction (in {shown}) has a reference of the same name in {}", reference.display())));
     }
-    let mut per_case = Vec::with_capacity(pairs.len());
-    for (r, p) in pairs {
-        let mut rv = crate::nifti_io::read_label(&r).map_err(|e| file_err(&r, e.to_string()))?;
-        let ignored: Option<Vec<bool>> = surface.ignore_label.map(|ig| rv.data.iter().map(|&v| v == ig).collect());
-        if let Some(map) = &surface.reference_map {
-            rv.data.iter_mut().for_each(|v| *v = map.get(v).copied().unwrap_or(0));
-        }
-        let pv = crate::nifti_io::read_label(&p).map_err(|e| file_err(&p, e.to_string()))?;
-        if rv.geom.shape != pv.geom.shape {
-            return Err(file_err(&p, format!("shape {:?} differs from the reference's {:?}", pv.geom.shape, rv.geom.shape)));
-        }
-        let close = rv.geom.affine.iter().flatten().zip(pv.geom.affine.iter().flatten()).all(|(a, b)| (a - b).abs() <= 1e-3 * (1.0 + a.abs()));
-        if !close {
-            return Err(file_err(&p, "affine differs from the reference's".into()));
-        }
+    Ok(pairs)
+}
+
+/// A reference and a prediction read for scoring.
+pub struct Pair {
+    /// The reference, remapped by `reference_map` when given.
+    pub reference: crate::nifti_io::Volume<u16>,
+    /// The prediction.
+    pub prediction: crate::nifti_io::Volume<u16>,
+    /// The reference's voxels under the ignore label, when one is given.
+    pub ignored: Option<Vec<bool>>,
+}
+
+/// Reads a (reference, prediction) pair as `surface` says (ignore label, reference map);
+/// shapes and affines must agree.
+pub fn read_pair(r: &Path, p: &Path, surface: &EvalOptions) -> Result<Pair, DatasetError> {
+    let file_err = |p: &Path, r: String| DatasetError::File { path: p.to_path_buf(), reason: r };
+    let mut rv = crate::nifti_io::read_label(r).map_err(|e| file_err(r, e.to_string()))?;
+    let ignored: Option<Vec<bool>> = surface.ignore_label.map(|ig| rv.data.iter().map(|&v| v == ig).collect());
+    if let Some(map) = &surface.reference_map {
+        rv.data.iter_mut().for_each(|v| *v = map.get(v).copied().unwrap_or(0));
+    }
+    let pv = crate::nifti_io::read_label(p).map_err(|e| file_err(p, e.to_string()))?;
+    if rv.geom.shape != pv.geom.shape {
+        return Err(file_err(p, format!("shape {:?} differs from the reference's {:?}", pv.geom.shape, rv.geom.shape)));
+    }
+    let close = rv.geom.affine.iter().flatten().zip(pv.geom.affine.iter().flatten()).all(|(a, b)| (a - b).abs() <= 1e-3 * (1.0 + a.abs()));
+    if !close {
+        return Err(file_err(p, "affine differs from the reference's".into()));
+    }
+    Ok(Pair { reference: rv, prediction: pv, ignored })
+}
+
+/// [`evaluate_folder`] over the predictions of several folders together (the five folds'
+/// `validation/` folders of a cross-validation: nnU-Net's `crossval_results` summary). A case
+/// predicted in two of them is an error.
+pub fn evaluate_folders(reference: &Path, predictions: &[PathBuf], labels: &[u16], surface: &EvalOptions) -> Result<Summary, DatasetError> {
+    let mut per_case = Vec::new();
+    for (r, p) in pair_predictions(reference, predictions)? {
+        let Pair { reference: rv, prediction: pv, ignored } = read_pair(&r, &p, surface)?;
         let conf = confusion(&rv.data, &pv.data, labels, ignored.as_deref());
         let mut metrics: BTreeMap<String, BTreeMap<String, f64>> = conf.iter().map(|(l, c)| (l.to_string(), case_metrics(c))).collect();
         for &l in labels {

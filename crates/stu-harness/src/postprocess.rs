@@ -100,11 +100,11 @@ pub fn keep_largest_of(seg: &mut [u16], shape: [usize; 3], member: &(dyn Fn(u16)
     }
 }
 
-/// One case in memory: reference, prediction, shape, ignored voxels.
+/// One case in memory: reference, prediction (with its geometry and file), ignored voxels.
 struct Pair {
     reference: Vec<u16>,
     prediction: Vec<u16>,
-    shape: [usize; 3],
+    geom: stu_data::nifti_io::Geometry,
     ignored: Option<Vec<bool>>,
     file: PathBuf,
 }
@@ -136,14 +136,12 @@ fn foreground_mean(m: &BTreeMap<u16, f64>) -> f64 {
 pub fn determine(reference: &Path, predictions: &[PathBuf], labels: &[u16], ignore: Option<u16>, out: &Path) -> Result<Postprocessing> {
     ensure!(!labels.is_empty(), "no foreground labels to score");
     let eval = stu_data::metrics::EvalOptions { ignore_label: ignore, ..Default::default() };
-    // The cases and their files, as the evaluation pairs them (a case predicted twice fails).
-    let summary = stu_data::metrics::evaluate_folders(reference, predictions, labels, &eval)?;
-    let mut pairs = Vec::with_capacity(summary.metric_per_case.len());
-    for c in &summary.metric_per_case {
-        let r = stu_data::nifti_io::read_label(&c.reference_file).with_context(|| c.reference_file.display().to_string())?;
-        let p = stu_data::nifti_io::read_label(&c.prediction_file).with_context(|| c.prediction_file.display().to_string())?;
-        let ignored = ignore.map(|ig| r.data.iter().map(|&v| v == ig).collect());
-        pairs.push(Pair { reference: r.data, prediction: p.data, shape: p.geom.shape, ignored, file: c.prediction_file.clone() });
+    // The cases and their files as the evaluation pairs and checks them (a case predicted
+    // twice, a shape or affine off the reference's: errors), each read once.
+    let mut pairs = Vec::new();
+    for (r, p) in stu_data::metrics::pair_predictions(reference, predictions)? {
+        let read = stu_data::metrics::read_pair(&r, &p, &eval)?;
+        pairs.push(Pair { reference: read.reference.data, prediction: read.prediction.data, geom: read.prediction.geom, ignored: read.ignored, file: p });
     }
     let mut current: Vec<Vec<u16>> = pairs.iter().map(|p| p.prediction.clone()).collect();
     let before = mean_dice(&pairs, &current, labels);
@@ -151,7 +149,7 @@ pub fn determine(reference: &Path, predictions: &[PathBuf], labels: &[u16], igno
     let mut pp = Postprocessing { largest_foreground: false, largest_per_label: Vec::new(), dice_before: foreground_mean(&before), dice_after: f64::NAN };
     let trial = |preds: &[Vec<u16>], f: &(dyn Fn(&mut Vec<u16>, [usize; 3]) + Sync)| -> Vec<Vec<u16>> {
         use rayon::prelude::*;
-        preds.par_iter().zip(&pairs).map(|(s, p)| { let mut s = s.clone(); f(&mut s, p.shape); s }).collect()
+        preds.par_iter().zip(&pairs).map(|(s, p)| { let mut s = s.clone(); f(&mut s, p.geom.shape); s }).collect()
     };
     let improves = |a: f64, b: f64| a > b || (b.is_nan() && !a.is_nan());
     let all = trial(&current, &|s, shape| keep_largest_of(s, shape, &|v| v > 0));
@@ -178,9 +176,8 @@ pub fn determine(reference: &Path, predictions: &[PathBuf], labels: &[u16], igno
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let wide = labels.iter().any(|&l| l > 255);
     for (p, seg) in pairs.iter().zip(&current) {
-        let geom = stu_data::nifti_io::read_geometry(&p.file)?;
         let name = p.file.file_name().context("a file name")?;
-        stu_data::nifti_io::write_label_as(&dir.join(name), seg, &geom, wide).with_context(|| dir.join(name).display().to_string())?;
+        stu_data::nifti_io::write_label_as(&dir.join(name), seg, &p.geom, wide).with_context(|| dir.join(name).display().to_string())?;
     }
     let summary = stu_data::metrics::evaluate_folder(reference, &dir, labels, &eval)?;
     stu_core::fs::write_atomic(&dir.join("summary.json"), (serde_json::to_string_pretty(&serde_json::to_value(&summary)?)? + "\n").as_bytes())?;
