@@ -191,6 +191,9 @@ pub fn normalize(v: &mut [f32], scheme: &str, use_mask: bool, mask: &[bool], ct:
 /// `annotated_classes_key`: every voxel not under the ignore label), stored as `"annotated"`.
 pub const ANNOTATED: i16 = i16::MIN;
 
+/// [`ANNOTATED`]'s key in a case's `class_locations`.
+pub const ANNOTATED_KEY: &str = "annotated";
+
 /// Samples class locations: per foreground label, k = max(min(10000, n), ceil(0.01·n)) voxels
 /// without replacement (deterministic per `seed`). With an ignore label, its voxels are no
 /// class, and the annotated voxels get locations of their own ([`ANNOTATED`]), as nnU-Net's.
@@ -305,7 +308,7 @@ pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, 
     let class_locations = locations
         .iter()
         .map(|(l, c)| {
-            let e = (if *l == ANNOTATED { "annotated".to_string() } else { l.to_string() }, [offset, c.len()]);
+            let e = (if *l == ANNOTATED { ANNOTATED_KEY.to_string() } else { l.to_string() }, [offset, c.len()]);
             offset += c.len();
             e
         })
@@ -352,7 +355,7 @@ pub fn load(dir: &Path, id: &str) -> Result<Preprocessed, DatasetError> {
     if props.class_locations.values().any(|&[o, n]| 3 * (o + n) > raw.len()) {
         return Err(DatasetError::File { path: dir.join(format!("{id}_locs.u32")), reason: "shorter than the class locations in the properties".into() });
     }
-    let locations = props.class_locations.iter().map(|(l, &[o, n])| (if l == "annotated" { ANNOTATED } else { l.parse().unwrap_or(0) }, raw[3 * o..3 * (o + n)].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())).collect();
+    let locations = props.class_locations.iter().map(|(l, &[o, n])| (if l == ANNOTATED_KEY { ANNOTATED } else { l.parse().unwrap_or(0) }, raw[3 * o..3 * (o + n)].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())).collect();
     Ok(Preprocessed { data, seg, props, locations })
 }
 

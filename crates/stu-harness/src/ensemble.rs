@@ -58,7 +58,7 @@ impl Probabilities {
 /// first folder; each must be in every folder with the same shape. Returns the case ids.
 pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) -> Result<Vec<String>> {
     ensure!(folders.len() >= 2, "an ensemble needs two prediction folders or more");
-    const SUFFIX: &str = ".probabilities.safetensors";
+    use crate::predict::{PROBABILITIES_SUFFIX as SUFFIX, probabilities_path};
     let mut ids: Vec<String> = std::fs::read_dir(&folders[0])
         .with_context(|| format!("{}: cannot list", folders[0].display()))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(SUFFIX).map(str::to_string))
@@ -69,7 +69,7 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
     for id in &ids {
         let mut members = Vec::with_capacity(folders.len());
         for f in folders {
-            let path = f.join(format!("{id}{SUFFIX}"));
+            let path = probabilities_path(f, id);
             if !path.exists() {
                 bail!("{}: case `{id}` has no probabilities here (every folder of an ensemble predicts every case)", f.display());
             }
@@ -103,7 +103,7 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
             }
             sum
         };
-        let probabilities = output.join(format!("{id}{SUFFIX}"));
+        let probabilities = probabilities_path(output, id);
         if save_probabilities {
             crate::predict::write_probabilities(&probabilities, classes, geom.shape, &mut mean_of)?;
         } else {

@@ -534,6 +534,14 @@ fn flip(x: Tensor<5>, axes: &[usize]) -> Tensor<5> {
     }
 }
 
+/// The name ending of a case's probabilities file (`{case}.probabilities.safetensors`).
+pub const PROBABILITIES_SUFFIX: &str = ".probabilities.safetensors";
+
+/// Where the probabilities of case `id` go in a prediction folder `dir`.
+pub fn probabilities_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}{PROBABILITIES_SUFFIX}"))
+}
+
 /// Streams `[classes, Z, Y, X]` probabilities (`channel(k)` gives class k in the input's array
 /// order) to a safetensors file, tensor `probabilities`, float16, atomically. One class is in
 /// memory at a time; the file is the size nnU-Net's `.npz` would be uncompressed, halved.
@@ -703,7 +711,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         phases.push(("write", w.elapsed().as_secs_f64()));
         Ok(out_path)
     };
-    let probabilities = |id: &str| opts.save_probabilities.then(|| opts.output.join(format!("{id}.probabilities.safetensors")));
+    let probabilities = |id: &str| opts.save_probabilities.then(|| probabilities_path(&opts.output, id));
     if !opts.overlap.unwrap_or(opts.backend.is_gpu()) {
         let mut results = Vec::new();
         for (id, files) in &cases {

@@ -468,7 +468,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         for id in &train_ids {
             let path = cfg.preprocessed.join(format!("{id}.json"));
             let props = read_json(&path)?;
-            ensure!(props.pointer("/class_locations/annotated").is_some(), "{}: preprocessed without the annotated voxels' locations that training with an ignore label samples from; preprocess the dataset again into a new folder", path.display());
+            ensure!(props["class_locations"].get(stu_data::preprocess::ANNOTATED_KEY).is_some(), "{}: preprocessed without the annotated voxels' locations that training with an ignore label samples from; preprocess the dataset again into a new folder", path.display());
         }
     }
     if cfg.fraction < 1.0 {

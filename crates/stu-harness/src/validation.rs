@@ -78,7 +78,7 @@ pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str,
     let mut predicted = 0;
     for id in &val_ids {
         let out = dir.join(format!("{id}.nii.gz"));
-        let probs = probabilities.then(|| dir.join(format!("{id}.probabilities.safetensors")));
+        let probs = probabilities.then(|| crate::predict::probabilities_path(&dir, id));
         if out.exists() && probs.as_ref().is_none_or(|p| p.exists()) {
             continue;
         }
