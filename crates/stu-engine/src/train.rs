@@ -662,6 +662,8 @@ mod tests {
         let truth = [0, 1, 2, 2, 1, 0];
         let c = confusion(&pred, &truth, 4, None);
         assert_eq!(c, vec![[1, 1, 1], [1, 1, 1], [0, 0, 0]]);
+        // Voxels whose truth is the ignore label (here 4, beyond the classes) count nowhere.
+        assert_eq!(confusion(&[1, 1, 2, 0], &[1, 4, 4, 2], 4, Some(4)), vec![[1, 0, 0], [0, 0, 1], [0, 0, 0]]);
         let d = dice_per_class(&c);
         assert_eq!(d[0], 0.5);
         assert!(d[2].is_nan());
