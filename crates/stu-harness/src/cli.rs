@@ -745,6 +745,11 @@ fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(failed.is_empty(), "{} of {} case(s) failed; the others are in {}", failed.len(), results.len(), output.display());
         }
         Command::Evaluate { reference, pred, labels, out, nsd_tolerance, hd95, assd, label_map } => {
+            let dir = match (out, pred.as_slice()) {
+                (Some(d), _) => d,
+                (None, [one]) => one.clone(),
+                (None, _) => anyhow::bail!("--out: where to write the summary of {} prediction folders", pred.len()),
+            };
             let mut surface = stu_data::metrics::EvalOptions { hd95, assd, ..Default::default() };
             if let Some(t) = nsd_tolerance {
                 if let Ok(v) = t.trim().parse::<f64>() {
@@ -781,11 +786,6 @@ fn run(cli: Cli) -> Result<()> {
                 }
             };
             let s = stu_data::metrics::evaluate_folders(&reference, &pred, &labels, &surface)?;
-            let dir = match (out, pred.as_slice()) {
-                (Some(d), _) => d,
-                (None, [one]) => one.clone(),
-                (None, _) => anyhow::bail!("--out: where to write the summary of {} prediction folders", pred.len()),
-            };
             std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
             stu_engine::checkpoint::write_atomic(&dir.join("summary.json"), nan_safe_json(&serde_json::to_value(&s)?)?.as_bytes())?;
             let mut csv = String::from("case,label,metric,value\n");
