@@ -90,7 +90,7 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     // Fast export: on the plan's own grid (this case's spacing) the argmax is the full
     // export's; on a coarser plan (4.5 mm) the label map alone is resampled back, in the input's
     // geometry, mostly agreeing with the full export (0.80 of the voxels for this barely trained
-    // model, whose maps are speckled; the quickstart's trained models agree on 0.99).
+    // model, whose maps are speckled; the quickstart's trained models agree on 0.988–0.991).
     ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-fast"), "--checkpoint", &ck, "--disable-tta", "--fast-export"]));
     let fast = stu_data::nifti_io::read_label(&tmp.path().join("pred-fast/ts_mr_sm.nii.gz")).unwrap();
     assert!(fast.data == out.data && fast.geom.affine == out.geom.affine);
