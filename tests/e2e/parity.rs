@@ -117,7 +117,45 @@ fn the_loss_with_an_ignore_label_matches_nnunet() {
             })
             .collect();
         for batch_dice in [false, true] {
-            let cfg = DiceConfig { batch_dice, smooth: 1e-5, ignore_label: Some(ignore) };
+            let cfg = DiceConfig { batch_dice, smooth: 1e-5, ignore_label: Some(ignore), regions: None };
+            let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0] as f64;
+            let key = |k: &str| want[format!("{case}.{k}.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap();
+            let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));
+            let l = scalar(deep_supervision(&outputs, &targets, &weights, cfg));
+            assert!((l0 - key("loss0")).abs() < 1e-5, "{case}, batch_dice {batch_dice}: {l0} vs {}", key("loss0"));
+            assert!((l - key("loss")).abs() < 1e-5, "{case}, batch_dice {batch_dice}: {l} vs {}", key("loss"));
+        }
+    }
+}
+
+#[test]
+fn the_region_loss_matches_nnunet() {
+    // tests/fixtures/make_loss_regions_fixture.py: nnU-Net 2.8.1's DC_and_BCE_loss (sigmoid
+    // Dice over all regions, BCE with logits) in DeepSupervisionWrapper, regions [1,2,3],
+    // [2,3], [3], with and without an ignore label.
+    use stu_engine::loss::{DiceConfig, Regions, dc_ce, deep_supervision};
+    use stu_engine::{Tensor, TensorData};
+    let file = own_fixtures().join("loss_regions.safetensors");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("loss_regions.json")).unwrap()).unwrap();
+    let device = stu_engine::backend::Backend::Flex.device().unwrap();
+    let outputs: Vec<Tensor<5>> = (0..3)
+        .map(|i| {
+            let (s, l) = read_tensor(&file, &format!("logits.{i}"));
+            Tensor::<5>::from_data(TensorData::new(l, [s[0], s[1], s[2], s[3], s[4]]), &device)
+        })
+        .collect();
+    let weights: Vec<f64> = serde_json::from_value(want["weights"].clone()).unwrap();
+    let regions: Vec<Vec<u16>> = serde_json::from_value(want["regions"].clone()).unwrap();
+    let regions = Regions::new(&regions).unwrap();
+    for (case, ignore) in [("plain", None), ("ignore", want["ignore_label"].as_i64())] {
+        let targets: Vec<Tensor<4, stu_engine::burn::tensor::Int>> = (0..3)
+            .map(|i| {
+                let (s, t) = read_tensor(&file, &format!("{case}.target.{i}"));
+                Tensor::from_data(TensorData::new(t.into_iter().map(|v| v as i64).collect::<Vec<_>>(), [s[0], s[2], s[3], s[4]]), &device)
+            })
+            .collect();
+        for batch_dice in [false, true] {
+            let cfg = DiceConfig { batch_dice, smooth: 1e-5, ignore_label: ignore, regions: Some(regions) };
             let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0] as f64;
             let key = |k: &str| want[format!("{case}.{k}.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap();
             let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));

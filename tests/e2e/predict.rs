@@ -332,6 +332,111 @@ fn a_dataset_with_an_ignore_label_preprocesses_trains_and_validates() {
 }
 
 #[test]
+fn a_region_based_dataset_trains_with_sigmoids_and_predicts_its_class_order() {
+    // nnU-Net's region-based training on the real MR case: regions "kidneys" [2, 3],
+    // "kidney_left" [3] and "liver" 5, declared out of alphabetical order, writing 2, 3 and 5.
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let raw = mr_case_twice(tmp.path(), |_| {}, |l| l.data.iter().map(|&v| if [2, 3, 5].contains(&v) { v } else { 0 }).collect());
+    std::fs::write(
+        raw.join("dataset.json"),
+        r#"{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "kidneys": [2, 3], "kidney_left": [3], "liver": 5},
+            "regions_class_order": [2, 3, 5], "numTraining": 2, "file_ending": ".nii.gz"}"#,
+    )
+    .unwrap();
+    let raw_s = raw.to_str().unwrap();
+    ok(&stu(&["dataset", "check", raw_s]));
+    ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
+    ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
+    // The regions that are not one plain label get locations of their own (nnU-Net's keys).
+    let props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pre/a.json")).unwrap()).unwrap();
+    let locs = props["class_locations"].as_object().unwrap();
+    assert!(locs.contains_key("(2, 3)") && locs.contains_key("(3,)") && locs.contains_key("5"), "{:?}", locs.keys().collect::<Vec<_>>());
+    assert!(locs["(2, 3)"][1].as_u64().unwrap() >= locs["(3,)"][1].as_u64().unwrap());
+    let train = |out: &str| {
+        Command::new(stu_bin!())
+            .args(["train", &t("pre"), "--out", &t(out), "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32"])
+            .output()
+            .unwrap()
+    };
+    let log = ok(&train("run"));
+    let losses: Vec<f64> = tests::logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
+    assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite() && *l > -1.0), "{losses:?}");
+    // One pseudo-Dice per region, and the final validation scores the regions.
+    let last: serde_json::Value = serde_json::from_str(std::fs::read_to_string(tmp.path().join("run/log.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    assert_eq!(last["pseudo_dice"].as_array().unwrap().len(), 3, "{last}");
+    assert!(log.contains("final validation: 1 case(s)"), "{log}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("run/validation/summary.json")).unwrap()).unwrap();
+    let keys: Vec<&String> = summary["mean"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["(2, 3)", "(3,)", "5"]);
+    // The label map is the thresholded sigmoids in region order, later over earlier: checked
+    // against the saved probabilities where float16 rounding cannot decide (≥ 0.5 in float16
+    // wherever the float32 sigmoid was above it; below 0.5 in float16 means below in float32).
+    let images = raw.join("imagesTr/b_0000.nii.gz");
+    let ck = t("run/checkpoint_final.safetensors");
+    ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred"), "--checkpoint", &ck, "--disable-tta", "--save-probabilities"]));
+    let seg = stu_data::nifti_io::read_label(&tmp.path().join("pred/b.nii.gz")).unwrap();
+    let (probs, header) = read_probabilities(&tmp.path().join("pred/b.probabilities.safetensors"));
+    assert_eq!(header["__metadata__"]["regions_class_order"], "[2,3,5]");
+    let n = seg.data.len();
+    assert_eq!(probs.len(), 3 * n);
+    let writes = [2u16, 3, 5];
+    for (i, &v) in seg.data.iter().enumerate() {
+        let p = |k: usize| probs[k * n + i];
+        let last = (0..3).rev().find(|&k| p(k) > 0.5);
+        match v {
+            0 => assert!((0..3).all(|k| p(k) <= 0.5), "voxel {i}: background with {:?}", (p(0), p(1), p(2))),
+            w => {
+                let k = writes.iter().position(|&x| x == w).unwrap_or_else(|| panic!("voxel {i}: label {w} is no region's"));
+                assert!(p(k) >= 0.5 && last.is_none_or(|l| l <= k), "voxel {i}: {w} with {:?}", (p(0), p(1), p(2)));
+            }
+        }
+    }
+    // The ensemble thresholds the mean probabilities in the same order (two folders, one model).
+    std::fs::create_dir_all(tmp.path().join("pred2")).unwrap();
+    for f in ["b.nii.gz", "b.probabilities.safetensors"] {
+        std::fs::copy(tmp.path().join("pred").join(f), tmp.path().join("pred2").join(f)).unwrap();
+    }
+    ok(&stu(&["ensemble", "--pred", &t("pred"), &t("pred2"), "-o", &t("ens")]));
+    let ens = stu_data::nifti_io::read_label(&tmp.path().join("ens/b.nii.gz")).unwrap();
+    let want: Vec<u16> = (0..n).map(|i| (0..3).filter(|&k| probs[k * n + i] > 0.5).last().map_or(0, |k| writes[k])).collect();
+    assert!(ens.data == want);
+    // Fast export: thresholded on the network's grid; the same labels only.
+    ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("fast"), "--checkpoint", &ck, "--disable-tta", "--fast-export"]));
+    let fast = stu_data::nifti_io::read_label(&tmp.path().join("fast/b.nii.gz")).unwrap();
+    assert!(fast.data.iter().all(|v| [0, 2, 3, 5].contains(v)) && fast.geom.shape == seg.geom.shape);
+    // `stu evaluate` with the dataset's labels scores the regions as nnU-Net keys them.
+    ok(&stu(&["evaluate", "--ref", raw.join("labelsTr").to_str().unwrap(), "--pred", &t("pred"), "--labels", raw.join("dataset.json").to_str().unwrap(), "--out", &t("eval")]));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("eval/summary.json")).unwrap()).unwrap();
+    let m = &s["metric_per_case"][0]["metrics"];
+    let reference = stu_data::nifti_io::read_label(&raw.join("labelsTr/b.nii.gz")).unwrap();
+    let both = |inside: &dyn Fn(u16) -> bool| reference.data.iter().zip(&seg.data).filter(|(r, p)| inside(**r) && inside(**p)).count() as f64;
+    assert_eq!(m["(2, 3)"]["TP"].as_f64().unwrap(), both(&|v| v == 2 || v == 3));
+    assert_eq!(m["(3,)"]["TP"].as_f64().unwrap(), both(&|v| v == 3));
+    // Options that work on plain labels are refused for regions, not misapplied.
+    let out = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("kl"), "--checkpoint", &ck, "--keep-largest"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("region-based"), "{err}");
+    // Data preprocessed without a region's locations is refused, naming the case.
+    let path = tmp.path().join("pre/a.json");
+    let mut props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    props["class_locations"].as_object_mut().unwrap().remove("(2, 3)");
+    std::fs::write(&path, props.to_string()).unwrap();
+    let old = train("run-old");
+    let err = String::from_utf8_lossy(&old.stderr);
+    assert!(!old.status.success() && err.contains("a.json") && err.contains("(2, 3)"), "{err}");
+}
+
+/// A `{case}.probabilities.safetensors` file's values (f32) and header.
+fn read_probabilities(path: &Path) -> (Vec<f32>, serde_json::Value) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = bytes[8 + n..].chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    (data, header)
+}
+
+#[test]
 fn postprocessing_is_determined_on_cross_validation_and_replayed() {
     // Two cases: label 1 and label 2 as separate blocks, the prediction adding a stray speck of
     // label 1 far away. Keeping the largest foreground component would drop label 2 (rejected:

@@ -115,7 +115,7 @@ pub fn synthetic_preprocessed(dir: &Path, cases: usize, channels: usize, labels:
             affine: [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
             class_locations,
         };
-        save(dir, &Preprocessed { data, seg, props, locations }).unwrap();
+        save(dir, &Preprocessed { data, seg, props, locations, region_locations: Vec::new() }).unwrap();
         ids.push(id);
     }
     let mut label_map = serde_json::Map::new();

@@ -38,12 +38,59 @@ pub enum LabelValue {
     Region(Vec<u32>),
 }
 
+/// One output of a region-based dataset (nnU-Net's region training, e.g. BraTS's whole tumour
+/// `[1, 2, 3]`, tumour core `[2, 3]`, enhancing tumour `[3]`): the union of its labels, trained
+/// with a sigmoid, written as `regions_class_order[i]` where its probability exceeds 0.5.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// Its name in `labels`.
+    pub name: String,
+    /// The labels it unites, as declared.
+    pub labels: Vec<u16>,
+    /// nnU-Net's key for it in `summary.json` and class locations: `str()` of the Python value,
+    /// `"2"` for an integer, `"(1, 2, 3)"` or `"(3,)"` for a list.
+    pub key: String,
+    /// The label written where it is predicted (`regions_class_order`, same position).
+    pub writes: u16,
+}
+
+impl Region {
+    /// Whether label value `v` belongs to the region.
+    pub fn contains(&self, v: u16) -> bool {
+        self.labels.contains(&v)
+    }
+}
+
+/// The `labels` object's entries in file order (serde_json's `Value` sorts object keys, and
+/// region order matters: it pairs with `regions_class_order`).
+struct Ordered(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Ordered, A::Error> {
+                let mut v = Vec::new();
+                while let Some(e) = map.next_entry::<String, Value>()? {
+                    v.push(e);
+                }
+                Ok(Ordered(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 /// A validated `dataset.json`.
 #[derive(Debug, Clone)]
 pub struct DatasetJson {
     /// Channel index → name (`CT`, `T2`, …), consecutive from 0.
     pub channel_names: Vec<String>,
-    /// Label name → value, in file order.
+    /// Label name → value, in file order (for a well-formed file).
     pub labels: Vec<(String, LabelValue)>,
     /// Declared number of training cases.
     pub num_training: usize,
@@ -51,6 +98,9 @@ pub struct DatasetJson {
     pub file_ending: String,
     /// For region-based datasets.
     pub regions_class_order: Option<Vec<u32>>,
+    /// For region-based datasets (any label a list of two or more values): the foreground
+    /// regions in declaration order, one network output each (nnU-Net's `foreground_regions`).
+    pub regions: Option<Vec<Region>>,
     /// The ignore label's value, if `"ignore"` is declared.
     pub ignore_label: Option<u32>,
 }
@@ -60,10 +110,16 @@ impl DatasetJson {
     pub fn read(path: &Path) -> Result<Self, DatasetError> {
         let text = std::fs::read_to_string(path).map_err(|e| DatasetError::File { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
         let json: Value = serde_json::from_str(&text).map_err(|e| DatasetError::Json { path: path.to_path_buf(), key: "(file)".into(), reason: format!("not valid JSON: {e}") })?;
-        Self::from_value(path, &json)
+        // The labels again, in file order; a file whose `labels` is no object fails below.
+        #[derive(serde::Deserialize)]
+        struct Labels {
+            labels: Option<Ordered>,
+        }
+        let order = serde_json::from_str::<Labels>(&text).ok().and_then(|l| l.labels).map(|o| o.0);
+        Self::from_value(path, &json, order)
     }
 
-    fn from_value(path: &Path, json: &Value) -> Result<Self, DatasetError> {
+    fn from_value(path: &Path, json: &Value, order: Option<Vec<(String, Value)>>) -> Result<Self, DatasetError> {
         let err = |key: &str, reason: String| DatasetError::Json { path: path.to_path_buf(), key: key.into(), reason };
         let obj = json.as_object().ok_or_else(|| err("(file)", "must be a JSON object".into()))?;
         let (ckey, channels) = match (obj.get("channel_names"), obj.get("modality")) {
@@ -82,8 +138,11 @@ impl DatasetJson {
             return Err(err(ckey, format!("channel indices must be 0..N without gaps, got {:?}", by_index.keys().collect::<Vec<_>>())));
         }
         let labels = obj.get("labels").and_then(Value::as_object).ok_or_else(|| err("labels", "missing or not an object like {\"background\": 0, …}".into()))?;
+        let labels: Vec<(String, Value)> = order.unwrap_or_else(|| labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
         let mut parsed = Vec::new();
-        for (name, v) in labels {
+        let mut listed = Vec::new();
+        for (name, v) in &labels {
+            listed.push(v.is_array());
             let key = format!("labels.{name}");
             let int = |v: &Value| v.as_u64().filter(|&x| x <= u16::MAX as u64).map(|x| x as u32);
             let value = match v {
@@ -136,6 +195,41 @@ impl DatasetJson {
         if has_regions && regions_class_order.is_none() {
             return Err(err("regions_class_order", "required when labels contain regions".into()));
         }
+        let regions = match (&regions_class_order, has_regions) {
+            (Some(order), true) => {
+                let mut regions = Vec::new();
+                for ((name, v), &list) in parsed.iter().zip(&listed) {
+                    if name == "background" || name == "ignore" {
+                        continue;
+                    }
+                    let labels: Vec<u16> = match v {
+                        LabelValue::Class(c) => vec![*c as u16],
+                        LabelValue::Region(r) => r.iter().map(|&c| c as u16).collect(),
+                    };
+                    if labels.contains(&0) {
+                        return Err(err(&format!("labels.{name}"), "a region may not contain the background 0".into()));
+                    }
+                    let key = match (list, labels.as_slice()) {
+                        (false, [c]) => c.to_string(),
+                        (true, [c]) => format!("({c},)"),
+                        _ => format!("({})", labels.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")),
+                    };
+                    regions.push(Region { name: name.clone(), labels, key, writes: 0 });
+                }
+                if order.len() != regions.len() {
+                    return Err(err("regions_class_order", format!("has {} entries for {} foreground regions ({}); one label per region, in the order of `labels`", order.len(), regions.len(), regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "))));
+                }
+                for (r, &w) in regions.iter_mut().zip(order) {
+                    if w == 0 || w > u16::MAX as u32 || ignore_label == Some(w) {
+                        return Err(err("regions_class_order", format!("{w}: each entry is the foreground label written for its region (1…65535, not the ignore label)")));
+                    }
+                    r.writes = w as u16;
+                }
+                Some(regions)
+            }
+            (Some(_), false) => None,
+            (None, _) => None,
+        };
         let num_training = obj
             .get("numTraining")
             .and_then(Value::as_u64)
@@ -152,6 +246,7 @@ impl DatasetJson {
             num_training,
             file_ending,
             regions_class_order,
+            regions,
             ignore_label,
         })
     }
@@ -234,4 +329,46 @@ pub fn discover(root: &Path, json: &DatasetJson) -> Result<(Vec<Case>, Vec<PathB
         }
     }
     Ok((cases.into_values().collect(), stray))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<DatasetJson, DatasetError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dataset.json");
+        std::fs::write(&p, text).unwrap();
+        DatasetJson::read(&p)
+    }
+
+    #[test]
+    fn regions_keep_file_order_and_pair_with_their_class_order() {
+        // BraTS's declaration, deliberately not in alphabetical order.
+        let j = read(r#"{"channel_names": {"0": "T1"}, "numTraining": 1, "file_ending": ".nii.gz",
+            "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3], "edema": 2},
+            "regions_class_order": [1, 2, 3, 2]}"#)
+        .unwrap();
+        let r = j.regions.unwrap();
+        let got: Vec<(&str, &[u16], &str, u16)> = r.iter().map(|r| (r.name.as_str(), r.labels.as_slice(), r.key.as_str(), r.writes)).collect();
+        assert_eq!(got, [("whole tumor", &[1, 2, 3][..], "(1, 2, 3)", 1), ("tumor core", &[2, 3][..], "(2, 3)", 2), ("enhancing tumor", &[3][..], "(3,)", 3), ("edema", &[2][..], "2", 2)]);
+        assert!(r[1].contains(3) && !r[1].contains(1));
+        assert_eq!(j.labels.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["background", "whole tumor", "tumor core", "enhancing tumor", "edema"]);
+        // Plain labels: no regions.
+        let j = read(r#"{"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".nii.gz", "labels": {"background": 0, "b": 2, "a": 1}}"#).unwrap();
+        assert!(j.regions.is_none());
+    }
+
+    #[test]
+    fn region_errors_name_the_key() {
+        let base = |labels: &str, order: &str| format!(r#"{{"channel_names": {{"0": "T1"}}, "numTraining": 1, "file_ending": ".nii.gz", "labels": {labels}{order}}}"#);
+        let e = read(&base(r#"{"background": 0, "wt": [1, 2], "tc": [2]}"#, "")).unwrap_err().to_string();
+        assert!(e.contains("`regions_class_order`") && e.contains("required"), "{e}");
+        let e = read(&base(r#"{"background": 0, "wt": [1, 2], "tc": [2]}"#, r#", "regions_class_order": [1]"#)).unwrap_err().to_string();
+        assert!(e.contains("`regions_class_order`") && e.contains("1 entries for 2"), "{e}");
+        let e = read(&base(r#"{"background": 0, "wt": [0, 1], "tc": [2]}"#, r#", "regions_class_order": [1, 2]"#)).unwrap_err().to_string();
+        assert!(e.contains("`labels.wt`") && e.contains("background"), "{e}");
+        let e = read(&base(r#"{"background": 0, "wt": [1, 2], "tc": [2]}"#, r#", "regions_class_order": [1, 0]"#)).unwrap_err().to_string();
+        assert!(e.contains("`regions_class_order`") && e.contains("0:"), "{e}");
+    }
 }

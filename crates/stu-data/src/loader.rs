@@ -71,6 +71,9 @@ pub struct BatchConfig {
     pub augment: Option<AugConfig>,
     /// Per output, the factor of the target's extent (full resolution first).
     pub ds_scales: Vec<[f64; 3]>,
+    /// A region-based dataset's regions (foreground oversampling draws among them); empty
+    /// otherwise.
+    pub regions: Vec<crate::dataset::Region>,
     /// This batch's place in a global batch split over data-parallel ranks:
     /// `(index of its first sample, global batch size)`; `None` when it is the whole batch.
     /// Foreground oversampling follows the global index, so the last third of the *global*
@@ -114,7 +117,7 @@ pub fn make_batch(store: &CaseStore, cfg: &BatchConfig, seed: u64, stream: u64, 
         let [c, z, y, x] = case.props.shape;
         channels = c;
         let (first, global) = cfg.shard.unwrap_or((0, b));
-        let corner = choose_corner(&mut rng, &case, forced_foreground(first + j, global), loaded, f);
+        let corner = choose_corner(&mut rng, &case, forced_foreground(first + j, global), loaded, f, &cfg.regions);
         let (d, s) = crop_pad(&case.data, &case.seg, c, [z, y, x], corner, loaded);
         let sample = Sample { data: d, seg: s, channels: c, shape: loaded };
         let mut out = match &cfg.augment {
@@ -249,7 +252,7 @@ mod tests {
                 affine: [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
                 class_locations,
             };
-            save(dir, &Preprocessed { data: rng.fill_f32(n, -1.0, 1.0), seg, props, locations }).unwrap();
+            save(dir, &Preprocessed { data: rng.fill_f32(n, -1.0, 1.0), seg, props, locations, region_locations: Vec::new() }).unwrap();
             ids.push(id);
         }
         Arc::new(CaseStore::new(dir, ids, 1 << 30).unwrap())
@@ -259,7 +262,7 @@ mod tests {
     fn batches_do_not_depend_on_workers_and_targets_follow_the_scales() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]], shard: None };
+        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]], regions: Vec::new(), shard: None };
         let collect = |workers| {
             let mut l = Loader::spawn(Arc::clone(&store), cfg.clone(), 42, 3, 5, 12, workers, 2);
             let mut v = Vec::new();
@@ -286,7 +289,7 @@ mod tests {
         // Foreground: two 2³ blobs in opposite corners, rarely inside a random 4³ patch.
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path(), |z, y, x, _| if z >= 10 && y >= 12 && x >= 14 { 1 } else if z < 2 && y < 2 && x < 2 { 2 } else { 0 });
-        let cfg = |shard| BatchConfig { batch_size: 1, patch: [4, 4, 4], augment: None, ds_scales: vec![[1.0; 3]], shard };
+        let cfg = |shard| BatchConfig { batch_size: 1, patch: [4, 4, 4], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard };
         let with_fg = |shard| (0..40).filter(|&i| make_batch(&store, &cfg(shard), 7, 0, i).unwrap().targets[0].0.iter().any(|&v| v > 0)).count();
         assert_eq!(with_fg(Some((1, 2))), 40, "the second sample of a global batch of 2 is forced to foreground");
         assert!(with_fg(Some((0, 2))) < 20, "the first is not");

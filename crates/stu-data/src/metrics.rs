@@ -109,6 +109,84 @@ pub fn confusion(reference: &[u16], prediction: &[u16], labels: &[u16], ignored:
         .collect()
 }
 
+/// What one entry of a summary scores: a label, or a region of a region-based dataset (the
+/// union of its labels in reference and prediction alike, nnU-Net's `compute_metrics` with
+/// `regions_or_labels`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scored {
+    /// The entry's key in `summary.json`: `"3"` for a label, nnU-Net's `"(1, 2, 3)"` for a
+    /// region.
+    pub key: String,
+    /// Its labels.
+    pub labels: Vec<u16>,
+}
+
+impl Scored {
+    /// Each label on its own.
+    pub fn of_labels(labels: &[u16]) -> Vec<Self> {
+        labels.iter().map(|&l| Self { key: l.to_string(), labels: vec![l] }).collect()
+    }
+
+    /// What a dataset's summary scores: its regions when it is region-based, else its
+    /// foreground classes.
+    pub fn of_dataset(json: &crate::dataset::DatasetJson) -> Vec<Self> {
+        match &json.regions {
+            Some(r) => r.iter().map(|r| Self { key: r.key.clone(), labels: r.labels.clone() }).collect(),
+            None => Self::of_labels(&json.foreground_classes().iter().map(|c| c.0 as u16).collect::<Vec<_>>()),
+        }
+    }
+
+    /// A lone label's value (`None` for a region of several).
+    pub fn label(&self) -> Option<u16> {
+        match self.labels.as_slice() {
+            [l] => Some(*l),
+            _ => None,
+        }
+    }
+
+    /// Membership of every label value up to the largest given.
+    fn table(&self) -> Vec<bool> {
+        let max = self.labels.iter().copied().max().unwrap_or(0) as usize;
+        let mut t = vec![false; max + 1];
+        self.labels.iter().for_each(|&l| t[l as usize] = true);
+        t
+    }
+
+    /// Whether label value `v` belongs to it.
+    pub fn mask(&self, v: &[u16]) -> Vec<bool> {
+        let t = self.table();
+        v.iter().map(|&v| t.get(v as usize).copied().unwrap_or(false)).collect()
+    }
+}
+
+/// Confusion counts of each entry of `scored` for one case ([`confusion`] for regions too).
+pub fn confusion_scored(reference: &[u16], prediction: &[u16], scored: &[Scored], ignored: Option<&[bool]>) -> Vec<Confusion> {
+    if let Some(labels) = scored.iter().map(Scored::label).collect::<Option<Vec<u16>>>() {
+        let c = confusion(reference, prediction, &labels, ignored);
+        return labels.iter().map(|l| c[l]).collect();
+    }
+    scored
+        .iter()
+        .map(|s| {
+            let t = s.table();
+            let inside = |v: u16| t.get(v as usize).copied().unwrap_or(false);
+            let mut c = Confusion::default();
+            for (i, (&r, &p)) in reference.iter().zip(prediction).enumerate() {
+                if ignored.is_some_and(|m| m[i]) {
+                    continue;
+                }
+                match (inside(r), inside(p)) {
+                    (true, true) => c.tp += 1,
+                    (false, true) => c.fp += 1,
+                    (true, false) => c.fn_ += 1,
+                    (false, false) => c.tn += 1,
+                }
+            }
+            c
+        })
+        .collect()
+}
+
 /// One case's metrics by label.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CaseMetrics {
@@ -228,20 +306,29 @@ pub fn read_pair(r: &Path, p: &Path, surface: &EvalOptions) -> Result<Pair, Data
 /// `validation/` folders of a cross-validation: nnU-Net's `crossval_results` summary). A case
 /// predicted in two of them is an error.
 pub fn evaluate_folders(reference: &Path, predictions: &[PathBuf], labels: &[u16], surface: &EvalOptions) -> Result<Summary, DatasetError> {
+    evaluate_scored(reference, predictions, &Scored::of_labels(labels), surface)
+}
+
+/// [`evaluate_folders`] of labels or regions ([`Scored`]); a region takes the NSD tolerance
+/// `nsd_default`.
+pub fn evaluate_scored(reference: &Path, predictions: &[PathBuf], scored: &[Scored], surface: &EvalOptions) -> Result<Summary, DatasetError> {
     let mut per_case = Vec::new();
     for (r, p) in pair_predictions(reference, predictions)? {
         let Pair { reference: rv, prediction: pv, ignored } = read_pair(&r, &p, surface)?;
-        let conf = confusion(&rv.data, &pv.data, labels, ignored.as_deref());
-        let mut metrics: BTreeMap<String, BTreeMap<String, f64>> = conf.iter().map(|(l, c)| (l.to_string(), case_metrics(c))).collect();
-        for &l in labels {
-            let tol = surface.nsd_tolerance.get(&l).copied().or(surface.nsd_default);
+        let conf = confusion_scored(&rv.data, &pv.data, scored, ignored.as_deref());
+        let mut metrics: BTreeMap<String, BTreeMap<String, f64>> = scored.iter().zip(&conf).map(|(s, c)| (s.key.clone(), case_metrics(c))).collect();
+        for s in scored {
+            let tol = s.label().and_then(|l| surface.nsd_tolerance.get(&l).copied()).or(surface.nsd_default);
             if tol.is_none() && !surface.hd95 && !surface.assd {
                 continue;
             }
-            let g: Vec<bool> = rv.data.iter().map(|&v| v == l).collect();
-            let q: Vec<bool> = pv.data.iter().enumerate().map(|(i, &v)| v == l && !ignored.as_ref().is_some_and(|m| m[i])).collect();
+            let g = s.mask(&rv.data);
+            let mut q = s.mask(&pv.data);
+            if let Some(m) = &ignored {
+                q.iter_mut().zip(m).for_each(|(q, &m)| *q &= !m);
+            }
             let d = crate::surface::surface_distances(&g, &q, rv.geom.shape, rv.geom.spacing);
-            let m = metrics.get_mut(&l.to_string()).expect("every label has counts");
+            let m = metrics.get_mut(&s.key).expect("every entry has counts");
             if let Some(t) = tol {
                 m.insert("NSD".into(), crate::surface::nsd(&d, t));
             }
@@ -257,8 +344,8 @@ pub fn evaluate_folders(reference: &Path, predictions: &[PathBuf], labels: &[u16
         per_case.push(CaseMetrics { reference_file: r, prediction_file: p, metrics });
     }
     let mut mean = BTreeMap::new();
-    for l in labels {
-        let key = l.to_string();
+    for s in scored {
+        let key = s.key.clone();
         let names: std::collections::BTreeSet<String> = per_case.iter().flat_map(|c| c.metrics[&key].keys().cloned()).collect();
         let m: BTreeMap<String, f64> = names
             .into_iter()
@@ -295,6 +382,12 @@ mod tests {
         let c = confusion(&r, &p, &[1, 2], Some(&ignored));
         assert_eq!(c[&1], Confusion { tp: 1, fp: 0, fn_: 0, tn: 3 });
         assert_eq!(c[&2], Confusion { tp: 1, fp: 0, fn_: 1, tn: 2 });
+        // Regions: the union of their labels on both sides.
+        let regions = [Scored { key: "(1, 2)".into(), labels: vec![1, 2] }, Scored { key: "2".into(), labels: vec![2] }];
+        let c = confusion_scored(&r, &p, &regions, None);
+        assert_eq!(c[0], Confusion { tp: 3, fp: 0, fn_: 1, tn: 2 });
+        assert_eq!(c[1], Confusion { tp: 1, fp: 1, fn_: 1, tn: 3 });
+        assert_eq!(confusion_scored(&r, &p, &regions, Some(&ignored))[0], Confusion { tp: 2, fp: 0, fn_: 1, tn: 1 });
         let names: Vec<_> = registry().names().collect();
         assert!(names.contains(&"dice") && names.contains(&"iou"));
     }

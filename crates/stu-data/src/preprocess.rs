@@ -118,6 +118,10 @@ pub struct Preprocessed {
     pub props: CaseProperties,
     /// Sampled coordinates per label.
     pub locations: Vec<(i16, Vec<[u32; 3]>)>,
+    /// Sampled coordinates per region of a region-based dataset whose key is not a plain label
+    /// (`"(1, 2, 3)"`, `"(3,)"`), sampled from the region's union as nnU-Net does; regions
+    /// written as one integer use that label's locations.
+    pub region_locations: Vec<(String, Vec<[u32; 3]>)>,
 }
 
 /// Permutes the axes of a volume: output axis `d` is input axis `perm[d]`.
@@ -214,29 +218,43 @@ fn class_locations(seg: &[i16], shape: [usize; 3], seed: u64, ignore: Option<i16
         }
     }
     let mut rng = stu_core::rng::SplitMix64::new(seed);
-    by_label
-        .into_iter()
-        .map(|(label, mut idx)| {
-            let n = idx.len();
-            let k = n.min(10_000).max(n.div_ceil(100));
-            for i in 0..k {
-                let j = i + rng.below((n - i) as u64) as usize;
-                idx.swap(i, j);
-            }
-            let coords = idx[..k].iter().map(|&i| [(i / (shape[1] * shape[2])) as u32, (i / shape[2] % shape[1]) as u32, (i % shape[2]) as u32]).collect();
-            (label, coords)
+    by_label.into_iter().map(|(label, idx)| (label, subsample(idx, shape, &mut rng))).collect()
+}
+
+/// nnU-Net's subsample of a class's voxel indices: k = max(min(10000, n), ceil(0.01·n)) of them
+/// without replacement, as `[z, y, x]`.
+fn subsample(mut idx: Vec<usize>, shape: [usize; 3], rng: &mut stu_core::rng::SplitMix64) -> Vec<[u32; 3]> {
+    let n = idx.len();
+    let k = n.min(10_000).max(n.div_ceil(100));
+    for i in 0..k {
+        let j = i + rng.below((n - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    idx[..k].iter().map(|&i| [(i / (shape[1] * shape[2])) as u32, (i / shape[2] % shape[1]) as u32, (i % shape[2]) as u32]).collect()
+}
+
+/// Locations of the regions that are not one plain label, each sampled from its union.
+fn region_locations(seg: &[i16], shape: [usize; 3], seed: u64, regions: &[crate::dataset::Region]) -> Vec<(String, Vec<[u32; 3]>)> {
+    let mut rng = stu_core::rng::SplitMix64::new(seed ^ 0x7e61_0a5);
+    regions
+        .iter()
+        .filter(|r| r.key.starts_with('('))
+        .map(|r| {
+            let idx: Vec<usize> = seg.iter().enumerate().filter(|&(_, &s)| s > 0 && r.contains(s as u16)).map(|(i, _)| i).collect();
+            (r.key.clone(), subsample(idx, shape, &mut rng))
         })
         .collect()
 }
 
 /// Preprocesses one case from its channel files and optional label file.
 pub fn preprocess_case(id: &str, images: &[PathBuf], label: Option<&Path>, plan: &PreprocessPlan) -> Result<Preprocessed, DatasetError> {
-    preprocess_case_with(id, images, label, plan, None)
+    preprocess_case_with(id, images, label, plan, None, &[])
 }
 
 /// [`preprocess_case`] for a dataset whose labels have an ignore label (sparse annotation):
-/// its voxels get no class locations, the annotated ones do ([`ANNOTATED`]).
-pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, plan: &PreprocessPlan, ignore: Option<i16>) -> Result<Preprocessed, DatasetError> {
+/// its voxels get no class locations, the annotated ones do ([`ANNOTATED`]); and for a
+/// region-based dataset, whose regions get locations of their own.
+pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, plan: &PreprocessPlan, ignore: Option<i16>, regions: &[crate::dataset::Region]) -> Result<Preprocessed, DatasetError> {
     let file_err = |p: &Path, e: String| DatasetError::File { path: p.to_path_buf(), reason: e };
     if images.len() != plan.normalization_schemes.len() {
         return Err(file_err(images.first().map(PathBuf::as_path).unwrap_or(Path::new(id)), format!("case `{id}` has {} channel(s), the plan expects {}", images.len(), plan.normalization_schemes.len())));
@@ -304,13 +322,15 @@ pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, 
     let seg = resample_seg(&seg, cropped_shape, new_shape, sep);
     let seed = id.bytes().fold(1234u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
     let locations = class_locations(&seg, new_shape, seed, ignore);
+    let region_locations = region_locations(&seg, new_shape, seed, regions);
     let mut offset = 0;
     let class_locations = locations
         .iter()
-        .map(|(l, c)| {
-            let e = (if *l == ANNOTATED { ANNOTATED_KEY.to_string() } else { l.to_string() }, [offset, c.len()]);
-            offset += c.len();
-            e
+        .map(|(l, c)| (if *l == ANNOTATED { ANNOTATED_KEY.to_string() } else { l.to_string() }, c.len()))
+        .chain(region_locations.iter().map(|(k, c)| (k.clone(), c.len())))
+        .map(|(k, n)| {
+            offset += n;
+            (k, [offset - n, n])
         })
         .collect();
     let props = CaseProperties {
@@ -324,7 +344,7 @@ pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, 
         affine: geom.affine,
         class_locations,
     };
-    Ok(Preprocessed { data, seg, props, locations })
+    Ok(Preprocessed { data, seg, props, locations, region_locations })
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), DatasetError> {
@@ -337,7 +357,7 @@ pub fn save(dir: &Path, case: &Preprocessed) -> Result<(), DatasetError> {
     let id = &case.props.id;
     write_file(&dir.join(format!("{id}_data.f32")), &case.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
     write_file(&dir.join(format!("{id}_seg.i16")), &case.seg.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
-    let locs: Vec<u8> = case.locations.iter().flat_map(|(_, c)| c.iter().flat_map(|p| p.iter().flat_map(|v| v.to_le_bytes()))).collect();
+    let locs: Vec<u8> = case.locations.iter().map(|(_, c)| c).chain(case.region_locations.iter().map(|(_, c)| c)).flat_map(|c| c.iter().flat_map(|p| p.iter().flat_map(|v| v.to_le_bytes()))).collect();
     write_file(&dir.join(format!("{id}_locs.u32")), &locs)?;
     write_file(&dir.join(format!("{id}.json")), (serde_json::to_string_pretty(&case.props).expect("serialisable") + "\n").as_bytes())
 }
@@ -355,8 +375,10 @@ pub fn load(dir: &Path, id: &str) -> Result<Preprocessed, DatasetError> {
     if props.class_locations.values().any(|&[o, n]| 3 * (o + n) > raw.len()) {
         return Err(DatasetError::File { path: dir.join(format!("{id}_locs.u32")), reason: "shorter than the class locations in the properties".into() });
     }
-    let locations = props.class_locations.iter().map(|(l, &[o, n])| (if l == ANNOTATED_KEY { ANNOTATED } else { l.parse().unwrap_or(0) }, raw[3 * o..3 * (o + n)].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect())).collect();
-    Ok(Preprocessed { data, seg, props, locations })
+    let coords = |o: usize, n: usize| raw[3 * o..3 * (o + n)].chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect::<Vec<_>>();
+    let locations = props.class_locations.iter().filter(|(l, _)| !l.starts_with('(')).map(|(l, &[o, n])| (if l == ANNOTATED_KEY { ANNOTATED } else { l.parse().unwrap_or(0) }, coords(o, n))).collect();
+    let region_locations = props.class_locations.iter().filter(|(l, _)| l.starts_with('(')).map(|(l, &[o, n])| (l.clone(), coords(o, n))).collect();
+    Ok(Preprocessed { data, seg, props, locations, region_locations })
 }
 
 /// Preprocesses every training case of a dataset into `out`, skipping complete ones; calls
@@ -369,6 +391,7 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
     let plan = PreprocessPlan::read(plans, configuration)?;
     let (cases, _) = discover(root, &json)?;
     let ignore = json.ignore_label.map(|v| v as i16);
+    let regions = json.regions.clone().unwrap_or_default();
     std::fs::create_dir_all(out).map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: format!("cannot create: {e}") })?;
     let todo: Vec<_> = cases.iter().filter(|c| !out.join(format!("{}.json", c.id)).exists()).collect();
     let done = cases.len() - todo.len();
@@ -379,7 +402,7 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
             .enumerate()
             .map(|(ch, p)| p.clone().ok_or_else(|| DatasetError::File { path: root.join("imagesTr"), reason: format!("case `{}` has no channel {ch}", case.id) }))
             .collect::<Result<_, _>>()?;
-        let pre = preprocess_case_with(&case.id, &images, case.label.as_deref(), &plan, ignore)?;
+        let pre = preprocess_case_with(&case.id, &images, case.label.as_deref(), &plan, ignore, &regions)?;
         save(out, &pre)?;
         progress(&case.id);
         Ok::<_, DatasetError>(())

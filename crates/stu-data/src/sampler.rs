@@ -68,7 +68,11 @@ pub fn bounds(shape: [usize; 3], patch: [usize; 3], final_patch: [usize; 3]) -> 
 }
 
 /// Lower corner of the patch for one sample.
-pub fn choose_corner(rng: &mut SplitMix64, case: &Preprocessed, force: bool, patch: [usize; 3], final_patch: [usize; 3]) -> [i64; 3] {
+///
+/// A forced sample is centred on a voxel of a class drawn uniformly among those present; for a
+/// region-based dataset (`regions` not empty) among its regions present, a region being the
+/// union of its labels (nnU-Net keys its class locations by region then).
+pub fn choose_corner(rng: &mut SplitMix64, case: &Preprocessed, force: bool, patch: [usize; 3], final_patch: [usize; 3], regions: &[crate::dataset::Region]) -> [i64; 3] {
     let shape = [case.props.shape[1], case.props.shape[2], case.props.shape[3]];
     let b = bounds(shape, patch, final_patch);
     let random = |rng: &mut SplitMix64| b.map(|(lo, hi)| lo + rng.below((hi - lo + 1).max(1) as u64) as i64);
@@ -82,14 +86,26 @@ pub fn choose_corner(rng: &mut SplitMix64, case: &Preprocessed, force: bool, pat
             _ => return random(rng),
         }
     } else {
-        let mut eligible: Vec<&(i16, Vec<[u32; 3]>)> = case.locations.iter().filter(|(_, c)| !c.is_empty()).collect();
-        if eligible.len() > 1 {
-            eligible.retain(|(l, _)| *l != crate::preprocess::ANNOTATED);
-        }
+        let label = |l: i16| case.locations.iter().find(|(k, _)| *k == l).map(|(_, c)| c);
+        let mut eligible: Vec<&Vec<[u32; 3]>> = if regions.is_empty() {
+            case.locations.iter().filter(|(l, _)| *l != crate::preprocess::ANNOTATED).map(|(_, c)| c).collect()
+        } else {
+            regions
+                .iter()
+                .filter_map(|r| match r.key.starts_with('(') {
+                    true => case.region_locations.iter().find(|(k, _)| *k == r.key).map(|(_, c)| c),
+                    false => label(r.labels[0] as i16),
+                })
+                .collect()
+        };
+        eligible.retain(|c| !c.is_empty());
         if eligible.is_empty() {
-            return random(rng);
+            match annotated {
+                Some(c) if !c.is_empty() => eligible.push(c),
+                _ => return random(rng),
+            }
         }
-        &eligible[rng.below(eligible.len() as u64) as usize].1
+        eligible[rng.below(eligible.len() as u64) as usize]
     };
     let voxel = class[rng.below(class.len() as u64) as usize];
     [0, 1, 2].map(|a| (voxel[a] as i64 - (patch[a] / 2) as i64).max(b[a].0))
@@ -180,6 +196,7 @@ mod tests {
                 class_locations: Default::default(),
             },
             locations: vec![(1, vec![at.map(|v| v as u32)])],
+            region_locations: Vec::new(),
         }
     }
 
@@ -196,11 +213,11 @@ mod tests {
             let at = [0, 1, 2].map(|a| ((frac[a] * shape[a] as f64) as usize).min(shape[a] - 1));
             let case = one_voxel_case(shape, at);
             let mut rng = SplitMix64::new(seed);
-            let corner = choose_corner(&mut rng, &case, true, patch, final_patch);
+            let corner = choose_corner(&mut rng, &case, true, patch, final_patch, &[]);
             let (_, s) = crop_pad(&case.data, &case.seg, 1, shape, corner, patch);
             proptest::prop_assert!(s.contains(&1), "forced patch at {corner:?} misses the voxel {at:?}");
             let b = bounds(shape, patch, final_patch);
-            let c = choose_corner(&mut rng, &case, false, patch, final_patch);
+            let c = choose_corner(&mut rng, &case, false, patch, final_patch, &[]);
             for a in 0..3 {
                 proptest::prop_assert!(c[a] >= b[a].0 && c[a] <= b[a].1.max(b[a].0));
             }
@@ -220,14 +237,32 @@ mod tests {
         assert_eq!(bounds(shape, patch, patch), [(0, 16); 3]);
         let mut rng = SplitMix64::new(3);
         for _ in 0..50 {
-            assert_eq!(choose_corner(&mut rng, &case, false, patch, patch), [0, 0, 0], "not forced: an annotated voxel");
-            assert_eq!(choose_corner(&mut rng, &case, true, patch, patch), [16, 16, 16], "forced: the class voxel");
+            assert_eq!(choose_corner(&mut rng, &case, false, patch, patch, &[]), [0, 0, 0], "not forced: an annotated voxel");
+            assert_eq!(choose_corner(&mut rng, &case, true, patch, patch, &[]), [16, 16, 16], "forced: the class voxel");
         }
         case.locations.retain(|(l, _)| *l == crate::preprocess::ANNOTATED);
-        assert_eq!(choose_corner(&mut rng, &case, true, patch, patch), [0, 0, 0], "forced without a class: an annotated voxel");
+        assert_eq!(choose_corner(&mut rng, &case, true, patch, patch, &[]), [0, 0, 0], "forced without a class: an annotated voxel");
         // Without an ignore label nothing changes: not forced is uniform over the bounds.
         let plain = one_voxel_case(shape, [20, 20, 20]);
-        assert!((0..50).any(|_| choose_corner(&mut rng, &plain, false, patch, patch) != [0, 0, 0]));
+        assert!((0..50).any(|_| choose_corner(&mut rng, &plain, false, patch, patch, &[]) != [0, 0, 0]));
+    }
+
+    #[test]
+    fn region_datasets_draw_a_region_then_a_voxel_of_its_union() {
+        // Label 1 at one corner; region "(1, 2)" has its own locations (the union), region "2"
+        // (a plain label) has none in this case, so every forced patch centres on the union's.
+        let (shape, patch) = ([32, 32, 32], [8, 8, 8]);
+        let mut case = one_voxel_case(shape, [4, 4, 4]);
+        case.region_locations.push(("(1, 2)".into(), vec![[20, 20, 20]]));
+        let region = |labels: Vec<u16>, key: &str| crate::dataset::Region { name: key.into(), labels, key: key.into(), writes: 1 };
+        let regions = [region(vec![1, 2], "(1, 2)"), region(vec![2], "2")];
+        let mut rng = SplitMix64::new(5);
+        for _ in 0..20 {
+            assert_eq!(choose_corner(&mut rng, &case, true, patch, patch, &regions), [16, 16, 16]);
+        }
+        // A plain-label region uses that label's locations.
+        let regions = [region(vec![1], "1")];
+        assert_eq!(choose_corner(&mut rng, &case, true, patch, patch, &regions), [0, 0, 0]);
     }
 
     #[test]

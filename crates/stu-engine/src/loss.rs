@@ -1,9 +1,11 @@
 //! nnU-Net's training loss (`shared/docs/nnunet-pipeline.md` §5.4): cross-entropy plus soft
 //! Dice (`MemoryEfficientSoftDiceLoss`: softmax probabilities, background excluded, smooth 1e-5,
 //! per sample or over the batch), summed 1:1, and the deep-supervision sum with weights
-//! `1/2^i`, the lowest output 0, normalised.
+//! `1/2^i`, the lowest output 0, normalised. Region-based datasets train with nnU-Net's
+//! `DC_and_BCE_loss` instead: binary cross-entropy on the logits plus the soft Dice of their
+//! sigmoids, every region included ([`Regions`]).
 
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
 
 /// Soft-Dice settings.
@@ -17,11 +19,85 @@ pub struct DiceConfig {
     /// neither term: the cross-entropy is the mean over the other voxels (0 when there are
     /// none), the Dice sums are masked.
     pub ignore_label: Option<i64>,
+    /// Region-based training: output k's target is the union of region k's labels, and the
+    /// loss is `DC_and_BCE_loss` (sigmoid, background-free regions, all of them in the Dice).
+    pub regions: Option<Regions>,
 }
 
 impl Default for DiceConfig {
     fn default() -> Self {
-        Self { batch_dice: false, smooth: 1e-5, ignore_label: None }
+        Self { batch_dice: false, smooth: 1e-5, ignore_label: None, regions: None }
+    }
+}
+
+/// The labels of each region of a region-based dataset, as bit sets (up to
+/// [`Regions::MAX_REGIONS`] regions over the labels 1…[`Regions::MAX_LABEL`]; a plain `Copy`
+/// value, so that it travels in [`DiceConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Regions {
+    sets: [u128; Self::MAX_REGIONS],
+    n: usize,
+}
+
+impl Regions {
+    /// Most regions.
+    pub const MAX_REGIONS: usize = 32;
+    /// Largest label a region may hold.
+    pub const MAX_LABEL: u16 = 127;
+
+    /// The regions' label lists, in output order.
+    pub fn new(regions: &[Vec<u16>]) -> Result<Self, String> {
+        if regions.is_empty() || regions.len() > Self::MAX_REGIONS {
+            return Err(format!("{} regions; region-based training takes 1…{}", regions.len(), Self::MAX_REGIONS));
+        }
+        let mut sets = [0u128; Self::MAX_REGIONS];
+        for (set, labels) in sets.iter_mut().zip(regions) {
+            for &l in labels {
+                if l == 0 || l > Self::MAX_LABEL {
+                    return Err(format!("region {labels:?}: label {l} is outside 1…{}", Self::MAX_LABEL));
+                }
+                *set |= 1 << l;
+            }
+        }
+        Ok(Self { sets, n: regions.len() })
+    }
+
+    /// Number of regions (network outputs).
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Never true (at least one region).
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Whether label `v` belongs to region `k`.
+    pub fn contains(&self, k: usize, v: i64) -> bool {
+        (0..=Self::MAX_LABEL as i64).contains(&v) && self.sets[k] >> v & 1 == 1
+    }
+
+    /// Region `k`'s labels, ascending.
+    pub fn labels(&self, k: usize) -> Vec<i64> {
+        (1..=Self::MAX_LABEL as i64).filter(|&v| self.contains(k, v)).collect()
+    }
+
+    /// The `[B, R, D, H, W]` 0/1 targets of labels `[B, D, H, W]`.
+    pub fn targets(&self, target: &Tensor<4, Int>) -> Tensor<5> {
+        let channels: Vec<Tensor<5>> = (0..self.n)
+            .map(|k| {
+                let mut hit: Option<Tensor<4, burn::tensor::Bool>> = None;
+                for l in self.labels(k) {
+                    let e = target.clone().equal_elem(l);
+                    hit = Some(match hit {
+                        Some(h) => h.bool_or(e),
+                        None => e,
+                    });
+                }
+                hit.expect("a region has a label").float().unsqueeze_dim(1)
+            })
+            .collect();
+        Tensor::cat(channels, 1)
     }
 }
 
@@ -62,13 +138,49 @@ fn ce_and_dice_sums(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i6
     (ce, sums)
 }
 
+/// nnU-Net's `DC_and_BCE_loss` terms for region outputs `[B, R, …]`: the binary
+/// cross-entropy with logits (the mean over every output voxel; with an ignore label the sum
+/// over annotated voxels and all regions divided by the number of annotated voxels, as nnU-Net
+/// computes it) and the soft-Dice sums of the sigmoids per sample and region, `[B, R]` each,
+/// masked by the annotation.
+fn bce_and_dice_sums(logits: Tensor<5>, target: Tensor<4, Int>, regions: &Regions, ignore: Option<i64>) -> (Tensor<1>, [Tensor<2>; 3]) {
+    let [b, r, d, h, w] = logits.dims();
+    assert_eq!(r, regions.len(), "one output per region");
+    let mut y = regions.targets(&target);
+    let mask: Option<Tensor<5>> = ignore.map(|ig| target.equal_elem(ig).bool_not().float().unsqueeze_dim(1));
+    // max(x, 0) − x·y + log(1 + e^−|x|), PyTorch's stable form.
+    let elem = logits.clone().clamp_min(0.0) - logits.clone() * y.clone() + logits.clone().abs().neg().exp().log1p();
+    let mut p = sigmoid(logits);
+    let bce = match &mask {
+        Some(m) => {
+            p = p * m.clone();
+            y = y * m.clone();
+            (elem * m.clone()).sum() / m.clone().sum().clamp_min(1e-8)
+        }
+        None => elem.mean(),
+    };
+    let n = d * h * w;
+    let (p, y) = (p.reshape([b, r, n]), y.reshape([b, r, n]));
+    let sums = [(p.clone() * y.clone()).sum_dim(2), p.sum_dim(2), y.sum_dim(2)].map(|t| t.reshape([b, r]));
+    (bce, sums)
+}
+
+/// The cross-entropy term and the soft-Dice sums of either loss ([`DiceConfig::regions`]).
+fn loss_and_sums(logits: Tensor<5>, target: Tensor<4, Int>, cfg: &DiceConfig) -> (Tensor<1>, [Tensor<2>; 3]) {
+    match &cfg.regions {
+        Some(r) => bce_and_dice_sums(logits, target, r, cfg.ignore_label),
+        None => ce_and_dice_sums(logits, target, cfg.ignore_label),
+    }
+}
+
 fn soft_dice(i: Tensor<2>, p: Tensor<2>, g: Tensor<2>, smooth: f64) -> Tensor<2> {
     (i * 2.0 + smooth) / (g + p + smooth).clamp_min(1e-8)
 }
 
-/// `CE + soft Dice` of NCDHW logits `[B, C, D, H, W]` against class indices `[B, D, H, W]`.
+/// `CE + soft Dice` of NCDHW logits `[B, C, D, H, W]` against class indices `[B, D, H, W]`
+/// (with [`DiceConfig::regions`]: `BCE + soft Dice` of the region outputs).
 pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
-    let (ce, [mut i, mut p, mut g]) = ce_and_dice_sums(logits, target, cfg.ignore_label);
+    let (ce, [mut i, mut p, mut g]) = loss_and_sums(logits, target, &cfg);
     if cfg.batch_dice {
         i = i.sum_dim(0);
         p = p.sum_dim(0);
@@ -82,7 +194,7 @@ pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tens
 /// `cross_entropy`, autograd kept from the forward) on libtorch devices, composed of burn
 /// operators elsewhere and with an ignore label. Same values.
 pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
-    if cfg.ignore_label.is_some() {
+    if cfg.ignore_label.is_some() || cfg.regions.is_some() {
         return dc_ce(logits, target, cfg);
     }
     #[cfg(feature = "tch")]
@@ -139,7 +251,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
         .zip(weights)
         .filter(|(_, w)| **w != 0.0)
         .map(|((o, t), &w)| {
-            let (ce, sums) = ce_and_dice_sums(o.clone(), t.clone(), cfg.ignore_label);
+            let (ce, sums) = loss_and_sums(o.clone(), t.clone(), &cfg);
             (w, ce, sums.map(|s| s.sum_dim(0)))
         })
         .collect();

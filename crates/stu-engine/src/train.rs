@@ -591,9 +591,42 @@ pub fn validation_step(net: &dyn SegNet, batch: &DeviceBatch, weights: &[f64], d
     let n = outs.len().min(batch.targets.len());
     let loss = deep_supervision(&outs[..n], &batch.targets[..n], &weights[..n], dice).into_scalar::<f32>() as f64;
     let classes = outs[0].dims()[1];
-    let pred: Vec<i64> = outs[0].clone().argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
     let truth: Vec<i64> = batch.targets[0].clone().into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
+    if let Some(regions) = &dice.regions {
+        // Regions: each output's sigmoid above 0.5 is that region's prediction.
+        let pred: Vec<bool> = burn::tensor::activation::sigmoid(outs[0].clone()).greater_elem(0.5).into_data().convert::<bool>().try_to_vec::<bool>().expect("bool data");
+        return (loss, confusion_regions(&pred, &truth, outs[0].dims()[0], regions, dice.ignore_label));
+    }
+    let pred: Vec<i64> = outs[0].clone().argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
     (loss, confusion(&pred, &truth, classes, dice.ignore_label))
+}
+
+/// Per region `[TP, FP, FN]` of region predictions `pred` (`[B, R, …]` row-major, true where
+/// the region is predicted) against labels `truth` (`[B, …]`) of `b` samples; voxels whose
+/// truth is `ignore` count nowhere.
+pub fn confusion_regions(pred: &[bool], truth: &[i64], b: usize, regions: &crate::loss::Regions, ignore: Option<i64>) -> Vec<[u64; 3]> {
+    let r = regions.len();
+    let n = truth.len() / b;
+    assert_eq!(b * r * n, pred.len(), "[B, R, …] predictions for [B, …] labels");
+    let mut out = vec![[0u64; 3]; r];
+    for s in 0..b {
+        for (k, acc) in out.iter_mut().enumerate() {
+            let p = &pred[(s * r + k) * n..(s * r + k + 1) * n];
+            for (&p, &t) in p.iter().zip(&truth[s * n..(s + 1) * n]) {
+                if Some(t) == ignore {
+                    continue;
+                }
+                let t = regions.contains(k, t);
+                match (p, t) {
+                    (true, true) => acc[0] += 1,
+                    (true, false) => acc[1] += 1,
+                    (false, true) => acc[2] += 1,
+                    (false, false) => {}
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Per foreground class `[TP, FP, FN]` of two label arrays; voxels whose truth is `ignore`
@@ -668,6 +701,22 @@ mod tests {
         assert_eq!(d[0], 0.5);
         assert!(d[2].is_nan());
         assert_eq!(nanmean(&d), 0.5);
+    }
+
+    #[test]
+    fn region_confusion_counts_each_region_of_each_sample() {
+        // Regions [1, 2] and [2]; two samples of three voxels; label 3 is the ignore label.
+        let regions = crate::loss::Regions::new(&[vec![1, 2], vec![2]]).unwrap();
+        let truth = [0, 1, 2, 2, 3, 0];
+        #[rustfmt::skip]
+        let pred = [
+            true, true, false,   false, true, false, // sample 0: region 0, region 1
+            true, true, true,    true, true, false,  // sample 1
+        ];
+        // Region 0: s0 TP 1 (v1), FP 1 (v0), FN 1 (v2); s1 TP 1 (v3), FP 1 (v5), v4 ignored.
+        // Region 1: s0 FP 1 (v1), FN 1 (v2); s1 TP 1 (v3).
+        assert_eq!(confusion_regions(&pred, &truth, 2, &regions, Some(3)), vec![[2, 2, 1], [1, 1, 1]]);
+        assert_eq!(confusion_regions(&pred, &truth, 2, &regions, None), vec![[2, 3, 1], [1, 2, 1]]);
     }
 }
 

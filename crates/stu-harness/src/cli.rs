@@ -221,7 +221,7 @@ enum Command {
         /// Predicted label maps (same file names). Several folders (e.g. the five folds' `RUN/validation`) are scored together as one set of cases: the cross-validation summary.
         #[arg(long, required = true, num_args = 1..)]
         pred: Vec<PathBuf>,
-        /// dataset.json giving the labels to score (default: every value found in the references) and its ignore label, whose reference voxels count nowhere (nnU-Net).
+        /// dataset.json giving the labels to score (default: every value found in the references), or its regions for a region-based dataset, and its ignore label, whose reference voxels count nowhere (nnU-Net).
         #[arg(long)]
         labels: Option<PathBuf>,
         /// Folder for summary.json and summary.csv (default: the prediction folder; needed with several).
@@ -767,12 +767,14 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(m) = &map {
                 surface.reference_map = Some(m.reference_table());
             }
-            let labels: Vec<u16> = match (labels, &map) {
-                (_, Some(m)) => m.labels.iter().map(|l| l.value).collect(),
+            use stu_data::metrics::Scored;
+            let labels: Vec<Scored> = match (labels, &map) {
+                (_, Some(m)) => Scored::of_labels(&m.labels.iter().map(|l| l.value).collect::<Vec<_>>()),
                 (Some(p), None) => {
+                    // A region-based dataset is scored per region, as nnU-Net does.
                     let json = stu_data::dataset::DatasetJson::read(&p)?;
                     surface.ignore_label = json.ignore_label.map(|v| v as u16);
-                    json.foreground_classes().iter().map(|c| c.0 as u16).collect()
+                    Scored::of_dataset(&json)
                 }
                 (None, None) => {
                     let mut seen = std::collections::BTreeSet::new();
@@ -782,10 +784,10 @@ fn run(cli: Cli) -> Result<()> {
                             seen.extend(stu_data::nifti_io::read_label(&p)?.data.into_iter().filter(|&v| v > 0));
                         }
                     }
-                    seen.into_iter().collect()
+                    Scored::of_labels(&seen.into_iter().collect::<Vec<_>>())
                 }
             };
-            let s = stu_data::metrics::evaluate_folders(&reference, &pred, &labels, &surface)?;
+            let s = stu_data::metrics::evaluate_scored(&reference, &pred, &labels, &surface)?;
             std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
             stu_engine::checkpoint::write_atomic(&dir.join("summary.json"), nan_safe_json(&serde_json::to_value(&s)?)?.as_bytes())?;
             let mut csv = String::from("case,label,metric,value\n");
@@ -798,10 +800,11 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             stu_engine::checkpoint::write_atomic(&dir.join("summary.csv"), csv.as_bytes())?;
-            println!("foreground mean Dice {:.4} over {} case(s), {} label(s); wrote {}", s.foreground_mean.get("Dice").copied().unwrap_or(f64::NAN), s.metric_per_case.len(), labels.len(), dir.join("summary.json").display());
+            println!("foreground mean Dice {:.4} over {} case(s), {} label(s) or region(s); wrote {}", s.foreground_mean.get("Dice").copied().unwrap_or(f64::NAN), s.metric_per_case.len(), labels.len(), dir.join("summary.json").display());
         }
         Command::Postprocess(PostprocessCommand::Determine { reference, pred, labels, out }) => {
             let json = stu_data::dataset::DatasetJson::read(&labels)?;
+            anyhow::ensure!(json.regions.is_none(), "{}: a region-based dataset; post-processing is determined per label here, not yet per region", labels.display());
             let classes: Vec<u16> = json.foreground_classes().iter().map(|c| c.0 as u16).collect();
             let pp = crate::postprocess::determine(&reference, &pred, &classes, json.ignore_label.map(|v| v as u16), &out)?;
             println!(

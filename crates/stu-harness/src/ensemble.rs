@@ -3,7 +3,9 @@
 //! two model sizes or configurations) averaged per case in f32, then the argmax, written with
 //! the geometry of the first folder's label map. The averaged probabilities are thresholded
 //! directly (nnU-Net v2.2 re-applies the softmax to them: harmless for the argmax, §8). One
-//! class of every member is in memory at a time.
+//! class of every member is in memory at a time. A region-based model's sigmoid probabilities
+//! (their metadata name the label each output writes) are averaged likewise and thresholded
+//! at 0.5, later regions over earlier ones.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,8 @@ struct Probabilities {
     shape: [usize; 4],
     /// Where the float16 data start.
     start: u64,
+    /// A region-based model's label per output (sigmoid probabilities), from the metadata.
+    regions: Option<Vec<u16>>,
 }
 
 impl Probabilities {
@@ -37,7 +41,14 @@ impl Probabilities {
         ensure!(b - a == 2 * shape.iter().product::<usize>() as u64, "{}: data size does not match the shape {shape:?}", path.display());
         let len = file.metadata()?.len();
         ensure!(8 + n + b <= len, "{}: truncated ({len} bytes, the header promises {})", path.display(), 8 + n + b);
-        Ok(Self { path: path.to_path_buf(), file, shape, start: 8 + n + a })
+        let regions = match header.pointer("/__metadata__/regions_class_order").and_then(|v| v.as_str()) {
+            Some(r) => Some(serde_json::from_str::<Vec<u16>>(r).with_context(|| format!("{}: corrupt `regions_class_order` metadata", path.display()))?),
+            None => None,
+        };
+        if let Some(r) = &regions {
+            ensure!(r.len() == shape[0], "{}: {} regions in the metadata for {} outputs", path.display(), r.len(), shape[0]);
+        }
+        Ok(Self { path: path.to_path_buf(), file, shape, start: 8 + n + a, regions })
     }
 
     /// Class `k`'s probabilities, added to `sum`.
@@ -79,6 +90,10 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
         if let Some(m) = members.iter().find(|m| m.shape != shape) {
             bail!("{}: shape {:?}, {} has {shape:?}", m.path.display(), m.shape, members[0].path.display());
         }
+        let regions = members[0].regions.clone();
+        if let Some(m) = members.iter().find(|m| m.regions != regions) {
+            bail!("{}: {}, {} {}; an ensemble's members predict the same classes or regions", m.path.display(), describe(&m.regions), members[0].path.display(), describe(&regions));
+        }
         let label_map = folders[0].join(format!("{id}.nii.gz"));
         let geom = stu_data::nifti_io::read_geometry(&label_map).with_context(|| format!("{}: the label map giving the ensemble's geometry", label_map.display()))?;
         ensure!(geom.shape == [shape[1], shape[2], shape[3]], "{}: shape {:?}, its probabilities {shape:?}", label_map.display(), geom.shape);
@@ -95,17 +110,23 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
                 }
             }
             sum.iter_mut().for_each(|s| *s /= count);
-            for ((b, a), &v) in best.iter_mut().zip(arg.iter_mut()).zip(&sum) {
-                if v > *b {
-                    *b = v;
-                    *a = k as u16;
+            match &regions {
+                // Regions: the mean sigmoid above 0.5 writes the region's label, later over earlier.
+                Some(w) => arg.iter_mut().zip(&sum).for_each(|(a, &v)| if v > 0.5 { *a = w[k] }),
+                None => {
+                    for ((b, a), &v) in best.iter_mut().zip(arg.iter_mut()).zip(&sum) {
+                        if v > *b {
+                            *b = v;
+                            *a = k as u16;
+                        }
+                    }
                 }
             }
             sum
         };
         let probabilities = probabilities_path(output, id);
         if save_probabilities {
-            crate::predict::write_probabilities(&probabilities, classes, geom.shape, &mut mean_of)?;
+            crate::predict::write_probabilities(&probabilities, classes, geom.shape, regions.as_deref(), &mut mean_of)?;
         } else {
             (0..classes).for_each(|k| drop(mean_of(k)));
         }
@@ -115,7 +136,15 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
             return Err(e);
         }
         let out = output.join(format!("{id}.nii.gz"));
-        stu_data::nifti_io::write_label_as(&out, &arg, &geom, classes > 256).with_context(|| out.display().to_string())?;
+        let max = regions.as_ref().map_or(classes.saturating_sub(1), |w| w.iter().copied().max().unwrap_or(0) as usize);
+        stu_data::nifti_io::write_label_as(&out, &arg, &geom, max > 255).with_context(|| out.display().to_string())?;
     }
     Ok(ids)
+}
+
+fn describe(regions: &Option<Vec<u16>>) -> String {
+    match regions {
+        Some(w) => format!("sigmoid regions writing {w:?}"),
+        None => "softmax classes".into(),
+    }
 }

@@ -92,6 +92,9 @@ pub struct Predictor {
     precision: Precision,
     on_device: bool,
     fast_export: bool,
+    /// A region-based model's label per output (`regions_class_order`): sigmoid outputs, each
+    /// written where its probability exceeds 0.5, later ones over earlier ones.
+    regions: Option<Vec<u16>>,
 }
 
 /// Seconds per phase of one case, in order (`stu predict` reports them).
@@ -115,11 +118,13 @@ fn accumulate_on_device(device: &Device) -> Result<bool> {
 struct TrainedWith {
     plans: Option<PathBuf>,
     patch: Option<[usize; 3]>,
+    /// Its dataset's labels (the run folder's `dataset.json`, else the preprocessed folder's).
+    dataset: Option<PathBuf>,
 }
 
 fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
     let dict = stu_engine::checkpoint::StateDict::open(checkpoint)?;
-    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(TrainedWith { plans: None, patch: None }) };
+    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(TrainedWith { plans: None, patch: None, dataset: None }) };
     let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", checkpoint.display()))?;
     let beside = checkpoint.parent().map(|d| d.join("plans.json")).filter(|p| p.exists() && p.parent().is_some_and(|d| d.join("train.json").exists()));
     let plans = match v.pointer("/config/preprocessed").and_then(|d| d.as_str()) {
@@ -131,7 +136,8 @@ fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
         }
         None => None,
     };
-    Ok(TrainedWith { plans, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()) })
+    let dataset = plans.as_ref().and_then(|p| p.parent()).map(|d| d.join("dataset.json")).filter(|p| p.exists());
+    Ok(TrainedWith { plans, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()), dataset })
 }
 
 fn read_plans(p: &Path) -> Result<serde_json::Value> {
@@ -172,6 +178,7 @@ pub struct Exporter {
     plan: PreprocessPlan,
     classes: usize,
     fast: bool,
+    regions: Option<Vec<u16>>,
 }
 
 impl Exporter {
@@ -198,6 +205,9 @@ impl Exporter {
         let mut backward = [0usize; 3];
         for (i, &p) in perm.iter().enumerate() {
             backward[p] = i;
+        }
+        if let Some(writes) = &self.regions {
+            return self.export_regions(writes, Case { id, geom, pre }, logits, probabilities);
         }
         if self.fast {
             // The argmax on the network's grid (first maximum, as numpy's), then the label map
@@ -254,7 +264,7 @@ impl Exporter {
         if let (Some(path), Some(sumexp)) = (probabilities, sumexp) {
             // Second pass: softmax of the resampled logits, one class at a time, un-cropped
             // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
-            write_probabilities(path, classes, geom.shape, |k| {
+            write_probabilities(path, classes, geom.shape, None, |k| {
                 let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
                 let p: Vec<f32> = r.iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
                 transpose(uncrop(&p, target, full, bb, if k == 0 { 1.0 } else { 0.0 }), full, backward).0
@@ -263,6 +273,57 @@ impl Exporter {
         }
         drop(logits);
         let (seg, shape) = transpose(uncrop(&arg, target, full, bb, 0), full, backward);
+        ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
+        Ok((seg, geom))
+    }
+}
+
+impl Exporter {
+    /// [`Exporter::export`] of a region-based model (nnU-Net's `convert_probabilities_to_segmentation`
+    /// for regions): each output's sigmoid above 0.5 writes its label, in output order, so a
+    /// later region overwrites an earlier one. Full: each output's logits resampled, then the
+    /// sigmoid; fast: thresholded on the network's grid, the label map resampled. The
+    /// probabilities are the sigmoids (0 outside the crop).
+    fn export_regions(&self, writes: &[u16], case: Case, logits: Vec<f32>, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
+        use rayon::prelude::*;
+        let Case { id, geom, pre } = case;
+        let [_, z, y, x] = pre.props.shape;
+        let n = z * y * x;
+        ensure!(logits.len() == writes.len() * n, "case `{id}`: {} outputs for {} regions", logits.len() / n.max(1), writes.len());
+        let target = pre.props.shape_after_cropping_and_before_resampling;
+        let perm = self.plan.transpose_forward;
+        let sep = separate_axis(self.plan.spacing, perm.map(|a| pre.props.original_spacing[a]));
+        let (full, bb) = (pre.props.shape_before_cropping, pre.props.bbox_used_for_cropping);
+        let mut backward = [0usize; 3];
+        for (i, &p) in perm.iter().enumerate() {
+            backward[p] = i;
+        }
+        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
+        let paint = |seg: &mut [u16], r: &[f32], w: u16| seg.par_iter_mut().zip(r.par_iter()).for_each(|(s, &v)| if sigmoid(v) > 0.5 { *s = w });
+        let seg = if self.fast {
+            let mut seg = vec![0u16; n];
+            for (k, &w) in writes.iter().enumerate() {
+                paint(&mut seg, &logits[k * n..(k + 1) * n], w);
+            }
+            ensure!(writes.iter().all(|&w| w <= i16::MAX as u16), "--fast-export: labels above {} do not fit the label resampler", i16::MAX);
+            let seg: Vec<i16> = seg.into_iter().map(|v| v as i16).collect();
+            stu_data::resample::resample_seg(&seg, [z, y, x], target, sep).into_iter().map(|v| v as u16).collect()
+        } else {
+            let mut seg = vec![0u16; target.iter().product()];
+            for (k, &w) in writes.iter().enumerate() {
+                paint(&mut seg, &resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep), w);
+            }
+            if let Some(path) = probabilities {
+                write_probabilities(path, writes.len(), geom.shape, Some(writes), |k| {
+                    let p: Vec<f32> = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep).into_iter().map(sigmoid).collect();
+                    transpose(uncrop(&p, target, full, bb, 0.0), full, backward).0
+                })
+                .with_context(|| path.display().to_string())?;
+            }
+            seg
+        };
+        drop(logits);
+        let (seg, shape) = transpose(uncrop(&seg, target, full, bb, 0), full, backward);
         ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
         Ok((seg, geom))
     }
@@ -335,7 +396,40 @@ impl Predictor {
             nets.push(opts.precision.cast_net(&*net).unwrap_or(net));
         }
         let on_device = accumulate_on_device(&device)?;
-        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, fast_export: opts.fast_export })
+        // A region-based training's outputs are sigmoids, one per region of its dataset.
+        let mut regions: Option<(Vec<u16>, &Path)> = None;
+        for (t, c) in trained.iter().zip(&opts.checkpoints) {
+            let Some(d) = &t.dataset else { continue };
+            let json = stu_data::dataset::DatasetJson::read(d)?;
+            let writes: Option<Vec<u16>> = json.regions.map(|r| r.iter().map(|r| r.writes).collect());
+            match (&regions, writes) {
+                (None, Some(w)) => {
+                    ensure!(w.len() == nets[0].num_classes(), "{}: {} outputs, its dataset {} has {} regions", c.display(), nets[0].num_classes(), d.display(), w.len());
+                    regions = Some((w, c));
+                }
+                (Some((w0, c0)), w) => ensure!(w.as_ref() == Some(w0), "{}: its dataset's regions differ from those of {}; an ensemble's checkpoints predict the same regions", c.display(), c0.display()),
+                (None, None) => {}
+            }
+        }
+        if let Some((_, c)) = &regions {
+            let region_based = opts.checkpoints.iter().zip(&trained).filter(|(_, t)| t.dataset.is_some()).count();
+            ensure!(region_based == opts.checkpoints.len(), "{}: region-based, but not every checkpoint of the ensemble records its dataset", c.display());
+        }
+        let regions = regions.map(|(w, _)| w);
+        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, fast_export: opts.fast_export, regions })
+    }
+
+    /// The largest label value the predictions may hold.
+    pub fn max_label(&self) -> usize {
+        match &self.regions {
+            Some(w) => w.iter().copied().max().unwrap_or(0) as usize,
+            None => self.classes() - 1,
+        }
+    }
+
+    /// Whether the model is region-based (sigmoid outputs).
+    pub fn region_based(&self) -> bool {
+        self.regions.is_some()
     }
 
     /// Input channels the model takes.
@@ -378,7 +472,7 @@ impl Predictor {
 
     /// What exporting a case's logits needs (owned, for a writer thread).
     pub fn exporter(&self) -> Exporter {
-        Exporter { plan: self.plan.clone(), classes: self.classes(), fast: self.fast_export }
+        Exporter { plan: self.plan.clone(), classes: self.classes(), fast: self.fast_export, regions: self.regions.clone() }
     }
 
     /// The sliding-window logits of a read case, `[classes, Z, Y, X]` on its preprocessed grid.
@@ -545,13 +639,23 @@ pub fn probabilities_path(dir: &Path, id: &str) -> PathBuf {
 /// Streams `[classes, Z, Y, X]` probabilities (`channel(k)` gives class k in the input's array
 /// order) to a safetensors file, tensor `probabilities`, float16, atomically. One class is in
 /// memory at a time; the file is the size nnU-Net's `.npz` would be uncompressed, halved.
-pub fn write_probabilities(path: &Path, classes: usize, shape: [usize; 3], mut channel: impl FnMut(usize) -> Vec<f32>) -> Result<()> {
+///
+/// With `regions` (a region-based model's label per output) they are sigmoids, and the
+/// metadata's `regions_class_order` says so, for `stu ensemble`.
+pub fn write_probabilities(path: &Path, classes: usize, shape: [usize; 3], regions: Option<&[u16]>, mut channel: impl FnMut(usize) -> Vec<f32>) -> Result<()> {
     use std::io::Write;
     let n: usize = shape.iter().product();
     let bytes = classes * n * 2;
+    let meta = match regions {
+        None => serde_json::json!({"format": "softmax probabilities in the input's array order [class, z, y, x] (nnU-Net --save_probabilities, float16)"}),
+        Some(w) => serde_json::json!({
+            "format": "sigmoid probabilities of a region-based model in the input's array order [region, z, y, x] (nnU-Net --save_probabilities, float16)",
+            "regions_class_order": serde_json::to_string(w)?,
+        }),
+    };
     let header = serde_json::json!({
         "probabilities": {"dtype": "F16", "shape": [classes, shape[0], shape[1], shape[2]], "data_offsets": [0, bytes]},
-        "__metadata__": {"format": "softmax probabilities in the input's array order [class, z, y, x] (nnU-Net --save_probabilities, float16)"},
+        "__metadata__": meta,
     });
     let mut h = serde_json::to_string(&header)?.into_bytes();
     while h.len() % 8 != 0 {
@@ -689,8 +793,12 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     if map.is_some() {
         ensure!(predictor.classes() == stu_core::taxonomy::CLASSES.len() + 1, "{}: label maps translate STU-Net's 104 TotalSegmentator classes; this model has {} outputs", opts.checkpoints[0].display(), predictor.classes());
     }
+    if predictor.region_based() {
+        // nnU-Net post-processes regions as unions of labels; these options work on labels.
+        ensure!(map.is_none() && pp.is_none() && !opts.keep_largest, "{}: a region-based model; --label-map, --postprocessing and --keep-largest work on plain labels and are not supported for regions yet", opts.checkpoints[0].display());
+    }
     let table = map.as_ref().map(|m| m.prediction_table());
-    let wide = table.is_none() && predictor.classes() > 256;
+    let wide = table.is_none() && predictor.max_label() > 255;
     // Channel counts are checked up front: a wrong one is the user's mistake for every case.
     let wrong: Vec<String> = cases.iter().filter(|(_, f)| f.len() != predictor.channels()).map(|(id, f)| format!("`{id}` ({})", f.len())).collect();
     ensure!(wrong.len() < cases.len(), "{}: the model takes {} channel(s); the cases have {}", opts.input.display(), predictor.channels(), wrong.join(", "));
@@ -799,7 +907,7 @@ mod tests {
         let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
         let nets = seeds.iter().map(|&s| stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), s, None)).collect();
         let plan = PreprocessPlan { spacing: [1.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
-        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: false, fast_export: false }
+        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: false, fast_export: false, regions: None }
     }
 
     #[test]

@@ -227,14 +227,26 @@ pub(crate) fn fold_cases(dir: &Path, fold: &str) -> Result<(Vec<String>, Vec<Str
     Ok((f.train.clone(), f.val.clone()))
 }
 
-/// Labels and channels from the preprocessed `dataset.json`.
-/// Input channels, output classes and the ignore label of a preprocessed dataset.
-fn task(dir: &Path) -> Result<(usize, usize, Option<u32>)> {
+/// What a preprocessed dataset asks of the network and the loss (its `dataset.json`).
+struct Task {
+    /// Input channels.
+    channels: usize,
+    /// Network outputs: the classes with background (softmax), or the regions (sigmoid).
+    outputs: usize,
+    ignore: Option<u32>,
+    /// A region-based dataset's regions.
+    regions: Option<Vec<stu_data::dataset::Region>>,
+}
+
+fn task(dir: &Path) -> Result<Task> {
     let path = dir.join("dataset.json");
     let json = stu_data::dataset::DatasetJson::read(&path)?;
-    ensure!(json.regions_class_order.is_none(), "{}: region-based labels (sigmoid training) are not supported yet", path.display());
+    if let Some(r) = &json.regions {
+        stu_engine::loss::Regions::new(&r.iter().map(|r| r.labels.clone()).collect::<Vec<_>>()).map_err(|e| anyhow::anyhow!("{}: `labels`: {e}", path.display()))?;
+        return Ok(Task { channels: json.channel_names.len(), outputs: r.len(), ignore: json.ignore_label, regions: Some(r.clone()) });
+    }
     let max = json.foreground_classes().last().map_or(0, |c| c.0);
-    Ok((json.channel_names.len(), max as usize + 1, json.ignore_label))
+    Ok(Task { channels: json.channel_names.len(), outputs: max as usize + 1, ignore: json.ignore_label, regions: None })
 }
 
 /// One line of `log.jsonl`.
@@ -460,15 +472,22 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         }
     }
     let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
-    let (in_channels, num_classes, ignore) = task(&cfg.preprocessed)?;
+    let task = task(&cfg.preprocessed)?;
+    let (in_channels, num_classes, ignore) = (task.channels, task.outputs, task.ignore);
     let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
-    if ignore.is_some() {
-        // Sampling needs the annotated voxels' locations, which preprocessing records for a
-        // dataset with an ignore label since 2026-11-27.
+    // Sampling needs the annotated voxels' locations, which preprocessing records for a dataset
+    // with an ignore label since 2026-11-27, and the regions' own, since 2026-11-28.
+    let region_keys: Vec<&str> = task.regions.iter().flatten().map(|r| r.key.as_str()).filter(|k| k.starts_with('(')).collect();
+    if ignore.is_some() || !region_keys.is_empty() {
         for id in &train_ids {
             let path = cfg.preprocessed.join(format!("{id}.json"));
             let props = read_json(&path)?;
-            ensure!(props["class_locations"].get(stu_data::preprocess::ANNOTATED_KEY).is_some(), "{}: preprocessed without the annotated voxels' locations that training with an ignore label samples from; preprocess the dataset again into a new folder", path.display());
+            if ignore.is_some() {
+                ensure!(props["class_locations"].get(stu_data::preprocess::ANNOTATED_KEY).is_some(), "{}: preprocessed without the annotated voxels' locations that training with an ignore label samples from; preprocess the dataset again into a new folder", path.display());
+            }
+            if let Some(k) = region_keys.iter().find(|k| props["class_locations"].get(**k).is_none()) {
+                bail!("{}: preprocessed without the locations of region {k} that region-based training samples from; preprocess the dataset again into a new folder", path.display());
+            }
         }
     }
     if cfg.fraction < 1.0 {
@@ -525,7 +544,11 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let weights = ds_weights(probe.len());
     let scales: Vec<[f64; 3]> = probe.iter().map(|o| [0, 1, 2].map(|a| o.dims()[2 + a] as f64 / div[a] as f64)).collect();
     drop(probe);
-    let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5, ignore_label: ignore.map(i64::from) };
+    let regions = match &task.regions {
+        Some(r) => Some(stu_engine::loss::Regions::new(&r.iter().map(|r| r.labels.clone()).collect::<Vec<_>>()).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5, ignore_label: ignore.map(i64::from), regions };
     let budget = 4 << 30;
     let train_store = Arc::new(CaseStore::new(&cfg.preprocessed, train_ids, budget)?);
     let val_store = if val_ids.is_empty() { None } else { Some(Arc::new(CaseStore::new(&cfg.preprocessed, val_ids, budget)?)) };
@@ -539,6 +562,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         patch: cfg.patch_size,
         augment: cfg.augmentation.then(|| AugConfig::nnunet(cfg.patch_size)),
         ds_scales: scales.clone(),
+        regions: task.regions.clone().unwrap_or_default(),
         shard: (world > 1).then_some((rank * share, cfg.batch_size)),
     };
     let val_batches = BatchConfig { augment: None, batch_size: cfg.batch_size, shard: None, ..train_batches.clone() };
@@ -591,7 +615,8 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
                 let first = (epoch * cfg.val_iterations) as u64;
                 let part = |r: usize| first + (r * cfg.val_iterations / world) as u64;
                 let mut vl = Loader::spawn(Arc::clone(store), val_batches.clone(), cfg.seed, 1, part(rank), part(rank + 1), req.workers, 2);
-                let mut counts = vec![[0u64; 3]; num_classes - 1];
+                // One count per foreground class, or per region.
+                let mut counts = vec![[0u64; 3]; if regions.is_some() { num_classes } else { num_classes - 1 }];
                 let mut total = 0.0;
                 while let Some(b) = vl.next_batch() {
                     let b = b?;

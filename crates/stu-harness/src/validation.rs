@@ -74,7 +74,7 @@ pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str,
         precision: cfg.precision,
     };
     let predictor = Predictor::new(&opts)?;
-    let wide = predictor.classes() > 256;
+    let wide = predictor.max_label() > 255;
     let mut predicted = 0;
     for id in &val_ids {
         let out = dir.join(format!("{id}.nii.gz"));
@@ -88,9 +88,9 @@ pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str,
         stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide).with_context(|| out.display().to_string())?;
         predicted += 1;
     }
-    let labels: Vec<u16> = json.foreground_classes().into_iter().map(|(c, _)| c as u16).collect();
+    let scored = stu_data::metrics::Scored::of_dataset(&json);
     let eval = stu_data::metrics::EvalOptions { ignore_label: json.ignore_label.map(|v| v as u16), ..Default::default() };
-    let summary = stu_data::metrics::evaluate_folder(&raw.join("labelsTr"), &dir, &labels, &eval)?;
+    let summary = stu_data::metrics::evaluate_scored(&raw.join("labelsTr"), std::slice::from_ref(&dir), &scored, &eval)?;
     let value = serde_json::to_value(&summary)?;
     stu_core::fs::write_atomic(&dir.join("summary.json"), (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
     Ok(Outcome::Done(Validation { dir, predicted, cases: val_ids.len(), foreground_dice: value.pointer("/foreground_mean/Dice").and_then(|d| d.as_f64()) }))
