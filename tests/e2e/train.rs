@@ -167,15 +167,15 @@ fn dict_keys(path: &Path) -> Vec<String> {
 
 /// Steps of `net` on `batch` (rank `rank` of `world` joined through `port`, or alone when
 /// `world` is 1); returns the reported losses and the final weights.
-fn dp_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], batch_dice: bool) -> (Vec<f64>, Vec<stu_engine::checkpoint::NamedTensor>) {
-    let (stats, weights, _) = scaled_steps(rank, world, port, x, targets, batch_dice, 12.0, None);
+fn dp_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], dice: stu_engine::loss::DiceConfig) -> (Vec<f64>, Vec<stu_engine::checkpoint::NamedTensor>) {
+    let (stats, weights, _) = scaled_steps(rank, world, port, x, targets, dice, 12.0, None);
     (stats.iter().map(|s| s.loss).collect(), weights)
 }
 
 /// [`dp_steps`] with gradient clip `clip` and the loss scaler set to `scaler`; returns every
 /// step's report, the final weights and the optimiser.
 #[allow(clippy::too_many_arguments)]
-fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], batch_dice: bool, clip: f64, scaler: Option<stu_engine::train::GradScaler>) -> (Vec<stu_engine::train::StepStats>, Vec<stu_engine::checkpoint::NamedTensor>, stu_engine::train::Sgd) {
+fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], dice: stu_engine::loss::DiceConfig, clip: f64, scaler: Option<stu_engine::train::GradScaler>) -> (Vec<stu_engine::train::StepStats>, Vec<stu_engine::checkpoint::NamedTensor>, stu_engine::train::Sgd) {
     use stu_engine::dist::{Group, Launch};
     use stu_engine::train::{DeviceBatch, Sgd, StepConfig, train_step_in};
     let mut net = tiny_net();
@@ -198,7 +198,6 @@ fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec
         .collect();
     let batch = DeviceBatch { x: xs, targets: ts };
     let weights = stu_engine::schedule::ds_weights(targets.len());
-    let dice = stu_engine::loss::DiceConfig { batch_dice, ..Default::default() };
     let mut sgd = Sgd::nnunet();
     sgd.scaler = scaler;
     let mut all = Vec::new();
@@ -232,9 +231,9 @@ fn tiny_batch() -> (Vec<f32>, Vec<(Vec<i64>, [usize; 4])>) {
 fn loss_scaled_steps_equal_plain_ones_and_an_overflow_skips_the_step() {
     use stu_engine::train::GradScaler;
     let (x, targets) = tiny_batch();
-    let (plain, w_plain, _) = scaled_steps(0, 1, 0, &x, &targets, false, 0.2, None);
+    let (plain, w_plain, _) = scaled_steps(0, 1, 0, &x, &targets, Default::default(), 0.2, None);
     // f16 training's scaler (2¹⁶, a power of two: exact in f32) changes nothing but its state.
-    let (scaled, w_scaled, sgd) = scaled_steps(0, 1, 0, &x, &targets, false, 0.2, Some(GradScaler::default()));
+    let (scaled, w_scaled, sgd) = scaled_steps(0, 1, 0, &x, &targets, Default::default(), 0.2, Some(GradScaler::default()));
     for (k, (a, b)) in plain.iter().zip(&scaled).enumerate() {
         assert!(!b.skipped, "step {k} skipped");
         assert!((a.loss - b.loss).abs() <= 1e-6 * a.loss.abs(), "step {k}: loss {} vs {} scaled", a.loss, b.loss);
@@ -258,7 +257,7 @@ fn loss_scaled_steps_equal_plain_ones_and_an_overflow_skips_the_step() {
     assert!(back.load_state(&*net, bad, &dev).unwrap_err().contains("grad_scaler.scale"));
     // A scale that overflows f32 gradients: every step is skipped (weights as initialised), the
     // scale halves each time, and the reported loss is still the forward's.
-    let (over, w_over, sgd) = scaled_steps(0, 1, 0, &x, &targets, false, 0.2, Some(GradScaler { scale: 2f64.powi(126), growth_tracker: 5 }));
+    let (over, w_over, sgd) = scaled_steps(0, 1, 0, &x, &targets, Default::default(), 0.2, Some(GradScaler { scale: 2f64.powi(126), growth_tracker: 5 }));
     assert!(over.iter().all(|s| s.skipped && !s.grad_norm.is_finite()));
     assert_eq!(over[0].loss, plain[0].loss);
     assert_eq!(sgd.scaler, Some(GradScaler { scale: 2f64.powi(123), growth_tracker: 0 }));
@@ -276,24 +275,28 @@ fn tiny_net() -> Box<dyn stu_engine::model::SegNet> {
 #[test]
 fn data_parallel_steps_equal_one_process_on_the_whole_batch() {
     // A global batch of 2 (16³, 3 classes, three supervised outputs) trained for three steps by
-    // one process, and by two ranks holding one sample each.
+    // one process, and by two ranks holding one sample each; also as three regions (sigmoid
+    // outputs, BCE + Dice) with batch Dice, whose sums are exchanged too.
     let (x, targets) = tiny_batch();
-    for batch_dice in [false, true] {
-        let (losses, single) = dp_steps(0, 1, 0, &x, &targets, batch_dice);
+    use stu_engine::loss::{DiceConfig, Regions};
+    let regions = Regions::new(&[vec![1, 2], vec![2], vec![1]]).unwrap();
+    for dice in [DiceConfig::default(), DiceConfig { batch_dice: true, ..Default::default() }, DiceConfig { batch_dice: true, regions: Some(regions), ..Default::default() }] {
+        let batch_dice = (dice.batch_dice, dice.regions.is_some());
+        let (losses, single) = dp_steps(0, 1, 0, &x, &targets, dice);
         let port = stu_engine::dist::free_port().unwrap();
         let ranks: Vec<_> = std::thread::scope(|s| {
-            let h: Vec<_> = (0..2).map(|r| { let (x, t) = (&x, &targets); s.spawn(move || dp_steps(r, 2, port, x, t, batch_dice)) }).collect();
+            let h: Vec<_> = (0..2).map(|r| { let (x, t) = (&x, &targets); s.spawn(move || dp_steps(r, 2, port, x, t, dice)) }).collect();
             h.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (k, (a, b)) in losses.iter().zip(&ranks[0].0).enumerate() {
-            assert!((a - b).abs() <= 1e-5 * a.abs(), "batch_dice {batch_dice}, step {k}: loss {a} alone, {b} over two ranks");
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "(batch_dice, regions) {batch_dice:?}, step {k}: loss {a} alone, {b} over two ranks");
         }
         assert_eq!(ranks[0].0, ranks[1].0, "both ranks report the global loss");
         let mut moved = 0.0f64;
         for ((t, r0), r1) in single.iter().zip(&ranks[0].1).zip(&ranks[1].1) {
             assert_eq!(r0.data, r1.data, "{}: the replicas are not bit-identical", t.name);
             let err = tests::rel_max_err(&r0.data, &t.data);
-            assert!(err <= 1e-4, "batch_dice {batch_dice}, {}: relative error {err} between two ranks and one process", t.name);
+            assert!(err <= 1e-4, "(batch_dice, regions) {batch_dice:?}, {}: relative error {err} between two ranks and one process", t.name);
             moved = moved.max(t.data.iter().map(|v| v.abs() as f64).fold(0.0, f64::max));
         }
         assert!(moved > 0.0);

@@ -171,15 +171,21 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         let t = Instant::now();
         let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
         let mut eval = stu_data::metrics::EvalOptions { nsd_default: s.evaluate.nsd_tolerance, hd95: s.evaluate.hd95, assd: s.evaluate.assd, ignore_label: json.ignore_label.map(|v| v as u16), ..Default::default() };
-        let (label_values, names): (Vec<u16>, serde_json::Map<String, serde_json::Value>) = match &s.predict.label_map {
-            Some(m) => {
+        use stu_data::metrics::Scored;
+        let (scored, names): (Vec<Scored>, serde_json::Map<String, serde_json::Value>) = match (&s.predict.label_map, &json.regions) {
+            (Some(m), _) => {
                 let m = crate::labelmap::LabelMap::load(m)?;
                 eval.reference_map = Some(m.reference_table());
-                (m.labels.iter().map(|l| l.value).collect(), m.labels.iter().map(|l| (l.value.to_string(), l.name.clone().into())).collect())
+                (Scored::of_labels(&m.labels.iter().map(|l| l.value).collect::<Vec<_>>()), m.labels.iter().map(|l| (l.value.to_string(), l.name.clone().into())).collect())
             }
-            None => json.foreground_classes().into_iter().map(|(c, n)| (c as u16, (c.to_string(), serde_json::Value::from(n)))).unzip(),
+            // A region-based dataset is scored per region, under nnU-Net's keys.
+            (None, Some(r)) => (Scored::of_dataset(&json), r.iter().map(|r| (r.key.clone(), r.name.clone().into())).collect()),
+            (None, None) => {
+                let (v, n): (Vec<u16>, _) = json.foreground_classes().into_iter().map(|(c, n)| (c as u16, (c.to_string(), serde_json::Value::from(n)))).unzip();
+                (Scored::of_labels(&v), n)
+            }
         };
-        let summary = stu_data::metrics::evaluate_folder(&labels, &pred, &label_values, &eval)?;
+        let summary = stu_data::metrics::evaluate_scored(&labels, std::slice::from_ref(&pred), &scored, &eval)?;
         let value = serde_json::to_value(&summary)?;
         stu_core::fs::write_atomic(&pred.join("summary.json"), (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
         timings.insert("evaluate_s".into(), t.elapsed().as_secs_f64().into());
