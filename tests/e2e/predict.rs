@@ -413,6 +413,15 @@ fn a_region_based_dataset_trains_with_sigmoids_and_predicts_its_class_order() {
     let both = |inside: &dyn Fn(u16) -> bool| reference.data.iter().zip(&seg.data).filter(|(r, p)| inside(**r) && inside(**p)).count() as f64;
     assert_eq!(m["(2, 3)"]["TP"].as_f64().unwrap(), both(&|v| v == 2 || v == 3));
     assert_eq!(m["(3,)"]["TP"].as_f64().unwrap(), both(&|v| v == 3));
+    // Post-processing is determined per region and replayed by `stu predict`.
+    ok(&stu(&["postprocess", "determine", "--ref", raw.join("labelsTr").to_str().unwrap(), "--pred", &t("pred"), "--labels", raw.join("dataset.json").to_str().unwrap(), "--out", &t("pp")]));
+    let pp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pp/postprocessing.json")).unwrap()).unwrap();
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pp/postprocessed/summary.json")).unwrap()).unwrap();
+    assert_eq!(s["mean"].as_object().unwrap().keys().collect::<Vec<_>>(), ["(2, 3)", "(3,)", "5"], "{pp}");
+    assert!(pp["largest_per_label"].as_array().unwrap().is_empty(), "{pp}");
+    ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-pp"), "--checkpoint", &ck, "--disable-tta", "--postprocessing", &t("pp/postprocessing.json")]));
+    let replayed = stu_data::nifti_io::read_label(&tmp.path().join("pred-pp/b.nii.gz")).unwrap();
+    assert!(replayed.data == stu_data::nifti_io::read_label(&tmp.path().join("pp/postprocessed/b.nii.gz")).unwrap().data);
     // Options that work on plain labels are refused for regions, not misapplied.
     let out = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("kl"), "--checkpoint", &ck, "--keep-largest"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -470,7 +479,7 @@ fn postprocessing_is_determined_on_cross_validation_and_replayed() {
     let json = tmp.path().join("dataset.json");
     std::fs::write(&json, r#"{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 2, "file_ending": ".nii.gz"}"#).unwrap();
     let log = ok(&stu(&["postprocess", "determine", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), "--labels", json.to_str().unwrap(), "--out", out.to_str().unwrap()]));
-    assert!(log.contains("keep the largest foreground component: no; per label: 1;"), "{log}");
+    assert!(log.contains("keep the largest foreground component: no; per label or region: 1;"), "{log}");
     let pp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("postprocessing.json")).unwrap()).unwrap();
     assert_eq!(pp["largest_per_label"], serde_json::json!([1]));
     assert!(pp["dice_after"].as_f64().unwrap() == 1.0 && pp["dice_before"].as_f64().unwrap() < 1.0, "{pp}");

@@ -9,7 +9,9 @@
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use nifti::{InMemNiftiObject, NiftiHeader, NiftiObject, NiftiType};
+use nifti::{InMemNiftiObject, NiftiObject, NiftiType};
+/// The `nifti` crate's header, as [`Geometry`] holds it.
+pub use nifti::NiftiHeader;
 
 /// What can go wrong with a NIfTI file; every variant names it.
 #[derive(Debug, thiserror::Error)]

@@ -804,13 +804,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Postprocess(PostprocessCommand::Determine { reference, pred, labels, out }) => {
             let json = stu_data::dataset::DatasetJson::read(&labels)?;
-            anyhow::ensure!(json.regions.is_none(), "{}: a region-based dataset; post-processing is determined per label here, not yet per region", labels.display());
-            let classes: Vec<u16> = json.foreground_classes().iter().map(|c| c.0 as u16).collect();
-            let pp = crate::postprocess::determine(&reference, &pred, &classes, json.ignore_label.map(|v| v as u16), &out)?;
+            let scored = stu_data::metrics::Scored::of_dataset(&json);
+            let pp = crate::postprocess::determine(&reference, &pred, &scored, json.regions.is_some(), json.ignore_label.map(|v| v as u16), &out)?;
             println!(
-                "keep the largest foreground component: {}; per label: {}; foreground mean Dice {:.4} → {:.4}; wrote {}",
+                "keep the largest foreground component: {}; per label or region: {}; foreground mean Dice {:.4} → {:.4}; wrote {}",
                 if pp.largest_foreground { "yes" } else { "no" },
-                if pp.largest_per_label.is_empty() { "none".to_string() } else { pp.largest_per_label.iter().map(u16::to_string).collect::<Vec<_>>().join(", ") },
+                if pp.largest_per_label.is_empty() && pp.largest_per_region.is_empty() { "none".to_string() } else { pp.largest_per_label.iter().map(u16::to_string).chain(pp.largest_per_region.iter().map(|r| format!("{r:?}"))).collect::<Vec<_>>().join(", ") },
                 pp.dice_before,
                 pp.dice_after,
                 out.join("postprocessing.json").display()

@@ -9,12 +9,16 @@
 //!    that label's mean Dice improves.
 //!
 //! Means are nnU-Net's: per label over the cases where Dice is defined, then over labels.
+//!
+//! A region-based dataset is scored per region, and step 2 runs per region: the union of its
+//! labels in the label map is the mask whose largest component is kept (nnU-Net's
+//! `labels_or_regions`).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
+use stu_data::metrics::Scored;
 
 /// The decision, as `postprocessing.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +28,9 @@ pub struct Postprocessing {
     pub largest_foreground: bool,
     /// Then keep only the largest component of each of these labels, in this order.
     pub largest_per_label: Vec<u16>,
+    /// For a region-based dataset, then of each of these regions (the union of its labels).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub largest_per_region: Vec<Vec<u16>>,
     /// Foreground mean Dice of the predictions it was determined on, before.
     pub dice_before: f64,
     /// And after.
@@ -38,6 +45,9 @@ impl Postprocessing {
         }
         for &l in &self.largest_per_label {
             keep_largest_of(seg, shape, &|v| v == l);
+        }
+        for r in &self.largest_per_region {
+            keep_largest_of(seg, shape, &|v| r.contains(&v));
         }
     }
 
@@ -109,32 +119,32 @@ struct Pair {
     file: PathBuf,
 }
 
-/// Mean Dice per label over the cases where it is defined (NaN where it never is).
-fn mean_dice(pairs: &[Pair], preds: &[Vec<u16>], labels: &[u16]) -> BTreeMap<u16, f64> {
-    let mut sums: BTreeMap<u16, (f64, usize)> = labels.iter().map(|&l| (l, (0.0, 0))).collect();
+/// Mean Dice per entry of `scored` over the cases where it is defined (NaN where it never is).
+fn mean_dice(pairs: &[Pair], preds: &[Vec<u16>], scored: &[Scored]) -> Vec<f64> {
+    let mut sums = vec![(0.0, 0usize); scored.len()];
     for (p, pred) in pairs.iter().zip(preds) {
-        for (l, c) in stu_data::metrics::confusion(&p.reference, pred, labels, p.ignored.as_deref()) {
+        for (e, c) in sums.iter_mut().zip(stu_data::metrics::confusion_scored(&p.reference, pred, scored, p.ignored.as_deref())) {
             let d = 2 * c.tp + c.fp + c.fn_;
             if d > 0 {
-                let e = sums.get_mut(&l).expect("every label");
                 e.0 += 2.0 * c.tp as f64 / d as f64;
                 e.1 += 1;
             }
         }
     }
-    sums.into_iter().map(|(l, (s, n))| (l, if n == 0 { f64::NAN } else { s / n as f64 })).collect()
+    sums.into_iter().map(|(s, n)| if n == 0 { f64::NAN } else { s / n as f64 }).collect()
 }
 
-fn foreground_mean(m: &BTreeMap<u16, f64>) -> f64 {
-    m.values().sum::<f64>() / m.len() as f64
+fn foreground_mean(m: &[f64]) -> f64 {
+    m.iter().sum::<f64>() / m.len() as f64
 }
 
 /// Determines the post-processing on the predictions in `predictions` (folders; a case once)
-/// against `reference`, scoring `labels` (declaration order) and leaving out `ignore`'s voxels.
+/// against `reference`, scoring `scored` (labels, or a region-based dataset's regions, in
+/// declaration order) and leaving out `ignore`'s voxels.
 /// Writes `out/postprocessing.json` and the post-processed label maps with their
 /// `summary.json` to `out/postprocessed/`.
-pub fn determine(reference: &Path, predictions: &[PathBuf], labels: &[u16], ignore: Option<u16>, out: &Path) -> Result<Postprocessing> {
-    ensure!(!labels.is_empty(), "no foreground labels to score");
+pub fn determine(reference: &Path, predictions: &[PathBuf], scored: &[Scored], regions: bool, ignore: Option<u16>, out: &Path) -> Result<Postprocessing> {
+    ensure!(!scored.is_empty(), "no foreground labels to score");
     let eval = stu_data::metrics::EvalOptions { ignore_label: ignore, ..Default::default() };
     // The cases and their files as the evaluation pairs and checks them (a case predicted
     // twice, a shape or affine off the reference's: errors), each read once.
@@ -144,28 +154,31 @@ pub fn determine(reference: &Path, predictions: &[PathBuf], labels: &[u16], igno
         pairs.push(Pair { reference: read.reference.data, prediction: read.prediction.data, geom: read.prediction.geom, ignored: read.ignored, file: p });
     }
     let mut current: Vec<Vec<u16>> = pairs.iter().map(|p| p.prediction.clone()).collect();
-    let before = mean_dice(&pairs, &current, labels);
+    let before = mean_dice(&pairs, &current, scored);
     let mut best = before.clone();
-    let mut pp = Postprocessing { largest_foreground: false, largest_per_label: Vec::new(), dice_before: foreground_mean(&before), dice_after: f64::NAN };
+    let mut pp = Postprocessing { largest_foreground: false, largest_per_label: Vec::new(), largest_per_region: Vec::new(), dice_before: foreground_mean(&before), dice_after: f64::NAN };
     let trial = |preds: &[Vec<u16>], f: &(dyn Fn(&mut Vec<u16>, [usize; 3]) + Sync)| -> Vec<Vec<u16>> {
         use rayon::prelude::*;
         preds.par_iter().zip(&pairs).map(|(s, p)| { let mut s = s.clone(); f(&mut s, p.geom.shape); s }).collect()
     };
     let improves = |a: f64, b: f64| a > b || (b.is_nan() && !a.is_nan());
     let all = trial(&current, &|s, shape| keep_largest_of(s, shape, &|v| v > 0));
-    let m = mean_dice(&pairs, &all, labels);
+    let m = mean_dice(&pairs, &all, scored);
     // "No label falls": a label undefined (NaN) before or after does not count as falling.
     let falls = |a: f64, b: f64| a < b;
-    if improves(foreground_mean(&m), foreground_mean(&best)) && !labels.iter().any(|l| falls(m[l], best[l])) {
+    if improves(foreground_mean(&m), foreground_mean(&best)) && !m.iter().zip(&best).any(|(&a, &b)| falls(a, b)) {
         pp.largest_foreground = true;
         (current, best) = (all, m);
     }
-    if labels.len() > 1 {
-        for &l in labels {
-            let one = trial(&current, &|s, shape| keep_largest_of(s, shape, &|v| v == l));
-            let m = mean_dice(&pairs, &one, labels);
-            if improves(m[&l], best[&l]) {
-                pp.largest_per_label.push(l);
+    if scored.len() > 1 {
+        for (k, s) in scored.iter().enumerate() {
+            let one = trial(&current, &|seg, shape| keep_largest_of(seg, shape, &|v| s.labels.contains(&v)));
+            let m = mean_dice(&pairs, &one, scored);
+            if improves(m[k], best[k]) {
+                match (regions, s.label()) {
+                    (false, Some(l)) => pp.largest_per_label.push(l),
+                    _ => pp.largest_per_region.push(s.labels.clone()),
+                }
                 (current, best) = (one, m);
             }
         }
@@ -174,12 +187,12 @@ pub fn determine(reference: &Path, predictions: &[PathBuf], labels: &[u16], igno
     // The post-processed maps, with the references' geometry, and their summary.
     let dir = out.join("postprocessed");
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let wide = labels.iter().any(|&l| l > 255);
+    let wide = scored.iter().flat_map(|s| &s.labels).any(|&l| l > 255);
     for (p, seg) in pairs.iter().zip(&current) {
         let name = p.file.file_name().context("a file name")?;
         stu_data::nifti_io::write_label_as(&dir.join(name), seg, &p.geom, wide).with_context(|| dir.join(name).display().to_string())?;
     }
-    let summary = stu_data::metrics::evaluate_folder(reference, &dir, labels, &eval)?;
+    let summary = stu_data::metrics::evaluate_scored(reference, std::slice::from_ref(&dir), scored, &eval)?;
     stu_core::fs::write_atomic(&dir.join("summary.json"), (serde_json::to_string_pretty(&serde_json::to_value(&summary)?)? + "\n").as_bytes())?;
     stu_core::fs::write_atomic(&out.join("postprocessing.json"), (serde_json::to_string_pretty(&pp)? + "\n").as_bytes())?;
     Ok(pp)
@@ -223,5 +236,47 @@ mod tests {
         let mut seg = vec![1, 1, 0, 0, 2, 2, 0, 0, /**/ 0, 0, 0, 0, 0, 0, 0, 1];
         keep_largest_of(&mut seg, [1, 2, 8], &|v| v > 0);
         assert_eq!(seg, vec![1, 1, 0, 0, 2, 2, 0, 0, /**/ 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn regions_are_post_processed_as_the_union_of_their_labels() {
+        // Region (1, 2) is object A (labels 1 and 2, 6 voxels) plus a stray 2 far away in the
+        // prediction; region (3,) is one voxel elsewhere. Keeping the largest foreground
+        // component would drop region (3,)'s voxel, so it is refused; keeping (1, 2)'s largest
+        // removes the stray only, and is taken.
+        #[rustfmt::skip]
+        let reference: Vec<u16> = vec![
+            1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            1, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0,
+        ];
+        let mut prediction = reference.clone();
+        prediction[10] = 2;
+        prediction[11] = 2;
+        let dir = tempfile::tempdir().unwrap();
+        let mut header = stu_data::nifti_io::NiftiHeader::default();
+        header.pixdim = [1.0; 8];
+        let affine = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
+        let geom = stu_data::nifti_io::Geometry { shape: [1, 4, 12], spacing: [1.0; 3], affine, header };
+        for (sub, v) in [("ref", &reference), ("pred", &prediction)] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+            stu_data::nifti_io::write_label(&dir.path().join(sub).join("c.nii.gz"), v, &geom).unwrap();
+        }
+        let scored = [Scored { key: "(1, 2)".into(), labels: vec![1, 2] }, Scored { key: "(3,)".into(), labels: vec![3] }];
+        let pp = determine(&dir.path().join("ref"), &[dir.path().join("pred")], &scored, true, None, &dir.path().join("out")).unwrap();
+        assert!(!pp.largest_foreground);
+        assert!(pp.largest_per_label.is_empty());
+        assert_eq!(pp.largest_per_region, vec![vec![1, 2]]);
+        assert!((pp.dice_before - (12.0 / 14.0 + 1.0) / 2.0).abs() < 1e-12 && pp.dice_after == 1.0, "{pp:?}");
+        let mut replay = prediction.clone();
+        pp.apply(&mut replay, [1, 4, 12]);
+        assert_eq!(replay, reference);
+        let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/postprocessed/summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["mean"]["(1, 2)"]["Dice"], 1.0);
+        // The decision's file keeps its former shape for labels, the regions beside them.
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/postprocessing.json")).unwrap()).unwrap();
+        assert_eq!(json["largest_per_region"], serde_json::json!([[1, 2]]));
+        assert_eq!(Postprocessing::read(&dir.path().join("out/postprocessing.json")).unwrap(), pp);
     }
 }

@@ -794,8 +794,9 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         ensure!(predictor.classes() == stu_core::taxonomy::CLASSES.len() + 1, "{}: label maps translate STU-Net's 104 TotalSegmentator classes; this model has {} outputs", opts.checkpoints[0].display(), predictor.classes());
     }
     if predictor.region_based() {
-        // nnU-Net post-processes regions as unions of labels; these options work on labels.
-        ensure!(map.is_none() && pp.is_none() && !opts.keep_largest, "{}: a region-based model; --label-map, --postprocessing and --keep-largest work on plain labels and are not supported for regions yet", opts.checkpoints[0].display());
+        // These translate or clean up plain labels (STU-Net's classes); a region model's
+        // post-processing is `stu postprocess determine`'s, per region (`--postprocessing`).
+        ensure!(map.is_none() && !opts.keep_largest, "{}: a region-based model; --label-map and --keep-largest work on plain labels and are not supported for regions (determine a post-processing per region with `stu postprocess determine` and pass --postprocessing)", opts.checkpoints[0].display());
     }
     let table = map.as_ref().map(|m| m.prediction_table());
     let wide = table.is_none() && predictor.max_label() > 255;
