@@ -422,6 +422,22 @@ fn a_region_based_dataset_trains_with_sigmoids_and_predicts_its_class_order() {
     ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-pp"), "--checkpoint", &ck, "--disable-tta", "--postprocessing", &t("pp/postprocessing.json")]));
     let replayed = stu_data::nifti_io::read_label(&tmp.path().join("pred-pp/b.nii.gz")).unwrap();
     assert!(replayed.data == stu_data::nifti_io::read_label(&tmp.path().join("pp/postprocessed/b.nii.gz")).unwrap().data);
+    // The weights alone (a foreign checkpoint, as an nnU-Net model folder holds): the
+    // dataset.json beside --plans says the model is region-based; without it, softmax labels.
+    std::fs::create_dir_all(tmp.path().join("folder/fold_0")).unwrap();
+    ok(&stu(&["export", "--checkpoint", &ck, "--plans", &t("run/plans.json"), "--output", &t("folder/fold_0/weights.safetensors")]));
+    for f in ["plans.json", "dataset.json"] {
+        std::fs::copy(tmp.path().join("run").join(f), tmp.path().join("folder").join(f)).unwrap();
+    }
+    let foreign = |plans: &str, out: &str| {
+        ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t(out), "--checkpoint", &t("folder/fold_0/weights.safetensors"), "--plans", plans, "--disable-tta"]));
+        let v = stu_data::nifti_io::read_label(&tmp.path().join(out).join("b.nii.gz")).unwrap().data;
+        [0u16, 1, 2, 3, 5].map(|w| v.iter().any(|&x| x == w))
+    };
+    let r = foreign(&t("folder/plans.json"), "pred-foreign");
+    assert!(!r[1] && (r[3] || r[4]), "labels 0, 1, 2, 3, 5 present: {r:?}");
+    std::fs::copy(tmp.path().join("run/plans.json"), tmp.path().join("plans-alone.json")).unwrap();
+    assert!(!foreign(&t("plans-alone.json"), "pred-softmax")[3]);
     // Options that work on plain labels are refused for regions, not misapplied.
     let out = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("kl"), "--checkpoint", &ck, "--keep-largest"]);
     let err = String::from_utf8_lossy(&out.stderr);

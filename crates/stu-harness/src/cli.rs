@@ -164,7 +164,7 @@ enum Command {
         /// Model registry name (default: recognised from the keys).
         #[arg(long)]
         model: Option<String>,
-        /// plans.json (default: the training run's for our checkpoints, else the released STU-Net plan: 1.5 mm, 128³, z-score).
+        /// plans.json (default: the training run's for our checkpoints, else the released STU-Net plan: 1.5 mm, 128³, z-score). A dataset.json beside it (an nnU-Net model folder's) marks a region-based model, predicted with sigmoids in its regions_class_order.
         #[arg(long)]
         plans: Option<PathBuf>,
         /// Configuration in the plans.

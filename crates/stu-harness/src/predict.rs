@@ -396,10 +396,14 @@ impl Predictor {
             nets.push(opts.precision.cast_net(&*net).unwrap_or(net));
         }
         let on_device = accumulate_on_device(&device)?;
-        // A region-based training's outputs are sigmoids, one per region of its dataset.
+        // A region-based training's outputs are sigmoids, one per region of its dataset: the
+        // `dataset.json` its run recorded, else the one beside the plans (an nnU-Net model
+        // folder holds both beside its folds).
+        let beside_plans = plans.as_ref().and_then(|p| p.parent()).map(|d| d.join("dataset.json")).filter(|p| p.exists());
+        let datasets: Vec<Option<PathBuf>> = trained.iter().map(|t| t.dataset.clone().or_else(|| beside_plans.clone())).collect();
         let mut regions: Option<(Vec<u16>, &Path)> = None;
-        for (t, c) in trained.iter().zip(&opts.checkpoints) {
-            let Some(d) = &t.dataset else { continue };
+        for (d, c) in datasets.iter().zip(&opts.checkpoints) {
+            let Some(d) = d else { continue };
             let json = stu_data::dataset::DatasetJson::read(d)?;
             let writes: Option<Vec<u16>> = json.regions.map(|r| r.iter().map(|r| r.writes).collect());
             match (&regions, writes) {
@@ -412,7 +416,7 @@ impl Predictor {
             }
         }
         if let Some((_, c)) = &regions {
-            let region_based = opts.checkpoints.iter().zip(&trained).filter(|(_, t)| t.dataset.is_some()).count();
+            let region_based = datasets.iter().filter(|d| d.is_some()).count();
             ensure!(region_based == opts.checkpoints.len(), "{}: region-based, but not every checkpoint of the ensemble records its dataset", c.display());
         }
         let regions = regions.map(|(w, _)| w);
