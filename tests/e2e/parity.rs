@@ -92,14 +92,15 @@ fn own_fixtures_match_pytorch() {
     assert!(checked >= 2, "expected the repository's fixtures, found {checked}");
 }
 
-#[test]
-fn the_loss_with_an_ignore_label_matches_nnunet() {
-    // tests/fixtures/make_loss_ignore_fixture.py: nnU-Net 2.8.1's DC_and_CE_loss(ignore_label=4)
-    // in DeepSupervisionWrapper; a quarter of the voxels ignored, and sample 0 wholly ignored.
+/// The loss fixture `{name}.safetensors` / `{name}.json` (logits `logits.{i}` of three outputs,
+/// per case the targets `{case}.target.{i}` and nnU-Net's values `{case}.loss0.batch_dice_…`
+/// of the first output and `{case}.loss.batch_dice_…` of the deep-supervision sum) against
+/// ours, each case with its ignore label, per-sample and batch Dice, to 1e-5.
+fn loss_matches_fixture(name: &str, cases: &[(&str, Option<i64>)], regions: Option<stu_engine::loss::Regions>) {
     use stu_engine::loss::{DiceConfig, dc_ce, deep_supervision};
     use stu_engine::{Tensor, TensorData};
-    let file = own_fixtures().join("loss_ignore.safetensors");
-    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("loss_ignore.json")).unwrap()).unwrap();
+    let file = own_fixtures().join(format!("{name}.safetensors"));
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(own_fixtures().join(format!("{name}.json"))).unwrap()).unwrap();
     let device = stu_engine::backend::Backend::Flex.device().unwrap();
     let outputs: Vec<Tensor<5>> = (0..3)
         .map(|i| {
@@ -108,8 +109,7 @@ fn the_loss_with_an_ignore_label_matches_nnunet() {
         })
         .collect();
     let weights: Vec<f64> = serde_json::from_value(want["weights"].clone()).unwrap();
-    let ignore = want["ignore_label"].as_i64().unwrap();
-    for case in ["mixed", "sample0_ignored"] {
+    for &(case, ignore) in cases {
         let targets: Vec<Tensor<4, stu_engine::burn::tensor::Int>> = (0..3)
             .map(|i| {
                 let (s, t) = read_tensor(&file, &format!("{case}.target.{i}"));
@@ -117,53 +117,31 @@ fn the_loss_with_an_ignore_label_matches_nnunet() {
             })
             .collect();
         for batch_dice in [false, true] {
-            let cfg = DiceConfig { batch_dice, smooth: 1e-5, ignore_label: Some(ignore), regions: None };
+            let cfg = DiceConfig { batch_dice, smooth: 1e-5, ignore_label: ignore, regions };
             let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0] as f64;
             let key = |k: &str| want[format!("{case}.{k}.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap();
             let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));
             let l = scalar(deep_supervision(&outputs, &targets, &weights, cfg));
-            assert!((l0 - key("loss0")).abs() < 1e-5, "{case}, batch_dice {batch_dice}: {l0} vs {}", key("loss0"));
-            assert!((l - key("loss")).abs() < 1e-5, "{case}, batch_dice {batch_dice}: {l} vs {}", key("loss"));
+            assert!((l0 - key("loss0")).abs() < 1e-5, "{name} {case}, batch_dice {batch_dice}: {l0} vs {}", key("loss0"));
+            assert!((l - key("loss")).abs() < 1e-5, "{name} {case}, batch_dice {batch_dice}: {l} vs {}", key("loss"));
         }
     }
+}
+
+#[test]
+fn the_loss_with_an_ignore_label_matches_nnunet() {
+    // tests/fixtures/make_loss_ignore_fixture.py: nnU-Net 2.8.1's DC_and_CE_loss(ignore_label=4)
+    // in DeepSupervisionWrapper; a quarter of the voxels ignored, and sample 0 wholly ignored.
+    loss_matches_fixture("loss_ignore", &[("mixed", Some(4)), ("sample0_ignored", Some(4))], None);
 }
 
 #[test]
 fn the_region_loss_matches_nnunet() {
     // tests/fixtures/make_loss_regions_fixture.py: nnU-Net 2.8.1's DC_and_BCE_loss (sigmoid
     // Dice over all regions, BCE with logits) in DeepSupervisionWrapper, regions [1,2,3],
-    // [2,3], [3], with and without an ignore label.
-    use stu_engine::loss::{DiceConfig, Regions, dc_ce, deep_supervision};
-    use stu_engine::{Tensor, TensorData};
-    let file = own_fixtures().join("loss_regions.safetensors");
-    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("loss_regions.json")).unwrap()).unwrap();
-    let device = stu_engine::backend::Backend::Flex.device().unwrap();
-    let outputs: Vec<Tensor<5>> = (0..3)
-        .map(|i| {
-            let (s, l) = read_tensor(&file, &format!("logits.{i}"));
-            Tensor::<5>::from_data(TensorData::new(l, [s[0], s[1], s[2], s[3], s[4]]), &device)
-        })
-        .collect();
-    let weights: Vec<f64> = serde_json::from_value(want["weights"].clone()).unwrap();
-    let regions: Vec<Vec<u16>> = serde_json::from_value(want["regions"].clone()).unwrap();
-    let regions = Regions::new(&regions).unwrap();
-    for (case, ignore) in [("plain", None), ("ignore", want["ignore_label"].as_i64())] {
-        let targets: Vec<Tensor<4, stu_engine::burn::tensor::Int>> = (0..3)
-            .map(|i| {
-                let (s, t) = read_tensor(&file, &format!("{case}.target.{i}"));
-                Tensor::from_data(TensorData::new(t.into_iter().map(|v| v as i64).collect::<Vec<_>>(), [s[0], s[2], s[3], s[4]]), &device)
-            })
-            .collect();
-        for batch_dice in [false, true] {
-            let cfg = DiceConfig { batch_dice, smooth: 1e-5, ignore_label: ignore, regions: Some(regions) };
-            let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0] as f64;
-            let key = |k: &str| want[format!("{case}.{k}.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap();
-            let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));
-            let l = scalar(deep_supervision(&outputs, &targets, &weights, cfg));
-            assert!((l0 - key("loss0")).abs() < 1e-5, "{case}, batch_dice {batch_dice}: {l0} vs {}", key("loss0"));
-            assert!((l - key("loss")).abs() < 1e-5, "{case}, batch_dice {batch_dice}: {l} vs {}", key("loss"));
-        }
-    }
+    // [2,3], [3], with and without an ignore label (4).
+    let regions = stu_engine::loss::Regions::new(&[vec![1, 2, 3], vec![2, 3], vec![3]]).unwrap();
+    loss_matches_fixture("loss_regions", &[("plain", None), ("ignore", Some(4))], Some(regions));
 }
 
 #[test]

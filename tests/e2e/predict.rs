@@ -287,31 +287,38 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
     assert!(log.contains("final validation skipped") && log.contains("does not record its raw dataset"), "{log}");
 }
 
+/// `stu dataset check`, `plan` and `preprocess` of `raw` into `dir/pre`; returns a tiny
+/// training (2 epochs of 2 iterations) into `dir/<out>` and case `a`'s preprocessed properties.
+fn check_plan_preprocess<'a>(dir: &'a Path, raw: &Path) -> (impl Fn(&str) -> Output + 'a, serde_json::Value) {
+    let t = move |p: &str| dir.join(p).to_str().unwrap().to_string();
+    let raw_s = raw.to_str().unwrap();
+    ok(&stu(&["dataset", "check", raw_s]));
+    ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
+    ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
+    let props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pre/a.json")).unwrap()).unwrap();
+    let train = move |out: &str| {
+        Command::new(stu_bin!())
+            .args(["train", &t("pre"), "--out", &t(out), "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32"])
+            .output()
+            .unwrap()
+    };
+    (train, props)
+}
+
 #[test]
 fn a_dataset_with_an_ignore_label_preprocesses_trains_and_validates() {
     // Its labels' first 6 slices marked `ignore` (sparse annotation).
     let tmp = tempfile::tempdir().unwrap();
-    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
     let src = shared().join("data/Dataset802_TotalSegExampleMR");
     let full = stu_data::nifti_io::read_label(&src.join("labelsTr/ts_mr_sm.nii.gz")).unwrap();
     let [_, ny, nx] = full.geom.shape;
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("dataset.json")).unwrap()).unwrap();
     let ignore = json["labels"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).max().unwrap() + 1;
     let raw = mr_case_twice(tmp.path(), |j| j["labels"]["ignore"] = ignore.into(), |l| l.data.iter().enumerate().map(|(i, &v)| if i / (ny * nx) < 6 { ignore as u16 } else { v }).collect());
-    let raw_s = raw.to_str().unwrap();
-    ok(&stu(&["dataset", "check", raw_s]));
-    ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
-    ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
+    let (train, props) = check_plan_preprocess(tmp.path(), &raw);
     // The ignored voxels are no class; the annotated ones have locations of their own.
-    let props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pre/a.json")).unwrap()).unwrap();
     let locs = props["class_locations"].as_object().unwrap();
     assert!(locs.contains_key("annotated") && !locs.contains_key(&ignore.to_string()), "{:?}", locs.keys().collect::<Vec<_>>());
-    let train = |out: &str| {
-        Command::new(stu_bin!())
-            .args(["train", &t("pre"), "--out", &t(out), "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32"])
-            .output()
-            .unwrap()
-    };
     let log = ok(&train("run"));
     let losses: Vec<f64> = tests::logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
     assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite()), "{losses:?}");
@@ -344,21 +351,11 @@ fn a_region_based_dataset_trains_with_sigmoids_and_predicts_its_class_order() {
             "regions_class_order": [2, 3, 5], "numTraining": 2, "file_ending": ".nii.gz"}"#,
     )
     .unwrap();
-    let raw_s = raw.to_str().unwrap();
-    ok(&stu(&["dataset", "check", raw_s]));
-    ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
-    ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
+    let (train, props) = check_plan_preprocess(tmp.path(), &raw);
     // The regions that are not one plain label get locations of their own (nnU-Net's keys).
-    let props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("pre/a.json")).unwrap()).unwrap();
     let locs = props["class_locations"].as_object().unwrap();
     assert!(locs.contains_key("(2, 3)") && locs.contains_key("(3,)") && locs.contains_key("5"), "{:?}", locs.keys().collect::<Vec<_>>());
     assert!(locs["(2, 3)"][1].as_u64().unwrap() >= locs["(3,)"][1].as_u64().unwrap());
-    let train = |out: &str| {
-        Command::new(stu_bin!())
-            .args(["train", &t("pre"), "--out", &t(out), "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32"])
-            .output()
-            .unwrap()
-    };
     let log = ok(&train("run"));
     let losses: Vec<f64> = tests::logged_losses(&tmp.path().join("run")).into_iter().flatten().collect();
     assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite() && *l > -1.0), "{losses:?}");
