@@ -313,3 +313,67 @@ fn totalsegmentator_release_converts_to_stunet_order_and_expert_groups() {
     let err = stu_data::totalseg::convert(&release, &tmp.path().join("broken"), None).unwrap_err().to_string();
     assert!(err.contains("ts_ct_sm/segmentations/liver.nii.gz") && err.contains("missing mask"), "{err}");
 }
+
+#[test]
+fn decathlon_and_v1_tasks_convert_to_the_v2_layout() {
+    // tests/fixtures/make_msd_fixture.py: a 4-D two-modality Decathlon task, and nnU-Net
+    // 2.8.1's own split of its training image (SimpleITK) as the reference.
+    let tmp = tempfile::tempdir().unwrap();
+    let task = tests::own_fixtures().join("Task09_Tiny");
+    let out = tmp.path().join("Dataset009_Tiny");
+    let run = |src: &Path, out: &Path| Command::new(stu_bin!()).args(["dataset", "convert"]).arg(src).arg("--out").arg(out).output().unwrap();
+    let o = run(&task, &out);
+    let log = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && log.contains("Decathlon") && log.contains("1 training case(s), 1 test case(s)"), "{log}{}", String::from_utf8_lossy(&o.stderr));
+    for c in 0..2 {
+        let ours = read_image(&out.join(format!("imagesTr/tiny_001_{c:04}.nii.gz"))).unwrap();
+        let theirs = read_image(&tests::own_fixtures().join(format!("msd_split/tiny_001_{c:04}.nii.gz"))).unwrap();
+        assert_eq!(ours.data, theirs.data, "channel {c}");
+        assert_eq!(ours.geom.shape, theirs.geom.shape);
+        let err = ours.geom.affine.iter().flatten().zip(theirs.geom.affine.iter().flatten()).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-5, "channel {c}: affine off by {err}");
+        assert!(out.join(format!("imagesTs/tiny_002_{c:04}.nii.gz")).exists());
+    }
+    assert_eq!(std::fs::read(out.join("labelsTr/tiny_001.nii.gz")).unwrap(), std::fs::read(task.join("labelsTr/tiny_001.nii.gz")).unwrap());
+    let json = stu_data::dataset::DatasetJson::read(&out.join("dataset.json")).unwrap();
+    assert_eq!(json.channel_names, ["FLAIR", "T1w"]);
+    assert_eq!(json.foreground_classes(), [(1, "edema"), (2, "tumour")]);
+    let (ok, report) = check(&out);
+    assert!(ok, "{report}");
+    // The converted folder is taken for a v1 task (split channel files) and copied as such;
+    // its v2 dataset.json is recognised and refused, naming the key.
+    let v1 = tmp.path().join("Task010_Again");
+    std::fs::create_dir_all(&v1).unwrap();
+    for d in ["imagesTr", "labelsTr", "imagesTs"] {
+        std::fs::create_dir_all(v1.join(d)).unwrap();
+        for e in std::fs::read_dir(out.join(d)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), v1.join(d).join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(out.join("dataset.json"), v1.join("dataset.json")).unwrap();
+    let o = run(&v1, &tmp.path().join("again"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("`labels`") && err.contains("already"), "{err}");
+    std::fs::copy(task.join("dataset.json"), v1.join("dataset.json")).unwrap();
+    let o = run(&v1, &tmp.path().join("again"));
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("v1 task"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(tmp.path().join("again/imagesTr/tiny_001_0001.nii.gz")).unwrap(), std::fs::read(out.join("imagesTr/tiny_001_0001.nii.gz")).unwrap());
+    // A modality count that does not match the 4-D images fails, naming the file, and leaves
+    // nothing behind; an existing dataset is never written over.
+    let bad = tmp.path().join("Task011_Bad");
+    for d in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(bad.join(d)).unwrap();
+    }
+    std::fs::copy(task.join("imagesTr/tiny_001.nii.gz"), bad.join("imagesTr/tiny_001.nii.gz")).unwrap();
+    std::fs::copy(task.join("labelsTr/tiny_001.nii.gz"), bad.join("labelsTr/tiny_001.nii.gz")).unwrap();
+    let text = std::fs::read_to_string(task.join("dataset.json")).unwrap().replace(r#""1": "T1w""#, r#""1": "T1w", "2": "T2w""#);
+    std::fs::write(bad.join("dataset.json"), text).unwrap();
+    let o = run(&bad, &tmp.path().join("bad-out"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("tiny_001.nii.gz") && err.contains("2 volume(s)") && err.contains("names 3"), "{err}");
+    assert!(!tmp.path().join("bad-out").exists());
+    assert!(std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("converting")));
+    let o = run(&task, &out);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not empty"));
+}

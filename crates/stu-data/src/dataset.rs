@@ -63,7 +63,7 @@ impl Region {
 
 /// The `labels` object's entries in file order (serde_json's `Value` sorts object keys, and
 /// region order matters: it pairs with `regions_class_order`).
-struct Ordered(Vec<(String, Value)>);
+pub(crate) struct Ordered(pub(crate) Vec<(String, Value)>);
 
 impl<'de> serde::Deserialize<'de> for Ordered {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

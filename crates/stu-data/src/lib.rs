@@ -6,6 +6,7 @@
 
 pub mod augment;
 pub mod check;
+pub mod convert;
 pub mod dataset;
 pub mod fingerprint;
 pub mod loader;

@@ -191,6 +191,34 @@ pub fn read_image(path: &Path) -> Result<Volume<f32>> {
     Ok(Volume { data, geom })
 }
 
+/// Reads a 3-D image, or each volume of a 4-D one (the Medical Segmentation Decathlon stores its
+/// modalities so), as f32, scaled. Each channel's geometry is the file's spatial one, its
+/// header a 3-D copy without the scaling (its values are scaled already).
+pub fn read_channels(path: &Path) -> Result<Vec<Volume<f32>>> {
+    let obj = read_object(path)?;
+    let h = obj.header().clone();
+    let ndim = h.dim[0] as usize;
+    let t = if ndim >= 4 { h.dim[4] as usize } else { 1 };
+    let beyond: usize = (5..=ndim.min(7)).map(|d| h.dim[d] as usize).product();
+    if !(3..=7).contains(&ndim) || beyond != 1 || t == 0 {
+        return Err(invalid(path, format!("expected a 3-D or 4-D volume, got {ndim}-D with dims {:?}", &h.dim[1..=ndim.min(7)])));
+    }
+    let mut h3 = h.clone();
+    h3.dim = [3, h.dim[1], h.dim[2], h.dim[3], 1, 1, 1, 1];
+    h3.pixdim[4] = 1.0;
+    h3.scl_slope = 1.0;
+    h3.scl_inter = 0.0;
+    let geom = geometry(path, &h3)?;
+    let (s, i) = scaling(&h).unwrap_or((1.0, 0.0));
+    let data = typed_values(path, obj, |v| (v * s + i) as f32)?;
+    let n = geom.voxels();
+    if data.len() != n * t {
+        return Err(invalid(path, format!("{} values for {t} volume(s) of {:?}", data.len(), geom.shape)));
+    }
+    // The file's order is x fastest, then y, z, t: each volume is one contiguous run.
+    Ok(data.chunks_exact(n).map(|c| Volume { data: c.to_vec(), geom: geom.clone() }).collect())
+}
+
 /// Reads only the header and geometry (cheap for uncompressed files; decompresses `.gz`).
 pub fn read_geometry(path: &Path) -> Result<Geometry> {
     let obj = read_object(path)?;

@@ -526,6 +526,14 @@ enum DatasetCommand {
         #[arg(long, default_value = "{}")]
         options: String,
     },
+    /// Convert a Medical Segmentation Decathlon task (4-D images) or an nnU-Net v1 task into nnU-Net v2's raw layout (nnUNetv2_convert_MSD_dataset / _convert_old_nnUNet_dataset).
+    Convert {
+        /// The task folder (dataset.json with `modality` and labels as id → name, imagesTr, labelsTr, imagesTs).
+        src: PathBuf,
+        /// The v2 dataset folder to create (e.g. Dataset009_Spleen); must not exist or be empty.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Integrity check (files, geometry, label values, channels, NaN): exits non-zero on problems.
     Check {
         /// The dataset folder (with dataset.json, imagesTr, labelsTr).
@@ -630,6 +638,10 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{}: {:?}", o.name, o.shape);
             }
             eprintln!("wrote {}", output.display());
+        }
+        Command::Dataset(DatasetCommand::Convert { src, out }) => {
+            let done = stu_data::convert::convert(&src, &out)?;
+            println!("converted a {}: {} training case(s), {} test case(s) into {}; check it with `stu dataset check {}`", done.layout, done.training, done.test, out.display(), out.display());
         }
         Command::Dataset(DatasetCommand::List) => {
             for e in stu_data::plugins::registry().iter() {
