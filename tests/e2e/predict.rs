@@ -208,6 +208,20 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
             assert!(got == std::fs::read(tmp.path().join("p4").join(format!("{case}.nii.gz"))).unwrap(), "{dir}/{case}");
         }
     }
+    // Continued, the predicted cases are left as they are and only the failed one is tried.
+    let before = std::fs::metadata(tmp.path().join("p4/good.nii.gz")).unwrap().modified().unwrap();
+    let r = stu(&["predict", "-i", mixed.to_str().unwrap(), "-o", &t("p4"), "--checkpoint", &ck, "--disable-tta", "--continue-prediction"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("2 case(s) already predicted") && err.contains("broken: FAILED") && !err.contains("good:"), "{err}");
+    assert_eq!(std::fs::metadata(tmp.path().join("p4/good.nii.gz")).unwrap().modified().unwrap(), before);
+    // Two parts share a folder: cases 0, 2 (broken, other) and case 1 (good) of the sorted list.
+    let r = stu(&["predict", "-i", mixed.to_str().unwrap(), "-o", &t("p6"), "--checkpoint", &ck, "--disable-tta", "--num-parts", "2", "--part-id", "0"]);
+    assert!(!r.status.success() && tmp.path().join("p6/other.nii.gz").exists() && !tmp.path().join("p6/good.nii.gz").exists());
+    ok(&stu(&["predict", "-i", mixed.to_str().unwrap(), "-o", &t("p6"), "--checkpoint", &ck, "--disable-tta", "--num-parts", "2", "--part-id", "1"]));
+    assert!(std::fs::read(t("p6/good.nii.gz")).unwrap() == std::fs::read(t("p4/good.nii.gz")).unwrap());
+    assert!(tmp.path().join("p6/predict.part1of2.json").exists());
+    let r = stu(&["predict", "-i", mixed.to_str().unwrap(), "-o", &t("p7"), "--checkpoint", &ck, "--num-parts", "2", "--part-id", "2"]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("--part-id 2"));
     // The run folder carries its plan: with the preprocessed data moved away, its checkpoint
     // still predicts the same map.
     assert!(tmp.path().join("run/plans.json").exists() && tmp.path().join("run/dataset.json").exists());

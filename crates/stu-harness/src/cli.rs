@@ -200,6 +200,15 @@ enum Command {
         /// Arithmetic: f32, bf16 or f16 (half precision needs `--backend tch` or `tch-cuda`; f16 training scales the loss dynamically).
         #[arg(long, default_value = "f32")]
         precision: Precision,
+        /// Skip cases whose label map (and probabilities, when asked for) is already in the output folder (nnU-Net's --continue_prediction).
+        #[arg(long)]
+        continue_prediction: bool,
+        /// Split the sorted cases into this many parts (processes, GPUs, job-array tasks sharing the folder; nnU-Net's -num_parts).
+        #[arg(long, default_value_t = 1)]
+        num_parts: usize,
+        /// Which part this process predicts: cases part-id, part-id + num-parts, … (nnU-Net's -part_id).
+        #[arg(long, default_value_t = 0)]
+        part_id: usize,
     },
     /// Ensemble prediction folders (nnU-Net's `nnUNetv2_ensemble`): average the probabilities `stu predict --save-probabilities` wrote, per case, and take the argmax.
     Ensemble {
@@ -735,8 +744,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
-        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision } => {
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision };
+        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id } => {
+            let part = (num_parts != 1 || part_id != 0).then_some((part_id, num_parts));
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, part };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());
@@ -745,7 +755,11 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             bar.finish_and_clear();
             let failed: Vec<&crate::predict::CaseResult> = results.iter().filter(|r| r.output.is_err()).collect();
-            for r in &results {
+            let skipped = results.iter().filter(|r| r.skipped).count();
+            if skipped > 0 {
+                eprintln!("{skipped} case(s) already predicted in {}, left as they are (--continue-prediction)", output.display());
+            }
+            for r in results.iter().filter(|r| !r.skipped) {
                 match &r.output {
                     Ok(p) => {
                         let phases: Vec<String> = r.phases.iter().map(|(name, s)| format!("{name} {s:.1}")).collect();

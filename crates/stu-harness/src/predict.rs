@@ -78,6 +78,16 @@ pub struct PredictOptions {
     /// Arithmetic of the network (bf16/f16 on backends with half-precision kernels); logits
     /// are accumulated in f32 whatever this is.
     pub precision: Precision,
+    /// Skip the cases whose label map (and, when asked for, probabilities) is already in the
+    /// output folder (nnU-Net's `--continue_prediction`; files are written atomically, so one
+    /// that exists is whole).
+    #[serde(default)]
+    pub continue_prediction: bool,
+    /// `(part, parts)`: predict only cases `part, part + parts, …` of the sorted list, so that
+    /// `parts` processes (GPUs, machines, job-array tasks) share a folder (nnU-Net's
+    /// `-part_id` / `-num_parts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<(usize, usize)>,
 }
 
 /// A loaded predictor.
@@ -780,11 +790,27 @@ pub struct CaseResult {
     /// Seconds per phase (reading and preprocessing, the network's sliding window, resampling
     /// the logits back and the argmax, writing).
     pub phases: Phases,
+    /// Already predicted (`--continue-prediction`): left as it was.
+    pub skipped: bool,
 }
 
 /// Predicts every case; one failing case does not stop the others.
 pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> Result<Vec<CaseResult>> {
-    let cases = discover_inputs(&opts.input)?;
+    let mut cases = discover_inputs(&opts.input)?;
+    if let Some((part, parts)) = opts.part {
+        ensure!(parts >= 1 && part < parts, "--part-id {part} of --num-parts {parts}: the part is 0…{}", parts.saturating_sub(1));
+        cases = cases.into_iter().skip(part).step_by(parts).collect();
+    }
+    let mut skipped = Vec::new();
+    if opts.continue_prediction {
+        let done = |id: &str| opts.output.join(format!("{id}.nii.gz")).exists() && (!opts.save_probabilities || probabilities_path(&opts.output, id).exists());
+        let (old, todo): (Vec<_>, Vec<_>) = cases.into_iter().partition(|(id, _)| done(id));
+        skipped = old.into_iter().map(|(id, _)| CaseResult { output: Ok(opts.output.join(format!("{id}.nii.gz"))), id, seconds: 0.0, phases: Vec::new(), skipped: true }).collect();
+        cases = todo;
+        if cases.is_empty() {
+            return Ok(skipped);
+        }
+    }
     std::fs::create_dir_all(&opts.output).with_context(|| format!("{}: cannot create the output folder", opts.output.display()))?;
     let probe = opts.output.join(format!(".stu-write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("{}: output folder is not writable", opts.output.display()))?;
@@ -793,7 +819,12 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     let pp = opts.postprocessing.as_deref().map(crate::postprocess::Postprocessing::read).transpose()?;
     let predictor = Predictor::new(opts)?;
     let record = serde_json::json!({"stu": env!("CARGO_PKG_VERSION"), "options": opts});
-    stu_core::fs::write_atomic(&opts.output.join("predict.json"), (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
+    // Each part of a shared folder keeps its own record.
+    let name = match opts.part {
+        Some((k, n)) if n > 1 => format!("predict.part{k}of{n}.json"),
+        _ => "predict.json".to_string(),
+    };
+    stu_core::fs::write_atomic(&opts.output.join(name), (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
     if map.is_some() {
         ensure!(predictor.classes() == stu_core::taxonomy::CLASSES.len() + 1, "{}: label maps translate STU-Net's 104 TotalSegmentator classes; this model has {} outputs", opts.checkpoints[0].display(), predictor.classes());
     }
@@ -831,9 +862,10 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             let t = std::time::Instant::now();
             let mut phases = Phases::new();
             let r = predictor.predict_case_with(id, files, probabilities(id).as_deref(), &|d, n| progress(id, d, n), &mut phases).and_then(|(seg, geom)| finish(id, seg, &geom, &mut phases));
-            results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases });
+            results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases, skipped: false });
         }
-        return Ok(results);
+        skipped.extend(results);
+        return Ok(skipped);
     }
     // Three stages on their own threads, as nnU-Net's background pre- and export processes:
     // case i+1 is read and preprocessed while case i runs through the network and case i−1 is
@@ -865,7 +897,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
                     phases.push((exporter.phase(), e.elapsed().as_secs_f64()));
                     finish(id, seg, &geom, &mut phases)
                 });
-                results.push(CaseResult { id: id.clone(), output: written.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases });
+                results.push(CaseResult { id: id.clone(), output: written.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases, skipped: false });
             }
             results
         });
@@ -882,7 +914,8 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         drop(to_writer);
         writer.join().expect("the writer stage does not panic")
     });
-    Ok(results)
+    skipped.extend(results);
+    Ok(skipped)
 }
 
 #[cfg(test)]

@@ -161,6 +161,8 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             overlap: None,
             backend,
             precision: s.precision,
+            continue_prediction: false,
+            part: None,
         };
         log("predict: held-out cases");
         let results = crate::predict::predict(&opts, &|_, _, _| {})?;

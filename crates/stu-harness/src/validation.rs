@@ -72,6 +72,8 @@ pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str,
         overlap: None,
         backend: cfg.backend.parse().map_err(|e: String| anyhow::anyhow!("{}: `backend`: {e}", cfg_path.display()))?,
         precision: cfg.precision,
+        continue_prediction: false,
+        part: None,
     };
     let predictor = Predictor::new(&opts)?;
     let wide = predictor.max_label() > 255;
