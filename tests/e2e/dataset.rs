@@ -377,3 +377,30 @@ fn decathlon_and_v1_tasks_convert_to_the_v2_layout() {
     let o = run(&task, &out);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not empty"));
 }
+
+#[test]
+fn overlays_equal_nnunets_pixel_for_pixel() {
+    // tests/fixtures/make_overlay_fixture.py: nnU-Net 2.8.1's generate_overlay of the shared MR
+    // case on the slice its labels cover most (slice 19 of 20).
+    let tmp = tempfile::tempdir().unwrap();
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tests::own_fixtures().join("overlay_mr.json")).unwrap()).unwrap();
+    let img = read_image(&shared().join("data/Dataset802_TotalSegExampleMR").join(IMAGE)).unwrap();
+    let seg = read_label(&shared().join("data/Dataset802_TotalSegExampleMR").join(LABEL)).unwrap();
+    assert_eq!(stu_report::overlay::select_slice(&seg.data, seg.geom.shape), want["slice"].as_u64().unwrap() as usize);
+    let o = Command::new(stu_bin!()).args(["dataset", "overlay"]).arg(shared().join("data/Dataset802_TotalSegExampleMR")).arg("--out").arg(tmp.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let decode = |p: &Path| {
+        let mut r = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).read_info().unwrap();
+        let mut buf = vec![0; r.output_buffer_size().unwrap()];
+        let info = r.next_frame(&mut buf).unwrap();
+        let px = info.color_type.samples();
+        buf.truncate(info.buffer_size());
+        (buf.chunks_exact(px).flat_map(|p| [p[0], p[1], p[2]]).collect::<Vec<u8>>(), info.width, info.height)
+    };
+    let (ours, w, h) = decode(&tmp.path().join("ts_mr_sm.png"));
+    let (theirs, tw, th) = decode(&tests::own_fixtures().join("overlay_mr.png"));
+    assert_eq!((w, h), (tw, th));
+    assert_eq!((w as usize, h as usize), (img.geom.shape[2], img.geom.shape[1]));
+    let off = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+    assert_eq!(off, 0, "{off} of {} bytes differ from nnU-Net's overlay", ours.len());
+}

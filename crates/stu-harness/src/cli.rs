@@ -543,6 +543,20 @@ enum DatasetCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Overlay PNGs for visual checks (nnUNetv2_plot_overlay_pngs): each case's image with its labels on the axial slice that shows most of them.
+    Overlay {
+        /// The dataset folder (dataset.json, imagesTr, labelsTr).
+        dir: PathBuf,
+        /// Folder for `{case}.png`.
+        #[arg(long)]
+        out: PathBuf,
+        /// Label maps to draw instead of labelsTr, e.g. a prediction folder (`{case}.nii.gz`).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// Image channel to draw.
+        #[arg(long, default_value_t = 0)]
+        channel: usize,
+    },
     /// Integrity check (files, geometry, label values, channels, NaN): exits non-zero on problems.
     Check {
         /// The dataset folder (with dataset.json, imagesTr, labelsTr).
@@ -651,6 +665,26 @@ fn run(cli: Cli) -> Result<()> {
         Command::Dataset(DatasetCommand::Convert { src, out }) => {
             let done = stu_data::convert::convert(&src, &out)?;
             println!("converted a {}: {} training case(s), {} test case(s) into {}; check it with `stu dataset check {}`", done.layout, done.training, done.test, out.display(), out.display());
+        }
+        Command::Dataset(DatasetCommand::Overlay { dir, out, labels, channel }) => {
+            let json = stu_data::dataset::DatasetJson::read(&dir.join("dataset.json"))?;
+            anyhow::ensure!(channel < json.channel_names.len(), "--channel {channel}: {} has {} channel(s)", dir.join("dataset.json").display(), json.channel_names.len());
+            let (cases, _) = stu_data::dataset::discover(&dir, &json)?;
+            let labels = labels.unwrap_or_else(|| dir.join("labelsTr"));
+            std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
+            let mut written = 0;
+            for case in &cases {
+                let label = labels.join(format!("{}{}", case.id, json.file_ending));
+                let Some(image) = case.images[channel].as_ref().filter(|_| label.exists()) else { continue };
+                let img = stu_data::nifti_io::read_image(image)?;
+                let seg = stu_data::nifti_io::read_label(&label)?;
+                anyhow::ensure!(img.geom.shape == seg.geom.shape, "{}: shape {:?}, its image {} has {:?}", label.display(), seg.geom.shape, image.display(), img.geom.shape);
+                let (_, rgb, w, h) = stu_report::overlay::overlay_volume(&img.data, &seg.data, img.geom.shape);
+                stu_report::overlay::write_png(&out.join(format!("{}.png", case.id)), &rgb, w, h)?;
+                written += 1;
+            }
+            anyhow::ensure!(written > 0, "no case of {} has a label map in {}", dir.display(), labels.display());
+            println!("wrote {written} overlay(s) to {}", out.display());
         }
         Command::Dataset(DatasetCommand::List) => {
             for e in stu_data::plugins::registry().iter() {

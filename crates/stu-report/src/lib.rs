@@ -6,6 +6,7 @@
 
 pub mod curves;
 pub mod figures;
+pub mod overlay;
 #[cfg(feature = "tables")]
 pub mod tables;
 
