@@ -240,6 +240,9 @@ impl DatasetJson {
             .filter(|s| s.starts_with('.'))
             .ok_or_else(|| err("file_ending", "missing or not a string like \".nii.gz\"".into()))?
             .to_string();
+        if file_ending != ".nii.gz" {
+            return Err(err("file_ending", format!("`{file_ending}`: datasets here are gzipped NIfTI (.nii.gz); gzip .nii files, and convert other formats (nnU-Net's SimpleITK .mha/.nrrd, tif, png) to NIfTI first")));
+        }
         Ok(Self {
             channel_names: by_index.into_values().collect(),
             labels: parsed,
@@ -370,5 +373,7 @@ mod tests {
         assert!(e.contains("`labels.wt`") && e.contains("background"), "{e}");
         let e = read(&base(r#"{"background": 0, "wt": [1, 2], "tc": [2]}"#, r#", "regions_class_order": [1, 0]"#)).unwrap_err().to_string();
         assert!(e.contains("`regions_class_order`") && e.contains("0:"), "{e}");
+        let e = read(r#"{"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".mha", "labels": {"background": 0, "a": 1}}"#).unwrap_err().to_string();
+        assert!(e.contains("`file_ending`") && e.contains(".mha") && e.contains("NIfTI"), "{e}");
     }
 }
