@@ -280,6 +280,22 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
     // It is the same prediction `stu predict` makes with TTA.
     ok(&stu(&["predict", "-i", raw.join("imagesTr/b_0000.nii.gz").to_str().unwrap(), "-o", &t("pred"), "--checkpoint", &t("run/checkpoint_final.safetensors")]));
     assert!(stu_data::nifti_io::read_label(&tmp.path().join("pred/b.nii.gz")).unwrap().data == pred.data);
+    // Packed into one zip and installed elsewhere (the preprocessed data out of reach), the
+    // model predicts the same map from its fold folder.
+    ok(&stu(&["export-model", &t("run"), "--out", &t("model.zip")]));
+    std::fs::rename(tmp.path().join("pre"), tmp.path().join("pre-away")).unwrap();
+    ok(&stu(&["install-model", &t("model.zip"), "--out", &t("installed")]));
+    assert!(tmp.path().join("installed/fold_0/validation/summary.json").exists());
+    ok(&stu(&["predict", "-i", raw.join("imagesTr/b_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-installed"), "--checkpoint", &t("installed/fold_0")]));
+    assert!(stu_data::nifti_io::read_label(&tmp.path().join("pred-installed/b.nii.gz")).unwrap().data == pred.data);
+    std::fs::rename(tmp.path().join("pre-away"), tmp.path().join("pre")).unwrap();
+    // A truncated zip, or a folder already there, is refused and nothing is left behind.
+    let bytes = std::fs::read(t("model.zip")).unwrap();
+    std::fs::write(t("cut.zip"), &bytes[..bytes.len() / 2]).unwrap();
+    let r = stu(&["install-model", &t("cut.zip"), "--out", &t("cut")]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("cut.zip") && !tmp.path().join("cut").exists());
+    let r = stu(&["install-model", &t("model.zip"), "--out", &t("installed")]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("exists"));
     // An interrupted validation is finished by --resume; a finished one is only re-scored.
     std::fs::remove_file(val.join("b.nii.gz")).unwrap();
     std::fs::remove_file(val.join("summary.json")).unwrap();

@@ -288,6 +288,26 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Pack a trained model (the `stu train` run folders of its folds) into one zip to share (nnUNetv2_export_model_to_zip).
+    ExportModel {
+        /// Run folders, one per fold (same plan and labels).
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<PathBuf>,
+        /// Zip file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Which checkpoint: final or best.
+        #[arg(long, default_value = "final")]
+        checkpoint: String,
+    },
+    /// Unpack a model zip (from `stu export-model`) into a folder whose fold_K folders predict as run folders (nnUNetv2_install_pretrained_model_from_zip).
+    InstallModel {
+        /// The zip file.
+        zip: PathBuf,
+        /// Folder to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -940,6 +960,14 @@ fn run(cli: Cli) -> Result<()> {
                     crate::validation::Outcome::Skipped(why) => eprintln!("final validation skipped: {why}"),
                 }
             }
+        }
+        Command::ExportModel { runs, out, checkpoint } => {
+            let folds = crate::modelzip::export(&runs, &checkpoint, &out)?;
+            println!("packed fold(s) {} into {}", folds.join(", "), out.display());
+        }
+        Command::InstallModel { zip, out } => {
+            let dirs = crate::modelzip::install(&zip, &out)?;
+            println!("installed {} fold(s): predict with --checkpoint {}", dirs.len(), dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" "));
         }
         Command::Export { model, output } => {
             let n = forward::export(&model.source(), &output)?;

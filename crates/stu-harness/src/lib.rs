@@ -11,6 +11,7 @@ pub mod cli;
 pub mod ensemble;
 pub mod forward;
 pub mod labelmap;
+pub mod modelzip;
 pub mod plans;
 pub mod postprocess;
 pub mod predict;
