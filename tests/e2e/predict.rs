@@ -564,6 +564,20 @@ fn evaluation_leaves_out_the_ignore_label() {
     let (worst_plain, tn_plain) = score(&src.join("dataset.json"));
     assert!(worst_plain < 1.0, "the slab counts without it");
     assert!(tn < tn_plain, "ignored voxels are not true negatives either");
+    // Without a dataset.json (nnUNetv2_evaluate_simple's -l and -il): the same counts.
+    let summary = |dir: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap() };
+    let ig = ignore.to_string();
+    let simple = tmp.path().join("simple");
+    ok(&stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), "--label-list", "1,2,5", "--ignore-label", &ig, "--out", simple.to_str().unwrap()]));
+    score(&with);
+    let (a, b) = (summary(&simple), summary(&p));
+    for l in ["1", "2", "5"] {
+        assert_eq!(a["metric_per_case"][0]["metrics"][l], b["metric_per_case"][0]["metrics"][l], "label {l}");
+    }
+    assert_eq!(a["mean"].as_object().unwrap().len(), 3);
+    // Found in the references, the ignore value is no label either.
+    ok(&stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), "--ignore-label", &ig, "--out", simple.to_str().unwrap()]));
+    assert!(summary(&simple)["mean"].get(&ig).is_none());
 
     // Several prediction folders (a cross-validation's folds) are scored as one set of cases.
     let p2 = tmp.path().join("pred2");

@@ -248,6 +248,12 @@ enum Command {
         /// Direct inference: remap the references with this label map (built-in name or TOML) and score its labels.
         #[arg(long, conflicts_with = "labels")]
         label_map: Option<String>,
+        /// The labels to score without a dataset.json, e.g. `1,2,3` (nnUNetv2_evaluate_simple's -l).
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["labels", "label_map"])]
+        label_list: Option<Vec<u16>>,
+        /// Reference voxels with this value count nowhere (nnUNetv2_evaluate_simple's -il; with --labels, dataset.json's ignore label).
+        #[arg(long, conflicts_with = "labels")]
+        ignore_label: Option<u16>,
     },
     /// nnU-Net's post-processing: decide on cross-validation predictions whether keeping the largest component (of the foreground, then of each label) raises Dice, and apply the decision.
     #[command(subcommand)]
@@ -824,13 +830,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             anyhow::ensure!(failed.is_empty(), "{} of {} case(s) failed; the others are in {}", failed.len(), results.len(), output.display());
         }
-        Command::Evaluate { reference, pred, labels, out, nsd_tolerance, hd95, assd, label_map } => {
+        Command::Evaluate { reference, pred, labels, out, nsd_tolerance, hd95, assd, label_map, label_list, ignore_label } => {
             let dir = match (out, pred.as_slice()) {
                 (Some(d), _) => d,
                 (None, [one]) => one.clone(),
                 (None, _) => anyhow::bail!("--out: where to write the summary of {} prediction folders", pred.len()),
             };
-            let mut surface = stu_data::metrics::EvalOptions { hd95, assd, ..Default::default() };
+            let mut surface = stu_data::metrics::EvalOptions { hd95, assd, ignore_label, ..Default::default() };
             if let Some(t) = nsd_tolerance {
                 if let Ok(v) = t.trim().parse::<f64>() {
                     surface.nsd_default = Some(v);
@@ -849,6 +855,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             use stu_data::metrics::Scored;
             let labels: Vec<Scored> = match (labels, &map) {
+                _ if label_list.is_some() => {
+                    let l = label_list.unwrap_or_default();
+                    anyhow::ensure!(!l.is_empty() && !l.contains(&0), "--label-list: foreground labels (not 0), e.g. 1,2,3");
+                    anyhow::ensure!(ignore_label.is_none_or(|ig| !l.contains(&ig)), "--label-list: the ignore label is not scored");
+                    Scored::of_labels(&l)
+                }
                 (_, Some(m)) => Scored::of_labels(&m.labels.iter().map(|l| l.value).collect::<Vec<_>>()),
                 (Some(p), None) => {
                     // A region-based dataset is scored per region, as nnU-Net does.
@@ -861,7 +873,7 @@ fn run(cli: Cli) -> Result<()> {
                     for e in std::fs::read_dir(&reference).with_context(|| format!("{}: cannot list", reference.display()))? {
                         let p = e?.path();
                         if p.to_string_lossy().ends_with(".nii.gz") {
-                            seen.extend(stu_data::nifti_io::read_label(&p)?.data.into_iter().filter(|&v| v > 0));
+                            seen.extend(stu_data::nifti_io::read_label(&p)?.data.into_iter().filter(|&v| v > 0 && Some(v) != ignore_label));
                         }
                     }
                     Scored::of_labels(&seen.into_iter().collect::<Vec<_>>())
