@@ -200,25 +200,12 @@ impl Exporter {
     /// The label map (input array order) and geometry of `case` from its `logits`; with
     /// `probabilities`, also writes the softmax there ([`write_probabilities`]).
     pub fn export(&self, case: Case, logits: Vec<f32>, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
-        let Case { id, geom, pre } = case;
-        let [_, z, y, x] = pre.props.shape;
-        let classes = self.classes;
-        // Back to the cropped shape, channel by channel, keeping a running argmax.
-        let target = pre.props.shape_after_cropping_and_before_resampling;
-        let perm = self.plan.transpose_forward;
-        let orig_spacing_t = perm.map(|a| pre.props.original_spacing[a]);
-        let sep = separate_axis(self.plan.spacing, orig_spacing_t);
-        let n: usize = z * y * x;
-        let nt: usize = target.iter().product();
-        let full = pre.props.shape_before_cropping;
-        let bb = pre.props.bbox_used_for_cropping;
-        let mut backward = [0usize; 3];
-        for (i, &p) in perm.iter().enumerate() {
-            backward[p] = i;
-        }
         if let Some(writes) = &self.regions {
-            return self.export_regions(writes, Case { id, geom, pre }, logits, probabilities);
+            return self.export_regions(writes, case, logits, probabilities);
         }
+        let back = Back::of(&self.plan, &case);
+        let (n, nt) = (back.grid.iter().product::<usize>(), back.target.iter().product::<usize>());
+        let classes = self.classes;
         if self.fast {
             // The argmax on the network's grid (first maximum, as numpy's), then the label map
             // alone resampled.
@@ -239,18 +226,16 @@ impl Exporter {
                 }
             });
             drop(logits);
-            let seg: Vec<u16> = stu_data::resample::resample_seg(&seg, [z, y, x], target, sep).into_iter().map(|v| v as u16).collect();
-            let (seg, shape) = transpose(uncrop(&seg, target, full, bb, 0), full, backward);
-            ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
-            return Ok((seg, geom));
+            return back.label_map(case, &back.resample_seg(&seg));
         }
+        // Back to the cropped shape, channel by channel, keeping a running argmax.
         let mut best = vec![f32::NEG_INFINITY; nt];
         let mut arg = vec![0u16; nt];
         // Running sum of exp(logit − max) for the probabilities (online log-sum-exp).
         let mut sumexp = probabilities.map(|_| vec![0f32; nt]);
         for k in 0..classes {
             use rayon::prelude::*;
-            let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
+            let r = back.resample(&logits[k * n..(k + 1) * n]);
             // Voxels are independent: the running maximum (and sum) on all cores.
             const CHUNK: usize = 1 << 15;
             let update = |best: &mut [f32], arg: &mut [u16], r: &[f32], mut s: Option<&mut [f32]>| {
@@ -270,25 +255,20 @@ impl Exporter {
                 None => chunks.for_each(|((b, a), r)| update(b, a, r, None)),
             }
         }
-        // Un-crop into the transposed full shape, then transpose back.
         if let (Some(path), Some(sumexp)) = (probabilities, sumexp) {
             // Second pass: softmax of the resampled logits, one class at a time, un-cropped
             // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
-            write_probabilities(path, classes, geom.shape, None, |k| {
-                let r = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep);
+            write_probabilities(path, classes, case.geom.shape, None, |k| {
+                let r = back.resample(&logits[k * n..(k + 1) * n]);
                 let p: Vec<f32> = r.iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
-                transpose(uncrop(&p, target, full, bb, if k == 0 { 1.0 } else { 0.0 }), full, backward).0
+                back.place(&p, if k == 0 { 1.0 } else { 0.0 })
             })
             .with_context(|| path.display().to_string())?;
         }
         drop(logits);
-        let (seg, shape) = transpose(uncrop(&arg, target, full, bb, 0), full, backward);
-        ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
-        Ok((seg, geom))
+        back.label_map(case, &arg)
     }
-}
 
-impl Exporter {
     /// [`Exporter::export`] of a region-based model (nnU-Net's `convert_probabilities_to_segmentation`
     /// for regions): each output's sigmoid above 0.5 writes its label, in output order, so a
     /// later region overwrites an earlier one. Full: each output's logits resampled, then the
@@ -296,46 +276,88 @@ impl Exporter {
     /// probabilities are the sigmoids (0 outside the crop).
     fn export_regions(&self, writes: &[u16], case: Case, logits: Vec<f32>, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
         use rayon::prelude::*;
-        let Case { id, geom, pre } = case;
-        let [_, z, y, x] = pre.props.shape;
-        let n = z * y * x;
-        ensure!(logits.len() == writes.len() * n, "case `{id}`: {} outputs for {} regions", logits.len() / n.max(1), writes.len());
-        let target = pre.props.shape_after_cropping_and_before_resampling;
-        let perm = self.plan.transpose_forward;
-        let sep = separate_axis(self.plan.spacing, perm.map(|a| pre.props.original_spacing[a]));
-        let (full, bb) = (pre.props.shape_before_cropping, pre.props.bbox_used_for_cropping);
-        let mut backward = [0usize; 3];
-        for (i, &p) in perm.iter().enumerate() {
-            backward[p] = i;
-        }
+        let back = Back::of(&self.plan, &case);
+        let n: usize = back.grid.iter().product();
+        ensure!(logits.len() == writes.len() * n, "case `{}`: {} outputs for {} regions", case.id, logits.len() / n.max(1), writes.len());
         let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
         let paint = |seg: &mut [u16], r: &[f32], w: u16| seg.par_iter_mut().zip(r.par_iter()).for_each(|(s, &v)| if sigmoid(v) > 0.5 { *s = w });
         let seg = if self.fast {
+            ensure!(writes.iter().all(|&w| w <= i16::MAX as u16), "--fast-export: labels above {} do not fit the label resampler", i16::MAX);
             let mut seg = vec![0u16; n];
             for (k, &w) in writes.iter().enumerate() {
                 paint(&mut seg, &logits[k * n..(k + 1) * n], w);
             }
-            ensure!(writes.iter().all(|&w| w <= i16::MAX as u16), "--fast-export: labels above {} do not fit the label resampler", i16::MAX);
-            let seg: Vec<i16> = seg.into_iter().map(|v| v as i16).collect();
-            stu_data::resample::resample_seg(&seg, [z, y, x], target, sep).into_iter().map(|v| v as u16).collect()
+            back.resample_seg(&seg.into_iter().map(|v| v as i16).collect::<Vec<_>>())
         } else {
-            let mut seg = vec![0u16; target.iter().product()];
+            let mut seg = vec![0u16; back.target.iter().product()];
             for (k, &w) in writes.iter().enumerate() {
-                paint(&mut seg, &resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep), w);
+                paint(&mut seg, &back.resample(&logits[k * n..(k + 1) * n]), w);
             }
             if let Some(path) = probabilities {
-                write_probabilities(path, writes.len(), geom.shape, Some(writes), |k| {
-                    let p: Vec<f32> = resample_linear(&logits[k * n..(k + 1) * n], [z, y, x], target, sep).into_iter().map(sigmoid).collect();
-                    transpose(uncrop(&p, target, full, bb, 0.0), full, backward).0
+                write_probabilities(path, writes.len(), case.geom.shape, Some(writes), |k| {
+                    let p: Vec<f32> = back.resample(&logits[k * n..(k + 1) * n]).into_iter().map(sigmoid).collect();
+                    back.place(&p, 0.0)
                 })
                 .with_context(|| path.display().to_string())?;
             }
             seg
         };
         drop(logits);
-        let (seg, shape) = transpose(uncrop(&seg, target, full, bb, 0), full, backward);
-        ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
-        Ok((seg, geom))
+        back.label_map(case, &seg)
+    }
+}
+
+/// The way from a case's preprocessed grid back to its input's: resampling to the cropped
+/// shape, un-cropping and transposing back (the inverse of preprocessing's geometry).
+struct Back {
+    /// The preprocessed grid.
+    grid: [usize; 3],
+    /// The cropped shape before resampling.
+    target: [usize; 3],
+    separate: Option<usize>,
+    full: [usize; 3],
+    bbox: [[usize; 2]; 3],
+    backward: [usize; 3],
+}
+
+impl Back {
+    fn of(plan: &PreprocessPlan, case: &Case) -> Self {
+        let props = &case.pre.props;
+        let perm = plan.transpose_forward;
+        let mut backward = [0usize; 3];
+        for (i, &p) in perm.iter().enumerate() {
+            backward[p] = i;
+        }
+        Self {
+            grid: [props.shape[1], props.shape[2], props.shape[3]],
+            target: props.shape_after_cropping_and_before_resampling,
+            separate: separate_axis(plan.spacing, perm.map(|a| props.original_spacing[a])),
+            full: props.shape_before_cropping,
+            bbox: props.bbox_used_for_cropping,
+            backward,
+        }
+    }
+
+    /// One channel on the preprocessed grid, resampled linearly to the cropped shape.
+    fn resample(&self, v: &[f32]) -> Vec<f32> {
+        resample_linear(v, self.grid, self.target, self.separate)
+    }
+
+    /// A label map on the preprocessed grid, resampled per label to the cropped shape.
+    fn resample_seg(&self, seg: &[i16]) -> Vec<u16> {
+        stu_data::resample::resample_seg(seg, self.grid, self.target, self.separate).into_iter().map(|v| v as u16).collect()
+    }
+
+    /// Values on the cropped grid placed into the input's array order (`fill` outside the crop).
+    fn place<T: Copy + Default + Send + Sync>(&self, v: &[T], fill: T) -> Vec<T> {
+        transpose(uncrop(v, self.target, self.full, self.bbox, fill), self.full, self.backward).0
+    }
+
+    /// `case`'s label map in its input's geometry from the cropped-grid labels `seg`.
+    fn label_map(&self, case: Case, seg: &[u16]) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
+        let (seg, shape) = transpose(uncrop(seg, self.target, self.full, self.bbox, 0), self.full, self.backward);
+        ensure!(shape == case.geom.shape, "case `{}`: internal shape mismatch {shape:?} vs {:?}", case.id, case.geom.shape);
+        Ok((seg, case.geom))
     }
 }
 
