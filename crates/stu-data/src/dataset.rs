@@ -59,6 +59,12 @@ impl Region {
     pub fn contains(&self, v: u16) -> bool {
         self.labels.contains(&v)
     }
+
+    /// Whether preprocessing samples locations of its own for it (under its key): a region
+    /// written as a list; one written as a plain label uses that label's locations.
+    pub fn has_own_locations(&self) -> bool {
+        self.key.starts_with('(')
+    }
 }
 
 /// The `labels` object's entries in file order (serde_json's `Value` sorts object keys, and
@@ -227,8 +233,7 @@ impl DatasetJson {
                 }
                 Some(regions)
             }
-            (Some(_), false) => None,
-            (None, _) => None,
+            _ => None,
         };
         let num_training = obj
             .get("numTraining")

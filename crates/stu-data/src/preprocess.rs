@@ -238,7 +238,7 @@ fn region_locations(seg: &[i16], shape: [usize; 3], seed: u64, regions: &[crate:
     let mut rng = stu_core::rng::SplitMix64::new(seed ^ 0x7e61_0a5);
     regions
         .iter()
-        .filter(|r| r.key.starts_with('('))
+        .filter(|r| r.has_own_locations())
         .map(|r| {
             let idx: Vec<usize> = seg.iter().enumerate().filter(|&(_, &s)| s > 0 && r.contains(s as u16)).map(|(i, _)| i).collect();
             (r.key.clone(), subsample(idx, shape, &mut rng))

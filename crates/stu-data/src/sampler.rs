@@ -92,7 +92,7 @@ pub fn choose_corner(rng: &mut SplitMix64, case: &Preprocessed, force: bool, pat
         } else {
             regions
                 .iter()
-                .filter_map(|r| match r.key.starts_with('(') {
+                .filter_map(|r| match r.has_own_locations() {
                     true => case.region_locations.iter().find(|(k, _)| *k == r.key).map(|(_, c)| c),
                     false => label(r.labels[0] as i16),
                 })

@@ -590,13 +590,13 @@ pub fn validation_step(net: &dyn SegNet, batch: &DeviceBatch, weights: &[f64], d
     let outs = net.forward_ds(batch.x.clone());
     let n = outs.len().min(batch.targets.len());
     let loss = deep_supervision(&outs[..n], &batch.targets[..n], &weights[..n], dice).into_scalar::<f32>() as f64;
-    let classes = outs[0].dims()[1];
     let truth: Vec<i64> = batch.targets[0].clone().into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
     if let Some(regions) = &dice.regions {
         // Regions: each output's sigmoid above 0.5 is that region's prediction.
         let pred: Vec<bool> = burn::tensor::activation::sigmoid(outs[0].clone()).greater_elem(0.5).into_data().convert::<bool>().try_to_vec::<bool>().expect("bool data");
         return (loss, confusion_regions(&pred, &truth, outs[0].dims()[0], regions, dice.ignore_label));
     }
+    let classes = outs[0].dims()[1];
     let pred: Vec<i64> = outs[0].clone().argmax(1).into_data().convert::<i64>().try_to_vec::<i64>().expect("int data");
     (loss, confusion(&pred, &truth, classes, dice.ignore_label))
 }

@@ -234,19 +234,20 @@ struct Task {
     /// Network outputs: the classes with background (softmax), or the regions (sigmoid).
     outputs: usize,
     ignore: Option<u32>,
-    /// A region-based dataset's regions.
-    regions: Option<Vec<stu_data::dataset::Region>>,
+    /// A region-based dataset's regions (empty otherwise), and as the loss takes them.
+    regions: Vec<stu_data::dataset::Region>,
+    loss_regions: Option<stu_engine::loss::Regions>,
 }
 
 fn task(dir: &Path) -> Result<Task> {
     let path = dir.join("dataset.json");
     let json = stu_data::dataset::DatasetJson::read(&path)?;
-    if let Some(r) = &json.regions {
-        stu_engine::loss::Regions::new(&r.iter().map(|r| r.labels.clone()).collect::<Vec<_>>()).map_err(|e| anyhow::anyhow!("{}: `labels`: {e}", path.display()))?;
-        return Ok(Task { channels: json.channel_names.len(), outputs: r.len(), ignore: json.ignore_label, regions: Some(r.clone()) });
+    if let Some(r) = json.regions {
+        let loss = stu_engine::loss::Regions::new(&r.iter().map(|r| r.labels.clone()).collect::<Vec<_>>()).map_err(|e| anyhow::anyhow!("{}: `labels`: {e}", path.display()))?;
+        return Ok(Task { channels: json.channel_names.len(), outputs: r.len(), ignore: json.ignore_label, regions: r, loss_regions: Some(loss) });
     }
     let max = json.foreground_classes().last().map_or(0, |c| c.0);
-    Ok(Task { channels: json.channel_names.len(), outputs: max as usize + 1, ignore: json.ignore_label, regions: None })
+    Ok(Task { channels: json.channel_names.len(), outputs: max as usize + 1, ignore: json.ignore_label, regions: Vec::new(), loss_regions: None })
 }
 
 /// One line of `log.jsonl`.
@@ -477,7 +478,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
     // Sampling needs the annotated voxels' locations, which preprocessing records for a dataset
     // with an ignore label since 2026-11-27, and the regions' own, since 2026-11-28.
-    let region_keys: Vec<&str> = task.regions.iter().flatten().map(|r| r.key.as_str()).filter(|k| k.starts_with('(')).collect();
+    let region_keys: Vec<&str> = task.regions.iter().filter(|r| r.has_own_locations()).map(|r| r.key.as_str()).collect();
     if ignore.is_some() || !region_keys.is_empty() {
         for id in &train_ids {
             let path = cfg.preprocessed.join(format!("{id}.json"));
@@ -544,10 +545,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let weights = ds_weights(probe.len());
     let scales: Vec<[f64; 3]> = probe.iter().map(|o| [0, 1, 2].map(|a| o.dims()[2 + a] as f64 / div[a] as f64)).collect();
     drop(probe);
-    let regions = match &task.regions {
-        Some(r) => Some(stu_engine::loss::Regions::new(&r.iter().map(|r| r.labels.clone()).collect::<Vec<_>>()).map_err(anyhow::Error::msg)?),
-        None => None,
-    };
+    let regions = task.loss_regions;
     let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5, ignore_label: ignore.map(i64::from), regions };
     let budget = 4 << 30;
     let train_store = Arc::new(CaseStore::new(&cfg.preprocessed, train_ids, budget)?);
@@ -562,7 +560,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         patch: cfg.patch_size,
         augment: cfg.augmentation.then(|| AugConfig::nnunet(cfg.patch_size)),
         ds_scales: scales.clone(),
-        regions: task.regions.clone().unwrap_or_default(),
+        regions: task.regions.clone(),
         shard: (world > 1).then_some((rank * share, cfg.batch_size)),
     };
     let val_batches = BatchConfig { augment: None, batch_size: cfg.batch_size, shard: None, ..train_batches.clone() };
