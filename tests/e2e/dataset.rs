@@ -373,7 +373,7 @@ fn decathlon_and_v1_tasks_convert_to_the_v2_layout() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("tiny_001.nii.gz") && err.contains("2 volume(s)") && err.contains("names 3"), "{err}");
     assert!(!tmp.path().join("bad-out").exists());
-    assert!(std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("converting")));
+    assert!(std::fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".tmp-")), "the partial dataset is removed");
     let o = run(&task, &out);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("not empty"));
 }

@@ -21,6 +21,28 @@ pub fn atomic_with(path: &Path, write: impl FnOnce(&Path) -> io::Result<()>) -> 
     result
 }
 
+/// Builds a directory with `build` at a temporary sibling of `path`, then renames it onto
+/// `path` (absent, or an empty directory, which it replaces); on failure the partial directory
+/// is removed and `path` is untouched. `moved` turns a failed rename into the caller's error.
+pub fn atomic_dir<T, E>(path: &Path, build: impl FnOnce(&Path) -> Result<T, E>, moved: impl FnOnce(io::Error) -> E) -> Result<T, E> {
+    let tmp = match temp_path(path) {
+        Ok(t) => t,
+        Err(e) => return Err(moved(e)),
+    };
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = build(&tmp).and_then(|done| {
+        if path.is_dir() {
+            // Only an empty one goes; a full one makes the rename fail below.
+            let _ = std::fs::remove_dir(path);
+        }
+        std::fs::rename(&tmp, path).map(|()| done).map_err(moved)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
 /// Writes `bytes` atomically and flushes them to disk before the rename (for checkpoints and
 /// records, which must survive a crash).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -49,6 +71,28 @@ mod tests {
         assert!(err.is_err());
         assert_eq!(std::fs::read(&p).unwrap(), b"one");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "the temporary file is gone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn directories_appear_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("stu-core-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("ds");
+        let build = |ok: bool| {
+            move |tmp: &Path| -> io::Result<u8> {
+                std::fs::create_dir_all(tmp.join("sub"))?;
+                std::fs::write(tmp.join("sub/f"), b"x")?;
+                if ok { Ok(7) } else { Err(io::Error::other("fail")) }
+            }
+        };
+        assert!(atomic_dir(&out, build(false), |e| e).is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the partial directory is gone, nothing in its place");
+        std::fs::create_dir(&out).unwrap();
+        assert_eq!(atomic_dir(&out, build(true), |e| e).unwrap(), 7, "an empty directory is replaced");
+        assert_eq!(std::fs::read(out.join("sub/f")).unwrap(), b"x");
+        assert!(atomic_dir(&out, build(true), |e| e).is_err(), "a full one is not");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "and its temporary sibling is gone");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,7 +10,7 @@
 //! against nnU-Net's own SimpleITK split, `tests/fixtures/make_msd_fixture.py`); integer-valued
 //! channels are written as int16, others as float32 (SimpleITK keeps the source type). 3-D
 //! images and label maps are copied byte for byte. The result is built in a temporary sibling
-//! folder and renamed into place, so a failed conversion leaves nothing behind.
+//! folder and renamed into place (`stu_core::fs::atomic_dir`), so a failed conversion leaves nothing behind.
 
 use std::path::Path;
 
@@ -140,76 +140,66 @@ pub fn convert(src: &Path, out: &Path) -> Result<Converted, DatasetError> {
     }
     let (json, channels) = convert_json(&json_path, &text, labels.len())?;
     let layout = if images.iter().all(|n| channel_suffix(n).is_some()) { Layout::NnunetV1 } else { Layout::Msd };
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = out.with_file_name(format!(".{name}.converting-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<Converted, DatasetError> {
-        let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(|e| file_err(d, format!("cannot create: {e}")));
-        let copy = |from: &Path, to: &Path| std::fs::copy(from, to).map(|_| ()).map_err(|e| file_err(to, format!("cannot copy {}: {e}", from.display())));
-        let mut test = 0;
-        match layout {
-            Layout::NnunetV1 => {
-                for d in ["imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesVal", "labelsVal"] {
-                    let files = nifti_files(&src.join(d))?;
-                    if !src.join(d).is_dir() {
-                        continue;
-                    }
-                    mkdir(&tmp.join(d))?;
-                    files.par_iter().try_for_each(|f| copy(&src.join(d).join(f), &tmp.join(d).join(f)))?;
-                    if d == "imagesTs" {
-                        test = files.iter().filter_map(|f| f.strip_suffix(".nii.gz").and_then(|s| s.rsplit_once('_')).map(|(c, _)| c.to_string())).collect::<std::collections::BTreeSet<_>>().len();
-                    }
+    let test = stu_core::fs::atomic_dir(out, |tmp| write_v2(src, tmp, layout, channels, &labels, &json), |e| file_err(out, format!("cannot move the converted dataset into place: {e}")))?;
+    Ok(Converted { layout, training: labels.len(), test })
+}
+
+/// Writes the v2 dataset of the task `src` into `tmp`: its images (split or copied), label
+/// maps and `dataset.json` (checked by reading it back). Returns the number of test cases.
+fn write_v2(src: &Path, tmp: &Path, layout: Layout, channels: usize, labels: &[String], json: &str) -> Result<usize, DatasetError> {
+    let labels_tr = src.join("labelsTr");
+    let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(|e| file_err(d, format!("cannot create: {e}")));
+    let copy = |from: &Path, to: &Path| std::fs::copy(from, to).map(|_| ()).map_err(|e| file_err(to, format!("cannot copy {}: {e}", from.display())));
+    let mut test = 0;
+    match layout {
+        Layout::NnunetV1 => {
+            for d in ["imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesVal", "labelsVal"] {
+                if !src.join(d).is_dir() {
+                    continue;
+                }
+                let files = nifti_files(&src.join(d))?;
+                mkdir(&tmp.join(d))?;
+                files.par_iter().try_for_each(|f| copy(&src.join(d).join(f), &tmp.join(d).join(f)))?;
+                if d == "imagesTs" {
+                    test = files.iter().filter_map(|f| f.strip_suffix(".nii.gz").and_then(|s| s.rsplit_once('_')).map(|(c, _)| c.to_string())).collect::<std::collections::BTreeSet<_>>().len();
                 }
             }
-            Layout::Msd => {
-                for d in ["imagesTr", "imagesTs"] {
-                    let files = nifti_files(&src.join(d))?;
-                    if !src.join(d).is_dir() {
-                        continue;
-                    }
-                    mkdir(&tmp.join(d))?;
-                    files.par_iter().try_for_each(|f| {
-                        let from = src.join(d).join(f);
-                        let stem = f.strip_suffix(".nii.gz").expect("listed by its ending");
-                        let to = |c: usize| tmp.join(d).join(format!("{stem}_{c:04}.nii.gz"));
-                        let vols = crate::nifti_io::read_channels(&from).map_err(|e| file_err(&from, e.to_string()))?;
-                        if vols.len() != channels {
-                            return Err(file_err(&from, format!("{} volume(s), dataset.json's `modality` names {channels}", vols.len())));
-                        }
-                        if channels == 1 {
-                            return copy(&from, &to(0));
-                        }
-                        for (c, v) in vols.iter().enumerate() {
-                            crate::nifti_io::write_image(&to(c), &v.data, &v.geom).map_err(|e| file_err(&to(c), e.to_string()))?;
-                        }
-                        Ok(())
-                    })?;
-                    if d == "imagesTs" {
-                        test = files.len();
-                    }
+        }
+        Layout::Msd => {
+            for d in ["imagesTr", "imagesTs"] {
+                if !src.join(d).is_dir() {
+                    continue;
                 }
-                mkdir(&tmp.join("labelsTr"))?;
-                labels.par_iter().try_for_each(|f| copy(&labels_tr.join(f), &tmp.join("labelsTr").join(f)))?;
+                let files = nifti_files(&src.join(d))?;
+                mkdir(&tmp.join(d))?;
+                files.par_iter().try_for_each(|f| {
+                    let from = src.join(d).join(f);
+                    let stem = f.strip_suffix(".nii.gz").expect("listed by its ending");
+                    let to = |c: usize| tmp.join(d).join(format!("{stem}_{c:04}.nii.gz"));
+                    let vols = crate::nifti_io::read_channels(&from).map_err(|e| file_err(&from, e.to_string()))?;
+                    if vols.len() != channels {
+                        return Err(file_err(&from, format!("{} volume(s), dataset.json's `modality` names {channels}", vols.len())));
+                    }
+                    if channels == 1 {
+                        return copy(&from, &to(0));
+                    }
+                    for (c, v) in vols.iter().enumerate() {
+                        crate::nifti_io::write_image(&to(c), &v.data, &v.geom).map_err(|e| file_err(&to(c), e.to_string()))?;
+                    }
+                    Ok(())
+                })?;
+                if d == "imagesTs" {
+                    test = files.len();
+                }
             }
-        }
-        let to = tmp.join("dataset.json");
-        std::fs::write(&to, &json).map_err(|e| file_err(&to, format!("cannot write: {e}")))?;
-        DatasetJson::read(&to)?;
-        Ok(Converted { layout, training: labels.len(), test })
-    })();
-    match result {
-        Ok(done) => {
-            if out.exists() {
-                std::fs::remove_dir(out).map_err(|e| file_err(out, format!("cannot replace the empty folder: {e}")))?;
-            }
-            std::fs::rename(&tmp, out).map_err(|e| file_err(out, format!("cannot move the converted dataset into place: {e}")))?;
-            Ok(done)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
+            mkdir(&tmp.join("labelsTr"))?;
+            labels.par_iter().try_for_each(|f| copy(&labels_tr.join(f), &tmp.join("labelsTr").join(f)))?;
         }
     }
+    let to = tmp.join("dataset.json");
+    std::fs::write(&to, json).map_err(|e| file_err(&to, format!("cannot write: {e}")))?;
+    DatasetJson::read(&to)?;
+    Ok(test)
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 const MANIFEST: &str = "stu-model.json";
 const FORMAT: &str = "stu-model 1";
@@ -96,41 +96,32 @@ pub fn install(zip_path: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         ensure!(!f.is_empty() && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'), "{}: fold name `{f}` is not a plain name", zip_path.display());
     }
     let shared: Vec<(&str, Vec<u8>)> = SHARED.iter().map(|n| Ok((*n, read(n)?))).collect::<Result<_>>()?;
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = out.with_file_name(format!(".{name}.installing-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<Vec<PathBuf>> {
-        let mut dirs = Vec::new();
-        for f in &folds {
-            let dir = tmp.join(format!("fold_{f}"));
-            std::fs::create_dir_all(dir.join("validation")).with_context(|| format!("{}: cannot create", dir.display()))?;
-            for name in std::iter::once(ck.as_str()).chain(PER_FOLD) {
-                let entry = format!("fold_{f}/{name}");
-                match read(&entry) {
-                    Ok(bytes) => std::fs::write(dir.join(name), bytes).with_context(|| format!("{}: cannot write", dir.join(name).display()))?,
-                    Err(e) if name == ck || name == "train.json" => return Err(e),
-                    Err(_) => {}
+    stu_core::fs::atomic_dir(
+        out,
+        |tmp| -> Result<Vec<PathBuf>> {
+            let mut dirs = Vec::new();
+            for f in &folds {
+                let dir = tmp.join(format!("fold_{f}"));
+                std::fs::create_dir_all(dir.join("validation")).with_context(|| format!("{}: cannot create", dir.display()))?;
+                for name in std::iter::once(ck.as_str()).chain(PER_FOLD) {
+                    let entry = format!("fold_{f}/{name}");
+                    match read(&entry) {
+                        Ok(bytes) => std::fs::write(dir.join(name), bytes).with_context(|| format!("{}: cannot write", dir.join(name).display()))?,
+                        Err(e) if name == ck || name == "train.json" => return Err(e),
+                        Err(_) => {}
+                    }
                 }
+                // Each fold folder is a run folder: its plan and labels beside its checkpoint.
+                for (n, bytes) in &shared {
+                    std::fs::write(dir.join(n), bytes).with_context(|| format!("{}: cannot write", dir.join(n).display()))?;
+                }
+                dirs.push(out.join(format!("fold_{f}")));
             }
-            // Each fold folder is a run folder: its plan and labels beside its checkpoint.
             for (n, bytes) in &shared {
-                std::fs::write(dir.join(n), bytes).with_context(|| format!("{}: cannot write", dir.join(n).display()))?;
+                std::fs::write(tmp.join(n), bytes).with_context(|| format!("{}: cannot write", tmp.join(n).display()))?;
             }
-            dirs.push(out.join(format!("fold_{f}")));
-        }
-        for (n, bytes) in &shared {
-            std::fs::write(tmp.join(n), bytes).with_context(|| format!("{}: cannot write", tmp.join(n).display()))?;
-        }
-        Ok(dirs)
-    })();
-    match result {
-        Ok(dirs) => {
-            std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot move the installed model into place", out.display()))?;
             Ok(dirs)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            bail!(e)
-        }
-    }
+        },
+        |e| anyhow::Error::new(e).context(format!("{}: cannot move the installed model into place", out.display())),
+    )
 }
