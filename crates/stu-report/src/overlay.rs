@@ -41,8 +41,8 @@ pub fn colour(k: usize) -> [u8; 3] {
 /// the largest mean fraction of their voxels; 0 when there is no label.
 pub fn select_slice(seg: &[u16], shape: [usize; 3]) -> usize {
     let n = shape[1] * shape[2];
-    let mut labels: Vec<u16> = seg.iter().copied().filter(|&v| v > 0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    labels.sort_unstable();
+    // Sorted and unique, as a set gives them.
+    let labels: Vec<u16> = seg.iter().copied().filter(|&v| v > 0).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     if labels.is_empty() || n == 0 {
         return 0;
     }
@@ -57,14 +57,9 @@ pub fn select_slice(seg: &[u16], shape: [usize; 3]) -> usize {
     }
     let totals: Vec<u64> = (0..labels.len()).map(|i| counts.iter().map(|c| c[i]).sum()).collect();
     let score = |c: &Vec<u64>| c.iter().zip(&totals).map(|(&a, &t)| a as f64 / t as f64).sum::<f64>() / labels.len() as f64;
+    let scores: Vec<f64> = counts.iter().map(score).collect();
     // The first maximum, as numpy's argmax.
-    let mut best = 0;
-    for z in 1..shape[0] {
-        if score(&counts[z]) > score(&counts[best]) {
-            best = z;
-        }
-    }
-    best
+    (1..scores.len()).fold(0, |best, z| if scores[z] > scores[best] { z } else { best })
 }
 
 /// nnU-Net's `generate_overlay` of one slice (`image` and `seg` row-major `[h, w]`): RGB bytes.
@@ -77,15 +72,13 @@ pub fn generate(image: &[f32], seg: &[u16]) -> Vec<u8> {
         grey.iter_mut().for_each(|v| *v = *v / max * 255.0);
     }
     let mut rgb: Vec<f32> = grey.iter().flat_map(|&v| [v; 3]).collect();
-    let mut present: Vec<u16> = seg.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-    present.sort_unstable();
-    for (k, &l) in present.iter().enumerate() {
-        let c = colour(k);
-        for (px, _) in rgb.chunks_exact_mut(3).zip(seg).filter(|(_, s)| **s == l) {
-            // numpy adds the float64 colour and rounds back into the float32 image.
-            for (v, &c) in px.iter_mut().zip(&c) {
-                *v = (*v as f64 + 0.6 * c as f64) as f32;
-            }
+    // The k-th label present (sorted, background first) takes colour k.
+    let present: Vec<u16> = seg.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    for (px, s) in rgb.chunks_exact_mut(3).zip(seg) {
+        let c = colour(present.binary_search(s).expect("every value is present"));
+        // numpy adds the float64 colour and rounds back into the float32 image.
+        for (v, &c) in px.iter_mut().zip(&c) {
+            *v = (*v as f64 + 0.6 * c as f64) as f32;
         }
     }
     let max = rgb.iter().copied().fold(0f32, f32::max);
