@@ -335,6 +335,15 @@ fn check_plan_preprocess<'a>(dir: &'a Path, raw: &Path) -> (impl Fn(&str) -> Out
     (train, props)
 }
 
+/// Removes the class locations under `key` from case `a`'s preprocessed properties in
+/// `dir/pre` (data preprocessed before such locations were recorded).
+fn drop_locations(dir: &Path, key: &str) {
+    let path = dir.join("pre/a.json");
+    let mut props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(props["class_locations"].as_object_mut().unwrap().remove(key).is_some(), "{key} is recorded");
+    std::fs::write(&path, props.to_string()).unwrap();
+}
+
 #[test]
 fn a_dataset_with_an_ignore_label_preprocesses_trains_and_validates() {
     // Its labels' first 6 slices marked `ignore` (sparse annotation).
@@ -359,10 +368,7 @@ fn a_dataset_with_an_ignore_label_preprocesses_trains_and_validates() {
     let counted = ["TP", "FP", "FN", "TN"].iter().map(|k| m[*k].as_f64().unwrap()).sum::<f64>() as usize;
     assert_eq!(counted, full.data.len() - 6 * ny * nx);
     // Data preprocessed without the annotated locations is refused, naming the case.
-    let path = tmp.path().join("pre/a.json");
-    let mut props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    props["class_locations"].as_object_mut().unwrap().remove("annotated");
-    std::fs::write(&path, props.to_string()).unwrap();
+    drop_locations(tmp.path(), "annotated");
     let old = train("run-old");
     let err = String::from_utf8_lossy(&old.stderr);
     assert!(!old.status.success() && err.contains("a.json") && err.contains("preprocess the dataset again"), "{err}");
@@ -470,10 +476,7 @@ fn a_region_based_dataset_trains_with_sigmoids_and_predicts_its_class_order() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("region-based"), "{err}");
     // Data preprocessed without a region's locations is refused, naming the case.
-    let path = tmp.path().join("pre/a.json");
-    let mut props: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    props["class_locations"].as_object_mut().unwrap().remove("(2, 3)");
-    std::fs::write(&path, props.to_string()).unwrap();
+    drop_locations(tmp.path(), "(2, 3)");
     let old = train("run-old");
     let err = String::from_utf8_lossy(&old.stderr);
     assert!(!old.status.success() && err.contains("a.json") && err.contains("(2, 3)"), "{err}");
