@@ -10,8 +10,9 @@ two link folders:
   DIR/cpu  libtorch without its CUDA library: binaries that run anywhere libtorch's CPU part
            does (backend `tch`; `tch-cuda` loads libtorch_cuda.so at run time from the library
            path, but burn-tch refuses GPU devices in such a build);
-  DIR/gpu  with libtorch_cuda.so: binaries for CUDA machines (backend `tch-cuda`), which need
-           PyTorch 2.11's torch/lib and nvidia/*/lib folders on LD_LIBRARY_PATH at run time.
+  DIR/gpu  with libtorch_cuda.so and the CUDA runtime headers (DIR/gpu/cuda-include): binaries
+           for CUDA machines (backend `tch-cuda`), which need PyTorch 2.11's torch/lib and
+           nvidia/*/lib folders on LD_LIBRARY_PATH at run time.
 Build with LIBTORCH=DIR/gpu LIBTORCH_BYPASS_VERSION_CHECK=1 (README: "GPU backends")."""
 import os
 import subprocess
@@ -19,7 +20,8 @@ import sys
 import zipfile
 
 TORCH = "torch==2.11.0"
-CUDA = ["nvidia-cuda-runtime==13.0.96.*", "nvidia-cuda-cupti==13.0.85.*"]
+# (and the CUDA runtime headers, which include the crt ones of a wheel of their own)
+CUDA = ["nvidia-cuda-runtime==13.0.96.*", "nvidia-cuda-cupti==13.0.85.*", "nvidia-cuda-crt==13.0.88.*"]
 
 out = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser("~/.cache/stu-net/libtorch"))
 wheels = os.path.join(out, "wheels")
@@ -36,7 +38,8 @@ for w in sorted(os.listdir(wheels)):
         continue
     with zipfile.ZipFile(os.path.join(wheels, w)) as z:
         names = [n for n in z.namelist()
-                 if n.startswith(("torch/include/", "torch/lib/")) or n.endswith(("libcudart.so.13", "libcupti.so.13"))]
+                 if n.startswith(("torch/include/", "torch/lib/", "nvidia/cu13/include/"))
+                 or n.endswith(("libcudart.so.13", "libcupti.so.13"))]
         for n in names:
             dest = os.path.join(x, n)
             if not os.path.exists(dest):
@@ -64,6 +67,8 @@ for kind in ("cpu", "gpu"):
              "libcudart.so.13": os.path.join(cu, "libcudart.so.13"),
              "libcupti.so.13": os.path.join(cu, "libcupti.so.13")}
     if kind == "gpu":
+        # The CUDA runtime headers (`csrc/graph.cpp` includes ATen's CUDA graph API).
+        link(os.path.join(x, "nvidia", "cu13", "include"), os.path.join(d, "cuda-include"))
         files["libtorch_cuda.so"] = os.path.join(lib, "libtorch_cuda.so")
         files["libc10_cuda.so"] = os.path.join(lib, "libc10_cuda.so")
     for name, src in files.items():

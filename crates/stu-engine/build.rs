@@ -16,19 +16,32 @@ fn tch() {
     let Some(dir) = std::env::var_os("LIBTORCH").map(std::path::PathBuf::from) else {
         panic!("the `tch` feature needs LIBTORCH: a libtorch folder (`cargo xtask libtorch`, README: GPU backends)");
     };
-    if dir.join("lib/libtorch_cuda.so").exists() {
-        println!("cargo:rustc-cfg=tch_cuda_linked");
-    }
+    println!("cargo:rerun-if-changed=csrc/graph.cpp");
     // The ABI flag torch-sys compiles its own C++ with (its default, "1", matches the PyPI wheels).
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/grad.cpp")
-        .include(dir.join("include"))
-        .include(dir.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .warnings(false)
-        .compile("stu_torch_grad");
+    let build = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .include(dir.join("include"))
+            .include(dir.join("include/torch/csrc/api/include"))
+            .flag("-std=c++17")
+            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+            .flag("-DGLOG_USE_GLOG_EXPORT")
+            .warnings(false);
+        b
+    };
+    build().file("csrc/grad.cpp").compile("stu_torch_grad");
+    if dir.join("lib/libtorch_cuda.so").exists() {
+        println!("cargo:rustc-cfg=tch_cuda_linked");
+        // CUDA graphs (`csrc/graph.cpp`) need the CUDA runtime headers, which
+        // `xtask/libtorch.py` links as `cuda-include` beside the libtorch.
+        let cuda = dir.join("cuda-include");
+        if !cuda.join("crt/host_config.h").exists() {
+            panic!("{} lacks the CUDA runtime headers: rerun `python3 xtask/libtorch.py` (README: GPU backends)", cuda.display());
+        }
+        build().file("csrc/graph.cpp").include(&cuda).compile("stu_torch_graph");
+        println!("cargo:rustc-link-search=native={}", dir.join("lib").display());
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");
+    }
 }

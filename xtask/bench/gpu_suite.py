@@ -275,6 +275,10 @@ VARIANTS = {
     # (`csrc/grad.cpp`, `SplitNorm`): ATen's and cuDNN's batch-norm kernels give each row of
     # the `[1, B·C, …]` view one thread block. Off by default until measured here.
     "stu-split": ({"STU_TCH_NORM": "split"}, 150),
+    # Inference through a CUDA graph (`stu_engine::graph`): captured at the second patch,
+    # replayed after. Off by default until measured here.
+    "stu-graph": ({"STU_TCH_GRAPH": "1"}, 120),
+    "stu-cl-graph": ({"STU_TCH_GRAPH": "1", "STU_TCH_CHANNELS_LAST": "1"}, 120),
 }
 
 
@@ -345,12 +349,22 @@ def predict_ct():
         torch.manual_seed(0)
         b_ckpt = "/tmp/stunet_b_init.safetensors"
         save_file({k: v.contiguous() for k, v in build("B").state_dict().items()}, b_ckpt)
-        for prec in ["bf16"]:
+        # bf16 eagerly, then through a CUDA graph (the same label map is expected: the same
+        # kernels replayed).
+        for prec, env in [("bf16", None), ("bf16_graph", {"STU_TCH_GRAPH": "1"})]:
             o = f"/tmp/pred_ct_{prec}"
             shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
-            rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", prec, "--disable-tta"], timeout=180)
+            rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", "bf16", "--disable-tta"],
+                                     timeout=180, env=dict(os.environ, **env) if env else None)
             R["predict"][f"B_ct_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "tail": out[-300:]}
             save()
+        a, b = "/tmp/pred_ct_bf16", "/tmp/pred_ct_bf16_graph"
+        if os.path.isdir(a) and os.path.isdir(b):
+            import gzip
+            # (Header and voxels: both runs write the same geometry.)
+            same = [gzip.open(os.path.join(a, f)).read() == gzip.open(os.path.join(b, f)).read()
+                    for f in sorted(os.listdir(a)) if f.endswith(".nii.gz") and os.path.exists(os.path.join(b, f))]
+            R["predict"]["B_ct_graph_equals_eager"] = same
     except Exception as e:  # noqa: BLE001
         R["predict"]["B_ct_error"] = repr(e)
     save()
@@ -394,7 +408,7 @@ for s in A.sizes:
     # either instance-norm kernel (S: the default only); bf16 in phase 2.
     split = [("stu-split", t, "f16")] * (s != "S"), [("stu-split", i, "f16")] * (s != "S")
     rows = [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + split[0]
-    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + split[1]
+    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + split[1] + [("stu-graph", i, "f16")] * (s != "S")
     phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")]
     if s in "BH":
         extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
@@ -403,7 +417,7 @@ for s in A.sizes:
         # (without layout conversions since 2026-11-27, not yet measured here) right beside
         # B's own rows checks that choice, and burn's generic operators' inference (faster
         # than ours in bf16 on 2026-11-27) where ours stands.
-        rows += [("stu-cl", t, "f16"), ("stu-cl", i, "f16"), ("stu-generic", i, "f16")]
+        rows += [("stu-cl", t, "f16"), ("stu-cl", i, "f16"), ("stu-cl-graph", i, "f16"), ("stu-generic", i, "f16")]
         extra += [("stu-nosgd", t, "f16")]
     per_size[s] = rows
 profiles = "B" in A.sizes and (A.torch_sizes is None or "B" in A.torch_sizes)

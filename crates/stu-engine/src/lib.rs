@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod dist;
+pub mod graph;
 pub mod ext;
 pub mod kernels;
 pub mod loss;

@@ -132,6 +132,10 @@ pub trait TorchOps: Backend {
     fn dc_ce_nc_bwd(probs: FloatTensor<Self>, target: FloatTensor<Self>, coeffs: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
+/// (For `graph.rs`'s calls into `csrc/graph.cpp`.)
+#[cfg(feature = "tch")]
+pub(crate) use libtorch::c_result;
+
 #[cfg(feature = "tch")]
 mod libtorch {
     use burn::backend::LibTorch;
@@ -194,7 +198,7 @@ mod libtorch {
 
     /// Runs a `csrc/grad.cpp` call that returns null or a malloc'd message.
     #[allow(unsafe_code)]
-    pub(super) fn c_result(call: impl FnOnce() -> *mut std::ffi::c_char) -> Result<(), String> {
+    pub(crate) fn c_result(call: impl FnOnce() -> *mut std::ffi::c_char) -> Result<(), String> {
         let err = call();
         if err.is_null() {
             return Ok(());
@@ -979,6 +983,48 @@ pub mod check {
             }
         }
 
+        /// A residual block's inference forward (3³ convolutions into norms, a strided 1×1×1
+        /// shortcut, the residual end) through a CUDA graph ([`crate::graph::Graphs`]): the
+        /// eager first call, the capture, then replays with new inputs, each equal to the
+        /// eager forward of its input; in f32 and f16. Fails when the capture fell back to
+        /// eager. CUDA only.
+        fn graph(&mut self) {
+            let mut rng = stu_core::rng::SplitMix64::new(13);
+            let dev = self.device.clone();
+            let t = |n: Vec<usize>, lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<5>::from_data(TensorData::new(rng.fill_f32(n.iter().product(), lo, hi), n.clone()), &dev);
+            let v = |n: usize, lo: f32, hi: f32, rng: &mut stu_core::rng::SplitMix64| Tensor::<1>::from_data(TensorData::new(rng.fill_f32(n, lo, hi), [n]), &dev);
+            let (c, o) = (3, 4);
+            let (w1, w2, w3) = (t(vec![o, c, 3, 3, 3], -0.3, 0.3, &mut rng), t(vec![o, o, 3, 3, 3], -0.3, 0.3, &mut rng), t(vec![o, c, 1, 1, 1], -0.5, 0.5, &mut rng));
+            let (b1, b2, b3) = (v(o, -0.5, 0.5, &mut rng), v(o, -0.5, 0.5, &mut rng), v(o, -0.5, 0.5, &mut rng));
+            let (g1, g2, e1, e2) = (v(o, 0.5, 1.5, &mut rng), v(o, 0.5, 1.5, &mut rng), v(o, -0.5, 0.5, &mut rng), v(o, -0.5, 0.5, &mut rng));
+            let lay = Layout::Ncdhw;
+            for dtype in [DType::F32, DType::F16] {
+                let cast = |w: &Tensor<5>| w.clone().cast(dtype);
+                let (w1, w2, w3) = (cast(&w1), cast(&w2), cast(&w3));
+                let block = |x: Tensor<5>| {
+                    let y = ops::norm_act(ops::conv3d_normed(x.clone(), w1.clone(), b1.clone(), [2, 2, 2], lay), g1.clone(), e1.clone(), true, lay);
+                    let y = ops::conv3d_normed(y, w2.clone(), b2.clone(), [1; 3], lay);
+                    ops::norm_add_act(y, g2.clone(), e2.clone(), ops::conv3d(x, w3.clone(), b3.clone(), [2, 2, 2], lay), lay)
+                };
+                let graphs = crate::graph::Graphs::default();
+                crate::graph::set_enabled(Some(true));
+                for call in 0..4 {
+                    let x = t(vec![1, c, 12, 16, 20], -2.0, 3.0, &mut rng).cast(dtype);
+                    let got = graphs.run(x.clone(), &block);
+                    let want = block(x);
+                    let what = format!("CUDA graph {dtype:?}, call {} ({})", call + 1, if call == 0 { "eager" } else if call == 1 { "capture" } else { "replay" });
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-3 };
+                    self.close_at(&what, got.cast(DType::F32), want.cast(DType::F32), 1.0, tol);
+                }
+                if !crate::graph::enabled() {
+                    let line = format!("{}: CUDA graph {dtype:?}: the capture failed (warning above) and the forward ran eagerly", self.mode);
+                    self.failures.push(line.clone());
+                    self.lines.push(line);
+                }
+                crate::graph::set_enabled(None);
+            }
+        }
+
         /// The split norm against the unsplit one on the same inputs, in `dtype`: norm + act,
         /// norm alone, and the residual end, value and gradients (x, gamma, beta, skip).
         fn split_norm(&mut self, dims: [usize; 5], dtype: DType, tol: f32) {
@@ -1070,6 +1116,10 @@ pub mod check {
             // Both sides round to the half type; bf16 keeps 8 bits of mantissa, f16 11.
             r.split_norm([2, 3, 24, 32, 48], DType::BF16, 3e-2);
             r.split_norm([2, 3, 24, 32, 48], DType::F16, 4e-3);
+        }
+        if half {
+            // (`half` is CUDA: graphs are CUDA's.)
+            r.graph();
         }
         super::set_channels_last(None);
         super::set_norm_split(None);

@@ -201,7 +201,7 @@ fn profiled(dir: Option<&Path>, id: &str, backend: Backend, step: impl FnOnce() 
 
 fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, device: &Device, patch: usize, profile: Option<&Path>) -> Result<CaseResult> {
     let net = preset_net(preset, device)?;
-    let net = precision.cast_net(&*net).unwrap_or(net);
+    let net = stu_engine::graph::wrap(precision.cast_net(&*net).unwrap_or(net));
     let x = precision.input(randn([1, 1, patch, patch, patch], device));
     let (warm, n) = reps(backend, false);
     let step = || {

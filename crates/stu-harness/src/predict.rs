@@ -425,7 +425,7 @@ impl Predictor {
             }
             let div = net.input_divisor();
             ensure!((0..3).all(|a| patch[a] % div[a] == 0), "{}: patch {patch:?} does not fit the network's strides (divisor {div:?})", c.display());
-            nets.push(opts.precision.cast_net(&*net).unwrap_or(net));
+            nets.push(stu_engine::graph::wrap(opts.precision.cast_net(&*net).unwrap_or(net)));
         }
         let on_device = accumulate_on_device(&device)?;
         // A region-based training's outputs are sigmoids, one per region of its dataset: the

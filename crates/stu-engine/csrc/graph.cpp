@@ -1,0 +1,106 @@
+// CUDA graphs for the inference forward (`torch.rs`, `graph`): one network forward at a fixed
+// input shape is captured once and replayed for every later patch, so that the host launches
+// one graph instead of ~1,200 ATen calls per STU-Net-B patch (the H200 profile had the GPU idle
+// 27 % of a B patch, waiting on the host). Built by `build.rs` only against a libtorch with its
+// CUDA library (and the CUDA runtime headers of the PyPI wheel, `xtask/libtorch.py`).
+//
+// The capture is libtorch's own (`at::cuda::CUDAGraph`, what `torch.cuda.graph` uses): it runs
+// on a side stream, and the caching allocator serves the captured allocations from a private
+// pool, one pool shared by every graph of the process (graphs replay one at a time on one
+// stream, and each graph's input and output stay allocated while it lives, so one graph's
+// intermediates may reuse another's).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <optional>
+
+namespace {
+
+char* message(const char* what) { return strdup(what); }
+
+struct Graph {
+  at::cuda::CUDAGraph graph;
+  // The stream that was current before the capture began; restored when it ends.
+  std::optional<c10::cuda::CUDAStream> before;
+};
+
+at::cuda::MempoolId_t shared_pool() {
+  static std::once_flag once;
+  static at::cuda::MempoolId_t pool;
+  std::call_once(once, [] { pool = at::cuda::graph_pool_handle(); });
+  return pool;
+}
+
+// Makes the stream current again that was before the capture (captured work does not run, so
+// nothing on the side stream needs ordering; replays run on the current stream).
+void restore(Graph* g) {
+  if (!g->before) return;
+  c10::cuda::setCurrentCUDAStream(*g->before);
+  g->before.reset();
+}
+
+}  // namespace
+
+extern "C" {
+
+// A new graph on CUDA device `device`, its capture begun on a side stream after the device has
+// finished the work queued so far (as `torch.cuda.graph` does). Every ATen call of this thread
+// until `stu_graph_end` is captured, not run.
+char* stu_graph_begin(int device, void** out) {
+  Graph* g = nullptr;
+  try {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    g = new Graph();
+    const auto current = c10::cuda::getCurrentCUDAStream();
+    const auto side = c10::cuda::getStreamFromPool(false, current.device_index());
+    c10::cuda::device_synchronize();
+    g->before = current;
+    c10::cuda::setCurrentCUDAStream(side);
+    // Thread-local mode: another thread's CUDA calls (data loading) do not break the capture.
+    g->graph.capture_begin(shared_pool(), cudaStreamCaptureModeThreadLocal);
+    *out = g;
+    return nullptr;
+  } catch (const std::exception& e) {
+    if (g) {
+      restore(g);
+      delete g;
+    }
+    return message(e.what());
+  }
+}
+
+// Ends the capture (also after a failed forward, so that the stream is usable again) and
+// instantiates the graph. On an error the graph is freed and must not be used.
+char* stu_graph_end(void* p) {
+  auto* g = static_cast<Graph*>(p);
+  try {
+    g->graph.capture_end();
+    restore(g);
+    return nullptr;
+  } catch (const std::exception& e) {
+    restore(g);
+    delete g;
+    return message(e.what());
+  }
+}
+
+// Runs the captured work again on the current stream: it reads the captured input's storage
+// and writes the captured output's.
+char* stu_graph_replay(void* p) {
+  try {
+    static_cast<Graph*>(p)->graph.replay();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return message(e.what());
+  }
+}
+
+void stu_graph_free(void* p) { delete static_cast<Graph*>(p); }
+
+}  // extern "C"
