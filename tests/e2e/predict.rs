@@ -311,6 +311,33 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
     assert!(stu_data::nifti_io::read_label(&val.join("b.nii.gz")).unwrap().data == pred.data);
     ok(&stu(&["ensemble", "--pred", val.to_str().unwrap(), val.to_str().unwrap(), "-o", &t("val-ens")]));
     assert!(stu_data::nifti_io::read_label(&tmp.path().join("val-ens/b.nii.gz")).unwrap().geom.shape == label.geom.shape);
+    // `stu validate` (nnU-Net's --val, --val_best): with a best checkpoint that differs from
+    // the final one (another seed's), the final checkpoint's predictions are replaced and the
+    // record names the checkpoint; the map is the one `stu predict` makes with it. Run again,
+    // nothing is predicted; back to the final checkpoint, the training's map returns.
+    let (pre, run1) = (t("pre"), t("run-seed1"));
+    ok(&stu(&["train", &pre, "--out", &run1, "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32", "--seed", "1", "--no-final-validation"]));
+    std::fs::copy(t("run-seed1/checkpoint_final.safetensors"), t("run/checkpoint_best.safetensors")).unwrap();
+    let log = ok(&stu(&["validate", &t("run"), "--checkpoint", "best"]));
+    assert!(log.contains("(1 predicted now, 1 of another checkpoint replaced) with checkpoint_best.safetensors"), "{log}");
+    assert!(!val.join("b.probabilities.safetensors").exists(), "the final checkpoint's probabilities are gone too");
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(val.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(record["checkpoint"], "checkpoint_best.safetensors");
+    ok(&stu(&["predict", "-i", raw.join("imagesTr/b_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-best"), "--checkpoint", &t("run/checkpoint_best.safetensors")]));
+    let best = stu_data::nifti_io::read_label(&val.join("b.nii.gz")).unwrap().data;
+    assert!(stu_data::nifti_io::read_label(&tmp.path().join("pred-best/b.nii.gz")).unwrap().data == best);
+    assert!(val.join("summary.json").exists());
+    let log = ok(&stu(&["validate", &t("run"), "--checkpoint", "best", "--backend", "flex"]));
+    assert!(log.contains("(0 predicted now) with checkpoint_best"), "{log}");
+    let log = ok(&stu(&["validate", &t("run")]));
+    assert!(log.contains("(1 predicted now, 1 of another checkpoint replaced) with checkpoint_final.safetensors"), "{log}");
+    assert!(stu_data::nifti_io::read_label(&val.join("b.nii.gz")).unwrap().data == pred.data);
+    // Not a run folder, or no such checkpoint: an error naming the file.
+    let r = stu(&["validate", &t("pre")]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("train.json"), "{}", String::from_utf8_lossy(&r.stderr));
+    std::fs::remove_file(t("run-seed1/checkpoint_best.safetensors")).unwrap();
+    let r = stu(&["validate", &t("run-seed1"), "--checkpoint", "best"]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("checkpoint_best.safetensors: not found"), "{}", String::from_utf8_lossy(&r.stderr));
     // Preprocessed data that does not record its raw folder skip it, saying why.
     std::fs::remove_file(tmp.path().join("pre/source.json")).unwrap();
     let log = train(&["--resume"]);

@@ -306,6 +306,26 @@ enum Command {
         #[arg(long, default_value = "final")]
         checkpoint: String,
     },
+    /// Run nnU-Net's final validation of a finished training again (nnUNetv2_train's `--val`,
+    /// `--val_best`, `--npz`): the fold's validation cases predicted from their raw images with
+    /// mirroring TTA into `RUN/validation/`, scored into its `summary.json`. Predictions of
+    /// another checkpoint are replaced; an interrupted run resumes.
+    Validate {
+        /// The run folder (`stu train --out`).
+        run: PathBuf,
+        /// Which checkpoint: final or best.
+        #[arg(long, default_value = "final", value_parser = ["final", "best"])]
+        checkpoint: String,
+        /// Also write each case's softmax probabilities (`{case}.probabilities.safetensors`).
+        #[arg(long)]
+        probabilities: bool,
+        /// Compute backend (default: the training's).
+        #[arg(long)]
+        backend: Option<Backend>,
+        /// Arithmetic (default: the training's).
+        #[arg(long)]
+        precision: Option<Precision>,
+    },
     /// Unpack a model zip (from `stu export-model`) into a folder whose fold_K folders predict as run folders (nnUNetv2_install_pretrained_model_from_zip).
     InstallModel {
         /// The zip file.
@@ -402,6 +422,30 @@ struct TrainArgs {
     /// Also write the validation cases' softmax probabilities (`{case}.probabilities.safetensors`, nnU-Net's `--npz`), for `stu ensemble` of two trainings' validations.
     #[arg(long, conflicts_with = "no_final_validation")]
     validation_probabilities: bool,
+}
+
+/// The final validation of the run in `run`, with a progress bar, reported on stderr.
+fn validate_run(run: &std::path::Path, req: &crate::validation::Request) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("validation {prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles").expect("valid template"));
+    let outcome = crate::validation::final_validation(run, req, &|id, done, total| {
+        bar.set_prefix(id.to_string());
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    match outcome {
+        crate::validation::Outcome::Done(v) => eprintln!(
+            "final validation: {} case(s) ({} predicted now{}) with {}, foreground mean Dice {}; {}",
+            v.cases,
+            v.predicted,
+            if v.removed > 0 { format!(", {} of another checkpoint replaced", v.removed) } else { String::new() },
+            v.checkpoint,
+            v.foreground_dice.map_or("-".into(), |d| format!("{d:.4}")),
+            v.dir.join("summary.json").display()
+        ),
+        crate::validation::Outcome::Skipped(why) => eprintln!("final validation skipped: {why}"),
+    }
+    Ok(())
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -953,25 +997,14 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("best EMA pseudo Dice {}; checkpoints and log.jsonl in {}", s.best_ema.map_or("-".into(), |v| format!("{v:.4}")), s.out.display());
             if validate {
-                let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("validation {prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles").expect("valid template"));
-                let outcome = crate::validation::final_validation(&s.out, probabilities, &|id, done, total| {
-                    bar.set_prefix(id.to_string());
-                    bar.set_length(total as u64);
-                    bar.set_position(done as u64);
-                })
-                .context("final validation (the checkpoints are written; `--resume` retries it)")?;
-                bar.finish_and_clear();
-                match outcome {
-                    crate::validation::Outcome::Done(v) => eprintln!(
-                        "final validation: {} case(s) ({} predicted now), foreground mean Dice {}; {}",
-                        v.cases,
-                        v.predicted,
-                        v.foreground_dice.map_or("-".into(), |d| format!("{d:.4}")),
-                        v.dir.join("summary.json").display()
-                    ),
-                    crate::validation::Outcome::Skipped(why) => eprintln!("final validation skipped: {why}"),
-                }
+                let req = crate::validation::Request { probabilities, ..Default::default() };
+                validate_run(&s.out, &req).context("final validation (the checkpoints are written; `--resume` retries it)")?;
             }
+        }
+        Command::Validate { run, checkpoint, probabilities, backend, precision } => {
+            // (Predictor::new checks the precision against the backend.)
+            let req = crate::validation::Request { best: checkpoint == "best", probabilities, backend, precision };
+            validate_run(&run, &req)?;
         }
         Command::ExportModel { runs, out, checkpoint } => {
             let folds = crate::modelzip::export(&runs, &checkpoint, &out)?;

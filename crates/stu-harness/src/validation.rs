@@ -4,10 +4,16 @@
 //! against their raw labels into `RUN/validation/summary.json`, the cross-validation numbers
 //! nnU-Net users report. The raw dataset is found through `source.json`, which `stu preprocess`
 //! writes into the preprocessed folder. Rerunning predicts only the cases not written yet.
+//!
+//! `stu validate RUN [--checkpoint best]` runs it again on a finished run (nnU-Net's
+//! `--val [--val_best] [--npz]`), also on another backend. `validation/checkpoint.json` names the
+//! checkpoint the predictions come from, with its size and CRC-32: predictions of another
+//! checkpoint (or of an earlier state of the same file) are removed before any case is
+//! predicted, so the folder never mixes two checkpoints, and an interrupted run resumes.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 
 use crate::predict::{PredictOptions, Predictor};
@@ -24,6 +30,49 @@ pub struct Validation {
     pub cases: usize,
     /// Mean Dice over the foreground labels (nnU-Net's `foreground_mean`).
     pub foreground_dice: Option<f64>,
+    /// The checkpoint file the predictions come from.
+    pub checkpoint: String,
+    /// Predictions of another checkpoint that were removed first.
+    pub removed: usize,
+}
+
+/// What a validation is asked to do beyond the run's own settings.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// `best` for `checkpoint_best`, else `checkpoint_final`.
+    pub best: bool,
+    /// Also write each case's probabilities (nnU-Net's `--npz`).
+    pub probabilities: bool,
+    /// Another backend than the training's.
+    pub backend: Option<stu_engine::backend::Backend>,
+    /// Another precision than the training's.
+    pub precision: Option<stu_engine::precision::Precision>,
+}
+
+/// The checkpoint a validation folder's predictions come from (`validation/checkpoint.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct Source {
+    checkpoint: String,
+    bytes: u64,
+    crc32: u32,
+}
+
+impl Source {
+    fn of(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let (mut hasher, mut buf, mut bytes) = (crc32fast::Hasher::new(), vec![0u8; 1 << 20], 0u64);
+        loop {
+            let n = f.read(&mut buf).with_context(|| format!("{}: cannot read", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Self { checkpoint: name, bytes, crc32: hasher.finalize() })
+    }
 }
 
 /// Why a run has no final validation, or its result.
@@ -37,11 +86,14 @@ pub enum Outcome {
 }
 
 /// Runs the final validation of the finished run in `run` (its `train.json` and
-/// `checkpoint_final.safetensors`); with `probabilities`, each case's softmax is written beside
-/// its label map (nnU-Net's `--npz`), for `stu ensemble` of two trainings' validations.
-pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str, usize, usize)) -> Result<Outcome> {
+/// `checkpoint_final.safetensors`, or `checkpoint_best` when asked); with `probabilities`, each
+/// case's softmax is written beside its label map (nnU-Net's `--npz`), for `stu ensemble` of two
+/// trainings' validations.
+pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize, usize)) -> Result<Outcome> {
     let cfg_path = run.join("train.json");
-    let cfg: TrainConfig = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read", cfg_path.display()))?).with_context(|| format!("{}: not a training configuration", cfg_path.display()))?;
+    let cfg: TrainConfig = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read (is {} a `stu train` run folder?)", cfg_path.display(), run.display()))?).with_context(|| format!("{}: not a training configuration", cfg_path.display()))?;
+    let checkpoint = run.join(if req.best { "checkpoint_best.safetensors" } else { "checkpoint_final.safetensors" });
+    ensure!(checkpoint.exists(), "{}: not found (is the training finished?)", checkpoint.display());
     let (_, val_ids) = crate::train::fold_cases(&cfg.preprocessed, &cfg.fold)?;
     if val_ids.is_empty() {
         return Ok(Outcome::Skipped(format!("fold `{}` has no validation cases", cfg.fold)));
@@ -55,10 +107,49 @@ pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str,
     let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
     let (cases, _) = stu_data::dataset::discover(&raw, &json)?;
     let dir = run.join("validation");
+    // Predictions of another checkpoint go first (a folder without `checkpoint.json` holds the
+    // final checkpoint's, from before it was written).
+    let source = Source::of(&checkpoint)?;
+    let record = dir.join("checkpoint.json");
+    let recorded: Option<Source> = match std::fs::read_to_string(&record) {
+        Ok(text) => Some(serde_json::from_str(&text).with_context(|| format!("{}: not a validation record", record.display()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", record.display())),
+    };
+    let stale = match &recorded {
+        Some(r) => *r != source,
+        None => req.best,
+    };
+    let mut removed = 0;
+    if stale {
+        for id in &val_ids {
+            for f in [dir.join(format!("{id}.nii.gz")), crate::predict::probabilities_path(&dir, id)] {
+                match std::fs::remove_file(&f) {
+                    Ok(()) => removed += usize::from(f.extension().is_some_and(|e| e == "gz")),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("{}: cannot remove a prediction of another checkpoint", f.display())),
+                }
+            }
+        }
+    }
+    if stale || recorded.is_none() {
+        // Before any prediction, and without the old summary (which scored the old predictions).
+        match std::fs::remove_file(dir.join("summary.json")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot remove", dir.join("summary.json").display())),
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+        stu_core::fs::write_atomic(&record, (serde_json::to_string_pretty(&source)? + "\n").as_bytes())?;
+    }
+    let backend = match req.backend {
+        Some(b) => b,
+        None => cfg.backend.parse().map_err(|e: String| anyhow::anyhow!("{}: `backend`: {e}", cfg_path.display()))?,
+    };
     let opts = PredictOptions {
         input: raw.join("imagesTr"),
         output: dir.clone(),
-        checkpoints: vec![run.join("checkpoint_final.safetensors")],
+        checkpoints: vec![checkpoint.clone()],
         model: Some(cfg.model.clone()),
         plans: None,
         configuration: cfg.configuration.clone(),
@@ -70,8 +161,8 @@ pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str,
         save_probabilities: false,
         fast_export: false,
         overlap: None,
-        backend: cfg.backend.parse().map_err(|e: String| anyhow::anyhow!("{}: `backend`: {e}", cfg_path.display()))?,
-        precision: cfg.precision,
+        backend,
+        precision: req.precision.unwrap_or(cfg.precision),
         continue_prediction: false,
         part: None,
     };
@@ -80,7 +171,7 @@ pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str,
     let mut predicted = 0;
     for id in &val_ids {
         let out = dir.join(format!("{id}.nii.gz"));
-        let probs = probabilities.then(|| crate::predict::probabilities_path(&dir, id));
+        let probs = req.probabilities.then(|| crate::predict::probabilities_path(&dir, id));
         if out.exists() && probs.as_ref().is_none_or(|p| p.exists()) {
             continue;
         }
@@ -95,5 +186,5 @@ pub fn final_validation(run: &Path, probabilities: bool, progress: &dyn Fn(&str,
     let summary = stu_data::metrics::evaluate_scored(&raw.join("labelsTr"), std::slice::from_ref(&dir), &scored, &eval)?;
     let value = serde_json::to_value(&summary)?;
     stu_core::fs::write_atomic(&dir.join("summary.json"), (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
-    Ok(Outcome::Done(Validation { dir, predicted, cases: val_ids.len(), foreground_dice: value.pointer("/foreground_mean/Dice").and_then(|d| d.as_f64()) }))
+    Ok(Outcome::Done(Validation { dir, predicted, cases: val_ids.len(), foreground_dice: value.pointer("/foreground_mean/Dice").and_then(|d| d.as_f64()), checkpoint: source.checkpoint, removed }))
 }
