@@ -326,6 +326,15 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
     ok(&stu(&["predict", "-i", raw.join("imagesTr/b_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-best"), "--checkpoint", &t("run/checkpoint_best.safetensors")]));
     let best = stu_data::nifti_io::read_label(&val.join("b.nii.gz")).unwrap().data;
     assert!(stu_data::nifti_io::read_label(&tmp.path().join("pred-best/b.nii.gz")).unwrap().data == best);
+    // `--chk best` takes a run folder's best checkpoint (nnU-Net's -chk); a model exported with
+    // its best checkpoints needs it, and says so without it.
+    let b_image = raw.join("imagesTr/b_0000.nii.gz");
+    ok(&stu(&["predict", "-i", b_image.to_str().unwrap(), "-o", &t("pred-chk"), "--checkpoint", &t("run"), "--chk", "best"]));
+    assert!(stu_data::nifti_io::read_label(&tmp.path().join("pred-chk/b.nii.gz")).unwrap().data == best);
+    ok(&stu(&["export-model", &t("run"), "--out", &t("best.zip"), "--checkpoint", "best"]));
+    ok(&stu(&["install-model", &t("best.zip"), "--out", &t("installed-best")]));
+    let r = stu(&["predict", "-i", b_image.to_str().unwrap(), "-o", &t("pred-x"), "--checkpoint", &t("installed-best/fold_0")]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("`--chk best`"), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(val.join("summary.json").exists());
     let log = ok(&stu(&["validate", &t("run"), "--checkpoint", "best", "--backend", "flex"]));
     assert!(log.contains("(0 predicted now) with checkpoint_best"), "{log}");

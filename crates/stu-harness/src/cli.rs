@@ -161,6 +161,9 @@ enum Command {
         /// ensemble).
         #[arg(long = "checkpoint", required = true, num_args = 1..)]
         checkpoints: Vec<PathBuf>,
+        /// Which checkpoint of a run folder given to --checkpoint: final or best (nnU-Net's `-chk`).
+        #[arg(long, default_value = "final", value_parser = ["final", "best"])]
+        chk: String,
         /// Model registry name (default: recognised from the keys).
         #[arg(long)]
         model: Option<String>,
@@ -848,8 +851,20 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
-        Command::Predict { input, output, checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id } => {
+        Command::Predict { input, output, checkpoints, chk, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id } => {
             let part = (num_parts != 1 || part_id != 0).then_some((part_id, num_parts));
+            // A run folder stands for its final checkpoint (`Predictor::new`), or its best.
+            let checkpoints: Vec<PathBuf> = checkpoints
+                .into_iter()
+                .map(|c| {
+                    if chk != "best" || !c.is_dir() {
+                        return Ok(c);
+                    }
+                    let f = c.join("checkpoint_best.safetensors");
+                    anyhow::ensure!(f.exists(), "{}: a folder without checkpoint_best.safetensors (--chk best)", c.display());
+                    Ok(f)
+                })
+                .collect::<anyhow::Result<_>>()?;
             let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, part };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {

@@ -378,7 +378,8 @@ impl Predictor {
                     return Ok(c.clone());
                 }
                 let f = c.join("checkpoint_final.safetensors");
-                ensure!(f.exists(), "{}: a folder without checkpoint_final.safetensors (is its training finished?)", c.display());
+                let hint = if c.join("checkpoint_best.safetensors").exists() { " (it has checkpoint_best: `--chk best`)" } else { " (is its training finished?)" };
+                ensure!(f.exists(), "{}: a folder without checkpoint_final.safetensors{hint}", c.display());
                 Ok(f)
             })
             .collect::<Result<_>>()?;
