@@ -404,3 +404,65 @@ fn overlays_equal_nnunets_pixel_for_pixel() {
     let off = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
     assert_eq!(off, 0, "{off} of {} bytes differ from nnU-Net's overlay", ours.len());
 }
+
+#[test]
+fn metaimage_volumes_read_as_simpleitk_converts_them_and_round_trip() {
+    // tests/fixtures/make_mha_fixture.py: SimpleITK 2.5 wrote each volume as MetaImage and as
+    // NIfTI; ours reads the MetaImage as the voxels and RAS affine of SimpleITK's NIfTI (an
+    // oblique asymmetric direction with determinant −1, compressed int16; uncompressed uint8 in
+    // a .mhd with its own data file; uncompressed float32).
+    let dir = tests::own_fixtures().join("mha");
+    for (mha, label) in [("oblique_int16.mha", false), ("labels_uchar.mhd", true), ("float_plain.mha", false)] {
+        let nii = dir.join(mha.replace(".mha", ".nii.gz").replace(".mhd", ".nii.gz"));
+        let (ours, theirs) = (read_image(&dir.join(mha)).unwrap(), read_image(&nii).unwrap());
+        assert_eq!(ours.data, theirs.data, "{mha}");
+        assert_eq!(ours.geom.shape, theirs.geom.shape, "{mha}");
+        let err = ours.geom.affine.iter().flatten().zip(theirs.geom.affine.iter().flatten()).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-5, "{mha}: affine off by {err}");
+        assert!(ours.geom.spacing.iter().zip(&theirs.geom.spacing).all(|(a, b)| (a - b).abs() < 1e-6), "{mha}: spacing");
+        if label {
+            assert_eq!(read_label(&dir.join(mha)).unwrap().data, read_label(&nii).unwrap().data);
+        }
+    }
+    // Written as .mha and read back: the same voxels and affine (labels as uint8 and uint16,
+    // images as int16 and float32); a NIfTI written from a MetaImage's geometry keeps its affine.
+    let tmp = tempfile::tempdir().unwrap();
+    let ct = read_image(&dir.join("oblique_int16.mha")).unwrap();
+    for (name, data) in [("ct.mha", ct.data.clone()), ("float.mha", ct.data.iter().map(|v| v * 0.5 + 0.25).collect())] {
+        write_image(&tmp.path().join(name), &data, &ct.geom).unwrap();
+        let back = read_image(&tmp.path().join(name)).unwrap();
+        assert_eq!(back.data, data, "{name}");
+        assert!(back.geom.affine_mismatch(&ct.geom) < 1e-12, "{name}");
+    }
+    for wide in [false, true] {
+        let labels: Vec<u16> = (0..ct.data.len()).map(|i| (i % 7) as u16 * if wide { 1000 } else { 1 }).collect();
+        let p = tmp.path().join(format!("labels{wide}.mha"));
+        stu_data::nifti_io::write_label_as(&p, &labels, &ct.geom, wide).unwrap();
+        assert_eq!(read_label(&p).unwrap().data, labels);
+    }
+    write_image(&tmp.path().join("ct.nii.gz"), &ct.data, &ct.geom).unwrap();
+    assert!(read_image(&tmp.path().join("ct.nii.gz")).unwrap().geom.affine_mismatch(&ct.geom) < 1e-6);
+    // Truncated voxels, a corrupt header, a .mhd without its data file, 4-D data, .mhd output:
+    // errors that name the file and say what is wrong.
+    let bytes = std::fs::read(dir.join("oblique_int16.mha")).unwrap();
+    let cut = tmp.path().join("cut.mha");
+    std::fs::write(&cut, &bytes[..bytes.len() - 40]).unwrap();
+    let e = read_image(&cut).unwrap_err().to_string();
+    assert!(e.contains("cut.mha") && (e.contains("truncated") || e.contains("zlib")), "{e}");
+    let marker = b"ElementDataFile = LOCAL\n";
+    let header_end = bytes.windows(marker.len()).position(|w| w == marker).unwrap() + marker.len();
+    let text = String::from_utf8_lossy(&bytes[..header_end]).to_string();
+    let mut four = text[..header_end].replace("NDims = 3", "NDims = 4").replace("DimSize = 6 5 4", "DimSize = 6 5 4 2").into_bytes();
+    four.extend_from_slice(&bytes[header_end..]);
+    std::fs::write(tmp.path().join("four.mha"), &four).unwrap();
+    let e = read_image(&tmp.path().join("four.mha")).unwrap_err().to_string();
+    assert!(e.contains("four.mha") && e.contains("3-D"), "{e}");
+    std::fs::write(tmp.path().join("junk.mha"), b"\x89PNG\r\n\x1a\n binary").unwrap();
+    let e = read_image(&tmp.path().join("junk.mha")).unwrap_err().to_string();
+    assert!(e.contains("junk.mha") && e.contains("MetaImage"), "{e}");
+    std::fs::copy(dir.join("labels_uchar.mhd"), tmp.path().join("alone.mhd")).unwrap();
+    let e = read_label(&tmp.path().join("alone.mhd")).unwrap_err().to_string();
+    assert!(e.contains("alone.mhd") && e.contains("labels_uchar.raw"), "{e}");
+    let e = write_label(&tmp.path().join("out.mhd"), &[0u16; 120], &ct.geom).unwrap_err().to_string();
+    assert!(e.contains(".mha"), "{e}");
+}

@@ -91,6 +91,10 @@ impl<'de> serde::Deserialize<'de> for Ordered {
     }
 }
 
+/// The `file_ending`s a dataset may have: NIfTI, gzipped or not, and MetaImage (SimpleITK's
+/// `.mha`, as nnU-Net reads it).
+pub const DATASET_ENDINGS: [&str; 3] = [".nii.gz", ".nii", ".mha"];
+
 /// A validated `dataset.json`.
 #[derive(Debug, Clone)]
 pub struct DatasetJson {
@@ -245,8 +249,8 @@ impl DatasetJson {
             .filter(|s| s.starts_with('.'))
             .ok_or_else(|| err("file_ending", "missing or not a string like \".nii.gz\"".into()))?
             .to_string();
-        if file_ending != ".nii.gz" {
-            return Err(err("file_ending", format!("`{file_ending}`: datasets here are gzipped NIfTI (.nii.gz); gzip .nii files, and convert other formats (nnU-Net's SimpleITK .mha/.nrrd, tif, png) to NIfTI first")));
+        if !DATASET_ENDINGS.contains(&file_ending.as_str()) {
+            return Err(err("file_ending", format!("`{file_ending}`: datasets here are NIfTI (.nii.gz, .nii) or MetaImage (.mha); convert other formats (nnU-Net's SimpleITK .nrrd, tif, png) to one of them first")));
         }
         Ok(Self {
             channel_names: by_index.into_values().collect(),
@@ -378,7 +382,8 @@ mod tests {
         assert!(e.contains("`labels.wt`") && e.contains("background"), "{e}");
         let e = read(&base(r#"{"background": 0, "wt": [1, 2], "tc": [2]}"#, r#", "regions_class_order": [1, 0]"#)).unwrap_err().to_string();
         assert!(e.contains("`regions_class_order`") && e.contains("0:"), "{e}");
-        let e = read(r#"{"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".mha", "labels": {"background": 0, "a": 1}}"#).unwrap_err().to_string();
-        assert!(e.contains("`file_ending`") && e.contains(".mha") && e.contains("NIfTI"), "{e}");
+        let e = read(r#"{"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".nrrd", "labels": {"background": 0, "a": 1}}"#).unwrap_err().to_string();
+        assert!(e.contains("`file_ending`") && e.contains(".nrrd") && e.contains("NIfTI"), "{e}");
+        assert!(read(r#"{"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".mha", "labels": {"background": 0, "a": 1}}"#).is_ok());
     }
 }

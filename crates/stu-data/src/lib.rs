@@ -1,4 +1,4 @@
-//! Volumes on disk → CPU arrays: NIfTI I/O, nnU-Net raw datasets, integrity checks.
+//! Volumes on disk → CPU arrays: NIfTI and MetaImage I/O, nnU-Net raw datasets, integrity checks.
 //!
 //! **Invariant:** no burn, no tensors: everything here is plain `Vec`s and file formats, so it
 //! builds fast and is tested without a compute backend.
@@ -10,6 +10,7 @@ pub mod convert;
 pub mod dataset;
 pub mod fingerprint;
 pub mod loader;
+mod metaimage;
 pub mod metrics;
 pub mod nifti_io;
 pub mod phantom;

@@ -244,8 +244,8 @@ pub fn evaluate_folder(reference: &Path, prediction: &Path, labels: &[u16], surf
     evaluate_folders(reference, &[prediction.to_path_buf()], labels, surface)
 }
 
-/// The `{id}.nii.gz` predictions of `predictions` (folders, in order) that have a reference of
-/// the same name in `reference`, as (reference, prediction) pairs. A case predicted in two of
+/// The `{id}.nii.gz` (or `.nii`, `.mha`) predictions of `predictions` (folders, in order) that
+/// have a reference of the same case id in `reference` (in any of those formats), as (reference, prediction) pairs. A case predicted in two of
 /// the folders is an error, and so is finding no pair.
 pub fn pair_predictions(reference: &Path, predictions: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>, DatasetError> {
     let file_err = |p: &Path, r: String| DatasetError::File { path: p.to_path_buf(), reason: r };
@@ -254,17 +254,25 @@ pub fn pair_predictions(reference: &Path, predictions: &[PathBuf]) -> Result<Vec
         let mut found: Vec<PathBuf> = std::fs::read_dir(prediction)
             .map_err(|e| file_err(prediction, format!("cannot list: {e}")))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.to_string_lossy().ends_with(".nii.gz"))
+            .filter(|p| p.file_name().is_some_and(|n| crate::nifti_io::split_ending(&n.to_string_lossy()).is_some()))
             .collect();
         found.sort();
+        let id = |p: &Path| p.file_name().and_then(|n| crate::nifti_io::split_ending(&n.to_string_lossy()).map(|(id, _)| id.to_string()));
         for p in found {
-            if let Some(other) = preds.iter().find(|q| q.file_name() == p.file_name()) {
+            if let Some(other) = preds.iter().find(|q| id(q) == id(&p)) {
                 return Err(file_err(&p, format!("predicted in {} too; each case is scored once", other.display())));
             }
             preds.push(p);
         }
     }
-    let pairs: Vec<(PathBuf, PathBuf)> = preds.into_iter().filter_map(|p| { let r = reference.join(p.file_name()?); r.exists().then_some((r, p)) }).collect();
+    let pairs: Vec<(PathBuf, PathBuf)> = preds
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            let r = crate::nifti_io::find_case(reference, crate::nifti_io::split_ending(&name)?.0)?;
+            Some((r, p))
+        })
+        .collect();
     if pairs.is_empty() {
         let shown = predictions.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
         return Err(file_err(&predictions[0], format!("no prediction (in {shown}) has a reference of the same name in {}", reference.display())));

@@ -1,4 +1,5 @@
-//! NIfTI-1 reading and writing on the `nifti` crate, with the workarounds of `shared/docs/data.md`
+//! NIfTI-1 reading and writing on the `nifti` crate (and MetaImage, `.mha`/`.mhd`, through
+//! [`crate::metaimage`], by file ending), with the workarounds of `shared/docs/data.md`
 //! §5: multi-member gzip (`MultiGzDecoder`), a clear error for NIfTI-2, our own affine (sform,
 //! then qform, then the base affine, as nibabel's `get_best_affine`; no qform panic), scaling
 //! applied only for a finite non-zero slope, images as f32 and labels as integers.
@@ -182,12 +183,73 @@ fn scaling(h: &NiftiHeader) -> Option<(f64, f64)> {
     (s.is_finite() && s != 0.0 && !(s == 1.0 && i == 0.0)).then_some((s, if i.is_finite() { i } else { 0.0 }))
 }
 
-/// Reads an image channel as f32, scaled.
-pub fn read_image(path: &Path) -> Result<Volume<f32>> {
+/// The file endings read and written here: NIfTI-1 (gzipped or not) and MetaImage (`.mhd`,
+/// whose voxels are in a file of their own, is read but not written).
+pub const FILE_ENDINGS: [&str; 4] = [".nii.gz", ".nii", ".mha", ".mhd"];
+
+/// `name` without its image file ending, and the ending (`None` for another file).
+pub fn split_ending(name: &str) -> Option<(&str, &'static str)> {
+    FILE_ENDINGS.iter().find(|e| name.len() > e.len() && name.ends_with(*e)).map(|e| (&name[..name.len() - e.len()], *e))
+}
+
+/// The image file of case `id` in `dir` (`{id}.nii.gz`, `.nii`, `.mha` or `.mhd`), if any.
+pub fn find_case(dir: &Path, id: &str) -> Option<PathBuf> {
+    FILE_ENDINGS.iter().map(|e| dir.join(format!("{id}{e}"))).find(|p| p.exists())
+}
+
+fn is_metaimage(path: &Path) -> bool {
+    matches!(split_ending(&path.to_string_lossy()), Some((_, ".mha" | ".mhd")))
+}
+
+/// A file read into memory, either format.
+enum Loaded {
+    Nifti(InMemNiftiObject),
+    Meta(crate::metaimage::Meta),
+}
+
+fn load(path: &Path) -> Result<(Loaded, Geometry)> {
+    if is_metaimage(path) {
+        let m = crate::metaimage::read(path).map_err(|e| invalid(path, e))?;
+        let g = meta_geometry(path, &m)?;
+        return Ok((Loaded::Meta(m), g));
+    }
     let obj = read_object(path)?;
-    let geom = geometry(path, obj.header())?;
-    let (s, i) = scaling(obj.header()).unwrap_or((1.0, 0.0));
-    let data = typed_values(path, obj, |v| (v * s + i) as f32)?;
+    let g = geometry(path, obj.header())?;
+    Ok((Loaded::Nifti(obj), g))
+}
+
+/// The voxels (NIfTI's scaled by its slope and intercept) through `f`.
+fn values<T: Send>(path: &Path, loaded: Loaded, f: impl Fn(f64) -> T + Sync) -> Result<Vec<T>> {
+    match loaded {
+        Loaded::Nifti(obj) => match scaling(obj.header()) {
+            Some((s, i)) => typed_values(path, obj, |v| f(v * s + i)),
+            None => typed_values(path, obj, f),
+        },
+        Loaded::Meta(m) => Ok(m.values(f)),
+    }
+}
+
+/// A MetaImage's geometry, with a NIfTI header of the same affine (sform) for NIfTI outputs.
+fn meta_geometry(path: &Path, m: &crate::metaimage::Meta) -> Result<Geometry> {
+    let a = m.affine;
+    let sp: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| a[r][c] * a[r][c]).sum::<f64>().sqrt());
+    let [nx, ny, nz] = m.dims;
+    let dim = |n: usize| u16::try_from(n).ok().filter(|&d| d <= i16::MAX as u16).ok_or_else(|| invalid(path, format!("extent {n} is beyond NIfTI-1's 32767")));
+    let mut header = NiftiHeader::default();
+    header.dim = [3, dim(nx)?, dim(ny)?, dim(nz)?, 1, 1, 1, 1];
+    header.pixdim = [1.0, sp[0] as f32, sp[1] as f32, sp[2] as f32, 1.0, 1.0, 1.0, 1.0];
+    header.sform_code = 1;
+    header.qform_code = 0;
+    header.xyzt_units = 2; // mm
+    let row = |r: usize| [a[r][0] as f32, a[r][1] as f32, a[r][2] as f32, a[r][3] as f32];
+    (header.srow_x, header.srow_y, header.srow_z) = (row(0), row(1), row(2));
+    Ok(Geometry { shape: [nz, ny, nx], spacing: [sp[2], sp[1], sp[0]], affine: a, header })
+}
+
+/// Reads an image channel (NIfTI or MetaImage) as f32, scaled.
+pub fn read_image(path: &Path) -> Result<Volume<f32>> {
+    let (loaded, geom) = load(path)?;
+    let data = values(path, loaded, |v| v as f32)?;
     Ok(Volume { data, geom })
 }
 
@@ -195,6 +257,9 @@ pub fn read_image(path: &Path) -> Result<Volume<f32>> {
 /// modalities so), as f32, scaled. Each channel's geometry is the file's spatial one, its
 /// header a 3-D copy without the scaling (its values are scaled already).
 pub fn read_channels(path: &Path) -> Result<Vec<Volume<f32>>> {
+    if is_metaimage(path) {
+        return Ok(vec![read_image(path)?]);
+    }
     let obj = read_object(path)?;
     let h = obj.header().clone();
     let ndim = h.dim[0] as usize;
@@ -219,25 +284,18 @@ pub fn read_channels(path: &Path) -> Result<Vec<Volume<f32>>> {
     Ok(data.chunks_exact(n).map(|c| Volume { data: c.to_vec(), geom: geom.clone() }).collect())
 }
 
-/// Reads only the header and geometry (cheap for uncompressed files; decompresses `.gz`).
+/// Reads only the header and geometry (decompresses `.gz`; reads a MetaImage whole).
 pub fn read_geometry(path: &Path) -> Result<Geometry> {
-    let obj = read_object(path)?;
-    geometry(path, obj.header())
+    Ok(load(path)?.1)
 }
 
 /// Reads a label map: every value must be a non-negative integer below 65536.
 pub fn read_label(path: &Path) -> Result<Volume<u16>> {
-    let obj = read_object(path)?;
-    let geom = geometry(path, obj.header())?;
-    let (s, c) = scaling(obj.header()).unwrap_or((1.0, 0.0));
+    let (loaded, geom) = load(path)?;
     // Out-of-range values become the sentinel u32::MAX, found afterwards to name the voxel.
-    let raw: Vec<u32> = typed_values(path, obj, |v| {
-        let v = v * s + c;
-        if v >= 0.0 && v < 65536.0 && v.fract() == 0.0 { v as u32 } else { u32::MAX }
-    })?;
+    let raw: Vec<u32> = values(path, loaded, |v| if v >= 0.0 && v < 65536.0 && v.fract() == 0.0 { v as u32 } else { u32::MAX })?;
     if let Some(i) = raw.iter().position(|&v| v == u32::MAX) {
-        let obj = read_object(path)?;
-        let v = typed_values(path, obj, |v| v * s + c)?[i];
+        let v = values(path, load(path)?.0, |v| v)?[i];
         let [_, ny, nx] = geom.shape;
         let (z, y, x) = (i / (ny * nx), i / nx % ny, i % nx);
         return Err(invalid(path, format!("label value {v} at voxel (x={x}, y={y}, z={z}) is not a non-negative integer < 65536")));
@@ -261,6 +319,16 @@ pub fn write_label_as(path: &Path, data: &[u16], geom: &Geometry, wide: bool) ->
     if data.len() != nz * ny * nx {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
+    if is_metaimage(path) {
+        let small: Vec<u8>;
+        let voxels = if wide {
+            crate::metaimage::Voxels::U16(data)
+        } else {
+            small = data.iter().map(|&v| v as u8).collect();
+            crate::metaimage::Voxels::U8(&small)
+        };
+        return write_metaimage(path, geom, voxels, 6);
+    }
     write_nifti_atomic(path, |tmp| {
         let opts = nifti::writer::WriterOptions::new(tmp)
             .reference_header(&geom.header)
@@ -276,6 +344,16 @@ pub fn write_label_as(path: &Path, data: &[u16], geom: &Geometry, wide: bool) ->
     })
 }
 
+/// Writes a `.mha` (zlib `level`) at `geom` (`.mhd`, a header with a data file beside it, is
+/// only read).
+fn write_metaimage(path: &Path, geom: &Geometry, voxels: crate::metaimage::Voxels<'_>, level: u32) -> Result<()> {
+    if path.to_string_lossy().ends_with(".mhd") {
+        return Err(invalid(path, "MetaImage is written as .mha (header and voxels in one file), not .mhd"));
+    }
+    let [nz, ny, nx] = geom.shape;
+    crate::metaimage::write(path, [nx, ny, nz], &geom.affine, voxels, level).map_err(|e| invalid(path, format!("cannot write: {e}")))
+}
+
 /// Runs a `nifti` writer on a temporary sibling of `path` and renames it into place.
 fn write_nifti_atomic(path: &Path, write: impl FnOnce(&Path) -> std::result::Result<(), nifti::NiftiError>) -> Result<()> {
     stu_core::fs::atomic_with(path, |tmp| write(tmp).map_err(io::Error::other)).map_err(|e| invalid(path, format!("cannot write: {e}")))
@@ -289,9 +367,19 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
     if data.len() != nz * ny * nx {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
+    let as_i16 = data.iter().all(|v| v.fract() == 0.0 && (i16::MIN as f32..=i16::MAX as f32).contains(v));
+    if is_metaimage(path) {
+        let ints: Vec<i16>;
+        let voxels = if as_i16 {
+            ints = data.iter().map(|&v| v as i16).collect();
+            crate::metaimage::Voxels::I16(&ints)
+        } else {
+            crate::metaimage::Voxels::F32(data)
+        };
+        return write_metaimage(path, geom, voxels, 1);
+    }
     write_nifti_atomic(path, |tmp| {
     let opts = nifti::writer::WriterOptions::new(tmp).reference_header(&geom.header).compression_level(flate2::Compression::new(1));
-    let as_i16 = data.iter().all(|v| v.fract() == 0.0 && (i16::MIN as f32..=i16::MAX as f32).contains(v));
     let written = if as_i16 {
         let ints: Vec<i16> = data.iter().map(|&v| v as i16).collect();
         opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], &ints).expect("length checked").reversed_axes())

@@ -94,7 +94,8 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
         if let Some(m) = members.iter().find(|m| m.regions != regions) {
             bail!("{}: {}, {} {}; an ensemble's members predict the same classes or regions", m.path.display(), describe(&m.regions), members[0].path.display(), describe(&regions));
         }
-        let label_map = folders[0].join(format!("{id}.nii.gz"));
+        let label_map = stu_data::nifti_io::find_case(&folders[0], id).unwrap_or_else(|| folders[0].join(format!("{id}.nii.gz")));
+        let ending = stu_data::nifti_io::split_ending(&label_map.to_string_lossy()).map_or(".nii.gz", |(_, e)| e);
         let geom = stu_data::nifti_io::read_geometry(&label_map).with_context(|| format!("{}: the label map giving the ensemble's geometry", label_map.display()))?;
         ensure!(geom.shape == [shape[1], shape[2], shape[3]], "{}: shape {:?}, its probabilities {shape:?}", label_map.display(), geom.shape);
         let (classes, n) = (shape[0], shape[1] * shape[2] * shape[3]);
@@ -135,7 +136,8 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
             let _ = std::fs::remove_file(&probabilities);
             return Err(e);
         }
-        let out = output.join(format!("{id}.nii.gz"));
+        // In the members' format.
+        let out = output.join(format!("{id}{ending}"));
         let max = regions.as_ref().map_or(classes.saturating_sub(1), |w| w.iter().copied().max().unwrap_or(0) as usize);
         stu_data::nifti_io::write_label_as(&out, &arg, &geom, max > 255).with_context(|| out.display().to_string())?;
     }

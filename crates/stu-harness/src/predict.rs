@@ -766,11 +766,11 @@ pub fn keep_largest_per_label(seg: &mut [u16], shape: [usize; 3]) {
     }
 }
 
-/// Groups the NIfTI files of a folder (or one file) into cases by nnU-Net naming
-/// (`{case}_{XXXX}.nii.gz`); a file without the suffix is a single-channel case.
+/// Groups the image files (NIfTI, MetaImage) of a folder (or one file) into cases by nnU-Net
+/// naming (`{case}_{XXXX}.nii.gz`); a file without the suffix is a single-channel case.
 pub fn discover_inputs(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     let files: Vec<PathBuf> = if input.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.to_string_lossy().ends_with(".nii.gz") || p.to_string_lossy().ends_with(".nii")).collect();
+        let mut v: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.file_name().is_some_and(|n| stu_data::nifti_io::split_ending(&n.to_string_lossy()).is_some())).collect();
         v.sort();
         v
     } else if input.exists() {
@@ -778,11 +778,11 @@ pub fn discover_inputs(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     } else {
         bail!("{}: no such file or folder", input.display());
     };
-    ensure!(!files.is_empty(), "{}: no .nii.gz files", input.display());
+    ensure!(!files.is_empty(), "{}: no image files (.nii.gz, .nii, .mha, .mhd)", input.display());
     let mut cases: std::collections::BTreeMap<String, Vec<(usize, PathBuf)>> = Default::default();
     for f in files {
         let name = f.file_name().expect("file").to_string_lossy().to_string();
-        let stem = name.trim_end_matches(".gz").trim_end_matches(".nii").to_string();
+        let stem = stu_data::nifti_io::split_ending(&name).map_or(name.as_str(), |(stem, _)| stem).to_string();
         let (id, ch) = match stem.rsplit_once('_') {
             Some((id, ch)) if ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) => (id.to_string(), ch.parse().expect("digits")),
             _ => (stem.clone(), 0),
@@ -817,6 +817,14 @@ pub struct CaseResult {
     pub skipped: bool,
 }
 
+/// The file ending of a label map predicted from `image`: `.mha` for a MetaImage, else `.nii.gz`.
+pub fn output_ending(image: &Path) -> &'static str {
+    match stu_data::nifti_io::split_ending(&image.to_string_lossy()) {
+        Some((_, ".mha" | ".mhd")) => ".mha",
+        _ => ".nii.gz",
+    }
+}
+
 /// Predicts every case; one failing case does not stop the others.
 pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> Result<Vec<CaseResult>> {
     let mut cases = discover_inputs(&opts.input)?;
@@ -824,11 +832,14 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         ensure!(parts >= 1 && part < parts, "--part-id {part} of --num-parts {parts}: the part is 0…{}", parts.saturating_sub(1));
         cases = cases.into_iter().skip(part).step_by(parts).collect();
     }
+    // Label maps are written in their case's format: MetaImage for MetaImage inputs (as nnU-Net
+    // writes its dataset's file ending), else gzipped NIfTI.
+    let outputs: std::collections::HashMap<String, PathBuf> = cases.iter().map(|(id, files)| (id.clone(), opts.output.join(format!("{id}{}", output_ending(&files[0]))))).collect();
     let mut skipped = Vec::new();
     if opts.continue_prediction {
-        let done = |id: &str| opts.output.join(format!("{id}.nii.gz")).exists() && (!opts.save_probabilities || probabilities_path(&opts.output, id).exists());
+        let done = |id: &str| outputs[id].exists() && (!opts.save_probabilities || probabilities_path(&opts.output, id).exists());
         let (old, todo): (Vec<_>, Vec<_>) = cases.into_iter().partition(|(id, _)| done(id));
-        skipped = old.into_iter().map(|(id, _)| CaseResult { output: Ok(opts.output.join(format!("{id}.nii.gz"))), id, seconds: 0.0, phases: Vec::new(), skipped: true }).collect();
+        skipped = old.into_iter().map(|(id, _)| CaseResult { output: Ok(outputs[&id].clone()), id, seconds: 0.0, phases: Vec::new(), skipped: true }).collect();
         cases = todo;
         if cases.is_empty() {
             return Ok(skipped);
@@ -863,7 +874,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     ensure!(wrong.len() < cases.len(), "{}: the model takes {} channel(s); the cases have {}", opts.input.display(), predictor.channels(), wrong.join(", "));
     // The label map as the options want it, written; the phase's seconds appended.
     let finish = |id: &str, mut seg: Vec<u16>, geom: &stu_data::nifti_io::Geometry, phases: &mut Phases| -> Result<PathBuf> {
-        let out_path = opts.output.join(format!("{id}.nii.gz"));
+        let out_path = outputs[id].clone();
         if let Some(t) = &table {
             seg.iter_mut().for_each(|v| *v = t[*v as usize]);
         }

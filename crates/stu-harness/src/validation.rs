@@ -120,12 +120,14 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
         Some(r) => *r != source,
         None => req.best,
     };
+    // Label maps in the dataset's format (MetaImage for an `.mha` dataset), as `stu predict`.
+    let ending = if json.file_ending == ".mha" { ".mha" } else { ".nii.gz" };
     let mut removed = 0;
     if stale {
         for id in &val_ids {
-            for f in [dir.join(format!("{id}.nii.gz")), crate::predict::probabilities_path(&dir, id)] {
+            for f in [dir.join(format!("{id}{ending}")), crate::predict::probabilities_path(&dir, id)] {
                 match std::fs::remove_file(&f) {
-                    Ok(()) => removed += usize::from(f.extension().is_some_and(|e| e == "gz")),
+                    Ok(()) => removed += usize::from(!f.to_string_lossy().ends_with(".safetensors")),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e).with_context(|| format!("{}: cannot remove a prediction of another checkpoint", f.display())),
                 }
@@ -170,7 +172,7 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     let wide = predictor.max_label() > 255;
     let mut predicted = 0;
     for id in &val_ids {
-        let out = dir.join(format!("{id}.nii.gz"));
+        let out = dir.join(format!("{id}{ending}"));
         let probs = req.probabilities.then(|| crate::predict::probabilities_path(&dir, id));
         if out.exists() && probs.as_ref().is_none_or(|p| p.exists()) {
             continue;
