@@ -406,44 +406,56 @@ fn overlays_equal_nnunets_pixel_for_pixel() {
 }
 
 #[test]
-fn metaimage_volumes_read_as_simpleitk_converts_them_and_round_trip() {
-    // tests/fixtures/make_mha_fixture.py: SimpleITK 2.5 wrote each volume as MetaImage and as
-    // NIfTI; ours reads the MetaImage as the voxels and RAS affine of SimpleITK's NIfTI (an
-    // oblique asymmetric direction with determinant −1, compressed int16; uncompressed uint8 in
-    // a .mhd with its own data file; uncompressed float32).
-    let dir = tests::own_fixtures().join("mha");
-    for (mha, label) in [("oblique_int16.mha", false), ("labels_uchar.mhd", true), ("float_plain.mha", false)] {
-        let nii = dir.join(mha.replace(".mha", ".nii.gz").replace(".mhd", ".nii.gz"));
-        let (ours, theirs) = (read_image(&dir.join(mha)).unwrap(), read_image(&nii).unwrap());
+fn metaimage_and_nrrd_volumes_read_as_simpleitk_converts_them_and_round_trip() {
+    // tests/fixtures/make_itk_fixture.py: SimpleITK 2.5 wrote each volume as MetaImage, as NRRD
+    // and as NIfTI; ours reads the first two as the voxels and RAS affine of SimpleITK's NIfTI
+    // (an oblique asymmetric direction with determinant −1, compressed int16; uncompressed uint8
+    // in a .mhd/.nhdr with its own data file; uncompressed float32).
+    let dir = tests::own_fixtures().join("itk");
+    for (mha, label) in [("oblique_int16", false), ("labels_uchar", true), ("float_plain", false)].into_iter().flat_map(|(n, l)| {
+        let (meta, nrrd) = if l { (".mhd", ".nhdr") } else { (".mha", ".nrrd") };
+        [(format!("{n}{meta}"), l), (format!("{n}{nrrd}"), l)]
+    }) {
+        let nii = dir.join(format!("{}.nii.gz", stu_data::nifti_io::split_ending(&mha).unwrap().0));
+        let (ours, theirs) = (read_image(&dir.join(&mha)).unwrap(), read_image(&nii).unwrap());
         assert_eq!(ours.data, theirs.data, "{mha}");
         assert_eq!(ours.geom.shape, theirs.geom.shape, "{mha}");
         let err = ours.geom.affine.iter().flatten().zip(theirs.geom.affine.iter().flatten()).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
         assert!(err < 1e-5, "{mha}: affine off by {err}");
         assert!(ours.geom.spacing.iter().zip(&theirs.geom.spacing).all(|(a, b)| (a - b).abs() < 1e-6), "{mha}: spacing");
         if label {
-            assert_eq!(read_label(&dir.join(mha)).unwrap().data, read_label(&nii).unwrap().data);
+            assert_eq!(read_label(&dir.join(&mha)).unwrap().data, read_label(&nii).unwrap().data);
         }
     }
     // Written as .mha and read back: the same voxels and affine (labels as uint8 and uint16,
     // images as int16 and float32); a NIfTI written from a MetaImage's geometry keeps its affine.
     let tmp = tempfile::tempdir().unwrap();
     let ct = read_image(&dir.join("oblique_int16.mha")).unwrap();
-    for (name, data) in [("ct.mha", ct.data.clone()), ("float.mha", ct.data.iter().map(|v| v * 0.5 + 0.25).collect())] {
+    let float: Vec<f32> = ct.data.iter().map(|v| v * 0.5 + 0.25).collect();
+    for (name, data) in [("ct.mha", &ct.data), ("float.mha", &float), ("ct.nrrd", &ct.data), ("float.nrrd", &float)] {
         write_image(&tmp.path().join(name), &data, &ct.geom).unwrap();
         let back = read_image(&tmp.path().join(name)).unwrap();
-        assert_eq!(back.data, data, "{name}");
+        assert_eq!(&back.data, data, "{name}");
         assert!(back.geom.affine_mismatch(&ct.geom) < 1e-12, "{name}");
     }
-    for wide in [false, true] {
+    for (wide, ending) in [(false, ".mha"), (true, ".mha"), (false, ".nrrd"), (true, ".nrrd")] {
         let labels: Vec<u16> = (0..ct.data.len()).map(|i| (i % 7) as u16 * if wide { 1000 } else { 1 }).collect();
-        let p = tmp.path().join(format!("labels{wide}.mha"));
+        let p = tmp.path().join(format!("labels{wide}{ending}"));
         stu_data::nifti_io::write_label_as(&p, &labels, &ct.geom, wide).unwrap();
-        assert_eq!(read_label(&p).unwrap().data, labels);
+        let back = read_label(&p).unwrap();
+        assert!(back.data == labels && back.geom.affine_mismatch(&ct.geom) < 1e-12, "{p:?}");
     }
     write_image(&tmp.path().join("ct.nii.gz"), &ct.data, &ct.geom).unwrap();
     assert!(read_image(&tmp.path().join("ct.nii.gz")).unwrap().geom.affine_mismatch(&ct.geom) < 1e-6);
     // Truncated voxels, a corrupt header, a .mhd without its data file, 4-D data, .mhd output:
     // errors that name the file and say what is wrong.
+    let nrrd = std::fs::read(dir.join("oblique_int16.nrrd")).unwrap();
+    std::fs::write(tmp.path().join("cut.nrrd"), &nrrd[..nrrd.len() - 40]).unwrap();
+    let e = read_image(&tmp.path().join("cut.nrrd")).unwrap_err().to_string();
+    assert!(e.contains("cut.nrrd") && (e.contains("truncated") || e.contains("gzip")), "{e}");
+    std::fs::write(tmp.path().join("vector.nrrd"), String::from_utf8_lossy(&nrrd).replace("dimension: 3", "dimension: 4").replace("sizes: 6 5 4", "sizes: 3 6 5 4").as_bytes()).unwrap();
+    let e = read_image(&tmp.path().join("vector.nrrd")).unwrap_err().to_string();
+    assert!(e.contains("vector.nrrd") && e.contains("3-D"), "{e}");
     let bytes = std::fs::read(dir.join("oblique_int16.mha")).unwrap();
     let cut = tmp.path().join("cut.mha");
     std::fs::write(&cut, &bytes[..bytes.len() - 40]).unwrap();
@@ -463,6 +475,8 @@ fn metaimage_volumes_read_as_simpleitk_converts_them_and_round_trip() {
     std::fs::copy(dir.join("labels_uchar.mhd"), tmp.path().join("alone.mhd")).unwrap();
     let e = read_label(&tmp.path().join("alone.mhd")).unwrap_err().to_string();
     assert!(e.contains("alone.mhd") && e.contains("labels_uchar.raw"), "{e}");
-    let e = write_label(&tmp.path().join("out.mhd"), &[0u16; 120], &ct.geom).unwrap_err().to_string();
-    assert!(e.contains(".mha"), "{e}");
+    for out in ["out.mhd", "out.nhdr"] {
+        let e = write_label(&tmp.path().join(out), &[0u16; 120], &ct.geom).unwrap_err().to_string();
+        assert!(e.contains(out) && e.contains(".mha or .nrrd"), "{e}");
+    }
 }

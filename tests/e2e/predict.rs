@@ -677,39 +677,46 @@ fn metrics_match_deepmind_surface_distance_and_nnunet_on_real_label_maps() {
 }
 
 #[test]
-fn a_metaimage_dataset_plans_trains_validates_and_predicts_as_its_nifti_twin() {
-    // The real MR case twice (`a` trains, `b` validates), once as NIfTI and once converted to
-    // MetaImage (`file_ending` ".mha", as Grand Challenge distributes and nnU-Net reads through
-    // SimpleITK): the same plan and bit-identical preprocessed arrays; then a tiny training on
-    // the MetaImage twin writes its validation and predictions as .mha, which equal the same
-    // checkpoint's predictions from the NIfTI files and are scored against .mha labels.
+fn metaimage_and_nrrd_datasets_plan_train_validate_and_predict_as_their_nifti_twin() {
+    // The real MR case twice (`a` trains, `b` validates), as NIfTI and converted to MetaImage
+    // (`file_ending` ".mha", as Grand Challenge distributes and nnU-Net reads through SimpleITK)
+    // and to NRRD (3D Slicer's): the same plan and bit-identical preprocessed arrays; then a
+    // tiny training on the MetaImage twin writes its validation and predictions as .mha, which
+    // equal the same checkpoint's predictions from the NIfTI and NRRD files (written as .nrrd)
+    // and are scored against .mha labels.
     let tmp = tempfile::tempdir().unwrap();
     let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
     let nii = mr_case_twice(tmp.path(), |_| {}, |l| l.data.clone());
-    let mha = tmp.path().join("raw-mha");
-    for d in ["imagesTr", "labelsTr"] {
-        std::fs::create_dir_all(mha.join(d)).unwrap();
-    }
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(nii.join("dataset.json")).unwrap()).unwrap();
-    json["file_ending"] = ".mha".into();
-    std::fs::write(mha.join("dataset.json"), json.to_string()).unwrap();
-    std::fs::copy(nii.join("splits_final.json"), mha.join("splits_final.json")).unwrap();
-    for id in ["a", "b"] {
-        let img = stu_data::nifti_io::read_image(&nii.join(format!("imagesTr/{id}_0000.nii.gz"))).unwrap();
-        stu_data::nifti_io::write_image(&mha.join(format!("imagesTr/{id}_0000.mha")), &img.data, &img.geom).unwrap();
-        let lab = stu_data::nifti_io::read_label(&nii.join(format!("labelsTr/{id}.nii.gz"))).unwrap();
-        stu_data::nifti_io::write_label(&mha.join(format!("labelsTr/{id}.mha")), &lab.data, &lab.geom).unwrap();
-    }
-    for (raw, name) in [(&nii, "nii"), (&mha, "mha")] {
+    let twin = |ending: &str| {
+        let dir = tmp.path().join(format!("raw-{}", &ending[1..]));
+        for d in ["imagesTr", "labelsTr"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(nii.join("dataset.json")).unwrap()).unwrap();
+        json["file_ending"] = ending.into();
+        std::fs::write(dir.join("dataset.json"), json.to_string()).unwrap();
+        std::fs::copy(nii.join("splits_final.json"), dir.join("splits_final.json")).unwrap();
+        for id in ["a", "b"] {
+            let img = stu_data::nifti_io::read_image(&nii.join(format!("imagesTr/{id}_0000.nii.gz"))).unwrap();
+            stu_data::nifti_io::write_image(&dir.join(format!("imagesTr/{id}_0000{ending}")), &img.data, &img.geom).unwrap();
+            let lab = stu_data::nifti_io::read_label(&nii.join(format!("labelsTr/{id}.nii.gz"))).unwrap();
+            stu_data::nifti_io::write_label(&dir.join(format!("labelsTr/{id}{ending}")), &lab.data, &lab.geom).unwrap();
+        }
+        dir
+    };
+    let (mha, nrrd) = (twin(".mha"), twin(".nrrd"));
+    for (raw, name) in [(&nii, "nii"), (&mha, "mha"), (&nrrd, "nrrd")] {
         let raw = raw.to_str().unwrap();
         ok(&stu(&["dataset", "check", raw]));
         ok(&stu(&["plan", raw, "--out", &t(&format!("plans-{name}/plans.json"))]));
         ok(&stu(&["preprocess", raw, "--plans", &t(&format!("plans-{name}/plans.json")), "--out", &t(&format!("pre-{name}"))]));
     }
     let plans = |name: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(t(&format!("plans-{name}/plans.json"))).unwrap()).unwrap() };
-    assert_eq!(plans("nii")["configurations"], plans("mha")["configurations"]);
-    for f in ["a_data.f32", "a_seg.i16", "b_data.f32", "b_seg.i16"] {
-        assert!(std::fs::read(t(&format!("pre-nii/{f}"))).unwrap() == std::fs::read(t(&format!("pre-mha/{f}"))).unwrap(), "{f}");
+    for twin in ["mha", "nrrd"] {
+        assert_eq!(plans("nii")["configurations"], plans(twin)["configurations"]);
+        for f in ["a_data.f32", "a_seg.i16", "b_data.f32", "b_seg.i16"] {
+            assert!(std::fs::read(t(&format!("pre-nii/{f}"))).unwrap() == std::fs::read(t(&format!("pre-{twin}/{f}"))).unwrap(), "{twin}: {f}");
+        }
     }
     let log = ok(&stu(&["train", &t("pre-mha"), "--out", &t("run"), "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32"]));
     assert!(log.contains("final validation: 1 case(s) (1 predicted now)"), "{log}");
@@ -719,10 +726,14 @@ fn a_metaimage_dataset_plans_trains_validates_and_predicts_as_its_nifti_twin() {
     assert!(summary["metric_per_case"][0]["reference_file"].as_str().unwrap().ends_with("b.mha"));
     ok(&stu(&["predict", "-i", &t("raw-mha/imagesTr"), "-o", &t("pred-mha"), "--checkpoint", &t("run")]));
     ok(&stu(&["predict", "-i", &t("raw/imagesTr"), "-o", &t("pred-nii"), "--checkpoint", &t("run")]));
+    ok(&stu(&["predict", "-i", &t("raw-nrrd/imagesTr"), "-o", &t("pred-nrrd"), "--checkpoint", &t("run")]));
     let from_mha = stu_data::nifti_io::read_label(&tmp.path().join("pred-mha/b.mha")).unwrap();
     let from_nii = stu_data::nifti_io::read_label(&tmp.path().join("pred-nii/b.nii.gz")).unwrap();
-    assert!(from_mha.data == val.data && from_nii.data == val.data);
-    assert!(from_mha.geom.affine_mismatch(&from_nii.geom) < 1e-6 && from_mha.geom.shape == from_nii.geom.shape);
+    let from_nrrd = stu_data::nifti_io::read_label(&tmp.path().join("pred-nrrd/b.nrrd")).unwrap();
+    assert!(from_mha.data == val.data && from_nii.data == val.data && from_nrrd.data == val.data);
+    for other in [&from_nii, &from_nrrd] {
+        assert!(from_mha.geom.affine_mismatch(&other.geom) < 1e-6 && from_mha.geom.shape == other.geom.shape);
+    }
     // Scored against the .mha labels, and against the NIfTI ones (paired by case id).
     let log = ok(&stu(&["evaluate", "--ref", &t("raw-mha/labelsTr"), "--pred", &t("pred-mha"), "--labels", &t("raw-mha/dataset.json"), "--out", &t("eval-mha")]));
     let log2 = ok(&stu(&["evaluate", "--ref", &t("raw/labelsTr"), "--pred", &t("pred-mha"), "--labels", &t("raw/dataset.json"), "--out", &t("eval-mixed")]));

@@ -91,9 +91,9 @@ impl<'de> serde::Deserialize<'de> for Ordered {
     }
 }
 
-/// The `file_ending`s a dataset may have: NIfTI, gzipped or not, and MetaImage (SimpleITK's
-/// `.mha`, as nnU-Net reads it).
-pub const DATASET_ENDINGS: [&str; 3] = [".nii.gz", ".nii", ".mha"];
+/// The `file_ending`s a dataset may have: NIfTI, gzipped or not, MetaImage and NRRD (SimpleITK's
+/// `.mha` and `.nrrd`, as nnU-Net reads them).
+pub const DATASET_ENDINGS: [&str; 4] = [".nii.gz", ".nii", ".mha", ".nrrd"];
 
 /// A validated `dataset.json`.
 #[derive(Debug, Clone)]
@@ -250,7 +250,7 @@ impl DatasetJson {
             .ok_or_else(|| err("file_ending", "missing or not a string like \".nii.gz\"".into()))?
             .to_string();
         if !DATASET_ENDINGS.contains(&file_ending.as_str()) {
-            return Err(err("file_ending", format!("`{file_ending}`: datasets here are NIfTI (.nii.gz, .nii) or MetaImage (.mha); convert other formats (nnU-Net's SimpleITK .nrrd, tif, png) to one of them first")));
+            return Err(err("file_ending", format!("`{file_ending}`: datasets here are NIfTI (.nii.gz, .nii), MetaImage (.mha) or NRRD (.nrrd); convert other formats (tif, png, .gipl) to one of them first")));
         }
         Ok(Self {
             channel_names: by_index.into_values().collect(),
@@ -382,8 +382,8 @@ mod tests {
         assert!(e.contains("`labels.wt`") && e.contains("background"), "{e}");
         let e = read(&base(r#"{"background": 0, "wt": [1, 2], "tc": [2]}"#, r#", "regions_class_order": [1, 0]"#)).unwrap_err().to_string();
         assert!(e.contains("`regions_class_order`") && e.contains("0:"), "{e}");
-        let e = read(r#"{"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".nrrd", "labels": {"background": 0, "a": 1}}"#).unwrap_err().to_string();
-        assert!(e.contains("`file_ending`") && e.contains(".nrrd") && e.contains("NIfTI"), "{e}");
+        let e = read(r#"{"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".tif", "labels": {"background": 0, "a": 1}}"#).unwrap_err().to_string();
+        assert!(e.contains("`file_ending`") && e.contains(".tif") && e.contains("NIfTI"), "{e}");
         assert!(read(r#"{"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".mha", "labels": {"background": 0, "a": 1}}"#).is_ok());
     }
 }

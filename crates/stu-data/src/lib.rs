@@ -12,6 +12,7 @@ pub mod fingerprint;
 pub mod loader;
 mod metaimage;
 pub mod metrics;
+mod nrrd;
 pub mod nifti_io;
 pub mod phantom;
 pub mod plan;

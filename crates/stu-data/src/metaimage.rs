@@ -28,7 +28,7 @@ pub(crate) enum Element {
 }
 
 impl Element {
-    fn size(self) -> usize {
+    pub(crate) fn size(self) -> usize {
         match self {
             Self::I8 | Self::U8 => 1,
             Self::I16 | Self::U16 => 2,
@@ -55,11 +55,11 @@ impl Element {
 
 /// A MetaImage volume: extent `[nx, ny, nz]`, the NIfTI (RAS) affine, and its voxels as stored
 /// (little-endian, x fastest).
-pub(crate) struct Meta {
+pub(crate) struct RawVolume {
     pub(crate) dims: [usize; 3],
     pub(crate) affine: [[f64; 4]; 4],
-    element: Element,
-    bytes: Vec<u8>,
+    pub(crate) element: Element,
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// The file, and why it cannot be read.
@@ -82,7 +82,7 @@ fn truth(key: &str, value: &str) -> Result<bool, Error> {
 }
 
 /// Reads a `.mha` / `.mhd` file (the error names no file; the caller adds it).
-pub(crate) fn read(path: &Path) -> Result<Meta, Error> {
+pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
     let file = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     // The header: text lines up to `ElementDataFile`, which ends it.
     let (mut pos, mut fields) = (0usize, Vec::<(String, String)>::new());
@@ -217,10 +217,10 @@ pub(crate) fn read(path: &Path) -> Result<Meta, Error> {
             c.reverse();
         }
     }
-    Ok(Meta { dims, affine, element, bytes })
+    Ok(RawVolume { dims, affine, element, bytes })
 }
 
-impl Meta {
+impl RawVolume {
     /// The voxels through `f`, x fastest.
     pub(crate) fn values<T: Send>(&self, f: impl Fn(f64) -> T + Sync) -> Vec<T> {
         use rayon::prelude::*;
@@ -253,23 +253,37 @@ pub(crate) enum Voxels<'a> {
     F32(&'a [f32]),
 }
 
+impl Voxels<'_> {
+    /// The element type and the little-endian bytes.
+    pub(crate) fn encode(&self) -> (Element, Vec<u8>) {
+        match self {
+            Voxels::U8(v) => (Element::U8, v.to_vec()),
+            Voxels::U16(v) => (Element::U16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Voxels::I16(v) => (Element::I16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Voxels::F32(v) => (Element::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        }
+    }
+}
+
+/// Spacing and the LPS direction of each voxel axis, from a NIfTI (RAS) affine.
+pub(crate) fn lps_axes(affine: &[[f64; 4]; 4]) -> ([f64; 3], [[f64; 3]; 3]) {
+    let flip = [-1.0, -1.0, 1.0];
+    let spacing: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| affine[r][c] * affine[r][c]).sum::<f64>().sqrt());
+    let axes = std::array::from_fn(|c| std::array::from_fn(|r| if spacing[c] > 0.0 { flip[r] * affine[r][c] / spacing[c] } else { (r == c) as u8 as f64 }));
+    (spacing, axes)
+}
+
 /// Writes a zlib-compressed `.mha` (`level` 1–9) of `dims` (`[nx, ny, nz]`) at the NIfTI affine
 /// `affine`, the header as SimpleITK writes it. Atomic (a temporary sibling renamed into place).
 pub(crate) fn write(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], voxels: Voxels<'_>, level: u32) -> std::io::Result<()> {
     use std::io::Write;
-    let (element, bytes): (Element, Vec<u8>) = match voxels {
-        Voxels::U8(v) => (Element::U8, v.to_vec()),
-        Voxels::U16(v) => (Element::U16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        Voxels::I16(v) => (Element::I16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        Voxels::F32(v) => (Element::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-    };
+    let (element, bytes) = voxels.encode();
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(level));
     z.write_all(&bytes)?;
     let packed = z.finish()?;
     // Spacing, direction and origin from the RAS affine (LPS: x and y negated).
     let flip = [-1.0, -1.0, 1.0];
-    let spacing: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| affine[r][c] * affine[r][c]).sum::<f64>().sqrt());
-    let axes: [[f64; 3]; 3] = std::array::from_fn(|c| std::array::from_fn(|r| if spacing[c] > 0.0 { flip[r] * affine[r][c] / spacing[c] } else { (r == c) as u8 as f64 }));
+    let (spacing, axes) = lps_axes(affine);
     let join = |v: &[f64]| v.iter().map(|x| format!("{}", x + 0.0)).collect::<Vec<_>>().join(" ");
     let header = format!(
         "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\nCompressedData = True\nCompressedDataSize = {}\nTransformMatrix = {}\nOffset = {}\nCenterOfRotation = 0 0 0\nElementSpacing = {}\nDimSize = {} {} {}\nElementType = {}\nElementDataFile = LOCAL\n",

@@ -1,5 +1,5 @@
-//! NIfTI-1 reading and writing on the `nifti` crate (and MetaImage, `.mha`/`.mhd`, through
-//! [`crate::metaimage`], by file ending), with the workarounds of `shared/docs/data.md`
+//! NIfTI-1 reading and writing on the `nifti` crate (and MetaImage, `.mha`/`.mhd`, and NRRD,
+//! `.nrrd`/`.nhdr`, through [`crate::metaimage`] and [`crate::nrrd`], by file ending), with the workarounds of `shared/docs/data.md`
 //! §5: multi-member gzip (`MultiGzDecoder`), a clear error for NIfTI-2, our own affine (sform,
 //! then qform, then the base affine, as nibabel's `get_best_affine`; no qform panic), scaling
 //! applied only for a finite non-zero slope, images as f32 and labels as integers.
@@ -183,35 +183,50 @@ fn scaling(h: &NiftiHeader) -> Option<(f64, f64)> {
     (s.is_finite() && s != 0.0 && !(s == 1.0 && i == 0.0)).then_some((s, if i.is_finite() { i } else { 0.0 }))
 }
 
-/// The file endings read and written here: NIfTI-1 (gzipped or not) and MetaImage (`.mhd`,
-/// whose voxels are in a file of their own, is read but not written).
-pub const FILE_ENDINGS: [&str; 4] = [".nii.gz", ".nii", ".mha", ".mhd"];
+/// The file endings read and written here: NIfTI-1 (gzipped or not), MetaImage and NRRD (`.mhd`
+/// and `.nhdr`, whose voxels are in a file of their own, are read but not written).
+pub const FILE_ENDINGS: [&str; 6] = [".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"];
 
 /// `name` without its image file ending, and the ending (`None` for another file).
 pub fn split_ending(name: &str) -> Option<(&str, &'static str)> {
     FILE_ENDINGS.iter().find(|e| name.len() > e.len() && name.ends_with(*e)).map(|e| (&name[..name.len() - e.len()], *e))
 }
 
-/// The image file of case `id` in `dir` (`{id}.nii.gz`, `.nii`, `.mha` or `.mhd`), if any.
+/// The image file of case `id` in `dir` (any of [`FILE_ENDINGS`]), if any.
 pub fn find_case(dir: &Path, id: &str) -> Option<PathBuf> {
     FILE_ENDINGS.iter().map(|e| dir.join(format!("{id}{e}"))).find(|p| p.exists())
 }
 
-fn is_metaimage(path: &Path) -> bool {
-    matches!(split_ending(&path.to_string_lossy()), Some((_, ".mha" | ".mhd")))
+/// The ITK-style format of `path` (read into a [`crate::metaimage::RawVolume`]), by its ending.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Itk {
+    Meta,
+    Nrrd,
+}
+
+fn itk_format(path: &Path) -> Option<Itk> {
+    match split_ending(&path.to_string_lossy()) {
+        Some((_, ".mha" | ".mhd")) => Some(Itk::Meta),
+        Some((_, ".nrrd" | ".nhdr")) => Some(Itk::Nrrd),
+        _ => None,
+    }
 }
 
 /// A file read into memory, either format.
 enum Loaded {
     Nifti(InMemNiftiObject),
-    Meta(crate::metaimage::Meta),
+    RawVolume(crate::metaimage::RawVolume),
 }
 
 fn load(path: &Path) -> Result<(Loaded, Geometry)> {
-    if is_metaimage(path) {
-        let m = crate::metaimage::read(path).map_err(|e| invalid(path, e))?;
+    if let Some(format) = itk_format(path) {
+        let m = match format {
+            Itk::Meta => crate::metaimage::read(path),
+            Itk::Nrrd => crate::nrrd::read(path),
+        }
+        .map_err(|e| invalid(path, e))?;
         let g = meta_geometry(path, &m)?;
-        return Ok((Loaded::Meta(m), g));
+        return Ok((Loaded::RawVolume(m), g));
     }
     let obj = read_object(path)?;
     let g = geometry(path, obj.header())?;
@@ -225,12 +240,13 @@ fn values<T: Send>(path: &Path, loaded: Loaded, f: impl Fn(f64) -> T + Sync) -> 
             Some((s, i)) => typed_values(path, obj, |v| f(v * s + i)),
             None => typed_values(path, obj, f),
         },
-        Loaded::Meta(m) => Ok(m.values(f)),
+        Loaded::RawVolume(m) => Ok(m.values(f)),
     }
 }
 
-/// A MetaImage's geometry, with a NIfTI header of the same affine (sform) for NIfTI outputs.
-fn meta_geometry(path: &Path, m: &crate::metaimage::Meta) -> Result<Geometry> {
+/// A MetaImage's or NRRD's geometry, with a NIfTI header of the same affine (sform) for NIfTI
+/// outputs.
+fn meta_geometry(path: &Path, m: &crate::metaimage::RawVolume) -> Result<Geometry> {
     let a = m.affine;
     let sp: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| a[r][c] * a[r][c]).sum::<f64>().sqrt());
     let [nx, ny, nz] = m.dims;
@@ -257,7 +273,7 @@ pub fn read_image(path: &Path) -> Result<Volume<f32>> {
 /// modalities so), as f32, scaled. Each channel's geometry is the file's spatial one, its
 /// header a 3-D copy without the scaling (its values are scaled already).
 pub fn read_channels(path: &Path) -> Result<Vec<Volume<f32>>> {
-    if is_metaimage(path) {
+    if itk_format(path).is_some() {
         return Ok(vec![read_image(path)?]);
     }
     let obj = read_object(path)?;
@@ -319,7 +335,7 @@ pub fn write_label_as(path: &Path, data: &[u16], geom: &Geometry, wide: bool) ->
     if data.len() != nz * ny * nx {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
-    if is_metaimage(path) {
+    if itk_format(path).is_some() {
         let small: Vec<u8>;
         let voxels = if wide {
             crate::metaimage::Voxels::U16(data)
@@ -344,14 +360,16 @@ pub fn write_label_as(path: &Path, data: &[u16], geom: &Geometry, wide: bool) ->
     })
 }
 
-/// Writes a `.mha` (zlib `level`) at `geom` (`.mhd`, a header with a data file beside it, is
-/// only read).
+/// Writes a `.mha` (zlib `level`) or `.nrrd` (gzip) at `geom` (`.mhd` and `.nhdr`, a header with
+/// a data file beside it, are only read).
 fn write_metaimage(path: &Path, geom: &Geometry, voxels: crate::metaimage::Voxels<'_>, level: u32) -> Result<()> {
-    if path.to_string_lossy().ends_with(".mhd") {
-        return Err(invalid(path, "MetaImage is written as .mha (header and voxels in one file), not .mhd"));
-    }
     let [nz, ny, nx] = geom.shape;
-    crate::metaimage::write(path, [nx, ny, nz], &geom.affine, voxels, level).map_err(|e| invalid(path, format!("cannot write: {e}")))
+    let written = match split_ending(&path.to_string_lossy()) {
+        Some((_, ".mha")) => crate::metaimage::write(path, [nx, ny, nz], &geom.affine, voxels, level),
+        Some((_, ".nrrd")) => crate::nrrd::write(path, [nx, ny, nz], &geom.affine, voxels, level),
+        _ => return Err(invalid(path, "written as .mha or .nrrd (header and voxels in one file), not as a header with a data file (.mhd, .nhdr)")),
+    };
+    written.map_err(|e| invalid(path, format!("cannot write: {e}")))
 }
 
 /// Runs a `nifti` writer on a temporary sibling of `path` and renames it into place.
@@ -368,7 +386,7 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
     let as_i16 = data.iter().all(|v| v.fract() == 0.0 && (i16::MIN as f32..=i16::MAX as f32).contains(v));
-    if is_metaimage(path) {
+    if itk_format(path).is_some() {
         let ints: Vec<i16>;
         let voxels = if as_i16 {
             ints = data.iter().map(|&v| v as i16).collect();

@@ -198,12 +198,12 @@ pub fn determine(reference: &Path, predictions: &[PathBuf], scored: &[Scored], r
     Ok(pp)
 }
 
-/// Applies `pp` to every label map of `input` (`.nii.gz`, `.nii`, `.mha`), writing them to
+/// Applies `pp` to every label map of `input` (`.nii.gz`, `.nii`, `.mha`, `.nrrd`), writing them to
 /// `output` under the same names. Returns how many.
 pub fn apply_folder(pp: &Postprocessing, input: &Path, output: &Path) -> Result<usize> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.file_name().is_some_and(|n| matches!(stu_data::nifti_io::split_ending(&n.to_string_lossy()), Some((_, ".nii.gz" | ".nii" | ".mha"))))).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.file_name().is_some_and(|n| matches!(stu_data::nifti_io::split_ending(&n.to_string_lossy()), Some((_, ".nii.gz" | ".nii" | ".mha" | ".nrrd"))))).collect();
     files.sort();
-    ensure!(!files.is_empty(), "{}: no label maps (.nii.gz, .nii, .mha)", input.display());
+    ensure!(!files.is_empty(), "{}: no label maps (.nii.gz, .nii, .mha, .nrrd)", input.display());
     std::fs::create_dir_all(output).with_context(|| format!("{}: cannot create", output.display()))?;
     for f in &files {
         let mut v = stu_data::nifti_io::read_label(f).with_context(|| f.display().to_string())?;

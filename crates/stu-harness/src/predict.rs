@@ -778,7 +778,7 @@ pub fn discover_inputs(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     } else {
         bail!("{}: no such file or folder", input.display());
     };
-    ensure!(!files.is_empty(), "{}: no image files (.nii.gz, .nii, .mha, .mhd)", input.display());
+    ensure!(!files.is_empty(), "{}: no image files (.nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr)", input.display());
     let mut cases: std::collections::BTreeMap<String, Vec<(usize, PathBuf)>> = Default::default();
     for f in files {
         let name = f.file_name().expect("file").to_string_lossy().to_string();
@@ -817,10 +817,12 @@ pub struct CaseResult {
     pub skipped: bool,
 }
 
-/// The file ending of a label map predicted from `image`: `.mha` for a MetaImage, else `.nii.gz`.
+/// The file ending of a label map predicted from `image`: `.mha` for a MetaImage, `.nrrd` for a
+/// NRRD, else `.nii.gz`.
 pub fn output_ending(image: &Path) -> &'static str {
     match stu_data::nifti_io::split_ending(&image.to_string_lossy()) {
         Some((_, ".mha" | ".mhd")) => ".mha",
+        Some((_, ".nrrd" | ".nhdr")) => ".nrrd",
         _ => ".nii.gz",
     }
 }
@@ -832,8 +834,8 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         ensure!(parts >= 1 && part < parts, "--part-id {part} of --num-parts {parts}: the part is 0…{}", parts.saturating_sub(1));
         cases = cases.into_iter().skip(part).step_by(parts).collect();
     }
-    // Label maps are written in their case's format: MetaImage for MetaImage inputs (as nnU-Net
-    // writes its dataset's file ending), else gzipped NIfTI.
+    // Label maps are written in their case's format: MetaImage or NRRD for such inputs (as
+    // nnU-Net writes its dataset's file ending), else gzipped NIfTI.
     let outputs: std::collections::HashMap<String, PathBuf> = cases.iter().map(|(id, files)| (id.clone(), opts.output.join(format!("{id}{}", output_ending(&files[0]))))).collect();
     let mut skipped = Vec::new();
     if opts.continue_prediction {

@@ -120,8 +120,11 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
         Some(r) => *r != source,
         None => req.best,
     };
-    // Label maps in the dataset's format (MetaImage for an `.mha` dataset), as `stu predict`.
-    let ending = if json.file_ending == ".mha" { ".mha" } else { ".nii.gz" };
+    // Label maps in the dataset's format (MetaImage, NRRD; NIfTI gzipped), as `stu predict`.
+    let ending = match json.file_ending.as_str() {
+        e @ (".mha" | ".nrrd") => e,
+        _ => ".nii.gz",
+    };
     let mut removed = 0;
     if stale {
         for id in &val_ids {
