@@ -288,6 +288,9 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
     assert!(tmp.path().join("installed/fold_0/validation/summary.json").exists());
     ok(&stu(&["predict", "-i", raw.join("imagesTr/b_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-installed"), "--checkpoint", &t("installed/fold_0")]));
     assert!(stu_data::nifti_io::read_label(&tmp.path().join("pred-installed/b.nii.gz")).unwrap().data == pred.data);
+    // The installed model's folder stands for all its folds (here one).
+    ok(&stu(&["predict", "-i", raw.join("imagesTr/b_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-model"), "--checkpoint", &t("installed")]));
+    assert!(stu_data::nifti_io::read_label(&tmp.path().join("pred-model/b.nii.gz")).unwrap().data == pred.data);
     std::fs::rename(tmp.path().join("pre-away"), tmp.path().join("pre")).unwrap();
     // A truncated zip, or a folder already there, is refused and nothing is left behind.
     let bytes = std::fs::read(t("model.zip")).unwrap();

@@ -155,8 +155,9 @@ enum Command {
         /// Output folder.
         #[arg(short, long)]
         output: PathBuf,
-        /// Checkpoint: ours, nnU-Net v1 `.model`, v2 `.pth`, safetensors, or a `stu train` run
-        /// folder (its final checkpoint). Several (`--checkpoint runs/fold0 runs/fold1 …`, or the
+        /// Checkpoint: ours, nnU-Net v1 `.model`, v2 `.pth`, safetensors, a `stu train` run
+        /// folder (its final checkpoint), or an installed model's folder (`stu install-model`:
+        /// all its folds). Several (`--checkpoint runs/fold0 runs/fold1 …`, or the
         /// option repeated): an ensemble, each tile's logits averaged over them (nnU-Net's fold
         /// ensemble).
         #[arg(long = "checkpoint", required = true, num_args = 1..)]
@@ -853,6 +854,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Predict { input, output, checkpoints, chk, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id } => {
             let part = (num_parts != 1 || part_id != 0).then_some((part_id, num_parts));
+            // An installed model's folder (`stu install-model`: fold_K run folders, no train.json)
+            // stands for all its folds, as nnU-Net predicts with every fold of a model folder.
+            let checkpoints = crate::modelzip::expand_model_folders(checkpoints)?;
             // A run folder stands for its final checkpoint (`Predictor::new`), or its best.
             let checkpoints: Vec<PathBuf> = checkpoints
                 .into_iter()

@@ -125,3 +125,27 @@ pub fn install(zip_path: &Path, out: &Path) -> Result<Vec<PathBuf>> {
         |e| anyhow::Error::new(e).context(format!("{}: cannot move the installed model into place", out.display())),
     )
 }
+
+/// `paths` with every installed model folder (one holding `fold_*` run folders and no
+/// `train.json` of its own) replaced by its fold folders, in fold order; other paths as they are.
+pub fn expand_model_folders(paths: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.is_dir() || p.join("train.json").exists() {
+            out.push(p);
+            continue;
+        }
+        let mut folds: Vec<PathBuf> = std::fs::read_dir(&p)
+            .with_context(|| format!("{}: cannot list", p.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| f.is_dir() && f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fold_")) && f.join("train.json").exists())
+            .collect();
+        if folds.is_empty() {
+            out.push(p);
+            continue;
+        }
+        folds.sort();
+        out.extend(folds);
+    }
+    Ok(out)
+}
