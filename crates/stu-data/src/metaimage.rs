@@ -65,6 +65,19 @@ pub(crate) struct RawVolume {
 /// The file, and why it cannot be read.
 pub(crate) type Error = String;
 
+/// The voxel count of `dims`, refused beyond 2⁴⁰ (a corrupt header must not allocate).
+pub(crate) fn voxel_count(dims: [usize; 3]) -> Result<usize, Error> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n <= 1 << 40).ok_or_else(|| format!("extent {dims:?} is too large for a volume"))
+}
+
+/// Decompressed voxel bytes, at most `limit` (no more is read; the capacity grows with what
+/// the stream really holds).
+pub(crate) fn inflate(mut reader: impl Read, limit: usize) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(limit.min(1 << 26));
+    reader.by_ref().take(limit as u64).read_to_end(&mut out)?;
+    Ok(out)
+}
+
 fn numbers(key: &str, value: &str, n: usize) -> Result<Vec<f64>, Error> {
     let v: Vec<f64> = value.split_whitespace().map(str::parse).collect::<Result<_, _>>().map_err(|_| format!("`{key} = {value}`: not {n} numbers"))?;
     if v.len() != n || v.iter().any(|x| !x.is_finite()) {
@@ -148,7 +161,7 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
         affine[r][3] = flip[r] * origin[r];
     }
     let (k, v) = get(&["ElementType"]).ok_or("no `ElementType`")?;
-    let n = dims.iter().product::<usize>();
+    let n = voxel_count(dims)?;
     let element = match v {
         "MET_CHAR" => Element::I8,
         "MET_UCHAR" => Element::U8,
@@ -189,9 +202,7 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
     };
     let mut element = element;
     let mut bytes = if compressed {
-        let mut out = Vec::with_capacity(n * element.size());
-        flate2::read::ZlibDecoder::new(&raw[..]).take(n as u64 * 8 + 1).read_to_end(&mut out).map_err(|e| format!("corrupt or truncated zlib data ({e})"))?;
-        out
+        inflate(flate2::read::ZlibDecoder::new(&raw[..]), n * 8 + 1).map_err(|e| format!("corrupt or truncated zlib data ({e})"))?
     } else {
         // `HeaderSize` bytes precede the voxels in a separate data file (-1: they are its end).
         let skip = match get(&["HeaderSize"]) {

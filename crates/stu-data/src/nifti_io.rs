@@ -249,6 +249,9 @@ fn values<T: Send>(path: &Path, loaded: Loaded, f: impl Fn(f64) -> T + Sync) -> 
 fn meta_geometry(path: &Path, m: &crate::metaimage::RawVolume) -> Result<Geometry> {
     let a = m.affine;
     let sp: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| a[r][c] * a[r][c]).sum::<f64>().sqrt());
+    if !sp.iter().all(|s| s.is_finite() && *s > 0.0) {
+        return Err(invalid(path, format!("voxel spacing {sp:?} (from its axis directions) is not positive")));
+    }
     let [nx, ny, nz] = m.dims;
     let dim = |n: usize| u16::try_from(n).ok().filter(|&d| d <= i16::MAX as u16).ok_or_else(|| invalid(path, format!("extent {n} is beyond NIfTI-1's 32767")));
     let mut header = NiftiHeader::default();
@@ -407,3 +410,70 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
     written
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::strategy::Strategy;
+
+    /// A small oblique volume written as `.mha` or `.nrrd`.
+    fn written(dir: &Path, ending: &str, labels: bool) -> PathBuf {
+        let theta: f64 = 0.4;
+        let affine = [[theta.cos() * 0.8, -theta.sin() * 0.9, 0.0, 10.5], [theta.sin() * 0.8, theta.cos() * 0.9, 0.0, -20.0], [0.0, 0.0, 2.5, 7.25], [0.0, 0.0, 0.0, 1.0]];
+        let m = crate::metaimage::RawVolume { dims: [5, 4, 3], affine, element: crate::metaimage::Element::U8, bytes: vec![0; 60] };
+        let geom = meta_geometry(Path::new("x"), &m).unwrap();
+        let p = dir.join(format!("v{ending}"));
+        if labels {
+            write_label(&p, &(0..60).map(|i| (i % 5) as u16).collect::<Vec<_>>(), &geom).unwrap();
+        } else {
+            write_image(&p, &(0..60).map(|i| i as f32 * 0.37 - 4.0).collect::<Vec<_>>(), &geom).unwrap();
+        }
+        p
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+        /// A MetaImage or NRRD file cut short, with a byte changed, or with a header value
+        /// replaced never panics or allocates beyond the file: it reads, or it is an error that
+        /// names the file.
+        #[test]
+        fn damaged_metaimage_and_nrrd_files_fail_cleanly(
+            nrrd in proptest::bool::ANY,
+            labels in proptest::bool::ANY,
+            how in 0u8..3,
+            at in 0.0f64..1.0,
+            byte in proptest::num::u8::ANY,
+            value in proptest::prop_oneof![
+                "[-+0-9a-zA-Z_(),. ]{0,24}",
+                proptest::sample::select(vec!["999999999 999999999 999999999", "4294967296 4294967296 2", "-1", "0 0 0", "1e308 1 1", "nan nan nan", "(0,0,0) (0,0,0) (0,0,0)", "(1,0,0) (0,1,0)", "5 4 3 2", "MET_LONG", "unsigned long long", "bzip2", "ascii", "LIST", "big"]).prop_map(String::from),
+            ],
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = written(dir.path(), if nrrd { ".nrrd" } else { ".mha" }, labels);
+            let mut bytes = std::fs::read(&p).unwrap();
+            let i = ((at * bytes.len() as f64) as usize).min(bytes.len() - 1);
+            match how {
+                0 => bytes.truncate(i),
+                1 => bytes[i] = byte,
+                _ => {
+                    // The value of the header line around byte i (within the header).
+                    let head = bytes.windows(2).position(|w| w == b"\n\n" || w == b"L\n").unwrap_or(bytes.len()).min(bytes.len());
+                    let i = i.min(head.saturating_sub(1));
+                    let start = bytes[..i].iter().rposition(|&b| b == b'\n').map_or(0, |s| s + 1);
+                    let end = bytes[i..].iter().position(|&b| b == b'\n').map_or(bytes.len(), |e| i + e);
+                    let line = String::from_utf8_lossy(&bytes[start..end]).to_string();
+                    if let Some(sep) = line.find(if nrrd { ": " } else { " = " }) {
+                        let new = format!("{}{value}", &line[..sep + if nrrd { 2 } else { 3 }]);
+                        bytes.splice(start..end, new.into_bytes());
+                    }
+                }
+            }
+            std::fs::write(&p, &bytes).unwrap();
+            let read = if labels { read_label(&p).map(|v| v.data.len()) } else { read_image(&p).map(|v| v.data.len()) };
+            if let Err(e) = read {
+                proptest::prop_assert!(e.to_string().contains("v."), "{e}");
+            }
+        }
+    }
+}
+

@@ -8,7 +8,6 @@
 //! SimpleITK, `tests/fixtures/make_mha_fixture.py`). The volume is the same
 //! [`RawVolume`](crate::metaimage::RawVolume) a MetaImage gives.
 
-use std::io::Read;
 use std::path::Path;
 
 use crate::metaimage::{Element, Error, RawVolume, Voxels};
@@ -147,12 +146,12 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
         None if ended => file[pos..].to_vec(),
         None => return Err("truncated: the header has no end (an empty line) and names no data file".into()),
     };
-    let n = dims.iter().product::<usize>();
+    let n = crate::metaimage::voxel_count(dims)?;
     let want = n * element.size();
     let skip = match get(&["byte skip", "byteskip"]) {
         Some((k, v)) => match v.parse::<i64>() {
             Ok(-1) if encoding == "raw" => raw.len().saturating_sub(want),
-            Ok(b) if b >= 0 => b as usize,
+            Ok(b) if (0..1 << 40).contains(&b) => b as usize,
             _ => return Err(format!("`{k}: {v}`: not a byte count")),
         },
         None => 0,
@@ -160,8 +159,7 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
     let mut bytes = match encoding {
         "raw" => raw.get(skip..).unwrap_or(&[]).to_vec(),
         "gzip" | "gz" => {
-            let mut out = Vec::with_capacity(want);
-            flate2::read::MultiGzDecoder::new(&raw[..]).take((want + skip) as u64 + 1).read_to_end(&mut out).map_err(|e| format!("corrupt or truncated gzip data ({e})"))?;
+            let out = crate::metaimage::inflate(flate2::read::MultiGzDecoder::new(&raw[..]), want + skip + 1).map_err(|e| format!("corrupt or truncated gzip data ({e})"))?;
             out.get(skip..).unwrap_or(&[]).to_vec()
         }
         other => return Err(format!("`encoding: {other}`: only raw and gzip are read")),
