@@ -238,16 +238,18 @@ mod imp {
             if let Err(why) = ffi::replay(g.handle.0) {
                 panic!("CUDA graph replay failed: {why}");
             }
-            burn(g.output.copy())
+            // (`empty_like` keeps the output's strides; tch's `copy` would zero-fill first.)
+            let mut out = g.output.empty_like();
+            out.copy_(&g.output);
+            burn(out)
         })
     }
 
     /// Captures `forward` of a static copy of `t`.
     fn capture(t: &tch::Tensor, forward: &dyn Fn(Tensor<5>) -> Tensor<5>) -> Result<Captured, String> {
         let input = tch::no_grad(|| {
-            let s = t.empty_like();
-            let mut s2 = s.shallow_clone();
-            s2.copy_(t);
+            let mut s = t.empty_like();
+            s.copy_(t);
             s
         });
         let tch::Device::Cuda(index) = t.device() else { unreachable!("checked by the caller") };
