@@ -7,6 +7,7 @@ mod nnformer;
 mod parity;
 mod plainconv;
 mod predict;
+mod resenc;
 mod preprocess;
 mod specs;
 mod swinunetr;

@@ -9,6 +9,7 @@
 pub mod nnformer;
 pub mod parts;
 pub mod plainconv;
+pub mod resenc;
 pub mod stunet;
 pub mod swinunetr;
 pub mod unetr;

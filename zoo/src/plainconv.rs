@@ -119,24 +119,12 @@ impl PlainArch {
         }
         let mut out = enc.clone();
         out.extend(enc.into_iter().map(|(k, v)| (format!("decoder.{k}"), v)));
-        let n = self.stages();
-        for u in 0..n - 1 {
-            let level = n - 2 - u;
-            let c = self.features[level];
-            for i in 0..self.n_conv_dec[u] {
-                block_keys(&mut out, &format!("decoder.stages.{u}.convs.{i}"), if i == 0 { 2 * c } else { c }, c, self.kernels[level]);
-            }
-        }
-        for u in 0..n - 1 {
-            let (below, c, s) = (self.features[n - 1 - u], self.features[n - 2 - u], self.strides[n - 1 - u]);
-            out.push((format!("decoder.transpconvs.{u}.weight"), vec![below, c, s[0], s[1], s[2]]));
-            out.push((format!("decoder.transpconvs.{u}.bias"), vec![c]));
-        }
-        for u in 0..n - 1 {
-            out.push((format!("decoder.seg_layers.{u}.weight"), vec![self.num_classes, self.features[n - 2 - u], 1, 1, 1]));
-            out.push((format!("decoder.seg_layers.{u}.bias"), vec![self.num_classes]));
-        }
+        decoder_keys(&mut out, &self.decoder_shape());
         out
+    }
+
+    fn decoder_shape(&self) -> DecoderShape<'_> {
+        DecoderShape { features: &self.features, kernels: &self.kernels, strides: &self.strides, n_conv_dec: &self.n_conv_dec, num_classes: self.num_classes }
     }
 
     /// Multiply-accumulates of one deep-supervision forward at batch 1: convolution weights
@@ -161,24 +149,65 @@ impl PlainArch {
                 layers.push((vox(res[s]) * self.features[s] as u64, ci * kv(self.kernels[s])));
             }
         }
-        for u in 0..n - 1 {
-            let level = n - 2 - u;
-            let (c, v) = (self.features[level] as u64, vox(res[level]));
-            // Transposed conv with kernel = stride: each output value sums Cin inputs.
-            layers.push((v * c, self.features[level + 1] as u64));
-            for i in 0..self.n_conv_dec[u] {
-                let ci = if i == 0 { 2 * c } else { c };
-                layers.push((v * c, ci * kv(self.kernels[level])));
-            }
-            layers.push((v * self.num_classes as u64, c));
-        }
+        decoder_layers(&mut layers, &self.decoder_shape(), &res);
         let weights = layers.iter().map(|(o, m)| o * m).sum();
         let bias: u64 = layers.iter().map(|(o, _)| o).sum();
         Macs { weights, with_bias: weights + bias }
     }
 }
 
-fn block_keys(out: &mut Vec<(String, Vec<usize>)>, key: &str, cin: usize, c: usize, k: Stride) {
+/// What fixes the shape of nnU-Net's `UNetDecoder` (shared by PlainConvUNet and
+/// ResidualEncoderUNet): the encoder's features, kernels and strides per stage.
+pub(crate) struct DecoderShape<'a> {
+    pub(crate) features: &'a [usize],
+    pub(crate) kernels: &'a [Stride],
+    pub(crate) strides: &'a [Stride],
+    pub(crate) n_conv_dec: &'a [usize],
+    pub(crate) num_classes: usize,
+}
+
+/// The decoder's state-dict keys (stages, transposed convolutions, heads), in the reference's
+/// order.
+pub(crate) fn decoder_keys(out: &mut Vec<(String, Vec<usize>)>, d: &DecoderShape<'_>) {
+    let n = d.features.len();
+    for u in 0..n - 1 {
+        let level = n - 2 - u;
+        let c = d.features[level];
+        for i in 0..d.n_conv_dec[u] {
+            block_keys(out, &format!("decoder.stages.{u}.convs.{i}"), if i == 0 { 2 * c } else { c }, c, d.kernels[level]);
+        }
+    }
+    for u in 0..n - 1 {
+        let (below, c, s) = (d.features[n - 1 - u], d.features[n - 2 - u], d.strides[n - 1 - u]);
+        out.push((format!("decoder.transpconvs.{u}.weight"), vec![below, c, s[0], s[1], s[2]]));
+        out.push((format!("decoder.transpconvs.{u}.bias"), vec![c]));
+    }
+    for u in 0..n - 1 {
+        out.push((format!("decoder.seg_layers.{u}.weight"), vec![d.num_classes, d.features[n - 2 - u], 1, 1, 1]));
+        out.push((format!("decoder.seg_layers.{u}.bias"), vec![d.num_classes]));
+    }
+}
+
+/// The decoder's layers as (output values, multiply-adds per output value), `res` the encoder
+/// stages' extents.
+pub(crate) fn decoder_layers(layers: &mut Vec<(u64, u64)>, d: &DecoderShape<'_>, res: &[[usize; 3]]) {
+    let n = d.features.len();
+    let vox = |r: [usize; 3]| r.iter().map(|&v| v as u64).product::<u64>();
+    let kv = |k: Stride| (k[0] * k[1] * k[2]) as u64;
+    for u in 0..n - 1 {
+        let level = n - 2 - u;
+        let (c, v) = (d.features[level] as u64, vox(res[level]));
+        // Transposed conv with kernel = stride: each output value sums Cin inputs.
+        layers.push((v * c, d.features[level + 1] as u64));
+        for i in 0..d.n_conv_dec[u] {
+            let ci = if i == 0 { 2 * c } else { c };
+            layers.push((v * c, ci * kv(d.kernels[level])));
+        }
+        layers.push((v * d.num_classes as u64, c));
+    }
+}
+
+pub(crate) fn block_keys(out: &mut Vec<(String, Vec<usize>)>, key: &str, cin: usize, c: usize, k: Stride) {
     let w = vec![c, cin, k[0], k[1], k[2]];
     out.push((format!("{key}.conv.weight"), w.clone()));
     out.push((format!("{key}.conv.bias"), vec![c]));
@@ -212,7 +241,7 @@ pub struct ConvNormAct {
 }
 
 impl ConvNormAct {
-    fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
+    pub(crate) fn forward(&self, x: Tensor<5>, l: Layout) -> Tensor<5> {
         let y = ops::conv3d_normed(x, self.conv.weight.val(), self.conv.bias.val(), self.conv.stride, l);
         ops::norm_act(y, self.norm.weight.val(), self.norm.bias.val(), true, l)
     }
@@ -243,10 +272,14 @@ pub struct PlainConvUNet {
     pub arch: PlainArch,
 }
 
+/// The decoder's parts: stages, transposed convolutions and heads, deepest first.
+pub(crate) type DecoderParts = (Vec<Vec<ConvNormAct>>, Vec<TranspConv>, Vec<Conv>);
+
 /// PlainConvUNet's layers, made by the shared [`Builder`].
-trait PlainBuild {
+pub(crate) trait PlainBuild {
     fn conv(&self, key: &str, cin: usize, cout: usize, k: Stride, stride: Stride) -> Result<Conv, CheckpointError>;
     fn block(&self, key: &str, cin: usize, c: usize, k: Stride, stride: Stride) -> Result<ConvNormAct, CheckpointError>;
+    fn decoder(&self, d: &DecoderShape<'_>) -> Result<DecoderParts, CheckpointError>;
     fn build(&self, a: &PlainArch) -> Result<PlainConvUNet, CheckpointError>;
 }
 
@@ -269,6 +302,32 @@ impl PlainBuild for Builder<'_> {
         })
     }
 
+    fn decoder(&self, d: &DecoderShape<'_>) -> Result<DecoderParts, CheckpointError> {
+        let (n, f) = (d.features.len(), d.features);
+        let decoder = (0..n - 1)
+            .map(|u| {
+                let level = n - 2 - u;
+                let c = f[level];
+                (0..d.n_conv_dec[u])
+                    .map(|i| self.block(&format!("decoder.stages.{u}.convs.{i}"), if i == 0 { 2 * c } else { c }, c, d.kernels[level], [1; 3]))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        let transpconvs = (0..n - 1)
+            .map(|u| {
+                let (below, c, s) = (f[n - 1 - u], f[n - 2 - u], d.strides[n - 1 - u]);
+                Ok(TranspConv {
+                    weight: self.tensor(&format!("decoder.transpconvs.{u}.weight"), [below, c, s[0], s[1], s[2]], Self::he())?,
+                    bias: self.tensor(&format!("decoder.transpconvs.{u}.bias"), [c], Initializer::Zeros)?,
+                })
+            })
+            .collect::<Result<_, CheckpointError>>()?;
+        let seg_layers = (0..n - 1)
+            .map(|u| self.conv(&format!("decoder.seg_layers.{u}"), f[n - 2 - u], d.num_classes, [1; 3], [1; 3]))
+            .collect::<Result<_, _>>()?;
+        Ok((decoder, transpconvs, seg_layers))
+    }
+
     fn build(&self, a: &PlainArch) -> Result<PlainConvUNet, CheckpointError> {
         let n = a.stages();
         let f = &a.features;
@@ -283,27 +342,7 @@ impl PlainBuild for Builder<'_> {
                     .collect::<Result<Vec<_>, _>>()
             })
             .collect::<Result<_, _>>()?;
-        let decoder = (0..n - 1)
-            .map(|u| {
-                let level = n - 2 - u;
-                let c = f[level];
-                (0..a.n_conv_dec[u])
-                    .map(|i| self.block(&format!("decoder.stages.{u}.convs.{i}"), if i == 0 { 2 * c } else { c }, c, a.kernels[level], [1; 3]))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<_, _>>()?;
-        let transpconvs = (0..n - 1)
-            .map(|u| {
-                let (below, c, s) = (f[n - 1 - u], f[n - 2 - u], a.strides[n - 1 - u]);
-                Ok(TranspConv {
-                    weight: self.tensor(&format!("decoder.transpconvs.{u}.weight"), [below, c, s[0], s[1], s[2]], Self::he())?,
-                    bias: self.tensor(&format!("decoder.transpconvs.{u}.bias"), [c], Initializer::Zeros)?,
-                })
-            })
-            .collect::<Result<_, CheckpointError>>()?;
-        let seg_layers = (0..n - 1)
-            .map(|u| self.conv(&format!("decoder.seg_layers.{u}"), f[n - 2 - u], a.num_classes, [1; 3], [1; 3]))
-            .collect::<Result<_, _>>()?;
+        let (decoder, transpconvs, seg_layers) = self.decoder(&a.decoder_shape())?;
         Ok(PlainConvUNet { encoder, decoder, transpconvs, seg_layers, arch: a.clone() })
     }
 }
@@ -345,30 +384,37 @@ impl PlainConvUNet {
             }
             skips.push(x.clone());
         }
-        let mut lres = skips.pop().expect("stages ≥ 2");
-        let mut outs = Vec::new();
-        let n = self.decoder.len();
-        for (u, stage) in self.decoder.iter().enumerate() {
-            let t = &self.transpconvs[u];
-            let up = ops::conv_transpose_ks(lres, t.weight.val(), t.bias.val(), l);
-            let skip = skips.pop().expect("one skip per decoder stage");
-            let mut y = Tensor::cat(vec![up, skip], l.channel_axis());
-            for b in stage {
-                y = b.forward(y, l);
-            }
-            if deep_supervision || u == n - 1 {
-                let h = &self.seg_layers[u];
-                outs.push(ops::head_to_ncdhw(y.clone(), h.weight.val(), h.bias.val(), l));
-            }
-            lres = y;
-        }
-        outs.reverse();
-        outs
+        decode(&self.decoder, &self.transpconvs, &self.seg_layers, skips, deep_supervision, l)
     }
 }
 
+/// nnU-Net's `UNetDecoder` forward over the encoder stages' outputs `skips` (shallowest first):
+/// upsample, concatenate, the stage's blocks, a head per stage (deep supervision: all, full
+/// resolution first; else the last).
+pub(crate) fn decode(decoder: &[Vec<ConvNormAct>], transpconvs: &[TranspConv], seg_layers: &[Conv], mut skips: Vec<Tensor<5>>, deep_supervision: bool, l: Layout) -> Vec<Tensor<5>> {
+    let mut lres = skips.pop().expect("stages ≥ 2");
+    let mut outs = Vec::new();
+    let n = decoder.len();
+    for (u, stage) in decoder.iter().enumerate() {
+        let t = &transpconvs[u];
+        let up = ops::conv_transpose_ks(lres, t.weight.val(), t.bias.val(), l);
+        let skip = skips.pop().expect("one skip per decoder stage");
+        let mut y = Tensor::cat(vec![up, skip], l.channel_axis());
+        for b in stage {
+            y = b.forward(y, l);
+        }
+        if deep_supervision || u == n - 1 {
+            let h = &seg_layers[u];
+            outs.push(ops::head_to_ncdhw(y.clone(), h.weight.val(), h.bias.val(), l));
+        }
+        lres = y;
+    }
+    outs.reverse();
+    outs
+}
 
-fn block_tensors(out: &mut Vec<NamedTensor>, key: &str, b: &ConvNormAct) {
+
+pub(crate) fn block_tensors(out: &mut Vec<NamedTensor>, key: &str, b: &ConvNormAct) {
     let (w, bias, g, beta) = (b.conv.weight.val(), b.conv.bias.val(), b.norm.weight.val(), b.norm.bias.val());
     out.push(named(format!("{key}.conv.weight"), w.clone()));
     out.push(named(format!("{key}.conv.bias"), bias.clone()));
@@ -408,19 +454,7 @@ impl SegNet for PlainConvUNet {
         }
         let mut out = enc.clone();
         out.extend(enc.into_iter().map(|t| NamedTensor { name: format!("decoder.{}", t.name), ..t }));
-        for (u, stage) in self.decoder.iter().enumerate() {
-            for (i, b) in stage.iter().enumerate() {
-                block_tensors(&mut out, &format!("decoder.stages.{u}.convs.{i}"), b);
-            }
-        }
-        for (u, t) in self.transpconvs.iter().enumerate() {
-            out.push(named(format!("decoder.transpconvs.{u}.weight"), t.weight.val()));
-            out.push(named(format!("decoder.transpconvs.{u}.bias"), t.bias.val()));
-        }
-        for (u, h) in self.seg_layers.iter().enumerate() {
-            out.push(named(format!("decoder.seg_layers.{u}.weight"), h.weight.val()));
-            out.push(named(format!("decoder.seg_layers.{u}.bias"), h.bias.val()));
-        }
+        decoder_tensors(&mut out, &self.decoder, &self.transpconvs, &self.seg_layers);
         out
     }
     fn num_params(&self) -> usize {
@@ -446,6 +480,23 @@ impl SegNet for PlainConvUNet {
             "macs_128": a.macs([128; 3]).with_bias,
             "options": {"features": a.features, "kernels": a.kernels, "n_conv": a.n_conv, "n_conv_dec": a.n_conv_dec},
         })
+    }
+}
+
+/// The decoder's tensors under the reference's keys.
+pub(crate) fn decoder_tensors(out: &mut Vec<NamedTensor>, decoder: &[Vec<ConvNormAct>], transpconvs: &[TranspConv], seg_layers: &[Conv]) {
+    for (u, stage) in decoder.iter().enumerate() {
+        for (i, b) in stage.iter().enumerate() {
+            block_tensors(out, &format!("decoder.stages.{u}.convs.{i}"), b);
+        }
+    }
+    for (u, t) in transpconvs.iter().enumerate() {
+        out.push(named(format!("decoder.transpconvs.{u}.weight"), t.weight.val()));
+        out.push(named(format!("decoder.transpconvs.{u}.bias"), t.bias.val()));
+    }
+    for (u, h) in seg_layers.iter().enumerate() {
+        out.push(named(format!("decoder.seg_layers.{u}.weight"), h.weight.val()));
+        out.push(named(format!("decoder.seg_layers.{u}.bias"), h.bias.val()));
     }
 }
 

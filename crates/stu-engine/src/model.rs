@@ -174,6 +174,8 @@ pub fn registry() -> &'static Registry<ModelEntry> {
 }
 
 /// Opens a checkpoint and builds whichever registered model it holds (or `model`, if given).
+/// When several models' anchor keys are in the file (nnU-Net's ResidualEncoderUNet has every
+/// key PlainConvUNet's anchor names, and a longer one of its own), the longest anchor wins.
 pub fn load_checkpoint(
     path: &std::path::Path,
     model: Option<&str>,
@@ -185,7 +187,8 @@ pub fn load_checkpoint(
         Some(name) => registry().get(name)?,
         None => registry()
             .iter()
-            .find(|e| dict.keys().any(|k| k.ends_with(e.anchor_key)))
+            .filter(|e| dict.keys().any(|k| k.ends_with(e.anchor_key)))
+            .max_by_key(|e| e.anchor_key.len())
             .ok_or_else(|| LoadError::UnknownModel {
                 path: path.to_path_buf(),
                 models: registry().names().collect::<Vec<_>>().join(", "),

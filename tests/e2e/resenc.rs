@@ -1,0 +1,83 @@
+//! nnU-Net's ResidualEncoderUNet (the ResEnc presets) against its reference implementation
+//! (dynamic_network_architectures 0.4.4): forward parity through two containers, the state-dict
+//! key order, the exact parameter and FLOP counts of the ResEnc M network for a 128³ patch
+//! (`tests/fixtures/make_resenc_fixture.py`), and that checkpoints of either nnU-Net network
+//! are told apart.
+
+use stu_engine::model::{LoadOptions, SegNet};
+use stu_harness::forward::{ForwardOptions, ModelSource, StrideSource, forward};
+use tests::{own_fixtures, read_tensor, rel_max_err};
+
+fn fixture() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("resenc.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn resenc_matches_the_reference_in_both_containers() {
+    let doc = fixture();
+    let reference = own_fixtures().join("resenc_tiny.safetensors");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["resenc_tiny.safetensors", "resenc_tiny_nnunetv2.pth"] {
+        let out = dir.path().join(format!("{file}.out.safetensors"));
+        forward(&ForwardOptions {
+            model: ModelSource { checkpoint: own_fixtures().join(file), model: None, strides: StrideSource::Default, backend: stu_engine::backend::Backend::Flex },
+            input: reference.clone(),
+            input_key: "input".into(),
+            output: out.clone(),
+            precision: Default::default(),
+        })
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        let n = doc["tiny"]["outputs"].as_array().unwrap().len();
+        assert_eq!(n, 3);
+        for i in 0..n {
+            let key = format!("output.{i}");
+            let (s, ours) = read_tensor(&out, &key);
+            let (s_ref, want) = read_tensor(&reference, &key);
+            assert_eq!(s, s_ref, "{file} {key}");
+            let err = rel_max_err(&ours, &want);
+            assert!(err <= 1e-4, "{file} {key}: {err:e}");
+        }
+    }
+}
+
+#[test]
+fn resenc_keys_and_counts_equal_the_reference() {
+    zoo::link();
+    let doc = fixture();
+    let device = stu_engine::backend::Backend::Flex.device().unwrap();
+    // Recognised from its keys (which include every key PlainConvUNet's anchor names), and a
+    // PlainConvUNet checkpoint still as PlainConvUNet.
+    let net = stu_engine::model::load_checkpoint(&own_fixtures().join("resenc_tiny_nnunetv2.pth"), None, &LoadOptions::default(), &device).unwrap();
+    assert_eq!(net.family(), "nnunet-resenc");
+    let plain = stu_engine::model::load_checkpoint(&own_fixtures().join("plainconv_tiny_nnunetv2.pth"), None, &LoadOptions::default(), &device).unwrap();
+    assert_eq!(plain.family(), "nnunet-plainconv");
+    // The export writes the reference's keys in its order, duplicate registrations included.
+    let ours: Vec<String> = net.state_dict().into_iter().map(|t| t.name).collect();
+    let want: Vec<String> = serde_json::from_value(doc["tiny_keys"].clone()).unwrap();
+    assert_eq!(ours, want);
+    // ResEnc M for 1 channel, 105 classes, 128³ (configuration in the JSON).
+    let arch = zoo::resenc::default_arch();
+    let d = &doc["resenc_m"];
+    assert_eq!(arch.features, serde_json::from_value::<Vec<usize>>(d["features_per_stage"].clone()).unwrap());
+    assert_eq!(arch.n_blocks, serde_json::from_value::<Vec<usize>>(d["n_blocks_per_stage"].clone()).unwrap());
+    let fresh = zoo::resenc::ResEncUNet::new(&arch, &device).unwrap();
+    assert_eq!(SegNet::num_params(&fresh) as u64, d["params"].as_u64().unwrap());
+    assert_eq!(d["params"].as_u64().unwrap(), 102_432_685);
+    assert_eq!(arch.keys().len() as u64, d["state_dict_tensors"].as_u64().unwrap());
+    assert_eq!(2 * arch.macs([128; 3]).weights, d["flops_128_deep_supervision"].as_u64().unwrap());
+    // Loaded as PlainConvUNet, a ResEnc checkpoint is refused with a key named.
+    let err = stu_engine::model::load_checkpoint(&own_fixtures().join("resenc_tiny.safetensors"), Some("nnunet-plainconv"), &LoadOptions::default(), &device).err().unwrap().to_string();
+    assert!(err.contains("encoder.stages"), "{err}");
+}
+
+#[test]
+fn resenc_trains_and_predicts_through_the_same_commands() {
+    let (tmp, info) = tests::train_on_shared_mr(tests::stu_bin!(), "nnunet-resenc", r#"{"base_width": 4, "max_width": 8, "blocks": 2}"#, "16,32,32", true);
+    assert_eq!(info["features"][0], 4);
+    let bad = std::process::Command::new(tests::stu_bin!())
+        .args(["train", tmp.path().join("pre").to_str().unwrap(), "--out", tmp.path().join("bad").to_str().unwrap(), "--fold", "all", "--model", "nnunet-resenc", "--model-options", r#"{"n_block": [1]}"#])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("n_block"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
