@@ -81,3 +81,30 @@ fn resenc_trains_and_predicts_through_the_same_commands() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("n_block"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+#[test]
+fn resenc_planner_presets_write_nnunets_resenc_plans() {
+    // `stu plan --preset resenc-m|l|xl` (nnUNetPlannerResEncM/L/XL; their rules are checked
+    // against nnU-Net 2.8.1 in `stu_data::plan`'s test vectors) on the real MR case.
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tests::shared().join("data/Dataset802_TotalSegExampleMR");
+    let mut patches = Vec::new();
+    for (preset, name) in [("resenc-m", "nnUNetResEncUNetMPlans"), ("resenc-l", "nnUNetResEncUNetLPlans"), ("resenc-xl", "nnUNetResEncUNetXLPlans")] {
+        let out = tmp.path().join(format!("{preset}/plans.json"));
+        let o = std::process::Command::new(tests::stu_bin!()).args(["plan", raw.to_str().unwrap(), "--preset", preset, "--out", out.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let c = &plans["configurations"]["3d_fullres"];
+        assert_eq!(plans["plans_name"], name);
+        assert_eq!(c["UNet_class_name"], "ResidualEncoderUNet");
+        assert_eq!(c["data_identifier"], "nnUNetPlans_3d_fullres");
+        let n = c["pool_op_kernel_sizes"].as_array().unwrap().len();
+        assert_eq!(c["n_conv_per_stage_encoder"], serde_json::json!(zoo::resenc::RESENC_BLOCKS[..n]));
+        assert!(c["batch_size"].as_u64().unwrap() >= 2);
+        patches.push(c["patch_size"].clone());
+    }
+    let o = std::process::Command::new(tests::stu_bin!()).args(["plan", raw.to_str().unwrap(), "--preset", "resenc-xxl", "--out", tmp.path().join("x.json").to_str().unwrap()]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("resenc-xl"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!patches.is_empty());
+}
+

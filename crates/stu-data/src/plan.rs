@@ -1,5 +1,6 @@
 //! nnU-Net v2.2 experiment planning for `3d_fullres` (`shared/docs/nnunet-pipeline.md` §3),
-//! and STU-Net's released-model preset (§3.11).
+//! nnU-Net's ResEnc M/L/XL planners (the same rules with ResidualEncoderUNet's VRAM proxy,
+//! their reference values and no 5 % batch cap), and STU-Net's released-model preset (§3.11).
 //!
 //! Everything is in nnU-Net's array axis order; rounding is half-to-even like Python's.
 
@@ -135,6 +136,70 @@ pub fn topology(spacing: [f64; 3], patch: [f64; 3]) -> Topology {
     Topology { num_pool_per_axis: num_pool, pool_op_kernel_sizes: pools, conv_kernel_sizes: convs, patch_size, must_be_divisible_by: div }
 }
 
+/// The network a planner sizes its patch for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// PlainConvUNet: 2 convs per stage, encoder and decoder.
+    PlainConv,
+    /// ResidualEncoderUNet: a stem, residual blocks 1, 3, 4, 6, 6, … per encoder stage, one
+    /// conv per decoder stage.
+    ResEnc,
+}
+
+/// The constants that tell nnU-Net's planners apart.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Planner {
+    /// The network of the VRAM proxy.
+    pub network: Network,
+    /// `UNet_reference_val_3d`.
+    pub reference_val_3d: f64,
+    /// `UNet_reference_val_corresp_GB`.
+    pub reference_gb: f64,
+    /// `max_dataset_covered`: the batch's share of the dataset's voxels.
+    pub max_dataset_covered: f64,
+    /// `gpu_memory_target_in_gb` when none is given.
+    pub default_gpu_gb: f64,
+}
+
+impl Planner {
+    /// nnU-Net's default `ExperimentPlanner`.
+    pub const DEFAULT: Self = Self { network: Network::PlainConv, reference_val_3d: REFERENCE_VAL_3D, reference_gb: REFERENCE_GB, max_dataset_covered: MAX_DATASET_COVERED, default_gpu_gb: 8.0 };
+    /// `nnUNetPlannerResEncM` (~9–11 GB).
+    pub const RESENC_M: Self = Self { network: Network::ResEnc, reference_val_3d: 680_000_000.0, reference_gb: 8.0, max_dataset_covered: 1.0, default_gpu_gb: 8.0 };
+    /// `nnUNetPlannerResEncL` (~24 GB).
+    pub const RESENC_L: Self = Self { network: Network::ResEnc, reference_val_3d: 2_100_000_000.0, reference_gb: 24.0, max_dataset_covered: 1.0, default_gpu_gb: 24.0 };
+    /// `nnUNetPlannerResEncXL` (~40 GB).
+    pub const RESENC_XL: Self = Self { network: Network::ResEnc, reference_val_3d: 3_600_000_000.0, reference_gb: 40.0, max_dataset_covered: 1.0, default_gpu_gb: 40.0 };
+
+    fn estimate(&self, patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
+        match self.network {
+            Network::PlainConv => estimate_vram(patch, pools, num_label_keys),
+            Network::ResEnc => estimate_vram_resenc(patch, pools, num_label_keys),
+        }
+    }
+}
+
+/// Blocks per encoder stage of the ResEnc planners (`UNet_blocks_per_stage_encoder`).
+pub const RESENC_BLOCKS: [u64; 13] = [1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6];
+
+/// ResidualEncoderUNet's `compute_conv_feature_map_size` (dynamic_network_architectures 0.4,
+/// without deep supervision, as nnU-Net's planner builds it): the stem, two convs per residual
+/// block plus the skip's projection in each stage's first block (stage 0's has none), and per
+/// decoder stage one conv, the transposed conv and, at full resolution, the head.
+pub fn estimate_vram_resenc(patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
+    let mut size = patch.map(|v| v as u64);
+    let mut sizes = Vec::new();
+    for p in pools {
+        size = [0, 1, 2].map(|a| size[a] / p[a] as u64);
+        sizes.push(size.iter().product::<u64>());
+    }
+    let feats = |s: usize| (BASE_FEATURES << s).min(MAX_FEATURES_3D);
+    let stem = feats(0) * sizes[0];
+    let encoder: u64 = sizes.iter().enumerate().map(|(s, &n)| (2 * RESENC_BLOCKS[s.min(RESENC_BLOCKS.len() - 1)] + u64::from(s > 0)) * feats(s) * n).sum();
+    let decoder: u64 = (0..pools.len() - 1).map(|s| 2 * feats(s) * sizes[s]).sum();
+    stem + encoder + decoder + num_label_keys as u64 * sizes[0]
+}
+
 /// PlainConvUNet's `compute_conv_feature_map_size` as nnU-Net v2.2 uses it for its VRAM proxy:
 /// features min(32·2^s, 320), 2 convs per stage, `num_label_keys` = every key of `labels`.
 pub fn estimate_vram(patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
@@ -182,15 +247,20 @@ pub struct PlanInput {
     pub gpu_memory_gb: f64,
 }
 
-/// `get_plans_for_configuration` for 3-D.
+/// `get_plans_for_configuration` for 3-D (nnU-Net's default planner).
 pub fn plan_configuration(input: &PlanInput) -> Configuration {
+    plan_configuration_with(input, &Planner::DEFAULT)
+}
+
+/// `get_plans_for_configuration` for 3-D of `planner`.
+pub fn plan_configuration_with(input: &PlanInput, planner: &Planner) -> Configuration {
     let PlanInput { spacing, median_shape, num_label_keys, num_training, gpu_memory_gb } = *input;
     let tmp = spacing.map(|s| 1.0 / s);
     let scale = (256f64.powi(3) / tmp.iter().product::<f64>()).cbrt();
     let initial = [0, 1, 2].map(|a| (tmp[a] * scale).round_ties_even().min(median_shape[a]));
     let mut topo = topology(spacing, initial);
-    let mut estimate = estimate_vram(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
-    let reference = REFERENCE_VAL_3D * (gpu_memory_gb / REFERENCE_GB);
+    let mut estimate = planner.estimate(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
+    let reference = planner.reference_val_3d * (gpu_memory_gb / planner.reference_gb);
     while estimate as f64 > reference {
         let ratio = [0, 1, 2].map(|a| topo.patch_size[a] as f64 / median_shape[a]);
         // Stable argsort, last element: the highest axis among the largest ratios.
@@ -201,11 +271,11 @@ pub fn plan_configuration(input: &PlanInput) -> Configuration {
         let mut patch = topo.patch_size.map(|v| v as f64);
         patch[axis] -= div[axis] as f64;
         topo = topology(spacing, patch);
-        estimate = estimate_vram(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
+        estimate = planner.estimate(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
     }
     let bs = (reference / estimate as f64 * REFERENCE_BS_3D).round_ties_even() as u64;
     let voxels = median_shape.iter().product::<f64>() * num_training as f64;
-    let bs5 = (voxels * MAX_DATASET_COVERED / topo.patch_size.iter().map(|&v| v as f64).product::<f64>()).round_ties_even() as u64;
+    let bs5 = (voxels * planner.max_dataset_covered / topo.patch_size.iter().map(|&v| v as f64).product::<f64>()).round_ties_even() as u64;
     Configuration {
         spacing,
         patch_size: topo.patch_size,
@@ -250,6 +320,36 @@ mod tests {
         }
     }
 
+    /// nnU-Net 2.8.1's ResEnc M/L/XL planners on the same rows
+    /// (`tests/fixtures/make_resenc_planner_fixture.py`): patch, batch, topology, VRAM proxy.
+    #[test]
+    fn resenc_planner_test_vectors() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/resenc_planner.json");
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let v = |x: &serde_json::Value| -> Vec<[usize; 3]> { serde_json::from_value(x.clone()).unwrap() };
+        for (name, planner) in [("M", Planner::RESENC_M), ("L", Planner::RESENC_L), ("XL", Planner::RESENC_XL)] {
+            for row in doc["presets"][name].as_array().unwrap() {
+                let f = |k: &str| -> [f64; 3] { serde_json::from_value(row[k].clone()).unwrap() };
+                let input = PlanInput {
+                    spacing: f("spacing"),
+                    median_shape: f("median_shape"),
+                    num_label_keys: row["num_label_keys"].as_u64().unwrap() as usize,
+                    num_training: row["num_training"].as_u64().unwrap() as usize,
+                    gpu_memory_gb: planner.default_gpu_gb,
+                };
+                let c = plan_configuration_with(&input, &planner);
+                let at = format!("ResEnc {name} {:?}", input.spacing);
+                assert_eq!(c.patch_size.to_vec(), v(&serde_json::json!([row["patch_size"]]))[0].to_vec(), "{at}");
+                assert_eq!(c.batch_size, row["batch_size"].as_u64().unwrap(), "{at}");
+                assert_eq!(c.topology.pool_op_kernel_sizes, v(&row["strides"]), "{at}");
+                assert_eq!(c.topology.conv_kernel_sizes, v(&row["kernel_sizes"]), "{at}");
+                assert_eq!(c.vram_estimate, row["vram_estimate"].as_u64().unwrap(), "{at}");
+                let n = c.topology.pool_op_kernel_sizes.len();
+                assert_eq!(RESENC_BLOCKS[..n].to_vec(), serde_json::from_value::<Vec<u64>>(row["n_blocks_per_stage"].clone()).unwrap(), "{at}");
+            }
+        }
+    }
+
     #[test]
     fn target_spacing_transpose_and_new_shape_vectors() {
         let sp = |z: f64| [z, 0.7, 0.7];
@@ -273,6 +373,11 @@ mod tests {
 /// ≥ 25 % of the lowres median image, then drop it when the full-resolution median has fewer
 /// than 2× its voxels.
 pub fn lowres_created(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 3], num_label_keys: usize, num_training: usize, gpu_memory_gb: f64) -> bool {
+    lowres_created_with(spacing, median_shape, patch, num_label_keys, num_training, gpu_memory_gb, &Planner::DEFAULT)
+}
+
+/// [`lowres_created`] with `planner`'s configurations.
+pub fn lowres_created_with(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 3], num_label_keys: usize, num_training: usize, gpu_memory_gb: f64, planner: &Planner) -> bool {
     const THRESHOLD: f64 = 0.25;
     const FACTOR: f64 = 1.03;
     let full_voxels: f64 = median_shape.iter().product();
@@ -293,13 +398,10 @@ pub fn lowres_created(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 
         }
         let shape = [0, 1, 2].map(|a| spacing[a] / lowres[a] * median_shape[a]);
         median_voxels = shape.iter().product();
-        let cfg = plan_configuration(&PlanInput {
-            spacing: lowres,
-            median_shape: shape.map(f64::round_ties_even),
-            num_label_keys,
-            num_training,
-            gpu_memory_gb,
-        });
+        let cfg = plan_configuration_with(
+            &PlanInput { spacing: lowres, median_shape: shape.map(f64::round_ties_even), num_label_keys, num_training, gpu_memory_gb },
+            planner,
+        );
         patch_voxels = cfg.patch_size.iter().map(|&v| v as f64).product();
         created = true;
     }
@@ -311,9 +413,43 @@ pub fn lowres_created(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 
 pub enum Preset {
     /// nnU-Net v2.2's default planner.
     Nnunet,
+    /// nnU-Net's ResEnc planners (`nnUNetPlannerResEncM`, `L`, `XL`): ResidualEncoderUNet.
+    ResEncM,
+    /// See [`Preset::ResEncM`].
+    ResEncL,
+    /// See [`Preset::ResEncM`].
+    ResEncXL,
     /// The released STU-Net models' plan: 1.5 mm isotropic, 128³, batch 2, per-image z-score,
     /// strides `[2,2,2]×4, [1,1,2]` (stunet.md §1.6, nnunet-pipeline.md §3.11).
     Stunet,
+}
+
+impl Preset {
+    /// By name: `nnunet`, `resenc-m`, `resenc-l`, `resenc-xl`, `stunet`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "nnunet" => Self::Nnunet,
+            "resenc-m" => Self::ResEncM,
+            "resenc-l" => Self::ResEncL,
+            "resenc-xl" => Self::ResEncXL,
+            "stunet" => Self::Stunet,
+            _ => return None,
+        })
+    }
+
+    /// The names [`Preset::parse`] takes.
+    pub const NAMES: [&'static str; 5] = ["nnunet", "resenc-m", "resenc-l", "resenc-xl", "stunet"];
+
+    /// The nnU-Net planner behind a preset (`None` for STU-Net's fixed plan).
+    pub fn planner(self) -> Option<Planner> {
+        match self {
+            Self::Nnunet => Some(Planner::DEFAULT),
+            Self::ResEncM => Some(Planner::RESENC_M),
+            Self::ResEncL => Some(Planner::RESENC_L),
+            Self::ResEncXL => Some(Planner::RESENC_XL),
+            Self::Stunet => None,
+        }
+    }
 }
 
 /// nnU-Net v2.2's channel-name → normalisation rule.
@@ -334,15 +470,17 @@ pub fn plans_json(
     json: &crate::dataset::DatasetJson,
     fp: &crate::fingerprint::Fingerprint,
     preset: Preset,
-    gpu_memory_gb: f64,
+    gpu_memory_gb: Option<f64>,
 ) -> serde_json::Value {
+    let planner = preset.planner();
+    let gpu_memory_gb = gpu_memory_gb.unwrap_or(planner.map_or(8.0, |p| p.default_gpu_gb));
     let target = match preset {
-        Preset::Nnunet => target_spacing(&fp.spacings, &fp.shapes_after_crop),
         Preset::Stunet => [1.5; 3],
+        _ => target_spacing(&fp.spacings, &fp.shapes_after_crop),
     };
     let (forward, backward) = match preset {
-        Preset::Nnunet => transpose(target),
         Preset::Stunet => ([0, 1, 2], [0, 1, 2]),
+        _ => transpose(target),
     };
     let tr = |v: [f64; 3]| forward.map(|a| v[a]);
     let new_shapes: Vec<[usize; 3]> = fp.spacings.iter().zip(&fp.shapes_after_crop).map(|(s, sh)| compute_new_shape(*sh, *s, target)).collect();
@@ -351,30 +489,36 @@ pub fn plans_json(
     let median_orig_shape = tr([0, 1, 2].map(|a| median(fp.shapes_after_crop.iter().map(|s| s[a] as f64).collect())));
     let spacing = tr(target);
     let schemes: Vec<&str> = json.channel_names.iter().map(|c| match preset {
-        Preset::Nnunet => normalization_scheme(c),
         Preset::Stunet => "ZScoreNormalization",
+        _ => normalization_scheme(c),
     }).collect();
     let use_mask: Vec<bool> = schemes
         .iter()
-        .map(|s| preset == Preset::Nnunet && *s == "ZScoreNormalization" && fp.median_relative_size_after_cropping < 0.75)
+        .map(|s| planner.is_some() && *s == "ZScoreNormalization" && fp.median_relative_size_after_cropping < 0.75)
         .collect();
-    let (patch, batch, pools, convs, num_pool, estimate) = match preset {
-        Preset::Nnunet => {
-            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: json.labels.len(), num_training: json.num_training, gpu_memory_gb });
+    let (patch, batch, pools, convs, num_pool, estimate) = match planner {
+        Some(p) => {
+            let c = plan_configuration_with(&PlanInput { spacing, median_shape, num_label_keys: json.labels.len(), num_training: json.num_training, gpu_memory_gb }, &p);
             (c.patch_size, c.batch_size, c.topology.pool_op_kernel_sizes, c.topology.conv_kernel_sizes, c.topology.num_pool_per_axis, Some(c.vram_estimate))
         }
-        Preset::Stunet => {
+        None => {
             let mut pools = vec![[1, 1, 1]];
             pools.extend([[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 2]]);
             ([128; 3], 2, pools, vec![[3; 3]; 6], [4, 4, 5], None)
         }
     };
-    let lowres = preset == Preset::Nnunet && lowres_created(spacing, median_shape, patch, json.labels.len(), json.num_training, gpu_memory_gb);
+    let lowres = planner.is_some_and(|p| lowres_created_with(spacing, median_shape, patch, json.labels.len(), json.num_training, gpu_memory_gb, &p));
     let n_stages = pools.len();
     let plans_name = match preset {
         Preset::Nnunet => "nnUNetPlans",
+        Preset::ResEncM => "nnUNetResEncUNetMPlans",
+        Preset::ResEncL => "nnUNetResEncUNetLPlans",
+        Preset::ResEncXL => "nnUNetResEncUNetXLPlans",
         Preset::Stunet => "STUNetPlans",
     };
+    let resenc = planner.is_some_and(|p| p.network == Network::ResEnc);
+    // The ResEnc planners share the default planner's preprocessed data (their identifier).
+    let data_identifier = if resenc { "nnUNetPlans_3d_fullres".to_string() } else { format!("{plans_name}_3d_fullres") };
     let resampling = |is_seg: bool, order: u32| serde_json::json!({"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": null});
     serde_json::json!({
         "dataset_name": dataset_name,
@@ -386,7 +530,7 @@ pub fn plans_json(
         "transpose_backward": backward,
         "configurations": {
             "3d_fullres": {
-                "data_identifier": format!("{plans_name}_3d_fullres"),
+                "data_identifier": data_identifier,
                 "preprocessor_name": "DefaultPreprocessor",
                 "batch_size": batch,
                 "patch_size": patch,
@@ -394,10 +538,10 @@ pub fn plans_json(
                 "spacing": spacing,
                 "normalization_schemes": schemes,
                 "use_mask_for_norm": use_mask,
-                "UNet_class_name": "PlainConvUNet",
+                "UNet_class_name": if resenc { "ResidualEncoderUNet" } else { "PlainConvUNet" },
                 "UNet_base_num_features": BASE_FEATURES,
-                "n_conv_per_stage_encoder": vec![2; n_stages],
-                "n_conv_per_stage_decoder": vec![2; n_stages - 1],
+                "n_conv_per_stage_encoder": if resenc { RESENC_BLOCKS[..n_stages].to_vec() } else { vec![2; n_stages] },
+                "n_conv_per_stage_decoder": vec![if resenc { 1 } else { 2 }; n_stages - 1],
                 "num_pool_per_axis": num_pool,
                 "pool_op_kernel_sizes": pools,
                 "conv_kernel_sizes": convs,
@@ -412,7 +556,13 @@ pub fn plans_json(
                 "vram_estimate": estimate,
             }
         },
-        "experiment_planner_used": match preset { Preset::Nnunet => "ExperimentPlanner (stu, nnU-Net v2.2 rules)", Preset::Stunet => "STU-Net released-model preset (stu)" },
+        "experiment_planner_used": match preset {
+            Preset::Nnunet => "ExperimentPlanner (stu, nnU-Net v2.2 rules)",
+            Preset::ResEncM => "nnUNetPlannerResEncM (stu)",
+            Preset::ResEncL => "nnUNetPlannerResEncL (stu)",
+            Preset::ResEncXL => "nnUNetPlannerResEncXL (stu)",
+            Preset::Stunet => "STU-Net released-model preset (stu)",
+        },
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": fp.foreground_intensity_properties_per_channel,
     })

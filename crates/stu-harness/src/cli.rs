@@ -83,12 +83,13 @@ enum Command {
         /// plans.json to write; dataset_fingerprint.json goes beside it.
         #[arg(long)]
         out: PathBuf,
-        /// `nnunet` (v2.2 planner) or `stunet` (1.5 mm, 128³, batch 2, z-score, released strides).
-        #[arg(long, default_value = "nnunet", value_parser = ["nnunet", "stunet"])]
+        /// `nnunet` (v2.2 planner), `resenc-m|l|xl` (nnU-Net's ResEnc planners, for
+        /// `--model nnunet-resenc`) or `stunet` (1.5 mm, 128³, batch 2, z-score, released strides).
+        #[arg(long, default_value = "nnunet", value_parser = stu_data::plan::Preset::NAMES)]
         preset: String,
-        /// GPU memory target of nnU-Net's VRAM rule.
-        #[arg(long, default_value_t = 8.0)]
-        gpu_memory_gb: f64,
+        /// GPU memory target of nnU-Net's VRAM rule (default: the preset's, 8, 24 or 40 GB).
+        #[arg(long)]
+        gpu_memory_gb: Option<f64>,
     },
     /// Preprocess a dataset with a plan (crop, normalise, resample); resumes where it stopped.
     Preprocess {
@@ -790,7 +791,7 @@ fn run(cli: Cli) -> Result<()> {
             let json = stu_data::dataset::DatasetJson::read(&dir.join("dataset.json"))?;
             let fp = stu_data::fingerprint::fingerprint(&dir, &json)?;
             let name = dir.canonicalize().unwrap_or(dir.clone()).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let preset = if preset == "stunet" { Preset::Stunet } else { Preset::Nnunet };
+            let preset = Preset::parse(&preset).expect("clap checked the name");
             let plans = plans_json(&name, &json, &fp, preset, gpu_memory_gb);
             let fp_path = out.with_file_name("dataset_fingerprint.json");
             if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {

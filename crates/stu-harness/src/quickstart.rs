@@ -97,9 +97,9 @@ pub fn run(out: &Path, cases: usize, seed: u64, progress: &(dyn Fn(&str) + Sync)
     let fp = stu_data::fingerprint::fingerprint(&dataset, &json)?;
     let plans = out.join("plans/plans.json");
     std::fs::create_dir_all(out.join("plans")).context("cannot create the plans folder")?;
-    let plan = stu_data::plan::plans_json("Dataset900_Phantom", &json, &fp, stu_data::plan::Preset::Nnunet, 8.0);
+    let plan = stu_data::plan::plans_json("Dataset900_Phantom", &json, &fp, stu_data::plan::Preset::Nnunet, None);
     stu_engine::checkpoint::write_atomic(&plans, (serde_json::to_string_pretty(&plan)? + "\n").as_bytes())?;
-    let stunet = stu_data::plan::plans_json("Dataset900_Phantom", &json, &fp, stu_data::plan::Preset::Stunet, 8.0);
+    let stunet = stu_data::plan::plans_json("Dataset900_Phantom", &json, &fp, stu_data::plan::Preset::Stunet, None);
     stu_engine::checkpoint::write_atomic(&out.join("plans/stunet_plans.json"), (serde_json::to_string_pretty(&stunet)? + "\n").as_bytes())?;
     seconds.insert("plan", t.elapsed().as_secs_f64());
     let t = std::time::Instant::now();

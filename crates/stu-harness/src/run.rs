@@ -62,9 +62,9 @@ fn data(dataset: &DatasetSpec, plan: &PlanSpec, root: &Path, log: &dyn Fn(&str))
     if !plans.exists() {
         let json = stu_data::dataset::DatasetJson::read(&raw.join("dataset.json"))?;
         let fp = stu_data::fingerprint::fingerprint(&raw, &json)?;
-        let preset = if plan.preset == "stunet" { stu_data::plan::Preset::Stunet } else { stu_data::plan::Preset::Nnunet };
+        let preset = stu_data::plan::Preset::parse(&plan.preset).with_context(|| format!("plan.preset `{}`", plan.preset))?;
         let name = raw.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let p = stu_data::plan::plans_json(&name, &json, &fp, preset, 8.0);
+        let p = stu_data::plan::plans_json(&name, &json, &fp, preset, None);
         stu_core::fs::write_atomic(&plans, (serde_json::to_string_pretty(&p)? + "\n").as_bytes())?;
     }
     let pre = dir.join("preprocessed");

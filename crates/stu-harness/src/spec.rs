@@ -343,7 +343,7 @@ pub fn validate(s: &Spec) -> Result<()> {
     if let Ok(b) = s.backend.parse::<stu_engine::backend::Backend>() {
         s.precision.check(b).map_err(|e| anyhow::anyhow!("`precision`: {e}"))?;
     }
-    allowed("plan.preset", &s.plan.preset, &["nnunet", "stunet"])?;
+    allowed("plan.preset", &s.plan.preset, &stu_data::plan::Preset::NAMES)?;
     let datasets: Vec<&str> = stu_data::plugins::registry().names().collect();
     allowed("dataset.plugin", &s.dataset.plugin, &datasets)?;
     if let Some(d) = &s.predict.dataset {
