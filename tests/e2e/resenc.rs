@@ -106,5 +106,15 @@ fn resenc_planner_presets_write_nnunets_resenc_plans() {
     let o = std::process::Command::new(tests::stu_bin!()).args(["plan", raw.to_str().unwrap(), "--preset", "resenc-xxl", "--out", tmp.path().join("x.json").to_str().unwrap()]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("resenc-xl"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!patches.is_empty());
+    // Preprocessed with a ResEnc plan, `stu train` without --model trains nnunet-resenc.
+    let (plans, pre, run) = (tmp.path().join("resenc-m/plans.json"), tmp.path().join("pre"), tmp.path().join("run"));
+    let stu = |args: &[&str]| {
+        let o = std::process::Command::new(tests::stu_bin!()).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    stu(&["preprocess", raw.to_str().unwrap(), "--plans", plans.to_str().unwrap(), "--out", pre.to_str().unwrap()]);
+    stu(&["train", pre.to_str().unwrap(), "--out", run.to_str().unwrap(), "--fold", "all", "--model-options", r#"{"base_width": 4, "max_width": 8}"#, "--epochs", "1", "--iterations", "1", "--val-iterations", "0", "--patch-size", "16,32,32"]);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model"], "nnunet-resenc");
 }
 

@@ -354,9 +354,10 @@ struct TrainArgs {
     /// Plans configuration.
     #[arg(long, default_value = "3d_fullres")]
     configuration: String,
-    /// Model registry name.
-    #[arg(long, default_value = "stunet")]
-    model: String,
+    /// Model registry name (default: `nnunet-resenc` for a plan of nnU-Net's ResEnc planners,
+    /// `stu plan --preset resenc-*`, else `stunet`).
+    #[arg(long)]
+    model: Option<String>,
     /// Size preset (e.g. stunet-s, stunet-b).
     #[arg(long, conflicts_with_all = ["blocks", "base_width", "model_options"])]
     preset: Option<String>,
@@ -480,11 +481,16 @@ fn parse_patch(s: &str) -> Result<Patch, String> {
 }
 
 impl TrainArgs {
-    fn request(self) -> Result<crate::train::TrainRequest> {
+    fn request(mut self) -> Result<crate::train::TrainRequest> {
+        let model = match self.model.take() {
+            Some(m) => m,
+            None if self.preset.is_none() && crate::train::plan_network(&self.preprocessed, &self.configuration).is_some_and(|n| n.ends_with("ResidualEncoderUNet")) => "nnunet-resenc".to_string(),
+            None => "stunet".to_string(),
+        };
         let model_options = match (self.preset, self.blocks, self.base_width, self.model_options) {
             (Some(p), ..) => serde_json::json!({ "preset": p }),
             (None, _, _, Some(j)) => serde_json::from_str(&j).context("--model-options is not valid JSON")?,
-            (None, None, None, None) if self.model == "stunet" => serde_json::json!({ "preset": "stunet-b" }),
+            (None, None, None, None) if model == "stunet" => serde_json::json!({ "preset": "stunet-b" }),
             (None, None, None, None) => serde_json::Value::Null,
             (None, b, w, None) => {
                 let mut m = serde_json::Map::new();
@@ -502,7 +508,7 @@ impl TrainArgs {
             configuration: self.configuration,
             fold: self.fold,
             out: self.out,
-            model: self.model,
+            model,
             model_options,
             epochs: self.epochs,
             iterations: self.iterations,

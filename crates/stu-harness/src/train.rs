@@ -156,6 +156,14 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
+/// The network a preprocessed folder's plan was made for (`UNet_class_name`, or nnU-Net ≥ 2.3's
+/// `architecture.network_class_name`), if it says.
+pub(crate) fn plan_network(dir: &Path, configuration: &str) -> Option<String> {
+    let json = read_json(&dir.join("plans.json")).ok()?;
+    let c = json.pointer(&format!("/configurations/{configuration}"))?;
+    c.get("UNet_class_name").or_else(|| c.pointer("/architecture/network_class_name")).and_then(|v| v.as_str()).map(str::to_string)
+}
+
 fn read_plan(dir: &Path, configuration: &str) -> Result<Plan> {
     let path = dir.join("plans.json");
     let json = read_json(&path)?;
