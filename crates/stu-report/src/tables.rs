@@ -38,7 +38,7 @@ pub fn records_frame(records: &[Value]) -> Result<DataFrame> {
 /// Blocks (STU-Net, SwinUNETR, nnFormer), convolutions (PlainConvUNet) per stage at stage 0, or
 /// transformer layers (UNETR) of a record's model.
 pub fn model_blocks(r: &Value) -> Option<f64> {
-    ["/model/depth/0", "/model/n_conv/0", "/model/depths/0", "/model/num_layers"].iter().find_map(|p| r.pointer(p)).and_then(Value::as_f64)
+    ["/model/depth/0", "/model/n_conv/0", "/model/n_blocks/0", "/model/depths/0", "/model/num_layers"].iter().find_map(|p| r.pointer(p)).and_then(Value::as_f64)
 }
 
 /// Width of stage 0 of a record's model.

@@ -76,6 +76,7 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
                 .filter_map(|r| {
                     let family = match r.pointer("/model/model").and_then(Value::as_str) {
                         Some("nnunet-plainconv") => "nnU-Net ",
+                        Some("nnunet-resenc") => "ResEnc ",
                         Some("unetr") => "UNETR ",
                         Some("swinunetr") => "SwinUNETR ",
                         Some("nnformer") => "nnFormer ",
