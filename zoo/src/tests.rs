@@ -17,7 +17,7 @@ fn device() -> Device {
 fn expected_plugins_are_registered_with_unique_names() {
     // `registry()` panics on duplicates or bad names, so building it is half the test.
     let models: Vec<_> = registry().names().collect();
-    assert_eq!(models, ["nnformer", "nnunet-plainconv", "stunet", "swinunetr", "unetr"]);
+    assert_eq!(models, ["nnformer", "nnunet-plainconv", "nnunet-resenc", "stunet", "swinunetr", "unetr"]);
     let presets: Vec<_> = stu_core::scaling::registry().names().collect();
     assert_eq!(presets, ["stunet-b", "stunet-h", "stunet-l", "stunet-s"]);
     for p in stu_core::scaling::registry().iter() {
