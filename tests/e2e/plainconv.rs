@@ -3,8 +3,7 @@
 //! and FLOP counts of nnU-Net's default 3d_fullres network (`tests/fixtures/make_plainconv_fixture.py`).
 
 use stu_engine::model::{LoadOptions, SegNet};
-use stu_harness::forward::{ForwardOptions, ModelSource, StrideSource, forward};
-use tests::{own_fixtures, read_tensor, rel_max_err};
+use tests::own_fixtures;
 
 fn fixture() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("plainconv.json")).unwrap()).unwrap()
@@ -12,30 +11,9 @@ fn fixture() -> serde_json::Value {
 
 #[test]
 fn plainconv_matches_the_reference_in_both_containers() {
-    let doc = fixture();
-    let reference = own_fixtures().join("plainconv_tiny.safetensors");
-    let dir = tempfile::tempdir().unwrap();
-    for file in ["plainconv_tiny.safetensors", "plainconv_tiny_nnunetv2.pth"] {
-        let out = dir.path().join(format!("{file}.out.safetensors"));
-        forward(&ForwardOptions {
-            model: ModelSource { checkpoint: own_fixtures().join(file), model: None, strides: StrideSource::Default, backend: stu_engine::backend::Backend::Flex },
-            input: reference.clone(),
-            input_key: "input".into(),
-            output: out.clone(),
-            precision: Default::default(),
-        })
-        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
-        let n = doc["tiny"]["outputs"].as_array().unwrap().len();
-        assert_eq!(n, 3);
-        for i in 0..n {
-            let key = format!("output.{i}");
-            let (s, ours) = read_tensor(&out, &key);
-            let (s_ref, want) = read_tensor(&reference, &key);
-            assert_eq!(s, s_ref, "{file} {key}");
-            let err = rel_max_err(&ours, &want);
-            assert!(err <= 1e-4, "{file} {key}: {err:e}");
-        }
-    }
+    let n = tests::forward_parity(&["plainconv_tiny.safetensors", "plainconv_tiny_nnunetv2.pth"], "plainconv_tiny.safetensors", 1e-4);
+    assert_eq!(n, fixture()["tiny"]["outputs"].as_array().unwrap().len());
+    assert_eq!(n, 3);
 }
 
 #[test]

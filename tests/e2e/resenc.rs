@@ -5,8 +5,7 @@
 //! are told apart.
 
 use stu_engine::model::{LoadOptions, SegNet};
-use stu_harness::forward::{ForwardOptions, ModelSource, StrideSource, forward};
-use tests::{own_fixtures, read_tensor, rel_max_err};
+use tests::own_fixtures;
 
 fn fixture() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(own_fixtures().join("resenc.json")).unwrap()).unwrap()
@@ -14,30 +13,9 @@ fn fixture() -> serde_json::Value {
 
 #[test]
 fn resenc_matches_the_reference_in_both_containers() {
-    let doc = fixture();
-    let reference = own_fixtures().join("resenc_tiny.safetensors");
-    let dir = tempfile::tempdir().unwrap();
-    for file in ["resenc_tiny.safetensors", "resenc_tiny_nnunetv2.pth"] {
-        let out = dir.path().join(format!("{file}.out.safetensors"));
-        forward(&ForwardOptions {
-            model: ModelSource { checkpoint: own_fixtures().join(file), model: None, strides: StrideSource::Default, backend: stu_engine::backend::Backend::Flex },
-            input: reference.clone(),
-            input_key: "input".into(),
-            output: out.clone(),
-            precision: Default::default(),
-        })
-        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
-        let n = doc["tiny"]["outputs"].as_array().unwrap().len();
-        assert_eq!(n, 3);
-        for i in 0..n {
-            let key = format!("output.{i}");
-            let (s, ours) = read_tensor(&out, &key);
-            let (s_ref, want) = read_tensor(&reference, &key);
-            assert_eq!(s, s_ref, "{file} {key}");
-            let err = rel_max_err(&ours, &want);
-            assert!(err <= 1e-4, "{file} {key}: {err:e}");
-        }
-    }
+    let n = tests::forward_parity(&["resenc_tiny.safetensors", "resenc_tiny_nnunetv2.pth"], "resenc_tiny.safetensors", 1e-4);
+    assert_eq!(n, fixture()["tiny"]["outputs"].as_array().unwrap().len());
+    assert_eq!(n, 3);
 }
 
 #[test]

@@ -43,6 +43,42 @@ pub fn read_tensor(path: &Path, key: &str) -> (Vec<usize>, Vec<f32>) {
     (shape, data)
 }
 
+/// `stu forward` of each of `files` (own fixtures: the same weights in different containers,
+/// the model recognised from the keys) on the `input` of `reference`: every `output.{i}` there
+/// equals the reference's to `tol` relative, with the same shape. Returns how many outputs.
+pub fn forward_parity(files: &[&str], reference: &str, tol: f64) -> usize {
+    use stu_harness::forward::{ForwardOptions, ModelSource, StrideSource, forward};
+    let reference = own_fixtures().join(reference);
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for file in files {
+        let out = dir.path().join(format!("{file}.out.safetensors"));
+        forward(&ForwardOptions {
+            model: ModelSource { checkpoint: own_fixtures().join(file), model: None, strides: StrideSource::Default, backend: stu_engine::backend::Backend::Flex },
+            input: reference.clone(),
+            input_key: "input".into(),
+            output: out.clone(),
+            precision: Default::default(),
+        })
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        n = 0;
+        while safetensors_has(&reference, &format!("output.{n}")) {
+            let key = format!("output.{n}");
+            let ((s, ours), (s_ref, want)) = (read_tensor(&out, &key), read_tensor(&reference, &key));
+            assert_eq!(s, s_ref, "{file} {key}");
+            let err = rel_max_err(&ours, &want);
+            assert!(err <= tol, "{file} {key}: {err:e}");
+            n += 1;
+        }
+    }
+    n
+}
+
+fn safetensors_has(path: &Path, key: &str) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    safetensors::SafeTensors::deserialize(&bytes).unwrap().names().iter().any(|n| *n == key)
+}
+
 /// `scale · sin(freq · i)` over the flat index, in f64, stored as f32: how the fixture scripts
 /// generate their input and their large tensors instead of storing them.
 pub fn pattern(n: usize, scale: f64, freq: f64) -> Vec<f32> {

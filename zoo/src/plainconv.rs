@@ -59,7 +59,7 @@ impl PlainArch {
         Self {
             in_channels,
             num_classes,
-            features: (0..n).map(|s| (32usize << s).min(MAX_FEATURES)).collect(),
+            features: widths(n, 32, MAX_FEATURES),
             kernels: vec![[3; 3]; n],
             strides: std::iter::once([1; 3]).chain(downsampling.iter().copied()).collect(),
             n_conv: vec![2; n],
@@ -73,39 +73,12 @@ impl PlainArch {
 
     /// Checks lengths and values; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
-        let n = self.stages();
-        if n < 2 {
-            return Err("`features`: at least two stages".into());
-        }
-        for (name, len) in [("kernels", self.kernels.len()), ("strides", self.strides.len()), ("n_conv", self.n_conv.len())] {
-            if len != n {
-                return Err(format!("`{name}` has {len} entries, `features` {n}"));
-            }
-        }
-        if self.n_conv_dec.len() != n - 1 {
-            return Err(format!("`n_conv_dec` has {} entries; expected stages − 1 = {}", self.n_conv_dec.len(), n - 1));
-        }
-        if self.kernels.iter().flatten().any(|&k| k % 2 == 0) {
-            return Err(format!("`kernels` must be odd, got {:?}", self.kernels));
-        }
-        if self.strides[0] != [1; 3] || self.strides.iter().flatten().any(|&s| s == 0) {
-            return Err(format!("`strides`: stage 0 must be [1, 1, 1] and none 0, got {:?}", self.strides));
-        }
-        if self.n_conv.iter().chain(&self.n_conv_dec).any(|&c| c == 0) || self.features.contains(&0) || self.in_channels == 0 || self.num_classes == 0 {
-            return Err("counts must be positive".into());
-        }
-        Ok(())
+        self.decoder_shape().validate(self.in_channels, ("n_conv", &self.n_conv))
     }
 
     /// Per-axis divisor of valid inputs.
     pub fn input_divisor(&self) -> Stride {
-        let mut d = [1; 3];
-        for s in &self.strides {
-            for a in 0..3 {
-                d[a] *= s[a];
-            }
-        }
-        d
+        stu_core::strides::divisor(&self.strides)
     }
 
     /// Every state-dict key with its shape, in the reference's order, duplicates included.
@@ -132,12 +105,7 @@ impl PlainArch {
     /// bias (the rule `macs_128` uses for STU-Net).
     pub fn macs(&self, input: [usize; 3]) -> Macs {
         let n = self.stages();
-        let mut res = Vec::new();
-        let mut r = input;
-        for s in 0..n {
-            r = [0, 1, 2].map(|a| r[a].div_ceil(self.strides[s][a]));
-            res.push(r);
-        }
+        let res = stage_extents(input, &self.strides);
         let vox = |r: [usize; 3]| r.iter().map(|&v| v as u64).product::<u64>();
         let kv = |k: Stride| (k[0] * k[1] * k[2]) as u64;
         // (output values, multiply-adds per output value)
@@ -164,6 +132,105 @@ pub(crate) struct DecoderShape<'a> {
     pub(crate) strides: &'a [Stride],
     pub(crate) n_conv_dec: &'a [usize],
     pub(crate) num_classes: usize,
+}
+
+impl DecoderShape<'_> {
+    /// Checks what both nnU-Net U-Nets share (and `per_stage`, the encoder's count per stage,
+    /// by its field name); the message names the field.
+    pub(crate) fn validate(&self, in_channels: usize, (field, per_stage): (&str, &[usize])) -> Result<(), String> {
+        let n = self.features.len();
+        if n < 2 {
+            return Err("`features`: at least two stages".into());
+        }
+        for (name, len) in [("kernels", self.kernels.len()), ("strides", self.strides.len()), (field, per_stage.len())] {
+            if len != n {
+                return Err(format!("`{name}` has {len} entries, `features` {n}"));
+            }
+        }
+        if self.n_conv_dec.len() != n - 1 {
+            return Err(format!("`n_conv_dec` has {} entries; expected stages − 1 = {}", self.n_conv_dec.len(), n - 1));
+        }
+        if self.kernels.iter().flatten().any(|&k| k % 2 == 0) {
+            return Err(format!("`kernels` must be odd, got {:?}", self.kernels));
+        }
+        if self.strides[0] != [1; 3] || self.strides.iter().flatten().any(|&s| s == 0) {
+            return Err(format!("`strides`: stage 0 must be [1, 1, 1] and none 0, got {:?}", self.strides));
+        }
+        if per_stage.iter().chain(self.n_conv_dec).any(|&c| c == 0) || self.features.contains(&0) || in_channels == 0 || self.num_classes == 0 {
+            return Err("counts must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Each stage's extent for an `input` extent (ceil division by the cumulative strides).
+pub(crate) fn stage_extents(input: [usize; 3], strides: &[Stride]) -> Vec<[usize; 3]> {
+    let mut r = input;
+    strides
+        .iter()
+        .map(|s| {
+            r = [0, 1, 2].map(|a| r[a].div_ceil(s[a]));
+            r
+        })
+        .collect()
+}
+
+/// `--strides` against a checkpoint's (its transposed convolutions'), unless they come from a
+/// plan (which fits them to the stage count).
+pub(crate) fn check_strides(dict: &StateDict, options: &LoadOptions, strides: &[Stride]) -> Result<(), CheckpointError> {
+    match &options.strides {
+        Some(s) if !options.from_plan && *s != strides[1..] => Err(CheckpointError::Architecture {
+            path: dict.path().to_path_buf(),
+            reason: format!("--strides {s:?} disagree with the checkpoint's transposed convolutions {:?}", &strides[1..]),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// How many `{prefix}.{i}.` indices a state dict has, from 0.
+pub(crate) fn count_indices(dict: &StateDict, prefix: &str) -> usize {
+    let mut i = 0;
+    while dict.keys().any(|k| k.starts_with(&format!("{prefix}.{i}."))) {
+        i += 1;
+    }
+    i
+}
+
+/// The decoder's part of an architecture from a state dict of `n` stages: convs per decoder
+/// stage, strides (stage 0's `[1, 1, 1]` first, read from the transposed convolutions) and
+/// classes.
+pub(crate) fn infer_decoder(dict: &StateDict, n: usize) -> Result<(Vec<usize>, Vec<Stride>, usize), CheckpointError> {
+    let mut n_conv_dec = Vec::new();
+    let mut strides = vec![[1; 3]];
+    for u in 0..n - 1 {
+        n_conv_dec.push(count_indices(dict, &format!("decoder.stages.{u}.convs")));
+        let t = dict.shape(&format!("decoder.transpconvs.{u}.weight"))?;
+        if t.len() != 5 {
+            return Err(CheckpointError::Architecture { path: dict.path().to_path_buf(), reason: format!("`decoder.transpconvs.{u}.weight` has shape {t:?}") });
+        }
+        strides.insert(1, [t[2], t[3], t[4]]); // deepest first in the decoder
+    }
+    Ok((n_conv_dec, strides, dict.shape("decoder.seg_layers.0.weight")?[0]))
+}
+
+/// nnU-Net's widths: `base·2^s`, capped at `max`.
+pub(crate) fn widths(n: usize, base: usize, max: usize) -> Vec<usize> {
+    (0..n).map(|s| (base << s).min(max)).collect()
+}
+
+/// The summary `stu zoo` lists for a network of either nnU-Net family.
+pub(crate) fn summary(name: &'static str, preset: &'static str, blocks: Vec<usize>, widths: Vec<usize>, params: usize, tensors: usize, macs: Macs) -> PresetSummary {
+    PresetSummary {
+        name: name.to_string(),
+        model: name,
+        preset,
+        blocks,
+        widths,
+        params: params as u64,
+        state_dict_tensors: tensors,
+        macs_128: macs.with_bias,
+        macs_128_variants: BTreeMap::from([("weights_only", macs.weights)]),
+    }
 }
 
 /// The decoder's state-dict keys (stages, transposed convolutions, heads), in the reference's
@@ -359,15 +426,7 @@ impl PlainConvUNet {
     /// key is checked, and unknown keys are refused.
     pub fn from_state_dict(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Self, CheckpointError> {
         let arch = infer_arch(dict)?;
-        if let Some(s) = &options.strides {
-            let found: Vec<Stride> = arch.strides[1..].to_vec();
-            if !options.from_plan && *s != found {
-                return Err(CheckpointError::Architecture {
-                    path: dict.path().to_path_buf(),
-                    reason: format!("--strides {s:?} disagree with the checkpoint's transposed convolutions {found:?}"),
-                });
-            }
-        }
+        check_strides(dict, options, &arch.strides)?;
         // The duplicate registrations are optional on load (files written without them load
         // too); the canonical ones are required.
         check_keys(dict, &arch.keys(), NAME, |k| k.contains(".all_modules.") || k.starts_with("decoder.encoder."))?;
@@ -503,20 +562,14 @@ pub(crate) fn decoder_tensors(out: &mut Vec<NamedTensor>, decoder: &[Vec<ConvNor
 /// The architecture from an nnU-Net v2 state dict's shapes.
 pub fn infer_arch(dict: &StateDict) -> Result<PlainArch, CheckpointError> {
     let err = |reason: String| CheckpointError::Architecture { path: dict.path().to_path_buf(), reason };
-    let count = |prefix: &str| {
-        let mut i = 0;
-        while dict.keys().any(|k| k.starts_with(&format!("{prefix}.{i}."))) {
-            i += 1;
-        }
-        i
-    };
-    let n = count("encoder.stages");
+    let n = count_indices(dict, "encoder.stages");
     if n < 2 {
         return Err(err(format!("{n} encoder stage(s) under `encoder.stages`; a U-Net needs two or more")));
     }
-    let mut arch = PlainArch { in_channels: 0, num_classes: 0, features: vec![], kernels: vec![], strides: vec![[1; 3]], n_conv: vec![], n_conv_dec: vec![] };
+    let (n_conv_dec, strides, num_classes) = infer_decoder(dict, n)?;
+    let mut arch = PlainArch { in_channels: 0, num_classes, features: vec![], kernels: vec![], strides, n_conv: vec![], n_conv_dec };
     for s in 0..n {
-        let c = count(&format!("encoder.stages.{s}.0.convs"));
+        let c = count_indices(dict, &format!("encoder.stages.{s}.0.convs"));
         let w = dict.shape(&format!("encoder.stages.{s}.0.convs.0.conv.weight"))?;
         if w.len() != 5 {
             return Err(err(format!("`encoder.stages.{s}.0.convs.0.conv.weight` has shape {w:?}; a 3-D conv weight has 5 axes")));
@@ -528,15 +581,6 @@ pub fn infer_arch(dict: &StateDict) -> Result<PlainArch, CheckpointError> {
         arch.kernels.push([w[2], w[3], w[4]]);
         arch.n_conv.push(c);
     }
-    for u in 0..n - 1 {
-        arch.n_conv_dec.push(count(&format!("decoder.stages.{u}.convs")));
-        let t = dict.shape(&format!("decoder.transpconvs.{u}.weight"))?;
-        if t.len() != 5 {
-            return Err(err(format!("`decoder.transpconvs.{u}.weight` has shape {t:?}")));
-        }
-        arch.strides.insert(1, [t[2], t[3], t[4]]); // deepest first in the decoder
-    }
-    arch.num_classes = dict.shape("decoder.seg_layers.0.weight")?[0];
     arch.validate().map_err(err)?;
     Ok(arch)
 }
@@ -569,8 +613,7 @@ pub fn arch_of(spec: &NetSpec) -> Result<PlainArch, String> {
     let mut a = PlainArch::nnunet_default(spec.in_channels, spec.num_classes, &spec.strides);
     let n = a.features.len();
     if o.base_width.is_some() || o.max_width.is_some() {
-        let (base, max) = (o.base_width.unwrap_or(32), o.max_width.unwrap_or(MAX_FEATURES));
-        a.features = (0..n).map(|s| (base << s).min(max)).collect();
+        a.features = widths(n, o.base_width.unwrap_or(32), o.max_width.unwrap_or(MAX_FEATURES));
     }
     if let Some(b) = o.blocks {
         a.n_conv = vec![b; n];
@@ -609,17 +652,7 @@ fn preset_summaries() -> Vec<PresetSummary> {
     let device = stu_engine::backend::Backend::default_compiled().and_then(|b| b.device().ok()).unwrap_or_default();
     let arch = default_arch();
     let net = PlainConvUNet::new(&arch, &device).expect("the default is valid");
-    vec![PresetSummary {
-        name: NAME.to_string(),
-        model: NAME,
-        preset: "3d_fullres",
-        blocks: arch.n_conv.clone(),
-        widths: arch.features.clone(),
-        params: Module::num_params(&net) as u64,
-        state_dict_tensors: arch.keys().len(),
-        macs_128: arch.macs([128; 3]).with_bias,
-        macs_128_variants: BTreeMap::from([("weights_only", arch.macs([128; 3]).weights)]),
-    }]
+    vec![summary(NAME, "3d_fullres", arch.n_conv.clone(), arch.features.clone(), Module::num_params(&net), arch.keys().len(), arch.macs([128; 3]))]
 }
 
 inventory::submit! {

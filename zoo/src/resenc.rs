@@ -9,8 +9,6 @@
 //! State-dict keys are the reference's, duplicates included (`all_modules.*`, the decoder's
 //! copy of the encoder under `decoder.encoder.`), as for PlainConvUNet.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use stu_core::strides::Stride;
 use stu_engine::burn;
@@ -59,7 +57,7 @@ impl ResEncArch {
         Self {
             in_channels,
             num_classes,
-            features: (0..n).map(|s| (32usize << s).min(MAX_FEATURES)).collect(),
+            features: plainconv::widths(n, 32, MAX_FEATURES),
             kernels: vec![[3; 3]; n],
             strides: std::iter::once([1; 3]).chain(downsampling.iter().copied()).collect(),
             n_blocks: (0..n).map(|s| RESENC_BLOCKS[s.min(RESENC_BLOCKS.len() - 1)]).collect(),
@@ -73,39 +71,12 @@ impl ResEncArch {
 
     /// Checks lengths and values; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
-        let n = self.stages();
-        if n < 2 {
-            return Err("`features`: at least two stages".into());
-        }
-        for (name, len) in [("kernels", self.kernels.len()), ("strides", self.strides.len()), ("n_blocks", self.n_blocks.len())] {
-            if len != n {
-                return Err(format!("`{name}` has {len} entries, `features` {n}"));
-            }
-        }
-        if self.n_conv_dec.len() != n - 1 {
-            return Err(format!("`n_conv_dec` has {} entries; expected stages − 1 = {}", self.n_conv_dec.len(), n - 1));
-        }
-        if self.kernels.iter().flatten().any(|&k| k % 2 == 0) {
-            return Err(format!("`kernels` must be odd, got {:?}", self.kernels));
-        }
-        if self.strides[0] != [1; 3] || self.strides.iter().flatten().any(|&s| s == 0) {
-            return Err(format!("`strides`: stage 0 must be [1, 1, 1] and none 0, got {:?}", self.strides));
-        }
-        if self.n_blocks.iter().chain(&self.n_conv_dec).any(|&c| c == 0) || self.features.contains(&0) || self.in_channels == 0 || self.num_classes == 0 {
-            return Err("counts must be positive".into());
-        }
-        Ok(())
+        self.decoder_shape().validate(self.in_channels, ("n_blocks", &self.n_blocks))
     }
 
     /// Per-axis divisor of valid inputs.
     pub fn input_divisor(&self) -> Stride {
-        let mut d = [1; 3];
-        for s in &self.strides {
-            for a in 0..3 {
-                d[a] *= s[a];
-            }
-        }
-        d
+        stu_core::strides::divisor(&self.strides)
     }
 
     fn decoder_shape(&self) -> DecoderShape<'_> {
@@ -153,12 +124,7 @@ impl ResEncArch {
     /// convolution with a bias (the skips' projections have none).
     pub fn macs(&self, input: [usize; 3]) -> Macs {
         let n = self.stages();
-        let mut res = Vec::new();
-        let mut r = input;
-        for s in 0..n {
-            r = [0, 1, 2].map(|a| r[a].div_ceil(self.strides[s][a]));
-            res.push(r);
-        }
+        let res = plainconv::stage_extents(input, &self.strides);
         let vox = |r: [usize; 3]| r.iter().map(|&v| v as u64).product::<u64>();
         let kv = |k: Stride| (k[0] * k[1] * k[2]) as u64;
         // (output values, multiply-adds per output value), convolutions with a bias.
@@ -306,15 +272,7 @@ impl ResEncUNet {
     /// shapes, every key is checked, unknown keys are refused.
     pub fn from_state_dict(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Self, CheckpointError> {
         let arch = infer_arch(dict)?;
-        if let Some(s) = &options.strides {
-            let found: Vec<Stride> = arch.strides[1..].to_vec();
-            if !options.from_plan && *s != found {
-                return Err(CheckpointError::Architecture {
-                    path: dict.path().to_path_buf(),
-                    reason: format!("--strides {s:?} disagree with the checkpoint's transposed convolutions {found:?}"),
-                });
-            }
-        }
+        plainconv::check_strides(dict, options, &arch.strides)?;
         check_keys(dict, &arch.keys(), NAME, |k| k.contains(".all_modules.") || k.starts_with("decoder.encoder."))?;
         build(&Builder { src: Source::Dict(dict), device }, &arch)
     }
@@ -406,14 +364,7 @@ impl SegNet for ResEncUNet {
 /// The architecture from an nnU-Net v2 state dict's shapes.
 pub fn infer_arch(dict: &StateDict) -> Result<ResEncArch, CheckpointError> {
     let err = |reason: String| CheckpointError::Architecture { path: dict.path().to_path_buf(), reason };
-    let count = |prefix: &str| {
-        let mut i = 0;
-        while dict.keys().any(|k| k.starts_with(&format!("{prefix}.{i}."))) {
-            i += 1;
-        }
-        i
-    };
-    let n = count("encoder.stages");
+    let n = plainconv::count_indices(dict, "encoder.stages");
     if n < 2 {
         return Err(err(format!("{n} encoder stage(s) under `encoder.stages`; a U-Net needs two or more")));
     }
@@ -421,7 +372,8 @@ pub fn infer_arch(dict: &StateDict) -> Result<ResEncArch, CheckpointError> {
     if stem.len() != 5 {
         return Err(err(format!("`encoder.stem.convs.0.conv.weight` has shape {stem:?}; a 3-D conv weight has 5 axes")));
     }
-    let mut arch = ResEncArch { in_channels: stem[1], num_classes: 0, features: vec![], kernels: vec![], strides: vec![[1; 3]], n_blocks: vec![], n_conv_dec: vec![] };
+    let (n_conv_dec, strides, num_classes) = plainconv::infer_decoder(dict, n)?;
+    let mut arch = ResEncArch { in_channels: stem[1], num_classes, features: vec![], kernels: vec![], strides, n_blocks: vec![], n_conv_dec };
     for s in 0..n {
         let w = dict.shape(&format!("encoder.stages.{s}.blocks.0.conv1.conv.weight"))?;
         if w.len() != 5 {
@@ -429,17 +381,8 @@ pub fn infer_arch(dict: &StateDict) -> Result<ResEncArch, CheckpointError> {
         }
         arch.features.push(w[0]);
         arch.kernels.push([w[2], w[3], w[4]]);
-        arch.n_blocks.push(count(&format!("encoder.stages.{s}.blocks")));
+        arch.n_blocks.push(plainconv::count_indices(dict, &format!("encoder.stages.{s}.blocks")));
     }
-    for u in 0..n - 1 {
-        arch.n_conv_dec.push(count(&format!("decoder.stages.{u}.convs")));
-        let t = dict.shape(&format!("decoder.transpconvs.{u}.weight"))?;
-        if t.len() != 5 {
-            return Err(err(format!("`decoder.transpconvs.{u}.weight` has shape {t:?}")));
-        }
-        arch.strides.insert(1, [t[2], t[3], t[4]]); // deepest first in the decoder
-    }
-    arch.num_classes = dict.shape("decoder.seg_layers.0.weight")?[0];
     arch.validate().map_err(err)?;
     Ok(arch)
 }
@@ -472,8 +415,7 @@ pub fn arch_of(spec: &NetSpec) -> Result<ResEncArch, String> {
     let mut a = ResEncArch::nnunet(spec.in_channels, spec.num_classes, &spec.strides);
     let n = a.features.len();
     if o.base_width.is_some() || o.max_width.is_some() {
-        let (base, max) = (o.base_width.unwrap_or(32), o.max_width.unwrap_or(MAX_FEATURES));
-        a.features = (0..n).map(|s| (base << s).min(max)).collect();
+        a.features = plainconv::widths(n, o.base_width.unwrap_or(32), o.max_width.unwrap_or(MAX_FEATURES));
     }
     if let Some(b) = o.blocks {
         a.n_blocks = vec![b; n];
@@ -512,17 +454,7 @@ fn preset_summaries() -> Vec<PresetSummary> {
     let device = stu_engine::backend::Backend::default_compiled().and_then(|b| b.device().ok()).unwrap_or_default();
     let arch = default_arch();
     let net = ResEncUNet::new(&arch, &device).expect("the default is valid");
-    vec![PresetSummary {
-        name: NAME.to_string(),
-        model: NAME,
-        preset: "3d_fullres (ResEnc M)",
-        blocks: arch.n_blocks.clone(),
-        widths: arch.features.clone(),
-        params: Module::num_params(&net) as u64,
-        state_dict_tensors: arch.keys().len(),
-        macs_128: arch.macs([128; 3]).with_bias,
-        macs_128_variants: BTreeMap::from([("weights_only", arch.macs([128; 3]).weights)]),
-    }]
+    vec![plainconv::summary(NAME, "3d_fullres (ResEnc M)", arch.n_blocks.clone(), arch.features.clone(), Module::num_params(&net), arch.keys().len(), arch.macs([128; 3]))]
 }
 
 inventory::submit! {

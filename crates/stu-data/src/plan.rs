@@ -187,12 +187,7 @@ pub const RESENC_BLOCKS: [u64; 13] = [1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6];
 /// block plus the skip's projection in each stage's first block (stage 0's has none), and per
 /// decoder stage one conv, the transposed conv and, at full resolution, the head.
 pub fn estimate_vram_resenc(patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
-    let mut size = patch.map(|v| v as u64);
-    let mut sizes = Vec::new();
-    for p in pools {
-        size = [0, 1, 2].map(|a| size[a] / p[a] as u64);
-        sizes.push(size.iter().product::<u64>());
-    }
+    let sizes = stage_voxels(patch, pools);
     let feats = |s: usize| (BASE_FEATURES << s).min(MAX_FEATURES_3D);
     let stem = feats(0) * sizes[0];
     let encoder: u64 = sizes.iter().enumerate().map(|(s, &n)| (2 * RESENC_BLOCKS[s.min(RESENC_BLOCKS.len() - 1)] + u64::from(s > 0)) * feats(s) * n).sum();
@@ -200,15 +195,23 @@ pub fn estimate_vram_resenc(patch: [usize; 3], pools: &[[usize; 3]], num_label_k
     stem + encoder + decoder + num_label_keys as u64 * sizes[0]
 }
 
+/// Each stage's voxel count for a patch (floor division by each stage's pooling, as
+/// `compute_conv_feature_map_size` does).
+fn stage_voxels(patch: [usize; 3], pools: &[[usize; 3]]) -> Vec<u64> {
+    let mut size = patch.map(|v| v as u64);
+    pools
+        .iter()
+        .map(|p| {
+            size = [0, 1, 2].map(|a| size[a] / p[a] as u64);
+            size.iter().product::<u64>()
+        })
+        .collect()
+}
+
 /// PlainConvUNet's `compute_conv_feature_map_size` as nnU-Net v2.2 uses it for its VRAM proxy:
 /// features min(32·2^s, 320), 2 convs per stage, `num_label_keys` = every key of `labels`.
 pub fn estimate_vram(patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
-    let mut size = patch.map(|v| v as u64);
-    let mut sizes = Vec::new();
-    for p in pools {
-        size = [0, 1, 2].map(|a| size[a] / p[a] as u64);
-        sizes.push(size.iter().product::<u64>());
-    }
+    let sizes = stage_voxels(patch, pools);
     let feats = |s: usize| (BASE_FEATURES << s).min(MAX_FEATURES_3D);
     let encoder: u64 = sizes.iter().enumerate().map(|(s, &n)| 2 * feats(s) * n).sum();
     let decoder: u64 = (0..pools.len() - 1).map(|s| 3 * feats(s) * sizes[s]).sum();
