@@ -7,7 +7,7 @@
 //! and origin, so voxel (i, j, k) sits at `Offset + D·diag(spacing)·(i, j, k)`. The NIfTI affine
 //! (RAS) is that with its x and y rows negated, as ITK writes it to NIfTI. The voxel order is
 //! NIfTI's, so a volume read here is the one its NIfTI would give (checked against SimpleITK's
-//! own conversions, `tests/fixtures/make_mha_fixture.py`).
+//! own conversions, `tests/fixtures/make_itk_fixture.py`).
 
 use std::io::Read;
 use std::path::Path;
@@ -68,6 +68,28 @@ pub(crate) type Error = String;
 /// The voxel count of `dims`, refused beyond 2⁴⁰ (a corrupt header must not allocate).
 pub(crate) fn voxel_count(dims: [usize; 3]) -> Result<usize, Error> {
     dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n <= 1 << 40).ok_or_else(|| format!("extent {dims:?} is too large for a volume"))
+}
+
+/// The RAS signs of LPS axes (ITK's world): x and y negated.
+pub(crate) const LPS: [f64; 3] = [-1.0, -1.0, 1.0];
+
+/// The NIfTI (RAS) affine of voxel axes given as vectors `columns` (direction times spacing)
+/// and an `origin`, both in a space whose axes have the RAS signs `flip`.
+pub(crate) fn ras_affine(flip: [f64; 3], columns: &[[f64; 3]], origin: [f64; 3]) -> [[f64; 4]; 4] {
+    let mut affine = [[0.0; 4], [0.0; 4], [0.0; 4], [0.0, 0.0, 0.0, 1.0]];
+    for r in 0..3 {
+        for c in 0..3 {
+            affine[r][c] = flip[r] * columns[c][r];
+        }
+        affine[r][3] = flip[r] * origin[r];
+    }
+    affine
+}
+
+/// The data file `name` a header at `path` points to (beside it).
+pub(crate) fn read_beside(path: &Path, name: &str) -> Result<Vec<u8>, Error> {
+    let data = path.parent().unwrap_or(Path::new(".")).join(name);
+    std::fs::read(&data).map_err(|e| format!("its data file {}: cannot read: {e}", data.display()))
 }
 
 /// Decompressed voxel bytes, at most `limit` (no more is read; the capacity grows with what
@@ -151,15 +173,8 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
         }
         None => vec![[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
     };
-    // RAS from LPS: x and y negated.
-    let flip = [-1.0, -1.0, 1.0];
-    let mut affine = [[0.0; 4], [0.0; 4], [0.0; 4], [0.0, 0.0, 0.0, 1.0]];
-    for r in 0..3 {
-        for c in 0..3 {
-            affine[r][c] = flip[r] * axes[c][r] * spacing[c];
-        }
-        affine[r][3] = flip[r] * origin[r];
-    }
+    let columns: Vec<[f64; 3]> = (0..3).map(|c| axes[c].map(|v| v * spacing[c])).collect();
+    let affine = ras_affine(LPS, &columns, [origin[0], origin[1], origin[2]]);
     let (k, v) = get(&["ElementType"]).ok_or("no `ElementType`")?;
     let n = voxel_count(dims)?;
     let element = match v {
@@ -197,11 +212,10 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
     } else if data_file.contains('%') || data_file.starts_with("LIST") || data_file.contains(' ') {
         return Err(format!("`ElementDataFile = {data_file}`: only LOCAL or one data file is read"));
     } else {
-        let data = path.parent().unwrap_or(Path::new(".")).join(&data_file);
-        std::fs::read(&data).map_err(|e| format!("its data file {}: cannot read: {e}", data.display()))?
+        read_beside(path, &data_file)?
     };
     let mut element = element;
-    let mut bytes = if compressed {
+    let bytes = if compressed {
         inflate(flate2::read::ZlibDecoder::new(&raw[..]), n * 8 + 1).map_err(|e| format!("corrupt or truncated zlib data ({e})"))?
     } else {
         // `HeaderSize` bytes precede the voxels in a separate data file (-1: they are its end).
@@ -218,20 +232,27 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
     if long && bytes.len() == n * 8 {
         element = if element == Element::I32 { Element::I64 } else { Element::U64 };
     }
-    let want = n * element.size();
-    if bytes.len() < want {
-        return Err(format!("truncated: {} bytes of voxel data, {dims:?} {} voxels need {want}", bytes.len(), element.name()));
-    }
-    bytes.truncate(want);
-    if msb && element.size() > 1 {
-        for c in bytes.chunks_exact_mut(element.size()) {
-            c.reverse();
-        }
-    }
-    Ok(RawVolume { dims, affine, element, bytes })
+    RawVolume::new(dims, affine, element, bytes, msb, element.name())
 }
 
 impl RawVolume {
+    /// The volume of `dims` voxels of `element` from the first of `bytes` (big-endian ones
+    /// swapped); fewer bytes than the voxels need is an error that names the type as
+    /// `type_name`.
+    pub(crate) fn new(dims: [usize; 3], affine: [[f64; 4]; 4], element: Element, mut bytes: Vec<u8>, big_endian: bool, type_name: &str) -> Result<Self, Error> {
+        let want = dims.iter().product::<usize>() * element.size();
+        if bytes.len() < want {
+            return Err(format!("truncated: {} bytes of voxel data, {dims:?} {type_name} voxels need {want}", bytes.len()));
+        }
+        bytes.truncate(want);
+        if big_endian && element.size() > 1 {
+            for c in bytes.chunks_exact_mut(element.size()) {
+                c.reverse();
+            }
+        }
+        Ok(Self { dims, affine, element, bytes })
+    }
+
     /// The voxels through `f`, x fastest.
     pub(crate) fn values<T: Send>(&self, f: impl Fn(f64) -> T + Sync) -> Vec<T> {
         use rayon::prelude::*;
@@ -276,11 +297,15 @@ impl Voxels<'_> {
     }
 }
 
+/// Each voxel axis's spacing (the length of its affine column).
+pub(crate) fn spacing(affine: &[[f64; 4]; 4]) -> [f64; 3] {
+    std::array::from_fn(|c| (0..3).map(|r| affine[r][c] * affine[r][c]).sum::<f64>().sqrt())
+}
+
 /// Spacing and the LPS direction of each voxel axis, from a NIfTI (RAS) affine.
 pub(crate) fn lps_axes(affine: &[[f64; 4]; 4]) -> ([f64; 3], [[f64; 3]; 3]) {
-    let flip = [-1.0, -1.0, 1.0];
-    let spacing: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| affine[r][c] * affine[r][c]).sum::<f64>().sqrt());
-    let axes = std::array::from_fn(|c| std::array::from_fn(|r| if spacing[c] > 0.0 { flip[r] * affine[r][c] / spacing[c] } else { (r == c) as u8 as f64 }));
+    let spacing = spacing(affine);
+    let axes = std::array::from_fn(|c| std::array::from_fn(|r| if spacing[c] > 0.0 { LPS[r] * affine[r][c] / spacing[c] } else { (r == c) as u8 as f64 }));
     (spacing, axes)
 }
 
@@ -292,15 +317,14 @@ pub(crate) fn write(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], voxel
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(level));
     z.write_all(&bytes)?;
     let packed = z.finish()?;
-    // Spacing, direction and origin from the RAS affine (LPS: x and y negated).
-    let flip = [-1.0, -1.0, 1.0];
+    // Spacing, direction and origin from the RAS affine.
     let (spacing, axes) = lps_axes(affine);
     let join = |v: &[f64]| v.iter().map(|x| format!("{}", x + 0.0)).collect::<Vec<_>>().join(" ");
     let header = format!(
         "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\nCompressedData = True\nCompressedDataSize = {}\nTransformMatrix = {}\nOffset = {}\nCenterOfRotation = 0 0 0\nElementSpacing = {}\nDimSize = {} {} {}\nElementType = {}\nElementDataFile = LOCAL\n",
         packed.len(),
         join(&axes.concat()),
-        join(&[flip[0] * affine[0][3], flip[1] * affine[1][3], affine[2][3]]),
+        join(&[0, 1, 2].map(|r| LPS[r] * affine[r][3])),
         join(&spacing),
         dims[0],
         dims[1],

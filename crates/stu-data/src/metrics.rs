@@ -254,10 +254,10 @@ pub fn pair_predictions(reference: &Path, predictions: &[PathBuf]) -> Result<Vec
         let mut found: Vec<PathBuf> = std::fs::read_dir(prediction)
             .map_err(|e| file_err(prediction, format!("cannot list: {e}")))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().is_some_and(|n| crate::nifti_io::split_ending(&n.to_string_lossy()).is_some()))
+            .filter(|p| crate::nifti_io::case_of(p).is_some())
             .collect();
         found.sort();
-        let id = |p: &Path| p.file_name().and_then(|n| crate::nifti_io::split_ending(&n.to_string_lossy()).map(|(id, _)| id.to_string()));
+        let id = |p: &Path| crate::nifti_io::case_of(p).map(|(id, _)| id);
         for p in found {
             if let Some(other) = preds.iter().find(|q| id(q) == id(&p)) {
                 return Err(file_err(&p, format!("predicted in {} too; each case is scored once", other.display())));
@@ -268,8 +268,7 @@ pub fn pair_predictions(reference: &Path, predictions: &[PathBuf]) -> Result<Vec
     let pairs: Vec<(PathBuf, PathBuf)> = preds
         .into_iter()
         .filter_map(|p| {
-            let name = p.file_name()?.to_string_lossy().into_owned();
-            let r = crate::nifti_io::find_case(reference, crate::nifti_io::split_ending(&name)?.0)?;
+            let r = crate::nifti_io::find_case(reference, &crate::nifti_io::case_of(&p)?.0)?;
             Some((r, p))
         })
         .collect();

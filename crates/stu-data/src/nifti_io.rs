@@ -192,6 +192,23 @@ pub fn split_ending(name: &str) -> Option<(&str, &'static str)> {
     FILE_ENDINGS.iter().find(|e| name.len() > e.len() && name.ends_with(*e)).map(|e| (&name[..name.len() - e.len()], *e))
 }
 
+/// The case id and file ending of an image file's path (`None` for another file).
+pub fn case_of(path: &Path) -> Option<(String, &'static str)> {
+    let name = path.file_name()?.to_string_lossy();
+    split_ending(&name).map(|(id, ending)| (id.to_string(), ending))
+}
+
+/// The file ending a label map takes for images of `ending` (MetaImage and NRRD keep their
+/// format, in their one-file form; NIfTI is written gzipped), as nnU-Net writes its dataset's
+/// format.
+pub fn label_ending(ending: &str) -> &'static str {
+    match ending {
+        ".mha" | ".mhd" => ".mha",
+        ".nrrd" | ".nhdr" => ".nrrd",
+        _ => ".nii.gz",
+    }
+}
+
 /// The image file of case `id` in `dir` (any of [`FILE_ENDINGS`]), if any.
 pub fn find_case(dir: &Path, id: &str) -> Option<PathBuf> {
     FILE_ENDINGS.iter().map(|e| dir.join(format!("{id}{e}"))).find(|p| p.exists())
@@ -215,7 +232,7 @@ fn itk_format(path: &Path) -> Option<Itk> {
 /// A file read into memory, either format.
 enum Loaded {
     Nifti(InMemNiftiObject),
-    RawVolume(crate::metaimage::RawVolume),
+    Itk(crate::metaimage::RawVolume),
 }
 
 fn load(path: &Path) -> Result<(Loaded, Geometry)> {
@@ -226,7 +243,7 @@ fn load(path: &Path) -> Result<(Loaded, Geometry)> {
         }
         .map_err(|e| invalid(path, e))?;
         let g = meta_geometry(path, &m)?;
-        return Ok((Loaded::RawVolume(m), g));
+        return Ok((Loaded::Itk(m), g));
     }
     let obj = read_object(path)?;
     let g = geometry(path, obj.header())?;
@@ -240,7 +257,7 @@ fn values<T: Send>(path: &Path, loaded: Loaded, f: impl Fn(f64) -> T + Sync) -> 
             Some((s, i)) => typed_values(path, obj, |v| f(v * s + i)),
             None => typed_values(path, obj, f),
         },
-        Loaded::RawVolume(m) => Ok(m.values(f)),
+        Loaded::Itk(m) => Ok(m.values(f)),
     }
 }
 
@@ -248,7 +265,7 @@ fn values<T: Send>(path: &Path, loaded: Loaded, f: impl Fn(f64) -> T + Sync) -> 
 /// outputs.
 fn meta_geometry(path: &Path, m: &crate::metaimage::RawVolume) -> Result<Geometry> {
     let a = m.affine;
-    let sp: [f64; 3] = std::array::from_fn(|c| (0..3).map(|r| a[r][c] * a[r][c]).sum::<f64>().sqrt());
+    let sp = crate::metaimage::spacing(&a);
     if !sp.iter().all(|s| s.is_finite() && *s > 0.0) {
         return Err(invalid(path, format!("voxel spacing {sp:?} (from its axis directions) is not positive")));
     }
@@ -338,22 +355,16 @@ pub fn write_label_as(path: &Path, data: &[u16], geom: &Geometry, wide: bool) ->
     if data.len() != nz * ny * nx {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
+    let small: Vec<u8> = if wide { Vec::new() } else { data.iter().map(|&v| v as u8).collect() };
     if itk_format(path).is_some() {
-        let small: Vec<u8>;
-        let voxels = if wide {
-            crate::metaimage::Voxels::U16(data)
-        } else {
-            small = data.iter().map(|&v| v as u8).collect();
-            crate::metaimage::Voxels::U8(&small)
-        };
-        return write_metaimage(path, geom, voxels, 6);
+        let voxels = if wide { crate::metaimage::Voxels::U16(data) } else { crate::metaimage::Voxels::U8(&small) };
+        return write_itk(path, geom, voxels, 6);
     }
     write_nifti_atomic(path, |tmp| {
         let opts = nifti::writer::WriterOptions::new(tmp)
             .reference_header(&geom.header)
             .compression_level(flate2::Compression::new(6));
         if !wide {
-            let small: Vec<u8> = data.iter().map(|&v| v as u8).collect();
             let view = ndarray::ArrayView3::from_shape([nz, ny, nx], &small).expect("length checked");
             opts.write_nifti(&view.reversed_axes())
         } else {
@@ -365,7 +376,7 @@ pub fn write_label_as(path: &Path, data: &[u16], geom: &Geometry, wide: bool) ->
 
 /// Writes a `.mha` (zlib `level`) or `.nrrd` (gzip) at `geom` (`.mhd` and `.nhdr`, a header with
 /// a data file beside it, are only read).
-fn write_metaimage(path: &Path, geom: &Geometry, voxels: crate::metaimage::Voxels<'_>, level: u32) -> Result<()> {
+fn write_itk(path: &Path, geom: &Geometry, voxels: crate::metaimage::Voxels<'_>, level: u32) -> Result<()> {
     let [nz, ny, nx] = geom.shape;
     let written = match split_ending(&path.to_string_lossy()) {
         Some((_, ".mha")) => crate::metaimage::write(path, [nx, ny, nz], &geom.affine, voxels, level),
@@ -389,20 +400,14 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
         return Err(invalid(path, format!("{} values for shape {:?}", data.len(), geom.shape)));
     }
     let as_i16 = data.iter().all(|v| v.fract() == 0.0 && (i16::MIN as f32..=i16::MAX as f32).contains(v));
+    let ints: Vec<i16> = if as_i16 { data.iter().map(|&v| v as i16).collect() } else { Vec::new() };
     if itk_format(path).is_some() {
-        let ints: Vec<i16>;
-        let voxels = if as_i16 {
-            ints = data.iter().map(|&v| v as i16).collect();
-            crate::metaimage::Voxels::I16(&ints)
-        } else {
-            crate::metaimage::Voxels::F32(data)
-        };
-        return write_metaimage(path, geom, voxels, 1);
+        let voxels = if as_i16 { crate::metaimage::Voxels::I16(&ints) } else { crate::metaimage::Voxels::F32(data) };
+        return write_itk(path, geom, voxels, 1);
     }
     write_nifti_atomic(path, |tmp| {
     let opts = nifti::writer::WriterOptions::new(tmp).reference_header(&geom.header).compression_level(flate2::Compression::new(1));
     let written = if as_i16 {
-        let ints: Vec<i16> = data.iter().map(|&v| v as i16).collect();
         opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], &ints).expect("length checked").reversed_axes())
     } else {
         opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked").reversed_axes())

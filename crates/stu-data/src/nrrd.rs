@@ -5,12 +5,12 @@
 //! Geometry: `space directions` gives each voxel axis's vector (direction times spacing) in the
 //! `space` (LPS by default; RAS and LAS are turned around), `space origin` the first voxel's
 //! position; the NIfTI affine is their RAS form, as ITK writes it to NIfTI (checked against
-//! SimpleITK, `tests/fixtures/make_mha_fixture.py`). The volume is the same
+//! SimpleITK, `tests/fixtures/make_itk_fixture.py`). The volume is the same
 //! [`RawVolume`](crate::metaimage::RawVolume) a MetaImage gives.
 
 use std::path::Path;
 
-use crate::metaimage::{Element, Error, RawVolume, Voxels};
+use crate::metaimage::{Element, Error, LPS, RawVolume, Voxels, ras_affine, read_beside};
 
 fn element(t: &str) -> Option<Element> {
     Some(match t {
@@ -92,9 +92,9 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
     let element = element(v).ok_or_else(|| format!("`{k}: {v}`: unsupported type"))?;
     // The space's axes as RAS signs: LPS (ITK's and the default) flips x and y.
     let flip = match get(&["space"]).map(|(_, v)| v.to_ascii_lowercase()) {
-        None => [-1.0, -1.0, 1.0],
+        None => LPS,
         Some(s) => match s.as_str() {
-            "left-posterior-superior" | "lps" => [-1.0, -1.0, 1.0],
+            "left-posterior-superior" | "lps" => LPS,
             "right-anterior-superior" | "ras" => [1.0, 1.0, 1.0],
             "left-anterior-superior" | "las" => [-1.0, 1.0, 1.0],
             other => return Err(format!("`space: {other}`: only LPS, RAS and LAS spaces are read")),
@@ -126,13 +126,7 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
         Some((k, v)) => vector(k, v)?,
         None => [0.0; 3],
     };
-    let mut affine = [[0.0; 4], [0.0; 4], [0.0; 4], [0.0, 0.0, 0.0, 1.0]];
-    for r in 0..3 {
-        for c in 0..3 {
-            affine[r][c] = flip[r] * axes[c][r];
-        }
-        affine[r][3] = flip[r] * origin[r];
-    }
+    let affine = ras_affine(flip, &axes, origin);
     let encoding = get(&["encoding"]).map_or("raw", |(_, v)| v);
     let big = get(&["endian"]).is_some_and(|(_, v)| v == "big");
     let raw: Vec<u8> = match get(&["data file", "datafile"]) {
@@ -140,8 +134,7 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
             if v.split_whitespace().count() != 1 || v.starts_with("LIST") {
                 return Err(format!("`{k}: {v}`: only one data file is read"));
             }
-            let data = path.parent().unwrap_or(Path::new(".")).join(v);
-            std::fs::read(&data).map_err(|e| format!("its data file {}: cannot read: {e}", data.display()))?
+            read_beside(path, v)?
         }
         None if ended => file[pos..].to_vec(),
         None => return Err("truncated: the header has no end (an empty line) and names no data file".into()),
@@ -156,7 +149,7 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
         },
         None => 0,
     };
-    let mut bytes = match encoding {
+    let bytes = match encoding {
         "raw" => raw.get(skip..).unwrap_or(&[]).to_vec(),
         "gzip" | "gz" => {
             let out = crate::metaimage::inflate(flate2::read::MultiGzDecoder::new(&raw[..]), want + skip + 1).map_err(|e| format!("corrupt or truncated gzip data ({e})"))?;
@@ -164,16 +157,7 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
         }
         other => return Err(format!("`encoding: {other}`: only raw and gzip are read")),
     };
-    if bytes.len() < want {
-        return Err(format!("truncated: {} bytes of voxel data, {dims:?} {} voxels need {want}", bytes.len(), type_name(element)));
-    }
-    bytes.truncate(want);
-    if big && element.size() > 1 {
-        for c in bytes.chunks_exact_mut(element.size()) {
-            c.reverse();
-        }
-    }
-    Ok(RawVolume { dims, affine, element, bytes })
+    RawVolume::new(dims, affine, element, bytes, big, type_name(element))
 }
 
 /// Writes a gzip-compressed `.nrrd` (`level` 1–9) of `dims` (`[nx, ny, nz]`) at the NIfTI affine
@@ -194,9 +178,9 @@ pub(crate) fn write(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], voxel
         dims[1],
         dims[2],
         dirs.join(" "),
-        num(-affine[0][3]),
-        num(-affine[1][3]),
-        num(affine[2][3])
+        num(LPS[0] * affine[0][3]),
+        num(LPS[1] * affine[1][3]),
+        num(LPS[2] * affine[2][3])
     );
     stu_core::fs::atomic_with(path, |tmp| {
         let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);

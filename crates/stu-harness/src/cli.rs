@@ -942,7 +942,7 @@ fn run(cli: Cli) -> Result<()> {
                     let mut seen = std::collections::BTreeSet::new();
                     for e in std::fs::read_dir(&reference).with_context(|| format!("{}: cannot list", reference.display()))? {
                         let p = e?.path();
-                        if p.file_name().is_some_and(|n| stu_data::nifti_io::split_ending(&n.to_string_lossy()).is_some()) {
+                        if stu_data::nifti_io::case_of(&p).is_some() {
                             seen.extend(stu_data::nifti_io::read_label(&p)?.data.into_iter().filter(|&v| v > 0 && Some(v) != ignore_label));
                         }
                     }
@@ -954,7 +954,7 @@ fn run(cli: Cli) -> Result<()> {
             stu_engine::checkpoint::write_atomic(&dir.join("summary.json"), nan_safe_json(&serde_json::to_value(&s)?)?.as_bytes())?;
             let mut csv = String::from("case,label,metric,value\n");
             for c in &s.metric_per_case {
-                let id = c.prediction_file.file_name().map(|n| n.to_string_lossy().into_owned()).map(|n| stu_data::nifti_io::split_ending(&n).map_or(n.clone(), |(id, _)| id.to_string())).unwrap_or_default();
+                let id = stu_data::nifti_io::case_of(&c.prediction_file).map(|(id, _)| id).unwrap_or_default();
                 for (l, m) in &c.metrics {
                     for (k, v) in m {
                         csv.push_str(&format!("{id},{l},{k},{}\n", if v.is_nan() { String::new() } else { v.to_string() }));

@@ -95,7 +95,7 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
             bail!("{}: {}, {} {}; an ensemble's members predict the same classes or regions", m.path.display(), describe(&m.regions), members[0].path.display(), describe(&regions));
         }
         let label_map = stu_data::nifti_io::find_case(&folders[0], id).unwrap_or_else(|| folders[0].join(format!("{id}.nii.gz")));
-        let ending = stu_data::nifti_io::split_ending(&label_map.to_string_lossy()).map_or(".nii.gz", |(_, e)| e);
+        let ending = stu_data::nifti_io::case_of(&label_map).map_or(".nii.gz", |(_, e)| e);
         let geom = stu_data::nifti_io::read_geometry(&label_map).with_context(|| format!("{}: the label map giving the ensemble's geometry", label_map.display()))?;
         ensure!(geom.shape == [shape[1], shape[2], shape[3]], "{}: shape {:?}, its probabilities {shape:?}", label_map.display(), geom.shape);
         let (classes, n) = (shape[0], shape[1] * shape[2] * shape[3]);

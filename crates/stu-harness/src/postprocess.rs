@@ -201,7 +201,7 @@ pub fn determine(reference: &Path, predictions: &[PathBuf], scored: &[Scored], r
 /// Applies `pp` to every label map of `input` (`.nii.gz`, `.nii`, `.mha`, `.nrrd`), writing them to
 /// `output` under the same names. Returns how many.
 pub fn apply_folder(pp: &Postprocessing, input: &Path, output: &Path) -> Result<usize> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.file_name().is_some_and(|n| matches!(stu_data::nifti_io::split_ending(&n.to_string_lossy()), Some((_, ".nii.gz" | ".nii" | ".mha" | ".nrrd"))))).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| matches!(stu_data::nifti_io::case_of(p), Some((_, ".nii.gz" | ".nii" | ".mha" | ".nrrd")))).collect();
     files.sort();
     ensure!(!files.is_empty(), "{}: no label maps (.nii.gz, .nii, .mha, .nrrd)", input.display());
     std::fs::create_dir_all(output).with_context(|| format!("{}: cannot create", output.display()))?;

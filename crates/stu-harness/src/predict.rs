@@ -770,7 +770,7 @@ pub fn keep_largest_per_label(seg: &mut [u16], shape: [usize; 3]) {
 /// naming (`{case}_{XXXX}.nii.gz`); a file without the suffix is a single-channel case.
 pub fn discover_inputs(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     let files: Vec<PathBuf> = if input.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.file_name().is_some_and(|n| stu_data::nifti_io::split_ending(&n.to_string_lossy()).is_some())).collect();
+        let mut v: Vec<PathBuf> = std::fs::read_dir(input).with_context(|| format!("{}: cannot list", input.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| stu_data::nifti_io::case_of(p).is_some()).collect();
         v.sort();
         v
     } else if input.exists() {
@@ -781,8 +781,7 @@ pub fn discover_inputs(input: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     ensure!(!files.is_empty(), "{}: no image files (.nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr)", input.display());
     let mut cases: std::collections::BTreeMap<String, Vec<(usize, PathBuf)>> = Default::default();
     for f in files {
-        let name = f.file_name().expect("file").to_string_lossy().to_string();
-        let stem = stu_data::nifti_io::split_ending(&name).map_or(name.as_str(), |(stem, _)| stem).to_string();
+        let stem = stu_data::nifti_io::case_of(&f).map_or_else(|| f.file_name().expect("file").to_string_lossy().to_string(), |(stem, _)| stem);
         let (id, ch) = match stem.rsplit_once('_') {
             Some((id, ch)) if ch.len() == 4 && ch.bytes().all(|b| b.is_ascii_digit()) => (id.to_string(), ch.parse().expect("digits")),
             _ => (stem.clone(), 0),
@@ -817,14 +816,9 @@ pub struct CaseResult {
     pub skipped: bool,
 }
 
-/// The file ending of a label map predicted from `image`: `.mha` for a MetaImage, `.nrrd` for a
-/// NRRD, else `.nii.gz`.
+/// The file ending of a label map predicted from `image` ([`stu_data::nifti_io::label_ending`]).
 pub fn output_ending(image: &Path) -> &'static str {
-    match stu_data::nifti_io::split_ending(&image.to_string_lossy()) {
-        Some((_, ".mha" | ".mhd")) => ".mha",
-        Some((_, ".nrrd" | ".nhdr")) => ".nrrd",
-        _ => ".nii.gz",
-    }
+    stu_data::nifti_io::label_ending(stu_data::nifti_io::case_of(image).map_or("", |(_, e)| e))
 }
 
 /// Predicts every case; one failing case does not stop the others.

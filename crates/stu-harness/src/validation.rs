@@ -120,11 +120,8 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
         Some(r) => *r != source,
         None => req.best,
     };
-    // Label maps in the dataset's format (MetaImage, NRRD; NIfTI gzipped), as `stu predict`.
-    let ending = match json.file_ending.as_str() {
-        e @ (".mha" | ".nrrd") => e,
-        _ => ".nii.gz",
-    };
+    // Label maps in the dataset's format, as `stu predict` writes them.
+    let ending = stu_data::nifti_io::label_ending(&json.file_ending);
     let mut removed = 0;
     if stale {
         for id in &val_ids {
