@@ -77,7 +77,7 @@ fn resenc_planner_presets_write_nnunets_resenc_plans() {
         assert_eq!(c["UNet_class_name"], "ResidualEncoderUNet");
         assert_eq!(c["data_identifier"], "nnUNetPlans_3d_fullres");
         let n = c["pool_op_kernel_sizes"].as_array().unwrap().len();
-        assert_eq!(c["n_conv_per_stage_encoder"], serde_json::json!(zoo::resenc::RESENC_BLOCKS[..n]));
+        assert_eq!(c["n_conv_per_stage_encoder"], serde_json::json!(stu_core::scaling::RESENC_BLOCKS[..n]));
         assert!(c["batch_size"].as_u64().unwrap() >= 2);
         patches.push(c["patch_size"].clone());
     }

@@ -26,9 +26,6 @@ use crate::stunet::{InstanceNorm3d, Macs, TOTALSEG_CLASSES};
 /// Registry name.
 pub const NAME: &str = "nnunet-resenc";
 
-/// Blocks per encoder stage of nnU-Net's ResEnc presets (`nnUNetPlannerResEncM/L/XL`).
-pub const RESENC_BLOCKS: [usize; 11] = [1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6];
-
 /// Everything that fixes a ResidualEncoderUNet's shape (nnU-Net's `arch_kwargs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,7 +57,7 @@ impl ResEncArch {
             features: plainconv::widths(n, 32, MAX_FEATURES),
             kernels: vec![[3; 3]; n],
             strides: std::iter::once([1; 3]).chain(downsampling.iter().copied()).collect(),
-            n_blocks: (0..n).map(|s| RESENC_BLOCKS[s.min(RESENC_BLOCKS.len() - 1)]).collect(),
+            n_blocks: (0..n).map(stu_core::scaling::resenc_blocks).collect(),
             n_conv_dec: vec![1; n - 1],
         }
     }

@@ -11,6 +11,15 @@ use crate::registry::RegistryEntry;
 /// Width multipliers of STU-Net's six stages.
 pub const STUNET_WIDTH_MULTIPLIERS: [usize; 6] = [1, 2, 4, 8, 16, 16];
 
+/// Residual blocks per encoder stage of nnU-Net's ResidualEncoderUNet in its ResEnc presets
+/// (the planners' `UNet_blocks_per_stage_encoder`; deeper stages repeat the last).
+pub const RESENC_BLOCKS: [usize; 13] = [1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6];
+
+/// [`RESENC_BLOCKS`] of stage `s`.
+pub fn resenc_blocks(s: usize) -> usize {
+    RESENC_BLOCKS[s.min(RESENC_BLOCKS.len() - 1)]
+}
+
 /// Blocks per stage and base width; widths follow the family's multipliers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -179,9 +179,6 @@ impl Planner {
     }
 }
 
-/// Blocks per encoder stage of the ResEnc planners (`UNet_blocks_per_stage_encoder`).
-pub const RESENC_BLOCKS: [u64; 13] = [1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6];
-
 /// ResidualEncoderUNet's `compute_conv_feature_map_size` (dynamic_network_architectures 0.4,
 /// without deep supervision, as nnU-Net's planner builds it): the stem, two convs per residual
 /// block plus the skip's projection in each stage's first block (stage 0's has none), and per
@@ -190,7 +187,7 @@ pub fn estimate_vram_resenc(patch: [usize; 3], pools: &[[usize; 3]], num_label_k
     let sizes = stage_voxels(patch, pools);
     let feats = |s: usize| (BASE_FEATURES << s).min(MAX_FEATURES_3D);
     let stem = feats(0) * sizes[0];
-    let encoder: u64 = sizes.iter().enumerate().map(|(s, &n)| (2 * RESENC_BLOCKS[s.min(RESENC_BLOCKS.len() - 1)] + u64::from(s > 0)) * feats(s) * n).sum();
+    let encoder: u64 = sizes.iter().enumerate().map(|(s, &n)| (2 * stu_core::scaling::resenc_blocks(s) as u64 + u64::from(s > 0)) * feats(s) * n).sum();
     let decoder: u64 = (0..pools.len() - 1).map(|s| 2 * feats(s) * sizes[s]).sum();
     stem + encoder + decoder + num_label_keys as u64 * sizes[0]
 }
@@ -250,13 +247,8 @@ pub struct PlanInput {
     pub gpu_memory_gb: f64,
 }
 
-/// `get_plans_for_configuration` for 3-D (nnU-Net's default planner).
-pub fn plan_configuration(input: &PlanInput) -> Configuration {
-    plan_configuration_with(input, &Planner::DEFAULT)
-}
-
 /// `get_plans_for_configuration` for 3-D of `planner`.
-pub fn plan_configuration_with(input: &PlanInput, planner: &Planner) -> Configuration {
+pub fn plan_configuration(input: &PlanInput, planner: &Planner) -> Configuration {
     let PlanInput { spacing, median_shape, num_label_keys, num_training, gpu_memory_gb } = *input;
     let tmp = spacing.map(|s| 1.0 / s);
     let scale = (256f64.powi(3) / tmp.iter().product::<f64>()).cbrt();
@@ -314,7 +306,7 @@ mod tests {
             ),
         ];
         for (spacing, median_shape, keys, n, patch, bs, pools, convs, est) in rows {
-            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: keys, num_training: n, gpu_memory_gb: 8.0 });
+            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: keys, num_training: n, gpu_memory_gb: 8.0 }, &Planner::DEFAULT);
             assert_eq!(c.patch_size, patch, "{spacing:?}");
             assert_eq!(c.batch_size, bs, "{spacing:?}");
             assert_eq!(c.topology.pool_op_kernel_sizes, pools, "{spacing:?}");
@@ -340,15 +332,15 @@ mod tests {
                     num_training: row["num_training"].as_u64().unwrap() as usize,
                     gpu_memory_gb: planner.default_gpu_gb,
                 };
-                let c = plan_configuration_with(&input, &planner);
+                let c = plan_configuration(&input, &planner);
                 let at = format!("ResEnc {name} {:?}", input.spacing);
-                assert_eq!(c.patch_size.to_vec(), v(&serde_json::json!([row["patch_size"]]))[0].to_vec(), "{at}");
+                assert_eq!(c.patch_size, serde_json::from_value::<[usize; 3]>(row["patch_size"].clone()).unwrap(), "{at}");
                 assert_eq!(c.batch_size, row["batch_size"].as_u64().unwrap(), "{at}");
                 assert_eq!(c.topology.pool_op_kernel_sizes, v(&row["strides"]), "{at}");
                 assert_eq!(c.topology.conv_kernel_sizes, v(&row["kernel_sizes"]), "{at}");
                 assert_eq!(c.vram_estimate, row["vram_estimate"].as_u64().unwrap(), "{at}");
                 let n = c.topology.pool_op_kernel_sizes.len();
-                assert_eq!(RESENC_BLOCKS[..n].to_vec(), serde_json::from_value::<Vec<u64>>(row["n_blocks_per_stage"].clone()).unwrap(), "{at}");
+                assert_eq!(stu_core::scaling::RESENC_BLOCKS[..n].to_vec(), serde_json::from_value::<Vec<usize>>(row["n_blocks_per_stage"].clone()).unwrap(), "{at}");
             }
         }
     }
@@ -374,13 +366,8 @@ mod tests {
 /// Whether nnU-Net (≥ 2.4) creates a `3d_lowres` configuration, which turns `batch_dice` on for
 /// `3d_fullres`: grow the spacing by 1.03 (anisotropic axes first) until the lowres patch covers
 /// ≥ 25 % of the lowres median image, then drop it when the full-resolution median has fewer
-/// than 2× its voxels.
-pub fn lowres_created(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 3], num_label_keys: usize, num_training: usize, gpu_memory_gb: f64) -> bool {
-    lowres_created_with(spacing, median_shape, patch, num_label_keys, num_training, gpu_memory_gb, &Planner::DEFAULT)
-}
-
-/// [`lowres_created`] with `planner`'s configurations.
-pub fn lowres_created_with(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 3], num_label_keys: usize, num_training: usize, gpu_memory_gb: f64, planner: &Planner) -> bool {
+/// than 2× its voxels; each lowres configuration is `planner`'s.
+pub fn lowres_created(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 3], num_label_keys: usize, num_training: usize, gpu_memory_gb: f64, planner: &Planner) -> bool {
     const THRESHOLD: f64 = 0.25;
     const FACTOR: f64 = 1.03;
     let full_voxels: f64 = median_shape.iter().product();
@@ -401,7 +388,7 @@ pub fn lowres_created_with(spacing: [f64; 3], median_shape: [f64; 3], patch: [us
         }
         let shape = [0, 1, 2].map(|a| spacing[a] / lowres[a] * median_shape[a]);
         median_voxels = shape.iter().product();
-        let cfg = plan_configuration_with(
+        let cfg = plan_configuration(
             &PlanInput { spacing: lowres, median_shape: shape.map(f64::round_ties_even), num_label_keys, num_training, gpu_memory_gb },
             planner,
         );
@@ -501,7 +488,7 @@ pub fn plans_json(
         .collect();
     let (patch, batch, pools, convs, num_pool, estimate) = match planner {
         Some(p) => {
-            let c = plan_configuration_with(&PlanInput { spacing, median_shape, num_label_keys: json.labels.len(), num_training: json.num_training, gpu_memory_gb }, &p);
+            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: json.labels.len(), num_training: json.num_training, gpu_memory_gb }, &p);
             (c.patch_size, c.batch_size, c.topology.pool_op_kernel_sizes, c.topology.conv_kernel_sizes, c.topology.num_pool_per_axis, Some(c.vram_estimate))
         }
         None => {
@@ -510,7 +497,7 @@ pub fn plans_json(
             ([128; 3], 2, pools, vec![[3; 3]; 6], [4, 4, 5], None)
         }
     };
-    let lowres = planner.is_some_and(|p| lowres_created_with(spacing, median_shape, patch, json.labels.len(), json.num_training, gpu_memory_gb, &p));
+    let lowres = planner.is_some_and(|p| lowres_created(spacing, median_shape, patch, json.labels.len(), json.num_training, gpu_memory_gb, &p));
     let n_stages = pools.len();
     let plans_name = match preset {
         Preset::Nnunet => "nnUNetPlans",
@@ -543,7 +530,7 @@ pub fn plans_json(
                 "use_mask_for_norm": use_mask,
                 "UNet_class_name": if resenc { "ResidualEncoderUNet" } else { "PlainConvUNet" },
                 "UNet_base_num_features": BASE_FEATURES,
-                "n_conv_per_stage_encoder": if resenc { RESENC_BLOCKS[..n_stages].to_vec() } else { vec![2; n_stages] },
+                "n_conv_per_stage_encoder": if resenc { stu_core::scaling::RESENC_BLOCKS[..n_stages].to_vec() } else { vec![2; n_stages] },
                 "n_conv_per_stage_decoder": vec![if resenc { 1 } else { 2 }; n_stages - 1],
                 "num_pool_per_axis": num_pool,
                 "pool_op_kernel_sizes": pools,
