@@ -861,22 +861,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Predict { input, output, checkpoints, chk, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id } => {
             let part = (num_parts != 1 || part_id != 0).then_some((part_id, num_parts));
-            // An installed model's folder (`stu install-model`: fold_K run folders, no train.json)
-            // stands for all its folds, as nnU-Net predicts with every fold of a model folder.
-            let checkpoints = crate::modelzip::expand_model_folders(checkpoints)?;
-            // A run folder stands for its final checkpoint (`Predictor::new`), or its best.
-            let checkpoints: Vec<PathBuf> = checkpoints
-                .into_iter()
-                .map(|c| {
-                    if chk != "best" || !c.is_dir() {
-                        return Ok(c);
-                    }
-                    let f = c.join("checkpoint_best.safetensors");
-                    anyhow::ensure!(f.exists(), "{}: a folder without checkpoint_best.safetensors (--chk best)", c.display());
-                    Ok(f)
-                })
-                .collect::<anyhow::Result<_>>()?;
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, part };
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, best: chk == "best", model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, part };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());

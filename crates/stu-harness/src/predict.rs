@@ -45,6 +45,10 @@ pub struct PredictOptions {
     /// one training), every tile's logits are averaged over them, as nnU-Net's fold ensemble.
     /// They must agree on channels, classes and plan.
     pub checkpoints: Vec<PathBuf>,
+    /// Whether a run folder among `checkpoints` stands for its best checkpoint instead of its
+    /// final one (nnU-Net's `-chk checkpoint_best.pth`).
+    #[serde(default)]
+    pub best: bool,
     /// Model name (default: recognised from the keys).
     pub model: Option<String>,
     /// plans.json (default: the run's, for our checkpoints; else the released STU-Net plan). A
@@ -369,17 +373,19 @@ impl Predictor {
         opts.precision.check(opts.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
         ensure!(!opts.checkpoints.is_empty(), "no checkpoint given");
         ensure!(!(opts.fast_export && opts.save_probabilities), "--fast-export resamples only the label map; --save-probabilities needs every class resampled (the full export)");
-        // A `stu train` run folder stands for its final checkpoint.
-        let checkpoints: Vec<PathBuf> = opts
-            .checkpoints
-            .iter()
+        // An installed model's folder (`stu install-model`) stands for all its fold run folders,
+        // as nnU-Net predicts with every fold of a model folder; a `stu train` run folder for
+        // its final (or best) checkpoint.
+        let checkpoints: Vec<PathBuf> = crate::modelzip::expand_model_folders(opts.checkpoints.clone())?
+            .into_iter()
             .map(|c| {
                 if !c.is_dir() {
-                    return Ok(c.clone());
+                    return Ok(c);
                 }
-                let f = c.join("checkpoint_final.safetensors");
-                let hint = if c.join("checkpoint_best.safetensors").exists() { " (it has checkpoint_best: `--chk best`)" } else { " (is its training finished?)" };
-                ensure!(f.exists(), "{}: a folder without checkpoint_final.safetensors{hint}", c.display());
+                let (name, other, fix) = if opts.best { ("checkpoint_best", "checkpoint_final", "leave out `--chk best`") } else { ("checkpoint_final", "checkpoint_best", "`--chk best`") };
+                let f = c.join(format!("{name}.safetensors"));
+                let hint = if c.join(format!("{other}.safetensors")).exists() { format!(" (it has {other}: {fix})") } else { " (is its training finished?)".to_string() };
+                ensure!(f.exists(), "{}: a folder without {name}.safetensors{hint}", c.display());
                 Ok(f)
             })
             .collect::<Result<_>>()?;

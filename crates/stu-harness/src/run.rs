@@ -148,6 +148,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             input: images,
             output: pred.clone(),
             checkpoints: vec![checkpoint.clone()],
+            best: false,
             model: Some(s.model.name.clone()),
             plans: s.predict.plans.clone(),
             configuration: s.plan.configuration.clone(),

@@ -152,6 +152,7 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
         input: raw.join("imagesTr"),
         output: dir.clone(),
         checkpoints: vec![checkpoint.clone()],
+        best: false,
         model: Some(cfg.model.clone()),
         plans: None,
         configuration: cfg.configuration.clone(),
