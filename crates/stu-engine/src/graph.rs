@@ -19,7 +19,7 @@ use crate::model::SegNet;
 pub fn enabled() -> bool {
     #[cfg(feature = "tch")]
     {
-        imp::SWITCH.get()
+        imp::SWITCH.get().unwrap_or(false)
     }
     #[cfg(not(feature = "tch"))]
     {
@@ -27,7 +27,8 @@ pub fn enabled() -> bool {
     }
 }
 
-/// Turns CUDA graphs on or off for this process (`None`: back to `STU_TCH_GRAPH`).
+/// Turns CUDA graphs on or off for this process, overriding `STU_TCH_GRAPH` (`None`: the
+/// default, off).
 pub fn set_enabled(on: Option<bool>) {
     #[cfg(feature = "tch")]
     imp::SWITCH.set(on);
@@ -129,40 +130,8 @@ mod imp {
     use burn::backend::{BackendTensor, DispatchAutodiffContext, DispatchTensor, DispatchTensorKind};
     use burn::tensor::Tensor;
 
-    pub(super) static SWITCH: Switch = Switch(std::sync::atomic::AtomicU8::new(0));
-
-    /// 0: not read yet, 1: on, 2: off.
-    pub(super) struct Switch(std::sync::atomic::AtomicU8);
-
-    impl Switch {
-        pub(super) fn get(&self) -> bool {
-            use std::sync::atomic::Ordering::Relaxed;
-            let mut v = self.0.load(Relaxed);
-            if v == 0 {
-                v = match std::env::var("STU_TCH_GRAPH").as_deref() {
-                    Ok("1") => 1,
-                    Ok("0") | Err(_) => 2,
-                    Ok(other) => {
-                        eprintln!("warning: STU_TCH_GRAPH={other} is neither `1` nor `0`; CUDA graphs stay off");
-                        2
-                    }
-                };
-                self.0.store(v, Relaxed);
-            }
-            v == 1
-        }
-
-        pub(super) fn set(&self, on: Option<bool>) {
-            self.0.store(
-                match on {
-                    Some(true) => 1,
-                    Some(false) => 2,
-                    None => 0,
-                },
-                std::sync::atomic::Ordering::Relaxed,
-            );
-        }
-    }
+    /// `STU_TCH_GRAPH` (`1` on, `0` off; off by default).
+    pub(super) static SWITCH: crate::torch::Switch = crate::torch::Switch::new("STU_TCH_GRAPH", "1", "0");
 
     /// One input shape: how often it was seen, and its graph once captured.
     pub(super) struct Entry {

@@ -758,7 +758,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
 /// A process-wide on/off choice of the libtorch paths: forced by [`Switch::set`] (tests), else
 /// by an environment variable (read once; another value is reported and ignored), else the
 /// caller's default.
-struct Switch {
+pub(crate) struct Switch {
     /// 0: not read yet, 1: on, 2: off, 3: the default.
     state: std::sync::atomic::AtomicU8,
     var: &'static str,
@@ -767,11 +767,11 @@ struct Switch {
 }
 
 impl Switch {
-    const fn new(var: &'static str, on: &'static str, off: &'static str) -> Self {
+    pub(crate) const fn new(var: &'static str, on: &'static str, off: &'static str) -> Self {
         Self { state: std::sync::atomic::AtomicU8::new(0), var, on, off }
     }
 
-    fn set(&self, on: Option<bool>) {
+    pub(crate) fn set(&self, on: Option<bool>) {
         self.state.store(
             match on {
                 Some(true) => 1,
@@ -783,7 +783,7 @@ impl Switch {
     }
 
     /// `Some` when forced on or off, `None` for the default.
-    fn get(&self) -> Option<bool> {
+    pub(crate) fn get(&self) -> Option<bool> {
         use std::sync::atomic::Ordering::Relaxed;
         let mut v = self.state.load(Relaxed);
         if v == 0 {
