@@ -256,6 +256,9 @@ mod libtorch {
             // 8³ stages) to its slow reference kernel, and 1×1×1 ones to its NCDHW path; oneDNN
             // also adds the bias inside the kernel. A 128³ STU-Net-S patch: 2.07 → 1.50 s with
             // the one-sample batch stride below (`norm_act`), B 5.05 → 3.72 s.
+            if k[2] > 1 && stride[0] == 1 && super::conv_d2_on(x.device()) {
+                return conv_depth_split(x, w, b, [stride[1], stride[2]]);
+            }
             let onednn = x.device() == tch::Device::Cpu && x.kind() == Kind::Float;
             if k[2..] == [1, 1, 1] && !onednn {
                 return conv1x1_channels_last(x, w, b, stride);
@@ -268,6 +271,42 @@ mod libtorch {
             return x.conv3d(&w, b, stride, pad, [1i64; 3], 1);
         }
         x.conv3d(w, b, stride, pad, [1i64; 3], 1)
+    }
+
+    /// A 3-D convolution (odd kernel, padding k/2, depth stride 1) of channels-last activations
+    /// as one 2-D convolution over the `[B·D, H, W, C]` view ([`super::conv_d2_on`]): the
+    /// kernel's depth slices are stacked as `kd·C_out` output channels, and output depth d is the
+    /// sum over slices j of slice j's output at input depth d + j − kd/2 (zero outside). No
+    /// input is copied (the view is the channels-last memory as it is); the stacked output is
+    /// `kd×` the result and lives until the sum. Under autograd libtorch differentiates the
+    /// composition (2-D convolution gradients, and slices of the output gradient).
+    fn conv_depth_split(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [i64; 2]) -> Tensor {
+        let x = to_channels_last(x);
+        let [n, c, d, h, wd] = x.size()[..] else { unreachable!("5-D input") };
+        let [co, ci, kd, kh, kw] = w.size()[..] else { unreachable!("5-D kernel") };
+        debug_assert_eq!(c, ci);
+        // [B, D, H, W, C] memory, contiguous: [B·D, H, W, C] is a view; NCHW shape, NHWC strides.
+        let x2 = x.permute([0, 2, 3, 4, 1]).reshape([n * d, h, wd, c]).permute([0, 3, 1, 2]);
+        // [kd·C_out, C_in, kh, kw] with NHWC strides (cuDNN and oneDNN then keep NHWC).
+        let w2 = w.permute([2, 0, 3, 4, 1]).contiguous().reshape([kd * co, kh, kw, ci]).permute([0, 3, 1, 2]);
+        let y = x2.conv2d(&w2, None::<&Tensor>, stride, [kh / 2, kw / 2], [1i64, 1], 1);
+        let (h2, w2) = (y.size()[2], y.size()[3]);
+        // [B, D, H', W', kd, C_out] (a view when the convolution kept NHWC, as it does).
+        let y = y.permute([0, 2, 3, 1]).contiguous().reshape([n, d, h2, w2, kd, co]);
+        let mid = kd / 2;
+        let mut out = y.select(4, mid).contiguous();
+        for j in (0..kd).filter(|&j| j != mid) {
+            // Output depth t takes slice j at input depth t + j − mid.
+            let off = j - mid;
+            let (t0, len) = (off.min(0).abs(), d - off.abs());
+            if len > 0 {
+                let _ = out.narrow(1, t0, len).g_add_(&y.narrow(1, t0 + off, len).select(4, j));
+            }
+        }
+        if let Some(b) = b {
+            let _ = out.g_add_(b);
+        }
+        out.permute([0, 4, 1, 2, 3])
     }
 
     /// A 1×1×1 convolution (padding 0) of channels-last activations as one matrix product over
@@ -808,6 +847,7 @@ impl Switch {
 
 static CHANNELS_LAST: Switch = Switch::new("STU_TCH_CHANNELS_LAST", "1", "0");
 static NORM_SPLIT: Switch = Switch::new("STU_TCH_NORM", "split", "plane");
+static CONV_D2: Switch = Switch::new("STU_TCH_CONV", "d2", "3d");
 
 /// Forces the layout of the libtorch convolutions: channels-last (`Some(true)`), NCDHW
 /// (`Some(false)`), or by device (`None`, the default); overrides `STU_TCH_CHANNELS_LAST` (tests).
@@ -846,6 +886,25 @@ pub fn set_norm_split(on: Option<bool>) {
 /// Channels-last activations (the CPU default) keep their per-sample kernels either way.
 pub fn norm_split_on(_device: tch::Device) -> bool {
     NORM_SPLIT.get().unwrap_or(false)
+}
+
+/// Forces the depth-split convolution on (`Some(true)`) or off (`Some(false)`), or leaves it to
+/// the default (`None`, off); overrides `STU_TCH_CONV` (tests).
+pub fn set_conv_d2(on: Option<bool>) {
+    CONV_D2.set(on);
+}
+
+/// Whether the channels-last 3-D convolutions with depth stride 1 on `device` run as 2-D
+/// convolutions over the `[B·D, H, W, C]` view, the kernel's depth slices stacked as output
+/// channels and summed along depth after (`conv_depth_split`): the same MACs as a 3-D
+/// convolution, through cuDNN's 2-D kernels, which are tuned far more than its 3-D ones, at
+/// the price of a `kd×` wider transient output and two adds. Only where the activations are
+/// channels-last ([`channels_last_on`]); depth-strided convolutions stay 3-D. On the CPU it
+/// loses to oneDNN's 3-D kernels (a 32→32 3³ convolution of a 64³ volume, f32: 3.8× slower in
+/// PyTorch 2.15 on 2 cores); on a GPU it is not measured yet: off by default,
+/// `STU_TCH_CONV=d2` turns it on, `STU_TCH_CONV=3d` off (read once).
+pub fn conv_d2_on(_device: tch::Device) -> bool {
+    CONV_D2.get().unwrap_or(false)
 }
 
 /// The libtorch fast paths checked against burn's composed operators on one device: a
@@ -968,6 +1027,18 @@ pub mod check {
             let y = ops::norm_add_act(ops::norm_act(inner.clone(), g1.clone().inner(), e1.clone().inner(), true, lay), g2.clone().inner(), e2.clone().inner(), inner.clone(), lay);
             let want = ops::leaky_relu(ops::instance_norm(ops::leaky_relu(ops::instance_norm(inner.clone(), g1.inner(), e1.inner(), lay)), g2.inner(), e2.inner(), lay) + inner);
             self.close("untracked", y, want, 1e-3);
+            // 3³ convolutions strided in-plane only (an anisotropic plan's downsampling) and on
+            // every axis, on odd extents: value and every gradient.
+            let (w33, b33) = (t5([4, c, 3, 3, 3], -0.3, 0.3, &mut rng), t1(4, -0.5, 0.5, &mut rng));
+            for s in [[1, 2, 2], [2, 2, 2]] {
+                let (ya, yc) = (ops::conv3d(x.clone(), w33.clone(), b33.clone(), s, lay), burn::tensor::module::conv3d(x.clone(), w33.clone(), Some(b33.clone()), burn::tensor::ops::ConvOptions::new(s, [1; 3], [1; 3], 1)));
+                self.close(&format!("3³ conv, stride {s:?}"), ya.clone(), yc.clone(), 1e-3);
+                let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
+                let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
+                self.close("3³ conv dx", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1e-3);
+                self.close("3³ conv dw", w33.grad(&ga).unwrap(), w33.grad(&gc).unwrap(), 1e-3);
+                self.close("3³ conv db", b33.grad(&ga).unwrap().unsqueeze(), b33.grad(&gc).unwrap().unsqueeze(), 1e-3);
+            }
             // 1×1×1 convolutions (STU-Net's upsampling and projection shortcuts), stride 1 and 2 on
             // odd extents, to another channel count: value and every gradient.
             let w11 = t5([4, c, 1, 1, 1], -0.5, 0.5, &mut rng);
@@ -1102,12 +1173,15 @@ pub mod check {
             ("NCDHW", false, false, [2, 3, 5, 6, 4]),
             ("channels-last", true, false, [2, 3, 5, 6, 4]),
             ("NCDHW, split norm", false, true, [2, 3, 24, 32, 48]),
+            ("channels-last, depth-split convolutions", true, false, [2, 3, 5, 6, 4]),
         ] {
             super::set_channels_last(Some(channels_last));
             super::set_norm_split(Some(split));
+            super::set_conv_d2(Some(mode.contains("depth-split")));
             r.mode = format!("{mode} {dims:?}");
             r.block(dims);
         }
+        super::set_conv_d2(None);
         super::set_channels_last(Some(false));
         r.mode = "NCDHW".into();
         r.loss_and_upsampling();
