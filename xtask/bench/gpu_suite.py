@@ -10,7 +10,8 @@ Usage:
   python3 gpu_suite.py --stu BIN --bench-dir SHARED_BENCH --fixture tiny_iso.safetensors
                        --mr MR_IMAGES_DIR --ct CT_IMAGES_DIR --out DIR [--sizes SBLH] [--budget S]
 Before the benchmark, `stu check-ops` compares the fused ATen paths with burn's composed
-operators on the device (values and gradients).
+operators on the device (values and gradients), and `conv_algos.py` times STU-Net's 3³
+convolutions shape by shape through each convolution algorithm (DIR/conv_algos.md).
 Writes DIR/suite.json (everything), DIR/suite.md (tables), DIR/log.txt, the predicted label
 maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command), and for B's
 training step and patch inference per-op tables of both sides' profiler traces
@@ -174,6 +175,18 @@ if A.phase != "2":
     log("check-ops", rc, out.strip().splitlines()[-1] if out.strip() else "")
     save()
 
+# 1c. STU-Net's 3³ convolutions one shape at a time through each algorithm our libtorch path can
+#     pick (NCDHW, channels-last, depth-split 2-D), in PyTorch on this card (`conv_algos.py`):
+#     which wins on which shape, for the layout and `STU_TCH_CONV` defaults.
+if A.phase != "2" and A.backend == "tch-cuda":
+    j, m = "/tmp/conv_algos.json", os.path.join(A.out, "conv_algos.md")
+    sizes = "".join(x for x in "BHL" if x in A.sizes)
+    rc, out, _, wall = sh([A.python, os.path.join(HERE, "conv_algos.py"), "--sizes", sizes, "--json", j, "--md", m, "--budget", "70"], timeout=150)
+    R["conv_algos"] = json.load(open(j)) if rc == 0 and os.path.exists(j) else {"rc": rc, "tail": out[-800:]}
+    for size, v in R["conv_algos"].get("models", {}).items():
+        log("conv_algos", size, json.dumps(v["totals"]))
+    save()
+
 # 3. Benchmark: per size, training step then patch inference; PyTorch fp16 (the anchor's
 #    recipe) and ours bf16 and f16 (loss-scaled for training). What the goal is about runs
 #    first (B, H, L), right after parity; the checks of section 2 and the extras (PyTorch bf16,
@@ -279,6 +292,10 @@ VARIANTS = {
     # replayed after. Off by default until measured here.
     "stu-graph": ({"STU_TCH_GRAPH": "1"}, 120),
     "stu-cl-graph": ({"STU_TCH_GRAPH": "1", "STU_TCH_CHANNELS_LAST": "1"}, 120),
+    # Channels-last with the depth-split convolutions (`STU_TCH_CONV=d2`: 3³ convolutions as
+    # 2-D ones over the `[B·D, H, W, C]` view), with and without a graph. Off by default.
+    "stu-cl-d2": ({"STU_TCH_CONV": "d2", "STU_TCH_CHANNELS_LAST": "1"}, 150),
+    "stu-cl-d2-graph": ({"STU_TCH_GRAPH": "1", "STU_TCH_CONV": "d2", "STU_TCH_CHANNELS_LAST": "1"}, 150),
 }
 
 
@@ -410,8 +427,8 @@ for s in A.sizes:
     rows = [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + split[0]
     # Inference through a CUDA graph (B, H, L), NCDHW and channels-last (whose norm reads the
     # layout as it is, without cuDNN's layout transforms around each convolution).
-    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + split[1] + [("stu-graph", i, "f16"), ("stu-cl-graph", i, "f16")] * (s != "S")
-    phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")]
+    rows += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + split[1] + [("stu-graph", i, "f16"), ("stu-cl-graph", i, "f16"), ("stu-cl-d2-graph", i, "f16")] * (s != "S")
+    phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")] + [("stu-cl-d2", t, "f16")] * (s in "BH")
     if s in "BH":
         extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
     if s == "B":
