@@ -29,6 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from timing import timed
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--sizes", default="BH")
 ap.add_argument("--patch", type=int, default=128)
@@ -50,6 +52,12 @@ cuda = dev.type == "cuda"
 dt = torch.float16 if cuda else torch.float32
 torch.backends.cudnn.benchmark = True
 T0 = time.time()
+
+
+def median(ts):
+    return sorted(ts)[len(ts) // 2]
+
+
 
 
 def shapes(blocks, widths, patch):
@@ -101,25 +109,6 @@ def algo(name, x, w, s):
     return conv_d2(x.contiguous(memory_format=cl), w, s)
 
 
-def timed(f, reps):
-    for _ in range(2):
-        f()
-    ts = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            f()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            f()
-            ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]
-
-
 ALGOS = ["ncdhw", "ndhwc", "d2"]
 R = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
      "cudnn": torch.backends.cudnn.version(), "dtype": str(dt), "patch": A.patch, "models": {}, "skipped": []}
@@ -140,7 +129,7 @@ for size in A.sizes:
             for a in ALGOS:
                 got = algo(a, x1, w, stride).float()
                 row["rel_err"][a] = float((got - ref).abs().max() / ref.abs().max())
-                row["infer_ms"][a] = round(timed(lambda: algo(a, x1, w, stride), A.reps), 4)
+                row["infer_ms"][a] = round(median(timed(lambda: algo(a, x1, w, stride), 2, A.reps, cuda)), 4)
         del x1, ref, got
         x2 = torch.randn(2, ci, r, r, r, generator=g).to(dev, dt).requires_grad_()
         w2 = w.clone().requires_grad_()
@@ -148,7 +137,7 @@ for size in A.sizes:
             def step():
                 y = algo(a, x2, w2, stride)
                 y.backward(torch.ones_like(y))
-            row["train_ms"][a] = round(timed(step, A.reps), 4)
+            row["train_ms"][a] = round(median(timed(step, 2, A.reps, cuda)), 4)
             x2.grad = w2.grad = None
         del x2, w2
         if cuda:

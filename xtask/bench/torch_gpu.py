@@ -29,6 +29,7 @@ sys.path.insert(0, A.bench_dir)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch_ref import build  # noqa: E402
+from timing import timed  # noqa: E402 (beside this script)
 
 case, dtype_name, out = A.case, A.dtype, A.out
 DT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
@@ -64,26 +65,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, warm, n):
-    for _ in range(warm):
-        fn()
-    sync()
-    ts = []
-    for _ in range(n):
-        if CUDA:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
-    return ts
-
-
 kind, size = case.split("_")[0], case.split("_")[1]
 with torch.device(dev):  # initialise on the GPU (an H model on the CPU takes a while)
     m = build(size)
@@ -117,7 +98,7 @@ else:
 
 if CUDA:
     torch.cuda.reset_peak_memory_stats()
-ts = timed(fn, 2 if large else 3, 4 if large else 6) if CUDA else timed(fn, 1, 2)  # as `stu bench`
+ts = timed(fn, 2 if large else 3, 4 if large else 6, CUDA) if CUDA else timed(fn, 1, 2, CUDA)  # as `stu bench`
 srt = sorted(ts)
 r = {"case": case, "dtype": dtype_name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
      "gpu": torch.cuda.get_device_name(0) if CUDA else "cpu", "ms": round(srt[len(srt) // 2], 2), "samples_ms": [round(t, 2) for t in ts]}

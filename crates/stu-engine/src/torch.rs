@@ -1028,29 +1028,18 @@ pub mod check {
             let want = ops::leaky_relu(ops::instance_norm(ops::leaky_relu(ops::instance_norm(inner.clone(), g1.inner(), e1.inner(), lay)), g2.inner(), e2.inner(), lay) + inner);
             self.close("untracked", y, want, 1e-3);
             // 3³ convolutions strided in-plane only (an anisotropic plan's downsampling) and on
-            // every axis, on odd extents: value and every gradient.
-            let (w33, b33) = (t5([4, c, 3, 3, 3], -0.3, 0.3, &mut rng), t1(4, -0.5, 0.5, &mut rng));
-            for s in [[1, 2, 2], [2, 2, 2]] {
-                let (ya, yc) = (ops::conv3d(x.clone(), w33.clone(), b33.clone(), s, lay), burn::tensor::module::conv3d(x.clone(), w33.clone(), Some(b33.clone()), burn::tensor::ops::ConvOptions::new(s, [1; 3], [1; 3], 1)));
-                self.close(&format!("3³ conv, stride {s:?}"), ya.clone(), yc.clone(), 1e-3);
+            // every axis; 1×1×1 ones (STU-Net's upsampling and projection shortcuts) at stride 1
+            // and 2; odd extents, to another channel count: value and every gradient.
+            for (k, s) in [(3, [1, 2, 2]), (3, [2, 2, 2]), (1, [1, 1, 1]), (1, [2, 2, 1])] {
+                let (wk, bk) = (t5([4, c, k, k, k], -0.3, 0.3, &mut rng), t1(4, -0.5, 0.5, &mut rng));
+                let (ya, yc) = (ops::conv3d(x.clone(), wk.clone(), bk.clone(), s, lay), burn::tensor::module::conv3d(x.clone(), wk.clone(), Some(bk.clone()), burn::tensor::ops::ConvOptions::new(s, [k / 2; 3], [1; 3], 1)));
+                let what = format!("{k}×{k}×{k} conv, stride {s:?}");
+                self.close(&what, ya.clone(), yc.clone(), 1e-3);
                 let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
                 let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
-                self.close("3³ conv dx", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1e-3);
-                self.close("3³ conv dw", w33.grad(&ga).unwrap(), w33.grad(&gc).unwrap(), 1e-3);
-                self.close("3³ conv db", b33.grad(&ga).unwrap().unsqueeze(), b33.grad(&gc).unwrap().unsqueeze(), 1e-3);
-            }
-            // 1×1×1 convolutions (STU-Net's upsampling and projection shortcuts), stride 1 and 2 on
-            // odd extents, to another channel count: value and every gradient.
-            let w11 = t5([4, c, 1, 1, 1], -0.5, 0.5, &mut rng);
-            let b11 = t1(4, -0.5, 0.5, &mut rng);
-            for s in [[1, 1, 1], [2, 2, 1]] {
-                let (ya, yc) = (ops::conv3d(x.clone(), w11.clone(), b11.clone(), s, lay), burn::tensor::module::conv3d(x.clone(), w11.clone(), Some(b11.clone()), burn::tensor::ops::ConvOptions::new(s, [0; 3], [1; 3], 1)));
-                self.close(&format!("1×1 conv, stride {s:?}"), ya.clone(), yc.clone(), 1e-3);
-                let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
-                let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
-                self.close("1×1 conv dx", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1e-3);
-                self.close("1×1 conv dw", w11.grad(&ga).unwrap(), w11.grad(&gc).unwrap(), 1e-3);
-                self.close("1×1 conv db", b11.grad(&ga).unwrap().unsqueeze(), b11.grad(&gc).unwrap().unsqueeze(), 1e-3);
+                self.close(&format!("{what}: dx"), x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1e-3);
+                self.close(&format!("{what}: dw"), wk.grad(&ga).unwrap(), wk.grad(&gc).unwrap(), 1e-3);
+                self.close(&format!("{what}: db"), bk.grad(&ga).unwrap().unsqueeze(), bk.grad(&gc).unwrap().unsqueeze(), 1e-3);
             }
         }
 
