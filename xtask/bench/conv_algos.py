@@ -69,6 +69,8 @@ def shapes(blocks, widths, patch):
 
     for s, c in enumerate(widths):
         r = patch >> s
+        if r < 1:  # (a patch too small for this many stages)
+            break
         same = 1 + 2 * (blocks - 1)  # a stage's stride-1 C→C convolutions: conv2 of block 0, both of the rest
         if s == 0:
             add(1, c, r, 1, 1)
@@ -112,11 +114,63 @@ def algo(name, x, w, s):
 ALGOS = ["ncdhw", "ndhwc", "d2"]
 R = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
      "cudnn": torch.backends.cudnn.version(), "dtype": str(dt), "patch": A.patch, "models": {}, "skipped": []}
+
+
+def attempt(row, key, f):
+    """`f()` (ms), or None with the error kept in the row: one failing algorithm (memory, an
+    unsupported cuDNN case) leaves the others' timings."""
+    try:
+        return f()
+    except Exception as e:  # noqa: BLE001
+        row.setdefault("errors", {})[key] = repr(e)[:300]
+        if cuda:
+            torch.cuda.empty_cache()
+        return None
+
+
+def totals(rows):
+    """Σ count × ms per mode and algorithm (None when a shape of it failed), and with the best
+    algorithm per shape."""
+    tot = {}
+    for mode in ("infer_ms", "train_ms"):
+        t = {}
+        for a in ALGOS:
+            v = [r["count"] * r[mode][a] for r in rows if r[mode].get(a) is not None]
+            t[a] = round(sum(v), 2) if len(v) == len(rows) else None
+        t["best per shape"] = round(sum(r["count"] * min(v for v in r[mode].values() if v is not None) for r in rows if any(v is not None for v in r[mode].values())), 2)
+        tot[mode] = t
+    return tot
+
+
+def write():
+    """Everything so far (a time-out keeps what was measured)."""
+    R["wall_s"] = round(time.time() - T0, 1)
+    json.dump(R, open(A.json, "w"), indent=1)
+    if not A.md:
+        return
+    cell = lambda v: "–" if v is None else str(v)  # noqa: E731
+    md = [f"{R['device']}, PyTorch {R['torch']}, cuDNN {R['cudnn']}, {R['dtype']}, {A.patch}³; ms, Σ count × median", ""]
+    for size, m in R["models"].items():
+        md += [f"### STU-Net-{size} ({m['gmac_3x3x3_per_sample']} GMAC of 3³ convolutions per sample{'' if m['complete'] else ', incomplete'})", "",
+               "| shape (in→out @ extent /stride) × count | " + " | ".join(f"infer {a}" for a in ALGOS) + " | " + " | ".join(f"train {a}" for a in ALGOS) + " |",
+               "|---|" + "---|" * (2 * len(ALGOS))]
+        for r in m["rows"]:
+            md.append(f"| {r['c_in']}→{r['c_out']} @ {r['extent']} /{r['stride']} × {r['count']} | " + " | ".join(cell(r["infer_ms"].get(a)) for a in ALGOS) + " | " + " | ".join(cell(r["train_ms"].get(a)) for a in ALGOS) + " |")
+        for mode in ("infer_ms", "train_ms"):
+            md.append(f"| **total {mode[:-3]}** | " + ", ".join(f"{a} {cell(v)}" for a, v in m["totals"][mode].items()) + " |" + " |" * (2 * len(ALGOS) - 1))
+        md += [f"- {r['c_in']}→{r['c_out']} @ {r['extent']}: {k}: {e}" for r in m["rows"] for k, e in r.get("errors", {}).items()]
+        md.append("")
+    open(A.md, "w").write("\n".join(md) + "\n")
+
+
 g = torch.Generator(device="cpu").manual_seed(0)
 for size in A.sizes:
     blocks, widths = MODELS[size]
+    todo = shapes(blocks, widths, A.patch)
+    macs = sum(count * ci * co * 27 * (r // s) ** 3 for (ci, co, r, s), count in todo)
     rows = []
-    for (ci, co, r, s), count in shapes(blocks, widths, A.patch):
+    R["models"][size] = m = {"rows": rows, "totals": {}, "gmac_3x3x3_per_sample": round(macs / 1e9, 1), "complete": False}
+    for (ci, co, r, s), count in todo:
         if time.time() - T0 > A.budget:
             R["skipped"].append([size, ci, co, r, s])
             continue
@@ -127,42 +181,27 @@ for size in A.sizes:
         with torch.no_grad():
             ref = algo("ncdhw", x1, w, stride).float()
             for a in ALGOS:
-                got = algo(a, x1, w, stride).float()
-                row["rel_err"][a] = float((got - ref).abs().max() / ref.abs().max())
-                row["infer_ms"][a] = round(median(timed(lambda: algo(a, x1, w, stride), 2, A.reps, cuda)), 4)
-        del x1, ref, got
+                def infer():
+                    got = algo(a, x1, w, stride).float()
+                    row["rel_err"][a] = float((got - ref).abs().max() / ref.abs().max())
+                    del got
+                    return round(median(timed(lambda: algo(a, x1, w, stride), 2, A.reps, cuda)), 4)
+                row["infer_ms"][a] = attempt(row, f"infer {a}", infer)
+        del x1, ref
         x2 = torch.randn(2, ci, r, r, r, generator=g).to(dev, dt).requires_grad_()
         w2 = w.clone().requires_grad_()
         for a in ALGOS:
             def step():
                 y = algo(a, x2, w2, stride)
                 y.backward(torch.ones_like(y))
-            row["train_ms"][a] = round(median(timed(step, 2, A.reps, cuda)), 4)
+            row["train_ms"][a] = attempt(row, f"train {a}", lambda: round(median(timed(step, 2, A.reps, cuda)), 4))
             x2.grad = w2.grad = None
         del x2, w2
         if cuda:
             torch.cuda.empty_cache()
         rows.append(row)
+        m["totals"], m["complete"] = totals(rows), len(rows) == len(todo)
         print(json.dumps({"model": size, **row}), flush=True)
-    tot = {}
-    for mode in ("infer_ms", "train_ms"):
-        t = {a: round(sum(r["count"] * r[mode][a] for r in rows), 2) for a in ALGOS}
-        t["best per shape"] = round(sum(r["count"] * min(r[mode].values()) for r in rows), 2)
-        tot[mode] = t
-    macs = sum(count * ci * co * 27 * (r // s) ** 3 for (ci, co, r, s), count in shapes(blocks, widths, A.patch))
-    R["models"][size] = {"rows": rows, "totals": tot, "gmac_3x3x3_per_sample": round(macs / 1e9, 1), "complete": len(rows) == len(shapes(blocks, widths, A.patch))}
-    print(json.dumps({"model": size, "totals": tot}), flush=True)
-R["wall_s"] = round(time.time() - T0, 1)
-json.dump(R, open(A.json, "w"), indent=1)
-if A.md:
-    md = [f"{R['device']}, PyTorch {R['torch']}, cuDNN {R['cudnn']}, {R['dtype']}, {A.patch}³; ms, Σ count × median", ""]
-    for size, m in R["models"].items():
-        md += [f"### STU-Net-{size} ({m['gmac_3x3x3_per_sample']} GMAC of 3³ convolutions per sample{'' if m['complete'] else ', incomplete'})", "",
-               "| shape (in→out @ extent /stride) × count | " + " | ".join(f"infer {a}" for a in ALGOS) + " | " + " | ".join(f"train {a}" for a in ALGOS) + " |",
-               "|---|" + "---|" * (2 * len(ALGOS))]
-        for r in m["rows"]:
-            md.append(f"| {r['c_in']}→{r['c_out']} @ {r['extent']} /{r['stride']} × {r['count']} | " + " | ".join(str(r["infer_ms"][a]) for a in ALGOS) + " | " + " | ".join(str(r["train_ms"][a]) for a in ALGOS) + " |")
-        for mode in ("infer_ms", "train_ms"):
-            md.append(f"| **total {mode[:-3]}** | " + ", ".join(f"{a} {v}" for a, v in m["totals"][mode].items()) + " |" + " |" * (2 * len(ALGOS) - 1))
-        md.append("")
-    open(A.md, "w").write("\n".join(md) + "\n")
+        write()
+    print(json.dumps({"model": size, "totals": m["totals"]}), flush=True)
+write()

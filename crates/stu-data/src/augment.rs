@@ -307,7 +307,8 @@ fn filter_line(c: &mut [f64]) {
         let iz = 1.0 / z;
         let mut z2n = z.powi(n as i32 - 1);
         let mut sum = c[0] + z2n * c[n - 1];
-        z2n *= z2n * iz;
+        // z^(2n−3), as Thévenaz's `InitialCausalCoefficient` (`z2n *= z2n * iz` there).
+        z2n = z2n * z2n * iz;
         for v in c.iter().take(n - 1).skip(1) {
             sum += (zn + z2n) * v;
             zn *= z;
