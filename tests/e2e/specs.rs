@@ -34,6 +34,9 @@ fn shipped_specs_validate_and_mistakes_name_the_key() {
         ("name = \"x\"\n[dataset]\nplugin = \"phantom\"\nfraction = 2.0\n[model]\nname = \"stunet\"\n", "dataset.fraction"),
         ("name = \"x\"\n[dataset]\nplugin = \"phantom\"\n[model]\nname = \"stunet\"\n[sweep]\n\"train.epohcs\" = [1, 2]\n", "epohcs"),
         ("name = \"x\"\n[dataset]\nplugin = \"phantom\"\n[model]\nname = \"stunet\"\n[predict]\nlabel_map = \"nowhere\"\n", "predict.label_map"),
+        // One bad value of a sweep fails before anything runs, as does a network without a size.
+        ("name = \"x\"\n[dataset]\nplugin = \"phantom\"\n[model]\nname = \"stunet\"\noptions = { preset = \"stunet-s\" }\n[sweep]\n\"model.name\" = [\"stunet\", \"stunett\"]\n", "`model.name`: unknown model `stunett`"),
+        ("name = \"x\"\n[dataset]\nplugin = \"phantom\"\n[model]\nname = \"stunet\"\n", "`model.options`"),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let p = tmp.path().join(format!("bad{i}.toml"));

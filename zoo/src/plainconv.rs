@@ -639,6 +639,25 @@ fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, Strin
     Ok(Box::new(PlainConvUNet::new(&arch_of(spec)?, device)?))
 }
 
+/// [`arch_of`] with as many stages as the options' per-stage lists give (a plan's stage count
+/// is not known before its data), else as `spec.strides` (six when there are none).
+fn check_options(spec: &NetSpec) -> Result<(), String> {
+    let o: PlainOptions = options(spec, NAME)?;
+    let lists = [o.features.as_ref().map(Vec::len), o.kernels.as_ref().map(Vec::len), o.n_conv.as_ref().map(Vec::len), o.n_conv_dec.as_ref().map(|v| v.len() + 1)];
+    arch_of(&stages_for_check(spec, &lists)).map(|_| ())
+}
+
+/// `spec` with 2³ strides for the stage count the first given list implies (else as it is, or
+/// with five 2³ strides when it has none): what [`check_options`] and ResEnc's check resolve.
+pub(crate) fn stages_for_check(spec: &NetSpec, lists: &[Option<usize>]) -> NetSpec {
+    let stages = match lists.iter().flatten().next() {
+        Some(&n) => n,
+        None if !spec.strides.is_empty() => return spec.clone(),
+        None => 6,
+    };
+    NetSpec { strides: vec![[2; 3]; stages.saturating_sub(1)], ..spec.clone() }
+}
+
 fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {
     Ok(Box::new(PlainConvUNet::from_state_dict(dict, options, device)?))
 }
@@ -664,5 +683,6 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
+        check: check_options,
     }
 }

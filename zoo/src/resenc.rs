@@ -437,6 +437,13 @@ fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, Strin
     Ok(Box::new(ResEncUNet::new(&arch_of(spec)?, device)?))
 }
 
+/// [`arch_of`] with the stage count the options' per-stage lists give (as PlainConvUNet's).
+fn check_options(spec: &NetSpec) -> Result<(), String> {
+    let o: ResEncOptions = options(spec, NAME)?;
+    let lists = [o.features.as_ref().map(Vec::len), o.kernels.as_ref().map(Vec::len), o.n_blocks.as_ref().map(Vec::len), o.n_conv_dec.as_ref().map(|v| v.len() + 1)];
+    arch_of(&plainconv::stages_for_check(spec, &lists)).map(|_| ())
+}
+
 fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {
     Ok(Box::new(ResEncUNet::from_state_dict(dict, options, device)?))
 }
@@ -463,5 +470,6 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
+        check: check_options,
     }
 }

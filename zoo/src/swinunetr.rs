@@ -577,5 +577,6 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
+        check: |spec| arch_of(spec).map(|_| ()),
     }
 }

@@ -266,3 +266,33 @@ fn a_tiny_stunet_learns_a_ball_with_nnunets_loss_and_optimiser() {
     let after = clip_global_norm(&net, &mut grads, 1e9);
     assert!((after - 1e-3).abs() < 1e-6, "{after}");
 }
+
+/// Every model's `check` (spec validation, allocating nothing) judges options as its `build`
+/// does: small valid options pass both, a mistake fails both with the same message naming the
+/// option.
+#[test]
+fn check_agrees_with_build_for_every_model() {
+    use serde_json::json;
+    use stu_engine::model::NetSpec;
+    let cases = [
+        ("stunet", json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}), json!({"preset": "stunet-b", "blocks": 2}), "exclude each other"),
+        ("nnunet-plainconv", json!({"base_width": 4, "max_width": 16}), json!({"features": [4, 8, 16], "kernels": [[3, 3, 3], [3, 3, 3]]}), "`kernels`"),
+        ("nnunet-resenc", json!({"base_width": 4, "max_width": 16}), json!({"blocks": 1, "n_blokcs": [1, 1, 1]}), "unknown field `n_blokcs`"),
+        ("unetr", json!({"img_size": 32, "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4}), json!({"img_size": 40}), "img_size"),
+        ("swinunetr", json!({"feature_size": 12}), json!({"feature_size": 13}), "width 13 is not divisible"),
+        ("nnformer", json!({"crop_size": [32, 32, 32], "embedding_dim": 12, "num_heads": [1, 2, 4, 8]}), json!({"crop_size": [30, 32, 32]}), "crop"),
+    ];
+    let names: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    assert_eq!(registry().names().filter(|n| !names.contains(n)).collect::<Vec<_>>(), Vec::<&str>::new(), "a registered model without a case here");
+    let dev = device();
+    for (name, good, bad, word) in cases {
+        let e = registry().get(name).unwrap();
+        let spec = |options: serde_json::Value| NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2; 3]; 2], options };
+        (e.check)(&spec(good.clone())).unwrap_or_else(|m| panic!("{name}: check refused {good}: {m}"));
+        (e.build)(&spec(good.clone()), &dev).unwrap_or_else(|m| panic!("{name}: build refused {good}: {m}"));
+        let from_check = (e.check)(&spec(bad.clone())).expect_err(name);
+        let from_build = (e.build)(&spec(bad.clone()), &dev).err().expect(name);
+        assert_eq!(from_check, from_build, "{name}");
+        assert!(from_check.contains(word), "{name}: {from_check}");
+    }
+}

@@ -151,6 +151,11 @@ pub struct ModelEntry {
     pub load: fn(&StateDict, &LoadOptions, &Device) -> Result<Box<dyn SegNet>, CheckpointError>,
     /// Builds a freshly initialised model; the error names the offending option.
     pub build: fn(&NetSpec, &Device) -> Result<Box<dyn SegNet>, String>,
+    /// Resolves the architecture `build` would make without allocating it (spec validation,
+    /// before any data exist): the error names the offending option. `in_channels`,
+    /// `num_classes` and `strides` may be placeholders, so only what the options decide alone
+    /// is checked (unknown keys, types, lists of unequal length, values out of range).
+    pub check: fn(&NetSpec) -> Result<(), String>,
 }
 
 inventory::collect!(ModelEntry);

@@ -315,7 +315,7 @@ fn from_figment(fig: Figment, path: &Path, overrides: &[String]) -> Result<Spec>
         // Round-trip through figment so the error names the key.
         spec = Figment::from(Serialized::defaults(v)).extract().map_err(|e| anyhow::anyhow!("{} (with --set {}): {}", path.display(), overrides.join(" "), describe(e)))?;
     }
-    validate(&spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    validate(&spec).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
     Ok(spec)
 }
 
@@ -367,8 +367,29 @@ pub fn validate(s: &Spec) -> Result<()> {
     for (k, v) in &s.sweep {
         ensure!(!v.is_empty(), "`sweep.\"{k}\"` has no values");
     }
-    // Every point must resolve: unknown sweep keys and bad values fail here, naming the key.
-    points(s)?;
+    // Every point must resolve: unknown sweep keys and bad values fail here, naming the key;
+    // and each point's model and datasets must exist and its model options make a network (a
+    // typo in one sweep value would otherwise surface only when that point runs).
+    for p in points(s)? {
+        check_point(&p.spec).with_context(|| format!("sweep point {}", label(&p.set)))?;
+    }
+    Ok(())
+}
+
+/// What [`validate`] checks of each resolved sweep point: its model and dataset plugins, and
+/// its model options through the model's own check (placeholder channels, classes and strides:
+/// the data decide those later).
+fn check_point(s: &Spec) -> Result<()> {
+    let entry = stu_engine::model::registry().get(&s.model.name).map_err(|e| anyhow::anyhow!("`model.name`: {e}"))?;
+    for (key, d) in [("dataset.plugin", Some(&s.dataset)), ("predict.dataset.plugin", s.predict.dataset.as_ref()), ("pretrain.dataset.plugin", s.pretrain.as_ref().map(|p| &p.dataset))] {
+        if let Some(d) = d {
+            stu_data::plugins::registry().get(&d.plugin).map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?;
+        }
+    }
+    if s.model.checkpoint.is_none() {
+        let net = stu_engine::model::NetSpec { in_channels: 1, num_classes: 2, strides: Vec::new(), options: s.model.options.clone() };
+        (entry.check)(&net).map_err(|e| anyhow::anyhow!("`model.options`: {e}"))?;
+    }
     Ok(())
 }
 
@@ -538,7 +559,7 @@ pub fn check(path: &Path, overrides: &[String]) -> Result<String> {
     }
     if let Some(ps) = &spec.paper_scale {
         // The paper-scale variant must resolve too (its overrides, then every sweep point).
-        paper_scale(&spec)?;
+        paper_scale(&spec).with_context(|| path.display().to_string())?;
         out.push_str(&format!("paper scale ({}): {}\n", ps.set.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "), ps.compute));
     }
     if spec.sweep.keys().any(|k| k.starts_with("sweep")) {
@@ -551,7 +572,7 @@ pub fn check(path: &Path, overrides: &[String]) -> Result<String> {
 mod tests {
     use super::*;
 
-    const TINY: &str = "name = \"x\"\ndescription = \"words\"\n[dataset]\nplugin = \"phantom\"\noptions = { cases = 5 }\n[model]\nname = \"stunet\"\n[train]\nlr = 0.02\n";
+    const TINY: &str = "name = \"x\"\ndescription = \"words\"\n[dataset]\nplugin = \"phantom\"\noptions = { cases = 5 }\n[model]\nname = \"stunet\"\noptions = { preset = \"stunet-s\" }\n[train]\nlr = 0.02\n";
 
     fn one_point(text: &str) -> Point {
         let spec = load_str(text, Path::new("tiny.toml"), &[]).unwrap();
@@ -563,7 +584,7 @@ mod tests {
     #[test]
     fn identity_leaves_out_defaults_and_prose() {
         let p = one_point(TINY);
-        assert_eq!(identity(&p.spec).unwrap(), r#"{"dataset":{"options":{"cases":5},"plugin":"phantom"},"model":{"name":"stunet"},"name":"x","train":{"lr":0.02}}"#);
+        assert_eq!(identity(&p.spec).unwrap(), r#"{"dataset":{"options":{"cases":5},"plugin":"phantom"},"model":{"name":"stunet","options":{"preset":"stunet-s"}},"name":"x","train":{"lr":0.02}}"#);
         // Defaults written out, other prose, an empty pretrain-free spec: the same point.
         let explicit = TINY.replace("[train]\n", "[train]\nepochs = 1000\nfold = \"0\"\n").replace("words", "other words") + "[plan]\npreset = \"nnunet\"\n[predict]\ntta = true\n[evaluate]\nhd95 = false\n";
         let q = one_point(&explicit);
@@ -578,13 +599,41 @@ mod tests {
         assert!(identity(&pre.spec).unwrap().contains(r#""pretrain":{"dataset":{"plugin":"phantom"}}"#), "{}", identity(&pre.spec).unwrap());
     }
 
+    /// A mistake in one sweep value (model name, model option, dataset plugin) fails validation
+    /// before anything runs, naming the point and the key; so does one in the paper-scale sweep.
+    #[test]
+    fn every_sweep_point_is_checked() {
+        let with_sweep = |axis: &str| format!("{TINY}[sweep]\n{axis}\n");
+        let cases = [
+            (with_sweep("\"model.name\" = [\"stunet\", \"stunett\"]"), "name=stunett: `model.name`: unknown model `stunett`"),
+            (with_sweep("\"model.options\" = [{ preset = \"stunet-s\" }, { preset = \"stunet-x\" }]"), "`model.options`: model options: preset"),
+            (with_sweep("\"model\" = [{ name = \"swinunetr\", options = { feature_sise = 12 } }]"), "unknown field `feature_sise`"),
+            (with_sweep("\"model\" = [{ name = \"nnunet-plainconv\", options = { features = [8, 16], n_conv = [2, 2, 2] } }]"), "`n_conv` has 3 entries, `features` 2"),
+            (with_sweep("\"dataset.plugin\" = [\"phantom\", \"phantomm\"]"), "`dataset.plugin`"),
+            (TINY.replace("[model]\nname = \"stunet\"\noptions = { preset = \"stunet-s\" }\n", "[model]\nname = \"stunet\"\n"), "`model.options`: model options: give `preset`"),
+        ];
+        for (text, want) in &cases {
+            let err = format!("{:#}", load_str(text, Path::new("tiny.toml"), &[]).unwrap_err());
+            assert!(err.contains(want) && err.starts_with("tiny.toml: "), "{want}: {err}");
+        }
+        // Options that only a plan can judge (a list's length against the strides) are left to it.
+        one_point(&TINY.replace("name = \"stunet\"\noptions = { preset = \"stunet-s\" }", "name = \"nnunet-plainconv\"\noptions = { features = [8, 16, 32] }"));
+        // A checkpoint to predict with needs no options.
+        one_point(&TINY.replace("options = { preset = \"stunet-s\" }\n", "checkpoint = \"model.safetensors\"\n"));
+        let paper = load_str(&format!("{TINY}[paper_scale]\nset = {{}}\ncompute = \"none\"\n[paper_scale.sweep]\n\"model.options\" = [{{ blocks = 0 }}]\n"), Path::new("tiny.toml"), &[]).unwrap();
+        let err = format!("{:#}", paper_scale(&paper).unwrap_err());
+        assert!(err.starts_with("[paper_scale]: sweep point blocks=0: `model.options`: every stage needs"), "{err}");
+    }
+
     #[test]
     fn point_ids_are_stable() {
         // The id of this point is pinned: a change of the id rule, or a new spec field whose
         // default alters the identity, would make every finished point run again.
-        // (The phantom's revision is part of it: a new generator revision changes it rightly.)
+        // (The phantom's revision is part of it: a new generator revision changes it rightly.
+        // TINY gained its model options on 2026-11-27, when validation began to require them;
+        // its id was 072764d7b4ec4c4a without.)
         let p = one_point(TINY);
-        assert_eq!(p.id, "072764d7b4ec4c4a");
+        assert_eq!(p.id, "271e897665530366");
         assert_ne!(p.former_id, p.id);
     }
 }
