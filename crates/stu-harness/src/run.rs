@@ -313,7 +313,7 @@ mod tests {
     #[test]
     fn folders_named_under_the_former_id_rule_still_count() {
         let tmp = tempfile::tempdir().unwrap();
-        let text = "name = \"x\"\n[dataset]\nplugin = \"phantom\"\noptions = { cases = 3, test_cases = 0 }\n[model]\nname = \"stunet\"\n";
+        let text = "name = \"x\"\n[dataset]\nplugin = \"phantom\"\noptions = { cases = 3, test_cases = 0 }\n[model]\nname = \"stunet\"\noptions = { depth = [1, 1, 1], dims = [4, 8, 8] }\n";
         let spec = crate::spec::load_str(text, Path::new("x.toml"), &[]).unwrap();
         let p = &crate::spec::points(&spec).unwrap()[0];
         // A finished point under its former id is skipped, not run again under the new one.
