@@ -743,3 +743,83 @@ fn metaimage_and_nrrd_datasets_plan_train_validate_and_predict_as_their_nifti_tw
     let score = |d: &str| -> serde_json::Value { serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(t(&format!("{d}/summary.json"))).unwrap()).unwrap()["foreground_mean"].clone() };
     assert_eq!(score("eval-mha"), score("eval-mixed"), "{log}{log2}");
 }
+
+/// `stu find-best-config` (nnU-Net's `nnUNetv2_find_best_configuration`): two models trained on
+/// the same two folds of the real MR case, and a third candidate whose "predictions" are the
+/// labels themselves, compared on their cross-validations, singly and ensembled in pairs.
+#[test]
+fn find_best_config_compares_cross_validations_singly_and_in_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    // One foreground label (every organ of the case), so that each Dice is defined.
+    let raw = mr_case_twice(tmp.path(), |j| j["labels"] = serde_json::json!({"background": 0, "organ": 1}), |l| l.data.iter().map(|&v| u16::from(v > 0)).collect());
+    std::fs::write(raw.join("splits_final.json"), r#"[{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}]"#).unwrap();
+    let raw_s = raw.to_str().unwrap();
+    ok(&stu(&["plan", raw_s, "--out", &t("plans/plans.json")]));
+    ok(&stu(&["preprocess", raw_s, "--plans", &t("plans/plans.json"), "--out", &t("pre")]));
+    for (run, fold, seed) in [("x0", "0", "0"), ("x1", "1", "0"), ("y0", "0", "1"), ("y1", "1", "1")] {
+        ok(&stu(&["train", &t("pre"), "--out", &t(run), "--fold", fold, "--seed", seed, "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,32,32", "--validation-probabilities"]));
+    }
+    for (fold, case) in [("0", "b"), ("1", "a")] {
+        let dir = tmp.path().join(format!("truth/fold{fold}/validation"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(raw.join(format!("labelsTr/{case}.nii.gz")), dir.join(format!("{case}.nii.gz"))).unwrap();
+    }
+    let (labels_tr, json) = (raw.join("labelsTr"), raw.join("dataset.json"));
+    let find = |models: &[String], out: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["find-best-config", "--ref", labels_tr.to_str().unwrap(), "--labels", json.to_str().unwrap(), "--out", &t(out)].map(String::from).to_vec();
+        for m in models {
+            args.extend(["--model".to_string(), m.clone()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Command::new(stu_bin!()).args(&args).output().unwrap()
+    };
+    let (x, y, truth) = (format!("x={},{}", t("x0"), t("x1")), format!("y={},{}", t("y0"), t("y1")), format!("truth={},{}", t("truth/fold0"), t("truth/fold1")));
+    let log = ok(&find(&[x.clone(), y.clone(), truth.clone()], "best", &[]));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("best/best_config.json")).unwrap()).unwrap();
+    // The labels themselves win (Dice 1), over both models and their ensemble; the pairs with
+    // them are skipped for want of probabilities, and said so.
+    assert_eq!(config["best"], "truth", "{log}");
+    assert_eq!(config["cases"], 2);
+    assert_eq!(config["candidates"][2]["dice"], 1.0);
+    assert_eq!(config["ensembles"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect::<Vec<_>>(), ["x+y"]);
+    let skipped = config["skipped"].as_array().unwrap();
+    assert!(skipped.len() == 2 && skipped.iter().all(|s| s.as_str().unwrap().contains("`truth` has no probabilities")), "{skipped:?}");
+    // Each candidate's score is `stu evaluate` of its folds' validations together.
+    ok(&stu(&["evaluate", "--ref", labels_tr.to_str().unwrap(), "--pred", &t("x0/validation"), &t("x1/validation"), "--labels", json.to_str().unwrap(), "--out", &t("eval-x")]));
+    let eval_x: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("eval-x/summary.json")).unwrap()).unwrap();
+    assert_eq!(config["candidates"][0]["dice"], eval_x["foreground_mean"]["Dice"]);
+    // The pair's maps are `stu ensemble`'s of the same fold's validations.
+    ok(&stu(&["ensemble", "--pred", &t("x0/validation"), &t("y0/validation"), "-o", &t("ens-b")]));
+    let read = |p: &str| stu_data::nifti_io::read_label(&tmp.path().join(p)).unwrap().data;
+    assert!(read("best/ensembles/x+y/b.nii.gz") == read("ens-b/b.nii.gz"));
+    assert!(tmp.path().join("best/postprocessing/postprocessing.json").exists());
+    // Between the two models, the instructions predict as the winner did.
+    ok(&find(&[x.clone(), y.clone()], "best2", &[]));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("best2/best_config.json")).unwrap()).unwrap();
+    let dice = |e: &serde_json::Value| e["dice"].as_f64().unwrap_or(f64::NEG_INFINITY);
+    let entries: Vec<&serde_json::Value> = config["candidates"].as_array().unwrap().iter().chain(config["ensembles"].as_array().unwrap()).collect();
+    let top = entries.iter().fold(entries[0], |b, e| if dice(e) > dice(b) { e } else { b });
+    assert_eq!(config["best"], top["name"]);
+    let text = std::fs::read_to_string(tmp.path().join("best2/inference_instructions.txt")).unwrap();
+    let want = match top["name"].as_str().unwrap() {
+        "x" => format!("--checkpoint {} {} --postprocessing", t("x0"), t("x1")),
+        "y" => format!("--checkpoint {} {} --postprocessing", t("y0"), t("y1")),
+        _ => "stu ensemble --pred OUTPUT_FOLDER_x OUTPUT_FOLDER_y".to_string(),
+    };
+    assert!(text.contains(&want), "{want}\n{text}");
+    // Without ensembling, only the candidates.
+    ok(&find(&[x.clone(), y.clone()], "best3", &["--disable-ensembling"]));
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("best3/best_config.json")).unwrap()).unwrap();
+    assert!(config["ensembles"].as_array().unwrap().is_empty() && config["skipped"][0].as_str().unwrap().contains("disabled"));
+    // Mistakes are named: different folds, a run without validation, a name twice.
+    let fails = |models: &[String], want: &str| {
+        let r = find(models, "bad", &[]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success() && err.contains(want), "{want}: {err}");
+    };
+    fails(&[x.clone(), format!("y={}", t("y0"))], "validate different cases (`a` is in one only)");
+    fails(&[x.clone(), format!("y={}", t("pre"))], &format!("{}: no validation predictions", t("pre")));
+    fails(&[x.clone(), x.clone()], "candidate `x` is named twice");
+    fails(&["x".to_string()], "expected NAME=RUN");
+}

@@ -260,6 +260,24 @@ enum Command {
         #[arg(long, conflicts_with = "labels")]
         ignore_label: Option<u16>,
     },
+    /// Compare trained models on their cross-validation, singly and ensembled in pairs, pick the best, determine its post-processing and write how to predict with it (nnU-Net's `nnUNetv2_find_best_configuration`).
+    FindBestConfig {
+        /// Reference label maps (the raw `labelsTr`).
+        #[arg(long = "ref")]
+        reference: PathBuf,
+        /// The raw dataset.json: labels or regions, ignore label.
+        #[arg(long)]
+        labels: PathBuf,
+        /// A candidate: `NAME=RUN,RUN,…`, its run folders one per fold (or a folder of `fold_K` runs, as `stu install-model` writes), e.g. `--model b=runs/b/fold0,runs/b/fold1`; repeat for each candidate.
+        #[arg(long = "model", required = true, value_name = "NAME=RUN[,RUN…]")]
+        model: Vec<String>,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Score the candidates alone, not their pairs' ensembles.
+        #[arg(long)]
+        disable_ensembling: bool,
+    },
     /// nnU-Net's post-processing: decide on cross-validation predictions whether keeping the largest component (of the foreground, then of each label) raises Dice, and apply the decision.
     #[command(subcommand)]
     Postprocess(PostprocessCommand),
@@ -691,7 +709,7 @@ impl ModelArgs {
 
 /// Pretty JSON. A NaN statistic (a channel without foreground) is `null`: serde_json maps
 /// non-finite floats to null, so the file stays strict JSON.
-fn nan_safe_json(v: &serde_json::Value) -> Result<String> {
+pub(crate) fn nan_safe_json(v: &serde_json::Value) -> Result<String> {
     Ok(serde_json::to_string_pretty(v)? + "\n")
 }
 
@@ -961,6 +979,27 @@ fn run(cli: Cli) -> Result<()> {
                 pp.dice_after,
                 out.join("postprocessing.json").display()
             );
+        }
+        Command::FindBestConfig { reference, labels, model, out, disable_ensembling } => {
+            let candidates = model
+                .iter()
+                .map(|m| {
+                    let (name, runs) = m.split_once('=').with_context(|| format!("--model `{m}`: expected NAME=RUN[,RUN…]"))?;
+                    let runs: Vec<PathBuf> = runs.split(',').filter(|r| !r.is_empty()).map(PathBuf::from).collect();
+                    anyhow::ensure!(!runs.is_empty(), "--model `{m}`: no run folders after `=`");
+                    Ok(crate::best::Candidate { name: name.to_string(), runs })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let req = crate::best::Request { reference, dataset_json: labels, candidates, out: out.clone(), ensembling: !disable_ensembling };
+            let o = crate::best::find_best(&req)?;
+            let fmt = |d: Option<f64>| d.map_or("undefined".to_string(), |d| format!("{d:.4}"));
+            for e in o.candidates.iter().chain(&o.ensembles) {
+                println!("{:<32} foreground mean Dice {}{}", e.name, fmt(e.dice), if e.name == o.best { "  ← best" } else { "" });
+            }
+            for s in &o.skipped {
+                println!("skipped {s}");
+            }
+            println!("post-processing on {}: {:.4} → {:.4}; wrote {} and {}", o.best, o.postprocessing.dice_before, o.postprocessing.dice_after, out.join("best_config.json").display(), out.join("inference_instructions.txt").display());
         }
         Command::Ensemble { pred, output, save_probabilities } => {
             let ids = crate::ensemble::ensemble(&pred, &output, save_probabilities)?;

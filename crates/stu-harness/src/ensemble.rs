@@ -69,23 +69,43 @@ impl Probabilities {
 /// first folder; each must be in every folder with the same shape. Returns the case ids.
 pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) -> Result<Vec<String>> {
     ensure!(folders.len() >= 2, "an ensemble needs two prediction folders or more");
+    let members: Vec<Vec<PathBuf>> = folders.iter().map(|f| vec![f.clone()]).collect();
+    ensemble_members(&members, output, save_probabilities)
+}
+
+/// [`ensemble`] of members that each spread their cases over several folders (a model's
+/// cross-validation: one `validation/` folder per fold): a case of the first member is looked
+/// up in each member's folders in turn and must be in one of them.
+pub fn ensemble_members(members_folders: &[Vec<PathBuf>], output: &Path, save_probabilities: bool) -> Result<Vec<String>> {
+    ensure!(members_folders.len() >= 2 && members_folders.iter().all(|m| !m.is_empty()), "an ensemble needs two members or more, each with a prediction folder");
     use crate::predict::{PROBABILITIES_SUFFIX as SUFFIX, probabilities_path};
-    let mut ids: Vec<String> = std::fs::read_dir(&folders[0])
-        .with_context(|| format!("{}: cannot list", folders[0].display()))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(SUFFIX).map(str::to_string))
-        .collect();
+    let mut ids: Vec<String> = Vec::new();
+    for f in &members_folders[0] {
+        ids.extend(
+            std::fs::read_dir(f)
+                .with_context(|| format!("{}: cannot list", f.display()))?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(SUFFIX).map(str::to_string)),
+        );
+    }
     ids.sort();
-    ensure!(!ids.is_empty(), "{}: no {{case}}{SUFFIX} files (predict with --save-probabilities)", folders[0].display());
+    let first = members_folders[0].iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+    ensure!(!ids.is_empty(), "{first}: no {{case}}{SUFFIX} files (predict with --save-probabilities)");
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        bail!("{first}: case `{}` is predicted in two of these folders", w[0]);
+    }
     std::fs::create_dir_all(output).with_context(|| format!("{}: cannot create", output.display()))?;
     for id in &ids {
-        let mut members = Vec::with_capacity(folders.len());
-        for f in folders {
-            let path = probabilities_path(f, id);
-            if !path.exists() {
-                bail!("{}: case `{id}` has no probabilities here (every folder of an ensemble predicts every case)", f.display());
-            }
-            members.push(Probabilities::open(&path)?);
+        let mut members = Vec::with_capacity(members_folders.len());
+        let mut first_folder = None;
+        for folders in members_folders {
+            let Some(f) = folders.iter().find(|f| probabilities_path(f, id).exists()) else {
+                let names = folders.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+                bail!("{names}: case `{id}` has no probabilities here (every member of an ensemble predicts every case)");
+            };
+            first_folder.get_or_insert_with(|| f.clone());
+            members.push(Probabilities::open(&probabilities_path(f, id))?);
         }
+        let first_folder = first_folder.expect("two members or more");
         let shape = members[0].shape;
         if let Some(m) = members.iter().find(|m| m.shape != shape) {
             bail!("{}: shape {:?}, {} has {shape:?}", m.path.display(), m.shape, members[0].path.display());
@@ -94,7 +114,7 @@ pub fn ensemble(folders: &[PathBuf], output: &Path, save_probabilities: bool) ->
         if let Some(m) = members.iter().find(|m| m.regions != regions) {
             bail!("{}: {}, {} {}; an ensemble's members predict the same classes or regions", m.path.display(), describe(&m.regions), members[0].path.display(), describe(&regions));
         }
-        let label_map = stu_data::nifti_io::find_case(&folders[0], id).unwrap_or_else(|| folders[0].join(format!("{id}.nii.gz")));
+        let label_map = stu_data::nifti_io::find_case(&first_folder, id).unwrap_or_else(|| first_folder.join(format!("{id}.nii.gz")));
         let ending = stu_data::nifti_io::case_of(&label_map).map_or(".nii.gz", |(_, e)| e);
         let geom = stu_data::nifti_io::read_geometry(&label_map).with_context(|| format!("{}: the label map giving the ensemble's geometry", label_map.display()))?;
         ensure!(geom.shape == [shape[1], shape[2], shape[3]], "{}: shape {:?}, its probabilities {shape:?}", label_map.display(), geom.shape);

@@ -7,6 +7,7 @@
 //! **Invariant:** this is the only crate that links `zoo`; models are reached by registry name.
 
 pub mod bench;
+pub mod best;
 pub mod cli;
 pub mod ensemble;
 pub mod forward;

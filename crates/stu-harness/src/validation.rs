@@ -57,6 +57,17 @@ struct Source {
     crc32: u32,
 }
 
+/// The checkpoint file name the predictions in a validation folder `dir` come from: its
+/// `checkpoint.json`'s, or the final checkpoint for a folder written before such records.
+pub(crate) fn recorded_checkpoint(dir: &Path) -> Result<String> {
+    let record = dir.join("checkpoint.json");
+    match std::fs::read_to_string(&record) {
+        Ok(text) => Ok(serde_json::from_str::<Source>(&text).with_context(|| format!("{}: not a validation record", record.display()))?.checkpoint),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("checkpoint_final.safetensors".into()),
+        Err(e) => Err(e).with_context(|| format!("{}: cannot read", record.display())),
+    }
+}
+
 impl Source {
     fn of(path: &Path) -> Result<Self> {
         use std::io::Read;
