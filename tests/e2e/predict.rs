@@ -822,4 +822,12 @@ fn find_best_config_compares_cross_validations_singly_and_in_pairs() {
     fails(&[x.clone(), format!("y={}", t("pre"))], &format!("{}: no validation predictions", t("pre")));
     fails(&[x.clone(), x.clone()], "candidate `x` is named twice");
     fails(&["x".to_string()], "expected NAME=RUN");
+    // Validations of the best checkpoints: all of a candidate's alike, or refused; the
+    // instructions then predict with `--chk best`.
+    ok(&stu(&["validate", &t("x0"), "--checkpoint", "best", "--probabilities"]));
+    fails(&[x.clone()], "different checkpoints (checkpoint_best.safetensors, checkpoint_final.safetensors)");
+    ok(&stu(&["validate", &t("x1"), "--checkpoint", "best", "--probabilities"]));
+    ok(&find(&[x.clone()], "best4", &[]));
+    let text = std::fs::read_to_string(tmp.path().join("best4/inference_instructions.txt")).unwrap();
+    assert!(text.contains(&format!("--checkpoint {} {} --chk best --postprocessing", t("x0"), t("x1"))), "{text}");
 }
