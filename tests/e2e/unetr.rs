@@ -52,6 +52,16 @@ fn unetr_keys_and_counts_equal_monai() {
 #[test]
 fn unetr_trains_and_predicts_through_the_same_commands() {
     // A small UNETR (MONAI's 12 heads) whose input size is the training patch.
-    let (_tmp, info) = tests::train_on_shared_mr(tests::stu_bin!(), "unetr", r#"{"img_size": 32, "feature_size": 4, "hidden_size": 24, "mlp_dim": 32}"#, "32,32,32", true);
+    let options = r#"{"img_size": 32, "feature_size": 4, "hidden_size": 24, "mlp_dim": 32}"#;
+    let (tmp, info) = tests::train_on_shared_mr(tests::stu_bin!(), "unetr", options, "32,32,32", true);
     assert_eq!(info["img_size"], 32);
+    // Another patch (a multiple of its 32³) is refused before training, not by a panic in the
+    // first forward.
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    let out = std::process::Command::new(tests::stu_bin!())
+        .args(["train", &t("pre"), "--out", &t("run64"), "--fold", "all", "--model", "unetr", "--model-options", options, "--epochs", "1", "--iterations", "1", "--val-iterations", "0", "--patch-size", "64,64,64"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("patch [64, 64, 64]: `unetr` was built for [32, 32, 32] inputs only") && !err.contains("panicked"), "{err}");
 }

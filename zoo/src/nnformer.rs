@@ -613,6 +613,9 @@ impl SegNet for NnFormer {
     fn input_divisor(&self) -> Stride {
         self.arch.crop_size
     }
+    fn fixed_input(&self) -> Option<Stride> {
+        Some(self.arch.crop_size)
+    }
     fn forward_ds(&self, x: Tensor<5>) -> Vec<Tensor<5>> {
         self.run(x, true)
     }
@@ -848,6 +851,6 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
-        check: |spec| arch_of(spec).map(|_| ()),
+        check: |spec| arch_of(spec).map(|a| Some(a.crop_size)),
     }
 }

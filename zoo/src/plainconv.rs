@@ -641,10 +641,10 @@ fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, Strin
 
 /// [`arch_of`] with as many stages as the options' per-stage lists give (a plan's stage count
 /// is not known before its data), else as `spec.strides` (six when there are none).
-fn check_options(spec: &NetSpec) -> Result<(), String> {
+fn check_options(spec: &NetSpec) -> Result<Option<Stride>, String> {
     let o: PlainOptions = options(spec, NAME)?;
     let lists = [o.features.as_ref().map(Vec::len), o.kernels.as_ref().map(Vec::len), o.n_conv.as_ref().map(Vec::len), o.n_conv_dec.as_ref().map(|v| v.len() + 1)];
-    arch_of(&stages_for_check(spec, &lists)).map(|_| ())
+    arch_of(&stages_for_check(spec, &lists)).map(|_| None)
 }
 
 /// `spec` with 2³ strides for the stage count the first given list implies (else as it is, or

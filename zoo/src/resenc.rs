@@ -438,10 +438,10 @@ fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, Strin
 }
 
 /// [`arch_of`] with the stage count the options' per-stage lists give (as PlainConvUNet's).
-fn check_options(spec: &NetSpec) -> Result<(), String> {
+fn check_options(spec: &NetSpec) -> Result<Option<Stride>, String> {
     let o: ResEncOptions = options(spec, NAME)?;
     let lists = [o.features.as_ref().map(Vec::len), o.kernels.as_ref().map(Vec::len), o.n_blocks.as_ref().map(Vec::len), o.n_conv_dec.as_ref().map(|v| v.len() + 1)];
-    arch_of(&plainconv::stages_for_check(spec, &lists)).map(|_| ())
+    arch_of(&plainconv::stages_for_check(spec, &lists)).map(|_| None)
 }
 
 fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {

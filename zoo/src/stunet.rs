@@ -713,7 +713,7 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
-        check: |spec| arch_of(spec).map(|_| ()),
+        check: |spec| arch_of(spec).map(|_| None),
     }
 }
 

@@ -577,6 +577,6 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
-        check: |spec| arch_of(spec).map(|_| ()),
+        check: |spec| arch_of(spec).map(|_| None),
     }
 }

@@ -389,6 +389,9 @@ impl SegNet for Unetr {
         // multiples of this, that is the smallest, which is what callers probe with.
         [self.arch.img_size; 3]
     }
+    fn fixed_input(&self) -> Option<Stride> {
+        Some([self.arch.img_size; 3])
+    }
     fn forward_ds(&self, x: Tensor<5>) -> Vec<Tensor<5>> {
         vec![self.run(x)]
     }
@@ -548,6 +551,6 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
-        check: |spec| arch_of(spec).map(|_| ()),
+        check: |spec| arch_of(spec).map(|a| Some([a.img_size; 3])),
     }
 }

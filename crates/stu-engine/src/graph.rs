@@ -87,6 +87,9 @@ impl SegNet for Graphed {
     fn input_divisor(&self) -> stu_core::strides::Stride {
         self.net.input_divisor()
     }
+    fn fixed_input(&self) -> Option<stu_core::strides::Stride> {
+        self.net.fixed_input()
+    }
     fn forward_ds(&self, x: Tensor<5>) -> Vec<Tensor<5>> {
         self.net.forward_ds(x)
     }

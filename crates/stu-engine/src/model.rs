@@ -20,6 +20,11 @@ pub trait SegNet: Send {
     fn num_classes(&self) -> usize;
     /// Per-axis number each spatial input extent must be divisible by.
     fn input_divisor(&self) -> Stride;
+    /// The one input extent a network built for a fixed input takes (UNETR's position
+    /// embeddings, nnFormer's crop); `None` for any multiple of [`SegNet::input_divisor`].
+    fn fixed_input(&self) -> Option<Stride> {
+        None
+    }
     /// Deep-supervision forward: logits at every supervised resolution, full resolution first.
     ///
     /// # Shapes
@@ -154,8 +159,24 @@ pub struct ModelEntry {
     /// Resolves the architecture `build` would make without allocating it (spec validation,
     /// before any data exist): the error names the offending option. `in_channels`,
     /// `num_classes` and `strides` may be placeholders, so only what the options decide alone
-    /// is checked (unknown keys, types, lists of unequal length, values out of range).
-    pub check: fn(&NetSpec) -> Result<(), String>,
+    /// is checked (unknown keys, types, lists of unequal length, values out of range). Returns
+    /// the network's [`SegNet::fixed_input`].
+    pub check: fn(&NetSpec) -> Result<Option<Stride>, String>,
+}
+
+/// Whether `net` takes `patch`-sized inputs: a multiple of its input divisor, and its one
+/// input size if it has one. The error says which and what would fit.
+pub fn check_patch(net: &dyn SegNet, patch: [usize; 3]) -> Result<(), String> {
+    if let Some(f) = net.fixed_input() {
+        if patch != f {
+            return Err(format!("patch {patch:?}: `{}` was built for {f:?} inputs only (its size options); use that patch size, or build it for this one", net.family()));
+        }
+    }
+    let div = net.input_divisor();
+    if (0..3).any(|a| patch[a] == 0 || patch[a] % div[a] != 0) {
+        return Err(format!("patch {patch:?} is not divisible by the network's strides product {div:?}"));
+    }
+    Ok(())
 }
 
 inventory::collect!(ModelEntry);

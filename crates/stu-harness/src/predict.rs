@@ -430,8 +430,7 @@ impl Predictor {
             if let Some(n) = nets.first().map(|n: &Box<dyn SegNet>| n.num_classes()) {
                 ensure!(net.num_classes() == n, "{}: {} output classes, {} has {n}; an ensemble's checkpoints predict the same classes", c.display(), net.num_classes(), opts.checkpoints[0].display());
             }
-            let div = net.input_divisor();
-            ensure!((0..3).all(|a| patch[a] % div[a] == 0), "{}: patch {patch:?} does not fit the network's strides (divisor {div:?})", c.display());
+            stu_engine::model::check_patch(&*net, patch).map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?;
             nets.push(stu_engine::graph::wrap(opts.precision.cast_net(&*net).unwrap_or(net)));
         }
         let on_device = accumulate_on_device(&device)?;

@@ -391,7 +391,10 @@ fn check_point(s: &Spec) -> Result<()> {
     }
     if s.model.checkpoint.is_none() {
         let net = stu_engine::model::NetSpec { in_channels: 1, num_classes: 2, strides: Vec::new(), options: s.model.options.clone() };
-        (entry.check)(&net).map_err(|e| anyhow::anyhow!("`model.options`: {e}"))?;
+        let fixed = (entry.check)(&net).map_err(|e| anyhow::anyhow!("`model.options`: {e}"))?;
+        if let (Some(f), Some(p)) = (fixed, s.train.patch_size) {
+            ensure!(p == f, "`train.patch_size` = {p:?}: `{}` with these `model.options` takes {f:?} inputs only", s.model.name);
+        }
     }
     Ok(())
 }
@@ -613,6 +616,7 @@ mod tests {
             (with_sweep("\"model\" = [{ name = \"swinunetr\", options = { feature_sise = 12 } }]"), "unknown field `feature_sise`"),
             (with_sweep("\"model\" = [{ name = \"nnunet-plainconv\", options = { features = [8, 16], n_conv = [2, 2, 2] } }]"), "`n_conv` has 3 entries, `features` 2"),
             (with_sweep("\"dataset.plugin\" = [\"phantom\", \"phantomm\"]"), "`dataset.plugin`"),
+            (with_sweep("\"model\" = [{ name = \"unetr\", options = { img_size = 64 } }]\n\"train.patch_size\" = [[32, 32, 32]]"), "`train.patch_size` = [32, 32, 32]: `unetr` with these `model.options` takes [64, 64, 64] inputs only"),
             (TINY.replace("[model]\nname = \"stunet\"\noptions = { preset = \"stunet-s\" }\n", "[model]\nname = \"stunet\"\n"), "`model.options`: model options: give `preset`"),
         ];
         for (text, want) in &cases {

@@ -531,8 +531,8 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     if world > 1 {
         group.check_equal("the initial weights", weights_checksum(&*net))?;
     }
+    stu_engine::model::check_patch(&*net, cfg.patch_size).map_err(anyhow::Error::msg)?;
     let div = net.input_divisor();
-    ensure!((0..3).all(|a| cfg.patch_size[a] % div[a] == 0), "patch {:?} is not divisible by the network's strides product {div:?}", cfg.patch_size);
 
     // The log keeps the epochs the checkpoint has seen.
     let log_path = out.join("log.jsonl");
