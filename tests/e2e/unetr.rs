@@ -27,6 +27,22 @@ fn unetr_matches_monai() {
     assert_eq!(s, s_ref);
     let err = rel_max_err(&ours, &want);
     assert!(err <= 1e-4, "max|out − ref| / max|ref| = {err:e}");
+    // An input twice as large (a multiple of its size) is refused, not a panic in the forward.
+    let (shape, _) = read_tensor(&file, "input");
+    let big: Vec<usize> = shape.iter().enumerate().map(|(i, &n)| if i >= 2 { 2 * n } else { n }).collect();
+    let bytes = vec![0u8; 4 * big.iter().product::<usize>()];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, big.clone(), &bytes).unwrap();
+    let input = dir.path().join("big.safetensors");
+    std::fs::write(&input, safetensors::serialize([("input", view)], None).unwrap()).unwrap();
+    let err = forward(&ForwardOptions {
+        model: ModelSource { checkpoint: file.clone(), model: None, strides: StrideSource::Default, backend: stu_engine::backend::Backend::Flex },
+        input: input.clone(),
+        input_key: "input".into(),
+        output: dir.path().join("big.out.safetensors"),
+        precision: Default::default(),
+    })
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("was built for") && format!("{err:#}").contains("big.safetensors"), "{err:#}");
 }
 
 #[test]

@@ -111,6 +111,9 @@ pub fn check_input(net: &dyn SegNet, path: &Path, shape: [usize; 5]) -> Result<(
         net.in_channels()
     );
     ensure!(shape[0] >= 1, "{}: input batch is empty", path.display());
+    if let Some(f) = net.fixed_input() {
+        ensure!(shape[2..] == f, "{}: spatial shape {:?}; `{}` was built for {f:?} inputs only", path.display(), &shape[2..], net.family());
+    }
     let div = net.input_divisor();
     if (0..3).any(|a| shape[2 + a] == 0 || shape[2 + a] % div[a] != 0) {
         bail!(
