@@ -167,13 +167,11 @@ pub struct ModelEntry {
 /// Whether `net` takes `patch`-sized inputs: a multiple of its input divisor, and its one
 /// input size if it has one. The error says which and what would fit.
 pub fn check_patch(net: &dyn SegNet, patch: [usize; 3]) -> Result<(), String> {
-    if let Some(f) = net.fixed_input() {
-        if patch != f {
-            return Err(format!("patch {patch:?}: `{}` was built for {f:?} inputs only (its size options); use that patch size, or build it for this one", net.family()));
-        }
+    if let Some(f) = net.fixed_input().filter(|&f| f != patch) {
+        return Err(format!("patch {patch:?}: `{}` was built for {f:?} inputs only (its size options); use that patch size, or build it for this one", net.family()));
     }
     let div = net.input_divisor();
-    if (0..3).any(|a| patch[a] == 0 || patch[a] % div[a] != 0) {
+    if (0..3).any(|a| patch[a] == 0 || !patch[a].is_multiple_of(div[a])) {
         return Err(format!("patch {patch:?} is not divisible by the network's strides product {div:?}"));
     }
     Ok(())
