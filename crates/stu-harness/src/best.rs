@@ -208,7 +208,7 @@ fn instructions(req: &Request, vals: &[Validations], o: &Outcome) -> String {
         o.best,
         fmt(entry.dice),
         o.cases,
-        fmt(Some(o.postprocessing.dice_after))
+        fmt(Some(o.postprocessing.dice_after).filter(|d| d.is_finite()))
     );
     match entry.members.as_slice() {
         [one] => text += &format!("  {} --postprocessing {}\n", predict(one, "OUTPUT_FOLDER", false), pp.display()),
