@@ -17,6 +17,7 @@ fn tch() {
         panic!("the `tch` feature needs LIBTORCH: a libtorch folder (`cargo xtask libtorch`, README: GPU backends)");
     };
     println!("cargo:rerun-if-changed=csrc/graph.cpp");
+    println!("cargo:rerun-if-changed=csrc/memory.cpp");
     // The ABI flag torch-sys compiles its own C++ with (its default, "1", matches the PyPI wheels).
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     let build = || {
@@ -39,7 +40,7 @@ fn tch() {
         if !cuda.join("crt/host_config.h").exists() {
             panic!("{} lacks the CUDA runtime headers: rerun `python3 xtask/libtorch.py` (README: GPU backends)", cuda.display());
         }
-        build().file("csrc/graph.cpp").include(&cuda).compile("stu_torch_graph");
+        build().file("csrc/graph.cpp").file("csrc/memory.cpp").include(&cuda).compile("stu_torch_graph");
         println!("cargo:rustc-link-search=native={}", dir.join("lib").display());
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
         println!("cargo:rustc-link-lib=dylib:+verbatim=libcudart.so.13");

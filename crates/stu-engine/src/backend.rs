@@ -52,6 +52,38 @@ fn libtorch_cuda(index: usize) -> Result<Device, String> {
     Ok(Device::libtorch_cuda(index % tch::Cuda::device_count().max(1) as usize))
 }
 
+/// Bytes a new tensor can still get on `device` (the driver's free memory plus what libtorch's
+/// caching allocator holds unused) and the device's total, for a libtorch CUDA device; `None`
+/// for any other device, or when the query fails (`csrc/memory.cpp`).
+#[allow(unsafe_code, deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+pub fn cuda_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(all(feature = "tch", tch_cuda_linked))]
+    {
+        use burn::backend::DispatchDevice;
+        use burn::backend::libtorch::LibTorchDevice;
+        unsafe extern "C" {
+            fn stu_cuda_memory(device: std::ffi::c_int, free: *mut u64, total: *mut u64) -> *mut std::ffi::c_char;
+        }
+        let index = match device.as_dispatch() {
+            DispatchDevice::LibTorch(LibTorchDevice::Cuda(i)) => *i,
+            DispatchDevice::Autodiff(inner) => match &**inner {
+                DispatchDevice::LibTorch(LibTorchDevice::Cuda(i)) => *i,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let (mut free, mut total) = (0u64, 0u64);
+        // SAFETY: both pointers are live for the call; the function writes them on success.
+        let done = crate::torch::c_result(|| unsafe { stu_cuda_memory(index as std::ffi::c_int, &mut free, &mut total) });
+        return done.ok().map(|()| (free, total));
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = device;
+        None
+    }
+}
+
 /// The PyTorch release the `tch` build is made against (README: "GPU backends").
 pub const TORCH_VERSION: &str = "2.11.0";
 
@@ -216,7 +248,15 @@ pub fn check_fused_ops(backend: Backend) -> Result<OpsCheck, String> {
     #[cfg(feature = "tch")]
     {
         let cuda = backend == Backend::TchCuda;
-        Ok(crate::torch::check::fused_ops(&device, if cuda { 5e-3 } else { 2e-5 }, cuda))
+        let mut check = crate::torch::check::fused_ops(&device, if cuda { 5e-3 } else { 2e-5 }, cuda);
+        // The device memory `stu predict` sizes its sum of tiles by: known on CUDA, and sane.
+        match (cuda, cuda_memory(&device)) {
+            (true, Some((free, total))) if free > 0 && free <= total => check.lines.push(format!("device memory: {:.1} of {:.1} GiB free", free as f64 / (1u64 << 30) as f64, total as f64 / (1u64 << 30) as f64)),
+            (true, got) => check.failures.push(format!("device memory: {got:?} (free, total) from csrc/memory.cpp")),
+            (false, None) => {}
+            (false, Some(m)) => check.failures.push(format!("device memory {m:?} reported for a CPU device")),
+        }
+        Ok(check)
     }
     #[cfg(not(feature = "tch"))]
     {

@@ -104,7 +104,7 @@ pub struct Predictor {
     step: f64,
     device: Device,
     precision: Precision,
-    on_device: bool,
+    on_device: Accumulate,
     fast_export: bool,
     /// A region-based model's label per output (`regions_class_order`): sigmoid outputs, each
     /// written where its probability exceeds 0.5, later ones over earlier ones.
@@ -114,15 +114,41 @@ pub struct Predictor {
 /// Seconds per phase of one case, in order (`stu predict` reports them).
 pub type Phases = Vec<(&'static str, f64)>;
 
-/// Where the sliding window sums its tiles: in host memory on the CPU backends (flex), on the
-/// device elsewhere (a GPU's tiles never leave it; only the final logits are copied back).
+/// Where the sliding window sums its tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accumulate {
+    /// In host memory.
+    Host,
+    /// On the device, whatever it costs there (`STU_ACCUMULATE=device`).
+    Device,
+    /// On the device when the case's logits take at most half the memory still free there
+    /// (the tiles' forward needs the rest), else in host memory: a GPU's tiles never leave it
+    /// and only the final logits are copied back, but 105 classes of a large CT do not fit a
+    /// small card (nnU-Net's users meet that as an out-of-memory error, nnU-Net#2151, #2963).
+    DeviceIfItFits,
+}
+
+/// In host memory on the CPU backends (flex), on the device where it fits elsewhere;
 /// `STU_ACCUMULATE=host|device` overrides the choice.
-fn accumulate_on_device(device: &Device) -> Result<bool> {
+fn accumulate_on_device(device: &Device) -> Result<Accumulate> {
     match std::env::var("STU_ACCUMULATE").as_deref() {
-        Ok("host") => Ok(false),
-        Ok("device") => Ok(true),
+        Ok("host") => Ok(Accumulate::Host),
+        Ok("device") => Ok(Accumulate::Device),
         Ok(other) => bail!("STU_ACCUMULATE=`{other}`: expected `host` or `device`"),
-        Err(_) => Ok(stu_engine::ops::Layout::for_device(device) != stu_engine::ops::Layout::Ndhwc),
+        Err(_) if stu_engine::ops::Layout::for_device(device) == stu_engine::ops::Layout::Ndhwc => Ok(Accumulate::Host),
+        Err(_) => Ok(Accumulate::DeviceIfItFits),
+    }
+}
+
+impl Accumulate {
+    /// Whether `bytes` of logits are summed on the device, given what is free there (`None`:
+    /// not known, as on a device that does not say).
+    fn on_device(self, bytes: u64, free: Option<u64>) -> bool {
+        match self {
+            Self::Host => false,
+            Self::Device => true,
+            Self::DeviceIfItFits => free.is_none_or(|f| bytes <= f / 2),
+        }
     }
 }
 
@@ -549,9 +575,16 @@ impl Predictor {
         let steps: Vec<Vec<usize>> = (0..3).map(|a| sliding_steps(padded[a], p[a], self.step)).collect();
         let g = gaussian_importance(p);
         let classes = self.classes();
-        let mut acc = if self.on_device { Vec::new() } else { vec![0f32; classes * n] };
-        let mut acc_dev = self.on_device.then(|| Tensor::<4>::zeros([classes, shape[0], shape[1], shape[2]], &self.device));
-        let g_dev = self.on_device.then(|| Tensor::<4>::from_data(TensorData::new(g.clone(), [1, p[0], p[1], p[2]]), &self.device));
+        let bytes = (4 * classes * n) as u64;
+        let free = if self.on_device == Accumulate::DeviceIfItFits { stu_engine::backend::cuda_memory(&self.device).map(|(f, _)| f) } else { None };
+        let on_device = self.on_device.on_device(bytes, free);
+        if let (false, Some(f)) = (on_device, free) {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            eprintln!("the logits ({:.1} GiB) would take more than half the {:.1} GiB free on the device: summing the tiles in host memory", gib(bytes), gib(f));
+        }
+        let mut acc = if on_device { Vec::new() } else { vec![0f32; classes * n] };
+        let mut acc_dev = on_device.then(|| Tensor::<4>::zeros([classes, shape[0], shape[1], shape[2]], &self.device));
+        let g_dev = on_device.then(|| Tensor::<4>::from_data(TensorData::new(g.clone(), [1, p[0], p[1], p[2]]), &self.device));
         let mut weight = vec![0f32; n];
         let pn: usize = p.iter().product();
         let total = steps[0].len() * steps[1].len() * steps[2].len();
@@ -980,7 +1013,7 @@ mod tests {
         let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
         let nets = seeds.iter().map(|&s| stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), s, None)).collect();
         let plan = PreprocessPlan { spacing: [1.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
-        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: false, fast_export: false, regions: None }
+        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: Accumulate::Host, fast_export: false, regions: None }
     }
 
     #[test]
@@ -1001,6 +1034,20 @@ mod tests {
         }
     }
 
+    /// The tiles are summed on the device while the logits take at most half its free memory,
+    /// in host memory beyond, and where `STU_ACCUMULATE` says regardless.
+    #[test]
+    fn the_sum_of_tiles_moves_to_the_host_when_it_would_not_fit_the_device() {
+        let gib = 1u64 << 30;
+        assert!(Accumulate::DeviceIfItFits.on_device(10 * gib, Some(20 * gib)));
+        assert!(!Accumulate::DeviceIfItFits.on_device(10 * gib + 1, Some(20 * gib)));
+        assert!(Accumulate::DeviceIfItFits.on_device(u64::MAX, None), "a device that does not say");
+        assert!(Accumulate::Device.on_device(u64::MAX, Some(0)));
+        assert!(!Accumulate::Host.on_device(0, Some(u64::MAX)));
+        // A CPU device has no CUDA memory to ask about.
+        assert_eq!(stu_engine::backend::cuda_memory(&stu_engine::backend::Backend::default_compiled().unwrap().device().unwrap()), None);
+    }
+
     #[test]
     fn padding_is_run_through_the_network_but_never_accumulated() {
         // A volume thinner than the patch along z and x: predicted as it is, and pre-padded by
@@ -1018,7 +1065,7 @@ mod tests {
                 pre[d..d + shape[2]].copy_from_slice(&data[(z * shape[1] + y) * shape[2]..][..shape[2]]);
             }
         }
-        for on_device in [false, true] {
+        for on_device in [Accumulate::Host, Accumulate::Device] {
             let mut p = tiny_predictor(&[1], true);
             p.on_device = on_device;
             let got = p.sliding_window(&data, 1, shape, &|_, _| {}).unwrap();
@@ -1032,7 +1079,7 @@ mod tests {
                     }
                 }
             }
-            assert!(got == want, "on_device {on_device}: the padded volume's logits differ");
+            assert!(got == want, "{on_device:?}: the padded volume's logits differ");
         }
     }
 
