@@ -367,21 +367,23 @@ def predict_ct():
         b_ckpt = "/tmp/stunet_b_init.safetensors"
         save_file({k: v.contiguous() for k, v in build("B").state_dict().items()}, b_ckpt)
         # bf16 eagerly, then through a CUDA graph (the same label map is expected: the same
-        # kernels replayed).
-        for prec, env in [("bf16", None), ("bf16_graph", {"STU_TCH_GRAPH": "1"})]:
+        # kernels replayed), then eagerly with the tiles summed in host memory (what a case
+        # too large for the device's free memory gets; the same map again, to f32 rounding).
+        for prec, env in [("bf16", None), ("bf16_graph", {"STU_TCH_GRAPH": "1"}), ("bf16_host", {"STU_ACCUMULATE": "host"})]:
             o = f"/tmp/pred_ct_{prec}"
             shutil.rmtree(o, ignore_errors=True)  # a rerun on the same machine starts afresh
             rc, out, peak, wall = sh([A.stu, "predict", "-i", A.ct, "-o", o, "--checkpoint", b_ckpt, "--backend", "tch-cuda", "--precision", "bf16", "--disable-tta"],
                                      timeout=180, env=dict(os.environ, **env) if env else None)
             R["predict"][f"B_ct_{prec}"] = {"rc": rc, "wall_s": wall, "peak_gib": peak, "tail": out[-300:]}
             save()
-        a, b = "/tmp/pred_ct_bf16", "/tmp/pred_ct_bf16_graph"
-        if os.path.isdir(a) and os.path.isdir(b):
-            import gzip
-            # (Header and voxels: both runs write the same geometry.)
-            same = [gzip.open(os.path.join(a, f)).read() == gzip.open(os.path.join(b, f)).read()
-                    for f in sorted(os.listdir(a)) if f.endswith(".nii.gz") and os.path.exists(os.path.join(b, f))]
-            R["predict"]["B_ct_graph_equals_eager"] = same
+        a = "/tmp/pred_ct_bf16"
+        for key, b in [("B_ct_graph_equals_eager", "/tmp/pred_ct_bf16_graph"), ("B_ct_host_sum_equals_device_sum", "/tmp/pred_ct_bf16_host")]:
+            if os.path.isdir(a) and os.path.isdir(b):
+                import gzip
+                # (Header and voxels: both runs write the same geometry.)
+                same = [gzip.open(os.path.join(a, f)).read() == gzip.open(os.path.join(b, f)).read()
+                        for f in sorted(os.listdir(a)) if f.endswith(".nii.gz") and os.path.exists(os.path.join(b, f))]
+                R["predict"][key] = same
     except Exception as e:  # noqa: BLE001
         R["predict"]["B_ct_error"] = repr(e)
     save()
