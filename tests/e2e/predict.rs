@@ -821,6 +821,10 @@ fn find_best_config_compares_cross_validations_singly_and_in_pairs() {
     fails(&[x.clone(), format!("y={}", t("y0"))], "validate different cases (`a` is in one only)");
     fails(&[x.clone(), format!("y={}", t("pre"))], &format!("{}: no validation predictions", t("pre")));
     fails(&[x.clone(), x.clone()], "candidate `x` is named twice");
+    // An installed model keeps its validation summaries, not the predictions behind them.
+    ok(&stu(&["export-model", &t("y0"), &t("y1"), "--out", &t("y.zip")]));
+    ok(&stu(&["install-model", &t("y.zip"), "--out", &t("y-installed")]));
+    fails(&[x.clone(), format!("y={}", t("y-installed"))], "no predicted label maps");
     fails(&["x".to_string()], "expected NAME=RUN");
     // Validations of the best checkpoints: all of a candidate's alike, or refused; the
     // instructions then predict with `--chk best`.

@@ -1,6 +1,6 @@
 //! `stu find-best-config`: nnU-Net's `nnUNetv2_find_best_configuration` for trained models.
-//! Each candidate is a model trained on the folds of one dataset (its run folders, or an
-//! installed model folder); its cross-validation is the union of the runs' `validation/`
+//! Each candidate is a model trained on the folds of one dataset (its run folders, or a folder
+//! holding them as `fold_K`); its cross-validation is the union of the runs' `validation/`
 //! predictions. Every candidate, and every pair of candidates whose validations carry their
 //! probabilities (`stu train --validation-probabilities`, `stu validate RUN --probabilities`),
 //! ensembled as `stu ensemble` does, is scored against the raw labels; the best foreground
@@ -24,7 +24,7 @@ use serde::Serialize;
 pub struct Candidate {
     /// Letters, digits, `.`, `_` and `-`.
     pub name: String,
-    /// Run folders (`stu train --out`), or installed model folders standing for their folds.
+    /// Run folders (`stu train --out`), or folders holding them as `fold_K`.
     pub runs: Vec<PathBuf>,
 }
 
@@ -89,6 +89,8 @@ fn validations(c: &Candidate) -> Result<Validations> {
     for run in &runs {
         let dir = run.join("validation");
         ensure!(dir.is_dir(), "{}: no validation predictions (`stu train` ends with them on a fold that has validation cases; `stu validate {}` makes them)", run.display(), run.display());
+        let maps = std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))?.filter_map(|e| e.ok()).filter(|e| stu_data::nifti_io::case_of(&e.path()).is_some()).count();
+        ensure!(maps > 0, "{}: no predicted label maps, only what else is there (an installed model keeps its validation summary, not its predictions): compare the training runs, or `stu validate` them", dir.display());
         checkpoints.insert(crate::validation::recorded_checkpoint(&dir)?);
         folders.push(dir);
     }

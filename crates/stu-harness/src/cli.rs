@@ -268,7 +268,7 @@ enum Command {
         /// The raw dataset.json: labels or regions, ignore label.
         #[arg(long)]
         labels: PathBuf,
-        /// A candidate: `NAME=RUN,RUN,…`, its run folders one per fold (or a folder of `fold_K` runs, as `stu install-model` writes), e.g. `--model b=runs/b/fold0,runs/b/fold1`; repeat for each candidate.
+        /// A candidate: `NAME=RUN,RUN,…`, its training run folders one per fold, with their validation predictions (or a folder holding them as `fold_K`), e.g. `--model b=runs/b/fold0,runs/b/fold1`; repeat for each candidate.
         #[arg(long = "model", required = true, value_name = "NAME=RUN[,RUN…]")]
         model: Vec<String>,
         /// Output folder.
