@@ -90,7 +90,7 @@ fn validations(c: &Candidate) -> Result<Validations> {
         let dir = run.join("validation");
         ensure!(dir.is_dir(), "{}: no validation predictions (`stu train` ends with them on a fold that has validation cases; `stu validate {}` makes them)", run.display(), run.display());
         let maps = std::fs::read_dir(&dir).with_context(|| format!("{}: cannot list", dir.display()))?.filter_map(|e| e.ok()).filter(|e| stu_data::nifti_io::case_of(&e.path()).is_some()).count();
-        ensure!(maps > 0, "{}: no predicted label maps, only what else is there (an installed model keeps its validation summary, not its predictions): compare the training runs, or `stu validate` them", dir.display());
+        ensure!(maps > 0, "{}: no predicted label maps (an installed model keeps its validation summary, not its predictions): compare the training runs, or `stu validate` them", dir.display());
         checkpoints.insert(crate::validation::recorded_checkpoint(&dir)?);
         folders.push(dir);
     }
