@@ -212,7 +212,7 @@ impl StateDict {
             };
             let dtype = t.dtype();
             let shape = t.shape().to_vec();
-            let read: ReadFn = Arc::new(move || decode_torch(dtype, &t.read()?));
+            let read: ReadFn = Arc::new(move || decode_weight(dtype, &t.read()?));
             entries.insert(
                 key.to_string(),
                 TensorEntry {
@@ -251,7 +251,7 @@ impl StateDict {
             let dtype = info.dtype;
             let buf = Arc::clone(&bytes);
             let read: ReadFn = Arc::new(move || {
-                decode_safetensors(dtype, &buf[data_start + start..data_start + end])
+                decode_weight(dtype, &buf[data_start + start..data_start + end])
             });
             entries.insert(
                 name,
@@ -416,60 +416,37 @@ impl StateDict {
     }
 }
 
-fn decode_torch(dtype: pytorch_reader::DType, bytes: &[u8]) -> io::Result<Vec<f32>> {
-    use pytorch_reader::DType as D;
-    Ok(match dtype {
-        D::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        D::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_ne_bytes(c.try_into().expect("chunk of 8")) as f32)
-            .collect(),
-        D::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_ne_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        D::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_ne_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("dtype {other:?} is not a floating-point weight"),
-            ));
-        }
-    })
+/// A floating-point weight type both containers store.
+#[derive(Clone, Copy)]
+enum Float {
+    F32,
+    F64,
+    F16,
+    Bf16,
 }
 
-fn decode_safetensors(dtype: safetensors::Dtype, bytes: &[u8]) -> io::Result<Vec<f32>> {
-    use safetensors::Dtype as D;
-    Ok(match dtype {
-        D::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        D::F64 => bytes
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
-            .collect(),
-        D::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        D::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("dtype {other:?} is not a floating-point weight"),
-            ));
-        }
-    })
+/// Little-endian values of `kind` as f32 (PyTorch's zip format and safetensors both store
+/// little-endian data).
+fn decode_floats(kind: Float, bytes: &[u8]) -> Vec<f32> {
+    match kind {
+        Float::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Float::F64 => bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32).collect(),
+        Float::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Float::Bf16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+    }
+}
+
+/// `bytes` of a container's `dtype` as f32. PyTorch's reader and safetensors both name their
+/// float types `F32`, `F64`, `F16` and `BF16`; any other type is not a weight.
+fn decode_weight(dtype: impl std::fmt::Debug, bytes: &[u8]) -> io::Result<Vec<f32>> {
+    let kind = match format!("{dtype:?}").as_str() {
+        "F32" => Float::F32,
+        "F64" => Float::F64,
+        "F16" => Float::F16,
+        "BF16" => Float::Bf16,
+        _ => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("dtype {dtype:?} is not a floating-point weight"))),
+    };
+    Ok(decode_floats(kind, bytes))
 }
 
 fn torch_dtype_name(d: pytorch_reader::DType) -> &'static str {
@@ -543,3 +520,35 @@ pub fn write_safetensors(
 }
 
 pub use stu_core::fs::write_atomic;
+
+#[cfg(test)]
+mod tests {
+    use super::decode_weight;
+
+    /// Both containers' float types decode by their names, little-endian; integers are refused.
+    #[test]
+    fn both_containers_float_types_decode_and_others_are_refused() {
+        let v = [1.5f32, -2.25];
+        let f32s: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let f64s: Vec<u8> = v.iter().flat_map(|&x| f64::from(x).to_le_bytes()).collect();
+        let f16s: Vec<u8> = v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+        let bf16s: Vec<u8> = v.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect();
+        use pytorch_reader::DType as T;
+        use safetensors::Dtype as S;
+        for (got, bytes) in [
+            (decode_weight(T::F32, &f32s), &f32s),
+            (decode_weight(S::F32, &f32s), &f32s),
+            (decode_weight(T::F64, &f64s), &f64s),
+            (decode_weight(S::F64, &f64s), &f64s),
+            (decode_weight(T::F16, &f16s), &f16s),
+            (decode_weight(S::F16, &f16s), &f16s),
+            (decode_weight(T::BF16, &bf16s), &bf16s),
+            (decode_weight(S::BF16, &bf16s), &bf16s),
+        ] {
+            assert_eq!(got.unwrap(), v, "{} bytes", bytes.len());
+        }
+        for err in [decode_weight(T::I64, &f64s), decode_weight(S::I64, &f64s), decode_weight(S::U8, &f32s)] {
+            assert!(err.unwrap_err().to_string().contains("is not a floating-point weight"));
+        }
+    }
+}
