@@ -217,7 +217,7 @@ impl StateDict {
                 key.to_string(),
                 TensorEntry {
                     shape,
-                    dtype: torch_dtype_name(dtype),
+                    dtype: dtype_name(dtype),
                     read,
                 },
             );
@@ -257,7 +257,7 @@ impl StateDict {
                 name,
                 TensorEntry {
                     shape: info.shape.clone(),
-                    dtype: safetensors_dtype_name(dtype),
+                    dtype: dtype_name(dtype),
                     read,
                 },
             );
@@ -449,38 +449,12 @@ fn decode_weight(dtype: impl std::fmt::Debug, bytes: &[u8]) -> io::Result<Vec<f3
     Ok(decode_floats(kind, bytes))
 }
 
-fn torch_dtype_name(d: pytorch_reader::DType) -> &'static str {
-    use pytorch_reader::DType as D;
-    match d {
-        D::F64 => "f64",
-        D::F32 => "f32",
-        D::F16 => "f16",
-        D::BF16 => "bf16",
-        D::I64 => "i64",
-        D::I32 => "i32",
-        D::I16 => "i16",
-        D::I8 => "i8",
-        D::U64 => "u64",
-        D::U32 => "u32",
-        D::U16 => "u16",
-        D::U8 => "u8",
-        D::Bool => "bool",
-    }
-}
-
-fn safetensors_dtype_name(d: safetensors::Dtype) -> &'static str {
-    use safetensors::Dtype as D;
-    match d {
-        D::F64 => "f64",
-        D::F32 => "f32",
-        D::F16 => "f16",
-        D::BF16 => "bf16",
-        D::I64 => "i64",
-        D::I32 => "i32",
-        D::U8 => "u8",
-        D::BOOL => "bool",
-        _ => "other",
-    }
+/// A container's dtype by the name `stu inspect` shows (`f32`, `bf16`, `i64`, …; `other` for
+/// types no checkpoint here holds). Both readers name their types so, in capitals.
+fn dtype_name(d: impl std::fmt::Debug) -> &'static str {
+    const NAMES: [&str; 13] = ["f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u64", "u32", "u16", "u8", "bool"];
+    let name = format!("{d:?}").to_lowercase();
+    NAMES.into_iter().find(|n| *n == name).unwrap_or("other")
 }
 
 /// A named f32 tensor held in memory, for writing.
@@ -523,7 +497,7 @@ pub use stu_core::fs::write_atomic;
 
 #[cfg(test)]
 mod tests {
-    use super::decode_weight;
+    use super::{decode_weight, dtype_name};
 
     /// Both containers' float types decode by their names, little-endian; integers are refused.
     #[test]
@@ -550,5 +524,8 @@ mod tests {
         for err in [decode_weight(T::I64, &f64s), decode_weight(S::I64, &f64s), decode_weight(S::U8, &f32s)] {
             assert!(err.unwrap_err().to_string().contains("is not a floating-point weight"));
         }
+        // And their names, as `stu inspect` shows them.
+        assert_eq!([dtype_name(T::BF16), dtype_name(S::BF16), dtype_name(T::Bool), dtype_name(S::BOOL), dtype_name(S::I64)], ["bf16", "bf16", "bool", "bool", "i64"]);
+        assert_eq!(dtype_name(S::F8_E4M3), "other");
     }
 }
