@@ -177,8 +177,11 @@ if A.phase != "2":
 
 # 1c. STU-Net's 3³ convolutions one shape at a time through each algorithm our libtorch path can
 #     pick (NCDHW, channels-last, depth-split 2-D), in PyTorch on this card (`conv_algos.py`):
-#     which wins on which shape, for the layout and `STU_TCH_CONV` defaults.
-if A.phase != "2" and A.backend == "tch-cuda":
+#     which wins on which shape, for the layout and `STU_TCH_CONV` defaults. Run in phase 1
+#     after the goal's B, H and L rows (section 3), which matter more if time runs short.
+def conv_algos():
+    if A.backend != "tch-cuda":
+        return
     j, m = "/tmp/conv_algos.json", os.path.join(A.out, "conv_algos.md")
     sizes = "".join(x for x in "BHL" if x in A.sizes)
     rc, out, _, wall = sh([A.python, os.path.join(HERE, "conv_algos.py"), "--sizes", sizes, "--json", j, "--md", m, "--budget", "70"], timeout=150)
@@ -186,6 +189,7 @@ if A.phase != "2" and A.backend == "tch-cuda":
     for size, v in R["conv_algos"].get("models", {}).items():
         log("conv_algos", size, json.dumps(v["totals"]))
     save()
+
 
 # 3. Benchmark: per size, training step then patch inference; PyTorch fp16 (the anchor's
 #    recipe) and ours bf16 and f16 (loss-scaled for training). What the goal is about runs
@@ -443,11 +447,15 @@ for s in A.sizes:
     per_size[s] = rows
 profiles = "B" in A.sizes and (A.torch_sizes is None or "B" in A.torch_sizes)
 for s in A.sizes:
+    if s == "S":
+        phase1 += [("call", conv_algos, "")]
     if s == "S" and profiles:
         # Item 4's "by how much per op": one step of B's training under both profilers (f16 vs
         # fp16) before S, which only completes item 3's table.
         phase1 += [("profile", "train_B_128_b2", "f16")]
     phase1 += per_size[s]
+if "S" not in A.sizes:
+    phase1 += [("call", conv_algos, "")]
 if profiles and ("profile", "train_B_128_b2", "f16") not in phase1:
     phase1 += [("profile", "train_B_128_b2", "f16")]
 phase1 += [("train_check", "", "f16")] + [("profile", "infer_B_128", "f16"), ("profile:stu-split", "infer_B_128", "f16")] * profiles
@@ -468,7 +476,7 @@ if A.backend == "tch-cuda":
         run_plan(phase1)
     if A.phase in ("2", "all"):
         left = [tuple(x) for x in R.get("phase1_skipped", [])]
-        run_plan([x for x in phase1 if (x[0], x[1], x[2]) in left] + phase2)
+        run_plan([x for x in phase1 if (x[0], getattr(x[1], "__name__", x[1]), x[2]) in left] + phase2)
 else:
     # A dry run on the CPU: the profiling path with S's patch inference (seconds there), the
     # end-to-end checks (parity above, prediction and training below) on the CPU.
