@@ -532,6 +532,9 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         group.check_equal("the initial weights", weights_checksum(&*net))?;
     }
     stu_engine::model::check_patch(&*net, cfg.patch_size).map_err(anyhow::Error::msg)?;
+    if let Some((free, total)) = stu_engine::backend::cuda_memory(&device) {
+        state_fits(net.num_params() as u64, cfg.precision, free, total)?;
+    }
     let div = net.input_divisor();
 
     // The log keeps the epochs the checkpoint has seen.
@@ -829,4 +832,38 @@ fn write_curves(out: &Path, logs: &[EpochLog]) -> Result<()> {
         ema_dice: logs.iter().map(|l| l.ema_fg_dice.unwrap_or(f64::NAN)).collect(),
     };
     stu_report::curves::draw(&series, &out.join("progress.png")).with_context(|| format!("{}: cannot draw", out.join("progress.png").display()))
+}
+
+/// Whether what training adds to the weights already on the device (their gradients and SGD
+/// momentum in f32, and under half precision the half copy of each) fits the device memory
+/// still free: when even that does not, the first step would run out of memory however small
+/// the patch, so the run stops at once and says why (README: "Device memory").
+fn state_fits(params: u64, precision: Precision, free: u64, total: u64) -> Result<()> {
+    let per = 8 + if precision == Precision::F32 { 0 } else { 2 };
+    let need = params * per;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    ensure!(
+        need <= free,
+        "training needs {:.1} GiB beyond the weights for the gradients and momentum of {params} parameters ({per} bytes each), and the device has {:.1} of {:.1} GiB free: a smaller model, or a larger device (README: \"Device memory\")",
+        gib(need),
+        gib(free),
+        gib(total)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The model state that training adds must fit the free device memory, else the run stops
+    /// before its first step, saying how much it needs.
+    #[test]
+    fn a_model_whose_training_state_cannot_fit_is_refused_at_once() {
+        let gib = 1u64 << 30;
+        // H: 1.46 G parameters need 10.9 GiB (f32) or 13.6 GiB (f16) beyond the weights.
+        assert!(state_fits(1_457_326_221, Precision::F32, 12 * gib, 80 * gib).is_ok());
+        let err = state_fits(1_457_326_221, Precision::F16, 12 * gib, 80 * gib).unwrap_err().to_string();
+        assert!(err.contains("needs 13.6 GiB") && err.contains("10 bytes each") && err.contains("12.0 of 80.0 GiB free"), "{err}");
+    }
 }
