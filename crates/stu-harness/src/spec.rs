@@ -371,9 +371,10 @@ pub fn validate(s: &Spec) -> Result<()> {
     // and each point's model and datasets must exist and its model options make a network (a
     // typo in one sweep value would otherwise surface only when that point runs).
     for p in points(s)? {
-        match p.set.is_empty() {
-            true => check_point(&p.spec)?,
-            false => check_point(&p.spec).with_context(|| format!("sweep point {}", label(&p.set)))?,
+        if p.set.is_empty() {
+            check_point(&p.spec)?;
+        } else {
+            check_point(&p.spec).with_context(|| format!("sweep point {}", label(&p.set)))?;
         }
     }
     Ok(())
