@@ -607,30 +607,71 @@ pub struct PlainOptions {
     pub n_conv_dec: Option<Vec<usize>>,
 }
 
+impl PlainOptions {
+    fn sizes(&self) -> SizeOptions<'_> {
+        SizeOptions { base_width: self.base_width, max_width: self.max_width, blocks: self.blocks, blocks_in_decoder: true, features: &self.features, kernels: &self.kernels, encoder: &self.n_conv, n_conv_dec: &self.n_conv_dec }
+    }
+}
+
+/// The size options PlainConvUNet and ResEnc share, borrowed from either's own struct (their
+/// per-stage encoder list is `n_conv` in one, `n_blocks` in the other).
+pub(crate) struct SizeOptions<'a> {
+    pub base_width: Option<usize>,
+    pub max_width: Option<usize>,
+    pub blocks: Option<usize>,
+    /// Whether `blocks` sets the decoder's convolutions too (PlainConvUNet's).
+    pub blocks_in_decoder: bool,
+    pub features: &'a Option<Vec<usize>>,
+    pub kernels: &'a Option<Vec<Stride>>,
+    pub encoder: &'a Option<Vec<usize>>,
+    pub n_conv_dec: &'a Option<Vec<usize>>,
+}
+
+impl SizeOptions<'_> {
+    /// Overrides a network's defaults: the scaling rule first, then any explicit lists.
+    pub fn apply(&self, features: &mut Vec<usize>, kernels: &mut Vec<Stride>, encoder: &mut Vec<usize>, n_conv_dec: &mut Vec<usize>) {
+        let n = features.len();
+        if self.base_width.is_some() || self.max_width.is_some() {
+            *features = widths(n, self.base_width.unwrap_or(32), self.max_width.unwrap_or(MAX_FEATURES));
+        }
+        if let Some(b) = self.blocks {
+            *encoder = vec![b; n];
+            if self.blocks_in_decoder {
+                *n_conv_dec = vec![b; n - 1];
+            }
+        }
+        for (list, given) in [(features, self.features), (encoder, self.encoder), (n_conv_dec, self.n_conv_dec)] {
+            if let Some(v) = given {
+                list.clone_from(v);
+            }
+        }
+        if let Some(k) = self.kernels {
+            kernels.clone_from(k);
+        }
+    }
+
+    /// `spec` with 2³ strides for the stage count the first given per-stage list implies (else
+    /// as it is, or with five 2³ strides when it has none): what spec validation resolves, a
+    /// plan's stage count being unknown before its data.
+    pub fn for_check(&self, spec: &NetSpec) -> NetSpec {
+        let lists = [self.features.as_ref().map(Vec::len), self.kernels.as_ref().map(Vec::len), self.encoder.as_ref().map(Vec::len), self.n_conv_dec.as_ref().map(|v| v.len() + 1)];
+        let stages = match lists.into_iter().flatten().next() {
+            Some(n) => n,
+            None if !spec.strides.is_empty() => return spec.clone(),
+            None => 6,
+        };
+        NetSpec { strides: vec![[2; 3]; stages.saturating_sub(1)], ..spec.clone() }
+    }
+}
+
 /// The architecture a `NetSpec` asks for.
 pub fn arch_of(spec: &NetSpec) -> Result<PlainArch, String> {
-    let o: PlainOptions = options(spec, NAME)?;
+    arch_with(spec, &options(spec, NAME)?)
+}
+
+fn arch_with(spec: &NetSpec, o: &PlainOptions) -> Result<PlainArch, String> {
     let mut a = PlainArch::nnunet_default(spec.in_channels, spec.num_classes, &spec.strides);
-    let n = a.features.len();
-    if o.base_width.is_some() || o.max_width.is_some() {
-        a.features = widths(n, o.base_width.unwrap_or(32), o.max_width.unwrap_or(MAX_FEATURES));
-    }
-    if let Some(b) = o.blocks {
-        a.n_conv = vec![b; n];
-        a.n_conv_dec = vec![b; n - 1];
-    }
-    if let Some(f) = o.features {
-        a.features = f;
-    }
-    if let Some(k) = o.kernels {
-        a.kernels = k;
-    }
-    if let Some(c) = o.n_conv {
-        a.n_conv = c;
-    }
-    if let Some(c) = o.n_conv_dec {
-        a.n_conv_dec = c;
-    }
+    o.sizes().apply(&mut a.features, &mut a.kernels, &mut a.n_conv, &mut a.n_conv_dec);
     a.validate().map_err(|e| format!("model options for `{NAME}`: {e}"))?;
     Ok(a)
 }
@@ -643,19 +684,7 @@ fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, Strin
 /// is not known before its data), else as `spec.strides` (six when there are none).
 fn check_options(spec: &NetSpec) -> Result<Option<Stride>, String> {
     let o: PlainOptions = options(spec, NAME)?;
-    let lists = [o.features.as_ref().map(Vec::len), o.kernels.as_ref().map(Vec::len), o.n_conv.as_ref().map(Vec::len), o.n_conv_dec.as_ref().map(|v| v.len() + 1)];
-    arch_of(&stages_for_check(spec, &lists)).map(|_| None)
-}
-
-/// `spec` with 2³ strides for the stage count the first given list implies (else as it is, or
-/// with five 2³ strides when it has none): what [`check_options`] and ResEnc's check resolve.
-pub(crate) fn stages_for_check(spec: &NetSpec, lists: &[Option<usize>]) -> NetSpec {
-    let stages = match lists.iter().flatten().next() {
-        Some(&n) => n,
-        None if !spec.strides.is_empty() => return spec.clone(),
-        None => 6,
-    };
-    NetSpec { strides: vec![[2; 3]; stages.saturating_sub(1)], ..spec.clone() }
+    arch_with(&o.sizes().for_check(spec), &o).map(|_| None)
 }
 
 fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {

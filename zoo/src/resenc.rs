@@ -406,29 +406,20 @@ pub struct ResEncOptions {
     pub n_conv_dec: Option<Vec<usize>>,
 }
 
+impl ResEncOptions {
+    fn sizes(&self) -> plainconv::SizeOptions<'_> {
+        plainconv::SizeOptions { base_width: self.base_width, max_width: self.max_width, blocks: self.blocks, blocks_in_decoder: false, features: &self.features, kernels: &self.kernels, encoder: &self.n_blocks, n_conv_dec: &self.n_conv_dec }
+    }
+}
+
 /// The architecture a `NetSpec` asks for.
 pub fn arch_of(spec: &NetSpec) -> Result<ResEncArch, String> {
-    let o: ResEncOptions = options(spec, NAME)?;
+    arch_with(spec, &options(spec, NAME)?)
+}
+
+fn arch_with(spec: &NetSpec, o: &ResEncOptions) -> Result<ResEncArch, String> {
     let mut a = ResEncArch::nnunet(spec.in_channels, spec.num_classes, &spec.strides);
-    let n = a.features.len();
-    if o.base_width.is_some() || o.max_width.is_some() {
-        a.features = plainconv::widths(n, o.base_width.unwrap_or(32), o.max_width.unwrap_or(MAX_FEATURES));
-    }
-    if let Some(b) = o.blocks {
-        a.n_blocks = vec![b; n];
-    }
-    if let Some(f) = o.features {
-        a.features = f;
-    }
-    if let Some(k) = o.kernels {
-        a.kernels = k;
-    }
-    if let Some(c) = o.n_blocks {
-        a.n_blocks = c;
-    }
-    if let Some(c) = o.n_conv_dec {
-        a.n_conv_dec = c;
-    }
+    o.sizes().apply(&mut a.features, &mut a.kernels, &mut a.n_blocks, &mut a.n_conv_dec);
     a.validate().map_err(|e| format!("model options for `{NAME}`: {e}"))?;
     Ok(a)
 }
@@ -440,8 +431,7 @@ fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, Strin
 /// [`arch_of`] with the stage count the options' per-stage lists give (as PlainConvUNet's).
 fn check_options(spec: &NetSpec) -> Result<Option<Stride>, String> {
     let o: ResEncOptions = options(spec, NAME)?;
-    let lists = [o.features.as_ref().map(Vec::len), o.kernels.as_ref().map(Vec::len), o.n_blocks.as_ref().map(Vec::len), o.n_conv_dec.as_ref().map(|v| v.len() + 1)];
-    arch_of(&plainconv::stages_for_check(spec, &lists)).map(|_| None)
+    arch_with(&o.sizes().for_check(spec), &o).map(|_| None)
 }
 
 fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {
