@@ -28,6 +28,8 @@ pub(crate) enum Element {
 }
 
 impl Element {
+    const ALL: [Self; 10] = [Self::I8, Self::U8, Self::I16, Self::U16, Self::I32, Self::U32, Self::I64, Self::U64, Self::F32, Self::F64];
+
     pub(crate) fn size(self) -> usize {
         match self {
             Self::I8 | Self::U8 => 1,
@@ -37,6 +39,7 @@ impl Element {
         }
     }
 
+    /// The MetaImage `ElementType`.
     fn name(self) -> &'static str {
         match self {
             Self::I8 => "MET_CHAR",
@@ -178,20 +181,10 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
     let (k, v) = get(&["ElementType"]).ok_or("no `ElementType`")?;
     let n = voxel_count(dims)?;
     let element = match v {
-        "MET_CHAR" => Element::I8,
-        "MET_UCHAR" => Element::U8,
-        "MET_SHORT" => Element::I16,
-        "MET_USHORT" => Element::U16,
-        "MET_INT" => Element::I32,
-        "MET_UINT" => Element::U32,
-        "MET_LONG_LONG" => Element::I64,
-        "MET_ULONG_LONG" => Element::U64,
-        "MET_FLOAT" => Element::F32,
-        "MET_DOUBLE" => Element::F64,
         // (MetaIO's `long` is 4 bytes; one of 8 is told by the data's length below.)
         "MET_LONG" => Element::I32,
         "MET_ULONG" => Element::U32,
-        _ => return Err(format!("`{k} = {v}`: unsupported element type")),
+        _ => Element::ALL.into_iter().find(|e| e.name() == v).ok_or_else(|| format!("`{k} = {v}`: unsupported element type"))?,
     };
     let long = matches!(v, "MET_LONG" | "MET_ULONG");
     let msb = match get(&["BinaryDataByteOrderMSB", "ElementByteOrderMSB"]) {
@@ -337,4 +330,29 @@ pub(crate) fn write(path: &Path, dims: [usize; 3], affine: &[[f64; 4]; 4], voxel
         f.write_all(&packed)?;
         f.flush()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `ElementType` reads as its element; MetaIO's `long` is 4 bytes, or 8 when the data
+    /// say so.
+    #[test]
+    fn every_element_type_reads_by_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.mha");
+        let read_as = |name: &str, bytes: usize| {
+            let mut file = format!("ObjectType = Image\nNDims = 3\nDimSize = 1 1 1\nElementType = {name}\nElementDataFile = LOCAL\n").into_bytes();
+            file.extend(vec![0u8; bytes]);
+            std::fs::write(&p, file).unwrap();
+            read(&p).map(|v| v.element)
+        };
+        for e in Element::ALL {
+            assert_eq!(read_as(e.name(), e.size()), Ok(e));
+        }
+        assert_eq!(read_as("MET_LONG", 4), Ok(Element::I32));
+        assert_eq!(read_as("MET_ULONG", 8), Ok(Element::U64));
+        assert!(read_as("MET_FLOAT16", 2).unwrap_err().contains("unsupported element type"));
+    }
 }
