@@ -60,10 +60,14 @@ struct Source {
 /// The checkpoint file name the predictions in a validation folder `dir` come from: its
 /// `checkpoint.json`'s, or the final checkpoint for a folder written before such records.
 pub(crate) fn recorded_checkpoint(dir: &Path) -> Result<String> {
-    let record = dir.join("checkpoint.json");
-    match std::fs::read_to_string(&record) {
-        Ok(text) => Ok(serde_json::from_str::<Source>(&text).with_context(|| format!("{}: not a validation record", record.display()))?.checkpoint),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("checkpoint_final.safetensors".into()),
+    Ok(read_record(&dir.join("checkpoint.json"))?.map_or_else(|| "checkpoint_final.safetensors".into(), |s| s.checkpoint))
+}
+
+/// A validation folder's `checkpoint.json` (`None`: the folder has none).
+fn read_record(record: &Path) -> Result<Option<Source>> {
+    match std::fs::read_to_string(record) {
+        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: not a validation record", record.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("{}: cannot read", record.display())),
     }
 }
@@ -122,11 +126,7 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     // final checkpoint's, from before it was written).
     let source = Source::of(&checkpoint)?;
     let record = dir.join("checkpoint.json");
-    let recorded: Option<Source> = match std::fs::read_to_string(&record) {
-        Ok(text) => Some(serde_json::from_str(&text).with_context(|| format!("{}: not a validation record", record.display()))?),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", record.display())),
-    };
+    let recorded = read_record(&record)?;
     let stale = match &recorded {
         Some(r) => *r != source,
         None => req.best,
