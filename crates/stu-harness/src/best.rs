@@ -112,8 +112,13 @@ fn has_probabilities(folders: &[PathBuf], cases: &BTreeSet<String>) -> Option<St
 fn write_summary(dir: &Path, s: &stu_data::metrics::Summary) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let path = dir.join("summary.json");
-    stu_core::fs::write_atomic(&path, (crate::cli::nan_safe_json(&serde_json::to_value(s)?)? + "\n").as_bytes())?;
+    stu_core::fs::write_atomic(&path, crate::cli::nan_safe_json(&serde_json::to_value(s)?)?.as_bytes())?;
     Ok(path)
+}
+
+/// A score as the report prints it: four decimals, or `undefined`.
+pub fn dice_text(d: Option<f64>) -> String {
+    d.map_or("undefined".to_string(), |d| format!("{d:.4}"))
 }
 
 fn dice(s: &stu_data::metrics::Summary) -> Option<f64> {
@@ -187,10 +192,11 @@ pub fn find_best(req: &Request) -> Result<Outcome> {
         [_one] => vals[req.candidates.iter().position(|c| c.name == best.name).expect("a candidate")].folders.clone(),
         _ => vec![req.out.join("ensembles").join(&best.name)],
     };
+    let best = best.name.clone();
     let pp_dir = req.out.join("postprocessing");
     let pp = crate::postprocess::determine(&req.reference, &folders, &scored, json.regions.is_some(), ignore, &pp_dir)?;
-    let outcome = Outcome { candidates: entries.clone(), ensembles: ensembles.clone(), skipped, best: best.name.clone(), postprocessing: pp, cases: cases.len() };
-    stu_core::fs::write_atomic(&req.out.join("best_config.json"), (crate::cli::nan_safe_json(&serde_json::to_value(&outcome)?)? + "\n").as_bytes())?;
+    let outcome = Outcome { candidates: entries, ensembles, skipped, best, postprocessing: pp, cases: cases.len() };
+    stu_core::fs::write_atomic(&req.out.join("best_config.json"), crate::cli::nan_safe_json(&serde_json::to_value(&outcome)?)?.as_bytes())?;
     stu_core::fs::write_atomic(&req.out.join("inference_instructions.txt"), instructions(req, &vals, &outcome).as_bytes())?;
     Ok(outcome)
 }
@@ -204,13 +210,12 @@ fn instructions(req: &Request, vals: &[Validations], o: &Outcome) -> String {
         format!("stu predict -i INPUT_FOLDER -o {output} --checkpoint {runs}{}{}", if v.best_checkpoint { " --chk best" } else { "" }, if probabilities { " --save-probabilities" } else { "" })
     };
     let entry = o.candidates.iter().chain(&o.ensembles).find(|e| e.name == o.best).expect("the winner is an entry");
-    let fmt = |d: Option<f64>| d.map_or("undefined".to_string(), |d| format!("{d:.4}"));
     let mut text = format!(
         "Best: {} (cross-validation foreground mean Dice {} over {} case(s); after post-processing {}).\n\nPredict new cases with:\n",
         o.best,
-        fmt(entry.dice),
+        dice_text(entry.dice),
         o.cases,
-        fmt(Some(o.postprocessing.dice_after).filter(|d| d.is_finite()))
+        dice_text(Some(o.postprocessing.dice_after).filter(|d| d.is_finite()))
     );
     match entry.members.as_slice() {
         [one] => text += &format!("  {} --postprocessing {}\n", predict(one, "OUTPUT_FOLDER", false), pp.display()),

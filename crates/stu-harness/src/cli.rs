@@ -992,9 +992,8 @@ fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             let req = crate::best::Request { reference, dataset_json: labels, candidates, out: out.clone(), ensembling: !disable_ensembling };
             let o = crate::best::find_best(&req)?;
-            let fmt = |d: Option<f64>| d.map_or("undefined".to_string(), |d| format!("{d:.4}"));
             for e in o.candidates.iter().chain(&o.ensembles) {
-                println!("{:<32} foreground mean Dice {}{}", e.name, fmt(e.dice), if e.name == o.best { "  ← best" } else { "" });
+                println!("{:<32} foreground mean Dice {}{}", e.name, crate::best::dice_text(e.dice), if e.name == o.best { "  ← best" } else { "" });
             }
             for s in &o.skipped {
                 println!("skipped {s}");
