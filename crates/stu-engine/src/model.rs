@@ -164,15 +164,16 @@ pub struct ModelEntry {
     pub check: fn(&NetSpec) -> Result<Option<Stride>, String>,
 }
 
-/// Whether `net` takes `patch`-sized inputs: a multiple of its input divisor, and its one
-/// input size if it has one. The error says which and what would fit.
-pub fn check_patch(net: &dyn SegNet, patch: [usize; 3]) -> Result<(), String> {
+/// Whether `net` takes inputs of spatial extent `patch`: a multiple of its input divisor, and
+/// its one input size if it has one. The error names the extent as `what` (a training or
+/// prediction `patch`, an `input`), says which rule it breaks and what would fit.
+pub fn check_patch(net: &dyn SegNet, patch: [usize; 3], what: &str) -> Result<(), String> {
     if let Some(f) = net.fixed_input().filter(|&f| f != patch) {
-        return Err(format!("patch {patch:?}: `{}` was built for {f:?} inputs only (its size options); use that patch size, or build it for this one", net.family()));
+        return Err(format!("{what} {patch:?}: `{}` was built for {f:?} inputs only (its size options); use that size, or build it for this one", net.family()));
     }
     let div = net.input_divisor();
     if (0..3).any(|a| patch[a] == 0 || !patch[a].is_multiple_of(div[a])) {
-        return Err(format!("patch {patch:?} is not divisible by the network's strides product {div:?}"));
+        return Err(format!("{what} {patch:?} is not divisible by the network's strides product {div:?}"));
     }
     Ok(())
 }

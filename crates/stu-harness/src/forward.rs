@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use stu_core::strides::Stride;
 use stu_engine::backend::Backend;
 use stu_engine::checkpoint::{NamedTensor, StateDict, write_safetensors};
@@ -111,20 +111,7 @@ pub fn check_input(net: &dyn SegNet, path: &Path, shape: [usize; 5]) -> Result<(
         net.in_channels()
     );
     ensure!(shape[0] >= 1, "{}: input batch is empty", path.display());
-    if let Some(f) = net.fixed_input() {
-        ensure!(shape[2..] == f, "{}: spatial shape {:?}; `{}` was built for {f:?} inputs only", path.display(), &shape[2..], net.family());
-    }
-    let div = net.input_divisor();
-    if (0..3).any(|a| shape[2 + a] == 0 || shape[2 + a] % div[a] != 0) {
-        bail!(
-            "{}: spatial shape {:?} is not divisible by {:?} (the product of the strides {})",
-            path.display(),
-            &shape[2..],
-            div,
-            net.describe()["strides"]
-        );
-    }
-    Ok(())
+    stu_engine::model::check_patch(net, [shape[2], shape[3], shape[4]], "spatial shape").map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Writes a loaded network's weights to safetensors under unchanged state-dict keys.

@@ -456,7 +456,7 @@ impl Predictor {
             if let Some(n) = nets.first().map(|n: &Box<dyn SegNet>| n.num_classes()) {
                 ensure!(net.num_classes() == n, "{}: {} output classes, {} has {n}; an ensemble's checkpoints predict the same classes", c.display(), net.num_classes(), opts.checkpoints[0].display());
             }
-            stu_engine::model::check_patch(&*net, patch).map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?;
+            stu_engine::model::check_patch(&*net, patch, "patch").map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?;
             nets.push(stu_engine::graph::wrap(opts.precision.cast_net(&*net).unwrap_or(net)));
         }
         let on_device = accumulate_on_device(&device)?;

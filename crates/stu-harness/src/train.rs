@@ -531,7 +531,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     if world > 1 {
         group.check_equal("the initial weights", weights_checksum(&*net))?;
     }
-    stu_engine::model::check_patch(&*net, cfg.patch_size).map_err(anyhow::Error::msg)?;
+    stu_engine::model::check_patch(&*net, cfg.patch_size, "patch").map_err(anyhow::Error::msg)?;
     if let Some((free, total)) = stu_engine::backend::cuda_memory(&device) {
         state_fits(net.num_params() as u64, cfg.precision, free, total)?;
     }
