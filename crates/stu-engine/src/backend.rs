@@ -59,19 +59,10 @@ fn libtorch_cuda(index: usize) -> Result<Device, String> {
 pub fn cuda_memory(device: &Device) -> Option<(u64, u64)> {
     #[cfg(all(feature = "tch", tch_cuda_linked))]
     {
-        use burn::backend::DispatchDevice;
-        use burn::backend::libtorch::LibTorchDevice;
         unsafe extern "C" {
             fn stu_cuda_memory(device: std::ffi::c_int, free: *mut u64, total: *mut u64) -> *mut std::ffi::c_char;
         }
-        let index = match device.as_dispatch() {
-            DispatchDevice::LibTorch(LibTorchDevice::Cuda(i)) => *i,
-            DispatchDevice::Autodiff(inner) => match &**inner {
-                DispatchDevice::LibTorch(LibTorchDevice::Cuda(i)) => *i,
-                _ => return None,
-            },
-            _ => return None,
-        };
+        let Some(burn::backend::libtorch::LibTorchDevice::Cuda(index)) = crate::ops::libtorch_device(device) else { return None };
         let (mut free, mut total) = (0u64, 0u64);
         // SAFETY: both pointers are live for the call; the function writes them on success.
         let done = crate::torch::c_result(|| unsafe { stu_cuda_memory(index as std::ffi::c_int, &mut free, &mut total) });

@@ -104,7 +104,6 @@ pub enum TorchPath {
 pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
     #[cfg(feature = "tch")]
     {
-        use burn::backend::DispatchDevice;
         static NATIVE: std::sync::OnceLock<[bool; 5]> = std::sync::OnceLock::new();
         let [conv, norm, loss, upsample, sgd] = *NATIVE.get_or_init(|| match std::env::var("STU_TCH_NATIVE").as_deref() {
             Ok("0") => [false; 5],
@@ -121,17 +120,30 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
             TorchPath::Upsample => upsample,
             TorchPath::Sgd => sgd,
         };
-        on && match device.as_dispatch() {
-            DispatchDevice::LibTorch(_) => true,
-            DispatchDevice::Autodiff(inner) => matches!(&**inner, DispatchDevice::LibTorch(_)),
-            #[allow(unreachable_patterns)]
-            _ => false,
-        }
+        on && libtorch_device(device).is_some()
     }
     #[cfg(not(feature = "tch"))]
     {
         let _ = (device, path);
         false
+    }
+}
+
+/// The libtorch device under `device` (itself, or the one autodiff runs over); `None` for
+/// another backend's.
+#[cfg(feature = "tch")]
+#[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+pub(crate) fn libtorch_device(device: &Device) -> Option<burn::backend::libtorch::LibTorchDevice> {
+    use burn::backend::DispatchDevice;
+    match device.as_dispatch() {
+        DispatchDevice::LibTorch(d) => Some(d.clone()),
+        DispatchDevice::Autodiff(inner) => match &**inner {
+            DispatchDevice::LibTorch(d) => Some(d.clone()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        },
+        #[allow(unreachable_patterns)]
+        _ => None,
     }
 }
 
