@@ -52,6 +52,11 @@ fn libtorch_cuda(index: usize) -> Result<Device, String> {
     Ok(Device::libtorch_cuda(index % tch::Cuda::device_count().max(1) as usize))
 }
 
+/// `bytes` in GiB, as device memory is reported.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// Bytes a new tensor can still get on `device` (the driver's free memory plus what libtorch's
 /// caching allocator holds unused) and the device's total, for a libtorch CUDA device; `None`
 /// for any other device, or when the query fails (`csrc/memory.cpp`).
@@ -242,7 +247,7 @@ pub fn check_fused_ops(backend: Backend) -> Result<OpsCheck, String> {
         let mut check = crate::torch::check::fused_ops(&device, if cuda { 5e-3 } else { 2e-5 }, cuda);
         // The device memory `stu predict` sizes its sum of tiles by: known on CUDA, and sane.
         match (cuda, cuda_memory(&device)) {
-            (true, Some((free, total))) if free > 0 && free <= total => check.lines.push(format!("device memory: {:.1} of {:.1} GiB free", free as f64 / (1u64 << 30) as f64, total as f64 / (1u64 << 30) as f64)),
+            (true, Some((free, total))) if free > 0 && free <= total => check.lines.push(format!("device memory: {:.1} of {:.1} GiB free", gib(free), gib(total))),
             (true, got) => check.failures.push(format!("device memory: {got:?} (free, total) from csrc/memory.cpp")),
             (false, None) => {}
             (false, Some(m)) => check.failures.push(format!("device memory {m:?} reported for a CPU device")),

@@ -579,7 +579,7 @@ impl Predictor {
         let free = if self.on_device == Accumulate::DeviceIfItFits { stu_engine::backend::cuda_memory(&self.device).map(|(f, _)| f) } else { None };
         let on_device = self.on_device.on_device(bytes, free);
         if let (false, Some(f)) = (on_device, free) {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            use stu_engine::backend::gib;
             eprintln!("the logits ({:.1} GiB) would take more than half the {:.1} GiB free on the device: summing the tiles in host memory", gib(bytes), gib(f));
         }
         let mut acc = if on_device { Vec::new() } else { vec![0f32; classes * n] };

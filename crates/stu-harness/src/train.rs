@@ -841,7 +841,7 @@ fn write_curves(out: &Path, logs: &[EpochLog]) -> Result<()> {
 fn state_fits(params: u64, precision: Precision, free: u64, total: u64) -> Result<()> {
     let per = 8 + if precision == Precision::F32 { 0 } else { 2 };
     let need = params * per;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    use stu_engine::backend::gib;
     ensure!(
         need <= free,
         "training needs {:.1} GiB beyond the weights for the gradients and momentum of {params} parameters ({per} bytes each), and the device has {:.1} of {:.1} GiB free: a smaller model, or a larger device (README: \"Device memory\")",
