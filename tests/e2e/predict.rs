@@ -196,8 +196,10 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     std::fs::copy(images.join("ts_mr_sm_0000.nii.gz"), mixed.join("good_0000.nii.gz")).unwrap();
     std::fs::write(mixed.join("broken_0000.nii.gz"), b"\x1f\x8b not really gzip").unwrap();
     std::fs::copy(shared().join("data/Dataset801_TotalSegExampleCT/imagesTr/ts_ct_sm_0000.nii.gz"), mixed.join("other_0000.nii.gz")).unwrap();
-    // One case at a time (the CPU default) and overlapped (read, network and export of three
-    // cases at once, the GPU default): the same files, and the same lone failure.
+    // One case at a time (the CPU default: the export runs slab by slab as the sliding window
+    // finishes slices) and overlapped (read, network and export of three cases at once, the
+    // GPU default: the export stage gets each case's whole logits): the same files, and the
+    // same lone failure.
     for (dir, overlap) in [("p4", "off"), ("p5", "on")] {
         let r = stu(&["predict", "-i", mixed.to_str().unwrap(), "-o", &t(dir), "--checkpoint", &ck, "--disable-tta", "--overlap", overlap]);
         assert!(!r.status.success(), "a failed case gives a non-zero exit");

@@ -117,6 +117,13 @@ impl Taps {
             _ => 4,
         }
     }
+
+    /// Output `i` from the input values `src(j)` (for order 3: the padded coefficients').
+    #[inline(always)]
+    fn sum(&self, i: usize, src: impl Fn(usize) -> f64) -> f64 {
+        let (ix, w) = (&self.idx[i], &self.w[i]);
+        (0..self.width()).map(|t| w[t] * src(ix[t])).sum()
+    }
 }
 
 /// Resamples one line with precomputed taps (order 3: prefiltered coefficients first).
@@ -132,9 +139,8 @@ fn line(input: &[f64], out: &mut [f64], taps: &Taps, scratch: &mut Vec<f64>) {
     } else {
         input
     };
-    let k = taps.width();
-    for ((o, ix), w) in out.iter_mut().zip(&taps.idx).zip(&taps.w) {
-        *o = (0..k).map(|t| w[t] * src[ix[t]]).sum();
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = taps.sum(i, |j| src[j]);
     }
 }
 
@@ -245,6 +251,72 @@ pub fn resample_linear(v: &[f32], shape: [usize; 3], new_shape: [usize; 3], sepa
         cur_shape[axis] = new_shape[axis];
     }
     cur.into_owned()
+}
+
+/// [`resample_linear`] a few output rows (slices along the first axis) at a time, from input
+/// rows as they become available (a sliding window's finished slices): the same values, bit for
+/// bit, without ever holding the whole input or output. Each output row reads at most two input
+/// rows, [`LinearRows::reads`].
+pub struct LinearRows {
+    shape: [usize; 3],
+    new_shape: [usize; 3],
+    separate: Option<usize>,
+    /// The first axis's taps, when its extent changes.
+    taps0: Option<Taps>,
+}
+
+impl LinearRows {
+    /// Rows of `resample_linear(_, shape, new_shape, separate)`.
+    pub fn new(shape: [usize; 3], new_shape: [usize; 3], separate: Option<usize>) -> Self {
+        let taps0 = (shape[0] != new_shape[0]).then(|| Taps::new(shape[0], new_shape[0], if separate == Some(0) { 0 } else { 1 }));
+        Self { shape, new_shape, separate, taps0 }
+    }
+
+    /// The first and last input row that output row `r` reads.
+    pub fn reads(&self, r: usize) -> (usize, usize) {
+        match &self.taps0 {
+            None => (r, r),
+            Some(t) => {
+                let ix = &t.idx[r][..t.width()];
+                (ix.iter().copied().min().expect("a tap"), ix.iter().copied().max().expect("a tap"))
+            }
+        }
+    }
+
+    /// Output rows `rows` (`[rows.len(), Y', X']`) from `input`, the input rows `first..` (`[m,
+    /// Y, X]`), which must include every row they read.
+    pub fn rows(&self, input: &[f32], first: usize, rows: std::ops::Range<usize>) -> Vec<f32> {
+        let plane = self.shape[1] * self.shape[2];
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let (lo, hi) = (self.reads(rows.start).0, self.reads(rows.end - 1).1);
+        assert!(lo >= first && (hi + 1 - first) * plane <= input.len(), "output rows {rows:?} read input rows {lo}..={hi}, given {first}..{}", first + input.len() / plane);
+        let mut cur: std::borrow::Cow<'_, [f32]> = std::borrow::Cow::Borrowed(&input[(lo - first) * plane..(hi + 1 - first) * plane]);
+        let mut cur_shape = [hi + 1 - lo, self.shape[1], self.shape[2]];
+        // resample_linear's passes, in its order; the first axis's only over these rows.
+        for axis in (0..3).filter(|&a| Some(a) != self.separate).chain(self.separate) {
+            if axis == 0 {
+                let Some(taps) = &self.taps0 else { continue };
+                let cp = cur_shape[1] * cur_shape[2];
+                let mut out = vec![0f32; rows.len() * cp];
+                let src = &cur;
+                out.par_chunks_mut(cp).zip(rows.clone()).for_each(|(o, r)| {
+                    for (p, o) in o.iter_mut().enumerate() {
+                        *o = f32::put(taps.sum(r, |j| src[(j - lo) * cp + p].get()));
+                    }
+                });
+                cur = std::borrow::Cow::Owned(out);
+                cur_shape[0] = rows.len();
+            } else if cur_shape[axis] != self.new_shape[axis] {
+                let order = if Some(axis) == self.separate { 0 } else { 1 };
+                cur = std::borrow::Cow::Owned(along(&cur, cur_shape, axis, self.new_shape[axis], order));
+                cur_shape[axis] = self.new_shape[axis];
+            }
+        }
+        debug_assert_eq!(cur_shape[0], rows.len());
+        cur.into_owned()
+    }
 }
 
 /// Resamples image data to `new_shape` (order 3, separate z when `separate` names an axis);
@@ -449,6 +521,36 @@ mod tests {
                 cur[axis] = new_shape[axis];
             }
             assert_eq!(resample_linear(&v, shape, new_shape, sep), want, "{new_shape:?}, separate {sep:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any split of the output rows into runs, each computed from just the input rows it
+        /// reads, gives `resample_linear`'s bits: up, down and same along each axis, with and
+        /// without a separate axis.
+        #[test]
+        fn rows_pieced_together_are_the_whole_resampling(
+            shape in proptest::array::uniform3(1usize..9),
+            new_shape in proptest::array::uniform3(1usize..13),
+            separate in proptest::option::of(0usize..3),
+            cuts in proptest::collection::vec(0usize..13, 0..5),
+            seed in 0u64..1000,
+        ) {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (((i as u64 + 1) * (seed * 2 + 7919)) % 2003) as f32 / 97.0 - 10.0).collect();
+            let want = resample_linear(&v, shape, new_shape, separate);
+            let rows = LinearRows::new(shape, new_shape, separate);
+            let plane = shape[1] * shape[2];
+            let mut bounds: Vec<usize> = cuts.into_iter().filter(|&c| c < new_shape[0]).chain([0, new_shape[0]]).collect();
+            bounds.sort_unstable();
+            bounds.dedup();
+            let mut got = Vec::new();
+            for w in bounds.windows(2) {
+                let (lo, hi) = (rows.reads(w[0]).0, rows.reads(w[1] - 1).1);
+                got.extend(rows.rows(&v[lo * plane..(hi + 1) * plane], lo, w[0]..w[1]));
+            }
+            proptest::prop_assert!(got == want, "{:?} → {:?}, separate {:?}", shape, new_shape, separate);
         }
     }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use stu_data::preprocess::{PreprocessPlan, preprocess_case, transpose};
-use stu_data::resample::{resample_linear, separate_axis};
+use stu_data::resample::{LinearRows, resample_linear, separate_axis};
 use stu_engine::backend::Backend;
 use stu_engine::precision::Precision;
 use stu_engine::model::{LoadOptions, SegNet};
@@ -222,11 +222,6 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    /// The name of its phase in the timings.
-    pub fn phase(&self) -> &'static str {
-        if self.fast { "resample labels" } else { "resample + argmax" }
-    }
-
     /// The label map (input array order) and geometry of `case` from what the network gave;
     /// with `probabilities`, also writes the softmax there ([`write_probabilities`]).
     pub fn export(&self, case: Case, out: NetOut, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
@@ -236,6 +231,11 @@ impl Exporter {
                 ensure!(probabilities.is_none(), "case `{}`: a label map has no probabilities to write", case.id);
                 ensure!(seg.len() == back.grid.iter().product::<usize>(), "case `{}`: {} labels for a {:?} grid", case.id, seg.len(), back.grid);
                 return back.label_map(case, &back.resample_seg(&seg));
+            }
+            NetOut::Cropped(seg) => {
+                ensure!(probabilities.is_none(), "case `{}`: a label map has no probabilities to write", case.id);
+                ensure!(seg.len() == back.target.iter().product::<usize>(), "case `{}`: {} labels for a {:?} crop", case.id, seg.len(), back.target);
+                return back.label_map(case, &seg);
             }
             NetOut::Logits(l) => l,
         };
@@ -303,7 +303,6 @@ impl Exporter {
         let back = Back::of(&self.plan, &case);
         let n: usize = back.grid.iter().product();
         ensure!(logits.len() == writes.len() * n, "case `{}`: {} outputs for {} regions", case.id, logits.len() / n.max(1), writes.len());
-        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
         let paint = |seg: &mut [u16], r: &[f32], w: u16| seg.par_iter_mut().zip(r.par_iter()).for_each(|(s, &v)| if sigmoid(v) > 0.5 { *s = w });
         let mut seg = vec![0u16; back.target.iter().product()];
         for (k, &w) in writes.iter().enumerate() {
@@ -508,12 +507,12 @@ impl Predictor {
         let case = self.reader().read(id, images)?;
         phases.push(("read + preprocess", t.elapsed().as_secs_f64()));
         let t = std::time::Instant::now();
-        let logits = self.network(&case, progress)?;
-        phases.push(("network", t.elapsed().as_secs_f64()));
+        let out = self.network(&case, probabilities.is_none(), progress)?;
+        let (network, export) = out.phases();
+        phases.push((network, t.elapsed().as_secs_f64()));
         let t = std::time::Instant::now();
-        let exporter = self.exporter();
-        let out = exporter.export(case, logits, probabilities)?;
-        phases.push((exporter.phase(), t.elapsed().as_secs_f64()));
+        let out = self.exporter().export(case, out, probabilities)?;
+        phases.push((export, t.elapsed().as_secs_f64()));
         Ok(out)
     }
 
@@ -527,16 +526,23 @@ impl Predictor {
         Exporter { plan: self.plan.clone(), classes: self.classes(), fast: self.fast_export, regions: self.regions.clone() }
     }
 
-    /// What the sliding window hands a read case's export: every class's logits `[classes, Z,
-    /// Y, X]` on its preprocessed grid, or, with the fast export, its label map there already
-    /// (then only a window of slices is ever summed, [`Predictor::sliding_labels`]).
-    pub fn network(&self, case: &Case, progress: &dyn Fn(usize, usize)) -> Result<NetOut> {
+    /// What the sliding window hands a read case's export: with the fast export, its label map
+    /// on the preprocessed grid ([`Predictor::sliding_labels`]); else, where the export may run
+    /// here as the slices come (`export_here`: no probabilities to write, no export stage of
+    /// its own), its label map on the cropped input grid ([`RowExport`]); else every class's
+    /// logits `[classes, Z, Y, X]` on the preprocessed grid. The first two sum only a window of
+    /// one patch depth, never the whole volume's logits.
+    pub fn network(&self, case: &Case, export_here: bool, progress: &dyn Fn(usize, usize)) -> Result<NetOut> {
         let [c, z, y, x] = case.pre.props.shape;
         if self.fast_export {
-            self.sliding_labels(&case.pre.data, c, [z, y, x], progress).map(NetOut::Labels)
-        } else {
-            self.sliding_window(&case.pre.data, c, [z, y, x], progress).map(NetOut::Logits)
+            return self.sliding_labels(&case.pre.data, c, [z, y, x], progress).map(NetOut::Labels);
         }
+        if !export_here {
+            return self.sliding_window(&case.pre.data, c, [z, y, x], progress).map(NetOut::Logits);
+        }
+        let mut rows = RowExport::new(&Back::of(&self.plan, case), self.classes(), self.regions.clone());
+        self.slide(&case.pre.data, c, [z, y, x], z.min(self.patch[0]), progress, &mut |slab| rows.take(&slab))?;
+        rows.finish().map(NetOut::Cropped)
     }
 
     /// Sliding-window logits `[classes, Z, Y, X]` of a preprocessed volume `[C, Z, Y, X]`.
@@ -711,6 +717,120 @@ pub enum NetOut {
     Logits(Vec<f32>),
     /// The label map `[Z, Y, X]` on the preprocessed grid (the fast export).
     Labels(Vec<i16>),
+    /// The label map on the cropped input grid (the full export, done as the slices came).
+    Cropped(Vec<u16>),
+}
+
+impl NetOut {
+    /// The names of the network's phase and the export's in the timings.
+    pub fn phases(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Logits(_) => ("network", "resample + argmax"),
+            Self::Labels(_) => ("network + argmax", "resample labels"),
+            Self::Cropped(_) => ("network + resample + argmax", "place labels"),
+        }
+    }
+}
+
+/// The full export done as the sliding window's slices are finished: each class's output rows
+/// resampled back to the cropped shape ([`LinearRows`]) as soon as the slices they read are in,
+/// and reduced to labels at once (a running argmax over the classes, or a region-based model's
+/// sigmoids painted in order), so neither the whole volume's logits nor a whole resampled class
+/// is ever held. The labels are [`Exporter::export`]'s from the whole logits, bit for bit.
+struct RowExport {
+    rows: LinearRows,
+    classes: usize,
+    regions: Option<Vec<u16>>,
+    grid: [usize; 3],
+    target: [usize; 3],
+    /// Input rows `kept_from..` of earlier slabs that rows to come still read, `[classes, rows,
+    /// Y, X]` (a row or two).
+    kept: Vec<f32>,
+    kept_from: usize,
+    /// The next output row.
+    next: usize,
+    /// The labels on the cropped grid.
+    labels: Vec<u16>,
+}
+
+impl RowExport {
+    fn new(back: &Back, classes: usize, regions: Option<Vec<u16>>) -> Self {
+        let rows = LinearRows::new(back.grid, back.target, back.separate);
+        Self { rows, classes, regions, grid: back.grid, target: back.target, kept: Vec::new(), kept_from: 0, next: 0, labels: vec![0; back.target.iter().product()] }
+    }
+
+    /// Takes the next slab: labels every output row whose input rows are all in.
+    fn take(&mut self, slab: &Slab<'_>) -> Result<()> {
+        use rayon::prelude::*;
+        let plane = self.grid[1] * self.grid[2];
+        let tplane = self.target[1] * self.target[2];
+        let (z0, end_in) = (slab.z0, slab.z0 + slab.k);
+        let kept_rows = self.kept.len() / (self.classes * plane).max(1);
+        ensure!(self.kept_from + kept_rows == z0 || kept_rows == 0, "slices {z0}.. arrive after {}..", self.kept_from + kept_rows);
+        // Class `c`'s input rows `lo..=hi`, from what was kept and this slab.
+        let input = |c: usize, lo: usize, hi: usize| -> std::borrow::Cow<'_, [f32]> {
+            if lo >= z0 {
+                return slab.rows(c, lo - z0..hi + 1 - z0);
+            }
+            let mut v = self.kept[(c * kept_rows + lo - self.kept_from) * plane..(c + 1) * kept_rows * plane].to_vec();
+            v.extend_from_slice(&slab.rows(c, 0..hi + 1 - z0));
+            std::borrow::Cow::Owned(v)
+        };
+        let mut end = self.next;
+        while end < self.target[0] && self.rows.reads(end).1 < end_in {
+            end += 1;
+        }
+        if end > self.next {
+            let (lo, hi) = (self.rows.reads(self.next).0, self.rows.reads(end - 1).1);
+            let out = &mut self.labels[self.next * tplane..end * tplane];
+            const CHUNK: usize = 1 << 15;
+            match &self.regions {
+                None => {
+                    let mut best = vec![f32::NEG_INFINITY; out.len()];
+                    for c in 0..self.classes {
+                        let r = self.rows.rows(&input(c, lo, hi), lo, self.next..end);
+                        best.par_chunks_mut(CHUNK).zip(out.par_chunks_mut(CHUNK)).zip(r.par_chunks(CHUNK)).for_each(|((b, a), r)| {
+                            for ((b, a), &v) in b.iter_mut().zip(a.iter_mut()).zip(r) {
+                                if v > *b {
+                                    *b = v;
+                                    *a = c as u16;
+                                }
+                            }
+                        });
+                    }
+                }
+                Some(writes) => {
+                    for (c, &w) in writes.iter().enumerate() {
+                        let r = self.rows.rows(&input(c, lo, hi), lo, self.next..end);
+                        out.par_iter_mut().zip(r.par_iter()).for_each(|(s, &v)| if sigmoid(v) > 0.5 { *s = w });
+                    }
+                }
+            }
+            self.next = end;
+        }
+        // Keep the input rows that the rows to come read (none once all are done).
+        let from = if end < self.target[0] { self.rows.reads(end).0.min(end_in) } else { end_in };
+        let keep = end_in - from;
+        let mut kept = Vec::with_capacity(self.classes * keep * plane);
+        for c in 0..self.classes {
+            if keep > 0 {
+                kept.extend_from_slice(&input(c, from, end_in - 1));
+            }
+        }
+        (self.kept, self.kept_from) = (kept, from);
+        Ok(())
+    }
+
+    /// The labels, once every row is done.
+    fn finish(self) -> Result<Vec<u16>> {
+        ensure!(self.next == self.target[0], "the export stopped at row {} of {}", self.next, self.target[0]);
+        Ok(self.labels)
+    }
+}
+
+/// The logistic function, as the region-based export applies it.
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
 }
 
 /// The sliding window's sums over `window` slices of the volume (a ring: volume slice `z` at
@@ -818,15 +938,34 @@ enum SlabData<'a> {
 impl Slab<'_> {
     /// Class `class`'s values on slice `z0 + dz`.
     fn plane(&self, class: usize, dz: usize) -> &[f32] {
-        let at = match &self.data {
-            SlabData::Ring(_) => class * self.window + (self.z0 + dz) % self.window,
-            SlabData::Copied(_) => class * self.k + dz,
-        };
+        let at = self.slot(class, dz);
         let v = match &self.data {
             SlabData::Ring(v) => v.as_slice(),
             SlabData::Copied(v) => v.as_slice(),
         };
         &v[at * self.plane..(at + 1) * self.plane]
+    }
+
+    /// Class `class`'s values on slices `z0 + dz` for `dz` in `dz` (`[dz.len(), Y, X]`),
+    /// borrowed where they lie together.
+    fn rows(&self, class: usize, dz: std::ops::Range<usize>) -> std::borrow::Cow<'_, [f32]> {
+        let (first, last) = (self.slot(class, dz.start), self.slot(class, dz.end - 1));
+        if last + 1 == first + dz.len() {
+            let v = match &self.data {
+                SlabData::Ring(v) => v.as_slice(),
+                SlabData::Copied(v) => v.as_slice(),
+            };
+            return std::borrow::Cow::Borrowed(&v[first * self.plane..(last + 1) * self.plane]);
+        }
+        std::borrow::Cow::Owned(dz.flat_map(|d| self.plane(class, d).iter().copied()).collect())
+    }
+
+    /// Where class `class`'s slice `z0 + dz` lies, in planes.
+    fn slot(&self, class: usize, dz: usize) -> usize {
+        match &self.data {
+            SlabData::Ring(_) => class * self.window + (self.z0 + dz) % self.window,
+            SlabData::Copied(_) => class * self.k + dz,
+        }
     }
 
     /// The logits `[classes, Z, Y, X]` of a slab that is the whole volume, moved out.
@@ -865,7 +1004,6 @@ impl<'a> LabelRule<'a> {
     /// Labels `seg` (`[k, Y, X]`) from `slab`, a slice per core.
     fn apply(&self, slab: &Slab<'_>, seg: &mut [i16]) {
         use rayon::prelude::*;
-        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
         seg.par_chunks_mut(slab.plane).enumerate().for_each(|(dz, seg)| match *self {
             Self::Argmax(classes) => {
                 let mut best = slab.plane(0, dz).to_vec();
@@ -1178,10 +1316,11 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             let mut results = Vec::with_capacity(cases.len());
             for (i, t, computed, mut phases) in from_network {
                 let id = &cases[i].0;
-                let written = computed.and_then(|(case, logits)| {
+                let written = computed.and_then(|(case, out)| {
                     let e = std::time::Instant::now();
-                    let (seg, geom) = exporter.export(case, logits, probabilities(id).as_deref())?;
-                    phases.push((exporter.phase(), e.elapsed().as_secs_f64()));
+                    let phase = out.phases().1;
+                    let (seg, geom) = exporter.export(case, out, probabilities(id).as_deref())?;
+                    phases.push((phase, e.elapsed().as_secs_f64()));
                     finish(id, seg, &geom, &mut phases)
                 });
                 results.push(CaseResult { id: id.clone(), output: written.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases, skipped: false });
@@ -1192,9 +1331,10 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             let id = &cases[i].0;
             let computed = case.and_then(|case| {
                 let n = std::time::Instant::now();
-                let logits = predictor.network(&case, &|d, k| progress(id, d, k))?;
-                phases.push(("network", n.elapsed().as_secs_f64()));
-                Ok((case, logits))
+                // The export is the writer stage's: the logits go there whole.
+                let out = predictor.network(&case, false, &|d, k| progress(id, d, k))?;
+                phases.push((out.phases().0, n.elapsed().as_secs_f64()));
+                Ok((case, out))
             });
             to_writer.send((i, t, computed, phases)).expect("the writer stage runs until the network stage ends");
         }
@@ -1353,6 +1493,57 @@ mod tests {
         })
         .unwrap();
         assert_eq!(slabs, [0..9]);
+    }
+
+    #[test]
+    fn the_full_export_done_slab_by_slab_labels_as_the_whole_logits_do() {
+        // The sliding window's slabs (a 16-slice ring over 53 slices) resampled row by row to
+        // the cropped shape and reduced at once give the labels that resampling each class's
+        // whole logits and taking the running argmax (or painting the regions) gives: up and
+        // down along each axis, with and without a separate axis, on the host and the device.
+        let shape = [53, 40, 21];
+        let plane = shape[1] * shape[2];
+        let n = shape[0] * plane;
+        let data: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+        for (target, separate, on_device) in [([80, 33, 25], None, Accumulate::Host), ([30, 47, 21], Some(0), Accumulate::Host), ([53, 20, 40], None, Accumulate::Device), ([71, 40, 13], Some(2), Accumulate::Host)] {
+            let mut p = tiny_predictor(&[1], false);
+            p.on_device = on_device;
+            let whole = p.sliding_window(&data, 1, shape, &|_, _| {}).unwrap();
+            let back = Back { grid: shape, target, separate, full: target, bbox: [[0, target[0]], [0, target[1]], [0, target[2]]], backward: [0, 1, 2] };
+            let nt: usize = target.iter().product();
+            let resampled = |c: usize| resample_linear(&whole[c * n..(c + 1) * n], shape, target, separate);
+            for regions in [None, Some(vec![1u16, 2, 7])] {
+                p.regions = regions.clone();
+                let mut rows = RowExport::new(&back, 3, regions.clone());
+                p.slide(&data, 1, shape, 16, &|_, _| {}, &mut |slab| rows.take(&slab)).unwrap();
+                let got = rows.finish().unwrap();
+                let mut want = vec![0u16; nt];
+                match &regions {
+                    None => {
+                        let mut best = vec![f32::NEG_INFINITY; nt];
+                        for c in 0..3 {
+                            for ((b, a), v) in best.iter_mut().zip(want.iter_mut()).zip(resampled(c)) {
+                                if v > *b {
+                                    (*b, *a) = (v, c as u16);
+                                }
+                            }
+                        }
+                    }
+                    Some(w) => {
+                        for (c, &w) in w.iter().enumerate() {
+                            for (a, v) in want.iter_mut().zip(resampled(c)) {
+                                if sigmoid(v) > 0.5 {
+                                    *a = w;
+                                }
+                            }
+                        }
+                    }
+                }
+                assert!(got == want, "{target:?} {separate:?} {on_device:?} regions {regions:?}: {} labels differ", got.iter().zip(&want).filter(|(a, b)| a != b).count());
+                let distinct: std::collections::BTreeSet<u16> = got.iter().copied().collect();
+                assert!(distinct.len() >= 2, "more than one label: {distinct:?}");
+            }
+        }
     }
 
     #[test]
