@@ -19,6 +19,14 @@
 //!   PyTorch's Gloo on the same buffers right after (`xtask/bench/torch_allreduce.py`); writes
 //!   `reports/bench/allreduce.{json,md}`.
 //!
+//! - `bench-predict [--preset stunet-s|b|l|h]`: whole-volume inference of a whole-body-length
+//!   CT (`stu bench-data --long`: 512×512×807 at 0.8×0.8×1.0 mm, 538×273×273 at 1.5 mm, 128
+//!   tiles) with a freshly initialised 105-class STU-Net (`stu init`) on the released plan, no
+//!   TTA: the full export slab by slab (the CPU default), the full export from the whole
+//!   volume's logits (`--overlap on`, as every version before 2026-11-28 did), and the fast
+//!   export; wall time and peak RSS each, the two full exports' label maps checked equal;
+//!   writes `reports/bench/predict.{json,md}`.
+//!
 //! - `bench --backend tch-cuda [--python PY]`: on a CUDA machine, builds `stu` with `tch`
 //!   (README: "GPU backends") and runs `xtask/bench/gpu_suite.py`: parity on the shared fixture,
 //!   `stu check-ops` (the fused ATen paths against burn's composed operators), sliding-window
@@ -50,13 +58,14 @@ fn main() -> Result<()> {
         Some("bench-preprocess") => bench_preprocess(args.collect()),
         Some("bench-train") => bench_train(args.collect()),
         Some("bench-allreduce") => bench_allreduce(args.collect()),
+        Some("bench-predict") => bench_predict(args.collect()),
         Some("run") => run_spec(args.collect()),
         Some("report") => report(args.collect()),
         Some("libtorch") => {
             let python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
             run(Command::new(python).arg(root().join("xtask/libtorch.py")).args(args))
         }
-        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, bench-allreduce, run, report, libtorch"),
+        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, bench-allreduce, bench-predict, run, report, libtorch"),
         None => bail!("usage: cargo xtask bench [--python PY] [--no-torch] [--out DIR] [CASES…]"),
     }
 }
@@ -472,6 +481,64 @@ fn bench_allreduce(mut args: Vec<String>) -> Result<()> {
     std::fs::write(out_dir.join("allreduce.json"), serde_json::to_string_pretty(&json!({ "host": host, "torch": theirs["torch"], "rows": rows }))? + "\n")?;
     std::fs::write(out_dir.join("allreduce.md"), &md)?;
     let _ = std::fs::remove_file(&ours_path);
+    print!("{md}");
+    Ok(())
+}
+
+fn bench_predict(args: Vec<String>) -> Result<()> {
+    let preset = match args.as_slice() {
+        [] => "stunet-s".to_string(),
+        [flag, p] if flag == "--preset" => p.clone(),
+        _ => bail!("usage: cargo xtask bench-predict [--preset stunet-s|stunet-b|stunet-l|stunet-h]"),
+    };
+    let root = root();
+    let stu = build_stu(&root, &[])?;
+    let work = target_dir(&root).join("bench-predict");
+    run(Command::new(&stu).arg("bench-data").arg("--out").arg(work.join("raw")).arg("--long"))?;
+    let input = work.join("input");
+    let _ = std::fs::remove_dir_all(&input);
+    std::fs::create_dir_all(&input)?;
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(work.join("raw/Dataset990_SyntheticCT/imagesTs/long_0000.nii.gz"), input.join("long_0000.nii.gz"))?;
+    let model = work.join(format!("{preset}-105.safetensors"));
+    run(Command::new(&stu).args(["init", "--classes", "105", "--options"]).arg(json!({ "preset": preset }).to_string()).arg("--out").arg(&model))?;
+    let variants: [(&str, &str, &[&str]); 3] = [
+        ("full", "full export, slab by slab as the window finishes slices (default)", &[]),
+        ("full-whole", "full export from the whole volume's logits (`--overlap on`; every version before 2026-11-28)", &["--overlap", "on"]),
+        ("fast", "fast export (`--fast-export`), slab by slab", &["--fast-export"]),
+    ];
+    let host = host();
+    let mut md = format!(
+        "# Whole-volume inference: one whole-body-length CT, `stu predict`\n\n{}\n\n512×512×807 CT at 0.8×0.8×1.0 mm (`stu bench-data --long`) → 538×273×273 at 1.5 mm (the released plan), 128 tiles of 128³, no TTA; `{preset}` with 105 classes, freshly initialised (`stu init`); flex backend. Wall time and peak RSS of the whole process (`/usr/bin/time`). The logits of the whole volume alone are 105 × 39.6 M × 4 B = 16.8 GB.\n\n| variant | wall (s) | peak RSS (GiB) |\n|---|---|---|\n",
+        host_line(&host)
+    );
+    let mut rows = Vec::new();
+    for (id, what, extra) in variants {
+        let out = work.join(format!("out-{id}"));
+        let _ = std::fs::remove_dir_all(&out);
+        let mut cmd = Command::new(&stu);
+        cmd.arg("predict").arg("-i").arg(&input).arg("-o").arg(&out).arg("--checkpoint").arg(&model).arg("--disable-tta").args(extra);
+        // The whole volume's logits may not fit this machine: that is a result, not an error.
+        match timed(&mut cmd) {
+            Ok((wall, rss)) => {
+                md.push_str(&format!("| {what} | {wall:.1} | {} |\n", rss.map_or("–".into(), |r| format!("{r:.2}"))));
+                rows.push(json!({ "variant": id, "what": what, "wall_s": wall, "peak_rss_gib": rss }));
+            }
+            Err(e) => {
+                md.push_str(&format!("| {what} | did not finish: {e} | |\n"));
+                rows.push(json!({ "variant": id, "what": what, "error": e.to_string() }));
+            }
+        }
+    }
+    let map = |id: &str| std::fs::read(work.join(format!("out-{id}/long.nii.gz"))).ok();
+    if let (Some(a), Some(b)) = (map("full"), map("full-whole")) {
+        ensure!(a == b, "the full export's label maps differ between slab by slab and whole");
+        md.push_str("\nThe two full exports wrote byte-identical label maps.\n");
+    }
+    let out_dir = root.join("reports/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("predict.json"), serde_json::to_string_pretty(&json!({ "host": host, "preset": preset, "rows": rows }))? + "\n")?;
+    std::fs::write(out_dir.join("predict.md"), &md)?;
     print!("{md}");
     Ok(())
 }

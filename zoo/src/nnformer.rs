@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use stu_core::strides::Stride;
 use stu_engine::burn;
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
-use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
+use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
@@ -851,6 +851,6 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
-        check: |spec| arch_of(spec).map(|a| Some(a.crop_size)),
+        check: |spec| arch_of(spec).map(|a| InputRule::fixed(a.crop_size)),
     }
 }

@@ -18,7 +18,7 @@ use stu_engine::burn;
 use stu_engine::burn::module::{Module, Param};
 use stu_engine::burn::nn::Initializer;
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
-use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
+use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
@@ -682,9 +682,9 @@ fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, Strin
 
 /// [`arch_of`] with as many stages as the options' per-stage lists give (a plan's stage count
 /// is not known before its data), else as `spec.strides` (six when there are none).
-fn check_options(spec: &NetSpec) -> Result<Option<Stride>, String> {
+fn check_options(spec: &NetSpec) -> Result<InputRule, String> {
     let o: PlainOptions = options(spec, NAME)?;
-    arch_with(&o.sizes().for_check(spec), &o).map(|_| None)
+    arch_with(&o.sizes().for_check(spec), &o).map(|_| InputRule::default())
 }
 
 fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {

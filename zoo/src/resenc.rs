@@ -15,7 +15,7 @@ use stu_engine::burn;
 use stu_engine::burn::module::{Module, Param};
 use stu_engine::burn::nn::Initializer;
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
-use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
+use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
@@ -429,9 +429,9 @@ fn build_boxed(spec: &NetSpec, device: &Device) -> Result<Box<dyn SegNet>, Strin
 }
 
 /// [`arch_of`] with the stage count the options' per-stage lists give (as PlainConvUNet's).
-fn check_options(spec: &NetSpec) -> Result<Option<Stride>, String> {
+fn check_options(spec: &NetSpec) -> Result<InputRule, String> {
     let o: ResEncOptions = options(spec, NAME)?;
-    arch_with(&o.sizes().for_check(spec), &o).map(|_| None)
+    arch_with(&o.sizes().for_check(spec), &o).map(|_| InputRule::default())
 }
 
 fn load_boxed(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Box<dyn SegNet>, CheckpointError> {

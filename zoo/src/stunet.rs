@@ -25,7 +25,7 @@ use stu_engine::burn::module::{Module, Param};
 use stu_engine::burn::nn::conv::{Conv3d, Conv3dConfig};
 use stu_engine::burn::nn::{Initializer, PaddingConfig3d};
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
-use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
+use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
@@ -713,7 +713,7 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
-        check: |spec| arch_of(spec).map(|_| None),
+        check: |spec| arch_of(spec).map(|_| InputRule::default()),
     }
 }
 

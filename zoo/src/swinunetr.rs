@@ -16,9 +16,13 @@ use serde::{Deserialize, Serialize};
 use stu_core::strides::Stride;
 use stu_engine::burn;
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
-use stu_engine::model::{LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
+use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
+
+/// What every input extent must be a multiple of: five 2× downsamplings (the patch embedding's
+/// and four patch mergings).
+pub const DIVISOR: Stride = [32; 3];
 
 use crate::stunet::TOTALSEG_CLASSES;
 use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, pad_end, partition, reverse, roll, shift_mask, up};
@@ -384,7 +388,7 @@ impl SwinUnetr {
 
     fn run(&self, x: Tensor<5>) -> Tensor<5> {
         let [b, c, d, h, w] = x.dims();
-        assert!([d, h, w].iter().all(|v| v % 32 == 0), "SwinUNETR needs input extents divisible by 32, got {d}×{h}×{w}");
+        assert!([d, h, w].iter().all(|v| v % DIVISOR[0] == 0), "SwinUNETR needs input extents divisible by 32, got {d}×{h}×{w}");
         let f = self.arch.feature_size;
         // 2³ patch embedding as a matrix product; channels-last tokens.
         let p: Tensor<8> = x.clone().reshape([b, c, d / 2, 2, h / 2, 2, w / 2, 2]).permute([0, 2, 4, 6, 1, 3, 5, 7]);
@@ -428,7 +432,7 @@ impl SegNet for SwinUnetr {
         self.arch.num_classes
     }
     fn input_divisor(&self) -> Stride {
-        [32; 3]
+        DIVISOR
     }
     fn forward_ds(&self, x: Tensor<5>) -> Vec<Tensor<5>> {
         vec![self.run(x)]
@@ -577,6 +581,6 @@ inventory::submit! {
         presets: preset_summaries,
         load: load_boxed,
         build: build_boxed,
-        check: |spec| arch_of(spec).map(|_| None),
+        check: |spec| arch_of(spec).map(|_| InputRule::divisor(DIVISOR)),
     }
 }

@@ -288,11 +288,15 @@ fn check_agrees_with_build_for_every_model() {
     for (name, good, bad, word) in cases {
         let e = registry().get(name).unwrap();
         let spec = |options: serde_json::Value| NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2; 3]; 2], options };
-        let fixed = (e.check)(&spec(good.clone())).unwrap_or_else(|m| panic!("{name}: check refused {good}: {m}"));
+        let rule = (e.check)(&spec(good.clone())).unwrap_or_else(|m| panic!("{name}: check refused {good}: {m}"));
         let net = (e.build)(&spec(good.clone()), &dev).unwrap_or_else(|m| panic!("{name}: build refused {good}: {m}"));
-        // The input size a spec is held to is the built network's.
-        assert_eq!(fixed, net.fixed_input(), "{name}");
-        assert_eq!(fixed.is_some(), ["unetr", "nnformer"].contains(&name), "{name}");
+        // The input size and divisor a spec is held to are the built network's.
+        assert_eq!(rule.fixed, net.fixed_input(), "{name}");
+        assert_eq!(rule.fixed.is_some(), ["unetr", "nnformer"].contains(&name), "{name}");
+        assert_eq!(rule.divisor.is_some(), name == "swinunetr", "{name}");
+        if let Some(d) = rule.divisor {
+            assert_eq!(d, net.input_divisor(), "{name}");
+        }
         let from_check = (e.check)(&spec(bad.clone())).expect_err(name);
         let from_build = (e.build)(&spec(bad.clone()), &dev).err().expect(name);
         assert_eq!(from_check, from_build, "{name}");

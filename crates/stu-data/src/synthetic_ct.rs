@@ -2,6 +2,8 @@
 //! two CTs, 512×512×300 at 0.8×0.8×1.0 mm and 512×512×150 at 0.7×0.7×2.0 mm (HU, body ellipse,
 //! three labelled blobs), as `Dataset990_SyntheticCT`. Same geometry and structures; the noise
 //! comes from another generator, so values are not bit-identical to the Python script's.
+//! [`write_long`] adds a whole-body-length CT for whole-volume inference: 512×512×807 at
+//! 0.8×0.8×1.0 mm (538×273×273 at 1.5 mm, `shared/docs/anchors.md`'s longer sliding-window case).
 
 use std::path::{Path, PathBuf};
 
@@ -80,4 +82,17 @@ pub fn write(out: &Path) -> Result<PathBuf, NiftiIoError> {
     let json = r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ_a": 1, "organ_b": 2, "vessel": 3}, "numTraining": 2, "file_ending": ".nii.gz"}"#;
     std::fs::write(d.join("dataset.json"), json).map_err(|e| io(&d.join("dataset.json"), e))?;
     Ok(d)
+}
+
+/// Writes `Dataset990_SyntheticCT/imagesTs/long_0000.nii.gz` under `out` (512×512×807 at
+/// 0.8×0.8×1.0 mm) unless it exists; returns its path.
+pub fn write_long(out: &Path) -> Result<PathBuf, NiftiIoError> {
+    let dir = out.join("Dataset990_SyntheticCT/imagesTs");
+    std::fs::create_dir_all(&dir).map_err(|e| NiftiIoError::Io { path: dir.clone(), source: e })?;
+    let img = dir.join("long_0000.nii.gz");
+    if !img.exists() {
+        let (im, _, g) = case([512, 512, 807], [0.8, 0.8, 1.0], 2);
+        write_image(&img, &im, &g)?;
+    }
+    Ok(img)
 }

@@ -160,8 +160,31 @@ pub struct ModelEntry {
     /// before any data exist): the error names the offending option. `in_channels`,
     /// `num_classes` and `strides` may be placeholders, so only what the options decide alone
     /// is checked (unknown keys, types, lists of unequal length, values out of range). Returns
-    /// the network's [`SegNet::fixed_input`].
-    pub check: fn(&NetSpec) -> Result<Option<Stride>, String>,
+    /// what the options alone say of the network's inputs.
+    pub check: fn(&NetSpec) -> Result<InputRule, String>,
+}
+
+/// What a network's size options alone say of the inputs it takes, before a plan gives its
+/// strides (spec validation holds `train.patch_size` to it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InputRule {
+    /// Its one input size ([`SegNet::fixed_input`]), if it has one.
+    pub fixed: Option<Stride>,
+    /// A divisor of every input extent whatever the strides ([`SegNet::input_divisor`] where
+    /// the options fix it: SwinUNETR's 32); `None` where the strides decide.
+    pub divisor: Option<Stride>,
+}
+
+impl InputRule {
+    /// A network built for `fixed` inputs only.
+    pub fn fixed(fixed: Stride) -> Self {
+        Self { fixed: Some(fixed), divisor: None }
+    }
+
+    /// A network whose input extents must be multiples of `divisor`.
+    pub fn divisor(divisor: Stride) -> Self {
+        Self { fixed: None, divisor: Some(divisor) }
+    }
 }
 
 /// Whether `net` takes inputs of spatial extent `patch`: a multiple of its input divisor, and

@@ -114,6 +114,10 @@ enum Command {
         /// Parent folder.
         #[arg(long)]
         out: PathBuf,
+        /// Also a whole-body-length CT for whole-volume inference, `imagesTs/long_0000.nii.gz`
+        /// (512×512×807 at 0.8×0.8×1.0 mm).
+        #[arg(long)]
+        long: bool,
     },
     /// Time STU-Net forward and forward+backward on this machine (cases of shared/bench/cpu_anchor.py).
     Bench {
@@ -316,6 +320,30 @@ enum Command {
         /// safetensors file to write.
         #[arg(long)]
         output: PathBuf,
+    },
+    /// Write a freshly initialised model (He init, as `stu train` starts from) as safetensors with its state-dict keys: for smoke tests and for timing prediction without a trained model.
+    Init {
+        /// Model registry name.
+        #[arg(long, default_value = "stunet")]
+        model: String,
+        /// The model's size options as JSON (`stu zoo`; e.g. `{"preset": "stunet-s"}`).
+        #[arg(long, default_value = "{\"preset\": \"stunet-b\"}")]
+        options: String,
+        /// Input channels.
+        #[arg(long, default_value_t = 1)]
+        channels: usize,
+        /// Output classes, background included (105: TotalSegmentator's 104 and background).
+        #[arg(long)]
+        classes: usize,
+        /// Strides, one per downsampling (default 2,2,2 five times: the released plan's).
+        #[arg(long, value_parser = parse_strides)]
+        strides: Option<StrideList>,
+        /// Seed of the initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Pack a trained model (the `stu train` run folders of its folds) into one zip to share (nnUNetv2_export_model_to_zip).
     ExportModel {
@@ -829,9 +857,12 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("spacing {} patch {} batch {} strides {}", c["spacing"], c["patch_size"], c["batch_size"], c["pool_op_kernel_sizes"]);
             eprintln!("wrote {} and {}", out.display(), fp_path.display());
         }
-        Command::BenchData { out } => {
+        Command::BenchData { out, long } => {
             let d = stu_data::synthetic_ct::write(&out)?;
             println!("{}", d.display());
+            if long {
+                println!("{}", stu_data::synthetic_ct::write_long(&out)?.display());
+            }
         }
         Command::Preprocess { dir, plans, configuration, out, jobs } => {
             let json = stu_data::dataset::DatasetJson::read(&dir.join("dataset.json"))?;
@@ -1062,6 +1093,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::InstallModel { zip, out } => {
             let dirs = crate::modelzip::install(&zip, &out)?;
             println!("installed {} fold(s): predict with --checkpoint {}", dirs.len(), dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" "));
+        }
+        Command::Init { model, options, channels, classes, strides, seed, out } => {
+            let options: serde_json::Value = serde_json::from_str(&options).context("--options: not JSON")?;
+            let strides = strides.map_or_else(|| vec![[2, 2, 2]; 5], |s| s.0);
+            let spec = stu_engine::model::NetSpec { in_channels: channels, num_classes: classes, strides, options };
+            let params = forward::init(&model, &spec, seed, &out)?;
+            eprintln!("wrote `{model}` ({params} parameters, seed {seed}) to {}", out.display());
         }
         Command::Export { model, output } => {
             let n = forward::export(&model.source(), &output)?;

@@ -123,6 +123,21 @@ pub fn export(src: &ModelSource, output: &Path) -> Result<usize> {
     Ok(tensors.len())
 }
 
+/// A freshly initialised model (He init with `seed`, as `stu train` starts from) written to
+/// `output` as safetensors with the model's own state-dict keys: for smoke tests, and for
+/// timing prediction without a trained model. Returns the parameter count.
+pub fn init(model: &str, spec: &stu_engine::model::NetSpec, seed: u64, output: &Path) -> Result<usize> {
+    zoo::link();
+    let entry = stu_engine::model::registry().get(model)?;
+    let device = Backend::Flex.device()?;
+    let net = (entry.build)(spec, &device).map_err(|e| anyhow::anyhow!("model `{model}`: {e}"))?;
+    let net = stu_engine::train::he_init(net, seed, None);
+    let tensors = net.state_dict();
+    let meta = HashMap::from([("model".to_string(), net.describe().to_string())]);
+    write_safetensors(output, &tensors, Some(meta)).with_context(|| format!("{}: cannot write", output.display()))?;
+    Ok(tensors.iter().map(|t| t.data.len()).sum())
+}
+
 /// What `stu inspect` prints: container, prefix, inferred architecture.
 pub fn inspect(src: &ModelSource) -> Result<serde_json::Value> {
     let dict = StateDict::open(&src.checkpoint)?;

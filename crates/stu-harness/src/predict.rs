@@ -4,8 +4,11 @@
 //! (nnU-Net's fold ensemble), logits accumulated in f32 (not the upstream f16), resampled back
 //! channel by channel (order 1, running argmax: no full-resolution map per class is ever held;
 //! or, fast, the argmax first and the label map resampled), un-cropped, transposed back, and
-//! written with the input's geometry. A folder's cases pass through three stages (read,
-//! network, export) that overlap on a GPU.
+//! written with the input's geometry. The tiles run in rows along the first axis, and the
+//! export takes the slices no later row reaches as they are finished, so only one patch depth
+//! of logits is held, except where the whole logits are needed (probabilities, or an export
+//! stage of its own). A folder's cases pass through three stages (read, network, export) that
+//! overlap on a GPU.
 
 use std::path::{Path, PathBuf};
 
@@ -210,9 +213,10 @@ impl Reader {
     }
 }
 
-/// Turns a case's logits into its label map in the input's geometry ([`Predictor::exporter`]):
-/// every class resampled back with a running argmax (and the softmax written when asked), or,
-/// fast, the argmax first and the label map resampled.
+/// Turns what the network stage gave a case into its label map in the input's geometry
+/// ([`Predictor::exporter`]): whole logits have every class resampled back with a running argmax
+/// (and the softmax written when asked), or, fast, the argmax first and the label map
+/// resampled; labels made as the slices came are resampled (fast) or only placed.
 #[derive(Clone)]
 pub struct Exporter {
     plan: PreprocessPlan,

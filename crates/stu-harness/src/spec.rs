@@ -392,9 +392,13 @@ fn check_point(s: &Spec) -> Result<()> {
     }
     if s.model.checkpoint.is_none() {
         let net = stu_engine::model::NetSpec { in_channels: 1, num_classes: 2, strides: Vec::new(), options: s.model.options.clone() };
-        let fixed = (entry.check)(&net).map_err(|e| anyhow::anyhow!("`model.options`: {e}"))?;
-        if let (Some(f), Some(p)) = (fixed, s.train.patch_size) {
+        let rule = (entry.check)(&net).map_err(|e| anyhow::anyhow!("`model.options`: {e}"))?;
+        if let (Some(f), Some(p)) = (rule.fixed, s.train.patch_size) {
             ensure!(p == f, "`train.patch_size` = {p:?}: `{}` with these `model.options` takes {f:?} inputs only", s.model.name);
+        }
+        // (Where the plan's strides decide the divisor, the plan judges the patch.)
+        if let (Some(d), Some(p)) = (rule.divisor, s.train.patch_size) {
+            ensure!((0..3).all(|a| p[a] % d[a] == 0), "`train.patch_size` = {p:?}: `{}` takes extents that are multiples of {d:?}", s.model.name);
         }
     }
     Ok(())
@@ -619,6 +623,7 @@ mod tests {
             (with_sweep("\"dataset.plugin\" = [\"phantom\", \"phantomm\"]"), "`dataset.plugin`"),
             (with_sweep("\"model\" = [{ name = \"unetr\", options = { img_size = 64 } }]\n\"train.patch_size\" = [[32, 32, 32]]"), "`train.patch_size` = [32, 32, 32]: `unetr` with these `model.options` takes [64, 64, 64] inputs only"),
             (TINY.replace("[model]\nname = \"stunet\"\noptions = { preset = \"stunet-s\" }\n", "[model]\nname = \"stunet\"\n"), "`model.options`: model options: give `preset`"),
+            (with_sweep("\"model\" = [{ name = \"swinunetr\", options = { feature_size = 12 } }]\n\"train.patch_size\" = [[32, 48, 32]]"), "`train.patch_size` = [32, 48, 32]: `swinunetr` takes extents that are multiples of [32, 32, 32]"),
         ];
         for (text, want) in &cases {
             let err = format!("{:#}", load_str(text, Path::new("tiny.toml"), &[]).unwrap_err());
