@@ -37,3 +37,25 @@ fn zoo_json_has_the_exact_counts() {
     let text = Command::new(stu_bin!()).arg("zoo").output().unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("1,457,326,221"));
 }
+
+/// `stu init` writes a freshly initialised model that the other commands read as any
+/// checkpoint: STU-Net-S with 105 classes has S's exact parameter count, its architecture is
+/// recognised from the keys, seeds differ, and bad options are named.
+#[test]
+fn init_writes_a_model_the_other_commands_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+    let init = |seed: &str, out: &str| Command::new(stu_bin!()).args(["init", "--classes", "105", "--options", r#"{"preset": "stunet-s"}"#, "--seed", seed, "--out", &path(out)]).output().unwrap();
+    for (seed, out) in [("0", "a.safetensors"), ("1", "b.safetensors")] {
+        let r = init(seed, out);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(String::from_utf8_lossy(&r.stderr).contains("14596941 parameters"));
+    }
+    let inspect = Command::new(stu_bin!()).args(["inspect", "--checkpoint", &path("a.safetensors")]).output().unwrap();
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!((v["dims"][0].as_u64(), v["num_classes"].as_u64()), (Some(16), Some(105)), "{v}");
+    assert_ne!(std::fs::read(path("a.safetensors")).unwrap(), std::fs::read(path("b.safetensors")).unwrap(), "another seed, other weights");
+    let bad = Command::new(stu_bin!()).args(["init", "--classes", "3", "--options", r#"{"preset": "stunet-x"}"#, "--out", &path("c.safetensors")]).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("stunet-x") && !tmp.path().join("c.safetensors").exists());
+}
