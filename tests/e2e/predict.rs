@@ -116,6 +116,12 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     assert!(!both.status.success() && String::from_utf8_lossy(&both.stderr).contains("--save-probabilities"));
     // With TTA too, through a single file input.
     ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-tta"), "--checkpoint", &ck, "--save-probabilities"]));
+    // Without probabilities the export runs slab by slab, beside the network on its thread or
+    // on the writer stage's; with them, from the whole logits: the same bytes.
+    for (dir, overlap) in [("pred-tta-rows", "off"), ("pred-tta-rows-overlap", "on")] {
+        ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t(dir), "--checkpoint", &ck, "--overlap", overlap]));
+        assert!(std::fs::read(t(&format!("{dir}/ts_mr_sm.nii.gz"))).unwrap() == std::fs::read(t("pred-tta/ts_mr_sm.nii.gz")).unwrap(), "{dir}");
+    }
     // Probabilities: [classes, Z, Y, X] in the input's array order, summing to 1, argmax = labels.
     let probs = tmp.path().join("pred-tta/ts_mr_sm.probabilities.safetensors");
     let dict = stu_engine::checkpoint::StateDict::open(&probs).unwrap();

@@ -22,10 +22,10 @@
 //! - `bench-predict [--preset stunet-s|b|l|h]`: whole-volume inference of a whole-body-length
 //!   CT (`stu bench-data --long`: 512×512×807 at 0.8×0.8×1.0 mm, 538×273×273 at 1.5 mm, 128
 //!   tiles) with a freshly initialised 105-class STU-Net (`stu init`) on the released plan, no
-//!   TTA: the full export slab by slab (the CPU default), the full export from the whole
-//!   volume's logits (`--overlap on`, as every version before 2026-11-28 did), and the fast
-//!   export; wall time and peak RSS each, the two full exports' label maps checked equal;
-//!   writes `reports/bench/predict.{json,md}`.
+//!   TTA: the full and the fast export, each slab by slab (the default) and from the whole
+//!   volume's logits (`STU_EXPORT=whole`, as every version before 2026-11-28 did); wall time
+//!   and peak RSS each, the label maps of each pair checked equal; writes
+//!   `reports/bench/predict.{json,md}`.
 //!
 //! - `bench --backend tch-cuda [--python PY]`: on a CUDA machine, builds `stu` with `tch`
 //!   (README: "GPU backends") and runs `xtask/bench/gpu_suite.py`: parity on the shared fixture,
@@ -502,10 +502,12 @@ fn bench_predict(args: Vec<String>) -> Result<()> {
     std::os::unix::fs::symlink(work.join("raw/Dataset990_SyntheticCT/imagesTs/long_0000.nii.gz"), input.join("long_0000.nii.gz"))?;
     let model = work.join(format!("{preset}-105.safetensors"));
     run(Command::new(&stu).args(["init", "--classes", "105", "--options"]).arg(json!({ "preset": preset }).to_string()).arg("--out").arg(&model))?;
-    let variants: [(&str, &str, &[&str]); 3] = [
-        ("full", "full export, slab by slab as the window finishes slices (default)", &[]),
-        ("full-whole", "full export from the whole volume's logits (`--overlap on`; every version before 2026-11-28)", &["--overlap", "on"]),
-        ("fast", "fast export (`--fast-export`), slab by slab", &["--fast-export"]),
+    // (id, what, extra arguments, the whole volume's logits summed first: `STU_EXPORT=whole`)
+    let variants: [(&str, &str, &[&str], bool); 4] = [
+        ("full", "full export, slab by slab as the window finishes slices (default)", &[], false),
+        ("full-whole", "full export from the whole volume's logits (`STU_EXPORT=whole`; every version before 2026-11-28)", &[], true),
+        ("fast", "fast export (`--fast-export`), slab by slab (default)", &["--fast-export"], false),
+        ("fast-whole", "fast export from the whole volume's logits (`STU_EXPORT=whole`; before 2026-11-28)", &["--fast-export"], true),
     ];
     let host = host();
     let mut md = format!(
@@ -513,11 +515,12 @@ fn bench_predict(args: Vec<String>) -> Result<()> {
         host_line(&host)
     );
     let mut rows = Vec::new();
-    for (id, what, extra) in variants {
+    for (id, what, extra, whole) in variants {
         let out = work.join(format!("out-{id}"));
         let _ = std::fs::remove_dir_all(&out);
         let mut cmd = Command::new(&stu);
         cmd.arg("predict").arg("-i").arg(&input).arg("-o").arg(&out).arg("--checkpoint").arg(&model).arg("--disable-tta").args(extra);
+        cmd.env("STU_EXPORT", if whole { "whole" } else { "slabs" });
         // The whole volume's logits may not fit this machine: that is a result, not an error.
         match timed(&mut cmd) {
             Ok((wall, rss)) => {
@@ -531,9 +534,11 @@ fn bench_predict(args: Vec<String>) -> Result<()> {
         }
     }
     let map = |id: &str| std::fs::read(work.join(format!("out-{id}/long.nii.gz"))).ok();
-    if let (Some(a), Some(b)) = (map("full"), map("full-whole")) {
-        ensure!(a == b, "the full export's label maps differ between slab by slab and whole");
-        md.push_str("\nThe two full exports wrote byte-identical label maps.\n");
+    for export in ["full", "fast"] {
+        if let (Some(a), Some(b)) = (map(export), map(&format!("{export}-whole"))) {
+            ensure!(a == b, "the {export} export's label maps differ between slab by slab and whole");
+            md.push_str(&format!("\nThe two {export} exports wrote byte-identical label maps.\n"));
+        }
     }
     let out_dir = root.join("reports/bench");
     std::fs::create_dir_all(&out_dir)?;

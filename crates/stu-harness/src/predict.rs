@@ -108,6 +108,9 @@ pub struct Predictor {
     device: Device,
     precision: Precision,
     on_device: Accumulate,
+    /// Whether every case's whole logits are summed before the export (`STU_EXPORT=whole`,
+    /// for comparison), instead of exporting the slices as they come.
+    whole_export: bool,
     fast_export: bool,
     /// A region-based model's label per output (`regions_class_order`): sigmoid outputs, each
     /// written where its probability exceeds 0.5, later ones over earlier ones.
@@ -372,9 +375,14 @@ impl Back {
 
     /// `case`'s label map in its input's geometry from the cropped-grid labels `seg`.
     fn label_map(&self, case: Case, seg: &[u16]) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
+        self.place_labels(&case.id, case.geom, seg)
+    }
+
+    /// [`Back::label_map`] of case `id` with input geometry `geom`.
+    fn place_labels(&self, id: &str, geom: stu_data::nifti_io::Geometry, seg: &[u16]) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
         let (seg, shape) = transpose(uncrop(seg, self.target, self.full, self.bbox, 0), self.full, self.backward);
-        ensure!(shape == case.geom.shape, "case `{}`: internal shape mismatch {shape:?} vs {:?}", case.id, case.geom.shape);
-        Ok((seg, case.geom))
+        ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
+        Ok((seg, geom))
     }
 }
 
@@ -447,6 +455,11 @@ impl Predictor {
             nets.push(stu_engine::graph::wrap(opts.precision.cast_net(&*net).unwrap_or(net)));
         }
         let on_device = accumulate_on_device(&device)?;
+        let whole_export = match std::env::var("STU_EXPORT").as_deref() {
+            Ok("whole") => true,
+            Ok("slabs") | Err(_) => false,
+            Ok(other) => bail!("STU_EXPORT=`{other}`: expected `whole` or `slabs`"),
+        };
         // A region-based training's outputs are sigmoids, one per region of its dataset: the
         // `dataset.json` its run recorded, else the one beside the plans (an nnU-Net model
         // folder holds both beside its folds).
@@ -471,7 +484,7 @@ impl Predictor {
             ensure!(region_based == opts.checkpoints.len(), "{}: region-based, but not every checkpoint of the ensemble records its dataset", c.display());
         }
         let regions = regions.map(|(w, _)| w);
-        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, fast_export: opts.fast_export, regions })
+        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions })
     }
 
     /// The largest label value the predictions may hold.
@@ -535,13 +548,14 @@ impl Predictor {
     /// here as the slices come (`export_here`: no probabilities to write, no export stage of
     /// its own), its label map on the cropped input grid ([`RowExport`]); else every class's
     /// logits `[classes, Z, Y, X]` on the preprocessed grid. The first two sum only a window of
-    /// one patch depth, never the whole volume's logits.
+    /// one patch depth, never the whole volume's logits. `STU_EXPORT=whole` always sums the
+    /// whole logits, as every version before 2026-11-28 did (to compare the two).
     pub fn network(&self, case: &Case, export_here: bool, progress: &dyn Fn(usize, usize)) -> Result<NetOut> {
         let [c, z, y, x] = case.pre.props.shape;
-        if self.fast_export {
+        if self.fast_export && !self.whole_export {
             return self.sliding_labels(&case.pre.data, c, [z, y, x], progress).map(NetOut::Labels);
         }
-        if !export_here {
+        if !export_here || self.whole_export {
             return self.sliding_window(&case.pre.data, c, [z, y, x], progress).map(NetOut::Logits);
         }
         let mut rows = RowExport::new(&Back::of(&self.plan, case), self.classes(), self.regions.clone());
@@ -712,6 +726,64 @@ impl Predictor {
         }
         drop(vol);
         ring.finish(finished..shape[0], emit)
+    }
+}
+
+impl Predictor {
+    /// Whether the full export of a case can run as its slices come: not the fast export (which
+    /// labels the slices itself), and no probabilities to write (they need the whole logits).
+    pub fn streams_export(&self, probabilities: bool) -> bool {
+        !self.fast_export && !probabilities && !self.whole_export
+    }
+
+    /// Runs a case's sliding window over a window of one patch depth, handing each finished
+    /// slab (`z0`, slices, `[classes, slices, Y, X]` logits) to `emit`, for an export stage on
+    /// another thread ([`RowExport`] there).
+    fn stream_slabs(&self, case: &Case, progress: &dyn Fn(usize, usize), emit: &mut dyn FnMut(usize, usize, Vec<f32>) -> Result<()>) -> Result<()> {
+        let [c, z, y, x] = case.pre.props.shape;
+        self.slide(&case.pre.data, c, [z, y, x], z.min(self.patch[0]), progress, &mut |slab| {
+            let (z0, k) = (slab.z0, slab.k);
+            emit(z0, k, slab.into_copied(self.classes()))
+        })
+    }
+}
+
+/// A case whose full export the writer stage does while the network stage still runs it
+/// (overlapped prediction): the way back to its input's grid, its geometry, and its slabs.
+struct Streamed {
+    back: Back,
+    geom: stu_data::nifti_io::Geometry,
+    id: String,
+    slabs: std::sync::mpsc::Receiver<SlabMsg>,
+}
+
+enum SlabMsg {
+    /// Slices `z0..z0 + k`: `[classes, k, Y, X]` normalised logits.
+    Slab(usize, usize, Vec<f32>),
+    /// The sliding window ended: its seconds, or why it stopped.
+    Done(Result<f64, String>),
+}
+
+impl Streamed {
+    /// Exports the slabs as they arrive; the label map in the input's geometry, with the
+    /// network's seconds.
+    fn export(self, classes: usize, regions: Option<Vec<u16>>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry, f64)> {
+        let mut rows = RowExport::new(&self.back, classes, regions);
+        let plane = self.back.grid[1] * self.back.grid[2];
+        let mut network = None;
+        for msg in &self.slabs {
+            match msg {
+                SlabMsg::Slab(z0, k, v) => rows.take(&Slab { z0, k, plane, window: k, data: SlabData::Copied(v) })?,
+                SlabMsg::Done(r) => {
+                    network = Some(r.map_err(anyhow::Error::msg)?);
+                    break;
+                }
+            }
+        }
+        let seconds = network.context("the network stage stopped")?;
+        let labels = rows.finish()?;
+        let (seg, geom) = self.back.place_labels(&self.id, self.geom, &labels)?;
+        Ok((seg, geom, seconds))
     }
 }
 
@@ -970,6 +1042,18 @@ impl Slab<'_> {
             SlabData::Ring(_) => class * self.window + (self.z0 + dz) % self.window,
             SlabData::Copied(_) => class * self.k + dz,
         }
+    }
+
+    /// The slab as `[classes, k, Y, X]` values of its own.
+    fn into_copied(self, classes: usize) -> Vec<f32> {
+        if let SlabData::Copied(v) = self.data {
+            return v;
+        }
+        let mut v = Vec::with_capacity(classes * self.k * self.plane);
+        for c in 0..classes {
+            v.extend_from_slice(&self.rows(c, 0..self.k));
+        }
+        v
     }
 
     /// The logits `[classes, Z, Y, X]` of a slab that is the whole volume, moved out.
@@ -1297,12 +1381,18 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         return Ok(skipped);
     }
     // Three stages on their own threads, as nnU-Net's background pre- and export processes:
-    // case i+1 is read and preprocessed while case i runs through the network and case i−1 is
-    // exported and written. One case waits between stages at most, so at most two cases' logits
-    // are held (the one being exported and the one being summed).
+    // case i+1 is read and preprocessed while case i runs through the network and is exported
+    // as its slices come (the full export), or while case i−1 is exported and written (whole
+    // logits: with probabilities; the fast export's labels). One case waits between stages at
+    // most, so at most two cases' whole logits are held, and streamed cases hold a few slabs.
     let (reader, exporter) = (predictor.reader(), predictor.exporter());
+    let (classes, regions) = (predictor.classes(), predictor.regions.clone());
     type Read = (usize, std::time::Instant, Result<Case>, Phases);
-    type Computed = (usize, std::time::Instant, Result<(Case, NetOut)>, Phases);
+    enum Stage {
+        Whole(Case, NetOut),
+        Streamed(Streamed),
+    }
+    type Computed = (usize, std::time::Instant, Result<Stage>, Phases);
     let (to_network, from_reader) = std::sync::mpsc::sync_channel::<Read>(0);
     let (to_writer, from_network) = std::sync::mpsc::sync_channel::<Computed>(0);
     let results: Vec<CaseResult> = std::thread::scope(|scope| {
@@ -1320,12 +1410,21 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             let mut results = Vec::with_capacity(cases.len());
             for (i, t, computed, mut phases) in from_network {
                 let id = &cases[i].0;
-                let written = computed.and_then(|(case, out)| {
-                    let e = std::time::Instant::now();
-                    let phase = out.phases().1;
-                    let (seg, geom) = exporter.export(case, out, probabilities(id).as_deref())?;
-                    phases.push((phase, e.elapsed().as_secs_f64()));
-                    finish(id, seg, &geom, &mut phases)
+                let written = computed.and_then(|stage| match stage {
+                    Stage::Whole(case, out) => {
+                        let e = std::time::Instant::now();
+                        let phase = out.phases().1;
+                        let (seg, geom) = exporter.export(case, out, probabilities(id).as_deref())?;
+                        phases.push((phase, e.elapsed().as_secs_f64()));
+                        finish(id, seg, &geom, &mut phases)
+                    }
+                    Stage::Streamed(s) => {
+                        let e = std::time::Instant::now();
+                        let (seg, geom, network) = s.export(classes, regions.clone())?;
+                        phases.push(("network", network));
+                        phases.push(("resample + argmax, beside the network", e.elapsed().as_secs_f64()));
+                        finish(id, seg, &geom, &mut phases)
+                    }
                 });
                 results.push(CaseResult { id: id.clone(), output: written.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases, skipped: false });
             }
@@ -1333,14 +1432,29 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         });
         for (i, t, case, mut phases) in from_reader {
             let id = &cases[i].0;
-            let computed = case.and_then(|case| {
-                let n = std::time::Instant::now();
-                // The export is the writer stage's: the logits go there whole.
-                let out = predictor.network(&case, false, &|d, k| progress(id, d, k))?;
-                phases.push((out.phases().0, n.elapsed().as_secs_f64()));
-                Ok((case, out))
-            });
-            to_writer.send((i, t, computed, phases)).expect("the writer stage runs until the network stage ends");
+            let case = match case {
+                Ok(case) if predictor.streams_export(probabilities(id).is_some()) => case,
+                other => {
+                    // The writer stage exports from the whole logits (or the fast export's
+                    // labels).
+                    let computed = other.and_then(|case| {
+                        let n = std::time::Instant::now();
+                        let out = predictor.network(&case, false, &|d, k| progress(id, d, k))?;
+                        phases.push((out.phases().0, n.elapsed().as_secs_f64()));
+                        Ok(Stage::Whole(case, out))
+                    });
+                    to_writer.send((i, t, computed, phases)).expect("the writer stage runs until the network stage ends");
+                    continue;
+                }
+            };
+            // The writer stage exports the slabs as they come, two in flight at most.
+            let (tx, slabs) = std::sync::mpsc::sync_channel(2);
+            let streamed = Streamed { back: Back::of(&predictor.plan, &case), geom: case.geom.clone(), id: id.clone(), slabs };
+            to_writer.send((i, t, Ok(Stage::Streamed(streamed)), phases)).expect("the writer stage runs until the network stage ends");
+            let n = std::time::Instant::now();
+            let r = predictor.stream_slabs(&case, &|d, k| progress(id, d, k), &mut |z0, k, v| tx.send(SlabMsg::Slab(z0, k, v)).map_err(|_| anyhow::anyhow!("the export stage stopped")));
+            // (The writer stage has the error when it stopped first.)
+            let _ = tx.send(SlabMsg::Done(r.map(|()| n.elapsed().as_secs_f64()).map_err(|e| format!("{e:#}"))));
         }
         drop(to_writer);
         writer.join().expect("the writer stage does not panic")
@@ -1376,7 +1490,7 @@ mod tests {
         let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
         let nets = seeds.iter().map(|&s| stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), s, None)).collect();
         let plan = PreprocessPlan { spacing: [1.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
-        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: Accumulate::Host, fast_export: false, regions: None }
+        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: Accumulate::Host, whole_export: false, fast_export: false, regions: None }
     }
 
     #[test]
@@ -1544,6 +1658,21 @@ mod tests {
                     }
                 }
                 assert!(got == want, "{target:?} {separate:?} {on_device:?} regions {regions:?}: {} labels differ", got.iter().zip(&want).filter(|(a, b)| a != b).count());
+                // The same slabs sent to another thread's export (overlapped prediction), two
+                // in flight, give the same labels in the input's geometry.
+                let (tx, slabs) = std::sync::mpsc::sync_channel(2);
+                let geom = stu_data::nifti_io::Geometry { shape: target, spacing: [1.0; 3], affine: [[0.0; 4]; 4], header: Default::default() };
+                let streamed = Streamed { back: Back { ..back }, geom, id: "case".into(), slabs };
+                let (seg, _, _) = std::thread::scope(|scope| {
+                    let writer = scope.spawn(|| streamed.export(3, regions.clone()).unwrap());
+                    let r = p.slide(&data, 1, shape, 16, &|_, _| {}, &mut |slab| {
+                        let (z0, k) = (slab.z0, slab.k);
+                        tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))
+                    });
+                    tx.send(SlabMsg::Done(r.map(|()| 1.0).map_err(|e| e.to_string()))).unwrap();
+                    writer.join().unwrap()
+                });
+                assert!(seg == want, "{target:?} {separate:?} {on_device:?} regions {regions:?}: streamed to another thread");
                 let distinct: std::collections::BTreeSet<u16> = got.iter().copied().collect();
                 assert!(distinct.len() >= 2, "more than one label: {distinct:?}");
             }
