@@ -1481,6 +1481,19 @@ mod tests {
         assert!((at(0, 64, 64) / centre - 3.35e-4).abs() < 0.01e-4);
     }
 
+    /// `n` deterministic, irregular intensities in [−1.5, 1.5).
+    fn volume(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect()
+    }
+
+    /// The 53-slice volume (under a 16-slice patch) of the window tests: its shape, slice size,
+    /// voxels and intensities.
+    fn long_volume() -> ([usize; 3], usize, usize, Vec<f32>) {
+        let shape = [53, 40, 21];
+        let plane = shape[1] * shape[2];
+        (shape, plane, shape[0] * plane, volume(shape[0] * plane))
+    }
+
     /// A predictor over tiny STU-Nets with the given seeds (no plan needed: only the sliding
     /// window runs).
     fn tiny_predictor(seeds: &[u64], mirror: bool) -> Predictor {
@@ -1498,7 +1511,7 @@ mod tests {
         // A volume larger than the patch along every axis: overlapping, Gaussian-weighted tiles.
         let shape = [21, 40, 37];
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+        let data = volume(n);
         for mirror in [false, true] {
             let run = |seeds: &[u64]| tiny_predictor(seeds, mirror).sliding_window(&data, 1, shape, &|_, _| {}).unwrap();
             let (a, b, ab) = (run(&[1]), run(&[2]), run(&[1, 2]));
@@ -1534,7 +1547,7 @@ mod tests {
         let padded = [16, 40, 32];
         let lo = [3, 0, 5];
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+        let data = volume(n);
         let mut pre = vec![0f32; padded.iter().product()];
         for z in 0..shape[0] {
             for y in 0..shape[1] {
@@ -1566,10 +1579,7 @@ mod tests {
         // 16 slices that wraps around. The slices come out in order, each once, in several
         // slabs, and they are the whole-volume accumulator's bits, on the host and on the
         // device, with and without mirroring; so are the labels.
-        let shape = [53, 40, 21];
-        let plane = shape[1] * shape[2];
-        let n = shape[0] * plane;
-        let data: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+        let (shape, plane, n, data) = long_volume();
         for (on_device, mirror) in [(Accumulate::Host, false), (Accumulate::Host, true), (Accumulate::Device, false)] {
             let mut p = tiny_predictor(&[1], mirror);
             p.on_device = on_device;
@@ -1619,10 +1629,7 @@ mod tests {
         // the cropped shape and reduced at once give the labels that resampling each class's
         // whole logits and taking the running argmax (or painting the regions) gives: up and
         // down along each axis, with and without a separate axis, on the host and the device.
-        let shape = [53, 40, 21];
-        let plane = shape[1] * shape[2];
-        let n = shape[0] * plane;
-        let data: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0).collect();
+        let (shape, _, n, data) = long_volume();
         for (target, separate, on_device) in [([80, 33, 25], None, Accumulate::Host), ([30, 47, 21], Some(0), Accumulate::Host), ([53, 20, 40], None, Accumulate::Device), ([71, 40, 13], Some(2), Accumulate::Host)] {
             let mut p = tiny_predictor(&[1], false);
             p.on_device = on_device;
