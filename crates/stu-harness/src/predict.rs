@@ -21,7 +21,7 @@ use stu_engine::model::{LoadOptions, SegNet};
 use stu_engine::{Device, Tensor, TensorData};
 
 mod slabs;
-use slabs::{LabelRule, Ring, RowExport, Slab, SlabData, SlabMsg, Streamed, sigmoid};
+use slabs::{LabelRule, Ring, RowExport, Slab, SlabData, SlabMsg, Streamed, paint_region, running_argmax, sigmoid};
 
 /// The released STU-Net models' plan (1.5 mm isotropic, 128³ patch, z-score), used when no plan
 /// is given.
@@ -269,26 +269,7 @@ impl Exporter {
         // Running sum of exp(logit − max) for the probabilities (online log-sum-exp).
         let mut sumexp = probabilities.map(|_| vec![0f32; nt]);
         for k in 0..classes {
-            use rayon::prelude::*;
-            let r = back.resample(&logits[k * n..(k + 1) * n]);
-            // Voxels are independent: the running maximum (and sum) on all cores.
-            const CHUNK: usize = 1 << 15;
-            let update = |best: &mut [f32], arg: &mut [u16], r: &[f32], mut s: Option<&mut [f32]>| {
-                for (i, &v) in r.iter().enumerate() {
-                    if let Some(s) = s.as_deref_mut() {
-                        s[i] = if v > best[i] { s[i] * (best[i] - v).exp() + 1.0 } else { s[i] + (v - best[i]).exp() };
-                    }
-                    if v > best[i] {
-                        best[i] = v;
-                        arg[i] = k as u16;
-                    }
-                }
-            };
-            let chunks = best.par_chunks_mut(CHUNK).zip(arg.par_chunks_mut(CHUNK)).zip(r.par_chunks(CHUNK));
-            match sumexp.as_mut() {
-                Some(s) => chunks.zip(s.par_chunks_mut(CHUNK)).for_each(|(((b, a), r), s)| update(b, a, r, Some(s))),
-                None => chunks.for_each(|((b, a), r)| update(b, a, r, None)),
-            }
+            running_argmax(&mut best, &mut arg, &back.resample(&logits[k * n..(k + 1) * n]), k, sumexp.as_deref_mut());
         }
         if let (Some(path), Some(sumexp)) = (probabilities, sumexp) {
             // Second pass: softmax of the resampled logits, one class at a time, un-cropped
@@ -309,14 +290,12 @@ impl Exporter {
     /// then its sigmoid above 0.5 writes its label, in output order, so a later region
     /// overwrites an earlier one. The probabilities are the sigmoids (0 outside the crop).
     fn export_regions(&self, writes: &[u16], case: Case, logits: Vec<f32>, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
-        use rayon::prelude::*;
         let back = Back::of(&self.plan, &case);
         let n: usize = back.grid.iter().product();
         ensure!(logits.len() == writes.len() * n, "case `{}`: {} outputs for {} regions", case.id, logits.len() / n.max(1), writes.len());
-        let paint = |seg: &mut [u16], r: &[f32], w: u16| seg.par_iter_mut().zip(r.par_iter()).for_each(|(s, &v)| if sigmoid(v) > 0.5 { *s = w });
         let mut seg = vec![0u16; back.target.iter().product()];
         for (k, &w) in writes.iter().enumerate() {
-            paint(&mut seg, &back.resample(&logits[k * n..(k + 1) * n]), w);
+            paint_region(&mut seg, &back.resample(&logits[k * n..(k + 1) * n]), w);
         }
         if let Some(path) = probabilities {
             write_probabilities(path, writes.len(), case.geom.shape, Some(writes), |k| {
@@ -1039,7 +1018,6 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     // logits: with probabilities; the fast export's labels). One case waits between stages at
     // most, so at most two cases' whole logits are held, and streamed cases hold a few slabs.
     let (reader, exporter) = (predictor.reader(), predictor.exporter());
-    let (classes, regions) = (predictor.classes(), predictor.regions.clone());
     type Read = (usize, std::time::Instant, Result<Case>, Phases);
     enum Stage {
         Whole(Case, NetOut),
@@ -1073,7 +1051,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
                     }
                     Stage::Streamed(s) => {
                         let e = std::time::Instant::now();
-                        let (seg, geom, network) = s.export(classes, regions.clone())?;
+                        let (seg, geom, network) = s.export(&exporter)?;
                         phases.push(("network", network));
                         phases.push(("resample + argmax, beside the network", e.elapsed().as_secs_f64()));
                         finish(id, seg, &geom, &mut phases)
@@ -1323,8 +1301,9 @@ mod tests {
                 let (tx, slabs) = std::sync::mpsc::sync_channel(2);
                 let geom = stu_data::nifti_io::Geometry { shape: target, spacing: [1.0; 3], affine: [[0.0; 4]; 4], header: Default::default() };
                 let streamed = Streamed { back: Back { ..back }, geom, id: "case".into(), slabs };
+                let exporter = p.exporter();
                 let (seg, _, _) = std::thread::scope(|scope| {
-                    let writer = scope.spawn(|| streamed.export(3, regions.clone()).unwrap());
+                    let writer = scope.spawn(|| streamed.export(&exporter).unwrap());
                     let r = p.slide(&data, 1, shape, 16, &|_, _| {}, &mut |slab| {
                         let (z0, k) = (slab.z0, slab.k);
                         tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))

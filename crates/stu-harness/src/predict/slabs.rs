@@ -8,7 +8,7 @@ use anyhow::{Context, Result, ensure};
 use stu_data::resample::LinearRows;
 use stu_engine::{Tensor, TensorData};
 
-use super::{Back, all_finite};
+use super::{Back, Exporter, all_finite};
 
 /// A case whose full export the writer stage does while the network stage still runs it
 /// (overlapped prediction): the way back to its input's grid, its geometry, and its slabs.
@@ -29,8 +29,8 @@ pub(super) enum SlabMsg {
 impl Streamed {
     /// Exports the slabs as they arrive; the label map in the input's geometry, with the
     /// network's seconds.
-    pub(super) fn export(self, classes: usize, regions: Option<Vec<u16>>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry, f64)> {
-        let mut rows = RowExport::new(&self.back, classes, regions);
+    pub(super) fn export(self, exporter: &Exporter) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry, f64)> {
+        let mut rows = RowExport::new(&self.back, exporter.classes, exporter.regions.clone());
         let plane = self.back.grid[1] * self.back.grid[2];
         let mut network = None;
         for msg in &self.slabs {
@@ -78,7 +78,6 @@ impl RowExport {
 
     /// Takes the next slab: labels every output row whose input rows are all in.
     pub(super) fn take(&mut self, slab: &Slab<'_>) -> Result<()> {
-        use rayon::prelude::*;
         let plane = self.grid[1] * self.grid[2];
         let tplane = self.target[1] * self.target[2];
         let (z0, end_in) = (slab.z0, slab.z0 + slab.k);
@@ -100,26 +99,16 @@ impl RowExport {
         if end > self.next {
             let (lo, hi) = (self.rows.reads(self.next).0, self.rows.reads(end - 1).1);
             let out = &mut self.labels[self.next * tplane..end * tplane];
-            const CHUNK: usize = 1 << 15;
             match &self.regions {
                 None => {
                     let mut best = vec![f32::NEG_INFINITY; out.len()];
                     for c in 0..self.classes {
-                        let r = self.rows.rows(&input(c, lo, hi), lo, self.next..end);
-                        best.par_chunks_mut(CHUNK).zip(out.par_chunks_mut(CHUNK)).zip(r.par_chunks(CHUNK)).for_each(|((b, a), r)| {
-                            for ((b, a), &v) in b.iter_mut().zip(a.iter_mut()).zip(r) {
-                                if v > *b {
-                                    *b = v;
-                                    *a = c as u16;
-                                }
-                            }
-                        });
+                        running_argmax(&mut best, out, &self.rows.rows(&input(c, lo, hi), lo, self.next..end), c, None);
                     }
                 }
                 Some(writes) => {
                     for (c, &w) in writes.iter().enumerate() {
-                        let r = self.rows.rows(&input(c, lo, hi), lo, self.next..end);
-                        out.par_iter_mut().zip(r.par_iter()).for_each(|(s, &v)| if sigmoid(v) > 0.5 { *s = w });
+                        paint_region(out, &self.rows.rows(&input(c, lo, hi), lo, self.next..end), w);
                     }
                 }
             }
@@ -129,8 +118,8 @@ impl RowExport {
         let from = if end < self.target[0] { self.rows.reads(end).0.min(end_in) } else { end_in };
         let keep = end_in - from;
         let mut kept = Vec::with_capacity(self.classes * keep * plane);
-        for c in 0..self.classes {
-            if keep > 0 {
+        if keep > 0 {
+            for c in 0..self.classes {
                 kept.extend_from_slice(&input(c, from, end_in - 1));
             }
         }
@@ -143,6 +132,36 @@ impl RowExport {
         ensure!(self.next == self.target[0], "the export stopped at row {} of {}", self.next, self.target[0]);
         Ok(self.labels)
     }
+}
+
+/// One class's values `r` into a running argmax (`best`, `arg`: a later class wins only where
+/// it is strictly larger, numpy's first maximum), on all cores; with `sumexp`, also the running
+/// sum of exp(value − maximum) for the softmax (online log-sum-exp), updated before the maximum.
+pub(super) fn running_argmax(best: &mut [f32], arg: &mut [u16], r: &[f32], class: usize, sumexp: Option<&mut [f32]>) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 15;
+    let update = |best: &mut [f32], arg: &mut [u16], r: &[f32], mut s: Option<&mut [f32]>| {
+        for (i, &v) in r.iter().enumerate() {
+            if let Some(s) = s.as_deref_mut() {
+                s[i] = if v > best[i] { s[i] * (best[i] - v).exp() + 1.0 } else { s[i] + (v - best[i]).exp() };
+            }
+            if v > best[i] {
+                best[i] = v;
+                arg[i] = class as u16;
+            }
+        }
+    };
+    let chunks = best.par_chunks_mut(CHUNK).zip(arg.par_chunks_mut(CHUNK)).zip(r.par_chunks(CHUNK));
+    match sumexp {
+        Some(s) => chunks.zip(s.par_chunks_mut(CHUNK)).for_each(|(((b, a), r), s)| update(b, a, r, Some(s))),
+        None => chunks.for_each(|((b, a), r)| update(b, a, r, None)),
+    }
+}
+
+/// A region's values `r` painted into `seg`: its label `w` where its sigmoid exceeds 0.5.
+pub(super) fn paint_region(seg: &mut [u16], r: &[f32], w: u16) {
+    use rayon::prelude::*;
+    seg.par_iter_mut().zip(r.par_iter()).for_each(|(s, &v)| if sigmoid(v) > 0.5 { *s = w });
 }
 
 /// The logistic function, as the region-based export applies it.
@@ -205,7 +224,7 @@ impl Ring {
                 }
             }
             self.dev = Some(a);
-            self.weight.fill_slots(&runs, plane);
+            clear_slots(&mut self.weight, &runs, plane);
             return emit(Slab { z0: z.start, k, plane, window, data: SlabData::Copied(v) });
         }
         for &(_, slot, depth) in &runs {
@@ -214,25 +233,17 @@ impl Ring {
         }
         emit(Slab { z0: z.start, k, plane, window, data: SlabData::Ring(&mut self.host) })?;
         if more {
-            for &(_, slot, depth) in &runs {
-                self.host.par_chunks_mut(window * plane).for_each(|a| a[slot * plane..(slot + depth) * plane].fill(0.0));
-            }
-            self.weight.fill_slots(&runs, plane);
+            self.host.par_chunks_mut(window * plane).for_each(|a| clear_slots(a, &runs, plane));
+            clear_slots(&mut self.weight, &runs, plane);
         }
         Ok(())
     }
 }
 
-/// Zeroes ring slots.
-pub(super) trait FillSlots {
-    fn fill_slots(&mut self, runs: &[(usize, usize, usize)], plane: usize);
-}
-
-impl FillSlots for Vec<f32> {
-    fn fill_slots(&mut self, runs: &[(usize, usize, usize)], plane: usize) {
-        for &(_, slot, depth) in runs {
-            self[slot * plane..(slot + depth) * plane].fill(0.0);
-        }
+/// Zeroes the ring slots of `runs` in `v` (`[window, Y, X]`, `plane` values a slot).
+fn clear_slots(v: &mut [f32], runs: &[(usize, usize, usize)], plane: usize) {
+    for &(_, slot, depth) in runs {
+        v[slot * plane..(slot + depth) * plane].fill(0.0);
     }
 }
 
@@ -253,14 +264,18 @@ pub(super) enum SlabData<'a> {
 }
 
 impl Slab<'_> {
+    /// Its values, ring or copy.
+    fn values(&self) -> &[f32] {
+        match &self.data {
+            SlabData::Ring(v) => v,
+            SlabData::Copied(v) => v,
+        }
+    }
+
     /// Class `class`'s values on slice `z0 + dz`.
     pub(super) fn plane(&self, class: usize, dz: usize) -> &[f32] {
         let at = self.slot(class, dz);
-        let v = match &self.data {
-            SlabData::Ring(v) => v.as_slice(),
-            SlabData::Copied(v) => v.as_slice(),
-        };
-        &v[at * self.plane..(at + 1) * self.plane]
+        &self.values()[at * self.plane..(at + 1) * self.plane]
     }
 
     /// Class `class`'s values on slices `z0 + dz` for `dz` in `dz` (`[dz.len(), Y, X]`),
@@ -268,11 +283,7 @@ impl Slab<'_> {
     pub(super) fn rows(&self, class: usize, dz: std::ops::Range<usize>) -> std::borrow::Cow<'_, [f32]> {
         let (first, last) = (self.slot(class, dz.start), self.slot(class, dz.end - 1));
         if last + 1 == first + dz.len() {
-            let v = match &self.data {
-                SlabData::Ring(v) => v.as_slice(),
-                SlabData::Copied(v) => v.as_slice(),
-            };
-            return std::borrow::Cow::Borrowed(&v[first * self.plane..(last + 1) * self.plane]);
+            return std::borrow::Cow::Borrowed(&self.values()[first * self.plane..(last + 1) * self.plane]);
         }
         std::borrow::Cow::Owned(dz.flat_map(|d| self.plane(class, d).iter().copied()).collect())
     }
