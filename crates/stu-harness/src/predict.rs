@@ -541,7 +541,7 @@ impl Predictor {
             return self.sliding_window(&case.pre.data, c, [z, y, x], progress).map(NetOut::Logits);
         }
         let mut rows = RowExport::new(&Back::of(&self.plan, case), self.classes(), self.regions.clone());
-        self.slide(&case.pre.data, c, [z, y, x], z.min(self.patch[0]), progress, &mut |slab| rows.take(&slab))?;
+        self.slide(&case.pre.data, c, [z, y, x], Window::PatchDepth, progress, &mut |slab| rows.take(&slab))?;
         rows.finish().map(NetOut::Cropped)
     }
 
@@ -553,7 +553,7 @@ impl Predictor {
     /// logits (a 27-slice CT at a 128-slice patch: 4.7× less memory).
     pub fn sliding_window(&self, data: &[f32], c: usize, shape: [usize; 3], progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
         let mut whole = None;
-        self.slide(data, c, shape, shape[0], progress, &mut |slab| {
+        self.slide(data, c, shape, Window::Volume, progress, &mut |slab| {
             whole = Some(slab.into_whole());
             Ok(())
         })?;
@@ -570,7 +570,7 @@ impl Predictor {
         let rule = LabelRule::new(self.classes(), self.regions.as_deref())?;
         let plane = shape[1] * shape[2];
         let mut seg = vec![0i16; shape[0] * plane];
-        self.slide(data, c, shape, shape[0].min(self.patch[0]), progress, &mut |slab| {
+        self.slide(data, c, shape, Window::PatchDepth, progress, &mut |slab| {
             rule.apply(&slab, &mut seg[slab.z0 * plane..(slab.z0 + slab.k) * plane]);
             Ok(())
         })?;
@@ -579,17 +579,20 @@ impl Predictor {
 
     /// The sliding window: tiles in rows along the first axis, each tile's logits (averaged
     /// over the ensemble and the mirrorings) weighted by the Gaussian and summed into a ring of
-    /// `window` slices (the whole volume, or at least the patch depth); the slices no later row
-    /// of tiles reaches are normalised and handed to `emit`, in order, then reused.
-    fn slide(&self, data: &[f32], c: usize, shape: [usize; 3], window: usize, progress: &dyn Fn(usize, usize), emit: &mut dyn FnMut(Slab<'_>) -> Result<()>) -> Result<()> {
+    /// slices (`window`: the whole volume, handed on at the end, or one patch depth); the
+    /// slices no later row of tiles reaches are normalised and handed to `emit`, in order, then
+    /// reused.
+    fn slide(&self, data: &[f32], c: usize, shape: [usize; 3], window: Window, progress: &dyn Fn(usize, usize), emit: &mut dyn FnMut(Slab<'_>) -> Result<()>) -> Result<()> {
         use rayon::prelude::*;
         let p = self.patch;
         let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(p[a]));
         let lo: [usize; 3] = std::array::from_fn(|a| (padded[a] - shape[a]) / 2);
         let np: usize = padded.iter().product();
         let n: usize = shape.iter().product();
-        let window = window.clamp(1, shape[0]);
-        ensure!(window == shape[0] || window >= p[0], "a window of {window} slices is thinner than the patch ({})", p[0]);
+        let window = match window {
+            Window::Volume => shape[0],
+            Window::PatchDepth => shape[0].min(p[0]),
+        };
         let mut vol = vec![0f32; c * np];
         for ch in 0..c {
             for z in 0..shape[0] {
@@ -723,11 +726,20 @@ impl Predictor {
     /// another thread ([`RowExport`] there).
     fn stream_slabs(&self, case: &Case, progress: &dyn Fn(usize, usize), emit: &mut dyn FnMut(usize, usize, Vec<f32>) -> Result<()>) -> Result<()> {
         let [c, z, y, x] = case.pre.props.shape;
-        self.slide(&case.pre.data, c, [z, y, x], z.min(self.patch[0]), progress, &mut |slab| {
+        self.slide(&case.pre.data, c, [z, y, x], Window::PatchDepth, progress, &mut |slab| {
             let (z0, k) = (slab.z0, slab.k);
             emit(z0, k, slab.into_copied(self.classes()))
         })
     }
+}
+
+/// How many slices [`Predictor::slide`] sums at once.
+#[derive(Debug, Clone, Copy)]
+enum Window {
+    /// The whole volume (the whole logits, handed on at the end).
+    Volume,
+    /// One patch depth: every slice is handed on once no later row of tiles reaches it.
+    PatchDepth,
 }
 
 /// What [`Predictor::network`] gives the export.
@@ -1217,7 +1229,7 @@ mod tests {
             let whole = p.sliding_window(&data, 1, shape, &|_, _| {}).unwrap();
             let mut pieced = vec![f32::NAN; 3 * n];
             let mut slabs = Vec::new();
-            p.slide(&data, 1, shape, 16, &|_, _| {}, &mut |slab| {
+            p.slide(&data, 1, shape, Window::PatchDepth, &|_, _| {}, &mut |slab| {
                 for k in 0..3 {
                     for dz in 0..slab.k {
                         pieced[k * n + (slab.z0 + dz) * plane..][..plane].copy_from_slice(slab.plane(k, dz));
@@ -1246,7 +1258,7 @@ mod tests {
         let p = tiny_predictor(&[1], false);
         let thin = [9, 40, 21];
         let mut slabs = Vec::new();
-        p.slide(&data[..9 * plane], 1, thin, 16, &|_, _| {}, &mut |slab| {
+        p.slide(&data[..9 * plane], 1, thin, Window::PatchDepth, &|_, _| {}, &mut |slab| {
             slabs.push(slab.z0..slab.z0 + slab.k);
             Ok(())
         })
@@ -1271,7 +1283,7 @@ mod tests {
             for regions in [None, Some(vec![1u16, 2, 7])] {
                 p.regions = regions.clone();
                 let mut rows = RowExport::new(&back, 3, regions.clone());
-                p.slide(&data, 1, shape, 16, &|_, _| {}, &mut |slab| rows.take(&slab)).unwrap();
+                p.slide(&data, 1, shape, Window::PatchDepth, &|_, _| {}, &mut |slab| rows.take(&slab)).unwrap();
                 let got = rows.finish().unwrap();
                 let mut want = vec![0u16; nt];
                 match &regions {
@@ -1304,7 +1316,7 @@ mod tests {
                 let exporter = p.exporter();
                 let (seg, _, _) = std::thread::scope(|scope| {
                     let writer = scope.spawn(|| streamed.export(&exporter).unwrap());
-                    let r = p.slide(&data, 1, shape, 16, &|_, _| {}, &mut |slab| {
+                    let r = p.slide(&data, 1, shape, Window::PatchDepth, &|_, _| {}, &mut |slab| {
                         let (z0, k) = (slab.z0, slab.k);
                         tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))
                     });
