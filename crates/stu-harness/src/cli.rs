@@ -1096,7 +1096,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Init { model, options, channels, classes, strides, seed, out } => {
             let options: serde_json::Value = serde_json::from_str(&options).context("--options: not JSON")?;
-            let strides = strides.map_or_else(|| vec![[2, 2, 2]; 5], |s| s.0);
+            let strides = strides.map_or_else(|| zoo::stunet::ISO_STRIDES.to_vec(), |s| s.0);
             let spec = stu_engine::model::NetSpec { in_channels: channels, num_classes: classes, strides, options };
             let params = forward::init(&model, &spec, seed, &out)?;
             eprintln!("wrote `{model}` ({params} parameters, seed {seed}) to {}", out.display());

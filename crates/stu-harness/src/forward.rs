@@ -117,10 +117,16 @@ pub fn check_input(net: &dyn SegNet, path: &Path, shape: [usize; 5]) -> Result<(
 /// Writes a loaded network's weights to safetensors under unchanged state-dict keys.
 pub fn export(src: &ModelSource, output: &Path) -> Result<usize> {
     let (net, _) = load(src)?;
+    Ok(write_weights(&*net, output)?.len())
+}
+
+/// `net`'s state dict written to `output` as safetensors, its architecture in the metadata
+/// (`model`); returns the tensors written.
+fn write_weights(net: &dyn SegNet, output: &Path) -> Result<Vec<NamedTensor>> {
     let tensors = net.state_dict();
     let meta = HashMap::from([("model".to_string(), net.describe().to_string())]);
     write_safetensors(output, &tensors, Some(meta)).with_context(|| format!("{}: cannot write", output.display()))?;
-    Ok(tensors.len())
+    Ok(tensors)
 }
 
 /// A freshly initialised model (He init with `seed`, as `stu train` starts from) written to
@@ -132,10 +138,7 @@ pub fn init(model: &str, spec: &stu_engine::model::NetSpec, seed: u64, output: &
     let device = Backend::Flex.device()?;
     let net = (entry.build)(spec, &device).map_err(|e| anyhow::anyhow!("model `{model}`: {e}"))?;
     let net = stu_engine::train::he_init(net, seed, None);
-    let tensors = net.state_dict();
-    let meta = HashMap::from([("model".to_string(), net.describe().to_string())]);
-    write_safetensors(output, &tensors, Some(meta)).with_context(|| format!("{}: cannot write", output.display()))?;
-    Ok(tensors.iter().map(|t| t.data.len()).sum())
+    Ok(write_weights(&*net, output)?.iter().map(|t| t.data.len()).sum())
 }
 
 /// What `stu inspect` prints: container, prefix, inferred architecture.
