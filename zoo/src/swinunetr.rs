@@ -20,12 +20,12 @@ use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSumma
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
+use crate::stunet::TOTALSEG_CLASSES;
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, pad_end, partition, reverse, roll, shift_mask, up};
+
 /// What every input extent must be a multiple of: five 2× downsamplings (the patch embedding's
 /// and four patch mergings).
 pub const DIVISOR: Stride = [32; 3];
-
-use crate::stunet::TOTALSEG_CLASSES;
-use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, pad_end, partition, reverse, roll, shift_mask, up};
 
 /// Registry name.
 pub const NAME: &str = "swinunetr";
