@@ -58,4 +58,11 @@ fn init_writes_a_model_the_other_commands_read() {
     assert_ne!(std::fs::read(path("a.safetensors")).unwrap(), std::fs::read(path("b.safetensors")).unwrap(), "another seed, other weights");
     let bad = Command::new(stu_bin!()).args(["init", "--classes", "3", "--options", r#"{"preset": "stunet-x"}"#, "--out", &path("c.safetensors")]).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("stunet-x") && !tmp.path().join("c.safetensors").exists());
+    let garbled = Command::new(stu_bin!()).args(["init", "--classes", "3", "--options", "{preset", "--out", &path("c.safetensors")]).output().unwrap();
+    assert!(!garbled.status.success() && String::from_utf8_lossy(&garbled.stderr).contains("--options: not JSON") && !tmp.path().join("c.safetensors").exists());
+    // The model predicts; an unknown export mode is named before any case is read.
+    let images = tests::shared().join("data/Dataset802_TotalSegExampleMR/imagesTr");
+    let r = Command::new(stu_bin!()).args(["predict", "-i", images.to_str().unwrap(), "-o", &path("pred"), "--checkpoint", &path("a.safetensors")]).env("STU_EXPORT", "bogus").output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("STU_EXPORT=`bogus`: expected `whole` or `slabs`") && !tmp.path().join("pred/ts_mr_sm.nii.gz").exists(), "{err}");
 }
