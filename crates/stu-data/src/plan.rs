@@ -241,15 +241,16 @@ pub struct PlanInput {
     pub median_shape: [f64; 3],
     /// Keys of `labels` in dataset.json (background and ignore included).
     pub num_label_keys: usize,
-    /// Training cases.
-    pub num_training: usize,
+    /// nnU-Net's `approximate_n_voxels_dataset`: median voxels × training cases (for
+    /// `3d_lowres`, the unrounded median's voxels), which caps the batch at 5 % of the dataset.
+    pub dataset_voxels: f64,
     /// `gpu_memory_target_in_gb`.
     pub gpu_memory_gb: f64,
 }
 
 /// `get_plans_for_configuration` for 3-D of `planner`.
 pub fn plan_configuration(input: &PlanInput, planner: &Planner) -> Configuration {
-    let PlanInput { spacing, median_shape, num_label_keys, num_training, gpu_memory_gb } = *input;
+    let PlanInput { spacing, median_shape, num_label_keys, dataset_voxels, gpu_memory_gb } = *input;
     let tmp = spacing.map(|s| 1.0 / s);
     let scale = (256f64.powi(3) / tmp.iter().product::<f64>()).cbrt();
     let initial = [0, 1, 2].map(|a| (tmp[a] * scale).round_ties_even().min(median_shape[a]));
@@ -269,8 +270,7 @@ pub fn plan_configuration(input: &PlanInput, planner: &Planner) -> Configuration
         estimate = planner.estimate(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
     }
     let bs = (reference / estimate as f64 * REFERENCE_BS_3D).round_ties_even() as u64;
-    let voxels = median_shape.iter().product::<f64>() * num_training as f64;
-    let bs5 = (voxels * planner.max_dataset_covered / topo.patch_size.iter().map(|&v| v as f64).product::<f64>()).round_ties_even() as u64;
+    let bs5 = (dataset_voxels * planner.max_dataset_covered / topo.patch_size.iter().map(|&v| v as f64).product::<f64>()).round_ties_even() as u64;
     Configuration {
         spacing,
         patch_size: topo.patch_size,
@@ -284,6 +284,82 @@ pub fn plan_configuration(input: &PlanInput, planner: &Planner) -> Configuration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// nnU-Net 2.8.1's whole `plan_experiment` (`tests/fixtures/make_lowres_planner_fixture.py`):
+    /// which 3-D configurations it writes, and every planned number of `3d_lowres` (created,
+    /// created and then dropped, or never tried), for the default and the ResEnc M planner.
+    #[test]
+    fn lowres_and_cascade_configurations_equal_nnunets() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lowres_planner.json");
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut created = 0;
+        for (i, row) in doc["rows"].as_array().unwrap().iter().enumerate() {
+            let json_path = dir.path().join(format!("{i}.json"));
+            std::fs::write(&json_path, row["dataset"].to_string()).unwrap();
+            let json = crate::dataset::DatasetJson::read(&json_path).unwrap();
+            let f = &row["fingerprint"];
+            let props: crate::fingerprint::IntensityProperties = {
+                let p = &f["foreground_intensity_properties_per_channel"]["0"];
+                let g = |k: &str| p[k].as_f64().unwrap();
+                crate::fingerprint::IntensityProperties { mean: g("mean"), median: g("median"), std: g("std"), min: g("min"), max: g("max"), percentile_99_5: g("percentile_99_5"), percentile_00_5: g("percentile_00_5") }
+            };
+            let fp = crate::fingerprint::Fingerprint {
+                spacings: serde_json::from_value(f["spacings"].clone()).unwrap(),
+                shapes_after_crop: serde_json::from_value(f["shapes_after_crop"].clone()).unwrap(),
+                foreground_intensity_properties_per_channel: [("0".to_string(), props)].into(),
+                median_relative_size_after_cropping: 1.0,
+            };
+            let preset = Preset::parse(row["preset"].as_str().unwrap()).unwrap();
+            let ours = plans_json("Dataset_x", &json, &fp, preset, None);
+            let theirs = row["configurations"].as_object().unwrap();
+            let at = format!("row {i} ({})", row["preset"]);
+            let names = |m: &serde_json::Map<String, serde_json::Value>| m.keys().cloned().collect::<std::collections::BTreeSet<_>>();
+            assert_eq!(names(ours["configurations"].as_object().unwrap()), names(theirs), "{at}");
+            for (name, t) in theirs {
+                let o = &ours["configurations"][name];
+                if name == "3d_cascade_fullres" {
+                    assert_eq!(o, t, "{at}");
+                    continue;
+                }
+                created += usize::from(name == "3d_lowres");
+                for key in ["data_identifier", "batch_size", "patch_size", "median_image_size_in_voxels", "batch_dice", "next_stage"] {
+                    let t = t.get(key).cloned().unwrap_or(serde_json::Value::Null);
+                    let o = o.get(key).cloned().unwrap_or(serde_json::Value::Null);
+                    let num = |v: &serde_json::Value| v.as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap()).collect::<Vec<_>>());
+                    match (num(&o), num(&t)) {
+                        (Some(a), Some(b)) => assert_eq!(a, b, "{at} {name}.{key}"),
+                        _ => assert_eq!(o, t, "{at} {name}.{key}"),
+                    }
+                }
+                let spacing = |v: &serde_json::Value| serde_json::from_value::<[f64; 3]>(v["spacing"].clone()).unwrap();
+                for (a, b) in spacing(o).iter().zip(spacing(t)) {
+                    assert!((a - b).abs() < 1e-12, "{at} {name}.spacing {a} {b}");
+                }
+                assert_eq!(o["pool_op_kernel_sizes"], t["strides"], "{at} {name}");
+                assert_eq!(o["conv_kernel_sizes"], t["kernel_sizes"], "{at} {name}");
+            }
+        }
+        assert_eq!(created, 6, "three datasets with a 3d_lowres, under two planners");
+    }
+
+    #[test]
+    fn configuration_inheritance_is_resolved_as_nnunets() {
+        let plans = serde_json::json!({"configurations": {
+            "3d_fullres": {"patch_size": [128, 128, 128], "batch_size": 2, "data_identifier": "P_3d_fullres"},
+            "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres", "batch_size": 3},
+            "a": {"inherits_from": "b"}, "b": {"inherits_from": "a"}, "c": {"inherits_from": "gone"},
+        }});
+        let c = configuration(&plans, "3d_cascade_fullres").unwrap();
+        assert_eq!(c["patch_size"], serde_json::json!([128, 128, 128]));
+        assert_eq!(c["batch_size"], 3);
+        assert_eq!(c["previous_stage"], "3d_lowres");
+        assert_eq!(c["data_identifier"], "P_3d_fullres");
+        assert_eq!(configuration(&plans, "3d_fullres").unwrap()["batch_size"], 2);
+        assert!(configuration(&plans, "a").unwrap_err().contains("cycle"));
+        assert!(configuration(&plans, "c").unwrap_err().contains("`gone`"));
+        assert!(configuration(&plans, "2d").unwrap_err().contains("configurations.2d"));
+    }
 
     #[test]
     fn planner_test_vectors() {
@@ -306,7 +382,7 @@ mod tests {
             ),
         ];
         for (spacing, median_shape, keys, n, patch, bs, pools, convs, est) in rows {
-            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: keys, num_training: n, gpu_memory_gb: 8.0 }, &Planner::DEFAULT);
+            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: keys, dataset_voxels: median_shape.iter().product::<f64>() * n as f64, gpu_memory_gb: 8.0 }, &Planner::DEFAULT);
             assert_eq!(c.patch_size, patch, "{spacing:?}");
             assert_eq!(c.batch_size, bs, "{spacing:?}");
             assert_eq!(c.topology.pool_op_kernel_sizes, pools, "{spacing:?}");
@@ -329,7 +405,7 @@ mod tests {
                     spacing: f("spacing"),
                     median_shape: f("median_shape"),
                     num_label_keys: row["num_label_keys"].as_u64().unwrap() as usize,
-                    num_training: row["num_training"].as_u64().unwrap() as usize,
+                    dataset_voxels: f("median_shape").iter().product::<f64>() * row["num_training"].as_f64().unwrap(),
                     gpu_memory_gb: planner.default_gpu_gb,
                 };
                 let c = plan_configuration(&input, &planner);
@@ -363,18 +439,19 @@ mod tests {
     }
 }
 
-/// Whether nnU-Net (≥ 2.4) creates a `3d_lowres` configuration, which turns `batch_dice` on for
-/// `3d_fullres`: grow the spacing by 1.03 (anisotropic axes first) until the lowres patch covers
-/// ≥ 25 % of the lowres median image, then drop it when the full-resolution median has fewer
-/// than 2× its voxels; each lowres configuration is `planner`'s.
-pub fn lowres_created(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 3], num_label_keys: usize, num_training: usize, gpu_memory_gb: f64, planner: &Planner) -> bool {
+/// nnU-Net's (≥ 2.4) `3d_lowres` configuration, if it creates one (which also turns
+/// `batch_dice` on for `3d_fullres`): grow the spacing by 1.03 (anisotropic axes first) until the
+/// lowres patch covers ≥ 25 % of the lowres median image, then drop it when the full-resolution
+/// median has fewer than 2× its voxels; each lowres configuration is `planner`'s, planned for
+/// the rounded median shape and the unrounded median's voxels × cases.
+pub fn plan_lowres(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 3], num_label_keys: usize, num_training: usize, gpu_memory_gb: f64, planner: &Planner) -> Option<Configuration> {
     const THRESHOLD: f64 = 0.25;
     const FACTOR: f64 = 1.03;
     let full_voxels: f64 = median_shape.iter().product();
     let mut median_voxels = full_voxels;
     let mut patch_voxels = patch.iter().map(|&v| v as f64).product::<f64>();
     let mut lowres = spacing;
-    let mut created = false;
+    let mut planned = None;
     while patch_voxels / median_voxels < THRESHOLD {
         let max = lowres.iter().copied().fold(f64::MIN, f64::max);
         if lowres.iter().any(|&s| max / s > 2.0) {
@@ -389,13 +466,50 @@ pub fn lowres_created(spacing: [f64; 3], median_shape: [f64; 3], patch: [usize; 
         let shape = [0, 1, 2].map(|a| spacing[a] / lowres[a] * median_shape[a]);
         median_voxels = shape.iter().product();
         let cfg = plan_configuration(
-            &PlanInput { spacing: lowres, median_shape: shape.map(f64::round_ties_even), num_label_keys, num_training, gpu_memory_gb },
+            &PlanInput { spacing: lowres, median_shape: shape.map(f64::round_ties_even), num_label_keys, dataset_voxels: median_voxels * num_training as f64, gpu_memory_gb },
             planner,
         );
         patch_voxels = cfg.patch_size.iter().map(|&v| v as f64).product();
-        created = true;
+        planned = Some(cfg);
     }
-    created && full_voxels / median_voxels >= 2.0
+    planned.filter(|_| full_voxels / median_voxels >= 2.0)
+}
+
+/// `configurations.<name>` of a plans file with nnU-Net's inheritance resolved
+/// (`PlansManager.get_configuration`): a configuration with `inherits_from` (as
+/// `3d_cascade_fullres` from `3d_fullres`) is its parent's keys overridden by its own. The error
+/// names the missing configuration or the cycle.
+pub fn configuration(plans: &serde_json::Value, name: &str) -> Result<serde_json::Value, String> {
+    let mut chain = vec![name.to_string()];
+    let mut merged = serde_json::Map::new();
+    let mut layers = Vec::new();
+    let mut at = name.to_string();
+    loop {
+        let c = plans
+            .get("configurations")
+            .and_then(|c| c.get(&at))
+            .ok_or_else(|| match chain.len() {
+                1 => format!("no configuration `configurations.{at}`"),
+                _ => format!("`configurations.{}.inherits_from` names `{at}`, which does not exist", chain[chain.len() - 2]),
+            })?
+            .as_object()
+            .ok_or_else(|| format!("`configurations.{at}` is not an object"))?;
+        layers.push(c);
+        match c.get("inherits_from").and_then(|p| p.as_str()) {
+            None => break,
+            Some(parent) => {
+                if chain.iter().any(|c| c == parent) {
+                    return Err(format!("`configurations.{at}.inherits_from` makes a cycle: {} → {parent}", chain.join(" → ")));
+                }
+                chain.push(parent.to_string());
+                at = parent.to_string();
+            }
+        }
+    }
+    for layer in layers.into_iter().rev() {
+        merged.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Ok(serde_json::Value::Object(merged))
 }
 
 /// Planning presets.
@@ -486,19 +600,21 @@ pub fn plans_json(
         .iter()
         .map(|s| planner.is_some() && *s == "ZScoreNormalization" && fp.median_relative_size_after_cropping < 0.75)
         .collect();
-    let (patch, batch, pools, convs, num_pool, estimate) = match planner {
+    // (the released STU-Net plan has no VRAM estimate)
+    let (fullres, estimate) = match planner {
         Some(p) => {
-            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: json.labels.len(), num_training: json.num_training, gpu_memory_gb }, &p);
-            (c.patch_size, c.batch_size, c.topology.pool_op_kernel_sizes, c.topology.conv_kernel_sizes, c.topology.num_pool_per_axis, Some(c.vram_estimate))
+            let c = plan_configuration(&PlanInput { spacing, median_shape, num_label_keys: json.labels.len(), dataset_voxels: median_shape.iter().product::<f64>() * json.num_training as f64, gpu_memory_gb }, &p);
+            let e = c.vram_estimate;
+            (c, Some(e))
         }
         None => {
             let mut pools = vec![[1, 1, 1]];
             pools.extend([[2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 1, 2]]);
-            ([128; 3], 2, pools, vec![[3; 3]; 6], [4, 4, 5], None)
+            let topology = Topology { num_pool_per_axis: [4, 4, 5], pool_op_kernel_sizes: pools, conv_kernel_sizes: vec![[3; 3]; 6], patch_size: [128; 3], must_be_divisible_by: [16, 16, 32] };
+            (Configuration { spacing, patch_size: [128; 3], batch_size: 2, median_image_size_in_voxels: median_shape, topology, vram_estimate: 0 }, None)
         }
     };
-    let lowres = planner.is_some_and(|p| lowres_created(spacing, median_shape, patch, json.labels.len(), json.num_training, gpu_memory_gb, &p));
-    let n_stages = pools.len();
+    let lowres = planner.and_then(|p| plan_lowres(spacing, median_shape, fullres.patch_size, json.labels.len(), json.num_training, gpu_memory_gb, &p));
     let plans_name = match preset {
         Preset::Nnunet => "nnUNetPlans",
         Preset::ResEncM => "nnUNetResEncUNetMPlans",
@@ -507,9 +623,49 @@ pub fn plans_json(
         Preset::Stunet => "STUNetPlans",
     };
     let resenc = planner.is_some_and(|p| p.network == Network::ResEnc);
-    // The ResEnc planners share the default planner's preprocessed data (their identifier).
-    let data_identifier = if resenc { "nnUNetPlans_3d_fullres".to_string() } else { format!("{plans_name}_3d_fullres") };
     let resampling = |is_seg: bool, order: u32| serde_json::json!({"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": null});
+    let configuration = |data_identifier: String, c: &Configuration, estimate: Option<u64>, batch_dice: bool| {
+        let n_stages = c.topology.pool_op_kernel_sizes.len();
+        serde_json::json!({
+            "data_identifier": data_identifier,
+            "preprocessor_name": "DefaultPreprocessor",
+            "batch_size": c.batch_size,
+            "patch_size": c.patch_size,
+            "median_image_size_in_voxels": c.median_image_size_in_voxels,
+            "spacing": c.spacing,
+            "normalization_schemes": schemes,
+            "use_mask_for_norm": use_mask,
+            "UNet_class_name": if resenc { "ResidualEncoderUNet" } else { "PlainConvUNet" },
+            "UNet_base_num_features": BASE_FEATURES,
+            "n_conv_per_stage_encoder": if resenc { stu_core::scaling::RESENC_BLOCKS[..n_stages].to_vec() } else { vec![2; n_stages] },
+            "n_conv_per_stage_decoder": vec![if resenc { 1 } else { 2 }; n_stages - 1],
+            "num_pool_per_axis": c.topology.num_pool_per_axis,
+            "pool_op_kernel_sizes": c.topology.pool_op_kernel_sizes,
+            "conv_kernel_sizes": c.topology.conv_kernel_sizes,
+            "unet_max_num_features": MAX_FEATURES_3D,
+            "resampling_fn_data": "resample_data_or_seg_to_shape",
+            "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": resampling(false, 3),
+            "resampling_fn_seg_kwargs": resampling(true, 1),
+            "resampling_fn_probabilities_kwargs": resampling(false, 1),
+            "batch_dice": batch_dice,
+            "vram_estimate": estimate,
+        })
+    };
+    // The ResEnc planners share the default planner's full-resolution data (their identifier);
+    // a lowres configuration is their own.
+    let full_identifier = if resenc { "nnUNetPlans_3d_fullres".to_string() } else { format!("{plans_name}_3d_fullres") };
+    let mut configurations = serde_json::Map::new();
+    if let Some(low) = &lowres {
+        let mut c = configuration(format!("{plans_name}_3d_lowres"), low, Some(low.vram_estimate), false);
+        c["next_stage"] = "3d_cascade_fullres".into();
+        configurations.insert("3d_lowres".into(), c);
+    }
+    configurations.insert("3d_fullres".into(), configuration(full_identifier, &fullres, estimate, lowres.is_some()));
+    if lowres.is_some() {
+        configurations.insert("3d_cascade_fullres".into(), serde_json::json!({"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}));
+    }
     serde_json::json!({
         "dataset_name": dataset_name,
         "plans_name": plans_name,
@@ -518,34 +674,7 @@ pub fn plans_json(
         "image_reader_writer": "SimpleITKIO",
         "transpose_forward": forward,
         "transpose_backward": backward,
-        "configurations": {
-            "3d_fullres": {
-                "data_identifier": data_identifier,
-                "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": batch,
-                "patch_size": patch,
-                "median_image_size_in_voxels": median_shape,
-                "spacing": spacing,
-                "normalization_schemes": schemes,
-                "use_mask_for_norm": use_mask,
-                "UNet_class_name": if resenc { "ResidualEncoderUNet" } else { "PlainConvUNet" },
-                "UNet_base_num_features": BASE_FEATURES,
-                "n_conv_per_stage_encoder": if resenc { stu_core::scaling::RESENC_BLOCKS[..n_stages].to_vec() } else { vec![2; n_stages] },
-                "n_conv_per_stage_decoder": vec![if resenc { 1 } else { 2 }; n_stages - 1],
-                "num_pool_per_axis": num_pool,
-                "pool_op_kernel_sizes": pools,
-                "conv_kernel_sizes": convs,
-                "unet_max_num_features": MAX_FEATURES_3D,
-                "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": resampling(false, 3),
-                "resampling_fn_seg_kwargs": resampling(true, 1),
-                "resampling_fn_probabilities_kwargs": resampling(false, 1),
-                "batch_dice": lowres,
-                "vram_estimate": estimate,
-            }
-        },
+        "configurations": configurations,
         "experiment_planner_used": match preset {
             Preset::Nnunet => "ExperimentPlanner (stu, nnU-Net v2.2 rules)",
             Preset::ResEncM => "nnUNetPlannerResEncM (stu)",

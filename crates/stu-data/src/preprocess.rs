@@ -58,7 +58,7 @@ impl PreprocessPlan {
         let text = std::fs::read_to_string(path).map_err(|e| DatasetError::File { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| plan_err(path, "(file)", format!("not valid JSON: {e}")))?;
         let conf_key = format!("configurations.{configuration}");
-        let conf = v.get("configurations").and_then(|c| c.get(configuration)).ok_or_else(|| plan_err(path, &conf_key, "missing"))?;
+        let conf = crate::plan::configuration(&v, configuration).map_err(|e| plan_err(path, &conf_key, e))?;
         let get = |key: &str| conf.get(key).cloned().ok_or_else(|| plan_err(path, &format!("{conf_key}.{key}"), "missing"));
         let spacing: [f64; 3] = serde_json::from_value(get("spacing")?).map_err(|e| plan_err(path, &format!("{conf_key}.spacing"), e.to_string()))?;
         let normalization_schemes: Vec<String> = serde_json::from_value(get("normalization_schemes")?).map_err(|e| plan_err(path, &format!("{conf_key}.normalization_schemes"), e.to_string()))?;

@@ -15,10 +15,7 @@ pub fn strides_from_plans(path: &Path, configuration: &str) -> Result<Vec<Stride
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read plans", path.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-    let conf = json
-        .get("configurations")
-        .and_then(|c| c.get(configuration))
-        .with_context(|| format!("{}: no configuration `configurations.{configuration}`", path.display()))?;
+    let conf = stu_data::plan::configuration(&json, configuration).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let (key, list) = if let Some(l) = conf.get("pool_op_kernel_sizes") {
         ("pool_op_kernel_sizes", l)
     } else if let Some(l) = conf.pointer("/architecture/arch_kwargs/strides") {

@@ -415,7 +415,7 @@ impl Predictor {
         let plan = PreprocessPlan::read(&used, &opts.configuration).map_err(|e| anyhow::anyhow!("{} (from {}): {e}", used.display(), plan_path.display()));
         let strides = crate::plans::strides_from_plans(&used, &opts.configuration);
         let (plan, strides) = (plan?, strides.with_context(|| plan_path.display().to_string())?);
-        let patch: Vec<usize> = serde_json::from_value(plan_json[ "configurations"][&opts.configuration]["patch_size"].clone()).with_context(|| format!("{}: `patch_size` missing", plan_path.display()))?;
+        let patch: Vec<usize> = serde_json::from_value(stu_data::plan::configuration(&plan_json, &opts.configuration).map_err(|e| anyhow::anyhow!("{}: {e}", plan_path.display()))?["patch_size"].clone()).with_context(|| format!("{}: `patch_size` missing", plan_path.display()))?;
         ensure!(patch.len() == 3, "{}: only 3-D configurations predict here", plan_path.display());
         // A run trained with `--patch-size` predicts with the patch it was trained on.
         let first = trained.iter().zip(&opts.checkpoints).find_map(|(t, c)| t.patch.map(|p| (p, c)));

@@ -160,14 +160,14 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// `architecture.network_class_name`), if it says.
 pub(crate) fn plan_network(dir: &Path, configuration: &str) -> Option<String> {
     let json = read_json(&dir.join("plans.json")).ok()?;
-    let c = json.pointer(&format!("/configurations/{configuration}"))?;
+    let c = stu_data::plan::configuration(&json, configuration).ok()?;
     c.get("UNet_class_name").or_else(|| c.pointer("/architecture/network_class_name")).and_then(|v| v.as_str()).map(str::to_string)
 }
 
 fn read_plan(dir: &Path, configuration: &str) -> Result<Plan> {
     let path = dir.join("plans.json");
     let json = read_json(&path)?;
-    let c = json.pointer(&format!("/configurations/{configuration}")).with_context(|| format!("{}: no configuration `configurations.{configuration}`", path.display()))?;
+    let c = stu_data::plan::configuration(&json, configuration).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let get = |k: &str| c.get(k).with_context(|| format!("{}: `configurations.{configuration}.{k}` is missing", path.display()));
     let patch: Vec<usize> = serde_json::from_value(get("patch_size")?.clone()).with_context(|| format!("{}: `patch_size` is not a list of integers", path.display()))?;
     ensure!(patch.len() == 3, "{}: `patch_size` has {} axes; only 3-D configurations train here", path.display(), patch.len());
