@@ -95,7 +95,8 @@ impl AugConfig {
 pub struct Sample {
     /// `[C, Z, Y, X]` row-major.
     pub data: Vec<f32>,
-    /// `[Z, Y, X]`.
+    /// `[S, Z, Y, X]`: the label map, then (a cascade's) the previous stage's segmentation;
+    /// every spatial step treats each of the `S` maps alike.
     pub seg: Vec<i16>,
     /// Channels.
     pub channels: usize,
@@ -166,7 +167,9 @@ pub fn augment(rng: &mut SplitMix64, cfg: &AugConfig, input: &Sample, out: [usiz
             for c in s.data.chunks_mut(n) {
                 flip(c, out, axis);
             }
-            flip(&mut s.seg, out, axis);
+            for c in s.seg.chunks_mut(n) {
+                flip(c, out, axis);
+            }
         }
     }
     s
@@ -221,14 +224,18 @@ pub fn transform(dummy_2d: bool, input: &Sample, out: [usize; 3], angles: [f64; 
             }
         });
     }
-    let mut seg = vec![0i16; n];
-    seg.par_chunks_mut(out[1] * out[2]).enumerate().for_each(|(z, plane)| {
-        for y in 0..out[1] {
-            for x in 0..out[2] {
-                plane[y * out[2] + x] = label_at(&input.seg, input.shape, coords(z, y, x));
+    let maps = input.seg.len() / vin;
+    let mut seg = vec![0i16; maps * n];
+    for (m, into) in seg.chunks_mut(n).enumerate() {
+        let from = &input.seg[m * vin..(m + 1) * vin];
+        into.par_chunks_mut(out[1] * out[2]).enumerate().for_each(|(z, plane)| {
+            for y in 0..out[1] {
+                for x in 0..out[2] {
+                    plane[y * out[2] + x] = label_at(from, input.shape, coords(z, y, x));
+                }
             }
-        }
-    });
+        });
+    }
     Sample { data, seg, channels: input.channels, shape: out }
 }
 
@@ -238,12 +245,15 @@ pub fn center_crop(input: &Sample, out: [usize; 3]) -> Sample {
     let n: usize = out.iter().product();
     let vin: usize = input.shape.iter().product();
     let mut data = vec![0f32; input.channels * n];
-    let mut seg = vec![0i16; n];
+    let maps = input.seg.len() / vin;
+    let mut seg = vec![0i16; maps * n];
     for z in 0..out[0] {
         for y in 0..out[1] {
             let src = ((z + lb[0]) * input.shape[1] + y + lb[1]) * input.shape[2] + lb[2];
             let dst = (z * out[1] + y) * out[2];
-            seg[dst..dst + out[2]].copy_from_slice(&input.seg[src..src + out[2]]);
+            for m in 0..maps {
+                seg[m * n + dst..m * n + dst + out[2]].copy_from_slice(&input.seg[m * vin + src..m * vin + src + out[2]]);
+            }
             for c in 0..input.channels {
                 data[c * n + dst..c * n + dst + out[2]].copy_from_slice(&input.data[c * vin + src..c * vin + src + out[2]]);
             }
@@ -630,6 +640,20 @@ mod tests {
             assert_eq!(a, b);
             assert!(a.data.iter().all(|v| v.is_finite()));
             assert!(a.seg.iter().all(|&l| (-1..4).contains(&l)));
+        }
+    }
+
+    #[test]
+    fn a_second_label_map_is_moved_exactly_as_the_first() {
+        let s = sample([14, 15, 16], 9);
+        let two = Sample { seg: [s.seg.clone(), s.seg.clone()].concat(), ..s.clone() };
+        let cfg = AugConfig::nnunet([8, 9, 10]);
+        for seed in 0..12 {
+            let one = augment(&mut SplitMix64::new(seed), &cfg, &s, [8, 9, 10]);
+            let both = augment(&mut SplitMix64::new(seed), &cfg, &two, [8, 9, 10]);
+            assert_eq!(both.data, one.data, "seed {seed}");
+            assert_eq!(&both.seg[..720], one.seg.as_slice(), "seed {seed}");
+            assert_eq!(&both.seg[720..], one.seg.as_slice(), "seed {seed}");
         }
     }
 }

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod augment;
+pub mod cascade;
 pub mod check;
 pub mod convert;
 pub mod dataset;
@@ -12,6 +13,7 @@ pub mod fingerprint;
 pub mod loader;
 mod metaimage;
 pub mod metrics;
+pub mod morphology;
 mod nrrd;
 pub mod nifti_io;
 pub mod phantom;

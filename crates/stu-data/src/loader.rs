@@ -26,6 +26,9 @@ pub struct CaseStore {
     ids: Vec<String>,
     cache: Vec<Mutex<Option<Arc<Preprocessed>>>>,
     keep: bool,
+    /// A cascade's second stage: where the first stage's segmentations are, and those read.
+    previous: Vec<PathBuf>,
+    previous_cache: Vec<Mutex<Option<Arc<Vec<i16>>>>>,
 }
 
 impl CaseStore {
@@ -38,7 +41,37 @@ impl CaseStore {
             total += meta.len();
         }
         let cache = ids.iter().map(|_| Mutex::new(None)).collect();
-        Ok(Self { dir: dir.to_path_buf(), ids, cache, keep: total <= budget })
+        let previous_cache = ids.iter().map(|_| Mutex::new(None)).collect();
+        Ok(Self { dir: dir.to_path_buf(), ids, cache, keep: total <= budget, previous: Vec::new(), previous_cache })
+    }
+
+    /// For a cascade's second stage: every case's first-stage segmentation is in one of `dirs`
+    /// (`crate::cascade`); fails naming the cases that have none.
+    pub fn with_previous_stage(mut self, dirs: Vec<PathBuf>) -> Result<Self, DatasetError> {
+        let missing: Vec<&str> = self.ids.iter().filter(|id| !dirs.iter().any(|d| d.join(format!("{id}.json")).exists())).map(String::as_str).collect();
+        if !missing.is_empty() {
+            let list = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(DatasetError::File {
+                path: dirs.first().cloned().unwrap_or_default(),
+                reason: format!("no segmentation from the previous stage for {} case(s) ({}) in {list}: train the first stage on every fold (or on fold `all`), whose final validations write them", missing.len(), missing.join(", ")),
+            });
+        }
+        self.previous = dirs;
+        Ok(self)
+    }
+
+    /// Case `i`'s segmentation from the previous stage (a cascade's), on its preprocessed grid.
+    pub fn previous(&self, i: usize) -> Result<Arc<Vec<i16>>, DatasetError> {
+        let mut slot = self.previous_cache[i].lock().expect("case cache poisoned");
+        if let Some(c) = slot.as_ref() {
+            return Ok(Arc::clone(c));
+        }
+        let [_, z, y, x] = self.get(i)?.props.shape;
+        let seg = Arc::new(crate::cascade::load_previous_stage(&self.previous, &self.ids[i], [z, y, x])?);
+        if self.keep {
+            *slot = Some(Arc::clone(&seg));
+        }
+        Ok(seg)
     }
 
     /// Case ids.
@@ -79,6 +112,9 @@ pub struct BatchConfig {
     /// Foreground oversampling follows the global index, so the last third of the *global*
     /// batch is forced to foreground however it is split (nnU-Net's DDP rule).
     pub shard: Option<(usize, usize)>,
+    /// A cascade's second stage: the labels of the previous stage's segmentation, one-hot
+    /// encoded after the image channels (empty: no cascade).
+    pub cascade: Vec<i16>,
 }
 
 /// One batch on the CPU.
@@ -118,7 +154,12 @@ pub fn make_batch(store: &CaseStore, cfg: &BatchConfig, seed: u64, stream: u64, 
         channels = c;
         let (first, global) = cfg.shard.unwrap_or((0, b));
         let corner = choose_corner(&mut rng, &case, forced_foreground(first + j, global), loaded, f, &cfg.regions);
-        let (d, s) = crop_pad(&case.data, &case.seg, c, [z, y, x], corner, loaded);
+        let (d, mut s) = crop_pad(&case.data, &case.seg, c, [z, y, x], corner, loaded);
+        if !cfg.cascade.is_empty() {
+            // The previous stage's segmentation rides along as a second label map.
+            let (_, p) = crop_pad(&[], &store.previous(i)?, 0, [z, y, x], corner, loaded);
+            s.extend(p);
+        }
         let sample = Sample { data: d, seg: s, channels: c, shape: loaded };
         let mut out = match &cfg.augment {
             Some(aug) => augment(&mut rng, aug, &sample, f),
@@ -126,6 +167,15 @@ pub fn make_batch(store: &CaseStore, cfg: &BatchConfig, seed: u64, stream: u64, 
         };
         out.seg.iter_mut().for_each(|v| *v = (*v).max(0));
         data.extend_from_slice(&out.data);
+        if !cfg.cascade.is_empty() {
+            channels = c + cfg.cascade.len();
+            let mut hot = crate::cascade::one_hot(&out.seg[n..], &cfg.cascade);
+            if cfg.augment.is_some() {
+                crate::cascade::perturb(&mut rng, &mut hot, cfg.cascade.len(), f);
+            }
+            data.extend_from_slice(&hot);
+            out.seg.truncate(n);
+        }
         segs.push(out.seg);
         keys.push(case.props.id.clone());
     }
@@ -262,7 +312,7 @@ mod tests {
     fn batches_do_not_depend_on_workers_and_targets_follow_the_scales() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]], regions: Vec::new(), shard: None };
+        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]], regions: Vec::new(), shard: None, cascade: Vec::new() };
         let collect = |workers| {
             let mut l = Loader::spawn(Arc::clone(&store), cfg.clone(), 42, 3, 5, 12, workers, 2);
             let mut v = Vec::new();
@@ -289,10 +339,53 @@ mod tests {
         // Foreground: two 2³ blobs in opposite corners, rarely inside a random 4³ patch.
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path(), |z, y, x, _| if z >= 10 && y >= 12 && x >= 14 { 1 } else if z < 2 && y < 2 && x < 2 { 2 } else { 0 });
-        let cfg = |shard| BatchConfig { batch_size: 1, patch: [4, 4, 4], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard };
+        let cfg = |shard| BatchConfig { batch_size: 1, patch: [4, 4, 4], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard, cascade: Vec::new() };
         let with_fg = |shard| (0..40).filter(|&i| make_batch(&store, &cfg(shard), 7, 0, i).unwrap().targets[0].0.iter().any(|&v| v > 0)).count();
         assert_eq!(with_fg(Some((1, 2))), 40, "the second sample of a global batch of 2 is forced to foreground");
         assert!(with_fg(Some((0, 2))) < 20, "the first is not");
         assert!(with_fg(None) < 20, "nor is a batch of one");
+    }
+
+    #[test]
+    fn a_cascade_batch_carries_the_previous_stage_one_hot_after_the_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = store(dir.path());
+        let ids = plain.ids().to_vec();
+        // The previous stage "predicted" each case's own labels.
+        let prev_dir = dir.path().join("predicted_next_stage");
+        for (i, id) in ids.iter().enumerate() {
+            let case = plain.get(i).unwrap();
+            let [_, z, y, x] = case.props.shape;
+            crate::cascade::save_next_stage(&prev_dir, id, &case.seg.iter().map(|&v| v.max(0)).collect::<Vec<_>>(), [z, y, x]).unwrap();
+        }
+        let cascaded = Arc::new(CaseStore::new(dir.path(), ids.clone(), 1 << 30).unwrap().with_previous_stage(vec![prev_dir.clone()]).unwrap());
+        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard: None, cascade: vec![1, 2] };
+        let n = 512;
+        for i in 0..6 {
+            let b = make_batch(&cascaded, &cfg, 3, 0, i).unwrap();
+            assert_eq!(b.shape, [2, 3, 8, 8, 8]);
+            let without = make_batch(&plain, &BatchConfig { cascade: Vec::new(), ..cfg.clone() }, 3, 0, i).unwrap();
+            for j in 0..2 {
+                let sample = &b.data[j * 3 * n..(j + 1) * 3 * n];
+                assert_eq!(&sample[..n], &without.data[j * n..(j + 1) * n], "the image channel is unchanged");
+                let target = &b.targets[0].0[j * n..(j + 1) * n];
+                assert_eq!(&sample[n..], crate::cascade::one_hot(target, &[1, 2]).as_slice(), "batch {i}, sample {j}");
+            }
+        }
+        // With augmentation the previous stage is moved with the labels, then perturbed: still
+        // one-hot, at most one label per voxel.
+        let aug = BatchConfig { augment: Some(AugConfig::nnunet([8, 8, 8])), ..cfg.clone() };
+        for i in 0..6 {
+            let b = make_batch(&cascaded, &aug, 5, 0, i).unwrap();
+            for j in 0..2 {
+                let hot = &b.data[j * 3 * n + n..(j + 1) * 3 * n];
+                assert!(hot.iter().all(|&v| v == 0.0 || v == 1.0));
+                assert!((0..n).all(|v| hot[v] + hot[n + v] <= 1.0));
+            }
+        }
+        // A case without a previous-stage segmentation is named before training starts.
+        std::fs::remove_file(prev_dir.join(format!("{}.json", ids[1]))).unwrap();
+        let e = CaseStore::new(dir.path(), ids.clone(), 1 << 30).unwrap().with_previous_stage(vec![prev_dir]).err().unwrap().to_string();
+        assert!(e.contains(&ids[1]) && e.contains("1 case(s)"), "{e}");
     }
 }

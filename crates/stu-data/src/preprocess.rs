@@ -393,6 +393,14 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
     let ignore = json.ignore_label.map(|v| v as i16);
     let regions = json.regions.clone().unwrap_or_default();
     std::fs::create_dir_all(out).map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: format!("cannot create: {e}") })?;
+    // Finished cases are kept: only a folder made for this configuration's data may be resumed.
+    if let Some(made) = std::fs::read(out.join(SOURCE)).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["configuration"].as_str().map(str::to_string)) {
+        let plans_json: serde_json::Value = std::fs::read(plans).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let id = |c: &str| crate::plan::configuration(&plans_json, c).ok().and_then(|c| c.get("data_identifier").cloned());
+        if made != configuration && (id(&made).is_none() || id(&made) != id(configuration)) {
+            return Err(DatasetError::File { path: out.join(SOURCE), reason: format!("this folder holds cases preprocessed for configuration `{made}`, not `{configuration}`: preprocess into another folder") });
+        }
+    }
     let todo: Vec<_> = cases.iter().filter(|c| !out.join(format!("{}.json", c.id)).exists()).collect();
     let done = cases.len() - todo.len();
     let run = |case: &&crate::dataset::Case| {
@@ -430,7 +438,7 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
     // Where the raw cases are, for what needs them after training (the final validation
     // predicts the validation cases from their images and scores them against their labels).
     let source = root.canonicalize().map_err(|e| DatasetError::File { path: root.to_path_buf(), reason: format!("cannot resolve: {e}") })?;
-    write_file(&out.join(SOURCE), (serde_json::to_string_pretty(&serde_json::json!({"raw": source})).expect("serialisable") + "\n").as_bytes())?;
+    write_file(&out.join(SOURCE), (serde_json::to_string_pretty(&serde_json::json!({"raw": source, "configuration": configuration})).expect("serialisable") + "\n").as_bytes())?;
     Ok((todo.len(), done))
 }
 

@@ -218,6 +218,9 @@ enum Command {
         /// Which part this process predicts: cases part-id, part-id + num-parts, … (nnU-Net's -part_id).
         #[arg(long, default_value_t = 0)]
         part_id: usize,
+        /// For the second stage of a cascade (`--configuration 3d_cascade_fullres`): the folder of the first stage's label maps of these cases (`stu predict` with the `3d_lowres` model), nnU-Net's -prev_stage_predictions.
+        #[arg(long)]
+        previous_stage: Option<PathBuf>,
     },
     /// Ensemble prediction folders (nnU-Net's `nnUNetv2_ensemble`): average the probabilities `stu predict --save-probabilities` wrote, per case, and take the argmax.
     Ensemble {
@@ -400,6 +403,9 @@ struct TrainArgs {
     /// Plans configuration.
     #[arg(long, default_value = "3d_fullres")]
     configuration: String,
+    /// For the second stage of a cascade (`--configuration 3d_cascade_fullres`): the first stage's (`3d_lowres`) run folders, whose final validations wrote their segmentations of the training cases (all five folds, or fold `all`); repeatable.
+    #[arg(long, num_args = 1..)]
+    previous_stage: Vec<PathBuf>,
     /// Model registry name (default: `nnunet-resenc` for a plan of nnU-Net's ResEnc planners,
     /// `stu plan --preset resenc-*`, else `stunet`).
     #[arg(long)]
@@ -571,6 +577,7 @@ impl TrainArgs {
             backend: self.backend,
             fraction: self.fraction,
             precision: self.precision,
+            previous_stage: self.previous_stage,
         })
     }
 }
@@ -908,9 +915,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
-        Command::Predict { input, output, checkpoints, chk, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id } => {
+        Command::Predict { input, output, checkpoints, chk, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id, previous_stage } => {
             let part = (num_parts != 1 || part_id != 0).then_some((part_id, num_parts));
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, best: chk == "best", model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, part };
+            let previous_stage = previous_stage.map(crate::predict::Previous::Files);
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, best: chk == "best", model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, part, previous_stage };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());

@@ -58,45 +58,7 @@ impl Postprocessing {
     }
 }
 
-/// The 26-connected components of the voxels whose value is `member`, neighbours joining when
-/// `joined(a, b)` holds for their values: each voxel's component id (`u32::MAX` outside), and
-/// each component's first value and size.
-pub fn components(seg: &[u16], shape: [usize; 3], member: &(dyn Fn(u16) -> bool + Sync), joined: &dyn Fn(u16, u16) -> bool) -> (Vec<u32>, Vec<(u16, usize)>) {
-    let n = seg.len();
-    let mut comp = vec![u32::MAX; n];
-    let mut sizes: Vec<(u16, usize)> = Vec::new();
-    let mut stack = Vec::new();
-    for start in 0..n {
-        if !member(seg[start]) || comp[start] != u32::MAX {
-            continue;
-        }
-        let id = sizes.len() as u32;
-        comp[start] = id;
-        stack.push(start);
-        let mut size = 0;
-        while let Some(v) = stack.pop() {
-            size += 1;
-            let (z, y, x) = ((v / (shape[1] * shape[2])) as i64, (v / shape[2] % shape[1]) as i64, (v % shape[2]) as i64);
-            for dz in -1..=1i64 {
-                for dy in -1..=1i64 {
-                    for dx in -1..=1i64 {
-                        let (nz, ny, nx) = (z + dz, y + dy, x + dx);
-                        if nz < 0 || ny < 0 || nx < 0 || nz >= shape[0] as i64 || ny >= shape[1] as i64 || nx >= shape[2] as i64 {
-                            continue;
-                        }
-                        let w = (nz as usize * shape[1] + ny as usize) * shape[2] + nx as usize;
-                        if member(seg[w]) && comp[w] == u32::MAX && joined(seg[v], seg[w]) {
-                            comp[w] = id;
-                            stack.push(w);
-                        }
-                    }
-                }
-            }
-        }
-        sizes.push((seg[start], size));
-    }
-    (comp, sizes)
-}
+pub use stu_data::morphology::components;
 
 /// Zeroes every voxel in `member` outside the largest 26-connected component(s) of the
 /// `member` voxels taken as one mask (all components of the largest size are kept).

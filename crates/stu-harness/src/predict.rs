@@ -98,6 +98,30 @@ pub struct PredictOptions {
     /// `-part_id` / `-num_parts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<(usize, usize)>,
+    /// The first stage's segmentations, for a configuration that is the second stage of a
+    /// cascade (`3d_cascade_fullres`, whose plan names a `previous_stage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_stage: Option<Previous>,
+}
+
+/// Where a cascade's second stage finds the first stage's segmentation of a case.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum Previous {
+    /// A folder of label maps in the inputs' geometry, `{case}.nii.gz` (or the input's format),
+    /// as `stu predict` with the first stage's model writes them (nnU-Net's
+    /// `-prev_stage_predictions`); they are preprocessed as segmentations with the image.
+    Files(PathBuf),
+    /// The first stage's final validations (`RUN/predicted_next_stage/<configuration>`), on the
+    /// preprocessed grid already (`stu_data::cascade`).
+    NextStage(Vec<PathBuf>),
+}
+
+/// A cascade's second stage: the labels one-hot encoded as extra input channels, and where the
+/// first stage's segmentations are.
+#[derive(Debug, Clone)]
+struct Cascade {
+    labels: Vec<i16>,
+    previous: Previous,
 }
 
 /// A loaded predictor.
@@ -118,6 +142,7 @@ pub struct Predictor {
     /// A region-based model's label per output (`regions_class_order`): sigmoid outputs, each
     /// written where its probability exceeds 0.5, later ones over earlier ones.
     regions: Option<Vec<u16>>,
+    cascade: Option<Cascade>,
 }
 
 /// Seconds per phase of one case, in order (`stu predict` reports them).
@@ -206,6 +231,7 @@ pub struct Case {
 pub struct Reader {
     plan: PreprocessPlan,
     channels: usize,
+    cascade: Option<Cascade>,
 }
 
 impl Reader {
@@ -214,7 +240,31 @@ impl Reader {
     pub fn read(&self, id: &str, images: &[PathBuf]) -> Result<Case> {
         ensure!(images.len() == self.channels, "case `{id}`: {} channel file(s), the model takes {}", images.len(), self.channels);
         let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
-        let pre = preprocess_case(id, images, None, &self.plan)?;
+        let Some(cascade) = &self.cascade else {
+            let pre = preprocess_case(id, images, None, &self.plan)?;
+            return Ok(Case { id: id.to_string(), geom, pre });
+        };
+        let (mut pre, previous) = match &cascade.previous {
+            Previous::Files(dir) => {
+                // Preprocessed as a segmentation of the image (cropped, resampled per label).
+                let file = [output_ending(&images[0]), ".nii.gz", ".nii", ".mha", ".nrrd"]
+                    .iter()
+                    .map(|e| dir.join(format!("{id}{e}")))
+                    .find(|f| f.exists())
+                    .with_context(|| format!("{}: no segmentation of case `{id}` from the previous stage (`{id}.nii.gz`; predict the case with the first stage's model first)", dir.display()))?;
+                let mut pre = preprocess_case(id, images, Some(&file), &self.plan).with_context(|| format!("case `{id}` with the previous stage's {}", file.display()))?;
+                let seg = std::mem::take(&mut pre.seg);
+                (pre, seg)
+            }
+            Previous::NextStage(dirs) => {
+                let pre = preprocess_case(id, images, None, &self.plan)?;
+                let [_, z, y, x] = pre.props.shape;
+                let seg = stu_data::cascade::load_previous_stage(dirs, id, [z, y, x])?;
+                (pre, seg)
+            }
+        };
+        pre.data.extend(stu_data::cascade::one_hot(&previous, &cascade.labels));
+        pre.props.shape[0] += cascade.labels.len();
         Ok(Case { id: id.to_string(), geom, pre })
     }
 }
@@ -429,7 +479,6 @@ impl Predictor {
         let mut nets = Vec::with_capacity(opts.checkpoints.len());
         for c in &opts.checkpoints {
             let net = stu_engine::model::load_checkpoint(c, opts.model.as_deref(), &LoadOptions { strides: Some(strides.clone()), from_plan: true }, &device)?;
-            ensure!(net.in_channels() == plan.normalization_schemes.len(), "{}: the model takes {} channel(s), the plan normalises {}", c.display(), net.in_channels(), plan.normalization_schemes.len());
             if let Some(n) = nets.first().map(|n: &Box<dyn SegNet>| n.num_classes()) {
                 ensure!(net.num_classes() == n, "{}: {} output classes, {} has {n}; an ensemble's checkpoints predict the same classes", c.display(), net.num_classes(), opts.checkpoints[0].display());
             }
@@ -466,7 +515,26 @@ impl Predictor {
             ensure!(region_based == opts.checkpoints.len(), "{}: region-based, but not every checkpoint of the ensemble records its dataset", c.display());
         }
         let regions = regions.map(|(w, _)| w);
-        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions })
+        // A cascade's second stage takes the first stage's segmentation, one-hot over the
+        // foreground labels (nnU-Net's `MoveSegAsOneHotToDataTransform`), after the images.
+        let max_label = match &regions {
+            Some(w) => w.iter().copied().max().unwrap_or(0) as usize,
+            None => nets[0].num_classes() - 1,
+        };
+        let previous_stage = stu_data::plan::configuration(&plan_json, &opts.configuration).ok().and_then(|c| c.get("previous_stage").and_then(|p| p.as_str()).map(str::to_string));
+        let cascade = match (previous_stage, &opts.previous_stage) {
+            (Some(_), Some(p)) => Some(Cascade { labels: (1..=max_label as i16).collect(), previous: p.clone() }),
+            (Some(first), None) => bail!("configuration `{}` of {} is the second stage of a cascade after `{first}`: pass --previous-stage with the `{first}` model's predictions of these cases", opts.configuration, plan_path.display()),
+            (None, Some(_)) => bail!("--previous-stage: configuration `{}` of {} is no cascade stage (it names no `previous_stage`)", opts.configuration, plan_path.display()),
+            (None, None) => None,
+        };
+        let extra = cascade.as_ref().map_or(0, |c| c.labels.len());
+        for (net, c) in nets.iter().zip(&opts.checkpoints) {
+            let want = plan.normalization_schemes.len() + extra;
+            let why = if extra > 0 { format!(" and the cascade's {extra} one-hot label channel(s)") } else { String::new() };
+            ensure!(net.in_channels() == want, "{}: the model takes {} channel(s), the plan normalises {}{why}", c.display(), net.in_channels(), plan.normalization_schemes.len());
+        }
+        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions, cascade })
     }
 
     /// The largest label value the predictions may hold.
@@ -482,9 +550,9 @@ impl Predictor {
         self.regions.is_some()
     }
 
-    /// Input channels the model takes.
+    /// Image channels a case has (the model's input channels, less a cascade's one-hot ones).
     pub fn channels(&self) -> usize {
-        self.nets[0].in_channels()
+        self.nets[0].in_channels() - self.cascade.as_ref().map_or(0, |c| c.labels.len())
     }
 
     /// Output classes, background included.
@@ -515,9 +583,48 @@ impl Predictor {
         Ok(out)
     }
 
+    /// nnU-Net's `resample_and_save` for a cascade's next stage: `logits` (`[classes, …grid]`,
+    /// this configuration's preprocessed grid) resampled class by class, linearly, to `target`
+    /// (the next configuration's preprocessed grid; the separate-axis rule sees this
+    /// configuration's spacing only, which nnU-Net passes as both spacings), then labelled: the
+    /// first maximum, or a region-based model's sigmoids above 0.5 painted in order.
+    pub fn next_stage_labels(&self, logits: &[f32], grid: [usize; 3], target: [usize; 3]) -> Vec<i16> {
+        let n: usize = grid.iter().product();
+        let separate = separate_axis(self.plan.spacing, self.plan.spacing);
+        let mut seg = vec![0u16; target.iter().product()];
+        let mut best = vec![f32::NEG_INFINITY; seg.len()];
+        for (k, channel) in logits.chunks_exact(n).enumerate() {
+            let r = resample_linear(channel, grid, target, separate);
+            match &self.regions {
+                Some(writes) => paint_region(&mut seg, &r, writes[k]),
+                None => running_argmax(&mut best, &mut seg, &r, k, None),
+            }
+        }
+        seg.into_iter().map(|v| v as i16).collect()
+    }
+
+    /// For a cascade's first stage: predicts one case, writes its segmentation for the next
+    /// stage (on the grid `next_spacing` gives its crop: the next configuration's preprocessed
+    /// grid) into `next_dir`, and, with `export`, returns its label map in the input's geometry
+    /// from the same logits (the final validation's).
+    pub fn predict_case_and_next_stage(&self, id: &str, images: &[PathBuf], next_spacing: [f64; 3], next_dir: &Path, export: bool, progress: &dyn Fn(usize, usize)) -> Result<Option<(Vec<u16>, stu_data::nifti_io::Geometry)>> {
+        let case = self.reader().read(id, images)?;
+        let [c, z, y, x] = case.pre.props.shape;
+        let logits = self.sliding_window(&case.pre.data, c, [z, y, x], progress)?;
+        let props = &case.pre.props;
+        let spacing_t = self.plan.transpose_forward.map(|a| props.original_spacing[a]);
+        let target = stu_data::plan::compute_new_shape(props.shape_after_cropping_and_before_resampling, spacing_t, next_spacing);
+        let seg = self.next_stage_labels(&logits, [z, y, x], target);
+        stu_data::cascade::save_next_stage(next_dir, id, &seg, target)?;
+        if !export {
+            return Ok(None);
+        }
+        self.exporter().export(case, NetOut::Logits(logits), None).map(Some)
+    }
+
     /// What reading and preprocessing a case needs (owned, for a reader thread).
     pub fn reader(&self) -> Reader {
-        Reader { plan: self.plan.clone(), channels: self.channels() }
+        Reader { plan: self.plan.clone(), channels: self.channels(), cascade: self.cascade.clone() }
     }
 
     /// What exporting a case's logits needs (owned, for a writer thread).

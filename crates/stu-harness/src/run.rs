@@ -95,6 +95,7 @@ fn train_request(s: &Spec, pre: &Path, out: &Path, backend: Backend) -> crate::t
         workers: s.train.workers,
         backend,
         fraction: s.dataset.fraction,
+        previous_stage: Vec::new(),
     }
 }
 
@@ -164,6 +165,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             precision: s.precision,
             continue_prediction: false,
             part: None,
+            previous_stage: None,
         };
         log("predict: held-out cases");
         let results = crate::predict::predict(&opts, &|_, _, _| {})?;

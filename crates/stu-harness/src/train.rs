@@ -78,6 +78,10 @@ pub struct TrainConfig {
     /// so a run resumes only with the same number.
     #[serde(default = "one_process", skip_serializing_if = "is_one_process")]
     pub world_size: usize,
+    /// A cascade's second stage: the folders of the first stage's segmentations of the
+    /// training cases (`RUN/predicted_next_stage/<configuration>` of its folds).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_stage: Vec<PathBuf>,
 }
 
 fn one_process() -> usize {
@@ -141,6 +145,9 @@ pub struct TrainRequest {
     pub fraction: f64,
     /// See [`TrainConfig::precision`].
     pub precision: Precision,
+    /// For a cascade's second stage: the first stage's run folders (or their
+    /// `predicted_next_stage/<configuration>` folders).
+    pub previous_stage: Vec<PathBuf>,
 }
 
 /// The plan values training needs.
@@ -149,6 +156,8 @@ struct Plan {
     batch: usize,
     batch_dice: bool,
     strides: Vec<[usize; 3]>,
+    /// The configuration a cascade stage follows (`previous_stage`).
+    previous_stage: Option<String>,
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -176,12 +185,29 @@ fn read_plan(dir: &Path, configuration: &str) -> Result<Plan> {
         batch: get("batch_size")?.as_u64().with_context(|| format!("{}: `batch_size` is not an integer", path.display()))? as usize,
         batch_dice: get("batch_dice")?.as_bool().unwrap_or(false),
         strides: crate::plans::strides_from_plans(&path, configuration)?,
+        previous_stage: c.get("previous_stage").and_then(|p| p.as_str()).map(str::to_string),
     })
 }
 
 /// Resolves defaults (plan values, lr preset) into the configuration of a new run.
 pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     let plan = read_plan(&req.preprocessed, &req.configuration)?;
+    check_preprocessed_for(&req.preprocessed, &req.configuration)?;
+    let previous_stage = match (&plan.previous_stage, req.previous_stage.is_empty()) {
+        (Some(first), true) => bail!("configuration `{}` is the second stage of a cascade after `{first}`: pass --previous-stage with the `{first}` runs (every fold, or fold `all`) whose final validations wrote their segmentations", req.configuration),
+        (None, false) => bail!("--previous-stage: configuration `{}` is no cascade stage (its plan names no `previous_stage`)", req.configuration),
+        (None, true) => Vec::new(),
+        (Some(_), false) => req
+            .previous_stage
+            .iter()
+            .map(|d| {
+                // A first-stage run folder stands for its segmentations for this stage.
+                let inner = stu_data::cascade::next_stage_dir(d, &req.configuration);
+                let d = if inner.is_dir() { inner } else { d.clone() };
+                d.canonicalize().with_context(|| format!("--previous-stage {}: cannot open", d.display()))
+            })
+            .collect::<Result<_>>()?,
+    };
     let preprocessed = req.preprocessed.canonicalize().with_context(|| format!("{}: cannot open the preprocessed folder", req.preprocessed.display()))?;
     let init_from = match &req.init_from {
         Some(p) => Some(p.canonicalize().with_context(|| format!("{}: cannot open the checkpoint", p.display()))?),
@@ -212,7 +238,27 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         fraction: req.fraction,
         precision: req.precision,
         world_size: 1,
+        previous_stage,
     })
+}
+
+/// Fails when `dir` was preprocessed for another configuration than `configuration` with
+/// other data (configurations sharing a `data_identifier`, as `3d_cascade_fullres` shares
+/// `3d_fullres`'s, share the folder); folders that do not record theirs pass.
+fn check_preprocessed_for(dir: &Path, configuration: &str) -> Result<()> {
+    let Ok(source) = read_json(&dir.join(stu_data::preprocess::SOURCE)) else { return Ok(()) };
+    let Some(made) = source.get("configuration").and_then(|c| c.as_str()) else { return Ok(()) };
+    if made == configuration {
+        return Ok(());
+    }
+    let plans = read_json(&dir.join("plans.json"))?;
+    let id = |c: &str| stu_data::plan::configuration(&plans, c).ok().and_then(|c| c.get("data_identifier").cloned());
+    ensure!(
+        id(made).is_some() && id(made) == id(configuration),
+        "{}: preprocessed for configuration `{made}`, not `{configuration}` (pass --configuration {made}, or preprocess for `{configuration}` into another folder)",
+        dir.display()
+    );
+    Ok(())
 }
 
 /// The training and validation case ids of a fold.
@@ -245,17 +291,20 @@ struct Task {
     /// A region-based dataset's regions (empty otherwise), and as the loss takes them.
     regions: Vec<stu_data::dataset::Region>,
     loss_regions: Option<stu_engine::loss::Regions>,
+    /// The largest foreground label (ignore label aside): a cascade one-hot encodes 1..=it.
+    fg_max: u32,
 }
 
 fn task(dir: &Path) -> Result<Task> {
     let path = dir.join("dataset.json");
     let json = stu_data::dataset::DatasetJson::read(&path)?;
+    let fg_max = json.allowed_label_values().into_iter().filter(|&v| Some(v) != json.ignore_label).max().unwrap_or(0);
     if let Some(r) = json.regions {
         let loss = stu_engine::loss::Regions::new(&r.iter().map(|r| r.labels.clone()).collect::<Vec<_>>()).map_err(|e| anyhow::anyhow!("{}: `labels`: {e}", path.display()))?;
-        return Ok(Task { channels: json.channel_names.len(), outputs: r.len(), ignore: json.ignore_label, regions: r, loss_regions: Some(loss) });
+        return Ok(Task { channels: json.channel_names.len(), outputs: r.len(), ignore: json.ignore_label, regions: r, loss_regions: Some(loss), fg_max });
     }
     let max = json.foreground_classes().last().map_or(0, |c| c.0);
-    Ok(Task { channels: json.channel_names.len(), outputs: max as usize + 1, ignore: json.ignore_label, regions: Vec::new(), loss_regions: None })
+    Ok(Task { channels: json.channel_names.len(), outputs: max as usize + 1, ignore: json.ignore_label, regions: Vec::new(), loss_regions: None, fg_max })
 }
 
 /// One line of `log.jsonl`.
@@ -482,7 +531,9 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     }
     let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
     let task = task(&cfg.preprocessed)?;
-    let (in_channels, num_classes, ignore) = (task.channels, task.outputs, task.ignore);
+    // A cascade's second stage takes the first stage's segmentation one-hot after the images.
+    let cascade: Vec<i16> = if cfg.previous_stage.is_empty() { Vec::new() } else { (1..=task.fg_max as i16).collect() };
+    let (in_channels, num_classes, ignore) = (task.channels + cascade.len(), task.outputs, task.ignore);
     let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
     // Sampling needs the annotated voxels' locations, which preprocessing records for a dataset
     // with an ignore label since 2026-11-27, and the regions' own, since 2026-11-28.
@@ -559,8 +610,12 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let regions = task.loss_regions;
     let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5, ignore_label: ignore.map(i64::from), regions };
     let budget = 4 << 30;
-    let train_store = Arc::new(CaseStore::new(&cfg.preprocessed, train_ids, budget)?);
-    let val_store = if val_ids.is_empty() { None } else { Some(Arc::new(CaseStore::new(&cfg.preprocessed, val_ids, budget)?)) };
+    let store = |ids: Vec<String>| -> Result<Arc<CaseStore>> {
+        let s = CaseStore::new(&cfg.preprocessed, ids, budget)?;
+        Ok(Arc::new(if cascade.is_empty() { s } else { s.with_previous_stage(cfg.previous_stage.clone())? }))
+    };
+    let train_store = store(train_ids)?;
+    let val_store = if val_ids.is_empty() { None } else { Some(store(val_ids)?) };
     // Rank r draws its share of each training batch from its own stream (2r; a single process
     // is rank 0 of 1), oversampling by the sample's place in the global batch. Validation
     // batches are whole and split between the ranks by index, so all ranks together see
@@ -573,6 +628,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         ds_scales: scales.clone(),
         regions: task.regions.clone(),
         shard: (world > 1).then_some((rank * share, cfg.batch_size)),
+        cascade: cascade.clone(),
     };
     let val_batches = BatchConfig { augment: None, batch_size: cfg.batch_size, shard: None, ..train_batches.clone() };
     let meta_of = |epoch: usize, ema: Option<f64>, best: Option<f64>, net: &dyn SegNet| CheckpointMeta {

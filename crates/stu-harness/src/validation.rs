@@ -109,8 +109,16 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     let cfg: TrainConfig = serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| format!("{}: cannot read (is {} a `stu train` run folder?)", cfg_path.display(), run.display()))?).with_context(|| format!("{}: not a training configuration", cfg_path.display()))?;
     let checkpoint = run.join(if req.best { "checkpoint_best.safetensors" } else { "checkpoint_final.safetensors" });
     ensure!(checkpoint.exists(), "{}: not found (is the training finished?)", checkpoint.display());
-    let (_, val_ids) = crate::train::fold_cases(&cfg.preprocessed, &cfg.fold)?;
-    if val_ids.is_empty() {
+    let (train_ids, val_ids) = crate::train::fold_cases(&cfg.preprocessed, &cfg.fold)?;
+    // A cascade's first stage also writes its segmentations for the next stage: of the
+    // validation cases, or of every case for fold `all` (nnU-Net's `predicted_next_stage`).
+    let next = next_stage(run, &cfg)?;
+    let next_ids = match &next {
+        Some(_) if val_ids.is_empty() => train_ids,
+        Some(_) => val_ids.clone(),
+        None => Vec::new(),
+    };
+    if val_ids.is_empty() && next.is_none() {
         return Ok(Outcome::Skipped(format!("fold `{}` has no validation cases", cfg.fold)));
     }
     let raw = match stu_data::preprocess::source_of(&cfg.preprocessed) {
@@ -145,7 +153,7 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
             }
         }
     }
-    if stale || recorded.is_none() {
+    if !val_ids.is_empty() && (stale || recorded.is_none()) {
         // Before any prediction, and without the old summary (which scored the old predictions).
         match std::fs::remove_file(dir.join("summary.json")) {
             Ok(()) => {}
@@ -179,21 +187,43 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
         precision: req.precision.unwrap_or(cfg.precision),
         continue_prediction: false,
         part: None,
+        previous_stage: (!cfg.previous_stage.is_empty()).then(|| crate::predict::Previous::NextStage(cfg.previous_stage.clone())),
     };
     let predictor = Predictor::new(&opts)?;
     let wide = predictor.max_label() > 255;
+    let images_of = |id: &str| -> Result<Vec<PathBuf>> {
+        let case = cases.iter().find(|c| c.id == id).with_context(|| format!("validation case `{id}` is not in {}", raw.join("imagesTr").display()))?;
+        case.images.iter().enumerate().map(|(ch, p)| p.clone().with_context(|| format!("validation case `{id}` has no channel {ch} in {}", raw.display()))).collect()
+    };
     let mut predicted = 0;
+    if let Some(next) = &next {
+        fresh(&next.dir, &source, &next_ids, &|id| vec![next.dir.join(format!("{id}.json")), next.dir.join(format!("{id}_seg.i16"))])?;
+        for id in &next_ids {
+            if next.dir.join(format!("{id}.json")).exists() {
+                continue;
+            }
+            // The validation's label map from the same logits, when it is missing too.
+            let out = dir.join(format!("{id}{ending}"));
+            let export = val_ids.contains(id) && !out.exists() && !req.probabilities;
+            if let Some((seg, geom)) = predictor.predict_case_and_next_stage(id, &images_of(id)?, next.spacing, &next.dir, export, &|d, n| progress(id, d, n))? {
+                stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide).with_context(|| out.display().to_string())?;
+                predicted += 1;
+            }
+        }
+    }
     for id in &val_ids {
         let out = dir.join(format!("{id}{ending}"));
         let probs = req.probabilities.then(|| crate::predict::probabilities_path(&dir, id));
         if out.exists() && probs.as_ref().is_none_or(|p| p.exists()) {
             continue;
         }
-        let case = cases.iter().find(|c| &c.id == id).with_context(|| format!("validation case `{id}` is not in {}", raw.join("imagesTr").display()))?;
-        let images: Vec<PathBuf> = case.images.iter().enumerate().map(|(ch, p)| p.clone().with_context(|| format!("validation case `{id}` has no channel {ch} in {}", raw.display()))).collect::<Result<_>>()?;
-        let (seg, geom) = predictor.predict_case_with(id, &images, probs.as_deref(), &|d, n| progress(id, d, n), &mut Vec::new())?;
+        let (seg, geom) = predictor.predict_case_with(id, &images_of(id)?, probs.as_deref(), &|d, n| progress(id, d, n), &mut Vec::new())?;
         stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide).with_context(|| out.display().to_string())?;
         predicted += 1;
+    }
+    if val_ids.is_empty() {
+        let dir = next.as_ref().map(|n| n.dir.display().to_string()).unwrap_or_default();
+        return Ok(Outcome::Skipped(format!("fold `{}` has no validation cases (the next stage's segmentations of all {} cases are in {dir})", cfg.fold, next_ids.len())));
     }
     let scored = stu_data::metrics::Scored::of_dataset(&json);
     let eval = stu_data::metrics::EvalOptions { ignore_label: json.ignore_label.map(|v| v as u16), ..Default::default() };
@@ -201,4 +231,46 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     let value = serde_json::to_value(&summary)?;
     stu_core::fs::write_atomic(&dir.join("summary.json"), (serde_json::to_string_pretty(&value)? + "\n").as_bytes())?;
     Ok(Outcome::Done(Validation { dir, predicted, cases: val_ids.len(), foreground_dice: value.pointer("/foreground_mean/Dice").and_then(|d| d.as_f64()), checkpoint: source.checkpoint, removed }))
+}
+
+/// The next stage of a cascade the run's configuration names (`next_stage`), its spacing and
+/// where its segmentations go.
+struct NextStage {
+    spacing: [f64; 3],
+    dir: PathBuf,
+}
+
+fn next_stage(run: &Path, cfg: &TrainConfig) -> Result<Option<NextStage>> {
+    let path = run.join("plans.json");
+    let plans: serde_json::Value = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    };
+    let conf = stu_data::plan::configuration(&plans, &cfg.configuration).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let Some(name) = conf.get("next_stage").and_then(|n| n.as_str()) else { return Ok(None) };
+    let next = stu_data::plan::configuration(&plans, name).map_err(|e| anyhow::anyhow!("{}: `next_stage`: {e}", path.display()))?;
+    let spacing: [f64; 3] = serde_json::from_value(next["spacing"].clone()).with_context(|| format!("{}: `configurations.{name}.spacing` is not three numbers", path.display()))?;
+    Ok(Some(NextStage { spacing, dir: stu_data::cascade::next_stage_dir(run, name) }))
+}
+
+/// Makes `dir` hold only outputs of the checkpoint `source`: when its `checkpoint.json` names
+/// another (or none while files exist), the files of `ids` go first; then the record is written.
+fn fresh(dir: &Path, source: &Source, ids: &[String], files: &dyn Fn(&str) -> Vec<PathBuf>) -> Result<()> {
+    let record = dir.join("checkpoint.json");
+    if read_record(&record)?.as_ref() == Some(source) {
+        return Ok(());
+    }
+    for id in ids {
+        for f in files(id) {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("{}: cannot remove an output of another checkpoint", f.display())),
+            }
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    stu_core::fs::write_atomic(&record, (serde_json::to_string_pretty(source)? + "\n").as_bytes())?;
+    Ok(())
 }
