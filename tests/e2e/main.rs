@@ -1,6 +1,7 @@
 //! End-to-end tests: one binary (each extra test binary re-links the whole harness).
 
 mod bench_cli;
+mod cascade;
 mod checkpoints;
 mod dataset;
 mod nnformer;

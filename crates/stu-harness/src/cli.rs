@@ -176,9 +176,9 @@ enum Command {
         /// plans.json (default: the training run's for our checkpoints, else the released STU-Net plan: 1.5 mm, 128³, z-score). A dataset.json beside it (an nnU-Net model folder's) marks a region-based model, predicted with sigmoids in its regions_class_order.
         #[arg(long)]
         plans: Option<PathBuf>,
-        /// Configuration in the plans.
-        #[arg(long, default_value = "3d_fullres")]
-        configuration: String,
+        /// Configuration in the plans (default: the one the checkpoints were trained with, else 3d_fullres).
+        #[arg(long)]
+        configuration: Option<String>,
         /// Mirroring test-time augmentation off.
         #[arg(long)]
         disable_tta: bool,

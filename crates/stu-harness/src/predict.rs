@@ -60,8 +60,9 @@ pub struct PredictOptions {
     /// plans.json (default: the run's, for our checkpoints; else the released STU-Net plan). A
     /// checkpoint of ours predicts with the patch it was trained on.
     pub plans: Option<PathBuf>,
-    /// Plans configuration.
-    pub configuration: String,
+    /// Plans configuration (default: the one the checkpoints were trained with, else
+    /// `3d_fullres`).
+    pub configuration: Option<String>,
     /// Mirroring TTA off.
     pub disable_tta: bool,
     /// Tile step as a fraction of the patch.
@@ -143,6 +144,8 @@ pub struct Predictor {
     /// written where its probability exceeds 0.5, later ones over earlier ones.
     regions: Option<Vec<u16>>,
     cascade: Option<Cascade>,
+    /// The plans configuration predicted with.
+    configuration: String,
 }
 
 /// Seconds per phase of one case, in order (`stu predict` reports them).
@@ -191,6 +194,8 @@ impl Accumulate {
 /// trained on. Foreign checkpoints (nnU-Net's, safetensors exports) record neither.
 struct TrainedWith {
     plans: Option<PathBuf>,
+    /// The plans configuration it was trained with.
+    configuration: Option<String>,
     patch: Option<[usize; 3]>,
     /// Its dataset's labels (the run folder's `dataset.json`, else the preprocessed folder's).
     dataset: Option<PathBuf>,
@@ -198,7 +203,7 @@ struct TrainedWith {
 
 fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
     let dict = stu_engine::checkpoint::StateDict::open(checkpoint)?;
-    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(TrainedWith { plans: None, patch: None, dataset: None }) };
+    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(TrainedWith { plans: None, configuration: None, patch: None, dataset: None }) };
     let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", checkpoint.display()))?;
     let beside = checkpoint.parent().map(|d| d.join("plans.json")).filter(|p| p.exists() && p.parent().is_some_and(|d| d.join("train.json").exists()));
     let plans = match v.pointer("/config/preprocessed").and_then(|d| d.as_str()) {
@@ -211,7 +216,8 @@ fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
         None => None,
     };
     let dataset = plans.as_ref().and_then(|p| p.parent()).map(|d| d.join("dataset.json")).filter(|p| p.exists());
-    Ok(TrainedWith { plans, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()), dataset })
+    let configuration = v.pointer("/config/configuration").and_then(|c| c.as_str()).map(str::to_string);
+    Ok(TrainedWith { plans, configuration, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()), dataset })
 }
 
 fn read_plans(p: &Path) -> Result<serde_json::Value> {
@@ -458,14 +464,24 @@ impl Predictor {
                 }
             }
         }
+        // The configuration: the one asked for, else the one the checkpoints were trained with
+        // (a 3d_lowres model predicted on the 3d_fullres grid would see another spacing).
+        let recorded = trained.iter().zip(&opts.checkpoints).find_map(|(t, c)| t.configuration.clone().map(|n| (n, c)));
+        let configuration = opts.configuration.clone().or_else(|| recorded.as_ref().map(|r| r.0.clone())).unwrap_or_else(|| "3d_fullres".to_string());
+        for (t, c) in trained.iter().zip(&opts.checkpoints) {
+            if let Some(n) = t.configuration.as_ref().filter(|n| **n != configuration) {
+                bail!("{}: trained with configuration `{n}`, not `{configuration}`{}", c.display(), if opts.configuration.is_some() { " (leave out --configuration)" } else { "; an ensemble's checkpoints share one configuration" });
+            }
+        }
+        let opts = &PredictOptions { configuration: Some(configuration.clone()), ..opts.clone() };
         // The plan used is written beside the predictions (as nnU-Net does) and read from there.
         std::fs::create_dir_all(&opts.output).with_context(|| format!("{}: cannot create the output folder", opts.output.display()))?;
         let used = opts.output.join("plans.json");
         stu_core::fs::write_atomic(&used, (serde_json::to_string_pretty(&plan_json)? + "\n").as_bytes()).with_context(|| format!("{}: cannot write", used.display()))?;
-        let plan = PreprocessPlan::read(&used, &opts.configuration).map_err(|e| anyhow::anyhow!("{} (from {}): {e}", used.display(), plan_path.display()));
-        let strides = crate::plans::strides_from_plans(&used, &opts.configuration);
+        let plan = PreprocessPlan::read(&used, &configuration).map_err(|e| anyhow::anyhow!("{} (from {}): {e}", used.display(), plan_path.display()));
+        let strides = crate::plans::strides_from_plans(&used, &configuration);
         let (plan, strides) = (plan?, strides.with_context(|| plan_path.display().to_string())?);
-        let patch: Vec<usize> = serde_json::from_value(stu_data::plan::configuration(&plan_json, &opts.configuration).map_err(|e| anyhow::anyhow!("{}: {e}", plan_path.display()))?["patch_size"].clone()).with_context(|| format!("{}: `patch_size` missing", plan_path.display()))?;
+        let patch: Vec<usize> = serde_json::from_value(stu_data::plan::configuration(&plan_json, &configuration).map_err(|e| anyhow::anyhow!("{}: {e}", plan_path.display()))?["patch_size"].clone()).with_context(|| format!("{}: `patch_size` missing", plan_path.display()))?;
         ensure!(patch.len() == 3, "{}: only 3-D configurations predict here", plan_path.display());
         // A run trained with `--patch-size` predicts with the patch it was trained on.
         let first = trained.iter().zip(&opts.checkpoints).find_map(|(t, c)| t.patch.map(|p| (p, c)));
@@ -521,11 +537,11 @@ impl Predictor {
             Some(w) => w.iter().copied().max().unwrap_or(0) as usize,
             None => nets[0].num_classes() - 1,
         };
-        let previous_stage = stu_data::plan::configuration(&plan_json, &opts.configuration).ok().and_then(|c| c.get("previous_stage").and_then(|p| p.as_str()).map(str::to_string));
+        let previous_stage = stu_data::plan::configuration(&plan_json, &configuration).ok().and_then(|c| c.get("previous_stage").and_then(|p| p.as_str()).map(str::to_string));
         let cascade = match (previous_stage, &opts.previous_stage) {
             (Some(_), Some(p)) => Some(Cascade { labels: (1..=max_label as i16).collect(), previous: p.clone() }),
-            (Some(first), None) => bail!("configuration `{}` of {} is the second stage of a cascade after `{first}`: pass --previous-stage with the `{first}` model's predictions of these cases", opts.configuration, plan_path.display()),
-            (None, Some(_)) => bail!("--previous-stage: configuration `{}` of {} is no cascade stage (it names no `previous_stage`)", opts.configuration, plan_path.display()),
+            (Some(first), None) => bail!("configuration `{}` of {} is the second stage of a cascade after `{first}`: pass --previous-stage with the `{first}` model's predictions of these cases", configuration, plan_path.display()),
+            (None, Some(_)) => bail!("--previous-stage: configuration `{}` of {} is no cascade stage (it names no `previous_stage`)", configuration, plan_path.display()),
             (None, None) => None,
         };
         let extra = cascade.as_ref().map_or(0, |c| c.labels.len());
@@ -534,7 +550,7 @@ impl Predictor {
             let why = if extra > 0 { format!(" and the cascade's {extra} one-hot label channel(s)") } else { String::new() };
             ensure!(net.in_channels() == want, "{}: the model takes {} channel(s), the plan normalises {}{why}", c.display(), net.in_channels(), plan.normalization_schemes.len());
         }
-        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions, cascade })
+        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions, cascade, configuration })
     }
 
     /// The largest label value the predictions may hold.
@@ -548,6 +564,11 @@ impl Predictor {
     /// Whether the model is region-based (sigmoid outputs).
     pub fn region_based(&self) -> bool {
         self.regions.is_some()
+    }
+
+    /// The plans configuration it predicts with (asked for, or the checkpoints').
+    pub fn configuration(&self) -> &str {
+        &self.configuration
     }
 
     /// Image channels a case has (the model's input channels, less a cascade's one-hot ones).
@@ -1082,7 +1103,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     let map = opts.label_map.as_deref().map(crate::labelmap::LabelMap::load).transpose()?;
     let pp = opts.postprocessing.as_deref().map(crate::postprocess::Postprocessing::read).transpose()?;
     let predictor = Predictor::new(opts)?;
-    let record = serde_json::json!({"stu": env!("CARGO_PKG_VERSION"), "options": opts});
+    let record = serde_json::json!({"stu": env!("CARGO_PKG_VERSION"), "options": PredictOptions { configuration: Some(predictor.configuration().to_string()), ..opts.clone() }});
     // Each part of a shared folder keeps its own record.
     let name = match opts.part {
         Some((k, n)) if n > 1 => format!("predict.part{k}of{n}.json"),

@@ -152,7 +152,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             best: false,
             model: Some(s.model.name.clone()),
             plans: s.predict.plans.clone(),
-            configuration: s.plan.configuration.clone(),
+            configuration: Some(s.plan.configuration.clone()),
             disable_tta: !s.predict.tta,
             step: s.predict.step,
             keep_largest: s.predict.keep_largest,

@@ -169,12 +169,17 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     };
     let opts = PredictOptions {
         input: raw.join("imagesTr"),
-        output: dir.clone(),
+        // (the predictor writes the plan it used there: beside the segmentations for the next
+        // stage when there is no validation)
+        output: match &next {
+            Some(n) if val_ids.is_empty() => n.dir.clone(),
+            _ => dir.clone(),
+        },
         checkpoints: vec![checkpoint.clone()],
         best: false,
         model: Some(cfg.model.clone()),
         plans: None,
-        configuration: cfg.configuration.clone(),
+        configuration: Some(cfg.configuration.clone()),
         disable_tta: false,
         step: 0.5,
         keep_largest: false,
