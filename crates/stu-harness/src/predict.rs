@@ -1274,7 +1274,7 @@ mod tests {
         let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
         let nets = seeds.iter().map(|&s| stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), s, None)).collect();
         let plan = PreprocessPlan { spacing: [1.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
-        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: Accumulate::Host, whole_export: false, fast_export: false, regions: None }
+        Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: Accumulate::Host, whole_export: false, fast_export: false, regions: None, cascade: None, configuration: "3d_fullres".into() }
     }
 
     #[test]
