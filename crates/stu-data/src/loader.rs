@@ -374,15 +374,20 @@ mod tests {
         }
         // With augmentation the previous stage is moved with the labels, then perturbed: still
         // one-hot, at most one label per voxel.
+        // Here the previous stage equals the labels, so only the perturbation (p 0.4, then
+        // p 0.2) can make the two differ.
         let aug = BatchConfig { augment: Some(AugConfig::nnunet([8, 8, 8])), ..cfg.clone() };
-        for i in 0..6 {
+        let mut perturbed = 0;
+        for i in 0..30 {
             let b = make_batch(&cascaded, &aug, 5, 0, i).unwrap();
             for j in 0..2 {
                 let hot = &b.data[j * 3 * n + n..(j + 1) * 3 * n];
                 assert!(hot.iter().all(|&v| v == 0.0 || v == 1.0));
                 assert!((0..n).all(|v| hot[v] + hot[n + v] <= 1.0));
+                perturbed += usize::from(hot != crate::cascade::one_hot(&b.targets[0].0[j * n..(j + 1) * n], &[1, 2]).as_slice());
             }
         }
+        assert!((4..40).contains(&perturbed), "{perturbed} of 60 samples perturbed");
         // A case without a previous-stage segmentation is named before training starts.
         std::fs::remove_file(prev_dir.join(format!("{}.json", ids[1]))).unwrap();
         let e = CaseStore::new(dir.path(), ids.clone(), 1 << 30).unwrap().with_previous_stage(vec![prev_dir]).err().unwrap().to_string();
