@@ -51,6 +51,15 @@ fn the_lowres_stage_feeds_the_cascade_stage_in_training_and_prediction() {
     fails(&["preprocess", &t("raw"), "--plans", &t("plans.json"), "--out", &t("pre_lo")], &["pre_lo", "`3d_lowres`", "not `3d_fullres`"]);
     fails(&["train", &t("pre_lo"), "--out", &t("wrong"), "--model-options", TINY], &["pre_lo", "--configuration 3d_lowres"]);
 
+    // A start that fails leaves no run folder a retry would have to --resume.
+    let (pre_lo, bad_out) = (t("pre_lo"), t("bad"));
+    for bad in [&["--fold", "7"][..], &["--fold", "all", "--patch-size", "7,7,7"][..]] {
+        let mut v = vec!["train", &pre_lo, "--configuration", "3d_lowres", "--out", &bad_out, "--model-options", TINY];
+        v.extend_from_slice(bad);
+        fails(&v, &[]);
+        assert!(!tmp.path().join("bad").exists(), "{bad:?}");
+    }
+
     // Stage 1 on fold `all`: its final validation writes every case for stage 2.
     let train_fold = |pre: &str, conf: &str, fold: &str, out: &str, extra: &[&str]| {
         let mut v = vec!["train", pre, "--configuration", conf, "--fold", fold, "--out", out, "--model-options", TINY, "--epochs", "1", "--iterations", "2", "--val-iterations", "0", "--seed", "3"];

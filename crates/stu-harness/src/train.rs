@@ -506,35 +506,23 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         Some(l) => Group::join(l, job_hash(&cfg, req.resume))?,
         None => Group::single(),
     };
+    // What can fail on the data does so before the run folder is made.
+    let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
+    let task = task(&cfg.preprocessed)?;
+    let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
     let lead = rank == 0;
     let progress: &dyn Progress = if lead { progress } else { &Quiet };
     let out = &req.out;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the run folder", out.display()))?;
     let cfg_path = out.join("train.json");
     if req.resume {
         let recorded: TrainConfig = serde_json::from_value(read_json(&cfg_path).with_context(|| format!("{}: nothing to resume", out.display()))?).with_context(|| format!("{}: not a training configuration", cfg_path.display()))?;
         ensure!(recorded == cfg, "{}: --resume with a different configuration:\n{}", cfg_path.display(), config_diff(&recorded, &cfg));
     } else if lead {
         ensure!(!cfg_path.exists(), "{}: a run exists here; pass --resume to continue it or choose another --out", out.display());
-        stu_core::fs::write_atomic(&cfg_path, (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
     }
-    if lead {
-        // The run folder carries its plan and labels, as nnU-Net's trained-model folder does, so
-        // its checkpoints predict without the preprocessed data (moved, deleted, another machine).
-        for name in ["plans.json", "dataset.json"] {
-            let to = out.join(name);
-            if !to.exists() {
-                let bytes = std::fs::read(cfg.preprocessed.join(name)).with_context(|| format!("{}: cannot read", cfg.preprocessed.join(name).display()))?;
-                stu_core::fs::write_atomic(&to, &bytes)?;
-            }
-        }
-    }
-    let plan = read_plan(&cfg.preprocessed, &cfg.configuration)?;
-    let task = task(&cfg.preprocessed)?;
     // A cascade's second stage takes the first stage's segmentation one-hot after the images.
     let cascade: Vec<i16> = if cfg.previous_stage.is_empty() { Vec::new() } else { (1..=task.fg_max as i16).collect() };
     let (in_channels, num_classes, ignore) = (task.channels + cascade.len(), task.outputs, task.ignore);
-    let (mut train_ids, val_ids) = fold_cases(&cfg.preprocessed, &cfg.fold)?;
     // Sampling needs the annotated voxels' locations, which preprocessing records for a dataset
     // with an ignore label since 2026-11-27, and the regions' own, since 2026-11-28.
     let region_keys: Vec<&str> = task.regions.iter().filter(|r| r.has_own_locations()).map(|r| r.key.as_str()).collect();
@@ -587,6 +575,23 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         state_fits(net.num_params() as u64, cfg.precision, free, total)?;
     }
     let div = net.input_divisor();
+    if lead {
+        // The run folder is made once the network is built and takes the patch, so that a start
+        // that fails leaves nothing a retry would have to --resume.
+        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the run folder", out.display()))?;
+        if !req.resume {
+            stu_core::fs::write_atomic(&cfg_path, (serde_json::to_string_pretty(&cfg)? + "\n").as_bytes())?;
+        }
+        // The run folder carries its plan and labels, as nnU-Net's trained-model folder does, so
+        // its checkpoints predict without the preprocessed data (moved, deleted, another machine).
+        for name in ["plans.json", "dataset.json"] {
+            let to = out.join(name);
+            if !to.exists() {
+                let bytes = std::fs::read(cfg.preprocessed.join(name)).with_context(|| format!("{}: cannot read", cfg.preprocessed.join(name).display()))?;
+                stu_core::fs::write_atomic(&to, &bytes)?;
+            }
+        }
+    }
 
     // The log keeps the epochs the checkpoint has seen.
     let log_path = out.join("log.jsonl");
