@@ -96,6 +96,11 @@ fn the_lowres_stage_feeds_the_cascade_stage_in_training_and_prediction() {
     assert!(json(&tmp.path().join("lo0/validation/summary.json"))["foreground_mean"]["Dice"].is_number());
     train_fold(&t("pre_full"), "3d_cascade_fullres", "0", &t("casc0"), &["--previous-stage", &t("lo")]);
     assert!(json(&tmp.path().join("casc0/validation/summary.json"))["foreground_mean"]["Dice"].is_number());
+    // The best configuration's instructions predict a cascade through its first stage.
+    ok(&["find-best-config", "--ref", &t("raw/labelsTr"), "--labels", &t("raw/dataset.json"), "--model", &format!("casc={}", t("casc0")), "--out", &t("best")]);
+    let how = std::fs::read_to_string(tmp.path().join("best/inference_instructions.txt")).unwrap();
+    let lo = tmp.path().join("lo").canonicalize().unwrap();
+    assert!(how.contains(&format!("--checkpoint {}\n", lo.display())) && how.contains("--previous-stage OUTPUT_FOLDER_first_stage"), "{how}");
 
     // Prediction: stage 1's label maps, then stage 2 with them.
     ok(&["predict", "-i", &t("raw/imagesTs"), "-o", &t("pred_lo"), "--checkpoint", &t("lo"), "--disable-tta"]);

@@ -207,7 +207,17 @@ fn instructions(req: &Request, vals: &[Validations], o: &Outcome) -> String {
     let predict = |name: &str, output: &str, probabilities: bool| {
         let v = &vals[req.candidates.iter().position(|c| c.name == name).expect("a candidate")];
         let runs = v.runs.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(" ");
-        format!("stu predict -i INPUT_FOLDER -o {output} --checkpoint {runs}{}{}", if v.best_checkpoint { " --chk best" } else { "" }, if probabilities { " --save-probabilities" } else { "" })
+        let chk = if v.best_checkpoint { " --chk best" } else { "" };
+        let probs = if probabilities { " --save-probabilities" } else { "" };
+        match first_stage(&v.runs) {
+            // A cascade's second stage predicts after its first stage's runs.
+            Some(first) => {
+                let first_out = format!("{output}_first_stage");
+                let first = first.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(" ");
+                format!("stu predict -i INPUT_FOLDER -o {first_out} --checkpoint {first}\n  stu predict -i INPUT_FOLDER -o {output} --checkpoint {runs}{chk}{probs} --previous-stage {first_out}")
+            }
+            None => format!("stu predict -i INPUT_FOLDER -o {output} --checkpoint {runs}{chk}{probs}"),
+        }
     };
     let entry = o.candidates.iter().chain(&o.ensembles).find(|e| e.name == o.best).expect("the winner is an entry");
     let mut text = format!(
@@ -229,4 +239,24 @@ fn instructions(req: &Request, vals: &[Validations], o: &Outcome) -> String {
         }
     }
     text
+}
+
+/// The first stage's run folders of a cascade's second-stage `runs` (their `train.json`'s
+/// `previous_stage`: `RUN/predicted_next_stage/<configuration>` folders, or run folders), in
+/// order without repeats; `None` for runs of no cascade.
+fn first_stage(runs: &[PathBuf]) -> Option<Vec<PathBuf>> {
+    let mut firsts: Vec<PathBuf> = Vec::new();
+    for run in runs {
+        let cfg: serde_json::Value = std::fs::read(run.join("train.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())?;
+        for d in cfg["previous_stage"].as_array()?.iter().filter_map(|d| d.as_str()).map(PathBuf::from) {
+            let run = match d.parent() {
+                Some(p) if p.file_name().is_some_and(|n| n == "predicted_next_stage") => p.parent().map(Path::to_path_buf).unwrap_or(d),
+                _ => d,
+            };
+            if !firsts.contains(&run) {
+                firsts.push(run);
+            }
+        }
+    }
+    (!firsts.is_empty()).then_some(firsts)
 }
