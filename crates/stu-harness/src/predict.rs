@@ -1277,6 +1277,42 @@ mod tests {
         Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: Accumulate::Host, whole_export: false, fast_export: false, regions: None, cascade: None, configuration: "3d_fullres".into() }
     }
 
+    /// A cascade's reader appends the first stage's segmentation one-hot after the images: from
+    /// a label map in the input's geometry (preprocessed as a segmentation with the image), or
+    /// from the first stage's grid (`predicted_next_stage`).
+    #[test]
+    fn a_cascade_reader_appends_the_previous_stage_one_hot() {
+        let mr = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/Dataset802_TotalSegExampleMR");
+        let images = vec![mr.join("imagesTr/ts_mr_sm_0000.nii.gz")];
+        let label = mr.join("labelsTr/ts_mr_sm.nii.gz");
+        let plan = PreprocessPlan { spacing: [4.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
+        let labels: Vec<i16> = (1..=4).collect();
+        let reference = preprocess_case("ts_mr_sm", &images, Some(&label), &plan).unwrap();
+        let [c, z, y, x] = reference.props.shape;
+        let n = z * y * x;
+        assert_eq!(c, 1);
+        assert!(reference.seg.iter().any(|&v| (1..=4).contains(&v)), "the label map has some of labels 1-4");
+        let expected = stu_data::cascade::one_hot(&reference.seg, &labels);
+        // From label maps in the input's geometry (here the reference labels stand in for the
+        // first stage's prediction).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&label, dir.path().join("ts_mr_sm.nii.gz")).unwrap();
+        let reader = |previous| Reader { plan: plan.clone(), channels: 1, cascade: Some(Cascade { labels: labels.clone(), previous }) };
+        let case = reader(Previous::Files(dir.path().to_path_buf())).read("ts_mr_sm", &images).unwrap();
+        assert_eq!(case.pre.props.shape, [5, z, y, x]);
+        assert_eq!(&case.pre.data[..n], &reference.data[..], "the image channel is the plain preprocessing's");
+        assert_eq!(&case.pre.data[n..], &expected[..]);
+        // From the first stage's grid.
+        let next = dir.path().join("next");
+        let on_grid: Vec<i16> = reference.seg.iter().map(|&v| v.max(0)).collect();
+        stu_data::cascade::save_next_stage(&next, "ts_mr_sm", &on_grid, [z, y, x]).unwrap();
+        let case = reader(Previous::NextStage(vec![next])).read("ts_mr_sm", &images).unwrap();
+        assert_eq!(&case.pre.data[n..], &expected[..]);
+        // A case the first stage did not predict is named.
+        let e = reader(Previous::Files(dir.path().join("next"))).read("ts_mr_sm", &images).err().unwrap().to_string();
+        assert!(e.contains("ts_mr_sm") && e.contains("previous stage"), "{e}");
+    }
+
     #[test]
     fn an_ensemble_averages_its_members_logits() {
         // A volume larger than the patch along every axis: overlapping, Gaussian-weighted tiles.
