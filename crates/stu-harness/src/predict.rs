@@ -1313,6 +1313,27 @@ mod tests {
         assert!(e.contains("ts_mr_sm") && e.contains("previous stage"), "{e}");
     }
 
+    /// nnU-Net's `resample_and_save` (`tests/fixtures/make_next_stage_fixture.py`): the first
+    /// stage's logits to the next stage's grid, linearly (a separate z axis for anisotropic
+    /// spacing), then the argmax.
+    #[test]
+    fn next_stage_labels_equal_nnunets_resample_and_save() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/next_stage.json");
+        let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut p = tiny_predictor(&[1], false);
+        for case in doc["cases"].as_array().unwrap() {
+            let get = |k: &str| case[k].clone();
+            p.plan.spacing = serde_json::from_value(get("spacing")).unwrap();
+            let grid: [usize; 3] = serde_json::from_value(get("grid")).unwrap();
+            let target: [usize; 3] = serde_json::from_value(get("target")).unwrap();
+            let logits: Vec<f32> = serde_json::from_value(get("logits")).unwrap();
+            let expected: Vec<i16> = serde_json::from_value(get("labels")).unwrap();
+            let ours = p.next_stage_labels(&logits, grid, target);
+            let differ = ours.iter().zip(&expected).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "spacing {:?}: {differ} of {} labels differ", p.plan.spacing, expected.len());
+        }
+    }
+
     #[test]
     fn an_ensemble_averages_its_members_logits() {
         // A volume larger than the patch along every axis: overlapping, Gaussian-weighted tiles.
