@@ -230,6 +230,10 @@ pub struct Case {
     pub id: String,
     geom: stu_data::nifti_io::Geometry,
     pre: stu_data::preprocess::Preprocessed,
+    /// A cascade's first-stage segmentation on the preprocessed grid (−1 or 0: no label). The
+    /// sliding window one-hot encodes it tile by tile, so the volume is never held as
+    /// `labels` float channels (104 labels of a whole-body CT: 16.7 GB).
+    previous: Option<Vec<i16>>,
 }
 
 /// Reads and preprocesses cases as the predictor's plan says ([`Predictor::reader`]).
@@ -248,9 +252,9 @@ impl Reader {
         let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
         let Some(cascade) = &self.cascade else {
             let pre = preprocess_case(id, images, None, &self.plan)?;
-            return Ok(Case { id: id.to_string(), geom, pre });
+            return Ok(Case { id: id.to_string(), geom, pre, previous: None });
         };
-        let (mut pre, previous) = match &cascade.previous {
+        let (pre, previous) = match &cascade.previous {
             Previous::Files(dir) => {
                 // Preprocessed as a segmentation of the image (cropped, resampled per label).
                 let file = [output_ending(&images[0]), ".nii.gz", ".nii", ".mha", ".nrrd"]
@@ -269,9 +273,7 @@ impl Reader {
                 (pre, seg)
             }
         };
-        pre.data.extend(stu_data::cascade::one_hot(&previous, &cascade.labels));
-        pre.props.shape[0] += cascade.labels.len();
-        Ok(Case { id: id.to_string(), geom, pre })
+        Ok(Case { id: id.to_string(), geom, pre, previous: Some(previous) })
     }
 }
 
@@ -631,7 +633,7 @@ impl Predictor {
     pub fn predict_case_and_next_stage(&self, id: &str, images: &[PathBuf], next_spacing: [f64; 3], next_dir: &Path, export: bool, progress: &dyn Fn(usize, usize)) -> Result<Option<(Vec<u16>, stu_data::nifti_io::Geometry)>> {
         let case = self.reader().read(id, images)?;
         let [c, z, y, x] = case.pre.props.shape;
-        let logits = self.sliding_window(&case.pre.data, c, [z, y, x], progress)?;
+        let logits = self.sliding_window_with(&case.pre.data, c, [z, y, x], case.previous.as_deref(), progress)?;
         let props = &case.pre.props;
         let spacing_t = self.plan.transpose_forward.map(|a| props.original_spacing[a]);
         let target = stu_data::plan::compute_new_shape(props.shape_after_cropping_and_before_resampling, spacing_t, next_spacing);
@@ -662,14 +664,15 @@ impl Predictor {
     /// whole logits, as every version before 2026-11-28 did (to compare the two).
     pub fn network(&self, case: &Case, export_here: bool, progress: &dyn Fn(usize, usize)) -> Result<NetOut> {
         let [c, z, y, x] = case.pre.props.shape;
+        let previous = case.previous.as_deref();
         if self.fast_export && !self.whole_export {
-            return self.sliding_labels(&case.pre.data, c, [z, y, x], progress).map(NetOut::Labels);
+            return self.sliding_labels_with(&case.pre.data, c, [z, y, x], previous, progress).map(NetOut::Labels);
         }
         if !export_here || self.whole_export {
-            return self.sliding_window(&case.pre.data, c, [z, y, x], progress).map(NetOut::Logits);
+            return self.sliding_window_with(&case.pre.data, c, [z, y, x], previous, progress).map(NetOut::Logits);
         }
         let mut rows = RowExport::new(&Back::of(&self.plan, case), self.classes(), self.regions.clone());
-        self.slide(&case.pre.data, c, [z, y, x], Window::PatchDepth, progress, &mut |slab| rows.take(&slab))?;
+        self.slide(&case.pre.data, c, [z, y, x], previous, Window::PatchDepth, progress, &mut |slab| rows.take(&slab))?;
         rows.finish().map(NetOut::Cropped)
     }
 
@@ -680,8 +683,14 @@ impl Predictor {
     /// the ones nnU-Net crops out of its padded accumulator, without holding the padding's
     /// logits (a 27-slice CT at a 128-slice patch: 4.7× less memory).
     pub fn sliding_window(&self, data: &[f32], c: usize, shape: [usize; 3], progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
+        self.sliding_window_with(data, c, shape, None, progress)
+    }
+
+    /// [`Predictor::sliding_window`] with a cascade's first-stage segmentation (see
+    /// [`Predictor::slide`]).
+    fn sliding_window_with(&self, data: &[f32], c: usize, shape: [usize; 3], previous: Option<&[i16]>, progress: &dyn Fn(usize, usize)) -> Result<Vec<f32>> {
         let mut whole = None;
-        self.slide(data, c, shape, Window::Volume, progress, &mut |slab| {
+        self.slide(data, c, shape, previous, Window::Volume, progress, &mut |slab| {
             whole = Some(slab.into_whole());
             Ok(())
         })?;
@@ -695,10 +704,14 @@ impl Predictor {
     /// only one patch depth of logits is ever summed (a 538-slice CT at a 128-slice patch: 4.2×
     /// less memory than the whole volume's).
     pub fn sliding_labels(&self, data: &[f32], c: usize, shape: [usize; 3], progress: &dyn Fn(usize, usize)) -> Result<Vec<i16>> {
+        self.sliding_labels_with(data, c, shape, None, progress)
+    }
+
+    fn sliding_labels_with(&self, data: &[f32], c: usize, shape: [usize; 3], previous: Option<&[i16]>, progress: &dyn Fn(usize, usize)) -> Result<Vec<i16>> {
         let rule = LabelRule::new(self.classes(), self.regions.as_deref())?;
         let plane = shape[1] * shape[2];
         let mut seg = vec![0i16; shape[0] * plane];
-        self.slide(data, c, shape, Window::PatchDepth, progress, &mut |slab| {
+        self.slide(data, c, shape, previous, Window::PatchDepth, progress, &mut |slab| {
             rule.apply(&slab, &mut seg[slab.z0 * plane..(slab.z0 + slab.k) * plane]);
             Ok(())
         })?;
@@ -709,8 +722,10 @@ impl Predictor {
     /// over the ensemble and the mirrorings) weighted by the Gaussian and summed into a ring of
     /// slices (`window`: the whole volume, handed on at the end, or one patch depth); the
     /// slices no later row of tiles reaches are normalised and handed to `emit`, in order, then
-    /// reused.
-    fn slide(&self, data: &[f32], c: usize, shape: [usize; 3], window: Window, progress: &dyn Fn(usize, usize), emit: &mut dyn FnMut(Slab<'_>) -> Result<()>) -> Result<()> {
+    /// reused. `data` has `c` channels; a cascade's first-stage segmentation `previous` (same
+    /// grid) adds its labels one-hot after them, built tile by tile.
+    #[allow(clippy::too_many_arguments)]
+    fn slide(&self, data: &[f32], c: usize, shape: [usize; 3], previous: Option<&[i16]>, window: Window, progress: &dyn Fn(usize, usize), emit: &mut dyn FnMut(Slab<'_>) -> Result<()>) -> Result<()> {
         use rayon::prelude::*;
         let p = self.patch;
         let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(p[a]));
@@ -731,6 +746,25 @@ impl Predictor {
                 }
             }
         }
+        // The padding has no label, as nnU-Net's zero-padded one-hot channels.
+        let labels: &[i16] = match (previous, &self.cascade) {
+            (Some(_), Some(cascade)) => &cascade.labels,
+            (Some(_), None) => bail!("a first-stage segmentation given to a model that is no cascade stage"),
+            (None, _) => &[],
+        };
+        let mut prev_vol = Vec::new();
+        if let Some(seg) = previous {
+            ensure!(seg.len() == n, "the first-stage segmentation has {} voxels, the volume {n}", seg.len());
+            prev_vol = vec![-1i16; np];
+            for z in 0..shape[0] {
+                for y in 0..shape[1] {
+                    let src = (z * shape[1] + y) * shape[2];
+                    let dst = ((z + lo[0]) * padded[1] + y + lo[1]) * padded[2] + lo[2];
+                    prev_vol[dst..dst + shape[2]].copy_from_slice(&seg[src..src + shape[2]]);
+                }
+            }
+        }
+        let channels = c + labels.len();
         let steps: Vec<Vec<usize>> = (0..3).map(|a| sliding_steps(padded[a], p[a], self.step)).collect();
         let g = gaussian_importance(p);
         let classes = self.classes();
@@ -768,7 +802,7 @@ impl Predictor {
             for &sy in &steps[1] {
                 for &sx in &steps[2] {
                     let start = [sz, sy, sx];
-                    let mut tile = Vec::with_capacity(c * pn);
+                    let mut tile = Vec::with_capacity(channels * pn);
                     for ch in 0..c {
                         for z in 0..p[0] {
                             for y in 0..p[1] {
@@ -777,7 +811,15 @@ impl Predictor {
                             }
                         }
                     }
-                    let x = self.precision.input(Tensor::<5>::from_data(TensorData::new(tile, [1, c, p[0], p[1], p[2]]), &self.device));
+                    for &label in labels {
+                        for z in 0..p[0] {
+                            for y in 0..p[1] {
+                                let src = ((sz + z) * padded[1] + sy + y) * padded[2] + sx;
+                                tile.extend(prev_vol[src..src + p[2]].iter().map(|&v| if v == label { 1f32 } else { 0f32 }));
+                            }
+                        }
+                    }
+                    let x = self.precision.input(Tensor::<5>::from_data(TensorData::new(tile, [1, channels, p[0], p[1], p[2]]), &self.device));
                     // The mean over every member of the ensemble and every mirroring.
                     let mut sum: Option<Tensor<5>> = None;
                     for net in &self.nets {
@@ -854,7 +896,7 @@ impl Predictor {
     /// another thread ([`RowExport`] there).
     fn stream_slabs(&self, case: &Case, progress: &dyn Fn(usize, usize), emit: &mut dyn FnMut(usize, usize, Vec<f32>) -> Result<()>) -> Result<()> {
         let [c, z, y, x] = case.pre.props.shape;
-        self.slide(&case.pre.data, c, [z, y, x], Window::PatchDepth, progress, &mut |slab| {
+        self.slide(&case.pre.data, c, [z, y, x], case.previous.as_deref(), Window::PatchDepth, progress, &mut |slab| {
             let (z0, k) = (slab.z0, slab.k);
             emit(z0, k, slab.into_copied(self.classes()))
         })
@@ -1299,15 +1341,16 @@ mod tests {
         std::fs::copy(&label, dir.path().join("ts_mr_sm.nii.gz")).unwrap();
         let reader = |previous| Reader { plan: plan.clone(), channels: 1, cascade: Some(Cascade { labels: labels.clone(), previous }) };
         let case = reader(Previous::Files(dir.path().to_path_buf())).read("ts_mr_sm", &images).unwrap();
-        assert_eq!(case.pre.props.shape, [5, z, y, x]);
-        assert_eq!(&case.pre.data[..n], &reference.data[..], "the image channel is the plain preprocessing's");
-        assert_eq!(&case.pre.data[n..], &expected[..]);
+        assert_eq!(case.pre.props.shape, [1, z, y, x]);
+        assert_eq!(case.pre.data, reference.data, "the image channel is the plain preprocessing's");
+        assert_eq!(stu_data::cascade::one_hot(case.previous.as_ref().unwrap(), &labels), expected);
         // From the first stage's grid.
         let next = dir.path().join("next");
         let on_grid: Vec<i16> = reference.seg.iter().map(|&v| v.max(0)).collect();
         stu_data::cascade::save_next_stage(&next, "ts_mr_sm", &on_grid, [z, y, x]).unwrap();
         let case = reader(Previous::NextStage(vec![next])).read("ts_mr_sm", &images).unwrap();
-        assert_eq!(&case.pre.data[n..], &expected[..]);
+        assert_eq!(stu_data::cascade::one_hot(case.previous.as_ref().unwrap(), &labels), expected);
+        assert_eq!(case.previous.as_ref().unwrap().len(), n);
         // A case the first stage did not predict is named.
         let e = reader(Previous::Files(dir.path().join("next"))).read("ts_mr_sm", &images).err().unwrap().to_string();
         assert!(e.contains("ts_mr_sm") && e.contains("previous stage"), "{e}");
@@ -1332,6 +1375,31 @@ mod tests {
             let differ = ours.iter().zip(&expected).filter(|(a, b)| a != b).count();
             assert_eq!(differ, 0, "spacing {:?}: {differ} of {} labels differ", p.plan.spacing, expected.len());
         }
+    }
+
+    /// The one-hot channels a cascade's sliding window builds tile by tile give the same logits,
+    /// bit for bit, as the channels materialised for the whole volume.
+    #[test]
+    fn a_cascade_window_one_hot_encodes_tile_by_tile_as_the_whole_volume() {
+        zoo::link();
+        let device = Backend::Flex.device().unwrap();
+        let entry = stu_engine::model::registry().get("stunet").unwrap();
+        let spec = stu_engine::model::NetSpec { in_channels: 3, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
+        let mut p = tiny_predictor(&[1], true);
+        p.nets = vec![stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), 4, None)];
+        p.cascade = Some(Cascade { labels: vec![1, 2], previous: Previous::NextStage(Vec::new()) });
+        // Thinner than the patch along axis 0 (padded), longer along the others.
+        let shape = [11, 40, 37];
+        let n: usize = shape.iter().product();
+        let image = volume(n);
+        let mut rng = stu_core::rng::SplitMix64::new(8);
+        let seg: Vec<i16> = (0..n).map(|_| rng.below(4) as i16 - 1).collect();
+        let mut whole = image.clone();
+        whole.extend(stu_data::cascade::one_hot(&seg, &[1, 2]));
+        let lazy = p.sliding_window_with(&image, 1, shape, Some(&seg), &|_, _| {}).unwrap();
+        let p_whole = Predictor { cascade: None, ..p };
+        let materialised = p_whole.sliding_window(&whole, 3, shape, &|_, _| {}).unwrap();
+        assert!(lazy.iter().zip(&materialised).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
@@ -1414,7 +1482,7 @@ mod tests {
             let whole = p.sliding_window(&data, 1, shape, &|_, _| {}).unwrap();
             let mut pieced = vec![f32::NAN; 3 * n];
             let mut slabs = Vec::new();
-            p.slide(&data, 1, shape, Window::PatchDepth, &|_, _| {}, &mut |slab| {
+            p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| {
                 for k in 0..3 {
                     for dz in 0..slab.k {
                         pieced[k * n + (slab.z0 + dz) * plane..][..plane].copy_from_slice(slab.plane(k, dz));
@@ -1443,7 +1511,7 @@ mod tests {
         let p = tiny_predictor(&[1], false);
         let thin = [9, 40, 21];
         let mut slabs = Vec::new();
-        p.slide(&data[..9 * plane], 1, thin, Window::PatchDepth, &|_, _| {}, &mut |slab| {
+        p.slide(&data[..9 * plane], 1, thin, None, Window::PatchDepth, &|_, _| {}, &mut |slab| {
             slabs.push(slab.z0..slab.z0 + slab.k);
             Ok(())
         })
@@ -1468,7 +1536,7 @@ mod tests {
             for regions in [None, Some(vec![1u16, 2, 7])] {
                 p.regions = regions.clone();
                 let mut rows = RowExport::new(&back, 3, regions.clone());
-                p.slide(&data, 1, shape, Window::PatchDepth, &|_, _| {}, &mut |slab| rows.take(&slab)).unwrap();
+                p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| rows.take(&slab)).unwrap();
                 let got = rows.finish().unwrap();
                 let mut want = vec![0u16; nt];
                 match &regions {
@@ -1501,7 +1569,7 @@ mod tests {
                 let exporter = p.exporter();
                 let (seg, _, _) = std::thread::scope(|scope| {
                     let writer = scope.spawn(|| streamed.export(&exporter).unwrap());
-                    let r = p.slide(&data, 1, shape, Window::PatchDepth, &|_, _| {}, &mut |slab| {
+                    let r = p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| {
                         let (z0, k) = (slab.z0, slab.k);
                         tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))
                     });
