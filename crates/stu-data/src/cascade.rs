@@ -71,6 +71,20 @@ pub fn load_previous_stage(dirs: &[PathBuf], id: &str, shape: [usize; 3]) -> Res
     Ok(bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect())
 }
 
+/// Fails when the previous stage's segmentation of `id` holds a value that is neither
+/// background (0, or −1 outside the image) nor one of `labels`: a first stage of another
+/// dataset. `source` names the file or folder it came from.
+pub fn check_labels(seg: &[i16], labels: &[i16], id: &str, source: &Path) -> Result<(), DatasetError> {
+    if let Some(&bad) = seg.iter().find(|&&v| v > 0 && !labels.contains(&v)) {
+        let (lo, hi) = (labels.first().copied().unwrap_or(0), labels.last().copied().unwrap_or(0));
+        return Err(DatasetError::File {
+            path: source.to_path_buf(),
+            reason: format!("the previous stage's segmentation of `{id}` holds label {bad}, not one of this model's labels {lo}..={hi}: a first stage of another dataset?"),
+        });
+    }
+    Ok(())
+}
+
 /// `[labels.len(), …]` channels: 1 where `seg` equals that label, else 0.
 pub fn one_hot(seg: &[i16], labels: &[i16]) -> Vec<f32> {
     let mut out = vec![0f32; labels.len() * seg.len()];
@@ -184,6 +198,13 @@ mod tests {
         std::fs::write(b.join("case_7_seg.i16"), [0u8; 10]).unwrap();
         let e = load_previous_stage(&dirs, "case_7", [2, 3, 4]).unwrap_err().to_string();
         assert!(e.contains("case_7_seg.i16") && e.contains("10 bytes"), "{e}");
+    }
+
+    #[test]
+    fn labels_outside_the_models_are_named() {
+        assert!(check_labels(&[-1, 0, 1, 2], &[1, 2], "a", Path::new("f")).is_ok());
+        let e = check_labels(&[0, 7], &[1, 2], "a", Path::new("f.nii.gz")).unwrap_err().to_string();
+        assert!(e.contains("label 7") && e.contains("1..=2") && e.contains("f.nii.gz") && e.contains("`a`"), "{e}");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct CaseStore {
     /// A cascade's second stage: where the first stage's segmentations are, and those read.
     previous: Vec<PathBuf>,
     previous_cache: Vec<Mutex<Option<Arc<Vec<i16>>>>>,
+    /// The labels a previous stage's segmentation may hold (checked as each is read).
+    previous_labels: Option<Vec<i16>>,
 }
 
 impl CaseStore {
@@ -42,12 +44,12 @@ impl CaseStore {
         }
         let cache = ids.iter().map(|_| Mutex::new(None)).collect();
         let previous_cache = ids.iter().map(|_| Mutex::new(None)).collect();
-        Ok(Self { dir: dir.to_path_buf(), ids, cache, keep: total <= budget, previous: Vec::new(), previous_cache })
+        Ok(Self { dir: dir.to_path_buf(), ids, cache, keep: total <= budget, previous: Vec::new(), previous_cache, previous_labels: None })
     }
 
     /// For a cascade's second stage: every case's first-stage segmentation is in one of `dirs`
     /// (`crate::cascade`); fails naming the cases that have none.
-    pub fn with_previous_stage(mut self, dirs: Vec<PathBuf>) -> Result<Self, DatasetError> {
+    pub fn with_previous_stage(mut self, dirs: Vec<PathBuf>, labels: Vec<i16>) -> Result<Self, DatasetError> {
         let missing: Vec<&str> = self.ids.iter().filter(|id| !dirs.iter().any(|d| d.join(format!("{id}.json")).exists())).map(String::as_str).collect();
         if !missing.is_empty() {
             let list = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
@@ -57,6 +59,7 @@ impl CaseStore {
             });
         }
         self.previous = dirs;
+        self.previous_labels = Some(labels);
         Ok(self)
     }
 
@@ -68,6 +71,10 @@ impl CaseStore {
         }
         let [_, z, y, x] = self.get(i)?.props.shape;
         let seg = Arc::new(crate::cascade::load_previous_stage(&self.previous, &self.ids[i], [z, y, x])?);
+        if let Some(labels) = self.previous_labels.as_deref() {
+            let dir = self.previous.iter().find(|d| d.join(format!("{}.json", self.ids[i])).exists()).cloned().unwrap_or_default();
+            crate::cascade::check_labels(&seg, labels, &self.ids[i], &dir)?;
+        }
         if self.keep {
             *slot = Some(Arc::clone(&seg));
         }
@@ -358,7 +365,7 @@ mod tests {
             let [_, z, y, x] = case.props.shape;
             crate::cascade::save_next_stage(&prev_dir, id, &case.seg.iter().map(|&v| v.max(0)).collect::<Vec<_>>(), [z, y, x]).unwrap();
         }
-        let cascaded = Arc::new(CaseStore::new(dir.path(), ids.clone(), 1 << 30).unwrap().with_previous_stage(vec![prev_dir.clone()]).unwrap());
+        let cascaded = Arc::new(CaseStore::new(dir.path(), ids.clone(), 1 << 30).unwrap().with_previous_stage(vec![prev_dir.clone()], vec![1, 2]).unwrap());
         let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard: None, cascade: vec![1, 2] };
         let n = 512;
         for i in 0..6 {
@@ -390,7 +397,7 @@ mod tests {
         assert!((4..40).contains(&perturbed), "{perturbed} of 60 samples perturbed");
         // A case without a previous-stage segmentation is named before training starts.
         std::fs::remove_file(prev_dir.join(format!("{}.json", ids[1]))).unwrap();
-        let e = CaseStore::new(dir.path(), ids.clone(), 1 << 30).unwrap().with_previous_stage(vec![prev_dir]).err().unwrap().to_string();
+        let e = CaseStore::new(dir.path(), ids.clone(), 1 << 30).unwrap().with_previous_stage(vec![prev_dir], vec![1, 2]).err().unwrap().to_string();
         assert!(e.contains(&ids[1]) && e.contains("1 case(s)"), "{e}");
     }
 }

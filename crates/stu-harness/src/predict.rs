@@ -264,12 +264,15 @@ impl Reader {
                     .with_context(|| format!("{}: no segmentation of case `{id}` from the previous stage (`{id}.nii.gz`; predict the case with the first stage's model first)", dir.display()))?;
                 let mut pre = preprocess_case(id, images, Some(&file), &self.plan).with_context(|| format!("case `{id}` with the previous stage's {}", file.display()))?;
                 let seg = std::mem::take(&mut pre.seg);
+                stu_data::cascade::check_labels(&seg, &cascade.labels, id, &file)?;
                 (pre, seg)
             }
             Previous::NextStage(dirs) => {
                 let pre = preprocess_case(id, images, None, &self.plan)?;
                 let [_, z, y, x] = pre.props.shape;
                 let seg = stu_data::cascade::load_previous_stage(dirs, id, [z, y, x])?;
+                let from = dirs.iter().find(|d| d.join(format!("{id}.json")).exists()).cloned().unwrap_or_default();
+                stu_data::cascade::check_labels(&seg, &cascade.labels, id, &from)?;
                 (pre, seg)
             }
         };
@@ -1328,12 +1331,13 @@ mod tests {
         let images = vec![mr.join("imagesTr/ts_mr_sm_0000.nii.gz")];
         let label = mr.join("labelsTr/ts_mr_sm.nii.gz");
         let plan = PreprocessPlan { spacing: [4.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
-        let labels: Vec<i16> = (1..=4).collect();
         let reference = preprocess_case("ts_mr_sm", &images, Some(&label), &plan).unwrap();
         let [c, z, y, x] = reference.props.shape;
         let n = z * y * x;
         assert_eq!(c, 1);
-        assert!(reference.seg.iter().any(|&v| (1..=4).contains(&v)), "the label map has some of labels 1-4");
+        let max = reference.seg.iter().copied().max().unwrap();
+        assert!(max > 4, "the label map has several labels");
+        let labels: Vec<i16> = (1..=max).collect();
         let expected = stu_data::cascade::one_hot(&reference.seg, &labels);
         // From label maps in the input's geometry (here the reference labels stand in for the
         // first stage's prediction).
@@ -1351,6 +1355,10 @@ mod tests {
         let case = reader(Previous::NextStage(vec![next])).read("ts_mr_sm", &images).unwrap();
         assert_eq!(stu_data::cascade::one_hot(case.previous.as_ref().unwrap(), &labels), expected);
         assert_eq!(case.previous.as_ref().unwrap().len(), n);
+        // Labels the model does not know are a first stage of another dataset.
+        let few = Reader { plan: plan.clone(), channels: 1, cascade: Some(Cascade { labels: vec![1, 2, 3, 4], previous: Previous::Files(dir.path().to_path_buf()) }) };
+        let e = few.read("ts_mr_sm", &images).err().unwrap().to_string();
+        assert!(e.contains("holds label") && e.contains("1..=4"), "{e}");
         // A case the first stage did not predict is named.
         let e = reader(Previous::Files(dir.path().join("next"))).read("ts_mr_sm", &images).err().unwrap().to_string();
         assert!(e.contains("ts_mr_sm") && e.contains("previous stage"), "{e}");

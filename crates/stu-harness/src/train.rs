@@ -617,7 +617,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let budget = 4 << 30;
     let store = |ids: Vec<String>| -> Result<Arc<CaseStore>> {
         let s = CaseStore::new(&cfg.preprocessed, ids, budget)?;
-        Ok(Arc::new(if cascade.is_empty() { s } else { s.with_previous_stage(cfg.previous_stage.clone())? }))
+        Ok(Arc::new(if cascade.is_empty() { s } else { s.with_previous_stage(cfg.previous_stage.clone(), cascade.clone())? }))
     };
     let train_store = store(train_ids)?;
     let val_store = if val_ids.is_empty() { None } else { Some(store(val_ids)?) };
