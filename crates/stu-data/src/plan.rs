@@ -287,7 +287,7 @@ mod tests {
 
     /// nnU-Net 2.8.1's whole `plan_experiment` (`tests/fixtures/make_lowres_planner_fixture.py`):
     /// which 3-D configurations it writes, and every planned number of `3d_lowres` (created,
-    /// created and then dropped, or never tried), for the default and the ResEnc M planner.
+    /// created and then dropped, or never tried), for the default, the ResEnc M and the ResEnc L planner.
     #[test]
     fn lowres_and_cascade_configurations_equal_nnunets() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lowres_planner.json");
@@ -340,7 +340,7 @@ mod tests {
                 assert_eq!(o["conv_kernel_sizes"], t["kernel_sizes"], "{at} {name}");
             }
         }
-        assert_eq!(created, 6, "three datasets with a 3d_lowres, under two planners");
+        assert_eq!(created, 7, "3d_lowres: three datasets under the default and ResEnc M planners, one under ResEnc L (its larger patch covers the others)");
     }
 
     #[test]
