@@ -860,8 +860,13 @@ fn run(cli: Cli) -> Result<()> {
                 stu_engine::checkpoint::write_atomic(path, nan_safe_json(&value)?.as_bytes())
                     .with_context(|| format!("{}: cannot write", path.display()))?;
             }
-            let c = &plans["configurations"]["3d_fullres"];
-            eprintln!("spacing {} patch {} batch {} strides {}", c["spacing"], c["patch_size"], c["batch_size"], c["pool_op_kernel_sizes"]);
+            for name in ["3d_lowres", "3d_fullres", "3d_cascade_fullres"] {
+                let Some(c) = plans["configurations"].get(name) else { continue };
+                match c.get("inherits_from").and_then(|p| p.as_str()) {
+                    Some(parent) => eprintln!("{name}: {parent}'s plan, after {}", c["previous_stage"].as_str().unwrap_or("?")),
+                    None => eprintln!("{name}: spacing {} patch {} batch {} strides {}", c["spacing"], c["patch_size"], c["batch_size"], c["pool_op_kernel_sizes"]),
+                }
+            }
             eprintln!("wrote {} and {}", out.display(), fp_path.display());
         }
         Command::BenchData { out, long } => {
