@@ -30,28 +30,45 @@ pub fn next_stage_dir(run: &Path, next_stage: &str) -> PathBuf {
     run.join("predicted_next_stage").join(next_stage)
 }
 
+/// The run a [`next_stage_dir`] belongs to (`None` for a folder not laid out so).
+pub fn run_of(dir: &Path) -> Option<&Path> {
+    dir.parent().filter(|p| p.file_name().is_some_and(|n| n == "predicted_next_stage")).and_then(Path::parent)
+}
+
+/// A case's two files in such a folder: its record (`{id}.json`, written last: the case is
+/// complete iff it exists) and its segmentation (`{id}_seg.i16`).
+pub fn case_files(dir: &Path, id: &str) -> [PathBuf; 2] {
+    [dir.join(format!("{id}.json")), dir.join(format!("{id}_seg.i16"))]
+}
+
+/// The first of `dirs` holding a complete segmentation of case `id`.
+pub fn holding<'a>(dirs: &'a [PathBuf], id: &str) -> Option<&'a PathBuf> {
+    dirs.iter().find(|d| case_files(d, id)[0].exists())
+}
+
 /// Writes one case's segmentation for the next stage (atomically; the JSON last).
 pub fn save_next_stage(dir: &Path, id: &str, seg: &[i16], shape: [usize; 3]) -> Result<(), DatasetError> {
     assert_eq!(seg.len(), shape.iter().product::<usize>(), "segmentation and shape disagree");
-    let file = |name: String| dir.join(name);
+    let [record, data] = case_files(dir, id);
     std::fs::create_dir_all(dir).map_err(|e| DatasetError::File { path: dir.to_path_buf(), reason: format!("cannot create: {e}") })?;
     let bytes: Vec<u8> = seg.iter().flat_map(|v| v.to_le_bytes()).collect();
     let write = |path: PathBuf, bytes: &[u8]| stu_core::fs::write_atomic(&path, bytes).map_err(|e| DatasetError::File { path, reason: format!("cannot write: {e}") });
-    write(file(format!("{id}_seg.i16")), &bytes)?;
-    write(file(format!("{id}.json")), (serde_json::json!({"id": id, "shape": shape}).to_string() + "\n").as_bytes())
+    write(data, &bytes)?;
+    write(record, (serde_json::json!({"id": id, "shape": shape}).to_string() + "\n").as_bytes())
 }
 
 /// Reads the previous stage's segmentation of case `id` from any of `dirs` (the five folds'
-/// folders each hold their validation cases), checking it against the case's `shape`.
-pub fn load_previous_stage(dirs: &[PathBuf], id: &str, shape: [usize; 3]) -> Result<Vec<i16>, DatasetError> {
-    let Some(dir) = dirs.iter().find(|d| d.join(format!("{id}.json")).exists()) else {
+/// folders each hold their validation cases), checking it against the case's `shape` and the
+/// model's `labels` ([`check_labels`]).
+pub fn load_previous_stage(dirs: &[PathBuf], id: &str, shape: [usize; 3], labels: &[i16]) -> Result<Vec<i16>, DatasetError> {
+    let Some(dir) = holding(dirs, id) else {
         let list = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
         return Err(DatasetError::File {
-            path: dirs.first().cloned().unwrap_or_default().join(format!("{id}.json")),
+            path: case_files(&dirs.first().cloned().unwrap_or_default(), id)[0].clone(),
             reason: format!("no segmentation of case `{id}` from the previous stage in {list}: train the 3d_lowres stage on every fold (or on fold `all`), whose final validation writes them"),
         });
     };
-    let meta = dir.join(format!("{id}.json"));
+    let [meta, path] = case_files(dir, id);
     let json: serde_json::Value = std::fs::read(&meta)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -63,12 +80,13 @@ pub fn load_previous_stage(dirs: &[PathBuf], id: &str, shape: [usize; 3]) -> Res
             reason: format!("the previous stage's segmentation of `{id}` is {theirs:?}, the preprocessed case {shape:?}: made for another plan or configuration"),
         });
     }
-    let path = dir.join(format!("{id}_seg.i16"));
     let bytes = std::fs::read(&path).map_err(|e| DatasetError::File { path: path.clone(), reason: format!("cannot read: {e}") })?;
     if bytes.len() != 2 * shape.iter().product::<usize>() {
         return Err(DatasetError::File { path, reason: format!("{} bytes, not the 2 per voxel of {shape:?}", bytes.len()) });
     }
-    Ok(bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect())
+    let seg: Vec<i16> = bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect();
+    check_labels(&seg, labels, id, &path)?;
+    Ok(seg)
 }
 
 /// Fails when the previous stage's segmentation of `id` holds a value that is neither
@@ -190,13 +208,17 @@ mod tests {
         let seg: Vec<i16> = (0..24).map(|i| (i % 3) as i16).collect();
         save_next_stage(&b, "case_7", &seg, [2, 3, 4]).unwrap();
         let dirs = [a.clone(), b.clone()];
-        assert_eq!(load_previous_stage(&dirs, "case_7", [2, 3, 4]).unwrap(), seg);
-        let e = load_previous_stage(&dirs, "case_7", [2, 4, 3]).unwrap_err().to_string();
+        assert_eq!(load_previous_stage(&dirs, "case_7", [2, 3, 4], &[1, 2]).unwrap(), seg);
+        let e = load_previous_stage(&dirs, "case_7", [2, 3, 4], &[1]).unwrap_err().to_string();
+        assert!(e.contains("case_7_seg.i16") && e.contains("holds label 2"), "{e}");
+        assert_eq!(run_of(&next_stage_dir(Path::new("runs/lo0"), "3d_cascade_fullres")), Some(Path::new("runs/lo0")));
+        assert_eq!(run_of(Path::new("runs/lo0")), None);
+        let e = load_previous_stage(&dirs, "case_7", [2, 4, 3], &[1, 2]).unwrap_err().to_string();
         assert!(e.contains("[2, 3, 4]") && e.contains("[2, 4, 3]") && e.contains("case_7.json"), "{e}");
-        let e = load_previous_stage(&dirs, "case_8", [2, 3, 4]).unwrap_err().to_string();
+        let e = load_previous_stage(&dirs, "case_8", [2, 3, 4], &[1, 2]).unwrap_err().to_string();
         assert!(e.contains("case_8") && e.contains("3d_lowres"), "{e}");
         std::fs::write(b.join("case_7_seg.i16"), [0u8; 10]).unwrap();
-        let e = load_previous_stage(&dirs, "case_7", [2, 3, 4]).unwrap_err().to_string();
+        let e = load_previous_stage(&dirs, "case_7", [2, 3, 4], &[1, 2]).unwrap_err().to_string();
         assert!(e.contains("case_7_seg.i16") && e.contains("10 bytes"), "{e}");
     }
 

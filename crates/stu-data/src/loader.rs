@@ -26,11 +26,10 @@ pub struct CaseStore {
     ids: Vec<String>,
     cache: Vec<Mutex<Option<Arc<Preprocessed>>>>,
     keep: bool,
-    /// A cascade's second stage: where the first stage's segmentations are, and those read.
-    previous: Vec<PathBuf>,
+    /// A cascade's second stage: where the first stage's segmentations are and the labels
+    /// they may hold, and those read.
+    previous: Option<(Vec<PathBuf>, Vec<i16>)>,
     previous_cache: Vec<Mutex<Option<Arc<Vec<i16>>>>>,
-    /// The labels a previous stage's segmentation may hold (checked as each is read).
-    previous_labels: Option<Vec<i16>>,
 }
 
 impl CaseStore {
@@ -44,13 +43,13 @@ impl CaseStore {
         }
         let cache = ids.iter().map(|_| Mutex::new(None)).collect();
         let previous_cache = ids.iter().map(|_| Mutex::new(None)).collect();
-        Ok(Self { dir: dir.to_path_buf(), ids, cache, keep: total <= budget, previous: Vec::new(), previous_cache, previous_labels: None })
+        Ok(Self { dir: dir.to_path_buf(), ids, cache, keep: total <= budget, previous: None, previous_cache })
     }
 
     /// For a cascade's second stage: every case's first-stage segmentation is in one of `dirs`
     /// (`crate::cascade`); fails naming the cases that have none.
     pub fn with_previous_stage(mut self, dirs: Vec<PathBuf>, labels: Vec<i16>) -> Result<Self, DatasetError> {
-        let missing: Vec<&str> = self.ids.iter().filter(|id| !dirs.iter().any(|d| d.join(format!("{id}.json")).exists())).map(String::as_str).collect();
+        let missing: Vec<&str> = self.ids.iter().filter(|id| crate::cascade::holding(&dirs, id).is_none()).map(String::as_str).collect();
         if !missing.is_empty() {
             let list = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
             return Err(DatasetError::File {
@@ -58,8 +57,7 @@ impl CaseStore {
                 reason: format!("no segmentation from the previous stage for {} case(s) ({}) in {list}: train the first stage on every fold (or on fold `all`), whose final validations write them", missing.len(), missing.join(", ")),
             });
         }
-        self.previous = dirs;
-        self.previous_labels = Some(labels);
+        self.previous = Some((dirs, labels));
         Ok(self)
     }
 
@@ -70,11 +68,8 @@ impl CaseStore {
             return Ok(Arc::clone(c));
         }
         let [_, z, y, x] = self.get(i)?.props.shape;
-        let seg = Arc::new(crate::cascade::load_previous_stage(&self.previous, &self.ids[i], [z, y, x])?);
-        if let Some(labels) = self.previous_labels.as_deref() {
-            let dir = self.previous.iter().find(|d| d.join(format!("{}.json", self.ids[i])).exists()).cloned().unwrap_or_default();
-            crate::cascade::check_labels(&seg, labels, &self.ids[i], &dir)?;
-        }
+        let (dirs, labels) = self.previous.as_ref().expect("a store with a previous stage (`with_previous_stage`)");
+        let seg = Arc::new(crate::cascade::load_previous_stage(dirs, &self.ids[i], [z, y, x], labels)?);
         if self.keep {
             *slot = Some(Arc::clone(&seg));
         }

@@ -394,13 +394,8 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
     let regions = json.regions.clone().unwrap_or_default();
     std::fs::create_dir_all(out).map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: format!("cannot create: {e}") })?;
     // Finished cases are kept: only a folder made for this configuration's data may be resumed.
-    if let Some(made) = std::fs::read(out.join(SOURCE)).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["configuration"].as_str().map(str::to_string)) {
-        let plans_json: serde_json::Value = std::fs::read(plans).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        let id = |c: &str| crate::plan::configuration(&plans_json, c).ok().and_then(|c| c.get("data_identifier").cloned());
-        if made != configuration && (id(&made).is_none() || id(&made) != id(configuration)) {
-            return Err(DatasetError::File { path: out.join(SOURCE), reason: format!("this folder holds cases preprocessed for configuration `{made}`, not `{configuration}`: preprocess into another folder") });
-        }
-    }
+    let plans_json: serde_json::Value = std::fs::read(plans).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    check_made_for(out, &plans_json, configuration)?;
     let todo: Vec<_> = cases.iter().filter(|c| !out.join(format!("{}.json", c.id)).exists()).collect();
     let done = cases.len() - todo.len();
     let run = |case: &&crate::dataset::Case| {
@@ -444,6 +439,25 @@ pub fn preprocess_dataset(root: &Path, plans: &Path, configuration: &str, out: &
 
 /// The file in a preprocessed folder naming its raw dataset.
 pub const SOURCE: &str = "source.json";
+
+/// Fails when the preprocessed folder `dir` holds cases made for another configuration than
+/// `configuration` with other data (configurations sharing a `data_identifier` in `plans`, as
+/// `3d_cascade_fullres` shares `3d_fullres`'s, share the folder); a folder that does not record
+/// its configuration (`source.json`) passes.
+pub fn check_made_for(dir: &Path, plans: &serde_json::Value, configuration: &str) -> Result<(), DatasetError> {
+    let path = dir.join(SOURCE);
+    let Some(made) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()).and_then(|v| v["configuration"].as_str().map(str::to_string)) else {
+        return Ok(());
+    };
+    let id = |c: &str| crate::plan::configuration(plans, c).ok().and_then(|c| c.get("data_identifier").cloned());
+    if made == configuration || (id(&made).is_some() && id(&made) == id(configuration)) {
+        return Ok(());
+    }
+    Err(DatasetError::File {
+        path,
+        reason: format!("{} holds cases preprocessed for configuration `{made}`, not `{configuration}` (train it with --configuration {made}, or preprocess for `{configuration}` into another folder)", dir.display()),
+    })
+}
 
 /// The raw dataset a preprocessed folder was made from (`source.json`), if it records one and
 /// the folder is still there.

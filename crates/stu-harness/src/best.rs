@@ -249,10 +249,7 @@ fn first_stage(runs: &[PathBuf]) -> Option<Vec<PathBuf>> {
     for run in runs {
         let cfg: serde_json::Value = std::fs::read(run.join("train.json")).ok().and_then(|b| serde_json::from_slice(&b).ok())?;
         for d in cfg["previous_stage"].as_array()?.iter().filter_map(|d| d.as_str()).map(PathBuf::from) {
-            let run = match d.parent() {
-                Some(p) if p.file_name().is_some_and(|n| n == "predicted_next_stage") => p.parent().map(Path::to_path_buf).unwrap_or(d),
-                _ => d,
-            };
+            let run = stu_data::cascade::run_of(&d).map_or_else(|| d.clone(), Path::to_path_buf);
             if !firsts.contains(&run) {
                 firsts.push(run);
             }

@@ -257,8 +257,9 @@ impl Reader {
         let (pre, previous) = match &cascade.previous {
             Previous::Files(dir) => {
                 // Preprocessed as a segmentation of the image (cropped, resampled per label).
-                let file = [output_ending(&images[0]), ".nii.gz", ".nii", ".mha", ".nrrd"]
-                    .iter()
+                // (in the input's format first, as `stu predict` writes them)
+                let file = std::iter::once(output_ending(&images[0]))
+                    .chain(stu_data::dataset::DATASET_ENDINGS)
                     .map(|e| dir.join(format!("{id}{e}")))
                     .find(|f| f.exists())
                     .with_context(|| format!("{}: no segmentation of case `{id}` from the previous stage (`{id}.nii.gz`; predict the case with the first stage's model first)", dir.display()))?;
@@ -270,9 +271,7 @@ impl Reader {
             Previous::NextStage(dirs) => {
                 let pre = preprocess_case(id, images, None, &self.plan)?;
                 let [_, z, y, x] = pre.props.shape;
-                let seg = stu_data::cascade::load_previous_stage(dirs, id, [z, y, x])?;
-                let from = dirs.iter().find(|d| d.join(format!("{id}.json")).exists()).cloned().unwrap_or_default();
-                stu_data::cascade::check_labels(&seg, &cascade.labels, id, &from)?;
+                let seg = stu_data::cascade::load_previous_stage(dirs, id, [z, y, x], &cascade.labels)?;
                 (pre, seg)
             }
         };
@@ -538,10 +537,7 @@ impl Predictor {
         let regions = regions.map(|(w, _)| w);
         // A cascade's second stage takes the first stage's segmentation, one-hot over the
         // foreground labels (nnU-Net's `MoveSegAsOneHotToDataTransform`), after the images.
-        let max_label = match &regions {
-            Some(w) => w.iter().copied().max().unwrap_or(0) as usize,
-            None => nets[0].num_classes() - 1,
-        };
+        let max_label = max_label(regions.as_deref(), nets[0].num_classes());
         let previous_stage = stu_data::plan::configuration(&plan_json, &configuration).ok().and_then(|c| c.get("previous_stage").and_then(|p| p.as_str()).map(str::to_string));
         let cascade = match (previous_stage, &opts.previous_stage) {
             (Some(_), Some(p)) => Some(Cascade { labels: (1..=max_label as i16).collect(), previous: p.clone() }),
@@ -560,10 +556,7 @@ impl Predictor {
 
     /// The largest label value the predictions may hold.
     pub fn max_label(&self) -> usize {
-        match &self.regions {
-            Some(w) => w.iter().copied().max().unwrap_or(0) as usize,
-            None => self.classes() - 1,
-        }
+        max_label(self.regions.as_deref(), self.classes())
     }
 
     /// Whether the model is region-based (sigmoid outputs).
@@ -739,34 +732,20 @@ impl Predictor {
             Window::Volume => shape[0],
             Window::PatchDepth => shape[0].min(p[0]),
         };
-        let mut vol = vec![0f32; c * np];
-        for ch in 0..c {
-            for z in 0..shape[0] {
-                for y in 0..shape[1] {
-                    let src = ch * n + (z * shape[1] + y) * shape[2];
-                    let dst = ch * np + ((z + lo[0]) * padded[1] + y + lo[1]) * padded[2] + lo[2];
-                    vol[dst..dst + shape[2]].copy_from_slice(&data[src..src + shape[2]]);
-                }
-            }
-        }
+        let vol = pad_centred(data, shape, padded, 0f32);
         // The padding has no label, as nnU-Net's zero-padded one-hot channels.
         let labels: &[i16] = match (previous, &self.cascade) {
             (Some(_), Some(cascade)) => &cascade.labels,
             (Some(_), None) => bail!("a first-stage segmentation given to a model that is no cascade stage"),
             (None, _) => &[],
         };
-        let mut prev_vol = Vec::new();
-        if let Some(seg) = previous {
-            ensure!(seg.len() == n, "the first-stage segmentation has {} voxels, the volume {n}", seg.len());
-            prev_vol = vec![-1i16; np];
-            for z in 0..shape[0] {
-                for y in 0..shape[1] {
-                    let src = (z * shape[1] + y) * shape[2];
-                    let dst = ((z + lo[0]) * padded[1] + y + lo[1]) * padded[2] + lo[2];
-                    prev_vol[dst..dst + shape[2]].copy_from_slice(&seg[src..src + shape[2]]);
-                }
+        let prev_vol = match previous {
+            Some(seg) => {
+                ensure!(seg.len() == n, "the first-stage segmentation has {} voxels, the volume {n}", seg.len());
+                pad_centred(seg, shape, padded, -1i16)
             }
-        }
+            None => Vec::new(),
+        };
         let channels = c + labels.len();
         let steps: Vec<Vec<usize>> = (0..3).map(|a| sliding_steps(padded[a], p[a], self.step)).collect();
         let g = gaussian_importance(p);
@@ -937,6 +916,15 @@ impl NetOut {
 }
 
 /// Whether every value is finite, checked on all cores (a whole volume's logits are billions).
+/// The largest label a model writes: a region-based one's largest `regions_class_order`
+/// value, else its classes less background.
+fn max_label(regions: Option<&[u16]>, classes: usize) -> usize {
+    match regions {
+        Some(w) => w.iter().copied().max().unwrap_or(0) as usize,
+        None => classes - 1,
+    }
+}
+
 fn all_finite(v: &[f32]) -> bool {
     use rayon::prelude::*;
     v.par_chunks(1 << 16).all(|c| c.iter().all(|x| x.is_finite()))
@@ -944,6 +932,25 @@ fn all_finite(v: &[f32]) -> bool {
 
 /// Places a cropped volume of shape `cropped` at `bbox` inside a volume of shape `full` filled
 /// with `fill` (the inverse of preprocessing's crop).
+/// Every channel of `v` (`[…, Z, Y, X]` of `shape`) centred in `padded` (each axis at least as
+/// long), `fill` around it, as nnU-Net pads a volume smaller than the patch.
+fn pad_centred<T: Copy>(v: &[T], shape: [usize; 3], padded: [usize; 3], fill: T) -> Vec<T> {
+    let n: usize = shape.iter().product();
+    let np: usize = padded.iter().product();
+    let lo: [usize; 3] = std::array::from_fn(|a| (padded[a] - shape[a]) / 2);
+    let mut out = vec![fill; v.len() / n * np];
+    for (from, into) in v.chunks_exact(n).zip(out.chunks_exact_mut(np)) {
+        for z in 0..shape[0] {
+            for y in 0..shape[1] {
+                let src = (z * shape[1] + y) * shape[2];
+                let dst = ((z + lo[0]) * padded[1] + y + lo[1]) * padded[2] + lo[2];
+                into[dst..dst + shape[2]].copy_from_slice(&from[src..src + shape[2]]);
+            }
+        }
+    }
+    out
+}
+
 fn uncrop<T: Copy>(v: &[T], cropped: [usize; 3], full: [usize; 3], bbox: [[usize; 2]; 3], fill: T) -> Vec<T> {
     let mut out = vec![fill; full.iter().product()];
     for z in 0..cropped[0] {

@@ -192,7 +192,7 @@ fn read_plan(dir: &Path, configuration: &str) -> Result<Plan> {
 /// Resolves defaults (plan values, lr preset) into the configuration of a new run.
 pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     let plan = read_plan(&req.preprocessed, &req.configuration)?;
-    check_preprocessed_for(&req.preprocessed, &req.configuration)?;
+    stu_data::preprocess::check_made_for(&req.preprocessed, &read_json(&req.preprocessed.join("plans.json"))?, &req.configuration)?;
     let previous_stage = match (&plan.previous_stage, req.previous_stage.is_empty()) {
         (Some(first), true) => bail!("configuration `{}` is the second stage of a cascade after `{first}`: pass --previous-stage with the `{first}` runs (every fold, or fold `all`) whose final validations wrote their segmentations", req.configuration),
         (None, false) => bail!("--previous-stage: configuration `{}` is no cascade stage (its plan names no `previous_stage`)", req.configuration),
@@ -240,25 +240,6 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         world_size: 1,
         previous_stage,
     })
-}
-
-/// Fails when `dir` was preprocessed for another configuration than `configuration` with
-/// other data (configurations sharing a `data_identifier`, as `3d_cascade_fullres` shares
-/// `3d_fullres`'s, share the folder); folders that do not record theirs pass.
-fn check_preprocessed_for(dir: &Path, configuration: &str) -> Result<()> {
-    let Ok(source) = read_json(&dir.join(stu_data::preprocess::SOURCE)) else { return Ok(()) };
-    let Some(made) = source.get("configuration").and_then(|c| c.as_str()) else { return Ok(()) };
-    if made == configuration {
-        return Ok(());
-    }
-    let plans = read_json(&dir.join("plans.json"))?;
-    let id = |c: &str| stu_data::plan::configuration(&plans, c).ok().and_then(|c| c.get("data_identifier").cloned());
-    ensure!(
-        id(made).is_some() && id(made) == id(configuration),
-        "{}: preprocessed for configuration `{made}`, not `{configuration}` (pass --configuration {made}, or preprocess for `{configuration}` into another folder)",
-        dir.display()
-    );
-    Ok(())
 }
 
 /// The training and validation case ids of a fold.

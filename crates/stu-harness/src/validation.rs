@@ -131,38 +131,19 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     let (cases, _) = stu_data::dataset::discover(&raw, &json)?;
     let dir = run.join("validation");
     // Predictions of another checkpoint go first (a folder without `checkpoint.json` holds the
-    // final checkpoint's, from before it was written).
+    // final checkpoint's, from before it was written), and the old summary with them, which
+    // scored them.
     let source = Source::of(&checkpoint)?;
-    let record = dir.join("checkpoint.json");
-    let recorded = read_record(&record)?;
-    let stale = match &recorded {
-        Some(r) => *r != source,
-        None => req.best,
-    };
     // Label maps in the dataset's format, as `stu predict` writes them.
     let ending = stu_data::nifti_io::label_ending(&json.file_ending);
-    let mut removed = 0;
-    if stale {
-        for id in &val_ids {
-            for f in [dir.join(format!("{id}{ending}")), crate::predict::probabilities_path(&dir, id)] {
-                match std::fs::remove_file(&f) {
-                    Ok(()) => removed += usize::from(!f.to_string_lossy().ends_with(".safetensors")),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e).with_context(|| format!("{}: cannot remove a prediction of another checkpoint", f.display())),
-                }
-            }
-        }
-    }
-    if !val_ids.is_empty() && (stale || recorded.is_none()) {
-        // Before any prediction, and without the old summary (which scored the old predictions).
-        match std::fs::remove_file(dir.join("summary.json")) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("{}: cannot remove", dir.join("summary.json").display())),
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-        stu_core::fs::write_atomic(&record, (serde_json::to_string_pretty(&source)? + "\n").as_bytes())?;
-    }
+    let removed = if val_ids.is_empty() {
+        0
+    } else {
+        let files = |id: &str| vec![dir.join(format!("{id}{ending}")), crate::predict::probabilities_path(&dir, id)];
+        let gone = fresh(&dir, &source, !req.best, &val_ids, &files, &[dir.join("summary.json")])?;
+        // (label maps counted: not the probabilities, nor the summary)
+        gone.iter().filter(|f| f.to_string_lossy().ends_with(ending)).count()
+    };
     let backend = match req.backend {
         Some(b) => b,
         None => cfg.backend.parse().map_err(|e: String| anyhow::anyhow!("{}: `backend`: {e}", cfg_path.display()))?,
@@ -202,9 +183,9 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     };
     let mut predicted = 0;
     if let Some(next) = &next {
-        fresh(&next.dir, &source, &next_ids, &|id| vec![next.dir.join(format!("{id}.json")), next.dir.join(format!("{id}_seg.i16"))])?;
+        fresh(&next.dir, &source, false, &next_ids, &|id| stu_data::cascade::case_files(&next.dir, id).to_vec(), &[])?;
         for id in &next_ids {
-            if next.dir.join(format!("{id}.json")).exists() {
+            if stu_data::cascade::holding(std::slice::from_ref(&next.dir), id).is_some() {
                 continue;
             }
             // The validation's label map from the same logits, when it is missing too.
@@ -259,23 +240,28 @@ fn next_stage(run: &Path, cfg: &TrainConfig) -> Result<Option<NextStage>> {
     Ok(Some(NextStage { spacing, dir: stu_data::cascade::next_stage_dir(run, name) }))
 }
 
-/// Makes `dir` hold only outputs of the checkpoint `source`: when its `checkpoint.json` names
-/// another (or none while files exist), the files of `ids` go first; then the record is written.
-fn fresh(dir: &Path, source: &Source, ids: &[String], files: &dyn Fn(&str) -> Vec<PathBuf>) -> Result<()> {
+/// Makes `dir` hold only outputs of the checkpoint `source`, before anything is written there,
+/// and returns the files it removed. Unless its `checkpoint.json` names `source`: the files of
+/// `ids` go when the record names another checkpoint (or there is none and `unrecorded_is_source`
+/// does not hold: a validation folder from before records held the final checkpoint's), `also`
+/// goes in any case (what scored the old files), and the record is written.
+fn fresh(dir: &Path, source: &Source, unrecorded_is_source: bool, ids: &[String], files: &dyn Fn(&str) -> Vec<PathBuf>, also: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let record = dir.join("checkpoint.json");
-    if read_record(&record)?.as_ref() == Some(source) {
-        return Ok(());
+    let recorded = read_record(&record)?;
+    if recorded.as_ref() == Some(source) {
+        return Ok(Vec::new());
     }
-    for id in ids {
-        for f in files(id) {
-            match std::fs::remove_file(&f) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("{}: cannot remove an output of another checkpoint", f.display())),
-            }
+    let stale = recorded.is_some() || !unrecorded_is_source;
+    let doomed = ids.iter().filter(|_| stale).flat_map(|id| files(id));
+    let mut removed = Vec::new();
+    for f in doomed.chain(also.iter().cloned()) {
+        match std::fs::remove_file(&f) {
+            Ok(()) => removed.push(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("{}: cannot remove an output of another checkpoint", f.display())),
         }
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     stu_core::fs::write_atomic(&record, (serde_json::to_string_pretty(source)? + "\n").as_bytes())?;
-    Ok(())
+    Ok(removed)
 }
