@@ -53,6 +53,55 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     })
 }
 
+/// A file written in pieces, in any order, at its temporary sibling, and renamed onto its path
+/// only by [`AtomicFile::commit`] (after an fsync); dropped uncommitted (an error, a panic), the
+/// temporary file is removed and the path is untouched. For outputs too large to build in
+/// memory first (a prediction's probabilities, written slab by slab).
+pub struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl AtomicFile {
+    /// Creates (truncates) the temporary sibling of `path`.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let tmp = temp_path(path)?;
+        let file = std::fs::File::create(&tmp)?;
+        Ok(Self { path: path.to_path_buf(), tmp, file: Some(file) })
+    }
+
+    /// The open temporary file.
+    pub fn file(&self) -> &std::fs::File {
+        self.file.as_ref().expect("open until committed")
+    }
+
+    /// Writes `bytes` at byte `offset` of the temporary file (the file grows as needed).
+    pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+        use std::io::Seek;
+        let mut f = self.file();
+        f.seek(io::SeekFrom::Start(offset))?;
+        f.write_all(bytes)
+    }
+
+    /// Flushes the file to disk and renames it onto its path.
+    pub fn commit(mut self) -> io::Result<()> {
+        let file = self.file.take().expect("open until committed");
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.path)
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        // Not committed (or the rename failed): the partial file goes.
+        if self.file.take().is_some() || self.tmp.exists() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +120,29 @@ mod tests {
         assert!(err.is_err());
         assert_eq!(std::fs::read(&p).unwrap(), b"one");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "the temporary file is gone");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_written_in_pieces_appears_only_when_committed() {
+        let dir = std::env::temp_dir().join(format!("stu-core-pieces-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("p.safetensors");
+        write_atomic(&p, b"old").unwrap();
+        {
+            let f = AtomicFile::create(&p).unwrap();
+            f.write_at(b"cd", 2).unwrap();
+            // dropped uncommitted
+        }
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "the temporary file is gone");
+        let f = AtomicFile::create(&p).unwrap();
+        f.write_at(b"cd", 2).unwrap();
+        f.write_at(b"ab", 0).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"old", "not before the commit");
+        f.commit().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"abcd");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

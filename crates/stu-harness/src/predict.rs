@@ -21,7 +21,7 @@ use stu_engine::model::{LoadOptions, SegNet};
 use stu_engine::{Device, Tensor, TensorData};
 
 mod slabs;
-use slabs::{LabelRule, Ring, RowExport, Slab, SlabData, SlabMsg, Streamed, paint_region, running_argmax, sigmoid};
+use slabs::{LabelRule, Ring, RowExport, RowProbabilities, Slab, SlabData, SlabMsg, Streamed, paint_region, running_argmax, sigmoid};
 
 /// The released STU-Net models' plan (1.5 mm isotropic, 128³ patch, z-score), used when no plan
 /// is given.
@@ -295,17 +295,21 @@ impl Exporter {
     /// The label map (input array order) and geometry of `case` from what the network gave;
     /// with `probabilities`, also writes the softmax there ([`write_probabilities`]).
     pub fn export(&self, case: Case, out: NetOut, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
-        let back = Back::of(&self.plan, &case);
+        self.export_with(&Back::of(&self.plan, &case), &case.id, case.geom, out, probabilities)
+    }
+
+    /// [`Exporter::export`] of case `id` with the way `back` to its input's geometry `geom`.
+    fn export_with(&self, back: &Back, id: &str, geom: stu_data::nifti_io::Geometry, out: NetOut, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
         let logits = match out {
             NetOut::Labels(seg) => {
-                ensure!(probabilities.is_none(), "case `{}`: a label map has no probabilities to write", case.id);
-                ensure!(seg.len() == back.grid.iter().product::<usize>(), "case `{}`: {} labels for a {:?} grid", case.id, seg.len(), back.grid);
-                return back.label_map(case, &back.resample_seg(&seg));
+                ensure!(probabilities.is_none(), "case `{}`: a label map has no probabilities to write", id);
+                ensure!(seg.len() == back.grid.iter().product::<usize>(), "case `{}`: {} labels for a {:?} grid", id, seg.len(), back.grid);
+                return back.place_labels(id, geom, &back.resample_seg(&seg));
             }
-            NetOut::Cropped(seg) => {
-                ensure!(probabilities.is_none(), "case `{}`: a label map has no probabilities to write", case.id);
-                ensure!(seg.len() == back.target.iter().product::<usize>(), "case `{}`: {} labels for a {:?} crop", case.id, seg.len(), back.target);
-                return back.label_map(case, &seg);
+            NetOut::Cropped(seg, wrote) => {
+                ensure!(probabilities == wrote.as_deref(), "case `{}`: the probabilities were to be written as the slices came", id);
+                ensure!(seg.len() == back.target.iter().product::<usize>(), "case `{}`: {} labels for a {:?} crop", id, seg.len(), back.target);
+                return back.place_labels(id, geom, &seg);
             }
             NetOut::Logits(l) => l,
         };
@@ -314,12 +318,12 @@ impl Exporter {
             let rule = LabelRule::new(self.classes, self.regions.as_deref())?;
             let plane = back.grid[1] * back.grid[2];
             let mut seg = vec![0i16; back.grid[0] * plane];
-            ensure!(logits.len() == self.classes * seg.len(), "case `{}`: {} logits for {} classes of a {:?} grid", case.id, logits.len(), self.classes, back.grid);
+            ensure!(logits.len() == self.classes * seg.len(), "case `{}`: {} logits for {} classes of a {:?} grid", id, logits.len(), self.classes, back.grid);
             rule.apply(&Slab { z0: 0, k: back.grid[0], plane, window: back.grid[0], data: SlabData::Copied(logits) }, &mut seg);
-            return back.label_map(case, &back.resample_seg(&seg));
+            return back.place_labels(id, geom, &back.resample_seg(&seg));
         }
         if let Some(writes) = &self.regions {
-            return self.export_regions(writes, case, logits, probabilities);
+            return self.export_regions(writes, back, id, geom, logits, probabilities);
         }
         let (n, nt) = (back.grid.iter().product::<usize>(), back.target.iter().product::<usize>());
         let classes = self.classes;
@@ -334,7 +338,7 @@ impl Exporter {
         if let (Some(path), Some(sumexp)) = (probabilities, sumexp) {
             // Second pass: softmax of the resampled logits, one class at a time, un-cropped
             // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
-            write_probabilities(path, classes, case.geom.shape, None, |k| {
+            write_probabilities(path, classes, geom.shape, None, |k| {
                 let r = back.resample(&logits[k * n..(k + 1) * n]);
                 let p: Vec<f32> = r.iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
                 back.place(&p, if k == 0 { 1.0 } else { 0.0 })
@@ -342,30 +346,29 @@ impl Exporter {
             .with_context(|| path.display().to_string())?;
         }
         drop(logits);
-        back.label_map(case, &arg)
+        back.place_labels(id, geom, &arg)
     }
 
     /// [`Exporter::export`] of a region-based model's logits (nnU-Net's
     /// `convert_probabilities_to_segmentation` for regions): each output's logits resampled,
     /// then its sigmoid above 0.5 writes its label, in output order, so a later region
     /// overwrites an earlier one. The probabilities are the sigmoids (0 outside the crop).
-    fn export_regions(&self, writes: &[u16], case: Case, logits: Vec<f32>, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
-        let back = Back::of(&self.plan, &case);
+    fn export_regions(&self, writes: &[u16], back: &Back, id: &str, geom: stu_data::nifti_io::Geometry, logits: Vec<f32>, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
         let n: usize = back.grid.iter().product();
-        ensure!(logits.len() == writes.len() * n, "case `{}`: {} outputs for {} regions", case.id, logits.len() / n.max(1), writes.len());
+        ensure!(logits.len() == writes.len() * n, "case `{}`: {} outputs for {} regions", id, logits.len() / n.max(1), writes.len());
         let mut seg = vec![0u16; back.target.iter().product()];
         for (k, &w) in writes.iter().enumerate() {
             paint_region(&mut seg, &back.resample(&logits[k * n..(k + 1) * n]), w);
         }
         if let Some(path) = probabilities {
-            write_probabilities(path, writes.len(), case.geom.shape, Some(writes), |k| {
+            write_probabilities(path, writes.len(), geom.shape, Some(writes), |k| {
                 let p: Vec<f32> = back.resample(&logits[k * n..(k + 1) * n]).into_iter().map(sigmoid).collect();
                 back.place(&p, 0.0)
             })
             .with_context(|| path.display().to_string())?;
         }
         drop(logits);
-        back.label_map(case, &seg)
+        back.place_labels(id, geom, &seg)
     }
 }
 
@@ -415,12 +418,7 @@ impl Back {
         transpose(uncrop(v, self.target, self.full, self.bbox, fill), self.full, self.backward).0
     }
 
-    /// `case`'s label map in its input's geometry from the cropped-grid labels `seg`.
-    fn label_map(&self, case: Case, seg: &[u16]) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
-        self.place_labels(&case.id, case.geom, seg)
-    }
-
-    /// [`Back::label_map`] of case `id` with input geometry `geom`.
+    /// Case `id`'s label map in its input's geometry `geom` from the cropped-grid labels `seg`.
     fn place_labels(&self, id: &str, geom: stu_data::nifti_io::Geometry, seg: &[u16]) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
         let (seg, shape) = transpose(uncrop(seg, self.target, self.full, self.bbox, 0), self.full, self.backward);
         ensure!(shape == geom.shape, "case `{id}`: internal shape mismatch {shape:?} vs {:?}", geom.shape);
@@ -593,7 +591,7 @@ impl Predictor {
         let case = self.reader().read(id, images)?;
         phases.push(("read + preprocess", t.elapsed().as_secs_f64()));
         let t = std::time::Instant::now();
-        let out = self.network(&case, probabilities.is_none(), progress)?;
+        let out = self.network(&case, true, probabilities, progress)?;
         let (network, export) = out.phases();
         phases.push((network, t.elapsed().as_secs_f64()));
         let t = std::time::Instant::now();
@@ -653,23 +651,24 @@ impl Predictor {
 
     /// What the sliding window hands a read case's export: with the fast export, its label map
     /// on the preprocessed grid ([`Predictor::sliding_labels`]); else, where the export may run
-    /// here as the slices come (`export_here`: no probabilities to write, no export stage of
-    /// its own), its label map on the cropped input grid ([`RowExport`]); else every class's
-    /// logits `[classes, Z, Y, X]` on the preprocessed grid. The first two sum only a window of
-    /// one patch depth, never the whole volume's logits. `STU_EXPORT=whole` always sums the
-    /// whole logits, as every version before 2026-11-28 did (to compare the two).
-    pub fn network(&self, case: &Case, export_here: bool, progress: &dyn Fn(usize, usize)) -> Result<NetOut> {
+    /// here as the slices come (`export_here`: no export stage of its own; and
+    /// [`Predictor::streams_export`]), its label map on the cropped input grid ([`RowExport`]),
+    /// with `probabilities` written on the way; else every class's logits `[classes, Z, Y, X]`
+    /// on the preprocessed grid. The first two sum only a window of one patch depth, never the
+    /// whole volume's logits. `STU_EXPORT=whole` always sums the whole logits, as every version
+    /// before 2026-11-28 did (to compare the two).
+    pub fn network(&self, case: &Case, export_here: bool, probabilities: Option<&Path>, progress: &dyn Fn(usize, usize)) -> Result<NetOut> {
         let [c, z, y, x] = case.pre.props.shape;
         let previous = case.previous.as_deref();
         if self.fast_export && !self.whole_export {
             return self.sliding_labels_with(&case.pre.data, c, [z, y, x], previous, progress).map(NetOut::Labels);
         }
-        if !export_here || self.whole_export {
+        if !export_here || !self.streams_export(probabilities.is_some()) {
             return self.sliding_window_with(&case.pre.data, c, [z, y, x], previous, progress).map(NetOut::Logits);
         }
-        let mut rows = RowExport::new(&Back::of(&self.plan, case), self.classes(), self.regions.clone());
+        let mut rows = RowExport::new(&Back::of(&self.plan, case), self.classes(), self.regions.clone(), probabilities, case.geom.shape)?;
         self.slide(&case.pre.data, c, [z, y, x], previous, Window::PatchDepth, progress, &mut |slab| rows.take(&slab))?;
-        rows.finish().map(NetOut::Cropped)
+        Ok(NetOut::Cropped(rows.finish()?, probabilities.map(Path::to_path_buf)))
     }
 
     /// Sliding-window logits `[classes, Z, Y, X]` of a preprocessed volume `[C, Z, Y, X]`.
@@ -868,9 +867,11 @@ impl Predictor {
 
 impl Predictor {
     /// Whether the full export of a case can run as its slices come: not the fast export (which
-    /// labels the slices itself), and no probabilities to write (they need the whole logits).
+    /// labels the slices itself), and, with probabilities to write, a plan whose transposition
+    /// keeps the first axis (the rows of the crop are then slices of the input's array, written
+    /// as they are done: [`RowProbabilities`]; else they need the whole logits).
     pub fn streams_export(&self, probabilities: bool) -> bool {
-        !self.fast_export && !probabilities && !self.whole_export
+        !self.fast_export && !self.whole_export && (!probabilities || RowProbabilities::streams(self.plan.transpose_forward))
     }
 
     /// Runs a case's sliding window over a window of one patch depth, handing each finished
@@ -900,8 +901,9 @@ pub enum NetOut {
     Logits(Vec<f32>),
     /// The label map `[Z, Y, X]` on the preprocessed grid (the fast export).
     Labels(Vec<i16>),
-    /// The label map on the cropped input grid (the full export, done as the slices came).
-    Cropped(Vec<u16>),
+    /// The label map on the cropped input grid (the full export, done as the slices came), and
+    /// where the probabilities were written meanwhile, when asked.
+    Cropped(Vec<u16>, Option<PathBuf>),
 }
 
 impl NetOut {
@@ -910,7 +912,7 @@ impl NetOut {
         match self {
             Self::Logits(_) => ("network", "resample + argmax"),
             Self::Labels(_) => ("network + argmax", "resample labels"),
-            Self::Cropped(_) => ("network + resample + argmax", "place labels"),
+            Self::Cropped(..) => ("network + resample + argmax", "place labels"),
         }
     }
 }
@@ -987,38 +989,75 @@ pub fn probabilities_path(dir: &Path, id: &str) -> PathBuf {
 /// With `regions` (a region-based model's label per output) they are sigmoids, and the
 /// metadata's `regions_class_order` says so, for `stu ensemble`.
 pub fn write_probabilities(path: &Path, classes: usize, shape: [usize; 3], regions: Option<&[u16]>, mut channel: impl FnMut(usize) -> Vec<f32>) -> Result<()> {
-    use std::io::Write;
-    let n: usize = shape.iter().product();
-    let bytes = classes * n * 2;
-    let meta = match regions {
-        None => serde_json::json!({"format": "softmax probabilities in the input's array order [class, z, y, x] (nnU-Net --save_probabilities, float16)"}),
-        Some(w) => serde_json::json!({
-            "format": "sigmoid probabilities of a region-based model in the input's array order [region, z, y, x] (nnU-Net --save_probabilities, float16)",
-            "regions_class_order": serde_json::to_string(w)?,
-        }),
-    };
-    let header = serde_json::json!({
-        "probabilities": {"dtype": "F16", "shape": [classes, shape[0], shape[1], shape[2]], "data_offsets": [0, bytes]},
-        "__metadata__": meta,
-    });
-    let mut h = serde_json::to_string(&header)?.into_bytes();
-    while h.len() % 8 != 0 {
-        h.push(b' ');
+    let file = ProbabilityFile::create(path, classes, shape, regions)?;
+    for k in 0..classes {
+        let ch = channel(k);
+        ensure!(ch.len() == shape.iter().product::<usize>(), "{}: class {k} has {} values for a {shape:?} volume", path.display(), ch.len());
+        file.write(k, 0, &ch)?;
     }
-    stu_core::fs::atomic_with(path, |tmp| {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(tmp)?);
-        f.write_all(&(h.len() as u64).to_le_bytes())?;
-        f.write_all(&h)?;
-        for k in 0..classes {
-            let ch = channel(k);
-            assert_eq!(ch.len(), n, "one value per voxel");
-            let buf: Vec<u8> = ch.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
-            f.write_all(&buf)?;
+    file.commit()
+}
+
+/// A `{case}.probabilities.safetensors` file being written ([`write_probabilities`]'s format),
+/// in pieces of whole slices in any order: at its temporary sibling until
+/// [`ProbabilityFile::commit`], removed if dropped before.
+pub struct ProbabilityFile {
+    file: stu_core::fs::AtomicFile,
+    path: PathBuf,
+    /// Where the float16 data start.
+    start: u64,
+    classes: usize,
+    /// `[z, y, x]`, the input's array order.
+    shape: [usize; 3],
+}
+
+impl ProbabilityFile {
+    /// Creates the file (its header) for `classes` classes of a `shape` volume.
+    pub fn create(path: &Path, classes: usize, shape: [usize; 3], regions: Option<&[u16]>) -> Result<Self> {
+        let bytes = classes * shape.iter().product::<usize>() * 2;
+        let meta = match regions {
+            None => serde_json::json!({"format": "softmax probabilities in the input's array order [class, z, y, x] (nnU-Net --save_probabilities, float16)"}),
+            Some(w) => serde_json::json!({
+                "format": "sigmoid probabilities of a region-based model in the input's array order [region, z, y, x] (nnU-Net --save_probabilities, float16)",
+                "regions_class_order": serde_json::to_string(w)?,
+            }),
+        };
+        let header = serde_json::json!({
+            "probabilities": {"dtype": "F16", "shape": [classes, shape[0], shape[1], shape[2]], "data_offsets": [0, bytes]},
+            "__metadata__": meta,
+        });
+        let mut h = serde_json::to_string(&header)?.into_bytes();
+        while h.len() % 8 != 0 {
+            h.push(b' ');
         }
-        f.flush()?;
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()
-    })?;
-    Ok(())
+        let file = stu_core::fs::AtomicFile::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+        let mut head = (h.len() as u64).to_le_bytes().to_vec();
+        head.extend_from_slice(&h);
+        file.write_at(&head, 0).with_context(|| path.display().to_string())?;
+        Ok(Self { file, path: path.to_path_buf(), start: head.len() as u64, classes, shape })
+    }
+
+    /// Class `k`'s values on slices `z0..` (whole slices, the input's array order).
+    pub fn write(&self, k: usize, z0: usize, values: &[f32]) -> Result<()> {
+        use rayon::prelude::*;
+        let plane = self.shape[1] * self.shape[2];
+        let n = plane * self.shape[0];
+        assert!(k < self.classes && values.len() % plane.max(1) == 0 && z0 * plane + values.len() <= n, "whole slices inside the volume");
+        let mut buf = vec![0u8; values.len() * 2];
+        buf.par_chunks_mut(1 << 16).zip(values.par_chunks(1 << 15)).for_each(|(b, v)| {
+            for (b, &v) in b.chunks_exact_mut(2).zip(v) {
+                b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        });
+        let at = self.start + 2 * (k * n + z0 * plane) as u64;
+        self.file.write_at(&buf, at).with_context(|| format!("{}: cannot write class {k}", self.path.display()))
+    }
+
+    /// Flushes the file and moves it into place.
+    pub fn commit(self) -> Result<()> {
+        let path = self.path;
+        self.file.commit().with_context(|| path.display().to_string())
+    }
 }
 
 /// Tile positions along one axis (`compute_steps_for_sliding_window`).
@@ -1262,7 +1301,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
                     // labels).
                     let computed = other.and_then(|case| {
                         let n = std::time::Instant::now();
-                        let out = predictor.network(&case, false, &|d, k| progress(id, d, k))?;
+                        let out = predictor.network(&case, false, None, &|d, k| progress(id, d, k))?;
                         phases.push((out.phases().0, n.elapsed().as_secs_f64()));
                         Ok(Stage::Whole(case, out))
                     });
@@ -1272,7 +1311,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             };
             // The writer stage exports the slabs as they come, two in flight at most.
             let (tx, slabs) = std::sync::mpsc::sync_channel(2);
-            let streamed = Streamed { back: Back::of(&predictor.plan, &case), geom: case.geom.clone(), id: id.clone(), slabs };
+            let streamed = Streamed { back: Back::of(&predictor.plan, &case), geom: case.geom.clone(), id: id.clone(), slabs, probabilities: probabilities(id) };
             to_writer.send((i, t, Ok(Stage::Streamed(streamed)), phases)).expect("the writer stage runs until the network stage ends");
             let n = std::time::Instant::now();
             let r = predictor.stream_slabs(&case, &|d, k| progress(id, d, k), &mut |z0, k, v| tx.send(SlabMsg::Slab(z0, k, v)).map_err(|_| anyhow::anyhow!("the export stage stopped")));
@@ -1550,7 +1589,7 @@ mod tests {
             let resampled = |c: usize| resample_linear(&whole[c * n..(c + 1) * n], shape, target, separate);
             for regions in [None, Some(vec![1u16, 2, 7])] {
                 p.regions = regions.clone();
-                let mut rows = RowExport::new(&back, 3, regions.clone());
+                let mut rows = RowExport::new(&back, 3, regions.clone(), None, target).unwrap();
                 p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| rows.take(&slab)).unwrap();
                 let got = rows.finish().unwrap();
                 let mut want = vec![0u16; nt];
@@ -1580,7 +1619,7 @@ mod tests {
                 // in flight, give the same labels in the input's geometry.
                 let (tx, slabs) = std::sync::mpsc::sync_channel(2);
                 let geom = stu_data::nifti_io::Geometry { shape: target, spacing: [1.0; 3], affine: [[0.0; 4]; 4], header: Default::default() };
-                let streamed = Streamed { back: Back { ..back }, geom, id: "case".into(), slabs };
+                let streamed = Streamed { back: Back { ..back }, geom, id: "case".into(), slabs, probabilities: None };
                 let exporter = p.exporter();
                 let (seg, _, _) = std::thread::scope(|scope| {
                     let writer = scope.spawn(|| streamed.export(&exporter).unwrap());
@@ -1596,6 +1635,63 @@ mod tests {
                 assert!(distinct.len() >= 2, "more than one label: {distinct:?}");
             }
         }
+    }
+
+    #[test]
+    fn probabilities_written_as_the_slices_come_are_the_whole_exports_bytes() {
+        // The softmax (a region model's sigmoids) written block of rows by block of rows into
+        // whole slices of the input, un-cropped and with the in-plane axes transposed back, on
+        // the network's thread or on the export stage's, is the file that the export from the
+        // whole logits writes, byte for byte, beside the same labels.
+        let (shape, _, _, data) = long_volume();
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        for (target, separate, backward) in [([80, 33, 25], None, [0, 1, 2]), ([30, 47, 21], Some(0), [0, 2, 1])] {
+            let full = [target[0] + 7, target[1] + 3, target[2] + 4];
+            let bbox = [[5, 5 + target[0]], [1, 1 + target[1]], [0, target[2]]];
+            let input = backward.map(|a| full[a]);
+            let geom = stu_data::nifti_io::Geometry { shape: input, spacing: [1.0; 3], affine: [[0.0; 4]; 4], header: Default::default() };
+            let back = Back { grid: shape, target, separate, full, bbox, backward };
+            for regions in [None, Some(vec![1u16, 2, 7])] {
+                let mut p = tiny_predictor(&[1], false);
+                p.regions = regions.clone();
+                let whole = p.sliding_window(&data, 1, shape, &|_, _| {}).unwrap();
+                let exporter = p.exporter();
+                let (want, _) = exporter.export_with(&back, "case", geom.clone(), NetOut::Logits(whole), Some(&path("whole"))).unwrap();
+                let mut rows = RowExport::new(&back, 3, regions.clone(), Some(&path("rows")), input).unwrap();
+                p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| rows.take(&slab)).unwrap();
+                let out = NetOut::Cropped(rows.finish().unwrap(), Some(path("rows")));
+                let (seg, _) = exporter.export_with(&back, "case", geom.clone(), out, Some(&path("rows"))).unwrap();
+                let whole_bytes = std::fs::read(path("whole")).unwrap();
+                assert!(seg == want, "{target:?} {backward:?} {regions:?}: labels");
+                assert!(std::fs::read(path("rows")).unwrap() == whole_bytes, "{target:?} {backward:?} {regions:?}: probabilities");
+                // Streamed to the export stage's thread (overlapped prediction).
+                let (tx, slabs) = std::sync::mpsc::sync_channel(2);
+                let streamed = Streamed { back: Back { ..back }, geom: geom.clone(), id: "case".into(), slabs, probabilities: Some(path("streamed")) };
+                let (seg, _, _) = std::thread::scope(|scope| {
+                    let writer = scope.spawn(|| streamed.export(&exporter).unwrap());
+                    let r = p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| {
+                        let (z0, k) = (slab.z0, slab.k);
+                        tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))
+                    });
+                    tx.send(SlabMsg::Done(r.map(|()| 1.0).map_err(|e| e.to_string()))).unwrap();
+                    writer.join().unwrap()
+                });
+                assert!(seg == want && std::fs::read(path("streamed")).unwrap() == whole_bytes, "{target:?} {backward:?} {regions:?}: streamed");
+                // A prediction that stops half-way leaves no file, nor its temporary sibling.
+                let mut rows = RowExport::new(&back, 3, regions.clone(), Some(&path("stopped")), input).unwrap();
+                let r = p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| {
+                    rows.take(&slab)?;
+                    anyhow::bail!("the network failed")
+                });
+                assert!(r.is_err());
+                drop(rows);
+                let names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+                assert!(!names.iter().any(|n| n.contains("stopped")), "{names:?}");
+            }
+        }
+        // A transposition that moves the first axis does not stream (the whole logits are used).
+        assert!(RowProbabilities::streams([0, 2, 1]) && !RowProbabilities::streams([2, 0, 1]));
     }
 
     #[test]

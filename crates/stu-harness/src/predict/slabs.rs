@@ -8,7 +8,7 @@ use anyhow::{Context, Result, ensure};
 use stu_data::resample::LinearRows;
 use stu_engine::{Tensor, TensorData};
 
-use super::{Back, Exporter, all_finite};
+use super::{Back, Exporter, ProbabilityFile, all_finite};
 
 /// A case whose full export the writer stage does while the network stage still runs it
 /// (overlapped prediction): the way back to its input's grid, its geometry, and its slabs.
@@ -17,6 +17,8 @@ pub(super) struct Streamed {
     pub(super) geom: stu_data::nifti_io::Geometry,
     pub(super) id: String,
     pub(super) slabs: std::sync::mpsc::Receiver<SlabMsg>,
+    /// Where its probabilities go, when asked.
+    pub(super) probabilities: Option<std::path::PathBuf>,
 }
 
 pub(super) enum SlabMsg {
@@ -30,7 +32,7 @@ impl Streamed {
     /// Exports the slabs as they arrive; the label map in the input's geometry, with the
     /// network's seconds.
     pub(super) fn export(self, exporter: &Exporter) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry, f64)> {
-        let mut rows = RowExport::new(&self.back, exporter.classes, exporter.regions.clone());
+        let mut rows = RowExport::new(&self.back, exporter.classes, exporter.regions.clone(), self.probabilities.as_deref(), self.geom.shape)?;
         let plane = self.back.grid[1] * self.back.grid[2];
         let mut network = None;
         for msg in &self.slabs {
@@ -53,7 +55,8 @@ impl Streamed {
 /// resampled back to the cropped shape ([`LinearRows`]) as soon as the slices they read are in,
 /// and reduced to labels at once (a running argmax over the classes, or a region-based model's
 /// sigmoids painted in order), so neither the whole volume's logits nor a whole resampled class
-/// is ever held. The labels are [`Exporter::export`]'s from the whole logits, bit for bit.
+/// is ever held. The labels are [`Exporter::export`]'s from the whole logits, bit for bit, and
+/// so are the probabilities when asked ([`RowProbabilities`]).
 pub(super) struct RowExport {
     pub(super) rows: LinearRows,
     pub(super) classes: usize,
@@ -68,12 +71,16 @@ pub(super) struct RowExport {
     pub(super) next: usize,
     /// The labels on the cropped grid.
     pub(super) labels: Vec<u16>,
+    pub(super) probabilities: Option<RowProbabilities>,
 }
 
 impl RowExport {
-    pub(super) fn new(back: &Back, classes: usize, regions: Option<Vec<u16>>) -> Self {
+    /// The export of a case that `back` leads back to its input's grid (of `shape`, the input's
+    /// array order), writing its probabilities to `probabilities` when given.
+    pub(super) fn new(back: &Back, classes: usize, regions: Option<Vec<u16>>, probabilities: Option<&std::path::Path>, shape: [usize; 3]) -> Result<Self> {
         let rows = LinearRows::new(back.grid, back.target, back.separate);
-        Self { rows, classes, regions, grid: back.grid, target: back.target, kept: Vec::new(), kept_from: 0, next: 0, labels: vec![0; back.target.iter().product()] }
+        let probabilities = probabilities.map(|p| RowProbabilities::create(p, back, classes, regions.as_deref(), shape)).transpose()?;
+        Ok(Self { rows, classes, regions, grid: back.grid, target: back.target, kept: Vec::new(), kept_from: 0, next: 0, labels: vec![0; back.target.iter().product()], probabilities })
     }
 
     /// Takes the next slab: labels every output row whose input rows are all in.
@@ -99,16 +106,33 @@ impl RowExport {
         if end > self.next {
             let (lo, hi) = (self.rows.reads(self.next).0, self.rows.reads(end - 1).1);
             let out = &mut self.labels[self.next * tplane..end * tplane];
+            let (next, probabilities) = (self.next, self.probabilities.as_ref());
             match &self.regions {
                 None => {
                     let mut best = vec![f32::NEG_INFINITY; out.len()];
+                    // Running sum of exp(logit − max) for the probabilities (online log-sum-exp).
+                    let mut sumexp = probabilities.map(|_| vec![0f32; out.len()]);
                     for c in 0..self.classes {
-                        running_argmax(&mut best, out, &self.rows.rows(&input(c, lo, hi), lo, self.next..end), c, None);
+                        running_argmax(&mut best, out, &self.rows.rows(&input(c, lo, hi), lo, next..end), c, sumexp.as_deref_mut());
+                    }
+                    if let (Some(file), Some(sumexp)) = (probabilities, sumexp) {
+                        // Second pass: each class's rows resampled again, their softmax written.
+                        use rayon::prelude::*;
+                        for c in 0..self.classes {
+                            let r = self.rows.rows(&input(c, lo, hi), lo, next..end);
+                            let p: Vec<f32> = r.par_iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
+                            file.write(c, next, &p)?;
+                        }
                     }
                 }
                 Some(writes) => {
                     for (c, &w) in writes.iter().enumerate() {
-                        paint_region(out, &self.rows.rows(&input(c, lo, hi), lo, self.next..end), w);
+                        let r = self.rows.rows(&input(c, lo, hi), lo, next..end);
+                        paint_region(out, &r, w);
+                        if let Some(file) = probabilities {
+                            use rayon::prelude::*;
+                            file.write(c, next, &r.into_par_iter().map(sigmoid).collect::<Vec<_>>())?;
+                        }
                     }
                 }
             }
@@ -127,10 +151,78 @@ impl RowExport {
         Ok(())
     }
 
-    /// The labels, once every row is done.
+    /// The labels, once every row is done (and the probabilities file, complete, in place).
     pub(super) fn finish(self) -> Result<Vec<u16>> {
         ensure!(self.next == self.target[0], "the export stopped at row {} of {}", self.next, self.target[0]);
+        if let Some(p) = self.probabilities {
+            p.finish()?;
+        }
         Ok(self.labels)
+    }
+}
+
+/// A [`RowExport`]'s probabilities, written as its rows are done: each class's block of rows on
+/// the cropped grid placed into whole slices of the input (outside the crop: background 1, the
+/// other classes 0, as nnU-Net; a region's sigmoid 0) and written to its place in the file.
+/// Rows of the crop are slices of the input when the preprocessing's transposition keeps the
+/// first axis ([`RowProbabilities::streams`]); the file is [`super::write_probabilities`]'s
+/// from the whole logits, byte for byte.
+pub(super) struct RowProbabilities {
+    file: ProbabilityFile,
+    classes: usize,
+    softmax: bool,
+    /// The uncropped volume, preprocessing's (transposed) array order.
+    full: [usize; 3],
+    target: [usize; 3],
+    bbox: [[usize; 2]; 3],
+    /// Back to the input's array order (axis 0 stays).
+    backward: [usize; 3],
+}
+
+impl RowProbabilities {
+    /// Whether the probabilities of a plan with transposition `transpose_forward` stream.
+    pub(super) fn streams(transpose_forward: [usize; 3]) -> bool {
+        transpose_forward[0] == 0
+    }
+
+    fn create(path: &std::path::Path, back: &Back, classes: usize, regions: Option<&[u16]>, shape: [usize; 3]) -> Result<Self> {
+        ensure!(back.backward[0] == 0, "probabilities stream only when the first axis is not transposed");
+        ensure!(back.backward.map(|a| back.full[a]) == shape, "{}: a {shape:?} input for a {:?} grid", path.display(), back.full);
+        let file = ProbabilityFile::create(path, classes, shape, regions)?;
+        Ok(Self { file, classes, softmax: regions.is_none(), full: back.full, target: back.target, bbox: back.bbox, backward: back.backward })
+    }
+
+    fn fill(&self, class: usize) -> f32 {
+        if self.softmax && class == 0 { 1.0 } else { 0.0 }
+    }
+
+    /// Class `class`'s values on the crop's rows `next..` (`[rows, Y, X]` of the crop).
+    fn write(&self, class: usize, next: usize, values: &[f32]) -> Result<()> {
+        let ([_, ty, tx], [_, fy, fx]) = (self.target, self.full);
+        let rows = values.len() / (ty * tx).max(1);
+        let mut placed = vec![self.fill(class); rows * fy * fx];
+        for r in 0..rows {
+            for y in 0..ty {
+                let dst = (r * fy + y + self.bbox[1][0]) * fx + self.bbox[2][0];
+                placed[dst..dst + tx].copy_from_slice(&values[(r * ty + y) * tx..(r * ty + y + 1) * tx]);
+            }
+        }
+        let (placed, _) = stu_data::preprocess::transpose(placed, [rows, fy, fx], self.backward);
+        self.file.write(class, next + self.bbox[0][0], &placed)
+    }
+
+    /// The slices outside the crop, then the file moved into place.
+    fn finish(self) -> Result<()> {
+        let plane = self.full[1] * self.full[2];
+        let (lo, hi) = (self.bbox[0][0], self.bbox[0][0] + self.target[0]);
+        for class in 0..self.classes {
+            for (z0, z1) in [(0, lo), (hi, self.full[0])] {
+                if z1 > z0 {
+                    self.file.write(class, z0, &vec![self.fill(class); (z1 - z0) * plane])?;
+                }
+            }
+        }
+        self.file.commit()
     }
 }
 
