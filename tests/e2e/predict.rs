@@ -116,11 +116,28 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     assert!(!both.status.success() && String::from_utf8_lossy(&both.stderr).contains("--save-probabilities"));
     // With TTA too, through a single file input.
     ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-tta"), "--checkpoint", &ck, "--save-probabilities"]));
-    // Without probabilities the export runs slab by slab, beside the network on its thread or
-    // on the writer stage's; with them, from the whole logits: the same bytes.
-    for (dir, overlap) in [("pred-tta-rows", "off"), ("pred-tta-rows-overlap", "on")] {
-        ok(&stu(&["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t(dir), "--checkpoint", &ck, "--overlap", overlap]));
-        assert!(std::fs::read(t(&format!("{dir}/ts_mr_sm.nii.gz"))).unwrap() == std::fs::read(t("pred-tta/ts_mr_sm.nii.gz")).unwrap(), "{dir}");
+    // The export runs slab by slab, beside the network on its thread or on the writer stage's,
+    // with or without probabilities; from the whole logits (`STU_EXPORT=whole`): the same bytes.
+    let whole = Command::new(stu_bin!())
+        .env("STU_EXPORT", "whole")
+        .args(["predict", "-i", images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap(), "-o", &t("pred-tta-whole"), "--checkpoint", &ck, "--save-probabilities"])
+        .output()
+        .unwrap();
+    ok(&whole);
+    let probabilities = |dir: &str| std::fs::read(t(&format!("{dir}/ts_mr_sm.probabilities.safetensors"))).unwrap();
+    assert!(probabilities("pred-tta") == probabilities("pred-tta-whole"), "probabilities streamed and from the whole logits");
+    for (dir, overlap, probs) in [("pred-tta-rows", "off", false), ("pred-tta-rows-overlap", "on", false), ("pred-tta-overlap", "on", true)] {
+        let mut args: Vec<String> = vec!["predict".into(), "-i".into(), images.join("ts_mr_sm_0000.nii.gz").to_str().unwrap().into(), "-o".into(), t(dir), "--checkpoint".into(), ck.clone(), "--overlap".into(), overlap.into()];
+        if probs {
+            args.push("--save-probabilities".into());
+        }
+        ok(&stu(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+        for reference in ["pred-tta", "pred-tta-whole"] {
+            assert!(std::fs::read(t(&format!("{dir}/ts_mr_sm.nii.gz"))).unwrap() == std::fs::read(t(&format!("{reference}/ts_mr_sm.nii.gz"))).unwrap(), "{dir} vs {reference}");
+        }
+        if probs {
+            assert!(probabilities(dir) == probabilities("pred-tta"), "{dir}: probabilities");
+        }
     }
     // Probabilities: [classes, Z, Y, X] in the input's array order, summing to 1, argmax = labels.
     let probs = tmp.path().join("pred-tta/ts_mr_sm.probabilities.safetensors");

@@ -25,7 +25,11 @@
 //!   TTA: the full and the fast export, each slab by slab (the default) and from the whole
 //!   volume's logits (`STU_EXPORT=whole`, as every version before 2026-11-28 did); wall time
 //!   and peak RSS each, the label maps of each pair checked equal; writes
-//!   `reports/bench/predict.{json,md}`.
+//!   `reports/bench/predict.{json,md}`. With `--probabilities [--classes 15]`: the full export
+//!   with `--save-probabilities` (105 classes' probabilities of this CT would be 44 GB of
+//!   float16, so a smaller model, 15 classes as AMOS's), slab by slab and from the whole
+//!   logits, label maps and probability files checked byte-equal; writes
+//!   `reports/bench/predict-probabilities.{json,md}`.
 //!
 //! - `bench --backend tch-cuda [--python PY]`: on a CUDA machine, builds `stu` with `tch`
 //!   (README: "GPU backends") and runs `xtask/bench/gpu_suite.py`: parity on the shared fixture,
@@ -486,11 +490,20 @@ fn bench_allreduce(mut args: Vec<String>) -> Result<()> {
 }
 
 fn bench_predict(args: Vec<String>) -> Result<()> {
-    let preset = match args.as_slice() {
-        [] => "stunet-s".to_string(),
-        [flag, p] if flag == "--preset" => p.clone(),
-        _ => bail!("usage: cargo xtask bench-predict [--preset stunet-s|stunet-b|stunet-l|stunet-h]"),
-    };
+    const USAGE: &str = "usage: cargo xtask bench-predict [--preset stunet-s|stunet-b|stunet-l|stunet-h] [--probabilities [--classes 15]]";
+    let (mut preset, mut probabilities, mut classes) = ("stunet-s".to_string(), false, None);
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--preset" => preset = it.next().context(USAGE)?,
+            "--probabilities" => probabilities = true,
+            "--classes" => classes = Some(it.next().context(USAGE)?.parse::<usize>().context(USAGE)?),
+            _ => bail!(USAGE),
+        }
+    }
+    ensure!(classes.is_none() || probabilities, "--classes goes with --probabilities ({USAGE})");
+    let classes = classes.unwrap_or(if probabilities { 15 } else { 105 });
+    ensure!(classes >= 2, "--classes {classes}: at least background and one label");
     let root = root();
     let stu = build_stu(&root, &[])?;
     let work = target_dir(&root).join("bench-predict");
@@ -500,18 +513,28 @@ fn bench_predict(args: Vec<String>) -> Result<()> {
     std::fs::create_dir_all(&input)?;
     #[cfg(unix)]
     std::os::unix::fs::symlink(work.join("raw/Dataset990_SyntheticCT/imagesTs/long_0000.nii.gz"), input.join("long_0000.nii.gz"))?;
-    let model = work.join(format!("{preset}-105.safetensors"));
-    run(Command::new(&stu).args(["init", "--classes", "105", "--options"]).arg(json!({ "preset": preset }).to_string()).arg("--out").arg(&model))?;
+    let model = work.join(format!("{preset}-{classes}.safetensors"));
+    run(Command::new(&stu).args(["init", "--classes", &classes.to_string(), "--options"]).arg(json!({ "preset": preset }).to_string()).arg("--out").arg(&model))?;
     // (id, what, extra arguments, the whole volume's logits summed first: `STU_EXPORT=whole`)
-    let variants: [(&str, &str, &[&str], bool); 4] = [
-        ("full", "full export, slab by slab as the window finishes slices (default)", &[], false),
-        ("full-whole", "full export from the whole volume's logits (`STU_EXPORT=whole`; every version before 2026-11-28)", &[], true),
-        ("fast", "fast export (`--fast-export`), slab by slab (default)", &["--fast-export"], false),
-        ("fast-whole", "fast export from the whole volume's logits (`STU_EXPORT=whole`; before 2026-11-28)", &["--fast-export"], true),
-    ];
+    let variants: Vec<(&str, &str, &[&str], bool)> = if probabilities {
+        vec![
+            ("probs", "full export with `--save-probabilities`, slab by slab as the window finishes slices (default since 2026-11-28)", &["--save-probabilities"], false),
+            ("probs-whole", "full export with `--save-probabilities` from the whole volume's logits (`STU_EXPORT=whole`; every version before 2026-11-28)", &["--save-probabilities"], true),
+        ]
+    } else {
+        vec![
+            ("full", "full export, slab by slab as the window finishes slices (default)", &[], false),
+            ("full-whole", "full export from the whole volume's logits (`STU_EXPORT=whole`; every version before 2026-11-28)", &[], true),
+            ("fast", "fast export (`--fast-export`), slab by slab (default)", &["--fast-export"], false),
+            ("fast-whole", "fast export from the whole volume's logits (`STU_EXPORT=whole`; before 2026-11-28)", &["--fast-export"], true),
+        ]
+    };
     let host = host();
+    let logits_gb = classes as f64 * 538.0 * 273.0 * 273.0 * 4.0 / 1e9;
+    let probs_note = if probabilities { format!(" Each writes the probabilities, {classes} × 211 M voxels × 2 B = {:.1} GB of float16.", classes as f64 * 512.0 * 512.0 * 807.0 * 2.0 / 1e9) } else { String::new() };
     let mut md = format!(
-        "# Whole-volume inference: one whole-body-length CT, `stu predict`\n\n{}\n\n512×512×807 CT at 0.8×0.8×1.0 mm (`stu bench-data --long`) → 538×273×273 at 1.5 mm (the released plan), 128 tiles of 128³, no TTA; `{preset}` with 105 classes, freshly initialised (`stu init`); flex backend. Wall time and peak RSS of the whole process (`/usr/bin/time`). The logits of the whole volume alone are 105 × 39.6 M × 4 B = 16.8 GB.\n\n| variant | wall (s) | peak RSS (GiB) |\n|---|---|---|\n",
+        "# Whole-volume inference: one whole-body-length CT, `stu predict`{}\n\n{}\n\n512×512×807 CT at 0.8×0.8×1.0 mm (`stu bench-data --long`) → 538×273×273 at 1.5 mm (the released plan), 128 tiles of 128³, no TTA; `{preset}` with {classes} classes, freshly initialised (`stu init`); flex backend. Wall time and peak RSS of the whole process (`/usr/bin/time`). The logits of the whole volume alone are {classes} × 39.6 M × 4 B = {logits_gb:.1} GB.{probs_note}\n\n| variant | wall (s) | peak RSS (GiB) |\n|---|---|---|\n",
+        if probabilities { " --save-probabilities" } else { "" },
         host_line(&host)
     );
     let mut rows = Vec::new();
@@ -534,18 +557,51 @@ fn bench_predict(args: Vec<String>) -> Result<()> {
         }
     }
     let map = |id: &str| std::fs::read(work.join(format!("out-{id}/long.nii.gz"))).ok();
-    for export in ["full", "fast"] {
+    let exports: &[&str] = if probabilities { &["probs"] } else { &["full", "fast"] };
+    for &export in exports {
         if let (Some(a), Some(b)) = (map(export), map(&format!("{export}-whole"))) {
             ensure!(a == b, "the {export} export's label maps differ between slab by slab and whole");
             md.push_str(&format!("\nThe two {export} exports wrote byte-identical label maps.\n"));
         }
     }
+    if probabilities {
+        let file = |id: &str| work.join(format!("out-{id}/long.probabilities.safetensors"));
+        if file("probs").exists() && file("probs-whole").exists() {
+            ensure!(same_bytes(&file("probs"), &file("probs-whole"))?, "the probabilities differ between slab by slab and whole");
+            md.push_str("They wrote byte-identical probability files.\n");
+        }
+        // (Gigabytes each; the measurement is done.)
+        for id in ["probs", "probs-whole"] {
+            let _ = std::fs::remove_file(file(id));
+        }
+    }
     let out_dir = root.join("reports/bench");
     std::fs::create_dir_all(&out_dir)?;
-    std::fs::write(out_dir.join("predict.json"), serde_json::to_string_pretty(&json!({ "host": host, "preset": preset, "rows": rows }))? + "\n")?;
-    std::fs::write(out_dir.join("predict.md"), &md)?;
+    let name = if probabilities { "predict-probabilities" } else { "predict" };
+    std::fs::write(out_dir.join(format!("{name}.json")), serde_json::to_string_pretty(&json!({ "host": host, "preset": preset, "classes": classes, "rows": rows }))? + "\n")?;
+    std::fs::write(out_dir.join(format!("{name}.md")), &md)?;
     print!("{md}");
     Ok(())
+}
+
+/// Whether two files hold the same bytes (read in pieces: they may be gigabytes).
+fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
+    use std::io::Read;
+    let (mut fa, mut fb) = (std::fs::File::open(a)?, std::fs::File::open(b)?);
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 22], vec![0u8; 1 << 22]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
 }
 
 /// The `backend = "…"` line of a spec (the cargo feature to build with).
