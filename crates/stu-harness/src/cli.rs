@@ -222,9 +222,9 @@ enum Command {
         #[arg(long)]
         previous_stage: Option<PathBuf>,
     },
-    /// Ensemble prediction folders (nnU-Net's `nnUNetv2_ensemble`): average the probabilities `stu predict --save-probabilities` wrote, per case, and take the argmax.
+    /// Ensemble prediction folders (nnU-Net's `nnUNetv2_ensemble`): average the probabilities `stu predict --save-probabilities` (or nnU-Net's own `--save_probabilities`) wrote, per case, and take the argmax.
     Ensemble {
-        /// Prediction folders (two or more), each with `{case}.probabilities.safetensors` and `{case}.nii.gz` for every case of the first.
+        /// Prediction folders (two or more), each with `{case}.probabilities.safetensors` (or nnU-Net's `{case}.npz`) and `{case}.nii.gz` for every case of the first.
         #[arg(long, required = true, num_args = 2..)]
         pred: Vec<PathBuf>,
         /// Output folder.

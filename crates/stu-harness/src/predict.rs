@@ -6,9 +6,9 @@
 //! or, fast, the argmax first and the label map resampled), un-cropped, transposed back, and
 //! written with the input's geometry. The tiles run in rows along the first axis, and the
 //! export takes the slices no later row reaches as they are finished, so only one patch depth
-//! of logits is held, except where the whole logits are needed (probabilities, or an export
-//! stage of its own). A folder's cases pass through three stages (read, network, export) that
-//! overlap on a GPU.
+//! of logits is held (the probabilities too are written as the slices come), except where the
+//! whole logits are needed (probabilities of a plan that transposes the first axis away). A
+//! folder's cases pass through three stages (read, network, export) that overlap on a GPU.
 
 use std::path::{Path, PathBuf};
 
@@ -1042,7 +1042,7 @@ impl ProbabilityFile {
         use rayon::prelude::*;
         let plane = self.shape[1] * self.shape[2];
         let n = plane * self.shape[0];
-        assert!(k < self.classes && values.len() % plane.max(1) == 0 && z0 * plane + values.len() <= n, "whole slices inside the volume");
+        assert!(k < self.classes && values.len().is_multiple_of(plane.max(1)) && z0 * plane + values.len() <= n, "whole slices inside the volume");
         let mut buf = vec![0u8; values.len() * 2];
         buf.par_chunks_mut(1 << 16).zip(values.par_chunks(1 << 15)).for_each(|(b, v)| {
             for (b, &v) in b.chunks_exact_mut(2).zip(v) {
@@ -1245,9 +1245,10 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     }
     // Three stages on their own threads, as nnU-Net's background pre- and export processes:
     // case i+1 is read and preprocessed while case i runs through the network and is exported
-    // as its slices come (the full export), or while case i−1 is exported and written (whole
-    // logits: with probabilities; the fast export's labels). One case waits between stages at
-    // most, so at most two cases' whole logits are held, and streamed cases hold a few slabs.
+    // as its slices come (the full export, probabilities too), or while case i−1 is exported
+    // and written (the fast export's labels; whole logits, where probabilities do not stream).
+    // One case waits between stages at most, so at most two cases' whole logits are held, and
+    // streamed cases hold a few slabs.
     let (reader, exporter) = (predictor.reader(), predictor.exporter());
     type Read = (usize, std::time::Instant, Result<Case>, Phases);
     enum Stage {
