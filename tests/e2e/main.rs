@@ -5,6 +5,7 @@ mod cascade;
 mod checkpoints;
 mod dataset;
 mod nnformer;
+mod nnunet_cli;
 mod parity;
 mod plainconv;
 mod predict;

@@ -10,7 +10,7 @@ use stu_engine::precision::Precision;
 use crate::forward::{self, ForwardOptions, ModelSource, StrideSource};
 
 #[derive(Parser)]
-#[command(name = "stu", version, about = "STU-Net research harness: models, checkpoints, training, inference")]
+#[command(name = "stu", version, about = "STU-Net research harness: models, checkpoints, training, inference", args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -1122,6 +1122,12 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Runs one `stu` command line (`args[0]` is the program name), as `main` does.
+pub(crate) fn run_args(args: Vec<String>) -> Result<()> {
+    let cli = Cli::try_parse_from(std::iter::once("stu".to_string()).chain(args)).map_err(|e| anyhow::anyhow!("{}", e.render()))?;
+    run(cli)
+}
+
 /// Runs `stu` with the process arguments.
 pub fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
@@ -1130,7 +1136,13 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
-    match run(Cli::parse()) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // nnU-Net's own command names (`stu nnUNetv2_train …`).
+    let outcome = match crate::nnunet_cli::dispatch(&args) {
+        Some(r) => r,
+        None => run(Cli::parse()),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

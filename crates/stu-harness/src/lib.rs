@@ -13,6 +13,7 @@ pub mod ensemble;
 pub mod forward;
 pub mod labelmap;
 pub mod modelzip;
+pub mod nnunet_cli;
 pub mod plans;
 pub mod postprocess;
 pub mod predict;

@@ -1,0 +1,560 @@
+//! nnU-Net's own commands, names and flag spellings (`stu nnUNetv2_train 801 3d_fullres 0 -tr
+//! STUNetTrainer_base`), over nnU-Net's folders (`nnUNet_raw`, `nnUNet_preprocessed`,
+//! `nnUNet_results`): each is translated into the `stu` commands that do the work, which are
+//! printed (`→ stu …`) and run in turn. Arguments after `--` go to the last of them unchanged
+//! (e.g. `-- --iterations 50`).
+//!
+//! Layout, as nnU-Net's: `nnUNet_preprocessed/DatasetXXX_Name/{PLANS}.json` (with
+//! `dataset_fingerprint.json` and `dataset.json` beside it) and one folder per configuration's
+//! `data_identifier`; `nnUNet_results/DatasetXXX_Name/{TRAINER}__{PLANS}__{CONFIG}/fold_K`.
+//! Trainers: `nnUNetTrainer` (nnU-Net's network for the plan: PlainConvUNet, or
+//! ResidualEncoderUNet for the ResEnc planners' plans), its `_{N}epochs` variants, and STU-Net's
+//! `STUNetTrainer[_small|_base|_large|_huge][_ft]` (`_ft`: fine-tuning from
+//! `-pretrained_weights` at lr 1e-3, STU-Net's recipe).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// The commands, with what each takes.
+const COMMANDS: &[(&str, &str)] = &[
+    ("nnUNetv2_plan_and_preprocess", "-d ID [ID …] [-c 3d_fullres 3d_lowres] [-pl ExperimentPlanner|nnUNetPlannerResEnc{M,L,XL}] [-overwrite_plans_name NAME] [-gpu_memory_target GB] [--verify_dataset_integrity] [--no_pp] [-np N] [-npfp N]"),
+    ("nnUNetv2_train", "DATASET CONFIG FOLD [-tr nnUNetTrainer|STUNetTrainer_base|…] [-p nnUNetPlans] [-pretrained_weights F] [--npz] [--c] [--val] [--val_best] [-num_gpus N] [-device cpu|cuda]"),
+    ("nnUNetv2_predict", "-i IN -o OUT -d DATASET -c CONFIG [-p nnUNetPlans] [-tr nnUNetTrainer] [-f 0 1 2 3 4] [-step_size 0.5] [--disable_tta] [--save_probabilities] [--continue_prediction] [-chk checkpoint_final.pth|checkpoint_best.pth] [-prev_stage_predictions DIR] [-num_parts N -part_id K] [-device cpu|cuda]"),
+    ("nnUNetv2_predict_from_modelfolder", "-i IN -o OUT -m MODEL_FOLDER [-f 0 1 2 3 4] and nnUNetv2_predict's other options"),
+    ("nnUNetv2_evaluate_folder", "GT_FOLDER PRED_FOLDER -djfile dataset.json [-pfile plans.json] [-o PRED_FOLDER/summary.json]"),
+    ("nnUNetv2_evaluate_simple", "GT_FOLDER PRED_FOLDER -l LABEL [LABEL …] [-il IGNORE] [-o PRED_FOLDER/summary.json]"),
+    ("nnUNetv2_ensemble", "-i FOLDER FOLDER [FOLDER …] -o OUT [--save_npz]"),
+    ("nnUNetv2_find_best_configuration", "DATASET [-p nnUNetPlans …] [-c 3d_fullres 3d_lowres 3d_cascade_fullres] [-tr nnUNetTrainer …] [-f 0 1 2 3 4] [--disable_ensembling]"),
+];
+
+/// How many values a flag takes.
+#[derive(Clone, Copy, PartialEq)]
+enum Arity {
+    Switch,
+    One,
+    Many,
+}
+use Arity::{Many, One, Switch};
+
+/// Flags nnU-Net has that change nothing here (process counts, logging, file handles).
+const IGNORED: &[&str] = &["-np", "-npfp", "-npp", "-nps", "--verbose", "--use_compressed", "--clean", "--no_overwrite"];
+
+/// One command's arguments: positionals, flag values, and what came after `--`.
+#[derive(Debug, Default)]
+struct Parsed {
+    positional: Vec<String>,
+    flags: BTreeMap<String, Vec<String>>,
+    rest: Vec<String>,
+}
+
+impl Parsed {
+    fn one(&self, flag: &str) -> Option<&str> {
+        self.flags.get(flag).and_then(|v| v.first()).map(String::as_str)
+    }
+
+    fn many(&self, flag: &str) -> Option<&[String]> {
+        self.flags.get(flag).map(Vec::as_slice)
+    }
+
+    fn has(&self, flag: &str) -> bool {
+        self.flags.contains_key(flag)
+    }
+
+    fn required(&self, cmd: &str, flag: &str) -> Result<&str> {
+        self.one(flag).with_context(|| format!("{cmd}: {flag} is required ({})", usage(cmd)))
+    }
+}
+
+fn usage(cmd: &str) -> String {
+    COMMANDS.iter().find(|(c, _)| *c == cmd).map_or_else(String::new, |(c, u)| format!("usage: stu {c} {u}"))
+}
+
+/// Parses `args` against `spec` (nnU-Net's argparse flags, single dash for most).
+fn parse(cmd: &str, args: &[String], spec: &[(&str, Arity)]) -> Result<Parsed> {
+    let mut p = Parsed::default();
+    let mut it = args.iter().peekable();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            p.rest = it.cloned().collect();
+            break;
+        }
+        if !a.starts_with('-') || a.parse::<f64>().is_ok() {
+            p.positional.push(a.clone());
+            continue;
+        }
+        let arity = match spec.iter().find(|(f, _)| f == a) {
+            Some(&(_, arity)) => arity,
+            None if IGNORED.contains(&a.as_str()) => {
+                // Its value, if any, goes with it.
+                while it.peek().is_some_and(|v| !v.starts_with('-')) {
+                    it.next();
+                }
+                continue;
+            }
+            None => {
+                let known: Vec<&str> = spec.iter().map(|(f, _)| *f).collect();
+                bail!("{cmd}: unknown option `{a}`; known: {} ({})", known.join(" "), usage(cmd));
+            }
+        };
+        let values = p.flags.entry(a.clone()).or_default();
+        match arity {
+            Switch => {}
+            One => values.push(it.next().filter(|v| !v.starts_with("--")).with_context(|| format!("{cmd}: {a} needs a value"))?.clone()),
+            Many => {
+                while let Some(v) = it.next_if(|v| !v.starts_with('-') || v.parse::<f64>().is_ok()) {
+                    values.push(v.clone());
+                }
+                ensure!(!values.is_empty(), "{cmd}: {a} needs one value or more");
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Whether `args` (without the program name) name one of nnU-Net's commands; runs it.
+pub fn dispatch(args: &[String]) -> Option<Result<()>> {
+    let cmd = args.first()?;
+    if !cmd.starts_with("nnUNetv2_") && cmd != "nnUNetv2" {
+        return None;
+    }
+    let rest = &args[1..];
+    if rest.iter().any(|a| a == "-h" || a == "--help") || cmd == "nnUNetv2" {
+        let list: Vec<String> = COMMANDS.iter().filter(|(c, _)| cmd == "nnUNetv2" || c == cmd).map(|(c, u)| format!("stu {c} {u}")).collect();
+        println!("nnU-Net's commands over $nnUNet_raw, $nnUNet_preprocessed and $nnUNet_results (arguments after `--` go to the stu command doing the work):\n{}", list.join("\n"));
+        return Some(Ok(()));
+    }
+    Some(match cmd.as_str() {
+        "nnUNetv2_plan_and_preprocess" => plan_and_preprocess(cmd, rest),
+        "nnUNetv2_train" => train(cmd, rest),
+        "nnUNetv2_predict" | "nnUNetv2_predict_from_modelfolder" => predict(cmd, rest),
+        "nnUNetv2_evaluate_folder" | "nnUNetv2_evaluate_simple" => evaluate(cmd, rest),
+        "nnUNetv2_ensemble" => ensemble(cmd, rest),
+        "nnUNetv2_find_best_configuration" => find_best(cmd, rest),
+        other => {
+            let names: Vec<&str> = COMMANDS.iter().map(|(c, _)| *c).collect();
+            Err(anyhow::anyhow!("`{other}` is not one of the nnU-Net commands stu takes: {}", names.join(", ")))
+        }
+    })
+}
+
+/// Runs one translated `stu` command, printing it first.
+fn stu(args: Vec<String>) -> Result<()> {
+    eprintln!("→ stu {}", args.iter().map(|a| if a.contains(' ') || a.is_empty() { format!("'{a}'") } else { a.clone() }).collect::<Vec<_>>().join(" "));
+    crate::cli::run_args(args)
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// One of nnU-Net's folder variables.
+fn env_dir(name: &str) -> Result<PathBuf> {
+    match std::env::var_os(name) {
+        Some(v) if !v.is_empty() => Ok(PathBuf::from(v)),
+        _ => bail!("{name} is not set: nnU-Net's commands find their data through nnUNet_raw, nnUNet_preprocessed and nnUNet_results"),
+    }
+}
+
+/// nnU-Net's `maybe_convert_to_dataset_name`: `801` or `Dataset801_Name` → `Dataset801_Name`,
+/// looked up in the folders of those variables that are set.
+fn dataset_name(id: &str) -> Result<String> {
+    if id.starts_with("Dataset") {
+        return Ok(id.to_string());
+    }
+    let n: u32 = id.parse().with_context(|| format!("dataset `{id}`: a number (801) or a name (Dataset801_Name)"))?;
+    let prefix = format!("Dataset{n:03}_");
+    let mut found = std::collections::BTreeSet::new();
+    for var in ["nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"] {
+        let Ok(dir) = env_dir(var) else { continue };
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            found.extend(entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)));
+        }
+    }
+    match found.len() {
+        1 => Ok(found.pop_first().expect("one")),
+        0 => bail!("dataset {id}: no {prefix}* folder in nnUNet_raw, nnUNet_preprocessed or nnUNet_results"),
+        _ => bail!("dataset {id}: several folders: {}", found.into_iter().collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// The plans and preprocessed folder of configuration `config` under `pre` (the dataset's
+/// preprocessed folder), as nnU-Net's `data_identifier` names it.
+fn plans_and_data(pre: &Path, plans_name: &str, config: &str) -> Result<(PathBuf, serde_json::Value, PathBuf)> {
+    let path = pre.join(format!("{plans_name}.json"));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read (run nnUNetv2_plan_and_preprocess first)", path.display()))?;
+    let plans: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let c = stu_data::plan::configuration(&plans, config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let id = c["data_identifier"].as_str().with_context(|| format!("{}: configuration {config} has no data_identifier", path.display()))?;
+    Ok((path, plans, pre.join(id)))
+}
+
+/// `-pl` → our planner preset and nnU-Net's plans name.
+fn planner(name: &str) -> Result<(&'static str, &'static str)> {
+    Ok(match name {
+        "ExperimentPlanner" => ("nnunet", "nnUNetPlans"),
+        "nnUNetPlannerResEncM" => ("resenc-m", "nnUNetResEncUNetMPlans"),
+        "nnUNetPlannerResEncL" => ("resenc-l", "nnUNetResEncUNetLPlans"),
+        "nnUNetPlannerResEncXL" => ("resenc-xl", "nnUNetResEncUNetXLPlans"),
+        other => bail!("-pl {other}: the planners are ExperimentPlanner, nnUNetPlannerResEncM, nnUNetPlannerResEncL and nnUNetPlannerResEncXL"),
+    })
+}
+
+fn plan_and_preprocess(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-d", Many), ("-c", Many), ("-pl", One), ("-overwrite_plans_name", One), ("-gpu_memory_target", One), ("--verify_dataset_integrity", Switch), ("--no_pp", Switch), ("-fpe", One), ("-preprocessor_name", One)])?;
+    ensure!(p.positional.is_empty(), "{cmd}: unexpected `{}` ({})", p.positional.join(" "), usage(cmd));
+    ensure!(p.rest.is_empty(), "{cmd}: nothing goes after `--` here");
+    let ids = p.many("-d").with_context(|| format!("{cmd}: -d is required ({})", usage(cmd)))?;
+    if let Some(f) = p.one("-fpe").filter(|f| *f != "DatasetFingerprintExtractor") {
+        bail!("-fpe {f}: only DatasetFingerprintExtractor");
+    }
+    if let Some(f) = p.one("-preprocessor_name").filter(|f| *f != "DefaultPreprocessor") {
+        bail!("-preprocessor_name {f}: only DefaultPreprocessor");
+    }
+    let (preset, default_name) = planner(p.one("-pl").unwrap_or("ExperimentPlanner"))?;
+    let plans_name = p.one("-overwrite_plans_name").unwrap_or(default_name);
+    // nnU-Net's default configurations; there is no 2-D network here, so `2d` is skipped
+    // unless asked for by name (then refused).
+    let asked = p.many("-c");
+    let configs: Vec<String> = asked.map_or_else(|| vec!["2d".into(), "3d_fullres".into(), "3d_lowres".into()], <[String]>::to_vec);
+    if asked.is_some_and(|c| c.iter().any(|c| c == "2d")) {
+        bail!("-c 2d: the 2-D configuration is not built here (STU-Net and this harness are 3-D); use 3d_fullres, 3d_lowres");
+    }
+    let (raw_root, pre_root) = (env_dir("nnUNet_raw")?, env_dir("nnUNet_preprocessed")?);
+    for id in ids {
+        let name = dataset_name(id)?;
+        let (raw, pre) = (raw_root.join(&name), pre_root.join(&name));
+        ensure!(raw.join("dataset.json").is_file(), "{}: no dataset.json (nnUNet_raw/{name})", raw.display());
+        if p.has("--verify_dataset_integrity") {
+            stu(vec!["dataset".into(), "check".into(), s(&raw)])?;
+        }
+        let plans = pre.join(format!("{plans_name}.json"));
+        let mut plan = vec!["plan".into(), s(&raw), "--out".into(), s(&plans), "--preset".into(), preset.into()];
+        if let Some(g) = p.one("-gpu_memory_target") {
+            plan.extend(["--gpu-memory-gb".into(), g.into()]);
+        }
+        stu(plan)?;
+        stu_core::fs::write_atomic(&pre.join("dataset.json"), &std::fs::read(raw.join("dataset.json"))?)?;
+        if p.has("--no_pp") {
+            continue;
+        }
+        let planned: serde_json::Value = serde_json::from_slice(&std::fs::read(&plans)?).with_context(|| format!("{}: not JSON", plans.display()))?;
+        for c in &configs {
+            if c == "2d" {
+                eprintln!("{name}: configuration 2d skipped (no 2-D network here)");
+                continue;
+            }
+            if planned["configurations"].get(c.as_str()).is_none() {
+                // As nnU-Net, which skips a configuration its planner did not make (3d_lowres).
+                eprintln!("{name}: configuration {c} not in {} (the planner made none); skipped", plans.display());
+                continue;
+            }
+            let (plans, _, data) = plans_and_data(&pre, plans_name, c)?;
+            stu(vec!["preprocess".into(), s(&raw), "--plans".into(), s(&plans), "--configuration".into(), c.clone(), "--out".into(), s(&data)])?;
+        }
+    }
+    Ok(())
+}
+
+/// What `-tr` means here: the model arguments of `stu train`, and whether it fine-tunes.
+#[derive(Debug, PartialEq)]
+struct Trainer {
+    /// `--model`, `--preset` (STU-Net's sizes).
+    model: Option<&'static str>,
+    preset: Option<&'static str>,
+    epochs: Option<usize>,
+    /// `_ft`: fine-tuning (needs -pretrained_weights; lr 1e-3).
+    finetune: bool,
+}
+
+fn trainer(name: &str, resenc_plan: bool) -> Result<Trainer> {
+    let nnunet = if resenc_plan { "nnunet-resenc" } else { "nnunet-plainconv" };
+    if name == "nnUNetTrainer" {
+        return Ok(Trainer { model: Some(nnunet), preset: None, epochs: None, finetune: false });
+    }
+    if let Some(e) = name.strip_prefix("nnUNetTrainer_").and_then(|r| r.strip_suffix("epochs").or_else(|| r.strip_suffix("epoch"))) {
+        let epochs: usize = e.parse().with_context(|| format!("-tr {name}: nnUNetTrainer_<N>epochs"))?;
+        ensure!(epochs > 0, "-tr {name}: at least one epoch");
+        return Ok(Trainer { model: Some(nnunet), preset: None, epochs: Some(epochs), finetune: false });
+    }
+    if let Some(rest) = name.strip_prefix("STUNetTrainer") {
+        let (rest, finetune) = rest.strip_suffix("_ft").map_or((rest, false), |r| (r, true));
+        let (size, epochs) = match rest.rsplit_once("_ep") {
+            Some((size, "2k")) => (size, Some(2000)),
+            Some((size, "4k")) => (size, Some(4000)),
+            _ => (rest, None),
+        };
+        let preset = match size {
+            "" | "_base" => "stunet-b",
+            "_small" => "stunet-s",
+            "_large" => "stunet-l",
+            "_huge" => "stunet-h",
+            _ => bail!("-tr {name}: STU-Net's trainers are STUNetTrainer_small|base|large|huge, with _ft for fine-tuning"),
+        };
+        return Ok(Trainer { model: Some("stunet"), preset: Some(preset), epochs, finetune });
+    }
+    bail!("-tr {name}: the trainers are nnUNetTrainer (and nnUNetTrainer_<N>epochs) and STUNetTrainer_small|base|large|huge[_ft]")
+}
+
+/// `-device` → `--backend`.
+fn backend(device: Option<&str>) -> Result<Option<&'static str>> {
+    Ok(match device {
+        None | Some("cpu") => None,
+        Some("cuda") => Some("tch-cuda"),
+        Some(other) => bail!("-device {other}: cpu or cuda (a `--features tch` build with CUDA's libtorch, README)"),
+    })
+}
+
+fn train(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-tr", One), ("-p", One), ("-pretrained_weights", One), ("-num_gpus", One), ("--npz", Switch), ("--c", Switch), ("--val", Switch), ("--val_best", Switch), ("--disable_checkpointing", Switch), ("-device", One)])?;
+    let [dataset, config, fold] = <[String; 3]>::try_from(p.positional.clone()).map_err(|_| anyhow::anyhow!("{cmd}: DATASET CONFIG FOLD ({})", usage(cmd)))?;
+    ensure!(!p.has("--disable_checkpointing"), "--disable_checkpointing: checkpoints are always written here (they make runs resumable)");
+    ensure!(fold == "all" || fold.parse::<usize>().is_ok(), "{cmd}: fold `{fold}`: a number or `all`");
+    let name = dataset_name(&dataset)?;
+    let (pre, results) = (env_dir("nnUNet_preprocessed")?.join(&name), env_dir("nnUNet_results")?.join(&name));
+    let (tr, plans_name) = (p.one("-tr").unwrap_or("nnUNetTrainer"), p.one("-p").unwrap_or("nnUNetPlans"));
+    let (_, plans, data) = plans_and_data(&pre, plans_name, &config)?;
+    let model_dir = results.join(format!("{tr}__{plans_name}__{config}"));
+    let run = model_dir.join(format!("fold_{fold}"));
+    let backend = backend(p.one("-device"))?;
+    if p.has("--val") {
+        let mut v = vec!["validate".into(), s(&run)];
+        if p.has("--val_best") {
+            v.extend(["--checkpoint".into(), "best".into()]);
+        }
+        if p.has("--npz") {
+            v.push("--probabilities".into());
+        }
+        if let Some(b) = backend {
+            v.extend(["--backend".into(), b.into()]);
+        }
+        v.extend(p.rest.iter().cloned());
+        return stu(v);
+    }
+    let resenc = crate::train::plan_network(&data, &config).is_some_and(|n| n.ends_with("ResidualEncoderUNet"));
+    let t = trainer(tr, resenc)?;
+    let mut a = vec!["train".into(), s(&data), "--out".into(), s(&run), "--fold".into(), fold, "--configuration".into(), config.clone()];
+    // Model size from the passed-through options, if any, instead of the preset.
+    let sized = p.rest.iter().any(|r| ["--model-options", "--blocks", "--base-width", "--preset"].contains(&r.as_str()));
+    if let Some(m) = t.model.filter(|_| !p.rest.iter().any(|r| r == "--model")) {
+        a.extend(["--model".into(), m.into()]);
+    }
+    if let Some(preset) = t.preset.filter(|_| !sized) {
+        a.extend(["--preset".into(), preset.into()]);
+    }
+    if let Some(e) = t.epochs {
+        a.extend(["--epochs".into(), e.to_string()]);
+    }
+    match (p.one("-pretrained_weights"), t.finetune) {
+        (Some(w), ft) => {
+            // nnU-Net keeps its lr 1e-2 with -pretrained_weights; STU-Net's _ft trainers use 1e-3.
+            a.extend(["--init-from".into(), w.into(), "--lr".into(), if ft { "1e-3" } else { "1e-2" }.into()]);
+        }
+        (None, true) => bail!("-tr {tr}: a fine-tuning trainer needs -pretrained_weights (a released STU-Net checkpoint)"),
+        (None, false) => {}
+    }
+    if let Some(prev) = plans["configurations"][config.as_str()]["previous_stage"].as_str() {
+        // The cascade's second stage: the first stage's folds (their predicted_next_stage).
+        let first = results.join(format!("{tr}__{plans_name}__{prev}"));
+        let folds: Vec<PathBuf> = std::fs::read_dir(&first).map(|e| e.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fold_"))).collect()).unwrap_or_default();
+        ensure!(!folds.is_empty(), "{config}: train its previous stage first ({}: no fold_K)", first.display());
+        a.push("--previous-stage".into());
+        let mut folds = folds;
+        folds.sort();
+        a.extend(folds.iter().map(|f| s(f)));
+    }
+    if p.has("--c") {
+        a.push("--resume".into());
+    }
+    if p.has("--npz") {
+        a.push("--validation-probabilities".into());
+    }
+    if let Some(n) = p.one("-num_gpus") {
+        a.extend(["--nproc".into(), n.into()]);
+    }
+    if let Some(b) = backend {
+        a.extend(["--backend".into(), b.into()]);
+    }
+    a.extend(p.rest.iter().cloned());
+    std::fs::create_dir_all(&model_dir).with_context(|| format!("{}: cannot create", model_dir.display()))?;
+    // As nnU-Net's model folder: its plans, dataset.json and fingerprint beside the folds.
+    for (from, to) in [(format!("{plans_name}.json"), "plans.json"), ("dataset.json".into(), "dataset.json"), ("dataset_fingerprint.json".into(), "dataset_fingerprint.json")] {
+        if let Ok(bytes) = std::fs::read(pre.join(&from)) {
+            stu_core::fs::write_atomic(&model_dir.join(to), &bytes)?;
+        }
+    }
+    stu(a)
+}
+
+/// `-f` (default 0…4) as fold folders of `model`.
+fn folds(p: &Parsed, model: &Path) -> Vec<PathBuf> {
+    let five: Vec<String> = (0..5).map(|f| f.to_string()).collect();
+    p.many("-f").unwrap_or(&five).iter().map(|f| model.join(format!("fold_{f}"))).collect()
+}
+
+fn predict(cmd: &str, args: &[String]) -> Result<()> {
+    let mut spec = vec![("-i", One), ("-o", One), ("-f", Many), ("-step_size", One), ("--disable_tta", Switch), ("--save_probabilities", Switch), ("--continue_prediction", Switch), ("-chk", One), ("-prev_stage_predictions", One), ("-num_parts", One), ("-part_id", One), ("-device", One)];
+    let from_folder = cmd == "nnUNetv2_predict_from_modelfolder";
+    if from_folder {
+        spec.push(("-m", One));
+    } else {
+        spec.extend([("-d", One), ("-c", One), ("-p", One), ("-tr", One)]);
+    }
+    let p = parse(cmd, args, &spec)?;
+    ensure!(p.positional.is_empty(), "{cmd}: unexpected `{}` ({})", p.positional.join(" "), usage(cmd));
+    let (input, output) = (p.required(cmd, "-i")?, p.required(cmd, "-o")?);
+    let (model, config) = if from_folder {
+        (PathBuf::from(p.required(cmd, "-m")?), None)
+    } else {
+        let name = dataset_name(p.required(cmd, "-d")?)?;
+        let config = p.required(cmd, "-c")?;
+        let dir = env_dir("nnUNet_results")?.join(name).join(format!("{}__{}__{config}", p.one("-tr").unwrap_or("nnUNetTrainer"), p.one("-p").unwrap_or("nnUNetPlans")));
+        (dir, Some(config.to_string()))
+    };
+    ensure!(model.is_dir(), "{}: no such model folder (train it with nnUNetv2_train first)", model.display());
+    let mut a = vec!["predict".into(), "-i".into(), input.into(), "-o".into(), output.into(), "--checkpoint".into()];
+    a.extend(folds(&p, &model).iter().map(|f| s(f)));
+    if let Some(c) = config {
+        a.extend(["--configuration".into(), c]);
+    }
+    match p.one("-chk") {
+        None | Some("checkpoint_final.pth") => {}
+        Some("checkpoint_best.pth") => a.extend(["--chk".into(), "best".into()]),
+        Some(other) => bail!("-chk {other}: checkpoint_final.pth or checkpoint_best.pth"),
+    }
+    for (flag, ours) in [("-step_size", "--step"), ("-prev_stage_predictions", "--previous-stage"), ("-num_parts", "--num-parts"), ("-part_id", "--part-id")] {
+        if let Some(v) = p.one(flag) {
+            a.extend([ours.into(), v.into()]);
+        }
+    }
+    for (flag, ours) in [("--disable_tta", "--disable-tta"), ("--save_probabilities", "--save-probabilities"), ("--continue_prediction", "--continue-prediction")] {
+        if p.has(flag) {
+            a.push(ours.into());
+        }
+    }
+    if let Some(b) = backend(p.one("-device"))? {
+        a.extend(["--backend".into(), b.into()]);
+    }
+    a.extend(p.rest.iter().cloned());
+    stu(a)
+}
+
+/// The folder of `-o` (nnU-Net names the summary file; it is always `summary.json` here).
+fn summary_folder(o: &str) -> Result<String> {
+    let path = Path::new(o);
+    ensure!(path.file_name().is_some_and(|n| n == "summary.json"), "-o {o}: the summary is written as summary.json (and summary.csv) in a folder: give -o DIR/summary.json");
+    Ok(s(path.parent().unwrap_or(Path::new("."))))
+}
+
+fn evaluate(cmd: &str, args: &[String]) -> Result<()> {
+    let simple = cmd == "nnUNetv2_evaluate_simple";
+    let spec: &[(&str, Arity)] = if simple { &[("-l", Many), ("-il", One), ("-o", One)] } else { &[("-djfile", One), ("-pfile", One), ("-o", One), ("--chill", Switch)] };
+    let p = parse(cmd, args, spec)?;
+    let [gt, pred] = <[String; 2]>::try_from(p.positional.clone()).map_err(|_| anyhow::anyhow!("{cmd}: GT_FOLDER PRED_FOLDER ({})", usage(cmd)))?;
+    ensure!(!p.has("--chill"), "--chill: every reference must have its prediction here");
+    let mut a = vec!["evaluate".into(), "--ref".into(), gt, "--pred".into(), pred];
+    if simple {
+        let labels = p.many("-l").with_context(|| format!("{cmd}: -l is required ({})", usage(cmd)))?;
+        a.extend(["--label-list".into(), labels.join(",")]);
+        if let Some(il) = p.one("-il") {
+            a.extend(["--ignore-label".into(), il.into()]);
+        }
+    } else {
+        a.extend(["--labels".into(), p.required(cmd, "-djfile")?.into()]);
+    }
+    if let Some(o) = p.one("-o") {
+        a.extend(["--out".into(), summary_folder(o)?]);
+    }
+    a.extend(p.rest.iter().cloned());
+    stu(a)
+}
+
+fn ensemble(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-i", Many), ("-o", One), ("--save_npz", Switch)])?;
+    ensure!(p.positional.is_empty(), "{cmd}: unexpected `{}` ({})", p.positional.join(" "), usage(cmd));
+    let inputs = p.many("-i").with_context(|| format!("{cmd}: -i is required ({})", usage(cmd)))?;
+    let mut a = vec!["ensemble".into(), "--pred".into()];
+    a.extend(inputs.iter().cloned());
+    a.extend(["-o".into(), p.required(cmd, "-o")?.into()]);
+    if p.has("--save_npz") {
+        // (Ours: float16 safetensors, which stu ensemble and stu find-best-config read.)
+        a.push("--save-probabilities".into());
+    }
+    stu(a)
+}
+
+fn find_best(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-p", Many), ("-c", Many), ("-tr", Many), ("-f", Many), ("--disable_ensembling", Switch)])?;
+    let [dataset] = <[String; 1]>::try_from(p.positional.clone()).map_err(|_| anyhow::anyhow!("{cmd}: DATASET ({})", usage(cmd)))?;
+    let name = dataset_name(&dataset)?;
+    let (raw, results) = (env_dir("nnUNet_raw")?.join(&name), env_dir("nnUNet_results")?.join(&name));
+    let one = |flag: &str, default: &[&str]| -> Vec<String> { p.many(flag).map_or_else(|| default.iter().map(|d| d.to_string()).collect(), <[String]>::to_vec) };
+    let configs = one("-c", &["3d_fullres", "3d_lowres", "3d_cascade_fullres"]);
+    ensure!(!configs.iter().any(|c| c == "2d"), "-c 2d: the 2-D configuration is not built here");
+    let mut a = vec!["find-best-config".into(), "--ref".into(), s(&raw.join("labelsTr")), "--labels".into(), s(&raw.join("dataset.json")), "--out".into(), s(&results.join("find_best_configuration"))];
+    let (mut candidates, mut missing) = (0, Vec::new());
+    for tr in one("-tr", &["nnUNetTrainer"]) {
+        for plans in one("-p", &["nnUNetPlans"]) {
+            for c in &configs {
+                let model = results.join(format!("{tr}__{plans}__{c}"));
+                if !model.is_dir() {
+                    // nnU-Net too takes only the configurations that were trained.
+                    missing.push(format!("{tr}__{plans}__{c}"));
+                    continue;
+                }
+                let runs: Vec<String> = folds(&p, &model).iter().map(|f| s(f)).collect();
+                a.extend(["--model".into(), format!("{tr}__{plans}__{c}={}", runs.join(","))]);
+                candidates += 1;
+            }
+        }
+    }
+    ensure!(candidates > 0, "{}: none of the asked trainer × plans × configuration folders is trained ({})", results.display(), missing.join(", "));
+    if p.has("--disable_ensembling") {
+        a.push("--disable-ensembling".into());
+    }
+    a.extend(p.rest.iter().cloned());
+    stu(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn flags_parse_as_nnunets_argparse_and_unknown_ones_are_named() {
+        let p = parse("t", &v("801 3d_fullres 0 -tr STUNetTrainer_base --npz -f 0 1 2 -np 8 -- --iterations 5"), &[("-tr", One), ("--npz", Switch), ("-f", Many)]).unwrap();
+        assert_eq!(p.positional, v("801 3d_fullres 0"));
+        assert_eq!(p.one("-tr"), Some("STUNetTrainer_base"));
+        assert_eq!(p.many("-f").unwrap(), v("0 1 2"));
+        assert!(p.has("--npz") && p.rest == v("--iterations 5"));
+        let err = parse("nnUNetv2_train", &v("801 -trainer X"), &[("-tr", One)]).unwrap_err().to_string();
+        assert!(err.contains("unknown option `-trainer`") && err.contains("-tr"), "{err}");
+        assert!(parse("t", &v("-tr"), &[("-tr", One)]).is_err());
+        assert!(parse("t", &v("-f"), &[("-f", Many)]).is_err());
+    }
+
+    #[test]
+    fn trainers_map_to_models_presets_and_recipes() {
+        assert_eq!(trainer("nnUNetTrainer", false).unwrap(), Trainer { model: Some("nnunet-plainconv"), preset: None, epochs: None, finetune: false });
+        assert_eq!(trainer("nnUNetTrainer", true).unwrap().model, Some("nnunet-resenc"));
+        assert_eq!(trainer("nnUNetTrainer_250epochs", false).unwrap().epochs, Some(250));
+        assert_eq!(trainer("nnUNetTrainer_1epoch", false).unwrap().epochs, Some(1));
+        assert_eq!(trainer("STUNetTrainer", false).unwrap().preset, Some("stunet-b"));
+        assert_eq!(trainer("STUNetTrainer_huge_ft", false).unwrap(), Trainer { model: Some("stunet"), preset: Some("stunet-h"), epochs: None, finetune: true });
+        assert_eq!(trainer("STUNetTrainer_small_ep4k", false).unwrap().epochs, Some(4000));
+        for bad in ["STUNetTrainer_tiny", "nnUNetTrainerV2", "nnUNetTrainer_xepochs"] {
+            assert!(trainer(bad, false).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn summaries_go_to_a_folder() {
+        assert_eq!(summary_folder("out/summary.json").unwrap(), "out");
+        assert!(summary_folder("out/results.json").is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! nnU-Net's own commands (`stu nnUNetv2_*`) over `nnUNet_raw`, `nnUNet_preprocessed` and
+//! `nnUNet_results`, end to end on the shared MR dataset: plan and preprocess, train, predict,
+//! evaluate, ensemble, in nnU-Net's folder layout.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tests::{shared, stu_bin};
+
+fn nnunet(env: &[(&str, &Path)], args: &[&str]) -> Output {
+    let mut c = Command::new(stu_bin!());
+    c.env_remove("nnUNet_raw").env_remove("nnUNet_preprocessed").env_remove("nnUNet_results");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.args(args).output().expect("runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "stu failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn fails(out: &Output, says: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && says.iter().all(|s| err.contains(s)), "expected a failure saying {says:?}:\n{err}");
+}
+
+#[test]
+fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (raw, pre, res) = (shared().join("data"), tmp.path().join("pre"), tmp.path().join("res"));
+    let env = [("nnUNet_raw", raw.as_path()), ("nnUNet_preprocessed", pre.as_path()), ("nnUNet_results", res.as_path())];
+    let name = "Dataset802_TotalSegExampleMR";
+    // Without the folders' variables: named.
+    fails(&nnunet(&[], &["nnUNetv2_plan_and_preprocess", "-d", "802"]), &["nnUNet_raw is not set"]);
+    fails(&nnunet(&env, &["nnUNetv2_plan_and_preprocess", "-d", "802", "-c", "2d"]), &["-c 2d"]);
+    fails(&nnunet(&env, &["nnUNetv2_plan_and_preprocess", "-d", "899"]), &["Dataset899_"]);
+    let log = ok(&nnunet(&env, &["nnUNetv2_plan_and_preprocess", "-d", "802", "-c", "3d_fullres", "3d_lowres", "--verify_dataset_integrity", "-np", "4"]));
+    assert!(log.contains("→ stu plan") && log.contains("→ stu preprocess"), "{log}");
+    let dpre = pre.join(name);
+    for f in ["nnUNetPlans.json", "dataset.json", "dataset_fingerprint.json"] {
+        assert!(dpre.join(f).is_file(), "{f}");
+    }
+    // The preprocessed cases sit in the configuration's data_identifier folder.
+    let plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dpre.join("nnUNetPlans.json")).unwrap()).unwrap();
+    let id = plans["configurations"]["3d_fullres"]["data_identifier"].as_str().unwrap();
+    assert!(dpre.join(id).join("source.json").is_file(), "{id}");
+    // (This small MR gets no 3d_lowres from the planner: skipped, as nnU-Net does.)
+    assert!(plans["configurations"].get("3d_lowres").is_none() && log.contains("configuration 3d_lowres not in"), "{log}");
+
+    // Train: a tiny STU-Net through STU-Net's trainer name, our options after `--`.
+    fails(&nnunet(&env, &["nnUNetv2_train", "802", "3d_fullres", "all", "-tr", "STUNetTrainer_tiny"]), &["STUNetTrainer_small|base|large|huge"]);
+    fails(&nnunet(&env, &["nnUNetv2_train", "802", "3d_fullres", "all", "-tr", "STUNetTrainer_base_ft"]), &["-pretrained_weights"]);
+    fails(&nnunet(&env, &["nnUNetv2_train", "802", "3d_fullres", "all", "--trainer", "X"]), &["unknown option `--trainer`"]);
+    let tiny = ["--", "--model-options", r#"{"depth":[1,1,1],"dims":[4,8,8]}"#, "--iterations", "2", "--val-iterations", "0", "--patch-size", "16,32,32"];
+    let mut train = vec!["nnUNetv2_train", "802", "3d_fullres", "all", "-tr", "STUNetTrainer_small_ep2k"];
+    train.extend(tiny);
+    train.extend(["--epochs", "1"]);
+    let log = ok(&nnunet(&env, &train));
+    assert!(log.contains("→ stu train") && log.contains("--epochs 2000") && log.contains("--model stunet"), "{log}");
+    let model = res.join(name).join("STUNetTrainer_small_ep2k__nnUNetPlans__3d_fullres");
+    assert!(model.join("fold_all/checkpoint_final.safetensors").is_file());
+    for f in ["plans.json", "dataset.json", "dataset_fingerprint.json"] {
+        assert!(model.join(f).is_file(), "{f}");
+    }
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("fold_all/train.json")).unwrap()).unwrap();
+    assert_eq!(record["epochs"], 1, "the options after -- come last and win");
+
+    // Predict (fold all), evaluate and ensemble.
+    let images = raw.join(name).join("imagesTr");
+    let pred = tmp.path().join("pred");
+    let (images_s, pred_s) = (images.to_str().unwrap(), pred.to_str().unwrap());
+    fails(&nnunet(&env, &["nnUNetv2_predict", "-i", images_s, "-o", pred_s, "-d", "802", "-c", "3d_fullres", "-tr", "nnUNetTrainer"]), &["nnUNetTrainer__nnUNetPlans__3d_fullres", "no such model folder"]);
+    let log = ok(&nnunet(&env, &["nnUNetv2_predict", "-i", images_s, "-o", pred_s, "-d", "802", "-c", "3d_fullres", "-tr", "STUNetTrainer_small_ep2k", "-f", "all", "--disable_tta", "--save_probabilities", "-npp", "2"]));
+    assert!(log.contains("→ stu predict") && pred.join("ts_mr_sm.nii.gz").is_file() && pred.join("ts_mr_sm.probabilities.safetensors").is_file(), "{log}");
+    let folder = ok(&nnunet(&env, &["nnUNetv2_predict_from_modelfolder", "-i", images_s, "-o", tmp.path().join("pred-m").to_str().unwrap(), "-m", model.to_str().unwrap(), "-f", "all", "--disable_tta"]));
+    assert!(folder.contains("→ stu predict"), "{folder}");
+    assert!(std::fs::read(pred.join("ts_mr_sm.nii.gz")).unwrap() == std::fs::read(tmp.path().join("pred-m/ts_mr_sm.nii.gz")).unwrap());
+    let labels = raw.join(name).join("labelsTr");
+    let dj = raw.join(name).join("dataset.json");
+    fails(&nnunet(&env, &["nnUNetv2_evaluate_folder", labels.to_str().unwrap(), pred_s, "-djfile", dj.to_str().unwrap(), "-o", tmp.path().join("x.json").to_str().unwrap()]), &["summary.json"]);
+    ok(&nnunet(&env, &["nnUNetv2_evaluate_folder", labels.to_str().unwrap(), pred_s, "-djfile", dj.to_str().unwrap(), "-pfile", dpre.join("nnUNetPlans.json").to_str().unwrap()]));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pred.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["metric_per_case"].as_array().unwrap().len() == 1 && summary["mean"]["1"]["Dice"].is_number(), "{summary}");
+    ok(&nnunet(&env, &["nnUNetv2_evaluate_simple", labels.to_str().unwrap(), pred_s, "-l", "1", "2", "-o", tmp.path().join("simple/summary.json").to_str().unwrap()]));
+    assert!(tmp.path().join("simple/summary.json").is_file());
+    let ens = tmp.path().join("ens");
+    ok(&nnunet(&env, &["nnUNetv2_ensemble", "-i", pred_s, pred_s, "-o", ens.to_str().unwrap(), "--save_npz"]));
+    // One model twice: its own labels.
+    let a = stu_data::nifti_io::read_label(&pred.join("ts_mr_sm.nii.gz")).unwrap().data;
+    let b = stu_data::nifti_io::read_label(&ens.join("ts_mr_sm.nii.gz")).unwrap().data;
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    assert!(same * 100 >= a.len() * 99, "{same} of {}", a.len());
+    assert!(ens.join("ts_mr_sm.probabilities.safetensors").is_file());
+    // find_best_configuration takes the trained trainer × plans × configuration folders.
+    fails(&nnunet(&env, &["nnUNetv2_find_best_configuration", "802"]), &["nnUNetTrainer", "none of the asked"]);
+    let best = nnunet(&env, &["nnUNetv2_find_best_configuration", "802", "-tr", "STUNetTrainer_small_ep2k", "-c", "3d_fullres", "-f", "all"]);
+    let said = String::from_utf8_lossy(&best.stderr);
+    assert!(said.contains("--model STUNetTrainer_small_ep2k__nnUNetPlans__3d_fullres=") && said.contains("fold_all"), "{said}");
+    // --val: the final validation again (fold all has no validation cases: skipped, said so).
+    let val = ok(&nnunet(&env, &["nnUNetv2_train", "802", "3d_fullres", "all", "-tr", "STUNetTrainer_small_ep2k", "--val"]));
+    assert!(val.contains("→ stu validate"), "{val}");
+}
