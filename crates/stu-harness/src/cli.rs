@@ -10,7 +10,7 @@ use stu_engine::precision::Precision;
 use crate::forward::{self, ForwardOptions, ModelSource, StrideSource};
 
 #[derive(Parser)]
-#[command(name = "stu", version, about = "STU-Net research harness: models, checkpoints, training, inference", args_override_self = true)]
+#[command(name = "stu", version, about = "STU-Net research harness: models, checkpoints, training, inference", args_override_self = true, after_help = "nnU-Net's command names and flags work too, over $nnUNet_raw, $nnUNet_preprocessed and $nnUNet_results: `stu nnUNetv2` lists them.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1030,6 +1030,11 @@ impl ProbabilityFile {
         while h.len() % 8 != 0 {
             h.push(b' ');
         }
+        if let Some(free) = path.parent().and_then(free_bytes) {
+            // Before the network runs, not after an hour of it (105 classes of a whole-body CT
+            // are 44 GB).
+            ensure!(free >= bytes as u64, "{}: needs {:.1} GB, the disk has {:.1} GB free", path.display(), bytes as f64 / 1e9, free as f64 / 1e9);
+        }
         let file = stu_core::fs::AtomicFile::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
         let mut head = (h.len() as u64).to_le_bytes().to_vec();
         head.extend_from_slice(&h);
@@ -1058,6 +1063,11 @@ impl ProbabilityFile {
         let path = self.path;
         self.file.commit().with_context(|| path.display().to_string())
     }
+}
+
+/// The bytes free to this user on the file system holding `dir` (`None` where unknown).
+fn free_bytes(dir: &Path) -> Option<u64> {
+    fs4::available_space(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }).ok()
 }
 
 /// Tile positions along one axis (`compute_steps_for_sliding_window`).
@@ -1574,6 +1584,21 @@ mod tests {
         assert_eq!(slabs, [0..9]);
     }
 
+    /// The 3-class `data`'s slabs sent to `streamed`'s export on another thread (overlapped
+    /// prediction), two in flight: its label map.
+    fn export_beside(p: &Predictor, data: &[f32], shape: [usize; 3], streamed: Streamed, tx: std::sync::mpsc::SyncSender<SlabMsg>) -> Vec<u16> {
+        let exporter = p.exporter();
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| streamed.export(&exporter).unwrap());
+            let r = p.slide(data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| {
+                let (z0, k) = (slab.z0, slab.k);
+                tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))
+            });
+            tx.send(SlabMsg::Done(r.map(|()| 1.0).map_err(|e| e.to_string()))).unwrap();
+            writer.join().unwrap().0
+        })
+    }
+
     #[test]
     fn the_full_export_done_slab_by_slab_labels_as_the_whole_logits_do() {
         // The sliding window's slabs (a 16-slice ring over 53 slices) resampled row by row to
@@ -1621,16 +1646,7 @@ mod tests {
                 let (tx, slabs) = std::sync::mpsc::sync_channel(2);
                 let geom = stu_data::nifti_io::Geometry { shape: target, spacing: [1.0; 3], affine: [[0.0; 4]; 4], header: Default::default() };
                 let streamed = Streamed { back: Back { ..back }, geom, id: "case".into(), slabs, probabilities: None };
-                let exporter = p.exporter();
-                let (seg, _, _) = std::thread::scope(|scope| {
-                    let writer = scope.spawn(|| streamed.export(&exporter).unwrap());
-                    let r = p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| {
-                        let (z0, k) = (slab.z0, slab.k);
-                        tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))
-                    });
-                    tx.send(SlabMsg::Done(r.map(|()| 1.0).map_err(|e| e.to_string()))).unwrap();
-                    writer.join().unwrap()
-                });
+                let seg = export_beside(&p, &data, shape, streamed, tx);
                 assert!(seg == want, "{target:?} {separate:?} {on_device:?} regions {regions:?}: streamed to another thread");
                 let distinct: std::collections::BTreeSet<u16> = got.iter().copied().collect();
                 assert!(distinct.len() >= 2, "more than one label: {distinct:?}");
@@ -1669,15 +1685,7 @@ mod tests {
                 // Streamed to the export stage's thread (overlapped prediction).
                 let (tx, slabs) = std::sync::mpsc::sync_channel(2);
                 let streamed = Streamed { back: Back { ..back }, geom: geom.clone(), id: "case".into(), slabs, probabilities: Some(path("streamed")) };
-                let (seg, _, _) = std::thread::scope(|scope| {
-                    let writer = scope.spawn(|| streamed.export(&exporter).unwrap());
-                    let r = p.slide(&data, 1, shape, None, Window::PatchDepth, &|_, _| {}, &mut |slab| {
-                        let (z0, k) = (slab.z0, slab.k);
-                        tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))
-                    });
-                    tx.send(SlabMsg::Done(r.map(|()| 1.0).map_err(|e| e.to_string()))).unwrap();
-                    writer.join().unwrap()
-                });
+                let seg = export_beside(&p, &data, shape, streamed, tx);
                 assert!(seg == want && std::fs::read(path("streamed")).unwrap() == whole_bytes, "{target:?} {backward:?} {regions:?}: streamed");
                 // A prediction that stops half-way leaves no file, nor its temporary sibling.
                 let mut rows = RowExport::new(&back, 3, regions.clone(), Some(&path("stopped")), input).unwrap();
@@ -1693,6 +1701,17 @@ mod tests {
         }
         // A transposition that moves the first axis does not stream (the whole logits are used).
         assert!(RowProbabilities::streams([0, 2, 1]) && !RowProbabilities::streams([2, 0, 1]));
+    }
+
+    #[test]
+    fn probabilities_larger_than_the_free_disk_are_refused_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.probabilities.safetensors");
+        // 105 classes of a 10⁴ × 10⁴ × 10³ volume: 21 PB.
+        let err = ProbabilityFile::create(&path, 105, [10_000, 10_000, 1_000], None).err().expect("refused").to_string();
+        assert!(err.contains("huge.probabilities.safetensors") && err.contains("GB free"), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing written");
+        assert!(ProbabilityFile::create(&path, 2, [4, 4, 4], None).is_ok());
     }
 
     #[test]
