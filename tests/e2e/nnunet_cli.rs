@@ -93,6 +93,22 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
     assert!(same * 100 >= a.len() * 99, "{same} of {}", a.len());
     assert!(ens.join("ts_mr_sm.probabilities.safetensors").is_file());
+    // Post-processing decided on the predictions and applied (JSON; nnU-Net's pickle is not read).
+    fails(&nnunet(&env, &["nnUNetv2_determine_postprocessing", "-i", pred_s, "-ref", labels.to_str().unwrap()]), &["-dataset_json"]);
+    ok(&nnunet(&env, &["nnUNetv2_determine_postprocessing", "-i", pred_s, "-ref", labels.to_str().unwrap(), "-dataset_json", dj.to_str().unwrap()]));
+    assert!(pred.join("postprocessing.json").is_file());
+    let pp_out = tmp.path().join("pp");
+    ok(&nnunet(&env, &["nnUNetv2_apply_postprocessing", "-i", pred_s, "-o", pp_out.to_str().unwrap(), "-pp_pkl_file", pred.join("postprocessing.pkl").to_str().unwrap()]));
+    assert!(pp_out.join("ts_mr_sm.nii.gz").is_file());
+    fails(&nnunet(&env, &["nnUNetv2_apply_postprocessing", "-i", pred_s, "-o", pp_out.to_str().unwrap(), "-pp_pkl_file", tmp.path().join("x.pkl").to_str().unwrap()]), &["pickles are not read"]);
+    // The model as a zip, installed again, predicts the same.
+    let zip = tmp.path().join("stu_small_802.zip");
+    ok(&nnunet(&env, &["nnUNetv2_export_model_to_zip", "-d", "802", "-o", zip.to_str().unwrap(), "-tr", "STUNetTrainer_small_ep2k", "-f", "all"]));
+    let log = ok(&nnunet(&env, &["nnUNetv2_install_pretrained_model_from_zip", zip.to_str().unwrap()]));
+    let installed = res.join("installed/stu_small_802");
+    assert!(installed.join("fold_all").is_dir(), "{log}");
+    ok(&nnunet(&env, &["nnUNetv2_predict_from_modelfolder", "-i", images_s, "-o", tmp.path().join("pred-z").to_str().unwrap(), "-m", installed.to_str().unwrap(), "-f", "all", "--disable_tta"]));
+    assert!(std::fs::read(pred.join("ts_mr_sm.nii.gz")).unwrap() == std::fs::read(tmp.path().join("pred-z/ts_mr_sm.nii.gz")).unwrap());
     // find_best_configuration takes the trained trainer × plans × configuration folders.
     fails(&nnunet(&env, &["nnUNetv2_find_best_configuration", "802"]), &["nnUNetTrainer", "none of the asked"]);
     let best = nnunet(&env, &["nnUNetv2_find_best_configuration", "802", "-tr", "STUNetTrainer_small_ep2k", "-c", "3d_fullres", "-f", "all"]);

@@ -27,6 +27,10 @@ const COMMANDS: &[(&str, &str)] = &[
     ("nnUNetv2_evaluate_simple", "GT_FOLDER PRED_FOLDER -l LABEL [LABEL …] [-il IGNORE] [-o PRED_FOLDER/summary.json]"),
     ("nnUNetv2_ensemble", "-i FOLDER FOLDER [FOLDER …] -o OUT [--save_npz]"),
     ("nnUNetv2_find_best_configuration", "DATASET [-p nnUNetPlans …] [-c 3d_fullres 3d_lowres 3d_cascade_fullres] [-tr nnUNetTrainer …] [-f 0 1 2 3 4] [--disable_ensembling]"),
+    ("nnUNetv2_determine_postprocessing", "-i PRED_FOLDER -ref GT_FOLDER [-dataset_json PRED_FOLDER/dataset.json] [-plans_json F]  (writes PRED_FOLDER/postprocessing.json)"),
+    ("nnUNetv2_apply_postprocessing", "-i IN -o OUT -pp_pkl_file postprocessing.json (ours; nnU-Net's pickle is not read)"),
+    ("nnUNetv2_export_model_to_zip", "-d DATASET -o M.zip [-c 3d_fullres] [-tr nnUNetTrainer] [-p nnUNetPlans] [-f 0 1 2 3 4] [-chk checkpoint_final.pth]"),
+    ("nnUNetv2_install_pretrained_model_from_zip", "M.zip  (a `stu export-model` zip, into $nnUNet_results)"),
 ];
 
 /// How many values a flag takes.
@@ -132,6 +136,10 @@ pub fn dispatch(args: &[String]) -> Option<Result<()>> {
         "nnUNetv2_evaluate_folder" | "nnUNetv2_evaluate_simple" => evaluate(cmd, rest),
         "nnUNetv2_ensemble" => ensemble(cmd, rest),
         "nnUNetv2_find_best_configuration" => find_best(cmd, rest),
+        "nnUNetv2_determine_postprocessing" => determine_postprocessing(cmd, rest),
+        "nnUNetv2_apply_postprocessing" => apply_postprocessing(cmd, rest),
+        "nnUNetv2_export_model_to_zip" => export_zip(cmd, rest),
+        "nnUNetv2_install_pretrained_model_from_zip" => install_zip(cmd, rest),
         other => {
             let names: Vec<&str> = COMMANDS.iter().map(|(c, _)| *c).collect();
             Err(anyhow::anyhow!("`{other}` is not one of the nnU-Net commands stu takes: {}", names.join(", ")))
@@ -515,6 +523,63 @@ fn find_best(cmd: &str, args: &[String]) -> Result<()> {
     }
     a.extend(p.rest.iter().cloned());
     stu(a)
+}
+
+fn determine_postprocessing(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-i", One), ("-ref", One), ("-plans_json", One), ("-dataset_json", One), ("--remove_postprocessed", Switch)])?;
+    let pred = p.required(cmd, "-i")?;
+    let dataset = p.one("-dataset_json").map_or_else(|| Path::new(pred).join("dataset.json"), PathBuf::from);
+    ensure!(dataset.is_file(), "{}: no dataset.json there; give -dataset_json", dataset.display());
+    // (Ours writes only the decision; nothing post-processed is kept, as --remove_postprocessed.)
+    stu(vec!["postprocess".into(), "determine".into(), "--ref".into(), p.required(cmd, "-ref")?.into(), "--pred".into(), pred.into(), "--labels".into(), s(&dataset), "--out".into(), pred.into()])
+}
+
+fn apply_postprocessing(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-i", One), ("-o", One), ("-pp_pkl_file", One), ("-plans_json", One), ("-dataset_json", One)])?;
+    let pp = p.required(cmd, "-pp_pkl_file")?;
+    let json = if pp.ends_with(".pkl") {
+        // nnU-Net writes a postprocessing.json beside its pickle, but in its own format; ours
+        // is what `determine` wrote into the same folder.
+        let ours = Path::new(pp).with_extension("json");
+        ensure!(ours.is_file(), "-pp_pkl_file {pp}: pickles are not read here; give the postprocessing.json that nnUNetv2_determine_postprocessing (stu's) wrote");
+        s(&ours)
+    } else {
+        pp.to_string()
+    };
+    stu(vec!["postprocess".into(), "apply".into(), "--pp".into(), json, "-i".into(), p.required(cmd, "-i")?.into(), "-o".into(), p.required(cmd, "-o")?.into()])
+}
+
+fn export_zip(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-d", One), ("-o", One), ("-c", Many), ("-tr", One), ("-p", One), ("-f", Many), ("-chk", Many), ("--not_strict", Switch), ("--exp_cv_preds", Switch)])?;
+    ensure!(!p.has("--exp_cv_preds"), "--exp_cv_preds: the zip holds each fold's validation summary, not its predictions");
+    let name = dataset_name(p.required(cmd, "-d")?)?;
+    let configs = p.many("-c").map_or_else(|| vec!["3d_fullres".to_string()], <[String]>::to_vec);
+    ensure!(configs.len() == 1, "-c {}: one configuration per zip here (export each on its own)", configs.join(" "));
+    let model = env_dir("nnUNet_results")?.join(name).join(format!("{}__{}__{}", p.one("-tr").unwrap_or("nnUNetTrainer"), p.one("-p").unwrap_or("nnUNetPlans"), configs[0]));
+    let mut runs = folds(&p, &model);
+    if p.has("--not_strict") {
+        runs.retain(|r| r.is_dir());
+    }
+    let mut a = vec!["export-model".into()];
+    a.extend(runs.iter().map(|r| s(r)));
+    a.extend(["--out".into(), p.required(cmd, "-o")?.into()]);
+    match p.many("-chk") {
+        None => {}
+        Some([c]) if c == "checkpoint_final.pth" => {}
+        Some([c]) if c == "checkpoint_best.pth" => a.extend(["--checkpoint".into(), "best".into()]),
+        Some(other) => bail!("-chk {}: one of checkpoint_final.pth, checkpoint_best.pth", other.join(" ")),
+    }
+    stu(a)
+}
+
+fn install_zip(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[])?;
+    let [zip] = <[String; 1]>::try_from(p.positional.clone()).map_err(|_| anyhow::anyhow!("{cmd}: ZIP ({})", usage(cmd)))?;
+    // The model folder's name, as nnU-Net's zips carry it: the zip's own name (an export of
+    // `…/Dataset801_X/STUNetTrainer_base__nnUNetPlans__3d_fullres` is best named after it).
+    let stem = Path::new(&zip).file_stem().and_then(|s| s.to_str()).with_context(|| format!("{zip}: no file name"))?;
+    let out = env_dir("nnUNet_results")?.join("installed").join(stem);
+    stu(vec!["install-model".into(), zip, "--out".into(), s(&out)])
 }
 
 #[cfg(test)]

@@ -31,10 +31,18 @@ pub struct Postprocessing {
     /// For a region-based dataset, then of each of these regions (the union of its labels).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub largest_per_region: Vec<Vec<u16>>,
-    /// Foreground mean Dice of the predictions it was determined on, before.
+    /// Foreground mean Dice of the predictions it was determined on, before (NaN, written as
+    /// `null`, where a label is in neither references nor predictions, as nnU-Net's mean).
+    #[serde(deserialize_with = "f64_or_null")]
     pub dice_before: f64,
     /// And after.
+    #[serde(deserialize_with = "f64_or_null")]
     pub dice_after: f64,
+}
+
+/// A number, or `null` for the NaN that serde_json writes as `null`.
+fn f64_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl Postprocessing {
@@ -180,6 +188,20 @@ pub fn apply_folder(pp: &Postprocessing, input: &Path, output: &Path) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decision_with_an_undefined_dice_reads_back() {
+        // A label in neither references nor predictions makes the mean NaN, written as null.
+        let pp = Postprocessing { largest_foreground: false, largest_per_label: vec![1], largest_per_region: Vec::new(), dice_before: f64::NAN, dice_after: 0.5 };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("postprocessing.json");
+        std::fs::write(&path, serde_json::to_string(&pp).unwrap()).unwrap();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("\"dice_before\":null"));
+        let back = Postprocessing::read(&path).unwrap();
+        assert!(back.dice_before.is_nan() && back.dice_after == 0.5 && back.largest_per_label == [1]);
+        std::fs::write(&path, r#"{"largest_foreground": false, "largest_per_label": [], "largest_per_region": [], "dice_before": 0.5}"#).unwrap();
+        assert!(format!("{:#}", Postprocessing::read(&path).unwrap_err()).contains("dice_after"));
+    }
 
     #[test]
     fn keep_largest_of_a_set_treats_its_labels_as_one_mask() {
