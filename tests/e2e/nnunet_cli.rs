@@ -49,6 +49,17 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     // (This small MR gets no 3d_lowres from the planner: skipped, as nnU-Net does.)
     assert!(plans["configurations"].get("3d_lowres").is_none() && log.contains("configuration 3d_lowres not in"), "{log}");
 
+    // The two halves on their own, under another plans name (its data folder follows it).
+    ok(&nnunet(&env, &["nnUNetv2_plan_experiment", "-d", name, "-overwrite_plans_name", "SplitPlans"]));
+    ok(&nnunet(&env, &["nnUNetv2_preprocess", "-d", "802", "-plans_name", "SplitPlans", "-c", "3d_fullres"]));
+    let split: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dpre.join("SplitPlans.json")).unwrap()).unwrap();
+    assert_eq!((split["plans_name"].as_str(), split["configurations"]["3d_fullres"]["data_identifier"].as_str()), (Some("SplitPlans"), Some("SplitPlans_3d_fullres")));
+    assert!(dpre.join("SplitPlans_3d_fullres/source.json").is_file());
+    fails(&nnunet(&env, &["nnUNetv2_preprocess", "-d", "802", "-plans_name", "Missing"]), &["Missing.json"]);
+    let png = tmp.path().join("png");
+    ok(&nnunet(&env, &["nnUNetv2_plot_overlay_pngs", "-d", "802", "-o", png.to_str().unwrap()]));
+    assert!(png.join("ts_mr_sm.png").is_file());
+
     // Train: a tiny STU-Net through STU-Net's trainer name, our options after `--`.
     fails(&nnunet(&env, &["nnUNetv2_train", "802", "3d_fullres", "all", "-tr", "STUNetTrainer_tiny"]), &["STUNetTrainer_small|base|large|huge"]);
     fails(&nnunet(&env, &["nnUNetv2_train", "802", "3d_fullres", "all", "-tr", "STUNetTrainer_base_ft"]), &["-pretrained_weights"]);
@@ -109,6 +120,14 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     assert!(installed.join("fold_all").is_dir(), "{log}");
     ok(&nnunet(&env, &["nnUNetv2_predict_from_modelfolder", "-i", images_s, "-o", tmp.path().join("pred-z").to_str().unwrap(), "-m", installed.to_str().unwrap(), "-f", "all", "--disable_tta"]));
     assert!(std::fs::read(pred.join("ts_mr_sm.nii.gz")).unwrap() == std::fs::read(tmp.path().join("pred-z/ts_mr_sm.nii.gz")).unwrap());
+    // The folds' validations as one set (here fold all's, its predictions copied in).
+    let val = model.join("fold_all/validation");
+    std::fs::create_dir_all(&val).unwrap();
+    std::fs::copy(pred.join("ts_mr_sm.nii.gz"), val.join("ts_mr_sm.nii.gz")).unwrap();
+    ok(&nnunet(&env, &["nnUNetv2_accumulate_crossval_results", "-d", "802", "-c", "3d_fullres", "-tr", "STUNetTrainer_small_ep2k", "-f", "all"]));
+    let cv: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("crossval_results_folds_all/summary.json")).unwrap()).unwrap();
+    assert_eq!(cv["mean"]["1"], summary["mean"]["1"]);
+    std::fs::remove_dir_all(&val).unwrap();
     // find_best_configuration takes the trained trainer × plans × configuration folders.
     fails(&nnunet(&env, &["nnUNetv2_find_best_configuration", "802"]), &["nnUNetTrainer", "none of the asked"]);
     let best = nnunet(&env, &["nnUNetv2_find_best_configuration", "802", "-tr", "STUNetTrainer_small_ep2k", "-c", "3d_fullres", "-f", "all"]);
@@ -117,4 +136,18 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     // --val: the final validation again (fold all has no validation cases: skipped, said so).
     let val = ok(&nnunet(&env, &["nnUNetv2_train", "802", "3d_fullres", "all", "-tr", "STUNetTrainer_small_ep2k", "--val"]));
     assert!(val.contains("→ stu validate"), "{val}");
+}
+
+#[test]
+fn nnunets_dataset_conversions_write_into_nnunet_raw() {
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    let env = [("nnUNet_raw", raw.as_path())];
+    let task = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/Task09_Tiny");
+    let log = ok(&nnunet(&env, &["nnUNetv2_convert_MSD_dataset", "-i", task.to_str().unwrap(), "-overwrite_id", "909", "-np", "2"]));
+    assert!(log.contains("→ stu dataset convert") && raw.join("Dataset909_Tiny/dataset.json").is_file(), "{log}");
+    ok(&nnunet(&env, &["nnUNetv2_convert_MSD_dataset", "-i", task.to_str().unwrap()]));
+    assert!(raw.join("Dataset009_Tiny/dataset.json").is_file());
+    fails(&nnunet(&env, &["nnUNetv2_convert_old_nnUNet_dataset", task.to_str().unwrap(), "Tiny"]), &["DatasetXXX_Name"]);
 }

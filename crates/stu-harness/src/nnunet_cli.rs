@@ -20,6 +20,12 @@ use anyhow::{Context, Result, bail, ensure};
 /// The commands, with what each takes.
 const COMMANDS: &[(&str, &str)] = &[
     ("nnUNetv2_plan_and_preprocess", "-d ID [ID …] [-c 3d_fullres 3d_lowres] [-pl ExperimentPlanner|nnUNetPlannerResEnc{M,L,XL}] [-overwrite_plans_name NAME] [-gpu_memory_target GB] [--verify_dataset_integrity] [--no_pp] [-np N] [-npfp N]"),
+    ("nnUNetv2_plan_experiment", "-d ID [ID …] [-pl …] [-overwrite_plans_name NAME] [-gpu_memory_target GB]  (the fingerprint is extracted with it)"),
+    ("nnUNetv2_preprocess", "-d ID [ID …] [-plans_name nnUNetPlans] [-c 3d_fullres 3d_lowres]"),
+    ("nnUNetv2_convert_MSD_dataset", "-i TaskXX_Name [-overwrite_id N]  (into $nnUNet_raw)"),
+    ("nnUNetv2_convert_old_nnUNet_dataset", "TASK_FOLDER DatasetXXX_Name  (into $nnUNet_raw)"),
+    ("nnUNetv2_plot_overlay_pngs", "-d DATASET -o OUT"),
+    ("nnUNetv2_accumulate_crossval_results", "-d DATASET -c CONFIG [-tr nnUNetTrainer] [-p nnUNetPlans] [-f 0 1 2 3 4] [-o OUT]"),
     ("nnUNetv2_train", "DATASET CONFIG FOLD [-tr nnUNetTrainer|STUNetTrainer_base|…] [-p nnUNetPlans] [-pretrained_weights F] [--npz] [--c] [--val] [--val_best] [-num_gpus N] [-device cpu|cuda]"),
     ("nnUNetv2_predict", "-i IN -o OUT -d DATASET -c CONFIG [-p nnUNetPlans] [-tr nnUNetTrainer] [-f 0 1 2 3 4] [-step_size 0.5] [--disable_tta] [--save_probabilities] [--continue_prediction] [-chk checkpoint_final.pth|checkpoint_best.pth] [-prev_stage_predictions DIR] [-num_parts N -part_id K] [-device cpu|cuda]"),
     ("nnUNetv2_predict_from_modelfolder", "-i IN -o OUT -m MODEL_FOLDER [-f 0 1 2 3 4] and nnUNetv2_predict's other options"),
@@ -130,7 +136,10 @@ pub fn dispatch(args: &[String]) -> Option<Result<()>> {
         return Some(Ok(()));
     }
     Some(match cmd.as_str() {
-        "nnUNetv2_plan_and_preprocess" => plan_and_preprocess(cmd, rest),
+        "nnUNetv2_plan_and_preprocess" | "nnUNetv2_plan_experiment" | "nnUNetv2_preprocess" => plan_and_preprocess(cmd, rest),
+        "nnUNetv2_convert_MSD_dataset" | "nnUNetv2_convert_old_nnUNet_dataset" => convert(cmd, rest),
+        "nnUNetv2_plot_overlay_pngs" => overlay(cmd, rest),
+        "nnUNetv2_accumulate_crossval_results" => accumulate(cmd, rest),
         "nnUNetv2_train" => train(cmd, rest),
         "nnUNetv2_predict" | "nnUNetv2_predict_from_modelfolder" => predict(cmd, rest),
         "nnUNetv2_evaluate_folder" | "nnUNetv2_evaluate_simple" => evaluate(cmd, rest),
@@ -209,8 +218,27 @@ fn planner(name: &str) -> Result<(&'static str, &'static str)> {
     })
 }
 
+/// `nnUNetv2_plan_and_preprocess`, or one of its halves (`_plan_experiment`, `_preprocess`).
 fn plan_and_preprocess(cmd: &str, args: &[String]) -> Result<()> {
-    let p = parse(cmd, args, &[("-d", Many), ("-c", Many), ("-pl", One), ("-overwrite_plans_name", One), ("-gpu_memory_target", One), ("--verify_dataset_integrity", Switch), ("--no_pp", Switch), ("-fpe", One), ("-preprocessor_name", One)])?;
+    let (plan_step, pp_step) = match cmd {
+        "nnUNetv2_plan_experiment" => (true, false),
+        "nnUNetv2_preprocess" => (false, true),
+        _ => (true, true),
+    };
+    let mut spec = vec![("-d", Many), ("-fpe", One), ("-preprocessor_name", One), ("--verify_dataset_integrity", Switch)];
+    if plan_step {
+        spec.extend([("-pl", One), ("-overwrite_plans_name", One), ("-gpu_memory_target", One)]);
+    }
+    if pp_step {
+        spec.push(("-c", Many));
+    }
+    if plan_step && pp_step {
+        spec.push(("--no_pp", Switch));
+    }
+    if !plan_step {
+        spec.push(("-plans_name", One));
+    }
+    let p = parse(cmd, args, &spec)?;
     ensure!(p.positional.is_empty(), "{cmd}: unexpected `{}` ({})", p.positional.join(" "), usage(cmd));
     ensure!(p.rest.is_empty(), "{cmd}: nothing goes after `--` here");
     let ids = p.many("-d").with_context(|| format!("{cmd}: -d is required ({})", usage(cmd)))?;
@@ -221,7 +249,7 @@ fn plan_and_preprocess(cmd: &str, args: &[String]) -> Result<()> {
         bail!("-preprocessor_name {f}: only DefaultPreprocessor");
     }
     let (preset, default_name) = planner(p.one("-pl").unwrap_or("ExperimentPlanner"))?;
-    let plans_name = p.one("-overwrite_plans_name").unwrap_or(default_name);
+    let plans_name = p.one("-overwrite_plans_name").or(p.one("-plans_name")).unwrap_or(default_name);
     // nnU-Net's default configurations; there is no 2-D network here, so `2d` is skipped
     // unless asked for by name (then refused).
     let asked = p.many("-c");
@@ -238,15 +266,21 @@ fn plan_and_preprocess(cmd: &str, args: &[String]) -> Result<()> {
             stu(vec!["dataset".into(), "check".into(), s(&raw)])?;
         }
         let plans = pre.join(format!("{plans_name}.json"));
-        let mut plan = vec!["plan".into(), s(&raw), "--out".into(), s(&plans), "--preset".into(), preset.into()];
-        if let Some(g) = p.one("-gpu_memory_target") {
-            plan.extend(["--gpu-memory-gb".into(), g.into()]);
+        if plan_step {
+            let mut plan = vec!["plan".into(), s(&raw), "--out".into(), s(&plans), "--preset".into(), preset.into()];
+            if let Some(g) = p.one("-gpu_memory_target") {
+                plan.extend(["--gpu-memory-gb".into(), g.into()]);
+            }
+            stu(plan)?;
+            if plans_name != default_name {
+                rename_plans(&plans, default_name, plans_name)?;
+            }
+            stu_core::fs::write_atomic(&pre.join("dataset.json"), &std::fs::read(raw.join("dataset.json"))?)?;
         }
-        stu(plan)?;
-        stu_core::fs::write_atomic(&pre.join("dataset.json"), &std::fs::read(raw.join("dataset.json"))?)?;
-        if p.has("--no_pp") {
+        if !pp_step || p.has("--no_pp") {
             continue;
         }
+        ensure!(plans.is_file(), "{}: no plans (run nnUNetv2_plan_experiment first)", plans.display());
         let planned: serde_json::Value = serde_json::from_slice(&std::fs::read(&plans)?).with_context(|| format!("{}: not JSON", plans.display()))?;
         for c in &configs {
             if c == "2d" {
@@ -262,6 +296,23 @@ fn plan_and_preprocess(cmd: &str, args: &[String]) -> Result<()> {
             stu(vec!["preprocess".into(), s(&raw), "--plans".into(), s(&plans), "--configuration".into(), c.clone(), "--out".into(), s(&data)])?;
         }
     }
+    Ok(())
+}
+
+/// `-overwrite_plans_name`: the plans' name, and the data identifiers derived from it (nnU-Net's
+/// `{plans}_{configuration}`; a ResEnc planner's 3d_fullres keeps `nnUNetPlans_3d_fullres`,
+/// which it shares with the default plans, as in nnU-Net).
+fn rename_plans(path: &Path, from: &str, to: &str) -> Result<()> {
+    let mut plans: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?).with_context(|| format!("{}: not JSON", path.display()))?;
+    plans["plans_name"] = to.into();
+    if let Some(configs) = plans["configurations"].as_object_mut() {
+        for c in configs.values_mut() {
+            if let Some(id) = c["data_identifier"].as_str().and_then(|id| id.strip_prefix(&format!("{from}_"))) {
+                c["data_identifier"] = format!("{to}_{id}").into();
+            }
+        }
+    }
+    stu_core::fs::write_atomic(path, (serde_json::to_string_pretty(&plans)? + "\n").as_bytes())?;
     Ok(())
 }
 
@@ -522,6 +573,45 @@ fn find_best(cmd: &str, args: &[String]) -> Result<()> {
         a.push("--disable-ensembling".into());
     }
     a.extend(p.rest.iter().cloned());
+    stu(a)
+}
+
+fn convert(cmd: &str, args: &[String]) -> Result<()> {
+    let raw = env_dir("nnUNet_raw")?;
+    let (src, name) = if cmd == "nnUNetv2_convert_MSD_dataset" {
+        let p = parse(cmd, args, &[("-i", One), ("-overwrite_id", One), ("-np", One)])?;
+        let src = PathBuf::from(p.required(cmd, "-i")?);
+        // Task09_Spleen → Dataset009_Spleen (or the -overwrite_id number).
+        let task = src.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let (num, rest) = task.strip_prefix("Task").and_then(|t| t.split_once('_')).with_context(|| format!("-i {}: a TaskXX_Name folder", src.display()))?;
+        let id: u32 = p.one("-overwrite_id").unwrap_or(num).parse().with_context(|| format!("dataset id of {task}"))?;
+        (src, format!("Dataset{id:03}_{rest}"))
+    } else {
+        let p = parse(cmd, args, &[])?;
+        let [src, name] = <[String; 2]>::try_from(p.positional.clone()).map_err(|_| anyhow::anyhow!("{cmd}: TASK_FOLDER DatasetXXX_Name ({})", usage(cmd)))?;
+        ensure!(name.starts_with("Dataset") && name.get(7..10).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) && name.get(10..11) == Some("_"), "{name}: the new name is DatasetXXX_Name");
+        (PathBuf::from(src), name)
+    };
+    stu(vec!["dataset".into(), "convert".into(), s(&src), "--out".into(), s(&raw.join(name))])
+}
+
+fn overlay(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-d", One), ("-o", One)])?;
+    let name = dataset_name(p.required(cmd, "-d")?)?;
+    stu(vec!["dataset".into(), "overlay".into(), s(&env_dir("nnUNet_raw")?.join(name)), "--out".into(), p.required(cmd, "-o")?.into()])
+}
+
+fn accumulate(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-d", One), ("-c", One), ("-tr", One), ("-p", One), ("-f", Many), ("-o", One)])?;
+    let name = dataset_name(p.required(cmd, "-d")?)?;
+    let raw = env_dir("nnUNet_raw")?.join(&name);
+    let model = env_dir("nnUNet_results")?.join(&name).join(format!("{}__{}__{}", p.one("-tr").unwrap_or("nnUNetTrainer"), p.one("-p").unwrap_or("nnUNetPlans"), p.required(cmd, "-c")?));
+    let runs = folds(&p, &model);
+    let tag: Vec<String> = runs.iter().filter_map(|r| r.file_name()?.to_str()?.strip_prefix("fold_").map(str::to_string)).collect();
+    // nnU-Net's folder name; the summary of every fold's validation cases as one set.
+    let out = p.one("-o").map_or_else(|| model.join(format!("crossval_results_folds_{}", tag.join("_"))), PathBuf::from);
+    let mut a = vec!["evaluate".into(), "--ref".into(), s(&raw.join("labelsTr")), "--labels".into(), s(&raw.join("dataset.json")), "--out".into(), s(&out), "--pred".into()];
+    a.extend(runs.iter().map(|r| s(&r.join("validation"))));
     stu(a)
 }
 
