@@ -128,6 +128,25 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     let cv: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("crossval_results_folds_all/summary.json")).unwrap()).unwrap();
     assert_eq!(cv["mean"]["1"], summary["mean"]["1"]);
     std::fs::remove_dir_all(&val).unwrap();
+    // A model folder nnU-Net itself trained (fold_K/checkpoint_final.pth beside nothing of
+    // ours; plans.json and dataset.json in the model folder) predicts as nnU-Net's predictor
+    // would: its plans, the configuration its name ends with. Here: the parity fixture's
+    // STU-Net as an nnU-Net v2 checkpoint.
+    let theirs = res.join(name).join("STUNetTrainer_base__nnUNetPlans__3d_fullres");
+    std::fs::create_dir_all(theirs.join("fold_0")).unwrap();
+    std::fs::copy(shared().join("fixtures/stunet-parity/tiny_iso_nnunetv2.pth"), theirs.join("fold_0/checkpoint_final.pth")).unwrap();
+    std::fs::copy(dpre.join("nnUNetPlans.json"), theirs.join("plans.json")).unwrap();
+    std::fs::write(theirs.join("dataset.json"), r#"{"channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1, "file_ending": ".nii.gz"}"#).unwrap();
+    let via = tmp.path().join("pred-theirs");
+    ok(&nnunet(&env, &["nnUNetv2_predict", "-i", images_s, "-o", via.to_str().unwrap(), "-d", "802", "-c", "3d_fullres", "-tr", "STUNetTrainer_base", "-f", "0", "--disable_tta"]));
+    let direct = tmp.path().join("pred-direct");
+    let plans_s = theirs.join("plans.json");
+    ok(&Command::new(stu_bin!()).args(["predict", "-i", images_s, "-o", direct.to_str().unwrap(), "--checkpoint", theirs.join("fold_0/checkpoint_final.pth").to_str().unwrap(), "--plans", plans_s.to_str().unwrap(), "--disable-tta"]).output().unwrap());
+    assert!(std::fs::read(via.join("ts_mr_sm.nii.gz")).unwrap() == std::fs::read(direct.join("ts_mr_sm.nii.gz")).unwrap());
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(via.join("predict.json")).unwrap()).unwrap();
+    assert_eq!(record["options"]["configuration"], "3d_fullres");
+    fails(&nnunet(&env, &["nnUNetv2_predict", "-i", images_s, "-o", via.to_str().unwrap(), "-d", "802", "-c", "3d_fullres", "-tr", "STUNetTrainer_base", "-f", "0", "-chk", "checkpoint_best.pth"]), &["checkpoint_best.safetensors (or nnU-Net's checkpoint_best.pth)"]);
+    std::fs::remove_dir_all(&theirs).unwrap();
     // find_best_configuration takes the trained trainer × plans × configuration folders.
     fails(&nnunet(&env, &["nnUNetv2_find_best_configuration", "802"]), &["nnUNetTrainer", "none of the asked"]);
     let best = nnunet(&env, &["nnUNetv2_find_best_configuration", "802", "-tr", "STUNetTrainer_small_ep2k", "-c", "3d_fullres", "-f", "all"]);

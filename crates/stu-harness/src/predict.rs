@@ -203,7 +203,7 @@ struct TrainedWith {
 
 fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
     let dict = stu_engine::checkpoint::StateDict::open(checkpoint)?;
-    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(TrainedWith { plans: None, configuration: None, patch: None, dataset: None }) };
+    let Some(meta) = dict.metadata().get("stu_checkpoint") else { return Ok(nnunet_model_folder(checkpoint)) };
     let v: serde_json::Value = serde_json::from_str(meta).with_context(|| format!("{}: corrupt `stu_checkpoint` metadata", checkpoint.display()))?;
     let beside = checkpoint.parent().map(|d| d.join("plans.json")).filter(|p| p.exists() && p.parent().is_some_and(|d| d.join("train.json").exists()));
     let plans = match v.pointer("/config/preprocessed").and_then(|d| d.as_str()) {
@@ -218,6 +218,18 @@ fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
     let dataset = plans.as_ref().and_then(|p| p.parent()).map(|d| d.join("dataset.json")).filter(|p| p.exists());
     let configuration = v.pointer("/config/configuration").and_then(|c| c.as_str()).map(str::to_string);
     Ok(TrainedWith { plans, configuration, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()), dataset })
+}
+
+/// A checkpoint of nnU-Net's own training, `MODEL/fold_K/checkpoint_*.pth`: its model folder's
+/// `plans.json` and `dataset.json`, and the configuration its name ends with
+/// (`{TRAINER}__{PLANS}__{CONFIG}`), as nnU-Net's predictor reads them; nothing for other files.
+fn nnunet_model_folder(checkpoint: &Path) -> TrainedWith {
+    let model = checkpoint.parent().filter(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fold_"))).and_then(Path::parent);
+    let plans = model.map(|m| m.join("plans.json")).filter(|p| p.is_file());
+    let Some(model) = model.filter(|_| plans.is_some()) else { return TrainedWith { plans: None, configuration: None, patch: None, dataset: None } };
+    let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let configuration = name.splitn(3, "__").nth(2).map(str::to_string);
+    TrainedWith { plans, configuration, patch: None, dataset: Some(model.join("dataset.json")).filter(|p| p.is_file()) }
 }
 
 fn read_plans(p: &Path) -> Result<serde_json::Value> {
@@ -445,8 +457,13 @@ impl Predictor {
                 }
                 let (name, other, fix) = if opts.best { ("checkpoint_best", "checkpoint_final", "leave out `--chk best`") } else { ("checkpoint_final", "checkpoint_best", "`--chk best`") };
                 let f = c.join(format!("{name}.safetensors"));
-                let hint = if c.join(format!("{other}.safetensors")).exists() { format!(" (it has {other}: {fix})") } else { " (is its training finished?)".to_string() };
-                ensure!(f.exists(), "{}: a folder without {name}.safetensors{hint}", c.display());
+                // A fold folder of a model nnU-Net itself trained (`fold_K/checkpoint_final.pth`).
+                let pth = c.join(format!("{name}.pth"));
+                if !f.exists() && pth.exists() {
+                    return Ok(pth);
+                }
+                let hint = if c.join(format!("{other}.safetensors")).exists() || c.join(format!("{other}.pth")).exists() { format!(" (it has {other}: {fix})") } else { " (is its training finished?)".to_string() };
+                ensure!(f.exists(), "{}: a folder without {name}.safetensors (or nnU-Net's {name}.pth){hint}", c.display());
                 Ok(f)
             })
             .collect::<Result<_>>()?;
