@@ -220,11 +220,12 @@ fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
     Ok(TrainedWith { plans, configuration, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()), dataset })
 }
 
-/// A checkpoint of nnU-Net's own training, `MODEL/fold_K/checkpoint_*.pth`: its model folder's
+/// A checkpoint of nnU-Net's own training, `MODEL/fold_K/*.pth`: its model folder's
 /// `plans.json` and `dataset.json`, and the configuration its name ends with
 /// (`{TRAINER}__{PLANS}__{CONFIG}`), as nnU-Net's predictor reads them; nothing for other files.
 fn nnunet_model_folder(checkpoint: &Path) -> TrainedWith {
-    let model = checkpoint.parent().filter(|f| f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fold_"))).and_then(Path::parent);
+    let pth = checkpoint.extension().is_some_and(|e| e == "pth");
+    let model = checkpoint.parent().filter(|f| pth && f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fold_"))).and_then(Path::parent);
     let plans = model.map(|m| m.join("plans.json")).filter(|p| p.is_file());
     let Some(model) = model.filter(|_| plans.is_some()) else { return TrainedWith { plans: None, configuration: None, patch: None, dataset: None } };
     let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
