@@ -170,3 +170,33 @@ fn nnunets_dataset_conversions_write_into_nnunet_raw() {
     assert!(raw.join("Dataset009_Tiny/dataset.json").is_file());
     fails(&nnunet(&env, &["nnUNetv2_convert_old_nnUNet_dataset", task.to_str().unwrap(), "Tiny"]), &["DatasetXXX_Name"]);
 }
+
+#[test]
+fn find_best_config_ensembles_the_validations_of_models_nnunet_trained() {
+    // Two models trained by nnU-Net itself, their fold's validation with --npz (the members of
+    // `tests/fixtures/make_npz_fixture.py`, exported by nnU-Net 2.8.1), scored against nnU-Net's
+    // own ensemble of the two: the pair's ensemble wins with Dice 1 exactly.
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/npz");
+    for m in ["a", "b"] {
+        let val = tmp.path().join(format!("nnUNetTrainer_{m}/fold_0/validation"));
+        std::fs::create_dir_all(&val).unwrap();
+        for f in ["case.nii.gz", "case.npz"] {
+            std::fs::copy(fixture.join(m).join(f), val.join(f)).unwrap();
+        }
+    }
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap()).unwrap();
+    let labels: Vec<u16> = serde_json::from_value(reference["labels"].clone()).unwrap();
+    let geom = stu_data::nifti_io::read_label(&fixture.join("a/case.nii.gz")).unwrap().geom;
+    std::fs::create_dir_all(tmp.path().join("ref")).unwrap();
+    stu_data::nifti_io::write_label_as(&tmp.path().join("ref/case.nii.gz"), &labels, &geom, false).unwrap();
+    let t = |p: &str| tmp.path().join(p).to_str().unwrap().to_string();
+    ok(&Command::new(stu_bin!())
+        .args(["find-best-config", "--ref", &t("ref"), "--labels", fixture.join("a/dataset.json").to_str().unwrap(), "--model", &format!("a={}", t("nnUNetTrainer_a/fold_0")), "--model", &format!("b={}", t("nnUNetTrainer_b/fold_0")), "--out", &t("best")])
+        .output()
+        .unwrap());
+    let best: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("best/best_config.json")).unwrap()).unwrap();
+    assert_eq!(best["best"], "a+b", "{best}");
+    assert_eq!(best["ensembles"][0]["dice"], 1.0, "{best}");
+    assert!(best["candidates"].as_array().unwrap().iter().all(|c| c["dice"].as_f64().unwrap() < 1.0), "{best}");
+}

@@ -104,9 +104,10 @@ fn cases_of(s: &stu_data::metrics::Summary) -> BTreeSet<String> {
     s.metric_per_case.iter().filter_map(|c| stu_data::nifti_io::case_of(&c.prediction_file).map(|(id, _)| id)).collect()
 }
 
-/// Whether every case has its probabilities in one of `folders`.
+/// Whether every case has its probabilities (ours, or nnU-Net's `.npz` of a model it trained
+/// with `--npz`) in one of `folders`.
 fn has_probabilities(folders: &[PathBuf], cases: &BTreeSet<String>) -> Option<String> {
-    cases.iter().find(|id| !folders.iter().any(|f| crate::predict::probabilities_path(f, id).exists())).cloned()
+    cases.iter().find(|id| !folders.iter().any(|f| crate::ensemble::find_probabilities(f, id).is_some())).cloned()
 }
 
 fn write_summary(dir: &Path, s: &stu_data::metrics::Summary) -> Result<PathBuf> {
