@@ -105,9 +105,16 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     assert!(same * 100 >= a.len() * 99, "{same} of {}", a.len());
     assert!(ens.join("ts_mr_sm.probabilities.safetensors").is_file());
     // Post-processing decided on the predictions and applied (JSON; nnU-Net's pickle is not read).
-    fails(&nnunet(&env, &["nnUNetv2_determine_postprocessing", "-i", pred_s, "-ref", labels.to_str().unwrap()]), &["-dataset_json"]);
-    ok(&nnunet(&env, &["nnUNetv2_determine_postprocessing", "-i", pred_s, "-ref", labels.to_str().unwrap(), "-dataset_json", dj.to_str().unwrap()]));
+    // (stu predict leaves the model's dataset.json beside its predictions, as nnU-Net's
+    // predictor: the default -dataset_json.)
+    assert!(std::fs::read(pred.join("dataset.json")).unwrap() == std::fs::read(&dj).unwrap());
+    ok(&nnunet(&env, &["nnUNetv2_determine_postprocessing", "-i", pred_s, "-ref", labels.to_str().unwrap()]));
     assert!(pred.join("postprocessing.json").is_file());
+    let bare = tmp.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(pred.join("ts_mr_sm.nii.gz"), bare.join("ts_mr_sm.nii.gz")).unwrap();
+    fails(&nnunet(&env, &["nnUNetv2_determine_postprocessing", "-i", bare.to_str().unwrap(), "-ref", labels.to_str().unwrap()]), &["-dataset_json"]);
+    ok(&nnunet(&env, &["nnUNetv2_determine_postprocessing", "-i", bare.to_str().unwrap(), "-ref", labels.to_str().unwrap(), "-dataset_json", dj.to_str().unwrap()]));
     let pp_out = tmp.path().join("pp");
     ok(&nnunet(&env, &["nnUNetv2_apply_postprocessing", "-i", pred_s, "-o", pp_out.to_str().unwrap(), "-pp_pkl_file", pred.join("postprocessing.pkl").to_str().unwrap()]));
     assert!(pp_out.join("ts_mr_sm.nii.gz").is_file());

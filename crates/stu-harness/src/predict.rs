@@ -532,6 +532,13 @@ impl Predictor {
         // folder holds both beside its folds).
         let beside_plans = plans.as_ref().and_then(|p| p.parent()).map(|d| d.join("dataset.json")).filter(|p| p.exists());
         let datasets: Vec<Option<PathBuf>> = trained.iter().map(|t| t.dataset.clone().or_else(|| beside_plans.clone())).collect();
+        // Its labels beside the predictions too, as nnU-Net's predictor writes them (what
+        // post-processing and evaluation of the folder read); not when a label map translates
+        // the model's classes into another dataset's.
+        if let Some(d) = datasets.iter().flatten().next().filter(|_| opts.label_map.is_none()) {
+            let to = opts.output.join("dataset.json");
+            stu_core::fs::write_atomic(&to, &std::fs::read(d).with_context(|| format!("{}: cannot read", d.display()))?).with_context(|| format!("{}: cannot write", to.display()))?;
+        }
         let mut regions: Option<(Vec<u16>, &Path)> = None;
         for (d, c) in datasets.iter().zip(&opts.checkpoints) {
             let Some(d) = d else { continue };
