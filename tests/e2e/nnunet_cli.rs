@@ -207,3 +207,41 @@ fn find_best_config_ensembles_the_validations_of_models_nnunet_trained() {
     assert_eq!(best["ensembles"][0]["dice"], 1.0, "{best}");
     assert!(best["candidates"].as_array().unwrap().iter().all(|c| c["dice"].as_f64().unwrap() < 1.0), "{best}");
 }
+
+#[test]
+fn nnunets_cascade_runs_through_its_commands() {
+    // The phantom in nnUNet_raw with a small GPU memory target: nnU-Net's planner adds
+    // 3d_lowres; its fold's final validation writes the next stage's segmentations, which
+    // `nnUNetv2_train … 3d_cascade_fullres` finds by the same trainer and plans.
+    let tmp = tempfile::tempdir().unwrap();
+    let (raw, pre, res) = (tmp.path().join("raw"), tmp.path().join("pre"), tmp.path().join("res"));
+    let env = [("nnUNet_raw", raw.as_path()), ("nnUNet_preprocessed", pre.as_path()), ("nnUNet_results", res.as_path())];
+    let name = "Dataset950_Phantom";
+    ok(&nnunet(&env, &["phantom", "--cases", "5", "--test-cases", "1", "--out", raw.join(name).to_str().unwrap()]));
+    ok(&nnunet(&env, &["nnUNetv2_plan_and_preprocess", "-d", "950", "-gpu_memory_target", "0.1"]));
+    let plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pre.join(name).join("nnUNetPlans.json")).unwrap()).unwrap();
+    for c in ["3d_fullres", "3d_lowres"] {
+        let id = plans["configurations"][c]["data_identifier"].as_str().unwrap();
+        assert!(pre.join(name).join(id).join("source.json").is_file(), "{c}");
+    }
+    let tiny = ["-tr", "STUNetTrainer_small", "--", "--model-options", r#"{"depth":[1,1,1,1],"dims":[4,8,8,8]}"#, "--epochs", "1", "--iterations", "2", "--val-iterations", "0"];
+    fails(&nnunet(&env, &[&["nnUNetv2_train", "950", "3d_cascade_fullres", "all"][..], &tiny].concat()), &["train its previous stage first", "STUNetTrainer_small__nnUNetPlans__3d_lowres"]);
+    ok(&nnunet(&env, &[&["nnUNetv2_train", "950", "3d_lowres", "all"][..], &tiny].concat()));
+    let lowres = res.join(name).join("STUNetTrainer_small__nnUNetPlans__3d_lowres");
+    assert!(lowres.join("fold_all/predicted_next_stage/3d_cascade_fullres").is_dir());
+    let log = ok(&nnunet(&env, &[&["nnUNetv2_train", "950", "3d_cascade_fullres", "all"][..], &tiny].concat()));
+    assert!(log.contains("--previous-stage") && log.contains("3d_lowres/fold_all"), "{log}");
+    let images = raw.join(name).join("imagesTs");
+    let (lo, casc) = (tmp.path().join("pred_lo"), tmp.path().join("pred"));
+    let args = |c: &str, out: &Path| -> Vec<String> {
+        ["nnUNetv2_predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-d", "950", "-c", c, "-tr", "STUNetTrainer_small", "-f", "all", "--disable_tta"].map(String::from).to_vec()
+    };
+    let run = |a: Vec<String>| nnunet(&env, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&run(args("3d_lowres", &lo)));
+    fails(&run(args("3d_cascade_fullres", &casc)), &["--previous-stage"]);
+    let mut a = args("3d_cascade_fullres", &casc);
+    a.extend(["-prev_stage_predictions".to_string(), lo.to_str().unwrap().to_string()]);
+    ok(&run(a));
+    let ids: Vec<String> = std::fs::read_dir(&lo).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".nii.gz")).collect();
+    assert!(!ids.is_empty() && ids.iter().all(|n| casc.join(n).is_file()), "{ids:?}");
+}
