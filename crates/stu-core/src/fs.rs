@@ -59,7 +59,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// memory first (a prediction's probabilities, written slab by slab).
 pub struct AtomicFile {
     path: PathBuf,
-    tmp: PathBuf,
+    /// The temporary sibling, until it is renamed onto `path`.
+    tmp: Option<PathBuf>,
     file: Option<std::fs::File>,
 }
 
@@ -68,36 +69,32 @@ impl AtomicFile {
     pub fn create(path: &Path) -> io::Result<Self> {
         let tmp = temp_path(path)?;
         let file = std::fs::File::create(&tmp)?;
-        Ok(Self { path: path.to_path_buf(), tmp, file: Some(file) })
-    }
-
-    /// The open temporary file.
-    pub fn file(&self) -> &std::fs::File {
-        self.file.as_ref().expect("open until committed")
+        Ok(Self { path: path.to_path_buf(), tmp: Some(tmp), file: Some(file) })
     }
 
     /// Writes `bytes` at byte `offset` of the temporary file (the file grows as needed).
     pub fn write_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
         use std::io::Seek;
-        let mut f = self.file();
+        let mut f = self.file.as_ref().expect("open until committed");
         f.seek(io::SeekFrom::Start(offset))?;
         f.write_all(bytes)
     }
 
     /// Flushes the file to disk and renames it onto its path.
     pub fn commit(mut self) -> io::Result<()> {
-        let file = self.file.take().expect("open until committed");
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path)
+        self.file.take().expect("open until committed").sync_all()?;
+        let tmp = self.tmp.as_ref().expect("there until renamed");
+        std::fs::rename(tmp, &self.path)?;
+        self.tmp = None;
+        Ok(())
     }
 }
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
         // Not committed (or the rename failed): the partial file goes.
-        if self.file.take().is_some() || self.tmp.exists() {
-            let _ = std::fs::remove_file(&self.tmp);
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
         }
     }
 }

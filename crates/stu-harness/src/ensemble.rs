@@ -51,7 +51,7 @@ impl<R: Read> Read for Crc<R> {
     }
 }
 
-/// The float types of a `.npy` file this reads (little-endian, C order).
+/// The float types of a probabilities file (little-endian; a `.npy`'s in C order; ours F16).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum NpyFloat {
     F16,
@@ -143,25 +143,17 @@ impl Probabilities {
     fn add_class(&mut self, k: usize, sum: &mut [f32]) -> Result<()> {
         let n: usize = self.shape[1..].iter().product();
         let path = &self.path;
-        match &mut self.source {
+        let (dtype, bytes) = match &mut self.source {
             Source::Safetensors { file, start } => {
                 let mut bytes = vec![0u8; 2 * n];
                 file.seek(SeekFrom::Start(*start + (2 * n * k) as u64))?;
                 file.read_exact(&mut bytes).with_context(|| format!("{}: cannot read class {k}", path.display()))?;
-                for (s, b) in sum.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *s += half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
+                (NpyFloat::F16, bytes)
             }
             Source::Npz { stream, dtype, next, crc } => {
                 ensure!(k == *next, "{}: class {k} asked after class {}; an .npz is read in class order", path.display(), *next as isize - 1);
                 let mut bytes = vec![0u8; dtype.size() * n];
                 stream.read_exact(&mut bytes).with_context(|| format!("{}: cannot read class {k} (truncated or corrupt)", path.display()))?;
-                match dtype {
-                    NpyFloat::F16 => sum.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(s, b)| *s += half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                    NpyFloat::F32 => sum.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(s, b)| *s += f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                    // (nnU-Net's average_probabilities also works in float32.)
-                    NpyFloat::F64 => sum.iter_mut().zip(bytes.chunks_exact(8)).for_each(|(s, b)| *s += f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32),
-                }
                 *next += 1;
                 if *next == self.shape[0] {
                     // The whole entry is read: nothing may follow, and its checksum must hold.
@@ -170,7 +162,14 @@ impl Probabilities {
                     let got = stream.hasher.clone().finalize();
                     ensure!(rest.is_empty() && got == *crc, "{}: `probabilities.npy` is corrupt (CRC-32 {got:08x}, the archive says {crc:08x})", path.display());
                 }
+                (*dtype, bytes)
             }
+        };
+        match dtype {
+            NpyFloat::F16 => sum.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(s, b)| *s += half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+            NpyFloat::F32 => sum.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(s, b)| *s += f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            // (nnU-Net's average_probabilities also works in float32.)
+            NpyFloat::F64 => sum.iter_mut().zip(bytes.chunks_exact(8)).for_each(|(s, b)| *s += f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32),
         }
         Ok(())
     }

@@ -416,11 +416,10 @@ fn train(cmd: &str, args: &[String]) -> Result<()> {
     if let Some(prev) = plans["configurations"][config.as_str()]["previous_stage"].as_str() {
         // The cascade's second stage: the first stage's folds (their predicted_next_stage).
         let first = results.join(format!("{tr}__{plans_name}__{prev}"));
-        let folds: Vec<PathBuf> = std::fs::read_dir(&first).map(|e| e.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fold_"))).collect()).unwrap_or_default();
+        let mut folds: Vec<PathBuf> = std::fs::read_dir(&first).map(|e| e.filter_map(|e| Some(e.ok()?.path())).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fold_"))).collect()).unwrap_or_default();
         ensure!(!folds.is_empty(), "{config}: train its previous stage first ({}: no fold_K)", first.display());
-        a.push("--previous-stage".into());
-        let mut folds = folds;
         folds.sort();
+        a.push("--previous-stage".into());
         a.extend(folds.iter().map(|f| s(f)));
     }
     if p.has("--c") {

@@ -21,7 +21,7 @@ use stu_engine::model::{LoadOptions, SegNet};
 use stu_engine::{Device, Tensor, TensorData};
 
 mod slabs;
-use slabs::{LabelRule, Ring, RowExport, RowProbabilities, Slab, SlabData, SlabMsg, Streamed, paint_region, running_argmax, sigmoid};
+use slabs::{LabelRule, Ring, RowExport, RowProbabilities, Slab, SlabData, SlabMsg, Streamed, paint_region, running_argmax, sigmoid, softmax};
 
 /// The released STU-Net models' plan (1.5 mm isotropic, 128³ patch, z-score), used when no plan
 /// is given.
@@ -352,9 +352,7 @@ impl Exporter {
             // Second pass: softmax of the resampled logits, one class at a time, un-cropped
             // (outside the crop: background 1, others 0, as nnU-Net) and transposed back.
             write_probabilities(path, classes, geom.shape, None, |k| {
-                let r = back.resample(&logits[k * n..(k + 1) * n]);
-                let p: Vec<f32> = r.iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
-                back.place(&p, if k == 0 { 1.0 } else { 0.0 })
+                back.place(&softmax(&back.resample(&logits[k * n..(k + 1) * n]), &best, &sumexp), if k == 0 { 1.0 } else { 0.0 })
             })
             .with_context(|| path.display().to_string())?;
         }

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, ensure};
 use stu_data::resample::LinearRows;
 use stu_engine::{Tensor, TensorData};
 
-use super::{Back, Exporter, ProbabilityFile, all_finite};
+use super::{Back, Exporter, ProbabilityFile, all_finite, uncrop};
 
 /// A case whose full export the writer stage does while the network stage still runs it
 /// (overlapped prediction): the way back to its input's grid, its geometry, and its slabs.
@@ -117,11 +117,8 @@ impl RowExport {
                     }
                     if let (Some(file), Some(sumexp)) = (probabilities, sumexp) {
                         // Second pass: each class's rows resampled again, their softmax written.
-                        use rayon::prelude::*;
                         for c in 0..self.classes {
-                            let r = self.rows.rows(&input(c, lo, hi), lo, next..end);
-                            let p: Vec<f32> = r.par_iter().zip(&best).zip(&sumexp).map(|((v, m), s)| (v - m).exp() / s).collect();
-                            file.write(c, next, &p)?;
+                            file.write(c, next, &softmax(&self.rows.rows(&input(c, lo, hi), lo, next..end), &best, &sumexp))?;
                         }
                     }
                 }
@@ -200,13 +197,7 @@ impl RowProbabilities {
     fn write(&self, class: usize, next: usize, values: &[f32]) -> Result<()> {
         let ([_, ty, tx], [_, fy, fx]) = (self.target, self.full);
         let rows = values.len() / (ty * tx).max(1);
-        let mut placed = vec![self.fill(class); rows * fy * fx];
-        for r in 0..rows {
-            for y in 0..ty {
-                let dst = (r * fy + y + self.bbox[1][0]) * fx + self.bbox[2][0];
-                placed[dst..dst + tx].copy_from_slice(&values[(r * ty + y) * tx..(r * ty + y + 1) * tx]);
-            }
-        }
+        let placed = uncrop(values, [rows, ty, tx], [rows, fy, fx], [[0, rows], self.bbox[1], self.bbox[2]], self.fill(class));
         let (placed, _) = stu_data::preprocess::transpose(placed, [rows, fy, fx], self.backward);
         self.file.write(class, next + self.bbox[0][0], &placed)
     }
@@ -248,6 +239,13 @@ pub(super) fn running_argmax(best: &mut [f32], arg: &mut [u16], r: &[f32], class
         Some(s) => chunks.zip(s.par_chunks_mut(CHUNK)).for_each(|(((b, a), r), s)| update(b, a, r, Some(s))),
         None => chunks.for_each(|((b, a), r)| update(b, a, r, None)),
     }
+}
+
+/// One class's softmax from its values `r` and every class's running maximum `best` and sum of
+/// exp(value − maximum) `sumexp` ([`running_argmax`]'s), on all cores.
+pub(super) fn softmax(r: &[f32], best: &[f32], sumexp: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    r.par_iter().zip(best).zip(sumexp).map(|((v, m), s)| (v - m).exp() / s).collect()
 }
 
 /// A region's values `r` painted into `seg`: its label `w` where its sigmoid exceeds 0.5.
