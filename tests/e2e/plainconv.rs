@@ -16,6 +16,20 @@ fn plainconv_matches_the_reference_in_both_containers() {
     assert_eq!(n, 3);
 }
 
+/// nnU-Net's `2d` network (Conv2d, InstanceNorm2d, ConvTranspose2d; `make_plainconv2d_fixture.py`)
+/// loads as the 3-D network of depth-1 kernels and gives the reference's outputs on each slice.
+#[test]
+fn plainconv_2d_matches_the_reference_as_depth_one_3d() {
+    let n = tests::forward_parity(&["plainconv2d_tiny.safetensors", "plainconv2d_tiny_nnunetv2.pth"], "plainconv2d_tiny.safetensors", 1e-4);
+    assert_eq!(n, 3);
+    zoo::link();
+    let device = stu_engine::backend::Backend::Flex.device().unwrap();
+    let net = stu_engine::model::load_checkpoint(&own_fixtures().join("plainconv2d_tiny_nnunetv2.pth"), None, &LoadOptions::default(), &device).unwrap();
+    let d = net.describe();
+    assert_eq!(d["kernels"], serde_json::json!([[1, 3, 3], [1, 3, 3], [1, 1, 3], [1, 3, 3]]));
+    assert_eq!(d["strides"], serde_json::json!([[1, 1, 1], [1, 2, 2], [1, 2, 1], [1, 2, 2]]));
+}
+
 #[test]
 fn plainconv_keys_and_counts_equal_the_reference() {
     zoo::link();

@@ -425,6 +425,9 @@ impl PlainConvUNet {
     /// shapes (kernels from the conv weights, strides from the transposed convolutions), every
     /// key is checked, and unknown keys are refused.
     pub fn from_state_dict(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Self, CheckpointError> {
+        // nnU-Net's `2d` networks load as the 3-D network of depth-1 kernels they equal.
+        let lifted = dict.lifted_2d();
+        let dict = lifted.as_ref().unwrap_or(dict);
         let arch = infer_arch(dict)?;
         check_strides(dict, options, &arch.strides)?;
         // The duplicate registrations are optional on load (files written without them load

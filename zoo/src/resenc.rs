@@ -268,6 +268,9 @@ impl ResEncUNet {
     /// From an nnU-Net v2 state dict (any container): the architecture comes from the tensor
     /// shapes, every key is checked, unknown keys are refused.
     pub fn from_state_dict(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Self, CheckpointError> {
+        // nnU-Net's `2d` networks load as the 3-D network of depth-1 kernels they equal.
+        let lifted = dict.lifted_2d();
+        let dict = lifted.as_ref().unwrap_or(dict);
         let arch = infer_arch(dict)?;
         plainconv::check_strides(dict, options, &arch.strides)?;
         check_keys(dict, &arch.keys(), NAME, |k| k.contains(".all_modules.") || k.starts_with("decoder.encoder."))?;

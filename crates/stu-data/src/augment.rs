@@ -49,10 +49,12 @@ pub struct AugConfig {
 }
 
 impl AugConfig {
-    /// nnU-Net v2.2's configuration for the final patch `patch` (3-D).
+    /// nnU-Net v2.2's configuration for the final patch `patch` (3-D; a 2-D configuration's
+    /// patch one slice deep gets nnU-Net's 2-D augmentation: in-plane rotation of its range,
+    /// in-plane mirroring).
     pub fn nnunet(patch: [usize; 3]) -> Self {
         let dummy_2d = crate::sampler::dummy_2d(patch);
-        let rotation = if dummy_2d { [std::f64::consts::PI, 0.0, 0.0] } else { [30f64.to_radians(); 3] };
+        let rotation = if dummy_2d { [crate::sampler::in_plane_rotation(patch), 0.0, 0.0] } else { [30f64.to_radians(); 3] };
         Self {
             rotation,
             dummy_2d,
@@ -66,7 +68,7 @@ impl AugConfig {
             p_lowres: 0.25,
             p_gamma_inverted: 0.1,
             p_gamma: 0.3,
-            mirror_axes: vec![0, 1, 2],
+            mirror_axes: if crate::sampler::planar(patch) { vec![1, 2] } else { vec![0, 1, 2] },
         }
     }
 

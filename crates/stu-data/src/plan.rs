@@ -4,8 +4,6 @@
 //!
 //! Everything is in nnU-Net's array axis order; rounding is half-to-even like Python's.
 
-use serde::Serialize;
-
 /// `ANISO_THRESHOLD`.
 pub const ANISO_THRESHOLD: f64 = 3.0;
 /// `UNet_base_num_features`.
@@ -14,6 +12,12 @@ pub const BASE_FEATURES: u64 = 32;
 pub const MAX_FEATURES_3D: u64 = 320;
 /// `UNet_reference_val_3d`.
 pub const REFERENCE_VAL_3D: f64 = 560_000_000.0;
+/// `UNet_reference_val_2d`.
+pub const REFERENCE_VAL_2D: f64 = 85_000_000.0;
+/// `UNet_max_features_2d`.
+pub const MAX_FEATURES_2D: u64 = 512;
+/// `UNet_reference_val_corresp_bs_2d`.
+pub const REFERENCE_BS_2D: f64 = 12.0;
 /// `UNet_reference_val_corresp_GB`.
 pub const REFERENCE_GB: f64 = 8.0;
 /// `UNet_reference_val_corresp_bs_3d`.
@@ -74,31 +78,31 @@ pub fn compute_new_shape(shape: [usize; 3], spacing: [f64; 3], new_spacing: [f64
     [0, 1, 2].map(|a| (spacing[a] / new_spacing[a] * shape[a] as f64).round_ties_even() as usize)
 }
 
-/// Network topology for a patch (`get_pool_and_conv_props`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Topology {
+/// Network topology for a patch (`get_pool_and_conv_props`), for `N` = 3 or 2 axes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology<const N: usize = 3> {
     /// Pools per axis.
-    pub num_pool_per_axis: [u32; 3],
-    /// Strides, stage 0's `[1,1,1]` first.
-    pub pool_op_kernel_sizes: Vec<[usize; 3]>,
+    pub num_pool_per_axis: [u32; N],
+    /// Strides, stage 0's `[1; N]` first.
+    pub pool_op_kernel_sizes: Vec<[usize; N]>,
     /// Conv kernels per stage.
-    pub conv_kernel_sizes: Vec<[usize; 3]>,
+    pub conv_kernel_sizes: Vec<[usize; N]>,
     /// The patch, padded up to the divisor.
-    pub patch_size: [usize; 3],
+    pub patch_size: [usize; N],
     /// 2^pools per axis.
-    pub must_be_divisible_by: [usize; 3],
+    pub must_be_divisible_by: [usize; N],
 }
 
 /// `get_pool_and_conv_props(spacing, patch, 4, 999999)`. `patch` may be fractional (a median).
-pub fn topology(spacing: [f64; 3], patch: [f64; 3]) -> Topology {
+pub fn topology<const N: usize>(spacing: [f64; N], patch: [f64; N]) -> Topology<N> {
     let mut cur_spacing = spacing;
     let mut cur_size = patch;
-    let mut pools = vec![[1usize; 3]];
+    let mut pools = vec![[1usize; N]];
     let mut convs = Vec::new();
-    let mut num_pool = [0u32; 3];
-    let mut kernel = [1usize; 3];
+    let mut num_pool = [0u32; N];
+    let mut kernel = [1usize; N];
     loop {
-        let valid: Vec<usize> = (0..3).filter(|&a| cur_size[a] >= 2.0 * MIN_FMAP).collect();
+        let valid: Vec<usize> = (0..N).filter(|&a| cur_size[a] >= 2.0 * MIN_FMAP).collect();
         if valid.is_empty() {
             break;
         }
@@ -111,12 +115,12 @@ pub fn topology(spacing: [f64; 3], patch: [f64; 3]) -> Topology {
             break;
         }
         let min_all = cur_spacing.iter().copied().fold(f64::MAX, f64::min);
-        for d in 0..3 {
+        for d in 0..N {
             if kernel[d] != 3 && cur_spacing[d] / min_all < 2.0 {
                 kernel[d] = 3;
             }
         }
-        let mut pool = [1usize; 3];
+        let mut pool = [1usize; N];
         for &v in &valid {
             pool[v] = 2;
             num_pool[v] += 1;
@@ -127,12 +131,12 @@ pub fn topology(spacing: [f64; 3], patch: [f64; 3]) -> Topology {
         convs.push(kernel);
     }
     let div = num_pool.map(|n| 1usize << n);
-    let patch_size = [0, 1, 2].map(|a| {
+    let patch_size = std::array::from_fn(|a| {
         let (s, d) = (patch[a], div[a] as f64);
         let padded = s + d - s % d;
         (if s % d == 0.0 { padded - d } else { padded }) as usize
     });
-    convs.push([3, 3, 3]);
+    convs.push([3; N]);
     Topology { num_pool_per_axis: num_pool, pool_op_kernel_sizes: pools, conv_kernel_sizes: convs, patch_size, must_be_divisible_by: div }
 }
 
@@ -153,25 +157,31 @@ pub struct Planner {
     pub network: Network,
     /// `UNet_reference_val_3d`.
     pub reference_val_3d: f64,
+    /// `UNet_reference_val_2d`.
+    pub reference_val_2d: f64,
     /// `UNet_reference_val_corresp_GB`.
     pub reference_gb: f64,
     /// `max_dataset_covered`: the batch's share of the dataset's voxels.
     pub max_dataset_covered: f64,
     /// `gpu_memory_target_in_gb` when none is given.
     pub default_gpu_gb: f64,
+    /// The default planner shrinks the patch while `estimate / ref_bs · 2 > reference` (so a 2-D
+    /// plan is held to batch 2 of the reference's 12); the ResEnc planners while
+    /// `estimate > reference`. The same for 3-D, where `ref_bs` is 2.
+    pub shrink_per_two: bool,
 }
 
 impl Planner {
     /// nnU-Net's default `ExperimentPlanner`.
-    pub const DEFAULT: Self = Self { network: Network::PlainConv, reference_val_3d: REFERENCE_VAL_3D, reference_gb: REFERENCE_GB, max_dataset_covered: MAX_DATASET_COVERED, default_gpu_gb: 8.0 };
+    pub const DEFAULT: Self = Self { network: Network::PlainConv, reference_val_3d: REFERENCE_VAL_3D, reference_val_2d: REFERENCE_VAL_2D, reference_gb: REFERENCE_GB, max_dataset_covered: MAX_DATASET_COVERED, default_gpu_gb: 8.0, shrink_per_two: true };
     /// `nnUNetPlannerResEncM` (~9–11 GB).
-    pub const RESENC_M: Self = Self { network: Network::ResEnc, reference_val_3d: 680_000_000.0, reference_gb: 8.0, max_dataset_covered: 1.0, default_gpu_gb: 8.0 };
+    pub const RESENC_M: Self = Self { network: Network::ResEnc, reference_val_3d: 680_000_000.0, reference_val_2d: 135_000_000.0, reference_gb: 8.0, max_dataset_covered: 1.0, default_gpu_gb: 8.0, shrink_per_two: false };
     /// `nnUNetPlannerResEncL` (~24 GB).
-    pub const RESENC_L: Self = Self { network: Network::ResEnc, reference_val_3d: 2_100_000_000.0, reference_gb: 24.0, max_dataset_covered: 1.0, default_gpu_gb: 24.0 };
+    pub const RESENC_L: Self = Self { network: Network::ResEnc, reference_val_3d: 2_100_000_000.0, reference_val_2d: 380_000_000.0, reference_gb: 24.0, max_dataset_covered: 1.0, default_gpu_gb: 24.0, shrink_per_two: false };
     /// `nnUNetPlannerResEncXL` (~40 GB).
-    pub const RESENC_XL: Self = Self { network: Network::ResEnc, reference_val_3d: 3_600_000_000.0, reference_gb: 40.0, max_dataset_covered: 1.0, default_gpu_gb: 40.0 };
+    pub const RESENC_XL: Self = Self { network: Network::ResEnc, reference_val_3d: 3_600_000_000.0, reference_val_2d: 560_000_000.0, reference_gb: 40.0, max_dataset_covered: 1.0, default_gpu_gb: 40.0, shrink_per_two: false };
 
-    fn estimate(&self, patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
+    fn estimate<const N: usize>(&self, patch: [usize; N], pools: &[[usize; N]], num_label_keys: usize) -> u64 {
         match self.network {
             Network::PlainConv => estimate_vram(patch, pools, num_label_keys),
             Network::ResEnc => estimate_vram_resenc(patch, pools, num_label_keys),
@@ -179,13 +189,18 @@ impl Planner {
     }
 }
 
+/// `UNet_max_features_3d` / `_2d`.
+pub const fn max_features(dims: usize) -> u64 {
+    if dims == 2 { MAX_FEATURES_2D } else { MAX_FEATURES_3D }
+}
+
 /// ResidualEncoderUNet's `compute_conv_feature_map_size` (dynamic_network_architectures 0.4,
 /// without deep supervision, as nnU-Net's planner builds it): the stem, two convs per residual
 /// block plus the skip's projection in each stage's first block (stage 0's has none), and per
 /// decoder stage one conv, the transposed conv and, at full resolution, the head.
-pub fn estimate_vram_resenc(patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
+pub fn estimate_vram_resenc<const N: usize>(patch: [usize; N], pools: &[[usize; N]], num_label_keys: usize) -> u64 {
     let sizes = stage_voxels(patch, pools);
-    let feats = |s: usize| (BASE_FEATURES << s).min(MAX_FEATURES_3D);
+    let feats = |s: usize| (BASE_FEATURES << s).min(max_features(N));
     let stem = feats(0) * sizes[0];
     let encoder: u64 = sizes.iter().enumerate().map(|(s, &n)| (2 * stu_core::scaling::resenc_blocks(s) as u64 + u64::from(s > 0)) * feats(s) * n).sum();
     let decoder: u64 = (0..pools.len() - 1).map(|s| 2 * feats(s) * sizes[s]).sum();
@@ -194,51 +209,52 @@ pub fn estimate_vram_resenc(patch: [usize; 3], pools: &[[usize; 3]], num_label_k
 
 /// Each stage's voxel count for a patch (floor division by each stage's pooling, as
 /// `compute_conv_feature_map_size` does).
-fn stage_voxels(patch: [usize; 3], pools: &[[usize; 3]]) -> Vec<u64> {
+fn stage_voxels<const N: usize>(patch: [usize; N], pools: &[[usize; N]]) -> Vec<u64> {
     let mut size = patch.map(|v| v as u64);
     pools
         .iter()
         .map(|p| {
-            size = [0, 1, 2].map(|a| size[a] / p[a] as u64);
+            size = std::array::from_fn(|a| size[a] / p[a] as u64);
             size.iter().product::<u64>()
         })
         .collect()
 }
 
 /// PlainConvUNet's `compute_conv_feature_map_size` as nnU-Net v2.2 uses it for its VRAM proxy:
-/// features min(32·2^s, 320), 2 convs per stage, `num_label_keys` = every key of `labels`.
-pub fn estimate_vram(patch: [usize; 3], pools: &[[usize; 3]], num_label_keys: usize) -> u64 {
+/// features min(32·2^s, 320) (512 in 2-D), 2 convs per stage, `num_label_keys` = every key of
+/// `labels`.
+pub fn estimate_vram<const N: usize>(patch: [usize; N], pools: &[[usize; N]], num_label_keys: usize) -> u64 {
     let sizes = stage_voxels(patch, pools);
-    let feats = |s: usize| (BASE_FEATURES << s).min(MAX_FEATURES_3D);
+    let feats = |s: usize| (BASE_FEATURES << s).min(max_features(N));
     let encoder: u64 = sizes.iter().enumerate().map(|(s, &n)| 2 * feats(s) * n).sum();
     let decoder: u64 = (0..pools.len() - 1).map(|s| 3 * feats(s) * sizes[s]).sum();
     encoder + decoder + num_label_keys as u64 * sizes[0]
 }
 
-/// A planned `3d_fullres` configuration.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Configuration {
+/// A planned configuration (`3d_fullres`, `3d_lowres`: `N` = 3; `2d`: `N` = 2).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Configuration<const N: usize = 3> {
     /// Target spacing (transposed order).
-    pub spacing: [f64; 3],
+    pub spacing: [f64; N],
     /// Patch.
-    pub patch_size: [usize; 3],
+    pub patch_size: [usize; N],
     /// Batch.
     pub batch_size: u64,
     /// Median shape after resampling (transposed order).
-    pub median_image_size_in_voxels: [f64; 3],
+    pub median_image_size_in_voxels: [f64; N],
     /// Topology.
-    pub topology: Topology,
+    pub topology: Topology<N>,
     /// The VRAM proxy of the final patch.
     pub vram_estimate: u64,
 }
 
 /// Inputs of configuration planning.
 #[derive(Debug, Clone)]
-pub struct PlanInput {
+pub struct PlanInput<const N: usize = 3> {
     /// Target spacing, transposed.
-    pub spacing: [f64; 3],
+    pub spacing: [f64; N],
     /// Median shape after resampling, transposed.
-    pub median_shape: [f64; 3],
+    pub median_shape: [f64; N],
     /// Keys of `labels` in dataset.json (background and ignore included).
     pub num_label_keys: usize,
     /// nnU-Net's `approximate_n_voxels_dataset`: median voxels × training cases (for
@@ -248,19 +264,24 @@ pub struct PlanInput {
     pub gpu_memory_gb: f64,
 }
 
-/// `get_plans_for_configuration` for 3-D of `planner`.
-pub fn plan_configuration(input: &PlanInput, planner: &Planner) -> Configuration {
+/// `get_plans_for_configuration` of `planner`, 3-D or (`N` = 2, nnU-Net's `2d`: the in-plane
+/// axes of the full-resolution spacing and median shape) 2-D.
+pub fn plan_configuration<const N: usize>(input: &PlanInput<N>, planner: &Planner) -> Configuration<N> {
+    assert!(N == 2 || N == 3, "nnU-Net plans 2-D and 3-D configurations");
     let PlanInput { spacing, median_shape, num_label_keys, dataset_voxels, gpu_memory_gb } = *input;
     let tmp = spacing.map(|s| 1.0 / s);
-    let scale = (256f64.powi(3) / tmp.iter().product::<f64>()).cbrt();
-    let initial = [0, 1, 2].map(|a| (tmp[a] * scale).round_ties_even().min(median_shape[a]));
+    // A box of 256³ (2-D: 2048²) voxels, isotropic in mm.
+    let scale = if N == 3 { (256f64.powi(3) / tmp.iter().product::<f64>()).cbrt() } else { (2048f64.powi(2) / tmp.iter().product::<f64>()).powf(0.5) };
+    let initial: [f64; N] = std::array::from_fn(|a| (tmp[a] * scale).round_ties_even().min(median_shape[a]));
     let mut topo = topology(spacing, initial);
     let mut estimate = planner.estimate(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
-    let reference = planner.reference_val_3d * (gpu_memory_gb / planner.reference_gb);
-    while estimate as f64 > reference {
-        let ratio = [0, 1, 2].map(|a| topo.patch_size[a] as f64 / median_shape[a]);
+    let (reference_val, ref_bs) = if N == 3 { (planner.reference_val_3d, REFERENCE_BS_3D) } else { (planner.reference_val_2d, REFERENCE_BS_2D) };
+    let reference = reference_val * (gpu_memory_gb / planner.reference_gb);
+    let too_large = |estimate: u64| if planner.shrink_per_two { estimate as f64 / ref_bs * 2.0 > reference } else { estimate as f64 > reference };
+    while too_large(estimate) {
+        let ratio: [f64; N] = std::array::from_fn(|a| topo.patch_size[a] as f64 / median_shape[a]);
         // Stable argsort, last element: the highest axis among the largest ratios.
-        let axis = (0..3).fold(0, |best, a| if ratio[a] >= ratio[best] { a } else { best });
+        let axis = (0..N).fold(0, |best, a| if ratio[a] >= ratio[best] { a } else { best });
         let mut trial = topo.patch_size.map(|v| v as f64);
         trial[axis] -= topo.must_be_divisible_by[axis] as f64;
         let div = topology(spacing, trial).must_be_divisible_by;
@@ -269,7 +290,7 @@ pub fn plan_configuration(input: &PlanInput, planner: &Planner) -> Configuration
         topo = topology(spacing, patch);
         estimate = planner.estimate(topo.patch_size, &topo.pool_op_kernel_sizes, num_label_keys);
     }
-    let bs = (reference / estimate as f64 * REFERENCE_BS_3D).round_ties_even() as u64;
+    let bs = (reference / estimate as f64 * ref_bs).round_ties_even() as u64;
     let bs5 = (dataset_voxels * planner.max_dataset_covered / topo.patch_size.iter().map(|&v| v as f64).product::<f64>()).round_ties_even() as u64;
     Configuration {
         spacing,
@@ -286,14 +307,15 @@ mod tests {
     use super::*;
 
     /// nnU-Net 2.8.1's whole `plan_experiment` (`tests/fixtures/make_lowres_planner_fixture.py`):
-    /// which 3-D configurations it writes, and every planned number of `3d_lowres` (created,
-    /// created and then dropped, or never tried), for the default, the ResEnc M and the ResEnc L planner.
+    /// which configurations it writes, and every planned number of `2d`, `3d_fullres` and
+    /// `3d_lowres` (created, created and then dropped, or never tried), for the default, the
+    /// ResEnc M and the ResEnc L planner.
     #[test]
     fn lowres_and_cascade_configurations_equal_nnunets() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lowres_planner.json");
         let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let mut created = 0;
+        let (mut created, mut twod) = (0, 0);
         for (i, row) in doc["rows"].as_array().unwrap().iter().enumerate() {
             let json_path = dir.path().join(format!("{i}.json"));
             std::fs::write(&json_path, row["dataset"].to_string()).unwrap();
@@ -332,15 +354,21 @@ mod tests {
                         _ => assert_eq!(o, t, "{at} {name}.{key}"),
                     }
                 }
-                let spacing = |v: &serde_json::Value| serde_json::from_value::<[f64; 3]>(v["spacing"].clone()).unwrap();
+                let spacing = |v: &serde_json::Value| serde_json::from_value::<Vec<f64>>(v["spacing"].clone()).unwrap();
+                assert_eq!(spacing(o).len(), spacing(t).len(), "{at} {name}.spacing");
                 for (a, b) in spacing(o).iter().zip(spacing(t)) {
                     assert!((a - b).abs() < 1e-12, "{at} {name}.spacing {a} {b}");
                 }
                 assert_eq!(o["pool_op_kernel_sizes"], t["strides"], "{at} {name}");
                 assert_eq!(o["conv_kernel_sizes"], t["kernel_sizes"], "{at} {name}");
+                let max = o["unet_max_num_features"].as_u64().unwrap();
+                let features: Vec<u64> = (0..o["pool_op_kernel_sizes"].as_array().unwrap().len()).map(|s| (BASE_FEATURES << s).min(max)).collect();
+                assert_eq!(serde_json::json!(features), t["features_per_stage"], "{at} {name}");
+                twod += usize::from(name == "2d");
             }
         }
-        assert_eq!(created, 7, "3d_lowres: three datasets under the default and ResEnc M planners, one under ResEnc L (its larger patch covers the others)");
+        assert_eq!(created, 8, "3d_lowres: three datasets under the default planner, four under ResEnc M, one under ResEnc L (its larger patch covers the others)");
+        assert_eq!(twod, 21, "a 2d configuration for every dataset and planner");
     }
 
     #[test]
@@ -509,7 +537,46 @@ pub fn configuration(plans: &serde_json::Value, name: &str) -> Result<serde_json
     for layer in layers.into_iter().rev() {
         merged.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
+    lift_2d(&mut merged);
     Ok(serde_json::Value::Object(merged))
+}
+
+/// Whether a configuration as [`configuration`] returns it was planned in 2-D (nnU-Net's `2d`).
+pub fn is_2d(conf: &serde_json::Value) -> bool {
+    conf.get(SPATIAL_DIMS).and_then(|v| v.as_u64()) == Some(2)
+}
+
+/// The key [`configuration`] adds to a 2-D configuration it lifts.
+pub const SPATIAL_DIMS: &str = "spatial_dims";
+
+/// A 2-D configuration (nnU-Net's `2d`: 2-D patch, kernels and strides) is read as 3-D of depth 1:
+/// its patch, kernels and strides get a leading 1, so a 3-D network with `[1, k, k]` kernels
+/// and `[1, s, s]` strides is exactly nnU-Net's 2-D one on each slice, and patches are single
+/// slices. Its `spacing` keeps its two in-plane entries (each case keeps its own slice
+/// spacing, [`crate::preprocess::PreprocessPlan`]), and `spatial_dims` says 2.
+fn lift_2d(conf: &mut serde_json::Map<String, serde_json::Value>) {
+    let two = |v: &serde_json::Value| v.as_array().is_some_and(|a| a.len() == 2);
+    if !conf.get("patch_size").is_some_and(two) {
+        return;
+    }
+    let lift = |v: &mut serde_json::Value| {
+        if let Some(a) = v.as_array_mut().filter(|a| a.len() == 2) {
+            a.insert(0, 1.into());
+        }
+    };
+    let lift_all = |v: Option<&mut serde_json::Value>| {
+        if let Some(list) = v.and_then(|v| v.as_array_mut()) {
+            list.iter_mut().for_each(lift);
+        }
+    };
+    conf.get_mut("patch_size").map(lift);
+    lift_all(conf.get_mut("pool_op_kernel_sizes"));
+    lift_all(conf.get_mut("conv_kernel_sizes"));
+    if let Some(arch) = conf.get_mut("architecture").and_then(|a| a.get_mut("arch_kwargs")) {
+        lift_all(arch.get_mut("strides"));
+        lift_all(arch.get_mut("kernel_sizes"));
+    }
+    conf.insert(SPATIAL_DIMS.into(), 2.into());
 }
 
 /// Planning presets.
@@ -565,6 +632,32 @@ pub fn normalization_scheme(channel_name: &str) -> &'static str {
         "rescale_to_0_1" => "RescaleTo01Normalization",
         "rgb_to_0_1" => "RGBTo01Normalization",
         _ => "ZScoreNormalization",
+    }
+}
+
+/// A configuration's numbers as plain lists (2-D or 3-D alike) for `plans.json`.
+struct Parts {
+    batch_size: u64,
+    patch_size: Vec<usize>,
+    median_image_size_in_voxels: Vec<f64>,
+    spacing: Vec<f64>,
+    num_pool_per_axis: Vec<u32>,
+    pool_op_kernel_sizes: Vec<Vec<usize>>,
+    conv_kernel_sizes: Vec<Vec<usize>>,
+}
+
+impl Parts {
+    fn of<const N: usize>(c: &Configuration<N>) -> Self {
+        let lists = |v: &[[usize; N]]| v.iter().map(|a| a.to_vec()).collect();
+        Self {
+            batch_size: c.batch_size,
+            patch_size: c.patch_size.to_vec(),
+            median_image_size_in_voxels: c.median_image_size_in_voxels.to_vec(),
+            spacing: c.spacing.to_vec(),
+            num_pool_per_axis: c.topology.num_pool_per_axis.to_vec(),
+            pool_op_kernel_sizes: lists(&c.topology.pool_op_kernel_sizes),
+            conv_kernel_sizes: lists(&c.topology.conv_kernel_sizes),
+        }
     }
 }
 
@@ -624,8 +717,8 @@ pub fn plans_json(
     };
     let resenc = planner.is_some_and(|p| p.network == Network::ResEnc);
     let resampling = |is_seg: bool, order: u32| serde_json::json!({"is_seg": is_seg, "order": order, "order_z": 0, "force_separate_z": null});
-    let configuration = |data_identifier: String, c: &Configuration, estimate: Option<u64>, batch_dice: bool| {
-        let n_stages = c.topology.pool_op_kernel_sizes.len();
+    let configuration = |data_identifier: String, c: &Parts, estimate: Option<u64>, batch_dice: bool| {
+        let n_stages = c.pool_op_kernel_sizes.len();
         serde_json::json!({
             "data_identifier": data_identifier,
             "preprocessor_name": "DefaultPreprocessor",
@@ -639,10 +732,10 @@ pub fn plans_json(
             "UNet_base_num_features": BASE_FEATURES,
             "n_conv_per_stage_encoder": if resenc { stu_core::scaling::RESENC_BLOCKS[..n_stages].to_vec() } else { vec![2; n_stages] },
             "n_conv_per_stage_decoder": vec![if resenc { 1 } else { 2 }; n_stages - 1],
-            "num_pool_per_axis": c.topology.num_pool_per_axis,
-            "pool_op_kernel_sizes": c.topology.pool_op_kernel_sizes,
-            "conv_kernel_sizes": c.topology.conv_kernel_sizes,
-            "unet_max_num_features": MAX_FEATURES_3D,
+            "num_pool_per_axis": c.num_pool_per_axis,
+            "pool_op_kernel_sizes": c.pool_op_kernel_sizes,
+            "conv_kernel_sizes": c.conv_kernel_sizes,
+            "unet_max_num_features": max_features(c.patch_size.len()),
             "resampling_fn_data": "resample_data_or_seg_to_shape",
             "resampling_fn_seg": "resample_data_or_seg_to_shape",
             "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
@@ -657,12 +750,21 @@ pub fn plans_json(
     // a lowres configuration is their own.
     let full_identifier = if resenc { "nnUNetPlans_3d_fullres".to_string() } else { format!("{plans_name}_3d_fullres") };
     let mut configurations = serde_json::Map::new();
+    if let Some(p) = planner {
+        // nnU-Net's `2d`: the in-plane axes of the full-resolution spacing and median shape,
+        // capped by the same dataset voxels; always batch Dice. (Not for STU-Net's preset: its
+        // networks are 3-D.)
+        let input = PlanInput { spacing: [spacing[1], spacing[2]], median_shape: [median_shape[1], median_shape[2]], num_label_keys: json.labels.len(), dataset_voxels: median_shape.iter().product::<f64>() * json.num_training as f64, gpu_memory_gb };
+        let c = plan_configuration(&input, &p);
+        let identifier = if resenc { "nnUNetPlans_2d".to_string() } else { format!("{plans_name}_2d") };
+        configurations.insert("2d".into(), configuration(identifier, &Parts::of(&c), Some(c.vram_estimate), true));
+    }
     if let Some(low) = &lowres {
-        let mut c = configuration(format!("{plans_name}_3d_lowres"), low, Some(low.vram_estimate), false);
+        let mut c = configuration(format!("{plans_name}_3d_lowres"), &Parts::of(low), Some(low.vram_estimate), false);
         c["next_stage"] = "3d_cascade_fullres".into();
         configurations.insert("3d_lowres".into(), c);
     }
-    configurations.insert("3d_fullres".into(), configuration(full_identifier, &fullres, estimate, lowres.is_some()));
+    configurations.insert("3d_fullres".into(), configuration(full_identifier, &Parts::of(&fullres), estimate, lowres.is_some()));
     if lowres.is_some() {
         configurations.insert("3d_cascade_fullres".into(), serde_json::json!({"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}));
     }

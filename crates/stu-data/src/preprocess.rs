@@ -23,8 +23,12 @@ use crate::resample::{resample_data, resample_seg, separate_axis};
 /// What preprocessing needs from a plan (nnU-Net's or ours; v2.2 or later schema).
 #[derive(Debug, Clone)]
 pub struct PreprocessPlan {
-    /// Target spacing, transposed order.
+    /// Target spacing, transposed order. For a 2-D configuration (`slice_spacing_kept`) entry 0
+    /// is NaN: each case keeps its own.
     pub spacing: [f64; 3],
+    /// A 2-D configuration (nnU-Net's `2d`): its spacing has the two in-plane entries only, and
+    /// each case keeps the spacing of its first (transposed) axis, as nnU-Net's preprocessor does.
+    pub slice_spacing_kept: bool,
     /// Axis permutation applied to every array.
     pub transpose_forward: [usize; 3],
     /// Per channel.
@@ -60,7 +64,16 @@ impl PreprocessPlan {
         let conf_key = format!("configurations.{configuration}");
         let conf = crate::plan::configuration(&v, configuration).map_err(|e| plan_err(path, &conf_key, e))?;
         let get = |key: &str| conf.get(key).cloned().ok_or_else(|| plan_err(path, &format!("{conf_key}.{key}"), "missing"));
-        let spacing: [f64; 3] = serde_json::from_value(get("spacing")?).map_err(|e| plan_err(path, &format!("{conf_key}.spacing"), e.to_string()))?;
+        let listed: Vec<f64> = serde_json::from_value(get("spacing")?).map_err(|e| plan_err(path, &format!("{conf_key}.spacing"), e.to_string()))?;
+        let two_d = crate::plan::is_2d(&conf);
+        let spacing = match (listed.as_slice(), two_d) {
+            (&[a, b, c], false) => [a, b, c],
+            (&[b, c], true) => [f64::NAN, b, c],
+            _ => return Err(plan_err(path, &format!("{conf_key}.spacing"), format!("{} entries for a {}-D configuration", listed.len(), if two_d { 2 } else { 3 }))),
+        };
+        if spacing.iter().skip(usize::from(two_d)).any(|&s| !(s > 0.0 && s.is_finite())) {
+            return Err(plan_err(path, &format!("{conf_key}.spacing"), format!("{listed:?}: spacings must be positive")));
+        }
         let normalization_schemes: Vec<String> = serde_json::from_value(get("normalization_schemes")?).map_err(|e| plan_err(path, &format!("{conf_key}.normalization_schemes"), e.to_string()))?;
         let use_mask_for_norm: Vec<bool> = serde_json::from_value(get("use_mask_for_norm")?).map_err(|e| plan_err(path, &format!("{conf_key}.use_mask_for_norm"), e.to_string()))?;
         let transpose_forward: [usize; 3] = v
@@ -81,7 +94,12 @@ impl PreprocessPlan {
                 return Err(plan_err(path, &format!("{conf_key}.normalization_schemes"), format!("unknown scheme `{scheme}`")));
             }
         }
-        Ok(Self { spacing, transpose_forward, normalization_schemes, use_mask_for_norm, intensity })
+        Ok(Self { spacing, slice_spacing_kept: two_d, transpose_forward, normalization_schemes, use_mask_for_norm, intensity })
+    }
+
+    /// The spacing a case of (transposed) spacing `case` is resampled to.
+    pub fn target_spacing(&self, case: [f64; 3]) -> [f64; 3] {
+        if self.slice_spacing_kept { [case[0], self.spacing[1], self.spacing[2]] } else { self.spacing }
     }
 }
 
@@ -310,8 +328,9 @@ pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, 
     drop(mask_c);
     let needs_mask = plan.use_mask_for_norm.iter().any(|&m| m);
     let norm_mask: Vec<bool> = if needs_mask { seg.iter().map(|&s| s >= 0).collect() } else { Vec::new() };
-    let new_shape = compute_new_shape(cropped_shape, spacing_t, plan.spacing);
-    let sep = separate_axis(spacing_t, plan.spacing);
+    let target = plan.target_spacing(spacing_t);
+    let new_shape = compute_new_shape(cropped_shape, spacing_t, target);
+    let sep = separate_axis(spacing_t, target);
     let mut data = Vec::with_capacity(chans.len() * new_shape.iter().product::<usize>());
     for (c, ch) in chans.into_iter().enumerate() {
         let mut v = crop(ch, shape_t, bb);
@@ -336,7 +355,7 @@ pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, 
     let props = CaseProperties {
         id: id.to_string(),
         shape: [images.len(), new_shape[0], new_shape[1], new_shape[2]],
-        spacing: plan.spacing,
+        spacing: target,
         original_spacing: geom.spacing,
         shape_before_cropping: shape_t,
         bbox_used_for_cropping: bb,

@@ -13,14 +13,27 @@ pub fn dummy_2d(patch: [usize; 3]) -> bool {
     *patch.iter().max().expect("3 axes") as f64 / patch[0] as f64 > crate::plan::ANISO_THRESHOLD
 }
 
+/// A 2-D configuration's patch, read as 3-D (one slice deep, `plan::configuration`): its
+/// augmentation is nnU-Net's 2-D one, which the dummy-2-D path computes exactly on one slice.
+pub fn planar(patch: [usize; 3]) -> bool {
+    patch[0] == 1
+}
+
+/// The rotation range (radians, about axis 0) of dummy-2-D and 2-D augmentation: ±180°, but
+/// ±15° for a 2-D patch whose in-plane aspect exceeds 1.5 (`configure_rotation_dummyDA_mirroring_and_inital_patch_size`).
+pub fn in_plane_rotation(patch: [usize; 3]) -> f64 {
+    let (lo, hi) = (patch[1].min(patch[2]) as f64, patch[1].max(patch[2]) as f64);
+    if planar(patch) && hi / lo > 1.5 { 15f64.to_radians() } else { std::f64::consts::PI }
+}
+
 /// The enlarged patch loaded before spatial augmentation (nnU-Net's `get_patch_size` as the v2
 /// trainer calls it): the extent of the final patch rotated by up to 30° about each axis (or up
-/// to 180° about axis 0 only, in dummy-2-D mode, keeping axis 0), divided by the smallest scale
-/// 0.85, truncated.
+/// to 180° about axis 0 only, in dummy-2-D mode, keeping axis 0; a 2-D patch's own range, see
+/// [`in_plane_rotation`]), divided by the smallest scale 0.85, truncated.
 pub fn initial_patch_size(patch: [usize; 3]) -> [usize; 3] {
     let two_d = dummy_2d(patch);
     let quarter = std::f64::consts::FRAC_PI_2;
-    let (rx, ry, rz) = if two_d { (std::f64::consts::PI.min(quarter), 0.0, 0.0) } else { (30f64.to_radians(), 30f64.to_radians(), 30f64.to_radians()) };
+    let (rx, ry, rz) = if two_d { (in_plane_rotation(patch).min(quarter), 0.0, 0.0) } else { (30f64.to_radians(), 30f64.to_radians(), 30f64.to_radians()) };
     let c = patch.map(|v| v as f64);
     // batchgenerators' rotate_coords_3d: coords · R, with R = Rx·Ry·Rz (each applied alone here).
     let rot = |m: [[f64; 3]; 3]| [0, 1, 2].map(|j| (0..3).map(|i| c[i] * m[i][j]).sum::<f64>().abs());
@@ -167,6 +180,14 @@ mod tests {
         assert_eq!(initial_patch_size([128, 128, 128]), [205, 205, 205]);
         assert_eq!(initial_patch_size([112, 112, 128]), [179, 189, 196]);
         assert_eq!(initial_patch_size([40, 224, 224]), [40, 263, 263]);
+        // 2-D patches, one slice deep: nnU-Net 2.8.1's get_patch_size of the 2-D patch with
+        // ±180°, or ±15° beyond an aspect of 1.5.
+        for (patch, loaded) in [([512, 512], [602, 602]), ([320, 448], [527, 527]), ([256, 416], [417, 489]), ([192, 160], [225, 225]), ([96, 320], [206, 376])] {
+            assert_eq!(initial_patch_size([1, patch[0], patch[1]]), [1, loaded[0], loaded[1]], "{patch:?}");
+        }
+        assert_eq!(in_plane_rotation([1, 96, 320]), 15f64.to_radians());
+        assert_eq!(in_plane_rotation([1, 320, 448]), std::f64::consts::PI);
+        assert_eq!(in_plane_rotation([16, 96, 320]), std::f64::consts::PI, "dummy 2-D of a 3-D patch: always ±180°");
     }
 
     #[test]

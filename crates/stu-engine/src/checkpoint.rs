@@ -309,6 +309,27 @@ impl StateDict {
         Ok(self)
     }
 
+    /// A 2-D network's dict (nnU-Net's `2d`: `Conv2d` weights `[O, I, kh, kw]`) as the 3-D one of
+    /// depth 1 that computes the same on each slice: every 4-D tensor gets a unit axis 2
+    /// (`[O, I, 1, kh, kw]`, the same values in the same order). `None` when no tensor is 4-D.
+    pub fn lifted_2d(&self) -> Option<Self> {
+        if !self.entries.values().any(|e| e.shape.len() == 4) {
+            return None;
+        }
+        let entries = self
+            .entries
+            .iter()
+            .map(|(k, e)| {
+                let mut e = e.clone();
+                if e.shape.len() == 4 {
+                    e.shape.insert(2, 1);
+                }
+                (k.clone(), e)
+            })
+            .collect();
+        Some(Self { path: self.path.clone(), format: self.format, prefix: self.prefix.clone(), entries, metadata: self.metadata.clone() })
+    }
+
     /// Tensors held in memory under `path` (a label for messages), as a safetensors dict.
     pub fn from_tensors(path: &Path, tensors: Vec<NamedTensor>) -> Self {
         let entries = tensors

@@ -537,6 +537,8 @@ impl TrainArgs {
         let model = match self.model.take() {
             Some(m) => m,
             None if self.preset.is_none() && crate::train::plan_network(&self.preprocessed, &self.configuration).is_some_and(|n| n.ends_with("ResidualEncoderUNet")) => "nnunet-resenc".to_string(),
+            // STU-Net is 3-D; nnU-Net's `2d` trains its PlainConvUNet.
+            None if self.preset.is_none() && crate::train::plan_is_2d(&self.preprocessed, &self.configuration) => "nnunet-plainconv".to_string(),
             None => "stunet".to_string(),
         };
         let model_options = match (self.preset, self.blocks, self.base_width, self.model_options) {

@@ -250,13 +250,8 @@ fn plan_and_preprocess(cmd: &str, args: &[String]) -> Result<()> {
     }
     let (preset, default_name) = planner(p.one("-pl").unwrap_or("ExperimentPlanner"))?;
     let plans_name = p.one("-overwrite_plans_name").or(p.one("-plans_name")).unwrap_or(default_name);
-    // nnU-Net's default configurations; there is no 2-D network here, so `2d` is skipped
-    // unless asked for by name (then refused).
-    let asked = p.many("-c");
-    let configs: Vec<String> = asked.map_or_else(|| vec!["2d".into(), "3d_fullres".into(), "3d_lowres".into()], <[String]>::to_vec);
-    if asked.is_some_and(|c| c.iter().any(|c| c == "2d")) {
-        bail!("-c 2d: the 2-D configuration is not built here (STU-Net and this harness are 3-D); use 3d_fullres, 3d_lowres");
-    }
+    // nnU-Net's default configurations.
+    let configs: Vec<String> = p.many("-c").map_or_else(|| vec!["2d".into(), "3d_fullres".into(), "3d_lowres".into()], <[String]>::to_vec);
     let (raw_root, pre_root) = (env_dir("nnUNet_raw")?, env_dir("nnUNet_preprocessed")?);
     for id in ids {
         let name = dataset_name(id)?;
@@ -283,10 +278,6 @@ fn plan_and_preprocess(cmd: &str, args: &[String]) -> Result<()> {
         ensure!(plans.is_file(), "{}: no plans (run nnUNetv2_plan_experiment first)", plans.display());
         let planned: serde_json::Value = serde_json::from_slice(&std::fs::read(&plans)?).with_context(|| format!("{}: not JSON", plans.display()))?;
         for c in &configs {
-            if c == "2d" {
-                eprintln!("{name}: configuration 2d skipped (no 2-D network here)");
-                continue;
-            }
             if planned["configurations"].get(c.as_str()).is_none() {
                 // As nnU-Net, which skips a configuration its planner did not make (3d_lowres).
                 eprintln!("{name}: configuration {c} not in {} (the planner made none); skipped", plans.display());
@@ -548,8 +539,7 @@ fn find_best(cmd: &str, args: &[String]) -> Result<()> {
     let name = dataset_name(&dataset)?;
     let (raw, results) = (env_dir("nnUNet_raw")?.join(&name), env_dir("nnUNet_results")?.join(&name));
     let one = |flag: &str, default: &[&str]| -> Vec<String> { p.many(flag).map_or_else(|| default.iter().map(|d| d.to_string()).collect(), <[String]>::to_vec) };
-    let configs = one("-c", &["3d_fullres", "3d_lowres", "3d_cascade_fullres"]);
-    ensure!(!configs.iter().any(|c| c == "2d"), "-c 2d: the 2-D configuration is not built here");
+    let configs = one("-c", &["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]);
     let mut a = vec!["find-best-config".into(), "--ref".into(), s(&raw.join("labelsTr")), "--labels".into(), s(&raw.join("dataset.json")), "--out".into(), s(&results.join("find_best_configuration"))];
     let (mut candidates, mut missing) = (0, Vec::new());
     for tr in one("-tr", &["nnUNetTrainer"]) {

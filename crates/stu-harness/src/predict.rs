@@ -407,7 +407,7 @@ impl Back {
         Self {
             grid: [props.shape[1], props.shape[2], props.shape[3]],
             target: props.shape_after_cropping_and_before_resampling,
-            separate: separate_axis(plan.spacing, perm.map(|a| props.original_spacing[a])),
+            separate: separate_axis(props.spacing, perm.map(|a| props.original_spacing[a])),
             full: props.shape_before_cropping,
             bbox: props.bbox_used_for_cropping,
             backward,
@@ -500,7 +500,7 @@ impl Predictor {
         let strides = crate::plans::strides_from_plans(&used, &configuration);
         let (plan, strides) = (plan?, strides.with_context(|| plan_path.display().to_string())?);
         let patch: Vec<usize> = serde_json::from_value(stu_data::plan::configuration(&plan_json, &configuration).map_err(|e| anyhow::anyhow!("{}: {e}", plan_path.display()))?["patch_size"].clone()).with_context(|| format!("{}: `patch_size` missing", plan_path.display()))?;
-        ensure!(patch.len() == 3, "{}: only 3-D configurations predict here", plan_path.display());
+        ensure!(patch.len() == 3, "{}: `patch_size` {patch:?} has neither 2 nor 3 axes", plan_path.display());
         // A run trained with `--patch-size` predicts with the patch it was trained on.
         let first = trained.iter().zip(&opts.checkpoints).find_map(|(t, c)| t.patch.map(|p| (p, c)));
         if let Some((p, c)) = first {
@@ -572,7 +572,7 @@ impl Predictor {
             let why = if extra > 0 { format!(" and the cascade's {extra} one-hot label channel(s)") } else { String::new() };
             ensure!(net.in_channels() == want, "{}: the model takes {} channel(s), the plan normalises {}{why}", c.display(), net.in_channels(), plan.normalization_schemes.len());
         }
-        Ok(Self { nets, plan, patch, mirror_axes: if opts.disable_tta { Vec::new() } else { vec![0, 1, 2] }, step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions, cascade, configuration })
+        Ok(Self { nets, plan, patch, mirror_axes: mirror_axes(patch, opts.disable_tta), step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions, cascade, configuration })
     }
 
     /// The largest label value the predictions may hold.
@@ -1093,9 +1093,24 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     fs4::available_space(if dir.as_os_str().is_empty() { Path::new(".") } else { dir }).ok()
 }
 
-/// Tile positions along one axis (`compute_steps_for_sliding_window`).
+/// The axes test-time augmentation mirrors (`inference_allowed_mirroring_axes`): all three, or
+/// a 2-D configuration's two in-plane axes (its patches are one slice deep).
+fn mirror_axes(patch: [usize; 3], disable_tta: bool) -> Vec<usize> {
+    match (disable_tta, stu_data::sampler::planar(patch)) {
+        (true, _) => Vec::new(),
+        (false, true) => vec![1, 2],
+        (false, false) => vec![0, 1, 2],
+    }
+}
+
+/// Tile positions along one axis (`compute_steps_for_sliding_window`). A one-voxel tile (the
+/// slice axis of a 2-D configuration) visits every position once, as nnU-Net's 2-D sliding
+/// window runs slice by slice.
 pub fn sliding_steps(size: usize, tile: usize, step: f64) -> Vec<usize> {
     assert!(size >= tile, "pad to the tile first");
+    if tile == 1 {
+        return (0..size).collect();
+    }
     let n = ((size - tile) as f64 / (tile as f64 * step)).ceil() as usize + 1;
     if n == 1 {
         return vec![0];
@@ -1398,7 +1413,7 @@ mod tests {
         let entry = stu_engine::model::registry().get("stunet").unwrap();
         let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
         let nets = seeds.iter().map(|&s| stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), s, None)).collect();
-        let plan = PreprocessPlan { spacing: [1.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
+        let plan = PreprocessPlan { spacing: [1.0; 3], slice_spacing_kept: false, transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
         Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: Accumulate::Host, whole_export: false, fast_export: false, regions: None, cascade: None, configuration: "3d_fullres".into() }
     }
 
@@ -1410,7 +1425,7 @@ mod tests {
         let mr = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/Dataset802_TotalSegExampleMR");
         let images = vec![mr.join("imagesTr/ts_mr_sm_0000.nii.gz")];
         let label = mr.join("labelsTr/ts_mr_sm.nii.gz");
-        let plan = PreprocessPlan { spacing: [4.0; 3], transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
+        let plan = PreprocessPlan { spacing: [4.0; 3], slice_spacing_kept: false, transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
         let reference = preprocess_case("ts_mr_sm", &images, Some(&label), &plan).unwrap();
         let [c, z, y, x] = reference.props.shape;
         let n = z * y * x;

@@ -158,6 +158,45 @@ struct Plan {
     strides: Vec<[usize; 3]>,
     /// The configuration a cascade stage follows (`previous_stage`).
     previous_stage: Option<String>,
+    /// The plan's convolution kernels per stage (`conv_kernel_sizes`, or
+    /// `architecture.arch_kwargs.kernel_sizes`; a 2-D plan's lifted to `[1, k, k]`).
+    kernels: Option<Vec<[usize; 3]>>,
+    /// The plan's features per stage (`architecture.arch_kwargs.features_per_stage`), or its
+    /// cap (`unet_max_num_features`: 320, or 512 for a 2-D plan).
+    features: Option<Vec<usize>>,
+    max_features: Option<usize>,
+}
+
+/// The plan's network shape as model options for nnU-Net's own networks (`nnunet-plainconv`,
+/// `nnunet-resenc`), where the given options leave it open: the plan's kernels (`[1, 3, 3]`
+/// stages of anisotropic and 2-D plans) and its features or their cap (512 for 2-D). Left out
+/// where they equal the model's defaults (3³, the 320 cap), so such options stay as given.
+fn plan_model_options(model: &str, options: &serde_json::Value, plan: &Plan) -> serde_json::Value {
+    if !matches!(model, "nnunet-plainconv" | "nnunet-resenc") {
+        return options.clone();
+    }
+    let mut o = match options {
+        serde_json::Value::Object(m) => m.clone(),
+        serde_json::Value::Null => serde_json::Map::new(),
+        _ => return options.clone(),
+    };
+    if let Some(k) = plan.kernels.as_ref().filter(|k| k.iter().any(|k| *k != [3; 3])) {
+        o.entry("kernels").or_insert_with(|| serde_json::json!(k));
+    }
+    let sized = ["features", "base_width", "max_width"].iter().any(|k| o.contains_key(*k));
+    if !sized {
+        let capped = |f: &Vec<usize>| plan.strides.len() + 1 == f.len() && *f == (0..f.len()).map(|s| (32usize << s).min(320)).collect::<Vec<_>>();
+        match (&plan.features, plan.max_features) {
+            (Some(f), _) if !capped(f) => {
+                o.insert("features".into(), serde_json::json!(f));
+            }
+            (None, Some(m)) if m != 320 => {
+                o.insert("max_width".into(), m.into());
+            }
+            _ => {}
+        }
+    }
+    if o.is_empty() && options.is_null() { serde_json::Value::Null } else { serde_json::Value::Object(o) }
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -173,6 +212,11 @@ pub(crate) fn plan_network(dir: &Path, configuration: &str) -> Option<String> {
     c.get("UNet_class_name").or_else(|| c.pointer("/architecture/network_class_name")).and_then(|v| v.as_str()).map(str::to_string)
 }
 
+/// Whether a preprocessed folder's configuration is a 2-D plan (nnU-Net's `2d`).
+pub(crate) fn plan_is_2d(dir: &Path, configuration: &str) -> bool {
+    read_json(&dir.join("plans.json")).ok().and_then(|json| stu_data::plan::configuration(&json, configuration).ok()).is_some_and(|c| stu_data::plan::is_2d(&c))
+}
+
 fn read_plan(dir: &Path, configuration: &str) -> Result<Plan> {
     let path = dir.join("plans.json");
     let json = read_json(&path)?;
@@ -186,12 +230,22 @@ fn read_plan(dir: &Path, configuration: &str) -> Result<Plan> {
         batch_dice: get("batch_dice")?.as_bool().unwrap_or(false),
         strides: crate::plans::strides_from_plans(&path, configuration)?,
         previous_stage: c.get("previous_stage").and_then(|p| p.as_str()).map(str::to_string),
+        kernels: c.get("conv_kernel_sizes").or_else(|| c.pointer("/architecture/arch_kwargs/kernel_sizes")).and_then(|k| serde_json::from_value(k.clone()).ok()),
+        features: c.pointer("/architecture/arch_kwargs/features_per_stage").and_then(|k| serde_json::from_value(k.clone()).ok()),
+        max_features: c.get("unet_max_num_features").and_then(|m| m.as_u64()).map(|m| m as usize),
     })
 }
 
 /// Resolves defaults (plan values, lr preset) into the configuration of a new run.
 pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     let plan = read_plan(&req.preprocessed, &req.configuration)?;
+    ensure!(
+        plan.patch[0] != 1 || matches!(req.model.as_str(), "nnunet-plainconv" | "nnunet-resenc"),
+        "configuration `{}` is a 2-D plan (one-slice patches {:?}): it trains nnU-Net's networks (--model nnunet-plainconv or nnunet-resenc); `{}` is a 3-D network",
+        req.configuration,
+        plan.patch,
+        req.model
+    );
     stu_data::preprocess::check_made_for(&req.preprocessed, &read_json(&req.preprocessed.join("plans.json"))?, &req.configuration)?;
     let previous_stage = match (&plan.previous_stage, req.previous_stage.is_empty()) {
         (Some(first), true) => bail!("configuration `{}` is the second stage of a cascade after `{first}`: pass --previous-stage with the `{first}` runs (every fold, or fold `all`) whose final validations wrote their segmentations", req.configuration),
@@ -223,7 +277,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         configuration: req.configuration.clone(),
         fold: req.fold.clone(),
         model: req.model.clone(),
-        model_options: req.model_options.clone(),
+        model_options: plan_model_options(&req.model, &req.model_options, &plan),
         epochs: req.epochs,
         iterations: req.iterations,
         val_iterations: req.val_iterations,
