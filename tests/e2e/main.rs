@@ -14,5 +14,6 @@ mod preprocess;
 mod specs;
 mod swinunetr;
 mod train;
+mod two_d;
 mod unetr;
 mod zoo_cli;

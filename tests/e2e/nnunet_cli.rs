@@ -34,7 +34,6 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     let name = "Dataset802_TotalSegExampleMR";
     // Without the folders' variables: named.
     fails(&nnunet(&[], &["nnUNetv2_plan_and_preprocess", "-d", "802"]), &["nnUNet_raw is not set"]);
-    fails(&nnunet(&env, &["nnUNetv2_plan_and_preprocess", "-d", "802", "-c", "2d"]), &["-c 2d"]);
     fails(&nnunet(&env, &["nnUNetv2_plan_and_preprocess", "-d", "899"]), &["Dataset899_"]);
     let log = ok(&nnunet(&env, &["nnUNetv2_plan_and_preprocess", "-d", "802", "-c", "3d_fullres", "3d_lowres", "--verify_dataset_integrity", "-np", "4"]));
     assert!(log.contains("→ stu plan") && log.contains("→ stu preprocess"), "{log}");

@@ -862,7 +862,7 @@ fn run(cli: Cli) -> Result<()> {
                 stu_engine::checkpoint::write_atomic(path, nan_safe_json(&value)?.as_bytes())
                     .with_context(|| format!("{}: cannot write", path.display()))?;
             }
-            for name in ["3d_lowres", "3d_fullres", "3d_cascade_fullres"] {
+            for name in ["2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres"] {
                 let Some(c) = plans["configurations"].get(name) else { continue };
                 match c.get("inherits_from").and_then(|p| p.as_str()) {
                     Some(parent) => eprintln!("{name}: {parent}'s plan, after {}", c["previous_stage"].as_str().unwrap_or("?")),

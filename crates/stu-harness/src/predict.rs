@@ -1385,6 +1385,18 @@ mod tests {
         assert_eq!(sliding_steps(300, 128, 0.5), [0, 57, 115, 172]);
         assert_eq!(sliding_steps(40, 40, 0.5), [0]);
         assert_eq!(sliding_steps(512, 224, 0.5), [0, 96, 192, 288]);
+        // A 2-D configuration's slice axis: each slice once (nnU-Net's 2-D loop over slices),
+        // not the 2·(n − 1) + 1 positions of a 0.5 step of a one-voxel tile.
+        assert_eq!(sliding_steps(5, 1, 0.5), [0, 1, 2, 3, 4]);
+        assert_eq!(sliding_steps(1, 1, 0.5), [0]);
+        assert_eq!(mirror_axes([1, 32, 32], false), [1, 2], "2-D: in-plane mirroring only (4 passes, not 8)");
+        assert_eq!(mirror_axes([16, 32, 32], false), [0, 1, 2]);
+        assert!(mirror_axes([1, 32, 32], true).is_empty());
+        // The 2-D Gaussian of a one-slice tile: nnU-Net's 2-D map, unchanged by the unit axis.
+        let (g2, g3) = (gaussian_importance([1, 32, 24]), gaussian_importance([4, 32, 24]));
+        let plane = &g3[2 * 32 * 24..3 * 32 * 24];
+        let ratio = plane[0] / g2[0];
+        assert!(g2.iter().zip(plane).all(|(a, b)| ((b / a) / ratio - 1.0).abs() < 1e-5));
         let g = gaussian_importance([128; 3]);
         let at = |z: usize, y: usize, x: usize| g[(z * 128 + y) * 128 + x] as f64;
         let centre = at(64, 64, 64);

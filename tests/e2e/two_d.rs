@@ -1,0 +1,106 @@
+//! nnU-Net's `2d` configuration: prediction equal to nnU-Net 2.8.1's own predictor on the same
+//! model folder (`tests/fixtures/make_predict2d_fixture.py`), and the whole chain through
+//! nnU-Net's commands on the shared MR (plan, preprocess, train, predict).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tests::{own_fixtures, read_tensor, shared, stu_bin};
+
+fn stu(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut c = Command::new(stu_bin!());
+    c.env_remove("nnUNet_raw").env_remove("nnUNet_preprocessed").env_remove("nnUNet_results");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.args(args).output().expect("runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "stu failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// A little-endian float32 `.npy` file (C order): its values.
+fn npy_f32(path: &Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let header = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let text = String::from_utf8_lossy(&b[10..10 + header]);
+    assert!(text.contains("'<f4'") && text.contains("'fortran_order': False"), "{text}");
+    b[10 + header..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Two CT cases of 4 mm and 2.5 mm slices through a 2-D model folder as nnU-Net trained it
+/// (`.pth`, a `2d` configuration of nnU-Net ≥ 2.4 form): each case keeps its slice spacing, the
+/// in-plane axes are resampled, the sliding window runs slice by slice with in-plane mirroring.
+/// The label maps equal nnU-Net's voxel for voxel (where its top two probabilities are apart by
+/// more than 1e-3) and the probabilities agree within 2.5e-3 (ours are stored in float16;
+/// nnU-Net accumulates its sliding window in float16, which shows at the image corners, where
+/// the Gaussian weights are small).
+#[test]
+fn nnunet_2d_prediction_equals_nnunets_own() {
+    let f = own_fixtures().join("predict2d");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pred");
+    let model = f.join("Dataset998_Tiny2d/nnUNetTrainer__nnUNetPlans__2d/fold_0");
+    let log = ok(stu(&["predict", "-i", f.join("images").to_str().unwrap(), "-o", out.to_str().unwrap(), "--checkpoint", model.to_str().unwrap(), "--save-probabilities"], &[]));
+    let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("predict.json")).unwrap()).unwrap();
+    assert_eq!(record["options"]["configuration"], "2d", "{record}");
+    let mut compared = 0;
+    for (case, slices) in [("case_a", 3), ("case_b", 4)] {
+        let want = stu_data::nifti_io::read_label(&f.join(format!("reference/{case}.nii.gz"))).unwrap();
+        let ours = stu_data::nifti_io::read_label(&out.join(format!("{case}.nii.gz"))).unwrap();
+        assert_eq!(ours.geom.shape, [slices, 40, 52], "{log}");
+        assert_eq!(ours.geom.affine, want.geom.affine);
+        let reference = npy_f32(&f.join(format!("reference/{case}_probabilities.npy")));
+        let (shape, probs) = read_tensor(&out.join(format!("{case}.probabilities.safetensors")), "probabilities");
+        assert_eq!(shape, [3, slices, 40, 52]);
+        let n = slices * 40 * 52;
+        let worst = probs.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 2.5e-3, "{case}: probabilities differ by {worst}");
+        for v in 0..n {
+            let mut p: Vec<f32> = (0..3).map(|k| reference[k * n + v]).collect();
+            p.sort_by(f32::total_cmp);
+            if p[2] - p[1] > 1e-3 {
+                assert_eq!(ours.data[v], want.data[v], "{case}: voxel {v}");
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 2 * 3 * 40 * 52 * 9 / 10, "{compared}");
+}
+
+/// nnU-Net's commands with `-c 2d` on the shared MR: the planner's `2d` configuration is
+/// preprocessed into its own folder, `nnUNetTrainer` trains the 2-D PlainConvUNet (512 features
+/// at the bottom, `[1, 3, 3]` kernels), STU-Net's trainers refuse it (3-D networks), and the
+/// model predicts the case at its own shape.
+#[test]
+fn nnunet_2d_through_nnunets_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (raw, pre, res) = (shared().join("data"), tmp.path().join("pre"), tmp.path().join("res"));
+    let env = [("nnUNet_raw", raw.as_path()), ("nnUNet_preprocessed", pre.as_path()), ("nnUNet_results", res.as_path())];
+    let name = "Dataset802_TotalSegExampleMR";
+    ok(stu(&["nnUNetv2_plan_and_preprocess", "-d", "802", "-c", "2d"], &env));
+    let plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pre.join(name).join("nnUNetPlans.json")).unwrap()).unwrap();
+    let c = &plans["configurations"]["2d"];
+    assert_eq!((c["data_identifier"].as_str(), c["batch_dice"].as_bool(), c["patch_size"].as_array().map(Vec::len)), (Some("nnUNetPlans_2d"), Some(true), Some(2)), "{c}");
+    let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pre.join(name).join("nnUNetPlans_2d/ts_mr_sm.json")).unwrap()).unwrap();
+    assert_eq!(case["shape"][0], 1);
+
+    let refused = stu(&["nnUNetv2_train", "802", "2d", "all", "-tr", "STUNetTrainer_small"], &env);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("2-D plan"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let log = ok(stu(&["nnUNetv2_train", "802", "2d", "all", "-tr", "nnUNetTrainer_1epochs", "--", "--iterations", "2", "--val-iterations", "0"], &env));
+    assert!(log.contains("--model nnunet-plainconv"), "{log}");
+    let model = res.join(name).join("nnUNetTrainer_1epochs__nnUNetPlans__2d");
+    let ck = model.join("fold_all/checkpoint_final.safetensors");
+    let info: serde_json::Value = serde_json::from_slice(&stu(&["inspect", "--checkpoint", ck.to_str().unwrap()], &[]).stdout).unwrap();
+    assert_eq!(info["features"].as_array().and_then(|f| f.last()).and_then(|f| f.as_u64()), Some(512), "{info}");
+    assert!(info["kernels"].as_array().unwrap().iter().all(|k| k[0] == 1), "{info}");
+
+    let images = raw.join(name).join("imagesTr");
+    let out = tmp.path().join("pred");
+    ok(stu(&["nnUNetv2_predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-d", "802", "-c", "2d", "-f", "all", "-tr", "nnUNetTrainer_1epochs"], &env));
+    let input = stu_data::nifti_io::read_geometry(&images.join("ts_mr_sm_0000.nii.gz")).unwrap();
+    assert_eq!(stu_data::nifti_io::read_label(&out.join("ts_mr_sm.nii.gz")).unwrap().geom.shape, input.shape);
+}
