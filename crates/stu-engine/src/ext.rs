@@ -88,10 +88,10 @@ pub(crate) fn bnc(shape: &[usize]) -> (usize, usize, usize) {
 /// Shape of a conv call, from the tensors.
 pub(crate) fn geom(x_shape: &[usize], w_shape: &[usize], stride: [usize; 3]) -> crate::kernels::Geom {
     assert_eq!(x_shape.len(), 5, "conv3d_cl: input must be [B, D, H, W, C]");
-    assert_eq!(w_shape.len(), 5, "conv3d_cl: weight must be [Cout, Cin, k, k, k]");
+    assert_eq!(w_shape.len(), 5, "conv3d_cl: weight must be [Cout, Cin, k0, k1, k2]");
     assert_eq!(x_shape[4], w_shape[1], "conv3d_cl: input has {} channels, weight expects {}", x_shape[4], w_shape[1]);
-    let k = w_shape[2];
-    assert!(w_shape[2..] == [k, k, k] && (k == 1 || k == 3), "conv3d_cl: kernel must be 1³ or 3³, got {w_shape:?}");
+    let k = [w_shape[2], w_shape[3], w_shape[4]];
+    assert!(k.iter().all(|&k| k == 1 || k == 3), "conv3d_cl: kernel sizes must be 1 or 3 per axis, got {w_shape:?}");
     crate::kernels::Geom { b: x_shape[0], inp: [x_shape[1], x_shape[2], x_shape[3]], cin: x_shape[4], cout: w_shape[0], k, stride }
 }
 

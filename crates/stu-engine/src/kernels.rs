@@ -35,26 +35,32 @@ pub struct Geom {
     pub cin: usize,
     /// Output channels.
     pub cout: usize,
-    /// Cubic kernel size (1 or 3); padding is `k / 2`.
-    pub k: usize,
+    /// Kernel size per axis (odd: 1 or 3; cubic, or nnU-Net's `[1, 3, 3]` of anisotropic and
+    /// 2-D plans); padding is `k / 2` per axis.
+    pub k: [usize; 3],
     /// Stride per axis.
     pub stride: [usize; 3],
 }
 
 impl Geom {
-    /// Zero padding on every side.
-    pub fn pad(&self) -> usize {
-        self.k / 2
+    /// Zero padding on both sides of each axis.
+    pub fn pad(&self) -> [usize; 3] {
+        self.k.map(|k| k / 2)
     }
     /// Output spatial extent.
     pub fn out(&self) -> [usize; 3] {
-        [0, 1, 2].map(|a| (self.inp[a] + 2 * self.pad() - self.k) / self.stride[a] + 1)
+        let p = self.pad();
+        [0, 1, 2].map(|a| (self.inp[a] + 2 * p[a] - self.k[a]) / self.stride[a] + 1)
     }
     fn taps(&self) -> usize {
-        self.k * self.k * self.k
+        self.k.iter().product()
     }
-    fn is_stride1_k3(&self) -> bool {
-        self.k == 3 && self.stride == [1, 1, 1]
+    fn is_1x1(&self) -> bool {
+        self.k == [1; 3] && self.stride == [1, 1, 1]
+    }
+    /// Stride 1 and a kernel wider than one voxel: the shifted-GEMM path ([`conv_s1`]).
+    fn is_stride1_wide(&self) -> bool {
+        self.k != [1; 3] && self.stride == [1, 1, 1]
     }
 }
 
@@ -232,11 +238,10 @@ impl SharedMut {
 /// so every write (or read) across the channel axis touches whole lines, not one float per line.
 const TRANSPOSE_BLOCK: usize = 16;
 
-/// `[Cout, Cin, k, k, k]` → `[k, k, k, Cin, Cout]`.
-/// Parallel over `Cin`; per block of 16 output channels each task reads 16 whole `[k³]` runs
-/// and writes `k³` runs of 16 contiguous values.
-fn rearrange_weight(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
-    let t = k * k * k;
+/// `[Cout, Cin, k0, k1, k2]` → `[k0, k1, k2, Cin, Cout]` (`t` = k0·k1·k2 taps).
+/// Parallel over `Cin`; per block of 16 output channels each task reads 16 whole `[t]` runs
+/// and writes `t` runs of 16 contiguous values.
+fn rearrange_weight(w: &[f32], cout: usize, cin: usize, t: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; w.len()];
     let outp = SharedMut(out.as_mut_ptr());
     (0..cin).into_par_iter().for_each(|ci| {
@@ -255,14 +260,14 @@ fn rearrange_weight(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
     out
 }
 
-/// `[Cout, Cin, k, k, k]` → `[k, k, k, Cin, Cout]`.
-pub fn weight_to_wg(w: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
-    rearrange_weight(w, cout, cin, k)
+/// `[Cout, Cin, k0, k1, k2]` → `[k0, k1, k2, Cin, Cout]`, `taps` = k0·k1·k2.
+pub fn weight_to_wg(w: &[f32], cout: usize, cin: usize, taps: usize) -> Vec<f32> {
+    rearrange_weight(w, cout, cin, taps)
 }
 
-/// `[k, k, k, Cin, Cout]` → `[Cout, Cin, k, k, k]`.
-pub fn wg_to_weight(wg: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
-    let t = k * k * k;
+/// `[k0, k1, k2, Cin, Cout]` → `[Cout, Cin, k0, k1, k2]`, `taps` = k0·k1·k2.
+pub fn wg_to_weight(wg: &[f32], cout: usize, cin: usize, taps: usize) -> Vec<f32> {
+    let t = taps;
     let mut out = vec![0.0f32; wg.len()];
     // Blocks of 16 output channels: each `wg` read covers 16 contiguous values.
     out.par_chunks_mut(TRANSPOSE_BLOCK * cin * t).enumerate().for_each(|(blk, dst)| {
@@ -280,12 +285,12 @@ pub fn wg_to_weight(wg: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
     out
 }
 
-/// Zero-pads `[B, D, H, W, C]` by `p` on every spatial side.
-fn pad_input(x: &[f32], b: usize, s: [usize; 3], c: usize, p: usize) -> (Vec<f32>, [usize; 3]) {
-    if p == 0 {
+/// Zero-pads `[B, D, H, W, C]` by `p[a]` on both sides of each spatial axis `a`.
+fn pad_input(x: &[f32], b: usize, s: [usize; 3], c: usize, p: [usize; 3]) -> (Vec<f32>, [usize; 3]) {
+    if p == [0; 3] {
         return (x.to_vec(), s);
     }
-    let sp = s.map(|v| v + 2 * p);
+    let sp = [0, 1, 2].map(|a| s[a] + 2 * p[a]);
     let mut out = uninit(b * sp[0] * sp[1] * sp[2] * c);
     let row = s[2] * c;
     // Every element written once: border planes, rows and row ends zeroed, the interior copied.
@@ -293,20 +298,21 @@ fn pad_input(x: &[f32], b: usize, s: [usize; 3], c: usize, p: usize) -> (Vec<f32
         .enumerate()
         .for_each(|(plane, dst)| {
             let (bi, zp) = (plane / sp[0], plane % sp[0]);
-            if zp < p || zp >= s[0] + p {
+            if zp < p[0] || zp >= s[0] + p[0] {
                 dst.fill(MaybeUninit::new(0.0));
                 return;
             }
-            let z = zp - p;
+            let z = zp - p[0];
             let prow = sp[2] * c;
-            dst[..p * prow].fill(MaybeUninit::new(0.0));
-            dst[(s[1] + p) * prow..].fill(MaybeUninit::new(0.0));
+            dst[..p[1] * prow].fill(MaybeUninit::new(0.0));
+            dst[(s[1] + p[1]) * prow..].fill(MaybeUninit::new(0.0));
+            let px = p[2] * c;
             for y in 0..s[1] {
                 let src = ((bi * s[0] + z) * s[1] + y) * row;
-                let d = (y + p) * prow;
-                dst[d..d + p * c].fill(MaybeUninit::new(0.0));
-                dst[d + p * c..d + p * c + row].write_copy_of_slice(&x[src..src + row]);
-                dst[d + p * c + row..d + prow].fill(MaybeUninit::new(0.0));
+                let d = (y + p[1]) * prow;
+                dst[d..d + px].fill(MaybeUninit::new(0.0));
+                dst[d + px..d + px + row].write_copy_of_slice(&x[src..src + row]);
+                dst[d + px + row..d + prow].fill(MaybeUninit::new(0.0));
             }
         });
     // SAFETY: every plane was either zero-filled or had its border rows, row ends and interior
@@ -319,9 +325,12 @@ fn tile_rows(width: usize) -> usize {
     (65_536 / width.max(1)).clamp(64, 4096)
 }
 
-/// Stride-1 3³ conv on the padded grid, no bias. `xp` is padded `[B, Dp, Hp, Wp, Cin]`;
-/// `wg` is `[3,3,3,Cin,Cout]`. Returns `[B, D, H, W, Cout]`.
-fn conv_s1k3(xp: &[f32], sp: [usize; 3], b: usize, out: [usize; 3], cin: usize, cout: usize, wg: &[f32]) -> Vec<f32> {
+/// Stride-1 conv on the padded grid, no bias: per `(dz, dy)` tap row one GEMM over the `k2·Cin`
+/// values that are contiguous in the channels-last padded input (3³, or nnU-Net's `[1, 3, 3]`:
+/// 9 GEMMs, not 27). `xp` is padded `[B, Dp, Hp, Wp, Cin]`; `wg` is `[k0,k1,k2,Cin,Cout]`.
+/// Returns `[B, D, H, W, Cout]`.
+#[allow(clippy::too_many_arguments)]
+fn conv_s1(xp: &[f32], sp: [usize; 3], b: usize, out: [usize; 3], k: [usize; 3], cin: usize, cout: usize, wg: &[f32]) -> Vec<f32> {
     let (sy, sz) = (sp[2], sp[1] * sp[2]);
     let plane = sp[0] * sz;
     // Last valid output voxel's padded index + 1.
@@ -335,25 +344,25 @@ fn conv_s1k3(xp: &[f32], sp: [usize; 3], b: usize, out: [usize; 3], cin: usize, 
     tiles.par_iter().for_each(|&(bi, q0)| {
         let m = t.min(rows - q0);
         let ypp = ypp;
-        for dz in 0..3 {
-            for dy in 0..3 {
-                let g = dz * 3 + dy;
+        for dz in 0..k[0] {
+            for dy in 0..k[1] {
+                let g = dz * k[1] + dy;
                 let a_off = (bi * plane + q0 + dz * sz + dy * sy) * cin;
                 // SAFETY: rows q0..q0+m of batch bi are this task's alone in yp; the A view's last
-                // element is (bi·plane + q0 + m − 1 + 2sz + 2sy + 2)·cin + cin − 1, inside xp
-                // because q0 + m ≤ rows; B is the g-th [3·Cin, Cout] block of wg.
+                // element is (bi·plane + q0 + m − 1 + (k0−1)sz + (k1−1)sy + k2 − 1)·cin + cin − 1,
+                // inside xp because q0 + m ≤ rows; B is the g-th [k2·Cin, Cout] block of wg.
                 unsafe {
                     gemm(
                         m,
                         cout,
-                        3 * cin,
+                        k[2] * cin,
                         ypp.0.add((bi * plane + q0) * cout),
                         cout,
                         g > 0,
                         xp.as_ptr().add(a_off),
                         cin,
                         1,
-                        wg.as_ptr().add(g * 3 * cin * cout),
+                        wg.as_ptr().add(g * k[2] * cin * cout),
                         cout,
                         1,
                     );
@@ -393,19 +402,19 @@ fn im2col(a: &mut [f32], xp: &[f32], sp: [usize; 3], g: &Geom, out: [usize; 3], 
         let (y, x) = (rem / out[2], rem % out[2]);
         let base = ((bi * sp[0] + z * g.stride[0]) * sp[1] + y * g.stride[1]) * sp[2] + x * g.stride[2];
         let dst = &mut a[r * width..(r + 1) * width];
-        for dz in 0..k {
-            for dy in 0..k {
+        for dz in 0..k[0] {
+            for dy in 0..k[1] {
                 let src = (base + dz * sp[1] * sp[2] + dy * sp[2]) * cin;
-                let d = (dz * k + dy) * k * cin;
-                dst[d..d + k * cin].copy_from_slice(&xp[src..src + k * cin]);
+                let d = (dz * k[1] + dy) * k[2] * cin;
+                dst[d..d + k[2] * cin].copy_from_slice(&xp[src..src + k[2] * cin]);
             }
         }
     }
 }
 
-/// Forward convolution, channels-last. `x`: `[B, D, H, W, Cin]`, `w`: `[Cout, Cin, k, k, k]`.
+/// Forward convolution, channels-last. `x`: `[B, D, H, W, Cin]`, `w`: `[Cout, Cin, k0, k1, k2]`.
 pub fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec<f32> {
-    let wg = weight_to_wg(w, g.cout, g.cin, g.k);
+    let wg = weight_to_wg(w, g.cout, g.cin, g.taps());
     let mut y = conv_forward_wg(x, &wg, g);
     if let Some(bias) = bias {
         y.par_chunks_mut(g.cout * 256).for_each(|c| {
@@ -422,12 +431,12 @@ pub fn conv_forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, g: &Geom) -> Vec
 fn conv_forward_wg(x: &[f32], wg: &[f32], g: &Geom) -> Vec<f32> {
     let out = g.out();
     let (xp, sp) = pad_input(x, g.b, g.inp, g.cin, g.pad());
-    if g.is_stride1_k3() {
-        return conv_s1k3(&xp, sp, g.b, out, g.cin, g.cout, wg);
+    if g.is_stride1_wide() {
+        return conv_s1(&xp, sp, g.b, out, g.k, g.cin, g.cout, wg);
     }
     let n_out = out[0] * out[1] * out[2];
     let mut y = vec![0.0f32; g.b * n_out * g.cout];
-    if g.k == 1 && g.stride == [1, 1, 1] {
+    if g.is_1x1() {
         let t = tile_rows(g.cout.max(g.cin));
         y.par_chunks_mut(t * g.cout).enumerate().for_each(|(i, c)| {
             let m = c.len() / g.cout;
@@ -451,9 +460,9 @@ fn conv_forward_wg(x: &[f32], wg: &[f32], g: &Geom) -> Vec<f32> {
     y
 }
 
-/// `W'[t'][co][ci] = W[co][ci][26 − t']` laid out `[3,3,3, Cout, Cin]`.
-fn flip_transpose(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    let t = 27;
+/// `W'[t'][co][ci] = W[co][ci][T − 1 − t']` laid out `[k0,k1,k2, Cout, Cin]` (`T` taps; reversing
+/// the flat tap index mirrors every axis).
+fn flip_transpose(w: &[f32], cout: usize, cin: usize, t: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; w.len()];
     let outp = SharedMut(out.as_mut_ptr());
     // Per output channel, blocks of 16 input channels: 16 whole `[27]` runs read, 27 runs of 16
@@ -464,8 +473,8 @@ fn flip_transpose(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
             let c1 = (c0 + TRANSPOSE_BLOCK).min(cin);
             for tap in 0..t {
                 for ci in c0..c1 {
-                    // SAFETY: index ((26 − tap)·cout + co)·cin + ci < w.len() is written by the
-                    // task of `co` only.
+                    // SAFETY: index ((T − 1 − tap)·cout + co)·cin + ci < w.len() is written by
+                    // the task of `co` only.
                     unsafe { *outp.0.add(((t - 1 - tap) * cout + co) * cin + ci) = w[(co * cin + ci) * t + tap] };
                 }
             }
@@ -477,16 +486,17 @@ fn flip_transpose(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
 /// Input gradient. `dy`: `[B, Do, Ho, Wo, Cout]` → `[B, D, H, W, Cin]`.
 pub fn conv_backward_data(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     let out = g.out();
-    if g.is_stride1_k3() {
-        // dX = conv(dY, W'), W'[t'] = W[2 − t']ᵀ: flipped taps, Cin ↔ Cout.
-        // [3,3,3, Cout, Cin] with reversed taps: the PyTorch weight read as [Cin', Cout'] = [Cout, Cin].
-        let wf = flip_transpose(w, g.cout, g.cin);
+    if g.is_stride1_wide() {
+        // dX = conv(dY, W'), W'[t'] = W[T − 1 − t']ᵀ: flipped taps, Cin ↔ Cout (odd kernels:
+        // the same padding). [k0,k1,k2, Cout, Cin] with reversed taps: the PyTorch weight read
+        // as [Cin', Cout'] = [Cout, Cin].
+        let wf = flip_transpose(w, g.cout, g.cin, g.taps());
         let gt = Geom { inp: out, cin: g.cout, cout: g.cin, ..*g };
         return conv_forward_wg(dy, &wf, &gt);
     }
-    let wg = weight_to_wg(w, g.cout, g.cin, g.k);
+    let wg = weight_to_wg(w, g.cout, g.cin, g.taps());
     let n_in = g.inp[0] * g.inp[1] * g.inp[2];
-    if g.k == 1 && g.stride == [1, 1, 1] {
+    if g.is_1x1() {
         let mut dx = vec![0.0f32; g.b * n_in * g.cin];
         let t = tile_rows(g.cout.max(g.cin));
         dx.par_chunks_mut(t * g.cin).enumerate().for_each(|(i, c)| {
@@ -498,12 +508,12 @@ pub fn conv_backward_data(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     }
     // col2im into the padded input grid, one output plane at a time.
     let p = g.pad();
-    let sp = g.inp.map(|v| v + 2 * p);
+    let sp = [0, 1, 2].map(|a| g.inp[a] + 2 * p[a]);
     let mut dxp = vec![0.0f32; g.b * sp[0] * sp[1] * sp[2] * g.cin];
     let (k, cin) = (g.k, g.cin);
     let width = g.taps() * cin;
     let plane_rows = out[1] * out[2];
-    let phases = g.k.div_ceil(g.stride[0]);
+    let phases = k[0].div_ceil(g.stride[0]);
     let dxpp = SharedMut(dxp.as_mut_ptr());
     for phase in 0..phases {
         let planes: Vec<(usize, usize)> = (0..g.b)
@@ -520,13 +530,13 @@ pub fn conv_backward_data(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
             for r in 0..plane_rows {
                 let (y, x) = (r / out[2], r % out[2]);
                 let base = ((bi * sp[0] + z * g.stride[0]) * sp[1] + y * g.stride[1]) * sp[2] + x * g.stride[2];
-                for dz in 0..k {
-                    for dy_ in 0..k {
-                        for dx in 0..k {
+                for dz in 0..k[0] {
+                    for dy_ in 0..k[1] {
+                        for dx in 0..k[2] {
                             let dst = (base + (dz * sp[1] + dy_) * sp[2] + dx) * cin;
-                            let src = r * width + ((dz * k + dy_) * k + dx) * cin;
+                            let src = r * width + ((dz * k[1] + dy_) * k[2] + dx) * cin;
                             // SAFETY: planes of one phase write padded planes
-                            // [z·s, z·s + k) that do not overlap (phases·s ≥ k).
+                            // [z·s, z·s + k0) that do not overlap (phases·s ≥ k0).
                             let dst = unsafe { std::slice::from_raw_parts_mut(dxpp.0.add(dst), cin) };
                             for (d, s) in dst.iter_mut().zip(&cols[src..src + cin]) {
                                 *d += s;
@@ -537,7 +547,7 @@ pub fn conv_backward_data(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
             }
         });
     }
-    if p == 0 {
+    if p == [0; 3] {
         return dxp;
     }
     let mut dx = vec![0.0f32; g.b * n_in * cin];
@@ -545,14 +555,14 @@ pub fn conv_backward_data(dy: &[f32], w: &[f32], g: &Geom) -> Vec<f32> {
     dx.par_chunks_mut(g.inp[1] * row).enumerate().for_each(|(pl, dst)| {
         let (bi, z) = (pl / g.inp[0], pl % g.inp[0]);
         for y in 0..g.inp[1] {
-            let src = (((bi * sp[0] + z + p) * sp[1] + y + p) * sp[2] + p) * cin;
+            let src = (((bi * sp[0] + z + p[0]) * sp[1] + y + p[1]) * sp[2] + p[2]) * cin;
             dst[y * row..(y + 1) * row].copy_from_slice(&dxp[src..src + row]);
         }
     });
     dx
 }
 
-/// Weight gradient in PyTorch layout `[Cout, Cin, k, k, k]`.
+/// Weight gradient in PyTorch layout `[Cout, Cin, k0, k1, k2]`.
 pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
     let out = g.out();
     let (cin, cout) = (g.cin, g.cout);
@@ -563,8 +573,9 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
             a
         }).unwrap_or_else(|| vec![0.0; width * cout])
     };
-    let dwg = if g.is_stride1_k3() {
-        let (xp, sp) = pad_input(x, g.b, g.inp, cin, 1);
+    let dwg = if g.is_stride1_wide() {
+        let k = g.k;
+        let (xp, sp) = pad_input(x, g.b, g.inp, cin, g.pad());
         let (sy, sz) = (sp[2], sp[1] * sp[2]);
         let plane = sp[0] * sz;
         let rows = (out[0] - 1) * sz + (out[1] - 1) * sy + out[2];
@@ -586,14 +597,14 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
             .par_iter()
             .fold(|| vec![0.0f32; width * cout], |mut acc, &(bi, q0)| {
                 let m = t.min(rows - q0);
-                for dz in 0..3 {
-                    for dyy in 0..3 {
-                        let gi = dz * 3 + dyy;
+                for dz in 0..k[0] {
+                    for dyy in 0..k[1] {
+                        let gi = dz * k[1] + dyy;
                         let a_off = (bi * plane + q0 + dz * sz + dyy * sy) * cin;
                         // SAFETY: Aᵀ view of xp rows (strides 1, Cin) as in the forward; acc is
                         // this fold's own buffer; dyp rows q0 … q0+m of batch bi exist.
                         unsafe {
-                            gemm(3 * cin, cout, m, acc.as_mut_ptr().add(gi * 3 * cin * cout), cout, true,
+                            gemm(k[2] * cin, cout, m, acc.as_mut_ptr().add(gi * k[2] * cin * cout), cout, true,
                                 xp.as_ptr().add(a_off), 1, cin, dyp.as_ptr().add((bi * rows + q0) * cout), cout, 1)
                         };
                     }
@@ -602,7 +613,7 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
             })
             .collect();
         sum(parts)
-    } else if g.k == 1 && g.stride == [1, 1, 1] {
+    } else if g.is_1x1() {
         let n = g.b * g.inp[0] * g.inp[1] * g.inp[2];
         let t = 16_384usize;
         let parts: Vec<Vec<f32>> = (0..n)
@@ -636,7 +647,7 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
             .collect();
         sum(parts)
     };
-    wg_to_weight(&dwg, cout, cin, g.k)
+    wg_to_weight(&dwg, cout, cin, g.taps())
 }
 
 /// Bias gradient: sum of `dy` over every voxel, `[Cout]`.

@@ -149,8 +149,8 @@ pub(crate) fn libtorch_device(device: &Device) -> Option<burn::backend::libtorch
 
 /// 3-D convolution with odd kernel sizes, padding `k / 2` per axis ("same" at stride 1), bias,
 /// given stride. `weight` is `[Cout, Cin, kd, kh, kw]` whatever the layout. Our channels-last
-/// kernels take cubic 1³ and 3³ kernels; other shapes (nnU-Net's `[1, 3, 3]`) run burn's
-/// convolution on an NCDHW view.
+/// kernels take sizes 1 or 3 on each axis (1³, 3³, nnU-Net's `[1, 3, 3]` of anisotropic stages
+/// and of 2-D plans); other shapes run burn's convolution on an NCDHW view.
 pub fn conv3d(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout) -> Tensor<5> {
     conv3d_with(x, weight, bias, stride, layout, true)
 }
@@ -167,9 +167,9 @@ pub fn conv3d_normed(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [
 
 fn conv3d_with(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout, add_bias: bool) -> Tensor<5> {
     let k = weight.dims();
-    let cubic13 = k[2] == k[3] && k[3] == k[4] && (k[2] == 1 || k[2] == 3);
+    let ours = k[2..].iter().all(|&k| k == 1 || k == 3);
     match layout {
-        Layout::Ndhwc if !cubic13 => layout.from_ncdhw(conv3d_with(layout.to_ncdhw(x), weight, bias, stride, Layout::Ncdhw, add_bias)),
+        Layout::Ndhwc if !ours => layout.from_ncdhw(conv3d_with(layout.to_ncdhw(x), weight, bias, stride, Layout::Ncdhw, add_bias)),
         Layout::Ndhwc => {
             use crate::ext::StuOps;
             Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::conv3d_cl(

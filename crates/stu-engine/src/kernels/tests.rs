@@ -9,7 +9,7 @@ fn rand(n: usize, seed: u64) -> Vec<f32> {
 /// Naive channels-last conv (f64 accumulation); returns y.
 fn naive(x: &[f32], w: &[f32], g: &Geom) -> Vec<f64> {
     let out = g.out();
-    let p = g.pad() as isize;
+    let p = g.pad().map(|v| v as isize);
     let k = g.k;
     let mut y = vec![0f64; g.b * out[0] * out[1] * out[2] * g.cout];
     for b in 0..g.b {
@@ -18,19 +18,19 @@ fn naive(x: &[f32], w: &[f32], g: &Geom) -> Vec<f64> {
                 for xx in 0..out[2] {
                     for co in 0..g.cout {
                         let mut acc = 0f64;
-                        for dz in 0..k {
-                            for dy in 0..k {
-                                for dx in 0..k {
-                                    let iz = (z * g.stride[0]) as isize + dz as isize - p;
-                                    let iy = (yy * g.stride[1]) as isize + dy as isize - p;
-                                    let ix = (xx * g.stride[2]) as isize + dx as isize - p;
+                        for dz in 0..k[0] {
+                            for dy in 0..k[1] {
+                                for dx in 0..k[2] {
+                                    let iz = (z * g.stride[0]) as isize + dz as isize - p[0];
+                                    let iy = (yy * g.stride[1]) as isize + dy as isize - p[1];
+                                    let ix = (xx * g.stride[2]) as isize + dx as isize - p[2];
                                     if iz < 0 || iy < 0 || ix < 0 || iz >= g.inp[0] as isize || iy >= g.inp[1] as isize || ix >= g.inp[2] as isize {
                                         continue;
                                     }
                                     let (iz, iy, ix) = (iz as usize, iy as usize, ix as usize);
                                     for ci in 0..g.cin {
                                         let xv = x[(((b * g.inp[0] + iz) * g.inp[1] + iy) * g.inp[2] + ix) * g.cin + ci] as f64;
-                                        let wv = w[(co * g.cin + ci) * k * k * k + (dz * k + dy) * k + dx] as f64;
+                                        let wv = w[(co * g.cin + ci) * g.taps() + (dz * k[1] + dy) * k[2] + dx] as f64;
                                         acc += xv * wv;
                                     }
                                 }
@@ -55,14 +55,20 @@ fn close(a: &[f32], b: &[f64], what: &str, g: &Geom) {
 
 fn geoms() -> Vec<Geom> {
     vec![
-        Geom { b: 1, inp: [5, 6, 7], cin: 3, cout: 4, k: 3, stride: [1, 1, 1] },
-        Geom { b: 2, inp: [4, 4, 4], cin: 5, cout: 2, k: 3, stride: [1, 1, 1] },
-        Geom { b: 2, inp: [6, 8, 5], cin: 3, cout: 4, k: 3, stride: [2, 2, 2] },
-        Geom { b: 1, inp: [4, 8, 8], cin: 2, cout: 3, k: 3, stride: [1, 2, 2] },
-        Geom { b: 1, inp: [8, 4, 6], cin: 2, cout: 3, k: 3, stride: [2, 1, 2] },
-        Geom { b: 2, inp: [4, 6, 5], cin: 3, cout: 5, k: 1, stride: [1, 1, 1] },
-        Geom { b: 1, inp: [6, 8, 8], cin: 4, cout: 3, k: 1, stride: [2, 2, 1] },
-        Geom { b: 1, inp: [1, 1, 1], cin: 2, cout: 2, k: 3, stride: [1, 1, 1] },
+        Geom { b: 1, inp: [5, 6, 7], cin: 3, cout: 4, k: [3; 3], stride: [1, 1, 1] },
+        Geom { b: 2, inp: [4, 4, 4], cin: 5, cout: 2, k: [3; 3], stride: [1, 1, 1] },
+        Geom { b: 2, inp: [6, 8, 5], cin: 3, cout: 4, k: [3; 3], stride: [2, 2, 2] },
+        Geom { b: 1, inp: [4, 8, 8], cin: 2, cout: 3, k: [3; 3], stride: [1, 2, 2] },
+        Geom { b: 1, inp: [8, 4, 6], cin: 2, cout: 3, k: [3; 3], stride: [2, 1, 2] },
+        Geom { b: 2, inp: [4, 6, 5], cin: 3, cout: 5, k: [1; 3], stride: [1, 1, 1] },
+        Geom { b: 1, inp: [6, 8, 8], cin: 4, cout: 3, k: [1; 3], stride: [2, 2, 1] },
+        Geom { b: 1, inp: [1, 1, 1], cin: 2, cout: 2, k: [3; 3], stride: [1, 1, 1] },
+        // nnU-Net's [1, 3, 3] (anisotropic stages, and every stage of a 2-D plan, one slice deep).
+        Geom { b: 2, inp: [3, 6, 7], cin: 3, cout: 4, k: [1, 3, 3], stride: [1, 1, 1] },
+        Geom { b: 2, inp: [1, 6, 5], cin: 2, cout: 3, k: [1, 3, 3], stride: [1, 1, 1] },
+        Geom { b: 1, inp: [4, 8, 7], cin: 2, cout: 3, k: [1, 3, 3], stride: [1, 2, 2] },
+        Geom { b: 1, inp: [4, 6, 6], cin: 2, cout: 2, k: [1, 3, 3], stride: [2, 2, 2] },
+        Geom { b: 1, inp: [5, 4, 6], cin: 2, cout: 3, k: [3, 1, 3], stride: [1, 1, 1] },
     ]
 }
 
@@ -70,7 +76,7 @@ fn geoms() -> Vec<Geom> {
 fn forward_matches_naive() {
     for (i, g) in geoms().into_iter().enumerate() {
         let x = rand(g.b * g.inp.iter().product::<usize>() * g.cin, i as u64 + 1);
-        let w = rand(g.cout * g.cin * g.k.pow(3), i as u64 + 100);
+        let w = rand(g.cout * g.cin * g.taps(), i as u64 + 100);
         let bias = rand(g.cout, i as u64 + 7);
         let mut want = naive(&x, &w, &g);
         for (j, v) in want.iter_mut().enumerate() {
@@ -86,7 +92,7 @@ fn forward_matches_naive() {
 fn gradients_match_the_adjoint_of_the_forward() {
     for (i, g) in geoms().into_iter().enumerate() {
         let n_in = g.b * g.inp.iter().product::<usize>() * g.cin;
-        let n_w = g.cout * g.cin * g.k.pow(3);
+        let n_w = g.cout * g.cin * g.taps();
         let out = g.out();
         let n_out = g.b * out.iter().product::<usize>() * g.cout;
         let x = rand(n_in, i as u64 + 11);
@@ -117,31 +123,30 @@ fn gradients_match_the_adjoint_of_the_forward() {
 #[test]
 fn weight_layout_round_trips() {
     let w = rand(4 * 3 * 27, 5);
-    assert_eq!(wg_to_weight(&weight_to_wg(&w, 4, 3, 3), 4, 3, 3), w);
+    assert_eq!(wg_to_weight(&weight_to_wg(&w, 4, 3, 27), 4, 3, 27), w);
 }
 
 /// The blocked weight transposes equal their definitions, with channel counts that fill one
 /// 16-channel block, several, and leave a partial one.
 #[test]
 fn weight_transposes_match_their_definitions() {
-    for (cout, cin, k) in [(37, 21, 3), (16, 5, 3), (17, 33, 1), (3, 40, 3)] {
-        let t = k * k * k;
+    for (cout, cin, t) in [(37, 21, 27), (16, 5, 27), (17, 33, 1), (3, 40, 27), (9, 18, 9)] {
         let w = rand(cout * cin * t, (cout * 100 + cin) as u64);
-        let wg = weight_to_wg(&w, cout, cin, k);
+        let wg = weight_to_wg(&w, cout, cin, t);
         for co in 0..cout {
             for ci in 0..cin {
                 for tap in 0..t {
-                    assert_eq!(wg[(tap * cin + ci) * cout + co], w[(co * cin + ci) * t + tap], "[k, k, k, Cin, Cout] ({cout}, {cin}, {k})");
+                    assert_eq!(wg[(tap * cin + ci) * cout + co], w[(co * cin + ci) * t + tap], "[k0, k1, k2, Cin, Cout] ({cout}, {cin}, {t})");
                 }
             }
         }
-        assert_eq!(wg_to_weight(&wg, cout, cin, k), w, "round trip ({cout}, {cin}, {k})");
-        if k == 3 {
-            let f = flip_transpose(&w, cout, cin);
+        assert_eq!(wg_to_weight(&wg, cout, cin, t), w, "round trip ({cout}, {cin}, {t})");
+        if t > 1 {
+            let f = flip_transpose(&w, cout, cin, t);
             for co in 0..cout {
                 for ci in 0..cin {
-                    for tap in 0..27 {
-                        assert_eq!(f[((26 - tap) * cout + co) * cin + ci], w[(co * cin + ci) * 27 + tap], "flipped ({cout}, {cin})");
+                    for tap in 0..t {
+                        assert_eq!(f[((t - 1 - tap) * cout + co) * cin + ci], w[(co * cin + ci) * t + tap], "flipped ({cout}, {cin}, {t})");
                     }
                 }
             }
@@ -152,15 +157,16 @@ fn weight_transposes_match_their_definitions() {
 #[test]
 fn larger_volumes_match_naive() {
     for (i, g) in [
-        Geom { b: 1, inp: [16, 64, 32], cin: 4, cout: 8, k: 3, stride: [1, 1, 1] },
-        Geom { b: 2, inp: [16, 32, 32], cin: 4, cout: 8, k: 3, stride: [1, 2, 2] },
-        Geom { b: 1, inp: [8, 32, 32], cin: 12, cout: 8, k: 1, stride: [1, 1, 1] },
+        Geom { b: 1, inp: [16, 64, 32], cin: 4, cout: 8, k: [3; 3], stride: [1, 1, 1] },
+        Geom { b: 2, inp: [16, 32, 32], cin: 4, cout: 8, k: [3; 3], stride: [1, 2, 2] },
+        Geom { b: 1, inp: [8, 32, 32], cin: 12, cout: 8, k: [1; 3], stride: [1, 1, 1] },
+        Geom { b: 3, inp: [1, 48, 40], cin: 6, cout: 8, k: [1, 3, 3], stride: [1, 1, 1] },
     ]
     .into_iter()
     .enumerate()
     {
         let x = rand(g.b * g.inp.iter().product::<usize>() * g.cin, i as u64 + 21);
-        let w = rand(g.cout * g.cin * g.k.pow(3), i as u64 + 22);
+        let w = rand(g.cout * g.cin * g.taps(), i as u64 + 22);
         let bias = vec![0.0f32; g.cout];
         close(&conv_forward(&x, &w, Some(&bias), &g), &naive(&x, &w, &g), "forward", &g);
     }
@@ -173,7 +179,7 @@ fn head_writes_channels_first_and_its_gradients_match() {
     let w = rand(cout * cin, 32);
     let bias = rand(cout, 33);
     let y = head_forward(&x, &w, &bias, b, n, cin, cout);
-    let g = Geom { b, inp: [1, 1, n], cin, cout, k: 1, stride: [1, 1, 1] };
+    let g = Geom { b, inp: [1, 1, n], cin, cout, k: [1; 3], stride: [1, 1, 1] };
     let cl = conv_forward(&x, &w, Some(&bias), &g); // [B, N, Cout]
     for bi in 0..b {
         for p in 0..n {
