@@ -10,9 +10,11 @@
 //!   with `stu` and, when PY has `nnunetv2`, with nnU-Net (`-np 1`) on the same files, measuring
 //!   wall time and peak RSS with `/usr/bin/time`; writes `reports/bench/preprocess.{json,md}`.
 //!
-//! - `bench-train [--python PY] [S B]`: one nnU-Net training step (batch 2, 128³, 105 classes,
+//! - `bench-train [--python PY] [S B | 2d]`: one nnU-Net training step (batch 2, 128³, 105 classes,
 //!   deep supervision, SGD) for STU-Net-S and -B with `stu bench train_…`, then the same step in
 //!   PyTorch (`xtask/bench/torch_train.py`) right after; writes `reports/bench/train.{json,md}`.
+//!   `2d`: nnU-Net's 2-D PlainConvUNet step (batch 12, 256²) against dynamic_network_architectures'
+//!   own; writes `reports/bench/train-2d.{json,md}`.
 //!
 //! - `bench-allreduce [--python PY]`: the data-parallel gradient exchange, one all-reduce of
 //!   STU-Net-S/B/L's parameter count between two local ranks (`stu bench allreduce`), then
@@ -412,27 +414,36 @@ fn bench_train(mut args: Vec<String>) -> Result<()> {
     let mut sizes = Vec::new();
     for a in args {
         match a.as_str() {
-            "S" | "B" => sizes.push(a),
-            other => bail!("bench-train: unknown argument `{other}` (sizes: S, B)"),
+            "S" | "B" | "2d" => sizes.push(a),
+            other => bail!("bench-train: unknown argument `{other}` (sizes: S, B; or 2d, nnU-Net's 2-D network, reported apart)"),
         }
     }
     if sizes.is_empty() {
         sizes = vec!["S".into(), "B".into()];
     }
+    // nnU-Net's 2-D network gets its own report (`train-2d.md`), the STU-Net sizes theirs.
+    let two_d = sizes.iter().any(|s| s == "2d");
+    ensure!(!two_d || sizes.len() == 1, "bench-train: run `2d` on its own (it writes train-2d.md)");
+    let stem = if two_d { "train-2d" } else { "train" };
     let root = root();
     let stu = build_stu(&root, &[])?;
     let out_dir = root.join("reports/bench");
     std::fs::create_dir_all(&out_dir)?;
     let ours_path = out_dir.join("stu-train.json");
-    let cases: Vec<String> = sizes.iter().map(|s| format!("train_{s}_128_b2")).collect();
+    let cases: Vec<String> = sizes.iter().map(|s| if s == "2d" { "train_plain2d_256_b12".to_string() } else { format!("train_{s}_128_b2") }).collect();
     run(Command::new(stu).arg("bench").arg("--json").arg(&ours_path).args(&cases))?;
     let ours: Value = serde_json::from_str(&std::fs::read_to_string(&ours_path)?)?;
     let torch_path = out_dir.join("torch-train.json");
     run(Command::new(&python).arg(root.join("xtask/bench/torch_train.py")).arg(root.join("../shared/bench")).arg(&torch_path).args(&sizes))?;
     let theirs: Value = serde_json::from_str(&std::fs::read_to_string(&torch_path)?)?;
     let host = host();
+    let (what, step) = if two_d {
+        ("nnU-Net's 2-D PlainConvUNet", "One nnU-Net `2d` step: batch 12, 1 channel, 256², 105 classes, 7 stages (32 … 512 features; ours: `[1, 3, 3]` kernels on one-slice patches, theirs: `Conv2d`), 6 deep-supervision outputs")
+    } else {
+        ("STU-Net", "One nnU-Net step: batch 2, 1 channel, 128³, 105 classes, deep supervision")
+    };
     let mut md = format!(
-        "# CPU training step: STU-Net in Rust (burn 0.22.1) vs PyTorch {}\n\n{}\n\nOne nnU-Net step: batch 2, 1 channel, 128³, 105 classes, deep supervision, Dice + CE, clip 12, Nesterov SGD. Median of 2 after a warm-up, seconds; ratio = ours / PyTorch.\n\n| case | ours (s) | PyTorch (s) | ratio | ours it/s | PyTorch it/s |\n|---|---|---|---|---|---|\n",
+        "# CPU training step: {what} in Rust (burn 0.22.1) vs PyTorch {}\n\n{}\n\n{step}, Dice + CE, clip 12, Nesterov SGD. Median of 2 after a warm-up, seconds; ratio = ours / PyTorch.\n\n| case | ours (s) | PyTorch (s) | ratio | ours it/s | PyTorch it/s |\n|---|---|---|---|---|---|\n",
         theirs["torch"].as_str().unwrap_or("?"),
         host_line(&host),
     );
@@ -443,8 +454,8 @@ fn bench_train(mut args: Vec<String>) -> Result<()> {
         md.push_str(&format!("| {case} | {a:.2} | {b:.2} | {:.2}× | {:.3} | {:.3} |\n", a / b, 1.0 / a, 1.0 / b));
         rows.push(json!({ "case": case, "ours": r, "torch": theirs[case] }));
     }
-    std::fs::write(out_dir.join("train.json"), serde_json::to_string_pretty(&json!({ "host": host, "torch": theirs["torch"], "rows": rows }))? + "\n")?;
-    std::fs::write(out_dir.join("train.md"), &md)?;
+    std::fs::write(out_dir.join(format!("{stem}.json")), serde_json::to_string_pretty(&json!({ "host": host, "torch": theirs["torch"], "rows": rows }))? + "\n")?;
+    std::fs::write(out_dir.join(format!("{stem}.md")), &md)?;
     let _ = std::fs::remove_file(&ours_path);
     let _ = std::fs::remove_file(&torch_path);
     print!("{md}");

@@ -218,31 +218,55 @@ fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, de
 }
 
 fn train_case(id: &str, preset: &str, backend: Backend, precision: Precision, ad: &Device, patch: usize, profile: Option<&Path>) -> Result<CaseResult> {
+    let net = preset_net(preset, ad)?;
+    let levels: Vec<[usize; 3]> = (0..5).map(|k| [patch >> k; 3]).collect();
+    let large = preset.ends_with('l') || preset.ends_with('h');
+    step_case(id, net, 2, &levels, backend, precision, ad, large, profile)
+}
+
+/// nnU-Net's `2d` training step: its 2-D PlainConvUNet for a 256² patch (7 stages, features
+/// 32 … 512, `[1, 3, 3]` kernels, 6 × `[1, 2, 2]` strides), batch 12, 105 classes, 6 deep-
+/// supervision outputs; as `xtask/bench/torch_train.py 2d` builds it with `Conv2d`.
+pub const TRAIN_2D_CASE: &str = "train_plain2d_256_b12";
+
+fn train_2d_case(backend: Backend, precision: Precision, ad: &Device, profile: Option<&Path>) -> Result<CaseResult> {
+    let entry = stu_engine::model::registry().get("nnunet-plainconv")?;
+    let options = serde_json::json!({"kernels": vec![[1, 3, 3]; 7], "max_width": 512});
+    let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: vec![[1, 2, 2]; 6], options };
+    let net = stu_engine::train::he_init((entry.build)(&spec, ad).map_err(anyhow::Error::msg)?, 0, None);
+    let levels: Vec<[usize; 3]> = (0..6).map(|k| [1, 256 >> k, 256 >> k]).collect();
+    step_case(TRAIN_2D_CASE, net, 12, &levels, backend, precision, ad, false, profile)
+}
+
+/// One nnU-Net training step of `net` at batch `b`, timed: random input of `levels[0]`, random
+/// labels nearest-downsampled to every deep-supervision level.
+#[allow(clippy::too_many_arguments)]
+fn step_case(id: &str, mut net: Box<dyn SegNet>, b: usize, levels: &[[usize; 3]], backend: Backend, precision: Precision, ad: &Device, large: bool, profile: Option<&Path>) -> Result<CaseResult> {
     use stu_engine::train::{DeviceBatch, Sgd, StepConfig, train_step};
-    let mut net = preset_net(preset, ad)?;
-    let (b, p) = (2, patch);
+    let full_shape = levels[0];
+    let n: usize = full_shape.iter().product();
     let mut rng = stu_core::rng::SplitMix64::new(3);
-    let x = rng.fill_f32(b * p * p * p, -1.0, 1.0);
-    let full: Vec<i16> = (0..b * p * p * p).map(|_| rng.below(TOTALSEG_CLASSES as u64) as i16).collect();
-    let targets: Vec<(Vec<i16>, [usize; 4])> = (0..5)
-        .map(|k| {
-            let n = p >> k;
-            let t = (0..b).flat_map(|bi| stu_data::augment::nearest_resize(&full[bi * p * p * p..(bi + 1) * p * p * p], [p; 3], [n; 3])).collect();
-            (t, [b, n, n, n])
+    let x = rng.fill_f32(b * n, -1.0, 1.0);
+    let full: Vec<i16> = (0..b * n).map(|_| rng.below(TOTALSEG_CLASSES as u64) as i16).collect();
+    let targets: Vec<(Vec<i16>, [usize; 4])> = levels
+        .iter()
+        .map(|&l| {
+            let t = (0..b).flat_map(|bi| stu_data::augment::nearest_resize(&full[bi * n..(bi + 1) * n], full_shape, l)).collect();
+            (t, [b, l[0], l[1], l[2]])
         })
         .collect();
-    let batch = DeviceBatch::upload(x, [b, 1, p, p, p], &targets, ad);
-    let weights = stu_engine::schedule::ds_weights(5);
+    let batch = DeviceBatch::upload(x, [b, 1, full_shape[0], full_shape[1], full_shape[2]], &targets, ad);
+    let weights = stu_engine::schedule::ds_weights(levels.len());
     let mut sgd = Sgd::nnunet();
     let mut samples = Vec::new();
-    let (warm, n) = reps(backend, preset.ends_with('l') || preset.ends_with('h'));
+    let (warm, reps_n) = reps(backend, large);
     let step = StepConfig { weights: &weights, dice: Default::default(), lr: 1e-2, clip: stu_engine::optim::GRAD_CLIP, precision };
     let mut one_step = |net: Box<dyn SegNet>| -> Result<Box<dyn SegNet>> {
         let (next, _) = train_step(net, &mut sgd, &batch, &step);
         ad.sync().map_err(|e| anyhow::anyhow!("device sync: {e:?}"))?;
         Ok(next)
     };
-    for i in 0..warm + n {
+    for i in 0..warm + reps_n {
         let t = Instant::now();
         net = one_step(net)?;
         if i >= warm {
@@ -316,6 +340,11 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
             results.push(r);
         }
     }
+    if named(TRAIN_2D_CASE, "train") {
+        let r = train_2d_case(backend, precision, &ad, profile)?;
+        report(&r);
+        results.push(r);
+    }
     for (id, preset) in ALLREDUCE_CASES {
         if named(id, "allreduce") {
             let r = allreduce_case(id, preset, &device)?;
@@ -366,7 +395,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
         results.push(r);
     }
     if !filter.is_empty() && results.is_empty() {
-        let ids: Vec<String> = TRAIN_CASES.iter().chain(&INFER_CASES).map(|(id, _)| named_id(id)).chain(ALLREDUCE_CASES.iter().map(|(id, _)| id.to_string())).chain(anchor_cases().iter().map(|c| c.id.to_string())).collect();
+        let ids: Vec<String> = TRAIN_CASES.iter().chain(&INFER_CASES).map(|(id, _)| named_id(id)).chain([TRAIN_2D_CASE.to_string()]).chain(ALLREDUCE_CASES.iter().map(|(id, _)| id.to_string())).chain(anchor_cases().iter().map(|c| c.id.to_string())).collect();
         anyhow::bail!("no bench case matches {}; the cases: {}", filter.join(" "), ids.join(", "));
     }
     Ok(results)
