@@ -83,7 +83,7 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     let (images_s, pred_s) = (images.to_str().unwrap(), pred.to_str().unwrap());
     fails(&nnunet(&env, &["nnUNetv2_predict", "-i", images_s, "-o", pred_s, "-d", "802", "-c", "3d_fullres", "-tr", "nnUNetTrainer"]), &["nnUNetTrainer__nnUNetPlans__3d_fullres", "no such model folder"]);
     let log = ok(&nnunet(&env, &["nnUNetv2_predict", "-i", images_s, "-o", pred_s, "-d", "802", "-c", "3d_fullres", "-tr", "STUNetTrainer_small_ep2k", "-f", "all", "--disable_tta", "--save_probabilities", "-npp", "2"]));
-    assert!(log.contains("→ stu predict") && pred.join("ts_mr_sm.nii.gz").is_file() && pred.join("ts_mr_sm.probabilities.safetensors").is_file(), "{log}");
+    assert!(log.contains("→ stu predict") && pred.join("ts_mr_sm.nii.gz").is_file() && pred.join("ts_mr_sm.npz").is_file() && pred.join("ts_mr_sm.pkl").is_file(), "{log}");
     let folder = ok(&nnunet(&env, &["nnUNetv2_predict_from_modelfolder", "-i", images_s, "-o", tmp.path().join("pred-m").to_str().unwrap(), "-m", model.to_str().unwrap(), "-f", "all", "--disable_tta"]));
     assert!(folder.contains("→ stu predict"), "{folder}");
     assert!(std::fs::read(pred.join("ts_mr_sm.nii.gz")).unwrap() == std::fs::read(tmp.path().join("pred-m/ts_mr_sm.nii.gz")).unwrap());
@@ -102,7 +102,8 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     let b = stu_data::nifti_io::read_label(&ens.join("ts_mr_sm.nii.gz")).unwrap().data;
     let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
     assert!(same * 100 >= a.len() * 99, "{same} of {}", a.len());
-    assert!(ens.join("ts_mr_sm.probabilities.safetensors").is_file());
+    // (--save_probabilities wrote nnU-Net's .npz and .pkl; the ensemble keeps that format.)
+    assert!(ens.join("ts_mr_sm.npz").is_file() && ens.join("ts_mr_sm.pkl").is_file());
     // Post-processing decided on the predictions and applied (JSON; nnU-Net's pickle is not read).
     // (stu predict leaves the model's dataset.json beside its predictions, as nnU-Net's
     // predictor: the default -dataset_json.)

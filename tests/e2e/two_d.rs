@@ -69,6 +69,25 @@ fn nnunet_2d_prediction_equals_nnunets_own() {
         }
     }
     assert!(compared > 2 * 3 * 40 * 52 * 9 / 10, "{compared}");
+
+    // nnU-Net's own files (`--npz`: `{case}.npz` float32 and `{case}.pkl`), which Python
+    // nnU-Net's `nnUNetv2_ensemble` reads (checked by hand with nnU-Net 2.8.1: the same labels
+    // and geometry); here `stu ensemble` reads them back (header, CRC) and, the first member
+    // being an `.npz`, writes its mean the same way with the first member's `.pkl`.
+    let npz = tmp.path().join("npz");
+    ok(stu(&["predict", "-i", f.join("images").to_str().unwrap(), "-o", npz.to_str().unwrap(), "--checkpoint", model.to_str().unwrap(), "--npz"], &[]));
+    let ens = tmp.path().join("ens");
+    ok(stu(&["ensemble", "--pred", npz.to_str().unwrap(), npz.to_str().unwrap(), "-o", ens.to_str().unwrap(), "--save-probabilities"], &[]));
+    for case in ["case_a", "case_b"] {
+        let pkl = std::fs::read(npz.join(format!("{case}.pkl"))).unwrap();
+        assert!(pkl.starts_with(&[0x80, 2]) && pkl.ends_with(b".") && pkl.windows(10).any(|w| w == b"sitk_stuff"));
+        assert!(!npz.join(format!("{case}.probabilities.safetensors")).exists() && !npz.join(format!(".{case}.npz.f32")).exists());
+        let one = stu_data::nifti_io::read_label(&npz.join(format!("{case}.nii.gz"))).unwrap().data;
+        assert_eq!(one, stu_data::nifti_io::read_label(&out.join(format!("{case}.nii.gz"))).unwrap().data);
+        assert_eq!(stu_data::nifti_io::read_label(&ens.join(format!("{case}.nii.gz"))).unwrap().data, one);
+        assert_eq!(std::fs::read(ens.join(format!("{case}.pkl"))).unwrap(), pkl);
+        assert!(ens.join(format!("{case}.npz")).is_file());
+    }
 }
 
 /// nnU-Net's commands with `-c 2d` on the shared MR: the planner's `2d` configuration is

@@ -416,9 +416,35 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
     })
 }
 
+/// SimpleITK's geometry of an image with NIfTI affine `affine` (what `sitk.ReadImage` reports,
+/// ITK's LPS frame): spacing `(sx, sy, sz)`, origin, and the direction matrix row-major (column
+/// `c` is voxel axis `c`'s direction), as nnU-Net keeps them in its `sitk_stuff`.
+pub fn itk_geometry(affine: &[[f64; 4]; 4]) -> ([f64; 3], [f64; 3], [f64; 9]) {
+    let (spacing, axes) = crate::metaimage::lps_axes(affine);
+    let origin = [0, 1, 2].map(|r| crate::metaimage::LPS[r] * affine[r][3] + 0.0);
+    let direction = std::array::from_fn(|i| axes[i % 3][i / 3] + 0.0);
+    (spacing, origin, direction)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SimpleITK 2.x's `GetSpacing`, `GetOrigin`, `GetDirection` of the shared CTs (one with its
+    /// y axis flipped, one with x and y flipped), as nnU-Net keeps them in its `sitk_stuff`.
+    #[test]
+    fn itk_geometry_is_simpleitks() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/Dataset801_TotalSegExampleCT/imagesTr");
+        for (file, spacing, origin, direction) in [
+            ("ts_ct_dicom_0000.nii.gz", [0.9765625, 0.9765625, 2.0], [-249.51171875, 61.51171875, -804.5], [1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0]),
+            ("ts_ct_full_0000.nii.gz", [3.0, 3.0, 3.0], [177.95632934570312, -11.319000244140625, 94.3017578125], [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0]),
+        ] {
+            let g = read_geometry(&shared.join(file)).unwrap();
+            let (s, o, d) = itk_geometry(&g.affine);
+            let close = |a: &[f64], b: &[f64], tol: f64| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol);
+            assert!(close(&s, &spacing, 1e-6) && close(&o, &origin, 1e-4) && close(&d, &direction, 1e-6), "{file}: {s:?} {o:?} {d:?}");
+        }
+    }
 
     /// A small oblique volume written as `.mha` or `.nrrd`.
     fn written(dir: &Path, ending: &str, labels: bool) -> PathBuf {

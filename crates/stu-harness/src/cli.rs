@@ -197,6 +197,9 @@ enum Command {
         /// Also write `{case}.probabilities.safetensors`: softmax per class, float16, in the input's array order.
         #[arg(long)]
         save_probabilities: bool,
+        /// Write the probabilities as nnU-Net does instead (implies --save-probabilities): `{case}.npz` (float32 `probabilities`) and `{case}.pkl` (the case's properties), which Python nnU-Net's `nnUNetv2_ensemble` reads.
+        #[arg(long, conflicts_with = "fast_export")]
+        npz: bool,
         /// Fast export (nnU-Net v1's `--mode fast`, STU-Net's recommended inference): the argmax on the network's grid, then only the label map resampled to the input's, instead of every class's logits; labels may differ from the full export along boundaries.
         #[arg(long, conflicts_with = "save_probabilities")]
         fast_export: bool,
@@ -922,10 +925,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("check-ops: {} comparisons on `{}` within tolerance", check.lines.len(), backend.name());
         }
-        Command::Predict { input, output, checkpoints, chk, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id, previous_stage } => {
+        Command::Predict { input, output, checkpoints, chk, model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, npz, fast_export, overlap, backend, precision, continue_prediction, num_parts, part_id, previous_stage } => {
             let part = (num_parts != 1 || part_id != 0).then_some((part_id, num_parts));
             let previous_stage = previous_stage.map(crate::predict::Previous::Files);
-            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, best: chk == "best", model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities, fast_export, overlap, backend, precision, continue_prediction, part, previous_stage };
+            let opts = crate::predict::PredictOptions { input, output: output.clone(), checkpoints, best: chk == "best", model, plans, configuration, disable_tta, step, keep_largest, postprocessing, label_map, save_probabilities: save_probabilities || npz, npz, fast_export, overlap, backend, precision, continue_prediction, part, previous_stage };
             let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} tiles {msg}").expect("valid template"));
             let results = crate::predict::predict(&opts, &|id, done, total| {
                 bar.set_prefix(id.to_string());

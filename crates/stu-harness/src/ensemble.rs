@@ -292,6 +292,8 @@ pub fn ensemble_members(members_folders: &[Vec<PathBuf>], output: &Path, save_pr
         let mut best = vec![f32::NEG_INFINITY; n];
         let mut arg = vec![0u16; n];
         let count = members.len() as f32;
+        let first_npz = matches!(members[0].source, Source::Npz { .. });
+        let pkl = members[0].path.with_extension("pkl");
         let mut failure = None;
         let mut mean_of = |k: usize| -> Vec<f32> {
             let mut sum = vec![0f32; n];
@@ -315,9 +317,15 @@ pub fn ensemble_members(members_folders: &[Vec<PathBuf>], output: &Path, save_pr
             }
             sum
         };
-        let probabilities = probabilities_path(output, id);
+        // In the first member's format: ours, or nnU-Net's `.npz` with a copy of its `.pkl`
+        // (as nnU-Net's `merge_files` pickles the first file's properties).
+        let probabilities = if first_npz { crate::predict::npz_path(output, id) } else { probabilities_path(output, id) };
         if save_probabilities {
             crate::predict::write_probabilities(&probabilities, classes, geom.shape, regions.as_deref(), &mut mean_of)?;
+            if first_npz && pkl.is_file() && failure.is_none() {
+                let bytes = std::fs::read(&pkl).with_context(|| format!("{}: cannot read", pkl.display()))?;
+                stu_core::fs::write_atomic(&probabilities.with_extension("pkl"), &bytes).with_context(|| format!("{}: cannot write", output.display()))?;
+            }
         } else {
             (0..classes).for_each(|k| drop(mean_of(k)));
         }
@@ -407,7 +415,13 @@ mod tests {
         let got = stu_data::nifti_io::read_label(&tmp.path().join("mixed/case.nii.gz")).unwrap().data;
         let same = got.iter().zip(&labels).filter(|(a, b)| a == b).count();
         assert!(same * 100 >= labels.len() * 99, "{same} of {} (float16 rounding only)", labels.len());
-        assert!(crate::predict::probabilities_path(&tmp.path().join("mixed"), "case").exists());
+        // The first member is nnU-Net's: the mean is written as its `.npz` (no `.pkl` beside
+        // the fixture's member, so none is copied), and read back as one.
+        let mean = crate::predict::npz_path(&tmp.path().join("mixed"), "case");
+        assert!(mean.exists() && !mean.with_extension("pkl").exists());
+        assert_eq!(Probabilities::open(&mean).unwrap().shape, [c, z, y, x]);
+        ensemble(&[ours.clone(), fixture().join("a")], &tmp.path().join("ours-first"), true).unwrap();
+        assert!(crate::predict::probabilities_path(&tmp.path().join("ours-first"), "case").exists());
         // A truncated .npz is named, and nothing is written for its case.
         let cut = tmp.path().join("cut");
         copy_member("a", &cut);

@@ -14,6 +14,7 @@ pub mod forward;
 pub mod labelmap;
 pub mod modelzip;
 pub mod nnunet_cli;
+pub mod npz;
 pub mod plans;
 pub mod postprocess;
 pub mod predict;

@@ -477,7 +477,7 @@ fn predict(cmd: &str, args: &[String]) -> Result<()> {
             a.extend([ours.into(), v.into()]);
         }
     }
-    for (flag, ours) in [("--disable_tta", "--disable-tta"), ("--save_probabilities", "--save-probabilities"), ("--continue_prediction", "--continue-prediction")] {
+    for (flag, ours) in [("--disable_tta", "--disable-tta"), ("--save_probabilities", "--npz"), ("--continue_prediction", "--continue-prediction")] {
         if p.has(flag) {
             a.push(ours.into());
         }

@@ -75,6 +75,10 @@ pub struct PredictOptions {
     pub label_map: Option<String>,
     /// Also write `{case}.probabilities.safetensors` (softmax, float16, input geometry).
     pub save_probabilities: bool,
+    /// The probabilities as nnU-Net writes them instead (`{case}.npz`, float32, and
+    /// `{case}.pkl`), for Python nnU-Net's ensembling.
+    #[serde(default)]
+    pub npz: bool,
     /// Whether the next case is read and the previous one exported while a case runs through
     /// the network (holding two cases' logits), or one case at a time. `None`: overlapped on a
     /// GPU, whose host cores are otherwise idle, one at a time on the CPU, whose cores the
@@ -307,8 +311,24 @@ pub struct Exporter {
 impl Exporter {
     /// The label map (input array order) and geometry of `case` from what the network gave;
     /// with `probabilities`, also writes the softmax there ([`write_probabilities`]).
+    /// probabilities at an `.npz` path are nnU-Net's, with its `.pkl` of the case's properties.
     pub fn export(&self, case: Case, out: NetOut, probabilities: Option<&Path>) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry)> {
-        self.export_with(&Back::of(&self.plan, &case), &case.id, case.geom, out, probabilities)
+        let props = &case.pre.props;
+        let pkl = probabilities.filter(|p| is_npz(p)).map(|p| {
+            let properties = crate::npz::CaseProperties {
+                affine: props.affine,
+                spacing: props.original_spacing,
+                shape_before_cropping: props.shape_before_cropping,
+                bbox_used_for_cropping: props.bbox_used_for_cropping,
+                shape_after_cropping_and_before_resampling: props.shape_after_cropping_and_before_resampling,
+            };
+            (p.with_extension("pkl"), properties)
+        });
+        let done = self.export_with(&Back::of(&self.plan, &case), &case.id, case.geom, out, probabilities)?;
+        if let Some((path, properties)) = pkl {
+            crate::npz::write_pkl(&path, &properties)?;
+        }
+        Ok(done)
     }
 
     /// [`Exporter::export`] of case `id` with the way `back` to its input's geometry `geom`.
@@ -1005,6 +1025,16 @@ pub fn probabilities_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}{PROBABILITIES_SUFFIX}"))
 }
 
+/// Where nnU-Net's probabilities of case `id` go (`{case}.npz`, with `{case}.pkl` beside it).
+pub fn npz_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.npz"))
+}
+
+/// Whether a probabilities path is nnU-Net's `.npz` (float32, with a `.pkl`), not ours.
+fn is_npz(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "npz")
+}
+
 /// Streams `[classes, Z, Y, X]` probabilities (`channel(k)` gives class k in the input's array
 /// order) to a safetensors file, tensor `probabilities`, float16, atomically. One class is in
 /// memory at a time; the file is the size nnU-Net's `.npz` would be uncompressed, halved.
@@ -1023,20 +1053,35 @@ pub fn write_probabilities(path: &Path, classes: usize, shape: [usize; 3], regio
 
 /// A `{case}.probabilities.safetensors` file being written ([`write_probabilities`]'s format),
 /// in pieces of whole slices in any order: at its temporary sibling until
-/// [`ProbabilityFile::commit`], removed if dropped before.
+/// [`ProbabilityFile::commit`], removed if dropped before. At an `.npz` path it is nnU-Net's
+/// file instead: float32 staged raw beside it, deflated into the archive on commit
+/// ([`crate::npz::write_npz`]).
 pub struct ProbabilityFile {
     file: stu_core::fs::AtomicFile,
     path: PathBuf,
-    /// Where the float16 data start.
+    /// Where the data start.
     start: u64,
     classes: usize,
     /// `[z, y, x]`, the input's array order.
     shape: [usize; 3],
+    /// nnU-Net's `.npz`: the raw float32 staging file's path (else float16 safetensors).
+    staging: Option<PathBuf>,
 }
 
 impl ProbabilityFile {
     /// Creates the file (its header) for `classes` classes of a `shape` volume.
     pub fn create(path: &Path, classes: usize, shape: [usize; 3], regions: Option<&[u16]>) -> Result<Self> {
+        if is_npz(path) {
+            let bytes = classes * shape.iter().product::<usize>() * 4;
+            if let Some(free) = path.parent().and_then(free_bytes) {
+                // The raw staging file and the archive (at most about as large).
+                ensure!(free >= 2 * bytes as u64, "{}: needs up to {:.1} GB, the disk has {:.1} GB free", path.display(), 2.0 * bytes as f64 / 1e9, free as f64 / 1e9);
+            }
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let staging = path.with_file_name(format!(".{name}.f32"));
+            let file = stu_core::fs::AtomicFile::create(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
+            return Ok(Self { file, path: path.to_path_buf(), start: 0, classes, shape, staging: Some(staging) });
+        }
         let bytes = classes * shape.iter().product::<usize>() * 2;
         let meta = match regions {
             None => serde_json::json!({"format": "softmax probabilities in the input's array order [class, z, y, x] (nnU-Net --save_probabilities, float16)"}),
@@ -1062,7 +1107,7 @@ impl ProbabilityFile {
         let mut head = (h.len() as u64).to_le_bytes().to_vec();
         head.extend_from_slice(&h);
         file.write_at(&head, 0).with_context(|| path.display().to_string())?;
-        Ok(Self { file, path: path.to_path_buf(), start: head.len() as u64, classes, shape })
+        Ok(Self { file, path: path.to_path_buf(), start: head.len() as u64, classes, shape, staging: None })
     }
 
     /// Class `k`'s values on slices `z0..` (whole slices, the input's array order).
@@ -1071,20 +1116,32 @@ impl ProbabilityFile {
         let plane = self.shape[1] * self.shape[2];
         let n = plane * self.shape[0];
         assert!(k < self.classes && values.len().is_multiple_of(plane.max(1)) && z0 * plane + values.len() <= n, "whole slices inside the volume");
-        let mut buf = vec![0u8; values.len() * 2];
-        buf.par_chunks_mut(1 << 16).zip(values.par_chunks(1 << 15)).for_each(|(b, v)| {
-            for (b, &v) in b.chunks_exact_mut(2).zip(v) {
-                b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+        let size = if self.staging.is_some() { 4 } else { 2 };
+        let mut buf = vec![0u8; values.len() * size];
+        buf.par_chunks_mut(size << 15).zip(values.par_chunks(1 << 15)).for_each(|(b, v)| {
+            for (b, &v) in b.chunks_exact_mut(size).zip(v) {
+                if size == 4 {
+                    b.copy_from_slice(&v.to_le_bytes());
+                } else {
+                    b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                }
             }
         });
-        let at = self.start + 2 * (k * n + z0 * plane) as u64;
+        let at = self.start + (size * (k * n + z0 * plane)) as u64;
         self.file.write_at(&buf, at).with_context(|| format!("{}: cannot write class {k}", self.path.display()))
     }
 
-    /// Flushes the file and moves it into place.
+    /// Flushes the file and moves it into place (an `.npz`: deflates the staged values into it).
     pub fn commit(self) -> Result<()> {
         let path = self.path;
-        self.file.commit().with_context(|| path.display().to_string())
+        let Some(staging) = self.staging else {
+            return self.file.commit().with_context(|| path.display().to_string());
+        };
+        self.file.commit().with_context(|| staging.display().to_string())?;
+        let shape = [self.classes, self.shape[0], self.shape[1], self.shape[2]];
+        let written = std::fs::File::open(&staging).with_context(|| format!("{}: cannot open", staging.display())).and_then(|f| crate::npz::write_npz(&path, shape, &mut std::io::BufReader::with_capacity(1 << 20, f)));
+        std::fs::remove_file(&staging).ok();
+        written
     }
 }
 
@@ -1225,9 +1282,10 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     // Label maps are written in their case's format: MetaImage or NRRD for such inputs (as
     // nnU-Net writes its dataset's file ending), else gzipped NIfTI.
     let outputs: std::collections::HashMap<String, PathBuf> = cases.iter().map(|(id, files)| (id.clone(), opts.output.join(format!("{id}{}", output_ending(&files[0]))))).collect();
+    let probabilities = |id: &str| opts.save_probabilities.then(|| if opts.npz { npz_path(&opts.output, id) } else { probabilities_path(&opts.output, id) });
     let mut skipped = Vec::new();
     if opts.continue_prediction {
-        let done = |id: &str| outputs[id].exists() && (!opts.save_probabilities || probabilities_path(&opts.output, id).exists());
+        let done = |id: &str| outputs[id].exists() && probabilities(id).is_none_or(|p| p.exists());
         let (old, todo): (Vec<_>, Vec<_>) = cases.into_iter().partition(|(id, _)| done(id));
         skipped = old.into_iter().map(|(id, _)| CaseResult { output: Ok(outputs[&id].clone()), id, seconds: 0.0, phases: Vec::new(), skipped: true }).collect();
         cases = todo;
@@ -1279,7 +1337,6 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
         phases.push(("write", w.elapsed().as_secs_f64()));
         Ok(out_path)
     };
-    let probabilities = |id: &str| opts.save_probabilities.then(|| probabilities_path(&opts.output, id));
     if !opts.overlap.unwrap_or(opts.backend.is_gpu()) {
         let mut results = Vec::new();
         for (id, files) in &cases {

@@ -159,6 +159,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
             postprocessing: None,
             label_map: s.predict.label_map.clone(),
             save_probabilities: false,
+            npz: false,
             fast_export: s.predict.fast_export,
             overlap: None,
             backend,

@@ -167,6 +167,7 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
         postprocessing: None,
         label_map: None,
         save_probabilities: false,
+        npz: false,
         fast_export: false,
         overlap: None,
         backend,
