@@ -339,6 +339,10 @@ fn training_ends_with_nnunets_final_validation_of_the_fold() {
     assert!(stu_data::nifti_io::read_label(&val.join("b.nii.gz")).unwrap().data == pred.data);
     ok(&stu(&["ensemble", "--pred", val.to_str().unwrap(), val.to_str().unwrap(), "-o", &t("val-ens")]));
     assert!(stu_data::nifti_io::read_label(&tmp.path().join("val-ens/b.nii.gz")).unwrap().geom.shape == label.geom.shape);
+    // As nnU-Net writes them (`--npz`: `.npz` and `.pkl`), for Python nnU-Net's ensembling.
+    let log = train(&["--resume", "--npz"]);
+    assert!(log.contains("(1 predicted now)") && val.join("b.npz").exists() && val.join("b.pkl").exists(), "{log}");
+    assert!(stu_data::nifti_io::read_label(&val.join("b.nii.gz")).unwrap().data == pred.data);
     // `stu validate` (nnU-Net's --val, --val_best): with a best checkpoint that differs from
     // the final one (another seed's), the final checkpoint's predictions are replaced and the
     // record names the checkpoint; the map is the one `stu predict` makes with it. Run again,

@@ -376,6 +376,9 @@ enum Command {
         /// Also write each case's softmax probabilities (`{case}.probabilities.safetensors`).
         #[arg(long)]
         probabilities: bool,
+        /// The probabilities as nnU-Net writes them (`{case}.npz` and `{case}.pkl`; implies --probabilities).
+        #[arg(long)]
+        npz: bool,
         /// Compute backend (default: the training's).
         #[arg(long)]
         backend: Option<Backend>,
@@ -483,6 +486,9 @@ struct TrainArgs {
     /// Also write the validation cases' softmax probabilities (`{case}.probabilities.safetensors`, nnU-Net's `--npz`), for `stu ensemble` of two trainings' validations.
     #[arg(long, conflicts_with = "no_final_validation")]
     validation_probabilities: bool,
+    /// The validation probabilities as nnU-Net writes them (`{case}.npz` and `{case}.pkl`, which Python nnU-Net's ensembling reads; implies --validation-probabilities).
+    #[arg(long, conflicts_with = "no_final_validation")]
+    npz: bool,
 }
 
 /// The final validation of the run in `run`, with a progress bar, reported on stderr.
@@ -1080,7 +1086,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Train(args) if args.nproc > 1 => crate::train::launch_local(args.nproc)?,
         Command::Train(args) => {
-            let (validate, probabilities) = (!args.no_final_validation, args.validation_probabilities);
+            let (validate, probabilities, npz) = (!args.no_final_validation, args.validation_probabilities || args.npz, args.npz);
             let req = args.request()?;
             let bar = indicatif::ProgressBar::new(0).with_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} it, ETA {eta} {msg}").expect("valid template"),
@@ -1095,13 +1101,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             eprintln!("best EMA pseudo Dice {}; checkpoints and log.jsonl in {}", s.best_ema.map_or("-".into(), |v| format!("{v:.4}")), s.out.display());
             if validate {
-                let req = crate::validation::Request { probabilities, ..Default::default() };
+                let req = crate::validation::Request { probabilities, npz, ..Default::default() };
                 validate_run(&s.out, &req).context("final validation (the checkpoints are written; `--resume` retries it)")?;
             }
         }
-        Command::Validate { run, checkpoint, probabilities, backend, precision } => {
+        Command::Validate { run, checkpoint, probabilities, npz, backend, precision } => {
             // (Predictor::new checks the precision against the backend.)
-            let req = crate::validation::Request { best: checkpoint == "best", probabilities, backend, precision };
+            let req = crate::validation::Request { best: checkpoint == "best", probabilities: probabilities || npz, npz, backend, precision };
             validate_run(&run, &req)?;
         }
         Command::ExportModel { runs, out, checkpoint } => {

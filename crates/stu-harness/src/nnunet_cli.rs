@@ -374,7 +374,7 @@ fn train(cmd: &str, args: &[String]) -> Result<()> {
             v.extend(["--checkpoint".into(), "best".into()]);
         }
         if p.has("--npz") {
-            v.push("--probabilities".into());
+            v.push("--npz".into());
         }
         if let Some(b) = backend {
             v.extend(["--backend".into(), b.into()]);
@@ -417,7 +417,7 @@ fn train(cmd: &str, args: &[String]) -> Result<()> {
         a.push("--resume".into());
     }
     if p.has("--npz") {
-        a.push("--validation-probabilities".into());
+        a.push("--npz".into());
     }
     if let Some(n) = p.one("-num_gpus") {
         a.extend(["--nproc".into(), n.into()]);

@@ -43,6 +43,8 @@ pub struct Request {
     pub best: bool,
     /// Also write each case's probabilities (nnU-Net's `--npz`).
     pub probabilities: bool,
+    /// Those as nnU-Net writes them (`{case}.npz` and `{case}.pkl`), not ours.
+    pub npz: bool,
     /// Another backend than the training's.
     pub backend: Option<stu_engine::backend::Backend>,
     /// Another precision than the training's.
@@ -139,7 +141,10 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     let removed = if val_ids.is_empty() {
         0
     } else {
-        let files = |id: &str| vec![dir.join(format!("{id}{ending}")), crate::predict::probabilities_path(&dir, id)];
+        let files = |id: &str| {
+            let npz = crate::predict::npz_path(&dir, id);
+            vec![dir.join(format!("{id}{ending}")), crate::predict::probabilities_path(&dir, id), npz.with_extension("pkl"), npz]
+        };
         let gone = fresh(&dir, &source, !req.best, &val_ids, &files, &[dir.join("summary.json")])?;
         // (label maps counted: not the probabilities, nor the summary)
         gone.iter().filter(|f| f.to_string_lossy().ends_with(ending)).count()
@@ -200,7 +205,7 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     }
     for id in &val_ids {
         let out = dir.join(format!("{id}{ending}"));
-        let probs = req.probabilities.then(|| crate::predict::probabilities_path(&dir, id));
+        let probs = req.probabilities.then(|| if req.npz { crate::predict::npz_path(&dir, id) } else { crate::predict::probabilities_path(&dir, id) });
         if out.exists() && probs.as_ref().is_none_or(|p| p.exists()) {
             continue;
         }
