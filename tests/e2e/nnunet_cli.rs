@@ -245,3 +245,41 @@ fn nnunets_cascade_runs_through_its_commands() {
     let ids: Vec<String> = std::fs::read_dir(&lo).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".nii.gz")).collect();
     assert!(!ids.is_empty() && ids.iter().all(|n| casc.join(n).is_file()), "{ids:?}");
 }
+
+/// nnU-Net's pre-training recipe through its commands: the fingerprint alone
+/// (`nnUNetv2_extract_fingerprint`, kept unless `--clean`), then the source dataset's plans moved
+/// to the target (`nnUNetv2_move_plans_between_datasets`: the source's spacing, patch and CT
+/// statistics under the target's name and another plans name, its data identifiers renamed), and
+/// the target preprocessed with them.
+#[test]
+fn nnunets_pretraining_commands_fingerprint_and_move_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (raw, pre, res) = (shared().join("data"), tmp.path().join("pre"), tmp.path().join("res"));
+    let env = [("nnUNet_raw", raw.as_path()), ("nnUNet_preprocessed", pre.as_path()), ("nnUNet_results", res.as_path())];
+    let (source, target) = ("Dataset802_TotalSegExampleMR", "Dataset803_Colin27AAL");
+    ok(&nnunet(&env, &["nnUNetv2_extract_fingerprint", "-d", "802", "-np", "2"]));
+    let fp = pre.join(source).join("dataset_fingerprint.json");
+    let first = std::fs::read(&fp).unwrap();
+    let fingerprint: serde_json::Value = serde_json::from_slice(&first).unwrap();
+    assert!(fingerprint["spacings"].as_array().is_some_and(|s| s.len() == 1) && fingerprint["foreground_intensity_properties_per_channel"]["0"]["mean"].is_number(), "{fingerprint}");
+    assert!(ok(&nnunet(&env, &["nnUNetv2_extract_fingerprint", "-d", "802"])).contains("kept"));
+    ok(&nnunet(&env, &["nnUNetv2_extract_fingerprint", "-d", "802", "--clean"]));
+    assert_eq!(std::fs::read(&fp).unwrap(), first, "the same dataset, the same fingerprint");
+
+    ok(&nnunet(&env, &["nnUNetv2_plan_experiment", "-d", "802"]));
+    fails(&nnunet(&env, &["nnUNetv2_move_plans_between_datasets", "-s", "802", "-t", "803", "-sp", "Missing"]), &["Missing.json"]);
+    ok(&nnunet(&env, &["nnUNetv2_move_plans_between_datasets", "-s", "802", "-t", "803", "-sp", "nnUNetPlans", "-tp", "Pre802Plans"]));
+    let read = |p: std::path::PathBuf| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let (src, moved) = (read(pre.join(source).join("nnUNetPlans.json")), read(pre.join(target).join("Pre802Plans.json")));
+    assert_eq!((moved["dataset_name"].as_str(), moved["plans_name"].as_str()), (Some(target), Some("Pre802Plans")));
+    assert_eq!(moved["foreground_intensity_properties_per_channel"], src["foreground_intensity_properties_per_channel"]);
+    for (name, c) in src["configurations"].as_object().unwrap() {
+        let m = &moved["configurations"][name];
+        assert_eq!((&m["spacing"], &m["patch_size"]), (&c["spacing"], &c["patch_size"]), "{name}");
+        assert_eq!(m["data_identifier"].as_str().unwrap(), format!("Pre802Plans_{name}"), "{name}");
+    }
+    ok(&nnunet(&env, &["nnUNetv2_preprocess", "-d", "803", "-plans_name", "Pre802Plans", "-c", "3d_fullres"]));
+    let case = read(pre.join(target).join("Pre802Plans_3d_fullres/colin27.json"));
+    assert_eq!(case["spacing"], src["configurations"]["3d_fullres"]["spacing"], "the target at the source's spacing");
+    fails(&nnunet(&env, &["nnUNetv2_download_pretrained_model_by_url", "https://example.org/m.zip"]), &["nothing is downloaded"]);
+}

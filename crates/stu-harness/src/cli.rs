@@ -76,7 +76,15 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Fingerprint a dataset and write a 3d_fullres plan (nnU-Net's rules, or the STU-Net preset).
+    /// Fingerprint a dataset (nnU-Net's `dataset_fingerprint.json`: spacings, shapes after cropping, foreground intensity statistics).
+    Fingerprint {
+        /// The dataset folder (nnU-Net raw layout).
+        dir: PathBuf,
+        /// The JSON to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fingerprint a dataset and write its plans: 2d, 3d_fullres and, where nnU-Net makes them, 3d_lowres and 3d_cascade_fullres (nnU-Net's rules), or the STU-Net preset's 3d_fullres.
     Plan {
         /// The dataset folder (nnU-Net raw layout).
         dir: PathBuf,
@@ -855,6 +863,15 @@ fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(cases >= 1, "--cases must be at least 1");
             stu_data::phantom::write_dataset(&stu_data::phantom::PhantomOptions { out: out.clone(), cases, test_cases, seed, group: None, stunet_ids: false })?;
             eprintln!("wrote {} training and {} held-out cases to {}", cases, test_cases, out.display());
+        }
+        Command::Fingerprint { dir, out } => {
+            let json = stu_data::dataset::DatasetJson::read(&dir.join("dataset.json"))?;
+            let fp = stu_data::fingerprint::fingerprint(&dir, &json)?;
+            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create folder", parent.display()))?;
+            }
+            stu_engine::checkpoint::write_atomic(&out, nan_safe_json(&serde_json::to_value(&fp)?)?.as_bytes()).with_context(|| format!("{}: cannot write", out.display()))?;
+            eprintln!("wrote {}", out.display());
         }
         Command::Plan { dir, out, preset, gpu_memory_gb } => {
             use stu_data::plan::{Preset, plans_json};

@@ -20,6 +20,8 @@ use anyhow::{Context, Result, bail, ensure};
 /// The commands, with what each takes.
 const COMMANDS: &[(&str, &str)] = &[
     ("nnUNetv2_plan_and_preprocess", "-d ID [ID …] [-c 2d 3d_fullres 3d_lowres] [-pl ExperimentPlanner|nnUNetPlannerResEnc{M,L,XL}] [-overwrite_plans_name NAME] [-gpu_memory_target GB] [--verify_dataset_integrity] [--no_pp] [-np N] [-npfp N]"),
+    ("nnUNetv2_extract_fingerprint", "-d ID [ID …] [--verify_dataset_integrity] [--clean]  (into $nnUNet_preprocessed/DatasetXXX_Name/dataset_fingerprint.json)"),
+    ("nnUNetv2_move_plans_between_datasets", "-s SOURCE -t TARGET -sp SOURCE_PLANS [-tp TARGET_PLANS]  (the source's plans, intensity statistics included, for the target: pre-training and fine-tuning)"),
     ("nnUNetv2_plan_experiment", "-d ID [ID …] [-pl …] [-overwrite_plans_name NAME] [-gpu_memory_target GB]  (the fingerprint is extracted with it)"),
     ("nnUNetv2_preprocess", "-d ID [ID …] [-plans_name nnUNetPlans] [-c 2d 3d_fullres 3d_lowres]"),
     ("nnUNetv2_convert_MSD_dataset", "-i TaskXX_Name [-overwrite_id N]  (into $nnUNet_raw)"),
@@ -137,6 +139,9 @@ pub fn dispatch(args: &[String]) -> Option<Result<()>> {
     }
     Some(match cmd.as_str() {
         "nnUNetv2_plan_and_preprocess" | "nnUNetv2_plan_experiment" | "nnUNetv2_preprocess" => plan_and_preprocess(cmd, rest),
+        "nnUNetv2_extract_fingerprint" => extract_fingerprint(cmd, rest),
+        "nnUNetv2_move_plans_between_datasets" => move_plans(cmd, rest),
+        "nnUNetv2_download_pretrained_model_by_url" => Err(anyhow::anyhow!("{cmd}: nothing is downloaded at run time here; fetch the zip where there is a network, then `stu nnUNetv2_install_pretrained_model_from_zip FILE.zip`")),
         "nnUNetv2_convert_MSD_dataset" | "nnUNetv2_convert_old_nnUNet_dataset" => convert(cmd, rest),
         "nnUNetv2_plot_overlay_pngs" => overlay(cmd, rest),
         "nnUNetv2_accumulate_crossval_results" => accumulate(cmd, rest),
@@ -304,6 +309,74 @@ fn rename_plans(path: &Path, from: &str, to: &str) -> Result<()> {
         }
     }
     stu_core::fs::write_atomic(path, (serde_json::to_string_pretty(&plans)? + "\n").as_bytes())?;
+    Ok(())
+}
+
+/// `nnUNetv2_extract_fingerprint`: `stu fingerprint` of each dataset into its preprocessed
+/// folder; an existing fingerprint is kept unless `--clean`, as nnU-Net does.
+fn extract_fingerprint(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-d", Many), ("-fpe", One), ("--verify_dataset_integrity", Switch), ("--clean", Switch)])?;
+    ensure!(p.positional.is_empty() && p.rest.is_empty(), "{cmd}: unexpected arguments ({})", usage(cmd));
+    if let Some(f) = p.one("-fpe").filter(|f| *f != "DatasetFingerprintExtractor") {
+        bail!("-fpe {f}: only DatasetFingerprintExtractor");
+    }
+    let ids = p.many("-d").with_context(|| format!("{cmd}: -d is required ({})", usage(cmd)))?;
+    let (raw_root, pre_root) = (env_dir("nnUNet_raw")?, env_dir("nnUNet_preprocessed")?);
+    for id in ids {
+        let name = dataset_name(id)?;
+        let raw = raw_root.join(&name);
+        ensure!(raw.join("dataset.json").is_file(), "{}: no dataset.json (nnUNet_raw/{name})", raw.display());
+        if p.has("--verify_dataset_integrity") {
+            stu(vec!["dataset".into(), "check".into(), s(&raw)])?;
+        }
+        let out = pre_root.join(&name).join("dataset_fingerprint.json");
+        if out.is_file() && !p.has("--clean") {
+            eprintln!("{name}: {} exists; kept (--clean recomputes it)", out.display());
+            continue;
+        }
+        stu(vec!["fingerprint".into(), s(&raw), "--out".into(), s(&out)])?;
+    }
+    Ok(())
+}
+
+/// `nnUNetv2_move_plans_between_datasets`: the source dataset's plans file, written for the
+/// target (nnU-Net's pre-training recipe: the target is then preprocessed and trained with the
+/// source's spacing, patch, network and CT intensity statistics, so that a source model's
+/// weights fit). As nnU-Net: `dataset_name` becomes the target's, and under another plans name
+/// `plans_name` and every `data_identifier` take it (`SRC_3d_fullres` → `TGT_3d_fullres`,
+/// anything else prefixed).
+fn move_plans(cmd: &str, args: &[String]) -> Result<()> {
+    let p = parse(cmd, args, &[("-s", One), ("-t", One), ("-sp", One), ("-tp", One)])?;
+    ensure!(p.positional.is_empty() && p.rest.is_empty(), "{cmd}: unexpected arguments ({})", usage(cmd));
+    let (source, target) = (dataset_name(p.required(cmd, "-s")?)?, dataset_name(p.required(cmd, "-t")?)?);
+    let source_plans = p.required(cmd, "-sp")?;
+    let target_plans = p.one("-tp").unwrap_or(source_plans);
+    let pre_root = env_dir("nnUNet_preprocessed")?;
+    let from = pre_root.join(&source).join(format!("{source_plans}.json"));
+    let text = std::fs::read_to_string(&from).with_context(|| format!("{}: cannot read the source plans", from.display()))?;
+    let mut plans: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", from.display()))?;
+    ensure!(plans.get("configurations").is_some_and(|c| c.is_object()), "{}: no `configurations`", from.display());
+    let raw = env_dir("nnUNet_raw")?.join(&target);
+    ensure!(raw.join("dataset.json").is_file(), "{}: no dataset.json (the target's raw dataset, nnUNet_raw/{target})", raw.display());
+    plans["dataset_name"] = target.clone().into();
+    if target_plans != source_plans {
+        for c in plans["configurations"].as_object_mut().expect("checked").values_mut() {
+            if let Some(id) = c.get("data_identifier").and_then(|v| v.as_str()) {
+                let renamed = match id.strip_prefix(source_plans) {
+                    Some(rest) => format!("{target_plans}{rest}"),
+                    None => format!("{target_plans}_{id}"),
+                };
+                c["data_identifier"] = renamed.into();
+            }
+        }
+    }
+    plans["plans_name"] = target_plans.into();
+    // (Our readers take every file ending SimpleITK does.)
+    plans["image_reader_writer"] = "SimpleITKIO".into();
+    let to = pre_root.join(&target).join(format!("{target_plans}.json"));
+    std::fs::create_dir_all(to.parent().expect("a folder")).with_context(|| format!("{}: cannot create", to.display()))?;
+    stu_core::fs::write_atomic(&to, (serde_json::to_string_pretty(&plans)? + "\n").as_bytes()).with_context(|| format!("{}: cannot write", to.display()))?;
+    eprintln!("{source}/{source_plans}.json → {}", to.display());
     Ok(())
 }
 
