@@ -88,6 +88,21 @@ fn nnunet_2d_prediction_equals_nnunets_own() {
         assert_eq!(std::fs::read(ens.join(format!("{case}.pkl"))).unwrap(), pkl);
         assert!(ens.join(format!("{case}.npz")).is_file());
     }
+
+    // A 2-D network with a 3-D plan (strides across slices) is refused, naming both.
+    let mut plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.parent().unwrap().join("plans.json")).unwrap()).unwrap();
+    let mut c = plans["configurations"]["2d"].clone();
+    c.as_object_mut().unwrap().remove("architecture");
+    c["patch_size"] = serde_json::json!([8, 32, 32]);
+    c["spacing"] = serde_json::json!([2.0, 1.2, 1.0]);
+    c["pool_op_kernel_sizes"] = serde_json::json!([[1, 1, 1], [2, 2, 2], [1, 2, 2], [2, 2, 2]]);
+    plans["configurations"] = serde_json::json!({"3d_fullres": c});
+    let plans3d = tmp.path().join("plans3d.json");
+    std::fs::write(&plans3d, plans.to_string()).unwrap();
+    let weights = own_fixtures().join("plainconv2d_tiny.safetensors");
+    let r = stu(&["predict", "-i", f.join("images").to_str().unwrap(), "-o", tmp.path().join("p3").to_str().unwrap(), "--checkpoint", weights.to_str().unwrap(), "--plans", plans3d.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success() && err.contains("plainconv2d_tiny.safetensors") && err.contains("2-D network") && err.contains("[2, 2, 2]"), "{err}");
 }
 
 /// nnU-Net's commands with `-c 2d` on the shared MR: the planner's `2d` configuration is
