@@ -69,6 +69,7 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     train.extend(["--epochs", "1"]);
     let log = ok(&nnunet(&env, &train));
     assert!(log.contains("→ stu train") && log.contains("--epochs 2000") && log.contains("--model stunet"), "{log}");
+    assert!(log.contains("fold `all` has no validation cases") && log.contains("scores its training cases"), "{log}");
     let model = res.join(name).join("STUNetTrainer_small_ep2k__nnUNetPlans__3d_fullres");
     assert!(model.join("fold_all/checkpoint_final.safetensors").is_file());
     for f in ["plans.json", "dataset.json", "dataset_fingerprint.json"] {
@@ -159,9 +160,11 @@ fn nnunets_commands_plan_train_predict_evaluate_and_ensemble_in_its_layout() {
     let best = nnunet(&env, &["nnUNetv2_find_best_configuration", "802", "-tr", "STUNetTrainer_small_ep2k", "-c", "3d_fullres", "-f", "all"]);
     let said = String::from_utf8_lossy(&best.stderr);
     assert!(said.contains("--model STUNetTrainer_small_ep2k__nnUNetPlans__3d_fullres=") && said.contains("fold_all"), "{said}");
-    // --val: the final validation again (fold all has no validation cases: skipped, said so).
+    // --val: the final validation, asked for; fold all is scored on its training cases, as
+    // nnU-Net does (after training it was skipped, and said how to ask).
     let val = ok(&nnunet(&env, &["nnUNetv2_train", "802", "3d_fullres", "all", "-tr", "STUNetTrainer_small_ep2k", "--val"]));
-    assert!(val.contains("→ stu validate"), "{val}");
+    assert!(val.contains("→ stu validate") && model.join("fold_all/validation/summary.json").is_file(), "{val}");
+    assert!(model.join("fold_all/validation/ts_mr_sm.nii.gz").is_file());
 }
 
 #[test]

@@ -374,7 +374,8 @@ enum Command {
     /// Run nnU-Net's final validation of a finished training again (nnUNetv2_train's `--val`,
     /// `--val_best`, `--npz`): the fold's validation cases predicted from their raw images with
     /// mirroring TTA into `RUN/validation/`, scored into its `summary.json`. Predictions of
-    /// another checkpoint are replaced; an interrupted run resumes.
+    /// another checkpoint are replaced; an interrupted run resumes. Fold `all` is scored on its
+    /// training cases, as nnU-Net does (after training, its validation is skipped).
     Validate {
         /// The run folder (`stu train --out`).
         run: PathBuf,
@@ -1124,7 +1125,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Validate { run, checkpoint, probabilities, npz, backend, precision } => {
             // (Predictor::new checks the precision against the backend.)
-            let req = crate::validation::Request { best: checkpoint == "best", probabilities: probabilities || npz, npz, backend, precision };
+            let req = crate::validation::Request { best: checkpoint == "best", probabilities: probabilities || npz, npz, backend, precision, all_on_training: true };
             validate_run(&run, &req)?;
         }
         Command::ExportModel { runs, out, checkpoint } => {

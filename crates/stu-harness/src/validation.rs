@@ -45,6 +45,10 @@ pub struct Request {
     pub probabilities: bool,
     /// Those as nnU-Net writes them (`{case}.npz` and `{case}.pkl`), not ours.
     pub npz: bool,
+    /// Validate fold `all` on its training cases, as nnU-Net does (its `do_split` makes them the
+    /// validation set too: a training-set score). Asked for (`stu validate`, nnU-Net's `--val`)
+    /// only: after training it would predict the whole training set, hours for a large one.
+    pub all_on_training: bool,
     /// Another backend than the training's.
     pub backend: Option<stu_engine::backend::Backend>,
     /// Another precision than the training's.
@@ -112,6 +116,8 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
     let checkpoint = run.join(if req.best { "checkpoint_best.safetensors" } else { "checkpoint_final.safetensors" });
     ensure!(checkpoint.exists(), "{}: not found (is the training finished?)", checkpoint.display());
     let (train_ids, val_ids) = crate::train::fold_cases(&cfg.preprocessed, &cfg.fold)?;
+    // Fold `all`, when asked, on its training cases (see `Request::all_on_training`).
+    let val_ids = if cfg.fold == "all" && req.all_on_training { train_ids.clone() } else { val_ids };
     // A cascade's first stage also writes its segmentations for the next stage: of the
     // validation cases, or of every case for fold `all` (nnU-Net's `predicted_next_stage`).
     let next = next_stage(run, &cfg)?;
@@ -121,7 +127,8 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
         None => Vec::new(),
     };
     if val_ids.is_empty() && next.is_none() {
-        return Ok(Outcome::Skipped(format!("fold `{}` has no validation cases", cfg.fold)));
+        let how = if cfg.fold == "all" { format!(" (`stu validate {}` scores its training cases, as nnU-Net does)", run.display()) } else { String::new() };
+        return Ok(Outcome::Skipped(format!("fold `{}` has no validation cases{how}", cfg.fold)));
     }
     let raw = match stu_data::preprocess::source_of(&cfg.preprocessed) {
         Ok(Some(raw)) => raw,
