@@ -120,8 +120,11 @@ fn properties(mut v: Vec<f32>) -> IntensityProperties {
     }
     v.par_sort_unstable_by(f32::total_cmp);
     let n = v.len();
-    let mean = v.par_iter().map(|&x| x as f64).sum::<f64>() / n as f64;
-    let var = v.par_iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+    // Sums over fixed blocks, added in order: the same bits whatever the threads did (rayon's
+    // own `sum` splits where work is stolen, so its last digits vary from run to run).
+    let ordered_sum = |f: &(dyn Fn(f32) -> f64 + Sync)| v.par_chunks(1 << 16).map(|c| c.iter().map(|&x| f(x)).sum::<f64>()).collect::<Vec<_>>().into_iter().sum::<f64>();
+    let mean = ordered_sum(&|x| x as f64) / n as f64;
+    let var = ordered_sum(&|x| (x as f64 - mean).powi(2)) / n as f64;
     let pct = |q: f64| {
         let idx = q / 100.0 * (n - 1) as f64;
         let (lo, hi) = (idx.floor() as usize, idx.ceil() as usize);
