@@ -131,6 +131,8 @@ fn nnunet_2d_through_nnunets_commands() {
     let info: serde_json::Value = serde_json::from_slice(&stu(&["inspect", "--checkpoint", ck.to_str().unwrap()], &[]).stdout).unwrap();
     assert_eq!(info["features"].as_array().and_then(|f| f.last()).and_then(|f| f.as_u64()), Some(512), "{info}");
     assert!(info["kernels"].as_array().unwrap().iter().all(|k| k[0] == 1), "{info}");
+    let meta: serde_json::Value = serde_json::from_str(&stu_engine::checkpoint::StateDict::open(&ck).unwrap().metadata()["stu_checkpoint"]).unwrap();
+    assert_eq!(meta["inference_allowed_mirroring_axes"], serde_json::json!([1, 2]), "in-plane mirroring only");
 
     let images = raw.join(name).join("imagesTr");
     let out = tmp.path().join("pred");

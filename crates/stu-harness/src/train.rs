@@ -680,7 +680,8 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         rng: serde_json::json!({"kind": "splitmix64, counter-based: batch i of a stream is seeded by (seed, stream, i)", "train_stream": {"id": 0, "next_batch": epoch * cfg.iterations}, "val_stream": {"id": 1, "next_batch": epoch * cfg.val_iterations}}),
         model: net.describe(),
         config: cfg.clone(),
-        inference_allowed_mirroring_axes: vec![0, 1, 2],
+        // (A 2-D configuration's patches are one slice deep: in-plane mirroring, nnU-Net's (0, 1).)
+        inference_allowed_mirroring_axes: if stu_data::sampler::planar(cfg.patch_size) { vec![1, 2] } else { vec![0, 1, 2] },
     };
     let epochs_before = start;
     while start < cfg.epochs {
