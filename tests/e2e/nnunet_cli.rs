@@ -7,7 +7,8 @@ use std::process::{Command, Output};
 
 use tests::{shared, stu_bin};
 
-fn nnunet(env: &[(&str, &Path)], args: &[&str]) -> Output {
+/// `stu ARGS` with exactly nnU-Net's folder variables `env` set.
+pub(crate) fn nnunet(env: &[(&str, &Path)], args: &[&str]) -> Output {
     let mut c = Command::new(stu_bin!());
     c.env_remove("nnUNet_raw").env_remove("nnUNet_preprocessed").env_remove("nnUNet_results");
     for (k, v) in env {
@@ -16,12 +17,12 @@ fn nnunet(env: &[(&str, &Path)], args: &[&str]) -> Output {
     c.args(args).output().expect("runs")
 }
 
-fn ok(out: &Output) -> String {
+pub(crate) fn ok(out: &Output) -> String {
     assert!(out.status.success(), "stu failed:\n{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-fn fails(out: &Output, says: &[&str]) {
+pub(crate) fn fails(out: &Output, says: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && says.iter().all(|s| err.contains(s)), "expected a failure saying {says:?}:\n{err}");
 }

@@ -3,23 +3,10 @@
 //! nnU-Net's commands on the shared MR (plan, preprocess, train, predict).
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use tests::{own_fixtures, read_tensor, shared, stu_bin};
+use tests::{own_fixtures, read_tensor, shared};
 
-fn stu(args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let mut c = Command::new(stu_bin!());
-    c.env_remove("nnUNet_raw").env_remove("nnUNet_preprocessed").env_remove("nnUNet_results");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.args(args).output().expect("runs")
-}
-
-fn ok(out: Output) -> String {
-    assert!(out.status.success(), "stu failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
-}
+use crate::nnunet_cli::{fails, nnunet, ok};
 
 /// A little-endian float32 `.npy` file (C order): its values.
 fn npy_f32(path: &Path) -> Vec<f32> {
@@ -44,7 +31,7 @@ fn nnunet_2d_prediction_equals_nnunets_own() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pred");
     let model = f.join("Dataset998_Tiny2d/nnUNetTrainer__nnUNetPlans__2d/fold_0");
-    let log = ok(stu(&["predict", "-i", f.join("images").to_str().unwrap(), "-o", out.to_str().unwrap(), "--checkpoint", model.to_str().unwrap(), "--save-probabilities"], &[]));
+    let log = ok(&nnunet(&[], &["predict", "-i", f.join("images").to_str().unwrap(), "-o", out.to_str().unwrap(), "--checkpoint", model.to_str().unwrap(), "--save-probabilities"]));
     let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("predict.json")).unwrap()).unwrap();
     assert_eq!(record["options"]["configuration"], "2d", "{record}");
     let mut compared = 0;
@@ -75,9 +62,9 @@ fn nnunet_2d_prediction_equals_nnunets_own() {
     // and geometry); here `stu ensemble` reads them back (header, CRC) and, the first member
     // being an `.npz`, writes its mean the same way with the first member's `.pkl`.
     let npz = tmp.path().join("npz");
-    ok(stu(&["predict", "-i", f.join("images").to_str().unwrap(), "-o", npz.to_str().unwrap(), "--checkpoint", model.to_str().unwrap(), "--npz"], &[]));
+    ok(&nnunet(&[], &["predict", "-i", f.join("images").to_str().unwrap(), "-o", npz.to_str().unwrap(), "--checkpoint", model.to_str().unwrap(), "--npz"]));
     let ens = tmp.path().join("ens");
-    ok(stu(&["ensemble", "--pred", npz.to_str().unwrap(), npz.to_str().unwrap(), "-o", ens.to_str().unwrap(), "--save-probabilities"], &[]));
+    ok(&nnunet(&[], &["ensemble", "--pred", npz.to_str().unwrap(), npz.to_str().unwrap(), "-o", ens.to_str().unwrap(), "--save-probabilities"]));
     for case in ["case_a", "case_b"] {
         let pkl = std::fs::read(npz.join(format!("{case}.pkl"))).unwrap();
         assert!(pkl.starts_with(&[0x80, 2]) && pkl.ends_with(b".") && pkl.windows(10).any(|w| w == b"sitk_stuff"));
@@ -100,9 +87,7 @@ fn nnunet_2d_prediction_equals_nnunets_own() {
     let plans3d = tmp.path().join("plans3d.json");
     std::fs::write(&plans3d, plans.to_string()).unwrap();
     let weights = own_fixtures().join("plainconv2d_tiny.safetensors");
-    let r = stu(&["predict", "-i", f.join("images").to_str().unwrap(), "-o", tmp.path().join("p3").to_str().unwrap(), "--checkpoint", weights.to_str().unwrap(), "--plans", plans3d.to_str().unwrap()], &[]);
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success() && err.contains("plainconv2d_tiny.safetensors") && err.contains("2-D network") && err.contains("[2, 2, 2]"), "{err}");
+    fails(&nnunet(&[], &["predict", "-i", f.join("images").to_str().unwrap(), "-o", tmp.path().join("p3").to_str().unwrap(), "--checkpoint", weights.to_str().unwrap(), "--plans", plans3d.to_str().unwrap()]), &["plainconv2d_tiny.safetensors", "2-D network", "[2, 2, 2]"]);
 }
 
 /// nnU-Net's commands with `-c 2d` on the shared MR: the planner's `2d` configuration is
@@ -115,20 +100,19 @@ fn nnunet_2d_through_nnunets_commands() {
     let (raw, pre, res) = (shared().join("data"), tmp.path().join("pre"), tmp.path().join("res"));
     let env = [("nnUNet_raw", raw.as_path()), ("nnUNet_preprocessed", pre.as_path()), ("nnUNet_results", res.as_path())];
     let name = "Dataset802_TotalSegExampleMR";
-    ok(stu(&["nnUNetv2_plan_and_preprocess", "-d", "802", "-c", "2d"], &env));
+    ok(&nnunet(&env, &["nnUNetv2_plan_and_preprocess", "-d", "802", "-c", "2d"]));
     let plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pre.join(name).join("nnUNetPlans.json")).unwrap()).unwrap();
     let c = &plans["configurations"]["2d"];
     assert_eq!((c["data_identifier"].as_str(), c["batch_dice"].as_bool(), c["patch_size"].as_array().map(Vec::len)), (Some("nnUNetPlans_2d"), Some(true), Some(2)), "{c}");
     let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pre.join(name).join("nnUNetPlans_2d/ts_mr_sm.json")).unwrap()).unwrap();
     assert_eq!(case["shape"][0], 1);
 
-    let refused = stu(&["nnUNetv2_train", "802", "2d", "all", "-tr", "STUNetTrainer_small"], &env);
-    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("2-D plan"), "{}", String::from_utf8_lossy(&refused.stderr));
-    let log = ok(stu(&["nnUNetv2_train", "802", "2d", "all", "-tr", "nnUNetTrainer_1epochs", "--", "--iterations", "2", "--val-iterations", "0"], &env));
+    fails(&nnunet(&env, &["nnUNetv2_train", "802", "2d", "all", "-tr", "STUNetTrainer_small"]), &["2-D plan"]);
+    let log = ok(&nnunet(&env, &["nnUNetv2_train", "802", "2d", "all", "-tr", "nnUNetTrainer_1epochs", "--", "--iterations", "2", "--val-iterations", "0"]));
     assert!(log.contains("--model nnunet-plainconv"), "{log}");
     let model = res.join(name).join("nnUNetTrainer_1epochs__nnUNetPlans__2d");
     let ck = model.join("fold_all/checkpoint_final.safetensors");
-    let info: serde_json::Value = serde_json::from_slice(&stu(&["inspect", "--checkpoint", ck.to_str().unwrap()], &[]).stdout).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&nnunet(&[], &["inspect", "--checkpoint", ck.to_str().unwrap()]).stdout).unwrap();
     assert_eq!(info["features"].as_array().and_then(|f| f.last()).and_then(|f| f.as_u64()), Some(512), "{info}");
     assert!(info["kernels"].as_array().unwrap().iter().all(|k| k[0] == 1), "{info}");
     let meta: serde_json::Value = serde_json::from_str(&stu_engine::checkpoint::StateDict::open(&ck).unwrap().metadata()["stu_checkpoint"]).unwrap();
@@ -136,7 +120,7 @@ fn nnunet_2d_through_nnunets_commands() {
 
     let images = raw.join(name).join("imagesTr");
     let out = tmp.path().join("pred");
-    ok(stu(&["nnUNetv2_predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-d", "802", "-c", "2d", "-f", "all", "-tr", "nnUNetTrainer_1epochs"], &env));
+    ok(&nnunet(&env, &["nnUNetv2_predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-d", "802", "-c", "2d", "-f", "all", "-tr", "nnUNetTrainer_1epochs"]));
     let input = stu_data::nifti_io::read_geometry(&images.join("ts_mr_sm_0000.nii.gz")).unwrap();
     assert_eq!(stu_data::nifti_io::read_label(&out.join("ts_mr_sm.nii.gz")).unwrap().geom.shape, input.shape);
 }

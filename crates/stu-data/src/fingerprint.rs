@@ -120,11 +120,8 @@ fn properties(mut v: Vec<f32>) -> IntensityProperties {
     }
     v.par_sort_unstable_by(f32::total_cmp);
     let n = v.len();
-    // Sums over fixed blocks, added in order: the same bits whatever the threads did (rayon's
-    // own `sum` splits where work is stolen, so its last digits vary from run to run).
-    let ordered_sum = |f: &(dyn Fn(f32) -> f64 + Sync)| v.par_chunks(1 << 16).map(|c| c.iter().map(|&x| f(x)).sum::<f64>()).collect::<Vec<_>>().into_iter().sum::<f64>();
-    let mean = ordered_sum(&|x| x as f64) / n as f64;
-    let var = ordered_sum(&|x| (x as f64 - mean).powi(2)) / n as f64;
+    let mean = ordered_sum(&v, |_| true, |x| x as f64).1 / n as f64;
+    let var = ordered_sum(&v, |_| true, |x| (x as f64 - mean).powi(2)).1 / n as f64;
     let pct = |q: f64| {
         let idx = q / 100.0 * (n - 1) as f64;
         let (lo, hi) = (idx.floor() as usize, idx.ceil() as usize);
@@ -202,6 +199,19 @@ pub fn fingerprint(root: &Path, json: &DatasetJson) -> Result<Fingerprint, Datas
         fp.foreground_intensity_properties_per_channel.insert(ch.to_string(), properties(values));
     }
     Ok(fp)
+}
+
+/// The count of the values of `v` whose index `sel` takes, and the sum of `f` over them,
+/// summed over fixed blocks added in order: the same bits on every run, whatever the threads did
+/// (rayon's own float reductions split where work is stolen, so their last digits vary).
+pub(crate) fn ordered_sum(v: &[f32], sel: impl Fn(usize) -> bool + Sync, f: impl Fn(f32) -> f64 + Sync) -> (usize, f64) {
+    const BLOCK: usize = 1 << 16;
+    let parts: Vec<(usize, f64)> = v
+        .par_chunks(BLOCK)
+        .enumerate()
+        .map(|(b, c)| c.iter().enumerate().filter(|(i, _)| sel(b * BLOCK + i)).fold((0, 0.0), |(n, s), (_, &x)| (n + 1, s + f(x))))
+        .collect();
+    parts.into_iter().fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 #[cfg(test)]

@@ -189,20 +189,9 @@ pub fn normalize(v: &mut [f32], scheme: &str, use_mask: bool, mask: &[bool], ct:
         }
         "ZScoreNormalization" => {
             let sel = |i: usize| !use_mask || mask[i];
-            // Sums over fixed blocks, added in order: the same bits on every run (rayon's own
-            // reductions split where work is stolen).
-            const BLOCK: usize = 1 << 16;
-            let ordered = |f: &(dyn Fn(f32) -> f64 + Sync)| -> (usize, f64) {
-                let parts: Vec<(usize, f64)> = v
-                    .par_chunks(BLOCK)
-                    .enumerate()
-                    .map(|(b, c)| c.iter().enumerate().filter(|(i, _)| sel(b * BLOCK + i)).fold((0, 0.0), |(n, s), (_, &x)| (n + 1, s + f(x))))
-                    .collect();
-                parts.into_iter().fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
-            };
-            let (n, sum) = ordered(&|x| x as f64);
+            let (n, sum) = crate::fingerprint::ordered_sum(v, sel, |x| x as f64);
             let mean = sum / n.max(1) as f64;
-            let var = ordered(&|x| (x as f64 - mean).powi(2)).1 / n.max(1) as f64;
+            let var = crate::fingerprint::ordered_sum(v, sel, |x| (x as f64 - mean).powi(2)).1 / n.max(1) as f64;
             let std = var.sqrt().max(1e-8);
             v.par_iter_mut().enumerate().for_each(|(i, x)| {
                 if sel(i) {

@@ -309,11 +309,17 @@ impl StateDict {
         Ok(self)
     }
 
+    /// Whether the dict holds 4-D tensors: a 2-D network's (`Conv2d` weights), which
+    /// [`StateDict::lifted_2d`] turns into the depth-1 3-D one.
+    pub fn is_2d(&self) -> bool {
+        self.entries.values().any(|e| e.shape.len() == 4)
+    }
+
     /// A 2-D network's dict (nnU-Net's `2d`: `Conv2d` weights `[O, I, kh, kw]`) as the 3-D one of
     /// depth 1 that computes the same on each slice: every 4-D tensor gets a unit axis 2
     /// (`[O, I, 1, kh, kw]`, the same values in the same order). `None` when no tensor is 4-D.
     pub fn lifted_2d(&self) -> Option<Self> {
-        if !self.entries.values().any(|e| e.shape.len() == 4) {
+        if !self.is_2d() {
             return None;
         }
         let entries = self

@@ -245,7 +245,7 @@ pub fn load_checkpoint(
     let dict = dict.select_model(entry.anchor_key)?;
     // A 2-D network (nnU-Net's `2d`: `Conv2d` weights) computes slice by slice; a plan that
     // downsamples across slices is a 3-D one, which it cannot have been trained for.
-    if let Some(s) = options.strides.as_ref().filter(|s| dict.lifted_2d().is_some() && s.iter().any(|s| s[0] != 1)) {
+    if let Some(s) = options.strides.as_ref().filter(|s| dict.is_2d() && s.iter().any(|s| s[0] != 1)) {
         return Err(CheckpointError::Architecture {
             path: path.to_path_buf(),
             reason: format!("a 2-D network (4-D convolution weights) with a 3-D plan's strides {s:?}; predict it with its `2d` configuration"),

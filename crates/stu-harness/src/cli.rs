@@ -768,6 +768,14 @@ pub(crate) fn nan_safe_json(v: &serde_json::Value) -> Result<String> {
     Ok(serde_json::to_string_pretty(v)? + "\n")
 }
 
+/// Writes `value` to `path` atomically, creating its folder.
+fn write_json_file(path: &std::path::Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create folder", parent.display()))?;
+    }
+    stu_engine::checkpoint::write_atomic(path, nan_safe_json(value)?.as_bytes()).with_context(|| format!("{}: cannot write", path.display()))
+}
+
 fn fmt_s(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
 }
@@ -868,10 +876,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fingerprint { dir, out } => {
             let json = stu_data::dataset::DatasetJson::read(&dir.join("dataset.json"))?;
             let fp = stu_data::fingerprint::fingerprint(&dir, &json)?;
-            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create folder", parent.display()))?;
-            }
-            stu_engine::checkpoint::write_atomic(&out, nan_safe_json(&serde_json::to_value(&fp)?)?.as_bytes()).with_context(|| format!("{}: cannot write", out.display()))?;
+            write_json_file(&out, &serde_json::to_value(&fp)?)?;
             eprintln!("wrote {}", out.display());
         }
         Command::Plan { dir, out, preset, gpu_memory_gb } => {
@@ -882,13 +887,8 @@ fn run(cli: Cli) -> Result<()> {
             let preset = Preset::parse(&preset).expect("clap checked the name");
             let plans = plans_json(&name, &json, &fp, preset, gpu_memory_gb);
             let fp_path = out.with_file_name("dataset_fingerprint.json");
-            if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create folder", parent.display()))?;
-            }
-            for (path, value) in [(&fp_path, serde_json::to_value(&fp)?), (&out, plans.clone())] {
-                stu_engine::checkpoint::write_atomic(path, nan_safe_json(&value)?.as_bytes())
-                    .with_context(|| format!("{}: cannot write", path.display()))?;
-            }
+            write_json_file(&fp_path, &serde_json::to_value(&fp)?)?;
+            write_json_file(&out, &plans)?;
             for name in ["2d", "3d_lowres", "3d_fullres", "3d_cascade_fullres"] {
                 let Some(c) = plans["configurations"].get(name) else { continue };
                 match c.get("inherits_from").and_then(|p| p.as_str()) {
