@@ -9,6 +9,7 @@ mod nnunet_cli;
 mod parity;
 mod plainconv;
 mod predict;
+mod recipe;
 mod resenc;
 mod preprocess;
 mod specs;

@@ -23,21 +23,19 @@ fn train_args<'a>(pre: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str>
     v
 }
 
-#[test]
-fn a_run_killed_with_sigkill_and_resumed_repeats_the_uninterrupted_losses() {
-    let tmp = tempfile::tempdir().unwrap();
-    let pre = tmp.path().join("pre");
-    synthetic_preprocessed(&pre, 5, 1, 2, [20, 20, 20], [16, 16, 16], &[[2, 2, 2], [2, 2, 2]]);
-    let (pre_s, a, b) = (pre.to_str().unwrap(), tmp.path().join("a"), tmp.path().join("b"));
-    ok(&stu(&train_args(pre_s, a.to_str().unwrap(), &[])));
-    let full = logged_losses(&a);
+/// Trains `a` to the end, and `b` the same way but killed with SIGKILL once two epochs are
+/// logged, then resumed; checks that `b` repeats `a`'s losses and final weights. Returns the
+/// losses.
+fn kill_and_resume(pre_s: &str, a: &Path, b: &Path, extra: &[&str]) -> Vec<Vec<f64>> {
+    ok(&stu(&train_args(pre_s, a.to_str().unwrap(), extra)));
+    let full = logged_losses(a);
     assert_eq!(full.len(), 6);
     assert!(a.join("checkpoint_final.safetensors").exists() && a.join("checkpoint_best.safetensors").exists());
     assert!(!a.join("checkpoint_latest.safetensors").exists(), "latest is removed at the end");
     assert!(a.join("progress.png").exists());
 
     // Same run, killed once two epochs are logged.
-    let mut child = Command::new(stu_bin!()).args(train_args(pre_s, b.to_str().unwrap(), &[])).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(stu_bin!()).args(train_args(pre_s, b.to_str().unwrap(), extra)).stderr(std::process::Stdio::null()).spawn().unwrap();
     let t = Instant::now();
     let mut killed_at = None;
     while t.elapsed() < Duration::from_secs(120) {
@@ -56,12 +54,22 @@ fn a_run_killed_with_sigkill_and_resumed_repeats_the_uninterrupted_losses() {
     let killed_at = killed_at.expect("the run was still going after two epochs");
     assert!(killed_at < 6, "killed before the end");
     assert!(!b.join("checkpoint_final.safetensors").exists());
-    let resumed = stu(&train_args(pre_s, b.to_str().unwrap(), &["--resume"]));
+    let resumed = stu(&train_args(pre_s, b.to_str().unwrap(), &[extra, &["--resume"]].concat()));
     ok(&resumed);
-    assert_eq!(logged_losses(&b), full, "resumed losses differ from the uninterrupted run");
+    assert_eq!(logged_losses(b), full, "resumed losses differ from the uninterrupted run");
     let (_, wa) = read_tensor(&a.join("checkpoint_final.safetensors"), "network_weights.seg_outputs.0.weight");
     let (_, wb) = read_tensor(&b.join("checkpoint_final.safetensors"), "network_weights.seg_outputs.0.weight");
     assert_eq!(wa, wb, "final weights differ");
+    full
+}
+
+#[test]
+fn a_run_killed_with_sigkill_and_resumed_repeats_the_uninterrupted_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = tmp.path().join("pre");
+    synthetic_preprocessed(&pre, 5, 1, 2, [20, 20, 20], [16, 16, 16], &[[2, 2, 2], [2, 2, 2]]);
+    let (pre_s, a, b) = (pre.to_str().unwrap(), tmp.path().join("a"), tmp.path().join("b"));
+    let full = kill_and_resume(pre_s, &a, &b, &[]);
     // A finished run resumes to nothing.
     let again = stu(&train_args(pre_s, b.to_str().unwrap(), &["--resume"]));
     ok(&again);
@@ -90,6 +98,25 @@ fn a_run_killed_with_sigkill_and_resumed_repeats_the_uninterrupted_losses() {
     let bad = stu(&train_args(pre_s, b.to_str().unwrap(), &["--resume"]));
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a `stu train` checkpoint"));
+}
+
+#[test]
+fn an_adamw_run_with_a_warmup_and_topk_loss_resumes_to_the_same_losses() {
+    // nnU-Net's trainer variants keep their state in the checkpoint too: AdamW's moments,
+    // AMSGrad maxima and step counts; the warm-up schedule follows the epoch.
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = tmp.path().join("pre");
+    synthetic_preprocessed(&pre, 5, 1, 2, [20, 20, 20], [16, 16, 16], &[[2, 2, 2], [2, 2, 2]]);
+    let (pre_s, a, b) = (pre.to_str().unwrap(), tmp.path().join("a"), tmp.path().join("b"));
+    let extra = ["--optimizer", "adamw", "--lr-schedule", "warmup", "--loss", "dice_topk10", "--no-deep-supervision"];
+    kill_and_resume(pre_s, &a, &b, &extra);
+    let names = stu_engine::checkpoint::StateDict::open(b.join("checkpoint_final.safetensors")).unwrap().keys().map(str::to_string).collect::<Vec<_>>();
+    // STU-Net's heads are ordered as nnU-Net v1's, the full-resolution one last (here `.1`).
+    for k in ["optimizer_state.seg_outputs.1.weight.exp_avg", "optimizer_state.seg_outputs.1.weight.max_exp_avg_sq", "optimizer_state.seg_outputs.1.weight.step"] {
+        assert!(names.iter().any(|n| n == k), "{k} in {names:?}");
+    }
+    // Without deep supervision the lower head gets no gradient, so no optimiser state.
+    assert!(!names.iter().any(|n| n.starts_with("optimizer_state.seg_outputs.0.")), "{names:?}");
 }
 
 fn fine_tune(pre: &Path, out: &Path, source: &Path, lr: &str, epochs: &str) -> Output {
@@ -175,9 +202,9 @@ fn dp_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64
 /// [`dp_steps`] with gradient clip `clip` and the loss scaler set to `scaler`; returns every
 /// step's report, the final weights and the optimiser.
 #[allow(clippy::too_many_arguments)]
-fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], dice: stu_engine::loss::DiceConfig, clip: f64, scaler: Option<stu_engine::train::GradScaler>) -> (Vec<stu_engine::train::StepStats>, Vec<stu_engine::checkpoint::NamedTensor>, stu_engine::train::Sgd) {
+fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec<i64>, [usize; 4])], dice: stu_engine::loss::DiceConfig, clip: f64, scaler: Option<stu_engine::train::GradScaler>) -> (Vec<stu_engine::train::StepStats>, Vec<stu_engine::checkpoint::NamedTensor>, stu_engine::train::Optimizer) {
     use stu_engine::dist::{Group, Launch};
-    use stu_engine::train::{DeviceBatch, Sgd, StepConfig, train_step_in};
+    use stu_engine::train::{DeviceBatch, Optimizer, StepConfig, train_step_in};
     let mut net = tiny_net();
     let ad = stu_engine::backend::Backend::Flex.device().unwrap().autodiff();
     let mut group = if world == 1 {
@@ -198,7 +225,7 @@ fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec
         .collect();
     let batch = DeviceBatch { x: xs, targets: ts };
     let weights = stu_engine::schedule::ds_weights(targets.len());
-    let mut sgd = Sgd::nnunet();
+    let mut sgd = Optimizer::nnunet();
     sgd.scaler = scaler;
     let mut all = Vec::new();
     for _ in 0..3 {
@@ -248,7 +275,7 @@ fn loss_scaled_steps_equal_plain_ones_and_an_overflow_skips_the_step() {
     let state = sgd.state();
     assert!(state.iter().any(|t| t.name == "grad_scaler.scale" && t.data == [65536.0]));
     let net = tiny_net();
-    let mut back = stu_engine::train::Sgd::nnunet();
+    let mut back = stu_engine::train::Optimizer::nnunet();
     let dev = stu_engine::backend::Backend::Flex.device().unwrap();
     back.load_state(&*net, state.clone(), &dev).unwrap();
     assert_eq!(back.scaler, sgd.scaler);

@@ -149,6 +149,15 @@ impl fmt::Debug for StateDict {
     }
 }
 
+/// A value of a PyTorch checkpoint's pickle beside its tensors (see [`torch_entry`]).
+pub use pytorch_reader::PickleValue;
+
+/// The top-level entry `key` of a PyTorch checkpoint (`.pth`, `.model`) that is not a tensor,
+/// such as nnU-Net's `inference_allowed_mirroring_axes`: the pickle is parsed, never executed.
+pub fn torch_entry(path: &Path, key: &str) -> Result<PickleValue, CheckpointError> {
+    pytorch_reader::PytorchReader::read_pickle_data(path, Some(key)).map_err(|e| CheckpointError::NotACheckpoint { path: path.to_path_buf(), reason: format!("PyTorch container, entry `{key}`: {e}") })
+}
+
 impl StateDict {
     /// Opens a checkpoint of any supported container, reading only its metadata.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {

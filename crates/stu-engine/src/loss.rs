@@ -3,7 +3,9 @@
 //! per sample or over the batch), summed 1:1, and the deep-supervision sum with weights
 //! `1/2^i`, the lowest output 0, normalised. Region-based datasets train with nnU-Net's
 //! `DC_and_BCE_loss` instead: binary cross-entropy on the logits plus the soft Dice of their
-//! sigmoids, every region included ([`Regions`]).
+//! sigmoids, every region included ([`Regions`]). nnU-Net's loss trainer variants swap the
+//! terms ([`LossKind`]): cross-entropy alone, Dice alone, the TopK-10 % cross-entropy alone or
+//! with Dice.
 
 use burn::tensor::activation::{log_softmax, sigmoid, softmax};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -22,11 +24,73 @@ pub struct DiceConfig {
     /// Region-based training: output k's target is the union of region k's labels, and the
     /// loss is `DC_and_BCE_loss` (sigmoid, background-free regions, all of them in the Dice).
     pub regions: Option<Regions>,
+    /// Which terms ([`LossKind`]; nnU-Net's default `DiceCe`).
+    pub loss: LossKind,
 }
 
 impl Default for DiceConfig {
     fn default() -> Self {
-        Self { batch_dice: false, smooth: 1e-5, ignore_label: None, regions: None }
+        Self { batch_dice: false, smooth: 1e-5, ignore_label: None, regions: None, loss: LossKind::DiceCe }
+    }
+}
+
+/// nnU-Net's training loss and the trainer variants that replace it
+/// (`nnunetv2/training/nnUNetTrainer/variants/loss`), each with its deep-supervision weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Cross-entropy + soft Dice, 1:1 (`nnUNetTrainer`'s `DC_and_CE_loss`; `DC_and_BCE_loss`
+    /// for regions).
+    #[default]
+    DiceCe,
+    /// Cross-entropy alone (`nnUNetTrainerCELoss`).
+    Ce,
+    /// Soft Dice alone (`nnUNetTrainerDiceLoss`: background excluded, or every region).
+    Dice,
+    /// The mean cross-entropy of the 10 % of voxels where it is largest (`nnUNetTrainerTopk10Loss`,
+    /// `TopKLoss(k=10)`; ignored voxels count as 0 but stay in the voxel count, as there).
+    Topk10,
+    /// Soft Dice + TopK 10 % cross-entropy, 1:1 (`nnUNetTrainerDiceTopK10Loss`).
+    DiceTopk10,
+}
+
+impl LossKind {
+    /// Every kind with its name in specs and on the command line.
+    pub const ALL: [(&'static str, LossKind); 5] = [("dice_ce", Self::DiceCe), ("ce", Self::Ce), ("dice", Self::Dice), ("topk10", Self::Topk10), ("dice_topk10", Self::DiceTopk10)];
+
+    /// Its name (`dice_ce`, `ce`, `dice`, `topk10`, `dice_topk10`).
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).expect("listed")
+    }
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k).ok_or_else(|| format!("unknown loss `{name}`; the losses are {}", Self::ALL.map(|(n, _)| n).join(", ")))
+    }
+
+    /// Weights of the (cross-entropy, Dice) terms: 1 or 0 each.
+    pub fn weights(self) -> [f64; 2] {
+        match self {
+            Self::DiceCe | Self::DiceTopk10 => [1.0, 1.0],
+            Self::Ce | Self::Topk10 => [1.0, 0.0],
+            Self::Dice => [0.0, 1.0],
+        }
+    }
+
+    /// Whether the cross-entropy term is the TopK one.
+    pub fn is_topk(self) -> bool {
+        matches!(self, Self::Topk10 | Self::DiceTopk10)
+    }
+
+    /// Whether this loss trains a dataset with an ignore label and/or regions; refused as
+    /// nnU-Net's variants refuse them (the CE and TopK trainers assert that there are no
+    /// regions; the Dice trainer has no ignore-label handling).
+    pub fn check(self, ignore_label: bool, regions: bool) -> Result<(), String> {
+        match self {
+            Self::Ce | Self::Topk10 | Self::DiceTopk10 if regions => Err(format!("loss `{}` does not train region-based datasets (nnU-Net's trainer asserts it); use `dice_ce` or `dice`", self.name())),
+            Self::Dice if ignore_label => Err("loss `dice` does not train datasets with an ignore label (nnU-Net's nnUNetTrainerDiceLoss has no mask for it); use `dice_ce`".to_string()),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -178,15 +242,58 @@ fn soft_dice(i: Tensor<2>, p: Tensor<2>, g: Tensor<2>, smooth: f64) -> Tensor<2>
 }
 
 /// `CE + soft Dice` of NCDHW logits `[B, C, D, H, W]` against class indices `[B, D, H, W]`
-/// (with [`DiceConfig::regions`]: `BCE + soft Dice` of the region outputs).
+/// (with [`DiceConfig::regions`]: `BCE + soft Dice` of the region outputs), or the terms
+/// [`DiceConfig::loss`] names.
 pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
+    let [w_ce, w_dice] = cfg.loss.weights();
+    let topk = cfg.loss.is_topk().then(|| topk_ce(logits.clone(), target.clone(), cfg.ignore_label, 10.0));
+    if w_dice == 0.0 && let Some(t) = topk {
+        return t;
+    }
     let (ce, [mut i, mut p, mut g]) = loss_and_sums(logits, target, &cfg);
     if cfg.batch_dice {
         i = i.sum_dim(0);
         p = p.sum_dim(0);
         g = g.sum_dim(0);
     }
-    ce + soft_dice(i, p, g, cfg.smooth).mean().neg()
+    let dice = soft_dice(i, p, g, cfg.smooth).mean().neg();
+    match topk {
+        Some(t) => t + dice,
+        None if w_ce == 0.0 => dice,
+        None if w_dice == 0.0 => ce,
+        None => ce + dice,
+    }
+}
+
+/// nnU-Net's `TopKLoss`: the voxels' cross-entropy (0 where the target is `ignore`), the
+/// `⌊N·percent/100⌋` largest of all `N` voxels of the batch (at least one), averaged. The voxels
+/// are chosen on the host, exactly that many (ties broken by position); the gradient flows
+/// through the chosen ones only, as through `torch.topk`.
+pub fn topk_ce(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>, percent: f64) -> Tensor<1> {
+    let [b, c, d, h, w] = logits.dims();
+    let n = b * d * h * w;
+    let (target, mask) = match ignore {
+        Some(ig) => {
+            let ignored = target.clone().equal_elem(ig);
+            let mask: Tensor<4> = ignored.clone().bool_not().float();
+            (target.mask_fill(ignored, 0), Some(mask))
+        }
+        None => (target, None),
+    };
+    let onehot: Tensor<5> = target.one_hot_fill::<5>(c, 1.0, 0.0, 1).float();
+    let mut per_voxel: Tensor<4> = (log_softmax(logits, 1) * onehot).sum_dim(1).neg().reshape([b, d, h, w]);
+    if let Some(m) = mask {
+        per_voxel = per_voxel * m;
+    }
+    let flat = per_voxel.reshape([n]);
+    let k = ((n as f64 * percent / 100.0) as usize).clamp(1, n);
+    let values = flat.clone().detach().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
+    let mut order: Vec<usize> = (0..n).collect();
+    order.select_nth_unstable_by(k - 1, |&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    let mut chosen = vec![0f32; n];
+    order[..k].iter().for_each(|&i| chosen[i] = 1.0);
+    let chosen = Tensor::<1>::from_data(TensorData::new(chosen, [n]), &flat.device());
+    (flat * chosen).sum() / k as f64
 }
 
 /// [`dc_ce`] as one fused operation: with a hand-written gradient (`crate::kernels::loss`) on
@@ -194,11 +301,11 @@ pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tens
 /// `cross_entropy`, autograd kept from the forward) on libtorch devices, composed of burn
 /// operators elsewhere and with an ignore label. Same values.
 pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
-    if cfg.ignore_label.is_some() || cfg.regions.is_some() {
+    if cfg.ignore_label.is_some() || cfg.regions.is_some() || cfg.loss.is_topk() {
         return dc_ce(logits, target, cfg);
     }
     #[cfg(feature = "tch")]
-    if crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) {
+    if crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) && cfg.loss == LossKind::DiceCe {
         use crate::torch::TorchOps;
         let target = target.float();
         return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::dc_ce_nc(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.smooth));
@@ -208,7 +315,7 @@ pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -
     }
     use crate::ext::StuOps;
     let target = target.float();
-    Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::dc_ce_loss(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.smooth))
+    Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::dc_ce_loss(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.smooth, cfg.loss.weights()))
 }
 
 /// The deep-supervision sum `Σ wᵢ · dc_ce(outputᵢ, targetᵢ)`, skipping zero weights (fused
@@ -245,6 +352,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
     if group.world() == 1 || !cfg.batch_dice {
         return Ok((deep_supervision(outputs, targets, weights, cfg), None));
     }
+    let [w_ce, w_dice] = cfg.loss.weights();
     let terms: Vec<(f64, Tensor<1>, [Tensor<2>; 3])> = outputs
         .iter()
         .zip(targets)
@@ -252,7 +360,9 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
         .filter(|(_, w)| **w != 0.0)
         .map(|((o, t), &w)| {
             let (ce, sums) = loss_and_sums(o.clone(), t.clone(), &cfg);
-            (w, ce, sums.map(|s| s.sum_dim(0)))
+            // TopK over this rank's voxels, as under nnU-Net's DDP.
+            let ce = if cfg.loss.is_topk() { topk_ce(o.clone(), t.clone(), cfg.ignore_label, 10.0) } else { ce };
+            (w, ce * w_ce, sums.map(|s| s.sum_dim(0)))
         })
         .collect();
     assert!(!terms.is_empty(), "at least one output with a non-zero weight");
@@ -272,7 +382,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
             s + Tensor::<2>::from_data(TensorData::new(delta, [1, c1]), &device)
         });
         // Its value is the global batch's Dice, the same on every rank.
-        let dc = soft_dice(i, p, g, cfg.smooth).mean();
+        let dc = soft_dice(i, p, g, cfg.smooth).mean() * w_dice;
         share += w * (ce.clone() - dc.clone()).into_scalar::<f32>() as f64;
         let term = (ce - dc * world) * w;
         loss = Some(match loss {

@@ -6,6 +6,51 @@ pub fn poly_lr(lr0: f64, epoch: usize, max_epochs: usize) -> f64 {
     lr0 * (1.0 - epoch as f64 / max_epochs as f64).powf(0.9)
 }
 
+/// The learning-rate schedules of nnU-Net's trainers, evaluated once per epoch as
+/// `nnUNetTrainer.on_train_epoch_start` steps them (`lr_scheduler.step(current_epoch)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// [`poly_lr`] (`nnUNetTrainer`'s `PolyLRScheduler`).
+    #[default]
+    Poly,
+    /// `CosineAnnealingLR(T_max = epochs)`, `η_min` 0, in its closed form:
+    /// `lr0 · (1 + cos(π·epoch/epochs)) / 2` (`nnUNetTrainerCosAnneal`).
+    Cosine,
+    /// A linear warm-up over the first [`WARMUP_EPOCHS`] epochs, `lr0 · (epoch + 1) / 50`, then
+    /// poly over the rest, `lr0 · (1 − (epoch − 50)/(epochs − 50))^0.9` (`nnUNetTrainer_warmup`:
+    /// `Lin_incr_LRScheduler`, then `PolyLRScheduler_offset`, the SGD state kept across).
+    Warmup,
+}
+
+/// `nnUNetTrainer_warmup`'s `warmup_duration_whole_net`.
+pub const WARMUP_EPOCHS: usize = 50;
+
+impl LrSchedule {
+    /// Every schedule with its name in specs and on the command line.
+    pub const ALL: [(&'static str, LrSchedule); 3] = [("poly", Self::Poly), ("cosine", Self::Cosine), ("warmup", Self::Warmup)];
+
+    /// Its name (`poly`, `cosine`, `warmup`).
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).expect("listed")
+    }
+
+    /// The schedule named `name`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k).ok_or_else(|| format!("unknown lr_schedule `{name}`; the schedules are {}", Self::ALL.map(|(n, _)| n).join(", ")))
+    }
+
+    /// The learning rate of `epoch` (from 0) of `epochs`, starting from `lr0`.
+    pub fn lr(self, lr0: f64, epoch: usize, epochs: usize) -> f64 {
+        match self {
+            Self::Poly => poly_lr(lr0, epoch, epochs),
+            Self::Cosine => lr0 * (1.0 + (std::f64::consts::PI * epoch as f64 / epochs as f64).cos()) / 2.0,
+            Self::Warmup if epoch < WARMUP_EPOCHS => lr0 / WARMUP_EPOCHS as f64 * (epoch + 1) as f64,
+            Self::Warmup => lr0 * (1.0 - (epoch - WARMUP_EPOCHS) as f64 / (epochs - WARMUP_EPOCHS) as f64).powf(0.9),
+        }
+    }
+}
+
 /// Deep-supervision weights for `n` outputs (full resolution first): `1/2^i`, the lowest output
 /// weighted 0, normalised to sum 1.
 pub fn ds_weights(n: usize) -> Vec<f64> {

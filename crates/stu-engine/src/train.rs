@@ -147,20 +147,62 @@ pub fn he_init(net: Box<dyn SegNet>, seed: u64, only: Option<&dyn Fn(&str) -> bo
 }
 
 /// A network after an optimizer step, its gradient norm before clipping, and whether the step
-/// was skipped ([`Sgd::clip_step_fused`]).
+/// was skipped ([`Optimizer::clip_step_fused`]).
 pub type Stepped = (Box<dyn SegNet>, f64, bool);
 
-/// `torch.optim.SGD(momentum, nesterov=True, dampening=0, weight_decay)` with state by path.
+/// nnU-Net's optimiser, or one of its trainer variants' ([`OptimizerKind`]), with its state by
+/// parameter path: `torch.optim.SGD(momentum, nesterov=True, dampening=0, weight_decay)`,
+/// `AdamW(amsgrad=True)` or `Adam`.
 #[derive(Debug, Clone)]
-pub struct Sgd {
-    /// Momentum (0.99).
+pub struct Optimizer {
+    /// The update rule.
+    pub kind: OptimizerKind,
+    /// SGD's momentum (0.99).
     pub momentum: f64,
-    /// Coupled L2 weight decay (3e-5), applied to every parameter.
+    /// Weight decay (3e-5) on every parameter: coupled (added to the gradient) for SGD and
+    /// Adam, decoupled for AdamW.
     pub weight_decay: f64,
     /// Dynamic loss scaling, on for f16 training (see [`GradScaler`]); saved with the buffers.
     pub scaler: Option<GradScaler>,
+    /// State tensors by their name in PyTorch's optimiser state: `{path}.momentum_buffer`
+    /// (SGD), `{path}.exp_avg`, `{path}.exp_avg_sq`, `{path}.max_exp_avg_sq` (Adam, AMSGrad).
     buffers: BTreeMap<String, Tensor<1>>,
+    /// Adam's step count per parameter path.
+    steps: BTreeMap<String, u64>,
 }
+
+/// The update rules of nnU-Net's trainers (`nnUNetTrainer`, and the variants of
+/// `nnunetv2/training/nnUNetTrainer/variants/optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    /// SGD with Nesterov momentum 0.99 (`nnUNetTrainer`).
+    #[default]
+    Sgd,
+    /// AdamW with AMSGrad, betas (0.9, 0.999), eps 1e-8 (`nnUNetTrainerAdam`).
+    Adamw,
+    /// Adam, weight decay added to the gradient (`nnUNetTrainerVanillaAdam`).
+    Adam,
+}
+
+impl OptimizerKind {
+    /// Every kind with its name in specs and on the command line.
+    pub const ALL: [(&'static str, OptimizerKind); 3] = [("sgd", Self::Sgd), ("adamw", Self::Adamw), ("adam", Self::Adam)];
+
+    /// Its name (`sgd`, `adamw`, `adam`).
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).expect("listed")
+    }
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k).ok_or_else(|| format!("unknown optimizer `{name}`; the optimizers are {}", Self::ALL.map(|(n, _)| n).join(", ")))
+    }
+}
+
+/// Adam's `β₁`, `β₂` and `ε` (PyTorch's defaults, which nnU-Net keeps).
+const ADAM_BETAS: (f64, f64) = (0.9, 0.999);
+const ADAM_EPS: f64 = 1e-8;
 
 /// PyTorch's `torch.amp.GradScaler` with its defaults, as nnU-Net trains in f16: the loss is
 /// multiplied by `scale` before the backward so that small f16 gradients do not flush to zero;
@@ -200,31 +242,74 @@ impl GradScaler {
     }
 }
 
-impl Sgd {
-    /// nnU-Net's optimiser: momentum 0.99, weight decay 3e-5.
+impl Optimizer {
+    /// nnU-Net's optimiser: SGD, momentum 0.99, weight decay 3e-5.
     pub fn nnunet() -> Self {
-        Self { momentum: 0.99, weight_decay: 3e-5, scaler: None, buffers: BTreeMap::new() }
+        Self::new(OptimizerKind::Sgd)
     }
 
-    /// One step with learning rate `lr`:
-    /// `g ← g + wd·p; b ← g (first step) or μ·b + g; p ← p − lr·(g + μ·b)`.
+    /// nnU-Net's trainer with `kind` (weight decay 3e-5).
+    pub fn new(kind: OptimizerKind) -> Self {
+        Self { kind, momentum: 0.99, weight_decay: 3e-5, scaler: None, buffers: BTreeMap::new(), steps: BTreeMap::new() }
+    }
+
+    /// One step with learning rate `lr`. SGD:
+    /// `g ← g + wd·p; b ← g (first step) or μ·b + g; p ← p − lr·(g + μ·b)`. Adam (PyTorch's
+    /// `_single_tensor_adam`): `m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²` (AMSGrad: `v̂ ← max(v̂, v)`),
+    /// `p ← p − lr/(1−β₁ᵗ) · m / (√v̂ / √(1−β₂ᵗ) + ε)`, with `g ← g + wd·p` first (Adam) or
+    /// `p ← p·(1 − lr·wd)` (AdamW).
     pub fn step(&mut self, net: Box<dyn SegNet>, grads: &mut GradientsParams, lr: f64) -> Box<dyn SegNet> {
-        let (mu, wd) = (self.momentum, self.weight_decay);
+        net.update(grads, &mut |path, p, g| match g {
+            Some(g) => self.update_param(path, p, g, lr),
+            None => p,
+        })
+    }
+
+    /// [`Optimizer::step`] for one flattened parameter `p` at `path` with gradient `g`: the
+    /// new value (the state is updated).
+    pub fn update_param(&mut self, path: &str, p: Tensor<1>, g: Tensor<1>, lr: f64) -> Tensor<1> {
+        let (mu, wd, kind) = (self.momentum, self.weight_decay, self.kind);
         let buffers = &mut self.buffers;
-        net.update(grads, &mut |path, p, g| {
-            let Some(g) = g else { return p };
+        if kind == OptimizerKind::Sgd {
             let g = g + p.clone() * wd;
-            let b = match buffers.remove(path) {
+            let key = format!("{path}.momentum_buffer");
+            let b = match buffers.remove(&key) {
                 Some(b) => b * mu + g.clone(),
                 None => g.clone(),
             };
             let out = p - (g + b.clone() * mu) * lr;
-            buffers.insert(path.to_string(), b);
-            out
-        })
+            buffers.insert(key, b);
+            return out;
+        }
+        let (b1, b2) = ADAM_BETAS;
+        let (p, g) = match kind {
+            OptimizerKind::Adamw => (p * (1.0 - lr * wd), g),
+            _ => (p.clone(), g + p * wd),
+        };
+        let t = self.steps.entry(path.to_string()).or_insert(0);
+        *t += 1;
+        let zeros = || g.zeros_like();
+        let m = buffers.remove(&format!("{path}.exp_avg")).unwrap_or_else(zeros) * b1 + g.clone() * (1.0 - b1);
+        let v = buffers.remove(&format!("{path}.exp_avg_sq")).unwrap_or_else(zeros) * b2 + g.clone() * g * (1.0 - b2);
+        let vhat = match kind {
+            OptimizerKind::Adamw => {
+                let prev = buffers.remove(&format!("{path}.max_exp_avg_sq")).unwrap_or_else(|| v.zeros_like());
+                let max = prev.max_pair(v.clone());
+                buffers.insert(format!("{path}.max_exp_avg_sq"), max.clone());
+                max
+            }
+            _ => v.clone(),
+        };
+        let bc1 = 1.0 - b1.powi(*t as i32);
+        let bc2 = 1.0 - b2.powi(*t as i32);
+        let denom = vhat.sqrt() / bc2.sqrt() + ADAM_EPS;
+        let out = p - m.clone() / denom * (lr / bc1);
+        buffers.insert(format!("{path}.exp_avg"), m);
+        buffers.insert(format!("{path}.exp_avg_sq"), v);
+        out
     }
 
-    /// Clipping to `clip` (after unscaling, with loss scaling) and [`Sgd::step`] as a few
+    /// Clipping to `clip` (after unscaling, with loss scaling) and [`Optimizer::step`] as a few
     /// multi-tensor kernels for all parameters together, as PyTorch's `clip_grad_norm_` and
     /// `SGD` run with `foreach` (`crate::torch::foreach`), on a libtorch device where
     /// `STU_TCH_NATIVE` enables `sgd`; elsewhere `Err(net)`, untouched. Returns the network, the
@@ -233,7 +318,7 @@ impl Sgd {
     #[allow(unused_variables, unused_mut)]
     pub fn clip_step_fused(&mut self, net: Box<dyn SegNet>, grads: &mut GradientsParams, lr: f64, clip: f64, device: &burn::tensor::Device) -> Result<Stepped, Box<dyn SegNet>> {
         #[cfg(feature = "tch")]
-        if crate::ops::is_libtorch(device, crate::ops::TorchPath::Sgd) {
+        if self.kind == OptimizerKind::Sgd && crate::ops::is_libtorch(device, crate::ops::TorchPath::Sgd) {
             use crate::torch::foreach;
             // The parameters that have a gradient, in visit order; the network comes back as it was.
             let (mut paths, mut ps, mut gs) = (Vec::new(), Vec::new(), Vec::new());
@@ -258,11 +343,11 @@ impl Sgd {
                     (None, clip_coef(norm, clip) / scale, Some(norm))
                 }
             };
-            let bufs: Vec<Option<Tensor<1>>> = paths.iter().map(|p| self.buffers.remove(p)).collect();
+            let bufs: Vec<Option<Tensor<1>>> = paths.iter().map(|p| self.buffers.remove(&format!("{p}.momentum_buffer"))).collect();
             let (new_params, new_bufs) = foreach::sgd(&ps, &gs, &bufs, coef.as_ref(), mul, lr, self.momentum, self.weight_decay);
             drop((ps, gs, bufs));
             for (path, b) in paths.iter().zip(new_bufs) {
-                self.buffers.insert(path.clone(), b);
+                self.buffers.insert(format!("{path}.momentum_buffer"), b);
             }
             let mut updated = paths.into_iter().zip(new_params).peekable();
             let net = net.update(&mut GradientsParams::new(), &mut |path, p, _| match updated.next_if(|(q, _)| q == path) {
@@ -276,18 +361,22 @@ impl Sgd {
         Err(net)
     }
 
-    /// The momentum buffers as named tensors (`{path}.momentum_buffer`), sorted by path, and
-    /// the loss scaler's state when it is on (`grad_scaler.scale`, `grad_scaler.growth_tracker`;
-    /// both exact in f32).
+    /// The state as named tensors, sorted by name: SGD's momentum buffers
+    /// (`{path}.momentum_buffer`), Adam's moments (`{path}.exp_avg`, `{path}.exp_avg_sq`, and
+    /// `{path}.max_exp_avg_sq` for AMSGrad) and step counts (`{path}.step`, exact in f32 up to
+    /// 2²⁴ steps), and the loss scaler's state when it is on (`grad_scaler.scale`,
+    /// `grad_scaler.growth_tracker`; both exact in f32).
     pub fn state(&self) -> Vec<NamedTensor> {
         let mut out: Vec<NamedTensor> = self
             .buffers
             .iter()
-            .map(|(path, b)| {
+            .map(|(name, b)| {
                 let data = b.clone().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
-                NamedTensor { name: format!("{path}.momentum_buffer"), shape: vec![data.len()], data }
+                NamedTensor { name: name.clone(), shape: vec![data.len()], data }
             })
             .collect();
+        out.extend(self.steps.iter().map(|(path, &t)| NamedTensor { name: format!("{path}.step"), shape: vec![1], data: vec![t as f32] }));
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         if let Some(s) = self.scaler {
             out.push(NamedTensor { name: "grad_scaler.scale".into(), shape: vec![1], data: vec![s.scale as f32] });
             out.push(NamedTensor { name: "grad_scaler.growth_tracker".into(), shape: vec![1], data: vec![s.growth_tracker as f32] });
@@ -295,12 +384,18 @@ impl Sgd {
         out
     }
 
-    /// Restores buffers written by [`Sgd::state`]; every buffer must name a parameter of `net`
-    /// with as many elements.
+    /// Restores the state written by [`Optimizer::state`] for this optimizer's kind; every
+    /// buffer must name a parameter of `net` with as many elements.
     pub fn load_state(&mut self, net: &dyn SegNet, state: Vec<NamedTensor>, device: &burn::tensor::Device) -> Result<(), String> {
         let sizes: HashMap<String, usize> = net.params().into_iter().map(|p| (p.path, p.dims.iter().product())).collect();
         self.buffers.clear();
+        self.steps.clear();
         self.scaler = None;
+        let fields: &[&str] = match self.kind {
+            OptimizerKind::Sgd => &["momentum_buffer"],
+            OptimizerKind::Adamw => &["exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"],
+            OptimizerKind::Adam => &["exp_avg", "exp_avg_sq", "step"],
+        };
         for t in state {
             if let Some(field) = t.name.strip_prefix("grad_scaler.") {
                 let v = match t.data.as_slice() {
@@ -315,14 +410,24 @@ impl Sgd {
                 }
                 continue;
             }
-            let path = t.name.strip_suffix(".momentum_buffer").ok_or_else(|| format!("optimizer key `{}` is not a momentum buffer", t.name))?;
+            let Some((path, field)) = t.name.rsplit_once('.').filter(|(_, f)| fields.contains(f)) else {
+                return Err(format!("optimizer key `{}` is not state of {} (`{{parameter}}.{}`)", t.name, self.kind.name(), fields.join("|")));
+            };
+            if field == "step" {
+                match (sizes.contains_key(path), t.data.as_slice()) {
+                    (true, [v]) if v.is_finite() && *v >= 1.0 && v.fract() == 0.0 => self.steps.insert(path.to_string(), *v as u64),
+                    (true, _) => return Err(format!("optimizer key `{}` must hold one whole step count ≥ 1", t.name)),
+                    (false, _) => return Err(format!("optimizer key `{}` names no parameter of the model", t.name)),
+                };
+                continue;
+            }
             match sizes.get(path) {
                 Some(&n) if n == t.data.len() => {}
-                Some(&n) => return Err(format!("momentum buffer `{path}` has {} values, the parameter {n}", t.data.len())),
-                None => return Err(format!("momentum buffer `{path}` names no parameter of the model")),
+                Some(&n) => return Err(format!("optimizer key `{}` has {} values, the parameter {n}", t.name, t.data.len())),
+                None => return Err(format!("optimizer key `{}` names no parameter of the model", t.name)),
             }
             let n = t.data.len();
-            self.buffers.insert(path.to_string(), Tensor::from_data(TensorData::new(t.data, [n]), device));
+            self.buffers.insert(t.name, Tensor::from_data(TensorData::new(t.data, [n]), device));
         }
         Ok(())
     }
@@ -468,7 +573,7 @@ pub struct StepConfig<'a> {
 
 /// Forward (deep supervision, in `precision` over the f32 parameters), loss in f32, backward,
 /// clip to `clip`, SGD step with `lr`.
-pub fn train_step(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, step: &StepConfig<'_>) -> (Box<dyn SegNet>, StepStats) {
+pub fn train_step(net: Box<dyn SegNet>, sgd: &mut Optimizer, batch: &DeviceBatch, step: &StepConfig<'_>) -> (Box<dyn SegNet>, StepStats) {
     train_step_in(net, sgd, batch, step, &mut Group::single()).expect("a single process has no peers to lose")
 }
 
@@ -476,7 +581,7 @@ pub fn train_step(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, step
 /// the global batch: the gradients are averaged over the ranks (one ring all-reduce, with the
 /// loss riding along) before clipping and SGD, which then run identically everywhere. The
 /// reported loss is the global batch's.
-pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Sgd, batch: &DeviceBatch, step: &StepConfig<'_>, group: &mut Group) -> Result<(Box<dyn SegNet>, StepStats), DistError> {
+pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Optimizer, batch: &DeviceBatch, step: &StepConfig<'_>, group: &mut Group) -> Result<(Box<dyn SegNet>, StepStats), DistError> {
     let StepConfig { weights, dice, lr, clip, precision } = *step;
     if precision == crate::precision::Precision::F16 {
         sgd.scaler.get_or_insert_with(GradScaler::default);
@@ -805,7 +910,7 @@ mod fused_tests {
                 })
             };
             let (mut fused, mut plain) = (make(), make());
-            let (mut sf, mut sp) = (Sgd::nnunet(), Sgd::nnunet());
+            let (mut sf, mut sp) = (Optimizer::nnunet(), Optimizer::nnunet());
             if scaled {
                 sf.scaler = Some(GradScaler { scale: 1024.0, growth_tracker: 0 });
                 sp.scaler = sf.scaler;

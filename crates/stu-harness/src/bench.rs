@@ -242,7 +242,7 @@ fn train_2d_case(backend: Backend, precision: Precision, ad: &Device, profile: O
 /// labels nearest-downsampled to every deep-supervision level.
 #[allow(clippy::too_many_arguments)]
 fn step_case(id: &str, mut net: Box<dyn SegNet>, b: usize, levels: &[[usize; 3]], backend: Backend, precision: Precision, ad: &Device, large: bool, profile: Option<&Path>) -> Result<CaseResult> {
-    use stu_engine::train::{DeviceBatch, Sgd, StepConfig, train_step};
+    use stu_engine::train::{DeviceBatch, Optimizer, StepConfig, train_step};
     let full_shape = levels[0];
     let n: usize = full_shape.iter().product();
     let mut rng = stu_core::rng::SplitMix64::new(3);
@@ -257,7 +257,7 @@ fn step_case(id: &str, mut net: Box<dyn SegNet>, b: usize, levels: &[[usize; 3]]
         .collect();
     let batch = DeviceBatch::upload(x, [b, 1, full_shape[0], full_shape[1], full_shape[2]], &targets, ad);
     let weights = stu_engine::schedule::ds_weights(levels.len());
-    let mut sgd = Sgd::nnunet();
+    let mut sgd = Optimizer::nnunet();
     let mut samples = Vec::new();
     let (warm, reps_n) = reps(backend, large);
     let step = StepConfig { weights: &weights, dice: Default::default(), lr: 1e-2, clip: stu_engine::optim::GRAD_CLIP, precision };

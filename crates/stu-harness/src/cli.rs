@@ -467,6 +467,26 @@ struct TrainArgs {
     /// Turn augmentation off.
     #[arg(long)]
     no_augmentation: bool,
+    /// Loss, as nnU-Net's trainer variants: `dice_ce` (nnUNetTrainer), `ce`
+    /// (nnUNetTrainerCELoss), `dice` (nnUNetTrainerDiceLoss), `topk10` (nnUNetTrainerTopk10Loss:
+    /// the 10 % hardest voxels' cross-entropy), `dice_topk10` (nnUNetTrainerDiceTopK10Loss).
+    #[arg(long, default_value = "dice_ce", value_parser = stu_engine::loss::LossKind::parse)]
+    loss: stu_engine::loss::LossKind,
+    /// Train the full-resolution output only (nnUNetTrainerNoDeepSupervision).
+    #[arg(long)]
+    no_deep_supervision: bool,
+    /// Optimiser: `sgd` (Nesterov, momentum 0.99; nnUNetTrainer), `adamw` (AMSGrad;
+    /// nnUNetTrainerAdam) or `adam` (nnUNetTrainerVanillaAdam); weight decay 3e-5 each.
+    #[arg(long, default_value = "sgd", value_parser = stu_engine::train::OptimizerKind::parse)]
+    optimizer: stu_engine::train::OptimizerKind,
+    /// Learning-rate schedule per epoch: `poly` (nnUNetTrainer), `cosine`
+    /// (nnUNetTrainerCosAnneal) or `warmup` (50 epochs linear, then poly; nnUNetTrainer_warmup).
+    #[arg(long, default_value = "poly", value_parser = stu_engine::schedule::LrSchedule::parse)]
+    lr_schedule: stu_engine::schedule::LrSchedule,
+    /// No mirroring, in training's augmentation nor as the checkpoints' test-time augmentation
+    /// (nnUNetTrainerNoMirroring).
+    #[arg(long)]
+    no_mirroring: bool,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -598,6 +618,7 @@ impl TrainArgs {
             fraction: self.fraction,
             precision: self.precision,
             previous_stage: self.previous_stage,
+            recipe: crate::train::Recipe { loss: self.loss, deep_supervision: !self.no_deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: !self.no_mirroring },
         })
     }
 }

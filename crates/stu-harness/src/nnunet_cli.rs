@@ -8,7 +8,8 @@
 //! `dataset_fingerprint.json` and `dataset.json` beside it) and one folder per configuration's
 //! `data_identifier`; `nnUNet_results/DatasetXXX_Name/{TRAINER}__{PLANS}__{CONFIG}/fold_K`.
 //! Trainers: `nnUNetTrainer` (nnU-Net's network for the plan: PlainConvUNet, or
-//! ResidualEncoderUNet for the ResEnc planners' plans), its `_{N}epochs` variants, and STU-Net's
+//! ResidualEncoderUNet for the ResEnc planners' plans), its `_{N}epochs` variants, its loss,
+//! optimiser, schedule, deep-supervision and mirroring variants ([`VARIANTS`]), and STU-Net's
 //! `STUNetTrainer[_small|_base|_large|_huge][_ft]` (`_ft`: fine-tuning from
 //! `-pretrained_weights` at lr 1e-3, STU-Net's recipe).
 
@@ -28,7 +29,7 @@ const COMMANDS: &[(&str, &str)] = &[
     ("nnUNetv2_convert_old_nnUNet_dataset", "TASK_FOLDER DatasetXXX_Name  (into $nnUNet_raw)"),
     ("nnUNetv2_plot_overlay_pngs", "-d DATASET -o OUT"),
     ("nnUNetv2_accumulate_crossval_results", "-d DATASET -c CONFIG [-tr nnUNetTrainer] [-p nnUNetPlans] [-f 0 1 2 3 4] [-o OUT]"),
-    ("nnUNetv2_train", "DATASET CONFIG FOLD [-tr nnUNetTrainer|STUNetTrainer_base|…] [-p nnUNetPlans] [-pretrained_weights F] [--npz] [--c] [--val] [--val_best] [-num_gpus N] [-device cpu|cuda]"),
+    ("nnUNetv2_train", "DATASET CONFIG FOLD [-tr nnUNetTrainer|nnUNetTrainerCELoss|nnUNetTrainerAdam|…|STUNetTrainer_base|…] [-p nnUNetPlans] [-pretrained_weights F] [--npz] [--c] [--val] [--val_best] [-num_gpus N] [-device cpu|cuda]"),
     ("nnUNetv2_predict", "-i IN -o OUT -d DATASET -c CONFIG [-p nnUNetPlans] [-tr nnUNetTrainer] [-f 0 1 2 3 4] [-step_size 0.5] [--disable_tta] [--save_probabilities (.npz + .pkl)] [--continue_prediction] [-chk checkpoint_final.pth|checkpoint_best.pth] [-prev_stage_predictions DIR] [-num_parts N -part_id K] [-device cpu|cuda]"),
     ("nnUNetv2_predict_from_modelfolder", "-i IN -o OUT -m MODEL_FOLDER [-f 0 1 2 3 4] and nnUNetv2_predict's other options"),
     ("nnUNetv2_evaluate_folder", "GT_FOLDER PRED_FOLDER -djfile dataset.json [-pfile plans.json] [-o PRED_FOLDER/summary.json]"),
@@ -389,17 +390,51 @@ struct Trainer {
     epochs: Option<usize>,
     /// `_ft`: fine-tuning (needs -pretrained_weights; lr 1e-3).
     finetune: bool,
+    /// What a trainer variant changes (`stu train` flags: `--loss ce`, `--optimizer adamw`, …).
+    variant: Vec<&'static str>,
+    /// The variant's initial learning rate (`nnUNetTrainerAdam1en3`: 1e-3).
+    lr: Option<&'static str>,
 }
+
+/// nnU-Net's trainer variants (`nnunetv2/training/nnUNetTrainer/variants`) that `stu train`
+/// runs: name, flags, initial learning rate.
+const VARIANTS: [(&str, &[&str], Option<&str>); 16] = [
+    ("nnUNetTrainerCELoss", &["--loss", "ce"], None),
+    ("nnUNetTrainerDiceLoss", &["--loss", "dice"], None),
+    ("nnUNetTrainerTopk10Loss", &["--loss", "topk10"], None),
+    ("nnUNetTrainerDiceTopK10Loss", &["--loss", "dice_topk10"], None),
+    ("nnUNetTrainerNoDeepSupervision", &["--no-deep-supervision"], None),
+    ("nnUNetTrainerAdam", &["--optimizer", "adamw"], None),
+    ("nnUNetTrainerAdam1en3", &["--optimizer", "adamw"], Some("1e-3")),
+    ("nnUNetTrainerAdam3en4", &["--optimizer", "adamw"], Some("3e-4")),
+    ("nnUNetTrainerVanillaAdam", &["--optimizer", "adam"], None),
+    ("nnUNetTrainerVanillaAdam1en3", &["--optimizer", "adam"], Some("1e-3")),
+    ("nnUNetTrainerVanillaAdam3en4", &["--optimizer", "adam"], Some("3e-4")),
+    ("nnUNetTrainerCosAnneal", &["--lr-schedule", "cosine"], None),
+    ("nnUNetTrainer_warmup", &["--lr-schedule", "warmup"], None),
+    ("nnUNetTrainerNoMirroring", &["--no-mirroring"], None),
+    // No augmentation, and so no mirroring at inference either.
+    ("nnUNetTrainerNoDA", &["--no-augmentation", "--no-mirroring"], None),
+    ("nnUNetTrainer", &[], None),
+];
 
 fn trainer(name: &str, resenc_plan: bool) -> Result<Trainer> {
     let nnunet = if resenc_plan { "nnunet-resenc" } else { "nnunet-plainconv" };
-    if name == "nnUNetTrainer" {
-        return Ok(Trainer { model: Some(nnunet), preset: None, epochs: None, finetune: false });
+    let plain = |variant: &[&'static str], lr, epochs| Trainer { model: Some(nnunet), preset: None, epochs, finetune: false, variant: variant.to_vec(), lr };
+    if let Some((_, v, lr)) = VARIANTS.iter().find(|(n, ..)| *n == name) {
+        return Ok(plain(v, *lr, None));
     }
-    if let Some(e) = name.strip_prefix("nnUNetTrainer_").and_then(|r| r.strip_suffix("epochs").or_else(|| r.strip_suffix("epoch"))) {
-        let epochs: usize = e.parse().with_context(|| format!("-tr {name}: nnUNetTrainer_<N>epochs"))?;
-        ensure!(epochs > 0, "-tr {name}: at least one epoch");
-        return Ok(Trainer { model: Some(nnunet), preset: None, epochs: Some(epochs), finetune: false });
+    // `nnUNetTrainer_<N>epochs`, `nnUNetTrainer_<N>epochs_NoMirroring`, `nnUNetTrainerCELoss_5epochs`.
+    let (rest, no_mirroring) = name.strip_suffix("_NoMirroring").map_or((name, false), |r| (r, true));
+    if let Some((base, e)) = rest.rsplit_once('_').and_then(|(b, r)| Some((b, r.strip_suffix("epochs").or_else(|| r.strip_suffix("epoch"))?))) {
+        let known = if no_mirroring { base == "nnUNetTrainer" } else { base == "nnUNetTrainer" || base == "nnUNetTrainerCELoss" };
+        if known {
+            let epochs: usize = e.parse().with_context(|| format!("-tr {name}: {base}_<N>epochs"))?;
+            ensure!(epochs > 0, "-tr {name}: at least one epoch");
+            let (_, v, lr) = VARIANTS.iter().find(|(n, ..)| *n == base).expect("listed");
+            let v: Vec<&'static str> = if no_mirroring { vec!["--no-mirroring"] } else { v.to_vec() };
+            return Ok(plain(&v, *lr, Some(epochs)));
+        }
     }
     if let Some(rest) = name.strip_prefix("STUNetTrainer") {
         let (rest, finetune) = rest.strip_suffix("_ft").map_or((rest, false), |r| (r, true));
@@ -415,9 +450,12 @@ fn trainer(name: &str, resenc_plan: bool) -> Result<Trainer> {
             "_huge" => "stunet-h",
             _ => bail!("-tr {name}: STU-Net's trainers are STUNetTrainer_small|base|large|huge, with _ft for fine-tuning"),
         };
-        return Ok(Trainer { model: Some("stunet"), preset: Some(preset), epochs, finetune });
+        return Ok(Trainer { model: Some("stunet"), preset: Some(preset), epochs, finetune, variant: Vec::new(), lr: None });
     }
-    bail!("-tr {name}: the trainers are nnUNetTrainer (and nnUNetTrainer_<N>epochs) and STUNetTrainer_small|base|large|huge[_ft]")
+    bail!(
+        "-tr {name}: the trainers are nnUNetTrainer (and nnUNetTrainer_<N>epochs[_NoMirroring]), its variants {}, and STUNetTrainer_small|base|large|huge[_ft]",
+        VARIANTS[..VARIANTS.len() - 1].iter().map(|(n, ..)| *n).collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// `-device` → `--backend`.
@@ -469,13 +507,14 @@ fn train(cmd: &str, args: &[String]) -> Result<()> {
     if let Some(e) = t.epochs {
         a.extend(["--epochs".into(), e.to_string()]);
     }
+    a.extend(t.variant.iter().map(|v| v.to_string()));
     match (p.one("-pretrained_weights"), t.finetune) {
         (Some(w), ft) => {
-            // nnU-Net keeps its lr 1e-2 with -pretrained_weights; STU-Net's _ft trainers use 1e-3.
-            a.extend(["--init-from".into(), w.into(), "--lr".into(), if ft { "1e-3" } else { "1e-2" }.into()]);
+            // nnU-Net keeps its trainer's lr (1e-2) with -pretrained_weights; STU-Net's _ft trainers use 1e-3.
+            a.extend(["--init-from".into(), w.into(), "--lr".into(), if ft { "1e-3" } else { t.lr.unwrap_or("1e-2") }.into()]);
         }
         (None, true) => bail!("-tr {tr}: a fine-tuning trainer needs -pretrained_weights (a released STU-Net checkpoint)"),
-        (None, false) => {}
+        (None, false) => a.extend(t.lr.iter().flat_map(|lr| ["--lr".to_string(), lr.to_string()])),
     }
     if let Some(prev) = plans["configurations"][config.as_str()]["previous_stage"].as_str() {
         // The cascade's second stage: the first stage's folds (their predicted_next_stage).
@@ -757,14 +796,22 @@ mod tests {
 
     #[test]
     fn trainers_map_to_models_presets_and_recipes() {
-        assert_eq!(trainer("nnUNetTrainer", false).unwrap(), Trainer { model: Some("nnunet-plainconv"), preset: None, epochs: None, finetune: false });
+        assert_eq!(trainer("nnUNetTrainer", false).unwrap(), Trainer { model: Some("nnunet-plainconv"), preset: None, epochs: None, finetune: false, variant: vec![], lr: None });
         assert_eq!(trainer("nnUNetTrainer", true).unwrap().model, Some("nnunet-resenc"));
         assert_eq!(trainer("nnUNetTrainer_250epochs", false).unwrap().epochs, Some(250));
         assert_eq!(trainer("nnUNetTrainer_1epoch", false).unwrap().epochs, Some(1));
         assert_eq!(trainer("STUNetTrainer", false).unwrap().preset, Some("stunet-b"));
-        assert_eq!(trainer("STUNetTrainer_huge_ft", false).unwrap(), Trainer { model: Some("stunet"), preset: Some("stunet-h"), epochs: None, finetune: true });
+        assert_eq!(trainer("STUNetTrainer_huge_ft", false).unwrap(), Trainer { model: Some("stunet"), preset: Some("stunet-h"), epochs: None, finetune: true, variant: vec![], lr: None });
+        // nnU-Net's trainer variants.
+        assert_eq!(trainer("nnUNetTrainerCELoss", false).unwrap().variant, ["--loss", "ce"]);
+        assert_eq!(trainer("nnUNetTrainerCELoss_5epochs", false).unwrap(), Trainer { model: Some("nnunet-plainconv"), preset: None, epochs: Some(5), finetune: false, variant: vec!["--loss", "ce"], lr: None });
+        assert_eq!(trainer("nnUNetTrainerAdam3en4", true).unwrap(), Trainer { model: Some("nnunet-resenc"), preset: None, epochs: None, finetune: false, variant: vec!["--optimizer", "adamw"], lr: Some("3e-4") });
+        assert_eq!(trainer("nnUNetTrainer_250epochs_NoMirroring", false).unwrap().variant, ["--no-mirroring"]);
+        assert_eq!(trainer("nnUNetTrainer_250epochs_NoMirroring", false).unwrap().epochs, Some(250));
+        assert_eq!(trainer("nnUNetTrainerNoDA", false).unwrap().variant, ["--no-augmentation", "--no-mirroring"]);
+        assert_eq!(trainer("nnUNetTrainer_warmup", false).unwrap().variant, ["--lr-schedule", "warmup"]);
         assert_eq!(trainer("STUNetTrainer_small_ep4k", false).unwrap().epochs, Some(4000));
-        for bad in ["STUNetTrainer_tiny", "nnUNetTrainerV2", "nnUNetTrainer_xepochs"] {
+        for bad in ["STUNetTrainer_tiny", "nnUNetTrainerV2", "nnUNetTrainer_xepochs", "nnUNetTrainerDA5", "nnUNetTrainerTopk10Loss_5epochs", "nnUNetTrainerAdam_0epochs"] {
             assert!(trainer(bad, false).is_err(), "{bad}");
         }
     }

@@ -203,6 +203,10 @@ struct TrainedWith {
     patch: Option<[usize; 3]>,
     /// Its dataset's labels (the run folder's `dataset.json`, else the preprocessed folder's).
     dataset: Option<PathBuf>,
+    /// The axes its test-time augmentation may mirror (`inference_allowed_mirroring_axes`, in
+    /// the depth-first axes of this crate: a 2-D network's in-plane `(0, 1)` are `[1, 2]`;
+    /// empty: none), when it records them.
+    mirror_axes: Option<Vec<usize>>,
 }
 
 fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
@@ -221,7 +225,8 @@ fn trained_with(checkpoint: &Path) -> Result<TrainedWith> {
     };
     let dataset = plans.as_ref().and_then(|p| p.parent()).map(|d| d.join("dataset.json")).filter(|p| p.exists());
     let configuration = v.pointer("/config/configuration").and_then(|c| c.as_str()).map(str::to_string);
-    Ok(TrainedWith { plans, configuration, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()), dataset })
+    let mirror_axes = v.get("inference_allowed_mirroring_axes").and_then(|a| serde_json::from_value(a.clone()).ok());
+    Ok(TrainedWith { plans, configuration, patch: v.pointer("/config/patch_size").and_then(|p| serde_json::from_value(p.clone()).ok()), dataset, mirror_axes })
 }
 
 /// A checkpoint of nnU-Net's own training, `MODEL/fold_K/*.pth`: its model folder's
@@ -231,10 +236,21 @@ fn nnunet_model_folder(checkpoint: &Path) -> TrainedWith {
     let pth = checkpoint.extension().is_some_and(|e| e == "pth");
     let model = checkpoint.parent().filter(|f| pth && f.file_name().is_some_and(|n| n.to_string_lossy().starts_with("fold_"))).and_then(Path::parent);
     let plans = model.map(|m| m.join("plans.json")).filter(|p| p.is_file());
-    let Some(model) = model.filter(|_| plans.is_some()) else { return TrainedWith { plans: None, configuration: None, patch: None, dataset: None } };
+    let Some(model) = model.filter(|_| plans.is_some()) else { return TrainedWith { plans: None, configuration: None, patch: None, dataset: None, mirror_axes: None } };
     let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let configuration = name.splitn(3, "__").nth(2).map(str::to_string);
-    TrainedWith { plans, configuration, patch: None, dataset: Some(model.join("dataset.json")).filter(|p| p.is_file()) }
+    // The checkpoint's `inference_allowed_mirroring_axes` (a tuple, or None for
+    // nnUNetTrainerNoMirroring), spatial axes of the network: a 2-D network's are in-plane.
+    let planar = configuration.as_deref().zip(plans.as_deref()).and_then(|(c, p)| read_plans(p).ok().and_then(|j| stu_data::plan::configuration(&j, c).ok())).is_some_and(|c| stu_data::plan::is_2d(&c));
+    let mirror_axes = match stu_engine::checkpoint::torch_entry(checkpoint, "inference_allowed_mirroring_axes") {
+        Ok(stu_engine::checkpoint::PickleValue::None) => Some(Vec::new()),
+        Ok(stu_engine::checkpoint::PickleValue::List(v)) => v.iter().map(|a| match a {
+            stu_engine::checkpoint::PickleValue::Int(a @ 0..=2) => Some(*a as usize + usize::from(planar)),
+            _ => None,
+        }).collect(),
+        _ => None,
+    };
+    TrainedWith { plans, configuration, patch: None, dataset: Some(model.join("dataset.json")).filter(|p| p.is_file()), mirror_axes }
 }
 
 fn read_plans(p: &Path) -> Result<serde_json::Value> {
@@ -592,7 +608,15 @@ impl Predictor {
             let why = if extra > 0 { format!(" and the cascade's {extra} one-hot label channel(s)") } else { String::new() };
             ensure!(net.in_channels() == want, "{}: the model takes {} channel(s), the plan normalises {}{why}", c.display(), net.in_channels(), plan.normalization_schemes.len());
         }
-        Ok(Self { nets, plan, patch, mirror_axes: mirror_axes(patch, opts.disable_tta), step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions, cascade, configuration })
+        // Test-time mirroring: the axes every checkpoint allows (nnU-Net's
+        // `inference_allowed_mirroring_axes`; none for a run trained without mirroring).
+        let mut mirror = mirror_axes(patch, opts.disable_tta);
+        for t in &trained {
+            if let Some(allowed) = &t.mirror_axes {
+                mirror.retain(|a| allowed.contains(a));
+            }
+        }
+        Ok(Self { nets, plan, patch, mirror_axes: mirror, step: opts.step, device, precision: opts.precision, on_device, whole_export, fast_export: opts.fast_export, regions, cascade, configuration })
     }
 
     /// The largest label value the predictions may hold.

@@ -96,6 +96,7 @@ fn train_request(s: &Spec, pre: &Path, out: &Path, backend: Backend) -> crate::t
         backend,
         fraction: s.dataset.fraction,
         previous_stage: Vec::new(),
+        recipe: s.train.recipe(),
     }
 }
 

@@ -180,6 +180,29 @@ pub struct TrainSpec {
     /// Loader threads.
     #[serde(default = "workers")]
     pub workers: usize,
+    /// Loss: `dice_ce` (nnU-Net's), `ce`, `dice`, `topk10`, `dice_topk10` (its trainer
+    /// variants; `crate::train::Recipe`).
+    #[serde(default)]
+    pub loss: stu_engine::loss::LossKind,
+    /// Deep supervision (off: nnUNetTrainerNoDeepSupervision).
+    #[serde(default = "yes")]
+    pub deep_supervision: bool,
+    /// Optimiser: `sgd` (nnU-Net's), `adamw`, `adam`.
+    #[serde(default)]
+    pub optimizer: stu_engine::train::OptimizerKind,
+    /// Learning-rate schedule: `poly` (nnU-Net's), `cosine`, `warmup`.
+    #[serde(default)]
+    pub lr_schedule: stu_engine::schedule::LrSchedule,
+    /// Mirroring in augmentation and test-time augmentation (off: nnUNetTrainerNoMirroring).
+    #[serde(default = "yes")]
+    pub mirroring: bool,
+}
+
+impl TrainSpec {
+    /// The recipe's variant settings.
+    pub fn recipe(&self) -> crate::train::Recipe {
+        crate::train::Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: self.mirroring }
+    }
 }
 
 fn epochs() -> usize {
@@ -206,7 +229,7 @@ fn workers() -> usize {
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers() }
+        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers(), loss: Default::default(), deep_supervision: true, optimizer: Default::default(), lr_schedule: Default::default(), mirroring: true }
     }
 }
 

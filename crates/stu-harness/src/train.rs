@@ -23,11 +23,11 @@ use stu_data::loader::{BatchConfig, CaseStore, Loader};
 use stu_engine::backend::Backend;
 use stu_engine::precision::Precision;
 use stu_engine::checkpoint::{NamedTensor, StateDict, write_safetensors};
-use stu_engine::loss::DiceConfig;
+use stu_engine::loss::{DiceConfig, LossKind};
 use stu_engine::model::{LoadOptions, NetSpec, SegNet};
-use stu_engine::schedule::{ds_weights, poly_lr};
+use stu_engine::schedule::{LrSchedule, ds_weights};
 use stu_engine::dist::{Group, Launch};
-use stu_engine::train::{DeviceBatch, Sgd, StepConfig, dice_per_class, he_init, nanmean, train_step_in, validation_step, weights_checksum};
+use stu_engine::train::{DeviceBatch, Optimizer, OptimizerKind, StepConfig, dice_per_class, he_init, nanmean, train_step_in, validation_step, weights_checksum};
 
 /// Checkpoint format tag in the safetensors metadata.
 pub const CHECKPOINT_FORMAT: &str = "stu-train-checkpoint/1";
@@ -82,6 +82,65 @@ pub struct TrainConfig {
     /// training cases (`RUN/predicted_next_stage/<configuration>` of its folds).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_stage: Vec<PathBuf>,
+    /// See [`Recipe::loss`] (left out at nnU-Net's default, as the four below, so that runs
+    /// recorded before these existed resume).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub loss: LossKind,
+    /// See [`Recipe::deep_supervision`].
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub deep_supervision: bool,
+    /// See [`Recipe::optimizer`].
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub optimizer: OptimizerKind,
+    /// See [`Recipe::lr_schedule`].
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub lr_schedule: LrSchedule,
+    /// See [`Recipe::mirroring`].
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub mirroring: bool,
+}
+
+impl TrainConfig {
+    /// The recipe's variant settings.
+    pub fn recipe(&self) -> Recipe {
+        Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: self.mirroring }
+    }
+}
+
+/// What nnU-Net's trainer variants (`nnunetv2/training/nnUNetTrainer/variants`) change in its
+/// recipe, the axes of a training ablation. The default is `nnUNetTrainer`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recipe {
+    /// The loss (`nnUNetTrainerCELoss`, `…DiceLoss`, `…Topk10Loss`, `…DiceTopK10Loss`).
+    pub loss: LossKind,
+    /// Deep supervision; off, only the full-resolution output is trained
+    /// (`nnUNetTrainerNoDeepSupervision`).
+    pub deep_supervision: bool,
+    /// The optimiser (`nnUNetTrainerAdam`: AdamW with AMSGrad; `nnUNetTrainerVanillaAdam`).
+    pub optimizer: OptimizerKind,
+    /// The learning-rate schedule (`nnUNetTrainerCosAnneal`, `nnUNetTrainer_warmup`).
+    pub lr_schedule: LrSchedule,
+    /// Mirroring, in training's augmentation and as test-time augmentation of the run's
+    /// checkpoints (`nnUNetTrainerNoMirroring`: off in both).
+    pub mirroring: bool,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self { loss: LossKind::DiceCe, deep_supervision: true, optimizer: OptimizerKind::Sgd, lr_schedule: LrSchedule::Poly, mirroring: true }
+    }
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(v: &bool) -> bool {
+    *v
 }
 
 fn one_process() -> usize {
@@ -148,6 +207,8 @@ pub struct TrainRequest {
     /// For a cascade's second stage: the first stage's run folders (or their
     /// `predicted_next_stage/<configuration>` folders).
     pub previous_stage: Vec<PathBuf>,
+    /// Loss, deep supervision, optimiser, schedule, mirroring.
+    pub recipe: Recipe,
 }
 
 /// The plan values training needs.
@@ -247,6 +308,8 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         req.model
     );
     stu_data::preprocess::check_made_for(&req.preprocessed, &read_json(&req.preprocessed.join("plans.json"))?, &req.configuration)?;
+    let t = task(&req.preprocessed)?;
+    req.recipe.loss.check(t.ignore.is_some(), t.loss_regions.is_some()).map_err(|e| anyhow::anyhow!("{}: {e}", req.preprocessed.join("dataset.json").display()))?;
     let previous_stage = match (&plan.previous_stage, req.previous_stage.is_empty()) {
         (Some(first), true) => bail!("configuration `{}` is the second stage of a cascade after `{first}`: pass --previous-stage with the `{first}` runs (every fold, or fold `all`) whose final validations wrote their segmentations", req.configuration),
         (None, false) => bail!("--previous-stage: configuration `{}` is no cascade stage (its plan names no `previous_stage`)", req.configuration),
@@ -293,6 +356,11 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         precision: req.precision,
         world_size: 1,
         previous_stage,
+        loss: req.recipe.loss,
+        deep_supervision: req.recipe.deep_supervision,
+        optimizer: req.recipe.optimizer,
+        lr_schedule: req.recipe.lr_schedule,
+        mirroring: req.recipe.mirroring,
     })
 }
 
@@ -453,14 +521,14 @@ fn checkpoint_path(out: &Path, which: &str) -> PathBuf {
     out.join(format!("checkpoint_{which}.safetensors"))
 }
 
-fn save_checkpoint(path: &Path, net: &dyn SegNet, sgd: &Sgd, meta: &CheckpointMeta) -> Result<()> {
+fn save_checkpoint(path: &Path, net: &dyn SegNet, sgd: &Optimizer, meta: &CheckpointMeta) -> Result<()> {
     let mut tensors: Vec<NamedTensor> = net.state_dict().into_iter().map(|t| NamedTensor { name: format!("network_weights.{}", t.name), ..t }).collect();
     tensors.extend(sgd.state().into_iter().map(|t| NamedTensor { name: format!("optimizer_state.{}", t.name), ..t }));
     let md = std::collections::HashMap::from([("stu_checkpoint".to_string(), serde_json::to_string(meta)?)]);
     write_safetensors(path, &tensors, Some(md)).with_context(|| format!("{}: cannot write checkpoint", path.display()))
 }
 
-fn load_checkpoint(path: &Path, cfg: &TrainConfig, strides: &[[usize; 3]], device: &stu_engine::Device) -> Result<(Box<dyn SegNet>, Sgd, CheckpointMeta)> {
+fn load_checkpoint(path: &Path, cfg: &TrainConfig, strides: &[[usize; 3]], device: &stu_engine::Device) -> Result<(Box<dyn SegNet>, Optimizer, CheckpointMeta)> {
     let dict = StateDict::open(path)?;
     let meta: CheckpointMeta = dict
         .metadata()
@@ -480,7 +548,7 @@ fn load_checkpoint(path: &Path, cfg: &TrainConfig, strides: &[[usize; 3]], devic
     let entry = stu_engine::model::registry().get(&cfg.model)?;
     let net = (entry.load)(&dict.select_model(entry.anchor_key)?, &load_options(strides), device)?;
     ensure!(net.describe() == meta.model, "{}: the weights do not match the model recorded in the checkpoint", path.display());
-    let mut sgd = Sgd::nnunet();
+    let mut sgd = Optimizer::new(cfg.optimizer);
     sgd.load_state(&*net, state, device).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok((net, sgd, meta))
 }
@@ -598,7 +666,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         let (net, sgd, meta) = load_checkpoint(&path, &cfg, &plan.strides, &ad)?;
         (net, sgd, meta.current_epoch, meta.ema, meta.best_ema)
     } else {
-        (initial_net(&cfg, &spec, &ad, &mut transfer)?, Sgd::nnunet(), 0, None, None)
+        (initial_net(&cfg, &spec, &ad, &mut transfer)?, Optimizer::new(cfg.optimizer), 0, None, None)
     };
     ensure!(net.in_channels() == in_channels, "model expects {} input channels, the dataset has {in_channels}", net.in_channels());
     ensure!(net.num_classes() == num_classes, "model has {} classes, the dataset {num_classes}", net.num_classes());
@@ -644,11 +712,13 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     // nnU-Net-style networks it equals the plan's pooling products, for others (nnFormer's ½
     // and ¼ heads) it is whatever the network produces.
     let probe = net.valid().forward_ds(stu_engine::Tensor::zeros([1, in_channels, div[0], div[1], div[2]], &device));
-    let weights = ds_weights(probe.len());
+    // Without deep supervision only the full-resolution output is trained, with weight 1 (the
+    // lower heads get no gradient, so the optimiser leaves them as they are, as nnU-Net's).
+    let weights = if cfg.deep_supervision { ds_weights(probe.len()) } else { (0..probe.len()).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect() };
     let scales: Vec<[f64; 3]> = probe.iter().map(|o| [0, 1, 2].map(|a| o.dims()[2 + a] as f64 / div[a] as f64)).collect();
     drop(probe);
     let regions = task.loss_regions;
-    let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5, ignore_label: ignore.map(i64::from), regions };
+    let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: 1e-5, ignore_label: ignore.map(i64::from), regions, loss: cfg.loss };
     let budget = 4 << 30;
     let store = |ids: Vec<String>| -> Result<Arc<CaseStore>> {
         let s = CaseStore::new(&cfg.preprocessed, ids, budget)?;
@@ -664,7 +734,10 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let train_batches = BatchConfig {
         batch_size: share,
         patch: cfg.patch_size,
-        augment: cfg.augmentation.then(|| AugConfig::nnunet(cfg.patch_size)),
+        augment: cfg.augmentation.then(|| {
+            let aug = AugConfig::nnunet(cfg.patch_size);
+            if cfg.mirroring { aug } else { AugConfig { mirror_axes: Vec::new(), ..aug } }
+        }),
         ds_scales: scales.clone(),
         regions: task.regions.clone(),
         shard: (world > 1).then_some((rank * share, cfg.batch_size)),
@@ -681,13 +754,18 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         model: net.describe(),
         config: cfg.clone(),
         // (A 2-D configuration's patches are one slice deep: in-plane mirroring, nnU-Net's (0, 1).)
-        inference_allowed_mirroring_axes: if stu_data::sampler::planar(cfg.patch_size) { vec![1, 2] } else { vec![0, 1, 2] },
+        // Without mirroring, none (nnU-Net's `None`): its predictions run no mirrored passes.
+        inference_allowed_mirroring_axes: match (cfg.mirroring, stu_data::sampler::planar(cfg.patch_size)) {
+            (false, _) => Vec::new(),
+            (true, true) => vec![1, 2],
+            (true, false) => vec![0, 1, 2],
+        },
     };
     let epochs_before = start;
     while start < cfg.epochs {
         let epoch = start;
         let t0 = Instant::now();
-        let lr = poly_lr(cfg.initial_lr, epoch, cfg.epochs);
+        let lr = cfg.lr_schedule.lr(cfg.initial_lr, epoch, cfg.epochs);
         progress.epoch_start(epoch, cfg.epochs, cfg.iterations);
         let first = (epoch * cfg.iterations) as u64;
         let mut loader = Loader::spawn(Arc::clone(&train_store), train_batches.clone(), cfg.seed, 2 * rank as u64, first, first + cfg.iterations as u64, req.workers, 2);

@@ -105,23 +105,26 @@ fn dice_terms(st: &Stats, b: usize, c: usize, batch_dice: bool, smooth: f64) -> 
     (i_, s_, dc)
 }
 
-/// The loss `CE + (−mean Dice)` (as [`crate::loss::dc_ce`]).
-pub fn forward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64) -> f64 {
+/// The loss `w_ce·CE + w_dice·(−mean Dice)` (as [`crate::loss::dc_ce`]; `weights` =
+/// `[w_ce, w_dice]`: `[1, 1]` nnU-Net's default, `[1, 0]` or `[0, 1]` its CE-only and Dice-only
+/// trainer variants).
+pub fn forward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> f64 {
     assert!(c >= 2, "the loss needs background and at least one class");
     let st = stats(logits, target, b, c, n);
     let (_, _, dc) = dice_terms(&st, b, c, batch_dice, smooth);
-    st.ce / (b * n) as f64 - dc.iter().sum::<f64>() / dc.len() as f64
+    weights[0] * st.ce / (b * n) as f64 - weights[1] * dc.iter().sum::<f64>() / dc.len() as f64
 }
 
-/// `∂loss/∂logits · grad`, `[B, C, N]`.
-pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64, grad: f64) -> Vec<f32> {
+/// `∂loss/∂logits · grad`, `[B, C, N]` ([`forward`]'s loss and `weights`).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64, weights: [f64; 2], grad: f64) -> Vec<f32> {
     let st = stats(logits, target, b, c, n);
     let (i_, s_, _) = dice_terms(&st, b, c, batch_dice, smooth);
-    let terms = i_.len() as f64;
-    // ∂(−mean dc)/∂p_kv = −(1/T)·(2·y_kv/(S+s) − (2I+s)/(S+s)²) = a_k·y_kv + c_k.
-    let a: Vec<f64> = s_.iter().map(|s| -2.0 / (terms * (s + smooth))).collect();
-    let cst: Vec<f64> = i_.iter().zip(&s_).map(|(i, s)| (2.0 * i + smooth) / (terms * (s + smooth).powi(2))).collect();
-    let inv_n = 1.0 / (b * n) as f64;
+    // ∂(−w·mean dc)/∂p_kv = −(w/T)·(2·y_kv/(S+s) − (2I+s)/(S+s)²) = a_k·y_kv + c_k.
+    let scale = weights[1] / i_.len() as f64;
+    let a: Vec<f64> = s_.iter().map(|s| -2.0 * scale / (s + smooth)).collect();
+    let cst: Vec<f64> = i_.iter().zip(&s_).map(|(i, s)| scale * (2.0 * i + smooth) / (s + smooth).powi(2)).collect();
+    let inv_n = weights[0] / (b * n) as f64;
     let mut out = vec![0f32; b * c * n];
     // Parallel over (batch, block): each writes its own voxels of every class plane.
     let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(BLOCK).map(move |v0| (bi, v0))).collect();
