@@ -212,7 +212,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
     } else {
         meta["model"].clone()
     };
-    Ok(json!({
+    let mut record = json!({
         "format": "stu-record/1",
         "study": spec.name,
         "point": point.set,
@@ -228,7 +228,11 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         "timings": timings,
         "metrics": metrics,
         "finished": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-    }))
+    });
+    if let Some(v) = &point.variant {
+        record["variant"] = json!(v);
+    }
+    Ok(record)
 }
 
 /// Which part of a study to run (job arrays run one point per task).
@@ -283,7 +287,7 @@ pub fn run_selected(spec: &Spec, root: &Path, select: Select, log: &dyn Fn(&str)
         let suffix = |id: &str| format!("-{}", &id[..8]);
         let finished = |id: &str| std::fs::read_dir(root).ok()?.filter_map(|e| e.ok().map(|e| e.path())).find(|d| d.file_name().is_some_and(|n| n.to_string_lossy().ends_with(&suffix(id))) && d.join("record.json").exists());
         let existing = finished(&p.id).or_else(|| finished(&p.former_id));
-        let dir = existing.unwrap_or_else(|| root.join(format!("{}{}", crate::spec::label(&p.set), suffix(&p.id))));
+        let dir = existing.unwrap_or_else(|| root.join(format!("{}{}", p.label(), suffix(&p.id))));
         let record = dir.join("record.json");
         if record.exists() {
             log(&format!("[{}/{}] {} done before, skipped", i + 1, points.len(), dir.display()));

@@ -60,6 +60,11 @@ pub struct Spec {
     /// Sweep axes: dotted key → values; the points are their Cartesian product.
     #[serde(default)]
     pub sweep: BTreeMap<String, Vec<serde_json::Value>>,
+    /// One-factor-at-a-time variants (`[[variants]]`, each a name and its dotted-key
+    /// overrides): each is a point of its own, crossed with the sweep when there is one. An
+    /// ablation lists the baseline (no overrides) and one variant per change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub variants: Vec<Variant>,
     /// The paper-scale variant: overrides (dotted key → value) and its compute estimate.
     #[serde(default)]
     pub paper_scale: Option<PaperScale>,
@@ -67,6 +72,17 @@ pub struct Spec {
 
 fn default_backend() -> String {
     "flex".into()
+}
+
+/// A named set of overrides ([`Spec::variants`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// Its name in reports and run-folder names (`"CE loss"`).
+    pub name: String,
+    /// Dotted key → value (`{ "train.loss" = "ce" }`); empty: the spec as written.
+    #[serde(default)]
+    pub set: BTreeMap<String, serde_json::Value>,
 }
 
 /// Where the data comes from.
@@ -390,14 +406,25 @@ pub fn validate(s: &Spec) -> Result<()> {
     for (k, v) in &s.sweep {
         ensure!(!v.is_empty(), "`sweep.\"{k}\"` has no values");
     }
+    for (i, v) in s.variants.iter().enumerate() {
+        ensure!(v.name.chars().any(|c| c.is_ascii_alphanumeric()), "`variants[{i}].name` = `{}`: a name needs a letter or digit (it names the run folder)", v.name);
+        ensure!(!s.variants[..i].iter().any(|w| w.name == v.name), "`variants[{i}].name` = `{}`: two variants have this name", v.name);
+    }
     // Every point must resolve: unknown sweep keys and bad values fail here, naming the key;
     // and each point's model and datasets must exist and its model options make a network (a
     // typo in one sweep value would otherwise surface only when that point runs).
-    for p in points(s)? {
-        if p.set.is_empty() {
+    let pts = points(s)?;
+    for p in &pts {
+        if p.set.is_empty() && p.variant.is_none() {
             check_point(&p.spec)?;
         } else {
-            check_point(&p.spec).with_context(|| format!("sweep point {}", label(&p.set)))?;
+            check_point(&p.spec).with_context(|| format!("sweep point {}", p.label()))?;
+        }
+    }
+    // Two points resolving to one spec would share a run folder.
+    for (i, p) in pts.iter().enumerate() {
+        if let Some(q) = pts[..i].iter().find(|q| q.id == p.id) {
+            bail!("points {} and {} resolve to the same spec; one of them repeats the other", q.label(), p.label());
         }
     }
     Ok(())
@@ -430,8 +457,12 @@ fn check_point(s: &Spec) -> Result<()> {
 /// One sweep point: the values it sets and the resolved spec.
 #[derive(Debug, Clone)]
 pub struct Point {
-    /// Sweep key → value of this point.
+    /// Dotted key → value of this point (its sweep values and its variant's overrides).
     pub set: BTreeMap<String, serde_json::Value>,
+    /// The name of its variant ([`Spec::variants`]), if the spec has variants.
+    pub variant: Option<String>,
+    /// Its sweep values alone (without the variant's overrides).
+    pub swept: BTreeMap<String, serde_json::Value>,
     /// The spec with them applied (and the sweep removed).
     pub spec: Spec,
     /// Hash of the resolved spec without its defaults ([`identity`]; the run folder name's
@@ -462,22 +493,40 @@ pub fn apply(spec: &Spec, set: &BTreeMap<String, serde_json::Value>) -> Result<S
     let mut v = serde_json::to_value(spec)?;
     v["sweep"] = serde_json::json!({});
     v["paper_scale"] = serde_json::Value::Null;
+    if let Some(m) = v.as_object_mut() {
+        m.remove("variants");
+    }
     for (k, val) in set {
         set_dotted(&mut v, k, val.clone())?;
     }
     serde_json::from_value(v).map_err(|e| anyhow::anyhow!("sweep {set:?}: {e}"))
 }
 
-/// The Cartesian product of the sweep axes (one point without a sweep).
+/// The Cartesian product of the sweep axes (one point without a sweep), each crossed with
+/// every variant when the spec has some.
 pub fn points(spec: &Spec) -> Result<Vec<Point>> {
     let mut combos: Vec<BTreeMap<String, serde_json::Value>> = vec![BTreeMap::new()];
     for (k, values) in &spec.sweep {
         combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| { let mut c = c.clone(); c.insert(k.clone(), v.clone()); c })).collect();
     }
-    combos
+    let variants: Vec<Option<&Variant>> = if spec.variants.is_empty() { vec![None] } else { spec.variants.iter().map(Some).collect() };
+    let mut named = Vec::new();
+    for swept in combos {
+        for v in &variants {
+            let mut set = swept.clone();
+            if let Some(v) = v {
+                for (k, val) in &v.set {
+                    ensure!(!set.contains_key(k), "variant `{}` sets `{k}`, which the sweep sweeps; sweep it or set it in the variants", v.name);
+                    set.insert(k.clone(), val.clone());
+                }
+            }
+            named.push((v.map(|v| v.name.clone()), swept.clone(), set));
+        }
+    }
+    named
         .into_iter()
-        .map(|set| {
-            let resolved = apply(spec, &set)?;
+        .map(|(variant, swept, set)| {
+            let resolved = apply(spec, &set).with_context(|| variant.as_ref().map_or(String::new(), |n| format!("variant `{n}`")))?;
             // Generated data (the phantom) carry their generator's revision: a point made with
             // another revision is another point.
             let datasets = std::iter::once(&resolved.dataset).chain(resolved.pretrain.as_ref().map(|p| &p.dataset)).chain(resolved.predict.dataset.as_ref());
@@ -489,7 +538,7 @@ pub fn points(spec: &Spec) -> Result<Vec<Point>> {
                 .collect();
             let id = hash_hex(&(identity(&resolved)? + &revisions));
             let former_id = hash_hex(&(serde_json::to_string(&resolved)? + &revisions));
-            Ok(Point { set, spec: resolved, id, former_id })
+            Ok(Point { set, variant, swept, spec: resolved, id, former_id })
         })
         .collect()
 }
@@ -562,6 +611,23 @@ pub(crate) fn hash_hex(text: &str) -> String {
     format!("{:016x}", text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ x as u64).wrapping_mul(0x0100_0000_01b3)))
 }
 
+impl Point {
+    /// A short label for folder names and listings: the variant's name, then the sweep's
+    /// values ([`label`]): `CE-loss`, `CE-loss_seed=1`, `base_width=8_seed=1`.
+    pub fn label(&self) -> String {
+        let Some(v) = &self.variant else { return label(&self.set) };
+        // Other characters become `-`, one for a run of them: `nnU-Net (Dice+CE)` → `nnU-Net-Dice-CE`.
+        let mut name = String::new();
+        for c in v.chars().map(|c| if c.is_ascii_alphanumeric() || "._".contains(c) { c } else { '-' }) {
+            if !(c == '-' && (name.is_empty() || name.ends_with('-'))) {
+                name.push(c);
+            }
+        }
+        let name = name.trim_end_matches('-').to_string();
+        if self.swept.is_empty() { name } else { format!("{name}_{}", label(&self.swept)) }
+    }
+}
+
 /// A short label of a point for folder names (`model.options.base_width=8_seed=1`).
 pub fn label(set: &BTreeMap<String, serde_json::Value>) -> String {
     if set.is_empty() {
@@ -589,7 +655,7 @@ pub fn check(path: &Path, overrides: &[String]) -> Result<String> {
     let pts = points(&spec)?;
     let mut out = format!("{}: ok — study `{}`, {} point(s)\n", path.display(), spec.name, pts.len());
     for p in &pts {
-        out.push_str(&format!("  {}  {}\n", p.id, label(&p.set)));
+        out.push_str(&format!("  {}  {}\n", p.id, p.label()));
     }
     if let Some(ps) = &spec.paper_scale {
         // The paper-scale variant must resolve too (its overrides, then every sweep point).
@@ -631,6 +697,48 @@ mod tests {
         // The optional sections' own defaults are pruned too.
         let pre = one_point(&format!("{TINY}[pretrain]\nepochs = 1000\n[pretrain.dataset]\nplugin = \"phantom\"\n"));
         assert!(identity(&pre.spec).unwrap().contains(r#""pretrain":{"dataset":{"plugin":"phantom"}}"#), "{}", identity(&pre.spec).unwrap());
+    }
+
+    #[test]
+    fn variants_are_points_of_their_own_crossed_with_the_sweep() {
+        let text = format!("{TINY}[[variants]]\nname = \"nnU-Net\"\n[[variants]]\nname = \"CE loss\"\nset = {{ \"train.loss\" = \"ce\" }}\n[[variants]]\nname = \"AdamW, cosine\"\nset = {{ \"train.optimizer\" = \"adamw\", \"train.lr_schedule\" = \"cosine\" }}\n");
+        let spec = load_str(&text, Path::new("v.toml"), &[]).unwrap();
+        let pts = points(&spec).unwrap();
+        assert_eq!(pts.iter().map(|p| p.label()).collect::<Vec<_>>(), ["nnU-Net", "CE-loss", "AdamW-cosine"]);
+        // The baseline is the spec as written: the same identity as without variants.
+        assert_eq!(pts[0].id, one_point(TINY).id);
+        assert_eq!(pts[1].spec.train.loss, stu_engine::loss::LossKind::Ce);
+        assert_eq!((pts[2].spec.train.optimizer, pts[2].spec.train.lr_schedule), (stu_engine::train::OptimizerKind::Adamw, stu_engine::schedule::LrSchedule::Cosine));
+        assert!(pts.iter().all(|p| p.spec.variants.is_empty()), "a resolved point carries no variants");
+        // Crossed with a sweep: every variant at every seed.
+        let crossed = load_str(&format!("{text}[sweep]\nseed = [0, 1]\n"), Path::new("v.toml"), &[]).unwrap();
+        let labels: Vec<String> = points(&crossed).unwrap().iter().map(|p| p.label()).collect();
+        assert_eq!(labels, ["nnU-Net_seed=0", "CE-loss_seed=0", "AdamW-cosine_seed=0", "nnU-Net_seed=1", "CE-loss_seed=1", "AdamW-cosine_seed=1"]);
+        // Mistakes name the variant and the key.
+        let bad = |extra: &str| format!("{:#}", load_str(&format!("{TINY}{extra}"), Path::new("v.toml"), &[]).unwrap_err());
+        let e = bad("[[variants]]\nname = \"x\"\nset = { \"train.loss\" = \"focal\" }\n");
+        assert!(e.contains("variant `x`") && e.contains("focal"), "{e}");
+        let e = bad("[[variants]]\nname = \"a\"\n[[variants]]\nname = \"a\"\nset = { seed = 3 }\n");
+        assert!(e.contains("two variants have this name"), "{e}");
+        let e = bad("[[variants]]\nname = \"a\"\n[[variants]]\nname = \"b\"\nset = { \"train.loss\" = \"dice_ce\" }\n");
+        assert!(e.contains("resolve to the same spec"), "{e}");
+        let e = bad("[[variants]]\nname = \"a\"\nset = { seed = 3 }\n[sweep]\nseed = [1, 2]\n");
+        assert!(e.contains("sweep sweeps"), "{e}");
+        let e = bad("[[variants]]\nname = \"a\"\ncolour = 3\n");
+        assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn the_recipe_keys_take_nnunets_variants_and_name_the_key_otherwise() {
+        let p = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"topk10\"\ndeep_supervision = false\noptimizer = \"adam\"\nlr_schedule = \"warmup\"\nmirroring = false\n"));
+        let r = p.spec.train.recipe();
+        assert_eq!(r, crate::train::Recipe { loss: stu_engine::loss::LossKind::Topk10, deep_supervision: false, optimizer: stu_engine::train::OptimizerKind::Adam, lr_schedule: stu_engine::schedule::LrSchedule::Warmup, mirroring: false });
+        assert!(identity(&p.spec).unwrap().contains(r#""loss":"topk10""#));
+        // Written out at nnU-Net's defaults, they leave the identity alone.
+        let q = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"dice_ce\"\noptimizer = \"sgd\"\nlr_schedule = \"poly\"\nmirroring = true\ndeep_supervision = true\n"));
+        assert_eq!(q.id, one_point(TINY).id);
+        let e = format!("{:#}", load_str(&TINY.replace("[train]\n", "[train]\noptimizer = \"lion\"\n"), Path::new("t.toml"), &[]).unwrap_err());
+        assert!(e.contains("train.optimizer") && e.contains("adamw"), "{e}");
     }
 
     /// A mistake in one sweep value (model name, model option, dataset plugin) fails validation

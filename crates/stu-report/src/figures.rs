@@ -190,6 +190,25 @@ where
     Ok(())
 }
 
+/// One panel of grouped bars (PNG at `path`, SVG beside it): a study of the user's own, with
+/// no paper numbers to set beside it (one group per point, one series per metric).
+pub fn bars_alone(path: &Path, title: &str, ylabel: &str, groups: &[String], series: &[(String, Vec<f64>)]) -> Result<()> {
+    crate::register_font();
+    let width = (160 * groups.len() as u32).clamp(600, 1600);
+    {
+        let a = BitMapBackend::new(path, (width, 480)).into_drawing_area();
+        a.fill(&WHITE).map_err(e)?;
+        bar_panel(&a, title, ylabel, groups, series)?;
+        a.present().map_err(e)?;
+    }
+    let svg = path.with_extension("svg");
+    let a = SVGBackend::new(&svg, (width, 480)).into_drawing_area();
+    a.fill(&WHITE).map_err(e)?;
+    bar_panel(&a, title, ylabel, groups, series)?;
+    a.present().map_err(e)?;
+    Ok(())
+}
+
 /// Fig. 5: per-group bars (experts vs universal); ours left, the paper's right.
 pub fn bars(path: &Path, groups: &[String], ours: &[(String, Vec<f64>)], paper_groups: &[String], paper: &[(String, Vec<f64>)]) -> Result<()> {
     two_panels!(path, |l, r| {

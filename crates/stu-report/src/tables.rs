@@ -11,7 +11,11 @@ use serde_json::Value;
 pub fn records_frame(records: &[Value]) -> Result<DataFrame> {
     let s = |r: &Value, p: &str| r.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
     let f = |r: &Value, p: &str| r.pointer(p).and_then(Value::as_f64);
-    let point: Vec<String> = records.iter().map(|r| r["point"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")).unwrap_or_default()).collect();
+    // A variant's name stands for its overrides (`train.loss="ce"`).
+    let point: Vec<String> = records.iter().map(|r| match r.get("variant").and_then(Value::as_str) {
+        Some(v) => v.to_string(),
+        None => r["point"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
+    }).collect();
     let blocks: Vec<Option<f64>> = records.iter().map(|r| model_blocks(r)).collect();
     let width: Vec<Option<f64>> = records.iter().map(|r| model_width(r)).collect();
     let df = DataFrame::new(vec![

@@ -13,10 +13,32 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use polars::prelude::*;
 use serde_json::Value;
-use stu_report::figures::{Bubble, Series, bars, bubbles, curves};
+use stu_report::figures::{Bubble, Series, bars, bars_alone, bubbles, curves};
 use stu_report::tables::{markdown, model_blocks, model_width, paper, read_records, records_frame, write_table};
 
+/// The paper's studies, each with its own figure; any other study (a spec of the user's own)
+/// gets a table and a bar chart of its points.
 const STUDIES: [&str; 6] = ["quickstart", "scaling", "data_fraction", "expert_vs_universal", "direct_inference", "finetune"];
+
+/// The studies to report: the paper's, then (sorted) every other folder of `runs/` with a
+/// finished point (`*/record.json`) or of `reports/` with committed `records/`.
+fn studies(runs: &Path, reports: &Path) -> Vec<String> {
+    let mut out: Vec<String> = STUDIES.iter().map(|s| s.to_string()).collect();
+    let mut others = std::collections::BTreeSet::new();
+    let dirs = |d: &Path| std::fs::read_dir(d).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect::<Vec<_>>();
+    for d in dirs(runs) {
+        if dirs(&d).iter().any(|p| p.join("record.json").is_file()) {
+            others.insert(d.file_name().expect("a folder").to_string_lossy().into_owned());
+        }
+    }
+    for d in dirs(reports) {
+        if d.join("records").is_dir() {
+            others.insert(d.file_name().expect("a folder").to_string_lossy().into_owned());
+        }
+    }
+    out.extend(others.into_iter().filter(|s| !STUDIES.contains(&s.as_str()) && s != "paper"));
+    out
+}
 const GROUPS: [&str; 5] = ["organs", "vertebrae", "cardiac", "muscles", "ribs"];
 
 fn col_f64(df: &DataFrame, name: &str) -> Result<Vec<Option<f64>>> {
@@ -138,7 +160,17 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
             files.push(paper_table(&reports.join("paper/table5_finetune.csv"), "method", "dataset", &out.join("paper_table5.md"))?);
             return Ok(files);
         }
-        _ => bail!("unknown study `{name}`"),
+        // A study of the user's own (an ablation): each point's held-out foreground Dice and
+        // NSD, labelled by its variant or sweep values; no paper numbers to compare with.
+        _ => {
+            let label = |r: &Value| match r.get("variant").and_then(Value::as_str) {
+                Some(v) => v.to_string(),
+                None => r["point"].as_object().filter(|m| !m.is_empty()).map(|m| m.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v.as_str().map_or(v.to_string(), str::to_string))).collect::<Vec<_>>().join(" ")).unwrap_or_else(|| "single".into()),
+            };
+            let groups: Vec<String> = records.iter().map(label).collect();
+            let metric = |k: &str| records.iter().map(|r| r.pointer(&format!("/metrics/foreground_mean/{k}")).and_then(Value::as_f64).unwrap_or(f64::NAN)).collect::<Vec<_>>();
+            bars_alone(&fig, &format!("{name}: held-out foreground mean"), "score", &groups, &[("Dice".into(), metric("Dice")), ("NSD".into(), metric("NSD"))])?;
+        }
     }
     files.push(fig.clone());
     files.push(fig.with_extension("svg"));
@@ -194,9 +226,10 @@ fn main() -> Result<()> {
             other => bail!("unknown argument `{other}` (use --check, --runs DIR, --reports DIR)"),
         }
     }
+    let names = studies(&runs, &reports);
     if !check {
         // Commit the inputs: copy finished records next to the reports.
-        for s in STUDIES {
+        for s in &names {
             let dir = runs.join(s);
             if !dir.is_dir() {
                 continue;
@@ -215,7 +248,7 @@ fn main() -> Result<()> {
     }
     let scratch = if check { std::env::temp_dir().join(format!("stu-report-check-{}", std::process::id())) } else { reports.clone() };
     let mut written = Vec::new();
-    for s in STUDIES {
+    for s in &names {
         let recs_dir = reports.join(s).join("records");
         if !recs_dir.is_dir() {
             continue;
