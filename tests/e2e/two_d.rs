@@ -118,6 +118,17 @@ fn nnunet_2d_through_nnunets_commands() {
     let meta: serde_json::Value = serde_json::from_str(&stu_engine::checkpoint::StateDict::open(&ck).unwrap().metadata()["stu_checkpoint"]).unwrap();
     assert_eq!(meta["inference_allowed_mirroring_axes"], serde_json::json!([1, 2]), "in-plane mirroring only");
 
+    // nnU-Net's trainer variants by name: AdamW at 3e-4, and no mirroring (none at inference).
+    let log = ok(&nnunet(&env, &["nnUNetv2_train", "802", "2d", "all", "-tr", "nnUNetTrainerAdam3en4", "--", "--iterations", "2", "--val-iterations", "0", "--epochs", "1"]));
+    assert!(log.contains("--optimizer adamw") && log.contains("--lr 3e-4"), "{log}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(res.join(name).join("nnUNetTrainerAdam3en4__nnUNetPlans__2d/fold_all/train.json")).unwrap()).unwrap();
+    assert_eq!((cfg["optimizer"].as_str(), cfg["initial_lr"].as_f64()), (Some("adamw"), Some(3e-4)), "{cfg}");
+    ok(&nnunet(&env, &["nnUNetv2_train", "802", "2d", "all", "-tr", "nnUNetTrainer_1epochs_NoMirroring", "--", "--iterations", "2", "--val-iterations", "0"]));
+    let ck2 = res.join(name).join("nnUNetTrainer_1epochs_NoMirroring__nnUNetPlans__2d/fold_all/checkpoint_final.safetensors");
+    let meta: serde_json::Value = serde_json::from_str(&stu_engine::checkpoint::StateDict::open(&ck2).unwrap().metadata()["stu_checkpoint"]).unwrap();
+    assert_eq!(meta["inference_allowed_mirroring_axes"], serde_json::json!([]), "no mirroring at inference");
+    fails(&nnunet(&env, &["nnUNetv2_train", "802", "2d", "all", "-tr", "nnUNetTrainerDA5"]), &["nnUNetTrainerCELoss", "STUNetTrainer_small"]);
+
     let images = raw.join(name).join("imagesTr");
     let out = tmp.path().join("pred");
     ok(&nnunet(&env, &["nnUNetv2_predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-d", "802", "-c", "2d", "-f", "all", "-tr", "nnUNetTrainer_1epochs"]));
