@@ -136,7 +136,7 @@ fn stu_train_runs_every_trainer_variant() {
     let dir = tempfile::tempdir().unwrap();
     tests::synthetic_preprocessed(&dir.path().join("pre"), 5, 1, 3, [20, 20, 20], [16, 16, 16], &[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]);
     let (base, base_logs) = train_with(dir.path(), "default", &[]);
-    for key in ["loss", "deep_supervision", "optimizer", "lr_schedule", "mirroring"] {
+    for key in ["loss", "deep_supervision", "optimizer", "lr_schedule", "mirroring", "oversample_foreground", "probabilistic_oversampling"] {
         assert!(base.get(key).is_none(), "nnU-Net's defaults are left out of train.json ({key}), so older runs resume");
     }
     let first_loss = |logs: &[serde_json::Value]| logs[0]["train_losses"][0].as_f64().unwrap();
@@ -151,6 +151,7 @@ fn stu_train_runs_every_trainer_variant() {
         ("cosine", &["--lr-schedule", "cosine"], "lr_schedule", serde_json::json!("cosine")),
         ("warmup", &["--lr-schedule", "warmup"], "lr_schedule", serde_json::json!("warmup")),
         ("no_mirroring", &["--no-mirroring"], "mirroring", serde_json::json!(false)),
+        ("probabilistic", &["--probabilistic-oversampling", "--oversample-foreground", "0.1"], "probabilistic_oversampling", serde_json::json!(true)),
     ] {
         let (cfg, logs) = train_with(dir.path(), name, flags);
         assert_eq!(cfg[key], value, "{name}: train.json records the variant");
@@ -158,6 +159,11 @@ fn stu_train_runs_every_trainer_variant() {
         match name {
             // The same first batch and weights: the losses differ by the loss alone.
             "ce" | "dice" | "topk10" | "dice_topk10" | "no_ds" => assert_ne!(first_loss(&logs), first_loss(&base_logs), "{name}: another loss"),
+            // Other samples forced to foreground: other batches.
+            "probabilistic" => {
+                assert_eq!(cfg["oversample_foreground"], 0.1);
+                assert_ne!(first_loss(&logs), first_loss(&base_logs), "{name}: other batches");
+            }
             // The same first step, then another update.
             "adamw" => {
                 assert_eq!(first_loss(&logs), first_loss(&base_logs), "{name}: the same first forward");

@@ -17,7 +17,7 @@ use stu_core::rng::SplitMix64;
 use crate::augment::{AugConfig, Sample, augment, center_crop, nearest_resize};
 use crate::dataset::DatasetError;
 use crate::preprocess::{Preprocessed, load};
-use crate::sampler::{choose_corner, crop_pad, forced_foreground};
+use crate::sampler::{Oversampling, choose_corner, crop_pad, forced_at};
 
 /// Preprocessed cases of one split, read from disk once and kept in memory while the total
 /// stays under a budget (beyond it, each sample reads its case again: the page cache helps).
@@ -117,6 +117,8 @@ pub struct BatchConfig {
     /// A cascade's second stage: the labels of the previous stage's segmentation, one-hot
     /// encoded after the image channels (empty: no cascade).
     pub cascade: Vec<i16>,
+    /// Which samples are forced to contain foreground.
+    pub oversampling: Oversampling,
 }
 
 /// One batch on the CPU.
@@ -155,7 +157,11 @@ pub fn make_batch(store: &CaseStore, cfg: &BatchConfig, seed: u64, stream: u64, 
         let [c, z, y, x] = case.props.shape;
         channels = c;
         let (first, global) = cfg.shard.unwrap_or((0, b));
-        let corner = choose_corner(&mut rng, &case, forced_foreground(first + j, global), loaded, f, &cfg.regions);
+        let forced = match cfg.oversampling {
+            Oversampling::BatchPosition(p) => forced_at(first + j, global, p),
+            Oversampling::Probabilistic(p) => rng.uniform(0.0, 1.0) < p,
+        };
+        let corner = choose_corner(&mut rng, &case, forced, loaded, f, &cfg.regions);
         let (d, mut s) = crop_pad(&case.data, &case.seg, c, [z, y, x], corner, loaded);
         if !cfg.cascade.is_empty() {
             // The previous stage's segmentation rides along as a second label map.
@@ -314,7 +320,7 @@ mod tests {
     fn batches_do_not_depend_on_workers_and_targets_follow_the_scales() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
-        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]], regions: Vec::new(), shard: None, cascade: Vec::new() };
+        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: Some(AugConfig::nnunet([8, 8, 8])), ds_scales: vec![[1.0; 3], [0.5; 3], [0.25; 3]], regions: Vec::new(), shard: None, cascade: Vec::new(), oversampling: Default::default() };
         let collect = |workers| {
             let mut l = Loader::spawn(Arc::clone(&store), cfg.clone(), 42, 3, 5, 12, workers, 2);
             let mut v = Vec::new();
@@ -341,11 +347,20 @@ mod tests {
         // Foreground: two 2³ blobs in opposite corners, rarely inside a random 4³ patch.
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path(), |z, y, x, _| if z >= 10 && y >= 12 && x >= 14 { 1 } else if z < 2 && y < 2 && x < 2 { 2 } else { 0 });
-        let cfg = |shard| BatchConfig { batch_size: 1, patch: [4, 4, 4], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard, cascade: Vec::new() };
+        let cfg = |shard| BatchConfig { batch_size: 1, patch: [4, 4, 4], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard, cascade: Vec::new(), oversampling: Default::default() };
         let with_fg = |shard| (0..40).filter(|&i| make_batch(&store, &cfg(shard), 7, 0, i).unwrap().targets[0].0.iter().any(|&v| v > 0)).count();
         assert_eq!(with_fg(Some((1, 2))), 40, "the second sample of a global batch of 2 is forced to foreground");
         assert!(with_fg(Some((0, 2))) < 20, "the first is not");
         assert!(with_fg(None) < 20, "nor is a batch of one");
+        // Probabilistic oversampling (nnUNetTrainer_probabilisticOversampling): each sample on
+        // its own with probability p, whatever its place.
+        let with_p = |p: f64| (0..200).filter(|&i| make_batch(&store, &BatchConfig { oversampling: Oversampling::Probabilistic(p), ..cfg(Some((0, 2))) }, 7, 0, i).unwrap().targets[0].0.iter().any(|&v| v > 0)).count();
+        let (none, all, half) = (with_p(0.0), with_p(1.0), with_p(0.5));
+        assert_eq!(all, 200);
+        assert!(none < 60 && half > none + 60 && half < all - 40, "p 0: {none}, 0.5: {half}, 1: {all} of 200");
+        // The position rule at another fraction: p 0.9 forces the first of two as well.
+        assert_eq!((0..40).filter(|&i| make_batch(&store, &BatchConfig { oversampling: Oversampling::BatchPosition(0.9), ..cfg(Some((0, 2))) }, 7, 0, i).unwrap().targets[0].0.iter().any(|&v| v > 0)).count(), 40);
+        assert_eq!([1, 2, 3, 4, 8].map(Oversampling::effective_fraction), [0.0, 0.5, 1.0 / 3.0, 0.25, 0.375]);
     }
 
     #[test]
@@ -361,7 +376,7 @@ mod tests {
             crate::cascade::save_next_stage(&prev_dir, id, &case.seg.iter().map(|&v| v.max(0)).collect::<Vec<_>>(), [z, y, x]).unwrap();
         }
         let cascaded = Arc::new(CaseStore::new(dir.path(), ids.clone(), 1 << 30).unwrap().with_previous_stage(vec![prev_dir.clone()], vec![1, 2]).unwrap());
-        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard: None, cascade: vec![1, 2] };
+        let cfg = BatchConfig { batch_size: 2, patch: [8, 8, 8], augment: None, ds_scales: vec![[1.0; 3]], regions: Vec::new(), shard: None, cascade: vec![1, 2], oversampling: Default::default() };
         let n = 512;
         for i in 0..6 {
             let b = make_batch(&cascaded, &cfg, 3, 0, i).unwrap();

@@ -62,7 +62,38 @@ pub fn initial_patch_size(patch: [usize; 3]) -> [usize; 3] {
 /// Whether sample `j` of a batch of `b` is forced to contain foreground:
 /// `j ≥ round(b · (1 − 0.33))`, rounding half to even.
 pub fn forced_foreground(j: usize, b: usize) -> bool {
-    j as f64 >= (b as f64 * (1.0 - OVERSAMPLE_FOREGROUND)).round_ties_even()
+    forced_at(j, b, OVERSAMPLE_FOREGROUND)
+}
+
+/// [`forced_foreground`] with the fraction `p` (nnU-Net's `oversample_foreground_percent`).
+pub fn forced_at(j: usize, b: usize, p: f64) -> bool {
+    j as f64 >= (b as f64 * (1.0 - p)).round_ties_even()
+}
+
+/// How a batch's samples are chosen to contain foreground (nnU-Net's
+/// `oversample_foreground_percent` and `probabilistic_oversampling`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Oversampling {
+    /// The last samples of the (global) batch, a fraction `p` of it by [`forced_at`]'s
+    /// rounding (nnU-Net's default, `p` 0.33: at least one sample per batch of two).
+    BatchPosition(f64),
+    /// Each sample on its own with probability `p` (`nnUNetTrainer_probabilisticOversampling`).
+    Probabilistic(f64),
+}
+
+impl Default for Oversampling {
+    fn default() -> Self {
+        Self::BatchPosition(OVERSAMPLE_FOREGROUND)
+    }
+}
+
+impl Oversampling {
+    /// nnU-Net's fraction for probabilistic sampling when a trainer leaves it to the batch
+    /// size (`nnUNetTrainer_probabilisticOversampling`): the share of a batch of `b` the
+    /// default rule forces (½ for a batch of 2), so that both sample as much foreground.
+    pub fn effective_fraction(b: usize) -> f64 {
+        (0..b).filter(|&j| forced_foreground(j, b)).count() as f64 / b as f64
+    }
 }
 
 /// Per-axis `(lb, ub)` for the patch's lower corner. `patch` is the loaded (enlarged) patch P,

@@ -487,6 +487,15 @@ struct TrainArgs {
     /// (nnUNetTrainerNoMirroring).
     #[arg(long)]
     no_mirroring: bool,
+    /// Fraction of training samples forced to contain foreground (nnU-Net's
+    /// oversample_foreground_percent, default 0.33).
+    #[arg(long)]
+    oversample_foreground: Option<f64>,
+    /// Force foreground per sample at random with that probability, not in the last samples of
+    /// each batch (nnUNetTrainer_probabilisticOversampling; without --oversample-foreground the
+    /// probability is the share the default rule gives the batch size, ½ for a batch of 2).
+    #[arg(long)]
+    probabilistic_oversampling: bool,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -618,7 +627,7 @@ impl TrainArgs {
             fraction: self.fraction,
             precision: self.precision,
             previous_stage: self.previous_stage,
-            recipe: crate::train::Recipe { loss: self.loss, deep_supervision: !self.no_deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: !self.no_mirroring },
+            recipe: crate::train::Recipe { loss: self.loss, deep_supervision: !self.no_deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: !self.no_mirroring, oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling },
         })
     }
 }

@@ -398,7 +398,7 @@ struct Trainer {
 
 /// nnU-Net's trainer variants (`nnunetv2/training/nnUNetTrainer/variants`) that `stu train`
 /// runs: name, flags, initial learning rate.
-const VARIANTS: [(&str, &[&str], Option<&str>); 16] = [
+const VARIANTS: [(&str, &[&str], Option<&str>); 19] = [
     ("nnUNetTrainerCELoss", &["--loss", "ce"], None),
     ("nnUNetTrainerDiceLoss", &["--loss", "dice"], None),
     ("nnUNetTrainerTopk10Loss", &["--loss", "topk10"], None),
@@ -415,6 +415,9 @@ const VARIANTS: [(&str, &[&str], Option<&str>); 16] = [
     ("nnUNetTrainerNoMirroring", &["--no-mirroring"], None),
     // No augmentation, and so no mirroring at inference either.
     ("nnUNetTrainerNoDA", &["--no-augmentation", "--no-mirroring"], None),
+    ("nnUNetTrainer_probabilisticOversampling", &["--probabilistic-oversampling"], None),
+    ("nnUNetTrainer_probabilisticOversampling_033", &["--probabilistic-oversampling", "--oversample-foreground", "0.33"], None),
+    ("nnUNetTrainer_probabilisticOversampling_010", &["--probabilistic-oversampling", "--oversample-foreground", "0.1"], None),
     ("nnUNetTrainer", &[], None),
 ];
 
@@ -810,6 +813,7 @@ mod tests {
         assert_eq!(trainer("nnUNetTrainer_250epochs_NoMirroring", false).unwrap().epochs, Some(250));
         assert_eq!(trainer("nnUNetTrainerNoDA", false).unwrap().variant, ["--no-augmentation", "--no-mirroring"]);
         assert_eq!(trainer("nnUNetTrainer_warmup", false).unwrap().variant, ["--lr-schedule", "warmup"]);
+        assert_eq!(trainer("nnUNetTrainer_probabilisticOversampling_010", false).unwrap().variant, ["--probabilistic-oversampling", "--oversample-foreground", "0.1"]);
         assert_eq!(trainer("STUNetTrainer_small_ep4k", false).unwrap().epochs, Some(4000));
         for bad in ["STUNetTrainer_tiny", "nnUNetTrainerV2", "nnUNetTrainer_xepochs", "nnUNetTrainerDA5", "nnUNetTrainerTopk10Loss_5epochs", "nnUNetTrainerAdam_0epochs"] {
             assert!(trainer(bad, false).is_err(), "{bad}");

@@ -212,12 +212,19 @@ pub struct TrainSpec {
     /// Mirroring in augmentation and test-time augmentation (off: nnUNetTrainerNoMirroring).
     #[serde(default = "yes")]
     pub mirroring: bool,
+    /// Fraction of samples forced to contain foreground (0.33; nnU-Net's
+    /// `oversample_foreground_percent`).
+    #[serde(default)]
+    pub oversample_foreground: Option<f64>,
+    /// Foreground forced per sample at random (nnUNetTrainer_probabilisticOversampling).
+    #[serde(default)]
+    pub probabilistic_oversampling: bool,
 }
 
 impl TrainSpec {
     /// The recipe's variant settings.
     pub fn recipe(&self) -> crate::train::Recipe {
-        crate::train::Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: self.mirroring }
+        crate::train::Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: self.mirroring, oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling }
     }
 }
 
@@ -245,7 +252,7 @@ fn workers() -> usize {
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers(), loss: Default::default(), deep_supervision: true, optimizer: Default::default(), lr_schedule: Default::default(), mirroring: true }
+        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers(), loss: Default::default(), deep_supervision: true, optimizer: Default::default(), lr_schedule: Default::default(), mirroring: true, oversample_foreground: None, probabilistic_oversampling: false }
     }
 }
 
@@ -398,6 +405,9 @@ pub fn validate(s: &Spec) -> Result<()> {
     let models: Vec<&str> = stu_engine::model::registry().names().collect();
     allowed("model.name", &s.model.name, &models)?;
     ensure!(s.dataset.fraction > 0.0 && s.dataset.fraction <= 1.0, "`dataset.fraction` = {}: must be in (0, 1]", s.dataset.fraction);
+    if let Some(p) = s.train.oversample_foreground {
+        ensure!((0.0..=1.0).contains(&p), "`train.oversample_foreground` = {p}: must be in [0, 1]");
+    }
     ensure!(s.train.epochs >= 1 && s.train.iterations >= 1 && s.train.save_every >= 1, "`train.epochs`, `train.iterations` and `train.save_every` must be at least 1");
     ensure!(s.predict.step > 0.0 && s.predict.step <= 1.0, "`predict.step` = {}: must be in (0, 1]", s.predict.step);
     if let Some(m) = &s.predict.label_map {
@@ -732,7 +742,7 @@ mod tests {
     fn the_recipe_keys_take_nnunets_variants_and_name_the_key_otherwise() {
         let p = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"topk10\"\ndeep_supervision = false\noptimizer = \"adam\"\nlr_schedule = \"warmup\"\nmirroring = false\n"));
         let r = p.spec.train.recipe();
-        assert_eq!(r, crate::train::Recipe { loss: stu_engine::loss::LossKind::Topk10, deep_supervision: false, optimizer: stu_engine::train::OptimizerKind::Adam, lr_schedule: stu_engine::schedule::LrSchedule::Warmup, mirroring: false });
+        assert_eq!(r, crate::train::Recipe { loss: stu_engine::loss::LossKind::Topk10, deep_supervision: false, optimizer: stu_engine::train::OptimizerKind::Adam, lr_schedule: stu_engine::schedule::LrSchedule::Warmup, mirroring: false, oversample_foreground: None, probabilistic_oversampling: false });
         assert!(identity(&p.spec).unwrap().contains(r#""loss":"topk10""#));
         // Written out at nnU-Net's defaults, they leave the identity alone.
         let q = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"dice_ce\"\noptimizer = \"sgd\"\nlr_schedule = \"poly\"\nmirroring = true\ndeep_supervision = true\n"));

@@ -98,18 +98,34 @@ pub struct TrainConfig {
     /// See [`Recipe::mirroring`].
     #[serde(default = "yes", skip_serializing_if = "is_yes")]
     pub mirroring: bool,
+    /// See [`Recipe::oversample_foreground`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oversample_foreground: Option<f64>,
+    /// See [`Recipe::probabilistic_oversampling`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probabilistic_oversampling: bool,
 }
 
 impl TrainConfig {
     /// The recipe's variant settings.
     pub fn recipe(&self) -> Recipe {
-        Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: self.mirroring }
+        Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: self.mirroring, oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling }
+    }
+
+    /// Which training samples are forced to contain foreground.
+    pub fn oversampling(&self) -> stu_data::sampler::Oversampling {
+        use stu_data::sampler::{OVERSAMPLE_FOREGROUND, Oversampling};
+        match (self.probabilistic_oversampling, self.oversample_foreground) {
+            (false, p) => Oversampling::BatchPosition(p.unwrap_or(OVERSAMPLE_FOREGROUND)),
+            (true, Some(p)) => Oversampling::Probabilistic(p),
+            (true, None) => Oversampling::Probabilistic(Oversampling::effective_fraction(self.batch_size)),
+        }
     }
 }
 
 /// What nnU-Net's trainer variants (`nnunetv2/training/nnUNetTrainer/variants`) change in its
 /// recipe, the axes of a training ablation. The default is `nnUNetTrainer`'s.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Recipe {
     /// The loss (`nnUNetTrainerCELoss`, `…DiceLoss`, `…Topk10Loss`, `…DiceTopK10Loss`).
     pub loss: LossKind,
@@ -123,11 +139,18 @@ pub struct Recipe {
     /// Mirroring, in training's augmentation and as test-time augmentation of the run's
     /// checkpoints (`nnUNetTrainerNoMirroring`: off in both).
     pub mirroring: bool,
+    /// The fraction of samples forced to contain foreground (nnU-Net's
+    /// `oversample_foreground_percent`; `None`: 0.33, or with probabilistic sampling the share
+    /// the default rule gives the batch size, as `nnUNetTrainer_probabilisticOversampling`).
+    pub oversample_foreground: Option<f64>,
+    /// Each sample forced with that probability instead of the last ones of the batch
+    /// (`nnUNetTrainer_probabilisticOversampling[_033|_010]`).
+    pub probabilistic_oversampling: bool,
 }
 
 impl Default for Recipe {
     fn default() -> Self {
-        Self { loss: LossKind::DiceCe, deep_supervision: true, optimizer: OptimizerKind::Sgd, lr_schedule: LrSchedule::Poly, mirroring: true }
+        Self { loss: LossKind::DiceCe, deep_supervision: true, optimizer: OptimizerKind::Sgd, lr_schedule: LrSchedule::Poly, mirroring: true, oversample_foreground: None, probabilistic_oversampling: false }
     }
 }
 
@@ -334,6 +357,9 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     ensure!(req.iterations >= 1, "--iterations must be at least 1");
     ensure!(req.save_every >= 1, "--save-every must be at least 1");
     ensure!(req.fraction > 0.0 && req.fraction <= 1.0, "--fraction must be in (0, 1], got {}", req.fraction);
+    if let Some(p) = req.recipe.oversample_foreground {
+        ensure!((0.0..=1.0).contains(&p), "--oversample-foreground must be in [0, 1], got {p}");
+    }
     req.precision.check(req.backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     Ok(TrainConfig {
         preprocessed,
@@ -361,6 +387,8 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         optimizer: req.recipe.optimizer,
         lr_schedule: req.recipe.lr_schedule,
         mirroring: req.recipe.mirroring,
+        oversample_foreground: req.recipe.oversample_foreground,
+        probabilistic_oversampling: req.recipe.probabilistic_oversampling,
     })
 }
 
@@ -742,6 +770,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         regions: task.regions.clone(),
         shard: (world > 1).then_some((rank * share, cfg.batch_size)),
         cascade: cascade.clone(),
+        oversampling: cfg.oversampling(),
     };
     let val_batches = BatchConfig { augment: None, batch_size: cfg.batch_size, shard: None, ..train_batches.clone() };
     let meta_of = |epoch: usize, ema: Option<f64>, best: Option<f64>, net: &dyn SegNet| CheckpointMeta {
