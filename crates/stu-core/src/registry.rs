@@ -158,6 +158,17 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// The value named `name` in a fixed table of named choices (a setting's values: losses,
+/// optimisers, schedules), or an error naming the setting `what` and listing the names.
+pub fn choice<T: Copy>(table: &[(&'static str, T)], what: &str, name: &str) -> Result<T, String> {
+    table.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).ok_or_else(|| format!("unknown {what} `{name}`; expected one of {}", table.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")))
+}
+
+/// The name of `value` in a table of named choices ([`choice`]).
+pub fn choice_name<T: PartialEq>(table: &[(&'static str, T)], value: &T) -> &'static str {
+    table.iter().find(|(_, v)| v == value).map(|(n, _)| *n).expect("every value is in its table")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,12 +60,12 @@ impl LossKind {
 
     /// Its name (`dice_ce`, `ce`, `dice`, `topk10`, `dice_topk10`).
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).expect("listed")
+        stu_core::registry::choice_name(&Self::ALL, &self)
     }
 
     /// The kind named `name`.
     pub fn parse(name: &str) -> Result<Self, String> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k).ok_or_else(|| format!("unknown loss `{name}`; the losses are {}", Self::ALL.map(|(n, _)| n).join(", ")))
+        stu_core::registry::choice(&Self::ALL, "loss", name)
     }
 
     /// Weights of the (cross-entropy, Dice) terms: 1 or 0 each.

@@ -32,12 +32,12 @@ impl LrSchedule {
 
     /// Its name (`poly`, `cosine`, `warmup`).
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).expect("listed")
+        stu_core::registry::choice_name(&Self::ALL, &self)
     }
 
     /// The schedule named `name`.
     pub fn parse(name: &str) -> Result<Self, String> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k).ok_or_else(|| format!("unknown lr_schedule `{name}`; the schedules are {}", Self::ALL.map(|(n, _)| n).join(", ")))
+        stu_core::registry::choice(&Self::ALL, "lr_schedule", name)
     }
 
     /// The learning rate of `epoch` (from 0) of `epochs`, starting from `lr0`.

@@ -191,12 +191,12 @@ impl OptimizerKind {
 
     /// Its name (`sgd`, `adamw`, `adam`).
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).expect("listed")
+        stu_core::registry::choice_name(&Self::ALL, &self)
     }
 
     /// The kind named `name`.
     pub fn parse(name: &str) -> Result<Self, String> {
-        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, k)| *k).ok_or_else(|| format!("unknown optimizer `{name}`; the optimizers are {}", Self::ALL.map(|(n, _)| n).join(", ")))
+        stu_core::registry::choice(&Self::ALL, "optimizer", name)
     }
 }
 
