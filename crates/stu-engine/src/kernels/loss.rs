@@ -108,6 +108,7 @@ fn dice_terms(st: &Stats, b: usize, c: usize, batch_dice: bool, smooth: f64) -> 
 /// The loss `w_ce·CE + w_dice·(−mean Dice)` (as [`crate::loss::dc_ce`]; `weights` =
 /// `[w_ce, w_dice]`: `[1, 1]` nnU-Net's default, `[1, 0]` or `[0, 1]` its CE-only and Dice-only
 /// trainer variants).
+#[allow(clippy::too_many_arguments)]
 pub fn forward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> f64 {
     assert!(c >= 2, "the loss needs background and at least one class");
     let st = stats(logits, target, b, c, n);
