@@ -194,7 +194,9 @@ where
 /// no paper numbers to set beside it (one group per point, one series per metric).
 pub fn bars_alone(path: &Path, title: &str, ylabel: &str, groups: &[String], series: &[(String, Vec<f64>)]) -> Result<()> {
     crate::register_font();
-    let width = (160 * groups.len() as u32).clamp(600, 1600);
+    // Room for each group's name under its bars (about 7 px a character at the axis font).
+    let per_group = groups.iter().map(|g| 7 * g.chars().count() as u32 + 24).max().unwrap_or(0).max(160);
+    let width = (per_group * groups.len() as u32 + 80).clamp(600, 3200);
     {
         let a = BitMapBackend::new(path, (width, 480)).into_drawing_area();
         a.fill(&WHITE).map_err(e)?;

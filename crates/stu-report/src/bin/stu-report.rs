@@ -167,8 +167,14 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
                 Some(v) => v.to_string(),
                 None => r["point"].as_object().filter(|m| !m.is_empty()).map(|m| m.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v.as_str().map_or(v.to_string(), str::to_string))).collect::<Vec<_>>().join(" ")).unwrap_or_else(|| "single".into()),
             };
-            let groups: Vec<String> = records.iter().map(label).collect();
-            let metric = |k: &str| records.iter().map(|r| r.pointer(&format!("/metrics/foreground_mean/{k}")).and_then(Value::as_f64).unwrap_or(f64::NAN)).collect::<Vec<_>>();
+            let score = |r: &Value, k: &str| r.pointer(&format!("/metrics/foreground_mean/{k}")).and_then(Value::as_f64).unwrap_or(f64::NAN);
+            // Named variants ranked by Dice (best first); sweep points in their folders' order.
+            let mut order: Vec<&Value> = records.iter().collect();
+            if records.iter().any(|r| r.get("variant").is_some()) {
+                order.sort_by(|a, b| score(b, "Dice").total_cmp(&score(a, "Dice")));
+            }
+            let groups: Vec<String> = order.iter().map(|r| label(r)).collect();
+            let metric = |k: &str| order.iter().map(|r| score(r, k)).collect::<Vec<_>>();
             bars_alone(&fig, &format!("{name}: held-out foreground mean"), "score", &groups, &[("Dice".into(), metric("Dice")), ("NSD".into(), metric("NSD"))])?;
         }
     }
