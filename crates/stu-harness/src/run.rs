@@ -230,7 +230,10 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         "finished": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
     });
     if let Some(v) = &point.variant {
+        // The variant's name, and which of `point`'s values the sweep set (the rest are the
+        // variant's overrides).
         record["variant"] = json!(v);
+        record["swept"] = json!(point.swept);
     }
     Ok(record)
 }

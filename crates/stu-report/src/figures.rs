@@ -144,7 +144,9 @@ pub fn curves(path: &Path, ours: &[Series], paper: &[Series], xlabel: &str) -> R
     })
 }
 
-fn bar_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, ylabel: &str, groups: &[String], series: &[(String, Vec<f64>)]) -> Result<()>
+/// Grouped bars, one series per colour; `spread[s][g]`, where given (non-empty), draws a
+/// whisker of ± that much around series `s`'s bar of group `g` (a standard deviation over seeds).
+fn bar_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, ylabel: &str, groups: &[String], series: &[(String, Vec<f64>)], spread: &[Vec<f64>]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -152,7 +154,7 @@ where
         area.titled(&format!("{title}: no data"), ("sans-serif", 16)).map_err(e)?;
         return Ok(());
     }
-    let vals: Vec<f64> = series.iter().flat_map(|s| s.1.iter().copied()).filter(|v| v.is_finite()).collect();
+    let vals: Vec<f64> = series.iter().enumerate().flat_map(|(si, s)| s.1.iter().enumerate().map(move |(gi, v)| v + spread.get(si).and_then(|e| e.get(gi)).copied().unwrap_or(0.0))).filter(|v| v.is_finite()).collect();
     let ymax = vals.iter().copied().fold(0.0, f64::max) * 1.3 + 1e-9;
     let n = groups.len();
     let k = series.len();
@@ -185,14 +187,22 @@ where
         .map_err(e)?
         .label(name.clone())
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], c.filled()));
+        if let Some(err) = spread.get(si) {
+            ch.draw_series(v.iter().zip(err).enumerate().filter(|(_, (y, d))| y.is_finite() && d.is_finite() && **d > 0.0).map(|(gi, (&y, &d))| {
+                let xm = gi as f64 + 0.1 + si as f64 * w + w * 0.475;
+                PathElement::new(vec![(xm, (y - d).max(0.0)), (xm, y + d)], BLACK.stroke_width(2))
+            }))
+            .map_err(e)?;
+        }
     }
     ch.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(e)?;
     Ok(())
 }
 
 /// One panel of grouped bars (PNG at `path`, SVG beside it): a study of the user's own, with
-/// no paper numbers to set beside it (one group per point, one series per metric).
-pub fn bars_alone(path: &Path, title: &str, ylabel: &str, groups: &[String], series: &[(String, Vec<f64>)]) -> Result<()> {
+/// no paper numbers to set beside it (one group per variant or point, one series per metric,
+/// whiskers of ± `spread` where given).
+pub fn bars_alone(path: &Path, title: &str, ylabel: &str, groups: &[String], series: &[(String, Vec<f64>)], spread: &[Vec<f64>]) -> Result<()> {
     crate::register_font();
     // Room for each group's name under its bars (about 7 px a character at the axis font).
     let per_group = groups.iter().map(|g| 7 * g.chars().count() as u32 + 24).max().unwrap_or(0).max(160);
@@ -200,13 +210,13 @@ pub fn bars_alone(path: &Path, title: &str, ylabel: &str, groups: &[String], ser
     {
         let a = BitMapBackend::new(path, (width, 480)).into_drawing_area();
         a.fill(&WHITE).map_err(e)?;
-        bar_panel(&a, title, ylabel, groups, series)?;
+        bar_panel(&a, title, ylabel, groups, series, spread)?;
         a.present().map_err(e)?;
     }
     let svg = path.with_extension("svg");
     let a = SVGBackend::new(&svg, (width, 480)).into_drawing_area();
     a.fill(&WHITE).map_err(e)?;
-    bar_panel(&a, title, ylabel, groups, series)?;
+    bar_panel(&a, title, ylabel, groups, series, spread)?;
     a.present().map_err(e)?;
     Ok(())
 }
@@ -214,7 +224,7 @@ pub fn bars_alone(path: &Path, title: &str, ylabel: &str, groups: &[String], ser
 /// Fig. 5: per-group bars (experts vs universal); ours left, the paper's right.
 pub fn bars(path: &Path, groups: &[String], ours: &[(String, Vec<f64>)], paper_groups: &[String], paper: &[(String, Vec<f64>)]) -> Result<()> {
     two_panels!(path, |l, r| {
-        bar_panel(&l, "this harness", "mean Dice", groups, ours)?;
-        bar_panel(&r, "paper, TotalSegmentator (B)", "mean DSC (%)", paper_groups, paper)?;
+        bar_panel(&l, "this harness", "mean Dice", groups, ours, &[])?;
+        bar_panel(&r, "paper, TotalSegmentator (B)", "mean DSC (%)", paper_groups, paper, &[])?;
     })
 }

@@ -160,27 +160,82 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
             files.push(paper_table(&reports.join("paper/table5_finetune.csv"), "method", "dataset", &out.join("paper_table5.md"))?);
             return Ok(files);
         }
-        // A study of the user's own (an ablation): each point's held-out foreground Dice and
-        // NSD, labelled by its variant or sweep values; no paper numbers to compare with.
+        // A study of the user's own (an ablation): the held-out foreground Dice and NSD of
+        // each variant (or sweep point), its seeds averaged: bars of the mean, whiskers of the
+        // standard deviation, and `summary.*` with both; no paper numbers to compare with.
         _ => {
-            let label = |r: &Value| match r.get("variant").and_then(Value::as_str) {
-                Some(v) => v.to_string(),
-                None => r["point"].as_object().filter(|m| !m.is_empty()).map(|m| m.iter().map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v.as_str().map_or(v.to_string(), str::to_string))).collect::<Vec<_>>().join(" ")).unwrap_or_else(|| "single".into()),
-            };
-            let score = |r: &Value, k: &str| r.pointer(&format!("/metrics/foreground_mean/{k}")).and_then(Value::as_f64).unwrap_or(f64::NAN);
-            // Named variants ranked by Dice (best first); sweep points in their folders' order.
-            let mut order: Vec<&Value> = records.iter().collect();
-            if records.iter().any(|r| r.get("variant").is_some()) {
-                order.sort_by(|a, b| score(b, "Dice").total_cmp(&score(a, "Dice")));
-            }
-            let groups: Vec<String> = order.iter().map(|r| label(r)).collect();
-            let metric = |k: &str| order.iter().map(|r| score(r, k)).collect::<Vec<_>>();
-            bars_alone(&fig, &format!("{name}: held-out foreground mean"), "score", &groups, &[("Dice".into(), metric("Dice")), ("NSD".into(), metric("NSD"))])?;
-        }
+            let (groups, n, means, sds) = seed_summary(records);
+            let mut summary = DataFrame::new(vec![
+                Column::new("group".into(), groups.clone()),
+                Column::new("seeds".into(), n.iter().map(|&k| k as u32).collect::<Vec<_>>()),
+                Column::new("dice_mean".into(), means[0].clone()),
+                Column::new("dice_sd".into(), sds[0].clone()),
+                Column::new("nsd_mean".into(), means[1].clone()),
+                Column::new("nsd_sd".into(), sds[1].clone()),
+            ])?;
+            files.extend(write_table(&mut summary, &out.join("summary"))?);
+            let seeds = if n.iter().any(|&k| k > 1) { ", mean ± SD over seeds" } else { "" };
+            bars_alone(&fig, &format!("{name}: held-out foreground mean{seeds}"), "score", &groups, &[("Dice".into(), means[0].clone()), ("NSD".into(), means[1].clone())], &sds)?;        }
     }
     files.push(fig.clone());
     files.push(fig.with_extension("svg"));
     Ok(files)
+}
+
+/// The label of a record in a study of the user's own: its variant's name, then its sweep
+/// values other than the seed (`seed` groups records, it does not name them).
+fn group_label(r: &Value) -> String {
+    let swept: Vec<String> = r["point"].as_object().map(|m| m.iter().filter(|(k, _)| k.as_str() != "seed").filter(|(k, _)| r.get("variant").is_none() || !is_variant_key(r, k)).map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v.as_str().map_or(v.to_string(), str::to_string))).collect()).unwrap_or_default();
+    match (r.get("variant").and_then(Value::as_str), swept.is_empty()) {
+        (Some(v), true) => v.to_string(),
+        (Some(v), false) => format!("{v}, {}", swept.join(" ")),
+        (None, true) => "single".into(),
+        (None, false) => swept.join(" "),
+    }
+}
+
+/// Whether `key` of a variant's point was set by the variant rather than swept: records of a
+/// spec with variants list their sweep values under `swept`; one without that list (written
+/// before it existed) counts every key as its variant's.
+fn is_variant_key(r: &Value, key: &str) -> bool {
+    r.get("swept").and_then(Value::as_object).is_none_or(|s| !s.contains_key(key))
+}
+
+/// Per [`group_label`] (in order of first appearance; ranked by mean Dice when the study has
+/// variants): the number of records (seeds), and the mean and sample standard deviation (0 for
+/// one record) of the foreground Dice and NSD.
+fn seed_summary(records: &[Value]) -> (Vec<String>, Vec<usize>, [Vec<f64>; 2], [Vec<f64>; 2]) {
+    let mut order: Vec<String> = Vec::new();
+    let mut values: BTreeMap<String, [Vec<f64>; 2]> = BTreeMap::new();
+    for r in records {
+        let g = group_label(r);
+        if !values.contains_key(&g) {
+            order.push(g.clone());
+        }
+        let v = values.entry(g).or_default();
+        for (i, k) in ["Dice", "NSD"].iter().enumerate() {
+            v[i].push(r.pointer(&format!("/metrics/foreground_mean/{k}")).and_then(Value::as_f64).unwrap_or(f64::NAN));
+        }
+    }
+    let stats = |xs: &[f64]| {
+        let n = xs.len() as f64;
+        let m = xs.iter().sum::<f64>() / n;
+        let sd = if xs.len() > 1 { (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+        (m, sd)
+    };
+    if records.iter().any(|r| r.get("variant").is_some()) {
+        order.sort_by(|a, b| stats(&values[b][0]).0.total_cmp(&stats(&values[a][0]).0));
+    }
+    let n = order.iter().map(|g| values[g][0].len()).collect();
+    let (mut means, mut sds) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for g in &order {
+        for i in 0..2 {
+            let (m, sd) = stats(&values[g][i]);
+            means[i].push(m);
+            sds[i].push(sd);
+        }
+    }
+    (order, n, means, sds)
 }
 
 /// A long-format paper CSV (`row`, `col`, `mean_dsc`) as a Markdown table, rows in file order.
