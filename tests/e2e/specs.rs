@@ -188,3 +188,28 @@ fn direct_inference_and_finetune_studies_run_at_tiny_scale() {
     assert_eq!(ft["reinitialised"].as_array().unwrap().len(), 4, "2 heads × (weight, bias) of the 3-stage model");
     assert!(ft["transferred"].as_u64().unwrap() > 20);
 }
+
+#[test]
+fn the_recipe_ablation_runs_its_variants_at_tiny_scale() {
+    // `[[variants]]`: one point per variant, each folder named after it, each training with its
+    // overrides, each record naming its variant.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("abl");
+    let recs = run_tiny("recipe_ablation.toml", &[], &out);
+    assert_eq!(recs.len(), 7);
+    let by_variant = |name: &str| recs.iter().find(|r| r["variant"].as_str().is_some_and(|v| v.starts_with(name))).unwrap_or_else(|| panic!("{name}"));
+    let baseline = by_variant("nnU-Net");
+    assert_eq!(baseline["point"], serde_json::json!({}));
+    assert_eq!(by_variant("CE")["point"], serde_json::json!({"train.loss": "ce"}));
+    assert_eq!(by_variant("AdamW")["spec"]["train"]["optimizer"], "adamw");
+    assert_eq!(by_variant("no deep")["spec"]["train"]["deep_supervision"], false);
+    for r in &recs {
+        assert_eq!(r["swept"], serde_json::json!({}), "no sweep axis");
+    }
+    let dirs: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n != "data").collect();
+    assert!(dirs.iter().any(|d| d.starts_with("CE-nnUNetTrainerCELoss-")), "{dirs:?}");
+    // Each point trained with its variant: the run's train.json records it.
+    let ce = dirs.iter().find(|d| d.starts_with("CE-")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join(ce).join("train/train.json")).unwrap()).unwrap();
+    assert_eq!(cfg["loss"], "ce");
+}
