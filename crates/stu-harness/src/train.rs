@@ -3,9 +3,13 @@
 //!
 //! A run folder holds `train.json` (the resolved configuration), `log.jsonl` (one line per
 //! epoch), `progress.png`, and `checkpoint_{best,latest,final}.safetensors`: weights under
-//! `network_weights.` (so `stu forward`/`stu predict` read them like any checkpoint), momentum
-//! buffers under `optimizer_state.`, and the header metadata `stu_checkpoint` (JSON: next epoch,
-//! EMA and best EMA, seed and the batch-stream positions, model description, configuration).
+//! `network_weights.` (so `stu forward`/`stu predict` read them like any checkpoint), the
+//! optimiser's state under `optimizer_state.` (SGD's momentum, or Adam's moments and steps), and
+//! the header metadata `stu_checkpoint` (JSON: next epoch, EMA and best EMA, seed and the
+//! batch-stream positions, model description, configuration, the mirroring axes its predictions
+//! may use).
+//!
+//! The recipe is nnU-Net's `nnUNetTrainer`; [`Recipe`] holds what its trainer variants change.
 //!
 //! Determinism: initial weights come from the seed, batch `i` of epoch `e` from
 //! `(seed, stream, e·iters + i)` (see `stu_data::loader`), and the CPU kernels reduce in a
