@@ -64,10 +64,10 @@ pub trait StuOps: Backend {
     /// nnU-Net's Dice + CE (`crate::loss::dc_ce`) of NCDHW `logits` against class indices
     /// `target` `[B, D, H, W]` stored as floats, its terms weighted `[w_ce, w_dice]`; a
     /// 1-element tensor. Fused: no softmax, log-softmax or one-hot tensor is materialised.
-    fn dc_ce_loss(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> FloatTensor<Self>;
+    fn dc_ce_loss(logits: FloatTensor<Self>, target: FloatTensor<Self>, terms: crate::kernels::loss::Terms) -> FloatTensor<Self>;
     /// Gradient of [`dc_ce_loss`](StuOps::dc_ce_loss) with respect to the logits, scaled by the
     /// 1-element `grad`.
-    fn dc_ce_loss_backward(logits: FloatTensor<Self>, target: FloatTensor<Self>, grad: FloatTensor<Self>, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> FloatTensor<Self>;
+    fn dc_ce_loss_backward(logits: FloatTensor<Self>, target: FloatTensor<Self>, grad: FloatTensor<Self>, terms: crate::kernels::loss::Terms) -> FloatTensor<Self>;
     /// Gradients of [`norm_add_act_cl`](StuOps::norm_add_act_cl): (x, gamma, beta, skip).
     fn norm_add_act_cl_backward(
         x: FloatTensor<Self>,
@@ -125,16 +125,16 @@ mod flex {
     }
 
     impl StuOps for Flex {
-        fn dc_ce_loss(logits: FloatTensor<Flex>, target: FloatTensor<Flex>, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> FloatTensor<Flex> {
+        fn dc_ce_loss(logits: FloatTensor<Flex>, target: FloatTensor<Flex>, terms: crate::kernels::loss::Terms) -> FloatTensor<Flex> {
             let (b, c, n) = bcn(&dims(&logits));
             assert_eq!(dims(&target).iter().product::<usize>(), b * n, "dc_ce_loss: target shape");
-            let l = kernels::loss::forward(&values(&logits), &values(&target), b, c, n, batch_dice, smooth, weights);
+            let l = kernels::loss::forward(&values(&logits), &values(&target), b, c, n, terms);
             tensor(vec![l as f32], vec![1])
         }
-        fn dc_ce_loss_backward(logits: FloatTensor<Flex>, target: FloatTensor<Flex>, grad: FloatTensor<Flex>, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> FloatTensor<Flex> {
+        fn dc_ce_loss_backward(logits: FloatTensor<Flex>, target: FloatTensor<Flex>, grad: FloatTensor<Flex>, terms: crate::kernels::loss::Terms) -> FloatTensor<Flex> {
             let (b, c, n) = bcn(&dims(&logits));
             let g = values(&grad)[0] as f64;
-            tensor(kernels::loss::backward(&values(&logits), &values(&target), b, c, n, batch_dice, smooth, weights, g), dims(&logits))
+            tensor(kernels::loss::backward(&values(&logits), &values(&target), b, c, n, terms, g), dims(&logits))
         }
         fn conv3d_cl(x: FloatTensor<Flex>, weight: FloatTensor<Flex>, bias: FloatTensor<Flex>, stride: [usize; 3]) -> FloatTensor<Flex> {
             let g = geom(&dims(&x), &dims(&weight), stride);
@@ -337,36 +337,36 @@ impl<B: Backend + StuOps, C: CheckpointStrategy> StuOps for Autodiff<B, C> {
         unimplemented!("second-order gradients of head_cl are not supported")
     }
 
-    fn dc_ce_loss(logits: FloatTensor<Self>, target: FloatTensor<Self>, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> FloatTensor<Self> {
+    fn dc_ce_loss(logits: FloatTensor<Self>, target: FloatTensor<Self>, terms: crate::kernels::loss::Terms) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct DcCe;
 
         impl<B: Backend + StuOps> Backward<B, 2> for DcCe {
-            type State = (NodeId, NodeId, bool, f64, [f64; 2]);
+            type State = (NodeId, NodeId, crate::kernels::loss::Terms);
 
             fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
                 let [node_l, _target] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
-                let (ls, ts, batch_dice, smooth, weights) = ops.state;
+                let (ls, ts, terms) = ops.state;
                 let l = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ls);
                 let t = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(ts);
                 if let Some(node) = node_l {
-                    grads.register::<B>(node.id, B::dc_ce_loss_backward(l, t, grad, batch_dice, smooth, weights));
+                    grads.register::<B>(node.id, B::dc_ce_loss_backward(l, t, grad, terms));
                 }
             }
         }
 
         match DcCe.prepare::<C>([logits.node(), target.node()]).compute_bound().stateful() {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&logits), prep.checkpoint(&target), batch_dice, smooth, weights);
-                prep.finish(state, B::dc_ce_loss(logits.into_primitive(), target.into_primitive(), batch_dice, smooth, weights))
+                let state = (prep.checkpoint(&logits), prep.checkpoint(&target), terms);
+                prep.finish(state, B::dc_ce_loss(logits.into_primitive(), target.into_primitive(), terms))
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::dc_ce_loss(logits.into_primitive(), target.into_primitive(), batch_dice, smooth, weights)),
+            OpsKind::UnTracked(prep) => prep.finish(B::dc_ce_loss(logits.into_primitive(), target.into_primitive(), terms)),
         }
     }
 
-    fn dc_ce_loss_backward(logits: FloatTensor<Self>, target: FloatTensor<Self>, grad: FloatTensor<Self>, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> FloatTensor<Self> {
-        let _ = (logits, target, grad, batch_dice, smooth, weights);
+    fn dc_ce_loss_backward(logits: FloatTensor<Self>, target: FloatTensor<Self>, grad: FloatTensor<Self>, terms: crate::kernels::loss::Terms) -> FloatTensor<Self> {
+        let _ = (logits, target, grad, terms);
         unimplemented!("second-order gradients of dc_ce_loss are not supported")
     }
 

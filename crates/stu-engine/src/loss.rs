@@ -296,16 +296,20 @@ pub fn topk_ce(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>, p
     (flat * chosen).sum() / k as f64
 }
 
-/// [`dc_ce`] as one fused operation: with a hand-written gradient (`crate::kernels::loss`) on
-/// backends that run this project's kernels (flex), as PyTorch runs it (ATen's
-/// `cross_entropy`, autograd kept from the forward) on libtorch devices, composed of burn
-/// operators elsewhere and with an ignore label. Same values.
+/// [`dc_ce`] as one fused operation: with a hand-written gradient (`crate::kernels::loss`, every
+/// [`LossKind`]) on backends that run this project's kernels (flex), as PyTorch runs it (ATen's
+/// `cross_entropy`, autograd kept from the forward; nnU-Net's default loss only) on libtorch
+/// devices, composed of burn operators elsewhere and with an ignore label or regions. Same
+/// values.
 pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
-    if cfg.ignore_label.is_some() || cfg.regions.is_some() || cfg.loss.is_topk() {
+    if cfg.ignore_label.is_some() || cfg.regions.is_some() {
         return dc_ce(logits, target, cfg);
     }
     #[cfg(feature = "tch")]
-    if crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) && cfg.loss == LossKind::DiceCe {
+    if crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) {
+        if cfg.loss != LossKind::DiceCe {
+            return dc_ce(logits, target, cfg);
+        }
         use crate::torch::TorchOps;
         let target = target.float();
         return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::dc_ce_nc(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.smooth));
@@ -315,7 +319,9 @@ pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -
     }
     use crate::ext::StuOps;
     let target = target.float();
-    Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::dc_ce_loss(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.smooth, cfg.loss.weights()))
+    let [ce, dice] = cfg.loss.weights();
+    let terms = crate::kernels::loss::Terms { batch_dice: cfg.batch_dice, smooth: cfg.smooth, ce, dice, topk: cfg.loss.is_topk().then_some(10.0) };
+    Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::dc_ce_loss(logits.into_dispatch(), target.into_dispatch(), terms))
 }
 
 /// The deep-supervision sum `Σ wᵢ · dc_ce(outputᵢ, targetᵢ)`, skipping zero weights (fused
@@ -393,7 +399,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
     Ok((loss.expect("non-empty"), Some(share)))
 }
 
-/// [`dc_ce_fused`] on `device` against the composed [`dc_ce`], per-sample and batch Dice, with a
+/// [`dc_ce_fused`] on `device` against the composed [`dc_ce`], every [`LossKind`], per-sample and batch Dice, with a
 /// class absent from the target and one present in one sample only: the value tracked and not
 /// (within 1e-5) and the logits' gradient (within 1e-5 of its largest value, floor 1e-3). One line per comparison and whether it holds; the unit tests assert them on flex and
 /// libtorch, `stu check-ops` on a GPU.
@@ -405,8 +411,8 @@ pub fn fused_against_composed(device: &burn::tensor::Device, seed: u64) -> Vec<(
     // Class 5 never appears in the target, class 4 only in sample 1.
     let target: Vec<i64> = (0..b * d * h * w).map(|i| { let v = rng.below(5) as i64; if v == 4 && i < d * h * w { 3 } else { v } }).collect();
     let mut out = Vec::new();
-    for batch_dice in [false, true] {
-        let cfg = DiceConfig { batch_dice, ..Default::default() };
+    for (batch_dice, loss) in [false, true].into_iter().flat_map(|bd| LossKind::ALL.map(|(_, k)| (bd, k))) {
+        let cfg = DiceConfig { batch_dice, loss, ..Default::default() };
         let run = |fused: bool| {
             let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), &ad).require_grad();
             let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), &ad);
@@ -417,14 +423,14 @@ pub fn fused_against_composed(device: &burn::tensor::Device, seed: u64) -> Vec<(
         };
         let (v0, g0) = run(false);
         let (v1, g1) = run(true);
-        out.push((format!("loss, batch Dice {batch_dice}: {v1} vs composed {v0}"), (v0 - v1).abs() < 1e-5));
+        out.push((format!("loss {}, batch Dice {batch_dice}: {v1} vs composed {v0}", loss.name()), (v0 - v1).abs() < 1e-5));
         let scale = g0.iter().fold(0f32, |m, v| m.max(v.abs()));
         let err = g0.iter().zip(&g1).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        out.push((format!("loss, batch Dice {batch_dice}: gradient error {err:.3e} (scale {scale:.3e})"), err <= 1e-5 * scale.max(1e-3)));
+        out.push((format!("loss {}, batch Dice {batch_dice}: gradient error {err:.3e} (scale {scale:.3e})", loss.name()), err <= 1e-5 * scale.max(1e-3)));
         let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), device);
         let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), device);
         let v2 = dc_ce_fused(x, t, cfg).into_scalar::<f32>() * 0.7;
-        out.push((format!("loss, batch Dice {batch_dice}: untracked {v2} vs {v0}"), (v0 - v2).abs() < 1e-5));
+        out.push((format!("loss {}, batch Dice {batch_dice}: untracked {v2} vs {v0}", loss.name()), (v0 - v2).abs() < 1e-5));
     }
     out
 }

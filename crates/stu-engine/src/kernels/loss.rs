@@ -1,4 +1,5 @@
-//! nnU-Net's Dice + CE loss (`crate::loss::dc_ce`) fused into two passes over the logits, with
+//! nnU-Net's Dice + CE loss (`crate::loss::dc_ce`; or one of the two, or Dice + TopK, as its
+//! trainer variants, [`Terms`]) fused into two passes over the logits (three with TopK), with
 //! its gradient written directly, so neither softmax, log-softmax nor a one-hot target is ever
 //! materialised. With 105 classes at 2×128³ each of those is 1.8 GB, and burn's autodiff keeps
 //! several for the backward: the composed loss alone needed over 10 GB.
@@ -105,27 +106,88 @@ fn dice_terms(st: &Stats, b: usize, c: usize, batch_dice: bool, smooth: f64) -> 
     (i_, s_, dc)
 }
 
-/// The loss `w_ce·CE + w_dice·(−mean Dice)` (as [`crate::loss::dc_ce`]; `weights` =
-/// `[w_ce, w_dice]`: `[1, 1]` nnU-Net's default, `[1, 0]` or `[0, 1]` its CE-only and Dice-only
-/// trainer variants).
-#[allow(clippy::too_many_arguments)]
-pub fn forward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64, weights: [f64; 2]) -> f64 {
-    assert!(c >= 2, "the loss needs background and at least one class");
-    let st = stats(logits, target, b, c, n);
-    let (_, _, dc) = dice_terms(&st, b, c, batch_dice, smooth);
-    weights[0] * st.ce / (b * n) as f64 - weights[1] * dc.iter().sum::<f64>() / dc.len() as f64
+/// The loss's terms: `w_ce·CE + w_dice·(−mean Dice)` (as [`crate::loss::dc_ce`]: `[1, 1]`
+/// nnU-Net's default, `[1, 0]` and `[0, 1]` its CE-only and Dice-only trainer variants), the
+/// cross-entropy over every voxel or, with `topk`, over the `⌊N·topk/100⌋` voxels where it is
+/// largest (nnU-Net's `TopKLoss`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Terms {
+    /// Dice sums over the batch (nnU-Net's `batch_dice`).
+    pub batch_dice: bool,
+    /// The Dice's smoothing.
+    pub smooth: f64,
+    /// Weight of the cross-entropy term.
+    pub ce: f64,
+    /// Weight of the Dice term.
+    pub dice: f64,
+    /// The percentage of voxels the cross-entropy averages (`None`: all).
+    pub topk: Option<f64>,
 }
 
-/// `∂loss/∂logits · grad`, `[B, C, N]` ([`forward`]'s loss and `weights`).
-#[allow(clippy::too_many_arguments)]
-pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, batch_dice: bool, smooth: f64, weights: [f64; 2], grad: f64) -> Vec<f32> {
+/// Each voxel's cross-entropy `−log p_t`, `[B, N]`.
+fn voxel_ce(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; b * n];
+    for (bi, row) in out.chunks_mut(n).enumerate() {
+        row.par_chunks_mut(BLOCK).enumerate().for_each_init(
+            || (vec![0f32; BLOCK * c], vec![0f64; BLOCK]),
+            |(p, lse), (j, dst)| {
+                let v0 = j * BLOCK;
+                softmax_block(logits, bi, c, n, v0, dst.len(), p, lse);
+                for (v, d) in dst.iter_mut().enumerate() {
+                    let t = target[bi * n + v0 + v] as usize;
+                    *d = (lse[v] - logits[bi * c * n + t * n + v0 + v] as f64) as f32;
+                }
+            },
+        );
+    }
+    out
+}
+
+/// The voxels TopK averages: the `k = ⌊len·percent/100⌋` (at least one) largest of `ce`, ties
+/// broken by position as `crate::loss::topk_ce` breaks them; and `k`.
+fn topk_voxels(ce: &[f32], percent: f64) -> (Vec<bool>, usize) {
+    let n = ce.len();
+    let k = ((n as f64 * percent / 100.0) as usize).clamp(1, n);
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    order.select_nth_unstable_by(k - 1, |&a, &b| ce[b as usize].total_cmp(&ce[a as usize]).then(a.cmp(&b)));
+    let mut chosen = vec![false; n];
+    order[..k].iter().for_each(|&i| chosen[i as usize] = true);
+    (chosen, k)
+}
+
+/// The loss of [`Terms`] (as [`crate::loss::dc_ce`]).
+pub fn forward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, t: Terms) -> f64 {
+    assert!(c >= 2, "the loss needs background and at least one class");
+    let st = stats(logits, target, b, c, n);
+    let (_, _, dc) = dice_terms(&st, b, c, t.batch_dice, t.smooth);
+    let ce = match t.topk {
+        None => st.ce / (b * n) as f64,
+        Some(pct) => {
+            let v = voxel_ce(logits, target, b, c, n);
+            let (chosen, k) = topk_voxels(&v, pct);
+            v.iter().zip(&chosen).filter(|(_, c)| **c).map(|(x, _)| *x as f64).sum::<f64>() / k as f64
+        }
+    };
+    t.ce * ce - t.dice * dc.iter().sum::<f64>() / dc.len() as f64
+}
+
+/// `∂loss/∂logits · grad`, `[B, C, N]` ([`forward`]'s loss).
+pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, t: Terms, grad: f64) -> Vec<f32> {
+    let Terms { batch_dice, smooth, .. } = t;
     let st = stats(logits, target, b, c, n);
     let (i_, s_, _) = dice_terms(&st, b, c, batch_dice, smooth);
     // ∂(−w·mean dc)/∂p_kv = −(w/T)·(2·y_kv/(S+s) − (2I+s)/(S+s)²) = a_k·y_kv + c_k.
-    let scale = weights[1] / i_.len() as f64;
+    let scale = t.dice / i_.len() as f64;
     let a: Vec<f64> = s_.iter().map(|s| -2.0 * scale / (s + smooth)).collect();
     let cst: Vec<f64> = i_.iter().zip(&s_).map(|(i, s)| scale * (2.0 * i + smooth) / (s + smooth).powi(2)).collect();
-    let inv_n = weights[0] / (b * n) as f64;
+    // The cross-entropy's weight per voxel: w/N for all, or w/k for TopK's chosen voxels.
+    let (chosen, ce_w) = match t.topk {
+        None => (None, t.ce / (b * n) as f64),
+        Some(pct) => {
+            let (chosen, k) = topk_voxels(&voxel_ce(logits, target, b, c, n), pct);
+            (Some(chosen), t.ce / k as f64)
+        }
+    };
     let mut out = vec![0f32; b * c * n];
     // Parallel over (batch, block): each writes its own voxels of every class plane.
     let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(BLOCK).map(move |v0| (bi, v0))).collect();
@@ -138,6 +200,10 @@ pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, ba
             let grp = if batch_dice { 0 } else { bi };
             for v in 0..len {
                 let t = target[bi * n + v0 + v] as usize;
+                let w = match &chosen {
+                    Some(ch) if !ch[bi * n + v0 + v] => 0.0,
+                    _ => ce_w,
+                };
                 let row = &p[v * c..(v + 1) * c];
                 g[0] = 0.0;
                 let mut pg = 0f64;
@@ -148,7 +214,7 @@ pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, ba
                 }
                 for k in 0..c {
                     let pk = row[k] as f64;
-                    let dz = pk * (g[k] - pg) + (pk - f64::from(u8::from(k == t))) * inv_n;
+                    let dz = pk * (g[k] - pg) + (pk - f64::from(u8::from(k == t))) * w;
                     let idx = bi * c * n + k * n + v0 + v;
                     assert!(idx < b * c * n);
                     // SAFETY: in bounds (checked); element (bi, k, v0 + v) belongs to this work
