@@ -32,7 +32,7 @@ fn the_loss_variants_and_their_gradients_match_nnunet() {
             "no_ds" => (LossKind::DiceCe, vec![1.0, 0.0, 0.0]),
             other => (LossKind::parse(other).unwrap(), ds_weights(3)),
         };
-        let cfg = DiceConfig { batch_dice, ignore_label: (case == "ignore").then_some(ignore.unwrap()), loss, ..Default::default() };
+        let cfg = DiceConfig { batch_dice, ignore_label: (case == "ignore").then_some(ignore.unwrap()), loss, smooth: loss.dice_smooth(), ..Default::default() };
         loss.check(cfg.ignore_label.is_some(), false).unwrap();
         let xs: Vec<Tensor<5>> = logits.iter().map(|(s, l)| Tensor::<5>::from_data(TensorData::new(l.clone(), [s[0], s[1], s[2], s[3], s[4]]), &ad).require_grad()).collect();
         let targets: Vec<Tensor<4, Int>> = (0..3)
@@ -57,7 +57,7 @@ fn the_loss_variants_and_their_gradients_match_nnunet() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 18, "every variant of the fixture");
+    assert_eq!(checked, 26, "every variant of the fixture");
     // nnU-Net refuses these combinations; so does the loss.
     assert!(LossKind::Dice.check(true, false).is_err());
     assert!(LossKind::Ce.check(false, true).is_err());

@@ -52,11 +52,23 @@ pub enum LossKind {
     Topk10,
     /// Soft Dice + TopK 10 % cross-entropy, 1:1 (`nnUNetTrainerDiceTopK10Loss`).
     DiceTopk10,
+    /// Cross-entropy + soft Dice without the Dice's smoothing (`nnUNetTrainerDiceCELoss_noSmooth`).
+    DiceCeNosmooth,
+    /// TopK 10 % of the cross-entropy with label smoothing 0.1 (`nnUNetTrainerTopk10LossLS01`).
+    Topk10Ls01,
 }
 
 impl LossKind {
     /// Every kind with its name in specs and on the command line.
-    pub const ALL: [(&'static str, LossKind); 5] = [("dice_ce", Self::DiceCe), ("ce", Self::Ce), ("dice", Self::Dice), ("topk10", Self::Topk10), ("dice_topk10", Self::DiceTopk10)];
+    pub const ALL: [(&'static str, LossKind); 7] = [
+        ("dice_ce", Self::DiceCe),
+        ("ce", Self::Ce),
+        ("dice", Self::Dice),
+        ("topk10", Self::Topk10),
+        ("dice_topk10", Self::DiceTopk10),
+        ("dice_ce_nosmooth", Self::DiceCeNosmooth),
+        ("topk10_ls01", Self::Topk10Ls01),
+    ];
 
     /// Its name (`dice_ce`, `ce`, `dice`, `topk10`, `dice_topk10`).
     pub fn name(self) -> &'static str {
@@ -71,15 +83,25 @@ impl LossKind {
     /// Weights of the (cross-entropy, Dice) terms: 1 or 0 each.
     pub fn weights(self) -> [f64; 2] {
         match self {
-            Self::DiceCe | Self::DiceTopk10 => [1.0, 1.0],
-            Self::Ce | Self::Topk10 => [1.0, 0.0],
+            Self::DiceCe | Self::DiceTopk10 | Self::DiceCeNosmooth => [1.0, 1.0],
+            Self::Ce | Self::Topk10 | Self::Topk10Ls01 => [1.0, 0.0],
             Self::Dice => [0.0, 1.0],
         }
     }
 
     /// Whether the cross-entropy term is the TopK one.
     pub fn is_topk(self) -> bool {
-        matches!(self, Self::Topk10 | Self::DiceTopk10)
+        matches!(self, Self::Topk10 | Self::DiceTopk10 | Self::Topk10Ls01)
+    }
+
+    /// The cross-entropy's label smoothing (0.1 for `topk10_ls01`, else 0).
+    pub fn label_smoothing(self) -> f64 {
+        if self == Self::Topk10Ls01 { 0.1 } else { 0.0 }
+    }
+
+    /// The soft Dice's smoothing (nnU-Net's 1e-5; 0 for `dice_ce_nosmooth`).
+    pub fn dice_smooth(self) -> f64 {
+        if self == Self::DiceCeNosmooth { 0.0 } else { 1e-5 }
     }
 
     /// Whether this loss trains a dataset with an ignore label and/or regions; refused as
@@ -87,7 +109,7 @@ impl LossKind {
     /// regions; the Dice trainer has no ignore-label handling).
     pub fn check(self, ignore_label: bool, regions: bool) -> Result<(), String> {
         match self {
-            Self::Ce | Self::Topk10 | Self::DiceTopk10 if regions => Err(format!("loss `{}` does not train region-based datasets (nnU-Net's trainer asserts it); use `dice_ce` or `dice`", self.name())),
+            Self::Ce | Self::Topk10 | Self::DiceTopk10 | Self::Topk10Ls01 if regions => Err(format!("loss `{}` does not train region-based datasets (nnU-Net's trainer asserts it); use `dice_ce` or `dice`", self.name())),
             Self::Dice if ignore_label => Err("loss `dice` does not train datasets with an ignore label (nnU-Net's nnUNetTrainerDiceLoss has no mask for it); use `dice_ce`".to_string()),
             _ => Ok(()),
         }
@@ -246,7 +268,7 @@ fn soft_dice(i: Tensor<2>, p: Tensor<2>, g: Tensor<2>, smooth: f64) -> Tensor<2>
 /// [`DiceConfig::loss`] names.
 pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
     let [w_ce, w_dice] = cfg.loss.weights();
-    let topk = cfg.loss.is_topk().then(|| topk_ce(logits.clone(), target.clone(), cfg.ignore_label, 10.0));
+    let topk = cfg.loss.is_topk().then(|| topk_ce(logits.clone(), target.clone(), cfg.ignore_label, 10.0, cfg.loss.label_smoothing()));
     if w_dice == 0.0 && let Some(t) = topk {
         return t;
     }
@@ -265,11 +287,12 @@ pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tens
     }
 }
 
-/// nnU-Net's `TopKLoss`: the voxels' cross-entropy (0 where the target is `ignore`), the
-/// `⌊N·percent/100⌋` largest of all `N` voxels of the batch (at least one), averaged. The voxels
-/// are chosen on the host, exactly that many (ties broken by position); the gradient flows
-/// through the chosen ones only, as through `torch.topk`.
-pub fn topk_ce(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>, percent: f64) -> Tensor<1> {
+/// nnU-Net's `TopKLoss`: the voxels' cross-entropy (0 where the target is `ignore`; with label
+/// smoothing ε against `(1 − ε)·onehot + ε/C`, as PyTorch's), the `⌊N·percent/100⌋` largest
+/// of all `N` voxels of the batch (at least one), averaged. The voxels are chosen on the host,
+/// exactly that many (ties broken by position); the gradient flows through the chosen ones
+/// only, as through `torch.topk`.
+pub fn topk_ce(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>, percent: f64, smoothing: f64) -> Tensor<1> {
     let [b, c, d, h, w] = logits.dims();
     let n = b * d * h * w;
     let (target, mask) = match ignore {
@@ -280,7 +303,10 @@ pub fn topk_ce(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>, p
         }
         None => (target, None),
     };
-    let onehot: Tensor<5> = target.one_hot_fill::<5>(c, 1.0, 0.0, 1).float();
+    let mut onehot: Tensor<5> = target.one_hot_fill::<5>(c, 1.0, 0.0, 1).float();
+    if smoothing != 0.0 {
+        onehot = onehot * (1.0 - smoothing) + smoothing / c as f64;
+    }
     let mut per_voxel: Tensor<4> = (log_softmax(logits, 1) * onehot).sum_dim(1).neg().reshape([b, d, h, w]);
     if let Some(m) = mask {
         per_voxel = per_voxel * m;
@@ -320,7 +346,7 @@ pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -
     use crate::ext::StuOps;
     let target = target.float();
     let [ce, dice] = cfg.loss.weights();
-    let terms = crate::kernels::loss::Terms { batch_dice: cfg.batch_dice, smooth: cfg.smooth, ce, dice, topk: cfg.loss.is_topk().then_some(10.0) };
+    let terms = crate::kernels::loss::Terms { batch_dice: cfg.batch_dice, smooth: cfg.smooth, ce, dice, topk: cfg.loss.is_topk().then_some(10.0), smoothing: cfg.loss.label_smoothing() };
     Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::dc_ce_loss(logits.into_dispatch(), target.into_dispatch(), terms))
 }
 
@@ -367,7 +393,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
         .map(|((o, t), &w)| {
             let (ce, sums) = loss_and_sums(o.clone(), t.clone(), &cfg);
             // TopK over this rank's voxels, as under nnU-Net's DDP.
-            let ce = if cfg.loss.is_topk() { topk_ce(o.clone(), t.clone(), cfg.ignore_label, 10.0) } else { ce };
+            let ce = if cfg.loss.is_topk() { topk_ce(o.clone(), t.clone(), cfg.ignore_label, 10.0, cfg.loss.label_smoothing()) } else { ce };
             (w, ce * w_ce, sums.map(|s| s.sum_dim(0)))
         })
         .collect();
@@ -412,7 +438,7 @@ pub fn fused_against_composed(device: &burn::tensor::Device, seed: u64) -> Vec<(
     let target: Vec<i64> = (0..b * d * h * w).map(|i| { let v = rng.below(5) as i64; if v == 4 && i < d * h * w { 3 } else { v } }).collect();
     let mut out = Vec::new();
     for (batch_dice, loss) in [false, true].into_iter().flat_map(|bd| LossKind::ALL.map(|(_, k)| (bd, k))) {
-        let cfg = DiceConfig { batch_dice, loss, ..Default::default() };
+        let cfg = DiceConfig { batch_dice, loss, smooth: loss.dice_smooth(), ..Default::default() };
         let run = |fused: bool| {
             let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), &ad).require_grad();
             let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), &ad);

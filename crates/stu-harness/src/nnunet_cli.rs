@@ -398,11 +398,13 @@ struct Trainer {
 
 /// nnU-Net's trainer variants (`nnunetv2/training/nnUNetTrainer/variants`) that `stu train`
 /// runs: name, flags, initial learning rate.
-const VARIANTS: [(&str, &[&str], Option<&str>); 19] = [
+const VARIANTS: [(&str, &[&str], Option<&str>); 21] = [
     ("nnUNetTrainerCELoss", &["--loss", "ce"], None),
     ("nnUNetTrainerDiceLoss", &["--loss", "dice"], None),
     ("nnUNetTrainerTopk10Loss", &["--loss", "topk10"], None),
     ("nnUNetTrainerDiceTopK10Loss", &["--loss", "dice_topk10"], None),
+    ("nnUNetTrainerDiceCELoss_noSmooth", &["--loss", "dice_ce_nosmooth"], None),
+    ("nnUNetTrainerTopk10LossLS01", &["--loss", "topk10_ls01"], None),
     ("nnUNetTrainerNoDeepSupervision", &["--no-deep-supervision"], None),
     ("nnUNetTrainerAdam", &["--optimizer", "adamw"], None),
     ("nnUNetTrainerAdam1en3", &["--optimizer", "adamw"], Some("1e-3")),

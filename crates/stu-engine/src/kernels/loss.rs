@@ -122,10 +122,13 @@ pub struct Terms {
     pub dice: f64,
     /// The percentage of voxels the cross-entropy averages (`None`: all).
     pub topk: Option<f64>,
+    /// The cross-entropy's label smoothing ε: its target is `(1 − ε)·onehot + ε/C`.
+    pub smoothing: f64,
 }
 
-/// Each voxel's cross-entropy `−log p_t`, `[B, N]`.
-fn voxel_ce(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize) -> Vec<f32> {
+/// Each voxel's cross-entropy `−log p_t` (with label smoothing ε:
+/// `(1 − ε)·(−log p_t) + ε·mean_k(−log p_k)`), `[B, N]`.
+fn voxel_ce(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, eps: f64) -> Vec<f32> {
     let mut out = vec![0f32; b * n];
     for (bi, row) in out.chunks_mut(n).enumerate() {
         row.par_chunks_mut(BLOCK).enumerate().for_each_init(
@@ -135,7 +138,13 @@ fn voxel_ce(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize) -> Vec
                 softmax_block(logits, bi, c, n, v0, dst.len(), p, lse);
                 for (v, d) in dst.iter_mut().enumerate() {
                     let t = target[bi * n + v0 + v] as usize;
-                    *d = (lse[v] - logits[bi * c * n + t * n + v0 + v] as f64) as f32;
+                    let nll = lse[v] - logits[bi * c * n + t * n + v0 + v] as f64;
+                    *d = if eps == 0.0 {
+                        nll as f32
+                    } else {
+                        let mean_z = (0..c).map(|k| logits[bi * c * n + k * n + v0 + v] as f64).sum::<f64>() / c as f64;
+                        ((1.0 - eps) * nll + eps * (lse[v] - mean_z)) as f32
+                    };
                 }
             },
         );
@@ -160,10 +169,11 @@ pub fn forward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, t: 
     assert!(c >= 2, "the loss needs background and at least one class");
     let st = stats(logits, target, b, c, n);
     let (_, _, dc) = dice_terms(&st, b, c, t.batch_dice, t.smooth);
-    let ce = match t.topk {
-        None => st.ce / (b * n) as f64,
-        Some(pct) => {
-            let v = voxel_ce(logits, target, b, c, n);
+    let ce = match (t.topk, t.smoothing) {
+        (None, 0.0) => st.ce / (b * n) as f64,
+        (None, eps) => voxel_ce(logits, target, b, c, n, eps).iter().map(|&x| x as f64).sum::<f64>() / (b * n) as f64,
+        (Some(pct), eps) => {
+            let v = voxel_ce(logits, target, b, c, n, eps);
             let (chosen, k) = topk_voxels(&v, pct);
             v.iter().zip(&chosen).filter(|(_, c)| **c).map(|(x, _)| *x as f64).sum::<f64>() / k as f64
         }
@@ -173,7 +183,7 @@ pub fn forward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, t: 
 
 /// `∂loss/∂logits · grad`, `[B, C, N]` ([`forward`]'s loss).
 pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, t: Terms, grad: f64) -> Vec<f32> {
-    let Terms { batch_dice, smooth, .. } = t;
+    let Terms { batch_dice, smooth, smoothing: eps, .. } = t;
     let st = stats(logits, target, b, c, n);
     let (i_, s_, _) = dice_terms(&st, b, c, batch_dice, smooth);
     // ∂(−w·mean dc)/∂p_kv = −(w/T)·(2·y_kv/(S+s) − (2I+s)/(S+s)²) = a_k·y_kv + c_k.
@@ -184,7 +194,7 @@ pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, t:
     let (chosen, ce_w) = match t.topk {
         None => (None, t.ce / (b * n) as f64),
         Some(pct) => {
-            let (chosen, k) = topk_voxels(&voxel_ce(logits, target, b, c, n), pct);
+            let (chosen, k) = topk_voxels(&voxel_ce(logits, target, b, c, n, t.smoothing), pct);
             (Some(chosen), t.ce / k as f64)
         }
     };
@@ -214,7 +224,8 @@ pub fn backward(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, t:
                 }
                 for k in 0..c {
                     let pk = row[k] as f64;
-                    let dz = pk * (g[k] - pg) + (pk - f64::from(u8::from(k == t))) * w;
+                    let y = (1.0 - eps) * f64::from(u8::from(k == t)) + eps / c as f64;
+                    let dz = pk * (g[k] - pg) + (pk - y) * w;
                     let idx = bi * c * n + k * n + v0 + v;
                     assert!(idx < b * c * n);
                     // SAFETY: in bounds (checked); element (bi, k, v0 + v) belongs to this work
