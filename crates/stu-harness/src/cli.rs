@@ -469,7 +469,9 @@ struct TrainArgs {
     no_augmentation: bool,
     /// Loss, as nnU-Net's trainer variants: `dice_ce` (nnUNetTrainer), `ce`
     /// (nnUNetTrainerCELoss), `dice` (nnUNetTrainerDiceLoss), `topk10` (nnUNetTrainerTopk10Loss:
-    /// the 10 % hardest voxels' cross-entropy), `dice_topk10` (nnUNetTrainerDiceTopK10Loss).
+    /// the 10 % hardest voxels' cross-entropy), `dice_topk10` (nnUNetTrainerDiceTopK10Loss),
+    /// `dice_ce_nosmooth` (nnUNetTrainerDiceCELoss_noSmooth), `topk10_ls01`
+    /// (nnUNetTrainerTopk10LossLS01: label smoothing 0.1).
     #[arg(long, default_value = "dice_ce", value_parser = stu_engine::loss::LossKind::parse)]
     loss: stu_engine::loss::LossKind,
     /// Train the full-resolution output only (nnUNetTrainerNoDeepSupervision).

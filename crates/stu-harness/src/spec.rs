@@ -196,8 +196,8 @@ pub struct TrainSpec {
     /// Loader threads.
     #[serde(default = "workers")]
     pub workers: usize,
-    /// Loss: `dice_ce` (nnU-Net's), `ce`, `dice`, `topk10`, `dice_topk10` (its trainer
-    /// variants; `crate::train::Recipe`).
+    /// Loss: `dice_ce` (nnU-Net's), `ce`, `dice`, `topk10`, `dice_topk10`, `dice_ce_nosmooth`,
+    /// `topk10_ls01` (its trainer variants; `crate::train::Recipe`).
     #[serde(default)]
     pub loss: stu_engine::loss::LossKind,
     /// Deep supervision (off: nnUNetTrainerNoDeepSupervision).

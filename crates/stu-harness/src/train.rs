@@ -131,7 +131,8 @@ impl TrainConfig {
 /// recipe, the axes of a training ablation. The default is `nnUNetTrainer`'s.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Recipe {
-    /// The loss (`nnUNetTrainerCELoss`, `…DiceLoss`, `…Topk10Loss`, `…DiceTopK10Loss`).
+    /// The loss (`nnUNetTrainerCELoss`, `…DiceLoss`, `…Topk10Loss`, `…DiceTopK10Loss`,
+    /// `…DiceCELoss_noSmooth`, `…Topk10LossLS01`).
     pub loss: LossKind,
     /// Deep supervision; off, only the full-resolution output is trained
     /// (`nnUNetTrainerNoDeepSupervision`).
