@@ -136,7 +136,7 @@ fn stu_train_runs_every_trainer_variant() {
     let dir = tempfile::tempdir().unwrap();
     tests::synthetic_preprocessed(&dir.path().join("pre"), 5, 1, 3, [20, 20, 20], [16, 16, 16], &[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]);
     let (base, base_logs) = train_with(dir.path(), "default", &[]);
-    for key in ["loss", "deep_supervision", "optimizer", "lr_schedule", "mirroring", "oversample_foreground", "probabilistic_oversampling"] {
+    for key in ["loss", "deep_supervision", "optimizer", "lr_schedule", "mirror_axes", "oversample_foreground", "probabilistic_oversampling"] {
         assert!(base.get(key).is_none(), "nnU-Net's defaults are left out of train.json ({key}), so older runs resume");
     }
     let first_loss = |logs: &[serde_json::Value]| logs[0]["train_losses"][0].as_f64().unwrap();
@@ -150,7 +150,8 @@ fn stu_train_runs_every_trainer_variant() {
         ("adamw", &["--optimizer", "adamw"], "optimizer", serde_json::json!("adamw")),
         ("cosine", &["--lr-schedule", "cosine"], "lr_schedule", serde_json::json!("cosine")),
         ("warmup", &["--lr-schedule", "warmup"], "lr_schedule", serde_json::json!("warmup")),
-        ("no_mirroring", &["--no-mirroring"], "mirroring", serde_json::json!(false)),
+        ("no_mirroring", &["--no-mirroring"], "mirror_axes", serde_json::json!([])),
+        ("only01", &["--mirror-axes", "0,1"], "mirror_axes", serde_json::json!([0, 1])),
         ("probabilistic", &["--probabilistic-oversampling", "--oversample-foreground", "0.1"], "probabilistic_oversampling", serde_json::json!(true)),
     ] {
         let (cfg, logs) = train_with(dir.path(), name, flags);
@@ -174,6 +175,14 @@ fn stu_train_runs_every_trainer_variant() {
         if name == "dice" {
             assert!(logs.iter().all(|l| l["train_loss"].as_f64().unwrap() < 0.0), "the Dice-only loss is −Dice");
         }
+        // The checkpoint records the axes its predictions may mirror.
+        let meta: serde_json::Value = serde_json::from_str(&stu_engine::checkpoint::StateDict::open(dir.path().join(name).join("checkpoint_final.safetensors")).unwrap().metadata()["stu_checkpoint"]).unwrap();
+        let axes = match name {
+            "no_mirroring" => serde_json::json!([]),
+            "only01" => serde_json::json!([0, 1]),
+            _ => serde_json::json!([0, 1, 2]),
+        };
+        assert_eq!(meta["inference_allowed_mirroring_axes"], axes, "{name}");
         let lrs: Vec<f64> = logs.iter().map(|l| l["lr"].as_f64().unwrap()).collect();
         match name {
             "cosine" => assert_eq!(lrs, [1e-2, 1e-2 * (1.0 + (std::f64::consts::PI / 2.0).cos()) / 2.0]),
@@ -191,6 +200,8 @@ fn stu_train_runs_every_trainer_variant() {
     // A loss nnU-Net does not train a dataset with is refused before the run folder is made.
     let o = Command::new(stu_bin!()).args(["train", dir.path().join("pre").to_str().unwrap(), "--out", dir.path().join("bad").to_str().unwrap(), "--loss", "focal"]).output().unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("dice_topk10"), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(stu_bin!()).args(["train", dir.path().join("pre").to_str().unwrap(), "--out", dir.path().join("bad").to_str().unwrap(), "--mirror-axes", "0,3"]).output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--mirror-axes [0, 3]"), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(!dir.path().join("bad").exists());
 }
 

@@ -127,6 +127,12 @@ fn nnunet_2d_through_nnunets_commands() {
     let ck2 = res.join(name).join("nnUNetTrainer_1epochs_NoMirroring__nnUNetPlans__2d/fold_all/checkpoint_final.safetensors");
     let meta: serde_json::Value = serde_json::from_str(&stu_engine::checkpoint::StateDict::open(&ck2).unwrap().metadata()["stu_checkpoint"]).unwrap();
     assert_eq!(meta["inference_allowed_mirroring_axes"], serde_json::json!([]), "no mirroring at inference");
+    // onlyMirror01 in 2-D mirrors the first in-plane axis only (nnU-Net's (0,), here axis 1).
+    let log = ok(&nnunet(&env, &["nnUNetv2_train", "802", "2d", "all", "-tr", "nnUNetTrainer_onlyMirror01", "--", "--iterations", "2", "--val-iterations", "0", "--epochs", "1"]));
+    assert!(log.contains("--mirror-axes 0 "), "{log}");
+    let ck3 = res.join(name).join("nnUNetTrainer_onlyMirror01__nnUNetPlans__2d/fold_all/checkpoint_final.safetensors");
+    let meta: serde_json::Value = serde_json::from_str(&stu_engine::checkpoint::StateDict::open(&ck3).unwrap().metadata()["stu_checkpoint"]).unwrap();
+    assert_eq!(meta["inference_allowed_mirroring_axes"], serde_json::json!([1]));
     fails(&nnunet(&env, &["nnUNetv2_train", "802", "2d", "all", "-tr", "nnUNetTrainerDA5"]), &["nnUNetTrainerCELoss", "STUNetTrainer_small"]);
 
     let images = raw.join(name).join("imagesTr");

@@ -486,9 +486,14 @@ struct TrainArgs {
     #[arg(long, default_value = "poly", value_parser = stu_engine::schedule::LrSchedule::parse)]
     lr_schedule: stu_engine::schedule::LrSchedule,
     /// No mirroring, in training's augmentation nor as the checkpoints' test-time augmentation
-    /// (nnUNetTrainerNoMirroring).
-    #[arg(long)]
+    /// (nnUNetTrainerNoMirroring; the same as `--mirror-axes none`).
+    #[arg(long, conflicts_with = "mirror_axes")]
     no_mirroring: bool,
+    /// The axes mirrored in training and at test time, nnU-Net's numbering of the
+    /// configuration's spatial axes (`0,1`: nnUNetTrainer_onlyMirror01, `0` in 2-D; `none`);
+    /// default all.
+    #[arg(long, value_parser = parse_axes)]
+    mirror_axes: Option<Axes>,
     /// Fraction of training samples forced to contain foreground (nnU-Net's
     /// oversample_foreground_percent, default 0.33).
     #[arg(long)]
@@ -571,6 +576,16 @@ fn parse_nproc(s: &str) -> Result<usize, String> {
 }
 
 #[derive(Clone)]
+struct Axes(Vec<usize>);
+
+fn parse_axes(s: &str) -> Result<Axes, String> {
+    if s == "none" || s.is_empty() {
+        return Ok(Axes(Vec::new()));
+    }
+    s.split(',').map(|x| x.trim().parse::<usize>().map_err(|_| format!("`{x}` is not an axis (0, 1, 2), in `{s}`"))).collect::<Result<_, _>>().map(Axes)
+}
+
+#[derive(Clone)]
 struct Patch([usize; 3]);
 
 fn parse_patch(s: &str) -> Result<Patch, String> {
@@ -629,7 +644,7 @@ impl TrainArgs {
             fraction: self.fraction,
             precision: self.precision,
             previous_stage: self.previous_stage,
-            recipe: crate::train::Recipe { loss: self.loss, deep_supervision: !self.no_deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: !self.no_mirroring, oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling },
+            recipe: crate::train::Recipe { loss: self.loss, deep_supervision: !self.no_deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirror_axes: if self.no_mirroring { Some(Vec::new()) } else { self.mirror_axes.map(|a| a.0) }, oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling },
         })
     }
 }

@@ -398,7 +398,7 @@ struct Trainer {
 
 /// nnU-Net's trainer variants (`nnunetv2/training/nnUNetTrainer/variants`) that `stu train`
 /// runs: name, flags, initial learning rate.
-const VARIANTS: [(&str, &[&str], Option<&str>); 21] = [
+const VARIANTS: [(&str, &[&str], Option<&str>); 22] = [
     ("nnUNetTrainerCELoss", &["--loss", "ce"], None),
     ("nnUNetTrainerDiceLoss", &["--loss", "dice"], None),
     ("nnUNetTrainerTopk10Loss", &["--loss", "topk10"], None),
@@ -415,6 +415,7 @@ const VARIANTS: [(&str, &[&str], Option<&str>); 21] = [
     ("nnUNetTrainerCosAnneal", &["--lr-schedule", "cosine"], None),
     ("nnUNetTrainer_warmup", &["--lr-schedule", "warmup"], None),
     ("nnUNetTrainerNoMirroring", &["--no-mirroring"], None),
+    ("nnUNetTrainer_onlyMirror01", &["--mirror-axes", "0,1"], None),
     // No augmentation, and so no mirroring at inference either.
     ("nnUNetTrainerNoDA", &["--no-augmentation", "--no-mirroring"], None),
     ("nnUNetTrainer_probabilisticOversampling", &["--probabilistic-oversampling"], None),
@@ -499,7 +500,11 @@ fn train(cmd: &str, args: &[String]) -> Result<()> {
         return stu(v);
     }
     let resenc = crate::train::plan_network(&data, &config).is_some_and(|n| n.ends_with("ResidualEncoderUNet"));
-    let t = trainer(tr, resenc)?;
+    let mut t = trainer(tr, resenc)?;
+    if tr == "nnUNetTrainer_onlyMirror01" && crate::train::plan_is_2d(&data, &config) {
+        // In 2-D, nnU-Net's onlyMirror01 mirrors the first in-plane axis only.
+        t.variant = vec!["--mirror-axes", "0"];
+    }
     let mut a = vec!["train".into(), s(&data), "--out".into(), s(&run), "--fold".into(), fold, "--configuration".into(), config.clone()];
     // Model size from the passed-through options, if any, instead of the preset.
     let sized = p.rest.iter().any(|r| ["--model-options", "--blocks", "--base-width", "--preset"].contains(&r.as_str()));
@@ -815,6 +820,7 @@ mod tests {
         assert_eq!(trainer("nnUNetTrainer_250epochs_NoMirroring", false).unwrap().epochs, Some(250));
         assert_eq!(trainer("nnUNetTrainerNoDA", false).unwrap().variant, ["--no-augmentation", "--no-mirroring"]);
         assert_eq!(trainer("nnUNetTrainer_warmup", false).unwrap().variant, ["--lr-schedule", "warmup"]);
+        assert_eq!(trainer("nnUNetTrainer_onlyMirror01", false).unwrap().variant, ["--mirror-axes", "0,1"]);
         assert_eq!(trainer("nnUNetTrainer_probabilisticOversampling_010", false).unwrap().variant, ["--probabilistic-oversampling", "--oversample-foreground", "0.1"]);
         assert_eq!(trainer("STUNetTrainer_small_ep4k", false).unwrap().epochs, Some(4000));
         for bad in ["STUNetTrainer_tiny", "nnUNetTrainerV2", "nnUNetTrainer_xepochs", "nnUNetTrainerDA5", "nnUNetTrainerTopk10Loss_5epochs", "nnUNetTrainerAdam_0epochs"] {

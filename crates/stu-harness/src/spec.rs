@@ -209,9 +209,10 @@ pub struct TrainSpec {
     /// Learning-rate schedule: `poly` (nnU-Net's), `cosine`, `warmup`.
     #[serde(default)]
     pub lr_schedule: stu_engine::schedule::LrSchedule,
-    /// Mirroring in augmentation and test-time augmentation (off: nnUNetTrainerNoMirroring).
-    #[serde(default = "yes")]
-    pub mirroring: bool,
+    /// Axes mirrored in augmentation and test-time augmentation, nnU-Net's numbering (all by
+    /// default; `[]`: nnUNetTrainerNoMirroring; `[0, 1]`: nnUNetTrainer_onlyMirror01).
+    #[serde(default)]
+    pub mirror_axes: Option<Vec<usize>>,
     /// Fraction of samples forced to contain foreground (0.33; nnU-Net's
     /// `oversample_foreground_percent`).
     #[serde(default)]
@@ -224,7 +225,7 @@ pub struct TrainSpec {
 impl TrainSpec {
     /// The recipe's variant settings.
     pub fn recipe(&self) -> crate::train::Recipe {
-        crate::train::Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: self.mirroring, oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling }
+        crate::train::Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirror_axes: self.mirror_axes.clone(), oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling }
     }
 }
 
@@ -252,7 +253,7 @@ fn workers() -> usize {
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers(), loss: Default::default(), deep_supervision: true, optimizer: Default::default(), lr_schedule: Default::default(), mirroring: true, oversample_foreground: None, probabilistic_oversampling: false }
+        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers(), loss: Default::default(), deep_supervision: true, optimizer: Default::default(), lr_schedule: Default::default(), mirror_axes: None, oversample_foreground: None, probabilistic_oversampling: false }
     }
 }
 
@@ -405,6 +406,9 @@ pub fn validate(s: &Spec) -> Result<()> {
     let models: Vec<&str> = stu_engine::model::registry().names().collect();
     allowed("model.name", &s.model.name, &models)?;
     ensure!(s.dataset.fraction > 0.0 && s.dataset.fraction <= 1.0, "`dataset.fraction` = {}: must be in (0, 1]", s.dataset.fraction);
+    if let Some(axes) = &s.train.mirror_axes {
+        ensure!(axes.iter().enumerate().all(|(i, a)| *a < 3 && !axes[..i].contains(a)), "`train.mirror_axes` = {axes:?}: spatial axes 0, 1, 2, each named once");
+    }
     if let Some(p) = s.train.oversample_foreground {
         ensure!((0.0..=1.0).contains(&p), "`train.oversample_foreground` = {p}: must be in [0, 1]");
     }
@@ -740,12 +744,12 @@ mod tests {
 
     #[test]
     fn the_recipe_keys_take_nnunets_variants_and_name_the_key_otherwise() {
-        let p = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"topk10\"\ndeep_supervision = false\noptimizer = \"adam\"\nlr_schedule = \"warmup\"\nmirroring = false\n"));
+        let p = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"topk10\"\ndeep_supervision = false\noptimizer = \"adam\"\nlr_schedule = \"warmup\"\nmirror_axes = []\n"));
         let r = p.spec.train.recipe();
-        assert_eq!(r, crate::train::Recipe { loss: stu_engine::loss::LossKind::Topk10, deep_supervision: false, optimizer: stu_engine::train::OptimizerKind::Adam, lr_schedule: stu_engine::schedule::LrSchedule::Warmup, mirroring: false, oversample_foreground: None, probabilistic_oversampling: false });
+        assert_eq!(r, crate::train::Recipe { loss: stu_engine::loss::LossKind::Topk10, deep_supervision: false, optimizer: stu_engine::train::OptimizerKind::Adam, lr_schedule: stu_engine::schedule::LrSchedule::Warmup, mirror_axes: Some(vec![]), oversample_foreground: None, probabilistic_oversampling: false });
         assert!(identity(&p.spec).unwrap().contains(r#""loss":"topk10""#));
         // Written out at nnU-Net's defaults, they leave the identity alone.
-        let q = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"dice_ce\"\noptimizer = \"sgd\"\nlr_schedule = \"poly\"\nmirroring = true\ndeep_supervision = true\n"));
+        let q = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"dice_ce\"\noptimizer = \"sgd\"\nlr_schedule = \"poly\"\ndeep_supervision = true\n"));
         assert_eq!(q.id, one_point(TINY).id);
         let e = format!("{:#}", load_str(&TINY.replace("[train]\n", "[train]\noptimizer = \"lion\"\n"), Path::new("t.toml"), &[]).unwrap_err());
         assert!(e.contains("train.optimizer") && e.contains("adamw"), "{e}");

@@ -99,9 +99,9 @@ pub struct TrainConfig {
     /// See [`Recipe::lr_schedule`].
     #[serde(default, skip_serializing_if = "is_default")]
     pub lr_schedule: LrSchedule,
-    /// See [`Recipe::mirroring`].
-    #[serde(default = "yes", skip_serializing_if = "is_yes")]
-    pub mirroring: bool,
+    /// See [`Recipe::mirror_axes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_axes: Option<Vec<usize>>,
     /// See [`Recipe::oversample_foreground`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oversample_foreground: Option<f64>,
@@ -113,7 +113,18 @@ pub struct TrainConfig {
 impl TrainConfig {
     /// The recipe's variant settings.
     pub fn recipe(&self) -> Recipe {
-        Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirroring: self.mirroring, oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling }
+        Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirror_axes: self.mirror_axes.clone(), oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling }
+    }
+
+    /// The mirrored axes ([`Recipe::mirror_axes`]) in this crate's numbering of a patch's
+    /// three axes: a 2-D configuration's patches are one slice deep, its in-plane axes 1 and 2.
+    pub fn mirror_axes_here(&self) -> Vec<usize> {
+        let planar = stu_data::sampler::planar(self.patch_size);
+        match &self.mirror_axes {
+            None if planar => vec![1, 2],
+            None => vec![0, 1, 2],
+            Some(axes) => axes.iter().map(|&a| a + usize::from(planar)).collect(),
+        }
     }
 
     /// Which training samples are forced to contain foreground.
@@ -129,7 +140,7 @@ impl TrainConfig {
 
 /// What nnU-Net's trainer variants (`nnunetv2/training/nnUNetTrainer/variants`) change in its
 /// recipe, the axes of a training ablation. The default is `nnUNetTrainer`'s.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Recipe {
     /// The loss (`nnUNetTrainerCELoss`, `…DiceLoss`, `…Topk10Loss`, `…DiceTopK10Loss`,
     /// `…DiceCELoss_noSmooth`, `…Topk10LossLS01`).
@@ -141,9 +152,11 @@ pub struct Recipe {
     pub optimizer: OptimizerKind,
     /// The learning-rate schedule (`nnUNetTrainerCosAnneal`, `nnUNetTrainer_warmup`).
     pub lr_schedule: LrSchedule,
-    /// Mirroring, in training's augmentation and as test-time augmentation of the run's
-    /// checkpoints (`nnUNetTrainerNoMirroring`: off in both).
-    pub mirroring: bool,
+    /// The axes mirrored, in training's augmentation and as test-time augmentation of the
+    /// run's checkpoints, in nnU-Net's numbering of the configuration's spatial axes (3-D:
+    /// 0, 1, 2; 2-D: 0, 1); `None`: all of them (nnU-Net's default), empty: none
+    /// (`nnUNetTrainerNoMirroring`), `[0, 1]` (`nnUNetTrainer_onlyMirror01`; `[0]` in 2-D).
+    pub mirror_axes: Option<Vec<usize>>,
     /// The fraction of samples forced to contain foreground (nnU-Net's
     /// `oversample_foreground_percent`; `None`: 0.33, or with probabilistic sampling the share
     /// the default rule gives the batch size, as `nnUNetTrainer_probabilisticOversampling`).
@@ -155,7 +168,7 @@ pub struct Recipe {
 
 impl Default for Recipe {
     fn default() -> Self {
-        Self { loss: LossKind::DiceCe, deep_supervision: true, optimizer: OptimizerKind::Sgd, lr_schedule: LrSchedule::Poly, mirroring: true, oversample_foreground: None, probabilistic_oversampling: false }
+        Self { loss: LossKind::DiceCe, deep_supervision: true, optimizer: OptimizerKind::Sgd, lr_schedule: LrSchedule::Poly, mirror_axes: None, oversample_foreground: None, probabilistic_oversampling: false }
     }
 }
 
@@ -362,6 +375,12 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     ensure!(req.iterations >= 1, "--iterations must be at least 1");
     ensure!(req.save_every >= 1, "--save-every must be at least 1");
     ensure!(req.fraction > 0.0 && req.fraction <= 1.0, "--fraction must be in (0, 1], got {}", req.fraction);
+    if let Some(axes) = &req.recipe.mirror_axes {
+        let dims = if plan.patch[0] == 1 { 2 } else { 3 };
+        for (i, &a) in axes.iter().enumerate() {
+            ensure!(a < dims && !axes[..i].contains(&a), "--mirror-axes {axes:?}: configuration `{}` has {dims} spatial axes (0…{}), each named once", req.configuration, dims - 1);
+        }
+    }
     if let Some(p) = req.recipe.oversample_foreground {
         ensure!((0.0..=1.0).contains(&p), "--oversample-foreground must be in [0, 1], got {p}");
     }
@@ -391,7 +410,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         deep_supervision: req.recipe.deep_supervision,
         optimizer: req.recipe.optimizer,
         lr_schedule: req.recipe.lr_schedule,
-        mirroring: req.recipe.mirroring,
+        mirror_axes: req.recipe.mirror_axes.clone(),
         oversample_foreground: req.recipe.oversample_foreground,
         probabilistic_oversampling: req.recipe.probabilistic_oversampling,
     })
@@ -769,7 +788,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         patch: cfg.patch_size,
         augment: cfg.augmentation.then(|| {
             let aug = AugConfig::nnunet(cfg.patch_size);
-            if cfg.mirroring { aug } else { AugConfig { mirror_axes: Vec::new(), ..aug } }
+            AugConfig { mirror_axes: cfg.mirror_axes_here(), ..aug }
         }),
         ds_scales: scales.clone(),
         regions: task.regions.clone(),
@@ -787,13 +806,8 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         rng: serde_json::json!({"kind": "splitmix64, counter-based: batch i of a stream is seeded by (seed, stream, i)", "train_stream": {"id": 0, "next_batch": epoch * cfg.iterations}, "val_stream": {"id": 1, "next_batch": epoch * cfg.val_iterations}}),
         model: net.describe(),
         config: cfg.clone(),
-        // (A 2-D configuration's patches are one slice deep: in-plane mirroring, nnU-Net's (0, 1).)
         // Without mirroring, none (nnU-Net's `None`): its predictions run no mirrored passes.
-        inference_allowed_mirroring_axes: match (cfg.mirroring, stu_data::sampler::planar(cfg.patch_size)) {
-            (false, _) => Vec::new(),
-            (true, true) => vec![1, 2],
-            (true, false) => vec![0, 1, 2],
-        },
+        inference_allowed_mirroring_axes: cfg.mirror_axes_here(),
     };
     let epochs_before = start;
     while start < cfg.epochs {
