@@ -115,17 +115,22 @@ fn the_lr_schedules_match_nnunet() {
     }
 }
 
-/// Trains a width-4 STU-Net for 2 epochs × 2 iterations on a synthetic preprocessed dataset
-/// with `flags`, returning the run folder's `train.json` and logs.
-fn train_with(dir: &std::path::Path, name: &str, flags: &[&str]) -> (serde_json::Value, Vec<serde_json::Value>) {
-    let out = dir.join(name);
-    let pre = dir.join("pre");
-    let o = Command::new(stu_bin!())
+/// `stu train` of a width-4 STU-Net for 2 epochs × 2 iterations on the synthetic preprocessed
+/// dataset `dir/pre` into `dir/name`, with `flags`.
+fn tiny_train(dir: &std::path::Path, name: &str, flags: &[&str]) -> std::process::Output {
+    let (pre, out) = (dir.join("pre"), dir.join(name));
+    Command::new(stu_bin!())
         .args(["train", pre.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model-options", r#"{"depth":[1,1,1,1],"dims":[4,8,16,16]}"#, "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,16,16", "--batch-size", "2", "--no-final-validation"])
         .args(flags)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// [`tiny_train`], which must succeed; the run folder's `train.json` and logs.
+fn train_with(dir: &std::path::Path, name: &str, flags: &[&str]) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let o = tiny_train(dir, name, flags);
     assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    let out = dir.join(name);
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("train.json")).unwrap()).unwrap();
     let logs = std::fs::read_to_string(out.join("log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     (cfg, logs)
@@ -191,17 +196,14 @@ fn stu_train_runs_every_trainer_variant() {
         }
     }
     // A variant is part of the run's configuration: resuming with another is refused, naming it.
-    let o = Command::new(stu_bin!())
-        .args(["train", dir.path().join("pre").to_str().unwrap(), "--out", dir.path().join("ce").to_str().unwrap(), "--model-options", r#"{"depth":[1,1,1,1],"dims":[4,8,16,16]}"#, "--epochs", "2", "--iterations", "2", "--val-iterations", "1", "--patch-size", "16,16,16", "--batch-size", "2", "--no-final-validation", "--resume"])
-        .output()
-        .unwrap();
+    let o = tiny_train(dir.path(), "ce", &["--resume"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("loss: recorded \"ce\""), "resuming a CE run without --loss ce: {err}");
-    // A loss nnU-Net does not train a dataset with is refused before the run folder is made.
-    let o = Command::new(stu_bin!()).args(["train", dir.path().join("pre").to_str().unwrap(), "--out", dir.path().join("bad").to_str().unwrap(), "--loss", "focal"]).output().unwrap();
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("dice_topk10"), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(stu_bin!()).args(["train", dir.path().join("pre").to_str().unwrap(), "--out", dir.path().join("bad").to_str().unwrap(), "--mirror-axes", "0,3"]).output().unwrap();
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--mirror-axes [0, 3]"), "{}", String::from_utf8_lossy(&o.stderr));
+    // Bad values are refused before the run folder is made, naming the flag's values.
+    for (flags, says) in [(&["--loss", "focal"][..], "dice_topk10"), (&["--mirror-axes", "0,3"][..], "--mirror-axes [0, 3]")] {
+        let o = tiny_train(dir.path(), "bad", flags);
+        assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains(says), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     assert!(!dir.path().join("bad").exists());
 }
 
