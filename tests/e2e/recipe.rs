@@ -195,6 +195,9 @@ fn stu_train_runs_every_trainer_variant() {
             _ => assert_eq!(lrs, [1e-2, stu_engine::schedule::poly_lr(1e-2, 1, 2)]),
         }
     }
+    // Fold `all` validates on its training cases, as nnU-Net's `do_split`: a pseudo Dice each epoch.
+    let (_, logs) = train_with(dir.path(), "all", &["--fold", "all"]);
+    assert!(logs.iter().all(|l| l["val_loss"].as_f64().is_some_and(f64::is_finite) && l["mean_fg_dice"].is_number()), "{logs:?}");
     // A variant is part of the run's configuration: resuming with another is refused, naming it.
     let o = tiny_train(dir.path(), "ce", &["--resume"]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -44,7 +44,8 @@ pub struct TrainConfig {
     pub preprocessed: PathBuf,
     /// Plans configuration.
     pub configuration: String,
-    /// Fold of `splits_final.json`, or `all` (train on every case, no validation).
+    /// Fold of `splits_final.json`, or `all` (train on every case; its in-training validation
+    /// runs on them too, as nnU-Net's).
     pub fold: String,
     /// Model registry name.
     pub model: String,
@@ -704,6 +705,9 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
         train_ids.truncate(((train_ids.len() as f64 * cfg.fraction).ceil() as usize).max(1));
         train_ids.sort();
     }
+    // Fold `all` validates on its training cases, as nnU-Net's `do_split` makes them the
+    // validation set too: the pseudo Dice (and so `checkpoint_best`) is a training-set score.
+    let val_ids = if cfg.fold == "all" { train_ids.clone() } else { val_ids };
     let device = req.backend.device_at(launch.as_ref().map_or(0, |l| l.local_rank))?;
     let ad = device.clone().autodiff();
     let spec = NetSpec { in_channels, num_classes, strides: plan.strides.clone(), options: cfg.model_options.clone() };
