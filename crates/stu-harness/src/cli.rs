@@ -1153,6 +1153,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => {
             let (validate, probabilities, npz) = (!args.no_final_validation, args.validation_probabilities || args.npz, args.npz);
             let req = args.request()?;
+            let changed = req.recipe.describe();
+            if !changed.is_empty() && std::env::var("RANK").ok().is_none_or(|r| r == "0") {
+                eprintln!("nnU-Net's recipe with: {changed}");
+            }
             let bar = indicatif::ProgressBar::new(0).with_style(
                 indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} it, ETA {eta} {msg}").expect("valid template"),
             );

@@ -748,6 +748,8 @@ mod tests {
         let r = p.spec.train.recipe();
         assert_eq!(r, crate::train::Recipe { loss: stu_engine::loss::LossKind::Topk10, deep_supervision: false, optimizer: stu_engine::train::OptimizerKind::Adam, lr_schedule: stu_engine::schedule::LrSchedule::Warmup, mirror_axes: Some(vec![]), oversample_foreground: None, probabilistic_oversampling: false });
         assert!(identity(&p.spec).unwrap().contains(r#""loss":"topk10""#));
+        assert_eq!(r.describe(), "loss topk10, no deep supervision, optimizer adam, lr schedule warmup, mirror axes []");
+        assert_eq!(crate::train::Recipe::default().describe(), "");
         // Written out at nnU-Net's defaults, they leave the identity alone.
         let q = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"dice_ce\"\noptimizer = \"sgd\"\nlr_schedule = \"poly\"\ndeep_supervision = true\n"));
         assert_eq!(q.id, one_point(TINY).id);

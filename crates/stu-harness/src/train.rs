@@ -167,6 +167,37 @@ pub struct Recipe {
     pub probabilistic_oversampling: bool,
 }
 
+impl Recipe {
+    /// What differs from nnU-Net's recipe, in words (`loss ce, optimizer adamw`); empty for
+    /// nnU-Net's own.
+    pub fn describe(&self) -> String {
+        let d = Self::default();
+        let mut out = Vec::new();
+        if self.loss != d.loss {
+            out.push(format!("loss {}", self.loss.name()));
+        }
+        if !self.deep_supervision {
+            out.push("no deep supervision".into());
+        }
+        if self.optimizer != d.optimizer {
+            out.push(format!("optimizer {}", self.optimizer.name()));
+        }
+        if self.lr_schedule != d.lr_schedule {
+            out.push(format!("lr schedule {}", self.lr_schedule.name()));
+        }
+        if let Some(a) = &self.mirror_axes {
+            out.push(format!("mirror axes {a:?}"));
+        }
+        if let Some(p) = self.oversample_foreground {
+            out.push(format!("foreground oversampling {p}"));
+        }
+        if self.probabilistic_oversampling {
+            out.push("probabilistic oversampling".into());
+        }
+        out.join(", ")
+    }
+}
+
 impl Default for Recipe {
     fn default() -> Self {
         Self { loss: LossKind::DiceCe, deep_supervision: true, optimizer: OptimizerKind::Sgd, lr_schedule: LrSchedule::Poly, mirror_axes: None, oversample_foreground: None, probabilistic_oversampling: false }
