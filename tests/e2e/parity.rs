@@ -117,7 +117,7 @@ fn loss_matches_fixture(name: &str, cases: &[(&str, Option<i64>)], regions: Opti
             })
             .collect();
         for batch_dice in [false, true] {
-            let cfg = DiceConfig { batch_dice, smooth: 1e-5, ignore_label: ignore, regions, ..Default::default() };
+            let cfg = DiceConfig { batch_dice, ignore_label: ignore, regions, ..Default::default() };
             let scalar = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0] as f64;
             let key = |k: &str| want[format!("{case}.{k}.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap();
             let l0 = scalar(dc_ce(outputs[0].clone(), targets[0].clone(), cfg));

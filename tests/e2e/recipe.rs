@@ -32,7 +32,7 @@ fn the_loss_variants_and_their_gradients_match_nnunet() {
             "no_ds" => (LossKind::DiceCe, vec![1.0, 0.0, 0.0]),
             other => (LossKind::parse(other).unwrap(), ds_weights(3)),
         };
-        let cfg = DiceConfig { batch_dice, ignore_label: (case == "ignore").then_some(ignore.unwrap()), loss, smooth: loss.dice_smooth(), ..Default::default() };
+        let cfg = DiceConfig { batch_dice, ignore_label: (case == "ignore").then_some(ignore.unwrap()), loss, ..Default::default() };
         loss.check(cfg.ignore_label.is_some(), false).unwrap();
         let xs: Vec<Tensor<5>> = logits.iter().map(|(s, l)| Tensor::<5>::from_data(TensorData::new(l.clone(), [s[0], s[1], s[2], s[3], s[4]]), &ad).require_grad()).collect();
         let targets: Vec<Tensor<4, Int>> = (0..3)

@@ -15,8 +15,6 @@ use burn::tensor::{Int, Tensor, TensorData};
 pub struct DiceConfig {
     /// Sum intersections over the batch before dividing (nnU-Net's `batch_dice`).
     pub batch_dice: bool,
-    /// Added to numerator and denominator.
-    pub smooth: f64,
     /// nnU-Net's ignore label (sparse annotation): target voxels with this value count in
     /// neither term: the cross-entropy is the mean over the other voxels (0 when there are
     /// none), the Dice sums are masked.
@@ -24,13 +22,14 @@ pub struct DiceConfig {
     /// Region-based training: output k's target is the union of region k's labels, and the
     /// loss is `DC_and_BCE_loss` (sigmoid, background-free regions, all of them in the Dice).
     pub regions: Option<Regions>,
-    /// Which terms ([`LossKind`]; nnU-Net's default `DiceCe`).
+    /// Which terms ([`LossKind`]; nnU-Net's default `DiceCe`), and so the Dice's smoothing
+    /// ([`LossKind::dice_smooth`]).
     pub loss: LossKind,
 }
 
 impl Default for DiceConfig {
     fn default() -> Self {
-        Self { batch_dice: false, smooth: 1e-5, ignore_label: None, regions: None, loss: LossKind::DiceCe }
+        Self { batch_dice: false, ignore_label: None, regions: None, loss: LossKind::DiceCe }
     }
 }
 
@@ -89,9 +88,10 @@ impl LossKind {
         }
     }
 
-    /// Whether the cross-entropy term is the TopK one.
-    pub fn is_topk(self) -> bool {
-        matches!(self, Self::Topk10 | Self::DiceTopk10 | Self::Topk10Ls01)
+    /// The share of voxels (percent) whose cross-entropy the TopK term averages, `None` for the
+    /// plain cross-entropy over every voxel.
+    pub fn topk_percent(self) -> Option<f64> {
+        matches!(self, Self::Topk10 | Self::DiceTopk10 | Self::Topk10Ls01).then_some(10.0)
     }
 
     /// The cross-entropy's label smoothing (0.1 for `topk10_ls01`, else 0).
@@ -99,7 +99,8 @@ impl LossKind {
         if self == Self::Topk10Ls01 { 0.1 } else { 0.0 }
     }
 
-    /// The soft Dice's smoothing (nnU-Net's 1e-5; 0 for `dice_ce_nosmooth`).
+    /// The soft Dice's smoothing, added to its numerator and denominator (nnU-Net's 1e-5; 0
+    /// for `dice_ce_nosmooth`).
     pub fn dice_smooth(self) -> f64 {
         if self == Self::DiceCeNosmooth { 0.0 } else { 1e-5 }
     }
@@ -268,7 +269,7 @@ fn soft_dice(i: Tensor<2>, p: Tensor<2>, g: Tensor<2>, smooth: f64) -> Tensor<2>
 /// [`DiceConfig::loss`] names.
 pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
     let [w_ce, w_dice] = cfg.loss.weights();
-    let topk = cfg.loss.is_topk().then(|| topk_ce(logits.clone(), target.clone(), cfg.ignore_label, 10.0, cfg.loss.label_smoothing()));
+    let topk = cfg.loss.topk_percent().map(|pct| topk_ce(logits.clone(), target.clone(), cfg.ignore_label, pct, cfg.loss.label_smoothing()));
     if w_dice == 0.0 && let Some(t) = topk {
         return t;
     }
@@ -278,7 +279,7 @@ pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tens
         p = p.sum_dim(0);
         g = g.sum_dim(0);
     }
-    let dice = soft_dice(i, p, g, cfg.smooth).mean().neg();
+    let dice = soft_dice(i, p, g, cfg.loss.dice_smooth()).mean().neg();
     match topk {
         Some(t) => t + dice,
         None if w_ce == 0.0 => dice,
@@ -290,8 +291,8 @@ pub fn dc_ce(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tens
 /// nnU-Net's `TopKLoss`: the voxels' cross-entropy (0 where the target is `ignore`; with label
 /// smoothing ε against `(1 − ε)·onehot + ε/C`, as PyTorch's), the `⌊N·percent/100⌋` largest
 /// of all `N` voxels of the batch (at least one), averaged. The voxels are chosen on the host,
-/// exactly that many (ties broken by position); the gradient flows through the chosen ones
-/// only, as through `torch.topk`.
+/// as the fused kernel chooses them (`kernels::loss::topk_voxels`); the gradient flows through
+/// the chosen ones only, as through `torch.topk`.
 pub fn topk_ce(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>, percent: f64, smoothing: f64) -> Tensor<1> {
     let [b, c, d, h, w] = logits.dims();
     let n = b * d * h * w;
@@ -312,13 +313,9 @@ pub fn topk_ce(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>, p
         per_voxel = per_voxel * m;
     }
     let flat = per_voxel.reshape([n]);
-    let k = ((n as f64 * percent / 100.0) as usize).clamp(1, n);
     let values = flat.clone().detach().into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 data");
-    let mut order: Vec<usize> = (0..n).collect();
-    order.select_nth_unstable_by(k - 1, |&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    let mut chosen = vec![0f32; n];
-    order[..k].iter().for_each(|&i| chosen[i] = 1.0);
-    let chosen = Tensor::<1>::from_data(TensorData::new(chosen, [n]), &flat.device());
+    let (chosen, k) = crate::kernels::loss::topk_voxels(&values, percent);
+    let chosen = Tensor::<1>::from_data(TensorData::new(chosen.into_iter().map(f32::from).collect::<Vec<f32>>(), [n]), &flat.device());
     (flat * chosen).sum() / k as f64
 }
 
@@ -338,7 +335,7 @@ pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -
         }
         use crate::torch::TorchOps;
         let target = target.float();
-        return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::dc_ce_nc(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.smooth));
+        return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::dc_ce_nc(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.loss.dice_smooth()));
     }
     if crate::ops::Layout::for_device(&logits.device()) != crate::ops::Layout::Ndhwc {
         return dc_ce(logits, target, cfg);
@@ -346,7 +343,7 @@ pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -
     use crate::ext::StuOps;
     let target = target.float();
     let [ce, dice] = cfg.loss.weights();
-    let terms = crate::kernels::loss::Terms { batch_dice: cfg.batch_dice, smooth: cfg.smooth, ce, dice, topk: cfg.loss.is_topk().then_some(10.0), smoothing: cfg.loss.label_smoothing() };
+    let terms = crate::kernels::loss::Terms { batch_dice: cfg.batch_dice, smooth: cfg.loss.dice_smooth(), ce, dice, topk: cfg.loss.topk_percent(), smoothing: cfg.loss.label_smoothing() };
     Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::dc_ce_loss(logits.into_dispatch(), target.into_dispatch(), terms))
 }
 
@@ -393,7 +390,10 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
         .map(|((o, t), &w)| {
             let (ce, sums) = loss_and_sums(o.clone(), t.clone(), &cfg);
             // TopK over this rank's voxels, as under nnU-Net's DDP.
-            let ce = if cfg.loss.is_topk() { topk_ce(o.clone(), t.clone(), cfg.ignore_label, 10.0, cfg.loss.label_smoothing()) } else { ce };
+            let ce = match cfg.loss.topk_percent() {
+                Some(pct) => topk_ce(o.clone(), t.clone(), cfg.ignore_label, pct, cfg.loss.label_smoothing()),
+                None => ce,
+            };
             (w, ce * w_ce, sums.map(|s| s.sum_dim(0)))
         })
         .collect();
@@ -414,7 +414,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
             s + Tensor::<2>::from_data(TensorData::new(delta, [1, c1]), &device)
         });
         // Its value is the global batch's Dice, the same on every rank.
-        let dc = soft_dice(i, p, g, cfg.smooth).mean() * w_dice;
+        let dc = soft_dice(i, p, g, cfg.loss.dice_smooth()).mean() * w_dice;
         share += w * (ce.clone() - dc.clone()).into_scalar::<f32>() as f64;
         let term = (ce - dc * world) * w;
         loss = Some(match loss {
@@ -438,7 +438,7 @@ pub fn fused_against_composed(device: &burn::tensor::Device, seed: u64) -> Vec<(
     let target: Vec<i64> = (0..b * d * h * w).map(|i| { let v = rng.below(5) as i64; if v == 4 && i < d * h * w { 3 } else { v } }).collect();
     let mut out = Vec::new();
     for (batch_dice, loss) in [false, true].into_iter().flat_map(|bd| LossKind::ALL.map(|(_, k)| (bd, k))) {
-        let cfg = DiceConfig { batch_dice, loss, smooth: loss.dice_smooth(), ..Default::default() };
+        let cfg = DiceConfig { batch_dice, loss, ..Default::default() };
         let run = |fused: bool| {
             let x = Tensor::<5>::from_data(TensorData::new(logits.clone(), [b, c, d, h, w]), &ad).require_grad();
             let t = Tensor::<4, Int>::from_data(TensorData::new(target.clone(), [b, d, h, w]), &ad);

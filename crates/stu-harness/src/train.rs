@@ -805,7 +805,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let scales: Vec<[f64; 3]> = probe.iter().map(|o| [0, 1, 2].map(|a| o.dims()[2 + a] as f64 / div[a] as f64)).collect();
     drop(probe);
     let regions = task.loss_regions;
-    let dice = DiceConfig { batch_dice: plan.batch_dice, smooth: cfg.loss.dice_smooth(), ignore_label: ignore.map(i64::from), regions, loss: cfg.loss };
+    let dice = DiceConfig { batch_dice: plan.batch_dice, ignore_label: ignore.map(i64::from), regions, loss: cfg.loss };
     let budget = 4 << 30;
     let store = |ids: Vec<String>| -> Result<Arc<CaseStore>> {
         let s = CaseStore::new(&cfg.preprocessed, ids, budget)?;

@@ -153,8 +153,8 @@ fn voxel_ce(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize, eps: f
 }
 
 /// The voxels TopK averages: the `k = ⌊len·percent/100⌋` (at least one) largest of `ce`, ties
-/// broken by position as `crate::loss::topk_ce` breaks them; and `k`.
-fn topk_voxels(ce: &[f32], percent: f64) -> (Vec<bool>, usize) {
+/// broken by position (also for `crate::loss::topk_ce`); and `k`.
+pub(crate) fn topk_voxels(ce: &[f32], percent: f64) -> (Vec<bool>, usize) {
     let n = ce.len();
     let k = ((n as f64 * percent / 100.0) as usize).clamp(1, n);
     let mut order: Vec<u32> = (0..n as u32).collect();
