@@ -68,7 +68,7 @@ impl AugConfig {
             p_lowres: 0.25,
             p_gamma_inverted: 0.1,
             p_gamma: 0.3,
-            mirror_axes: if crate::sampler::planar(patch) { vec![1, 2] } else { vec![0, 1, 2] },
+            mirror_axes: crate::sampler::mirror_axes(crate::sampler::planar(patch), None),
         }
     }
 

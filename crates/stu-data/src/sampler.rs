@@ -19,6 +19,17 @@ pub fn planar(patch: [usize; 3]) -> bool {
     patch[0] == 1
 }
 
+/// Mirroring axes in this crate's depth-first numbering of a patch, from nnU-Net's numbering of
+/// the configuration's spatial axes (`None`: all of them): a 2-D configuration's one-slice
+/// patches (`planar`) have their two in-plane axes at 1 and 2.
+pub fn mirror_axes(planar: bool, axes: Option<&[usize]>) -> Vec<usize> {
+    let lift = usize::from(planar);
+    match axes {
+        Some(axes) => axes.iter().map(|a| a + lift).collect(),
+        None => (lift..3).collect(),
+    }
+}
+
 /// The rotation range (radians, about axis 0) of dummy-2-D and 2-D augmentation: ±180°, but
 /// ±15° for a 2-D patch whose in-plane aspect exceeds 1.5 (`configure_rotation_dummyDA_mirroring_and_inital_patch_size`).
 pub fn in_plane_rotation(patch: [usize; 3]) -> f64 {
@@ -193,6 +204,15 @@ pub fn crop_pad(data: &[f32], seg: &[i16], channels: usize, shape: [usize; 3], c
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mirror_axes_lift_a_2d_configurations_axes() {
+        assert_eq!(mirror_axes(false, None), [0, 1, 2]);
+        assert_eq!(mirror_axes(true, None), [1, 2]);
+        assert_eq!(mirror_axes(false, Some(&[0, 1])), [0, 1]);
+        assert_eq!(mirror_axes(true, Some(&[0])), [1]);
+        assert!(mirror_axes(true, Some(&[])).is_empty());
+    }
 
     #[test]
     fn forced_foreground_vector() {

@@ -244,10 +244,14 @@ fn nnunet_model_folder(checkpoint: &Path) -> TrainedWith {
     let planar = configuration.as_deref().zip(plans.as_deref()).and_then(|(c, p)| read_plans(p).ok().and_then(|j| stu_data::plan::configuration(&j, c).ok())).is_some_and(|c| stu_data::plan::is_2d(&c));
     let mirror_axes = match stu_engine::checkpoint::torch_entry(checkpoint, "inference_allowed_mirroring_axes") {
         Ok(stu_engine::checkpoint::PickleValue::None) => Some(Vec::new()),
-        Ok(stu_engine::checkpoint::PickleValue::List(v)) => v.iter().map(|a| match a {
-            stu_engine::checkpoint::PickleValue::Int(a @ 0..=2) => Some(*a as usize + usize::from(planar)),
-            _ => None,
-        }).collect(),
+        Ok(stu_engine::checkpoint::PickleValue::List(v)) => v
+            .iter()
+            .map(|a| match a {
+                stu_engine::checkpoint::PickleValue::Int(a @ 0..=2) => Some(*a as usize),
+                _ => None,
+            })
+            .collect::<Option<Vec<usize>>>()
+            .map(|axes| stu_data::sampler::mirror_axes(planar, Some(&axes))),
         _ => None,
     };
     TrainedWith { plans, configuration, patch: None, dataset: Some(model.join("dataset.json")).filter(|p| p.is_file()), mirror_axes }
@@ -1177,11 +1181,7 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 /// The axes test-time augmentation mirrors (`inference_allowed_mirroring_axes`): all three, or
 /// a 2-D configuration's two in-plane axes (its patches are one slice deep).
 fn mirror_axes(patch: [usize; 3], disable_tta: bool) -> Vec<usize> {
-    match (disable_tta, stu_data::sampler::planar(patch)) {
-        (true, _) => Vec::new(),
-        (false, true) => vec![1, 2],
-        (false, false) => vec![0, 1, 2],
-    }
+    if disable_tta { Vec::new() } else { stu_data::sampler::mirror_axes(stu_data::sampler::planar(patch), None) }
 }
 
 /// Tile positions along one axis (`compute_steps_for_sliding_window`). A one-voxel tile (the

@@ -120,12 +120,7 @@ impl TrainConfig {
     /// The mirrored axes ([`Recipe::mirror_axes`]) in this crate's numbering of a patch's
     /// three axes: a 2-D configuration's patches are one slice deep, its in-plane axes 1 and 2.
     pub fn mirror_axes_here(&self) -> Vec<usize> {
-        let planar = stu_data::sampler::planar(self.patch_size);
-        match &self.mirror_axes {
-            None if planar => vec![1, 2],
-            None => vec![0, 1, 2],
-            Some(axes) => axes.iter().map(|&a| a + usize::from(planar)).collect(),
-        }
+        stu_data::sampler::mirror_axes(stu_data::sampler::planar(self.patch_size), self.mirror_axes.as_deref())
     }
 
     /// Which training samples are forced to contain foreground.
@@ -821,10 +816,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let train_batches = BatchConfig {
         batch_size: share,
         patch: cfg.patch_size,
-        augment: cfg.augmentation.then(|| {
-            let aug = AugConfig::nnunet(cfg.patch_size);
-            AugConfig { mirror_axes: cfg.mirror_axes_here(), ..aug }
-        }),
+        augment: cfg.augmentation.then(|| AugConfig { mirror_axes: cfg.mirror_axes_here(), ..AugConfig::nnunet(cfg.patch_size) }),
         ds_scales: scales.clone(),
         regions: task.regions.clone(),
         shard: (world > 1).then_some((rank * share, cfg.batch_size)),
