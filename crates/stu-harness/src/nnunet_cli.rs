@@ -424,9 +424,15 @@ const VARIANTS: [(&str, &[&str], Option<&str>); 22] = [
     ("nnUNetTrainer", &[], None),
 ];
 
-fn trainer(name: &str, resenc_plan: bool) -> Result<Trainer> {
+/// The trainer named `name` for a plan of nnU-Net's ResEnc planners (`resenc_plan`) or not, and
+/// of a 2-D configuration (`two_d`) or a 3-D one.
+fn trainer(name: &str, resenc_plan: bool, two_d: bool) -> Result<Trainer> {
     let nnunet = if resenc_plan { "nnunet-resenc" } else { "nnunet-plainconv" };
     let plain = |variant: &[&'static str], lr, epochs| Trainer { model: Some(nnunet), preset: None, epochs, finetune: false, variant: variant.to_vec(), lr };
+    if name == "nnUNetTrainer_onlyMirror01" && two_d {
+        // In 2-D, nnU-Net's onlyMirror01 mirrors the first in-plane axis only.
+        return Ok(plain(&["--mirror-axes", "0"], None, None));
+    }
     if let Some((_, v, lr)) = VARIANTS.iter().find(|(n, ..)| *n == name) {
         return Ok(plain(v, *lr, None));
     }
@@ -500,11 +506,7 @@ fn train(cmd: &str, args: &[String]) -> Result<()> {
         return stu(v);
     }
     let resenc = crate::train::plan_network(&data, &config).is_some_and(|n| n.ends_with("ResidualEncoderUNet"));
-    let mut t = trainer(tr, resenc)?;
-    if tr == "nnUNetTrainer_onlyMirror01" && crate::train::plan_is_2d(&data, &config) {
-        // In 2-D, nnU-Net's onlyMirror01 mirrors the first in-plane axis only.
-        t.variant = vec!["--mirror-axes", "0"];
-    }
+    let t = trainer(tr, resenc, crate::train::plan_is_2d(&data, &config))?;
     let mut a = vec!["train".into(), s(&data), "--out".into(), s(&run), "--fold".into(), fold, "--configuration".into(), config.clone()];
     // Model size from the passed-through options, if any, instead of the preset.
     let sized = p.rest.iter().any(|r| ["--model-options", "--blocks", "--base-width", "--preset"].contains(&r.as_str()));
@@ -806,25 +808,26 @@ mod tests {
 
     #[test]
     fn trainers_map_to_models_presets_and_recipes() {
-        assert_eq!(trainer("nnUNetTrainer", false).unwrap(), Trainer { model: Some("nnunet-plainconv"), preset: None, epochs: None, finetune: false, variant: vec![], lr: None });
-        assert_eq!(trainer("nnUNetTrainer", true).unwrap().model, Some("nnunet-resenc"));
-        assert_eq!(trainer("nnUNetTrainer_250epochs", false).unwrap().epochs, Some(250));
-        assert_eq!(trainer("nnUNetTrainer_1epoch", false).unwrap().epochs, Some(1));
-        assert_eq!(trainer("STUNetTrainer", false).unwrap().preset, Some("stunet-b"));
-        assert_eq!(trainer("STUNetTrainer_huge_ft", false).unwrap(), Trainer { model: Some("stunet"), preset: Some("stunet-h"), epochs: None, finetune: true, variant: vec![], lr: None });
+        assert_eq!(trainer("nnUNetTrainer", false, false).unwrap(), Trainer { model: Some("nnunet-plainconv"), preset: None, epochs: None, finetune: false, variant: vec![], lr: None });
+        assert_eq!(trainer("nnUNetTrainer", true, false).unwrap().model, Some("nnunet-resenc"));
+        assert_eq!(trainer("nnUNetTrainer_250epochs", false, false).unwrap().epochs, Some(250));
+        assert_eq!(trainer("nnUNetTrainer_1epoch", false, false).unwrap().epochs, Some(1));
+        assert_eq!(trainer("STUNetTrainer", false, false).unwrap().preset, Some("stunet-b"));
+        assert_eq!(trainer("STUNetTrainer_huge_ft", false, false).unwrap(), Trainer { model: Some("stunet"), preset: Some("stunet-h"), epochs: None, finetune: true, variant: vec![], lr: None });
         // nnU-Net's trainer variants.
-        assert_eq!(trainer("nnUNetTrainerCELoss", false).unwrap().variant, ["--loss", "ce"]);
-        assert_eq!(trainer("nnUNetTrainerCELoss_5epochs", false).unwrap(), Trainer { model: Some("nnunet-plainconv"), preset: None, epochs: Some(5), finetune: false, variant: vec!["--loss", "ce"], lr: None });
-        assert_eq!(trainer("nnUNetTrainerAdam3en4", true).unwrap(), Trainer { model: Some("nnunet-resenc"), preset: None, epochs: None, finetune: false, variant: vec!["--optimizer", "adamw"], lr: Some("3e-4") });
-        assert_eq!(trainer("nnUNetTrainer_250epochs_NoMirroring", false).unwrap().variant, ["--no-mirroring"]);
-        assert_eq!(trainer("nnUNetTrainer_250epochs_NoMirroring", false).unwrap().epochs, Some(250));
-        assert_eq!(trainer("nnUNetTrainerNoDA", false).unwrap().variant, ["--no-augmentation", "--no-mirroring"]);
-        assert_eq!(trainer("nnUNetTrainer_warmup", false).unwrap().variant, ["--lr-schedule", "warmup"]);
-        assert_eq!(trainer("nnUNetTrainer_onlyMirror01", false).unwrap().variant, ["--mirror-axes", "0,1"]);
-        assert_eq!(trainer("nnUNetTrainer_probabilisticOversampling_010", false).unwrap().variant, ["--probabilistic-oversampling", "--oversample-foreground", "0.1"]);
-        assert_eq!(trainer("STUNetTrainer_small_ep4k", false).unwrap().epochs, Some(4000));
+        assert_eq!(trainer("nnUNetTrainerCELoss", false, false).unwrap().variant, ["--loss", "ce"]);
+        assert_eq!(trainer("nnUNetTrainerCELoss_5epochs", false, false).unwrap(), Trainer { model: Some("nnunet-plainconv"), preset: None, epochs: Some(5), finetune: false, variant: vec!["--loss", "ce"], lr: None });
+        assert_eq!(trainer("nnUNetTrainerAdam3en4", true, false).unwrap(), Trainer { model: Some("nnunet-resenc"), preset: None, epochs: None, finetune: false, variant: vec!["--optimizer", "adamw"], lr: Some("3e-4") });
+        assert_eq!(trainer("nnUNetTrainer_250epochs_NoMirroring", false, false).unwrap().variant, ["--no-mirroring"]);
+        assert_eq!(trainer("nnUNetTrainer_250epochs_NoMirroring", false, false).unwrap().epochs, Some(250));
+        assert_eq!(trainer("nnUNetTrainerNoDA", false, false).unwrap().variant, ["--no-augmentation", "--no-mirroring"]);
+        assert_eq!(trainer("nnUNetTrainer_warmup", false, false).unwrap().variant, ["--lr-schedule", "warmup"]);
+        assert_eq!(trainer("nnUNetTrainer_onlyMirror01", false, false).unwrap().variant, ["--mirror-axes", "0,1"]);
+        assert_eq!(trainer("nnUNetTrainer_onlyMirror01", false, true).unwrap().variant, ["--mirror-axes", "0"]);
+        assert_eq!(trainer("nnUNetTrainer_probabilisticOversampling_010", false, false).unwrap().variant, ["--probabilistic-oversampling", "--oversample-foreground", "0.1"]);
+        assert_eq!(trainer("STUNetTrainer_small_ep4k", false, false).unwrap().epochs, Some(4000));
         for bad in ["STUNetTrainer_tiny", "nnUNetTrainerV2", "nnUNetTrainer_xepochs", "nnUNetTrainerDA5", "nnUNetTrainerTopk10Loss_5epochs", "nnUNetTrainerAdam_0epochs"] {
-            assert!(trainer(bad, false).is_err(), "{bad}");
+            assert!(trainer(bad, false, false).is_err(), "{bad}");
         }
     }
 
