@@ -39,26 +39,35 @@ fn e<T: std::fmt::Debug>(err: T) -> anyhow::Error {
     anyhow!("{err:?}")
 }
 
+/// Draws a figure of `size` as `path` (PNG) and beside it as SVG: the body runs once per
+/// backend with the whole drawing area bound to the name.
+macro_rules! png_and_svg {
+    ($path:expr, $size:expr, |$a:ident| $body:block) => {{
+        crate::register_font();
+        {
+            let $a = BitMapBackend::new($path, $size).into_drawing_area();
+            $a.fill(&WHITE).map_err(e)?;
+            $body
+            $a.present().map_err(e)?;
+        }
+        let svg = $path.with_extension("svg");
+        let $a = SVGBackend::new(&svg, $size).into_drawing_area();
+        $a.fill(&WHITE).map_err(e)?;
+        $body
+        $a.present().map_err(e)?;
+        Ok(())
+    }};
+}
+
 /// Draws a two-panel figure (ours left, the paper's right) as `path` (PNG) and beside it as
 /// SVG: the body runs once per backend with the panels bound to the two names.
 macro_rules! two_panels {
-    ($path:expr, |$l:ident, $r:ident| $body:block) => {{
-        crate::register_font();
-        {
-            let a = BitMapBackend::new($path, (1100, 480)).into_drawing_area();
-            a.fill(&WHITE).map_err(e)?;
-            let ($l, $r) = a.split_horizontally(550);
+    ($path:expr, |$l:ident, $r:ident| $body:block) => {
+        png_and_svg!($path, (1100, 480), |area| {
+            let ($l, $r) = area.split_horizontally(550);
             $body
-            a.present().map_err(e)?;
-        }
-        let svg = $path.with_extension("svg");
-        let a = SVGBackend::new(&svg, (1100, 480)).into_drawing_area();
-        a.fill(&WHITE).map_err(e)?;
-        let ($l, $r) = a.split_horizontally(550);
-        $body
-        a.present().map_err(e)?;
-        Ok(())
-    }};
+        })
+    };
 }
 
 const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
@@ -203,22 +212,12 @@ where
 /// no paper numbers to set beside it (one group per variant or point, one series per metric,
 /// whiskers of ± `spread` where given).
 pub fn bars_alone(path: &Path, title: &str, ylabel: &str, groups: &[String], series: &[(String, Vec<f64>)], spread: &[Vec<f64>]) -> Result<()> {
-    crate::register_font();
     // Room for each group's name under its bars (about 7 px a character at the axis font).
     let per_group = groups.iter().map(|g| 7 * g.chars().count() as u32 + 24).max().unwrap_or(0).max(160);
     let width = (per_group * groups.len() as u32 + 80).clamp(600, 3200);
-    {
-        let a = BitMapBackend::new(path, (width, 480)).into_drawing_area();
-        a.fill(&WHITE).map_err(e)?;
-        bar_panel(&a, title, ylabel, groups, series, spread)?;
-        a.present().map_err(e)?;
-    }
-    let svg = path.with_extension("svg");
-    let a = SVGBackend::new(&svg, (width, 480)).into_drawing_area();
-    a.fill(&WHITE).map_err(e)?;
-    bar_panel(&a, title, ylabel, groups, series, spread)?;
-    a.present().map_err(e)?;
-    Ok(())
+    png_and_svg!(path, (width, 480), |area| {
+        bar_panel(&area, title, ylabel, groups, series, spread)?;
+    })
 }
 
 /// Fig. 5: per-group bars (experts vs universal); ours left, the paper's right.
