@@ -164,18 +164,21 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
         // each variant (or sweep point), its seeds averaged: bars of the mean, whiskers of the
         // standard deviation, and `summary.*` with both; no paper numbers to compare with.
         _ => {
-            let (groups, n, means, sds) = seed_summary(records);
+            let groups = seed_summary(records);
+            let col = |f: &dyn Fn(&Group) -> f64| groups.iter().map(f).collect::<Vec<f64>>();
+            let labels: Vec<String> = groups.iter().map(|g| g.label.clone()).collect();
+            let (means, sds) = ([col(&|g| g.mean[0]), col(&|g| g.mean[1])], [col(&|g| g.sd[0]), col(&|g| g.sd[1])]);
             let mut summary = DataFrame::new(vec![
-                Column::new("group".into(), groups.clone()),
-                Column::new("seeds".into(), n.iter().map(|&k| k as u32).collect::<Vec<_>>()),
+                Column::new("group".into(), labels.clone()),
+                Column::new("seeds".into(), groups.iter().map(|g| g.n as u32).collect::<Vec<_>>()),
                 Column::new("dice_mean".into(), means[0].clone()),
                 Column::new("dice_sd".into(), sds[0].clone()),
                 Column::new("nsd_mean".into(), means[1].clone()),
                 Column::new("nsd_sd".into(), sds[1].clone()),
             ])?;
             files.extend(write_table(&mut summary, &out.join("summary"))?);
-            let seeds = if n.iter().any(|&k| k > 1) { ", mean ± SD over seeds" } else { "" };
-            bars_alone(&fig, &format!("{name}: held-out foreground mean{seeds}"), "score", &groups, &[("Dice".into(), means[0].clone()), ("NSD".into(), means[1].clone())], &sds)?;        }
+            let seeds = if groups.iter().any(|g| g.n > 1) { ", mean ± SD over seeds" } else { "" };
+            bars_alone(&fig, &format!("{name}: held-out foreground mean{seeds}"), "score", &labels, &[("Dice".into(), means[0].clone()), ("NSD".into(), means[1].clone())], &sds)?;        }
     }
     files.push(fig.clone());
     files.push(fig.with_extension("svg"));
@@ -185,26 +188,34 @@ fn study(reports: &Path, name: &str, records: &[Value], out: &Path) -> Result<Ve
 /// The label of a record in a study of the user's own: its variant's name, then its sweep
 /// values other than the seed (`seed` groups records, it does not name them).
 fn group_label(r: &Value) -> String {
-    let swept: Vec<String> = r["point"].as_object().map(|m| m.iter().filter(|(k, _)| k.as_str() != "seed").filter(|(k, _)| r.get("variant").is_none() || !is_variant_key(r, k)).map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v.as_str().map_or(v.to_string(), str::to_string))).collect()).unwrap_or_default();
-    match (r.get("variant").and_then(Value::as_str), swept.is_empty()) {
+    let variant = r.get("variant").and_then(Value::as_str);
+    // A variant's point holds its overrides too; its record lists the swept keys under
+    // `swept` (one written before that list existed counts every key as its variant's).
+    let swept = |k: &str| variant.is_none() || r.get("swept").and_then(Value::as_object).is_some_and(|s| s.contains_key(k));
+    let values: Vec<String> = r["point"]
+        .as_object()
+        .map(|m| m.iter().filter(|(k, _)| k.as_str() != "seed" && swept(k)).map(|(k, v)| format!("{}={}", k.rsplit('.').next().unwrap_or(k), v.as_str().map_or(v.to_string(), str::to_string))).collect())
+        .unwrap_or_default();
+    match (variant, values.is_empty()) {
         (Some(v), true) => v.to_string(),
-        (Some(v), false) => format!("{v}, {}", swept.join(" ")),
+        (Some(v), false) => format!("{v}, {}", values.join(" ")),
         (None, true) => "single".into(),
-        (None, false) => swept.join(" "),
+        (None, false) => values.join(" "),
     }
 }
 
-/// Whether `key` of a variant's point was set by the variant rather than swept: records of a
-/// spec with variants list their sweep values under `swept`; one without that list (written
-/// before it existed) counts every key as its variant's.
-fn is_variant_key(r: &Value, key: &str) -> bool {
-    r.get("swept").and_then(Value::as_object).is_none_or(|s| !s.contains_key(key))
+/// One group of a study of the user's own ([`group_label`]): its records' count, and the mean
+/// and sample standard deviation (0 for one record) of their foreground Dice and NSD.
+struct Group {
+    label: String,
+    n: usize,
+    mean: [f64; 2],
+    sd: [f64; 2],
 }
 
-/// Per [`group_label`] (in order of first appearance; ranked by mean Dice when the study has
-/// variants): the number of records (seeds), and the mean and sample standard deviation (0 for
-/// one record) of the foreground Dice and NSD.
-fn seed_summary(records: &[Value]) -> (Vec<String>, Vec<usize>, [Vec<f64>; 2], [Vec<f64>; 2]) {
+/// The groups of `records` in order of first appearance, ranked by mean Dice when the study has
+/// variants.
+fn seed_summary(records: &[Value]) -> Vec<Group> {
     let mut order: Vec<String> = Vec::new();
     let mut values: BTreeMap<String, [Vec<f64>; 2]> = BTreeMap::new();
     for r in records {
@@ -223,19 +234,18 @@ fn seed_summary(records: &[Value]) -> (Vec<String>, Vec<usize>, [Vec<f64>; 2], [
         let sd = if xs.len() > 1 { (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
         (m, sd)
     };
+    let mut groups: Vec<Group> = order
+        .into_iter()
+        .map(|label| {
+            let v = &values[&label];
+            let (dice, nsd) = (stats(&v[0]), stats(&v[1]));
+            Group { n: v[0].len(), mean: [dice.0, nsd.0], sd: [dice.1, nsd.1], label }
+        })
+        .collect();
     if records.iter().any(|r| r.get("variant").is_some()) {
-        order.sort_by(|a, b| stats(&values[b][0]).0.total_cmp(&stats(&values[a][0]).0));
+        groups.sort_by(|a, b| b.mean[0].total_cmp(&a.mean[0]));
     }
-    let n = order.iter().map(|g| values[g][0].len()).collect();
-    let (mut means, mut sds) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
-    for g in &order {
-        for i in 0..2 {
-            let (m, sd) = stats(&values[g][i]);
-            means[i].push(m);
-            sds[i].push(sd);
-        }
-    }
-    (order, n, means, sds)
+    groups
 }
 
 /// A long-format paper CSV (`row`, `col`, `mean_dsc`) as a Markdown table, rows in file order.
