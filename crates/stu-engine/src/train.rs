@@ -572,14 +572,14 @@ pub struct StepConfig<'a> {
 }
 
 /// Forward (deep supervision, in `precision` over the f32 parameters), loss in f32, backward,
-/// clip to `clip`, SGD step with `lr`.
+/// clip to `clip`, optimiser step with `lr` ([`Optimizer`]).
 pub fn train_step(net: Box<dyn SegNet>, sgd: &mut Optimizer, batch: &DeviceBatch, step: &StepConfig<'_>) -> (Box<dyn SegNet>, StepStats) {
     train_step_in(net, sgd, batch, step, &mut Group::single()).expect("a single process has no peers to lose")
 }
 
 /// [`train_step`] as one replica of a data-parallel group, `batch` being this rank's share of
 /// the global batch: the gradients are averaged over the ranks (one ring all-reduce, with the
-/// loss riding along) before clipping and SGD, which then run identically everywhere. The
+/// loss riding along) before clipping and the optimiser step, which then run identically everywhere. The
 /// reported loss is the global batch's.
 pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Optimizer, batch: &DeviceBatch, step: &StepConfig<'_>, group: &mut Group) -> Result<(Box<dyn SegNet>, StepStats), DistError> {
     let StepConfig { weights, dice, lr, clip, precision } = *step;
