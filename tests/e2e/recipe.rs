@@ -141,7 +141,7 @@ fn stu_train_runs_every_trainer_variant() {
     let dir = tempfile::tempdir().unwrap();
     tests::synthetic_preprocessed(&dir.path().join("pre"), 5, 1, 3, [20, 20, 20], [16, 16, 16], &[[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]);
     let (base, base_logs) = train_with(dir.path(), "default", &[]);
-    for key in ["loss", "deep_supervision", "optimizer", "lr_schedule", "mirror_axes", "oversample_foreground", "probabilistic_oversampling"] {
+    for key in ["loss", "deep_supervision", "optimizer", "lr_schedule", "mirror_axes", "oversample_foreground", "probabilistic_oversampling", "seg_interpolation", "dummy_2d_augmentation"] {
         assert!(base.get(key).is_none(), "nnU-Net's defaults are left out of train.json ({key}), so older runs resume");
     }
     let first_loss = |logs: &[serde_json::Value]| logs[0]["train_losses"][0].as_f64().unwrap();
@@ -158,6 +158,8 @@ fn stu_train_runs_every_trainer_variant() {
         ("no_mirroring", &["--no-mirroring"], "mirror_axes", serde_json::json!([])),
         ("only01", &["--mirror-axes", "0,1"], "mirror_axes", serde_json::json!([0, 1])),
         ("probabilistic", &["--probabilistic-oversampling", "--oversample-foreground", "0.1"], "probabilistic_oversampling", serde_json::json!(true)),
+        ("seg_nearest", &["--seg-interpolation", "nearest"], "seg_interpolation", serde_json::json!("nearest")),
+        ("no_dummy_2d", &["--no-dummy-2d"], "dummy_2d_augmentation", serde_json::json!(false)),
     ] {
         let (cfg, logs) = train_with(dir.path(), name, flags);
         assert_eq!(cfg[key], value, "{name}: train.json records the variant");

@@ -46,6 +46,36 @@ pub struct AugConfig {
     pub p_gamma: f64,
     /// Axes that may be mirrored (each with p 0.5).
     pub mirror_axes: Vec<usize>,
+    /// How rotation and scaling resample the label maps.
+    #[serde(default)]
+    pub seg_interpolation: SegInterpolation,
+}
+
+/// How spatial augmentation resamples label maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SegInterpolation {
+    /// Per label, linearly: the label whose indicator reaches 0.5 (nnU-Net's `order_seg=1`).
+    #[default]
+    Linear,
+    /// The nearest voxel's label (`nnUNetTrainer_DASegOrd0`: `mode_seg='nearest'`;
+    /// `scipy.ndimage.map_coordinates` with `order=0` rounds half up).
+    Nearest,
+}
+
+impl SegInterpolation {
+    /// Every mode with its name in specs and on the command line.
+    pub const ALL: [(&'static str, SegInterpolation); 2] = [("linear", Self::Linear), ("nearest", Self::Nearest)];
+
+    /// Its name (`linear`, `nearest`).
+    pub fn name(self) -> &'static str {
+        stu_core::registry::choice_name(&Self::ALL, &self)
+    }
+
+    /// The mode named `name`.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        stu_core::registry::choice(&Self::ALL, "seg_interpolation", name)
+    }
 }
 
 impl AugConfig {
@@ -53,7 +83,15 @@ impl AugConfig {
     /// patch one slice deep gets nnU-Net's 2-D augmentation: in-plane rotation of its range,
     /// in-plane mirroring).
     pub fn nnunet(patch: [usize; 3]) -> Self {
-        let dummy_2d = crate::sampler::dummy_2d(patch);
+        Self::nnunet_with(patch, true)
+    }
+
+    /// [`AugConfig::nnunet`], with `dummy_2d` false augmenting an anisotropic 3-D patch in 3-D
+    /// all the same (`nnUNetTrainer_noDummy2DDA`: rotation ±30° about every axis, isotropic
+    /// scaling, low resolution on every axis). A 2-D configuration's patch is augmented in
+    /// plane either way, as nnU-Net's 2-D trainer is.
+    pub fn nnunet_with(patch: [usize; 3], dummy_2d: bool) -> Self {
+        let dummy_2d = crate::sampler::planar(patch) || (dummy_2d && crate::sampler::dummy_2d(patch));
         let rotation = if dummy_2d { [crate::sampler::in_plane_rotation(patch), 0.0, 0.0] } else { [30f64.to_radians(); 3] };
         Self {
             rotation,
@@ -69,7 +107,14 @@ impl AugConfig {
             p_gamma_inverted: 0.1,
             p_gamma: 0.3,
             mirror_axes: crate::sampler::mirror_axes(crate::sampler::planar(patch), None),
+            seg_interpolation: SegInterpolation::Linear,
         }
+    }
+
+    /// The enlarged patch loaded for the final patch `patch` before spatial augmentation
+    /// ([`crate::sampler::initial_patch_size`] for this configuration's dummy-2-D mode).
+    pub fn initial_patch(&self, patch: [usize; 3]) -> [usize; 3] {
+        crate::sampler::initial_patch_size(patch, self.dummy_2d)
     }
 
     /// Nothing fires: the sample is the centre crop.
@@ -88,6 +133,7 @@ impl AugConfig {
             p_gamma_inverted: 0.0,
             p_gamma: 0.0,
             mirror_axes: Vec::new(),
+            seg_interpolation: SegInterpolation::Linear,
         }
     }
 }
@@ -186,12 +232,13 @@ pub fn spatial(rng: &mut SplitMix64, cfg: &AugConfig, input: &Sample, out: [usiz
     if !rotate && !do_scale {
         return center_crop(input, out);
     }
-    transform(cfg.dummy_2d, input, out, angles, scale)
+    transform(cfg.dummy_2d, cfg.seg_interpolation, input, out, angles, scale)
 }
 
 /// Resamples `input` on the grid of `out` rotated by `angles` (about axes 0, 1, 2) and scaled
-/// by `scale` (axes 1 and 2 only when `dummy_2d`), centred on the input's centre.
-pub fn transform(dummy_2d: bool, input: &Sample, out: [usize; 3], angles: [f64; 3], scale: f64) -> Sample {
+/// by `scale` (axes 1 and 2 only when `dummy_2d`), centred on the input's centre; label maps
+/// resampled by `seg`.
+pub fn transform(dummy_2d: bool, seg: SegInterpolation, input: &Sample, out: [usize; 3], angles: [f64; 3], scale: f64) -> Sample {
     // coords(row vector) · Rx·Ry·Rz · scale + centre (batchgenerators' augment_spatial).
     let (sx, cx) = angles[0].sin_cos();
     let (sy, cy) = angles[1].sin_cos();
@@ -227,13 +274,17 @@ pub fn transform(dummy_2d: bool, input: &Sample, out: [usize; 3], angles: [f64; 
         });
     }
     let maps = input.seg.len() / vin;
+    let at = match seg {
+        SegInterpolation::Linear => label_at,
+        SegInterpolation::Nearest => label_nearest,
+    };
     let mut seg = vec![0i16; maps * n];
     for (m, into) in seg.chunks_mut(n).enumerate() {
         let from = &input.seg[m * vin..(m + 1) * vin];
         into.par_chunks_mut(out[1] * out[2]).enumerate().for_each(|(z, plane)| {
             for y in 0..out[1] {
                 for x in 0..out[2] {
-                    plane[y * out[2] + x] = label_at(from, input.shape, coords(z, y, x));
+                    plane[y * out[2] + x] = at(from, input.shape, coords(z, y, x));
                 }
             }
         });
@@ -388,6 +439,17 @@ fn cubic_at(coef: &[f32], shape: [usize; 3], p: [f64; 3]) -> f32 {
         acc += wz * accy;
     }
     acc as f32
+}
+
+/// Nearest-neighbour interpolation as `map_coordinates(order=0, mode='constant', cval=-1)`:
+/// the voxel at `floor(p + 0.5)`; −1 outside the input (nnU-Net's border label, which the
+/// loader turns into 0 after augmentation, as `RemoveLabelTransform`).
+fn label_nearest(seg: &[i16], shape: [usize; 3], p: [f64; 3]) -> i16 {
+    if !inside(p, shape) {
+        return -1;
+    }
+    let id: [usize; 3] = std::array::from_fn(|a| ((p[a] + 0.5).floor().max(0.0) as usize).min(shape[a] - 1));
+    seg[(id[0] * shape[1] + id[1]) * shape[2] + id[2]]
 }
 
 /// Per-label linear interpolation: the label whose indicator reaches 0.5 (the larger weight
@@ -582,7 +644,7 @@ mod tests {
         // v·Rx(π/2): (z, y, x) ↦ (z, −x, y) about the centre, i.e. out[z][y][x] = in[z][x'][y']
         // with y' = x − c + c… checked voxel by voxel against the formula.
         let s = sample([6, 10, 10], 3);
-        let out = transform(false, &s, [6, 10, 10], [std::f64::consts::FRAC_PI_2, 0.0, 0.0], 1.0);
+        let out = transform(false, SegInterpolation::Linear, &s, [6, 10, 10], [std::f64::consts::FRAC_PI_2, 0.0, 0.0], 1.0);
         for i in 0..600 {
             let (z, y, x) = (i / 100, i / 10 % 10, i % 10);
             let (yy, xx) = (y as f64 - 4.5, x as f64 - 4.5);
@@ -592,9 +654,47 @@ mod tests {
             assert!((out.data[i] - s.data[(z * 10 + sy) * 10 + sx]).abs() < 1e-4);
         }
         // Zooming out by 2 reads every other voxel around the centre; beyond the input: 0.
-        let z = transform(false, &s, [6, 10, 10], [0.0; 3], 2.0);
+        let z = transform(false, SegInterpolation::Linear, &s, [6, 10, 10], [0.0; 3], 2.0);
         assert_eq!(z.seg[0], 0);
         assert_eq!(z.data[0], 0.0);
+    }
+
+    #[test]
+    fn spatial_transform_matches_batchgenerators() {
+        // tests/fixtures/make_augment_fixture.py: fixed angles and scales, 3-D and dummy 2-D,
+        // through scipy's map_coordinates as batchgenerators' augment_spatial calls it.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/augment.json");
+        let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let ints = |v: &serde_json::Value| -> Vec<i16> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i16).collect() };
+        let floats = |v: &serde_json::Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+        let shape: [usize; 3] = serde_json::from_value(f["shape"].clone()).unwrap();
+        let input = Sample { data: floats(&f["data"]), seg: ints(&f["seg"]), channels: 1, shape };
+        for case in f["cases"].as_array().unwrap() {
+            let out: [usize; 3] = serde_json::from_value(case["out"].clone()).unwrap();
+            let angles: [f64; 3] = serde_json::from_value(case["angles"].clone()).unwrap();
+            let (scale, dummy_2d) = (case["scale"].as_f64().unwrap(), case["dummy_2d"].as_bool().unwrap());
+            for (mode, key) in [(SegInterpolation::Linear, "seg_linear"), (SegInterpolation::Nearest, "seg_nearest")] {
+                let got = transform(dummy_2d, mode, &input, out, angles, scale);
+                assert_eq!(got.seg, ints(&case[key]), "{key}, {out:?} {angles:?} ×{scale}");
+                let worst = got.data.iter().zip(floats(&case["data"])).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "data, {out:?} {angles:?} ×{scale}: off by {worst}");
+            }
+        }
+    }
+
+    #[test]
+    fn nnunet_no_dummy_2d_augments_anisotropic_patches_in_3d() {
+        let aniso = [20, 192, 160];
+        assert!(AugConfig::nnunet(aniso).dummy_2d);
+        let c = AugConfig::nnunet_with(aniso, false);
+        assert!(!c.dummy_2d);
+        assert_eq!(c.rotation, [30f64.to_radians(); 3]);
+        // nnU-Net 2.8.1's get_patch_size with ±30° about every axis (nnUNetTrainer_noDummy2DDA).
+        assert_eq!(c.initial_patch(aniso), [133, 289, 188]);
+        assert_eq!(AugConfig::nnunet_with([16, 256, 224], false).initial_patch([16, 256, 224]), [166, 392, 263]);
+        assert_eq!(AugConfig::nnunet([16, 256, 224]).initial_patch([16, 256, 224]), [16, 301, 301]);
+        // A 2-D configuration is augmented in plane either way.
+        assert_eq!(AugConfig::nnunet_with([1, 96, 320], false), AugConfig::nnunet([1, 96, 320]));
     }
 
     #[test]

@@ -145,7 +145,7 @@ pub fn make_batch(store: &CaseStore, cfg: &BatchConfig, seed: u64, stream: u64, 
     let mut rng = SplitMix64::new(batch_seed(seed, stream, index));
     let b = cfg.batch_size;
     let f = cfg.patch;
-    let loaded = if cfg.augment.is_some() { crate::sampler::initial_patch_size(f) } else { f };
+    let loaded = cfg.augment.as_ref().map_or(f, |a| a.initial_patch(f));
     let n: usize = f.iter().product();
     let mut data = Vec::new();
     let mut segs: Vec<Vec<i16>> = Vec::with_capacity(b);

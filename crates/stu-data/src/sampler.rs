@@ -40,9 +40,9 @@ pub fn in_plane_rotation(patch: [usize; 3]) -> f64 {
 /// The enlarged patch loaded before spatial augmentation (nnU-Net's `get_patch_size` as the v2
 /// trainer calls it): the extent of the final patch rotated by up to 30° about each axis (or up
 /// to 180° about axis 0 only, in dummy-2-D mode, keeping axis 0; a 2-D patch's own range, see
-/// [`in_plane_rotation`]), divided by the smallest scale 0.85, truncated.
-pub fn initial_patch_size(patch: [usize; 3]) -> [usize; 3] {
-    let two_d = dummy_2d(patch);
+/// [`in_plane_rotation`]), divided by the smallest scale 0.85, truncated. `two_d`: whether
+/// augmentation runs in dummy-2-D mode ([`dummy_2d`] unless a trainer turns it off).
+pub fn initial_patch_size(patch: [usize; 3], two_d: bool) -> [usize; 3] {
     let quarter = std::f64::consts::FRAC_PI_2;
     let (rx, ry, rz) = if two_d { (in_plane_rotation(patch).min(quarter), 0.0, 0.0) } else { (30f64.to_radians(), 30f64.to_radians(), 30f64.to_radians()) };
     let c = patch.map(|v| v as f64);
@@ -227,14 +227,14 @@ mod tests {
     fn initial_patch_vectors() {
         // §11: [40,56,40]→[73,80,64]; 128³→[205,205,205]; [112,112,128]→[179,189,196];
         // dummy 2-D [40,224,224]→[40,263,263].
-        assert_eq!(initial_patch_size([40, 56, 40]), [73, 80, 64]);
-        assert_eq!(initial_patch_size([128, 128, 128]), [205, 205, 205]);
-        assert_eq!(initial_patch_size([112, 112, 128]), [179, 189, 196]);
-        assert_eq!(initial_patch_size([40, 224, 224]), [40, 263, 263]);
+        assert_eq!(initial_patch_size([40, 56, 40], dummy_2d([40, 56, 40])), [73, 80, 64]);
+        assert_eq!(initial_patch_size([128, 128, 128], dummy_2d([128, 128, 128])), [205, 205, 205]);
+        assert_eq!(initial_patch_size([112, 112, 128], dummy_2d([112, 112, 128])), [179, 189, 196]);
+        assert_eq!(initial_patch_size([40, 224, 224], dummy_2d([40, 224, 224])), [40, 263, 263]);
         // 2-D patches, one slice deep: nnU-Net 2.8.1's get_patch_size of the 2-D patch with
         // ±180°, or ±15° beyond an aspect of 1.5.
         for (patch, loaded) in [([512, 512], [602, 602]), ([320, 448], [527, 527]), ([256, 416], [417, 489]), ([192, 160], [225, 225]), ([96, 320], [206, 376])] {
-            assert_eq!(initial_patch_size([1, patch[0], patch[1]]), [1, loaded[0], loaded[1]], "{patch:?}");
+            assert_eq!(initial_patch_size([1, patch[0], patch[1]], true), [1, loaded[0], loaded[1]], "{patch:?}");
         }
         assert_eq!(in_plane_rotation([1, 96, 320]), 15f64.to_radians());
         assert_eq!(in_plane_rotation([1, 320, 448]), std::f64::consts::PI);

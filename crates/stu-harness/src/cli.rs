@@ -503,6 +503,14 @@ struct TrainArgs {
     /// probability is the share the default rule gives the batch size, ½ for a batch of 2).
     #[arg(long)]
     probabilistic_oversampling: bool,
+    /// How augmentation's rotation and scaling resample the label maps: `linear` per label
+    /// (nnUNetTrainer) or `nearest` (nnUNetTrainer_DASegOrd0).
+    #[arg(long, default_value = "linear", value_parser = stu_data::augment::SegInterpolation::parse)]
+    seg_interpolation: stu_data::augment::SegInterpolation,
+    /// Augment anisotropic 3-D patches in 3-D, not in plane as nnU-Net's dummy 2-D mode does
+    /// (nnUNetTrainer_noDummy2DDA).
+    #[arg(long)]
+    no_dummy_2d: bool,
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -644,7 +652,17 @@ impl TrainArgs {
             fraction: self.fraction,
             precision: self.precision,
             previous_stage: self.previous_stage,
-            recipe: crate::train::Recipe { loss: self.loss, deep_supervision: !self.no_deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirror_axes: if self.no_mirroring { Some(Vec::new()) } else { self.mirror_axes.map(|a| a.0) }, oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling },
+            recipe: crate::train::Recipe {
+                loss: self.loss,
+                deep_supervision: !self.no_deep_supervision,
+                optimizer: self.optimizer,
+                lr_schedule: self.lr_schedule,
+                mirror_axes: if self.no_mirroring { Some(Vec::new()) } else { self.mirror_axes.map(|a| a.0) },
+                oversample_foreground: self.oversample_foreground,
+                probabilistic_oversampling: self.probabilistic_oversampling,
+                seg_interpolation: self.seg_interpolation,
+                dummy_2d_augmentation: !self.no_dummy_2d,
+            },
         })
     }
 }

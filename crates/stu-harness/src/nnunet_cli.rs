@@ -398,7 +398,7 @@ struct Trainer {
 
 /// nnU-Net's trainer variants (`nnunetv2/training/nnUNetTrainer/variants`) that `stu train`
 /// runs: name, flags, initial learning rate.
-const VARIANTS: [(&str, &[&str], Option<&str>); 22] = [
+const VARIANTS: [(&str, &[&str], Option<&str>); 25] = [
     ("nnUNetTrainerCELoss", &["--loss", "ce"], None),
     ("nnUNetTrainerDiceLoss", &["--loss", "dice"], None),
     ("nnUNetTrainerTopk10Loss", &["--loss", "topk10"], None),
@@ -418,6 +418,9 @@ const VARIANTS: [(&str, &[&str], Option<&str>); 22] = [
     ("nnUNetTrainer_onlyMirror01", &["--mirror-axes", "0,1"], None),
     // No augmentation, and so no mirroring at inference either.
     ("nnUNetTrainerNoDA", &["--no-augmentation", "--no-mirroring"], None),
+    ("nnUNetTrainer_DASegOrd0", &["--seg-interpolation", "nearest"], None),
+    ("nnUNetTrainer_DASegOrd0_NoMirroring", &["--seg-interpolation", "nearest", "--no-mirroring"], None),
+    ("nnUNetTrainer_noDummy2DDA", &["--no-dummy-2d"], None),
     ("nnUNetTrainer_probabilisticOversampling", &["--probabilistic-oversampling"], None),
     ("nnUNetTrainer_probabilisticOversampling_033", &["--probabilistic-oversampling", "--oversample-foreground", "0.33"], None),
     ("nnUNetTrainer_probabilisticOversampling_010", &["--probabilistic-oversampling", "--oversample-foreground", "0.1"], None),
@@ -825,6 +828,8 @@ mod tests {
         assert_eq!(trainer("nnUNetTrainer_onlyMirror01", false, false).unwrap().variant, ["--mirror-axes", "0,1"]);
         assert_eq!(trainer("nnUNetTrainer_onlyMirror01", false, true).unwrap().variant, ["--mirror-axes", "0"]);
         assert_eq!(trainer("nnUNetTrainer_probabilisticOversampling_010", false, false).unwrap().variant, ["--probabilistic-oversampling", "--oversample-foreground", "0.1"]);
+        assert_eq!(trainer("nnUNetTrainer_DASegOrd0_NoMirroring", false, false).unwrap().variant, ["--seg-interpolation", "nearest", "--no-mirroring"]);
+        assert_eq!(trainer("nnUNetTrainer_noDummy2DDA", false, false).unwrap().variant, ["--no-dummy-2d"]);
         assert_eq!(trainer("STUNetTrainer_small_ep4k", false, false).unwrap().epochs, Some(4000));
         for bad in ["STUNetTrainer_tiny", "nnUNetTrainerV2", "nnUNetTrainer_xepochs", "nnUNetTrainerDA5", "nnUNetTrainerTopk10Loss_5epochs", "nnUNetTrainerAdam_0epochs"] {
             assert!(trainer(bad, false, false).is_err(), "{bad}");

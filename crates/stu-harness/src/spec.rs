@@ -220,12 +220,29 @@ pub struct TrainSpec {
     /// Foreground forced per sample at random (nnUNetTrainer_probabilisticOversampling).
     #[serde(default)]
     pub probabilistic_oversampling: bool,
+    /// Label maps resampled by augmentation's rotation and scaling: `linear` per label
+    /// (nnU-Net's) or `nearest` (nnUNetTrainer_DASegOrd0).
+    #[serde(default)]
+    pub seg_interpolation: stu_data::augment::SegInterpolation,
+    /// nnU-Net's dummy-2-D augmentation of anisotropic patches (off: nnUNetTrainer_noDummy2DDA).
+    #[serde(default = "yes")]
+    pub dummy_2d_augmentation: bool,
 }
 
 impl TrainSpec {
     /// The recipe's variant settings.
     pub fn recipe(&self) -> crate::train::Recipe {
-        crate::train::Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirror_axes: self.mirror_axes.clone(), oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling }
+        crate::train::Recipe {
+            loss: self.loss,
+            deep_supervision: self.deep_supervision,
+            optimizer: self.optimizer,
+            lr_schedule: self.lr_schedule,
+            mirror_axes: self.mirror_axes.clone(),
+            oversample_foreground: self.oversample_foreground,
+            probabilistic_oversampling: self.probabilistic_oversampling,
+            seg_interpolation: self.seg_interpolation,
+            dummy_2d_augmentation: self.dummy_2d_augmentation,
+        }
     }
 }
 
@@ -253,7 +270,7 @@ fn workers() -> usize {
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers(), loss: Default::default(), deep_supervision: true, optimizer: Default::default(), lr_schedule: Default::default(), mirror_axes: None, oversample_foreground: None, probabilistic_oversampling: false }
+        Self { epochs: epochs(), iterations: iterations(), val_iterations: val_iterations(), save_every: save_every(), patch_size: None, batch_size: None, lr: None, fold: fold(), init_from: None, augmentation: true, workers: workers(), loss: Default::default(), deep_supervision: true, optimizer: Default::default(), lr_schedule: Default::default(), mirror_axes: None, oversample_foreground: None, probabilistic_oversampling: false, seg_interpolation: Default::default(), dummy_2d_augmentation: true }
     }
 }
 
@@ -744,11 +761,11 @@ mod tests {
 
     #[test]
     fn the_recipe_keys_take_nnunets_variants_and_name_the_key_otherwise() {
-        let p = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"topk10\"\ndeep_supervision = false\noptimizer = \"adam\"\nlr_schedule = \"warmup\"\nmirror_axes = []\n"));
+        let p = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"topk10\"\ndeep_supervision = false\noptimizer = \"adam\"\nlr_schedule = \"warmup\"\nmirror_axes = []\nseg_interpolation = \"nearest\"\ndummy_2d_augmentation = false\n"));
         let r = p.spec.train.recipe();
-        assert_eq!(r, crate::train::Recipe { loss: stu_engine::loss::LossKind::Topk10, deep_supervision: false, optimizer: stu_engine::train::OptimizerKind::Adam, lr_schedule: stu_engine::schedule::LrSchedule::Warmup, mirror_axes: Some(vec![]), oversample_foreground: None, probabilistic_oversampling: false });
+        assert_eq!(r, crate::train::Recipe { loss: stu_engine::loss::LossKind::Topk10, deep_supervision: false, optimizer: stu_engine::train::OptimizerKind::Adam, lr_schedule: stu_engine::schedule::LrSchedule::Warmup, mirror_axes: Some(vec![]), oversample_foreground: None, probabilistic_oversampling: false, seg_interpolation: stu_data::augment::SegInterpolation::Nearest, dummy_2d_augmentation: false });
         assert!(identity(&p.spec).unwrap().contains(r#""loss":"topk10""#));
-        assert_eq!(r.describe(), "loss topk10, no deep supervision, optimizer adam, lr schedule warmup, mirror axes []");
+        assert_eq!(r.describe(), "loss topk10, no deep supervision, optimizer adam, lr schedule warmup, mirror axes [], label maps augmented by nearest interpolation, no dummy-2-D augmentation");
         assert_eq!(crate::train::Recipe::default().describe(), "");
         // Written out at nnU-Net's defaults, they leave the identity alone.
         let q = one_point(&TINY.replace("[train]\n", "[train]\nloss = \"dice_ce\"\noptimizer = \"sgd\"\nlr_schedule = \"poly\"\ndeep_supervision = true\n"));

@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
-use stu_data::augment::AugConfig;
+use stu_data::augment::{AugConfig, SegInterpolation};
 use stu_data::loader::{BatchConfig, CaseStore, Loader};
 use stu_engine::backend::Backend;
 use stu_engine::precision::Precision;
@@ -109,12 +109,34 @@ pub struct TrainConfig {
     /// See [`Recipe::probabilistic_oversampling`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub probabilistic_oversampling: bool,
+    /// See [`Recipe::seg_interpolation`].
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub seg_interpolation: SegInterpolation,
+    /// See [`Recipe::dummy_2d_augmentation`].
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub dummy_2d_augmentation: bool,
 }
 
 impl TrainConfig {
     /// The recipe's variant settings.
     pub fn recipe(&self) -> Recipe {
-        Recipe { loss: self.loss, deep_supervision: self.deep_supervision, optimizer: self.optimizer, lr_schedule: self.lr_schedule, mirror_axes: self.mirror_axes.clone(), oversample_foreground: self.oversample_foreground, probabilistic_oversampling: self.probabilistic_oversampling }
+        Recipe {
+            loss: self.loss,
+            deep_supervision: self.deep_supervision,
+            optimizer: self.optimizer,
+            lr_schedule: self.lr_schedule,
+            mirror_axes: self.mirror_axes.clone(),
+            oversample_foreground: self.oversample_foreground,
+            probabilistic_oversampling: self.probabilistic_oversampling,
+            seg_interpolation: self.seg_interpolation,
+            dummy_2d_augmentation: self.dummy_2d_augmentation,
+        }
+    }
+
+    /// Training's augmentation: nnU-Net's for the patch, with the recipe's mirroring axes, label
+    /// interpolation and dummy-2-D rule.
+    pub fn aug_config(&self) -> AugConfig {
+        AugConfig { mirror_axes: self.mirror_axes_here(), seg_interpolation: self.seg_interpolation, ..AugConfig::nnunet_with(self.patch_size, self.dummy_2d_augmentation) }
     }
 
     /// The mirrored axes ([`Recipe::mirror_axes`]) in this crate's numbering of a patch's
@@ -160,6 +182,12 @@ pub struct Recipe {
     /// Each sample forced with that probability instead of the last ones of the batch
     /// (`nnUNetTrainer_probabilisticOversampling[_033|_010]`).
     pub probabilistic_oversampling: bool,
+    /// How rotation and scaling resample the label maps: per label, linearly (nnU-Net's), or
+    /// the nearest voxel's (`nnUNetTrainer_DASegOrd0`).
+    pub seg_interpolation: SegInterpolation,
+    /// nnU-Net's dummy-2-D augmentation of anisotropic 3-D patches (in plane, about axis 0);
+    /// off, they are augmented in 3-D (`nnUNetTrainer_noDummy2DDA`).
+    pub dummy_2d_augmentation: bool,
 }
 
 impl Recipe {
@@ -189,13 +217,29 @@ impl Recipe {
         if self.probabilistic_oversampling {
             out.push("probabilistic oversampling".into());
         }
+        if self.seg_interpolation != d.seg_interpolation {
+            out.push(format!("label maps augmented by {} interpolation", self.seg_interpolation.name()));
+        }
+        if !self.dummy_2d_augmentation {
+            out.push("no dummy-2-D augmentation".into());
+        }
         out.join(", ")
     }
 }
 
 impl Default for Recipe {
     fn default() -> Self {
-        Self { loss: LossKind::DiceCe, deep_supervision: true, optimizer: OptimizerKind::Sgd, lr_schedule: LrSchedule::Poly, mirror_axes: None, oversample_foreground: None, probabilistic_oversampling: false }
+        Self {
+            loss: LossKind::DiceCe,
+            deep_supervision: true,
+            optimizer: OptimizerKind::Sgd,
+            lr_schedule: LrSchedule::Poly,
+            mirror_axes: None,
+            oversample_foreground: None,
+            probabilistic_oversampling: false,
+            seg_interpolation: SegInterpolation::Linear,
+            dummy_2d_augmentation: true,
+        }
     }
 }
 
@@ -440,6 +484,8 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
         mirror_axes: req.recipe.mirror_axes.clone(),
         oversample_foreground: req.recipe.oversample_foreground,
         probabilistic_oversampling: req.recipe.probabilistic_oversampling,
+        seg_interpolation: req.recipe.seg_interpolation,
+        dummy_2d_augmentation: req.recipe.dummy_2d_augmentation,
     })
 }
 
@@ -816,7 +862,7 @@ pub fn train(req: &TrainRequest, progress: &dyn Progress) -> Result<TrainSummary
     let train_batches = BatchConfig {
         batch_size: share,
         patch: cfg.patch_size,
-        augment: cfg.augmentation.then(|| AugConfig { mirror_axes: cfg.mirror_axes_here(), ..AugConfig::nnunet(cfg.patch_size) }),
+        augment: cfg.augmentation.then(|| cfg.aug_config()),
         ds_scales: scales.clone(),
         regions: task.regions.clone(),
         shard: (world > 1).then_some((rank * share, cfg.batch_size)),
@@ -1115,5 +1161,30 @@ mod tests {
         assert!(state_fits(1_457_326_221, Precision::F32, 12 * gib, 80 * gib).is_ok());
         let err = state_fits(1_457_326_221, Precision::F16, 12 * gib, 80 * gib).unwrap_err().to_string();
         assert!(err.contains("needs 13.6 GiB") && err.contains("10 bytes each") && err.contains("12.0 of 80.0 GiB free"), "{err}");
+    }
+
+    /// A `train.json` written before the recipe's keys existed reads as nnU-Net's recipe; the
+    /// augmentation variants reach the loader's configuration.
+    #[test]
+    fn recorded_recipes_decide_the_augmentation() {
+        let old = serde_json::json!({
+            "preprocessed": "/p", "configuration": "3d_fullres", "fold": "0", "model": "stunet", "model_options": {},
+            "epochs": 1, "iterations": 1, "val_iterations": 1, "save_every": 1, "batch_size": 2, "patch_size": [20, 192, 160],
+            "initial_lr": 0.01, "seed": 0, "init_from": null, "augmentation": true, "backend": "flex", "fraction": 1.0
+        });
+        let cfg: TrainConfig = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(cfg.recipe(), Recipe::default());
+        assert_eq!(cfg.aug_config(), AugConfig::nnunet([20, 192, 160]));
+        assert!(cfg.aug_config().dummy_2d, "an anisotropic patch: nnU-Net's dummy 2-D");
+        assert_eq!(serde_json::to_value(&cfg).unwrap(), old, "nnU-Net's defaults are not written");
+        let mut v = old;
+        v["seg_interpolation"] = "nearest".into();
+        v["dummy_2d_augmentation"] = false.into();
+        v["mirror_axes"] = serde_json::json!([1, 2]);
+        let cfg: TrainConfig = serde_json::from_value(v).unwrap();
+        let aug = cfg.aug_config();
+        assert_eq!((aug.seg_interpolation, aug.dummy_2d, aug.mirror_axes), (SegInterpolation::Nearest, false, vec![1, 2]));
+        assert_eq!(aug.rotation, [30f64.to_radians(); 3], "augmented in 3-D (nnUNetTrainer_noDummy2DDA)");
+        assert_eq!(cfg.recipe().describe(), "mirror axes [1, 2], label maps augmented by nearest interpolation, no dummy-2-D augmentation");
     }
 }
