@@ -192,13 +192,7 @@ pub fn augment(rng: &mut SplitMix64, cfg: &AugConfig, input: &Sample, out: [usiz
         for c in s.data.chunks_mut(n) {
             if rng.uniform(0.0, 1.0) < 0.5 {
                 let zoom = rng.uniform(0.5, 1.0);
-                let mut target = out.map(|v| ((v as f64 * zoom).round() as usize).max(1));
-                if cfg.dummy_2d {
-                    target[0] = out[0];
-                }
-                let down = nearest_resize(c, out, target);
-                let up = resample_data(&down, target, out, None);
-                c.copy_from_slice(&up);
+                low_resolution(c, out, zoom, cfg.dummy_2d);
             }
         }
     }
@@ -526,6 +520,20 @@ fn reflect(i: i64, n: usize) -> usize {
 }
 
 /// `x ← (x − mean)·f + mean`, clipped to the range before.
+/// batchgenerators' `augment_linear_downsampling_scipy` as nnU-Net calls it: down to
+/// `round(shape · zoom)` by nearest neighbour, back up with cubic splines ('edge', no
+/// anti-aliasing); axis 0 kept in dummy 2-D.
+fn low_resolution(c: &mut [f32], shape: [usize; 3], zoom: f64, dummy_2d: bool) {
+    let mut target = shape.map(|v| ((v as f64 * zoom).round() as usize).max(1));
+    if dummy_2d {
+        target[0] = shape[0];
+    }
+    let down = nearest_resize(c, shape, target);
+    let up = resample_data(&down, target, shape, None);
+    c.copy_from_slice(&up);
+}
+
+/// batchgenerators' `augment_contrast` with `preserve_range=True`.
 fn contrast(c: &mut [f32], f: f64) {
     let mean = c.iter().map(|&v| v as f64).sum::<f64>() / c.len() as f64;
     let (lo, hi) = c.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
@@ -679,6 +687,32 @@ mod tests {
                 let worst = got.data.iter().zip(floats(&case["data"])).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(worst < 1e-4, "data, {out:?} {angles:?} ×{scale}: off by {worst}");
             }
+        }
+    }
+
+    #[test]
+    fn intensity_steps_match_batchgenerators() {
+        // The same fixture: each step with its random draw fixed.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/augment.json");
+        let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let floats = |v: &serde_json::Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+        let shape: [usize; 3] = serde_json::from_value(f["shape"].clone()).unwrap();
+        let input = floats(&f["data"]);
+        for case in f["intensity"].as_array().unwrap() {
+            let (op, value) = (case["op"].as_str().unwrap(), case["value"].as_f64().unwrap());
+            let mut c = input.clone();
+            match op {
+                "blur" => gaussian_blur(&mut c, shape, value),
+                "lowres" => low_resolution(&mut c, shape, value, false),
+                "lowres_dummy_2d" => low_resolution(&mut c, shape, value, true),
+                "contrast" => contrast(&mut c, value),
+                "gamma_inverted" => gamma(&mut c, value, true),
+                "gamma" => gamma(&mut c, value, false),
+                _ => panic!("{op}"),
+            }
+            let want = floats(&case["out"]);
+            let worst = c.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{op} {value}: off by {worst}");
         }
     }
 
