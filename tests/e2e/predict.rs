@@ -89,8 +89,9 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     assert!(!bad.status.success() && err.contains("tiny_iso.safetensors") && err.contains("classes"), "{err}");
     // Fast export: on the plan's own grid (this case's spacing) the argmax is the full
     // export's; on a coarser plan (4.5 mm) the label map alone is resampled back, in the input's
-    // geometry, mostly agreeing with the full export (0.80 of the voxels for this barely trained
-    // model, whose maps are speckled; the quickstart's trained models agree on 0.988–0.991).
+    // geometry, mostly agreeing with the full export (0.60 of the voxels for this model trained
+    // for two iterations, whose maps are speckled; the quickstart's trained models agree on
+    // 0.988–0.991).
     ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-fast"), "--checkpoint", &ck, "--disable-tta", "--fast-export"]));
     let fast = stu_data::nifti_io::read_label(&tmp.path().join("pred-fast/ts_mr_sm.nii.gz")).unwrap();
     assert!(fast.data == out.data && fast.geom.affine == out.geom.affine);
@@ -111,7 +112,7 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
         maps.push(m.data);
     }
     let agree = maps[0].iter().zip(&maps[1]).filter(|(a, b)| a == b).count() as f64 / maps[0].len() as f64;
-    assert!(agree > 0.7 && agree < 1.0, "fast and full export agree on {agree}");
+    assert!(agree > 0.5 && agree < 1.0, "fast and full export agree on {agree}");
     let both = stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("pred-x"), "--checkpoint", &ck, "--fast-export", "--save-probabilities"]);
     assert!(!both.status.success() && String::from_utf8_lossy(&both.stderr).contains("--save-probabilities"));
     // With TTA too, through a single file input.

@@ -323,7 +323,11 @@ fn data_parallel_steps_equal_one_process_on_the_whole_batch() {
         for ((t, r0), r1) in single.iter().zip(&ranks[0].1).zip(&ranks[1].1) {
             assert_eq!(r0.data, r1.data, "{}: the replicas are not bit-identical", t.name);
             let err = tests::rel_max_err(&r0.data, &t.data);
-            assert!(err <= 1e-4, "(batch_dice, regions) {batch_dice:?}, {}: relative error {err} between two ranks and one process", t.name);
+            // A convolution's bias ahead of an instance norm has a zero gradient in exact
+            // arithmetic (the norm removes per-channel constants); what it gathers is rounding
+            // noise (≈ 1e-8 here), which two summation orders need not share: compared absolutely.
+            let abs = r0.data.iter().zip(&t.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= 1e-4 || abs <= 1e-7, "(batch_dice, regions) {batch_dice:?}, {}: relative error {err} (absolute {abs}) between two ranks and one process", t.name);
             moved = moved.max(t.data.iter().map(|v| v.abs() as f64).fold(0.0, f64::max));
         }
         assert!(moved > 0.0);

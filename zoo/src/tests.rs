@@ -267,6 +267,44 @@ fn a_tiny_stunet_learns_a_ball_with_nnunets_loss_and_optimiser() {
     assert!((after - 1e-3).abs() < 1e-6, "{after}");
 }
 
+/// A fresh network as training starts it (`he_init`): conv and linear weights drawn, every
+/// vector as PyTorch initialises it — norm scales 1, biases and norm shifts 0 — for every
+/// registered model (`stunet.md` §1.7: He init leaves the InstanceNorm affine at 1 and 0).
+#[test]
+fn he_init_draws_weights_and_leaves_norm_scales_at_one() {
+    use serde_json::json;
+    use stu_engine::model::NetSpec;
+    let small = [
+        ("stunet", json!({"depth": [1, 1, 1], "dims": [4, 8, 8]})),
+        ("nnunet-plainconv", json!({"base_width": 4, "max_width": 16})),
+        ("nnunet-resenc", json!({"base_width": 4, "max_width": 16})),
+        ("unetr", json!({"img_size": 32, "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4})),
+        ("swinunetr", json!({"feature_size": 12})),
+        ("nnformer", json!({"crop_size": [32, 32, 32], "embedding_dim": 12, "num_heads": [1, 2, 4, 8]})),
+    ];
+    assert_eq!(registry().names().count(), small.len(), "a registered model without a case here");
+    for (name, options) in small {
+        let e = registry().get(name).unwrap();
+        let spec = NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2; 3]; 2], options };
+        let net = stu_engine::train::he_init((e.build)(&spec, &device()).unwrap(), 7, None);
+        let (mut scales, mut drawn) = (0, 0);
+        for t in net.state_dict() {
+            let (v, key) = (&t.data, &t.name);
+            if t.shape.len() == 1 {
+                // PyTorch's names for norm scales: `norm*.weight` (InstanceNorm, LayerNorm), `gamma`.
+                let is_scale = key.ends_with("gamma") || (key.ends_with(".weight") && key.rsplit('.').nth(1).is_some_and(|m| m.contains("norm") || m == "1" && key.contains("all_modules")));
+                let want = if is_scale { 1.0 } else { 0.0 };
+                scales += usize::from(is_scale);
+                assert!(v.iter().all(|&x| x == want), "{name}: {key} should be all {want}, is {:?}…", &v[..v.len().min(4)]);
+            } else if key.ends_with("weight") && v.len() > 8 {
+                drawn += 1;
+                assert!(v.iter().any(|&x| x != 0.0), "{name}: {key} was not drawn");
+            }
+        }
+        assert!(scales > 0 && drawn > 0, "{name}: {scales} norm scales, {drawn} drawn weights");
+    }
+}
+
 /// Every model's `check` (spec validation, allocating nothing) judges options as its `build`
 /// does: small valid options pass both, a mistake fails both with the same message naming the
 /// option.

@@ -120,8 +120,10 @@ pub fn map_params<M: Module>(module: M, grads: &mut GradientsParams, f: &mut Upd
 }
 
 /// nnU-Net v1's `InitWeights_He(1e-2)` from a seed: weights (rank ≥ 2) ~ N(0, gain²/fan_in) with
-/// gain √(2/(1+0.01²)), fan_in = dims[1]·kernel; norm scales (`gamma`) 1; biases and norm
-/// shifts 0. Deterministic, unlike burn's global RNG, so two runs with one seed start equal.
+/// gain √(2/(1+0.01²)), fan_in = dims[1]·kernel. Vectors keep the values the model was built
+/// with, which every zoo model builds as PyTorch does: norm scales 1, biases and norm shifts 0
+/// (`stunet.md` §1.7: "the InstanceNorm affine keeps weight 1 and bias 0"). Deterministic,
+/// unlike burn's global RNG, so two runs with one seed start equal.
 pub fn he_init(net: Box<dyn SegNet>, seed: u64, only: Option<&dyn Fn(&str) -> bool>) -> Box<dyn SegNet> {
     let mut rng = SplitMix64::new(seed ^ 0x6a09_e667_f3bc_c909);
     let dims: HashMap<String, Vec<usize>> = net.params().into_iter().map(|p| (p.path, p.dims)).collect();
@@ -132,17 +134,13 @@ pub fn he_init(net: Box<dyn SegNet>, seed: u64, only: Option<&dyn Fn(&str) -> bo
             return value;
         }
         let d = &dims[path];
+        if d.len() < 2 {
+            return value;
+        }
         let n: usize = d.iter().product();
-        let values: Vec<f32> = if d.len() >= 2 {
-            let fan_in: usize = d[1..].iter().product();
-            let sd = gain / (fan_in as f64).sqrt();
-            rng.normals_par(n, sd)
-        } else if path.ends_with("gamma") {
-            vec![1.0; n]
-        } else {
-            vec![0.0; n]
-        };
-        Tensor::from_data(TensorData::new(values, [n]), &value.device())
+        let fan_in: usize = d[1..].iter().product();
+        let sd = gain / (fan_in as f64).sqrt();
+        Tensor::from_data(TensorData::new(rng.normals_par(n, sd), [n]), &value.device())
     })
 }
 

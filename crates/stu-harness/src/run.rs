@@ -219,6 +219,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         "id": point.id,
         "spec": point.spec,
         "git": {"revision": git(&["rev-parse", "HEAD"]), "dirty": git(&["status", "--porcelain"]).map(|s| !s.is_empty())},
+        "training_revision": crate::spec::TRAINING_REVISION,
         "host": host(),
         "seed": s.seed,
         "backend": s.backend,

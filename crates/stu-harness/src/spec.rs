@@ -567,11 +567,24 @@ pub fn points(spec: &Spec) -> Result<Vec<Point>> {
                     (revision != 0).then(|| format!("#{}-revision-{revision}", d.plugin))
                 })
                 .collect();
+            // So does the training code's revision: a point trained before a fix that changes
+            // what training makes of the same spec is another point.
+            let revisions = revisions + &training_revision_suffix();
             let id = hash_hex(&(identity(&resolved)? + &revisions));
             let former_id = hash_hex(&(serde_json::to_string(&resolved)? + &revisions));
             Ok(Point { set, variant, swept, spec: resolved, id, former_id })
         })
         .collect()
+}
+
+/// Bumped when a fix changes what training makes of the same spec, so that points finished
+/// before it run again (revision 1 adds nothing to the ids, which kept them as they were).
+/// 2 (2026-11-28): fresh networks' norm scales start at 1, as PyTorch's; they started at 0,
+/// which slowed every from-scratch training and left many short phantom runs at Dice 0.
+pub const TRAINING_REVISION: u32 = 2;
+
+fn training_revision_suffix() -> String {
+    if TRAINING_REVISION > 1 { format!("#training-revision-{TRAINING_REVISION}") } else { String::new() }
 }
 
 /// What identifies a resolved spec: its JSON with every value equal to the spec format's
@@ -808,9 +821,10 @@ mod tests {
         // default alters the identity, would make every finished point run again.
         // (The phantom's revision is part of it: a new generator revision changes it rightly.
         // TINY gained its model options on 2026-11-27, when validation began to require them;
-        // its id was 072764d7b4ec4c4a without.)
+        // its id was 072764d7b4ec4c4a without. Training revision 2 of 2026-11-28 made it
+        // 271e897665530366 → the id below.)
         let p = one_point(TINY);
-        assert_eq!(p.id, "271e897665530366");
+        assert_eq!(p.id, "33ba36411fdf30ca");
         assert_ne!(p.former_id, p.id);
     }
 }
