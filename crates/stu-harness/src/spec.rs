@@ -232,17 +232,7 @@ pub struct TrainSpec {
 impl TrainSpec {
     /// The recipe's variant settings.
     pub fn recipe(&self) -> crate::train::Recipe {
-        crate::train::Recipe {
-            loss: self.loss,
-            deep_supervision: self.deep_supervision,
-            optimizer: self.optimizer,
-            lr_schedule: self.lr_schedule,
-            mirror_axes: self.mirror_axes.clone(),
-            oversample_foreground: self.oversample_foreground,
-            probabilistic_oversampling: self.probabilistic_oversampling,
-            seg_interpolation: self.seg_interpolation,
-            dummy_2d_augmentation: self.dummy_2d_augmentation,
-        }
+        crate::train::recipe_of!(self)
     }
 }
 

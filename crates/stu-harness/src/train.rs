@@ -117,20 +117,30 @@ pub struct TrainConfig {
     pub dummy_2d_augmentation: bool,
 }
 
+/// The [`Recipe`] of a value that holds its fields flat under the same names (`TrainConfig`, the
+/// spec's `TrainSpec`: both are read with `deny_unknown_fields`, which serde's `flatten` does
+/// not support, so they repeat the fields instead of nesting a `Recipe`).
+macro_rules! recipe_of {
+    ($s:expr) => {
+        $crate::train::Recipe {
+            loss: $s.loss,
+            deep_supervision: $s.deep_supervision,
+            optimizer: $s.optimizer,
+            lr_schedule: $s.lr_schedule,
+            mirror_axes: $s.mirror_axes.clone(),
+            oversample_foreground: $s.oversample_foreground,
+            probabilistic_oversampling: $s.probabilistic_oversampling,
+            seg_interpolation: $s.seg_interpolation,
+            dummy_2d_augmentation: $s.dummy_2d_augmentation,
+        }
+    };
+}
+pub(crate) use recipe_of;
+
 impl TrainConfig {
     /// The recipe's variant settings.
     pub fn recipe(&self) -> Recipe {
-        Recipe {
-            loss: self.loss,
-            deep_supervision: self.deep_supervision,
-            optimizer: self.optimizer,
-            lr_schedule: self.lr_schedule,
-            mirror_axes: self.mirror_axes.clone(),
-            oversample_foreground: self.oversample_foreground,
-            probabilistic_oversampling: self.probabilistic_oversampling,
-            seg_interpolation: self.seg_interpolation,
-            dummy_2d_augmentation: self.dummy_2d_augmentation,
-        }
+        recipe_of!(self)
     }
 
     /// Training's augmentation: nnU-Net's for the patch, with the recipe's mirroring axes, label
