@@ -519,7 +519,6 @@ fn reflect(i: i64, n: usize) -> usize {
     i as usize
 }
 
-/// `x ← (x − mean)·f + mean`, clipped to the range before.
 /// batchgenerators' `augment_linear_downsampling_scipy` as nnU-Net calls it: down to
 /// `round(shape · zoom)` by nearest neighbour, back up with cubic splines ('edge', no
 /// anti-aliasing); axis 0 kept in dummy 2-D.
@@ -533,7 +532,8 @@ fn low_resolution(c: &mut [f32], shape: [usize; 3], zoom: f64, dummy_2d: bool) {
     c.copy_from_slice(&up);
 }
 
-/// batchgenerators' `augment_contrast` with `preserve_range=True`.
+/// `x ← (x − mean)·f + mean`, clipped to the range before (batchgenerators'
+/// `augment_contrast` with `preserve_range=True`).
 fn contrast(c: &mut [f32], f: f64) {
     let mean = c.iter().map(|&v| v as f64).sum::<f64>() / c.len() as f64;
     let (lo, hi) = c.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
@@ -667,16 +667,28 @@ mod tests {
         assert_eq!(z.data[0], 0.0);
     }
 
-    #[test]
-    fn spatial_transform_matches_batchgenerators() {
-        // tests/fixtures/make_augment_fixture.py: fixed angles and scales, 3-D and dummy 2-D,
-        // through scipy's map_coordinates as batchgenerators' augment_spatial calls it.
+/// `tests/fixtures/augment.json` (`make_augment_fixture.py`): its input volume and shape, and
+    /// the fixture.
+    fn batchgenerators_fixture() -> (Sample, serde_json::Value) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/augment.json");
         let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let ints = |v: &serde_json::Value| -> Vec<i16> { v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i16).collect() };
-        let floats = |v: &serde_json::Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
         let shape: [usize; 3] = serde_json::from_value(f["shape"].clone()).unwrap();
-        let input = Sample { data: floats(&f["data"]), seg: ints(&f["seg"]), channels: 1, shape };
+        (Sample { data: floats(&f["data"]), seg: ints(&f["seg"]), channels: 1, shape }, f)
+    }
+
+    fn floats(v: &serde_json::Value) -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    }
+
+    fn ints(v: &serde_json::Value) -> Vec<i16> {
+        v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i16).collect()
+    }
+
+    #[test]
+    fn spatial_transform_matches_batchgenerators() {
+        // Fixed angles and scales, 3-D and dummy 2-D, through scipy's map_coordinates as
+        // batchgenerators' augment_spatial calls it.
+        let (input, f) = batchgenerators_fixture();
         for case in f["cases"].as_array().unwrap() {
             let out: [usize; 3] = serde_json::from_value(case["out"].clone()).unwrap();
             let angles: [f64; 3] = serde_json::from_value(case["angles"].clone()).unwrap();
@@ -693,14 +705,11 @@ mod tests {
     #[test]
     fn intensity_steps_match_batchgenerators() {
         // The same fixture: each step with its random draw fixed.
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/augment.json");
-        let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let floats = |v: &serde_json::Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
-        let shape: [usize; 3] = serde_json::from_value(f["shape"].clone()).unwrap();
-        let input = floats(&f["data"]);
+        let (input, f) = batchgenerators_fixture();
+        let shape = input.shape;
         for case in f["intensity"].as_array().unwrap() {
             let (op, value) = (case["op"].as_str().unwrap(), case["value"].as_f64().unwrap());
-            let mut c = input.clone();
+            let mut c = input.data.clone();
             match op {
                 "blur" => gaussian_blur(&mut c, shape, value),
                 "lowres" => low_resolution(&mut c, shape, value, false),

@@ -62,8 +62,9 @@ pub trait StuOps: Backend {
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// nnU-Net's Dice + CE (`crate::loss::dc_ce`) of NCDHW `logits` against class indices
-    /// `target` `[B, D, H, W]` stored as floats, its terms weighted `[w_ce, w_dice]`; a
-    /// 1-element tensor. Fused: no softmax, log-softmax or one-hot tensor is materialised.
+    /// `target` `[B, D, H, W]` stored as floats, or the trainer variant `terms` describes
+    /// ([`Terms`](crate::kernels::loss::Terms): term weights, TopK, smoothing); a 1-element
+    /// tensor. Fused: no softmax, log-softmax or one-hot tensor is materialised.
     fn dc_ce_loss(logits: FloatTensor<Self>, target: FloatTensor<Self>, terms: crate::kernels::loss::Terms) -> FloatTensor<Self>;
     /// Gradient of [`dc_ce_loss`](StuOps::dc_ce_loss) with respect to the logits, scaled by the
     /// 1-element `grad`.
