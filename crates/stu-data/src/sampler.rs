@@ -30,6 +30,12 @@ pub fn mirror_axes(planar: bool, axes: Option<&[usize]>) -> Vec<usize> {
     }
 }
 
+/// Whether `axes` names spatial axes below `dims` (3, or 2 for a 2-D configuration), each once:
+/// what [`mirror_axes`] takes in nnU-Net's numbering.
+pub fn valid_axes(axes: &[usize], dims: usize) -> bool {
+    axes.iter().enumerate().all(|(i, a)| *a < dims && !axes[..i].contains(a))
+}
+
 /// The rotation range (radians, about axis 0) of dummy-2-D and 2-D augmentation: ±180°, but
 /// ±15° for a 2-D patch whose in-plane aspect exceeds 1.5 (`configure_rotation_dummyDA_mirroring_and_inital_patch_size`).
 pub fn in_plane_rotation(patch: [usize; 3]) -> f64 {
@@ -212,6 +218,8 @@ mod tests {
         assert_eq!(mirror_axes(false, Some(&[0, 1])), [0, 1]);
         assert_eq!(mirror_axes(true, Some(&[0])), [1]);
         assert!(mirror_axes(true, Some(&[])).is_empty());
+        assert!(valid_axes(&[0, 2], 3) && valid_axes(&[], 2) && valid_axes(&[1, 0], 2));
+        assert!(!valid_axes(&[2], 2) && !valid_axes(&[3], 3) && !valid_axes(&[1, 1], 3));
     }
 
     #[test]

@@ -414,7 +414,7 @@ pub fn validate(s: &Spec) -> Result<()> {
     allowed("model.name", &s.model.name, &models)?;
     ensure!(s.dataset.fraction > 0.0 && s.dataset.fraction <= 1.0, "`dataset.fraction` = {}: must be in (0, 1]", s.dataset.fraction);
     if let Some(axes) = &s.train.mirror_axes {
-        ensure!(axes.iter().enumerate().all(|(i, a)| *a < 3 && !axes[..i].contains(a)), "`train.mirror_axes` = {axes:?}: spatial axes 0, 1, 2, each named once");
+        ensure!(stu_data::sampler::valid_axes(axes, 3), "`train.mirror_axes` = {axes:?}: spatial axes 0, 1, 2, each named once");
     }
     if let Some(p) = s.train.oversample_foreground {
         ensure!((0.0..=1.0).contains(&p), "`train.oversample_foreground` = {p}: must be in [0, 1]");

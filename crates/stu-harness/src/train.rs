@@ -458,9 +458,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     ensure!(req.fraction > 0.0 && req.fraction <= 1.0, "--fraction must be in (0, 1], got {}", req.fraction);
     if let Some(axes) = &req.recipe.mirror_axes {
         let dims = if plan.patch[0] == 1 { 2 } else { 3 };
-        for (i, &a) in axes.iter().enumerate() {
-            ensure!(a < dims && !axes[..i].contains(&a), "--mirror-axes {axes:?}: configuration `{}` has {dims} spatial axes (0…{}), each named once", req.configuration, dims - 1);
-        }
+        ensure!(stu_data::sampler::valid_axes(axes, dims), "--mirror-axes {axes:?}: configuration `{}` has {dims} spatial axes (0…{}), each named once", req.configuration, dims - 1);
     }
     if let Some(p) = req.recipe.oversample_foreground {
         ensure!((0.0..=1.0).contains(&p), "--oversample-foreground must be in [0, 1], got {p}");
