@@ -238,7 +238,10 @@ mod imp {
             }
         };
         let out = out.map_err(|p| p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "the forward panicked".into()))?;
-        let output = aten(&out).ok_or("the forward returned a tensor that is not libtorch's")?;
+        let output = aten(&out).ok_or_else(|| match out.into_dispatch().kind {
+            DispatchTensorKind::Autodiff(_) => "the forward's output is tracked by autodiff: its network's parameters require gradients (use the network's `valid()` copy)",
+            _ => "the forward returned a tensor that is not libtorch's",
+        })?;
         Ok(Captured { handle, input, output })
     }
 

@@ -85,6 +85,16 @@ impl Net {
             Net::Zoo(name, _) => zoo_net(name, device),
         }
     }
+    /// The same network with untracked parameters, for the forward-only timings (see
+    /// [`inference_net`]).
+    fn valid(self) -> Net {
+        use stu_engine::burn::module::Module;
+        match self {
+            Net::Block(b) => Net::Block(b.valid()),
+            Net::StuNet(n) => Net::StuNet(Module::valid(&n)),
+            Net::Zoo(name, n) => Net::Zoo(name, n.valid()),
+        }
+    }
     fn forward(&self, x: Tensor<5>, ds: bool) -> Tensor<5> {
         match self {
             Net::Block(b) => {
@@ -199,9 +209,19 @@ fn profiled(dir: Option<&Path>, id: &str, backend: Backend, step: impl FnOnce() 
     Ok(())
 }
 
+/// The network an inference case times: `preset` freshly initialised, its parameters untracked
+/// (`valid`), as a loaded checkpoint's are in `stu predict`, then cast to `precision` and
+/// wrapped for CUDA graphs where they are on. A freshly built network's parameters are tracked
+/// by autodiff even on a plain device, so without `valid` every operator of the timed forward
+/// would record its backward (and a CUDA graph could not capture it: the H200 run of
+/// 2026-11-28 fell back to eager in every graph row for that reason).
+fn inference_net(preset: &str, precision: Precision, device: &Device) -> Result<Box<dyn SegNet>> {
+    let net = preset_net(preset, device)?.valid();
+    Ok(stu_engine::graph::wrap(precision.cast_net(&*net).unwrap_or(net)))
+}
+
 fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, device: &Device, patch: usize, profile: Option<&Path>) -> Result<CaseResult> {
-    let net = preset_net(preset, device)?;
-    let net = stu_engine::graph::wrap(precision.cast_net(&*net).unwrap_or(net));
+    let net = inference_net(preset, precision, device)?;
     let x = precision.input(randn([1, 1, patch, patch, patch], device));
     let (warm, n) = reps(backend, false);
     let step = || {
@@ -364,7 +384,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
             continue;
         }
         let ds = !case.id.ends_with("_fwd");
-        let net = net_for(case.id, &device);
+        let net = net_for(case.id, &device).valid();
         let x = randn(case.shape, &device);
         let fwd = time(case.n_fwd, || {
             let y = net.forward(x.clone(), ds);
@@ -399,4 +419,31 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
         anyhow::bail!("no bench case matches {}; the cases: {}", filter.join(" "), ids.join(", "));
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use stu_engine::burn::backend::DispatchTensorKind;
+
+    use super::*;
+
+    /// The inference cases time a forward that records no backward: the network's output is
+    /// not an autodiff tensor, while the same preset as built, untouched, is tracked (what the
+    /// cases timed before). In f32 on the default backend; with `tch` also in bf16 (the cast
+    /// copy of the parameters, the GPU's path; flex runs STU-Net in f32 only).
+    #[test]
+    fn inference_cases_time_an_untracked_forward() {
+        let mut runs = vec![(Backend::default_compiled().unwrap(), Precision::F32)];
+        if cfg!(feature = "tch") {
+            runs.extend([(Backend::Tch, Precision::F32), (Backend::Tch, Precision::Bf16)]);
+        }
+        let tracked = |y: Tensor<5>| matches!(y.into_dispatch().kind, DispatchTensorKind::Autodiff(_));
+        for (backend, precision) in runs {
+            let device = backend.device().unwrap();
+            let x = Tensor::<5>::from_data(TensorData::new(vec![0.25f32; 32 * 32 * 32], [1, 1, 32, 32, 32]), &device);
+            assert!(tracked(preset_net("stunet-s", &device).unwrap().forward(x.clone())), "a freshly built network is tracked");
+            let y = inference_net("stunet-s", precision, &device).unwrap().forward(precision.input(x));
+            assert!(!tracked(y), "{} {precision}: the timed forward records its backward", backend.name());
+        }
+    }
 }
