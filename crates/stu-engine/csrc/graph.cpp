@@ -6,17 +6,19 @@
 //
 // The capture is libtorch's own (`at::cuda::CUDAGraph`, what `torch.cuda.graph` uses): it runs
 // on a side stream, and the caching allocator serves the captured allocations from a private
-// pool, one pool shared by every graph of the process (graphs replay one at a time on one
-// stream, and each graph's input and output stay allocated while it lives, so one graph's
+// pool, one pool per device shared by every graph of the process (graphs replay one at a time on
+// one stream, and each graph's input and output stay allocated while it lives, so one graph's
 // intermediates may reuse another's).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <ATen/cuda/MemPool.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAFunctions.h>
 
 #include <cstring>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <optional>
 
@@ -30,11 +32,21 @@ struct Graph {
   std::optional<c10::cuda::CUDAStream> before;
 };
 
-at::cuda::MempoolId_t shared_pool() {
-  static std::once_flag once;
-  static at::cuda::MempoolId_t pool;
-  std::call_once(once, [] { pool = at::cuda::graph_pool_handle(); });
-  return pool;
+// The pool every graph of the process captures into, one per device: a `MemPool` that is never
+// destroyed, so the pool's use count never falls to 0. A bare `graph_pool_handle()` id is not
+// enough: when the last graph using it is freed the allocator marks the pool freeable, and the
+// next capture with that id fails (`createOrIncrefPool` asserts a live pool) — on the H200 of
+// 2026-11-28 the f16 capture of `stu check-ops` failed that way after its f32 graph was freed.
+at::cuda::MempoolId_t shared_pool(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, at::cuda::MemPool*> pools;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& pool = pools[device];
+  if (!pool) {
+    c10::cuda::CUDAGuard guard(device);
+    pool = new at::cuda::MemPool();  // (leaked on purpose: it must outlive every graph)
+  }
+  return pool->id();
 }
 
 // Makes the stream current again that was before the capture (captured work does not run, so
@@ -63,7 +75,7 @@ char* stu_graph_begin(int device, void** out) {
     g->before = current;
     c10::cuda::setCurrentCUDAStream(side);
     // Thread-local mode: another thread's CUDA calls (data loading) do not break the capture.
-    g->graph.capture_begin(shared_pool(), cudaStreamCaptureModeThreadLocal);
+    g->graph.capture_begin(shared_pool(current.device_index()), cudaStreamCaptureModeThreadLocal);
     *out = g;
     return nullptr;
   } catch (const std::exception& e) {
