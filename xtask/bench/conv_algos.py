@@ -10,7 +10,7 @@ patch (encoder, decoder, the stem, the strided downsampling ones) with how often
 runs it, timed for inference (batch 1, no grad) and training (batch 2, forward + backward of
 input and weight), in fp16 on CUDA (f32 on the CPU, for a dry run):
 
-- `ncdhw`: `conv3d` on contiguous tensors (PyTorch's own STU-Net and our CUDA default);
+- `ncdhw`: `conv3d` on contiguous tensors (PyTorch's own STU-Net and our CUDA default until 2026-11-28);
 - `ndhwc`: `conv3d` on `channels_last_3d` tensors (`STU_TCH_CHANNELS_LAST=1`);
 - `d2`: the depth-split convolution of `stu_engine::torch` (`STU_TCH_CONV=d2` with
   channels-last): one 2-D convolution over the `[B·D, H, W, C]` view with the kernel's depth

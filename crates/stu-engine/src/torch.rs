@@ -28,8 +28,8 @@
 //! the softmax probabilities; no one-hot target is ever formed), and upsampling's is ATen's
 //! `upsample_nearest3d_backward`.
 //!
-//! Layout: on the CPU convolutions run channels-last (NDHWC strides under NCDHW shapes,
-//! PyTorch's `channels_last_3d`), on CUDA NCDHW, which measured faster there
+//! Layout: convolutions run channels-last (NDHWC strides under NCDHW shapes, PyTorch's
+//! `channels_last_3d`), on the CPU and on CUDA, where each measured fastest
 //! ([`channels_last_on`]; `STU_TCH_CHANNELS_LAST=1`/`0` forces it). Channels-last activations
 //! are never converted: 1×1×1 convolutions are a matrix product over the `[voxels, C]` view,
 //! instance norm goes one sample at a time through ATen's channels-last batch-norm kernels (the
@@ -856,16 +856,16 @@ pub fn set_channels_last(on: Option<bool>) {
 }
 
 /// Whether the libtorch convolutions on `device` run channels-last (NDHWC strides under NCDHW
-/// shapes, as PyTorch's `channels_last_3d`). By default on the CPU only: there oneDNN gains from
-/// it (0.88× the S training step, 0.59× the S patch inference), while on an H200 cuDNN's NCDHW
-/// path was faster and leaner for STU-Net-B's training step (87.9 vs 91.1 ms, 10.4 vs 13.9 GiB,
-/// f16) and equal for its inference (16.5 vs 16.9 ms), measured while the channels-last path
-/// still converted layouts around instance norm, 1×1×1 convolutions and the loss (it no longer
-/// does; not yet measured on a GPU, `reports/bench/gpu.md`).
-/// `STU_TCH_CHANNELS_LAST=1` / `0` forces it on / off everywhere (read once). Values and
-/// gradients are the same either way.
-pub fn channels_last_on(device: tch::Device) -> bool {
-    CHANNELS_LAST.get().unwrap_or(device == tch::Device::Cpu)
+/// shapes, as PyTorch's `channels_last_3d`). By default yes, on every device: on the CPU oneDNN
+/// gains from it (0.88× the S training step, 0.59× the S patch inference), and on an H200
+/// (2026-11-28, f16, `reports/bench/gpu.md`) it was faster than NCDHW in every case timed both
+/// ways: STU-Net-B's training step 71.9 vs 86.4 ms (10.4 vs 10.6 GiB), B's patch inference 11.1
+/// vs 15.7 ms, H's 89.9 vs 99.0, L's 35.5 vs 40.6 (NCDHW had been the CUDA default while the
+/// channels-last path still converted layouts around instance norm, 1×1×1 convolutions and
+/// the loss). `STU_TCH_CHANNELS_LAST=1` / `0` forces it on / off everywhere (read once). Values
+/// and gradients are the same either way.
+pub fn channels_last_on(_device: tch::Device) -> bool {
+    CHANNELS_LAST.get().unwrap_or(true)
 }
 
 /// Forces the NCDHW instance norm's kernel (`Some(true)`: rows split into chunks; `Some(false)`:
@@ -878,14 +878,16 @@ pub fn set_norm_split(on: Option<bool>) {
 /// Whether instance norm of NCDHW activations on `device` runs with each (sample, channel) row
 /// split into chunks of about 8192 voxels (`csrc/grad.cpp`, `SplitNorm`): ATen's batch-norm
 /// kernels give each plane of the `[1, B·C, …]` view one thread block, so at 128³ a few dozen
-/// blocks read 2 M voxels each (cuDNN's, which the unsplit path uses on a GPU, took 14× their
-/// bandwidth bound in PyTorch's H200 profile of these shapes; why is not known).
-/// The statistics are combined exactly (Welford per chunk in f32, then the chunks' means and
-/// variances), so values match the unsplit norm to rounding. Not yet measured on a GPU: off
-/// by default; `STU_TCH_NORM=split` turns it on, `STU_TCH_NORM=plane` off (read once).
-/// Channels-last activations (the CPU default) keep their per-sample kernels either way.
-pub fn norm_split_on(_device: tch::Device) -> bool {
-    NORM_SPLIT.get().unwrap_or(false)
+/// blocks read 2 M voxels each. The statistics are combined exactly (Welford per chunk in f32,
+/// then the chunks' means and variances), so values match the unsplit norm to rounding.
+/// By default on CUDA devices, where it was faster in every case an H200 timed (2026-11-28, f16,
+/// NCDHW): B's training step 76.2 vs 86.4 ms, H's 559.8 vs 570.0, L's 203.8 vs 219.2, patch
+/// inference B 14.3 vs 15.7, H 93.3 vs 99.0, L 34.9 vs 40.6; not on the CPU, where ATen's
+/// batch-norm kernels are already parallel and splitting measured slower. `STU_TCH_NORM=split` /
+/// `plane` forces it on / off (read once). It only matters where convolutions run NCDHW
+/// (`STU_TCH_CHANNELS_LAST=0`): channels-last activations keep their per-sample kernels.
+pub fn norm_split_on(device: tch::Device) -> bool {
+    NORM_SPLIT.get().unwrap_or(device.is_cuda())
 }
 
 /// Forces the depth-split convolution on (`Some(true)`) or off (`Some(false)`), or leaves it to
@@ -1332,11 +1334,11 @@ mod tests {
         let check = super::check::fused_ops(&Device::libtorch(), 2e-5, false);
         assert!(check.failures.is_empty(), "{}", check.failures.join("\n"));
         assert!(check.lines.len() > 40, "{:#?}", check.lines);
-        // By default: channels-last on the CPU (oneDNN), NCDHW on CUDA (cuDNN), as measured;
-        // rows of the NCDHW norm not split.
+        // By default, as measured: channels-last everywhere; NCDHW norm rows split on CUDA only.
         assert!(super::channels_last_on(tch::Device::Cpu));
-        assert!(!super::channels_last_on(tch::Device::Cuda(0)));
-        assert!(!super::norm_split_on(tch::Device::Cuda(0)));
+        assert!(super::channels_last_on(tch::Device::Cuda(0)));
+        assert!(super::norm_split_on(tch::Device::Cuda(0)));
+        assert!(!super::norm_split_on(tch::Device::Cpu));
     }
 
     /// Under half precision a bias may stay f32 (`train::cast_params`): the convolution
