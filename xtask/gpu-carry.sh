@@ -12,12 +12,10 @@
 #   python3 xtask/bench/gpu_suite.py --stu .gpu/stu --bench-dir .gpu/bench --fixture .gpu/tiny_iso.safetensors \
 #     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 470 --phase 1
 # (device tool: timeout_s 585; parity, `stu check-ops`, B, H, L and S in f16 beside PyTorch's
-# fp16, B/H/L also with the split-row instance norm (`STU_TCH_NORM=split`) and their inference
-# through a CUDA graph (`STU_TCH_GRAPH=1`), NCDHW and channels-last, and channels-last with
-# depth-split convolutions (`STU_TCH_CONV=d2`) and a graph, after L STU-Net's 3³ convolutions
-# shape by shape through NCDHW, channels-last and depth-split (`conv_algos.py`, 70 s), B also channels-last
-# and burn's generic inference, B's per-op profiles (inference with either norm) and the f16
-# training check; the phase-1 plan of 2026-11-27 took 358 s on an H200), then at once, while the machine is warm,
+# fp16, B/H/L in the default channels-last layout and in NCDHW (split norm), their inference
+# also through a CUDA graph (`STU_TCH_GRAPH=1`), B's per-op profiles (training step, patch),
+# H's patch profile and the f16 training check; the phase-1 plan of 2026-11-28 took 482 s on an
+# H200 with 8 rows skipped, this one has fewer rows), then at once, while the machine is warm,
 # the same command with `--phase 2 --budget N` (N: the device time left less a minute): what
 # phase 1 skipped for time, the bf16 rows, the end-to-end checks and the extras. One long call
 # is `--phase all`; see the suite's section 3.
