@@ -100,6 +100,26 @@ fn a_run_killed_with_sigkill_and_resumed_repeats_the_uninterrupted_losses() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a `stu train` checkpoint"));
 }
 
+/// One run on one thread and on three: the same losses and final checkpoint to the last bit.
+/// The kernels' parallel sums are grouped by the shapes alone (`kernels::fold_groups`); with
+/// rayon's stealing-driven `fold` the 32³ patches' convolution weight gradients (several
+/// chunks per sample) were summed in another order on each thread count.
+#[test]
+fn a_run_gives_the_same_bits_on_one_thread_as_on_three() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre = tmp.path().join("pre");
+    synthetic_preprocessed(&pre, 5, 1, 2, [36, 36, 36], [32, 32, 32], &[[2, 2, 2], [2, 2, 2]]);
+    let run = |name: &str, threads: &str| {
+        let out = tmp.path().join(name);
+        let args = ["train", pre.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model-options", TINY, "--epochs", "2", "--iterations", "3", "--val-iterations", "1", "--seed", "5"];
+        ok(&Command::new(stu_bin!()).args(args).env("RAYON_NUM_THREADS", threads).output().unwrap());
+        (logged_losses(&out), std::fs::read(out.join("checkpoint_final.safetensors")).unwrap())
+    };
+    let (one, three) = (run("one", "1"), run("three", "3"));
+    assert_eq!(one.0, three.0, "the losses differ");
+    assert!(one.1 == three.1, "the final checkpoints differ");
+}
+
 #[test]
 fn an_adamw_run_with_a_warmup_and_topk_loss_resumes_to_the_same_losses() {
     // nnU-Net's trainer variants keep their state in the checkpoint too: AdamW's moments,

@@ -178,22 +178,38 @@ pub fn head_backward_data(dy: &[f32], w: &[f32], b: usize, n: usize, cin: usize,
     dx
 }
 
+/// Groups a parallel sum is cut into: a constant, not the thread count, so that the order in
+/// which partial sums are added — and so every gradient, to the last bit — depends on the shapes
+/// alone, not on rayon's work stealing or on the machine's cores. (With rayon's `fold` the
+/// grouping followed the stealing, and two runs of one training differed from the third step.)
+pub(crate) const SUM_GROUPS: usize = 32;
+
+/// `items` folded in at most [`SUM_GROUPS`] contiguous groups, one task per group, each group in
+/// item order; the groups' results in order.
+pub(crate) fn fold_groups<T: Sync, A: Send>(items: &[T], init: impl Fn() -> A + Sync, f: impl Fn(A, &T) -> A + Sync) -> Vec<A> {
+    let per = items.len().div_ceil(SUM_GROUPS).max(1);
+    items.par_chunks(per).map(|group| group.iter().fold(init(), &f)).collect()
+}
+
+/// Element-wise sum of equal-length vectors, in order (`len` zeros for none).
+pub(crate) fn sum_in_order<V: Copy + std::ops::AddAssign + Default>(parts: Vec<Vec<V>>, len: usize) -> Vec<V> {
+    parts.into_iter().reduce(|mut a, b| {
+        a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+        a
+    }).unwrap_or_else(|| vec![V::default(); len])
+}
+
 /// Weight gradient of [`head_forward`], `[Cout, Cin]` (= PyTorch's `[Cout, Cin, 1, 1, 1]`).
 pub fn head_backward_weight(x: &[f32], dy: &[f32], b: usize, n: usize, cin: usize, cout: usize) -> Vec<f32> {
     let t = 16_384;
     let chunks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(t).map(move |r| (bi, r))).collect();
-    chunks
-        .par_iter()
-        .fold(|| vec![0f32; cout * cin], |mut acc, &(bi, r0)| {
-            let k = t.min(n - r0);
-            // SAFETY: dy rows (classes) are contiguous along N; x is [N × Cin]; acc is local.
-            unsafe { gemm(cout, cin, k, acc.as_mut_ptr(), cin, true, dy.as_ptr().add(bi * cout * n + r0), n, 1, x.as_ptr().add((bi * n + r0) * cin), cin, 1) };
-            acc
-        })
-        .reduce(|| vec![0f32; cout * cin], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        })
+    let parts = fold_groups(&chunks, || vec![0f32; cout * cin], |mut acc, &(bi, r0)| {
+        let k = t.min(n - r0);
+        // SAFETY: dy rows (classes) are contiguous along N; x is [N × Cin]; acc is local.
+        unsafe { gemm(cout, cin, k, acc.as_mut_ptr(), cin, true, dy.as_ptr().add(bi * cout * n + r0), n, 1, x.as_ptr().add((bi * n + r0) * cin), cin, 1) };
+        acc
+    });
+    sum_in_order(parts, cout * cin)
 }
 
 /// Bias gradient of [`head_forward`]: per class, the sum over batch and voxels.
@@ -567,12 +583,7 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
     let out = g.out();
     let (cin, cout) = (g.cin, g.cout);
     let width = g.taps() * cin;
-    let sum = |parts: Vec<Vec<f32>>| -> Vec<f32> {
-        parts.into_iter().reduce(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        }).unwrap_or_else(|| vec![0.0; width * cout])
-    };
+    let sum = |parts: Vec<Vec<f32>>| sum_in_order(parts, width * cout);
     let dwg = if g.is_stride1_wide() {
         let k = g.k;
         let (xp, sp) = pad_input(x, g.b, g.inp, cin, g.pad());
@@ -593,9 +604,7 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
         });
         let t = 16_384usize;
         let chunks: Vec<(usize, usize)> = (0..g.b).flat_map(|bi| (0..rows).step_by(t).map(move |q| (bi, q))).collect();
-        let parts: Vec<Vec<f32>> = chunks
-            .par_iter()
-            .fold(|| vec![0.0f32; width * cout], |mut acc, &(bi, q0)| {
+        let parts: Vec<Vec<f32>> = fold_groups(&chunks, || vec![0.0f32; width * cout], |mut acc, &(bi, q0)| {
                 let m = t.min(rows - q0);
                 for dz in 0..k[0] {
                     for dyy in 0..k[1] {
@@ -610,41 +619,35 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
                     }
                 }
                 acc
-            })
-            .collect();
+            });
         sum(parts)
     } else if g.is_1x1() {
         let n = g.b * g.inp[0] * g.inp[1] * g.inp[2];
         let t = 16_384usize;
-        let parts: Vec<Vec<f32>> = (0..n)
-            .step_by(t)
-            .collect::<Vec<_>>()
-            .par_iter()
-            .fold(|| vec![0.0f32; width * cout], |mut acc, &r0| {
-                let m = t.min(n - r0);
-                // SAFETY: Xᵀ (strides 1, Cin) and dY rows r0 … r0+m exist; acc is local.
-                unsafe { gemm(cin, cout, m, acc.as_mut_ptr(), cout, true, x.as_ptr().add(r0 * cin), 1, cin, dy.as_ptr().add(r0 * cout), cout, 1) };
-                acc
-            })
-            .collect();
+        let starts: Vec<usize> = (0..n).step_by(t).collect();
+        let parts: Vec<Vec<f32>> = fold_groups(&starts, || vec![0.0f32; width * cout], |mut acc, &r0| {
+            let m = t.min(n - r0);
+            // SAFETY: Xᵀ (strides 1, Cin) and dY rows r0 … r0+m exist; acc is local.
+            unsafe { gemm(cin, cout, m, acc.as_mut_ptr(), cout, true, x.as_ptr().add(r0 * cin), 1, cin, dy.as_ptr().add(r0 * cout), cout, 1) };
+            acc
+        });
         sum(parts)
     } else {
         let (xp, sp) = pad_input(x, g.b, g.inp, cin, g.pad());
         let n_out = out[0] * out[1] * out[2];
         let t = tile_rows(width).min(1024);
         let tiles: Vec<(usize, usize)> = (0..g.b).flat_map(|bi| (0..n_out).step_by(t).map(move |r| (bi, r))).collect();
-        let parts: Vec<Vec<f32>> = tiles
-            .par_iter()
-            .fold(|| (vec![0.0f32; width * cout], Vec::new()), |(mut acc, mut a): (Vec<f32>, Vec<f32>), &(bi, r0)| {
-                let m = t.min(n_out - r0);
-                a.resize(m * width, 0.0);
-                im2col(&mut a, &xp, sp, g, out, bi, r0, m);
-                // SAFETY: Aᵀ of the local im2col tile; dY rows exist; acc is local.
-                unsafe { gemm(width, cout, m, acc.as_mut_ptr(), cout, true, a.as_ptr(), 1, width, dy.as_ptr().add((bi * n_out + r0) * cout), cout, 1) };
-                (acc, a)
-            })
-            .map(|(acc, _)| acc)
-            .collect();
+        let parts: Vec<Vec<f32>> = fold_groups(&tiles, || (vec![0.0f32; width * cout], Vec::new()), |(mut acc, mut a): (Vec<f32>, Vec<f32>), &(bi, r0)| {
+            let m = t.min(n_out - r0);
+            a.resize(m * width, 0.0);
+            im2col(&mut a, &xp, sp, g, out, bi, r0, m);
+            // SAFETY: Aᵀ of the local im2col tile; dY rows exist; acc is local.
+            unsafe { gemm(width, cout, m, acc.as_mut_ptr(), cout, true, a.as_ptr(), 1, width, dy.as_ptr().add((bi * n_out + r0) * cout), cout, 1) };
+            (acc, a)
+        })
+        .into_iter()
+        .map(|(acc, _)| acc)
+        .collect();
         sum(parts)
     };
     wg_to_weight(&dwg, cout, cin, g.taps())
@@ -652,17 +655,18 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
 
 /// Bias gradient: sum of `dy` over every voxel, `[Cout]`.
 pub fn conv_backward_bias(dy: &[f32], cout: usize) -> Vec<f32> {
-    dy.par_chunks(cout * 4096)
-        .fold(|| vec![0.0f32; cout], |mut acc, c| {
+    // One partial per 4096 voxels, summed in order (the same bits on any number of threads).
+    let parts: Vec<Vec<f32>> = dy
+        .par_chunks(cout * 4096)
+        .map(|c| {
+            let mut acc = vec![0.0f32; cout];
             for row in c.chunks_exact(cout) {
                 acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
             }
             acc
         })
-        .reduce(|| vec![0.0f32; cout], |mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
-        })
+        .collect();
+    sum_in_order(parts, cout)
 }
 
 pub mod loss;

@@ -12,8 +12,9 @@
 //! The recipe is nnU-Net's `nnUNetTrainer`; [`Recipe`] holds what its trainer variants change.
 //!
 //! Determinism: initial weights come from the seed, batch `i` of epoch `e` from
-//! `(seed, stream, e·iters + i)` (see `stu_data::loader`), and the CPU kernels reduce in a
-//! fixed order, so a resumed run repeats the uninterrupted one's losses exactly.
+//! `(seed, stream, e·iters + i)` (see `stu_data::loader`), and the CPU kernels sum in an order
+//! fixed by the shapes alone (`stu_engine::kernels::fold_groups`), so a resumed run repeats the
+//! uninterrupted one's losses exactly, and so does the same run on any number of threads.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -47,44 +47,41 @@ fn softmax_block(logits: &[f32], bi: usize, c: usize, n: usize, v0: usize, len: 
 
 fn stats(logits: &[f32], target: &[f32], b: usize, c: usize, n: usize) -> Stats {
     let blocks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..n).step_by(BLOCK).map(move |v0| (bi, v0))).collect();
-    let (inter, sum_p, sum_y, ce) = blocks
-        .par_iter()
-        .fold(
-            || (vec![0f64; b * c], vec![0f64; b * c], vec![0f64; b * c], 0f64, (vec![0f32; BLOCK * c], vec![0f64; BLOCK])),
-            |(mut inter, mut sum_p, mut sum_y, mut ce, (mut p, mut lse)), &(bi, v0)| {
-                let len = BLOCK.min(n - v0);
-                softmax_block(logits, bi, c, n, v0, len, &mut p, &mut lse);
-                let mut sp = vec![0f64; c];
-                for v in 0..len {
-                    let t = target[bi * n + v0 + v] as usize;
-                    let row = &p[v * c..(v + 1) * c];
-                    for (k, &pk) in row.iter().enumerate() {
-                        sp[k] += pk as f64;
-                    }
-                    inter[bi * c + t] += row[t] as f64;
-                    sum_y[bi * c + t] += 1.0;
-                    // −log p_t = logsumexp − z_t.
-                    ce += lse[v] - logits[bi * c * n + t * n + v0 + v] as f64;
+    // Blocks folded in a fixed number of groups, combined in group order: the same bits on any
+    // number of threads (`kernels::fold_groups`).
+    let parts = crate::kernels::fold_groups(
+        &blocks,
+        || (vec![0f64; b * c], vec![0f64; b * c], vec![0f64; b * c], 0f64, (vec![0f32; BLOCK * c], vec![0f64; BLOCK])),
+        |(mut inter, mut sum_p, mut sum_y, mut ce, (mut p, mut lse)), &(bi, v0)| {
+            let len = BLOCK.min(n - v0);
+            softmax_block(logits, bi, c, n, v0, len, &mut p, &mut lse);
+            let mut sp = vec![0f64; c];
+            for v in 0..len {
+                let t = target[bi * n + v0 + v] as usize;
+                let row = &p[v * c..(v + 1) * c];
+                for (k, &pk) in row.iter().enumerate() {
+                    sp[k] += pk as f64;
                 }
-                for k in 0..c {
-                    sum_p[bi * c + k] += sp[k];
-                }
-                (inter, sum_p, sum_y, ce, (p, lse))
-            },
-        )
-        .map(|(i, p, y, ce, _)| (i, p, y, ce))
-        .reduce(
-            || (vec![0f64; b * c], vec![0f64; b * c], vec![0f64; b * c], 0f64),
-            |mut a, b2| {
-                for k in 0..a.0.len() {
-                    a.0[k] += b2.0[k];
-                    a.1[k] += b2.1[k];
-                    a.2[k] += b2.2[k];
-                }
-                a.3 += b2.3;
-                a
-            },
-        );
+                inter[bi * c + t] += row[t] as f64;
+                sum_y[bi * c + t] += 1.0;
+                // −log p_t = logsumexp − z_t.
+                ce += lse[v] - logits[bi * c * n + t * n + v0 + v] as f64;
+            }
+            for k in 0..c {
+                sum_p[bi * c + k] += sp[k];
+            }
+            (inter, sum_p, sum_y, ce, (p, lse))
+        },
+    );
+    let (mut inter, mut sum_p, mut sum_y, mut ce) = (vec![0f64; b * c], vec![0f64; b * c], vec![0f64; b * c], 0f64);
+    for (i, p, y, e, _) in parts {
+        for k in 0..inter.len() {
+            inter[k] += i[k];
+            sum_p[k] += p[k];
+            sum_y[k] += y[k];
+        }
+        ce += e;
+    }
     Stats { inter, sum_p, sum_y, ce }
 }
 

@@ -13,29 +13,22 @@ const SLOPE: f32 = 0.01;
 const CHUNK: usize = 4096;
 
 /// Per-channel sums of `f(row value, channel)` over `[N, C]` rows: f32 partial sums over
-/// ≤ `CHUNK` rows, combined in f64, in parallel.
+/// ≤ `CHUNK` rows in parallel, combined in f64 in chunk order (the same bits on any number of
+/// threads).
 fn channel_sums(xs: &[f32], c: usize, f: impl Fn(f32, usize) -> f32 + Sync) -> Vec<f64> {
-    xs.par_chunks(CHUNK * c)
-        .fold(
-            || vec![0f64; c],
-            |mut acc, chunk| {
-                let mut p = vec![0f32; c];
-                for row in chunk.chunks_exact(c) {
-                    for (ch, (a, v)) in p.iter_mut().zip(row).enumerate() {
-                        *a += f(*v, ch);
-                    }
+    let parts: Vec<Vec<f64>> = xs
+        .par_chunks(CHUNK * c)
+        .map(|chunk| {
+            let mut p = vec![0f32; c];
+            for row in chunk.chunks_exact(c) {
+                for (ch, (a, v)) in p.iter_mut().zip(row).enumerate() {
+                    *a += f(*v, ch);
                 }
-                acc.iter_mut().zip(&p).for_each(|(a, v)| *a += *v as f64);
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f64; c],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+            }
+            p.into_iter().map(f64::from).collect()
+        })
+        .collect();
+    crate::kernels::sum_in_order(parts, c)
 }
 
 /// Per (sample, channel) mean and 1/σ, `[B·C]` each. Two passes (mean, then centred squares),
@@ -123,47 +116,38 @@ pub fn backward(x: &[f32], gamma: &[f32], beta: &[f32], skip: Option<&[f32]>, ac
         let (xs, dys) = (&x[range.clone()], &dy[range.clone()]);
         let sk = skip.map(|s| &s[range.clone()]);
         let (m, rs) = (&mean[bi * c..(bi + 1) * c], &rstd[bi * c..(bi + 1) * c]);
-        let (s1, s2) = dz[range]
+        // Per chunk (Σdz, Σdz·x̂) in f32, combined in f64 in chunk order.
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = dz[range]
             .par_chunks_mut(CHUNK * c)
             .enumerate()
-            .fold(
-                || (vec![0f64; c], vec![0f64; c]),
-                |(mut s1, mut s2), (i, out)| {
-                    let off = i * CHUNK * c;
-                    let mut p1 = vec![0f32; c];
-                    let mut p2 = vec![0f32; c];
-                    for (r, row) in out.chunks_exact_mut(c).enumerate() {
-                        let base = off + r * c;
-                        for ch in 0..c {
-                            let xv = xs[base + ch];
-                            let mut g = dys[base + ch];
-                            if act {
-                                let mut z = (xv - m[ch]) * a[ch] + beta[ch];
-                                if let Some(s) = sk {
-                                    z += s[base + ch];
-                                }
-                                if z < 0.0 {
-                                    g *= SLOPE;
-                                }
+            .map(|(i, out)| {
+                let off = i * CHUNK * c;
+                let mut p1 = vec![0f32; c];
+                let mut p2 = vec![0f32; c];
+                for (r, row) in out.chunks_exact_mut(c).enumerate() {
+                    let base = off + r * c;
+                    for ch in 0..c {
+                        let xv = xs[base + ch];
+                        let mut g = dys[base + ch];
+                        if act {
+                            let mut z = (xv - m[ch]) * a[ch] + beta[ch];
+                            if let Some(s) = sk {
+                                z += s[base + ch];
                             }
-                            row[ch] = g;
-                            p1[ch] += g;
-                            p2[ch] += g * (xv - m[ch]) * rs[ch];
+                            if z < 0.0 {
+                                g *= SLOPE;
+                            }
                         }
+                        row[ch] = g;
+                        p1[ch] += g;
+                        p2[ch] += g * (xv - m[ch]) * rs[ch];
                     }
-                    s1.iter_mut().zip(&p1).for_each(|(a, v)| *a += *v as f64);
-                    s2.iter_mut().zip(&p2).for_each(|(a, v)| *a += *v as f64);
-                    (s1, s2)
-                },
-            )
-            .reduce(
-                || (vec![0f64; c], vec![0f64; c]),
-                |(mut a, mut aa), (b, bb)| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    aa.iter_mut().zip(&bb).for_each(|(x, y)| *x += y);
-                    (a, aa)
-                },
-            );
+                }
+                (p1.into_iter().map(f64::from).collect(), p2.into_iter().map(f64::from).collect())
+            })
+            .collect();
+        let (p1, p2): (Vec<Vec<f64>>, Vec<Vec<f64>>) = parts.into_iter().unzip();
+        let (s1, s2) = (crate::kernels::sum_in_order(p1, c), crate::kernels::sum_in_order(p2, c));
         for ch in 0..c {
             dbeta[ch] += s1[ch];
             dgamma[ch] += s2[ch];

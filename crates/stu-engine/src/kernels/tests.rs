@@ -202,3 +202,44 @@ fn head_writes_channels_first_and_its_gradients_match() {
     assert!(close(&head_backward_weight(&x, &dy, b, n, cin, cout), &conv_backward_weight(&x, &dy_cl, &g)));
     assert!(close(&head_backward_bias(&dy, b, n, cout), &conv_backward_bias(&dy_cl, cout)));
 }
+
+/// Every reduction of the training step's kernels gives the same bits on 1 thread as on 3: the
+/// weight and bias gradients of a 3³ convolution (stride 1 and 2) and of a 1×1×1 one, the head's
+/// weight gradient, instance norm forward and backward, and the Dice + CE loss and its gradient.
+/// With rayon's `fold`, whose grouping follows work stealing, they did not, and two runs of one
+/// training drifted apart from the third step.
+#[test]
+fn reductions_give_the_same_bits_on_any_number_of_threads() {
+    let (b, inp, cin, cout) = (2, [32, 32, 32], 4, 3);
+    let vox: usize = inp.iter().product();
+    let x = rand(b * vox * cin, 1);
+    let run = || {
+        let mut out: Vec<Vec<f32>> = Vec::new();
+        for (k, s) in [(3, 1), (3, 2), (1, 1)] {
+            let g = Geom { b, inp, cin, cout, k: [k; 3], stride: [s; 3] };
+            let dy = rand(b * g.out().iter().product::<usize>() * cout, 2);
+            out.push(conv_backward_weight(&x, &dy, &g));
+            out.push(conv_backward_bias(&dy, cout));
+        }
+        let classes = 5;
+        let dy = rand(b * classes * vox, 3);
+        out.push(head_backward_weight(&x, &dy, b, vox, cin, classes));
+        let (gamma, beta) = (rand(cin, 4), rand(cin, 5));
+        let y = norm::forward(&x, &gamma, &beta, None, true, b, vox, cin);
+        let grads = norm::backward(&x, &gamma, &beta, None, true, &y, b, vox, cin);
+        out.extend([y, grads.dx, grads.dgamma, grads.dbeta]);
+        let target: Vec<f32> = (0..b * vox).map(|i| ((i * 7919) % classes) as f32).collect();
+        let terms = loss::Terms { batch_dice: false, smooth: 1e-5, ce: 1.0, dice: 1.0, topk: None, smoothing: 0.0 };
+        let logits = rand(b * classes * vox, 6);
+        out.push(vec![loss::forward(&logits, &target, b, classes, vox, terms) as f32]);
+        out.push(loss::backward(&logits, &target, b, classes, vox, terms, 1.0));
+        out.into_iter().map(|v| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>()).collect::<Vec<_>>()
+    };
+    let on = |threads: usize| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(run);
+    let (one, three) = (on(1), on(3));
+    let names = ["conv 3³ dW", "conv 3³ db", "conv 3³/2 dW", "conv 3³/2 db", "conv 1³ dW", "conv 1³ db", "head dW", "norm y", "norm dx", "norm dγ", "norm dβ", "loss", "loss dlogits"];
+    for ((name, a), b) in names.iter().zip(&one).zip(&three) {
+        assert!(a == b, "{name}: 1 and 3 threads differ in {} of {} values", a.iter().zip(b).filter(|(x, y)| x != y).count(), a.len());
+    }
+    assert_eq!(one.len(), names.len());
+}
