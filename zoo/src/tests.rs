@@ -291,7 +291,7 @@ fn he_init_draws_weights_and_leaves_norm_scales_at_one() {
     for (name, options) in small {
         let e = registry().get(name).unwrap();
         let spec = NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2; 3]; 2], options };
-        let net = stu_engine::train::he_init((e.build)(&spec, &device()).unwrap(), 7, None);
+        let net = stu_engine::train::he_init((e.build)(&spec, &device()).unwrap(), 7);
         let (mut scales, mut drawn) = (0, 0);
         for t in net.state_dict() {
             let (v, key) = (&t.data, &t.name);

@@ -124,15 +124,12 @@ pub fn map_params<M: Module>(module: M, grads: &mut GradientsParams, f: &mut Upd
 /// with, which every zoo model builds as PyTorch does: norm scales 1, biases and norm shifts 0
 /// (`stunet.md` §1.7: "the InstanceNorm affine keeps weight 1 and bias 0"). Deterministic,
 /// unlike burn's global RNG, so two runs with one seed start equal.
-pub fn he_init(net: Box<dyn SegNet>, seed: u64, only: Option<&dyn Fn(&str) -> bool>) -> Box<dyn SegNet> {
+pub fn he_init(net: Box<dyn SegNet>, seed: u64) -> Box<dyn SegNet> {
     let mut rng = SplitMix64::new(seed ^ 0x6a09_e667_f3bc_c909);
     let dims: HashMap<String, Vec<usize>> = net.params().into_iter().map(|p| (p.path, p.dims)).collect();
     let mut none = GradientsParams::new();
     let gain = (2.0 / (1.0 + 1e-4f64)).sqrt();
     net.update(&mut none, &mut |path, value, _| {
-        if only.is_some_and(|keep| !keep(path)) {
-            return value;
-        }
         let d = &dims[path];
         if d.len() < 2 {
             return value;

@@ -137,7 +137,7 @@ pub fn init(model: &str, spec: &stu_engine::model::NetSpec, seed: u64, output: &
     let entry = stu_engine::model::registry().get(model)?;
     let device = Backend::Flex.device()?;
     let net = (entry.build)(spec, &device).map_err(|e| anyhow::anyhow!("model `{model}`: {e}"))?;
-    let net = stu_engine::train::he_init(net, seed, None);
+    let net = stu_engine::train::he_init(net, seed);
     Ok(write_weights(&*net, output)?.iter().map(|t| t.data.len()).sum())
 }
 

@@ -603,7 +603,7 @@ fn initial_net(cfg: &TrainConfig, spec: &NetSpec, device: &stu_engine::Device, r
     let entry = stu_engine::model::registry().get(&cfg.model)?;
     let Some(src_path) = &cfg.init_from else {
         let net = (entry.build)(spec, device).map_err(|e| anyhow::anyhow!("model `{}`: {e}", cfg.model))?;
-        return Ok(he_init(net, cfg.seed, None));
+        return Ok(he_init(net, cfg.seed));
     };
     // Fine-tuning (STU-Net's run_finetuning_stunet.py): the source's size, the target's task.
     let src = StateDict::open(src_path)?.select_model(entry.anchor_key)?;
@@ -612,7 +612,7 @@ fn initial_net(cfg: &TrainConfig, spec: &NetSpec, device: &stu_engine::Device, r
     let options = src_net.describe().get("options").cloned().with_context(|| format!("model `{}` does not describe its size options", cfg.model))?;
     drop(src_net);
     let spec = NetSpec { options, ..spec.clone() };
-    let fresh = he_init((entry.build)(&spec, device).map_err(|e| anyhow::anyhow!("model `{}`: {e}", cfg.model))?, cfg.seed, None);
+    let fresh = he_init((entry.build)(&spec, device).map_err(|e| anyhow::anyhow!("model `{}`: {e}", cfg.model))?, cfg.seed);
     let mut transferred = Vec::new();
     let mut tiled = Vec::new();
     let mut reinit = Vec::new();
