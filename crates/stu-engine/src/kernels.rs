@@ -605,21 +605,21 @@ pub fn conv_backward_weight(x: &[f32], dy: &[f32], g: &Geom) -> Vec<f32> {
         let t = 16_384usize;
         let chunks: Vec<(usize, usize)> = (0..g.b).flat_map(|bi| (0..rows).step_by(t).map(move |q| (bi, q))).collect();
         let parts: Vec<Vec<f32>> = fold_groups(&chunks, || vec![0.0f32; width * cout], |mut acc, &(bi, q0)| {
-                let m = t.min(rows - q0);
-                for dz in 0..k[0] {
-                    for dyy in 0..k[1] {
-                        let gi = dz * k[1] + dyy;
-                        let a_off = (bi * plane + q0 + dz * sz + dyy * sy) * cin;
-                        // SAFETY: Aᵀ view of xp rows (strides 1, Cin) as in the forward; acc is
-                        // this fold's own buffer; dyp rows q0 … q0+m of batch bi exist.
-                        unsafe {
-                            gemm(k[2] * cin, cout, m, acc.as_mut_ptr().add(gi * k[2] * cin * cout), cout, true,
-                                xp.as_ptr().add(a_off), 1, cin, dyp.as_ptr().add((bi * rows + q0) * cout), cout, 1)
-                        };
-                    }
+            let m = t.min(rows - q0);
+            for dz in 0..k[0] {
+                for dyy in 0..k[1] {
+                    let gi = dz * k[1] + dyy;
+                    let a_off = (bi * plane + q0 + dz * sz + dyy * sy) * cin;
+                    // SAFETY: Aᵀ view of xp rows (strides 1, Cin) as in the forward; acc is
+                    // this fold's own buffer; dyp rows q0 … q0+m of batch bi exist.
+                    unsafe {
+                        gemm(k[2] * cin, cout, m, acc.as_mut_ptr().add(gi * k[2] * cin * cout), cout, true,
+                            xp.as_ptr().add(a_off), 1, cin, dyp.as_ptr().add((bi * rows + q0) * cout), cout, 1)
+                    };
                 }
-                acc
-            });
+            }
+            acc
+        });
         sum(parts)
     } else if g.is_1x1() {
         let n = g.b * g.inp[0] * g.inp[1] * g.inp[2];
