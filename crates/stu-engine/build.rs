@@ -18,6 +18,7 @@ fn tch() {
     };
     println!("cargo:rerun-if-changed=csrc/graph.cpp");
     println!("cargo:rerun-if-changed=csrc/memory.cpp");
+    println!("cargo:rerun-if-changed=csrc/error.h");
     // The ABI flag torch-sys compiles its own C++ with (its default, "1", matches the PyPI wheels).
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     let build = || {

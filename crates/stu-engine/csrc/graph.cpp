@@ -9,6 +9,8 @@
 // pool, one pool per device shared by every graph of the process (graphs replay one at a time on
 // one stream, and each graph's input and output stay allocated while it lives, so one graph's
 // intermediates may reuse another's).
+#include "error.h"
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <ATen/cuda/MemPool.h>
@@ -23,8 +25,6 @@
 #include <optional>
 
 namespace {
-
-char* message(const char* what) { return strdup(what); }
 
 struct Graph {
   at::cuda::CUDAGraph graph;
@@ -83,7 +83,7 @@ char* stu_graph_begin(int device, void** out) {
       restore(g);
       delete g;
     }
-    return message(e.what());
+    return stu_error_message(e);
   }
 }
 
@@ -98,7 +98,7 @@ char* stu_graph_end(void* p) {
   } catch (const std::exception& e) {
     restore(g);
     delete g;
-    return message(e.what());
+    return stu_error_message(e);
   }
 }
 
@@ -109,7 +109,7 @@ char* stu_graph_replay(void* p) {
     static_cast<Graph*>(p)->graph.replay();
     return nullptr;
   } catch (const std::exception& e) {
-    return message(e.what());
+    return stu_error_message(e);
   }
 }
 

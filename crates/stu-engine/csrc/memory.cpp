@@ -2,6 +2,8 @@
 // (`stu_engine::backend::cuda_free_bytes`): what a new tensor can still get on a CUDA device,
 // the driver's free memory plus what libtorch's caching allocator holds without using it.
 // Built with `graph.cpp`, against a libtorch with its CUDA library.
+#include "error.h"
+
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
@@ -27,7 +29,7 @@ char* stu_cuda_memory(int device, uint64_t* free_bytes, uint64_t* total_bytes) {
     *total_bytes = static_cast<uint64_t>(total);
     return nullptr;
   } catch (const std::exception& ex) {
-    return strdup(ex.what());
+    return stu_error_message(ex);
   }
 }
 

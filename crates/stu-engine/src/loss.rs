@@ -324,18 +324,23 @@ pub fn topk_ce(logits: Tensor<5>, target: Tensor<4, Int>, ignore: Option<i64>, p
 /// `cross_entropy`, autograd kept from the forward; nnU-Net's default loss only) on libtorch
 /// devices, composed of burn operators elsewhere and with an ignore label or regions. Same
 /// values.
+///
+/// The loss computes in f32 from logits of any float type. Half logits go as they are to the
+/// libtorch loss, whose log-softmax reads them and writes f32 (and whose gradient comes back in
+/// their type): no f32 copy of the logits, which at 105 classes, 128³ and batch 2 is 1.76 GB
+/// more alive while the loss runs, at the end of the forward, when every saved activation is
+/// held. The other paths cast them to f32 first. The values are those of the f32 cast (bit for
+/// bit on the CPU; CUDA's half-reading softmax may sum in another order, within f32 rounding).
 pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -> Tensor<1> {
-    if cfg.ignore_label.is_some() || cfg.regions.is_some() {
-        return dc_ce(logits, target, cfg);
-    }
     #[cfg(feature = "tch")]
-    if crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) {
-        if cfg.loss != LossKind::DiceCe {
-            return dc_ce(logits, target, cfg);
-        }
+    if cfg.ignore_label.is_none() && cfg.regions.is_none() && cfg.loss == LossKind::DiceCe && crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) {
         use crate::torch::TorchOps;
         let target = target.float();
         return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::dc_ce_nc(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.loss.dice_smooth()));
+    }
+    let logits = in_f32(logits);
+    if cfg.ignore_label.is_some() || cfg.regions.is_some() || crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) {
+        return dc_ce(logits, target, cfg);
     }
     if crate::ops::Layout::for_device(&logits.device()) != crate::ops::Layout::Ndhwc {
         return dc_ce(logits, target, cfg);
@@ -347,8 +352,14 @@ pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -
     Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::dc_ce_loss(logits.into_dispatch(), target.into_dispatch(), terms))
 }
 
+/// `x` in f32 (a no-op when it is).
+fn in_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    if x.dtype() == burn::tensor::DType::F32 { x } else { x.cast(burn::tensor::DType::F32) }
+}
+
 /// The deep-supervision sum `Σ wᵢ · dc_ce(outputᵢ, targetᵢ)`, skipping zero weights (fused
-/// per output where the backend allows, [`dc_ce_fused`]).
+/// per output where the backend allows, [`dc_ce_fused`]); outputs of any float type, the loss
+/// in f32.
 pub fn deep_supervision(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], weights: &[f64], cfg: DiceConfig) -> Tensor<1> {
     assert_eq!(outputs.len(), targets.len(), "one target per output");
     let mut total: Option<Tensor<1>> = None;
@@ -388,6 +399,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
         .zip(weights)
         .filter(|(_, w)| **w != 0.0)
         .map(|((o, t), &w)| {
+            let o = in_f32(o.clone());
             let (ce, sums) = loss_and_sums(o.clone(), t.clone(), &cfg);
             // TopK over this rank's voxels, as under nnU-Net's DDP.
             let ce = match cfg.loss.topk_percent() {
@@ -481,4 +493,31 @@ mod tests {
     }
 
     // On libtorch: `torch::check` (the block test there, and `stu check-ops` on a GPU).
+
+    /// Half logits go to the libtorch loss as they are and give the value and gradient of the
+    /// same logits cast to f32 first (the path before), bit for bit, the gradient in their type;
+    /// on a path that computes in burn (an ignore label) they are cast to f32 inside.
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+    fn half_logits_give_the_loss_of_their_f32_cast() {
+        use burn::tensor::DType;
+        let ad = Device::libtorch().autodiff();
+        let (b, c, d, h, w) = (2, 5, 4, 3, 6);
+        let mut rng = stu_core::rng::SplitMix64::new(21);
+        let x = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(b * c * d * h * w, -3.0, 3.0), [b, c, d, h, w]), &ad).cast(DType::F16).detach();
+        let t = Tensor::<4, Int>::from_data(TensorData::new((0..b * d * h * w).map(|_| rng.below(c as u64) as i64).collect::<Vec<_>>(), [b, d, h, w]), &ad);
+        for cfg in [DiceConfig::default(), DiceConfig { batch_dice: true, ..Default::default() }, DiceConfig { ignore_label: Some(3), ..Default::default() }] {
+            let run = |cast_first: bool| {
+                let xh = x.clone().require_grad();
+                let l = dc_ce_fused(if cast_first { xh.clone().cast(DType::F32) } else { xh.clone() }, t.clone(), cfg);
+                let g = xh.grad(&l.clone().backward()).expect("a gradient");
+                assert_eq!(g.dtype(), DType::F16, "{cfg:?}: the gradient in the logits' type");
+                (l.into_scalar::<f32>(), crate::ops::to_vec(g))
+            };
+            let ((l0, g0), (l1, g1)) = (run(true), run(false));
+            assert_eq!(l0.to_bits(), l1.to_bits(), "{cfg:?}: loss {l0} vs {l1}");
+            assert!(g0.iter().zip(&g1).all(|(p, q)| p.to_bits() == q.to_bits()), "{cfg:?}: gradients differ");
+        }
+    }
 }

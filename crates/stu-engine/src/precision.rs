@@ -74,8 +74,15 @@ impl Precision {
 
     /// Deep-supervision forward in this precision; outputs in f32.
     pub fn forward_ds(self, net: &dyn SegNet, half: Option<&dyn SegNet>, x: Tensor<5>) -> Vec<Tensor<5>> {
+        self.forward_ds_for_loss(net, half, x).into_iter().map(|y| self.output(y)).collect()
+    }
+
+    /// [`Self::forward_ds`] with the outputs left in the compute type, for the training loss
+    /// ([`crate::loss::deep_supervision`]), which computes in f32 from them without an f32 copy
+    /// of the logits where it can.
+    pub fn forward_ds_for_loss(self, net: &dyn SegNet, half: Option<&dyn SegNet>, x: Tensor<5>) -> Vec<Tensor<5>> {
         match half {
-            Some(h) => h.forward_ds(self.input(x)).into_iter().map(|y| self.output(y)).collect(),
+            Some(h) => h.forward_ds(self.input(x)),
             None => net.forward_ds(x),
         }
     }

@@ -150,6 +150,7 @@ mod libtorch {
         // csrc/grad.cpp; the pointers are tch's `C_tensor` (an `at::Tensor*`).
         fn stu_vjp(y: *const std::ffi::c_void, grad: *const std::ffi::c_void, inputs: *const *const std::ffi::c_void, n_inputs: std::ffi::c_int, outputs: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
         fn stu_split_norm(x: *const std::ffi::c_void, w: *const std::ffi::c_void, b: *const std::ffi::c_void, eps: f64, chunk: i64, out: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
+        fn stu_sample_norm(x: *const std::ffi::c_void, w: *const std::ffi::c_void, b: *const std::ffi::c_void, eps: f64, out: *mut *mut std::ffi::c_void) -> *mut std::ffi::c_char;
     }
 
     /// Voxels per chunk of the split norm: rows of at least two chunks are split; shorter ones
@@ -169,6 +170,22 @@ mod libtorch {
             panic!("libtorch split instance norm failed: {msg}");
         }
         // SAFETY: written by `stu_split_norm`, owned by exactly this `Tensor`.
+        unsafe { Tensor::from_ptr(out.cast()) }
+    }
+
+    /// Instance norm of the channels-last `x`, one sample at a time through ATen's batch norm,
+    /// each sample's output written into its slice of one tensor (`csrc/grad.cpp`,
+    /// `SampleNorm`, a libtorch autograd function when grad mode is on); see
+    /// [`super::norm_slices_on`].
+    #[allow(unsafe_code)]
+    fn sample_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
+        let mut out = std::ptr::null_mut();
+        // SAFETY: as in `split_norm`.
+        let done = c_result(|| unsafe { stu_sample_norm(x.as_ptr().cast(), g.as_ptr().cast(), b.as_ptr().cast(), crate::ops::NORM_EPS, &mut out) });
+        if let Err(msg) = done {
+            panic!("libtorch per-sample instance norm failed: {msg}");
+        }
+        // SAFETY: written by `stu_sample_norm`, owned by exactly this `Tensor`.
         unsafe { Tensor::from_ptr(out.cast()) }
     }
 
@@ -342,8 +359,15 @@ mod libtorch {
         // The output and the skip in one shape, for the in-place add and activation.
         let (mut y, skip) = if is_channels_last(x) {
             // The `[1, B·C, …]` view needs NCDHW strides: channels-last activations are
-            // normalised one sample at a time (batch norm over a 1-sample batch is instance norm).
-            let y = if n > 1 { Tensor::cat(&x.split(1, 0).iter().map(|xs| bn_cl(xs, &g, &b)).collect::<Vec<_>>(), 0) } else { bn_cl(x, &g, &b) };
+            // normalised one sample at a time (batch norm over a 1-sample batch is instance
+            // norm), into the slices of one output or (`STU_TCH_NORM_CL=cat`) concatenated.
+            let y = if n == 1 {
+                bn_cl(x, &g, &b)
+            } else if super::norm_slices_on() {
+                sample_norm(x, &g, &b)
+            } else {
+                Tensor::cat(&x.split(1, 0).iter().map(|xs| bn_cl(xs, &g, &b)).collect::<Vec<_>>(), 0)
+            };
             (y, skip.map(Tensor::shallow_clone))
         } else if super::norm_split_on(x.device()) && dims[2..].iter().product::<i64>() >= 2 * SPLIT_CHUNK {
             (split_norm(x, &g, &b), skip.map(Tensor::shallow_clone))
@@ -445,6 +469,53 @@ mod libtorch {
         let _ = dz.addcmul_(&p3, &(pg * -&g));
         let _ = dz.scatter_add_(ca, &t, &((at_pt - inv_n) * &g));
         from_bcn(dz, ca, &dims)
+    }
+
+    /// Nearest upsampling by the integer factors `s`, in `x`'s own layout: one broadcast copy
+    /// (`x` read once, the output written once), the input viewed with a unit axis after each
+    /// spatial one and expanded along it. ATen's `upsample_nearest3d` takes NCDHW only on CUDA:
+    /// a channels-last input was converted in and its output converted back, and its gradient
+    /// came out NCDHW, so that adding it to the skip branch's channels-last gradient ran as a
+    /// strided kernel (on the H200 of 2026-11-28 these took ~7 of B's 65 ms of training-step
+    /// kernels). `STU_TCH_UPSAMPLE=aten` restores ATen's kernels ([`upsample_aten_on`]).
+    pub(super) fn upsample(x: &Tensor, s: [usize; 3]) -> Tensor {
+        let d = x.size();
+        let s = s.map(|v| v as i64);
+        let out = [d[2] * s[0], d[3] * s[1], d[4] * s[2]];
+        if super::upsample_aten_on() {
+            return x.upsample_nearest3d(out, None, None, None);
+        }
+        let (n, c) = (d[0], d[1]);
+        if is_channels_last(x) {
+            // [N, D, H, W, C] as it is in memory.
+            x.permute([0, 2, 3, 4, 1])
+                .reshape([n, d[2], 1, d[3], 1, d[4], 1, c])
+                .expand([n, d[2], s[0], d[3], s[1], d[4], s[2], c], false)
+                .reshape([n, out[0], out[1], out[2], c])
+                .permute([0, 4, 1, 2, 3])
+        } else {
+            x.reshape([n, c, d[2], 1, d[3], 1, d[4], 1]).expand([n, c, d[2], s[0], d[3], s[1], d[4], s[2]], false).reshape([n, c, out[0], out[1], out[2]])
+        }
+    }
+
+    /// The gradient of [`upsample`]: `grad` summed over each `s`-block, in `grad`'s own layout
+    /// (one reduction, accumulated in f32 for half types as ATen's reductions do).
+    pub(super) fn upsample_backward(grad: &Tensor, s: [usize; 3]) -> Tensor {
+        let d = grad.size();
+        let s = s.map(|v| v as i64);
+        let i = [d[2] / s[0], d[3] / s[1], d[4] / s[2]];
+        if super::upsample_aten_on() {
+            return Tensor::upsample_nearest3d_backward(grad, &d[2..], [d[0], d[1], i[0], i[1], i[2]], None, None, None);
+        }
+        let (n, c) = (d[0], d[1]);
+        if is_channels_last(grad) {
+            grad.permute([0, 2, 3, 4, 1])
+                .reshape([n, i[0], s[0], i[1], s[1], i[2], s[2], c])
+                .sum_dim_intlist([2i64, 4, 6].as_slice(), false, grad.kind())
+                .permute([0, 4, 1, 2, 3])
+        } else {
+            grad.reshape([n, c, i[0], s[0], i[1], s[1], i[2], s[2]]).sum_dim_intlist([3i64, 5, 7].as_slice(), false, grad.kind())
+        }
     }
 
     fn leaf(t: &Tensor) -> Tensor {
@@ -556,15 +627,11 @@ mod libtorch {
         }
 
         fn upsample_nc(x: FloatTensor<LibTorch>, scale: [usize; 3]) -> FloatTensor<LibTorch> {
-            let d = x.tensor.size();
-            let out = [d[2] * scale[0] as i64, d[3] * scale[1] as i64, d[4] * scale[2] as i64];
-            TchTensor::new(tch::no_grad(|| x.tensor.upsample_nearest3d(out, None, None, None)))
+            TchTensor::new(tch::no_grad(|| upsample(&x.tensor, scale)))
         }
 
         fn upsample_nc_backward(grad: FloatTensor<LibTorch>, scale: [usize; 3]) -> FloatTensor<LibTorch> {
-            let d = grad.tensor.size();
-            let input = [d[0], d[1], d[2] / scale[0] as i64, d[3] / scale[1] as i64, d[4] / scale[2] as i64];
-            TchTensor::new(tch::no_grad(|| Tensor::upsample_nearest3d_backward(&grad.tensor, &d[2..], input, None, None, None)))
+            TchTensor::new(tch::no_grad(|| upsample_backward(&grad.tensor, scale)))
         }
 
         fn dc_ce_nc(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> FloatTensor<LibTorch> {
@@ -848,6 +915,43 @@ impl Switch {
 static CHANNELS_LAST: Switch = Switch::new("STU_TCH_CHANNELS_LAST", "1", "0");
 static NORM_SPLIT: Switch = Switch::new("STU_TCH_NORM", "split", "plane");
 static CONV_D2: Switch = Switch::new("STU_TCH_CONV", "d2", "3d");
+static UPSAMPLE_ATEN: Switch = Switch::new("STU_TCH_UPSAMPLE", "aten", "copy");
+static NORM_SLICES: Switch = Switch::new("STU_TCH_NORM_CL", "slices", "cat");
+
+/// Forces the channels-last instance norm of a batch to write each sample's output into its
+/// slice of one tensor (`Some(true)`) or to concatenate per-sample outputs (`Some(false)`), or
+/// leaves it to the default (`None`, the slices); overrides `STU_TCH_NORM_CL` (tests).
+pub fn set_norm_slices(on: Option<bool>) {
+    NORM_SLICES.set(on);
+}
+
+/// Whether the channels-last instance norm of a batch of several samples writes each sample's
+/// batch-norm output into its slice of one tensor (`csrc/grad.cpp`, `SampleNorm`) rather than
+/// concatenating the per-sample outputs after (a copy of the activation in the forward, and
+/// the concatenation's backward). On by default; its speed on a GPU is not measured yet (B's
+/// concatenations took 1.4 of its 65 ms of training-step kernels on the H200, 2026-11-28).
+/// `STU_TCH_NORM_CL=slices` / `cat` forces it on / off (read once). Values and gradients are
+/// the same either way.
+pub fn norm_slices_on() -> bool {
+    NORM_SLICES.get().unwrap_or(true)
+}
+
+/// Forces the nearest upsampling onto ATen's `upsample_nearest3d` kernels (`Some(true)`), onto
+/// the broadcast copy (`Some(false)`), or leaves it to the default (`None`, the copy);
+/// overrides `STU_TCH_UPSAMPLE` (tests).
+pub fn set_upsample_aten(on: Option<bool>) {
+    UPSAMPLE_ATEN.set(on);
+}
+
+/// Whether nearest upsampling (and its gradient) runs through ATen's `upsample_nearest3d`
+/// kernels rather than as a broadcast copy (and a block sum) in the activations' own layout
+/// (`libtorch::upsample`). Off by default: ATen's CUDA kernels take NCDHW only, which cost
+/// channels-last activations two layout conversions and an NCDHW gradient. The copy's speed on
+/// a GPU is not measured yet; `STU_TCH_UPSAMPLE=aten` / `copy` forces one or the other (read
+/// once). Values and gradients are the same either way.
+pub fn upsample_aten_on() -> bool {
+    UPSAMPLE_ATEN.get().unwrap_or(false)
+}
 
 /// Forces the layout of the libtorch convolutions: channels-last (`Some(true)`), NCDHW
 /// (`Some(false)`), or by device (`None`, the default); overrides `STU_TCH_CHANNELS_LAST` (tests).
@@ -912,9 +1016,11 @@ pub fn conv_d2_on(_device: tch::Device) -> bool {
 /// The libtorch fast paths checked against burn's composed operators on one device: a
 /// residual block (convolutions, instance norm + LeakyReLU, the residual end, 1×1×1 convolutions
 /// at stride 1 and 2), its value and every gradient, tracked and untracked, batch 2, in each
-/// layout and norm kernel (NCDHW with one row per plane, channels-last, NCDHW with split rows);
-/// the ATen loss and nearest upsampling with their gradients; and the split norm against the
-/// unsplit one directly (f32, and in half precision where `half`). The unit tests run it on the CPU; `stu check-ops --backend tch-cuda` on a GPU, whose
+/// layout and norm kernel (NCDHW with one row per plane, channels-last with the per-sample
+/// norms written into slices or concatenated, NCDHW with split rows); the ATen loss and nearest
+/// upsampling with their gradients; and the split norm against the unsplit one and the
+/// per-sample norm into slices against the concatenated one directly (f32, and in half
+/// precision where `half`). The unit tests run it on the CPU; `stu check-ops --backend tch-cuda` on a GPU, whose
 /// kernels (cuDNN, ATen's CUDA batch norm) the CPU cannot run. It sets the process-wide layout
 /// and norm switches while it runs and leaves both to the device afterwards.
 pub mod check {
@@ -1087,9 +1193,11 @@ pub mod check {
             }
         }
 
-        /// The split norm against the unsplit one on the same inputs, in `dtype`: norm + act,
-        /// norm alone, and the residual end, value and gradients (x, gamma, beta, skip).
-        fn split_norm(&mut self, dims: [usize; 5], dtype: DType, tol: f32) {
+        /// The split norm against the unsplit one on the same NCDHW inputs (`channels_last`
+        /// false), or the channels-last per-sample norm into slices against the concatenated
+        /// one (true), in `dtype`: norm + act, norm alone, and the residual end, value and
+        /// gradients (x, gamma, beta, skip).
+        fn norm_pair(&mut self, dims: [usize; 5], dtype: DType, tol: f32, channels_last: bool) {
             let ad = self.device.clone().autodiff();
             let mut rng = stu_core::rng::SplitMix64::new(11);
             let c = dims[1];
@@ -1100,13 +1208,19 @@ pub mod check {
             let skip = t5(-1.0, 1.0, &mut rng).cast(dtype).require_grad();
             let (g, e) = (t1(0.5, 1.5, &mut rng), t1(-0.5, 0.5, &mut rng));
             let wts = t5(-1.0, 1.0, &mut rng);
+            super::set_channels_last(Some(channels_last));
+            // Channels-last inputs through a 1×1×1 identity convolution (the same values).
+            let eye = Tensor::<2>::eye(c, &ad).reshape([c, c, 1, 1, 1]).cast(dtype);
+            let zero = Tensor::<1>::zeros([c], &ad);
+            let laid = |t: &Tensor<5>| if channels_last { ops::conv3d(t.clone(), eye.clone(), zero.clone(), [1; 3], Layout::Ncdhw) } else { t.clone() };
+            let (kind, set): (&str, fn(Option<bool>)) = if channels_last { ("per-sample norm into slices", super::set_norm_slices) } else { ("split norm", super::set_norm_split) };
             for case in ["norm + act", "norm", "norm + skip + act"] {
-                let run = |split: bool| {
-                    super::set_norm_split(Some(split));
+                let run = |on: bool| {
+                    set(Some(on));
                     let y = match case {
-                        "norm + act" => ops::norm_act(x.clone(), g.clone(), e.clone(), true, Layout::Ncdhw),
-                        "norm" => ops::norm_act(x.clone(), g.clone(), e.clone(), false, Layout::Ncdhw),
-                        _ => ops::norm_add_act(x.clone(), g.clone(), e.clone(), skip.clone(), Layout::Ncdhw),
+                        "norm + act" => ops::norm_act(laid(&x), g.clone(), e.clone(), true, Layout::Ncdhw),
+                        "norm" => ops::norm_act(laid(&x), g.clone(), e.clone(), false, Layout::Ncdhw),
+                        _ => ops::norm_add_act(laid(&x), g.clone(), e.clone(), laid(&skip), Layout::Ncdhw),
                     };
                     let y = y.cast(DType::F32);
                     let gr = (y.clone() * wts.clone()).sum().backward();
@@ -1115,7 +1229,8 @@ pub mod check {
                     (y, grad5(&x), grad1(&g), grad1(&e), grad5(&skip))
                 };
                 let (s, p) = (run(true), run(false));
-                let what = |w: &str| format!("split norm, {dtype:?}, {case}: {w}");
+                set(None);
+                let what = |w: &str| format!("{kind}, {dtype:?}, {case}: {w}");
                 self.close_at(&what("forward"), s.0, p.0, 1.0, tol);
                 for (name, a, b) in [("dx", s.1, p.1), ("dgamma", s.2, p.2), ("dbeta", s.3, p.3), ("dskip", s.4, p.4)] {
                     match (a, b) {
@@ -1125,10 +1240,13 @@ pub mod check {
                     }
                 }
             }
+            super::set_channels_last(Some(false));
         }
         /// The ATen loss (Dice + CE, its hand-written gradient) against the composed one
-        /// ([`crate::loss::fused_against_composed`]); ATen's nearest upsampling with its
-        /// gradient against reshape + expand, unequal factors per axis, tracked and untracked.
+        /// ([`crate::loss::fused_against_composed`]); the libtorch nearest upsampling (the
+        /// broadcast copy and ATen's kernels, from NCDHW and channels-last activations) with its
+        /// gradient against burn's reshape + expand, unequal factors per axis, tracked and
+        /// untracked.
         fn loss_and_upsampling(&mut self) {
             for (line, ok) in crate::loss::fused_against_composed(&self.device, 12) {
                 let line = format!("{}: {line}", self.mode);
@@ -1142,16 +1260,28 @@ pub mod check {
             let dims = [2, 3, 2, 3, 4];
             let x = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(dims.iter().product(), -1.0, 1.0), dims), &ad).require_grad();
             let scale = [1, 2, 3];
-            let (ya, yc) = (ops::upsample_nearest(x.clone(), scale, Layout::Ncdhw), ops::upsample_composed(x.clone(), scale, Layout::Ncdhw));
-            if ya.dims() != [2, 3, 2, 6, 12] {
-                self.failures.push(format!("upsampling: shape {:?}, expected [2, 3, 2, 6, 12]", ya.dims()));
+            let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(dims.iter().product::<usize>() * 6, -1.0, 1.0), [2, 3, 2, 6, 12]), &ad);
+            // A 1×1×1 identity convolution first: channels-last activations when the layout
+            // is (the same values, exactly).
+            let eye = Tensor::<2>::eye(3, &ad).reshape([3, 3, 1, 1, 1]);
+            let zero = Tensor::<1>::zeros([3], &ad);
+            for (channels_last, aten) in [(false, false), (true, false), (false, true), (true, true)] {
+                super::set_channels_last(Some(channels_last));
+                super::set_upsample_aten(Some(aten));
+                let what = |w: &str| format!("upsampling ({}, {}){w}", if channels_last { "channels-last" } else { "NCDHW" }, if aten { "ATen's kernels" } else { "broadcast copy" });
+                let xi = ops::conv3d(x.clone(), eye.clone(), zero.clone(), [1; 3], Layout::Ncdhw);
+                let (ya, yc) = (ops::upsample_nearest(xi.clone(), scale, Layout::Ncdhw), ops::upsample_composed(x.clone(), scale, Layout::Ncdhw));
+                if ya.dims() != [2, 3, 2, 6, 12] {
+                    self.failures.push(format!("{}: shape {:?}, expected [2, 3, 2, 6, 12]", what(""), ya.dims()));
+                }
+                self.close_at(&what(""), ya.clone(), yc.clone(), 1.0, 1e-6);
+                let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts.clone()).sum().backward());
+                self.close_at(&what(": gradient"), x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1.0, 1e-6);
+                let inner = xi.inner();
+                self.close_at(&what(", untracked"), ops::upsample_nearest(inner.clone(), scale, Layout::Ncdhw), ops::upsample_composed(inner, scale, Layout::Ncdhw), 1.0, 1e-6);
             }
-            let wts = Tensor::<5>::from_data(TensorData::new(rng.fill_f32(ya.dims().iter().product(), -1.0, 1.0), ya.dims()), &ad);
-            self.close_at("upsampling", ya.clone(), yc.clone(), 1.0, 1e-6);
-            let (ga, gc) = ((ya * wts.clone()).sum().backward(), (yc * wts).sum().backward());
-            self.close_at("upsampling: gradient", x.grad(&ga).unwrap(), x.grad(&gc).unwrap(), 1.0, 1e-6);
-            let inner = x.inner();
-            self.close_at("upsampling, untracked", ops::upsample_nearest(inner.clone(), scale, Layout::Ncdhw), ops::upsample_composed(inner, scale, Layout::Ncdhw), 1.0, 1e-6);
+            super::set_upsample_aten(None);
+            super::set_channels_last(Some(false));
         }
     }
 
@@ -1160,28 +1290,34 @@ pub mod check {
     pub fn fused_ops(device: &Device, tol: f32, half: bool) -> crate::backend::OpsCheck {
         let mut r = Report { device: device.clone(), tol, mode: String::new(), lines: Vec::new(), failures: Vec::new() };
         // Rows of 36 864 voxels go in 4 chunks of 9 216 when split.
-        // (mode, channels-last, split norm, depth-split convolutions, extent)
-        for (mode, channels_last, split, d2, dims) in [
-            ("NCDHW", false, false, false, [2, 3, 5, 6, 4]),
-            ("channels-last", true, false, false, [2, 3, 5, 6, 4]),
-            ("NCDHW, split norm", false, true, false, [2, 3, 24, 32, 48]),
-            ("channels-last, depth-split convolutions", true, false, true, [2, 3, 5, 6, 4]),
+        // (mode, channels-last, split norm, depth-split convolutions, per-sample norm into
+        // slices, extent)
+        for (mode, channels_last, split, d2, slices, dims) in [
+            ("NCDHW", false, false, false, true, [2, 3, 5, 6, 4]),
+            ("channels-last", true, false, false, true, [2, 3, 5, 6, 4]),
+            ("channels-last, concatenated norm", true, false, false, false, [2, 3, 5, 6, 4]),
+            ("NCDHW, split norm", false, true, false, true, [2, 3, 24, 32, 48]),
+            ("channels-last, depth-split convolutions", true, false, true, true, [2, 3, 5, 6, 4]),
         ] {
             super::set_channels_last(Some(channels_last));
             super::set_norm_split(Some(split));
             super::set_conv_d2(Some(d2));
+            super::set_norm_slices(Some(slices));
             r.mode = format!("{mode} {dims:?}");
             r.block(dims);
         }
         super::set_conv_d2(None);
+        super::set_norm_slices(None);
         super::set_channels_last(Some(false));
         r.mode = "NCDHW".into();
         r.loss_and_upsampling();
-        r.split_norm([2, 3, 24, 32, 48], DType::F32, 2e-5);
-        if half {
-            // Both sides round to the half type; bf16 keeps 8 bits of mantissa, f16 11.
-            r.split_norm([2, 3, 24, 32, 48], DType::BF16, 3e-2);
-            r.split_norm([2, 3, 24, 32, 48], DType::F16, 4e-3);
+        for channels_last in [false, true] {
+            r.norm_pair([2, 3, 24, 32, 48], DType::F32, 2e-5, channels_last);
+            if half {
+                // Both sides round to the half type; bf16 keeps 8 bits of mantissa, f16 11.
+                r.norm_pair([2, 3, 24, 32, 48], DType::BF16, 3e-2, channels_last);
+                r.norm_pair([2, 3, 24, 32, 48], DType::F16, 4e-3, channels_last);
+            }
         }
         if half {
             // (`half` is CUDA: graphs are CUDA's.)
@@ -1377,6 +1513,40 @@ mod tests {
             }
         }
         super::set_channels_last(None);
+    }
+
+    /// Nearest upsampling as a broadcast copy and its gradient as a block sum equal ATen's
+    /// `upsample_nearest3d` and its backward (unequal factors per axis, f32 and f16), and keep
+    /// the layout they are given: channels-last in, channels-last out.
+    #[test]
+    fn upsampling_by_broadcast_equals_atens_kernels_and_keeps_the_layout() {
+        use tch::{Kind, Tensor};
+        let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+        let (b, c, d, h, w) = (2i64, 3, 2, 3, 4);
+        let mut rng = stu_core::rng::SplitMix64::new(5);
+        let x = Tensor::from_slice(&rng.fill_f32((b * c * d * h * w) as usize, -2.0, 2.0)).view([b, c, d, h, w]);
+        let scale = [1usize, 2, 3];
+        let g = Tensor::from_slice(&rng.fill_f32((b * c * d * h * w * 6) as usize, -1.0, 1.0)).view([b, c, d, h * 2, w * 3]);
+        let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
+        for kind in [Kind::Float, Kind::Half] {
+            let (x, g) = (x.to_kind(kind), g.to_kind(kind));
+            let want = x.upsample_nearest3d([d, h * 2, w * 3], None, None, None);
+            let want_dx = Tensor::upsample_nearest3d_backward(&g, [d, h * 2, w * 3], [b, c, d, h, w], None, None, None);
+            for channels_last in [false, true] {
+                let (xi, gi) = if channels_last { (cl(&x), cl(&g)) } else { (x.shallow_clone(), g.shallow_clone()) };
+                let y = super::libtorch::upsample(&xi, scale);
+                let dx = super::libtorch::upsample_backward(&gi, scale);
+                assert_eq!(super::libtorch::is_channels_last(&y), channels_last, "{kind:?}: the output keeps the input's layout");
+                assert_eq!(super::libtorch::is_channels_last(&dx), channels_last, "{kind:?}: so does the gradient");
+                assert_eq!((y.size(), y.kind()), (want.size(), kind));
+                assert_eq!(dx.size(), vec![b, c, d, h, w]);
+                let err = |a: &Tensor, e: &Tensor| (a.to_kind(Kind::Float) - e.to_kind(Kind::Float)).abs().max().double_value(&[]);
+                assert_eq!(err(&y, &want), 0.0, "{kind:?}, channels-last {channels_last}: values");
+                // Six terms per sum: equal to ATen's to the half type's rounding.
+                let tol = if kind == Kind::Half { 2e-3 } else { 1e-6 };
+                assert!(err(&dx, &want_dx) <= tol, "{kind:?}, channels-last {channels_last}: gradient off by {}", err(&dx, &want_dx));
+            }
+        }
     }
 
     /// The loss reads channels-last logits in place (as `[B, N, C]`) and gives their gradient in

@@ -582,7 +582,7 @@ pub fn train_step_in(net: Box<dyn SegNet>, sgd: &mut Optimizer, batch: &DeviceBa
         sgd.scaler.get_or_insert_with(GradScaler::default);
     }
     let half = precision.cast_net(&*net);
-    let outs = precision.forward_ds(&*net, half.as_deref(), batch.x.clone());
+    let outs = precision.forward_ds_for_loss(&*net, half.as_deref(), batch.x.clone());
     drop(half);
     let n = outs.len().min(batch.targets.len());
     let (loss, share) = deep_supervision_in(&outs[..n], &batch.targets[..n], &weights[..n], dice, group)?;
@@ -878,11 +878,15 @@ mod fused_tests {
         (net, out)
     }
 
+    /// Equal to f32 rounding: the clip coefficient comes from two different reductions
+    /// (`_foreach_norm`, burn's sum of squares), and the steps after compound their last-bit
+    /// differences (on a 2-core Xeon of 2026-11-28 the second step's momentum buffer differed
+    /// by 1.03e-6 of its largest value).
     fn assert_close(what: &str, a: &[f32], b: &[f32]) {
         assert_eq!(a.len(), b.len(), "{what}");
         let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
         let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(err <= 1e-6 * scale, "{what}: max |diff| {err} (scale {scale})");
+        assert!(err <= 1e-5 * scale, "{what}: max |diff| {err} (scale {scale})");
     }
 
     /// Three steps (clipping active, then not), with and without loss scaling, and an overflow:
