@@ -8,13 +8,13 @@ before it started) is that case's alone, CUDA context included, measured the sam
 
 Usage:
   python3 gpu_suite.py --stu BIN --bench-dir SHARED_BENCH --fixture tiny_iso.safetensors
-                       --mr MR_IMAGES_DIR --ct CT_IMAGES_DIR --out DIR [--sizes SBLH] [--budget S]
+                       --mr MR_IMAGES_DIR --ct CT_IMAGES_DIR --out DIR [--sizes HLBS] [--budget S]
 Before the benchmark, `stu check-ops` compares the fused ATen paths with burn's composed
 operators on the device (values and gradients); last in phase 2, `conv_algos.py` times STU-Net's
 3³ convolutions shape by shape through each convolution algorithm (DIR/conv_algos.md).
 Writes DIR/suite.json (everything), DIR/suite.md (tables), DIR/log.txt, the predicted label
-maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command), and for B's
-training step and patch inference per-op tables of both sides' profiler traces
+maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command), and for H's and
+B's training step and B's patch inference per-op tables of both sides' profiler traces
 (DIR/profiles.md, `profile_table.py`; the summaries in suite.json) with the traces in one
 archive (DIR/traces_phase{1,2,all}.tar.gz): the device tool brings back at most 8 files."""
 import argparse
@@ -35,7 +35,7 @@ ap.add_argument("--fixture", required=True)
 ap.add_argument("--mr", required=True)
 ap.add_argument("--ct", required=True)
 ap.add_argument("--out", required=True)
-ap.add_argument("--sizes", default="BHLS")
+ap.add_argument("--sizes", default="HLBS")
 ap.add_argument("--torch-sizes", default=None, help="sizes timed on the PyTorch side (default: --sizes)")
 ap.add_argument("--budget", type=float, default=480.0, help="seconds; later cases are skipped past it")
 ap.add_argument("--python", default=sys.executable)
@@ -300,6 +300,12 @@ VARIANTS = {
     # Channels-last with the depth-split convolutions (`STU_TCH_CONV=d2`); slower than the
     # default in every case of 2026-11-28 (B, H, L), kept among the extras.
     "stu-d2": ({"STU_TCH_CONV": "d2"}, 150),
+    # The channels-last path as the second H200 run of 2026-11-28 timed it: ATen's
+    # `upsample_nearest3d` kernels (NCDHW only on CUDA: layout conversions around them and an
+    # NCDHW gradient) and per-sample norm outputs concatenated. The defaults since (a broadcast
+    # copy in the activations' layout; the norm writing each sample into its slice) are not yet
+    # timed on a GPU: this row beside the default says what they gain.
+    "stu-before": ({"STU_TCH_UPSAMPLE": "aten", "STU_TCH_NORM_CL": "cat"}, 150),
 }
 
 
@@ -434,30 +440,40 @@ def train_dp():
 
 
 # 3 (the plan). Phase 1 is what item 4's goal and item 3's table need, most important first:
-# B, H, L (PyTorch fp16 beside ours f16 in the default channels-last layout and in NCDHW with the
-# split norm; inference also through a CUDA graph), S, then the per-op profiles (B's training
-# step, B's and H's patch) and f16 training on real batches. Phase 2 (a second call on the same
-# warm machine, or the rest of one long call) holds the bf16 rows, the end-to-end checks and
-# the extras.
+# H, L, B (PyTorch fp16 beside ours f16 in the default channels-last layout and in NCDHW with the
+# split norm; H's and B's training also as the channels-last path was on 2026-11-28), S, then the per-op
+# profiles (H's and B's training step, B's patch) and f16 training on real batches. Phase 2 (a
+# second call on the same warm machine, or the rest of one long call) holds the bf16 rows, the
+# end-to-end checks and the extras (CUDA graphs, H's patch profile among them).
 phase1, phase2, extra = [], [], []
 for s in A.sizes:
     t, i = f"train_{s}_128_b2", f"infer_{s}_128"
     torch_too = A.torch_sizes is None or s in A.torch_sizes
     big = s != "S"
-    phase1 += [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [("stu-nc", t, "f16")] * big
-    phase1 += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + [("stu-graph", i, "f16"), ("stu-nc", i, "f16")] * big
+    # Training beside the channels-last path as it was timed on 2026-11-28 (B, H): what the
+    # upsampling and norm changes since gain.
+    phase1 += [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [("stu-before", t, "f16")] * (s in "BH") + [("stu-nc", t, "f16")] * big
+    phase1 += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + [("stu-nc", i, "f16")] * big
     phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")]
     if s in "BH":
         extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
+    # CUDA graphs gained nothing measurable on 2026-11-28 (B 11.02 vs 11.10 ms, H 89.2 vs 89.6,
+    # L 35.0 vs 35.4): among the extras now.
+    if big:
+        extra += [("stu-graph", i, "f16")]
     if s == "B":
         extra += [("stu-nc-plane", t, "f16"), ("stu-nc-plane", i, "f16"), ("stu-nc-graph", i, "f16"), ("stu-d2", i, "f16"),
                   ("stu-generic", i, "f16"), ("stu-nosgd", t, "f16")]
+# H's training step under both profilers first: the one case of item 4 still above 0.8× on
+# 2026-11-28 (0.81×), never profiled; then B's step and patch.
+if "H" in A.sizes and (A.torch_sizes is None or "H" in A.torch_sizes):
+    phase1 += [("profile", "train_H_128_b2", "f16")]
 profiles = "B" in A.sizes and (A.torch_sizes is None or "B" in A.torch_sizes)
 phase1 += [("profile", "train_B_128_b2", "f16"), ("profile", "infer_B_128", "f16")] * profiles + [("train_check", "", "f16")]
-# H's patch under both profilers: at 12.6 TMAC its time is mostly cuDNN's convolutions (the same
-# kernels on both sides), which says how far below 0.8× any non-convolution change can take it.
+# H's patch under both profilers (profiled on 2026-11-28: 92.8 vs 115.0 ms of kernels, half of
+# it cuDNN's convolutions on both sides): among the extras.
 if "H" in A.sizes and (A.torch_sizes is None or "H" in A.torch_sizes):
-    phase1 += [("profile", "infer_H_128", "f16")]
+    extra += [("profile", "infer_H_128", "f16")]
 phase2 += [("call", predict_ct, ""), ("call", train_dp, ""), ("call", train_checks, ""), ("call", predict_mr, "")]
 # What the ATen paths gain (B training without the ATen loss, burn's generic inference in bf16),
 # and STU-Net's 3³ convolutions shape by shape through each algorithm (`conv_algos.py`).
