@@ -477,12 +477,13 @@ mod libtorch {
     /// a channels-last input was converted in and its output converted back, and its gradient
     /// came out NCDHW, so that adding it to the skip branch's channels-last gradient ran as a
     /// strided kernel (on the H200 of 2026-11-28 these took ~7 of B's 65 ms of training-step
-    /// kernels). `STU_TCH_UPSAMPLE=aten` restores ATen's kernels ([`upsample_aten_on`]).
+    /// kernels). ATen's kernels where [`super::upsample_aten_on`] (the CPU, whose kernels keep
+    /// channels-last).
     pub(super) fn upsample(x: &Tensor, s: [usize; 3]) -> Tensor {
         let d = x.size();
         let s = s.map(|v| v as i64);
         let out = [d[2] * s[0], d[3] * s[1], d[4] * s[2]];
-        if super::upsample_aten_on() {
+        if super::upsample_aten_on(x.device()) {
             return x.upsample_nearest3d(out, None, None, None);
         }
         let (n, c) = (d[0], d[1]);
@@ -504,7 +505,7 @@ mod libtorch {
         let d = grad.size();
         let s = s.map(|v| v as i64);
         let i = [d[2] / s[0], d[3] / s[1], d[4] / s[2]];
-        if super::upsample_aten_on() {
+        if super::upsample_aten_on(grad.device()) {
             return Tensor::upsample_nearest3d_backward(grad, &d[2..], [d[0], d[1], i[0], i[1], i[2]], None, None, None);
         }
         let (n, c) = (d[0], d[1]);
@@ -937,20 +938,23 @@ pub fn norm_slices_on() -> bool {
 }
 
 /// Forces the nearest upsampling onto ATen's `upsample_nearest3d` kernels (`Some(true)`), onto
-/// the broadcast copy (`Some(false)`), or leaves it to the default (`None`, the copy);
-/// overrides `STU_TCH_UPSAMPLE` (tests).
+/// the broadcast copy (`Some(false)`), or leaves it to the device (`None`); overrides
+/// `STU_TCH_UPSAMPLE` (tests).
 pub fn set_upsample_aten(on: Option<bool>) {
     UPSAMPLE_ATEN.set(on);
 }
 
-/// Whether nearest upsampling (and its gradient) runs through ATen's `upsample_nearest3d`
-/// kernels rather than as a broadcast copy (and a block sum) in the activations' own layout
-/// (`libtorch::upsample`). Off by default: ATen's CUDA kernels take NCDHW only, which cost
-/// channels-last activations two layout conversions and an NCDHW gradient. The copy's speed on
-/// a GPU is not measured yet; `STU_TCH_UPSAMPLE=aten` / `copy` forces one or the other (read
-/// once). Values and gradients are the same either way.
-pub fn upsample_aten_on() -> bool {
-    UPSAMPLE_ATEN.get().unwrap_or(false)
+/// Whether nearest upsampling (and its gradient) on `device` runs through ATen's
+/// `upsample_nearest3d` kernels rather than as a broadcast copy (and a block sum) in the
+/// activations' own layout (`libtorch::upsample`). By default on the CPU, whose ATen kernels
+/// read and write channels-last as it is (a 32-channel 64³ → 128³ step, f32, 2 cores: forward
+/// 0.27–0.40 s against the copy's 0.31–0.53 s, gradient 0.26–0.33 s against the block sum's
+/// 1.24–1.33 s); not on CUDA, whose kernels take NCDHW only, which cost channels-last
+/// activations two layout conversions and an NCDHW gradient. The copy's speed on a GPU is not
+/// measured yet; `STU_TCH_UPSAMPLE=aten` / `copy` forces one or the other (read once). Values
+/// and gradients are the same either way.
+pub fn upsample_aten_on(device: tch::Device) -> bool {
+    UPSAMPLE_ATEN.get().unwrap_or(!device.is_cuda())
 }
 
 /// Forces the layout of the libtorch convolutions: channels-last (`Some(true)`), NCDHW
@@ -1528,6 +1532,8 @@ mod tests {
         let scale = [1usize, 2, 3];
         let g = Tensor::from_slice(&rng.fill_f32((b * c * d * h * w * 6) as usize, -1.0, 1.0)).view([b, c, d, h * 2, w * 3]);
         let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
+        // (The copy, which is not the CPU's default.)
+        super::set_upsample_aten(Some(false));
         for kind in [Kind::Float, Kind::Half] {
             let (x, g) = (x.to_kind(kind), g.to_kind(kind));
             let want = x.upsample_nearest3d([d, h * 2, w * 3], None, None, None);
@@ -1547,6 +1553,7 @@ mod tests {
                 assert!(err(&dx, &want_dx) <= tol, "{kind:?}, channels-last {channels_last}: gradient off by {}", err(&dx, &want_dx));
             }
         }
+        super::set_upsample_aten(None);
     }
 
     /// The loss reads channels-last logits in place (as `[B, N, C]`) and gives their gradient in
