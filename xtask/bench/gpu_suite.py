@@ -300,11 +300,13 @@ VARIANTS = {
     # Channels-last with the depth-split convolutions (`STU_TCH_CONV=d2`); slower than the
     # default in every case of 2026-11-28 (B, H, L), kept among the extras.
     "stu-d2": ({"STU_TCH_CONV": "d2"}, 150),
-    # The channels-last path as the second H200 run of 2026-11-28 timed it: ATen's
-    # `upsample_nearest3d` kernels (NCDHW only on CUDA: layout conversions around them and an
-    # NCDHW gradient) and per-sample norm outputs concatenated. The defaults since (a broadcast
-    # copy in the activations' layout; the norm writing each sample into its slice) are not yet
-    # timed on a GPU: this row beside the default says what they gain.
+    # The channels-last path's two switchable changes since the second H200 run of 2026-11-28
+    # turned back: ATen's `upsample_nearest3d` kernels (NCDHW only on CUDA: layout conversions
+    # around them and an NCDHW gradient) and per-sample norm outputs concatenated. The defaults
+    # (a broadcast copy in the activations' layout; the norm writing each sample into its slice)
+    # are not yet timed on a GPU: this row beside the default says what they gain. (The loss on
+    # half logits and the convolution keeping only its weight's channels-last copy have no
+    # switch: compare the default with that run's `stu` rows.)
     "stu-before": ({"STU_TCH_UPSAMPLE": "aten", "STU_TCH_NORM_CL": "cat"}, 150),
 }
 

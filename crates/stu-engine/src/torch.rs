@@ -61,14 +61,15 @@ pub trait TorchOps: Backend {
     /// `add_bias` the bias is left out of the forward (for an output that goes straight into an
     /// instance norm, whose mean subtraction removes it exactly) and still gets its gradient.
     fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3], add_bias: bool) -> FloatTensor<Self>;
-    /// [`conv3d_nc`](TorchOps::conv3d_nc) with its graph: (y, y_graph, x leaf, weight leaf).
+    /// [`conv3d_nc`](TorchOps::conv3d_nc) with its graph: (y, y_graph, x leaf, weight leaf, and
+    /// whether the weight leaf is a copy that shares no storage with `weight`).
     fn conv3d_nc_graph(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         stride: [usize; 3],
         add_bias: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, bool);
     /// Gradients (x, weight, bias) through a graph from [`conv3d_nc_graph`](TorchOps::conv3d_nc_graph);
     /// without `need_x` (x is the network's input) cuDNN's backward-data is skipped and the x
     /// gradient is `None`.
@@ -267,27 +268,65 @@ mod libtorch {
         };
         let k = w.size();
         let (stride, pad) = (stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2]);
-        if super::channels_last_on(x.device()) {
-            // On the CPU, f32 goes to oneDNN directly: ATen's 2-D heuristic sends one-sample
-            // convolutions whose N·C·D·H ≤ 20 480 (the network's one-channel input at 128³, the
-            // 8³ stages) to its slow reference kernel, and 1×1×1 ones to its NCDHW path; oneDNN
-            // also adds the bias inside the kernel. A 128³ STU-Net-S patch: 2.07 → 1.50 s with
-            // the one-sample batch stride below (`norm_act`), B 5.05 → 3.72 s.
-            if k[2] > 1 && stride[0] == 1 && super::conv_d2_on(x.device()) {
-                return conv_depth_split(x, w, b, [stride[1], stride[2]]);
+        match conv_path(x, &k, stride) {
+            ConvPath::Ncdhw => x.conv3d(w, b, stride, pad, [1i64; 3], 1),
+            ConvPath::DepthSplit => conv_depth_split(x, w, b, [stride[1], stride[2]]),
+            ConvPath::MatMul1x1 => conv1x1_channels_last(x, w, b, stride),
+            ConvPath::ChannelsLast { onednn } => {
+                // ATen keeps the input's memory format for the output.
+                let (x, w) = (to_channels_last(x), to_channels_last(w));
+                if onednn {
+                    return x.mkldnn_convolution(&w, b, pad, stride, [1i64; 3], 1);
+                }
+                x.conv3d(&w, b, stride, pad, [1i64; 3], 1)
             }
-            let onednn = x.device() == tch::Device::Cpu && x.kind() == Kind::Float;
-            if k[2..] == [1, 1, 1] && !onednn {
-                return conv1x1_channels_last(x, w, b, stride);
-            }
-            // ATen keeps the input's memory format for the output.
-            let (x, w) = (to_channels_last(x), to_channels_last(w));
-            if onednn {
-                return x.mkldnn_convolution(&w, b, pad, stride, [1i64; 3], 1);
-            }
-            return x.conv3d(&w, b, stride, pad, [1i64; 3], 1);
         }
-        x.conv3d(w, b, stride, pad, [1i64; 3], 1)
+    }
+
+    /// How [`conv`] runs a convolution with kernel dims `k` (`[O, I, kd, kh, kw]`).
+    enum ConvPath {
+        /// ATen's convolution on NCDHW tensors (channels-last off).
+        Ncdhw,
+        /// [`conv_depth_split`] (`STU_TCH_CONV=d2`, 3³ kernels of depth stride 1).
+        DepthSplit,
+        /// [`conv1x1_channels_last`], a matrix product over the `[voxels, C]` view.
+        MatMul1x1,
+        /// ATen's (or, on the CPU in f32, oneDNN's) 3-D convolution on channels-last input and
+        /// weight, converted by `to_channels_last` where they are not.
+        ChannelsLast { onednn: bool },
+    }
+
+    fn conv_path(x: &Tensor, k: &[i64], stride: [i64; 3]) -> ConvPath {
+        if !super::channels_last_on(x.device()) {
+            return ConvPath::Ncdhw;
+        }
+        // On the CPU, f32 goes to oneDNN directly: ATen's 2-D heuristic sends one-sample
+        // convolutions whose N·C·D·H ≤ 20 480 (the network's one-channel input at 128³, the 8³
+        // stages) to its slow reference kernel, and 1×1×1 ones to its NCDHW path; oneDNN also
+        // adds the bias inside the kernel. A 128³ STU-Net-S patch: 2.07 → 1.50 s with the
+        // one-sample batch stride (`norm_act`), B 5.05 → 3.72 s.
+        if k[2] > 1 && stride[0] == 1 && super::conv_d2_on(x.device()) {
+            return ConvPath::DepthSplit;
+        }
+        let onednn = x.device() == tch::Device::Cpu && x.kind() == Kind::Float;
+        if k[2..] == [1, 1, 1] && !onednn {
+            return ConvPath::MatMul1x1;
+        }
+        ConvPath::ChannelsLast { onednn }
+    }
+
+    /// The weight leaf of a tracked convolution, and whether it is a copy: where [`conv`]
+    /// would convert the weight to channels-last, the converted copy (made outside the graph),
+    /// so that libtorch's graph saves that copy alone and the caller need not keep the weight it
+    /// was given (under half precision a cast made for this step: keeping both held every
+    /// weight twice through the backward, 2.9 GB for STU-Net-H in f16); else the weight itself.
+    pub(super) fn weight_leaf(x: &Tensor, w: &Tensor, stride: [usize; 3]) -> (Tensor, bool) {
+        let k = w.size();
+        if matches!(conv_path(x, &k, stride.map(|s| s as i64)), ConvPath::ChannelsLast { .. }) && !is_channels_last(w) {
+            (leaf(&tch::no_grad(|| to_channels_last(w))), true)
+        } else {
+            (leaf(w), false)
+        }
     }
 
     /// A 3-D convolution (odd kernel, padding k/2, depth stride 1) of channels-last activations
@@ -548,11 +587,12 @@ mod libtorch {
             bias: FloatTensor<LibTorch>,
             stride: [usize; 3],
             add_bias: bool,
-        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
-            let (xl, wl) = (leaf(&x.tensor), leaf(&weight.tensor));
+        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, bool) {
+            let xl = leaf(&x.tensor);
+            let (wl, copied) = weight_leaf(&x.tensor, &weight.tensor, stride);
             let y = tch::with_grad(|| conv(&xl, &wl, add_bias.then_some(&bias.tensor), stride));
             let (y, y_graph) = output(y);
-            (y, y_graph, TchTensor::new(xl), TchTensor::new(wl))
+            (y, y_graph, TchTensor::new(xl), TchTensor::new(wl), copied)
         }
 
         fn conv3d_nc_graph_backward(
@@ -678,7 +718,10 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         match ConvNc(bias.dtype()).prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
-                let (y, y_graph, xl, wl) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias);
+                let (y, y_graph, xl, wl, copied) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias);
+                // A weight leaf that is a copy shares no storage with burn's weight: that one
+                // need not be kept (see the note above this impl).
+                let wp = if copied { wl.clone() } else { wp };
                 prep.finish([xp, wp, y_graph, xl, wl], y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias)),
@@ -691,7 +734,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _bias: FloatTensor<Self>,
         _stride: [usize; 3],
         _add_bias: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, bool) {
         unreachable!("conv3d_nc_graph is called on the inner backend only")
     }
 
@@ -1516,6 +1559,28 @@ mod tests {
                 near("bias gradient", ops::to_vec(db16.unsqueeze::<5>()), ops::to_vec(db32.unsqueeze::<5>()));
             }
         }
+        super::set_channels_last(None);
+    }
+
+    /// A tracked channels-last convolution's weight leaf is its channels-last copy, made
+    /// outside the graph (so burn's weight need not be kept); a weight already channels-last,
+    /// or any weight in NCDHW, is its own leaf, sharing its storage.
+    #[test]
+    fn a_channels_last_convolution_saves_only_the_weights_converted_copy() {
+        use tch::{Kind, Tensor};
+        let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+        let x = Tensor::ones([2, 4, 3, 3, 3], (Kind::Float, tch::Device::Cpu));
+        let w = Tensor::ones([5, 4, 3, 3, 3], (Kind::Float, tch::Device::Cpu));
+        let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
+        super::set_channels_last(Some(true));
+        let (wl, copied) = super::libtorch::weight_leaf(&cl(&x), &w, [1; 3]);
+        assert!(copied && super::libtorch::is_channels_last(&wl) && wl.requires_grad() && wl.data_ptr() != w.data_ptr());
+        let wc = cl(&w);
+        let (wl, copied) = super::libtorch::weight_leaf(&cl(&x), &wc, [1; 3]);
+        assert!(!copied && wl.data_ptr() == wc.data_ptr());
+        super::set_channels_last(Some(false));
+        let (wl, copied) = super::libtorch::weight_leaf(&x, &w, [1; 3]);
+        assert!(!copied && wl.data_ptr() == w.data_ptr());
         super::set_channels_last(None);
     }
 
