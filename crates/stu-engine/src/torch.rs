@@ -486,26 +486,45 @@ mod libtorch {
         if ca == 2 { x.view([dims[0], dims[2], dims[3], dims[4], dims[1]]).permute([0, 4, 1, 2, 3]) } else { x.view(dims) }
     }
 
-    /// `∂loss/∂logits · grad` for [`dc_ce_parts`] (f32, the logits' shape and layout): with
-    /// `g_k = a_k·y_k + c_k` the Dice's gradient in the probabilities, through the softmax,
-    /// `∂/∂z_k = p_k·(g_k − Σ_j p_j g_j) + (p_k − y_k)/N`, i.e.
-    /// `p_k·(c_k + 1/N − Σ_j p_j c_j − a_t p_t) + [k = t]·(a_t p_t − 1/N)`: two passes over `p`
-    /// (a batched matrix product for `Σ_j p_j c_j`, then a multiply and an `addcmul`) and a
-    /// scatter at the target class.
+    /// `∂loss/∂logits · grad` for [`dc_ce_parts`] (f32, the logits' shape and layout), `p`
+    /// left as it is ([`dc_ce_grad_in_place`] on a copy).
+    #[cfg(test)]
     pub(super) fn dc_ce_grad(p: &Tensor, target: &Tensor, coeffs: &Tensor, grad: &Tensor) -> Tensor {
+        dc_ce_grad_in_place(p.copy(), target, coeffs, grad)
+    }
+
+    /// `∂loss/∂logits · grad` for [`dc_ce_parts`] (f32, the logits' shape and layout), written
+    /// over the probabilities `p`, which the backward needs no more: with `g_k = a_k·y_k + c_k`
+    /// the Dice's gradient in the probabilities, through the softmax,
+    /// `∂/∂z_k = p_k·(g_k − Σ_j p_j g_j) + (p_k − y_k)/N`, i.e.
+    /// `p_k·(c_k + 1/N − q) + [k = t]·(a_t p_t − 1/N)` with `q = Σ_j p_j c_j + a_t p_t` per
+    /// voxel: a batched matrix product for `Σ_j p_j c_j`, `p` multiplied in place by
+    /// `c_k + 1/N − q` one chunk of voxels at a time (the factor is formed per chunk), and a
+    /// scatter at the target class. No second tensor of the logits' size (1.76 GB at 105
+    /// classes, 128³, batch 2) is alive beside `p` at the start of the backward.
+    pub(super) fn dc_ce_grad_in_place(p: Tensor, target: &Tensor, coeffs: &Tensor, grad: &Tensor) -> Tensor {
         let dims = p.size();
         let (b, n) = (dims[0], dims[2..].iter().product::<i64>());
         let inv_n = 1.0 / (b * n) as f64;
         let g = grad.to_kind(Kind::Float).reshape([1, 1, 1]);
-        let (p3, ca) = as_bcn(p);
+        // A view of `p` (or, for other strides, a copy: then that is written and returned).
+        let (p3, ca) = as_bcn(&p);
+        drop(p);
         let t = target.reshape([b, n]).to_kind(Kind::Int64).unsqueeze(ca);
         let (a, cst) = (coeffs.get(0), coeffs.get(1));
         // [B, 1, N] for NCDHW, [B, N, 1] channels-last.
         let a_t = a.gather(1, &t.view([b, n]), false).unsqueeze(ca);
         let at_pt = a_t * p3.gather(ca, &t, false);
-        let pg = if ca == 1 { cst.unsqueeze(1).bmm(&p3) } else { p3.bmm(&cst.unsqueeze(2)) } + &at_pt;
-        let mut dz = &p3 * ((cst + inv_n).unsqueeze(3 - ca) * &g);
-        let _ = dz.addcmul_(&p3, &(pg * -&g));
+        let q = (if ca == 1 { cst.unsqueeze(1).bmm(&p3) } else { p3.bmm(&cst.unsqueeze(2)) } + &at_pt) * &g;
+        let per_class = (cst + inv_n).unsqueeze(3 - ca) * &g;
+        // The voxel axis of the [B, C, N] / [B, N, C] view.
+        let axis = 3 - ca;
+        const CHUNK: i64 = 1 << 17;
+        for start in (0..n).step_by(CHUNK as usize) {
+            let len = CHUNK.min(n - start);
+            let _ = p3.narrow(axis, start, len).g_mul_(&(&per_class - q.narrow(axis, start, len)));
+        }
+        let mut dz = p3;
         let _ = dz.scatter_add_(ca, &t, &((at_pt - inv_n) * &g));
         from_bcn(dz, ca, &dims)
     }
@@ -685,7 +704,10 @@ mod libtorch {
         }
 
         fn dc_ce_nc_bwd(probs: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, coeffs: FloatTensor<LibTorch>, grad: FloatTensor<LibTorch>) -> FloatTensor<LibTorch> {
-            TchTensor::new(tch::no_grad(|| dc_ce_grad(&probs.tensor, &target.tensor, &coeffs.tensor, &grad.tensor)))
+            // The probabilities are this node's own (the backward consumes its state): written
+            // over unless something else shares them.
+            let p = if probs.can_mut() { probs.tensor } else { probs.tensor.copy() };
+            TchTensor::new(tch::no_grad(|| dc_ce_grad_in_place(p, &target.tensor, &coeffs.tensor, &grad.tensor)))
         }
     }
 }
