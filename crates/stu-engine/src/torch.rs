@@ -623,12 +623,17 @@ mod libtorch {
             need_x: bool,
         ) -> (Option<FloatTensor<LibTorch>>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
             let db = TchTensor::new(tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<Kind>)));
+            // The weight gradient of a channels-last convolution comes out channels-last; the
+            // optimiser reads gradients flat in NCDHW order, which took an f32 copy after the
+            // cast to f32. Made contiguous here, in the compute type, the copy is half as large
+            // and the flat view free (STU-Net-H, f16: 4 bytes less per parameter, 5.8 GB).
+            let contiguous = |t: Tensor| if t.is_contiguous() { t } else { tch::no_grad(|| t.contiguous()) };
             if need_x {
-                let [dx, dw] = wrap(vjp(&y_graph.tensor, &grad.tensor, &[&x_leaf.tensor, &w_leaf.tensor]));
-                (Some(dx), dw, db)
+                let [dx, dw] = vjp(&y_graph.tensor, &grad.tensor, &[&x_leaf.tensor, &w_leaf.tensor]).try_into().unwrap_or_else(|_| unreachable!("two gradients"));
+                (Some(TchTensor::new(dx)), TchTensor::new(contiguous(dw)), db)
             } else {
-                let [dw] = wrap(vjp(&y_graph.tensor, &grad.tensor, &[&w_leaf.tensor]));
-                (None, dw, db)
+                let [dw] = vjp(&y_graph.tensor, &grad.tensor, &[&w_leaf.tensor]).try_into().unwrap_or_else(|_| unreachable!("one gradient"));
+                (None, TchTensor::new(contiguous(dw)), db)
             }
         }
 
