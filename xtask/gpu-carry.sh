@@ -11,13 +11,13 @@
 #   export LD_LIBRARY_PATH=$SP/torch/lib:$(find $SP/nvidia -maxdepth 3 -name lib -type d | tr '\n' ':');
 #   python3 xtask/bench/gpu_suite.py --stu .gpu/stu --bench-dir .gpu/bench --fixture .gpu/tiny_iso.safetensors \
 #     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 470 --phase 1
-# (device tool: timeout_s 585; parity, `stu check-ops`, B, H, L and S in f16 beside PyTorch's
-# fp16, B/H/L in the default channels-last layout and in NCDHW (split norm), their inference
-# also through a CUDA graph (`STU_TCH_GRAPH=1`), B's per-op profiles (training step, patch),
-# H's patch profile and the f16 training check; the phase-1 plan of 2026-11-28 took 482 s on an
-# H200 with 8 rows skipped, this one has fewer rows), then at once, while the machine is warm,
-# the same command with `--phase 2 --budget N` (N: the device time left less a minute): what
-# phase 1 skipped for time, the bf16 rows, the end-to-end checks and the extras. One long call
+# (device tool: timeout_s 585; parity, `stu check-ops`, H, L, B and S in f16 beside PyTorch's
+# fp16, in the default channels-last layout and in NCDHW (split norm), H's and B's training also
+# with the switchable channels-last changes of 2026-11-28 turned back (`stu-before`), H's and B's
+# training-step profiles, B's patch profile and the f16 training check; estimated ~420 s on an
+# H200), then at once, while the machine is warm (it is handed back after 30 s idle), the same
+# command with `--phase 2 --budget N` (N: the device time left less 100 s): what phase 1 skipped
+# for time, the bf16 rows, the end-to-end checks and the extras (CUDA graphs among them). One long call
 # is `--phase all`; see the suite's section 3.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
