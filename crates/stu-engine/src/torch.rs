@@ -537,12 +537,12 @@ mod libtorch {
     /// came out NCDHW, so that adding it to the skip branch's channels-last gradient ran as a
     /// strided kernel (on the H200 of 2026-11-28 these took ~7 of B's 65 ms of training-step
     /// kernels). ATen's kernels where [`super::upsample_aten_on`] (the CPU, whose kernels keep
-    /// channels-last).
+    /// channels-last, and NCDHW tensors).
     pub(super) fn upsample(x: &Tensor, s: [usize; 3]) -> Tensor {
         let d = x.size();
         let s = s.map(|v| v as i64);
         let out = [d[2] * s[0], d[3] * s[1], d[4] * s[2]];
-        if super::upsample_aten_on(x.device()) {
+        if super::upsample_aten_on(x.device(), is_channels_last(x)) {
             return x.upsample_nearest3d(out, None, None, None);
         }
         let (n, c) = (d[0], d[1]);
@@ -564,7 +564,7 @@ mod libtorch {
         let d = grad.size();
         let s = s.map(|v| v as i64);
         let i = [d[2] / s[0], d[3] / s[1], d[4] / s[2]];
-        if super::upsample_aten_on(grad.device()) {
+        if super::upsample_aten_on(grad.device(), is_channels_last(grad)) {
             return Tensor::upsample_nearest3d_backward(grad, &d[2..], [d[0], d[1], i[0], i[1], i[2]], None, None, None);
         }
         let (n, c) = (d[0], d[1]);
@@ -1009,23 +1009,24 @@ pub fn norm_slices_on() -> bool {
 }
 
 /// Forces the nearest upsampling onto ATen's `upsample_nearest3d` kernels (`Some(true)`), onto
-/// the broadcast copy (`Some(false)`), or leaves it to the device (`None`); overrides
-/// `STU_TCH_UPSAMPLE` (tests).
+/// the broadcast copy (`Some(false)`), or leaves it to the device and layout (`None`);
+/// overrides `STU_TCH_UPSAMPLE` (tests).
 pub fn set_upsample_aten(on: Option<bool>) {
     UPSAMPLE_ATEN.set(on);
 }
 
-/// Whether nearest upsampling (and its gradient) on `device` runs through ATen's
-/// `upsample_nearest3d` kernels rather than as a broadcast copy (and a block sum) in the
-/// activations' own layout (`libtorch::upsample`). By default on the CPU, whose ATen kernels
-/// read and write channels-last as it is (a 32-channel 64³ → 128³ step, f32, 2 cores: forward
-/// 0.27–0.40 s against the copy's 0.31–0.53 s, gradient 0.26–0.33 s against the block sum's
-/// 1.24–1.33 s); not on CUDA, whose kernels take NCDHW only, which cost channels-last
-/// activations two layout conversions and an NCDHW gradient. The copy's speed on a GPU is not
-/// measured yet; `STU_TCH_UPSAMPLE=aten` / `copy` forces one or the other (read once). Values
-/// and gradients are the same either way.
-pub fn upsample_aten_on(device: tch::Device) -> bool {
-    UPSAMPLE_ATEN.get().unwrap_or(!device.is_cuda())
+/// Whether nearest upsampling (and its gradient) of a tensor on `device`, channels-last or not,
+/// runs through ATen's `upsample_nearest3d` kernels rather than as a broadcast copy (and a block
+/// sum) in the tensor's own layout (`libtorch::upsample`). By default the copy for
+/// channels-last tensors on CUDA, whose ATen kernels take NCDHW only, which cost them two layout
+/// conversions and an NCDHW gradient; ATen's kernels for NCDHW tensors (their own layout) and on
+/// the CPU, whose kernels read and write channels-last as it is (a 32-channel 64³ → 128³ step,
+/// f32, 2 cores: forward 0.27–0.40 s against the copy's 0.31–0.53 s, gradient 0.26–0.33 s
+/// against the block sum's 1.24–1.33 s). The copy's speed on a GPU is not measured yet;
+/// `STU_TCH_UPSAMPLE=aten` / `copy` forces one or the other everywhere (read once). Values and
+/// gradients are the same either way.
+pub fn upsample_aten_on(device: tch::Device, channels_last: bool) -> bool {
+    UPSAMPLE_ATEN.get().unwrap_or(!(device.is_cuda() && channels_last))
 }
 
 /// Forces the layout of the libtorch convolutions: channels-last (`Some(true)`), NCDHW
