@@ -338,7 +338,8 @@ pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -
         let target = target.float();
         return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::dc_ce_nc(logits.into_dispatch(), target.into_dispatch(), cfg.batch_dice, cfg.loss.dice_smooth()));
     }
-    let logits = in_f32(logits);
+    // (burn's `cast` is a no-op on f32 logits.)
+    let logits = logits.cast(burn::tensor::DType::F32);
     if cfg.ignore_label.is_some() || cfg.regions.is_some() || crate::ops::is_libtorch(&logits.device(), crate::ops::TorchPath::Loss) {
         return dc_ce(logits, target, cfg);
     }
@@ -350,11 +351,6 @@ pub fn dc_ce_fused(logits: Tensor<5>, target: Tensor<4, Int>, cfg: DiceConfig) -
     let [ce, dice] = cfg.loss.weights();
     let terms = crate::kernels::loss::Terms { batch_dice: cfg.batch_dice, smooth: cfg.loss.dice_smooth(), ce, dice, topk: cfg.loss.topk_percent(), smoothing: cfg.loss.label_smoothing() };
     Tensor::from_dispatch(<burn::backend::Dispatch as StuOps>::dc_ce_loss(logits.into_dispatch(), target.into_dispatch(), terms))
-}
-
-/// `x` in f32 (a no-op when it is).
-fn in_f32<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if x.dtype() == burn::tensor::DType::F32 { x } else { x.cast(burn::tensor::DType::F32) }
 }
 
 /// The deep-supervision sum `Σ wᵢ · dc_ce(outputᵢ, targetᵢ)`, skipping zero weights (fused
@@ -399,7 +395,7 @@ pub fn deep_supervision_in(outputs: &[Tensor<5>], targets: &[Tensor<4, Int>], we
         .zip(weights)
         .filter(|(_, w)| **w != 0.0)
         .map(|((o, t), &w)| {
-            let o = in_f32(o.clone());
+            let o = o.clone().cast(burn::tensor::DType::F32);
             let (ce, sums) = loss_and_sums(o.clone(), t.clone(), &cfg);
             // TopK over this rank's voxels, as under nnU-Net's DDP.
             let ce = match cfg.loss.topk_percent() {
