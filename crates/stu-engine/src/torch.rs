@@ -163,14 +163,20 @@ mod libtorch {
     /// when grad mode is on); see [`super::norm_split_on`].
     #[allow(unsafe_code)]
     fn split_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
-        let mut out = std::ptr::null_mut();
         // SAFETY: the three pointers are live `at::Tensor*` owned by tch tensors borrowed for
-        // the call; on success `out` is a new `at::Tensor*`, owned by the `Tensor` below.
-        let done = c_result(|| unsafe { stu_split_norm(x.as_ptr().cast(), g.as_ptr().cast(), b.as_ptr().cast(), crate::ops::NORM_EPS, SPLIT_CHUNK, &mut out) });
-        if let Err(msg) = done {
-            panic!("libtorch split instance norm failed: {msg}");
+        // the call.
+        new_tensor("split instance norm", |out| unsafe { stu_split_norm(x.as_ptr().cast(), g.as_ptr().cast(), b.as_ptr().cast(), crate::ops::NORM_EPS, SPLIT_CHUNK, out) })
+    }
+
+    /// The tensor a `csrc/grad.cpp` call writes to its `out` argument (a new `at::Tensor*`,
+    /// owned by the returned `Tensor`), or a panic naming `what` with the call's message.
+    #[allow(unsafe_code)]
+    fn new_tensor(what: &str, call: impl FnOnce(*mut *mut std::ffi::c_void) -> *mut std::ffi::c_char) -> Tensor {
+        let mut out = std::ptr::null_mut();
+        if let Err(msg) = c_result(|| call(&mut out)) {
+            panic!("libtorch {what} failed: {msg}");
         }
-        // SAFETY: written by `stu_split_norm`, owned by exactly this `Tensor`.
+        // SAFETY: on success the call wrote a new `at::Tensor*`, owned by exactly this `Tensor`.
         unsafe { Tensor::from_ptr(out.cast()) }
     }
 
@@ -180,14 +186,8 @@ mod libtorch {
     /// [`super::norm_slices_on`].
     #[allow(unsafe_code)]
     fn sample_norm(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
-        let mut out = std::ptr::null_mut();
         // SAFETY: as in `split_norm`.
-        let done = c_result(|| unsafe { stu_sample_norm(x.as_ptr().cast(), g.as_ptr().cast(), b.as_ptr().cast(), crate::ops::NORM_EPS, &mut out) });
-        if let Err(msg) = done {
-            panic!("libtorch per-sample instance norm failed: {msg}");
-        }
-        // SAFETY: written by `stu_sample_norm`, owned by exactly this `Tensor`.
-        unsafe { Tensor::from_ptr(out.cast()) }
+        new_tensor("per-sample instance norm", |out| unsafe { stu_sample_norm(x.as_ptr().cast(), g.as_ptr().cast(), b.as_ptr().cast(), crate::ops::NORM_EPS, out) })
     }
 
     /// Gradients of `sum(y · grad)` with respect to `leaves`, through `y`'s libtorch graph
@@ -627,13 +627,19 @@ mod libtorch {
             // optimiser reads gradients flat in NCDHW order, which took an f32 copy after the
             // cast to f32. Made contiguous here, in the compute type, the copy is half as large
             // and the flat view free (STU-Net-H, f16: 4 bytes less per parameter, 5.8 GB).
-            let contiguous = |t: Tensor| if t.is_contiguous() { t } else { tch::no_grad(|| t.contiguous()) };
+            // (The weight is the last leaf.)
+            let grads = |leaves: &[&Tensor]| {
+                let mut gs = vjp(&y_graph.tensor, &grad.tensor, leaves);
+                let dw = gs.pop().expect("one gradient per leaf");
+                gs.push(if dw.is_contiguous() { dw } else { tch::no_grad(|| dw.contiguous()) });
+                gs
+            };
             if need_x {
-                let [dx, dw] = vjp(&y_graph.tensor, &grad.tensor, &[&x_leaf.tensor, &w_leaf.tensor]).try_into().unwrap_or_else(|_| unreachable!("two gradients"));
-                (Some(TchTensor::new(dx)), TchTensor::new(contiguous(dw)), db)
+                let [dx, dw] = wrap(grads(&[&x_leaf.tensor, &w_leaf.tensor]));
+                (Some(dx), dw, db)
             } else {
-                let [dw] = vjp(&y_graph.tensor, &grad.tensor, &[&w_leaf.tensor]).try_into().unwrap_or_else(|_| unreachable!("one gradient"));
-                (None, TchTensor::new(contiguous(dw)), db)
+                let [dw] = wrap(grads(&[&w_leaf.tensor]));
+                (None, dw, db)
             }
         }
 
