@@ -443,17 +443,18 @@ def train_dp():
 
 # 3 (the plan). Phase 1 is what item 4's goal and item 3's table need, most important first:
 # H, L, B (PyTorch fp16 beside ours f16 in the default channels-last layout and in NCDHW with the
-# split norm; H's and B's training also as the channels-last path was on 2026-11-28), S, then the per-op
-# profiles (H's and B's training step, B's patch) and f16 training on real batches. Phase 2 (a
-# second call on the same warm machine, or the rest of one long call) holds the bf16 rows, the
-# end-to-end checks and the extras (CUDA graphs, H's patch profile among them).
+# split norm; H's and B's training also with the switchable upsampling and norm changes since
+# 2026-11-28 turned back), S, then the per-op profiles (H's and B's training step, B's patch)
+# and f16 training on real batches. Phase 2 (a second call on the same warm machine, or the rest
+# of one long call) holds the bf16 rows, the end-to-end checks and the extras (CUDA graphs, H's
+# patch profile among them).
 phase1, phase2, extra = [], [], []
 for s in A.sizes:
     t, i = f"train_{s}_128_b2", f"infer_{s}_128"
     torch_too = A.torch_sizes is None or s in A.torch_sizes
     big = s != "S"
-    # Training beside the channels-last path as it was timed on 2026-11-28 (B, H): what the
-    # upsampling and norm changes since gain.
+    # Training with the switchable upsampling and norm changes turned back (B, H): what they
+    # gain.
     phase1 += [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [("stu-before", t, "f16")] * (s in "BH") + [("stu-nc", t, "f16")] * big
     phase1 += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + [("stu-nc", i, "f16")] * big
     phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")]
