@@ -368,13 +368,20 @@ mod libtorch {
     /// A 1×1×1 convolution (padding 0) of channels-last activations as one matrix product over
     /// their `[voxels, C]` view, channels-last out (half precision on the CPU, and CUDA when
     /// channels-last is forced): ATen's `conv3d` sends 1×1×1 kernels to its NCDHW path on the
-    /// CPU (a conversion in and out around each). Stride s keeps every s-th voxel.
-    fn conv1x1_channels_last(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [i64; 3]) -> Tensor {
+    /// CPU (a conversion in and out around each). Stride s keeps every s-th voxel, taken as one
+    /// strided view of x: its gradient is then one zero-filled tensor with x's own (channels-last)
+    /// strides and one copy into it, where a slice per axis gave three zero fills, three copies
+    /// and an NCDHW gradient, which the add of the block's other gradient of x (channels-last)
+    /// then read as a strided kernel.
+    pub(super) fn conv1x1_channels_last(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: [i64; 3]) -> Tensor {
         let mut x = to_channels_last(x);
-        for (axis, s) in stride.into_iter().enumerate() {
-            if s > 1 {
-                x = x.slice(2 + axis as i64, 0, None, s);
+        if stride.iter().any(|&s| s > 1) {
+            let (mut size, mut step) = (x.size(), x.stride());
+            for (axis, s) in stride.into_iter().enumerate() {
+                size[2 + axis] = (size[2 + axis] + s - 1) / s;
+                step[2 + axis] *= s;
             }
+            x = x.as_strided(size.as_slice(), step.as_slice(), None);
         }
         let k = w.size();
         // [B, D, H, W, C] (contiguous unless strided) · Wᵀ → [B, D, H, W, C_out], viewed back as
@@ -1617,6 +1624,37 @@ mod tests {
         let (wl, copied) = super::libtorch::weight_leaf(&x, &w, [1; 3]);
         assert!(!copied && wl.data_ptr() == w.data_ptr());
         super::set_channels_last(None);
+    }
+
+    /// A strided 1×1×1 convolution of channels-last activations (STU-Net's projection
+    /// shortcut) equals ATen's NCDHW convolution in value and in every gradient, at odd
+    /// extents and unequal strides, and the gradient of its input comes back channels-last,
+    /// the layout of the block's other gradient of that input.
+    #[test]
+    fn a_strided_1x1x1_convolution_gives_a_channels_last_input_gradient() {
+        use tch::{Kind, Tensor};
+        let mut rng = stu_core::rng::SplitMix64::new(23);
+        let (b, c, o, d, h, w) = (2i64, 3, 4, 5, 6, 3);
+        let t = |n: &[i64], rng: &mut stu_core::rng::SplitMix64| Tensor::from_slice(&rng.fill_f32(n.iter().product::<i64>() as usize, -1.0, 1.0)).view(n);
+        let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
+        let (x, wk, bk) = (t(&[b, c, d, h, w], &mut rng), t(&[o, c, 1, 1, 1], &mut rng), t(&[o], &mut rng));
+        for stride in [[2i64, 2, 2], [2, 3, 1], [1, 1, 1]] {
+            let leaves = |x: &Tensor| (cl(x).detach().set_requires_grad(true), wk.detach().set_requires_grad(true), bk.detach().set_requires_grad(true));
+            let (xa, wa, ba) = leaves(&x);
+            let ya = super::libtorch::conv1x1_channels_last(&xa, &wa, Some(&ba), stride);
+            let (xr, wr, br) = leaves(&x);
+            let yr = xr.conv3d(&wr, Some(&br), stride, [0i64; 3], [1i64; 3], 1);
+            assert_eq!(ya.size(), yr.size(), "stride {stride:?}");
+            let g = t(&yr.size(), &mut rng);
+            (&ya * &g).sum(Kind::Float).backward();
+            (&yr * &g).sum(Kind::Float).backward();
+            let err = |a: &Tensor, e: &Tensor| (a - e).abs().max().double_value(&[]);
+            assert!(err(&ya, &yr) <= 1e-6, "stride {stride:?}: values off by {}", err(&ya, &yr));
+            for (what, a, e) in [("x", &xa, &xr), ("w", &wa, &wr), ("b", &ba, &br)] {
+                assert!(err(&a.grad(), &e.grad()) <= 1e-5, "stride {stride:?}: the gradient of {what} is off by {}", err(&a.grad(), &e.grad()));
+            }
+            assert!(super::libtorch::is_channels_last(&xa.grad()), "stride {stride:?}: the input's gradient has strides {:?}", xa.grad().stride());
+        }
     }
 
     /// Nearest upsampling as a broadcast copy and its gradient as a block sum equal ATen's
