@@ -30,6 +30,9 @@ struct Graph {
   at::cuda::CUDAGraph graph;
   // The stream that was current before the capture began; restored when it ends.
   std::optional<c10::cuda::CUDAStream> before;
+  // Where the capture allocates (see `release_pool`).
+  c10::DeviceIndex device = 0;
+  at::cuda::MempoolId_t pool{0, 0};
 };
 
 // The pool every graph of the process captures into, one per device: a `MemPool` that is never
@@ -57,6 +60,18 @@ void restore(Graph* g) {
   g->before.reset();
 }
 
+// After a capture that failed to end: `capture_end` throws at `cudaStreamEndCapture` (a capture
+// invalidated by the forward, or a forward that panicked) before it tells the allocator to stop
+// serving the stream from the shared pool, and while the allocator still records that capture,
+// every later `capture_begin` into the pool fails ("already recording to mempool_id"). So it is
+// told here; where `capture_end` got that far, the allocator says there is nothing to stop.
+void release_pool(const Graph* g) {
+  try {
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(g->device, g->pool);
+  } catch (const std::exception&) {
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -73,14 +88,19 @@ char* stu_graph_begin(int device, void** out) {
     const auto side = c10::cuda::getStreamFromPool(false, current.device_index());
     c10::cuda::device_synchronize();
     g->before = current;
+    g->device = current.device_index();
+    g->pool = shared_pool(g->device);
     c10::cuda::setCurrentCUDAStream(side);
     // Thread-local mode: another thread's CUDA calls (data loading) do not break the capture.
-    g->graph.capture_begin(shared_pool(current.device_index()), cudaStreamCaptureModeThreadLocal);
+    g->graph.capture_begin(g->pool, cudaStreamCaptureModeThreadLocal);
     *out = g;
     return nullptr;
   } catch (const std::exception& e) {
     if (g) {
       restore(g);
+      // (`capture_begin` registers the capture with the allocator before it begins the
+      // stream's capture, which may fail.)
+      if (g->pool.first != 0 || g->pool.second != 0) release_pool(g);
       delete g;
     }
     return stu_error_message(e);
@@ -97,6 +117,7 @@ char* stu_graph_end(void* p) {
     return nullptr;
   } catch (const std::exception& e) {
     restore(g);
+    release_pool(g);
     delete g;
     return stu_error_message(e);
   }
