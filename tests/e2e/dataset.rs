@@ -433,7 +433,7 @@ fn metaimage_and_nrrd_volumes_read_as_simpleitk_converts_them_and_round_trip() {
     let ct = read_image(&dir.join("oblique_int16.mha")).unwrap();
     let float: Vec<f32> = ct.data.iter().map(|v| v * 0.5 + 0.25).collect();
     for (name, data) in [("ct.mha", &ct.data), ("float.mha", &float), ("ct.nrrd", &ct.data), ("float.nrrd", &float)] {
-        write_image(&tmp.path().join(name), &data, &ct.geom).unwrap();
+        write_image(&tmp.path().join(name), data, &ct.geom).unwrap();
         let back = read_image(&tmp.path().join(name)).unwrap();
         assert_eq!(&back.data, data, "{name}");
         assert!(back.geom.affine_mismatch(&ct.geom) < 1e-12, "{name}");

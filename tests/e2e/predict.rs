@@ -58,7 +58,7 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
     }
     ok(&stu(&["ensemble", "--pred", &t("prob0"), &t("prob1"), "-o", &t("ens"), "--save-probabilities"]));
     let probs = |dir: &str| {
-        let d = stu_engine::checkpoint::StateDict::open(&tmp.path().join(dir).join("ts_mr_sm.probabilities.safetensors")).unwrap();
+        let d = stu_engine::checkpoint::StateDict::open(tmp.path().join(dir).join("ts_mr_sm.probabilities.safetensors")).unwrap();
         let shape = d.shape("probabilities").unwrap().to_vec();
         (d.read("probabilities", &shape).unwrap(), shape)
     };
@@ -168,7 +168,7 @@ fn plan_preprocess_train_predict_evaluate_on_a_real_mr_case() {
         .output()
         .unwrap();
     ok(&dev);
-    let pd = stu_engine::checkpoint::StateDict::open(&tmp.path().join("pred-dev/ts_mr_sm.probabilities.safetensors")).unwrap().read("probabilities", &shape).unwrap();
+    let pd = stu_engine::checkpoint::StateDict::open(tmp.path().join("pred-dev/ts_mr_sm.probabilities.safetensors")).unwrap().read("probabilities", &shape).unwrap();
     let worst = p.iter().zip(&pd).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(worst <= 1e-3, "host and device accumulation differ by {worst} in probability");
     let ld = stu_data::nifti_io::read_label(&tmp.path().join("pred-dev/ts_mr_sm.nii.gz")).unwrap().data;
@@ -501,7 +501,7 @@ fn a_region_based_dataset_trains_with_sigmoids_and_predicts_its_class_order() {
     }
     ok(&stu(&["ensemble", "--pred", &t("pred"), &t("pred2"), "-o", &t("ens")]));
     let ens = stu_data::nifti_io::read_label(&tmp.path().join("ens/b.nii.gz")).unwrap();
-    let want: Vec<u16> = (0..n).map(|i| (0..3).filter(|&k| probs[k * n + i] > 0.5).last().map_or(0, |k| writes[k])).collect();
+    let want: Vec<u16> = (0..n).map(|i| (0..3).rfind(|&k| probs[k * n + i] > 0.5).map_or(0, |k| writes[k])).collect();
     assert!(ens.data == want);
     // Fast export: thresholded on the network's grid; the same labels only.
     ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t("fast"), "--checkpoint", &ck, "--disable-tta", "--fast-export"]));
@@ -534,7 +534,7 @@ fn a_region_based_dataset_trains_with_sigmoids_and_predicts_its_class_order() {
     let foreign = |plans: &str, out: &str| {
         ok(&stu(&["predict", "-i", images.to_str().unwrap(), "-o", &t(out), "--checkpoint", &t("folder/fold_0/weights.safetensors"), "--plans", plans, "--disable-tta"]));
         let v = stu_data::nifti_io::read_label(&tmp.path().join(out).join("b.nii.gz")).unwrap().data;
-        [0u16, 1, 2, 3, 5].map(|w| v.iter().any(|&x| x == w))
+        [0u16, 1, 2, 3, 5].map(|w| v.contains(&w))
     };
     let r = foreign(&t("folder/plans.json"), "pred-foreign");
     assert!(!r[1] && (r[3] || r[4]), "labels 0, 1, 2, 3, 5 present: {r:?}");
@@ -859,9 +859,9 @@ fn find_best_config_compares_cross_validations_singly_and_in_pairs() {
     // Validations of the best checkpoints: all of a candidate's alike, or refused; the
     // instructions then predict with `--chk best`.
     ok(&stu(&["validate", &t("x0"), "--checkpoint", "best", "--probabilities"]));
-    fails(&[x.clone()], "different checkpoints (checkpoint_best.safetensors, checkpoint_final.safetensors)");
+    fails(std::slice::from_ref(&x), "different checkpoints (checkpoint_best.safetensors, checkpoint_final.safetensors)");
     ok(&stu(&["validate", &t("x1"), "--checkpoint", "best", "--probabilities"]));
-    ok(&find(&[x.clone()], "best4", &[]));
+    ok(&find(std::slice::from_ref(&x), "best4", &[]));
     let text = std::fs::read_to_string(tmp.path().join("best4/inference_instructions.txt")).unwrap();
     assert!(text.contains(&format!("--checkpoint {} {} --chk best --postprocessing", t("x0"), t("x1"))), "{text}");
 }

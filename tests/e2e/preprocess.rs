@@ -136,7 +136,7 @@ fn quickstart_runs_the_data_pipeline_on_the_phantom() {
     for id in ["phantom_000", "phantom_001", "phantom_002"] {
         let case = stu_data::preprocess::load(&out.join("preprocessed"), id).unwrap();
         assert_eq!(case.props.shape[0], 1);
-        assert!(case.seg.iter().any(|&s| s == 15), "{id}: every phantom class survives preprocessing");
+        assert!(case.seg.contains(&15), "{id}: every phantom class survives preprocessing");
     }
     let stunet: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("plans/stunet_plans.json")).unwrap()).unwrap();
     assert_eq!(stunet["configurations"]["3d_fullres"]["patch_size"], serde_json::json!([128, 128, 128]));

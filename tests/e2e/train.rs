@@ -257,13 +257,16 @@ fn scaled_steps(rank: usize, world: usize, port: u16, x: &[f32], targets: &[(Vec
     (all, net.state_dict(), sgd)
 }
 
+/// A target's labels and `[B, D, H, W]` shape.
+type Target = (Vec<i64>, [usize; 4]);
+
 /// The batch of [`data_parallel_steps_equal_one_process_on_the_whole_batch`]: 2 × 16³ inputs
 /// and targets at three scales.
-fn tiny_batch() -> (Vec<f32>, Vec<(Vec<i64>, [usize; 4])>) {
+fn tiny_batch() -> (Vec<f32>, Vec<Target>) {
     let mut rng = stu_core::rng::SplitMix64::new(21);
     let x = rng.fill_f32(2 * 16 * 16 * 16, -1.0, 1.0);
     let full: Vec<i64> = (0..2 * 16 * 16 * 16).map(|i| { let (z, v) = (i / 256 % 16, x[i]); if v > 0.3 { 1 + i64::from(z > 8) } else { 0 } }).collect();
-    let targets: Vec<(Vec<i64>, [usize; 4])> = [1usize, 2, 4]
+    let targets: Vec<Target> = [1usize, 2, 4]
         .iter()
         .map(|&f| {
             let s = 16 / f;

@@ -620,10 +620,10 @@ fn spec_backend(spec: &Path) -> Result<String> {
     let text = std::fs::read_to_string(spec).with_context(|| format!("{}: cannot read", spec.display()))?;
     for line in text.lines() {
         let l = line.trim();
-        if let Some(rest) = l.strip_prefix("backend") {
-            if let Some(v) = rest.trim_start().strip_prefix('=') {
-                return Ok(v.trim().trim_matches('"').to_string());
-            }
+        if let Some(rest) = l.strip_prefix("backend")
+            && let Some(v) = rest.trim_start().strip_prefix('=')
+        {
+            return Ok(v.trim().trim_matches('"').to_string());
         }
         if l.starts_with('[') {
             break; // top-level keys come first

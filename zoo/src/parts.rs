@@ -227,8 +227,7 @@ pub struct UpBlock {
 /// `torch.roll` by `−shift` per spatial axis (`back`: by `+shift`).
 pub fn roll(x: Tensor<5>, shift: [usize; 3], back: bool) -> Tensor<5> {
     let mut x = x;
-    for a in 0..3 {
-        let s = shift[a];
+    for (a, &s) in shift.iter().enumerate() {
         if s == 0 {
             continue;
         }

@@ -110,11 +110,11 @@ impl PlainArch {
         let kv = |k: Stride| (k[0] * k[1] * k[2]) as u64;
         // (output values, multiply-adds per output value)
         let mut layers: Vec<(u64, u64)> = Vec::new();
-        for s in 0..n {
+        for (s, &r) in res.iter().enumerate().take(n) {
             let cin = if s == 0 { self.in_channels } else { self.features[s - 1] };
             for c in 0..self.n_conv[s] {
                 let ci = if c == 0 { cin } else { self.features[s] } as u64;
-                layers.push((vox(res[s]) * self.features[s] as u64, ci * kv(self.kernels[s])));
+                layers.push((vox(r) * self.features[s] as u64, ci * kv(self.kernels[s])));
             }
         }
         decoder_layers(&mut layers, &self.decoder_shape(), &res);

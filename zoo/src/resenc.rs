@@ -127,8 +127,8 @@ impl ResEncArch {
         // (output values, multiply-adds per output value), convolutions with a bias.
         let mut layers: Vec<(u64, u64)> = vec![(vox(res[0]) * self.features[0] as u64, self.in_channels as u64 * kv(self.kernels[0]))];
         let mut projections = 0u64;
-        for s in 0..n {
-            let (c, v) = (self.features[s] as u64, vox(res[s]));
+        for (s, &r) in res.iter().enumerate().take(n) {
+            let (c, v) = (self.features[s] as u64, vox(r));
             for b in 0..self.n_blocks[s] {
                 let (cin, _, proj) = self.block_io(s, b);
                 layers.push((v * c, cin as u64 * kv(self.kernels[s])));

@@ -189,11 +189,11 @@ impl StuNetArch {
                 out.push(ConvShape { cin, cout: c, k: 1, out_voxels: v });
             }
         };
-        for s in 0..n {
+        for (s, &r) in res.iter().enumerate().take(n) {
             let cin = if s == 0 { self.in_channels } else { self.dims[s - 1] };
             for b in 0..self.depth[s] {
                 let cin = if b == 0 { cin } else { self.dims[s] };
-                block(&mut out, cin, self.dims[s], vox(res[s]), b == 0);
+                block(&mut out, cin, self.dims[s], vox(r), b == 0);
             }
         }
         for u in 0..n - 1 {

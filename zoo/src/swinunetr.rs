@@ -62,7 +62,7 @@ impl SwinArch {
         }
         for (s, &h) in self.num_heads.iter().enumerate() {
             let dim = self.feature_size << s;
-            if h == 0 || dim % h != 0 {
+            if h == 0 || !dim.is_multiple_of(h) {
                 return Err(format!("stage {s}: width {dim} is not divisible by `num_heads` {h}"));
             }
         }

@@ -102,10 +102,10 @@ impl UnetrArch {
 
     /// Checks the arguments; the message names the field.
     pub fn validate(&self) -> Result<(), String> {
-        if self.img_size == 0 || self.img_size % PATCH != 0 {
+        if self.img_size == 0 || !self.img_size.is_multiple_of(PATCH) {
             return Err(format!("`img_size` must be a positive multiple of {PATCH}, got {}", self.img_size));
         }
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(format!("`hidden_size` {} must be divisible by `num_heads` {}", self.hidden_size, self.num_heads));
         }
         if self.num_layers != 12 {

@@ -414,8 +414,8 @@ fn cubic_at(coef: &[f32], shape: [usize; 3], p: [f64; 3]) -> f32 {
     for a in 0..3 {
         let f = p[a].floor();
         w[a] = cubic_weights(p[a] - f);
-        for k in 0..4 {
-            idx[a][k] = mirror(f as i64 - 1 + k as i64, shape[a]);
+        for (k, slot) in idx[a].iter_mut().enumerate() {
+            *slot = mirror(f as i64 - 1 + k as i64, shape[a]);
         }
     }
     let mut acc = 0f64;

@@ -141,7 +141,9 @@ pub fn fingerprint(root: &Path, json: &DatasetJson) -> Result<Fingerprint, Datas
     let (cases, _) = discover(root, json)?;
     let per_case = (FOREGROUND_SAMPLES / cases.len().max(1)).max(1);
     let c = json.channel_names.len();
-    let results: Vec<Result<([f64; 3], [usize; 3], f64, Vec<Vec<f32>>), DatasetError>> = cases
+    // Per case: spacing, shape, the fraction kept by cropping, foreground samples per channel.
+    type CaseStats = ([f64; 3], [usize; 3], f64, Vec<Vec<f32>>);
+    let results: Vec<Result<CaseStats, DatasetError>> = cases
         .par_iter()
         .map(|case| {
             let file_err = |p: &Path, e: String| DatasetError::File { path: p.to_path_buf(), reason: e };

@@ -216,6 +216,7 @@ pub struct Loader {
 impl Loader {
     /// Batches `start..end` of stream `stream`, on `workers` threads with `prefetch` batches
     /// queued per worker.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(store: Arc<CaseStore>, cfg: BatchConfig, seed: u64, stream: u64, start: u64, end: u64, workers: usize, prefetch: usize) -> Self {
         let workers = workers.max(1);
         let mut rx = Vec::with_capacity(workers);

@@ -191,10 +191,10 @@ pub(crate) fn read(path: &Path) -> Result<RawVolume, Error> {
         Some((k, v)) => truth(k, v)?,
         None => false,
     };
-    if let Some((k, v)) = get(&["BinaryData"]) {
-        if !truth(k, v)? {
-            return Err(format!("`{k} = {v}`: ASCII voxel data is not read"));
-        }
+    if let Some((k, v)) = get(&["BinaryData"])
+        && !truth(k, v)?
+    {
+        return Err(format!("`{k} = {v}`: ASCII voxel data is not read"));
     }
     let compressed = match get(&["CompressedData"]) {
         Some((k, v)) => truth(k, v)?,

@@ -271,14 +271,18 @@ fn meta_geometry(path: &Path, m: &crate::metaimage::RawVolume) -> Result<Geometr
     }
     let [nx, ny, nz] = m.dims;
     let dim = |n: usize| u16::try_from(n).ok().filter(|&d| d <= i16::MAX as u16).ok_or_else(|| invalid(path, format!("extent {n} is beyond NIfTI-1's 32767")));
-    let mut header = NiftiHeader::default();
-    header.dim = [3, dim(nx)?, dim(ny)?, dim(nz)?, 1, 1, 1, 1];
-    header.pixdim = [1.0, sp[0] as f32, sp[1] as f32, sp[2] as f32, 1.0, 1.0, 1.0, 1.0];
-    header.sform_code = 1;
-    header.qform_code = 0;
-    header.xyzt_units = 2; // mm
     let row = |r: usize| [a[r][0] as f32, a[r][1] as f32, a[r][2] as f32, a[r][3] as f32];
-    (header.srow_x, header.srow_y, header.srow_z) = (row(0), row(1), row(2));
+    let header = NiftiHeader {
+        dim: [3, dim(nx)?, dim(ny)?, dim(nz)?, 1, 1, 1, 1],
+        pixdim: [1.0, sp[0] as f32, sp[1] as f32, sp[2] as f32, 1.0, 1.0, 1.0, 1.0],
+        sform_code: 1,
+        qform_code: 0,
+        xyzt_units: 2, // mm
+        srow_x: row(0),
+        srow_y: row(1),
+        srow_z: row(2),
+        ..NiftiHeader::default()
+    };
     Ok(Geometry { shape: [nz, ny, nx], spacing: [sp[2], sp[1], sp[0]], affine: a, header })
 }
 
@@ -329,7 +333,7 @@ pub fn read_geometry(path: &Path) -> Result<Geometry> {
 pub fn read_label(path: &Path) -> Result<Volume<u16>> {
     let (loaded, geom) = load(path)?;
     // Out-of-range values become the sentinel u32::MAX, found afterwards to name the voxel.
-    let raw: Vec<u32> = values(path, loaded, |v| if v >= 0.0 && v < 65536.0 && v.fract() == 0.0 { v as u32 } else { u32::MAX })?;
+    let raw: Vec<u32> = values(path, loaded, |v| if (0.0..65536.0).contains(&v) && v.fract() == 0.0 { v as u32 } else { u32::MAX })?;
     if let Some(i) = raw.iter().position(|&v| v == u32::MAX) {
         let v = values(path, load(path)?.0, |v| v)?[i];
         let [_, ny, nx] = geom.shape;
@@ -406,13 +410,12 @@ pub fn write_image(path: &Path, data: &[f32], geom: &Geometry) -> Result<()> {
         return write_itk(path, geom, voxels, 1);
     }
     write_nifti_atomic(path, |tmp| {
-    let opts = nifti::writer::WriterOptions::new(tmp).reference_header(&geom.header).compression_level(flate2::Compression::new(1));
-    let written = if as_i16 {
-        opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], &ints).expect("length checked").reversed_axes())
-    } else {
-        opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked").reversed_axes())
-    };
-    written
+        let opts = nifti::writer::WriterOptions::new(tmp).reference_header(&geom.header).compression_level(flate2::Compression::new(1));
+        if as_i16 {
+            opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], &ints).expect("length checked").reversed_axes())
+        } else {
+            opts.write_nifti(&ndarray::ArrayView3::from_shape([nz, ny, nx], data).expect("length checked").reversed_axes())
+        }
     })
 }
 

@@ -226,15 +226,17 @@ pub fn case(seed: u64, index: usize) -> PhantomCase {
             }
         }
     });
-    let mut header = nifti::NiftiHeader::default();
-    header.dim = [3, nx as u16, ny as u16, nz as u16, 1, 1, 1, 1];
-    header.pixdim = [1.0, sp[0] as f32, sp[1] as f32, sp[2] as f32, 1.0, 1.0, 1.0, 1.0];
-    header.sform_code = 1;
-    header.qform_code = 0;
-    header.xyzt_units = 2 | 8; // mm, s
-    header.srow_x = [(dir[0] * sp[0]) as f32, 0.0, 0.0, origin[0] as f32];
-    header.srow_y = [0.0, (dir[1] * sp[1]) as f32, 0.0, origin[1] as f32];
-    header.srow_z = [0.0, 0.0, (dir[2] * sp[2]) as f32, origin[2] as f32];
+    let header = nifti::NiftiHeader {
+        dim: [3, nx as u16, ny as u16, nz as u16, 1, 1, 1, 1],
+        pixdim: [1.0, sp[0] as f32, sp[1] as f32, sp[2] as f32, 1.0, 1.0, 1.0, 1.0],
+        sform_code: 1,
+        qform_code: 0,
+        xyzt_units: 2 | 8, // mm, s
+        srow_x: [(dir[0] * sp[0]) as f32, 0.0, 0.0, origin[0] as f32],
+        srow_y: [0.0, (dir[1] * sp[1]) as f32, 0.0, origin[1] as f32],
+        srow_z: [0.0, 0.0, (dir[2] * sp[2]) as f32, origin[2] as f32],
+        ..nifti::NiftiHeader::default()
+    };
     let affine = crate::nifti_io::best_affine(&header);
     let geom = Geometry { shape: [nz, ny, nx], spacing: [sp[2], sp[1], sp[0]], affine, header };
     PhantomCase { image, label, geom }

@@ -253,7 +253,7 @@ fn subsample(mut idx: Vec<usize>, shape: [usize; 3], rng: &mut stu_core::rng::Sp
 
 /// Locations of the regions that are not one plain label, each sampled from its union.
 fn region_locations(seg: &[i16], shape: [usize; 3], seed: u64, regions: &[crate::dataset::Region]) -> Vec<(String, Vec<[u32; 3]>)> {
-    let mut rng = stu_core::rng::SplitMix64::new(seed ^ 0x7e61_0a5);
+    let mut rng = stu_core::rng::SplitMix64::new(seed ^ 0x07e6_10a5);
     regions
         .iter()
         .filter(|r| r.has_own_locations())

@@ -14,6 +14,10 @@
 //! - Separate z (anisotropic data): in-plane as above, then nearest neighbour along the
 //!   anisotropic axis (`map_coordinates(order=0, mode='nearest')`).
 
+// `let p = p;` inside a parallel closure is not redundant: it makes the closure capture the
+// whole `Send` pointer wrapper, where edition 2021+ would capture its raw-pointer field alone.
+#![allow(clippy::redundant_locals)]
+
 use rayon::prelude::*;
 
 /// scipy's pad for splines with mode 'nearest'.
@@ -596,7 +600,7 @@ mod tests {
         assert_eq!((count(0), count(1), count(2)), (449, 56, 7));
         // Nearest along z: 8 → 4 picks 1,3,5,7; 9 → 5 picks 0,2,4,6,8.
         let s: Vec<i16> = (0..8).collect();
-        assert_eq!(resample_seg(&s.iter().map(|&v| v).collect::<Vec<_>>(), [8, 1, 1], [4, 1, 1], Some(0)), [1, 3, 5, 7]);
+        assert_eq!(resample_seg(&s, [8, 1, 1], [4, 1, 1], Some(0)), [1, 3, 5, 7]);
         let s: Vec<i16> = (0..9).collect();
         assert_eq!(resample_seg(&s, [9, 1, 1], [5, 1, 1], Some(0)), [0, 2, 4, 6, 8]);
     }

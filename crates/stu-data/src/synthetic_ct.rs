@@ -52,13 +52,15 @@ fn case(shape: [usize; 3], spacing: [f64; 3], seed: u64) -> (Vec<f32>, Vec<u16>,
             }
         }
     });
-    let mut header = nifti::NiftiHeader::default();
-    header.dim = [3, nx as u16, ny as u16, nz as u16, 1, 1, 1, 1];
-    header.pixdim = [1.0, spacing[0] as f32, spacing[1] as f32, spacing[2] as f32, 1.0, 1.0, 1.0, 1.0];
-    header.sform_code = 2;
-    header.srow_x = [spacing[0] as f32, 0.0, 0.0, 0.0];
-    header.srow_y = [0.0, spacing[1] as f32, 0.0, 0.0];
-    header.srow_z = [0.0, 0.0, spacing[2] as f32, 0.0];
+    let header = nifti::NiftiHeader {
+        dim: [3, nx as u16, ny as u16, nz as u16, 1, 1, 1, 1],
+        pixdim: [1.0, spacing[0] as f32, spacing[1] as f32, spacing[2] as f32, 1.0, 1.0, 1.0, 1.0],
+        sform_code: 2,
+        srow_x: [spacing[0] as f32, 0.0, 0.0, 0.0],
+        srow_y: [0.0, spacing[1] as f32, 0.0, 0.0],
+        srow_z: [0.0, 0.0, spacing[2] as f32, 0.0],
+        ..nifti::NiftiHeader::default()
+    };
     let affine = crate::nifti_io::best_affine(&header);
     (img, lab, Geometry { shape: [nz, ny, nx], spacing: [spacing[2], spacing[1], spacing[0]], affine, header })
 }

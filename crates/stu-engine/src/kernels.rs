@@ -18,6 +18,10 @@
 //! - **Weight gradient**: the same views transposed (K = voxels), accumulated per task, summed.
 //!
 //! All loops run on rayon's pool; each GEMM call is single-threaded.
+
+// `let p = p;` inside a parallel closure is not redundant: it makes the closure capture the
+// whole `Send` pointer wrapper, where edition 2021+ would capture its raw-pointer field alone.
+#![allow(clippy::redundant_locals)]
 #![allow(unsafe_code)]
 
 use std::mem::MaybeUninit;

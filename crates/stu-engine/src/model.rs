@@ -140,6 +140,11 @@ pub struct PresetSummary {
     pub macs_128_variants: std::collections::BTreeMap<&'static str, u64>,
 }
 
+/// [`ModelEntry::load`]: a model from checkpoint tensors.
+pub type LoadFn = fn(&StateDict, &LoadOptions, &Device) -> Result<Box<dyn SegNet>, CheckpointError>;
+/// [`ModelEntry::build`]: a freshly initialised model.
+pub type BuildFn = fn(&NetSpec, &Device) -> Result<Box<dyn SegNet>, String>;
+
 /// A registered model.
 pub struct ModelEntry {
     /// Registry id.
@@ -153,9 +158,9 @@ pub struct ModelEntry {
     /// Size presets with their counts.
     pub presets: fn() -> Vec<PresetSummary>,
     /// Builds the model from checkpoint tensors, inferring the architecture from their shapes.
-    pub load: fn(&StateDict, &LoadOptions, &Device) -> Result<Box<dyn SegNet>, CheckpointError>,
+    pub load: LoadFn,
     /// Builds a freshly initialised model; the error names the offending option.
-    pub build: fn(&NetSpec, &Device) -> Result<Box<dyn SegNet>, String>,
+    pub build: BuildFn,
     /// Resolves the architecture `build` would make without allocating it (spec validation,
     /// before any data exist): the error names the offending option. `in_channels`,
     /// `num_classes` and `strides` may be placeholders, so only what the options decide alone

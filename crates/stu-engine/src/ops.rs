@@ -165,6 +165,8 @@ pub fn conv3d_normed(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [
     conv3d_with(x, weight, bias, stride, layout, false)
 }
 
+// (`add_bias` only matters to the libtorch path.)
+#[cfg_attr(not(feature = "tch"), allow(clippy::only_used_in_recursion))]
 fn conv3d_with(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], layout: Layout, add_bias: bool) -> Tensor<5> {
     let k = weight.dims();
     let ours = k[2..].iter().all(|&k| k == 1 || k == 3);

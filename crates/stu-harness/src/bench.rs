@@ -64,6 +64,8 @@ fn randn(shape: [usize; 5], device: &Device) -> Tensor<5> {
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
+// (A handful per run, never moved in bulk: no need to box the large variant.)
+#[allow(clippy::large_enum_variant)]
 enum Net {
     Block(ResBlock),
     StuNet(StuNet),
@@ -340,7 +342,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
     precision.check(backend).map_err(|e| anyhow::anyhow!("--precision: {e}"))?;
     let profile = opts.profile.as_deref();
     let patch = opts.patch.unwrap_or(128);
-    if patch == 0 || patch % 32 != 0 {
+    if patch == 0 || !patch.is_multiple_of(32) {
         anyhow::bail!("--patch {patch}: the patch edge must be a positive multiple of 32 (five 2× downsamplings)");
     }
     let named_id = |id: &str| if patch == 128 { id.to_string() } else { id.replace("_128", &format!("_{patch}")) };

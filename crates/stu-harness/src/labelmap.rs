@@ -100,7 +100,7 @@ impl LabelMap {
             let model = names
                 .iter()
                 .map(|n| {
-                    stu_core::taxonomy::label_of(n).map(|v| v as u16).with_context(|| {
+                    stu_core::taxonomy::label_of(n).with_context(|| {
                         if e.model.is_none() {
                             format!("{origin}: label[{i}] `{}` is not an STU-Net class name; give `model = [...]` (STU-Net class names) or `ignore = true`", e.name)
                         } else {

@@ -239,8 +239,7 @@ mod tests {
         prediction[10] = 2;
         prediction[11] = 2;
         let dir = tempfile::tempdir().unwrap();
-        let mut header = stu_data::nifti_io::NiftiHeader::default();
-        header.pixdim = [1.0; 8];
+        let header = stu_data::nifti_io::NiftiHeader { pixdim: [1.0; 8], ..Default::default() };
         let affine = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
         let geom = stu_data::nifti_io::Geometry { shape: [1, 4, 12], spacing: [1.0; 3], affine, header };
         for (sub, v) in [("ref", &reference), ("pred", &prediction)] {

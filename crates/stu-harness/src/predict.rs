@@ -550,10 +550,10 @@ impl Predictor {
         }
         let patch = first.map_or([patch[0], patch[1], patch[2]], |(p, _)| p);
         let device = opts.backend.device()?;
-        let mut nets = Vec::with_capacity(opts.checkpoints.len());
+        let mut nets: Vec<Box<dyn SegNet>> = Vec::with_capacity(opts.checkpoints.len());
         for c in &opts.checkpoints {
             let net = stu_engine::model::load_checkpoint(c, opts.model.as_deref(), &LoadOptions { strides: Some(strides.clone()), from_plan: true }, &device)?;
-            if let Some(n) = nets.first().map(|n: &Box<dyn SegNet>| n.num_classes()) {
+            if let Some(n) = nets.first().map(|n| n.num_classes()) {
                 ensure!(net.num_classes() == n, "{}: {} output classes, {} has {n}; an ensemble's checkpoints predict the same classes", c.display(), net.num_classes(), opts.checkpoints[0].display());
             }
             stu_engine::model::check_patch(&*net, patch, "patch").map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?;
@@ -1380,6 +1380,8 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
     // streamed cases hold a few slabs.
     let (reader, exporter) = (predictor.reader(), predictor.exporter());
     type Read = (usize, std::time::Instant, Result<Case>, Phases);
+    // (One per case through a channel: no need to box the large variant.)
+    #[allow(clippy::large_enum_variant)]
     enum Stage {
         Whole(Case, NetOut),
         Streamed(Streamed),
@@ -1712,7 +1714,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        assert_eq!(slabs, [0..9]);
+        assert_eq!(slabs, vec![0..9]);
     }
 
     /// The 3-class `data`'s slabs sent to `streamed`'s export on another thread (overlapped

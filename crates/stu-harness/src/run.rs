@@ -172,7 +172,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         log("predict: held-out cases");
         let results = crate::predict::predict(&opts, &|_, _, _| {})?;
         if let Some(bad) = results.iter().find(|r| r.output.is_err()) {
-            anyhow::bail!("prediction of `{}` failed: {}", bad.id, bad.output.as_ref().err().expect("error"));
+            anyhow::bail!("prediction of `{}` failed: {}", bad.id, bad.output.as_ref().expect_err("error"));
         }
         timings.insert("predict_s".into(), t.elapsed().as_secs_f64().into());
         let t = Instant::now();

@@ -16,8 +16,8 @@ pub fn records_frame(records: &[Value]) -> Result<DataFrame> {
         Some(v) => v.to_string(),
         None => r["point"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")).unwrap_or_default(),
     }).collect();
-    let blocks: Vec<Option<f64>> = records.iter().map(|r| model_blocks(r)).collect();
-    let width: Vec<Option<f64>> = records.iter().map(|r| model_width(r)).collect();
+    let blocks: Vec<Option<f64>> = records.iter().map(model_blocks).collect();
+    let width: Vec<Option<f64>> = records.iter().map(model_width).collect();
     let df = DataFrame::new(vec![
         Column::new("study".into(), records.iter().map(|r| s(r, "/study")).collect::<Vec<_>>()),
         Column::new("point".into(), point),
@@ -65,7 +65,7 @@ pub fn read_records(dir: &Path) -> Result<Vec<Value>> {
         }
     }
     paths.sort();
-    paths.iter().map(|p| Ok(serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("{}: not JSON", p.display()))?)).collect()
+    paths.iter().map(|p| serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("{}: not JSON", p.display()))).collect()
 }
 
 /// A frame as a GitHub Markdown table (numbers with 4 significant decimals).

@@ -24,6 +24,7 @@ struct Stats {
 
 /// Softmax of voxels `v0..v0+len` of sample `bi` into `p` (`[len, c]`), and each voxel's
 /// log-sum-exp of the logits into `lse`.
+#[allow(clippy::too_many_arguments)]
 fn softmax_block(logits: &[f32], bi: usize, c: usize, n: usize, v0: usize, len: usize, p: &mut [f32], lse: &mut [f64]) {
     let base = bi * c * n;
     for v in 0..len {

@@ -192,6 +192,7 @@ mod tests {
     }
 
     /// f64 reference of the forward, for one configuration.
+    #[allow(clippy::too_many_arguments)]
     fn reference(x: &[f32], g: &[f32], bt: &[f32], skip: Option<&[f32]>, act: bool, b: usize, n: usize, c: usize) -> Vec<f64> {
         let mut y = vec![0f64; x.len()];
         for bi in 0..b {
@@ -199,9 +200,9 @@ mod tests {
                 let v: Vec<f64> = (0..n).map(|i| x[(bi * n + i) * c + ch] as f64).collect();
                 let m = v.iter().sum::<f64>() / n as f64;
                 let var = v.iter().map(|a| (a - m).powi(2)).sum::<f64>() / n as f64;
-                for i in 0..n {
+                for (i, vi) in v.iter().enumerate() {
                     let idx = (bi * n + i) * c + ch;
-                    let mut z = (v[i] - m) / (var + 1e-5).sqrt() * g[ch] as f64 + bt[ch] as f64;
+                    let mut z = (vi - m) / (var + 1e-5).sqrt() * g[ch] as f64 + bt[ch] as f64;
                     if let Some(s) = skip {
                         z += s[idx] as f64;
                     }

@@ -67,7 +67,10 @@ fn paper_curves(reports: &Path) -> Result<Vec<Series>> {
     Ok(by.into_iter().map(|(name, points)| Series { name, points }).collect())
 }
 
-fn paper_bars(reports: &Path) -> Result<(Vec<String>, Vec<(String, Vec<f64>)>)> {
+/// Group names, and one series of values per group for each setting.
+type Bars = (Vec<String>, Vec<(String, Vec<f64>)>);
+
+fn paper_bars(reports: &Path) -> Result<Bars> {
     let p = paper(&reports.join("paper/fig5_expert_vs_universal.csv"))?;
     let (size, setting, group, d) = (col_str(&p, "size")?, col_str(&p, "setting")?, col_str(&p, "group")?, col_f64(&p, "mean_dsc")?);
     let groups: Vec<String> = GROUPS.iter().map(|g| g.to_string()).collect();
