@@ -136,9 +136,9 @@ pub fn is_libtorch(device: &Device, path: TorchPath) -> bool {
 pub(crate) fn libtorch_device(device: &Device) -> Option<burn::backend::libtorch::LibTorchDevice> {
     use burn::backend::DispatchDevice;
     match device.as_dispatch() {
-        DispatchDevice::LibTorch(d) => Some(d.clone()),
+        DispatchDevice::LibTorch(d) => Some(*d),
         DispatchDevice::Autodiff(inner) => match &**inner {
-            DispatchDevice::LibTorch(d) => Some(d.clone()),
+            DispatchDevice::LibTorch(d) => Some(*d),
             #[allow(unreachable_patterns)]
             _ => None,
         },

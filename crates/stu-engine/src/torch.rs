@@ -85,6 +85,7 @@ pub trait TorchOps: Backend {
     /// `leaky_relu(InstanceNorm3d(x) + skip)`, the end of a residual block.
     fn norm_add_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, skip: FloatTensor<Self>) -> FloatTensor<Self>;
     /// [`norm_act_nc`](TorchOps::norm_act_nc) with its graph: (y, y_graph, x, gamma and beta leaves).
+    #[allow(clippy::type_complexity)]
     fn norm_act_nc_graph(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -101,6 +102,7 @@ pub trait TorchOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// [`norm_add_act_nc`](TorchOps::norm_add_act_nc) with its graph: (y, y_graph, x, gamma,
     /// beta and skip leaves).
+    #[allow(clippy::type_complexity)]
     fn norm_add_act_nc_graph(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -1139,6 +1141,8 @@ pub mod check {
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| if (x - y).is_nan() { f32::INFINITY } else { m.max((x - y).abs()) });
             let line = format!("{}: {what}: max |diff| {err:.3e} (scale {scale:.3e}, allowed {:.3e})", self.mode, tol * scale.max(floor));
+            // (Written so that a NaN bound fails too.)
+            #[allow(clippy::neg_cmp_op_on_partial_ord)]
             if !(err <= tol * scale.max(floor)) {
                 self.failures.push(line.clone());
             }
@@ -1632,7 +1636,7 @@ mod tests {
     /// the layout of the block's other gradient of that input.
     #[test]
     fn a_strided_1x1x1_convolution_gives_a_channels_last_input_gradient() {
-        use tch::{Kind, Tensor};
+        use tch::Tensor;
         let mut rng = stu_core::rng::SplitMix64::new(23);
         let (b, c, o, d, h, w) = (2i64, 3, 4, 5, 6, 3);
         let t = |n: &[i64], rng: &mut stu_core::rng::SplitMix64| Tensor::from_slice(&rng.fill_f32(n.iter().product::<i64>() as usize, -1.0, 1.0)).view(n);
