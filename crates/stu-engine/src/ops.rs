@@ -298,6 +298,24 @@ pub fn norm_add_act(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, skip: Tens
     }
 }
 
+/// A 3-D convolution weight `[Cout, Cin, kd, kh, kw]` cast to `dtype` (differentiable), as a
+/// half-precision step casts its f32 master weights. Where the libtorch convolutions run
+/// channels-last, a weight with a kernel larger than 1×1×1 comes out channels-last from the
+/// same copy (`TorchOps::cast_weight_cl`), so that no convolution converts it again, and its
+/// gradient goes back to f32 and NCDHW in one copy; elsewhere burn's cast.
+pub fn cast_conv_weight(w: Tensor<5>, dtype: burn::tensor::DType) -> Tensor<5> {
+    #[cfg(feature = "tch")]
+    if w.dtype() != dtype
+        && w.dims()[2..] != [1, 1, 1]
+        && is_libtorch(&w.device(), TorchPath::Conv)
+        && libtorch_device(&w.device()).is_some_and(|d| crate::torch::channels_last_on(d.into()))
+    {
+        use crate::torch::TorchOps;
+        return Tensor::from_dispatch(<burn::backend::Dispatch as TorchOps>::cast_weight_cl(w.into_dispatch(), dtype.into()));
+    }
+    w.cast(dtype)
+}
+
 /// Nearest-neighbour upsampling by integer factors per spatial axis: voxel replication, exactly
 /// `F.interpolate(x, scale_factor=s, mode="nearest")` for integer `s`. Differentiable (reshape
 /// and expand only); intermediates stay at rank ≤ 5 so every backend runs it.

@@ -72,14 +72,24 @@ pub trait TorchOps: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, bool);
     /// Gradients (x, weight, bias) through a graph from [`conv3d_nc_graph`](TorchOps::conv3d_nc_graph);
     /// without `need_x` (x is the network's input) cuDNN's backward-data is skipped and the x
-    /// gradient is `None`.
+    /// gradient is `None`. With `w_copied` (the weight leaf was a channels-last copy of an
+    /// NCDHW weight) the weight gradient comes back contiguous, in the given weight's layout;
+    /// else in the leaf's own.
     fn conv3d_nc_graph_backward(
         y_graph: FloatTensor<Self>,
         x_leaf: FloatTensor<Self>,
         w_leaf: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         need_x: bool,
+        w_copied: bool,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
+    /// A 3-D convolution weight cast to `dtype` with channels-last strides, in one copy: the
+    /// half-precision step's cast of an f32 master weight and the channels-last copy that the
+    /// convolution would otherwise make of the cast (every step, and every inference forward).
+    fn cast_weight_cl(w: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self>;
+    /// The gradient of [`cast_weight_cl`](TorchOps::cast_weight_cl): `grad` cast to `dtype`
+    /// (the master weight's), contiguous, in one copy.
+    fn cast_weight_cl_backward(grad: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self>;
     /// `InstanceNorm3d(affine)` (eps 1e-5) then LeakyReLU(0.01) when `act`.
     fn norm_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self>;
     /// `leaky_relu(InstanceNorm3d(x) + skip)`, the end of a residual block.
@@ -143,6 +153,7 @@ pub(crate) use libtorch::c_result;
 mod libtorch {
     use burn::backend::LibTorch;
     use burn::backend::libtorch::TchTensor;
+    use burn::backend::FloatDType;
     use burn::backend::tensor::FloatTensor;
     use tch::{Kind, Tensor};
 
@@ -255,6 +266,34 @@ mod libtorch {
             t.as_strided(size.as_slice(), channels_last_strides(&size).as_slice(), None)
         } else {
             t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3])
+        }
+    }
+
+    /// `t` cast to `kind` with NDHWC strides: one copy kernel for both.
+    pub(super) fn cast_channels_last(t: &Tensor, kind: Kind) -> Tensor {
+        let size = t.size();
+        tch::no_grad(|| {
+            let mut out = Tensor::empty_strided(size.as_slice(), channels_last_strides(&size).as_slice(), (kind, t.device()));
+            out.copy_(t);
+            out
+        })
+    }
+
+    /// `t` cast to `kind`, contiguous: one copy kernel for both.
+    pub(super) fn cast_contiguous(t: &Tensor, kind: Kind) -> Tensor {
+        tch::no_grad(|| {
+            let mut out = Tensor::empty(t.size().as_slice(), (kind, t.device()));
+            out.copy_(t);
+            out
+        })
+    }
+
+    fn kind_of(dtype: FloatDType) -> Kind {
+        match dtype {
+            FloatDType::F64 => Kind::Double,
+            FloatDType::F32 | FloatDType::Flex32 => Kind::Float,
+            FloatDType::F16 => Kind::Half,
+            FloatDType::BF16 => Kind::BFloat16,
         }
     }
 
@@ -630,17 +669,19 @@ mod libtorch {
             w_leaf: FloatTensor<LibTorch>,
             grad: FloatTensor<LibTorch>,
             need_x: bool,
+            w_copied: bool,
         ) -> (Option<FloatTensor<LibTorch>>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
             let db = TchTensor::new(tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<Kind>)));
-            // The weight gradient of a channels-last convolution comes out channels-last; the
-            // optimiser reads gradients flat in NCDHW order, which took an f32 copy after the
-            // cast to f32. Made contiguous here, in the compute type, the copy is half as large
-            // and the flat view free (STU-Net-H, f16: 4 bytes less per parameter, 5.8 GB).
-            // (The weight is the last leaf.)
+            // The weight gradient of a channels-last convolution comes out channels-last. For a
+            // leaf copied from an NCDHW weight it is made contiguous here, in the compute type:
+            // the optimiser reads gradients flat in NCDHW order, and that took an f32 copy after
+            // the cast to f32, twice as large (STU-Net-H, f16: 5.8 GB). A weight that came
+            // channels-last (`cast_weight_cl`) gets it as it is; that cast's gradient makes it
+            // f32 and contiguous in one copy. (The weight is the last leaf.)
             let grads = |leaves: &[&Tensor]| {
                 let mut gs = vjp(&y_graph.tensor, &grad.tensor, leaves);
                 let dw = gs.pop().expect("one gradient per leaf");
-                gs.push(if dw.is_contiguous() { dw } else { tch::no_grad(|| dw.contiguous()) });
+                gs.push(if dw.is_contiguous() || !w_copied { dw } else { tch::no_grad(|| dw.contiguous()) });
                 gs
             };
             if need_x {
@@ -715,6 +756,14 @@ mod libtorch {
             TchTensor::new(tch::no_grad(|| upsample_backward(&grad.tensor, scale)))
         }
 
+        fn cast_weight_cl(w: FloatTensor<LibTorch>, dtype: FloatDType) -> FloatTensor<LibTorch> {
+            TchTensor::new(cast_channels_last(&w.tensor, kind_of(dtype)))
+        }
+
+        fn cast_weight_cl_backward(grad: FloatTensor<LibTorch>, dtype: FloatDType) -> FloatTensor<LibTorch> {
+            TchTensor::new(cast_contiguous(&grad.tensor, kind_of(dtype)))
+        }
+
         fn dc_ce_nc(logits: FloatTensor<LibTorch>, target: FloatTensor<LibTorch>, batch_dice: bool, smooth: f64) -> FloatTensor<LibTorch> {
             TchTensor::new(tch::no_grad(|| dc_ce_parts(&logits.tensor, &target.tensor, batch_dice, smooth).0))
         }
@@ -743,13 +792,14 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         struct ConvNc(DType);
 
         impl<B: Backend + TorchOps> Backward<B, 3> for ConvNc {
-            type State = [B::FloatTensorPrimitive; 5];
+            // (The inputs, the graph, the leaves; whether the weight leaf is a copy.)
+            type State = ([B::FloatTensorPrimitive; 5], bool);
 
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let grad = grads.consume::<B>(&ops.node);
-                let [_x, _w, y_graph, x_leaf, w_leaf] = ops.state;
+                let ([_x, _w, y_graph, x_leaf, w_leaf], copied) = ops.state;
                 let [node_x, node_w, node_b] = ops.parents;
-                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some());
+                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some(), copied);
                 let db = if db.dtype() == self.0 { db } else { B::float_cast(db, FloatDType::from(self.0)) };
                 register_grads!(B, grads, [node_w, node_b], [dw, db]);
                 if let (Some(node), Some(dx)) = (node_x, dx) {
@@ -765,7 +815,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
                 // A weight leaf that is a copy shares no storage with burn's weight: that one
                 // need not be kept (see the note above this impl).
                 let wp = if copied { wl.clone() } else { wp };
-                prep.finish([xp, wp, y_graph, xl, wl], y)
+                prep.finish(([xp, wp, y_graph, xl, wl], copied), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias)),
         }
@@ -787,8 +837,36 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _w_leaf: FloatTensor<Self>,
         _grad: FloatTensor<Self>,
         _need_x: bool,
+        _w_copied: bool,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("second-order gradients of conv3d_nc are not supported")
+    }
+
+    fn cast_weight_cl(w: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CastWeightCl;
+
+        impl<B: Backend + TorchOps> Backward<B, 1> for CastWeightCl {
+            // The input's type, the gradient's.
+            type State = FloatDType;
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let grad = grads.consume::<B>(&ops.node);
+                register_grads!(B, grads, ops.parents, [B::cast_weight_cl_backward(grad, ops.state)]);
+            }
+        }
+
+        match CastWeightCl.prepare::<C>([w.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let from = FloatDType::from(w.primitive().dtype());
+                prep.finish(from, B::cast_weight_cl(w.into_primitive(), dtype))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::cast_weight_cl(w.into_primitive(), dtype)),
+        }
+    }
+
+    fn cast_weight_cl_backward(_grad: FloatTensor<Self>, _dtype: FloatDType) -> FloatTensor<Self> {
+        unreachable!("second-order gradients of cast_weight_cl are not supported")
     }
 
     fn norm_act_nc(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, act: bool) -> FloatTensor<Self> {
@@ -1627,6 +1705,55 @@ mod tests {
         super::set_channels_last(Some(false));
         let (wl, copied) = super::libtorch::weight_leaf(&x, &w, [1; 3]);
         assert!(!copied && wl.data_ptr() == w.data_ptr());
+        super::set_channels_last(None);
+    }
+
+    /// The libtorch tensor under a burn float tensor (autodiff's inner one).
+    fn aten<const D: usize>(t: Tensor<D>) -> tch::Tensor {
+        use burn::backend::{BackendTensor, DispatchTensorKind};
+        match t.inner().into_dispatch().kind {
+            DispatchTensorKind::LibTorch(BackendTensor::Float(x)) => x.tensor,
+            _ => panic!("not a libtorch float tensor"),
+        }
+    }
+
+    /// A half-precision step's cast of a 3³ convolution weight comes out channels-last from the
+    /// one copy (so the convolution converts nothing), and its gradient comes back f32 and
+    /// contiguous; output and gradients equal the path through burn's cast bit for bit. A
+    /// 1×1×1 weight, and any weight with channels-last off, gets burn's cast.
+    #[test]
+    fn a_half_precision_weight_cast_is_channels_last_and_its_gradient_contiguous() {
+        use burn::tensor::DType;
+        let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+        let ad = Device::libtorch().autodiff();
+        let mut rng = stu_core::rng::SplitMix64::new(29);
+        let t = |n: [usize; 5], rng: &mut stu_core::rng::SplitMix64| Tensor::<5>::from_data(TensorData::new(rng.fill_f32(n.iter().product(), -1.0, 1.0), n), &ad);
+        let x = t([2, 3, 5, 6, 4], &mut rng);
+        let b = Tensor::<1>::from_data(TensorData::new(rng.fill_f32(4, -0.5, 0.5), [4]), &ad).require_grad();
+        super::set_channels_last(Some(true));
+        for k in [3, 1] {
+            let w = t([4, 3, k, k, k], &mut rng).require_grad();
+            let wts = t([2, 4, 5, 6, 4], &mut rng);
+            let run = |fused: bool| {
+                let wh = if fused { ops::cast_conv_weight(w.clone(), DType::F16) } else { w.clone().cast(DType::F16) };
+                let y = ops::conv3d(x.clone().cast(DType::F16), wh.clone(), b.clone(), [1; 3], Layout::Ncdhw).cast(DType::F32);
+                let g = (y.clone() * wts.clone()).sum().backward();
+                (aten(wh), aten(y), aten(w.grad(&g).unwrap()), aten(b.grad(&g).unwrap()))
+            };
+            let ((wf, yf, dwf, dbf), (wp, yp, dwp, dbp)) = (run(true), run(false));
+            assert_eq!(wf.kind(), tch::Kind::Half);
+            assert_eq!(super::libtorch::is_channels_last(&wf), k == 3, "k {k}: strides {:?}", wf.stride());
+            assert!(!super::libtorch::is_channels_last(&wp));
+            assert_eq!((dwf.kind(), dwf.size()), (tch::Kind::Float, vec![4, 3, k as i64, k as i64, k as i64]));
+            assert!(dwf.is_contiguous(), "k {k}: the weight's gradient has strides {:?}", dwf.stride());
+            for (what, a, e) in [("weight", &wf, &wp), ("output", &yf, &yp), ("weight gradient", &dwf, &dwp), ("bias gradient", &dbf, &dbp)] {
+                assert!(a.equal(e), "k {k}: the {what} differs from burn's cast path");
+            }
+        }
+        // Channels-last off: burn's cast, NCDHW.
+        super::set_channels_last(Some(false));
+        let w = t([4, 3, 3, 3, 3], &mut rng);
+        assert!(!super::libtorch::is_channels_last(&aten(ops::cast_conv_weight(w, DType::F16))));
         super::set_channels_last(None);
     }
 

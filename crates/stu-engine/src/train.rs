@@ -98,7 +98,16 @@ impl ModuleMapper for Caster {
             let device = tensor.device();
             crate::ops::is_libtorch(&device, crate::ops::TorchPath::Conv) && crate::ops::is_libtorch(&device, crate::ops::TorchPath::Norm)
         };
-        Param::from_mapped_value(id, if keep { tensor } else { tensor.cast(self.dtype) }, mapper)
+        let cast = if keep {
+            tensor
+        } else if D == 5 {
+            // (Convolution weights: channels-last from the cast where the convolutions run so.)
+            let w = crate::ops::cast_conv_weight(Tensor::<5>::from_dispatch(tensor.into_dispatch()), self.dtype);
+            Tensor::<D>::from_dispatch(w.into_dispatch())
+        } else {
+            tensor.cast(self.dtype)
+        };
+        Param::from_mapped_value(id, cast, mapper)
     }
 }
 
@@ -887,6 +896,34 @@ mod fused_tests {
         let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
         let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(err <= 1e-5 * scale, "{what}: max |diff| {err} (scale {scale})");
+    }
+
+    /// A half-precision copy of a network casts its 3³ weight to channels-last (where the
+    /// libtorch convolutions run so; `ops::cast_conv_weight`), keeps its vectors f32, and the
+    /// master weight's gradient through it is f32 and contiguous.
+    #[test]
+    #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+    fn a_half_precision_copy_has_channels_last_weights_and_f32_gradients() {
+        use burn::backend::{BackendTensor, DispatchTensorKind};
+        use burn::tensor::DType;
+        let aten = |t: Tensor<5>| match t.inner().into_dispatch().kind {
+            DispatchTensorKind::LibTorch(BackendTensor::Float(x)) => x.tensor,
+            _ => panic!("not a libtorch float tensor"),
+        };
+        let dev = Device::libtorch().autodiff();
+        let mut rng = stu_core::rng::SplitMix64::new(5);
+        let mut param = |dims: Vec<usize>| TensorData::new(rng.fill_f32(dims.iter().product(), -0.5, 0.5), dims);
+        let net = Tiny { w: Param::from_data(param(vec![2, 2, 3, 3, 3]), &dev), b: Param::from_data(param(vec![2]), &dev), g: Param::from_data(param(vec![2]), &dev) };
+        let half = cast_params(net.clone(), DType::F16, true);
+        let w = aten(half.w.val());
+        assert_eq!(w.kind(), tch::Kind::Half);
+        assert_eq!(w.stride(), vec![54, 1, 18, 6, 2], "the half weight is channels-last");
+        assert_eq!((half.b.val().dtype(), half.g.val().dtype()), (DType::F32, DType::F32));
+        let x = Tensor::<5>::from_data(param(vec![1, 2, 4, 5, 3]), &dev).cast(DType::F16);
+        let grads = half.forward(x).cast(DType::F32).sum().backward();
+        let dw = aten(net.w.val().grad(&grads).expect("the master weight has a gradient"));
+        assert_eq!(dw.kind(), tch::Kind::Float);
+        assert!(dw.is_contiguous(), "strides {:?}", dw.stride());
     }
 
     /// Three steps (clipping active, then not), with and without loss scaling, and an overflow:
