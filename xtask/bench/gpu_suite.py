@@ -300,14 +300,16 @@ VARIANTS = {
     # Channels-last with the depth-split convolutions (`STU_TCH_CONV=d2`); slower than the
     # default in every case of 2026-11-28 (B, H, L), kept among the extras.
     "stu-d2": ({"STU_TCH_CONV": "d2"}, 150),
-    # The channels-last path's two switchable changes since the second H200 run of 2026-11-28
+    # The channels-last path's three switchable changes since the second H200 run of 2026-11-28
     # turned back: ATen's `upsample_nearest3d` kernels (NCDHW only on CUDA: layout conversions
-    # around them and an NCDHW gradient) and per-sample norm outputs concatenated. The defaults
-    # (a broadcast copy in the activations' layout; the norm writing each sample into its slice)
-    # are not yet timed on a GPU: this row beside the default says what they gain. (The loss on
-    # half logits and the convolution keeping only its weight's channels-last copy have no
-    # switch: compare the default with that run's `stu` rows.)
-    "stu-before": ({"STU_TCH_UPSAMPLE": "aten", "STU_TCH_NORM_CL": "cat"}, 150),
+    # around them and an NCDHW gradient), per-sample norm outputs concatenated, and half weights
+    # cast NCDHW (each convolution converting its weight again). The defaults (a broadcast copy
+    # in the activations' layout; the norm writing each sample into its slice; the cast writing
+    # channels-last) are not yet timed on a GPU: this row beside the default says what they
+    # gain. (The loss on half logits, the convolution keeping only its weight's channels-last
+    # copy and the strided shortcut's single view have no switch: compare the default with that
+    # run's `stu` rows.)
+    "stu-before": ({"STU_TCH_UPSAMPLE": "aten", "STU_TCH_NORM_CL": "cat", "STU_TCH_WEIGHT_CL": "0"}, 150),
 }
 
 
@@ -443,8 +445,8 @@ def train_dp():
 
 # 3 (the plan). Phase 1 is what item 4's goal and item 3's table need, most important first:
 # H, L, B (PyTorch fp16 beside ours f16 in the default channels-last layout and in NCDHW with the
-# split norm; H's and B's training also with the switchable upsampling and norm changes since
-# 2026-11-28 turned back), S, then the per-op profiles (H's and B's training step, B's patch)
+# split norm; H's and B's training also with the switchable changes since 2026-11-28 turned
+# back), S, then the per-op profiles (H's and B's training step, B's patch)
 # and f16 training on real batches. Phase 2 (a second call on the same warm machine, or the rest
 # of one long call) holds the bf16 rows, the end-to-end checks and the extras (CUDA graphs, H's
 # patch profile among them).
@@ -453,11 +455,11 @@ for s in A.sizes:
     t, i = f"train_{s}_128_b2", f"infer_{s}_128"
     torch_too = A.torch_sizes is None or s in A.torch_sizes
     big = s != "S"
-    # Training with the switchable upsampling and norm changes turned back (B, H): what they
-    # gain.
+    # Training with the switchable upsampling, norm and weight-cast changes turned back (B, H):
+    # what they gain (H's patch too, in phase 2: the weight cast is its part).
     phase1 += [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [("stu-before", t, "f16")] * (s in "BH") + [("stu-nc", t, "f16")] * big
     phase1 += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + [("stu-nc", i, "f16")] * big
-    phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")]
+    phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")] + [("stu-before", i, "f16")] * (s == "H")
     if s in "BH":
         extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
     # CUDA graphs gained nothing measurable on 2026-11-28 (B 11.02 vs 11.10 ms, H 89.2 vs 89.6,

@@ -308,6 +308,7 @@ pub fn cast_conv_weight(w: Tensor<5>, dtype: burn::tensor::DType) -> Tensor<5> {
     if w.dtype() != dtype
         && w.dims()[2..] != [1, 1, 1]
         && is_libtorch(&w.device(), TorchPath::Conv)
+        && crate::torch::weight_cl_on()
         && libtorch_device(&w.device()).is_some_and(|d| crate::torch::channels_last_on(d.into()))
     {
         use crate::torch::TorchOps;

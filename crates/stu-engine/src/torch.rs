@@ -1082,6 +1082,15 @@ static NORM_SPLIT: Switch = Switch::new("STU_TCH_NORM", "split", "plane");
 static CONV_D2: Switch = Switch::new("STU_TCH_CONV", "d2", "3d");
 static UPSAMPLE_ATEN: Switch = Switch::new("STU_TCH_UPSAMPLE", "aten", "copy");
 static NORM_SLICES: Switch = Switch::new("STU_TCH_NORM_CL", "slices", "cat");
+static WEIGHT_CL: Switch = Switch::new("STU_TCH_WEIGHT_CL", "1", "0");
+
+/// Whether a half-precision cast of a 3³ convolution weight writes it channels-last where the
+/// convolutions run so (`ops::cast_conv_weight`; else each convolution converts the NCDHW
+/// cast, as before). On by default; not timed on a GPU yet. `STU_TCH_WEIGHT_CL=1` / `0`
+/// forces it on / off (read once). Values and gradients are the same either way.
+pub fn weight_cl_on() -> bool {
+    WEIGHT_CL.get().unwrap_or(true)
+}
 
 /// Forces the channels-last instance norm of a batch to write each sample's output into its
 /// slice of one tensor (`Some(true)`) or to concatenate per-sample outputs (`Some(false)`), or
