@@ -299,13 +299,15 @@ pub fn norm_add_act(x: Tensor<5>, weight: Tensor<1>, bias: Tensor<1>, skip: Tens
 }
 
 /// A 3-D convolution weight `[Cout, Cin, kd, kh, kw]` cast to `dtype` (differentiable), as a
-/// half-precision step casts its f32 master weights. Where the libtorch convolutions run
-/// channels-last, a weight with a kernel larger than 1×1×1 comes out channels-last from the
-/// same copy (`TorchOps::cast_weight_cl`), so that no convolution converts it again, and its
-/// gradient goes back to f32 and NCDHW in one copy; elsewhere burn's cast.
+/// half-precision step casts its f32 master weights (and an inference network its weights,
+/// `Precision::inference_net`). Where the libtorch convolutions run channels-last, a weight
+/// whose kernel extents are odd and not all 1 (a convolution's, not a transposed one's or a
+/// patch embedding's) comes out channels-last from the same copy (`TorchOps::cast_weight_cl`),
+/// so that no convolution converts it again, and its gradient goes back to the weight's type
+/// and NCDHW in one copy; elsewhere burn's cast.
 pub fn cast_conv_weight(w: Tensor<5>, dtype: burn::tensor::DType) -> Tensor<5> {
     #[cfg(feature = "tch")]
-    if w.dtype() != dtype
+    if w.dims()[2..].iter().all(|k| k % 2 == 1)
         && w.dims()[2..] != [1, 1, 1]
         && is_libtorch(&w.device(), TorchPath::Conv)
         && crate::torch::weight_cl_on()

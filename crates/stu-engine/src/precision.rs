@@ -62,6 +62,14 @@ impl Precision {
         (self != Self::F32).then(|| net.cast(self.dtype()))
     }
 
+    /// The network to run inference with in this precision: [`Self::cast_net`]'s copy, and for
+    /// f32 too a copy (`SegNet::cast`) whose convolution weights are laid out as the backend's
+    /// convolutions read them (channels-last on libtorch, `ops::cast_conv_weight`; the same
+    /// tensors elsewhere), so that no forward converts them again.
+    pub fn inference_net(self, net: &dyn SegNet) -> Box<dyn SegNet> {
+        net.cast(self.dtype())
+    }
+
     /// `x` in the compute dtype.
     pub fn input<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         if self == Self::F32 { x } else { x.cast(self.dtype()) }

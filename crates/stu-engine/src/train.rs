@@ -926,6 +926,30 @@ mod fused_tests {
         assert!(dw.is_contiguous(), "strides {:?}", dw.stride());
     }
 
+    /// An f32 inference copy (`Precision::inference_net`) of a network on libtorch has its 3³
+    /// weight channels-last (so no forward converts it), and its forward equals the network's
+    /// bit for bit.
+    #[test]
+    #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
+    fn an_f32_inference_copy_has_channels_last_weights_and_the_same_forward() {
+        use burn::backend::{BackendTensor, DispatchTensorKind};
+        use burn::tensor::DType;
+        let aten = |t: Tensor<5>| match t.into_dispatch().kind {
+            DispatchTensorKind::LibTorch(BackendTensor::Float(x)) => x.tensor,
+            _ => panic!("not a libtorch float tensor"),
+        };
+        let dev = Device::libtorch();
+        let mut rng = stu_core::rng::SplitMix64::new(7);
+        let mut param = |dims: Vec<usize>| TensorData::new(rng.fill_f32(dims.iter().product(), -0.5, 0.5), dims);
+        let net = Tiny { w: Param::from_data(param(vec![2, 2, 3, 3, 3]), &dev), b: Param::from_data(param(vec![2]), &dev), g: Param::from_data(param(vec![2]), &dev) };
+        let copy = cast_params(net.clone(), DType::F32, true);
+        let w = aten(copy.w.val());
+        assert_eq!((w.kind(), w.stride()), (tch::Kind::Float, vec![54, 1, 18, 6, 2]), "the weight is channels-last");
+        let x = Tensor::<5>::from_data(param(vec![1, 2, 4, 5, 3]), &dev);
+        let want = aten(net.forward(x.clone()));
+        assert!(aten(crate::precision::Precision::F32.inference_net(&net).forward(x)).equal(&want));
+    }
+
     /// Three steps (clipping active, then not), with and without loss scaling, and an overflow:
     /// parameters, momentum buffers, norms and the scaler equal burn's per-parameter path.
     #[test]

@@ -219,7 +219,7 @@ fn profiled(dir: Option<&Path>, id: &str, backend: Backend, step: impl FnOnce() 
 /// 2026-11-28 fell back to eager in every graph row for that reason).
 fn inference_net(preset: &str, precision: Precision, device: &Device) -> Result<Box<dyn SegNet>> {
     let net = preset_net(preset, device)?.valid();
-    Ok(stu_engine::graph::wrap(precision.cast_net(&*net).unwrap_or(net)))
+    Ok(stu_engine::graph::wrap(precision.inference_net(&*net)))
 }
 
 fn infer_case(id: &str, preset: &str, backend: Backend, precision: Precision, device: &Device, patch: usize, profile: Option<&Path>) -> Result<CaseResult> {

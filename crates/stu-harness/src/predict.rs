@@ -557,7 +557,7 @@ impl Predictor {
                 ensure!(net.num_classes() == n, "{}: {} output classes, {} has {n}; an ensemble's checkpoints predict the same classes", c.display(), net.num_classes(), opts.checkpoints[0].display());
             }
             stu_engine::model::check_patch(&*net, patch, "patch").map_err(|e| anyhow::anyhow!("{}: {e}", c.display()))?;
-            nets.push(stu_engine::graph::wrap(opts.precision.cast_net(&*net).unwrap_or(net)));
+            nets.push(stu_engine::graph::wrap(opts.precision.inference_net(&*net)));
         }
         let on_device = accumulate_on_device(&device)?;
         let whole_export = match std::env::var("STU_EXPORT").as_deref() {
