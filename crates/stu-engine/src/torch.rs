@@ -84,8 +84,8 @@ pub trait TorchOps: Backend {
         w_copied: bool,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
     /// A 3-D convolution weight cast to `dtype` with channels-last strides, in one copy: the
-    /// half-precision step's cast of an f32 master weight and the channels-last copy that the
-    /// convolution would otherwise make of the cast (every step, and every inference forward).
+    /// cast (a half-precision step's of an f32 master weight, or an inference network's) and the
+    /// channels-last copy that the convolution would otherwise make of it at every call.
     fn cast_weight_cl(w: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self>;
     /// The gradient of [`cast_weight_cl`](TorchOps::cast_weight_cl): `grad` cast to `dtype`
     /// (the master weight's), contiguous, in one copy.
@@ -1084,9 +1084,10 @@ static UPSAMPLE_ATEN: Switch = Switch::new("STU_TCH_UPSAMPLE", "aten", "copy");
 static NORM_SLICES: Switch = Switch::new("STU_TCH_NORM_CL", "slices", "cat");
 static WEIGHT_CL: Switch = Switch::new("STU_TCH_WEIGHT_CL", "1", "0");
 
-/// Whether a half-precision cast of a 3³ convolution weight writes it channels-last where the
-/// convolutions run so (`ops::cast_conv_weight`; else each convolution converts the NCDHW
-/// cast, as before). On by default; not timed on a GPU yet. `STU_TCH_WEIGHT_CL=1` / `0`
+/// Whether the cast of a 3³ convolution weight (a half-precision step's, or an inference
+/// network's in any precision) writes it channels-last where the convolutions run so
+/// (`ops::cast_conv_weight`; else each convolution converts the NCDHW cast, as before). On by
+/// default; not timed on a GPU yet. `STU_TCH_WEIGHT_CL=1` / `0`
 /// forces it on / off (read once). Values and gradients are the same either way.
 pub fn weight_cl_on() -> bool {
     WEIGHT_CL.get().unwrap_or(true)
@@ -1629,9 +1630,22 @@ mod unsafe_ffi {
     }
 }
 
+/// The libtorch tensor under a burn float tensor (autodiff's inner one), for the tests here and
+/// in `train`.
+#[cfg(all(test, feature = "tch"))]
+pub(crate) fn aten_of<const D: usize>(t: burn::tensor::Tensor<D>) -> tch::Tensor {
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    match t.inner().into_dispatch().kind {
+        DispatchTensorKind::LibTorch(BackendTensor::Float(x)) => x.tensor,
+        _ => panic!("not a libtorch float tensor"),
+    }
+}
+
 #[cfg(all(test, feature = "tch"))]
 mod tests {
     use burn::tensor::{Device, Tensor, TensorData};
+
+    use super::aten_of as aten;
 
     use crate::ops::{self, Layout};
 
@@ -1715,15 +1729,6 @@ mod tests {
         let (wl, copied) = super::libtorch::weight_leaf(&x, &w, [1; 3]);
         assert!(!copied && wl.data_ptr() == w.data_ptr());
         super::set_channels_last(None);
-    }
-
-    /// The libtorch tensor under a burn float tensor (autodiff's inner one).
-    fn aten<const D: usize>(t: Tensor<D>) -> tch::Tensor {
-        use burn::backend::{BackendTensor, DispatchTensorKind};
-        match t.inner().into_dispatch().kind {
-            DispatchTensorKind::LibTorch(BackendTensor::Float(x)) => x.tensor,
-            _ => panic!("not a libtorch float tensor"),
-        }
     }
 
     /// A half-precision step's cast of a 3³ convolution weight comes out channels-last from the

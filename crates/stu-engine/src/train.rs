@@ -904,12 +904,8 @@ mod fused_tests {
     #[test]
     #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
     fn a_half_precision_copy_has_channels_last_weights_and_f32_gradients() {
-        use burn::backend::{BackendTensor, DispatchTensorKind};
+        use crate::torch::aten_of as aten;
         use burn::tensor::DType;
-        let aten = |t: Tensor<5>| match t.inner().into_dispatch().kind {
-            DispatchTensorKind::LibTorch(BackendTensor::Float(x)) => x.tensor,
-            _ => panic!("not a libtorch float tensor"),
-        };
         let dev = Device::libtorch().autodiff();
         let mut rng = stu_core::rng::SplitMix64::new(5);
         let mut param = |dims: Vec<usize>| TensorData::new(rng.fill_f32(dims.iter().product(), -0.5, 0.5), dims);
@@ -932,12 +928,8 @@ mod fused_tests {
     #[test]
     #[allow(deprecated)] // burn-tch is deprecated upstream; it is the cuDNN path here
     fn an_f32_inference_copy_has_channels_last_weights_and_the_same_forward() {
-        use burn::backend::{BackendTensor, DispatchTensorKind};
+        use crate::torch::aten_of as aten;
         use burn::tensor::DType;
-        let aten = |t: Tensor<5>| match t.into_dispatch().kind {
-            DispatchTensorKind::LibTorch(BackendTensor::Float(x)) => x.tensor,
-            _ => panic!("not a libtorch float tensor"),
-        };
         let dev = Device::libtorch();
         let mut rng = stu_core::rng::SplitMix64::new(7);
         let mut param = |dims: Vec<usize>| TensorData::new(rng.fill_f32(dims.iter().product(), -0.5, 0.5), dims);
