@@ -1226,6 +1226,21 @@ pub(crate) fn run_args(args: Vec<String>) -> Result<()> {
     run(cli)
 }
 
+/// `stu`'s clap command, whose `--version` names the backends compiled in.
+fn cli_command() -> clap::Command {
+    use clap::CommandFactory;
+    let compiled = Backend::compiled().iter().map(|b| b.name()).collect::<Vec<_>>().join(", ");
+    let long = format!("{}\nbackends compiled in: {compiled}", env!("CARGO_PKG_VERSION"));
+    // clap keeps `&'static str`s (its `string` feature is off); one string per process.
+    Cli::command().long_version(&*Box::leak(long.into_boxed_str()))
+}
+
+/// The process arguments parsed (clap prints help, version or usage errors and exits).
+fn parse_process_args() -> Cli {
+    use clap::FromArgMatches;
+    Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 /// Runs `stu` with the process arguments.
 pub fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
@@ -1238,7 +1253,7 @@ pub fn main() -> ExitCode {
     // nnU-Net's own command names (`stu nnUNetv2_train …`).
     let outcome = match crate::nnunet_cli::dispatch(&args) {
         Some(r) => r,
-        None => run(Cli::parse()),
+        None => run(parse_process_args()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -1246,5 +1261,19 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_long_version_names_the_backends_compiled_in() {
+        let v = super::cli_command().render_long_version();
+        let line = v.lines().find_map(|l| l.strip_prefix("backends compiled in: ")).unwrap_or_else(|| panic!("no backends line in {v:?}"));
+        let names: Vec<&str> = line.split(", ").collect();
+        assert_eq!(names, stu_engine::backend::Backend::compiled().iter().map(|b| b.name()).collect::<Vec<_>>());
+        #[cfg(feature = "flex")]
+        assert!(names.contains(&"flex"), "{v}");
+        assert!(v.starts_with(concat!("stu ", env!("CARGO_PKG_VERSION"), "\n")), "{v:?}");
     }
 }
