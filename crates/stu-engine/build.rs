@@ -1,11 +1,17 @@
 //! With the `tch` feature: compiles `csrc/grad.cpp` against `LIBTORCH` (the libtorch the binary
 //! links, see `xtask/libtorch.py`; headers in its `include/`), and notes whether that libtorch
 //! has its CUDA library, so that `tch-cuda` on a CPU-only build is a clear error rather than
-//! burn-tch's panic.
+//! burn-tch's panic. With the `cuda` feature: compiles `csrc/c23.c`, three glibc 2.38 entry
+//! points that an LLVM from Debian unstable (`xtask/llvm.py`) calls, for Debian 12 hosts.
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(tch_cuda_linked)");
     #[cfg(feature = "tch")]
     tch();
+    #[cfg(feature = "cuda")]
+    {
+        println!("cargo:rerun-if-changed=csrc/c23.c");
+        cc::Build::new().file("csrc/c23.c").std("c11").compile("stu_c23");
+    }
 }
 
 #[cfg(feature = "tch")]

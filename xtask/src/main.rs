@@ -46,6 +46,8 @@
 //!   report) under `slurm/<spec>/`, and prints how to submit it.
 //! - `libtorch [DIR]`: assembles the libtorch folders the `tch` feature builds against from
 //!   PyPI wheels (`xtask/libtorch.py`; README: "GPU backends").
+//! - `llvm [DIR]`: puts Debian's LLVM 23.1 where burn's `cuda` feature looks for one, so that
+//!   `--features cuda` builds without its download (`xtask/llvm.py`; README: "GPU backends").
 //! - `report [--check]`: run records → tables and figures (`stu-report`, with polars);
 //!   `--check` fails when the committed reports are stale.
 //!
@@ -67,11 +69,11 @@ fn main() -> Result<()> {
         Some("bench-predict") => bench_predict(args.collect()),
         Some("run") => run_spec(args.collect()),
         Some("report") => report(args.collect()),
-        Some("libtorch") => {
+        Some(script @ ("libtorch" | "llvm")) => {
             let python = std::env::var("STU_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-            run(Command::new(python).arg(root().join("xtask/libtorch.py")).args(args))
+            run(Command::new(python).arg(root().join(format!("xtask/{script}.py"))).args(args))
         }
-        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, bench-allreduce, bench-predict, run, report, libtorch"),
+        Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, bench-allreduce, bench-predict, run, report, libtorch, llvm"),
         None => bail!("usage: cargo xtask bench [--python PY] [--no-torch] [--out DIR] [CASES…]"),
     }
 }

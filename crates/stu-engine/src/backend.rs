@@ -52,6 +52,37 @@ fn libtorch_cuda(index: usize) -> Result<Device, String> {
     Ok(Device::libtorch_cuda(index % tch::Cuda::device_count().max(1) as usize))
 }
 
+/// burn's CUDA device `index` (modulo the GPUs visible), or why there is none. cubecl-cuda loads
+/// the driver and NVRTC when the device is first used, and panics on its device thread when
+/// either is missing; this checks both first, as cubecl would find them (`LD_LIBRARY_PATH`).
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn cubecl_cuda(index: usize) -> Result<Device, String> {
+    use cudarc::driver::result as driver;
+    // SAFETY: both only try to dlopen the library under its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("the NVIDIA driver's libcuda.so cannot be loaded (no GPU driver on this machine, or not on LD_LIBRARY_PATH)".into());
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("NVRTC (libnvrtc.so, CUDA's run-time compiler) cannot be loaded: put the CUDA toolkit's lib folder, or the PyPI wheel nvidia-cuda-nvrtc's, on LD_LIBRARY_PATH".into());
+    }
+    // cubecl compiles its kernels with NVRTC at run time against CUDA's headers, found as
+    // cubecl-cuda's `install::cuda_path` finds them (and panics without).
+    let root = std::env::var_os("CUDA_PATH").map(std::path::PathBuf::from).or_else(|| {
+        ["/usr/local/cuda", "/opt/cuda"].into_iter().map(std::path::PathBuf::from).find(|p| p.exists()).or_else(|| std::path::Path::new("/usr/bin/nvcc").exists().then(|| "/usr".into()))
+    });
+    match &root {
+        Some(r) if r.join("include/cuda_fp16.h").exists() => {}
+        Some(r) => return Err(format!("{} has no include/cuda_fp16.h: cubecl compiles its kernels at run time against CUDA's headers; point CUDA_PATH at a CUDA toolkit (or at the nvidia/cu13 folder of the PyPI wheel nvidia-cuda-runtime)", r.display())),
+        None => return Err("no CUDA headers: cubecl compiles its kernels at run time against them; set CUDA_PATH to a CUDA toolkit (or to the nvidia/cu13 folder of the PyPI wheel nvidia-cuda-runtime)".into()),
+    }
+    let count = driver::init().and_then(|()| driver::device::get_count()).map_err(|e| format!("the CUDA driver sees no device: {e:?}"))?;
+    if count < 1 {
+        return Err("the CUDA driver sees no device (CUDA_VISIBLE_DEVICES?)".into());
+    }
+    Ok(Device::cuda(index % count as usize))
+}
+
 /// `bytes` in GiB, as device memory is reported.
 pub fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
@@ -195,7 +226,7 @@ impl Backend {
             }
             Self::Cuda => {
                 #[cfg(feature = "cuda")]
-                return Ok(Device::cuda(index));
+                return cubecl_cuda(index).map_err(|e| BackendUnavailable { name: self.name(), why: e }.into());
             }
             Self::Tch => {
                 #[cfg(feature = "tch")]
