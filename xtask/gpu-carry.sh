@@ -2,15 +2,19 @@
 # Prepares `.gpu/` (git-ignored) for a run of the GPU suite on a lent machine that has PyTorch
 # 2.11 (CUDA 13.0) but no Rust toolchain or network: the `stu` binary built here against the GPU
 # libtorch, the PyTorch reference model, the parity fixture, two real volumes and a 3-case
-# preprocessed phantom subset for the training check (≈ 40 MB in all).
+# preprocessed phantom subset for the training check (≈ 53 MB in all with the `cuda` build; the device tool carries 64 MiB).
 #
 #   xtask/gpu-carry.sh [LIBTORCH_ROOT]        # default ~/.cache/stu-net/libtorch (cargo xtask libtorch)
 #
 # Then, through the device tool, with `.gpu` carried:
 #   SP=$(python3 -c 'import torch,os;print(os.path.dirname(os.path.dirname(torch.__file__)))');
 #   export LD_LIBRARY_PATH=$SP/torch/lib:$(find $SP/nvidia -maxdepth 3 -name lib -type d | tr '\n' ':');
-#   python3 xtask/bench/gpu_suite.py --stu .gpu/stu --bench-dir .gpu/bench --fixture .gpu/tiny_iso.safetensors \
-#     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 470 --phase 1
+#   python3 xtask/bench/gpu_suite.py --stu .gpu/stu.xz --bench-dir .gpu/bench --fixture .gpu/tiny_iso.safetensors \
+#     --mr .gpu/mr --ct .gpu/ct --train-data .gpu/train --out $OUT --budget 470 --phase 1 \
+#     [--stu-cuda .gpu/stu-cuda.xz --cuda-include .gpu/cuda-include.tar.xz]
+# (the binaries travel xz-compressed, the suite unpacks them; the `cuda` build, burn's own CUDA
+# backend, comes along when `cargo xtask llvm` has put an LLVM for it here, and its parity and
+# B's rows run in phase 2)
 # (device tool: timeout_s 585; parity, `stu check-ops`, H, L, B and S in f16 beside PyTorch's
 # fp16, in the default channels-last layout and in NCDHW (split norm), H's and B's training also
 # with the switchable channels-last changes of 2026-11-28 turned back (`stu-before`), H's and B's
@@ -29,6 +33,18 @@ test -d "$lt/gpu/lib" || { echo "no $lt/gpu: run \`cargo xtask libtorch $lt\` fi
   cargo build --release -p stu-harness --features tch)
 rm -rf "$root/.gpu" && mkdir -p "$root/.gpu"/{bench,mr,ct,train}
 strip -o "$root/.gpu/stu" "$target/release/stu"
+xz -T2 -6 "$root/.gpu/stu"   # → stu.xz: the device tool carries at most 64 MiB
+# burn's own CUDA backend (feature `cuda`), where `cargo xtask llvm` has put the LLVM its build
+# links; the CUDA headers its run-time compiler reads, from the libtorch folder's wheels.
+if ls "${XDG_DATA_HOME:-$HOME/.local/share}"/tracel/tracel-llvm-*/.tracel-llvm-installed >/dev/null 2>&1; then
+  cuda_target="${STU_CUDA_TARGET:-$HOME/.cache/stu-net/target-cuda}"
+  (cd "$root" && CARGO_TARGET_DIR="$cuda_target" CUDARC_CUDA_VERSION=13000 cargo build --release -p stu-harness --features cuda)
+  strip -o "$root/.gpu/stu-cuda" "$cuda_target/release/stu"
+  xz -T2 -6 "$root/.gpu/stu-cuda"
+  tar -C "$lt/x/nvidia/cu13" -cJf "$root/.gpu/cuda-include.tar.xz" include
+else
+  echo "no LLVM for the \`cuda\` feature (cargo xtask llvm): .gpu without stu-cuda" >&2
+fi
 cp "$shared/bench/torch_ref.py" "$root/.gpu/bench/"
 cp "$shared/fixtures/stunet-parity/tiny_iso.safetensors" "$root/.gpu/"
 cp "$shared/data/Dataset802_TotalSegExampleMR/imagesTr/ts_mr_sm_0000.nii.gz" "$root/.gpu/mr/"

@@ -11,7 +11,9 @@ Usage:
                        --mr MR_IMAGES_DIR --ct CT_IMAGES_DIR --out DIR [--sizes HLBS] [--budget S]
 Before the benchmark, `stu check-ops` compares the fused ATen paths with burn's composed
 operators on the device (values and gradients); last in phase 2, `conv_algos.py` times STU-Net's
-3³ convolutions shape by shape through each convolution algorithm (DIR/conv_algos.md).
+3³ convolutions shape by shape through each convolution algorithm (DIR/conv_algos.md). With
+`--stu-cuda` (a `cuda` build: burn's own CubeCL kernels), phase 2 also checks its parity and times
+B's patch and training step with it. Binaries may come xz-compressed (`X.xz`: unpacked to /tmp).
 Writes DIR/suite.json (everything), DIR/suite.md (tables), DIR/log.txt, the predicted label
 maps DIR/mr_{f32,bf16}.nii.gz (to compare with a CPU run of the same command), and for H's and
 B's training step and B's patch inference per-op tables of both sides' profiler traces
@@ -42,11 +44,33 @@ ap.add_argument("--python", default=sys.executable)
 ap.add_argument("--train-data", default=None, help="a small preprocessed folder for the training check")
 ap.add_argument("--phase", default="all", choices=["1", "2", "all"], help="1: the goal's rows and profiles; 2: the rest (a second call on the same machine)")
 ap.add_argument("--backend", default="tch-cuda", help="`tch` runs the parity and MR steps on the CPU (a dry run of this script)")
+ap.add_argument("--stu-cuda", default=None, help="a `stu` built with the `cuda` feature (burn's CubeCL CUDA backend; xtask/llvm.py): parity and B's rows in phase 2")
+ap.add_argument("--cuda-include", default=None, help="CUDA's headers (a tar.xz holding include/), for CubeCL's run-time compiler where the machine has no /usr/local/cuda")
 A = ap.parse_args()
 os.makedirs(A.out, exist_ok=True)
 T0 = time.time()
 LOG = open(os.path.join(A.out, "log.txt"), "a")
 R = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "parity": {}, "predict": {}, "bench": [], "skipped": []}
+
+
+def unpacked(path):
+    """`path`, or for `X.xz` its decompressed copy in /tmp (executable): the device tool carries
+    at most 64 MiB, and the binaries are about a fifth of their size compressed."""
+    if not path or not path.endswith(".xz"):
+        return path
+    import lzma
+    dest = os.path.join("/tmp", os.path.basename(path)[:-3])
+    with lzma.open(path) as src, open(dest, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.chmod(dest, 0o755)
+    return dest
+
+
+A.stu, A.stu_cuda = unpacked(A.stu), unpacked(A.stu_cuda)
+if A.cuda_include and not os.environ.get("CUDA_PATH") and not os.path.exists("/usr/local/cuda"):
+    with tarfile.open(A.cuda_include) as t:
+        t.extractall("/tmp/cuda")
+    os.environ["CUDA_PATH"] = "/tmp/cuda"
 
 
 def log(*a):
@@ -144,26 +168,34 @@ log("gpu:", smi, "torch:", R.get("torch"), "cudnn:", R.get("cudnn"))
 save()
 
 # 1. Parity against the PyTorch fixture.
-if A.phase != "2":
+def parity(stu, backend, precs, into, timeout=120):
+    """`stu forward` of the fixture on `backend` in each precision against PyTorch's outputs,
+    into `into[prec]`; stops at the first failure."""
     try:
         from safetensors.numpy import load_file
         ref = load_file(A.fixture)
-        for prec in ["f32", "bf16", "f16"]:
+        for prec in precs:
             o = os.path.join(A.out, f"parity_{prec}.safetensors")
-            rc, out, _, wall = sh([A.stu, "forward", "--checkpoint", A.fixture, "--input", A.fixture, "--output", o, "--backend", A.backend, "--precision", prec])
+            rc, out, _, wall = sh([stu, "forward", "--checkpoint", A.fixture, "--input", A.fixture, "--output", o, "--backend", backend, "--precision", prec], timeout=timeout)
             if rc != 0:
-                R["parity"][prec] = {"error": out[-800:]}
-                continue
+                into[prec] = {"error": out[-800:]}
+                return False
             got = load_file(o)
             rows = {}
             for k in sorted(x for x in ref if x.startswith("output.")):
                 a, b = ref[k].astype("float64"), got[k].astype("float64")
                 rows[k] = {"max_abs": float(abs(a - b).max()), "ref_max_abs": float(abs(a).max()), "rel": float(abs(a - b).max() / abs(a).max())}
-            R["parity"][prec] = {"wall_s": wall, "outputs": rows, "worst_rel": max(r["rel"] for r in rows.values())}
+            into[prec] = {"wall_s": wall, "outputs": rows, "worst_rel": max(r["rel"] for r in rows.values())}
             os.remove(o)
-            log("parity", prec, "worst max|diff|/max|ref| =", R["parity"][prec]["worst_rel"])
+            log("parity", backend, prec, "worst max|diff|/max|ref| =", into[prec]["worst_rel"])
     except Exception as e:  # noqa: BLE001
-        R["parity"]["error"] = repr(e)
+        into["error"] = repr(e)
+        return False
+    return True
+
+
+if A.phase != "2":
+    parity(A.stu, A.backend, ["f32", "bf16", "f16"], R["parity"])
 save()
 
 # 1b. The fused ATen paths against burn's composed operators on this device (`stu check-ops`):
@@ -195,10 +227,10 @@ def conv_algos():
 #    recipe) and ours bf16 and f16 (loss-scaled for training). What the goal is about runs
 #    first (B, H, L), right after parity; the checks of section 2 and the extras (PyTorch bf16,
 #    S, burn's generic operators) follow while the budget lasts.
-def ours(case, prec, env_extra=None, timeout=180):
+def ours(case, prec, env_extra=None, timeout=180, stu=None, backend="tch-cuda"):
     j = f"/tmp/ours_{case}_{prec}.json"
     env = dict(os.environ, **(env_extra or {}))
-    rc, out, peak, wall = sh([A.stu, "bench", "--backend", "tch-cuda", "--precision", prec, case, "--json", j], timeout=timeout, env=env)
+    rc, out, peak, wall = sh([stu or A.stu, "bench", "--backend", backend, "--precision", prec, case, "--json", j], timeout=timeout, env=env)
     row = {"side": "stu", "case": case, "dtype": prec, "rc": rc, "peak_gib_nvml": peak, "wall_s": wall}
     if env_extra:
         row["env"] = env_extra
@@ -480,6 +512,31 @@ phase1 += [("profile", "train_B_128_b2", "f16"), ("profile", "infer_B_128", "f16
 if "H" in A.sizes and (A.torch_sizes is None or "H" in A.torch_sizes):
     extra += [("profile", "infer_H_128", "f16")]
 phase2 += [("call", predict_ct, ""), ("call", train_dp, ""), ("call", train_checks, ""), ("call", predict_mr, "")]
+def burn_cuda():
+    """burn's own CUDA backend (CubeCL: its kernels, compiled at run time by NVRTC, no cuDNN),
+    from the `cuda` build (`--stu-cuda`): parity in f32 and f16, then B's patch and training
+    step in f16 beside the rows above (the first call of each kernel compiles and autotunes it,
+    inside the warm-up steps)."""
+    if not A.stu_cuda:
+        return
+    rc, out, _, _ = sh([A.stu_cuda, "--version"], timeout=30)
+    R["burn_cuda"] = {"version": out.strip()[-200:], "parity": {}}
+    ok = parity(A.stu_cuda, "cuda", ["f32", "f16"], R["burn_cuda"]["parity"], timeout=150)
+    save()
+    for case, prec, timeout in [("infer_B_128", "f16", 150), ("train_B_128_b2", "f16", 180)]:
+        if not ok or time.time() - T0 > A.budget:
+            R["skipped"].append(["burn-cuda", case, prec])
+            continue
+        row = ours(case, prec, timeout=timeout, stu=A.stu_cuda, backend="cuda")
+        row["side"] = "burn-cuda"
+        R["bench"].append(row)
+        log("bench", json.dumps({k: v for k, v in row.items() if k not in ("samples_ms", "error")}))
+        save()
+        ok = row["rc"] == 0
+
+
+# burn's own CUDA backend first among the extras: never run on a GPU before.
+phase2 += [("call", burn_cuda, "")]
 # What the ATen paths gain (B training without the ATen loss, burn's generic inference in bf16),
 # and STU-Net's 3³ convolutions shape by shape through each algorithm (`conv_algos.py`).
 if "B" in A.sizes:
@@ -511,6 +568,8 @@ md = [f"GPU: {R.get('gpu')}; PyTorch {R.get('torch')}, cuDNN {R.get('cudnn')}; {
 md += ["| precision | worst max abs diff / max abs ref over the 5 outputs |", "|---|---|"]
 for p, v in R["parity"].items():
     md.append(f"| {p} | {v.get('worst_rel', v.get('error', ''))!s:.80} |")
+for p, v in R.get("burn_cuda", {}).get("parity", {}).items():
+    md.append(f"| {p} (burn-cuda) | {v.get('worst_rel', v.get('error', '')) if isinstance(v, dict) else v!s:.80} |")
 md += ["", "| case | side | dtype | ms | peak GiB (NVML) | torch peak alloc GiB |", "|---|---|---|---|---|---|"]
 for r in R["bench"]:
     md.append(f"| {r['case']} | {r['side']} | {r['dtype']} | {r.get('ms', 'rc=' + str(r['rc']))} | {r['peak_gib_nvml']} | {r.get('peak_allocated_gib', '')} |")
