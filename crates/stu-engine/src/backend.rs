@@ -66,12 +66,9 @@ fn cubecl_cuda(index: usize) -> Result<Device, String> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err("NVRTC (libnvrtc.so, CUDA's run-time compiler) cannot be loaded: put the CUDA toolkit's lib folder, or the PyPI wheel nvidia-cuda-nvrtc's, on LD_LIBRARY_PATH".into());
     }
-    // cubecl compiles its kernels with NVRTC at run time against CUDA's headers, found as
-    // cubecl-cuda's `install::cuda_path` finds them (and panics without).
-    let root = std::env::var_os("CUDA_PATH").map(std::path::PathBuf::from).or_else(|| {
-        ["/usr/local/cuda", "/opt/cuda"].into_iter().map(std::path::PathBuf::from).find(|p| p.exists()).or_else(|| std::path::Path::new("/usr/bin/nvcc").exists().then(|| "/usr".into()))
-    });
-    match &root {
+    // cubecl compiles its kernels with NVRTC at run time against CUDA's headers, under the
+    // folder its `install::cuda_path` finds (and panics without).
+    match &cubecl_cuda::install::cuda_path() {
         Some(r) if r.join("include/cuda_fp16.h").exists() => {}
         Some(r) => return Err(format!("{} has no include/cuda_fp16.h: cubecl compiles its kernels at run time against CUDA's headers; point CUDA_PATH at a CUDA toolkit (or at the nvidia/cu13 folder of the PyPI wheel nvidia-cuda-runtime)", r.display())),
         None => return Err("no CUDA headers: cubecl compiles its kernels at run time against them; set CUDA_PATH to a CUDA toolkit (or to the nvidia/cu13 folder of the PyPI wheel nvidia-cuda-runtime)".into()),
