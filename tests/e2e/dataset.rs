@@ -1,5 +1,6 @@
 //! `stu dataset check` on the shared datasets and on corrupted copies; NIfTI round trips.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -52,6 +53,16 @@ fn corrupted_copies_fail_naming_the_file_and_the_problem() {
             let b = std::fs::read(&p).unwrap();
             std::fs::write(&p, &b[..b.len() / 3]).unwrap();
         }, "ts_mr_sm_0000.nii.gz", "corrupt or truncated gzip"),
+        ("negative size in the header", |d| {
+            // dim[1] = -5: the `nifti` crate reads sizes unsigned (65531).
+            let p = d.join(LABEL);
+            let mut raw = Vec::new();
+            flate2::read::GzDecoder::new(std::fs::File::open(&p).unwrap()).read_to_end(&mut raw).unwrap();
+            raw[42..44].copy_from_slice(&(-5i16).to_le_bytes());
+            let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(&p).unwrap(), flate2::Compression::fast());
+            gz.write_all(&raw).unwrap();
+            gz.finish().unwrap();
+        }, "ts_mr_sm.nii.gz", "dim[1] = -5 is not a size"),
         ("undeclared label value", |d| {
             let p = d.join(LABEL);
             let mut l = read_label(&p).unwrap();
@@ -105,6 +116,7 @@ fn corrupted_copies_fail_naming_the_file_and_the_problem() {
         assert!(!ok, "{what}: the check passed:\n{out}");
         let line = out.lines().find(|l| l.contains(message)).unwrap_or_else(|| panic!("{what}: no line with `{message}`:\n{out}"));
         assert!(line.contains(file), "{what}: `{line}` does not name {file}");
+        assert_eq!(line.matches(file).count(), 1, "{what}: `{line}` names {file} more than once");
     }
 }
 

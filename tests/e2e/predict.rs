@@ -667,6 +667,12 @@ fn evaluation_leaves_out_the_ignore_label() {
     let twice = stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), p2.to_str().unwrap(), "--out", both.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&twice.stderr);
     assert!(!twice.status.success() && err.contains("c.nii.gz") && err.contains("scored once"), "{err}");
+    // A truncated prediction: an error that names the file, once.
+    let bytes = std::fs::read(p2.join("d.nii.gz")).unwrap();
+    std::fs::write(p2.join("d.nii.gz"), &bytes[..bytes.len() / 2]).unwrap();
+    let cut = stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p2.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&cut.stderr);
+    assert!(!cut.status.success() && err.matches("d.nii.gz").count() == 1 && err.contains("truncated"), "{err}");
 }
 
 #[test]

@@ -176,7 +176,7 @@ fn write_v2(src: &Path, tmp: &Path, layout: Layout, channels: usize, labels: &[S
                     let from = src.join(d).join(f);
                     let stem = f.strip_suffix(".nii.gz").expect("listed by its ending");
                     let to = |c: usize| tmp.join(d).join(format!("{stem}_{c:04}.nii.gz"));
-                    let vols = crate::nifti_io::read_channels(&from).map_err(|e| file_err(&from, e.to_string()))?;
+                    let vols = crate::nifti_io::read_channels(&from)?;
                     if vols.len() != channels {
                         return Err(file_err(&from, format!("{} volume(s), dataset.json's `modality` names {channels}", vols.len())));
                     }

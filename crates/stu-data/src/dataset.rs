@@ -27,6 +27,9 @@ pub enum DatasetError {
         /// Why.
         reason: String,
     },
+    /// An image or label file cannot be read (its message names the file).
+    #[error(transparent)]
+    Volume(#[from] crate::nifti_io::NiftiIoError),
 }
 
 /// One entry of `labels`: a class id, or a region (a list of ids).

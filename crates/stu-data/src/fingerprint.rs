@@ -150,10 +150,10 @@ pub fn fingerprint(root: &Path, json: &DatasetJson) -> Result<Fingerprint, Datas
             let mut images = Vec::with_capacity(c);
             for (ch, img) in case.images.iter().enumerate() {
                 let p = img.as_ref().ok_or_else(|| file_err(root, format!("case `{}` has no channel {ch}", case.id)))?;
-                images.push(read_image(p).map_err(|e| file_err(p, e.to_string()))?);
+                images.push(read_image(p)?);
             }
             let lp = case.label.as_ref().ok_or_else(|| file_err(root, format!("case `{}` has no label", case.id)))?;
-            let label = read_label(lp).map_err(|e| file_err(lp, e.to_string()))?;
+            let label = read_label(lp)?;
             let geom = &images[0].geom;
             let chans: Vec<&[f32]> = images.iter().map(|v| v.data.as_slice()).collect();
             let (_, bb) = nonzero_mask(&chans, geom.shape);

@@ -293,12 +293,12 @@ pub struct Pair {
 /// shapes and affines must agree.
 pub fn read_pair(r: &Path, p: &Path, surface: &EvalOptions) -> Result<Pair, DatasetError> {
     let file_err = |p: &Path, r: String| DatasetError::File { path: p.to_path_buf(), reason: r };
-    let mut rv = crate::nifti_io::read_label(r).map_err(|e| file_err(r, e.to_string()))?;
+    let mut rv = crate::nifti_io::read_label(r)?;
     let ignored: Option<Vec<bool>> = surface.ignore_label.map(|ig| rv.data.iter().map(|&v| v == ig).collect());
     if let Some(map) = &surface.reference_map {
         rv.data.iter_mut().for_each(|v| *v = map.get(v).copied().unwrap_or(0));
     }
-    let pv = crate::nifti_io::read_label(p).map_err(|e| file_err(p, e.to_string()))?;
+    let pv = crate::nifti_io::read_label(p)?;
     if rv.geom.shape != pv.geom.shape {
         return Err(file_err(p, format!("shape {:?} differs from the reference's {:?}", pv.geom.shape, rv.geom.shape)));
     }

@@ -104,6 +104,17 @@ fn read_object(path: &Path) -> Result<InMemNiftiObject> {
     if size != 348 && size.swap_bytes() != 348 {
         return Err(invalid(path, "not a NIfTI-1 file (header size is not 348)"));
     }
+    // The sizes first: the `nifti` crate reads them unsigned, so a negative one becomes a huge
+    // count, reported only as data that does not fill it.
+    let h = NiftiHeader::from_reader(io::Cursor::new(&bytes[..])).map_err(|e| invalid(path, format!("bad NIfTI header: {e}")))?;
+    let dim = h.dim.map(|d| d as i16);
+    if !(1..=7).contains(&dim[0]) {
+        return Err(invalid(path, format!("bad NIfTI header: dim[0] = {}, the number of dimensions, is not in 1..=7", dim[0])));
+    }
+    let dims = &dim[1..=dim[0] as usize];
+    if let Some(d) = dims.iter().position(|&d| d < 1) {
+        return Err(invalid(path, format!("bad NIfTI header: dim[{}] = {} is not a size (dims {dims:?})", d + 1, dims[d])));
+    }
     InMemNiftiObject::from_reader(io::Cursor::new(bytes)).map_err(|e| invalid(path, format!("bad NIfTI data: {e}")))
 }
 

@@ -281,7 +281,7 @@ pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, 
     let mut chans = Vec::with_capacity(images.len());
     let mut geom = None;
     for p in images {
-        let v = read_image(p).map_err(|e| file_err(p, e.to_string()))?;
+        let v = read_image(p)?;
         // A NaN or infinity would spread through normalisation and resampling into the network.
         if let Some(i) = v.data.iter().position(|x| !x.is_finite()) {
             let bad = v.data.iter().filter(|x| !x.is_finite()).count();
@@ -303,7 +303,7 @@ pub fn preprocess_case_with(id: &str, images: &[PathBuf], label: Option<&Path>, 
     let spacing_t = perm.map(|a| geom.spacing[a]);
     let seg_t: Option<Vec<i16>> = match label {
         Some(p) => {
-            let l = read_label(p).map_err(|e| file_err(p, e.to_string()))?;
+            let l = read_label(p)?;
             if l.geom.shape != geom.shape {
                 return Err(file_err(p, format!("label shape {:?} differs from the image {:?}", l.geom.shape, geom.shape)));
             }

@@ -61,14 +61,14 @@ pub fn convert(root: &Path, out: &Path, group: Option<ExpertGroup>) -> Result<us
     cases.par_iter().try_for_each(|case| -> Result<(), DatasetError> {
         let dir = root.join(case);
         let ct = dir.join("ct.nii.gz");
-        let geom = read_geometry(&ct).map_err(|e| file_err(&ct, e.to_string()))?;
+        let geom = read_geometry(&ct)?;
         let mut label = vec![0u16; geom.voxels()];
         for &(id, name) in &classes {
             let p = dir.join("segmentations").join(format!("{name}.nii.gz"));
             if !p.exists() {
                 return Err(file_err(&p, format!("missing mask of class `{name}`")));
             }
-            let mask = read_label(&p).map_err(|e| file_err(&p, e.to_string()))?;
+            let mask = read_label(&p)?;
             if mask.geom.shape != geom.shape || mask.geom.affine_mismatch(&geom) > crate::check::AFFINE_TOLERANCE {
                 return Err(file_err(&p, format!("geometry differs from {}", ct.display())));
             }

@@ -337,7 +337,7 @@ pub fn ensemble_members(members_folders: &[Vec<PathBuf>], output: &Path, save_pr
         // In the members' format.
         let out = output.join(format!("{id}{ending}"));
         let max = regions.as_ref().map_or(classes.saturating_sub(1), |w| w.iter().copied().max().unwrap_or(0) as usize);
-        stu_data::nifti_io::write_label_as(&out, &arg, &geom, max > 255).with_context(|| out.display().to_string())?;
+        stu_data::nifti_io::write_label_as(&out, &arg, &geom, max > 255)?;
     }
     Ok(ids)
 }

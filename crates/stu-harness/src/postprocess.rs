@@ -176,11 +176,11 @@ pub fn apply_folder(pp: &Postprocessing, input: &Path, output: &Path) -> Result<
     ensure!(!files.is_empty(), "{}: no label maps (.nii.gz, .nii, .mha, .nrrd)", input.display());
     std::fs::create_dir_all(output).with_context(|| format!("{}: cannot create", output.display()))?;
     for f in &files {
-        let mut v = stu_data::nifti_io::read_label(f).with_context(|| f.display().to_string())?;
+        let mut v = stu_data::nifti_io::read_label(f)?;
         pp.apply(&mut v.data, v.geom.shape);
         let wide = v.data.iter().any(|&l| l > 255);
         let to = output.join(f.file_name().context("a file name")?);
-        stu_data::nifti_io::write_label_as(&to, &v.data, &v.geom, wide).with_context(|| to.display().to_string())?;
+        stu_data::nifti_io::write_label_as(&to, &v.data, &v.geom, wide)?;
     }
     Ok(files.len())
 }

@@ -286,7 +286,7 @@ impl Reader {
     /// them.
     pub fn read(&self, id: &str, images: &[PathBuf]) -> Result<Case> {
         ensure!(images.len() == self.channels, "case `{id}`: {} channel file(s), the model takes {}", images.len(), self.channels);
-        let geom = stu_data::nifti_io::read_geometry(&images[0]).with_context(|| images[0].display().to_string())?;
+        let geom = stu_data::nifti_io::read_geometry(&images[0])?;
         let Some(cascade) = &self.cascade else {
             let pre = preprocess_case(id, images, None, &self.plan)?;
             return Ok(Case { id: id.to_string(), geom, pre, previous: None });
@@ -1357,7 +1357,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             pp.apply(&mut seg, geom.shape);
         }
         let w = std::time::Instant::now();
-        stu_data::nifti_io::write_label_as(&out_path, &seg, geom, wide).with_context(|| out_path.display().to_string())?;
+        stu_data::nifti_io::write_label_as(&out_path, &seg, geom, wide)?;
         phases.push(("write", w.elapsed().as_secs_f64()));
         Ok(out_path)
     };

@@ -205,7 +205,7 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
             let out = dir.join(format!("{id}{ending}"));
             let export = val_ids.contains(id) && !out.exists() && !req.probabilities;
             if let Some((seg, geom)) = predictor.predict_case_and_next_stage(id, &images_of(id)?, next.spacing, &next.dir, export, &|d, n| progress(id, d, n))? {
-                stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide).with_context(|| out.display().to_string())?;
+                stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide)?;
                 predicted += 1;
             }
         }
@@ -217,7 +217,7 @@ pub fn final_validation(run: &Path, req: &Request, progress: &dyn Fn(&str, usize
             continue;
         }
         let (seg, geom) = predictor.predict_case_with(id, &images_of(id)?, probs.as_deref(), &|d, n| progress(id, d, n), &mut Vec::new())?;
-        stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide).with_context(|| out.display().to_string())?;
+        stu_data::nifti_io::write_label_as(&out, &seg, &geom, wide)?;
         predicted += 1;
     }
     if val_ids.is_empty() {
