@@ -61,8 +61,13 @@ impl PreprocessPlan {
     pub fn read(path: &Path, configuration: &str) -> Result<Self, DatasetError> {
         let text = std::fs::read_to_string(path).map_err(|e| DatasetError::File { path: path.to_path_buf(), reason: format!("cannot read: {e}") })?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| plan_err(path, "(file)", format!("not valid JSON: {e}")))?;
+        Self::from_plans(&v, path, configuration)
+    }
+
+    /// [`PreprocessPlan::read`] of plans already parsed; `path` names them in errors.
+    pub fn from_plans(v: &serde_json::Value, path: &Path, configuration: &str) -> Result<Self, DatasetError> {
         let conf_key = format!("configurations.{configuration}");
-        let conf = crate::plan::configuration(&v, configuration).map_err(|e| plan_err(path, &conf_key, e))?;
+        let conf = crate::plan::configuration(v, configuration).map_err(|e| plan_err(path, &conf_key, e))?;
         let get = |key: &str| conf.get(key).cloned().ok_or_else(|| plan_err(path, &format!("{conf_key}.{key}"), "missing"));
         let listed: Vec<f64> = serde_json::from_value(get("spacing")?).map_err(|e| plan_err(path, &format!("{conf_key}.spacing"), e.to_string()))?;
         let two_d = crate::plan::is_2d(&conf);

@@ -26,6 +26,24 @@ pub mod validation;
 
 use stu_engine::model::PresetSummary;
 
+/// An error and its causes on one line, as `{:#}` writes them but without repeats: a cause
+/// whose text the line already holds (an I/O error that a message quotes and also keeps as its
+/// source) is left out, and a context that the next message starts with (the file name a
+/// caller adds to an error that names it already) gives way to that message.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for link in e.chain().map(|c| c.to_string()) {
+        if parts.iter().any(|p| p.contains(&link)) {
+            continue;
+        }
+        if parts.last().is_some_and(|last| link.starts_with(last.as_str())) {
+            parts.pop();
+        }
+        parts.push(link);
+    }
+    parts.join(": ")
+}
+
 /// Every registered model's presets with their counts, in registry order.
 pub fn zoo_rows() -> Vec<PresetSummary> {
     zoo::link();
@@ -62,4 +80,38 @@ pub fn group_digits(v: u64) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context;
+
+    #[test]
+    fn error_lines_drop_repeated_causes_and_contexts() {
+        // A message that quotes its source, under a context that names the same file.
+        #[derive(Debug)]
+        struct Quoting {
+            path: String,
+            source: std::io::Error,
+        }
+        impl std::fmt::Display for Quoting {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}: cannot read: {}", self.path, self.source)
+            }
+        }
+        impl std::error::Error for Quoting {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.source)
+            }
+        }
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory (os error 2)");
+        let e = anyhow::Error::new(Quoting { path: "a.pth".into(), source: io() });
+        assert_eq!(format!("{e:#}"), "a.pth: cannot read: No such file or directory (os error 2): No such file or directory (os error 2)");
+        assert_eq!(super::error_line(&e), "a.pth: cannot read: No such file or directory (os error 2)");
+        let named = Err::<(), _>(anyhow::anyhow!("p/x.nii: truncated")).context("p/x.nii").unwrap_err();
+        assert_eq!(super::error_line(&named), "p/x.nii: truncated");
+        // Distinct contexts and causes all stay.
+        let chain = Err::<(), _>(io()).context("reading plans.json").context("case `a`").unwrap_err();
+        assert_eq!(super::error_line(&chain), "case `a`: reading plans.json: No such file or directory (os error 2)");
+    }
 }

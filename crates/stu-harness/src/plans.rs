@@ -15,7 +15,12 @@ pub fn strides_from_plans(path: &Path, configuration: &str) -> Result<Vec<Stride
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read plans", path.display()))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
-    let conf = stu_data::plan::configuration(&json, configuration).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    strides_of(&json, path, configuration)
+}
+
+/// [`strides_from_plans`] of plans already parsed; `path` names them in errors.
+pub fn strides_of(json: &serde_json::Value, path: &Path, configuration: &str) -> Result<Vec<Stride>> {
+    let conf = stu_data::plan::configuration(json, configuration).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let (key, list) = if let Some(l) = conf.get("pool_op_kernel_sizes") {
         ("pool_op_kernel_sizes", l)
     } else if let Some(l) = conf.pointer("/architecture/arch_kwargs/strides") {

@@ -532,13 +532,13 @@ impl Predictor {
             }
         }
         let opts = &PredictOptions { configuration: Some(configuration.clone()), ..opts.clone() };
-        // The plan used is written beside the predictions (as nnU-Net does) and read from there.
+        let plan = PreprocessPlan::from_plans(&plan_json, &plan_path, &configuration)?;
+        let strides = crate::plans::strides_of(&plan_json, &plan_path, &configuration)?;
+        // The plan used is written beside the predictions (as nnU-Net does), once it is known
+        // to be usable.
         std::fs::create_dir_all(&opts.output).with_context(|| format!("{}: cannot create the output folder", opts.output.display()))?;
         let used = opts.output.join("plans.json");
         stu_core::fs::write_atomic(&used, (serde_json::to_string_pretty(&plan_json)? + "\n").as_bytes()).with_context(|| format!("{}: cannot write", used.display()))?;
-        let plan = PreprocessPlan::read(&used, &configuration).map_err(|e| anyhow::anyhow!("{} (from {}): {e}", used.display(), plan_path.display()));
-        let strides = crate::plans::strides_from_plans(&used, &configuration);
-        let (plan, strides) = (plan?, strides.with_context(|| plan_path.display().to_string())?);
         let patch: Vec<usize> = serde_json::from_value(stu_data::plan::configuration(&plan_json, &configuration).map_err(|e| anyhow::anyhow!("{}: {e}", plan_path.display()))?["patch_size"].clone()).with_context(|| format!("{}: `patch_size` missing", plan_path.display()))?;
         ensure!(patch.len() == 3, "{}: `patch_size` {patch:?} has neither 2 nor 3 axes", plan_path.display());
         // A run trained with `--patch-size` predicts with the patch it was trained on.
@@ -1367,7 +1367,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             let t = std::time::Instant::now();
             let mut phases = Phases::new();
             let r = predictor.predict_case_with(id, files, probabilities(id).as_deref(), &|d, n| progress(id, d, n), &mut phases).and_then(|(seg, geom)| finish(id, seg, &geom, &mut phases));
-            results.push(CaseResult { id: id.clone(), output: r.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases, skipped: false });
+            results.push(CaseResult { id: id.clone(), output: r.map_err(|e| crate::error_line(&e)), seconds: t.elapsed().as_secs_f64(), phases, skipped: false });
         }
         skipped.extend(results);
         return Ok(skipped);
@@ -1420,7 +1420,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
                         finish(id, seg, &geom, &mut phases)
                     }
                 });
-                results.push(CaseResult { id: id.clone(), output: written.map_err(|e| format!("{e:#}")), seconds: t.elapsed().as_secs_f64(), phases, skipped: false });
+                results.push(CaseResult { id: id.clone(), output: written.map_err(|e| crate::error_line(&e)), seconds: t.elapsed().as_secs_f64(), phases, skipped: false });
             }
             results
         });
@@ -1448,7 +1448,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             let n = std::time::Instant::now();
             let r = predictor.stream_slabs(&case, &|d, k| progress(id, d, k), &mut |z0, k, v| tx.send(SlabMsg::Slab(z0, k, v)).map_err(|_| anyhow::anyhow!("the export stage stopped")));
             // (The writer stage has the error when it stopped first.)
-            let _ = tx.send(SlabMsg::Done(r.map(|()| n.elapsed().as_secs_f64()).map_err(|e| format!("{e:#}"))));
+            let _ = tx.send(SlabMsg::Done(r.map(|()| n.elapsed().as_secs_f64()).map_err(|e| crate::error_line(&e))));
         }
         drop(to_writer);
         writer.join().expect("the writer stage does not panic")

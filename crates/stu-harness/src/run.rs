@@ -308,7 +308,7 @@ pub fn run_selected(spec: &Spec, root: &Path, select: Select, log: &dyn Fn(&str)
                 out.push(PointOutcome { dir, status: "done".into() });
             }
             Err(e) => {
-                let msg = format!("{e:#}");
+                let msg = crate::error_line(&e);
                 stu_core::fs::write_atomic(&dir.join("error.txt"), (msg.clone() + "\n").as_bytes())?;
                 log(&format!("  failed: {msg}"));
                 out.push(PointOutcome { dir, status: format!("failed: {msg}") });

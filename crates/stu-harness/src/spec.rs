@@ -369,7 +369,7 @@ fn from_figment(fig: Figment, path: &Path, overrides: &[String]) -> Result<Spec>
         // Round-trip through figment so the error names the key.
         spec = Figment::from(Serialized::defaults(v)).extract().map_err(|e| anyhow::anyhow!("{} (with --set {}): {}", path.display(), overrides.join(" "), describe(e)))?;
     }
-    validate(&spec).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
+    validate(&spec).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), crate::error_line(&e)))?;
     Ok(spec)
 }
 
