@@ -667,6 +667,12 @@ fn evaluation_leaves_out_the_ignore_label() {
     let twice = stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), p2.to_str().unwrap(), "--out", both.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&twice.stderr);
     assert!(!twice.status.success() && err.contains("c.nii.gz") && err.contains("scored once"), "{err}");
+    // A tolerance that is no distance is refused, not scored as NSD -0.
+    for t in ["nan", "-2", "1:inf"] {
+        let out = stu(&["evaluate", "--ref", r.to_str().unwrap(), "--pred", p.to_str().unwrap(), &format!("--nsd-tolerance={t}")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("--nsd-tolerance") && err.contains("not a tolerance"), "{t}: {err}");
+    }
     // A truncated prediction: an error that names the file, once.
     let bytes = std::fs::read(p2.join("d.nii.gz")).unwrap();
     std::fs::write(p2.join("d.nii.gz"), &bytes[..bytes.len() / 2]).unwrap();

@@ -25,6 +25,9 @@ pub struct DatasetEntry {
     /// Materialises the dataset under `out` (or checks it in place) from the plugin's own
     /// configuration table, and returns the dataset root.
     pub prepare: fn(&serde_json::Value, &Path) -> Result<PathBuf, DatasetError>,
+    /// Judges the configuration table without preparing or reading anything (`stu spec
+    /// check`, which may run where the data are not): unknown keys, values out of range.
+    pub check: fn(&serde_json::Value) -> Result<(), DatasetError>,
 }
 
 inventory::collect!(DatasetEntry);
@@ -45,15 +48,21 @@ pub fn registry() -> &'static Registry<DatasetEntry> {
     REG.get_or_init(|| Registry::from_registrations(inventory::iter::<DatasetEntry>()))
 }
 
-/// Deserialises a plugin's table, naming the plugin and the key on error.
+/// Deserialises a plugin's table, naming the plugin and the key on error; no table (null) is
+/// an empty one, every option at its default.
 pub fn config<T: for<'de> Deserialize<'de>>(plugin: &str, value: &serde_json::Value) -> Result<T, DatasetError> {
-    serde_json::from_value(value.clone()).map_err(|e| DatasetError::Json { path: PathBuf::from(format!("dataset `{plugin}`")), key: "options".into(), reason: e.to_string() })
+    let value = if value.is_null() { serde_json::json!({}) } else { value.clone() };
+    serde_json::from_value(value).map_err(|e| DatasetError::Json { path: PathBuf::from(format!("dataset `{plugin}`")), key: "options".into(), reason: e.to_string() })
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     path: PathBuf,
+}
+
+fn check_raw(value: &serde_json::Value) -> Result<(), DatasetError> {
+    config::<RawConfig>("nnunet-raw", value).map(|_| ())
 }
 
 fn prepare_raw(value: &serde_json::Value, _out: &Path) -> Result<PathBuf, DatasetError> {
@@ -66,7 +75,7 @@ fn prepare_raw(value: &serde_json::Value, _out: &Path) -> Result<PathBuf, Datase
 }
 
 inventory::submit! {
-    DatasetEntry { name: "nnunet-raw", summary: "an existing dataset in nnU-Net v2 raw layout (checked before use)", module_path: module_path!(), revision: 0, prepare: prepare_raw }
+    DatasetEntry { name: "nnunet-raw", summary: "an existing dataset in nnU-Net v2 raw layout (checked before use)", module_path: module_path!(), revision: 0, prepare: prepare_raw, check: check_raw }
 }
 
 #[derive(Deserialize)]
@@ -103,16 +112,28 @@ fn default_test_cases() -> usize {
     4
 }
 
-fn prepare_phantom(value: &serde_json::Value, out: &Path) -> Result<PathBuf, DatasetError> {
+fn phantom_config(value: &serde_json::Value) -> Result<(PhantomConfig, Option<stu_core::taxonomy::ExpertGroup>), DatasetError> {
     let c: PhantomConfig = config("phantom", value)?;
     let group = expert_group("phantom", c.group.as_deref())?;
+    if c.cases == 0 {
+        return Err(DatasetError::Json { path: PathBuf::from("dataset `phantom`"), key: "cases".into(), reason: "0 training cases: at least 1".into() });
+    }
+    Ok((c, group))
+}
+
+fn check_phantom(value: &serde_json::Value) -> Result<(), DatasetError> {
+    phantom_config(value).map(|_| ())
+}
+
+fn prepare_phantom(value: &serde_json::Value, out: &Path) -> Result<PathBuf, DatasetError> {
+    let (c, group) = phantom_config(value)?;
     crate::phantom::write_dataset(&crate::phantom::PhantomOptions { out: out.to_path_buf(), cases: c.cases, test_cases: c.test_cases, seed: c.seed, group, stunet_ids: c.stunet_ids })
         .map_err(|e| DatasetError::File { path: out.to_path_buf(), reason: e.to_string() })?;
     Ok(out.to_path_buf())
 }
 
 inventory::submit! {
-    DatasetEntry { name: "phantom", summary: "synthetic CT phantom, 15 STU-Net classes in the five expert groups (no download)", module_path: module_path!(), revision: crate::phantom::VERSION, prepare: prepare_phantom }
+    DatasetEntry { name: "phantom", summary: "synthetic CT phantom, 15 STU-Net classes in the five expert groups (no download)", module_path: module_path!(), revision: crate::phantom::VERSION, prepare: prepare_phantom, check: check_phantom }
 }
 
 #[derive(Deserialize)]
@@ -123,6 +144,11 @@ struct TotalSegConfig {
     group: Option<String>,
 }
 
+fn check_totalseg(value: &serde_json::Value) -> Result<(), DatasetError> {
+    let c: TotalSegConfig = config("totalsegmentator", value)?;
+    expert_group("totalsegmentator", c.group.as_deref()).map(|_| ())
+}
+
 fn prepare_totalseg(value: &serde_json::Value, out: &Path) -> Result<PathBuf, DatasetError> {
     let c: TotalSegConfig = config("totalsegmentator", value)?;
     let group = expert_group("totalsegmentator", c.group.as_deref())?;
@@ -131,7 +157,7 @@ fn prepare_totalseg(value: &serde_json::Value, out: &Path) -> Result<PathBuf, Da
 }
 
 inventory::submit! {
-    DatasetEntry { name: "totalsegmentator", summary: "TotalSegmentator v1 release → STU-Net's 104-class order, optionally one expert group", module_path: module_path!(), revision: 0, prepare: prepare_totalseg }
+    DatasetEntry { name: "totalsegmentator", summary: "TotalSegmentator v1 release → STU-Net's 104-class order, optionally one expert group", module_path: module_path!(), revision: 0, prepare: prepare_totalseg, check: check_totalseg }
 }
 
 #[cfg(test)]

@@ -1059,6 +1059,9 @@ fn run(cli: Cli) -> Result<()> {
                         surface.nsd_tolerance.insert(l, mm);
                     }
                 }
+                for mm in surface.nsd_default.iter().chain(surface.nsd_tolerance.values()) {
+                    anyhow::ensure!(mm.is_finite() && *mm >= 0.0, "--nsd-tolerance `{t}`: {mm} mm is not a tolerance (a finite number ≥ 0)");
+                }
             }
             let map = label_map.as_deref().map(crate::labelmap::LabelMap::load).transpose()?;
             if let Some(m) = &map {

@@ -420,6 +420,12 @@ pub fn validate(s: &Spec) -> Result<()> {
         ensure!((0.0..=1.0).contains(&p), "`train.oversample_foreground` = {p}: must be in [0, 1]");
     }
     ensure!(s.train.epochs >= 1 && s.train.iterations >= 1 && s.train.save_every >= 1, "`train.epochs`, `train.iterations` and `train.save_every` must be at least 1");
+    if let Some(lr) = s.train.lr {
+        ensure!(lr.is_finite() && lr > 0.0, "`train.lr` = {lr}: must be a positive number");
+    }
+    if let Some(mm) = s.evaluate.nsd_tolerance {
+        ensure!(mm.is_finite() && mm >= 0.0, "`evaluate.nsd_tolerance` = {mm}: must be a finite number of mm ≥ 0");
+    }
     ensure!(s.predict.step > 0.0 && s.predict.step <= 1.0, "`predict.step` = {}: must be in (0, 1]", s.predict.step);
     if let Some(m) = &s.predict.label_map {
         crate::labelmap::LabelMap::load(m).context("`predict.label_map`")?;
@@ -458,7 +464,9 @@ fn check_point(s: &Spec) -> Result<()> {
     let entry = stu_engine::model::registry().get(&s.model.name).map_err(|e| anyhow::anyhow!("`model.name`: {e}"))?;
     for (key, d) in [("dataset.plugin", Some(&s.dataset)), ("predict.dataset.plugin", s.predict.dataset.as_ref()), ("pretrain.dataset.plugin", s.pretrain.as_ref().map(|p| &p.dataset))] {
         if let Some(d) = d {
-            stu_data::plugins::registry().get(&d.plugin).map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?;
+            let entry = stu_data::plugins::registry().get(&d.plugin).map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?;
+            let section = key.trim_end_matches(".plugin");
+            (entry.check)(&d.options).map_err(|e| anyhow::anyhow!("`{section}.options`: {e}"))?;
         }
     }
     if s.model.checkpoint.is_none() {
@@ -760,6 +768,35 @@ mod tests {
         assert!(e.contains("sweep sweeps"), "{e}");
         let e = bad("[[variants]]\nname = \"a\"\ncolour = 3\n");
         assert!(e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_and_negative_numbers_are_refused_naming_the_key() {
+        // NaN serialises to null in a point's identity, so `lr = nan` would run as the default.
+        for lr in ["nan", "inf", "-0.01", "0"] {
+            let e = format!("{:#}", load_str(&TINY.replace("lr = 0.02", &format!("lr = {lr}")), Path::new("t.toml"), &[]).unwrap_err());
+            assert!(e.contains("`train.lr`") && e.contains("positive"), "{lr}: {e}");
+        }
+        for mm in ["nan", "-inf", "-1.0"] {
+            let e = format!("{:#}", load_str(&format!("{TINY}[evaluate]\nnsd_tolerance = {mm}\n"), Path::new("t.toml"), &[]).unwrap_err());
+            assert!(e.contains("`evaluate.nsd_tolerance`"), "{mm}: {e}");
+        }
+        load_str(&format!("{TINY}[evaluate]\nnsd_tolerance = 0.0\n"), Path::new("t.toml"), &[]).unwrap();
+    }
+
+    #[test]
+    fn dataset_options_are_judged_by_their_plugin() {
+        let bad = |from: &str, to: &str| format!("{:#}", load_str(&TINY.replace(from, to), Path::new("t.toml"), &[]).unwrap_err());
+        let e = bad("cases = 5", "casez = 5");
+        assert!(e.contains("`dataset.options`") && e.contains("casez"), "{e}");
+        let e = bad("cases = 5", "cases = 0");
+        assert!(e.contains("`dataset.options`") && e.contains("cases"), "{e}");
+        let e = bad("cases = 5", "group = \"toes\"");
+        assert!(e.contains("group") && e.contains("toes"), "{e}");
+        let e = bad("plugin = \"phantom\"\noptions = { cases = 5 }", "plugin = \"nnunet-raw\"\noptions = { folder = \"/data/Dataset9\" }");
+        assert!(e.contains("`dataset.options`") && e.contains("folder"), "{e}");
+        // Data elsewhere (a cluster's paths, checked on a laptop) are not judged here.
+        load_str(&TINY.replace("plugin = \"phantom\"\noptions = { cases = 5 }", "plugin = \"nnunet-raw\"\noptions = { path = \"/nonexistent/Dataset9\" }"), Path::new("t.toml"), &[]).unwrap();
     }
 
     #[test]
