@@ -22,6 +22,19 @@ fn check_outputs(out: &Path, reference: &Path, n: usize) {
 
 #[test]
 fn tiny_iso_matches_pytorch_in_all_three_containers() {
+    tiny_iso_matches_pytorch_on(stu_engine::backend::Backend::Flex);
+}
+
+/// burn's wgpu backend (CubeCL on Vulkan), where a Vulkan device is present: on a machine
+/// without a GPU, Mesa's lavapipe (`apt-get install mesa-vulkan-drivers`). Only with
+/// `--features wgpu` (`cargo test -p tests --features wgpu -- on_wgpu`); not in CI.
+#[cfg(feature = "wgpu")]
+#[test]
+fn tiny_iso_matches_pytorch_on_wgpu() {
+    tiny_iso_matches_pytorch_on(stu_engine::backend::Backend::Wgpu);
+}
+
+fn tiny_iso_matches_pytorch_on(backend: stu_engine::backend::Backend) {
     let dir = tempfile::tempdir().unwrap();
     let reference = parity_dir().join("tiny_iso.safetensors");
     for file in ["tiny_iso.safetensors", "tiny_iso_nnunetv1.model", "tiny_iso_nnunetv2.pth"] {
@@ -31,7 +44,7 @@ fn tiny_iso_matches_pytorch_in_all_three_containers() {
                 checkpoint: parity_dir().join(file),
                 model: None,
                 strides: StrideSource::Default,
-                backend: stu_engine::backend::Backend::Flex,
+                backend,
             },
             input: reference.clone(),
             input_key: "input".into(),
@@ -171,5 +184,107 @@ fn deep_supervision_loss_matches_nnunet() {
         let (w0, w) = (want[format!("loss0.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap(), want[format!("loss.batch_dice_{}", if batch_dice { "True" } else { "False" })].as_f64().unwrap());
         assert!((l0 - w0).abs() < 1e-5, "batch_dice {batch_dice}: {l0} vs {w0}");
         assert!((l - w).abs() < 1e-5, "batch_dice {batch_dice}: {l} vs {w}");
+    }
+}
+
+/// One training step's loss and gradients on wgpu against flex's for the same network, input
+/// and targets (nnU-Net's deep-supervision loss): each parameter's gradient to 1e-3 of its
+/// largest value. Only with `--features wgpu` and a Vulkan device.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_gradients_equal_flexs() {
+    use stu_engine::burn::module::{Module, ModuleVisitor, Param};
+    use stu_engine::burn::tensor::Int;
+    use stu_engine::backend::Backend;
+    use stu_engine::loss::{DiceConfig, deep_supervision};
+    use stu_engine::model::SegNet;
+    use stu_engine::{Tensor, TensorData};
+    use zoo::stunet::{StuNet, StuNetArch};
+
+    struct Grads<'a>(&'a stu_engine::burn::tensor::Gradients, Vec<(String, Vec<f64>)>, Vec<String>);
+    impl ModuleVisitor for Grads<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.2.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.2.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let g = param.grad(self.0).map(|g| g.into_data().convert::<f64>().try_to_vec::<f64>().unwrap()).unwrap_or_default();
+            self.1.push((self.2.join("."), g));
+        }
+    }
+    let stages = 4;
+    let arch = StuNetArch { in_channels: 1, num_classes: 3, depth: vec![1; stages], dims: vec![4, 8, 8, 16], strides: vec![[2, 2, 2]; stages - 1] };
+    let shape = [2usize, 1, 16, 32, 32];
+    let mut rng = stu_core::rng::SplitMix64::new(11);
+    let x = rng.fill_f32(shape.iter().product(), -1.0, 1.0);
+    // Four stages: three outputs (the deepest stage has none).
+    let targets: Vec<(Vec<i64>, [usize; 4])> = (0..stages - 1)
+        .map(|i| {
+            let s = [2, 16 >> i, 32 >> i, 32 >> i];
+            ((0..s.iter().product::<usize>()).map(|_| (rng.next_u64() % 3) as i64).collect(), s)
+        })
+        .collect();
+    let flex = Backend::Flex.device().unwrap().autodiff();
+    let net = StuNet::new(&arch, &flex).unwrap();
+    let run = |net: &StuNet, device: &stu_engine::Device| {
+        let outs = net.forward_ds(Tensor::<5>::from_data(TensorData::new(x.clone(), shape), device));
+        let t: Vec<Tensor<4, Int>> = targets.iter().map(|(v, s)| Tensor::from_data(TensorData::new(v.clone(), *s), device)).collect();
+        let loss = deep_supervision(&outs, &t, &stu_engine::schedule::ds_weights(stages - 1), DiceConfig::default());
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        let grads = loss.backward();
+        let mut v = Grads(&grads, Vec::new(), Vec::new());
+        net.visit(&mut v);
+        (value, v.1)
+    };
+    let wgpu = Backend::Wgpu.device().unwrap().autodiff();
+    let (l_flex, g_flex) = run(&net, &flex);
+    let (l_wgpu, g_wgpu) = run(&net.clone().fork(&wgpu), &wgpu);
+    assert!((l_flex - l_wgpu).abs() < 1e-5 * l_flex.abs().max(1.0), "loss {l_flex} vs {l_wgpu}");
+    // A conv bias just before an instance norm has a gradient of 0 up to rounding: such
+    // gradients are compared against a floor of 1e-2 of the largest gradient anywhere.
+    let largest = g_flex.iter().flat_map(|(_, g)| g.iter()).fold(0f64, |m, v| m.max(v.abs()));
+    let mut worst = (0.0, String::new());
+    for ((name, a), (_, b)) in g_flex.iter().zip(&g_wgpu) {
+        assert_eq!(a.len(), b.len(), "{name}");
+        let scale = a.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-2 * largest);
+        let err = a.iter().zip(b).fold(0f64, |m, (p, q)| m.max((p - q).abs())) / scale;
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+    }
+    assert!(worst.0 < 1e-3, "gradient of {} off flex's by {:.2e} of its largest value", worst.1, worst.0);
+}
+
+/// A strided convolution with a 1-wide kernel (STU-Net's strided 1×1×1 shortcut) on wgpu
+/// against flex, odd sizes included: output, input gradient and weight gradient. burn-cubecl
+/// 0.22.1 returns a zero input gradient for it (`stu_engine::ops::conv3d` works around that).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_strided_pointwise_convolution_gradients_equal_flexs() {
+    use stu_engine::backend::Backend;
+    use stu_engine::ops::{Layout, conv3d};
+    use stu_engine::{Tensor, TensorData};
+    let mut rng = stu_core::rng::SplitMix64::new(5);
+    for (shape, stride) in [([2usize, 3, 8, 8, 8], [2usize, 2, 2]), ([1, 3, 5, 7, 6], [2, 2, 1]), ([1, 3, 7, 5, 9], [1, 2, 2])] {
+        let x: Vec<f32> = rng.fill_f32(shape.iter().product(), -1.0, 1.0);
+        let w: Vec<f32> = rng.fill_f32(4 * 3, -1.0, 1.0);
+        let run = |b: Backend| {
+            let d = b.device().unwrap().autodiff();
+            let xt = Tensor::<5>::from_data(TensorData::new(x.clone(), shape), &d).require_grad();
+            let wt = Tensor::<5>::from_data(TensorData::new(w.clone(), [4, 3, 1, 1, 1]), &d).require_grad();
+            let y = conv3d(xt.clone(), wt.clone(), Tensor::zeros([4], &d), stride, Layout::Ncdhw);
+            let out = y.clone().into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+            let g = (y.clone() * y).sum().backward();
+            let v = |t: Tensor<5>| t.into_data().convert::<f64>().try_to_vec::<f64>().unwrap();
+            [out, v(xt.grad(&g).unwrap()), v(wt.grad(&g).unwrap())]
+        };
+        let (a, b) = (run(Backend::Flex), run(Backend::Wgpu));
+        for (what, (a, b)) in ["output", "input gradient", "weight gradient"].iter().zip(a.iter().zip(&b)) {
+            let scale = a.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = a.iter().zip(b).fold(0f64, |m, (p, q)| m.max((p - q).abs())) / scale;
+            assert!(scale > 0.0 && err < 1e-5, "{shape:?} stride {stride:?}, {what}: off flex's by {err:.2e} of its largest value");
+        }
     }
 }

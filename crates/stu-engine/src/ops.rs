@@ -192,6 +192,23 @@ fn conv3d_with(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize;
                 add_bias,
             ))
         }
+        Layout::Ncdhw if (0..3).any(|a| k[a + 2] == 1 && stride[a] > 1) => {
+            // A 1-wide axis with a stride (STU-Net's strided 1×1×1 shortcut) reads every
+            // stride-th voxel: take those first and convolve at stride 1 there. The same sums;
+            // and CubeCL's transposed convolution, which burn's input gradient runs through on
+            // `wgpu` and `cuda`, returns zeros when a kernel is narrower than its stride
+            // (burn-cubecl 0.22.1, `conv_transpose3d`: `kernel * dilation − stride` in unsigned
+            // arithmetic), so the shortcut's gradient would never reach the encoder.
+            let dims = x.dims();
+            let slices: Vec<burn::tensor::Slice> = (0..5)
+                .map(|d| match d {
+                    2..=4 if k[d] == 1 && stride[d - 2] > 1 => burn::tensor::Slice::new(0, Some(dims[d] as isize), stride[d - 2] as isize),
+                    _ => burn::tensor::Slice::new(0, Some(dims[d] as isize), 1),
+                })
+                .collect();
+            let left: [usize; 3] = std::array::from_fn(|a| if k[a + 2] == 1 { 1 } else { stride[a] });
+            conv3d_with(x.slice(slices.as_slice()), weight, bias, left, Layout::Ncdhw, add_bias)
+        }
         Layout::Ncdhw => {
             let pad = [k[2] / 2, k[3] / 2, k[4] / 2];
             burn::tensor::module::conv3d(x, weight, Some(bias), burn::tensor::ops::ConvOptions::new(stride, pad, [1; 3], 1))
