@@ -152,9 +152,11 @@ enum Command {
         #[arg(long, value_name = "N")]
         patch: Option<usize>,
     },
-    /// Check the libtorch fast paths (ATen/cuDNN convolutions, fused instance norms, the
-    /// split-row norm) against burn's composed operators on a device: values and gradients of
-    /// a residual block in each layout; exits non-zero on a mismatch.
+    /// Check a device's operators: on `tch`/`tch-cuda` the libtorch fast paths (ATen/cuDNN
+    /// convolutions, fused instance norms, the split-row norm) against burn's composed operators
+    /// (values and gradients of a residual block in each layout); on `wgpu`, `cuda` or `ndarray`
+    /// burn's own kernels against flex (convolutions, a repeated-index gather, one training
+    /// step's gradients of every model); exits non-zero on a mismatch.
     CheckOps {
         /// `tch` (CPU) or `tch-cuda`.
         #[arg(long, default_value = "tch")]
@@ -1002,7 +1004,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::CheckOps { backend } => {
-            let check = stu_engine::backend::check_fused_ops(backend).map_err(|e| anyhow::anyhow!("check-ops: {e}"))?;
+            let check = match backend {
+                Backend::Tch | Backend::TchCuda => stu_engine::backend::check_fused_ops(backend).map_err(|e| anyhow::anyhow!("check-ops: {e}"))?,
+                _ => crate::checkops::check(backend).map_err(|e| anyhow::anyhow!("check-ops: {e:#}"))?,
+            };
             for l in &check.lines {
                 println!("{l}");
             }

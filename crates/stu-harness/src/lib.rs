@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod best;
+pub mod checkops;
 pub mod cli;
 pub mod ensemble;
 pub mod forward;

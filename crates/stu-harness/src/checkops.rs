@@ -1,0 +1,202 @@
+//! `stu check-ops` on burn's own kernels (`wgpu`, `cuda`, `ndarray`): values and gradients on
+//! the device against flex's on the CPU, for the convolutions burn-cubecl got wrong
+//! (`stu_engine::ops::conv3d` works around them), a gather with repeated indices, and one
+//! training step's gradients of every registered model. `tests/e2e/parity.rs` runs the same
+//! cases on `wgpu` (lavapipe will do).
+
+use serde_json::json;
+use stu_engine::backend::{Backend, OpsCheck};
+use stu_engine::burn::tensor::Int;
+use stu_engine::loss::{DiceConfig, deep_supervision};
+use stu_engine::model::{NetSpec, registry};
+use stu_engine::ops::{Layout, conv3d};
+use stu_engine::{Tensor, TensorData};
+
+/// One comparison: what, its error relative to the reference's largest value, the tolerance.
+#[derive(Debug, Clone)]
+pub struct Compared {
+    /// What was compared.
+    pub what: String,
+    /// max |device − flex| / max |flex|.
+    pub err: f64,
+    /// Allowed.
+    pub tol: f64,
+}
+
+impl Compared {
+    /// Within tolerance.
+    pub fn ok(&self) -> bool {
+        self.err.is_finite() && self.err <= self.tol
+    }
+    fn line(&self) -> String {
+        format!("{}: {:.2e} (tolerance {:.0e})", self.what, self.err, self.tol)
+    }
+}
+
+/// max |a − b| / max(max |a|, floor); infinite when the lengths differ.
+fn rel_err(a: &[f64], b: &[f64], floor: f64) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let scale = a.iter().fold(floor, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter().zip(b).fold(0f64, |m, (p, q)| m.max((p - q).abs())) / scale
+}
+
+/// A loss value and each parameter's gradient by path.
+type StepGrads = (f64, Vec<(String, Vec<f64>)>);
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().try_to_vec::<f64>().expect("f64 values")
+}
+
+/// The convolutions of the two burn-cubecl bugs: strided ones with a 1-wide kernel (odd sizes
+/// too) and outputs of 32³ voxels per sample and more, 3³ and `[1, 3, 3]` kernels among them;
+/// output, input gradient and weight gradient of each, to `tol`.
+pub fn convolutions(backend: Backend, tol: f64) -> anyhow::Result<Vec<Compared>> {
+    let mut rng = stu_core::rng::SplitMix64::new(5);
+    let cases: [([usize; 5], [usize; 3], [usize; 3]); 7] = [
+        ([2, 3, 8, 8, 8], [1, 1, 1], [2, 2, 2]),
+        ([1, 3, 5, 7, 6], [1, 1, 1], [2, 2, 1]),
+        ([1, 3, 7, 5, 9], [1, 1, 1], [1, 2, 2]),
+        ([1, 2, 32, 32, 32], [1, 1, 1], [1, 1, 1]),
+        ([2, 2, 32, 32, 32], [3, 3, 3], [1, 1, 1]),
+        ([1, 2, 65, 64, 64], [3, 3, 3], [2, 2, 2]),
+        ([1, 2, 1, 200, 190], [1, 3, 3], [1, 1, 1]),
+    ];
+    let mut out = Vec::new();
+    for (shape, k, stride) in cases {
+        let x: Vec<f32> = rng.fill_f32(shape.iter().product(), -1.0, 1.0);
+        let w: Vec<f32> = rng.fill_f32(4 * shape[1] * k.iter().product::<usize>(), -1.0, 1.0);
+        let run = |b: Backend| -> anyhow::Result<[Vec<f64>; 3]> {
+            let d = b.device()?.autodiff();
+            let xt = Tensor::<5>::from_data(TensorData::new(x.clone(), shape), &d).require_grad();
+            let wt = Tensor::<5>::from_data(TensorData::new(w.clone(), [4, shape[1], k[0], k[1], k[2]]), &d).require_grad();
+            let y = conv3d(xt.clone(), wt.clone(), Tensor::zeros([4], &d), stride, Layout::Ncdhw);
+            let g = (y.clone() * y.clone()).sum().backward();
+            Ok([values(y), values(xt.grad(&g).expect("input gradient")), values(wt.grad(&g).expect("weight gradient"))])
+        };
+        let (a, b) = (run(Backend::Flex)?, run(backend)?);
+        for (what, (a, b)) in ["output", "input gradient", "weight gradient"].iter().zip(a.iter().zip(&b)) {
+            out.push(Compared { what: format!("conv {shape:?} kernel {k:?} stride {stride:?}: {what}"), err: rel_err(a, b, 0.0), tol });
+        }
+    }
+    Ok(out)
+}
+
+/// A gather whose rows repeat (as SwinUNETR's relative-position bias looks up its table: 4 096
+/// lookups into 343 rows): the table's gradient adds every lookup's into its row. Right on
+/// lavapipe, where SwinUNETR's table gradient is not (`reports/bench/gpu.md`).
+pub fn gather(backend: Backend, tol: f64) -> anyhow::Result<Compared> {
+    let mut rng = stu_core::rng::SplitMix64::new(9);
+    let (rows, heads, n) = (343usize, 4usize, 4096usize);
+    let table = rng.fill_f32(rows * heads, -1.0, 1.0);
+    let index: Vec<i64> = (0..n).map(|_| (rng.next_u64() % rows as u64) as i64).collect();
+    let w = rng.fill_f32(n * heads, -1.0, 1.0);
+    let run = |b: Backend| -> anyhow::Result<Vec<f64>> {
+        let d = b.device()?.autodiff();
+        let t = Tensor::<2>::from_data(TensorData::new(table.clone(), [rows, heads]), &d).require_grad();
+        let i = Tensor::<1, Int>::from_data(TensorData::new(index.clone(), [n]), &d);
+        let picked = t.clone().select(0, i);
+        let g = (picked * Tensor::<2>::from_data(TensorData::new(w.clone(), [n, heads]), &d)).sum().backward();
+        Ok(values(t.grad(&g).expect("table gradient")))
+    };
+    let (a, b) = (run(Backend::Flex)?, run(backend)?);
+    Ok(Compared { what: format!("gather of {n} from {rows} rows: table gradient"), err: rel_err(&a, &b, 0.0), tol })
+}
+
+/// Small options for every registered model at a 32³ input (3 classes, two downsamplings).
+pub fn small_models() -> Vec<(&'static str, serde_json::Value)> {
+    vec![
+        ("stunet", json!({"depth": [1, 1, 1], "dims": [4, 8, 8]})),
+        ("nnunet-plainconv", json!({"base_width": 4, "max_width": 16})),
+        ("nnunet-resenc", json!({"base_width": 4, "max_width": 16})),
+        ("unetr", json!({"img_size": 32, "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4})),
+        ("swinunetr", json!({"feature_size": 12})),
+        ("nnformer", json!({"crop_size": [32, 32, 32], "embedding_dim": 12, "num_heads": [1, 2, 4, 8]})),
+    ]
+}
+
+/// One training step's loss and gradients of model `name` (He-initialised, `options`, batch 2
+/// of 32³, nnU-Net's loss over its deep-supervision outputs) on `backend` against flex's: the
+/// worst parameter, its error relative to its largest gradient floored at 1e-2 of the largest
+/// anywhere (a conv bias before an instance norm has a gradient of 0 up to rounding). Rounding
+/// alone reaches a few 1e-3 (a pre-activation within f32 rounding of the LeakyReLU kink takes
+/// the other slope on one device, and that spreads); the kernel bugs were off by 0.3–1.
+pub fn model_gradients(backend: Backend, name: &str, options: &serde_json::Value, tol: f64) -> anyhow::Result<Compared> {
+    zoo::link();
+    let e = registry().get(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2; 3]; 2], options: options.clone() };
+    let shape = [2usize, 1, 32, 32, 32];
+    let mut rng = stu_core::rng::SplitMix64::new(3);
+    let x = rng.fill_f32(shape.iter().product(), -1.0, 1.0);
+    let mut targets: Option<Vec<(Vec<i64>, [usize; 4])>> = None;
+    let mut run = |b: Backend| -> anyhow::Result<StepGrads> {
+        let d = b.device()?.autodiff();
+        let net = stu_engine::train::he_init((e.build)(&spec, &d).map_err(|e| anyhow::anyhow!("{name}: {e}"))?, 7);
+        let outs = net.forward_ds(Tensor::<5>::from_data(TensorData::new(x.clone(), shape), &d));
+        let t = targets.get_or_insert_with(|| {
+            outs.iter()
+                .map(|o| {
+                    let [n, _, z, y, x] = o.dims();
+                    ((0..n * z * y * x).map(|_| (rng.next_u64() % 3) as i64).collect(), [n, z, y, x])
+                })
+                .collect()
+        });
+        let t: Vec<Tensor<4, Int>> = t.iter().map(|(v, s)| Tensor::from_data(TensorData::new(v.clone(), *s), &d)).collect();
+        let loss = deep_supervision(&outs, &t, &stu_engine::schedule::ds_weights(outs.len()), DiceConfig::default());
+        let value = loss.clone().into_scalar::<f32>() as f64;
+        let grads = net.gradients(loss);
+        let g = net
+            .params()
+            .into_iter()
+            .map(|p| {
+                let g = match p.dims.len() {
+                    1 => grads.get::<1>(p.id).map(values),
+                    2 => grads.get::<2>(p.id).map(values),
+                    3 => grads.get::<3>(p.id).map(values),
+                    4 => grads.get::<4>(p.id).map(values),
+                    _ => grads.get::<5>(p.id).map(values),
+                };
+                (p.path, g.unwrap_or_default())
+            })
+            .collect();
+        Ok((value, g))
+    };
+    let (l_a, g_a) = run(Backend::Flex)?;
+    let (l_b, g_b) = run(backend)?;
+    let largest = g_a.iter().flat_map(|(_, g)| g.iter()).fold(0f64, |m, v| m.max(v.abs()));
+    let mut worst = ((l_a - l_b).abs() / l_a.abs().max(1.0), "loss".to_string());
+    let mut compared = 0;
+    for ((path, a), (_, b)) in g_a.iter().zip(&g_b) {
+        // (A head the loss does not reach, e.g. STU-Net's deepest, has no gradient on either.)
+        compared += usize::from(!a.is_empty());
+        let err = rel_err(a, b, 1e-2 * largest);
+        if err > worst.0 || err.is_nan() {
+            worst = (err, path.clone());
+        }
+    }
+    if 2 * compared < g_a.len() {
+        anyhow::bail!("{name}: only {compared} of {} parameters have gradients", g_a.len());
+    }
+    Ok(Compared { what: format!("{name}: training step, worst of {compared} gradients ({})", worst.1), err: worst.0, tol })
+}
+
+/// Every check above on `backend` (burn's own kernels), with tolerances for its arithmetic:
+/// CUDA's matrix units may round f32 products to TF32.
+pub fn check(backend: Backend) -> anyhow::Result<OpsCheck> {
+    anyhow::ensure!(!matches!(backend, Backend::Flex), "check-ops compares a device with flex: name another backend");
+    let tol = if backend == Backend::Cuda { 5e-3 } else { 1e-5 };
+    let mut all = convolutions(backend, tol)?;
+    all.push(gather(backend, tol.max(1e-5))?);
+    for (name, options) in small_models() {
+        all.push(model_gradients(backend, name, &options, 1e-2)?);
+    }
+    let mut check = OpsCheck::default();
+    for c in all {
+        if !c.ok() {
+            check.failures.push(c.line());
+        }
+        check.lines.push(c.line());
+    }
+    Ok(check)
+}
