@@ -212,7 +212,7 @@ fn wgpu_convolution_gradients_equal_flexs() {
 #[test]
 fn wgpu_gradients_equal_flexs_for_every_model() {
     let _one = WGPU.lock().unwrap_or_else(|e| e.into_inner());
-    let models = stu_harness::checkops::small_models();
+    let models = zoo::small_options();
     assert_eq!(stu_engine::model::registry().names().count(), models.len(), "a registered model without a case");
     for (name, options) in models {
         let c = stu_harness::checkops::model_gradients(stu_engine::backend::Backend::Wgpu, name, &options, 1e-2).unwrap();

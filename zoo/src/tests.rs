@@ -267,26 +267,13 @@ fn a_tiny_stunet_learns_a_ball_with_nnunets_loss_and_optimiser() {
     assert!((after - 1e-3).abs() < 1e-6, "{after}");
 }
 
-/// Small valid size options for every registered model (3 classes, two downsamplings).
-fn small_options() -> [(&'static str, serde_json::Value); 6] {
-    use serde_json::json;
-    [
-        ("stunet", json!({"depth": [1, 1, 1], "dims": [4, 8, 8]})),
-        ("nnunet-plainconv", json!({"base_width": 4, "max_width": 16})),
-        ("nnunet-resenc", json!({"base_width": 4, "max_width": 16})),
-        ("unetr", json!({"img_size": 32, "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4})),
-        ("swinunetr", json!({"feature_size": 12})),
-        ("nnformer", json!({"crop_size": [32, 32, 32], "embedding_dim": 12, "num_heads": [1, 2, 4, 8]})),
-    ]
-}
-
 /// A fresh network as training starts it (`he_init`): conv and linear weights drawn, every
 /// vector as PyTorch initialises it — norm scales 1, biases and norm shifts 0 — for every
 /// registered model (`stunet.md` §1.7: He init leaves the InstanceNorm affine at 1 and 0).
 #[test]
 fn he_init_draws_weights_and_leaves_norm_scales_at_one() {
     use stu_engine::model::NetSpec;
-    let small = small_options();
+    let small = crate::small_options();
     assert_eq!(registry().names().count(), small.len(), "a registered model without a case here");
     for (name, options) in small {
         let e = registry().get(name).unwrap();
@@ -318,7 +305,7 @@ fn check_agrees_with_build_for_every_model() {
     use serde_json::json;
     use stu_engine::model::NetSpec;
     // Each model's small valid options (`small_options`), a mistake, and a word its message must hold.
-    let small = small_options();
+    let small = crate::small_options();
     let good = |name: &str| small.iter().find(|(n, _)| *n == name).map(|(_, o)| o.clone()).unwrap_or_else(|| panic!("{name}: no small options"));
     let cases = [
         ("stunet", json!({"preset": "stunet-b", "blocks": 2}), "exclude each other"),

@@ -4,7 +4,6 @@
 //! training step's gradients of every registered model. `tests/e2e/parity.rs` runs the same
 //! cases on `wgpu` (lavapipe will do).
 
-use serde_json::json;
 use stu_engine::backend::{Backend, OpsCheck};
 use stu_engine::burn::tensor::Int;
 use stu_engine::loss::{DiceConfig, deep_supervision};
@@ -104,18 +103,6 @@ pub fn gather(backend: Backend, tol: f64) -> anyhow::Result<Compared> {
     Ok(Compared { what: format!("gather of {n} from {rows} rows: table gradient"), err: rel_err(&a, &b, 0.0), tol })
 }
 
-/// Small options for every registered model at a 32³ input (3 classes, two downsamplings).
-pub fn small_models() -> Vec<(&'static str, serde_json::Value)> {
-    vec![
-        ("stunet", json!({"depth": [1, 1, 1], "dims": [4, 8, 8]})),
-        ("nnunet-plainconv", json!({"base_width": 4, "max_width": 16})),
-        ("nnunet-resenc", json!({"base_width": 4, "max_width": 16})),
-        ("unetr", json!({"img_size": 32, "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4})),
-        ("swinunetr", json!({"feature_size": 12})),
-        ("nnformer", json!({"crop_size": [32, 32, 32], "embedding_dim": 12, "num_heads": [1, 2, 4, 8]})),
-    ]
-}
-
 /// One training step's loss and gradients of model `name` (He-initialised, `options`, batch 2
 /// of 32³, nnU-Net's loss over its deep-supervision outputs) on `backend` against flex's: the
 /// worst parameter, its error relative to its largest gradient floored at 1e-2 of the largest
@@ -188,7 +175,7 @@ pub fn check(backend: Backend) -> anyhow::Result<OpsCheck> {
     let tol = if backend == Backend::Cuda { 5e-3 } else { 1e-5 };
     let mut all = convolutions(backend, tol)?;
     all.push(gather(backend, tol.max(1e-5))?);
-    for (name, options) in small_models() {
+    for (name, options) in zoo::small_options() {
         all.push(model_gradients(backend, name, &options, 1e-2)?);
     }
     let mut check = OpsCheck::default();
