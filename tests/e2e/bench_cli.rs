@@ -35,8 +35,9 @@ fn bench_refuses_a_patch_it_cannot_downsample_and_a_profile_off_libtorch() {
     assert!(!out.status.success() && err.contains("no bench case matches train_Q") && err.contains("train_S_64_b2"), "{err}");
 }
 
-/// `stu check-ops` needs a libtorch backend: on another backend, or in a build without one, it
-/// says so and fails (the comparisons themselves run in `stu-engine`'s tch tests and on a GPU).
+/// `stu check-ops` checks a device against a reference: on flex, or on a backend not built in,
+/// it says what it needs and fails (the comparisons themselves run in `stu-engine`'s tch tests,
+/// the `--features wgpu` tests and on a GPU).
 #[test]
 fn check_ops_names_the_backend_it_needs() {
     let out = Command::new(stu_bin!()).args(["check-ops", "--backend", "flex"]).output().unwrap();
@@ -45,4 +46,7 @@ fn check_ops_names_the_backend_it_needs() {
     let out = Command::new(stu_bin!()).args(["check-ops"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("backend `tch`") && err.contains("--features tch"), "{err}");
+    let out = Command::new(stu_bin!()).args(["check-ops", "--backend", "wgpu"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--features wgpu"), "{err}");
 }

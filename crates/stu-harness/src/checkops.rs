@@ -171,7 +171,11 @@ pub fn model_gradients(backend: Backend, name: &str, options: &serde_json::Value
 /// Every check above on `backend` (burn's own kernels), with tolerances for its arithmetic:
 /// CUDA's matrix units may round f32 products to TF32.
 pub fn check(backend: Backend) -> anyhow::Result<OpsCheck> {
-    anyhow::ensure!(!matches!(backend, Backend::Flex), "check-ops compares a device with flex: name another backend");
+    anyhow::ensure!(
+        !matches!(backend, Backend::Flex),
+        "check-ops checks a device's operators against a reference: `--backend tch` or `tch-cuda` (libtorch's fast paths), or `wgpu`, `cuda` or `ndarray` (burn's own kernels, against flex); got `flex`"
+    );
+    backend.device()?;
     let tol = if backend == Backend::Cuda { 5e-3 } else { 1e-5 };
     let mut all = convolutions(backend, tol)?;
     all.push(gather(backend, tol.max(1e-5))?);

@@ -421,7 +421,7 @@ pub fn validate(s: &Spec) -> Result<()> {
     }
     ensure!(s.train.epochs >= 1 && s.train.iterations >= 1 && s.train.save_every >= 1, "`train.epochs`, `train.iterations` and `train.save_every` must be at least 1");
     if let Some(lr) = s.train.lr {
-        ensure!(lr.is_finite() && lr > 0.0, "`train.lr` = {lr}: must be a positive number");
+        ensure!(lr.is_finite() && lr >= 0.0, "`train.lr` = {lr}: must be a finite number ≥ 0");
     }
     if let Some(mm) = s.evaluate.nsd_tolerance {
         ensure!(mm.is_finite() && mm >= 0.0, "`evaluate.nsd_tolerance` = {mm}: must be a finite number of mm ≥ 0");
@@ -773,10 +773,12 @@ mod tests {
     #[test]
     fn non_finite_and_negative_numbers_are_refused_naming_the_key() {
         // NaN serialises to null in a point's identity, so `lr = nan` would run as the default.
-        for lr in ["nan", "inf", "-0.01", "0"] {
+        for lr in ["nan", "inf", "-0.01"] {
             let e = format!("{:#}", load_str(&TINY.replace("lr = 0.02", &format!("lr = {lr}")), Path::new("t.toml"), &[]).unwrap_err());
-            assert!(e.contains("`train.lr`") && e.contains("positive"), "{lr}: {e}");
+            assert!(e.contains("`train.lr`") && e.contains("finite number ≥ 0"), "{lr}: {e}");
         }
+        // (0 freezes the weights: a check that fine-tuning loads what it should.)
+        load_str(&TINY.replace("lr = 0.02", "lr = 0.0"), Path::new("t.toml"), &[]).unwrap();
         for mm in ["nan", "-inf", "-1.0"] {
             let e = format!("{:#}", load_str(&format!("{TINY}[evaluate]\nnsd_tolerance = {mm}\n"), Path::new("t.toml"), &[]).unwrap_err());
             assert!(e.contains("`evaluate.nsd_tolerance`"), "{mm}: {e}");

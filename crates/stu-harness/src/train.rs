@@ -457,7 +457,7 @@ pub fn resolve(req: &TrainRequest) -> Result<TrainConfig> {
     ensure!(req.iterations >= 1, "--iterations must be at least 1");
     ensure!(req.save_every >= 1, "--save-every must be at least 1");
     if let Some(lr) = req.lr {
-        ensure!(lr.is_finite() && lr > 0.0, "--lr must be a positive number, got {lr}");
+        ensure!(lr.is_finite() && lr >= 0.0, "--lr must be a finite number ≥ 0, got {lr}");
     }
     ensure!(req.fraction > 0.0 && req.fraction <= 1.0, "--fraction must be in (0, 1], got {}", req.fraction);
     if let Some(axes) = &req.recipe.mirror_axes {
