@@ -253,29 +253,19 @@ pub fn is_cubecl(device: &Device) -> bool {
 /// the slices, padding and joins.
 fn conv3d_in_pieces(x: Tensor<5>, weight: Tensor<5>, bias: Tensor<1>, stride: [usize; 3], pad: [usize; 3], out: [usize; 3]) -> Tensor<5> {
     let k = weight.dims();
-    let [n, c, d, h, w] = x.dims();
-    let (device, dtype) = (x.device(), x.dtype());
-    let zeros = |dims: [usize; 5]| Tensor::<5>::zeros(dims, &device).cast(dtype);
     // Zero padding of depth and height made explicit; width keeps the convolution's own.
-    let mut xp = x;
-    if pad[0] > 0 {
-        xp = Tensor::cat(vec![zeros([n, c, pad[0], h, w]), xp, zeros([n, c, pad[0], h, w])], 2);
-    }
-    if pad[1] > 0 {
-        let dp = d + 2 * pad[0];
-        xp = Tensor::cat(vec![zeros([n, c, dp, pad[1], w]), xp, zeros([n, c, dp, pad[1], w])], 3);
-    }
+    let xp = x.pad([(pad[0], pad[0]), (pad[1], pad[1]), (0, 0)], burn::tensor::ops::PadMode::Constant(0.0));
+    let [n, c, _, _, w] = xp.dims();
     let plane = out[1] * out[2];
     let (rows, depths) = if plane > CUBECL_OUTPUT_VOXELS { ((CUBECL_OUTPUT_VOXELS / out[2]).max(1), 1) } else { (out[1], (CUBECL_OUTPUT_VOXELS / plane).max(1)) };
     let opts = burn::tensor::ops::ConvOptions::new(stride, [0, 0, pad[2]], [1; 3], 1);
-    let wp = w;
     let mut slabs = Vec::new();
     for z0 in (0..out[0]).step_by(depths) {
         let z1 = (z0 + depths).min(out[0]);
         let mut pieces = Vec::new();
         for y0 in (0..out[1]).step_by(rows) {
             let y1 = (y0 + rows).min(out[1]);
-            let part = xp.clone().slice([0..n, 0..c, z0 * stride[0]..(z1 - 1) * stride[0] + k[2], y0 * stride[1]..(y1 - 1) * stride[1] + k[3], 0..wp]);
+            let part = xp.clone().slice([0..n, 0..c, z0 * stride[0]..(z1 - 1) * stride[0] + k[2], y0 * stride[1]..(y1 - 1) * stride[1] + k[3], 0..w]);
             pieces.push(burn::tensor::module::conv3d(part, weight.clone(), Some(bias.clone()), opts.clone()));
         }
         slabs.push(if pieces.len() == 1 { pieces.pop().expect("one piece") } else { Tensor::cat(pieces, 3) });
