@@ -24,7 +24,7 @@ use stu_core::strides::Stride;
 use stu_engine::burn;
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
 use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSummary, SegNet};
-use stu_engine::ops::{self, Layout};
+use stu_engine::ops::{self, Layout, gelu};
 use stu_engine::{Device, Tensor, TensorData};
 
 use crate::parts::{Builder, Export, LayerNorm, Linear, Source, check_keys, options, pad_end, partition, reverse, roll, shift_mask};
@@ -372,10 +372,6 @@ fn ln5(norm: &LayerNorm, x: Tensor<5>) -> Tensor<5> {
     norm.forward(x.reshape([b, d * h * w, c])).reshape([b, d, h, w, c])
 }
 
-fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    burn::tensor::activation::gelu(x)
-}
-
 /// A convolution on a channels-last map, whatever the device's layout.
 fn conv(x: Tensor<5>, c: &Conv, stride: [usize; 3], l: Layout) -> Tensor<5> {
     match l {
@@ -410,7 +406,7 @@ impl Block {
         let device = q.device();
         let mut attn = q.matmul(k.swap_dims(2, 3));
         let idx = Tensor::<1, Int>::from_data(TensorData::new(relative_position_index(self.window), [n * n]), &device);
-        let bias = self.bias_table.val().select(0, idx).reshape([n, n, heads]).permute([2, 0, 1]);
+        let bias = stu_engine::ops::lookup_rows(self.bias_table.val(), idx).reshape([n, n, heads]).permute([2, 0, 1]);
         attn = attn + bias.unsqueeze::<4>();
         if self.shift > 0 {
             let m = shift_mask(padded, [self.window; 3], [self.shift; 3]);

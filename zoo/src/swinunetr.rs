@@ -281,7 +281,7 @@ impl SwinBlock {
         let full = WINDOW.pow(3);
         let idx: Vec<i64> = (0..n).flat_map(|i| rel_index[i * full..i * full + n].iter().copied()).collect();
         let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [n * n]), &device);
-        let bias = self.bias_table.val().select(0, idx).reshape([n, n, heads]).permute([2, 0, 1]);
+        let bias = stu_engine::ops::lookup_rows(self.bias_table.val(), idx).reshape([n, n, heads]).permute([2, 0, 1]);
         attn = attn + bias.unsqueeze::<4>();
         if shifted {
             let m = shift_mask(padded, ws, ss);
@@ -297,7 +297,7 @@ impl SwinBlock {
         let y = y.slice([0..b, 0..d, 0..h, 0..w, 0..c]);
         let x = shortcut + y;
         let flat = x.clone().reshape([b, d * h * w, c]);
-        let m = self.linear2.forward(burn::tensor::activation::gelu(self.linear1.forward(self.norm2.forward(flat))));
+        let m = self.linear2.forward(stu_engine::ops::gelu(self.linear1.forward(self.norm2.forward(flat))));
         x + m.reshape([b, d, h, w, c])
     }
 }

@@ -202,7 +202,7 @@ impl Block {
         let att = burn::tensor::activation::softmax(q.matmul(k.swap_dims(2, 3)) * (d as f64).powf(-0.5), 3);
         let y = att.matmul(v).swap_dims(1, 2).reshape([b, n, c]);
         let x = x + self.out_proj.forward(y);
-        let m = self.linear2.forward(burn::tensor::activation::gelu(self.linear1.forward(self.norm2.forward(x.clone()))));
+        let m = self.linear2.forward(stu_engine::ops::gelu(self.linear1.forward(self.norm2.forward(x.clone()))));
         x + m
     }
 }

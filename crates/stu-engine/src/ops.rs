@@ -423,6 +423,46 @@ pub(crate) fn upsample_composed(x: Tensor<5>, scale: [usize; 3], layout: Layout)
     x
 }
 
+/// GELU as PyTorch's `approximate="none"`: `x·Φ(x)`, with its exact gradient on every backend.
+///
+/// burn 0.22.1's default `gelu_backward` (burn-cubecl's and ndarray's) is the derivative of the
+/// tanh approximation, off by up to 8.7e-4 from the erf GELU its forward computes; flex and
+/// libtorch differentiate the erf form. Elsewhere this composes `x/2·(1 + erf(x/√2))`, whose
+/// gradient autodiff takes exactly.
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let device = x.device();
+    #[cfg(feature = "tch")]
+    let native = is_flex(&device) || libtorch_device(&device).is_some();
+    #[cfg(not(feature = "tch"))]
+    let native = is_flex(&device);
+    if native { activation::gelu(x) } else { gelu_composed(x) }
+}
+
+/// [`gelu`] from `erf`, on every backend.
+pub(crate) fn gelu_composed<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    let cdf = (x.clone() / std::f64::consts::SQRT_2).erf().add_scalar(1.0);
+    x * cdf * 0.5
+}
+
+/// Rows `index` of `table` (`[rows, cols]` → `[len, cols]`), `table.select(0, index)`, with a
+/// gradient that adds every lookup into its row: a Swin window's relative-position bias.
+///
+/// On CubeCL devices this is a `gather` with the index repeated across the columns. burn-cubecl
+/// 0.22.1 takes `select`'s gradient with one thread per column walking every lookup in turn,
+/// and on lavapipe that walk stops after 65 535 lookups: a 7³ window's 117 649 left the last
+/// 511 of its 2 197 rows at 0 (`stu check-ops`). `gather`'s gradient is a scatter with one
+/// atomic add per value on a GPU, so it is also the parallel one.
+pub fn lookup_rows(table: Tensor<2>, index: Tensor<1, burn::tensor::Int>) -> Tensor<2> {
+    if is_cubecl(&table.device()) { lookup_gathered(table, index) } else { table.select(0, index) }
+}
+
+/// [`lookup_rows`] as a `gather`, on every backend.
+pub(crate) fn lookup_gathered(table: Tensor<2>, index: Tensor<1, burn::tensor::Int>) -> Tensor<2> {
+    let [len] = index.dims();
+    let cols = table.dims()[1];
+    table.gather(0, index.reshape([len, 1]).expand([len, cols]))
+}
+
 /// Host copy of a float tensor as f32, row-major.
 pub fn to_vec(x: Tensor<5>) -> Vec<f32> {
     x.into_data()
@@ -484,5 +524,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn grad_of<const D: usize>(x: Vec<f32>, shape: [usize; D], f: impl Fn(Tensor<D>) -> Tensor<D>, w: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let d = dev().autodiff();
+        let xt = Tensor::<D>::from_data(TensorData::new(x, shape), &d).require_grad();
+        let y = f(xt.clone());
+        let wt = Tensor::<D>::from_data(TensorData::new(w.to_vec(), y.dims()), &d);
+        let g = (y.clone() * wt).sum().backward();
+        let v = |t: Tensor<D>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+        (v(y), v(xt.grad(&g).expect("gradient")))
+    }
+
+    /// The composed GELU (burn's generic gradient is the tanh approximation's) against flex's
+    /// erf GELU and its exact gradient.
+    #[test]
+    fn composed_gelu_has_the_exact_gradient() {
+        let x: Vec<f32> = (0..4001).map(|i| (i as f32 - 2000.0) / 400.0).collect();
+        let w = vec![1.0f32; x.len()];
+        let (ya, ga) = grad_of(x.clone(), [x.len()], gelu_composed, &w);
+        let (yb, gb) = grad_of(x.clone(), [x.len()], activation::gelu, &w);
+        for i in 0..x.len() {
+            assert!((ya[i] - yb[i]).abs() < 1e-6, "gelu({}): {} vs {}", x[i], ya[i], yb[i]);
+            assert!((ga[i] - gb[i]).abs() < 1e-6, "gelu'({}): {} vs {}", x[i], ga[i], gb[i]);
+        }
+        // Near x = 2 the tanh approximation's derivative is 8.7e-4 off; the exact one, 1.0852.
+        let at2 = x.iter().position(|&v| v == 2.0).expect("2 is on the grid");
+        assert!((ga[at2] - 1.085_23).abs() < 1e-4, "{}", ga[at2]);
+    }
+
+    /// Row lookups as a gather (CubeCL's path) equal `select`'s, gradients (repeats added) too.
+    #[test]
+    fn gathered_lookups_equal_select() {
+        let table: Vec<f32> = (0..7 * 3).map(|i| ((i * 13 % 17) as f32) - 8.0).collect();
+        let index: Vec<i64> = (0..50).map(|i| (i * i % 7) as i64).collect();
+        let w: Vec<f32> = (0..50 * 3).map(|i| ((i * 7 % 11) as f32) / 11.0).collect();
+        let d = dev();
+        let lookup = |f: fn(Tensor<2>, Tensor<1, burn::tensor::Int>) -> Tensor<2>| {
+            let index = index.clone();
+            let d = d.clone();
+            move |t: Tensor<2>| f(t, Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(index.clone(), [50]), &d.clone().autodiff()))
+        };
+        let (ya, ga) = grad_of(table.clone(), [7, 3], lookup(lookup_gathered), &w);
+        let (yb, gb) = grad_of(table.clone(), [7, 3], lookup(|t, i| t.select(0, i)), &w);
+        assert_eq!(ya, yb);
+        for (a, b) in ga.iter().zip(&gb) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // Row 0 is looked up at i ≡ 0 mod 7 only (i² ≡ 0): its gradient adds those lookups' weights.
+        let want: f32 = (0..50).filter(|i| i * i % 7 == 0).map(|i| w[i * 3]).sum();
+        assert!((ga[0] - want).abs() < 1e-5, "{} vs {want}", ga[0]);
     }
 }
