@@ -60,6 +60,10 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 fn main() -> Result<()> {
+    if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
+        println!("{}", help());
+        return Ok(());
+    }
     let mut args = std::env::args().skip(1);
     match args.next().as_deref() {
         Some("bench") => bench(args.collect()),
@@ -74,8 +78,19 @@ fn main() -> Result<()> {
             run(Command::new(python).arg(root().join(format!("xtask/{script}.py"))).args(args))
         }
         Some(other) => bail!("unknown xtask `{other}`; available: bench, bench-preprocess, bench-train, bench-allreduce, bench-predict, run, report, libtorch, llvm"),
-        None => bail!("usage: cargo xtask bench [--python PY] [--no-torch] [--out DIR] [CASES…]"),
+        None => bail!("usage: cargo xtask <command> …; `cargo xtask --help` lists the commands"),
     }
+}
+
+/// This file's module documentation, which `cargo xtask --help` (or `-h` after any command)
+/// prints.
+fn help() -> String {
+    include_str!("main.rs")
+        .lines()
+        .take_while(|l| l.starts_with("//!"))
+        .map(|l| l.trim_start_matches("//!").strip_prefix(' ').unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The Python for the reference side: `--python PY` taken out of `args` (the last one wins),
