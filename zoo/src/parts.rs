@@ -256,19 +256,43 @@ pub fn pad_end(x: Tensor<5>, to: [usize; 3]) -> Tensor<5> {
     x
 }
 
-/// `window_partition`: `[B·nW, w0·w1·w2, C]`.
+// The window and patch shuffles below move one axis at a time through tensors of rank 4, so
+// that every backend runs them (ndarray stops at rank 6; one 8-D permute would do).
+
+/// `window_partition`: `[B, D, H, W, C]` → `[B·nW, w0·w1·w2, C]`, windows in (d, h, w) order.
 pub fn partition(x: Tensor<5>, w: [usize; 3]) -> Tensor<3> {
     let [b, d, h, ww, c] = x.dims();
-    let t: Tensor<8> = x.reshape([b, d / w[0], w[0], h / w[1], w[1], ww / w[2], w[2], c]).permute([0, 1, 3, 5, 2, 4, 6, 7]);
-    t.reshape([b * (d / w[0]) * (h / w[1]) * (ww / w[2]), w[0] * w[1] * w[2], c])
+    let n = [d / w[0], h / w[1], ww / w[2]];
+    // [B·n0, w0, n1, w1·W·C] → [B·n0, n1, w0, w1·W·C], that is [B, n0, n1, w0, w1, W, C].
+    let t = x.reshape([b * n[0], w[0], n[1], w[1] * ww * c]).swap_dims(1, 2);
+    // [B·n0·n1, w0·w1, n2, w2·C] → [B·n0·n1, n2, w0·w1, w2·C].
+    let t = t.reshape([b * n[0] * n[1], w[0] * w[1], n[2], w[2] * c]).swap_dims(1, 2);
+    t.reshape([b * n[0] * n[1] * n[2], w[0] * w[1] * w[2], c])
 }
 
-/// `window_reverse` back to `[B, D, H, W, C]` (`dims` = `[B, D, H, W]`).
+/// `window_reverse` back to `[B, D, H, W, C]` (`dims` = `[B, D, H, W]`): [`partition`]'s inverse.
 pub fn reverse(x: Tensor<3>, w: [usize; 3], dims: [usize; 4]) -> Tensor<5> {
     let [b, d, h, ww] = dims;
     let c = x.dims()[2];
-    let t: Tensor<8> = x.reshape([b, d / w[0], h / w[1], ww / w[2], w[0], w[1], w[2], c]).permute([0, 1, 4, 2, 5, 3, 6, 7]);
+    let n = [d / w[0], h / w[1], ww / w[2]];
+    let t = x.reshape([b * n[0] * n[1], n[2], w[0] * w[1], w[2] * c]).swap_dims(1, 2);
+    let t = t.reshape([b * n[0], n[1], w[0], w[1] * ww * c]).swap_dims(1, 2);
     t.reshape([b, d, h, ww, c])
+}
+
+/// Non-overlapping `p`-patches of a channels-first `[B, C, D, H, W]` volume as rows:
+/// `[B·n0·n1·n2, C·p0·p1·p2]`, patches in (d, h, w) order, each row in (c, pd, ph, pw) order
+/// (a `Conv3d` with kernel = stride = `p` as a matrix product).
+pub fn patches(x: Tensor<5>, p: [usize; 3]) -> Tensor<2> {
+    let [b, c, d, h, w] = x.dims();
+    let n = [d / p[0], h / p[1], w / p[2]];
+    // [B, C, n0, p0·H·W] → [B, n0, C, p0·H·W].
+    let t = x.reshape([b, c, n[0], p[0] * h * w]).swap_dims(1, 2);
+    // [B·n0, C·p0, n1, p1·W] → [B·n0, n1, C·p0, p1·W].
+    let t = t.reshape([b * n[0], c * p[0], n[1], p[1] * w]).swap_dims(1, 2);
+    // [B·n0·n1, C·p0·p1, n2, p2] → [B·n0·n1, n2, C·p0·p1, p2].
+    let t = t.reshape([b * n[0] * n[1], c * p[0] * p[1], n[2], p[2]]).swap_dims(1, 2);
+    t.reshape([b * n[0] * n[1] * n[2], c * p[0] * p[1] * p[2]])
 }
 
 /// The shifted-window mask (MONAI's `compute_mask`, nnFormer's `BasicLayer`): `[nW, n, n]`,

@@ -21,7 +21,7 @@ use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
 use crate::stunet::TOTALSEG_CLASSES;
-use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, pad_end, partition, reverse, roll, shift_mask, up};
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, pad_end, partition, patches, reverse, roll, shift_mask, up};
 
 /// What every input extent must be a multiple of: five 2× downsamplings (the patch embedding's
 /// and four patch mergings).
@@ -307,12 +307,12 @@ impl Merge {
         let [b, d, h, w, c] = x.dims();
         let x = pad_end(x, [d + d % 2, h + h % 2, w + w % 2]);
         let [_, d, h, w, _] = x.dims();
-        let g: Tensor<8> = x.reshape([b, d / 2, 2, h / 2, 2, w / 2, 2, c]);
-        let sub = |i: usize, j: usize, k: usize| g.clone().narrow(2, i, 1).narrow(4, j, 1).narrow(6, k, 1).reshape([b, d / 2, h / 2, w / 2, c]);
-        let order = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)];
-        let cat = Tensor::cat(order.iter().map(|&(i, j, k)| sub(i, j, k)).collect(), 4);
+        // Each 2³ block's voxels as a window, taken in MONAI's sub-grid order: (0,0,0), (1,0,0),
+        // (0,1,0), (0,0,1), (1,1,0), (1,0,1), (0,1,1), (1,1,1) as (d, h, w) offsets.
+        let win = partition(x, [2; 3]);
+        let order = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 4, 2, 1, 6, 5, 3, 7], [8]), &win.device());
         let n = (d / 2) * (h / 2) * (w / 2);
-        let y = self.reduction.forward(self.norm.forward(cat.reshape([b, n, 8 * c])));
+        let y = self.reduction.forward(self.norm.forward(win.select(1, order).reshape([b, n, 8 * c])));
         y.reshape([b, d / 2, h / 2, w / 2, 2 * c])
     }
 }
@@ -391,9 +391,8 @@ impl SwinUnetr {
         assert!([d, h, w].iter().all(|v| v % DIVISOR[0] == 0), "SwinUNETR needs input extents divisible by 32, got {d}×{h}×{w}");
         let f = self.arch.feature_size;
         // 2³ patch embedding as a matrix product; channels-last tokens.
-        let p: Tensor<8> = x.clone().reshape([b, c, d / 2, 2, h / 2, 2, w / 2, 2]).permute([0, 2, 4, 6, 1, 3, 5, 7]);
         let pw = self.patch_weight.val().reshape([f, c * 8]);
-        let t = p.reshape([b * (d / 2) * (h / 2) * (w / 2), c * 8]).matmul(pw.transpose()) + self.patch_bias.val().reshape([1, f]);
+        let t = patches(x.clone(), [2; 3]).matmul(pw.transpose()) + self.patch_bias.val().reshape([1, f]);
         let mut t = t.reshape([b, d / 2, h / 2, w / 2, f]);
         let rel = relative_position_index();
         let l = Layout::for_device(&x.device());

@@ -340,9 +340,8 @@ impl Unetr {
         let g = a.img_size / PATCH;
         let hid = a.hidden_size;
         // Non-overlapping 16³ patches: a matrix product, tokens in (d, h, w) order.
-        let patches: Tensor<8> = x.clone().reshape([b, c, g, PATCH, g, PATCH, g, PATCH]).permute([0, 2, 4, 6, 1, 3, 5, 7]);
         let pw = self.patch_weight.val().reshape([hid, c * PATCH * PATCH * PATCH]);
-        let tokens = patches.reshape([b * g * g * g, c * PATCH * PATCH * PATCH]).matmul(pw.transpose()) + self.patch_bias.val().reshape([1, hid]);
+        let tokens = crate::parts::patches(x.clone(), [PATCH; 3]).matmul(pw.transpose()) + self.patch_bias.val().reshape([1, hid]);
         let mut t = tokens.reshape([b, g * g * g, hid]) + self.position_embeddings.val();
         let mut hidden = Vec::new();
         for blk in &self.blocks {
