@@ -319,7 +319,7 @@ fn tiny_net() -> Box<dyn stu_engine::model::SegNet> {
     zoo::link();
     let ad = stu_engine::backend::Backend::Flex.device().unwrap().autodiff();
     let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::from_str(TINY).unwrap() };
-    stu_engine::train::he_init((stu_engine::model::registry().get("stunet").unwrap().build)(&spec, &ad).unwrap(), 3)
+    stu_engine::train::seeded_init((stu_engine::model::registry().get("stunet").unwrap().build)(&spec, &ad).unwrap(), 3)
 }
 
 #[test]

@@ -843,6 +843,10 @@ inventory::submit! {
         name: NAME,
         summary: "nnFormer (authors' Synapse configuration): local and skip window attention, convolutional embedding and merging",
         module_path: module_path!(),
+        // 1 (2026-11-29): a fresh network draws its linear weights and relative-position bias tables with
+        // sd 0.02, as its builder declares (`seeded_init` drew them by He); GELU's exact gradient
+        // and every bias-table lookup's on burn's generic operators.
+        revision: 1,
         anchor_key: "model_down.patch_embed.proj1.conv1.weight",
         presets: preset_summaries,
         load: load_boxed,

@@ -711,6 +711,7 @@ inventory::submit! {
         name: NAME,
         summary: "nnU-Net's PlainConvUNet (conv–norm–lrelu ×2 per stage, transposed-conv upsampling, deep supervision), built from a plan",
         module_path: module_path!(),
+        revision: 0,
         anchor_key: "decoder.seg_layers.0.weight",
         presets: preset_summaries,
         load: load_boxed,

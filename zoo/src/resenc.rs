@@ -459,6 +459,7 @@ inventory::submit! {
         name: NAME,
         summary: "nnU-Net's ResidualEncoderUNet (the ResEnc presets: a stem, ResNet-D blocks per encoder stage, PlainConvUNet's decoder), built from a plan",
         module_path: module_path!(),
+        revision: 0,
         anchor_key: "decoder.encoder.stem.convs.0.conv.weight",
         presets: preset_summaries,
         load: load_boxed,

@@ -709,6 +709,7 @@ inventory::submit! {
         name: NAME,
         summary: "STU-Net: scalable residual 3-D U-Net (6 stages, 3³ kernels, nearest+1×1 upsampling, 5 deep-supervision heads)",
         module_path: module_path!(),
+        revision: 0,
         anchor_key: "conv_blocks_context.0.0.conv1.weight",
         presets: preset_summaries,
         load: load_boxed,

@@ -576,6 +576,10 @@ inventory::submit! {
         name: NAME,
         summary: "SwinUNETR (MONAI, v1): shifted-window transformer over 2³ patches, UNETR's convolutional decoder",
         module_path: module_path!(),
+        // 1 (2026-11-29): a fresh network draws its linear weights and relative-position bias tables with
+        // sd 0.02, as its builder declares (`seeded_init` drew them by He); GELU's exact gradient
+        // and every bias-table lookup's on burn's generic operators.
+        revision: 1,
         anchor_key: "swinViT.patch_embed.proj.weight",
         presets: preset_summaries,
         load: load_boxed,

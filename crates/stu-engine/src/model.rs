@@ -153,6 +153,10 @@ pub struct ModelEntry {
     pub summary: &'static str,
     /// Where it was registered.
     pub module_path: &'static str,
+    /// Revision of what training makes of this model (its initialisation, its operators'
+    /// gradients), bumped by a fix that changes it: part of the ids of study points, so a point
+    /// trained before the fix runs again; 0 adds nothing to them.
+    pub revision: u32,
     /// A key every checkpoint of this model has, used to find the weights inside a container.
     pub anchor_key: &'static str,
     /// Size presets with their counts.

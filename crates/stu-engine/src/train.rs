@@ -128,27 +128,36 @@ pub fn map_params<M: Module>(module: M, grads: &mut GradientsParams, f: &mut Upd
     module.map(&mut Mapper { path: Vec::new(), grads, f })
 }
 
-/// nnU-Net v1's `InitWeights_He(1e-2)` from a seed: weights (rank ≥ 2) ~ N(0, gain²/fan_in) with
-/// gain √(2/(1+0.01²)), fan_in = dims[1]·kernel. Vectors keep the values the model was built
-/// with, which every zoo model builds as PyTorch does: norm scales 1, biases and norm shifts 0
-/// (`stunet.md` §1.7: "the InstanceNorm affine keeps weight 1 and bias 0"). Deterministic,
-/// unlike burn's global RNG, so two runs with one seed start equal.
-pub fn he_init(net: Box<dyn SegNet>, seed: u64) -> Box<dyn SegNet> {
+/// A fresh network's weights drawn from a seed, by the rules the zoo's builders declare:
+/// convolution and transposed-convolution weights (rank ≥ 4) by nnU-Net v1's
+/// `InitWeights_He(1e-2)`, N(0, gain²/fan_in) with gain √(2/(1+0.01²)) and fan_in =
+/// dims[1]·kernel; the transformers' matrices and tables (rank 2 and 3: linear weights,
+/// relative-position bias tables, position embeddings) by `trunc_normal_(std=0.02)` (MONAI's
+/// and timm's, truncated at ±2, which N(0, 0.02²) never reaches). Vectors keep the values the
+/// model was built with, which every zoo model builds as PyTorch does: norm scales 1, biases
+/// and norm shifts 0 (`stunet.md` §1.7: "the InstanceNorm affine keeps weight 1 and bias 0").
+/// Deterministic, unlike burn's global RNG, so two runs with one seed start equal, on any
+/// backend.
+pub fn seeded_init(net: Box<dyn SegNet>, seed: u64) -> Box<dyn SegNet> {
     let mut rng = SplitMix64::new(seed ^ 0x6a09_e667_f3bc_c909);
     let dims: HashMap<String, Vec<usize>> = net.params().into_iter().map(|p| (p.path, p.dims)).collect();
     let mut none = GradientsParams::new();
     let gain = (2.0 / (1.0 + 1e-4f64)).sqrt();
     net.update(&mut none, &mut |path, value, _| {
         let d = &dims[path];
-        if d.len() < 2 {
-            return value;
-        }
+        let sd = match d.len() {
+            0 | 1 => return value,
+            2 | 3 => TRANSFORMER_STD,
+            _ => gain / (d[1..].iter().product::<usize>() as f64).sqrt(),
+        };
         let n: usize = d.iter().product();
-        let fan_in: usize = d[1..].iter().product();
-        let sd = gain / (fan_in as f64).sqrt();
         Tensor::from_data(TensorData::new(rng.normals_par(n, sd), [n]), &value.device())
     })
 }
+
+/// `trunc_normal_(std=0.02)`'s spread, which [`seeded_init`] draws rank-2 and rank-3
+/// parameters with.
+pub const TRANSFORMER_STD: f64 = 0.02;
 
 /// A network after an optimizer step, its gradient norm before clipping, and whether the step
 /// was skipped ([`Optimizer::clip_step_fused`]).

@@ -169,7 +169,7 @@ fn zoo_net(name: &'static str, device: &Device) -> Net {
     // Models built for one input size (nnFormer's crop) are built for the 128³ patch.
     let options = if name == "nnformer" { serde_json::json!({"crop_size": [128, 128, 128]}) } else { serde_json::Value::Null };
     let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: ISO_STRIDES.to_vec(), options };
-    Net::Zoo(name, stu_engine::train::he_init((entry.build)(&spec, device).expect("default size"), 0))
+    Net::Zoo(name, stu_engine::train::seeded_init((entry.build)(&spec, device).expect("default size"), 0))
 }
 
 /// Training-step cases: nnU-Net's step (batch 2, 1 channel, 128³, 105 classes, deep
@@ -195,7 +195,7 @@ fn reps(backend: Backend, large: bool) -> (usize, usize) {
 fn preset_net(preset: &str, device: &Device) -> Result<Box<dyn SegNet>> {
     let entry = stu_engine::model::registry().get("stunet")?;
     let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: ISO_STRIDES.to_vec(), options: serde_json::json!({ "preset": preset }) };
-    Ok(stu_engine::train::he_init((entry.build)(&spec, device).map_err(anyhow::Error::msg)?, 0))
+    Ok(stu_engine::train::seeded_init((entry.build)(&spec, device).map_err(anyhow::Error::msg)?, 0))
 }
 
 /// Runs `step` once more under libtorch's profiler and writes the trace to `dir/{id}.json`.
@@ -255,7 +255,7 @@ fn train_2d_case(backend: Backend, precision: Precision, ad: &Device, profile: O
     let entry = stu_engine::model::registry().get("nnunet-plainconv")?;
     let options = serde_json::json!({"kernels": vec![[1, 3, 3]; 7], "max_width": 512});
     let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: TOTALSEG_CLASSES, strides: vec![[1, 2, 2]; 6], options };
-    let net = stu_engine::train::he_init((entry.build)(&spec, ad).map_err(anyhow::Error::msg)?, 0);
+    let net = stu_engine::train::seeded_init((entry.build)(&spec, ad).map_err(anyhow::Error::msg)?, 0);
     let levels: Vec<[usize; 3]> = (0..6).map(|k| [1, 256 >> k, 256 >> k]).collect();
     step_case(TRAIN_2D_CASE, net, 12, &levels, backend, precision, ad, false, profile)
 }

@@ -120,7 +120,7 @@ pub fn gather(backend: Backend, tol: f64) -> anyhow::Result<Compared> {
     Ok(Compared { what: format!("{n} lookups into {rows} rows: table gradient"), err: rel_err(&a, &b, 0.0), tol })
 }
 
-/// One training step's loss and gradients of model `name` (He-initialised, `options`, batch 2
+/// One training step's loss and gradients of model `name` (`seeded_init`, `options`, batch 2
 /// of 32³, nnU-Net's loss over its deep-supervision outputs) on `backend` against flex's: the
 /// worst parameter, its error relative to its largest gradient floored at 1e-2 of the largest
 /// anywhere (a conv bias before an instance norm has a gradient of 0 up to rounding).
@@ -140,7 +140,7 @@ pub fn model_gradients(backend: Backend, name: &str, options: &serde_json::Value
     let mut targets: Option<Vec<(Vec<i64>, [usize; 4])>> = None;
     let mut run = |b: Backend, scale: f32| -> anyhow::Result<StepGrads> {
         let d = b.device()?.autodiff();
-        let net = stu_engine::train::he_init((e.build)(&spec, &d).map_err(|e| anyhow::anyhow!("{name}: {e}"))?, 7);
+        let net = stu_engine::train::seeded_init((e.build)(&spec, &d).map_err(|e| anyhow::anyhow!("{name}: {e}"))?, 7);
         let input: Vec<f32> = x.iter().map(|v| v * scale).collect();
         let outs = net.forward_ds(Tensor::<5>::from_data(TensorData::new(input, shape), &d));
         let t = targets.get_or_insert_with(|| {

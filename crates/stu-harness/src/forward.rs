@@ -129,7 +129,7 @@ fn write_weights(net: &dyn SegNet, output: &Path) -> Result<Vec<NamedTensor>> {
     Ok(tensors)
 }
 
-/// A freshly initialised model (He init with `seed`, as `stu train` starts from) written to
+/// A freshly initialised model (`seeded_init` with `seed`, as `stu train` starts from) written to
 /// `output` as safetensors with the model's own state-dict keys: for smoke tests, and for
 /// timing prediction without a trained model. Returns the parameter count.
 pub fn init(model: &str, spec: &stu_engine::model::NetSpec, seed: u64, output: &Path) -> Result<usize> {
@@ -137,7 +137,7 @@ pub fn init(model: &str, spec: &stu_engine::model::NetSpec, seed: u64, output: &
     let entry = stu_engine::model::registry().get(model)?;
     let device = Backend::Flex.device()?;
     let net = (entry.build)(spec, &device).map_err(|e| anyhow::anyhow!("model `{model}`: {e}"))?;
-    let net = stu_engine::train::he_init(net, seed);
+    let net = stu_engine::train::seeded_init(net, seed);
     Ok(write_weights(&*net, output)?.iter().map(|t| t.data.len()).sum())
 }
 

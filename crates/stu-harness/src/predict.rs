@@ -1507,7 +1507,7 @@ mod tests {
         let device = Backend::Flex.device().unwrap();
         let entry = stu_engine::model::registry().get("stunet").unwrap();
         let spec = stu_engine::model::NetSpec { in_channels: 1, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
-        let nets = seeds.iter().map(|&s| stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), s)).collect();
+        let nets = seeds.iter().map(|&s| stu_engine::train::seeded_init((entry.build)(&spec, &device).unwrap(), s)).collect();
         let plan = PreprocessPlan { spacing: [1.0; 3], slice_spacing_kept: false, transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
         Predictor { nets, plan, patch: [16, 32, 32], mirror_axes: if mirror { vec![0, 1, 2] } else { Vec::new() }, step: 0.5, device, precision: Precision::F32, on_device: Accumulate::Host, whole_export: false, fast_export: false, regions: None, cascade: None, configuration: "3d_fullres".into() }
     }
@@ -1584,7 +1584,7 @@ mod tests {
         let entry = stu_engine::model::registry().get("stunet").unwrap();
         let spec = stu_engine::model::NetSpec { in_channels: 3, num_classes: 3, strides: vec![[2, 2, 2], [2, 2, 2]], options: serde_json::json!({"depth": [1, 1, 1], "dims": [4, 8, 8]}) };
         let mut p = tiny_predictor(&[1], true);
-        p.nets = vec![stu_engine::train::he_init((entry.build)(&spec, &device).unwrap(), 4)];
+        p.nets = vec![stu_engine::train::seeded_init((entry.build)(&spec, &device).unwrap(), 4)];
         p.cascade = Some(Cascade { labels: vec![1, 2], previous: Previous::NextStage(Vec::new()) });
         // Thinner than the patch along axis 0 (padded), longer along the others.
         let shape = [11, 40, 37];

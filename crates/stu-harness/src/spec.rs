@@ -565,9 +565,11 @@ pub fn points(spec: &Spec) -> Result<Vec<Point>> {
                     (revision != 0).then(|| format!("#{}-revision-{revision}", d.plugin))
                 })
                 .collect();
-            // So does the training code's revision: a point trained before a fix that changes
-            // what training makes of the same spec is another point.
-            let revisions = revisions + &training_revision_suffix();
+            // So does the training code's revision, and the model's: a point trained before a fix
+            // that changes what training makes of the same spec is another point.
+            let model_revision = stu_engine::model::registry().get(&resolved.model.name).map(|e| e.revision).unwrap_or(0);
+            let model_revision = if model_revision != 0 { format!("#{}-revision-{model_revision}", resolved.model.name) } else { String::new() };
+            let revisions = revisions + &training_revision_suffix() + &model_revision;
             let id = hash_hex(&(identity(&resolved)? + &revisions));
             let former_id = hash_hex(&(serde_json::to_string(&resolved)? + &revisions));
             Ok(Point { set, variant, swept, spec: resolved, id, former_id })
@@ -855,5 +857,18 @@ mod tests {
         let p = one_point(TINY);
         assert_eq!(p.id, "33ba36411fdf30ca");
         assert_ne!(p.former_id, p.id);
+    }
+
+    #[test]
+    fn a_models_revision_is_part_of_its_points_ids() {
+        // STU-Net's revision is 0: its ids stay as they were (above). UNETR's is 1 (2026-11-29:
+        // its fresh linear weights and position embeddings drawn as its builder declares), so
+        // its id is the hash of the identity with `#unetr-revision-1` after the others.
+        let text = TINY.replace("name = \"stunet\"\noptions = { preset = \"stunet-s\" }", "name = \"unetr\"\noptions = { img_size = 32 }");
+        let p = one_point(&text);
+        let phantom = stu_data::plugins::registry().get("phantom").unwrap().revision;
+        let without = identity(&p.spec).unwrap() + &format!("#phantom-revision-{phantom}") + &training_revision_suffix();
+        assert_eq!(p.id, hash_hex(&(without.clone() + "#unetr-revision-1")));
+        assert_ne!(p.id, hash_hex(&without));
     }
 }

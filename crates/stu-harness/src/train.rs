@@ -32,7 +32,7 @@ use stu_engine::loss::{DiceConfig, LossKind};
 use stu_engine::model::{LoadOptions, NetSpec, SegNet};
 use stu_engine::schedule::{LrSchedule, ds_weights};
 use stu_engine::dist::{Group, Launch};
-use stu_engine::train::{DeviceBatch, Optimizer, OptimizerKind, StepConfig, dice_per_class, he_init, nanmean, train_step_in, validation_step, weights_checksum};
+use stu_engine::train::{DeviceBatch, Optimizer, OptimizerKind, StepConfig, dice_per_class, seeded_init, nanmean, train_step_in, validation_step, weights_checksum};
 
 /// Checkpoint format tag in the safetensors metadata.
 pub const CHECKPOINT_FORMAT: &str = "stu-train-checkpoint/1";
@@ -601,12 +601,12 @@ fn load_options(cfg_strides: &[[usize; 3]]) -> LoadOptions {
     LoadOptions { strides: Some(cfg_strides.to_vec()), from_plan: true }
 }
 
-/// Builds the starting network: fresh (seeded He init) or transferred from `init_from`.
+/// Builds the starting network: fresh (`seeded_init`) or transferred from `init_from`.
 fn initial_net(cfg: &TrainConfig, spec: &NetSpec, device: &stu_engine::Device, report: &mut serde_json::Value) -> Result<Box<dyn SegNet>> {
     let entry = stu_engine::model::registry().get(&cfg.model)?;
     let Some(src_path) = &cfg.init_from else {
         let net = (entry.build)(spec, device).map_err(|e| anyhow::anyhow!("model `{}`: {e}", cfg.model))?;
-        return Ok(he_init(net, cfg.seed));
+        return Ok(seeded_init(net, cfg.seed));
     };
     // Fine-tuning (STU-Net's run_finetuning_stunet.py): the source's size, the target's task.
     let src = StateDict::open(src_path)?.select_model(entry.anchor_key)?;
@@ -615,7 +615,7 @@ fn initial_net(cfg: &TrainConfig, spec: &NetSpec, device: &stu_engine::Device, r
     let options = src_net.describe().get("options").cloned().with_context(|| format!("model `{}` does not describe its size options", cfg.model))?;
     drop(src_net);
     let spec = NetSpec { options, ..spec.clone() };
-    let fresh = he_init((entry.build)(&spec, device).map_err(|e| anyhow::anyhow!("model `{}`: {e}", cfg.model))?, cfg.seed);
+    let fresh = seeded_init((entry.build)(&spec, device).map_err(|e| anyhow::anyhow!("model `{}`: {e}", cfg.model))?, cfg.seed);
     let mut transferred = Vec::new();
     let mut tiled = Vec::new();
     let mut reinit = Vec::new();
