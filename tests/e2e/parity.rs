@@ -208,7 +208,7 @@ fn wgpu_convolution_gradients_equal_flexs() {
 
 /// Every registered model's gradients on wgpu against flex's at 32³
 /// (`stu_harness::checkops::model_gradients`: within 1e-2, or three times flex's own change
-/// when its input is nudged by 1e-6, for a model whose gradients rounding moves that far).
+/// when its input is nudged by a few ulps, for a model whose gradients rounding moves that far).
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_gradients_equal_flexs_for_every_model() {

@@ -127,9 +127,9 @@ pub fn gather(backend: Backend, tol: f64) -> anyhow::Result<Compared> {
 ///
 /// Rounding alone moves some models' gradients far: a pre-activation within rounding of the
 /// LeakyReLU kink takes the other slope, and that spreads. So flex runs the step again on the
-/// input scaled by 1 + 1e-6 (a few f32 ulps), and the tolerance is `tol` or three times that
-/// change, whichever is larger: the tiny UNETR's gradients move by 5 % so, STU-Net's by less
-/// than 1e-3. The kernel bugs were off by 0.3–1.
+/// input scaled by 1 + ε for each ε of [`NUDGES`] (a few f32 ulps), and the tolerance is `tol`
+/// or three times the largest change, whichever is larger: the tiny UNETR's gradients move by
+/// 5e-3 so, STU-Net's by 5e-5. The kernel bugs were off by 0.3–1.
 pub fn model_gradients(backend: Backend, name: &str, options: &serde_json::Value, tol: f64) -> anyhow::Result<Compared> {
     zoo::link();
     let e = registry().get(name).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -164,20 +164,25 @@ pub fn model_gradients(backend: Backend, name: &str, options: &serde_json::Value
         Ok((value, g))
     };
     let reference = run(Backend::Flex, 1.0)?;
-    let nudged = run(Backend::Flex, 1.0 + 1e-6)?;
+    let mut spread = 0f64;
+    for nudge in NUDGES {
+        spread = spread.max(worst_gradient(&reference, &run(Backend::Flex, 1.0 + nudge)?).0);
+    }
     let device = run(backend, 1.0)?;
     let compared = reference.1.iter().filter(|(_, g)| !g.is_empty()).count();
     if 2 * compared < reference.1.len() {
         anyhow::bail!("{name}: only {compared} of {} parameters have gradients", reference.1.len());
     }
-    let (spread, _) = worst_gradient(&reference, &nudged);
     let (err, path) = worst_gradient(&reference, &device);
     Ok(Compared {
-        what: format!("{name}: training step, worst of {compared} gradients ({path}; flex's own change under a 1e-6 nudge of the input: {spread:.1e})"),
+        what: format!("{name}: training step, worst of {compared} gradients ({path}; flex's own change under input nudges of ±1e-6 and 3e-6: {spread:.1e})"),
         err,
         tol: tol.max(3.0 * spread),
     })
 }
+
+/// The input scalings' offsets behind [`model_gradients`]' measure of rounding's reach.
+const NUDGES: [f32; 3] = [1e-6, -1e-6, 3e-6];
 
 /// The worst difference of step `b` from step `a`: the loss's relative to its value (floored
 /// at 1) and each parameter's relative to its largest gradient (floored at 1e-2 of `a`'s
