@@ -45,9 +45,10 @@ impl Builder<'_> {
         Initializer::KaimingNormal { gain: (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt(), fan_out_only: false }
     }
 
-    /// The transformers' `trunc_normal_(std=0.02)` (untruncated here).
+    /// The transformers' `trunc_normal_(std=0.02)` (untruncated here; `seeded_init` draws the
+    /// same spread).
     pub fn trunc_normal() -> Initializer {
-        Initializer::Normal { mean: 0.0, std: 0.02 }
+        Initializer::Normal { mean: 0.0, std: stu_engine::train::TRANSFORMER_STD }
     }
 
     /// `nn.LayerNorm(c)` under `key`.

@@ -548,7 +548,7 @@ inventory::submit! {
         module_path: module_path!(),
         // 1 (2026-11-29): a fresh network draws its linear weights and position embeddings with
         // sd 0.02, as its builder declares (`seeded_init` drew them by He); GELU's exact gradient
-        // and every bias-table lookup's on burn's generic operators.
+        // on burn's generic operators.
         revision: 1,
         anchor_key: "vit.patch_embedding.patch_embeddings.weight",
         presets: preset_summaries,

@@ -155,8 +155,8 @@ enum Command {
     /// Check a device's operators: on `tch`/`tch-cuda` the libtorch fast paths (ATen/cuDNN
     /// convolutions, fused instance norms, the split-row norm) against burn's composed operators
     /// (values and gradients of a residual block in each layout); on `wgpu`, `cuda` or `ndarray`
-    /// burn's own kernels against flex (convolutions, a repeated-index gather, one training
-    /// step's gradients of every model); exits non-zero on a mismatch.
+    /// burn's own kernels against flex (convolutions, GELU, a Swin window's bias lookups, one
+    /// training step's gradients of every model); exits non-zero on a mismatch.
     CheckOps {
         /// `tch` (CPU) or `tch-cuda`.
         #[arg(long, default_value = "tch")]

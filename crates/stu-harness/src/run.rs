@@ -220,7 +220,7 @@ fn run_point(spec: &Spec, point: &Point, root: &Path, dir: &Path, log: &dyn Fn(&
         "spec": point.spec,
         "git": {"revision": git(&["rev-parse", "HEAD"]), "dirty": git(&["status", "--porcelain"]).map(|s| !s.is_empty())},
         "training_revision": crate::spec::TRAINING_REVISION,
-        "model_revision": stu_engine::model::registry().get(&point.spec.model.name).map(|e| e.revision).unwrap_or(0),
+        "model_revision": crate::spec::model_revision(&point.spec.model.name),
         "host": host(),
         "seed": s.seed,
         "backend": s.backend,

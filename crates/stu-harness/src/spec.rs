@@ -567,8 +567,10 @@ pub fn points(spec: &Spec) -> Result<Vec<Point>> {
                 .collect();
             // So does the training code's revision, and the model's: a point trained before a fix
             // that changes what training makes of the same spec is another point.
-            let model_revision = stu_engine::model::registry().get(&resolved.model.name).map(|e| e.revision).unwrap_or(0);
-            let model_revision = if model_revision != 0 { format!("#{}-revision-{model_revision}", resolved.model.name) } else { String::new() };
+            let model_revision = match model_revision(&resolved.model.name) {
+                0 => String::new(),
+                r => format!("#{}-revision-{r}", resolved.model.name),
+            };
             let revisions = revisions + &training_revision_suffix() + &model_revision;
             let id = hash_hex(&(identity(&resolved)? + &revisions));
             let former_id = hash_hex(&(serde_json::to_string(&resolved)? + &revisions));
@@ -582,6 +584,12 @@ pub fn points(spec: &Spec) -> Result<Vec<Point>> {
 /// 2 (2026-11-28): fresh networks' norm scales start at 1, as PyTorch's; they started at 0,
 /// which slowed every from-scratch training and left many short phantom runs at Dice 0.
 pub const TRAINING_REVISION: u32 = 2;
+
+/// The registered model `name`'s `ModelEntry::revision` (0 for a name not registered, which
+/// validation refuses before any point runs).
+pub fn model_revision(name: &str) -> u32 {
+    stu_engine::model::registry().get(name).map(|e| e.revision).unwrap_or(0)
+}
 
 fn training_revision_suffix() -> String {
     if TRAINING_REVISION > 1 { format!("#training-revision-{TRAINING_REVISION}") } else { String::new() }
