@@ -17,7 +17,6 @@
 //! stochastic depth (drop-path up to 0.2), which changes no weight and no inference output.
 
 use burn::module::{Module, Param};
-use burn::nn::Initializer;
 use burn::tensor::Int;
 use serde::{Deserialize, Serialize};
 use stu_core::strides::Stride;
@@ -27,7 +26,8 @@ use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSumma
 use stu_engine::ops::{self, Layout, gelu};
 use stu_engine::{Device, Tensor, TensorData};
 
-use crate::parts::{Builder, Export, LayerNorm, Linear, Source, check_keys, options, pad_end, partition, reverse, roll, shift_mask};
+use stu_engine::train::InitRules;
+use crate::parts::{Builder, Export, LayerNorm, Linear, check_keys, options, pad_end, partition, reverse, roll, shift_mask};
 use crate::stunet::TOTALSEG_CLASSES;
 
 /// Registry name.
@@ -364,6 +364,9 @@ pub struct NnFormer {
     /// The architecture.
     #[module(skip)]
     pub arch: NnFormerArch,
+    /// How each parameter was declared to be drawn (fresh networks; `seeded_init`).
+    #[module(skip)]
+    pub init: InitRules,
 }
 
 /// LayerNorm over the channels of a channels-last map.
@@ -476,7 +479,7 @@ trait NnFormerBuild {
 
 impl NnFormerBuild for Builder<'_> {
     fn conv(&self, key: &str, cin: usize, c: usize) -> Result<Conv, CheckpointError> {
-        Ok(Conv { weight: self.tensor(&format!("{key}.weight"), [c, cin, 3, 3, 3], Self::he())?, bias: self.tensor(&format!("{key}.bias"), [c], Initializer::Zeros)? })
+        Ok(Conv { weight: self.tensor(&format!("{key}.weight"), [c, cin, 3, 3, 3], Self::torch_weight())?, bias: self.torch_bias(&format!("{key}.bias"), c, &[c, cin, 3, 3, 3])? })
     }
 
     fn block(&self, p: &str, a: &NnFormerArch, s: usize, shifted: bool, kv: bool) -> Result<Block, CheckpointError> {
@@ -532,16 +535,16 @@ impl NnFormerBuild for Builder<'_> {
                 let d = a.dim(s);
                 Ok(UpStage {
                     up_norm: self.ln(&format!("{p}.Upsample.norm"), 2 * d)?,
-                    up_weight: self.tensor(&format!("{p}.Upsample.up.weight"), [2 * d, d, 2, 2, 2], Self::he())?,
-                    up_bias: self.tensor(&format!("{p}.Upsample.up.bias"), [d], Initializer::Zeros)?,
+                    up_weight: self.tensor(&format!("{p}.Upsample.up.weight"), [2 * d, d, 2, 2, 2], Self::torch_weight())?,
+                    up_bias: self.torch_bias(&format!("{p}.Upsample.up.bias"), d, &[2 * d, d, 2, 2, 2])?,
                     blocks: (0..a.depths[s]).map(|b| self.block(&format!("{p}.blocks.{b}"), a, s, b > 0, b == 0)).collect::<Result<_, _>>()?,
                 })
             })
             .collect::<Result<_, CheckpointError>>()?;
         let p = a.patch_size;
-        let final_weight = (0..a.heads()).map(|i| self.tensor(&format!("final.{i}.up.weight"), [a.dim(i), a.num_classes, p[0], p[1], p[2]], Self::he())).collect::<Result<_, _>>()?;
-        let final_bias = (0..a.heads()).map(|i| self.tensor(&format!("final.{i}.up.bias"), [a.num_classes], Initializer::Zeros)).collect::<Result<_, _>>()?;
-        Ok(NnFormer { proj1, proj2, embed_norm: self.ln(&format!("{pe}.norm"), e)?, stages, out_norms, up, final_weight, final_bias, arch: a.clone() })
+        let final_weight = (0..a.heads()).map(|i| self.tensor(&format!("final.{i}.up.weight"), [a.dim(i), a.num_classes, p[0], p[1], p[2]], Self::torch_weight())).collect::<Result<_, _>>()?;
+        let final_bias = (0..a.heads()).map(|i| self.torch_bias(&format!("final.{i}.up.bias"), a.num_classes, &[a.dim(i), a.num_classes, p[0], p[1], p[2]])).collect::<Result<_, _>>()?;
+        Ok(NnFormer { proj1, proj2, embed_norm: self.ln(&format!("{pe}.norm"), e)?, stages, out_norms, up, final_weight, final_bias, arch: a.clone(), init: InitRules::default() })
     }
 }
 
@@ -549,14 +552,16 @@ impl NnFormer {
     /// A freshly initialised network.
     pub fn new(arch: &NnFormerArch, device: &Device) -> Result<Self, String> {
         arch.validate()?;
-        Builder { src: Source::Init, device }.build(arch).map_err(|e| e.to_string())
+        let b = Builder::fresh(device);
+        let net = b.build(arch).map_err(|e| e.to_string())?;
+        Ok(Self { init: b.into_rules(), ..net })
     }
 
     /// From the reference's state dict (any container); see [`infer_arch`] for the crop size.
     pub fn from_state_dict(dict: &StateDict, device: &Device) -> Result<Self, CheckpointError> {
         let arch = infer_arch(dict)?;
         check_keys(dict, &arch.keys(), NAME, |k| k.ends_with("relative_position_index"))?;
-        Builder { src: Source::Dict(dict), device }.build(&arch)
+        Builder::reading(dict, device).build(&arch)
     }
 
     /// The outputs, full resolution first (NCDHW).
@@ -597,6 +602,9 @@ impl NnFormer {
 }
 
 impl SegNet for NnFormer {
+    fn init_rules(&self) -> Option<&InitRules> {
+        Some(&self.init)
+    }
     fn family(&self) -> &'static str {
         NAME
     }
@@ -846,7 +854,10 @@ inventory::submit! {
         // 1 (2026-11-29): a fresh network draws its linear weights and relative-position bias tables with
         // sd 0.02, as its builder declares (`seeded_init` drew them by He); GELU's exact gradient
         // and every bias-table lookup's on burn's generic operators.
-        revision: 1,
+        // 2 (2026-11-29): linear and convolution weights and biases drawn as PyTorch's
+        // `reset_parameters` does, U(±1/√fan_in), as its authors' code leaves them (only the bias tables are its own `trunc_normal_(std=.02)`); before, linear weights at sd 0.02,
+        // convolutions by He, biases 0.
+        revision: 2,
         anchor_key: "model_down.patch_embed.proj1.conv1.weight",
         presets: preset_summaries,
         load: load_boxed,

@@ -1,6 +1,7 @@
 //! What the zoo's models share: where parameters come from (fresh or a checkpoint), the
 //! initialisers, state-dict export, and MONAI's building blocks (UNETR and SwinUNETR use them).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use burn::module::{Module, Param};
@@ -8,6 +9,7 @@ use burn::nn::Initializer;
 use stu_engine::burn;
 use stu_engine::checkpoint::{CheckpointError, NamedTensor, StateDict};
 use stu_engine::ops::{self, Layout};
+use stu_engine::train::{Draw, InitRules};
 use stu_engine::{Device, Tensor, TensorData};
 
 /// Where a model's parameters come from when it is built.
@@ -24,17 +26,40 @@ pub struct Builder<'a> {
     pub src: Source<'a>,
     /// Where they live.
     pub device: &'a Device,
+    /// How each fresh parameter is drawn, as declared ([`Builder::into_rules`]).
+    rules: RefCell<InitRules>,
+}
+
+impl<'a> Builder<'a> {
+    /// A builder of fresh parameters.
+    pub fn fresh(device: &'a Device) -> Self {
+        Builder { src: Source::Init, device, rules: RefCell::default() }
+    }
+
+    /// A builder reading `dict`'s tensors.
+    pub fn reading(dict: &'a StateDict, device: &'a Device) -> Self {
+        Builder { src: Source::Dict(dict), device, rules: RefCell::default() }
+    }
+
+    /// What every fresh parameter's initializer declared, for `seeded_init` (empty when
+    /// reading a checkpoint).
+    pub fn into_rules(self) -> InitRules {
+        self.rules.into_inner()
+    }
 }
 
 impl Builder<'_> {
     /// The parameter `key` of `shape`: read from the checkpoint, or initialised by `init` with
-    /// PyTorch's fans (fan_in = shape[1]·kernel, fan_out = shape[0]·kernel).
+    /// PyTorch's fans (fan_in = shape[1]·kernel, fan_out = shape[0]·kernel), which is recorded
+    /// for `seeded_init`.
     pub fn tensor<const D: usize>(&self, key: &str, shape: [usize; D], init: Initializer) -> Result<Param<Tensor<D>>, CheckpointError> {
         match &self.src {
             Source::Init => {
                 let fan_in = shape.iter().skip(1).product::<usize>().max(1);
                 let fan_out = shape[0] * shape.iter().skip(2).product::<usize>();
-                Ok(init.init_with(shape, Some(fan_in), Some(fan_out), self.device))
+                let param = init.init_with(shape, Some(fan_in), Some(fan_out), self.device);
+                self.rules.borrow_mut().0.insert(param.id, Draw::of(&init, fan_in));
+                Ok(param)
             }
             Source::Dict(dict) => Ok(Param::from_tensor(Tensor::from_data(TensorData::new(dict.read(key, &shape)?, shape), self.device))),
         }
@@ -45,10 +70,23 @@ impl Builder<'_> {
         Initializer::KaimingNormal { gain: (2.0 / (1.0 + 0.01f64 * 0.01)).sqrt(), fan_out_only: false }
     }
 
-    /// The transformers' `trunc_normal_(std=0.02)` (untruncated here; `seeded_init` draws the
-    /// same spread).
+    /// The transformers' `trunc_normal_(std=0.02)` (untruncated here: ±2 is 100 sd away).
     pub fn trunc_normal() -> Initializer {
         Initializer::Normal { mean: 0.0, std: stu_engine::train::TRANSFORMER_STD }
+    }
+
+    /// PyTorch's own initialisation of a `Linear`, `Conv3d` or `ConvTranspose3d` weight,
+    /// `kaiming_uniform_(a=√5)`: U(±1/√fan_in). MONAI's networks and nnFormer keep it.
+    pub fn torch_weight() -> Initializer {
+        Initializer::KaimingUniform { gain: (1.0f64 / 3.0).sqrt(), fan_out_only: false }
+    }
+
+    /// The bias `key` (`len` values: the output channels) of the layer whose weight has
+    /// `weight_shape`, as PyTorch initialises it: U(±1/√fan_in) with the weight's fan_in
+    /// (`shape[1]·kernel`, for transposed convolutions too).
+    pub fn torch_bias(&self, key: &str, len: usize, weight_shape: &[usize]) -> Result<Param<Tensor<1>>, CheckpointError> {
+        let bound = 1.0 / (weight_shape.iter().skip(1).product::<usize>().max(1) as f64).sqrt();
+        self.tensor(key, [len], Initializer::Uniform { min: -bound, max: bound })
     }
 
     /// `nn.LayerNorm(c)` under `key`.
@@ -56,20 +94,21 @@ impl Builder<'_> {
         Ok(LayerNorm { weight: self.tensor(&format!("{key}.weight"), [c], Initializer::Ones)?, bias: self.tensor(&format!("{key}.bias"), [c], Initializer::Zeros)? })
     }
 
-    /// `nn.Linear(cin, out, bias)` under `key`.
+    /// `nn.Linear(cin, out, bias)` under `key`, initialised as PyTorch does (MONAI's
+    /// transformer blocks and nnFormer's keep it).
     pub fn linear(&self, key: &str, cin: usize, out: usize, bias: bool) -> Result<Linear, CheckpointError> {
         Ok(Linear {
-            weight: self.tensor(&format!("{key}.weight"), [out, cin], Self::trunc_normal())?,
-            bias: if bias { Some(self.tensor(&format!("{key}.bias"), [out], Initializer::Zeros)?) } else { None },
+            weight: self.tensor(&format!("{key}.weight"), [out, cin], Self::torch_weight())?,
+            bias: if bias { Some(self.torch_bias(&format!("{key}.bias"), out, &[out, cin])?) } else { None },
         })
     }
 
     /// MONAI's `UnetResBlock(cin → c)` under `key`.
     pub fn res(&self, key: &str, cin: usize, c: usize) -> Result<ResBlock, CheckpointError> {
         Ok(ResBlock {
-            conv1: self.tensor(&format!("{key}.conv1.conv.weight"), [c, cin, 3, 3, 3], Self::he())?,
-            conv2: self.tensor(&format!("{key}.conv2.conv.weight"), [c, c, 3, 3, 3], Self::he())?,
-            conv3: if cin != c { Some(self.tensor(&format!("{key}.conv3.conv.weight"), [c, cin, 1, 1, 1], Self::he())?) } else { None },
+            conv1: self.tensor(&format!("{key}.conv1.conv.weight"), [c, cin, 3, 3, 3], Self::torch_weight())?,
+            conv2: self.tensor(&format!("{key}.conv2.conv.weight"), [c, c, 3, 3, 3], Self::torch_weight())?,
+            conv3: if cin != c { Some(self.tensor(&format!("{key}.conv3.conv.weight"), [c, cin, 1, 1, 1], Self::torch_weight())?) } else { None },
         })
     }
 }

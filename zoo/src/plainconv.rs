@@ -22,7 +22,8 @@ use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSumma
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
-use crate::parts::{Builder, Source, check_keys, named, options};
+use stu_engine::train::InitRules;
+use crate::parts::{Builder, check_keys, named, options};
 use crate::stunet::{InstanceNorm3d, Macs, TOTALSEG_CLASSES};
 
 /// Registry name.
@@ -337,6 +338,9 @@ pub struct PlainConvUNet {
     /// The architecture.
     #[module(skip)]
     pub arch: PlainArch,
+    /// How each parameter was declared to be drawn (fresh networks; `seeded_init`).
+    #[module(skip)]
+    pub init: InitRules,
 }
 
 /// The decoder's parts: stages, transposed convolutions and heads, deepest first.
@@ -410,7 +414,7 @@ impl PlainBuild for Builder<'_> {
             })
             .collect::<Result<_, _>>()?;
         let (decoder, transpconvs, seg_layers) = self.decoder(&a.decoder_shape())?;
-        Ok(PlainConvUNet { encoder, decoder, transpconvs, seg_layers, arch: a.clone() })
+        Ok(PlainConvUNet { encoder, decoder, transpconvs, seg_layers, arch: a.clone(), init: InitRules::default() })
     }
 }
 
@@ -418,7 +422,9 @@ impl PlainConvUNet {
     /// A freshly initialised network.
     pub fn new(arch: &PlainArch, device: &Device) -> Result<Self, String> {
         arch.validate()?;
-        Builder { src: Source::Init, device }.build(arch).map_err(|e| e.to_string())
+        let b = Builder::fresh(device);
+        let net = b.build(arch).map_err(|e| e.to_string())?;
+        Ok(Self { init: b.into_rules(), ..net })
     }
 
     /// From an nnU-Net v2 state dict (any container): the architecture comes from the tensor
@@ -433,7 +439,7 @@ impl PlainConvUNet {
         // The duplicate registrations are optional on load (files written without them load
         // too); the canonical ones are required.
         check_keys(dict, &arch.keys(), NAME, |k| k.contains(".all_modules.") || k.starts_with("decoder.encoder."))?;
-        Builder { src: Source::Dict(dict), device }.build(&arch)
+        Builder::reading(dict, device).build(&arch)
     }
 
     fn run(&self, x: Tensor<5>, deep_supervision: bool) -> Vec<Tensor<5>> {
@@ -489,6 +495,9 @@ pub(crate) fn block_tensors(out: &mut Vec<NamedTensor>, key: &str, b: &ConvNormA
 }
 
 impl SegNet for PlainConvUNet {
+    fn init_rules(&self) -> Option<&InitRules> {
+        Some(&self.init)
+    }
     fn family(&self) -> &'static str {
         NAME
     }

@@ -19,7 +19,8 @@ use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSumma
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
-use crate::parts::{Builder, Source, check_keys, named, options};
+use stu_engine::train::InitRules;
+use crate::parts::{Builder, check_keys, named, options};
 use crate::plainconv::{self, ConvNormAct, DecoderShape, MAX_FEATURES, PlainBuild, TranspConv, block_keys, block_tensors};
 use crate::stunet::{InstanceNorm3d, Macs, TOTALSEG_CLASSES};
 
@@ -224,6 +225,9 @@ pub struct ResEncUNet {
     /// The architecture.
     #[module(skip)]
     pub arch: ResEncArch,
+    /// How each parameter was declared to be drawn (fresh networks; `seeded_init`).
+    #[module(skip)]
+    pub init: InitRules,
 }
 
 fn build(b: &Builder<'_>, a: &ResEncArch) -> Result<ResEncUNet, CheckpointError> {
@@ -255,14 +259,16 @@ fn build(b: &Builder<'_>, a: &ResEncArch) -> Result<ResEncUNet, CheckpointError>
         })
         .collect::<Result<_, _>>()?;
     let (decoder, transpconvs, seg_layers) = b.decoder(&a.decoder_shape())?;
-    Ok(ResEncUNet { stem, stages, decoder, transpconvs, seg_layers, arch: a.clone() })
+    Ok(ResEncUNet { stem, stages, decoder, transpconvs, seg_layers, arch: a.clone(), init: InitRules::default() })
 }
 
 impl ResEncUNet {
     /// A freshly initialised network.
     pub fn new(arch: &ResEncArch, device: &Device) -> Result<Self, String> {
         arch.validate()?;
-        build(&Builder { src: Source::Init, device }, arch).map_err(|e| e.to_string())
+        let b = Builder::fresh(device);
+        let net = build(&b, arch).map_err(|e| e.to_string())?;
+        Ok(Self { init: b.into_rules(), ..net })
     }
 
     /// From an nnU-Net v2 state dict (any container): the architecture comes from the tensor
@@ -274,7 +280,7 @@ impl ResEncUNet {
         let arch = infer_arch(dict)?;
         plainconv::check_strides(dict, options, &arch.strides)?;
         check_keys(dict, &arch.keys(), NAME, |k| k.contains(".all_modules.") || k.starts_with("decoder.encoder."))?;
-        build(&Builder { src: Source::Dict(dict), device }, &arch)
+        build(&Builder::reading(dict, device), &arch)
     }
 
     fn run(&self, x: Tensor<5>, deep_supervision: bool) -> Vec<Tensor<5>> {
@@ -292,6 +298,9 @@ impl ResEncUNet {
 }
 
 impl SegNet for ResEncUNet {
+    fn init_rules(&self) -> Option<&InitRules> {
+        Some(&self.init)
+    }
     fn family(&self) -> &'static str {
         NAME
     }

@@ -29,7 +29,8 @@ use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSumma
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
-use crate::parts::{Builder, Source, check_keys, named};
+use stu_engine::train::InitRules;
+use crate::parts::{Builder, check_keys, named};
 
 /// Registry name of the family.
 pub const NAME: &str = "stunet";
@@ -276,7 +277,7 @@ pub struct ResBlock {
 impl ResBlock {
     /// A freshly initialised block (for benchmarks and tests).
     pub fn new(cin: usize, c: usize, stride: Stride, project: bool, device: &Device) -> Self {
-        Builder { src: Source::Init, device }
+        Builder::fresh(device)
             .block("block", cin, c, stride, project)
             .expect("fresh initialisation cannot fail")
     }
@@ -323,6 +324,9 @@ pub struct StuNet {
     /// The architecture it was built from.
     #[module(skip)]
     pub arch: StuNetArch,
+    /// How each parameter was declared to be drawn (fresh networks; `seeded_init`).
+    #[module(skip)]
+    pub init: InitRules,
 }
 
 /// STU-Net's layers, made by the shared [`Builder`].
@@ -417,7 +421,7 @@ impl StuBuild for Builder<'_> {
             upsample_layers,
             conv_blocks_localization,
             seg_outputs,
-            arch: arch.clone(),
+            arch: arch.clone(), init: InitRules::default(),
         })
     }
 }
@@ -427,9 +431,9 @@ impl StuNet {
     /// allocated until a forward pass or a read touches them, so counting even H is free.
     pub fn new(arch: &StuNetArch, device: &Device) -> Result<Self, String> {
         arch.validate()?;
-        Builder { src: Source::Init, device }
-            .build(arch)
-            .map_err(|e| e.to_string())
+        let b = Builder::fresh(device);
+        let net = b.build(arch).map_err(|e| e.to_string())?;
+        Ok(Self { init: b.into_rules(), ..net })
     }
 
     /// Builds the network from a checkpoint, inferring the architecture from tensor shapes.
@@ -437,7 +441,7 @@ impl StuNet {
     pub fn from_state_dict(dict: &StateDict, options: &LoadOptions, device: &Device) -> Result<Self, CheckpointError> {
         let arch = infer_arch(dict, options)?;
         check_keys(dict, &arch.keys(), NAME, |_| false)?;
-        Builder { src: Source::Dict(dict), device }.build(&arch)
+        Builder::reading(dict, device).build(&arch)
     }
 
     /// Forward on an NCDHW input; outputs NCDHW (views of channels-last results on flex).
@@ -500,6 +504,9 @@ fn block_tensors(out: &mut Vec<NamedTensor>, key: &str, b: &ResBlock) {
 }
 
 impl SegNet for StuNet {
+    fn init_rules(&self) -> Option<&InitRules> {
+        Some(&self.init)
+    }
     fn family(&self) -> &'static str {
         NAME
     }

@@ -10,7 +10,6 @@
 //! `relative_position_index` buffers are in the state dict (read back as computed, written out).
 
 use burn::module::{Module, Param};
-use burn::nn::Initializer;
 use burn::tensor::Int;
 use serde::{Deserialize, Serialize};
 use stu_core::strides::Stride;
@@ -21,7 +20,8 @@ use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor, TensorData};
 
 use crate::stunet::TOTALSEG_CLASSES;
-use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, pad_end, partition, patches, reverse, roll, shift_mask, up};
+use stu_engine::train::InitRules;
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, UpBlock, check_keys, options, pad_end, partition, patches, reverse, roll, shift_mask, up};
 
 /// What every input extent must be a multiple of: five 2× downsamplings (the patch embedding's
 /// and four patch mergings).
@@ -239,6 +239,9 @@ pub struct SwinUnetr {
     /// The architecture.
     #[module(skip)]
     pub arch: SwinArch,
+    /// How each parameter was declared to be drawn (fresh networks; `seeded_init`).
+    #[module(skip)]
+    pub init: InitRules,
 }
 
 /// MONAI's `get_window_size`: windows shrink to small maps, which then do not shift.
@@ -355,18 +358,18 @@ impl SwinBuild for Builder<'_> {
         let decoders = [("decoder5", 16 * f, 8 * f), ("decoder4", 8 * f, 4 * f), ("decoder3", 4 * f, 2 * f), ("decoder2", 2 * f, f), ("decoder1", f, f)]
             .into_iter()
             .map(|(name, cin, c)| {
-                Ok(UpBlock { transp_conv: self.tensor(&format!("{name}.transp_conv.conv.weight"), [cin, c, 2, 2, 2], Self::he())?, conv_block: self.res(&format!("{name}.conv_block"), 2 * c, c)? })
+                Ok(UpBlock { transp_conv: self.tensor(&format!("{name}.transp_conv.conv.weight"), [cin, c, 2, 2, 2], Self::torch_weight())?, conv_block: self.res(&format!("{name}.conv_block"), 2 * c, c)? })
             })
             .collect::<Result<_, CheckpointError>>()?;
         Ok(SwinUnetr {
-            patch_weight: self.tensor("swinViT.patch_embed.proj.weight", [f, a.in_channels, 2, 2, 2], Self::he())?,
-            patch_bias: self.tensor("swinViT.patch_embed.proj.bias", [f], Initializer::Zeros)?,
+            patch_weight: self.tensor("swinViT.patch_embed.proj.weight", [f, a.in_channels, 2, 2, 2], Self::torch_weight())?,
+            patch_bias: self.torch_bias("swinViT.patch_embed.proj.bias", f, &[f, a.in_channels, 2, 2, 2])?,
             stages,
             encoders,
             decoders,
-            out_weight: self.tensor("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::he())?,
-            out_bias: self.tensor("out.conv.conv.bias", [a.num_classes], Initializer::Zeros)?,
-            arch: a.clone(),
+            out_weight: self.tensor("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::torch_weight())?,
+            out_bias: self.torch_bias("out.conv.conv.bias", a.num_classes, &[a.num_classes, f, 1, 1, 1])?,
+            arch: a.clone(), init: InitRules::default(),
         })
     }
 }
@@ -375,7 +378,9 @@ impl SwinUnetr {
     /// A freshly initialised network.
     pub fn new(arch: &SwinArch, device: &Device) -> Result<Self, String> {
         arch.validate()?;
-        Builder { src: Source::Init, device }.build(arch).map_err(|e| e.to_string())
+        let b = Builder::fresh(device);
+        let net = b.build(arch).map_err(|e| e.to_string())?;
+        Ok(Self { init: b.into_rules(), ..net })
     }
 
     /// From MONAI's state dict (any container); the architecture comes from the shapes.
@@ -383,7 +388,7 @@ impl SwinUnetr {
         let arch = infer_arch(dict)?;
         // The relative-position buffers are recomputed, so they may be absent.
         check_keys(dict, &arch.keys(), NAME, |k| k.ends_with("relative_position_index"))?;
-        Builder { src: Source::Dict(dict), device }.build(&arch)
+        Builder::reading(dict, device).build(&arch)
     }
 
     fn run(&self, x: Tensor<5>) -> Tensor<5> {
@@ -421,6 +426,9 @@ impl SwinUnetr {
 }
 
 impl SegNet for SwinUnetr {
+    fn init_rules(&self) -> Option<&InitRules> {
+        Some(&self.init)
+    }
     fn family(&self) -> &'static str {
         NAME
     }
@@ -579,7 +587,10 @@ inventory::submit! {
         // 1 (2026-11-29): a fresh network draws its linear weights and relative-position bias tables with
         // sd 0.02, as its builder declares (`seeded_init` drew them by He); GELU's exact gradient
         // and every bias-table lookup's on burn's generic operators.
-        revision: 1,
+        // 2 (2026-11-29): linear and convolution weights and biases drawn as PyTorch's
+        // `reset_parameters` does, U(±1/√fan_in), as MONAI 1.6.1 leaves them (only the bias tables are its own `trunc_normal_(std=0.02)`); before, linear weights at sd 0.02,
+        // convolutions by He, biases 0.
+        revision: 2,
         anchor_key: "swinViT.patch_embed.proj.weight",
         presets: preset_summaries,
         load: load_boxed,

@@ -10,7 +10,6 @@
 //! it is a parameter (counted, loaded, exported) that the forward does not use.
 
 use burn::module::{Module, Param};
-use burn::nn::Initializer;
 use serde::{Deserialize, Serialize};
 use stu_core::strides::Stride;
 use stu_engine::burn;
@@ -19,7 +18,8 @@ use stu_engine::model::{InputRule, LoadOptions, ModelEntry, NetSpec, PresetSumma
 use stu_engine::ops::{self, Layout};
 use stu_engine::{Device, Tensor};
 
-use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, Source, UpBlock, check_keys, options, up};
+use stu_engine::train::InitRules;
+use crate::parts::{Builder, Export, LayerNorm, Linear, ResBlock, UpBlock, check_keys, options, up};
 use crate::stunet::TOTALSEG_CLASSES;
 
 /// Registry name.
@@ -255,6 +255,9 @@ pub struct Unetr {
     /// The architecture.
     #[module(skip)]
     pub arch: UnetrArch,
+    /// How each parameter was declared to be drawn (fresh networks; `seeded_init`).
+    #[module(skip)]
+    pub init: InitRules,
 }
 
 /// UNETR's layers, made by the shared [`Builder`].
@@ -282,9 +285,9 @@ impl UnetrBuild for Builder<'_> {
             .collect::<Result<_, CheckpointError>>()?;
         let prup = |name: &str, out: usize, layers: usize| -> Result<PrUp, CheckpointError> {
             Ok(PrUp {
-                transp_conv_init: self.tensor(&format!("{name}.transp_conv_init.conv.weight"), [h, out, 2, 2, 2], Self::he())?,
+                transp_conv_init: self.tensor(&format!("{name}.transp_conv_init.conv.weight"), [h, out, 2, 2, 2], Self::torch_weight())?,
                 blocks: (0..layers)
-                    .map(|i| Ok(PrUpStage { transp: self.tensor(&format!("{name}.blocks.{i}.0.conv.weight"), [out, out, 2, 2, 2], Self::he())?, res: self.res(&format!("{name}.blocks.{i}.1"), out, out)? }))
+                    .map(|i| Ok(PrUpStage { transp: self.tensor(&format!("{name}.blocks.{i}.0.conv.weight"), [out, out, 2, 2, 2], Self::torch_weight())?, res: self.res(&format!("{name}.blocks.{i}.1"), out, out)? }))
                     .collect::<Result<_, CheckpointError>>()?,
             })
         };
@@ -292,15 +295,15 @@ impl UnetrBuild for Builder<'_> {
             .into_iter()
             .map(|(name, cin, out)| {
                 Ok(UpBlock {
-                    transp_conv: self.tensor(&format!("{name}.transp_conv.conv.weight"), [cin, out, 2, 2, 2], Self::he())?,
+                    transp_conv: self.tensor(&format!("{name}.transp_conv.conv.weight"), [cin, out, 2, 2, 2], Self::torch_weight())?,
                     conv_block: self.res(&format!("{name}.conv_block"), 2 * out, out)?,
                 })
             })
             .collect::<Result<_, CheckpointError>>()?;
         Ok(Unetr {
             position_embeddings: self.tensor("vit.patch_embedding.position_embeddings", [1, a.tokens(), h], Self::trunc_normal())?,
-            patch_weight: self.tensor("vit.patch_embedding.patch_embeddings.weight", [h, a.in_channels, PATCH, PATCH, PATCH], Self::he())?,
-            patch_bias: self.tensor("vit.patch_embedding.patch_embeddings.bias", [h], Initializer::Zeros)?,
+            patch_weight: self.tensor("vit.patch_embedding.patch_embeddings.weight", [h, a.in_channels, PATCH, PATCH, PATCH], Self::torch_weight())?,
+            patch_bias: self.torch_bias("vit.patch_embedding.patch_embeddings.bias", h, &[h, a.in_channels, PATCH, PATCH, PATCH])?,
             blocks,
             norm: self.ln("vit.norm", h)?,
             encoder1: self.res("encoder1.layer", a.in_channels, f)?,
@@ -308,9 +311,9 @@ impl UnetrBuild for Builder<'_> {
             encoder3: prup("encoder3", 4 * f, 1)?,
             encoder4: prup("encoder4", 8 * f, 0)?,
             decoder,
-            out_weight: self.tensor("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::he())?,
-            out_bias: self.tensor("out.conv.conv.bias", [a.num_classes], Initializer::Zeros)?,
-            arch: a.clone(),
+            out_weight: self.tensor("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::torch_weight())?,
+            out_bias: self.torch_bias("out.conv.conv.bias", a.num_classes, &[a.num_classes, f, 1, 1, 1])?,
+            arch: a.clone(), init: InitRules::default(),
         })
     }
 }
@@ -319,14 +322,16 @@ impl Unetr {
     /// A freshly initialised network.
     pub fn new(arch: &UnetrArch, device: &Device) -> Result<Self, String> {
         arch.validate()?;
-        Builder { src: Source::Init, device }.build(arch).map_err(|e| e.to_string())
+        let b = Builder::fresh(device);
+        let net = b.build(arch).map_err(|e| e.to_string())?;
+        Ok(Self { init: b.into_rules(), ..net })
     }
 
     /// From MONAI's state dict (any container); the architecture comes from the shapes.
     pub fn from_state_dict(dict: &StateDict, device: &Device) -> Result<Self, CheckpointError> {
         let arch = infer_arch(dict)?;
         check_keys(dict, &arch.keys(), NAME, |_| false)?;
-        Builder { src: Source::Dict(dict), device }.build(&arch)
+        Builder::reading(dict, device).build(&arch)
     }
 
     fn run(&self, x: Tensor<5>) -> Tensor<5> {
@@ -374,6 +379,9 @@ impl Unetr {
 }
 
 impl SegNet for Unetr {
+    fn init_rules(&self) -> Option<&InitRules> {
+        Some(&self.init)
+    }
     fn family(&self) -> &'static str {
         NAME
     }
@@ -549,7 +557,10 @@ inventory::submit! {
         // 1 (2026-11-29): a fresh network draws its linear weights and position embeddings with
         // sd 0.02, as its builder declares (`seeded_init` drew them by He); GELU's exact gradient
         // on burn's generic operators.
-        revision: 1,
+        // 2 (2026-11-29): linear and convolution weights and biases drawn as PyTorch's
+        // `reset_parameters` does, U(±1/√fan_in), as MONAI 1.6.1 leaves them (only the position embeddings are its own `trunc_normal_(std=0.02)`); before, linear weights at sd 0.02,
+        // convolutions by He, biases 0.
+        revision: 2,
         anchor_key: "vit.patch_embedding.patch_embeddings.weight",
         presets: preset_summaries,
         load: load_boxed,

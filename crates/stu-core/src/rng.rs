@@ -44,6 +44,24 @@ impl SplitMix64 {
         out
     }
 
+    /// `n` values uniform in `[−bound, bound)` (each one draw), generated in parallel pieces of
+    /// the same stream, as [`SplitMix64::normals_par`].
+    pub fn uniforms_par(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        use rayon::prelude::*;
+        const PIECE: usize = 1 << 16;
+        let start = self.clone();
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(PIECE).enumerate().for_each(|(i, piece)| {
+            let mut r = start.clone();
+            r.skip((i * PIECE) as u64);
+            for v in piece {
+                *v = r.uniform(-bound, bound) as f32;
+            }
+        });
+        self.skip(n as u64);
+        out
+    }
+
     /// Uniform in `[lo, hi)`.
     pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -76,6 +94,15 @@ mod tests {
         let (mut a, mut b) = (SplitMix64::new(5), SplitMix64::new(5));
         let seq: Vec<f32> = (0..n).map(|_| (a.normal() * 0.3) as f32).collect();
         assert_eq!(b.normals_par(n, 0.3), seq);
+        assert_eq!(a.next_u64(), b.next_u64(), "the generator ends where the sequential one does");
+    }
+
+    #[test]
+    fn parallel_uniforms_are_the_sequential_stream() {
+        let n = (1 << 16) * 2 + 777;
+        let (mut a, mut b) = (SplitMix64::new(9), SplitMix64::new(9));
+        let seq: Vec<f32> = (0..n).map(|_| a.uniform(-0.25, 0.25) as f32).collect();
+        assert_eq!(b.uniforms_par(n, 0.25), seq);
         assert_eq!(a.next_u64(), b.next_u64(), "the generator ends where the sequential one does");
     }
 

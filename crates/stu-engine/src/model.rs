@@ -61,6 +61,11 @@ pub trait SegNet: Send {
     fn vectors_stay_f32(&self) -> bool {
         false
     }
+    /// How each parameter of a freshly built network is drawn ([`crate::train::seeded_init`]),
+    /// as its builder declared it; `None` (or empty) for a network read from a checkpoint.
+    fn init_rules(&self) -> Option<&crate::train::InitRules> {
+        None
+    }
 }
 
 /// Implements [`SegNet`]'s training hooks for a type that is a burn `Module`; expand inside

@@ -128,35 +128,76 @@ pub fn map_params<M: Module>(module: M, grads: &mut GradientsParams, f: &mut Upd
     module.map(&mut Mapper { path: Vec::new(), grads, f })
 }
 
-/// A fresh network's weights drawn from a seed, by the rules the zoo's builders declare:
-/// convolution and transposed-convolution weights (rank ≥ 4) by nnU-Net v1's
-/// `InitWeights_He(1e-2)`, N(0, gain²/fan_in) with gain √(2/(1+0.01²)) and fan_in =
-/// dims[1]·kernel; the transformers' matrices and tables (rank 2 and 3: linear weights,
-/// relative-position bias tables, position embeddings) by `trunc_normal_(std=0.02)` (MONAI's
-/// and timm's, truncated at ±2, which N(0, 0.02²) never reaches). Vectors keep the values the
-/// model was built with, which every zoo model builds as PyTorch does: norm scales 1, biases
-/// and norm shifts 0 (`stunet.md` §1.7: "the InstanceNorm affine keeps weight 1 and bias 0").
-/// Deterministic, unlike burn's global RNG, so two runs with one seed start equal, on any
-/// backend.
+/// How [`seeded_init`] draws one parameter of a fresh network: what its model's builder
+/// declared, as a distribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Draw {
+    /// N(0, sd²): nnU-Net's `InitWeights_He(1e-2)` (sd = gain/√fan_in), and
+    /// `trunc_normal_(std=0.02)` (truncated at ±2, which N(0, 0.02²) never reaches).
+    Normal(f64),
+    /// U(−bound, bound): PyTorch's own `reset_parameters` of `Linear`, `Conv3d` and
+    /// `ConvTranspose3d` (bound 1/√fan_in, for the weight and its bias alike).
+    Uniform(f64),
+    /// Kept as built: a constant (norm scales 1, shifts and nnU-Net's biases 0).
+    Keep,
+}
+
+impl Draw {
+    /// The draw burn's `init` makes for a tensor of `fan_in` (PyTorch's: `shape[1]·kernel`).
+    ///
+    /// # Panics
+    /// On an initializer the zoo does not declare (Xavier, orthogonal, a shifted normal or an
+    /// asymmetric uniform): a builder's mistake, not the user's.
+    pub fn of(init: &burn::nn::Initializer, fan_in: usize) -> Draw {
+        use burn::nn::Initializer as I;
+        let fan_in = fan_in.max(1) as f64;
+        match *init {
+            I::Constant { .. } | I::Ones | I::Zeros => Draw::Keep,
+            I::Normal { mean, std } if mean == 0.0 => Draw::Normal(std),
+            I::Uniform { min, max } if min == -max => Draw::Uniform(max),
+            I::KaimingNormal { gain, fan_out_only: false } => Draw::Normal(gain / fan_in.sqrt()),
+            I::KaimingUniform { gain, fan_out_only: false } => Draw::Uniform(gain * (3.0 / fan_in).sqrt()),
+            ref other => panic!("seeded initialisation cannot draw {other:?}"),
+        }
+    }
+}
+
+/// Each parameter's [`Draw`] by burn id, recorded by the builder of a fresh network (empty for
+/// one read from a checkpoint).
+#[derive(Debug, Clone, Default)]
+pub struct InitRules(pub HashMap<ParamId, Draw>);
+
+/// A fresh network's weights drawn from a seed, each parameter as its model's builder declared
+/// it ([`SegNet::init_rules`]): nnU-Net's `InitWeights_He(1e-2)` for STU-Net, PlainConvUNet
+/// and ResEnc (convolution weights N(0, gain²/fan_in) with gain √(2/(1+0.01²)), biases 0);
+/// PyTorch's defaults for MONAI's UNETR and SwinUNETR and for nnFormer, as their code leaves
+/// them (weights and biases U(±1/√fan_in)), except what they draw themselves
+/// (`trunc_normal_(std=0.02)`: relative-position bias tables, UNETR's position embeddings);
+/// norm scales 1 and shifts 0 everywhere (`stunet.md` §1.7: "the InstanceNorm affine keeps
+/// weight 1 and bias 0"). Parameters are drawn in visit order from one stream and constants
+/// draw nothing, so two runs with one seed start equal, on any backend.
+///
+/// # Panics
+/// If `net` was not built fresh (a network read from a checkpoint records no draws).
 pub fn seeded_init(net: Box<dyn SegNet>, seed: u64) -> Box<dyn SegNet> {
+    let rules = net.init_rules().filter(|r| !r.0.is_empty()).cloned().unwrap_or_else(|| panic!("seeded_init: this {} network was not built fresh, so it has no declared draws", net.family()));
     let mut rng = SplitMix64::new(seed ^ 0x6a09_e667_f3bc_c909);
-    let dims: HashMap<String, Vec<usize>> = net.params().into_iter().map(|p| (p.path, p.dims)).collect();
+    let ids: HashMap<String, (ParamId, usize)> = net.params().into_iter().map(|p| (p.path, (p.id, p.dims.iter().product()))).collect();
     let mut none = GradientsParams::new();
-    let gain = (2.0 / (1.0 + 1e-4f64)).sqrt();
     net.update(&mut none, &mut |path, value, _| {
-        let d = &dims[path];
-        let sd = match d.len() {
-            0 | 1 => return value,
-            2 | 3 => TRANSFORMER_STD,
-            _ => gain / (d[1..].iter().product::<usize>() as f64).sqrt(),
+        let (id, n) = ids[path];
+        let draw = *rules.0.get(&id).unwrap_or_else(|| panic!("seeded_init: no declared draw for `{path}`"));
+        let values = match draw {
+            Draw::Keep => return value,
+            Draw::Normal(sd) => rng.normals_par(n, sd),
+            Draw::Uniform(bound) => rng.uniforms_par(n, bound),
         };
-        let n: usize = d.iter().product();
-        Tensor::from_data(TensorData::new(rng.normals_par(n, sd), [n]), &value.device())
+        Tensor::from_data(TensorData::new(values, [n]), &value.device())
     })
 }
 
-/// `trunc_normal_(std=0.02)`'s spread, which [`seeded_init`] draws rank-2 and rank-3
-/// parameters with.
+/// `trunc_normal_(std=0.02)`'s spread, which the transformers draw their relative-position
+/// bias tables and position embeddings with.
 pub const TRANSFORMER_STD: f64 = 0.02;
 
 /// A network after an optimizer step, its gradient norm before clipping, and whether the step
