@@ -26,39 +26,33 @@ impl SplitMix64 {
         self.0 = self.0.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     }
 
-    /// `n` standard normals (each [`SplitMix64::normal`], two draws), generated in parallel
-    /// pieces of the same stream: the same values, in the same order, as `n` calls in a row.
+    /// `n` standard normals (each [`SplitMix64::normal`], two draws) times `scale`, generated in
+    /// parallel pieces of the same stream: the same values, in the same order, as `n` calls in a
+    /// row.
     pub fn normals_par(&mut self, n: usize, scale: f64) -> Vec<f32> {
-        use rayon::prelude::*;
-        const PIECE: usize = 1 << 16;
-        let start = self.clone();
-        let mut out = vec![0f32; n];
-        out.par_chunks_mut(PIECE).enumerate().for_each(|(i, piece)| {
-            let mut r = start.clone();
-            r.skip(2 * (i * PIECE) as u64);
-            for v in piece {
-                *v = (r.normal() * scale) as f32;
-            }
-        });
-        self.skip(2 * n as u64);
-        out
+        self.par_values(n, 2, |r| (r.normal() * scale) as f32)
     }
 
     /// `n` values uniform in `[−bound, bound)` (each one draw), generated in parallel pieces of
     /// the same stream, as [`SplitMix64::normals_par`].
     pub fn uniforms_par(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        self.par_values(n, 1, |r| r.uniform(-bound, bound) as f32)
+    }
+
+    /// `n` values of `value`, which takes `draws` draws each, in parallel pieces of the stream.
+    fn par_values(&mut self, n: usize, draws: u64, value: impl Fn(&mut Self) -> f32 + Sync) -> Vec<f32> {
         use rayon::prelude::*;
         const PIECE: usize = 1 << 16;
         let start = self.clone();
         let mut out = vec![0f32; n];
         out.par_chunks_mut(PIECE).enumerate().for_each(|(i, piece)| {
             let mut r = start.clone();
-            r.skip((i * PIECE) as u64);
+            r.skip(draws * (i * PIECE) as u64);
             for v in piece {
-                *v = r.uniform(-bound, bound) as f32;
+                *v = value(&mut r);
             }
         });
-        self.skip(n as u64);
+        self.skip(draws * n as u64);
         out
     }
 

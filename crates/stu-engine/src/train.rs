@@ -153,7 +153,7 @@ impl Draw {
         let fan_in = fan_in.max(1) as f64;
         match *init {
             I::Constant { .. } | I::Ones | I::Zeros => Draw::Keep,
-            I::Normal { mean, std } if mean == 0.0 => Draw::Normal(std),
+            I::Normal { mean: 0.0, std } => Draw::Normal(std),
             I::Uniform { min, max } if min == -max => Draw::Uniform(max),
             I::KaimingNormal { gain, fan_out_only: false } => Draw::Normal(gain / fan_in.sqrt()),
             I::KaimingUniform { gain, fan_out_only: false } => Draw::Uniform(gain * (3.0 / fan_in).sqrt()),
