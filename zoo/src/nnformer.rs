@@ -479,7 +479,8 @@ trait NnFormerBuild {
 
 impl NnFormerBuild for Builder<'_> {
     fn conv(&self, key: &str, cin: usize, c: usize) -> Result<Conv, CheckpointError> {
-        Ok(Conv { weight: self.tensor(&format!("{key}.weight"), [c, cin, 3, 3, 3], Self::torch_weight())?, bias: self.torch_bias(&format!("{key}.bias"), c, &[c, cin, 3, 3, 3])? })
+        let (weight, bias) = self.torch_layer(key, [c, cin, 3, 3, 3], c)?;
+        Ok(Conv { weight, bias })
     }
 
     fn block(&self, p: &str, a: &NnFormerArch, s: usize, shifted: bool, kv: bool) -> Result<Block, CheckpointError> {
@@ -533,17 +534,19 @@ impl NnFormerBuild for Builder<'_> {
             .map(|s| {
                 let p = format!("decoder.layers.{s}");
                 let d = a.dim(s);
+                let up_norm = self.ln(&format!("{p}.Upsample.norm"), 2 * d)?;
+                let (up_weight, up_bias) = self.torch_layer(&format!("{p}.Upsample.up"), [2 * d, d, 2, 2, 2], d)?;
                 Ok(UpStage {
-                    up_norm: self.ln(&format!("{p}.Upsample.norm"), 2 * d)?,
-                    up_weight: self.tensor(&format!("{p}.Upsample.up.weight"), [2 * d, d, 2, 2, 2], Self::torch_weight())?,
-                    up_bias: self.torch_bias(&format!("{p}.Upsample.up.bias"), d, &[2 * d, d, 2, 2, 2])?,
+                    up_norm,
+                    up_weight,
+                    up_bias,
                     blocks: (0..a.depths[s]).map(|b| self.block(&format!("{p}.blocks.{b}"), a, s, b > 0, b == 0)).collect::<Result<_, _>>()?,
                 })
             })
             .collect::<Result<_, CheckpointError>>()?;
         let p = a.patch_size;
-        let final_weight = (0..a.heads()).map(|i| self.tensor(&format!("final.{i}.up.weight"), [a.dim(i), a.num_classes, p[0], p[1], p[2]], Self::torch_weight())).collect::<Result<_, _>>()?;
-        let final_bias = (0..a.heads()).map(|i| self.torch_bias(&format!("final.{i}.up.bias"), a.num_classes, &[a.dim(i), a.num_classes, p[0], p[1], p[2]])).collect::<Result<_, _>>()?;
+        let heads: Vec<_> = (0..a.heads()).map(|i| self.torch_layer(&format!("final.{i}.up"), [a.dim(i), a.num_classes, p[0], p[1], p[2]], a.num_classes)).collect::<Result<_, _>>()?;
+        let (final_weight, final_bias) = heads.into_iter().unzip();
         Ok(NnFormer { proj1, proj2, embed_norm: self.ln(&format!("{pe}.norm"), e)?, stages, out_norms, up, final_weight, final_bias, arch: a.clone(), init: InitRules::default() })
     }
 }

@@ -81,12 +81,13 @@ impl Builder<'_> {
         Initializer::KaimingUniform { gain: (1.0f64 / 3.0).sqrt(), fan_out_only: false }
     }
 
-    /// The bias `key` (`len` values: the output channels) of the layer whose weight has
-    /// `weight_shape`, as PyTorch initialises it: U(±1/√fan_in) with the weight's fan_in
-    /// (`shape[1]·kernel`, for transposed convolutions too).
-    pub fn torch_bias(&self, key: &str, len: usize, weight_shape: &[usize]) -> Result<Param<Tensor<1>>, CheckpointError> {
-        let bound = 1.0 / (weight_shape.iter().skip(1).product::<usize>().max(1) as f64).sqrt();
-        self.tensor(key, [len], Initializer::Uniform { min: -bound, max: bound })
+    /// A layer's weight `{key}.weight` of `shape` and its bias `{key}.bias` (`bias_len` values:
+    /// `shape[0]`, or `shape[1]` for a transposed convolution), as PyTorch initialises them:
+    /// U(±1/√fan_in) for both, with the weight's fan_in (`shape[1]·kernel`).
+    pub fn torch_layer<const D: usize>(&self, key: &str, shape: [usize; D], bias_len: usize) -> Result<(Param<Tensor<D>>, Param<Tensor<1>>), CheckpointError> {
+        let bound = 1.0 / (shape.iter().skip(1).product::<usize>().max(1) as f64).sqrt();
+        let weight = self.tensor(&format!("{key}.weight"), shape, Self::torch_weight())?;
+        Ok((weight, self.tensor(&format!("{key}.bias"), [bias_len], Initializer::Uniform { min: -bound, max: bound })?))
     }
 
     /// `nn.LayerNorm(c)` under `key`.
@@ -97,10 +98,12 @@ impl Builder<'_> {
     /// `nn.Linear(cin, out, bias)` under `key`, initialised as PyTorch does (MONAI's
     /// transformer blocks and nnFormer's keep it).
     pub fn linear(&self, key: &str, cin: usize, out: usize, bias: bool) -> Result<Linear, CheckpointError> {
-        Ok(Linear {
-            weight: self.tensor(&format!("{key}.weight"), [out, cin], Self::torch_weight())?,
-            bias: if bias { Some(self.torch_bias(&format!("{key}.bias"), out, &[out, cin])?) } else { None },
-        })
+        if bias {
+            let (weight, bias) = self.torch_layer(key, [out, cin], out)?;
+            Ok(Linear { weight, bias: Some(bias) })
+        } else {
+            Ok(Linear { weight: self.tensor(&format!("{key}.weight"), [out, cin], Self::torch_weight())?, bias: None })
+        }
     }
 
     /// MONAI's `UnetResBlock(cin → c)` under `key`.

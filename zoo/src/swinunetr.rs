@@ -361,14 +361,16 @@ impl SwinBuild for Builder<'_> {
                 Ok(UpBlock { transp_conv: self.tensor(&format!("{name}.transp_conv.conv.weight"), [cin, c, 2, 2, 2], Self::torch_weight())?, conv_block: self.res(&format!("{name}.conv_block"), 2 * c, c)? })
             })
             .collect::<Result<_, CheckpointError>>()?;
+        let (patch_weight, patch_bias) = self.torch_layer("swinViT.patch_embed.proj", [f, a.in_channels, 2, 2, 2], f)?;
+        let (out_weight, out_bias) = self.torch_layer("out.conv.conv", [a.num_classes, f, 1, 1, 1], a.num_classes)?;
         Ok(SwinUnetr {
-            patch_weight: self.tensor("swinViT.patch_embed.proj.weight", [f, a.in_channels, 2, 2, 2], Self::torch_weight())?,
-            patch_bias: self.torch_bias("swinViT.patch_embed.proj.bias", f, &[f, a.in_channels, 2, 2, 2])?,
+            patch_weight,
+            patch_bias,
+            out_weight,
+            out_bias,
             stages,
             encoders,
             decoders,
-            out_weight: self.tensor("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::torch_weight())?,
-            out_bias: self.torch_bias("out.conv.conv.bias", a.num_classes, &[a.num_classes, f, 1, 1, 1])?,
             arch: a.clone(), init: InitRules::default(),
         })
     }

@@ -300,10 +300,14 @@ impl UnetrBuild for Builder<'_> {
                 })
             })
             .collect::<Result<_, CheckpointError>>()?;
+        let (patch_weight, patch_bias) = self.torch_layer("vit.patch_embedding.patch_embeddings", [h, a.in_channels, PATCH, PATCH, PATCH], h)?;
+        let (out_weight, out_bias) = self.torch_layer("out.conv.conv", [a.num_classes, f, 1, 1, 1], a.num_classes)?;
         Ok(Unetr {
+            patch_weight,
+            patch_bias,
+            out_weight,
+            out_bias,
             position_embeddings: self.tensor("vit.patch_embedding.position_embeddings", [1, a.tokens(), h], Self::trunc_normal())?,
-            patch_weight: self.tensor("vit.patch_embedding.patch_embeddings.weight", [h, a.in_channels, PATCH, PATCH, PATCH], Self::torch_weight())?,
-            patch_bias: self.torch_bias("vit.patch_embedding.patch_embeddings.bias", h, &[h, a.in_channels, PATCH, PATCH, PATCH])?,
             blocks,
             norm: self.ln("vit.norm", h)?,
             encoder1: self.res("encoder1.layer", a.in_channels, f)?,
@@ -311,8 +315,6 @@ impl UnetrBuild for Builder<'_> {
             encoder3: prup("encoder3", 4 * f, 1)?,
             encoder4: prup("encoder4", 8 * f, 0)?,
             decoder,
-            out_weight: self.tensor("out.conv.conv.weight", [a.num_classes, f, 1, 1, 1], Self::torch_weight())?,
-            out_bias: self.torch_bias("out.conv.conv.bias", a.num_classes, &[a.num_classes, f, 1, 1, 1])?,
             arch: a.clone(), init: InitRules::default(),
         })
     }

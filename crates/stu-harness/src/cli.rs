@@ -337,7 +337,7 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
-    /// Write a freshly initialised model (seeded: He init for convolutions, N(0, 0.02²) for the transformers' matrices, as `stu train` starts from) as safetensors with its state-dict keys: for smoke tests and for timing prediction without a trained model.
+    /// Write a freshly initialised model (seeded, each parameter drawn as the model's reference implementation initialises it, as `stu train` starts from) as safetensors with its state-dict keys: for smoke tests and for timing prediction without a trained model.
     Init {
         /// Model registry name.
         #[arg(long, default_value = "stunet")]
