@@ -17,6 +17,13 @@ input and weight), in fp16 on CUDA (f32 on the CPU, for a dry run):
   slices stacked as output channels, then a sum along depth. Depth-stride-1 convolutions only;
   the strided ones stay `ndhwc` there, as in ours.
 
+Each algorithm gets its input, weight and (in training) output gradient already in its layout,
+as in the network, where activations stay in one layout from stage to stage: the clock sees the
+convolution and its backward, never a conversion (before 2026-11-29 the `ndhwc` and `d2` columns
+also timed the input's conversion to channels-last, its gradient's conversion back and the
+weight's: H's 192→96 convolution at 128³ read 55.8 ms for training against 31.2 NCDHW, while
+the whole channels-last network's convolutions profiled at 50.5 ms for H's patch against
+NCDHW's 49.8 + 16.1 ms of cuDNN's own layout transforms).
 Each shape's algorithms are checked against `ncdhw` (relative max difference) before timing.
 Totals are Σ count × median time: the convolutions' share of a forward (or a training
 step's forward + backward), per algorithm, and with the best algorithm per shape. cuDNN runs in
@@ -102,13 +109,16 @@ def conv_d2(x, w, stride):
     return out.permute(0, 4, 1, 2, 3)
 
 
+def laid(name, t):
+    """`t` in the layout algorithm `name` reads (a copy; the network keeps activations so)."""
+    return t.contiguous() if name == "ncdhw" else t.contiguous(memory_format=torch.channels_last_3d)
+
+
 def algo(name, x, w, s):
-    if name == "ncdhw":
+    """Algorithm `name` on `x` and `w` already in its layout (`laid`)."""
+    if name == "ncdhw" or name == "ndhwc" or s[0] != 1:
         return F.conv3d(x, w, None, s, 1)
-    cl = torch.channels_last_3d
-    if name == "ndhwc" or s[0] != 1:
-        return F.conv3d(x.contiguous(memory_format=cl), w.contiguous(memory_format=cl), None, s, 1)
-    return conv_d2(x.contiguous(memory_format=cl), w, s)
+    return conv_d2(x, w, s)
 
 
 ALGOS = ["ncdhw", "ndhwc", "d2"]
@@ -182,21 +192,28 @@ for size in A.sizes:
             ref = algo("ncdhw", x1, w, stride).float()
             for a in ALGOS:
                 def infer():
-                    got = algo(a, x1, w, stride).float()
+                    xa, wa = laid(a, x1), laid(a, w)
+                    got = algo(a, xa, wa, stride).float()
                     row["rel_err"][a] = float((got - ref).abs().max() / ref.abs().max())
                     del got
-                    return round(median(timed(lambda: algo(a, x1, w, stride), 2, A.reps, cuda)), 4)
+                    return round(median(timed(lambda: algo(a, xa, wa, stride), 2, A.reps, cuda)), 4)
                 row["infer_ms"][a] = attempt(row, f"infer {a}", infer)
         del x1, ref
-        x2 = torch.randn(2, ci, r, r, r, generator=g).to(dev, dt).requires_grad_()
-        w2 = w.clone().requires_grad_()
+        x2 = torch.randn(2, ci, r, r, r, generator=g).to(dev, dt)
         for a in ALGOS:
-            def step():
-                y = algo(a, x2, w2, stride)
-                y.backward(torch.ones_like(y))
-            row["train_ms"][a] = attempt(row, f"train {a}", lambda: round(median(timed(step, 2, A.reps, cuda)), 4))
-            x2.grad = w2.grad = None
-        del x2, w2
+            def train():
+                # Leaves in the algorithm's layout, and an output gradient in the layout its
+                # output comes in: the backward converts nothing either.
+                xa, wa = laid(a, x2).requires_grad_(), laid(a, w).requires_grad_()
+                with torch.no_grad():
+                    gy = torch.ones_like(algo(a, xa, wa, stride))
+
+                def step():
+                    algo(a, xa, wa, stride).backward(gy)
+                    xa.grad = wa.grad = None
+                return round(median(timed(step, 2, A.reps, cuda)), 4)
+            row["train_ms"][a] = attempt(row, f"train {a}", train)
+        del x2
         if cuda:
             torch.cuda.empty_cache()
         rows.append(row)
