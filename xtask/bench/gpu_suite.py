@@ -342,6 +342,13 @@ VARIANTS = {
     # copy and the strided shortcut's single view have no switch: compare the default with that
     # run's `stu` rows.)
     "stu-before": ({"STU_TCH_UPSAMPLE": "aten", "STU_TCH_NORM_CL": "cat", "STU_TCH_WEIGHT_CL": "0"}, 150),
+    # Channels-last, but the two 3³ convolutions of the top level whose channels change (the
+    # decoder's first, on the concatenation, and the first downsampling) through cuDNN's NCDHW
+    # kernels, copies in and out (`STU_TCH_CONV_NCDHW`): one shape at a time (2026-11-28) H's
+    # 192→96 at 128³ took 4.7 ms NCDHW against 10.2 channels-last (a patch) and 31.2 against
+    # 55.8 (training), 96→192 /2 6.6 against 14.0, more than the copies should cost. The
+    # patterns of every size at once (each matches only its own).
+    "stu-ncdhw-top": ({"STU_TCH_CONV_NCDHW": "32x16@128,16x32@128,64x32@128,32x64@128,128x64@128,64x128@128,192x96@128,96x192@128"}, 150),
 }
 
 
@@ -489,9 +496,13 @@ for s in A.sizes:
     big = s != "S"
     # Training with the switchable upsampling, norm and weight-cast changes turned back (B, H):
     # what they gain (H's patch too, in phase 2: the weight cast is its part).
-    phase1 += [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [("stu-before", t, "f16")] * (s in "BH") + [("stu-nc", t, "f16")] * big
+    # H's training with the top level's channel-changing convolutions through NCDHW right after
+    # the default (H's step is the one case of item 4 above 0.8×); B's and the patches in phase 2.
+    phase1 += [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [("stu-ncdhw-top", t, "f16")] * (s == "H")
+    phase1 += [("stu-before", t, "f16")] * (s in "BH") + [("stu-nc", t, "f16")] * big
     phase1 += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + [("stu-nc", i, "f16")] * big
     phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")] + [("stu-before", i, "f16")] * (s == "H")
+    phase2 += [("stu-ncdhw-top", t, "f16")] * (s == "B") + [("stu-ncdhw-top", i, "f16")] * (s in "BH")
     if s in "BH":
         extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
     # CUDA graphs gained nothing measurable on 2026-11-28 (B 11.02 vs 11.10 ms, H 89.2 vs 89.6,

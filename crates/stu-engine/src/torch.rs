@@ -62,26 +62,27 @@ pub trait TorchOps: Backend {
     /// instance norm, whose mean subtraction removes it exactly) and still gets its gradient.
     fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3], add_bias: bool) -> FloatTensor<Self>;
     /// [`conv3d_nc`](TorchOps::conv3d_nc) with its graph: (y, y_graph, x leaf, weight leaf, and
-    /// whether the weight leaf is a copy that shares no storage with `weight`).
+    /// which leaves are copies that share no storage with `x` or `weight`).
     fn conv3d_nc_graph(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         stride: [usize; 3],
         add_bias: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, bool);
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, LeafCopies);
     /// Gradients (x, weight, bias) through a graph from [`conv3d_nc_graph`](TorchOps::conv3d_nc_graph);
     /// without `need_x` (x is the network's input) cuDNN's backward-data is skipped and the x
-    /// gradient is `None`. With `w_copied` (the weight leaf was a channels-last copy of an
-    /// NCDHW weight) the weight gradient comes back contiguous, in the given weight's layout;
-    /// else in the leaf's own.
+    /// gradient is `None`. A gradient of a copied leaf comes back in the layout of the tensor
+    /// that was given: the weight's contiguous (a channels-last copy of an NCDHW weight), x's
+    /// channels-last (an NCDHW copy for a convolution of [`conv_ncdhw_for`]); else each in its
+    /// leaf's own.
     fn conv3d_nc_graph_backward(
         y_graph: FloatTensor<Self>,
         x_leaf: FloatTensor<Self>,
         w_leaf: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         need_x: bool,
-        w_copied: bool,
+        copies: LeafCopies,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
     /// A 3-D convolution weight cast to `dtype` with channels-last strides, in one copy: the
     /// cast (a half-precision step's of an f32 master weight, or an inference network's) and the
@@ -145,6 +146,17 @@ pub trait TorchOps: Backend {
     fn dc_ce_nc_bwd(probs: FloatTensor<Self>, target: FloatTensor<Self>, coeffs: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
+/// Which leaves of a tracked convolution ([`TorchOps::conv3d_nc_graph`]) are copies in another
+/// layout, sharing no storage with the tensors given: their gradients go back to the given
+/// tensors' layouts, and the node need not keep the given tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeafCopies {
+    /// x's leaf is an NCDHW copy of channels-last activations ([`conv_ncdhw_for`]).
+    pub x: bool,
+    /// The weight's leaf is a copy in the layout its convolution reads.
+    pub w: bool,
+}
+
 /// (For `graph.rs`'s calls into `csrc/graph.cpp`.)
 #[cfg(feature = "tch")]
 pub(crate) use libtorch::c_result;
@@ -157,7 +169,7 @@ mod libtorch {
     use burn::backend::tensor::FloatTensor;
     use tch::{Kind, Tensor};
 
-    use super::TorchOps;
+    use super::{LeafCopies, TorchOps};
 
     #[allow(unsafe_code)]
     unsafe extern "C" {
@@ -311,6 +323,8 @@ mod libtorch {
         let (stride, pad) = (stride.map(|s| s as i64), [k[2] / 2, k[3] / 2, k[4] / 2]);
         match conv_path(x, &k, stride) {
             ConvPath::Ncdhw => x.conv3d(w, b, stride, pad, [1i64; 3], 1),
+            // (No copy where x or w is already the NCDHW leaf of a tracked convolution.)
+            ConvPath::ViaNcdhw => to_channels_last(&x.contiguous().conv3d(&w.contiguous(), b, stride, pad, [1i64; 3], 1)),
             ConvPath::DepthSplit => conv_depth_split(x, w, b, [stride[1], stride[2]]),
             ConvPath::MatMul1x1 => conv1x1_channels_last(x, w, b, stride),
             ConvPath::ChannelsLast { onednn } => {
@@ -328,6 +342,9 @@ mod libtorch {
     enum ConvPath {
         /// ATen's convolution on NCDHW tensors (channels-last off).
         Ncdhw,
+        /// ATen's convolution of NCDHW copies of channels-last input and weight, its output
+        /// converted back to channels-last ([`super::conv_ncdhw_for`]).
+        ViaNcdhw,
         /// [`conv_depth_split`] (`STU_TCH_CONV=d2`, 3³ kernels of depth stride 1).
         DepthSplit,
         /// [`conv1x1_channels_last`], a matrix product over the `[voxels, C]` view.
@@ -340,6 +357,10 @@ mod libtorch {
     fn conv_path(x: &Tensor, k: &[i64], stride: [i64; 3]) -> ConvPath {
         if !super::channels_last_on(x.device()) {
             return ConvPath::Ncdhw;
+        }
+        // (By shape alone: a tracked convolution's x leaf may already be the NCDHW copy.)
+        if k[2..] != [1, 1, 1] && super::conv_ncdhw_for(k[1], k[0], x.size()[2..].iter().copied().max().unwrap_or(0)) {
+            return ConvPath::ViaNcdhw;
         }
         // On the CPU, f32 goes to oneDNN directly: ATen's 2-D heuristic sends one-sample
         // convolutions whose N·C·D·H ≤ 20 480 (the network's one-channel input at 128³, the 8³
@@ -363,10 +384,22 @@ mod libtorch {
     /// weight twice through the backward, 2.9 GB for STU-Net-H in f16); else the weight itself.
     pub(super) fn weight_leaf(x: &Tensor, w: &Tensor, stride: [usize; 3]) -> (Tensor, bool) {
         let k = w.size();
-        if matches!(conv_path(x, &k, stride.map(|s| s as i64)), ConvPath::ChannelsLast { .. }) && !is_channels_last(w) {
-            (leaf(&tch::no_grad(|| to_channels_last(w))), true)
+        match conv_path(x, &k, stride.map(|s| s as i64)) {
+            ConvPath::ChannelsLast { .. } if !is_channels_last(w) => (leaf(&tch::no_grad(|| to_channels_last(w))), true),
+            ConvPath::ViaNcdhw if !w.is_contiguous() => (leaf(&tch::no_grad(|| w.contiguous())), true),
+            _ => (leaf(w), false),
+        }
+    }
+
+    /// The input leaf of a tracked convolution, and whether it is a copy: for a convolution
+    /// that runs through NCDHW ([`super::conv_ncdhw_for`]), the NCDHW copy of channels-last
+    /// activations, made outside the graph, so that libtorch saves that copy alone and burn
+    /// need not keep x; else x itself.
+    pub(super) fn input_leaf(x: &Tensor, w: &Tensor, stride: [usize; 3]) -> (Tensor, bool) {
+        if matches!(conv_path(x, &w.size(), stride.map(|s| s as i64)), ConvPath::ViaNcdhw) && !x.is_contiguous() {
+            (leaf(&tch::no_grad(|| x.contiguous())), true)
         } else {
-            (leaf(w), false)
+            (leaf(x), false)
         }
     }
 
@@ -655,12 +688,12 @@ mod libtorch {
             bias: FloatTensor<LibTorch>,
             stride: [usize; 3],
             add_bias: bool,
-        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, bool) {
-            let xl = leaf(&x.tensor);
-            let (wl, copied) = weight_leaf(&x.tensor, &weight.tensor, stride);
+        ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, LeafCopies) {
+            let (xl, x_copied) = input_leaf(&x.tensor, &weight.tensor, stride);
+            let (wl, w_copied) = weight_leaf(&x.tensor, &weight.tensor, stride);
             let y = tch::with_grad(|| conv(&xl, &wl, add_bias.then_some(&bias.tensor), stride));
             let (y, y_graph) = output(y);
-            (y, y_graph, TchTensor::new(xl), TchTensor::new(wl), copied)
+            (y, y_graph, TchTensor::new(xl), TchTensor::new(wl), LeafCopies { x: x_copied, w: w_copied })
         }
 
         fn conv3d_nc_graph_backward(
@@ -669,7 +702,7 @@ mod libtorch {
             w_leaf: FloatTensor<LibTorch>,
             grad: FloatTensor<LibTorch>,
             need_x: bool,
-            w_copied: bool,
+            copies: LeafCopies,
         ) -> (Option<FloatTensor<LibTorch>>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
             let db = TchTensor::new(tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<Kind>)));
             // The weight gradient of a channels-last convolution comes out channels-last. For a
@@ -681,11 +714,17 @@ mod libtorch {
             let grads = |leaves: &[&Tensor]| {
                 let mut gs = vjp(&y_graph.tensor, &grad.tensor, leaves);
                 let dw = gs.pop().expect("one gradient per leaf");
-                gs.push(if dw.is_contiguous() || !w_copied { dw } else { tch::no_grad(|| dw.contiguous()) });
+                gs.push(if dw.is_contiguous() || !copies.w { dw } else { tch::no_grad(|| dw.contiguous()) });
                 gs
             };
             if need_x {
-                let [dx, dw] = wrap(grads(&[&x_leaf.tensor, &w_leaf.tensor]));
+                let mut gs = grads(&[&x_leaf.tensor, &w_leaf.tensor]);
+                // x's gradient in x's layout, channels-last, as the block's other gradients of
+                // x (an add across layouts runs as a strided kernel).
+                if copies.x {
+                    gs[0] = tch::no_grad(|| to_channels_last(&gs[0]));
+                }
+                let [dx, dw] = wrap(gs);
                 (Some(dx), dw, db)
             } else {
                 let [dw] = wrap(grads(&[&w_leaf.tensor]));
@@ -792,14 +831,14 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         struct ConvNc(DType);
 
         impl<B: Backend + TorchOps> Backward<B, 3> for ConvNc {
-            // (The inputs, the graph, the leaves; whether the weight leaf is a copy.)
-            type State = ([B::FloatTensorPrimitive; 5], bool);
+            // (The inputs, the graph, the leaves; which leaves are copies.)
+            type State = ([B::FloatTensorPrimitive; 5], LeafCopies);
 
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let grad = grads.consume::<B>(&ops.node);
-                let ([_x, _w, y_graph, x_leaf, w_leaf], copied) = ops.state;
+                let ([_x, _w, y_graph, x_leaf, w_leaf], copies) = ops.state;
                 let [node_x, node_w, node_b] = ops.parents;
-                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some(), copied);
+                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some(), copies);
                 let db = if db.dtype() == self.0 { db } else { B::float_cast(db, FloatDType::from(self.0)) };
                 register_grads!(B, grads, [node_w, node_b], [dw, db]);
                 if let (Some(node), Some(dx)) = (node_x, dx) {
@@ -811,11 +850,12 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         match ConvNc(bias.dtype()).prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
-                let (y, y_graph, xl, wl, copied) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias);
-                // A weight leaf that is a copy shares no storage with burn's weight: that one
-                // need not be kept (see the note above this impl).
-                let wp = if copied { wl.clone() } else { wp };
-                prep.finish(([xp, wp, y_graph, xl, wl], copied), y)
+                let (y, y_graph, xl, wl, copies) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias);
+                // A leaf that is a copy shares no storage with burn's tensor: that one need not
+                // be kept (see the note above this impl).
+                let wp = if copies.w { wl.clone() } else { wp };
+                let xp = if copies.x { xl.clone() } else { xp };
+                prep.finish(([xp, wp, y_graph, xl, wl], copies), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::conv3d_nc(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias)),
         }
@@ -827,7 +867,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _bias: FloatTensor<Self>,
         _stride: [usize; 3],
         _add_bias: bool,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, bool) {
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>, LeafCopies) {
         unreachable!("conv3d_nc_graph is called on the inner backend only")
     }
 
@@ -837,7 +877,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _w_leaf: FloatTensor<Self>,
         _grad: FloatTensor<Self>,
         _need_x: bool,
-        _w_copied: bool,
+        _copies: LeafCopies,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("second-order gradients of conv3d_nc are not supported")
     }
@@ -1192,11 +1232,111 @@ pub fn conv_d2_on(_device: tch::Device) -> bool {
     CONV_D2.get().unwrap_or(false)
 }
 
+/// Which 3-D convolutions of channels-last activations run through ATen's NCDHW convolution
+/// instead ([`conv_ncdhw_for`]): a list of `IxO@E` patterns, each matching input channels I,
+/// output channels O and the input's largest spatial extent E, any of them `*`; `all` is `*x*@*`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NcdhwRule(Vec<[Option<i64>; 3]>);
+
+impl NcdhwRule {
+    /// Every 3-D convolution with a kernel wider than 1×1×1.
+    pub fn all() -> Self {
+        Self(vec![[None; 3]])
+    }
+
+    /// `all`, or comma-separated `IxO@E` patterns (`192x96@128,96x192@128`, `*x*@128`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim() == "all" {
+            return Ok(Self::all());
+        }
+        let part = |p: &str| -> Result<Option<i64>, String> {
+            match p.trim() {
+                "*" => Ok(None),
+                n => n.parse::<i64>().ok().filter(|&v| v > 0).map(Some).ok_or_else(|| format!("`{n}` is neither a positive number nor `*`")),
+            }
+        };
+        let mut rules = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let bad = |why: String| format!("`{entry}`: {why} (want IxO@E, e.g. 192x96@128)");
+            let (io, e) = entry.split_once('@').ok_or_else(|| bad("no `@`".into()))?;
+            let (i, o) = io.split_once('x').ok_or_else(|| bad("no `x` between the channel counts".into()))?;
+            rules.push([part(i).map_err(bad)?, part(o).map_err(bad)?, part(e).map_err(bad)?]);
+        }
+        if rules.is_empty() {
+            return Err("no pattern (want `all` or IxO@E, …)".into());
+        }
+        Ok(Self(rules))
+    }
+
+    /// Whether a convolution of `c_in` → `c_out` channels on an input of largest extent
+    /// `extent` matches a pattern.
+    pub fn matches(&self, c_in: i64, c_out: i64, extent: i64) -> bool {
+        self.0.iter().any(|r| r.iter().zip([c_in, c_out, extent]).all(|(want, got)| want.is_none_or(|w| w == got)))
+    }
+}
+
+#[cfg(test)]
+mod rule_tests {
+    use super::NcdhwRule;
+
+    /// `STU_TCH_CONV_NCDHW`'s patterns match by input channels, output channels and largest
+    /// extent, `*` for any; a malformed value is an error naming the entry.
+    #[test]
+    fn ncdhw_rules_match_the_shapes_they_name() {
+        let r = NcdhwRule::parse("192x96@128, 96x192@128").unwrap();
+        assert!(r.matches(192, 96, 128) && r.matches(96, 192, 128));
+        assert!(!r.matches(192, 96, 64) && !r.matches(96, 96, 128) && !r.matches(384, 192, 64));
+        let any = NcdhwRule::parse("*x*@128").unwrap();
+        assert!(any.matches(1, 32, 128) && any.matches(96, 96, 128) && !any.matches(96, 96, 127));
+        assert_eq!(NcdhwRule::parse("all").unwrap(), NcdhwRule::all());
+        assert!(NcdhwRule::all().matches(3, 5, 7));
+        for (bad, says) in [("192x96", "no `@`"), ("192-96@128", "no `x`"), ("0x96@128", "`0`"), ("ax96@128", "`a`"), ("", "no pattern"), (" , ", "no pattern")] {
+            let err = NcdhwRule::parse(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+}
+
+/// The rule of [`conv_ncdhw_for`]: unread (`None`), or read / set (`Some`, `Some(None)`: no
+/// convolution).
+static CONV_NCDHW: std::sync::RwLock<Option<Option<NcdhwRule>>> = std::sync::RwLock::new(None);
+
+/// Sends the channels-last convolutions that `rule` matches through NCDHW (`Some`), or none
+/// (`None`); overrides `STU_TCH_CONV_NCDHW` (tests, `check-ops`).
+pub fn set_conv_ncdhw(rule: Option<NcdhwRule>) {
+    *CONV_NCDHW.write().unwrap_or_else(|e| e.into_inner()) = Some(rule);
+}
+
+/// Whether a 3-D convolution (kernel wider than 1×1×1) of `c_in` → `c_out` channels on
+/// channels-last activations whose largest spatial extent is `extent` runs as ATen's NCDHW
+/// convolution of NCDHW copies, its output copied back to channels-last (in training the copy
+/// of x is the leaf libtorch saves, and x's gradient comes back channels-last). For shapes where
+/// cuDNN's NCDHW kernels beat its channels-last ones by more than the copies cost: on an H200
+/// (2026-11-28, `conv_algos.py`, f16, one shape at a time) STU-Net-H's 192→96 convolution at
+/// 128³ took 4.7 ms NCDHW against 10.2 channels-last for a patch, a gap its input's copy (about
+/// 0.4 GB) cannot explain, though those channels-last times included that copy; not yet timed
+/// in the network. None by default; `STU_TCH_CONV_NCDHW=192x96@128,96x192@128` (or `all`,
+/// [`NcdhwRule::parse`]) picks them (read once; a malformed value is reported and ignored).
+/// Values and gradients are the same either way, up to the kernels' rounding.
+pub fn conv_ncdhw_for(c_in: i64, c_out: i64, extent: i64) -> bool {
+    if let Some(rule) = &*CONV_NCDHW.read().unwrap_or_else(|e| e.into_inner()) {
+        return rule.as_ref().is_some_and(|r| r.matches(c_in, c_out, extent));
+    }
+    let rule = match std::env::var("STU_TCH_CONV_NCDHW") {
+        Ok(v) => NcdhwRule::parse(&v).map_err(|e| eprintln!("warning: STU_TCH_CONV_NCDHW={v}: {e}; no convolution goes through NCDHW")).ok(),
+        Err(_) => None,
+    };
+    let on = rule.as_ref().is_some_and(|r| r.matches(c_in, c_out, extent));
+    CONV_NCDHW.write().unwrap_or_else(|e| e.into_inner()).get_or_insert(rule);
+    on
+}
+
 /// The libtorch fast paths checked against burn's composed operators on one device: a
 /// residual block (convolutions, instance norm + LeakyReLU, the residual end, 1×1×1 convolutions
 /// at stride 1 and 2), its value and every gradient, tracked and untracked, batch 2, in each
 /// layout and norm kernel (NCDHW with one row per plane, channels-last with the per-sample
-/// norms written into slices or concatenated, NCDHW with split rows); the ATen loss and nearest
+/// norms written into slices or concatenated, NCDHW with split rows, channels-last with the
+/// depth-split convolutions or with every 3³ convolution through NCDHW); the ATen loss and nearest
 /// upsampling with their gradients; and the split norm against the unsplit one and the
 /// per-sample norm into slices against the concatenated one directly (f32, and in half
 /// precision where `half`). The unit tests run it on the CPU; `stu check-ops --backend tch-cuda` on a GPU, whose
@@ -1472,21 +1612,24 @@ pub mod check {
         let mut r = Report { device: device.clone(), tol, mode: String::new(), lines: Vec::new(), failures: Vec::new() };
         // Rows of 36 864 voxels go in 4 chunks of 9 216 when split.
         // (mode, channels-last, split norm, depth-split convolutions, per-sample norm into
-        // slices, extent)
-        for (mode, channels_last, split, d2, slices, dims) in [
-            ("NCDHW", false, false, false, true, [2, 3, 5, 6, 4]),
-            ("channels-last", true, false, false, true, [2, 3, 5, 6, 4]),
-            ("channels-last, concatenated norm", true, false, false, false, [2, 3, 5, 6, 4]),
-            ("NCDHW, split norm", false, true, false, true, [2, 3, 24, 32, 48]),
-            ("channels-last, depth-split convolutions", true, false, true, true, [2, 3, 5, 6, 4]),
+        // slices, 3³ convolutions through NCDHW, extent)
+        for (mode, channels_last, split, d2, slices, via_ncdhw, dims) in [
+            ("NCDHW", false, false, false, true, false, [2, 3, 5, 6, 4]),
+            ("channels-last", true, false, false, true, false, [2, 3, 5, 6, 4]),
+            ("channels-last, concatenated norm", true, false, false, false, false, [2, 3, 5, 6, 4]),
+            ("NCDHW, split norm", false, true, false, true, false, [2, 3, 24, 32, 48]),
+            ("channels-last, depth-split convolutions", true, false, true, true, false, [2, 3, 5, 6, 4]),
+            ("channels-last, 3³ convolutions through NCDHW", true, false, false, true, true, [2, 3, 5, 6, 4]),
         ] {
             super::set_channels_last(Some(channels_last));
             super::set_norm_split(Some(split));
             super::set_conv_d2(Some(d2));
             super::set_norm_slices(Some(slices));
+            super::set_conv_ncdhw(via_ncdhw.then(super::NcdhwRule::all));
             r.mode = format!("{mode} {dims:?}");
             r.block(dims);
         }
+        super::set_conv_ncdhw(None);
         super::set_conv_d2(None);
         super::set_norm_slices(None);
         super::set_channels_last(Some(false));
@@ -1728,6 +1871,54 @@ mod tests {
         super::set_channels_last(Some(false));
         let (wl, copied) = super::libtorch::weight_leaf(&x, &w, [1; 3]);
         assert!(!copied && wl.data_ptr() == w.data_ptr());
+        super::set_channels_last(None);
+    }
+
+    /// A channels-last convolution sent through NCDHW (`STU_TCH_CONV_NCDHW`) equals the
+    /// channels-last one in value and gradients; tracked, its x leaf is an NCDHW copy (so burn's
+    /// x need not be kept beside it) and x's gradient comes back channels-last; a rule for
+    /// another shape leaves the convolution channels-last.
+    #[test]
+    fn a_convolution_through_ncdhw_saves_one_copy_and_gives_channels_last_gradients() {
+        use burn::backend::libtorch::TchTensor;
+        use burn::backend::LibTorch;
+        use tch::Tensor;
+
+        use super::{LeafCopies, NcdhwRule, TorchOps};
+        let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rng = stu_core::rng::SplitMix64::new(31);
+        let t = |n: &[i64], rng: &mut stu_core::rng::SplitMix64| Tensor::from_slice(&rng.fill_f32(n.iter().product::<i64>() as usize, -1.0, 1.0)).view(n);
+        let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
+        let (x, w, b) = (cl(&t(&[2, 4, 5, 6, 3], &mut rng)), t(&[6, 4, 3, 3, 3], &mut rng), t(&[6], &mut rng));
+        super::set_channels_last(Some(true));
+        for stride in [[1usize; 3], [2, 2, 1]] {
+            let out = x.conv3d(&w, Some(&b), stride.map(|s| s as i64), [1i64; 3], [1i64; 3], 1).size();
+            let g = cl(&t(&out, &mut rng));
+            let run = |rule: Option<&str>| {
+                super::set_conv_ncdhw(rule.map(|r| NcdhwRule::parse(r).unwrap()));
+                let tt = |t: &Tensor| TchTensor::new(t.shallow_clone());
+                let untracked = <LibTorch as TorchOps>::conv3d_nc(tt(&x), tt(&w), tt(&b), stride, true).tensor;
+                let (y, y_graph, xl, wl, copies) = <LibTorch as TorchOps>::conv3d_nc_graph(tt(&x), tt(&w), tt(&b), stride, true);
+                let x_leaf = xl.tensor.shallow_clone();
+                let (dx, dw, db) = <LibTorch as TorchOps>::conv3d_nc_graph_backward(y_graph, xl, wl, tt(&g), true, copies);
+                (untracked, y.tensor, x_leaf, copies, dx.expect("x has a gradient").tensor, dw.tensor, db.tensor)
+            };
+            let (u0, y0, _, c0, dx0, dw0, db0) = run(None);
+            let (u1, y1, xl1, c1, dx1, dw1, db1) = run(Some("4x6@6"));
+            assert_eq!(c0, LeafCopies { x: false, w: true }, "stride {stride:?}");
+            assert_eq!(c1, LeafCopies { x: true, w: false }, "stride {stride:?}");
+            assert!(xl1.is_contiguous() && xl1.data_ptr() != x.data_ptr());
+            for (what, a) in [("untracked output", &u1), ("output", &y1), ("x gradient", &dx1)] {
+                assert!(super::libtorch::is_channels_last(a), "stride {stride:?}: the {what} has strides {:?}", a.stride());
+            }
+            let err = |a: &Tensor, e: &Tensor| (a - e).abs().max().double_value(&[]);
+            for (what, a, e) in [("untracked output", &u1, &u0), ("output", &y1, &y0), ("dx", &dx1, &dx0), ("dw", &dw1, &dw0), ("db", &db1, &db0)] {
+                assert!(err(a, e) <= 1e-5, "stride {stride:?}: {what} off by {}", err(a, e));
+            }
+            let (_, _, xl, c, ..) = run(Some("4x6@5,3x6@6"));
+            assert!(c == LeafCopies { x: false, w: true } && xl.data_ptr() == x.data_ptr(), "stride {stride:?}");
+        }
+        super::set_conv_ncdhw(None);
         super::set_channels_last(None);
     }
 
