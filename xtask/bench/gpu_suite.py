@@ -314,6 +314,9 @@ def train_check(prec, variant=None):
 
 
 # Our side with an environment that switches one path off, and the seconds it may take.
+# The top level's channel-changing 3³ convolutions of every size (each pattern matches only its
+# own size's): `STU_TCH_CONV_NCDHW`, for the `stu-ncdhw-top` and `stu-top-zero` rows.
+TOP = "32x16@128,16x32@128,64x32@128,32x64@128,128x64@128,64x128@128,192x96@128,96x192@128"
 VARIANTS = {
     # Channels-last is the default on every device since the H200 run of 2026-11-28 (faster
     # than NCDHW in every case timed both ways); NCDHW beside it, with its CUDA default norm
@@ -348,7 +351,12 @@ VARIANTS = {
     # 192→96 at 128³ took 4.7 ms NCDHW against 10.2 channels-last (a patch) and 31.2 against
     # 55.8 (training), 96→192 /2 6.6 against 14.0, more than the copies should cost. The
     # patterns of every size at once (each matches only its own).
-    "stu-ncdhw-top": ({"STU_TCH_CONV_NCDHW": "32x16@128,16x32@128,64x32@128,32x64@128,128x64@128,64x128@128,192x96@128,96x192@128"}, 150),
+    "stu-ncdhw-top": ({"STU_TCH_CONV_NCDHW": TOP}, 150),
+    # A bias left out of its convolution (a norm follows) given a zero gradient instead of the
+    # output gradient's sum, zero but for rounding (`STU_TCH_BIAS_GRAD=zero`): one read of every
+    # such convolution's output gradient less, ~12 GB for H's step. Then both together.
+    "stu-zero-bias-grad": ({"STU_TCH_BIAS_GRAD": "zero"}, 150),
+    "stu-top-zero": ({"STU_TCH_CONV_NCDHW": TOP, "STU_TCH_BIAS_GRAD": "zero"}, 150),
 }
 
 
@@ -496,13 +504,16 @@ for s in A.sizes:
     big = s != "S"
     # Training with the switchable upsampling, norm and weight-cast changes turned back (B, H):
     # what they gain (H's patch too, in phase 2: the weight cast is its part).
-    # H's training with the top level's channel-changing convolutions through NCDHW right after
-    # the default (H's step is the one case of item 4 above 0.8×); B's and the patches in phase 2.
-    phase1 += [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [("stu-ncdhw-top", t, "f16")] * (s == "H")
+    # H's training with the two switches of 2026-11-29 (the top level's channel-changing
+    # convolutions through NCDHW, zero bias gradients before a norm), alone and together, right
+    # after the default: H's step is the one case of item 4 above 0.8×. B's and the patches in
+    # phase 2.
+    tries = ["stu-ncdhw-top", "stu-zero-bias-grad", "stu-top-zero"]
+    phase1 += [("torch", t, "fp16")] * torch_too + [("stu", t, "f16")] + [(v, t, "f16") for v in tries] * (s == "H")
     phase1 += [("stu-before", t, "f16")] * (s in "BH") + [("stu-nc", t, "f16")] * big
     phase1 += [("torch", i, "fp16")] * torch_too + [("stu", i, "f16")] + [("stu-nc", i, "f16")] * big
     phase2 += [("stu", t, "bf16"), ("stu", i, "bf16")] + [("stu-before", i, "f16")] * (s == "H")
-    phase2 += [("stu-ncdhw-top", t, "f16")] * (s == "B") + [("stu-ncdhw-top", i, "f16")] * (s in "BH")
+    phase2 += [(v, t, "f16") for v in tries] * (s == "B") + [("stu-ncdhw-top", i, "f16")] * (s in "BH")
     if s in "BH":
         extra += [("torch", t, "bf16"), ("torch", i, "bf16")] * torch_too
     # CUDA graphs gained nothing measurable on 2026-11-28 (B 11.02 vs 11.10 ms, H 89.2 vs 89.6,
@@ -586,7 +597,8 @@ if TRACES:
 md = [f"GPU: {R.get('gpu')}; PyTorch {R.get('torch')}, cuDNN {R.get('cudnn')}; {R['started']}", ""]
 md += ["| precision | worst max abs diff / max abs ref over the 5 outputs |", "|---|---|"]
 for p, v in R["parity"].items():
-    md.append(f"| {p} | {v.get('worst_rel', v.get('error', ''))!s:.80} |")
+    # (An exception before any precision ran is kept as `error`: a string.)
+    md.append(f"| {p} | {v.get('worst_rel', v.get('error', '')) if isinstance(v, dict) else v!s:.80} |")
 for p, v in R.get("burn_cuda", {}).get("parity", {}).items():
     md.append(f"| {p} (burn-cuda) | {v.get('worst_rel', v.get('error', '')) if isinstance(v, dict) else v!s:.80} |")
 md += ["", "| case | side | dtype | ms | peak GiB (NVML) | torch peak alloc GiB |", "|---|---|---|---|---|---|"]

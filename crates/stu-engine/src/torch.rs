@@ -75,7 +75,9 @@ pub trait TorchOps: Backend {
     /// gradient is `None`. A gradient of a copied leaf comes back in the layout of the tensor
     /// that was given: the weight's contiguous (a channels-last copy of an NCDHW weight), x's
     /// channels-last (an NCDHW copy for a convolution of [`conv_ncdhw_for`]); else each in its
-    /// leaf's own.
+    /// leaf's own. Without `sum_bias` the bias gradient is zeros, not the output gradient's sum
+    /// ([`bias_grad_zero_on`]).
+    #[allow(clippy::too_many_arguments)]
     fn conv3d_nc_graph_backward(
         y_graph: FloatTensor<Self>,
         x_leaf: FloatTensor<Self>,
@@ -83,6 +85,7 @@ pub trait TorchOps: Backend {
         grad: FloatTensor<Self>,
         need_x: bool,
         copies: LeafCopies,
+        sum_bias: bool,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>);
     /// A 3-D convolution weight cast to `dtype` with channels-last strides, in one copy: the
     /// cast (a half-precision step's of an f32 master weight, or an inference network's) and the
@@ -703,8 +706,15 @@ mod libtorch {
             grad: FloatTensor<LibTorch>,
             need_x: bool,
             copies: LeafCopies,
+            sum_bias: bool,
         ) -> (Option<FloatTensor<LibTorch>>, FloatTensor<LibTorch>, FloatTensor<LibTorch>) {
-            let db = TchTensor::new(tch::no_grad(|| grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<Kind>)));
+            let db = TchTensor::new(tch::no_grad(|| {
+                if sum_bias {
+                    grad.tensor.sum_dim_intlist([0i64, 2, 3, 4].as_slice(), false, None::<Kind>)
+                } else {
+                    Tensor::zeros([grad.tensor.size()[1]], (grad.tensor.kind(), grad.tensor.device()))
+                }
+            }));
             // The weight gradient of a channels-last convolution comes out channels-last. For a
             // leaf copied from an NCDHW weight it is made contiguous here, in the compute type:
             // the optimiser reads gradients flat in NCDHW order, and that took an f32 copy after
@@ -826,9 +836,10 @@ mod libtorch {
 // reads them.
 impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
     fn conv3d_nc(x: FloatTensor<Self>, weight: FloatTensor<Self>, bias: FloatTensor<Self>, stride: [usize; 3], add_bias: bool) -> FloatTensor<Self> {
-        /// Carries the bias's type: a bias kept in f32 under half precision gets an f32 gradient.
+        /// Carries the bias's type (a bias kept in f32 under half precision gets an f32
+        /// gradient), and whether its gradient is summed ([`bias_grad_zero_on`]).
         #[derive(Debug)]
-        struct ConvNc(DType);
+        struct ConvNc(DType, bool);
 
         impl<B: Backend + TorchOps> Backward<B, 3> for ConvNc {
             // (The inputs, the graph, the leaves; which leaves are copies.)
@@ -838,7 +849,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
                 let grad = grads.consume::<B>(&ops.node);
                 let ([_x, _w, y_graph, x_leaf, w_leaf], copies) = ops.state;
                 let [node_x, node_w, node_b] = ops.parents;
-                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some(), copies);
+                let (dx, dw, db) = B::conv3d_nc_graph_backward(y_graph, x_leaf, w_leaf, grad, node_x.is_some(), copies, self.1);
                 let db = if db.dtype() == self.0 { db } else { B::float_cast(db, FloatDType::from(self.0)) };
                 register_grads!(B, grads, [node_w, node_b], [dw, db]);
                 if let (Some(node), Some(dx)) = (node_x, dx) {
@@ -847,7 +858,10 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
             }
         }
 
-        match ConvNc(bias.dtype()).prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
+        // A bias left out of the forward (a norm follows, which removes it) has a gradient of
+        // exactly zero; summed, rounding's.
+        let sum_bias = add_bias || !bias_grad_zero_on();
+        match ConvNc(bias.dtype(), sum_bias).prepare::<C>([x.node(), weight.node(), bias.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
                 let (y, y_graph, xl, wl, copies) = B::conv3d_nc_graph(x.into_primitive(), weight.into_primitive(), bias.into_primitive(), stride, add_bias);
@@ -878,6 +892,7 @@ impl<B: Backend + TorchOps, C: CheckpointStrategy> TorchOps for Autodiff<B, C> {
         _grad: FloatTensor<Self>,
         _need_x: bool,
         _copies: LeafCopies,
+        _sum_bias: bool,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
         unreachable!("second-order gradients of conv3d_nc are not supported")
     }
@@ -1123,6 +1138,26 @@ static CONV_D2: Switch = Switch::new("STU_TCH_CONV", "d2", "3d");
 static UPSAMPLE_ATEN: Switch = Switch::new("STU_TCH_UPSAMPLE", "aten", "copy");
 static NORM_SLICES: Switch = Switch::new("STU_TCH_NORM_CL", "slices", "cat");
 static WEIGHT_CL: Switch = Switch::new("STU_TCH_WEIGHT_CL", "1", "0");
+static BIAS_GRAD_ZERO: Switch = Switch::new("STU_TCH_BIAS_GRAD", "zero", "sum");
+
+/// Forces the zero bias gradient of [`bias_grad_zero_on`] on (`Some(true)`) or off
+/// (`Some(false)`), or leaves it to the default (`None`, off); overrides `STU_TCH_BIAS_GRAD`
+/// (tests, `check-ops`).
+pub fn set_bias_grad_zero(on: Option<bool>) {
+    BIAS_GRAD_ZERO.set(on);
+}
+
+/// Whether a tracked convolution whose bias is left out of the forward (its output goes
+/// straight into an instance norm, whose mean subtraction removes the bias exactly: `add_bias`)
+/// gives that bias a gradient of zeros instead of the sum of its output gradient, which is zero
+/// but for rounding (the norm's input gradient sums to zero over each sample's channel). The sum
+/// reads the whole output gradient once per convolution: for STU-Net-H about 12 GB per training
+/// step, a few ms on an H200 (B's profile of 2026-11-28: 2.9 ms of `sum` kernels in its 65 ms,
+/// these among them). PyTorch computes the sum. Off by default until the GPU suite times it
+/// (`stu-zero-bias-grad` rows); `STU_TCH_BIAS_GRAD=zero` / `sum` forces it on / off (read once).
+pub fn bias_grad_zero_on() -> bool {
+    BIAS_GRAD_ZERO.get().unwrap_or(false)
+}
 
 /// Whether the cast of a 3³ convolution weight (a half-precision step's, or an inference
 /// network's in any precision) writes it channels-last where the convolutions run so
@@ -1336,7 +1371,8 @@ pub fn conv_ncdhw_for(c_in: i64, c_out: i64, extent: i64) -> bool {
 /// at stride 1 and 2), its value and every gradient, tracked and untracked, batch 2, in each
 /// layout and norm kernel (NCDHW with one row per plane, channels-last with the per-sample
 /// norms written into slices or concatenated, NCDHW with split rows, channels-last with the
-/// depth-split convolutions or with every 3³ convolution through NCDHW); the ATen loss and nearest
+/// depth-split convolutions, with every 3³ convolution through NCDHW, or with zero bias
+/// gradients before a norm); the ATen loss and nearest
 /// upsampling with their gradients; and the split norm against the unsplit one and the
 /// per-sample norm into slices against the concatenated one directly (f32, and in half
 /// precision where `half`). The unit tests run it on the CPU; `stu check-ops --backend tch-cuda` on a GPU, whose
@@ -1612,23 +1648,26 @@ pub mod check {
         let mut r = Report { device: device.clone(), tol, mode: String::new(), lines: Vec::new(), failures: Vec::new() };
         // Rows of 36 864 voxels go in 4 chunks of 9 216 when split.
         // (mode, channels-last, split norm, depth-split convolutions, per-sample norm into
-        // slices, 3³ convolutions through NCDHW, extent)
-        for (mode, channels_last, split, d2, slices, via_ncdhw, dims) in [
-            ("NCDHW", false, false, false, true, false, [2, 3, 5, 6, 4]),
-            ("channels-last", true, false, false, true, false, [2, 3, 5, 6, 4]),
-            ("channels-last, concatenated norm", true, false, false, false, false, [2, 3, 5, 6, 4]),
-            ("NCDHW, split norm", false, true, false, true, false, [2, 3, 24, 32, 48]),
-            ("channels-last, depth-split convolutions", true, false, true, true, false, [2, 3, 5, 6, 4]),
-            ("channels-last, 3³ convolutions through NCDHW", true, false, false, true, true, [2, 3, 5, 6, 4]),
+        // slices, 3³ convolutions through NCDHW, zero bias gradients before a norm, extent)
+        for (mode, channels_last, split, d2, slices, via_ncdhw, zero_db, dims) in [
+            ("NCDHW", false, false, false, true, false, false, [2, 3, 5, 6, 4]),
+            ("channels-last", true, false, false, true, false, false, [2, 3, 5, 6, 4]),
+            ("channels-last, concatenated norm", true, false, false, false, false, false, [2, 3, 5, 6, 4]),
+            ("NCDHW, split norm", false, true, false, true, false, false, [2, 3, 24, 32, 48]),
+            ("channels-last, depth-split convolutions", true, false, true, true, false, false, [2, 3, 5, 6, 4]),
+            ("channels-last, 3³ convolutions through NCDHW", true, false, false, true, true, false, [2, 3, 5, 6, 4]),
+            ("channels-last, zero bias gradients before a norm", true, false, false, true, false, true, [2, 3, 5, 6, 4]),
         ] {
             super::set_channels_last(Some(channels_last));
             super::set_norm_split(Some(split));
             super::set_conv_d2(Some(d2));
             super::set_norm_slices(Some(slices));
             super::set_conv_ncdhw(via_ncdhw.then(super::NcdhwRule::all));
+            super::set_bias_grad_zero(Some(zero_db));
             r.mode = format!("{mode} {dims:?}");
             r.block(dims);
         }
+        super::set_bias_grad_zero(None);
         super::set_conv_ncdhw(None);
         super::set_conv_d2(None);
         super::set_norm_slices(None);
@@ -1900,7 +1939,7 @@ mod tests {
                 let untracked = <LibTorch as TorchOps>::conv3d_nc(tt(&x), tt(&w), tt(&b), stride, true).tensor;
                 let (y, y_graph, xl, wl, copies) = <LibTorch as TorchOps>::conv3d_nc_graph(tt(&x), tt(&w), tt(&b), stride, true);
                 let x_leaf = xl.tensor.shallow_clone();
-                let (dx, dw, db) = <LibTorch as TorchOps>::conv3d_nc_graph_backward(y_graph, xl, wl, tt(&g), true, copies);
+                let (dx, dw, db) = <LibTorch as TorchOps>::conv3d_nc_graph_backward(y_graph, xl, wl, tt(&g), true, copies, true);
                 (untracked, y.tensor, x_leaf, copies, dx.expect("x has a gradient").tensor, dw.tensor, db.tensor)
             };
             let (u0, y0, _, c0, dx0, dw0, db0) = run(None);
@@ -1920,6 +1959,38 @@ mod tests {
         }
         super::set_conv_ncdhw(None);
         super::set_channels_last(None);
+    }
+
+    /// With `STU_TCH_BIAS_GRAD=zero` a convolution whose bias is left out (a norm follows) gives
+    /// the bias a gradient of exact zeros, where the sum is zero but for rounding; the other
+    /// gradients are unchanged, and a convolution that adds its bias still sums its gradient.
+    #[test]
+    fn a_bias_before_a_norm_can_get_a_zero_gradient() {
+        let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
+        let ad = Device::libtorch().autodiff();
+        let mut rng = stu_core::rng::SplitMix64::new(37);
+        let t5 = |n: [usize; 5], rng: &mut stu_core::rng::SplitMix64| Tensor::<5>::from_data(TensorData::new(rng.fill_f32(n.iter().product(), -1.0, 1.0), n), &ad);
+        let t1 = |n: usize, rng: &mut stu_core::rng::SplitMix64| Tensor::<1>::from_data(TensorData::new(rng.fill_f32(n, -0.5, 0.5), [n]), &ad).require_grad();
+        let (x, w) = (t5([2, 3, 6, 5, 4], &mut rng).require_grad(), t5([4, 3, 3, 3, 3], &mut rng).require_grad());
+        let (b, g, e) = (t1(4, &mut rng), t1(4, &mut rng), t1(4, &mut rng));
+        let wts = t5([2, 4, 6, 5, 4], &mut rng);
+        let run = |zero: bool, normed: bool| {
+            super::set_bias_grad_zero(Some(zero));
+            let y = if normed { ops::conv3d_normed(x.clone(), w.clone(), b.clone(), [1; 3], Layout::Ncdhw) } else { ops::conv3d(x.clone(), w.clone(), b.clone(), [1; 3], Layout::Ncdhw) };
+            let y = ops::norm_act(y, g.clone(), e.clone(), true, Layout::Ncdhw);
+            let grads = (y * wts.clone()).sum().backward();
+            [x.grad(&grads).unwrap(), w.grad(&grads).unwrap().flatten::<1>(0, 4).unsqueeze::<5>(), b.grad(&grads).unwrap().unsqueeze::<5>()].map(ops::to_vec)
+        };
+        let [dx0, dw0, db0] = run(false, true);
+        let [dx1, dw1, db1] = run(true, true);
+        assert_eq!((dx1, dw1), (dx0, dw0), "only the bias gradient may change");
+        assert!(db1.iter().all(|&v| v == 0.0), "{db1:?}");
+        let scale = db0.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale < 1e-4, "the summed gradient is rounding: {db0:?}");
+        // A convolution that adds its bias sums the gradient whatever the switch.
+        let [_, _, db2] = run(true, false);
+        assert_eq!(db2, run(false, false)[2]);
+        super::set_bias_grad_zero(None);
     }
 
     /// A half-precision step's cast of a 3³ convolution weight comes out channels-last from the
