@@ -16,8 +16,9 @@
 # backend, comes along when `cargo xtask llvm` has put an LLVM for it here, and its parity and
 # B's rows run in phase 2)
 # (device tool: timeout_s 585; parity, `stu check-ops`, H, L, B and S in f16 beside PyTorch's
-# fp16, in the default channels-last layout and in NCDHW (split norm), H's and B's training also
-# with the switchable channels-last changes of 2026-11-28 turned back (`stu-before`), H's and B's
+# fp16, in the default channels-last layout and in NCDHW (split norm), H's training also with
+# the switches of 2026-11-29 (`stu-ncdhw-top`, `stu-zero-bias-grad`, both: `stu-top-zero`), H's and
+# B's training with the switchable channels-last changes of 2026-11-28 turned back (`stu-before`), H's and B's
 # training-step profiles, B's patch profile and the f16 training check; estimated ~420 s on an
 # H200), then at once, while the machine is warm (it is handed back after 30 s idle), the same
 # command with `--phase 2 --budget N` (N: the device time left less 100 s): what phase 1 skipped
