@@ -21,7 +21,7 @@ use stu_engine::model::{LoadOptions, SegNet};
 use stu_engine::{Device, Tensor, TensorData};
 
 mod slabs;
-use slabs::{LabelRule, Ring, RowExport, RowProbabilities, Slab, SlabData, SlabMsg, Streamed, paint_region, running_argmax, sigmoid, softmax};
+use slabs::{LabelRule, NetworkTimes, Ring, RowExport, RowProbabilities, Slab, SlabData, SlabMsg, Streamed, paint_region, running_argmax, sigmoid, softmax};
 
 /// The released STU-Net models' plan (1.5 mm isotropic, 128³ patch, z-score), used when no plan
 /// is given.
@@ -1415,7 +1415,7 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
                     Stage::Streamed(s) => {
                         let e = std::time::Instant::now();
                         let (seg, geom, network) = s.export(&exporter)?;
-                        phases.push(("network", network));
+                        phases.extend(network.phases());
                         phases.push(("resample + argmax, beside the network", e.elapsed().as_secs_f64()));
                         finish(id, seg, &geom, &mut phases)
                     }
@@ -1446,9 +1446,22 @@ pub fn predict(opts: &PredictOptions, progress: &dyn Fn(&str, usize, usize)) -> 
             let streamed = Streamed { back: Back::of(&predictor.plan, &case), geom: case.geom.clone(), id: id.clone(), slabs, probabilities: probabilities(id) };
             to_writer.send((i, t, Ok(Stage::Streamed(streamed)), phases)).expect("the writer stage runs until the network stage ends");
             let n = std::time::Instant::now();
-            let r = predictor.stream_slabs(&case, &|d, k| progress(id, d, k), &mut |z0, k, v| tx.send(SlabMsg::Slab(z0, k, v)).map_err(|_| anyhow::anyhow!("the export stage stopped")));
+            let (first_tile, export_wait) = (std::cell::Cell::new(None), std::cell::Cell::new(0f64));
+            let tile_done = |d: usize, k: usize| {
+                if d == 1 {
+                    first_tile.set(Some(n.elapsed().as_secs_f64()));
+                }
+                progress(id, d, k);
+            };
+            let r = predictor.stream_slabs(&case, &tile_done, &mut |z0, k, v| {
+                let w = std::time::Instant::now();
+                let sent = tx.send(SlabMsg::Slab(z0, k, v)).map_err(|_| anyhow::anyhow!("the export stage stopped"));
+                export_wait.set(export_wait.get() + w.elapsed().as_secs_f64());
+                sent
+            });
+            let times = NetworkTimes { seconds: n.elapsed().as_secs_f64(), first_tile: first_tile.get(), export_wait: export_wait.get() };
             // (The writer stage has the error when it stopped first.)
-            let _ = tx.send(SlabMsg::Done(r.map(|()| n.elapsed().as_secs_f64()).map_err(|e| crate::error_line(&e))));
+            let _ = tx.send(SlabMsg::Done(r.map(|()| times).map_err(|e| crate::error_line(&e))));
         }
         drop(to_writer);
         writer.join().expect("the writer stage does not panic")
@@ -1727,7 +1740,7 @@ mod tests {
                 let (z0, k) = (slab.z0, slab.k);
                 tx.send(SlabMsg::Slab(z0, k, slab.into_copied(3))).map_err(|_| anyhow::anyhow!("stopped"))
             });
-            tx.send(SlabMsg::Done(r.map(|()| 1.0).map_err(|e| e.to_string()))).unwrap();
+            tx.send(SlabMsg::Done(r.map(|()| NetworkTimes::default()).map_err(|e| e.to_string()))).unwrap();
             writer.join().unwrap().0
         })
     }

@@ -24,14 +24,38 @@ pub(super) struct Streamed {
 pub(super) enum SlabMsg {
     /// Slices `z0..z0 + k`: `[classes, k, Y, X]` normalised logits.
     Slab(usize, usize, Vec<f32>),
-    /// The sliding window ended: its seconds, or why it stopped.
-    Done(Result<f64, String>),
+    /// The sliding window ended: its times, or why it stopped.
+    Done(Result<NetworkTimes, String>),
+}
+
+/// Where a streamed case's network stage spent its time.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct NetworkTimes {
+    /// The whole sliding window.
+    pub(super) seconds: f64,
+    /// Until the first tile was summed: on a GPU the warm-up (cuDNN's autotuning of each
+    /// convolution shape, a CUDA graph's capture) as well as one tile.
+    pub(super) first_tile: Option<f64>,
+    /// Blocked handing slabs to the export stage, which was still busy with earlier ones.
+    pub(super) export_wait: f64,
+}
+
+impl NetworkTimes {
+    /// As phases of the case's timing line.
+    pub(super) fn phases(&self) -> super::Phases {
+        let mut p = vec![("network", self.seconds)];
+        if let Some(f) = self.first_tile {
+            p.push(("of which to the first tile", f));
+        }
+        p.push(("of which waiting for the export", self.export_wait));
+        p
+    }
 }
 
 impl Streamed {
     /// Exports the slabs as they arrive; the label map in the input's geometry, with the
-    /// network's seconds.
-    pub(super) fn export(self, exporter: &Exporter) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry, f64)> {
+    /// network stage's times.
+    pub(super) fn export(self, exporter: &Exporter) -> Result<(Vec<u16>, stu_data::nifti_io::Geometry, NetworkTimes)> {
         let mut rows = RowExport::new(&self.back, exporter.classes, exporter.regions.clone(), self.probabilities.as_deref(), self.geom.shape)?;
         let plane = self.back.grid[1] * self.back.grid[2];
         let mut network = None;
