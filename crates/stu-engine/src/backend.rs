@@ -48,8 +48,22 @@ fn libtorch_cuda(index: usize) -> Result<Device, String> {
     if !tch::Cuda::is_available() {
         return Err(format!("libtorch {TORCH_VERSION} sees no CUDA device (driver, CUDA_VISIBLE_DEVICES, or the PyTorch on LD_LIBRARY_PATH)"));
     }
-    tch::Cuda::cudnn_set_benchmark(true);
+    tch::Cuda::cudnn_set_benchmark(cudnn_benchmark()?);
     Ok(Device::libtorch_cuda(index % tch::Cuda::device_count().max(1) as usize))
+}
+
+/// Whether cuDNN times every algorithm of each new convolution shape and keeps the fastest (its
+/// benchmark mode, as nnU-Net's trainer runs), or takes its heuristics' pick: on by default;
+/// `STU_CUDNN_BENCHMARK=0` turns it off, for a single case's prediction, where the timing of
+/// each shape's first call may cost more than the faster kernels save (the GPU suite's CT
+/// prediction runs both; `stu predict` prints the time to its first tile).
+#[cfg(feature = "tch")]
+fn cudnn_benchmark() -> Result<bool, String> {
+    match std::env::var("STU_CUDNN_BENCHMARK").as_deref() {
+        Err(_) | Ok("1") => Ok(true),
+        Ok("0") => Ok(false),
+        Ok(other) => Err(format!("STU_CUDNN_BENCHMARK=`{other}`: expected 1 or 0")),
+    }
 }
 
 /// burn's CUDA device `index` (modulo the GPUs visible), or why there is none. cubecl-cuda loads
