@@ -537,6 +537,13 @@ phase1 += [("profile", "train_B_128_b2", "f16"), ("profile", "infer_B_128", "f16
 # it cuDNN's convolutions on both sides): among the extras.
 if "H" in A.sizes and (A.torch_sizes is None or "H" in A.torch_sizes):
     extra += [("profile", "infer_H_128", "f16")]
+# Whole-volume sliding windows next to PyTorch's (`shared/bench/gpu_sliding_window.py`'s
+# algorithm in `torch_gpu.py`): the anchor's 512×512×300 CT at 1.5 mm, B and H, no TTA, first in
+# phase 2 (never timed side by side before); B with TTA among the extras.
+window = [(side, f"window_{s}_ct300", dt) for s in "BH" if s in A.sizes for side, dt in (("torch", "fp16"), ("stu", "f16"))]
+phase2 = window + phase2
+if "B" in A.sizes:
+    extra += [("torch", "window_B_ct300_tta", "fp16"), ("stu", "window_B_ct300_tta", "f16")]
 phase2 += [("call", predict_ct, ""), ("call", train_dp, ""), ("call", train_checks, ""), ("call", predict_mr, "")]
 def burn_cuda():
     """burn's own CUDA backend (CubeCL: its kernels, compiled at run time by NVRTC, no cuDNN),

@@ -183,6 +183,41 @@ pub const TRAIN_CASES: [(&str, &str); 4] =
 pub const INFER_CASES: [(&str, &str); 4] =
     [("infer_S_128", "stunet-s"), ("infer_B_128", "stunet-b"), ("infer_L_128", "stunet-l"), ("infer_H_128", "stunet-h")];
 
+/// Whole-volume sliding-window cases (`shared/bench/gpu_sliding_window.py`): a random volume at
+/// the size a CT has at 1.5 mm (`ct300`: 512×512×300 at 0.8×0.8×1 mm → 200×273×273, 48 tiles;
+/// `ct807`: 538×273×273, 128 tiles), 128³ tiles at step 0.5, Gaussian weights, the logits summed
+/// where `stu predict` sums them, labelled by argmax; no preprocessing, resampling or file I/O.
+/// After one warm-up on a patch-sized volume (cuDNN's autotuning), as the anchor script. With
+/// `_tta` all eight mirrorings. `xtask/bench/torch_gpu.py` times the same in PyTorch.
+pub const WINDOW_CASES: [(&str, &str, [usize; 3], bool); 6] = [
+    ("window_S_ct300", "stunet-s", [200, 273, 273], false),
+    ("window_B_ct300", "stunet-b", [200, 273, 273], false),
+    ("window_B_ct300_tta", "stunet-b", [200, 273, 273], true),
+    ("window_L_ct300", "stunet-l", [200, 273, 273], false),
+    ("window_H_ct300", "stunet-h", [200, 273, 273], false),
+    ("window_B_ct807", "stunet-b", [538, 273, 273], false),
+];
+
+/// [`WINDOW_CASES`]'s timing: `reps` sliding windows of a random `volume` (patch `patch`) after
+/// one over a patch-sized volume; the label map's voxel count is checked.
+fn window_case(id: &str, preset: &str, volume: [usize; 3], tta: bool, precision: Precision, device: &Device, patch: usize, reps: usize) -> Result<CaseResult> {
+    let net = inference_net(preset, precision, device)?;
+    let predictor = crate::predict::Predictor::for_network(net, [patch; 3], tta, device.clone(), precision)?;
+    let mut rng = stu_core::rng::SplitMix64::new(5);
+    let n: usize = volume.iter().product();
+    let data = rng.normals_par(n, 1.0);
+    let warm = rng.normals_par(patch * patch * patch, 1.0);
+    predictor.sliding_labels(&warm, 1, [patch; 3], &|_, _| {})?;
+    let mut samples = Vec::new();
+    for _ in 0..reps {
+        let t = Instant::now();
+        let labels = predictor.sliding_labels(&data, 1, volume, &|_, _| {})?;
+        samples.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(labels.len() == n, "{id}: {} labels for {n} voxels", labels.len());
+    }
+    Ok(CaseResult { case: id.to_string(), fwd_s: median(samples.clone()), fwd_bwd_s: None, fwd_samples: samples, fwd_bwd_samples: Vec::new(), train_s: None, train_samples: Vec::new() })
+}
+
 /// Timed repetitions after warm-up: (warm-up, timed). GPUs get the anchor's counts, CPUs few.
 fn reps(backend: Backend, large: bool) -> (usize, usize) {
     match backend {
@@ -381,8 +416,19 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
             results.push(r);
         }
     }
+    // Whole volumes: on request only (a CPU takes many minutes per case).
+    // (A case's full id names it alone, `window_B_ct300` not its `_tta`; a shorter prefix,
+    // `window_B`, names every case it starts.)
+    let window_named = |id: &str| filter.iter().any(|f| f == id || (f.starts_with("window") && id.starts_with(f.as_str()) && !WINDOW_CASES.iter().any(|c| c.0 == f)));
+    for (id, preset, volume, tta) in WINDOW_CASES {
+        if window_named(id) {
+            let r = window_case(id, preset, volume, tta, precision, &device, patch, if matches!(backend, Backend::Flex | Backend::Ndarray | Backend::Tch) { 1 } else { 2 })?;
+            report(&r);
+            results.push(r);
+        }
+    }
     for case in anchor_cases() {
-        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str()) && !f.starts_with("train") && !f.starts_with("infer") && !f.starts_with("allreduce")) {
+        if !filter.is_empty() && !filter.iter().any(|f| case.id.contains(f.as_str()) && !f.starts_with("train") && !f.starts_with("infer") && !f.starts_with("allreduce") && !f.starts_with("window")) {
             continue;
         }
         let ds = !case.id.ends_with("_fwd");
@@ -417,7 +463,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
         results.push(r);
     }
     if !filter.is_empty() && results.is_empty() {
-        let ids: Vec<String> = TRAIN_CASES.iter().chain(&INFER_CASES).map(|(id, _)| named_id(id)).chain([TRAIN_2D_CASE.to_string()]).chain(ALLREDUCE_CASES.iter().map(|(id, _)| id.to_string())).chain(anchor_cases().iter().map(|c| c.id.to_string())).collect();
+        let ids: Vec<String> = TRAIN_CASES.iter().chain(&INFER_CASES).map(|(id, _)| named_id(id)).chain([TRAIN_2D_CASE.to_string()]).chain(ALLREDUCE_CASES.iter().map(|(id, _)| id.to_string())).chain(WINDOW_CASES.iter().map(|c| c.0.to_string())).chain(anchor_cases().iter().map(|c| c.id.to_string())).collect();
         anyhow::bail!("no bench case matches {}; the cases: {}", filter.join(" "), ids.join(", "));
     }
     Ok(results)
@@ -428,6 +474,18 @@ mod tests {
     use stu_engine::burn::backend::DispatchTensorKind;
 
     use super::*;
+
+    /// A whole-volume case labels every voxel of its volume (a small one here: STU-Net-S at a
+    /// 32³ patch over 40×45×36, 2×2×2 tiles, with and without mirroring).
+    #[test]
+    fn a_window_case_labels_the_whole_volume() {
+        let device = Backend::default_compiled().unwrap().device().unwrap();
+        for tta in [false, true] {
+            let r = window_case("window_S_test", "stunet-s", [40, 45, 36], tta, Precision::F32, &device, 32, 1).unwrap();
+            assert_eq!((r.case.as_str(), r.fwd_samples.len()), ("window_S_test", 1));
+            assert!(r.fwd_s.unwrap() > 0.0);
+        }
+    }
 
     /// The inference cases time a forward that records no backward: the network's output is
     /// not an autodiff tensor, while the same preset as built, untouched, is tracked (what the

@@ -131,7 +131,9 @@ enum Command {
     Bench {
         /// Only cases whose id contains one of these (e.g. `S_64 block`); training steps
         /// (`train_S_128_b2`, …), patch inference (`infer_B_128`, …) and data-parallel
-        /// all-reduces (`allreduce_B_w2`, …) run only when named (`train`, `infer`, `allreduce`).
+        /// all-reduces (`allreduce_B_w2`, …) and whole-volume sliding windows (`window_B_ct300`,
+        /// `window_B_ct300_tta`, …; `window_B` names every B case) run only when named (`train`,
+        /// `infer`, `allreduce`, `window`).
         cases: Vec<String>,
         /// Write the results as JSON here.
         #[arg(long)]
@@ -992,6 +994,8 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("{:<16} all-reduce {:>8} s", r.case, fmt_s(r.train_s));
                 } else if r.train_s.is_some() {
                     eprintln!("{:<16} train step {:>8} s", r.case, fmt_s(r.train_s));
+                } else if r.case.starts_with("window") {
+                    eprintln!("{:<16} sliding window {:>8} s", r.case, fmt_s(r.fwd_s));
                 } else if r.fwd_bwd_s.is_none() && r.case.starts_with("infer") {
                     eprintln!("{:<16} forward {:>8} s", r.case, fmt_s(r.fwd_s));
                 } else {

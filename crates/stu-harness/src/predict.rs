@@ -937,6 +937,18 @@ impl Predictor {
 }
 
 impl Predictor {
+    /// A predictor of one network over volumes already on its grid (no plan, no preprocessing
+    /// or export): for timing the sliding window alone (`stu bench window_*`). Tiles of `patch`
+    /// at step 0.5, summed where `stu predict` sums them on `device`, mirroring on all three axes
+    /// with `tta`.
+    pub fn for_network(net: Box<dyn SegNet>, patch: [usize; 3], tta: bool, device: Device, precision: Precision) -> Result<Self> {
+        let on_device = accumulate_on_device(&device)?;
+        let plan = PreprocessPlan { spacing: [1.5; 3], slice_spacing_kept: false, transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
+        Ok(Self { nets: vec![net], plan, patch, mirror_axes: mirror_axes(patch, !tta), step: 0.5, device, precision, on_device, whole_export: false, fast_export: false, regions: None, cascade: None, configuration: "3d_fullres".into() })
+    }
+}
+
+impl Predictor {
     /// Whether the full export of a case can run as its slices come: not the fast export (which
     /// labels the slices itself), and, with probabilities to write, a plan whose transposition
     /// keeps the first axis (the rows of the crop are then slices of the input's array, written
