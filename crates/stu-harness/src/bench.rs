@@ -200,7 +200,7 @@ pub const WINDOW_CASES: [(&str, &str, [usize; 3], bool); 6] = [
 
 /// [`WINDOW_CASES`]'s timing: `reps` sliding windows of a random `volume` (patch `patch`) after
 /// one over a patch-sized volume; the label map's voxel count is checked.
-fn window_case(id: &str, preset: &str, volume: [usize; 3], tta: bool, precision: Precision, device: &Device, patch: usize, reps: usize) -> Result<CaseResult> {
+fn window_case((id, preset, volume, tta): (&str, &str, [usize; 3], bool), precision: Precision, device: &Device, patch: usize, reps: usize) -> Result<CaseResult> {
     let net = inference_net(preset, precision, device)?;
     let predictor = crate::predict::Predictor::for_network(net, [patch; 3], tta, device.clone(), precision)?;
     let mut rng = stu_core::rng::SplitMix64::new(5);
@@ -420,9 +420,9 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
     // (A case's full id names it alone, `window_B_ct300` not its `_tta`; a shorter prefix,
     // `window_B`, names every case it starts.)
     let window_named = |id: &str| filter.iter().any(|f| f == id || (f.starts_with("window") && id.starts_with(f.as_str()) && !WINDOW_CASES.iter().any(|c| c.0 == f)));
-    for (id, preset, volume, tta) in WINDOW_CASES {
-        if window_named(id) {
-            let r = window_case(id, preset, volume, tta, precision, &device, patch, if matches!(backend, Backend::Flex | Backend::Ndarray | Backend::Tch) { 1 } else { 2 })?;
+    for case in WINDOW_CASES {
+        if window_named(case.0) {
+            let r = window_case(case, precision, &device, patch, if matches!(backend, Backend::Flex | Backend::Ndarray | Backend::Tch) { 1 } else { 2 })?;
             report(&r);
             results.push(r);
         }
@@ -481,7 +481,7 @@ mod tests {
     fn a_window_case_labels_the_whole_volume() {
         let device = Backend::default_compiled().unwrap().device().unwrap();
         for tta in [false, true] {
-            let r = window_case("window_S_test", "stunet-s", [40, 45, 36], tta, Precision::F32, &device, 32, 1).unwrap();
+            let r = window_case(("window_S_test", "stunet-s", [40, 45, 36], tta), Precision::F32, &device, 32, 1).unwrap();
             assert_eq!((r.case.as_str(), r.fwd_samples.len()), ("window_S_test", 1));
             assert!(r.fwd_s.unwrap() > 0.0);
         }
