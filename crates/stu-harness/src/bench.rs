@@ -476,14 +476,21 @@ mod tests {
     use super::*;
 
     /// A whole-volume case labels every voxel of its volume (a small one here: STU-Net-S at a
-    /// 32³ patch over 40×45×36, 2×2×2 tiles, with and without mirroring).
+    /// 32³ patch over 40×45×36, 2×2×2 tiles, with and without mirroring); with `tch` also on
+    /// libtorch in bf16, whose tiles are summed on the device (a GPU's path).
     #[test]
     fn a_window_case_labels_the_whole_volume() {
-        let device = Backend::default_compiled().unwrap().device().unwrap();
-        for tta in [false, true] {
-            let r = window_case(("window_S_test", "stunet-s", [40, 45, 36], tta), Precision::F32, &device, 32, 1).unwrap();
-            assert_eq!((r.case.as_str(), r.fwd_samples.len()), ("window_S_test", 1));
-            assert!(r.fwd_s.unwrap() > 0.0);
+        let mut runs = vec![(Backend::default_compiled().unwrap(), Precision::F32)];
+        if cfg!(feature = "tch") {
+            runs.push((Backend::Tch, Precision::Bf16));
+        }
+        for (backend, precision) in runs {
+            let device = backend.device().unwrap();
+            for tta in [false, true] {
+                let r = window_case(("window_S_test", "stunet-s", [40, 45, 36], tta), precision, &device, 32, 1).unwrap();
+                assert_eq!((r.case.as_str(), r.fwd_samples.len()), ("window_S_test", 1));
+                assert!(r.fwd_s.unwrap() > 0.0);
+            }
         }
     }
 
