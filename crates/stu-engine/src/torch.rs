@@ -380,30 +380,29 @@ mod libtorch {
         ConvPath::ChannelsLast { onednn }
     }
 
-    /// The weight leaf of a tracked convolution, and whether it is a copy: where [`conv`]
-    /// would convert the weight to channels-last, the converted copy (made outside the graph),
-    /// so that libtorch's graph saves that copy alone and the caller need not keep the weight it
-    /// was given (under half precision a cast made for this step: keeping both held every
-    /// weight twice through the backward, 2.9 GB for STU-Net-H in f16); else the weight itself.
-    pub(super) fn weight_leaf(x: &Tensor, w: &Tensor, stride: [usize; 3]) -> (Tensor, bool) {
-        let k = w.size();
-        match conv_path(x, &k, stride.map(|s| s as i64)) {
-            ConvPath::ChannelsLast { .. } if !is_channels_last(w) => (leaf(&tch::no_grad(|| to_channels_last(w))), true),
-            ConvPath::ViaNcdhw if !w.is_contiguous() => (leaf(&tch::no_grad(|| w.contiguous())), true),
+    /// The leaves of a tracked convolution (x, weight), and which are copies, made outside the
+    /// graph in the layout [`conv`] would otherwise convert them to, so that libtorch's graph
+    /// saves the copy alone and the caller need not keep the tensor it was given:
+    /// - the weight, where the convolution runs channels-last, its channels-last copy (under
+    ///   half precision a cast made for this step: keeping both held every weight twice through
+    ///   the backward, 2.9 GB for STU-Net-H in f16), or through NCDHW ([`super::conv_ncdhw_for`]),
+    ///   its contiguous copy;
+    /// - x, where the convolution runs through NCDHW, the NCDHW copy of channels-last activations.
+    ///
+    /// Else each tensor is its own leaf.
+    pub(super) fn leaves(x: &Tensor, w: &Tensor, stride: [usize; 3]) -> (Tensor, Tensor, LeafCopies) {
+        let path = conv_path(x, &w.size(), stride.map(|s| s as i64));
+        let copy = |t: &Tensor, to: fn(&Tensor) -> Tensor| leaf(&tch::no_grad(|| to(t)));
+        let (wl, w_copied) = match path {
+            ConvPath::ChannelsLast { .. } if !is_channels_last(w) => (copy(w, to_channels_last), true),
+            ConvPath::ViaNcdhw if !w.is_contiguous() => (copy(w, Tensor::contiguous), true),
             _ => (leaf(w), false),
-        }
-    }
-
-    /// The input leaf of a tracked convolution, and whether it is a copy: for a convolution
-    /// that runs through NCDHW ([`super::conv_ncdhw_for`]), the NCDHW copy of channels-last
-    /// activations, made outside the graph, so that libtorch saves that copy alone and burn
-    /// need not keep x; else x itself.
-    pub(super) fn input_leaf(x: &Tensor, w: &Tensor, stride: [usize; 3]) -> (Tensor, bool) {
-        if matches!(conv_path(x, &w.size(), stride.map(|s| s as i64)), ConvPath::ViaNcdhw) && !x.is_contiguous() {
-            (leaf(&tch::no_grad(|| x.contiguous())), true)
-        } else {
-            (leaf(x), false)
-        }
+        };
+        let (xl, x_copied) = match path {
+            ConvPath::ViaNcdhw if !x.is_contiguous() => (copy(x, Tensor::contiguous), true),
+            _ => (leaf(x), false),
+        };
+        (xl, wl, LeafCopies { x: x_copied, w: w_copied })
     }
 
     /// A 3-D convolution (odd kernel, padding k/2, depth stride 1) of channels-last activations
@@ -692,11 +691,10 @@ mod libtorch {
             stride: [usize; 3],
             add_bias: bool,
         ) -> (FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, FloatTensor<LibTorch>, LeafCopies) {
-            let (xl, x_copied) = input_leaf(&x.tensor, &weight.tensor, stride);
-            let (wl, w_copied) = weight_leaf(&x.tensor, &weight.tensor, stride);
+            let (xl, wl, copies) = leaves(&x.tensor, &weight.tensor, stride);
             let y = tch::with_grad(|| conv(&xl, &wl, add_bias.then_some(&bias.tensor), stride));
             let (y, y_graph) = output(y);
-            (y, y_graph, TchTensor::new(xl), TchTensor::new(wl), LeafCopies { x: x_copied, w: w_copied })
+            (y, y_graph, TchTensor::new(xl), TchTensor::new(wl), copies)
         }
 
         fn conv3d_nc_graph_backward(
@@ -1902,14 +1900,14 @@ mod tests {
         let w = Tensor::ones([5, 4, 3, 3, 3], (Kind::Float, tch::Device::Cpu));
         let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
         super::set_channels_last(Some(true));
-        let (wl, copied) = super::libtorch::weight_leaf(&cl(&x), &w, [1; 3]);
-        assert!(copied && super::libtorch::is_channels_last(&wl) && wl.requires_grad() && wl.data_ptr() != w.data_ptr());
+        let (_, wl, copies) = super::libtorch::leaves(&cl(&x), &w, [1; 3]);
+        assert!(copies.w && super::libtorch::is_channels_last(&wl) && wl.requires_grad() && wl.data_ptr() != w.data_ptr());
         let wc = cl(&w);
-        let (wl, copied) = super::libtorch::weight_leaf(&cl(&x), &wc, [1; 3]);
-        assert!(!copied && wl.data_ptr() == wc.data_ptr());
+        let (_, wl, copies) = super::libtorch::leaves(&cl(&x), &wc, [1; 3]);
+        assert!(!copies.w && wl.data_ptr() == wc.data_ptr());
         super::set_channels_last(Some(false));
-        let (wl, copied) = super::libtorch::weight_leaf(&x, &w, [1; 3]);
-        assert!(!copied && wl.data_ptr() == w.data_ptr());
+        let (_, wl, copies) = super::libtorch::leaves(&x, &w, [1; 3]);
+        assert!(!copies.w && wl.data_ptr() == w.data_ptr());
         super::set_channels_last(None);
     }
 
