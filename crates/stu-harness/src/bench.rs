@@ -422,7 +422,7 @@ pub fn run(backend: Backend, precision: Precision, filter: &[String], opts: &Opt
     let window_named = |id: &str| filter.iter().any(|f| f == id || (f.starts_with("window") && id.starts_with(f.as_str()) && !WINDOW_CASES.iter().any(|c| c.0 == f)));
     for case in WINDOW_CASES {
         if window_named(case.0) {
-            let r = window_case(case, precision, &device, patch, if matches!(backend, Backend::Flex | Backend::Ndarray | Backend::Tch) { 1 } else { 2 })?;
+            let r = window_case(case, precision, &device, patch, if backend.is_gpu() { 2 } else { 1 })?;
             report(&r);
             results.push(r);
         }

@@ -943,7 +943,7 @@ impl Predictor {
     /// with `tta`.
     pub fn for_network(net: Box<dyn SegNet>, patch: [usize; 3], tta: bool, device: Device, precision: Precision) -> Result<Self> {
         let on_device = accumulate_on_device(&device)?;
-        let plan = PreprocessPlan { spacing: [1.5; 3], slice_spacing_kept: false, transpose_forward: [0, 1, 2], normalization_schemes: vec!["ZScoreNormalization".into()], use_mask_for_norm: vec![false], intensity: vec![None] };
+        let plan = PreprocessPlan::from_plans(&released_plan(), Path::new("<released STU-Net plan>"), "3d_fullres")?;
         Ok(Self { nets: vec![net], plan, patch, mirror_axes: mirror_axes(patch, !tta), step: 0.5, device, precision, on_device, whole_export: false, fast_export: false, regions: None, cascade: None, configuration: "3d_fullres".into() })
     }
 }
