@@ -1832,6 +1832,11 @@ mod tests {
     /// Held by the tests that switch the convolution layout (a process-wide setting).
     static LAYOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// `t` (NCDHW) copied to channels-last strides under the same shape.
+    fn cl(t: &tch::Tensor) -> tch::Tensor {
+        t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3])
+    }
+
 
     /// A residual block through the ATen paths (conv, norm + LeakyReLU, norm + skip + LeakyReLU,
     /// each keeping its libtorch graph, the in-place activations, the gradient handed over by
@@ -1898,7 +1903,6 @@ mod tests {
         let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
         let x = Tensor::ones([2, 4, 3, 3, 3], (Kind::Float, tch::Device::Cpu));
         let w = Tensor::ones([5, 4, 3, 3, 3], (Kind::Float, tch::Device::Cpu));
-        let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
         super::set_channels_last(Some(true));
         let (_, wl, copies) = super::libtorch::leaves(&cl(&x), &w, [1; 3]);
         assert!(copies.w && super::libtorch::is_channels_last(&wl) && wl.requires_grad() && wl.data_ptr() != w.data_ptr());
@@ -1925,7 +1929,6 @@ mod tests {
         let _layout = LAYOUT.lock().unwrap_or_else(|e| e.into_inner());
         let mut rng = stu_core::rng::SplitMix64::new(31);
         let t = |n: &[i64], rng: &mut stu_core::rng::SplitMix64| Tensor::from_slice(&rng.fill_f32(n.iter().product::<i64>() as usize, -1.0, 1.0)).view(n);
-        let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
         let (x, w, b) = (cl(&t(&[2, 4, 5, 6, 3], &mut rng)), t(&[6, 4, 3, 3, 3], &mut rng), t(&[6], &mut rng));
         super::set_channels_last(Some(true));
         for stride in [[1usize; 3], [2, 2, 1]] {
@@ -2041,7 +2044,6 @@ mod tests {
         let mut rng = stu_core::rng::SplitMix64::new(23);
         let (b, c, o, d, h, w) = (2i64, 3, 4, 5, 6, 3);
         let t = |n: &[i64], rng: &mut stu_core::rng::SplitMix64| Tensor::from_slice(&rng.fill_f32(n.iter().product::<i64>() as usize, -1.0, 1.0)).view(n);
-        let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
         let (x, wk, bk) = (t(&[b, c, d, h, w], &mut rng), t(&[o, c, 1, 1, 1], &mut rng), t(&[o], &mut rng));
         for stride in [[2i64, 2, 2], [2, 3, 1], [1, 1, 1]] {
             let leaves = |x: &Tensor| (cl(x).detach().set_requires_grad(true), wk.detach().set_requires_grad(true), bk.detach().set_requires_grad(true));
@@ -2076,7 +2078,6 @@ mod tests {
         let x = Tensor::from_slice(&rng.fill_f32((b * c * d * h * w) as usize, -2.0, 2.0)).view([b, c, d, h, w]);
         let scale = [1usize, 2, 3];
         let g = Tensor::from_slice(&rng.fill_f32((b * c * d * h * w * 6) as usize, -1.0, 1.0)).view([b, c, d, h * 2, w * 3]);
-        let cl = |t: &Tensor| t.permute([0, 2, 3, 4, 1]).contiguous().permute([0, 4, 1, 2, 3]);
         // (The copy, which is not the CPU's default.)
         super::set_upsample_aten(Some(false));
         for kind in [Kind::Float, Kind::Half] {
