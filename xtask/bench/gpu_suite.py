@@ -349,8 +349,7 @@ VARIANTS = {
     # decoder's first, on the concatenation, and the first downsampling) through cuDNN's NCDHW
     # kernels, copies in and out (`STU_TCH_CONV_NCDHW`): one shape at a time (2026-11-28) H's
     # 192→96 at 128³ took 4.7 ms NCDHW against 10.2 channels-last (a patch) and 31.2 against
-    # 55.8 (training), 96→192 /2 6.6 against 14.0, more than the copies should cost. The
-    # patterns of every size at once (each matches only its own).
+    # 55.8 (training), 96→192 /2 6.6 against 14.0, more than the copies should cost (`TOP`).
     "stu-ncdhw-top": ({"STU_TCH_CONV_NCDHW": TOP}, 150),
     # A bias left out of its convolution (a norm follows) given a zero gradient instead of the
     # output gradient's sum, zero but for rounding (`STU_TCH_BIAS_GRAD=zero`): one read of every
@@ -607,11 +606,16 @@ if TRACES:
 
 md = [f"GPU: {R.get('gpu')}; PyTorch {R.get('torch')}, cuDNN {R.get('cudnn')}; {R['started']}", ""]
 md += ["| precision | worst max abs diff / max abs ref over the 5 outputs |", "|---|---|"]
+def parity_cell(v):
+    """A precision's worst error, or why it has none (an exception before any precision ran is
+    kept as `error`: a string)."""
+    return f"{v.get('worst_rel', v.get('error', '')) if isinstance(v, dict) else v!s:.80}"
+
+
 for p, v in R["parity"].items():
-    # (An exception before any precision ran is kept as `error`: a string.)
-    md.append(f"| {p} | {v.get('worst_rel', v.get('error', '')) if isinstance(v, dict) else v!s:.80} |")
+    md.append(f"| {p} | {parity_cell(v)} |")
 for p, v in R.get("burn_cuda", {}).get("parity", {}).items():
-    md.append(f"| {p} (burn-cuda) | {v.get('worst_rel', v.get('error', '')) if isinstance(v, dict) else v!s:.80} |")
+    md.append(f"| {p} (burn-cuda) | {parity_cell(v)} |")
 md += ["", "| case | side | dtype | ms | peak GiB (NVML) | torch peak alloc GiB |", "|---|---|---|---|---|---|"]
 for r in R["bench"]:
     md.append(f"| {r['case']} | {r['side']} | {r['dtype']} | {r.get('ms', 'rc=' + str(r['rc']))} | {r['peak_gib_nvml']} | {r.get('peak_allocated_gib', '')} |")
